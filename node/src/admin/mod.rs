@@ -1,0 +1,256 @@
+//! The gRPC AdminService spoken by `ternctl`: node and cluster status and
+//! read-only queue queries (summary, list, show).
+//!
+//! Queue queries read the state machines of the shards this node hosts; on a
+//! single node that is every shard. Membership operations come with the
+//! multi-node cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tern_proto::admin::admin_service_server::AdminService;
+use tern_proto::admin::*;
+use tonic::{Request, Response, Status};
+
+use crate::queue::message::MessageRecord;
+use crate::raft::groups::{GroupHandle, Groups};
+use crate::raft::state_machine::{MESSAGE_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX};
+use crate::raft::{NodeId, CONTROL_GROUP};
+
+pub struct Admin {
+    pub node_id: NodeId,
+    pub hostname: String,
+    pub groups: Arc<Groups>,
+}
+
+const DEFAULT_LIST_LIMIT: usize = 1000;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Every message record of one shard, in id (arrival) order.
+fn records(group: &GroupHandle) -> impl Iterator<Item = Result<MessageRecord, Status>> {
+    group.sm.tree().scan_prefix(MESSAGE_PREFIX).map(|item| {
+        let (_, v) = item.map_err(internal)?;
+        bincode::deserialize::<MessageRecord>(&v).map_err(internal)
+    })
+}
+
+fn message_info(shard: u64, r: &MessageRecord) -> MessageInfo {
+    let e = &r.envelope;
+    MessageInfo {
+        id: r.id.clone(),
+        shard,
+        reverse_path: e.reverse_path.clone(),
+        recipients: e
+            .recipients
+            .iter()
+            .zip(&r.rcpt_state)
+            .map(|(rc, st)| RecipientInfo {
+                address: rc.address.clone(),
+                status: st.status.as_str().to_owned(),
+                notify: notify_text(&rc.notify),
+                orcpt: rc.orcpt.clone().unwrap_or_default(),
+                last_reply: st.last_reply.clone(),
+            })
+            .collect(),
+        size: r.size,
+        received_at: r.received_at,
+        attempts: r.attempts,
+        next_attempt: r.next_attempt,
+        ret: match e.ret {
+            Some(crate::envelope::Ret::Full) => "FULL".into(),
+            Some(crate::envelope::Ret::Hdrs) => "HDRS".into(),
+            None => String::new(),
+        },
+        envid: e.envid.clone().unwrap_or_default(),
+        body_type: format!("{:?}", e.body_type),
+        smtputf8: e.smtputf8,
+        helo: e.helo.clone(),
+        client_ip: e.client_ip.clone(),
+    }
+}
+
+fn notify_text(n: &crate::envelope::Notify) -> String {
+    if !n.given {
+        return String::new();
+    }
+    if n.never {
+        return "NEVER".into();
+    }
+    let mut parts = Vec::new();
+    for (on, name) in [
+        (n.success, "SUCCESS"),
+        (n.failure, "FAILURE"),
+        (n.delay, "DELAY"),
+    ] {
+        if on {
+            parts.push(name);
+        }
+    }
+    parts.join(",")
+}
+
+impl Admin {
+    fn members(&self) -> Result<(Vec<Member>, u64), Status> {
+        let control = self
+            .groups
+            .get(CONTROL_GROUP)
+            .ok_or_else(|| Status::unavailable("control group not hosted here"))?;
+        let metrics = control.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader.unwrap_or(0);
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let mut members = Vec::new();
+        for item in control.sm.tree().scan_prefix(NODE_PREFIX) {
+            let (k, v) = item.map_err(internal)?;
+            let id = u64::from_be_bytes(k[NODE_PREFIX.len()..].try_into().map_err(internal)?);
+            members.push(Member {
+                id,
+                addr: String::from_utf8_lossy(&v).into_owned(),
+                role: if voters.contains(&id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                is_control_leader: id == leader,
+            });
+        }
+        Ok((members, leader))
+    }
+
+    fn replicas(&self, shard: u64) -> Vec<u64> {
+        let Some(control) = self.groups.get(CONTROL_GROUP) else {
+            return Vec::new();
+        };
+        let key = [PLACEMENT_PREFIX, &shard.to_be_bytes()].concat();
+        control
+            .sm
+            .tree()
+            .get(key)
+            .ok()
+            .flatten()
+            .and_then(|v| bincode::deserialize(&v).ok())
+            .unwrap_or_default()
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let (members, control_leader) = self.members()?;
+        let mut shards = Vec::new();
+        let mut total = 0;
+        for g in self.groups.shards() {
+            let m = g.raft.metrics().borrow().clone();
+            let queued = g.sm.tree().scan_prefix(MESSAGE_PREFIX).count() as u64;
+            total += queued;
+            shards.push(ShardStatus {
+                shard: g.id,
+                leader: m.current_leader.unwrap_or(0),
+                replicas: self.replicas(g.id),
+                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                queued_messages: queued,
+                term: m.current_term,
+            });
+        }
+        Ok(Response::new(StatusReply {
+            node_id: self.node_id,
+            hostname: self.hostname.clone(),
+            members,
+            shards,
+            queued_messages: total,
+            control_leader,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn queue_summary(
+        &self,
+        _: Request<QueueSummaryRequest>,
+    ) -> Result<Response<QueueSummaryReply>, Status> {
+        let now = chrono::Utc::now().timestamp();
+        let mut reply = QueueSummaryReply::default();
+        let mut domains: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut oldest = now;
+        for g in self.groups.shards() {
+            for record in records(&g) {
+                let record = record?;
+                reply.messages += 1;
+                reply.bytes += record.size;
+                oldest = oldest.min(record.received_at);
+                let mut seen = std::collections::BTreeSet::new();
+                for rcpt in record.pending_recipients() {
+                    reply.recipients += 1;
+                    let domain = crate::envelope::Envelope::domain_of(&rcpt.address);
+                    let entry = domains.entry(domain.clone()).or_default();
+                    entry.1 += 1;
+                    if seen.insert(domain) {
+                        entry.0 += 1;
+                    }
+                }
+            }
+        }
+        reply.oldest_age_secs = (now - oldest).max(0) as u64;
+        reply.domains = domains
+            .into_iter()
+            .map(|(domain, (messages, recipients))| DomainCount {
+                domain,
+                messages,
+                recipients,
+            })
+            .collect();
+        Ok(Response::new(reply))
+    }
+
+    async fn queue_list(
+        &self,
+        request: Request<QueueListRequest>,
+    ) -> Result<Response<QueueListReply>, Status> {
+        let req = request.into_inner();
+        let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        let limit = if req.limit == 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            req.limit as usize
+        };
+        let mut reply = QueueListReply::default();
+        'shards: for g in self.groups.shards() {
+            for record in records(&g) {
+                let record = record?;
+                if !domain.is_empty()
+                    && !record
+                        .pending_recipients()
+                        .any(|r| crate::envelope::Envelope::domain_of(&r.address) == domain)
+                {
+                    continue;
+                }
+                if reply.messages.len() == limit {
+                    reply.truncated = true;
+                    break 'shards;
+                }
+                reply.messages.push(message_info(g.id, &record));
+            }
+        }
+        reply.messages.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(reply))
+    }
+
+    async fn queue_show(
+        &self,
+        request: Request<QueueShowRequest>,
+    ) -> Result<Response<QueueShowReply>, Status> {
+        let id = request.into_inner().id;
+        let key = crate::raft::state_machine::message_key(&id);
+        for g in self.groups.shards() {
+            if let Some(v) = g.sm.tree().get(&key).map_err(internal)? {
+                let record: MessageRecord = bincode::deserialize(&v).map_err(internal)?;
+                return Ok(Response::new(QueueShowReply {
+                    message: Some(message_info(g.id, &record)),
+                }));
+            }
+        }
+        Err(Status::not_found(format!("no queued message with id {id}")))
+    }
+}

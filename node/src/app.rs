@@ -1,0 +1,308 @@
+//! Wiring: config -> storage -> Raft groups -> gRPC/HTTP/SMTP listeners,
+//! bootstrap of a new cluster, readiness, and orderly shutdown.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use openraft::BasicNode;
+use tern_proto::admin::admin_service_server::AdminServiceServer;
+use tern_proto::raft::raft_service_server::RaftServiceServer;
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::queue::QueueFront;
+use crate::raft::groups::{GroupHandle, Groups};
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{Network, Peers, MAX_GRPC_MESSAGE};
+use crate::raft::service::RaftServer;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{GroupId, Raft, Request, CONTROL_GROUP};
+use crate::storage::spool::Spool;
+use crate::storage::Durability;
+
+const LOCAL_GROUPS: &[u8] = b"groups";
+const LOCAL_INITIALIZED: &[u8] = b"initialized";
+
+/// Prints a line for harnesses on stdout and flushes it at once.
+fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert)
+            .with_context(|| format!("opening tls.cert {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert.display());
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("opening tls.key {}", key.display()))?,
+    ))
+    .with_context(|| format!("reading private key from {}", key.display()))?
+    .with_context(|| format!("no private key in {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS certificate and key do not match")?;
+    Ok(Some(Arc::new(server)))
+}
+
+/// Opens every group this node hosts and starts its Raft instance.
+async fn open_group(
+    config: &Config,
+    durability: &Arc<Durability>,
+    peers: &Arc<Peers>,
+    raft_config: &Arc<openraft::Config>,
+    group: GroupId,
+) -> anyhow::Result<GroupHandle> {
+    let spool = Arc::new(Spool::open(Arc::clone(durability), group)?);
+    let log = LogStore::open(Arc::clone(durability), Arc::clone(&spool), group)?;
+    let sm = StateMachine::open(Arc::clone(durability), spool, group)?;
+    let network = Network {
+        group,
+        peers: Arc::clone(peers),
+    };
+    let raft = Raft::new(
+        config.node_id,
+        Arc::clone(raft_config),
+        network,
+        log,
+        sm.clone(),
+    )
+    .await
+    .with_context(|| format!("starting raft group {group}"))?;
+    Ok(GroupHandle {
+        id: group,
+        raft,
+        sm,
+    })
+}
+
+/// First start of a bootstrapping node: every group gets this node as its
+/// only voter, and the control group records the node and the placement.
+async fn bootstrap(config: &Config, groups: &Groups, local: &sled::Tree) -> anyhow::Result<()> {
+    let me = BTreeMap::from([(config.node_id, BasicNode::new(&config.advertise_grpc))]);
+    for g in groups.all() {
+        if let Err(e) = g.raft.initialize(me.clone()).await {
+            // Already initialised by an earlier, interrupted bootstrap.
+            tracing::debug!(group = g.id, error = %e, "initialize");
+        }
+    }
+    let control = groups.get(CONTROL_GROUP).context("control group missing")?;
+    wait_until(Duration::from_secs(30), || {
+        control.leader() == Some(config.node_id)
+    })
+    .await
+    .context("control group elected no leader")?;
+    let mut requests = vec![Request::SetNode {
+        id: config.node_id,
+        addr: config.advertise_grpc.clone(),
+    }];
+    for g in groups.shards() {
+        requests.push(Request::SetShardReplicas {
+            shard: g.id,
+            replicas: vec![config.node_id],
+        });
+    }
+    for request in requests {
+        control
+            .raft
+            .client_write(request)
+            .await
+            .context("writing cluster records to the control group")?;
+    }
+    local.insert(LOCAL_INITIALIZED, &[1u8])?;
+    local.flush_async().await?;
+    tracing::info!(
+        node = config.node_id,
+        shards = config.shards,
+        "bootstrapped a new cluster"
+    );
+    Ok(())
+}
+
+async fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        anyhow::ensure!(Instant::now() < end, "timed out after {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Runs a node until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let tls = tls_config(&config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let durability = Durability::open(&config.data_dir)?;
+    let local = durability.db().open_tree("local")?;
+
+    let group_ids: Vec<GroupId> = match local.get(LOCAL_GROUPS)? {
+        Some(v) => bincode::deserialize(&v).context("reading hosted groups")?,
+        None if config.bootstrap => {
+            let ids: Vec<GroupId> = (0..=u64::from(config.shards)).collect();
+            local.insert(LOCAL_GROUPS, bincode::serialize(&ids)?)?;
+            durability.flush().await.map_err(anyhow::Error::msg)?;
+            ids
+        }
+        None => vec![CONTROL_GROUP],
+    };
+    let initialized = local.get(LOCAL_INITIALIZED)?.is_some();
+
+    let raft_config = crate::raft::raft_config()?;
+    let peers = Arc::new(Peers::default());
+    let groups = Arc::new(Groups::default());
+    for &id in &group_ids {
+        groups.insert(open_group(&config, &durability, &peers, &raft_config, id).await?);
+    }
+
+    // Listeners first, so that a port conflict fails fast and loudly.
+    let mut smtp_listeners = Vec::new();
+    for &addr in &config.listen_smtp {
+        let l = bind(addr, "smtp").await?;
+        announce(&format!("listening smtp={}", l.local_addr()?));
+        smtp_listeners.push(l);
+    }
+    let grpc_listener = bind(config.listen_grpc, "grpc").await?;
+    announce(&format!("listening grpc={}", grpc_listener.local_addr()?));
+    let http_listener = bind(config.listen_http, "http").await?;
+    announce(&format!("listening http={}", http_listener.local_addr()?));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let grpc = {
+        let raft_svc = RaftServiceServer::new(RaftServer {
+            groups: Arc::clone(&groups),
+        })
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE);
+        let admin_svc = AdminServiceServer::new(Admin {
+            node_id: config.node_id,
+            hostname: config.hostname.clone(),
+            groups: Arc::clone(&groups),
+        });
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(raft_svc)
+                .add_service(admin_svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        )
+    };
+    let http = {
+        let mut stop = stop_rx.clone();
+        let router = crate::http::router(config.node_id, Arc::clone(&groups));
+        tokio::spawn(async move {
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+
+    if config.bootstrap && !initialized && group_ids.len() > 1 {
+        bootstrap(&config, &groups, &local).await?;
+    } else {
+        // A restarted single-voter group need not wait out an election timeout.
+        for g in groups.all() {
+            let voters: Vec<_> = g
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            if voters == [config.node_id] {
+                let _ = g.raft.trigger().elect().await;
+            }
+        }
+    }
+
+    if !groups.shards().is_empty()
+        && wait_until(Duration::from_secs(60), || {
+            groups
+                .shards()
+                .iter()
+                .any(|g| g.leader() == Some(config.node_id))
+        })
+        .await
+        .is_err()
+    {
+        tracing::warn!("this node leads no queue shard yet; mail gets 451 until it does");
+    }
+
+    let smtp_config = Arc::new(crate::smtp::SmtpConfig {
+        hostname: config.hostname.clone(),
+        max_message_size: config.max_message_size,
+        max_recipients: config.max_recipients,
+        command_timeout: config.command_timeout,
+        data_timeout: config.data_timeout,
+        max_errors: config.max_errors,
+        max_connections: config.max_connections,
+        relay: crate::smtp::RelayPolicy {
+            local_domains: config.local_domains.clone(),
+            relay_domains: config.relay_domains.clone(),
+            relay_networks: config.relay_networks.clone(),
+        },
+        tls,
+    });
+    let front = Arc::new(QueueFront::new(config.node_id, Arc::clone(&groups)));
+    let mut smtp_tasks = Vec::new();
+    for listener in smtp_listeners {
+        smtp_tasks.push(tokio::spawn(crate::smtp::serve(
+            listener,
+            Arc::clone(&smtp_config),
+            Arc::clone(&front),
+            stop_rx.clone(),
+        )));
+    }
+    announce("ready");
+    tracing::info!(node = config.node_id, hostname = %config.hostname, "ready");
+
+    crate::lifecycle::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    for task in smtp_tasks {
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "smtp listener ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "smtp listener task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    let _ = grpc.await;
+    let _ = http.await;
+    for g in groups.all() {
+        if let Err(e) = g.raft.shutdown().await {
+            tracing::warn!(group = g.id, error = %e, "raft shutdown");
+        }
+    }
+    durability.flush().await.map_err(anyhow::Error::msg)?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! `ternctl`: the Tern admin CLI. Talks gRPC to any node's AdminService.
+//! Tables for people, `-o json` for scripts.
+//!
+//! Exit codes: 0 success, 1 the request failed (node unreachable, server
+//! error), 2 usage error, 3 not found.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tern_proto::admin::admin_service_client::AdminServiceClient;
+use tern_proto::admin::*;
+
+#[derive(Parser)]
+#[command(name = "ternctl", version, about = "Administer a Tern cluster")]
+struct Args {
+    /// gRPC address of any node.
+    #[arg(
+        long,
+        short = 'e',
+        global = true,
+        env = "TERN_ENDPOINT",
+        default_value = "127.0.0.1:7070"
+    )]
+    endpoint: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Node id, cluster members, shards with leader and replicas, queued messages.
+    Status,
+    /// Inspect the queue.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Messages queued, per recipient domain.
+    Summary,
+    /// List queued messages.
+    List {
+        /// Only messages with a pending recipient in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Show one message: envelope, size, attempts, next attempt.
+    Show { id: String },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ternctl: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(status) => {
+            eprintln!("ternctl: {}", status.message());
+            if status.code() == tonic::Code::NotFound {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), tonic::Status> {
+    let endpoint = if args.endpoint.contains("://") {
+        args.endpoint.clone()
+    } else {
+        format!("http://{}", args.endpoint)
+    };
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)
+        .map_err(|e| {
+            tonic::Status::invalid_argument(format!("bad endpoint {}: {e}", args.endpoint))
+        })?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60))
+        .connect()
+        .await
+        .map_err(|e| {
+            tonic::Status::unavailable(format!("cannot connect to {}: {e}", args.endpoint))
+        })?;
+    let mut client = AdminServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let json = args.output == Output::Json;
+    match args.command {
+        Command::Status => {
+            let s = client.status(StatusRequest {}).await?.into_inner();
+            if json {
+                print_json(&status_json(&s));
+            } else {
+                print_status(&s);
+            }
+        }
+        Command::Queue(QueueCommand::Summary) => {
+            let s = client
+                .queue_summary(QueueSummaryRequest {})
+                .await?
+                .into_inner();
+            if json {
+                let domains: serde_json::Map<String, serde_json::Value> = s
+                    .domains
+                    .iter()
+                    .map(|d| (d.domain.clone(), json!(d.messages)))
+                    .collect();
+                print_json(&json!({
+                    "messages": s.messages,
+                    "recipients": s.recipients,
+                    "bytes": s.bytes,
+                    "oldest_age_secs": s.oldest_age_secs,
+                    "domains": domains,
+                    "domain_recipients": s.domains.iter().map(|d| (d.domain.clone(), json!(d.recipients))).collect::<serde_json::Map<_, _>>(),
+                }));
+            } else {
+                println!(
+                    "{} messages, {} recipients, {} bytes, oldest {}",
+                    s.messages,
+                    s.recipients,
+                    s.bytes,
+                    age(s.oldest_age_secs)
+                );
+                let rows: Vec<Vec<String>> = s
+                    .domains
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.domain.clone(),
+                            d.messages.to_string(),
+                            d.recipients.to_string(),
+                        ]
+                    })
+                    .collect();
+                if !rows.is_empty() {
+                    println!();
+                    print_table(&["DOMAIN", "MESSAGES", "RECIPIENTS"], &rows);
+                }
+            }
+        }
+        Command::Queue(QueueCommand::List { domain, limit }) => {
+            let r = client
+                .queue_list(QueueListRequest {
+                    domain: domain.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "messages": r.messages.iter().map(message_json).collect::<Vec<_>>(),
+                    "truncated": r.truncated,
+                }));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.shard.to_string(),
+                            sender(&m.reverse_path),
+                            m.recipients.len().to_string(),
+                            m.size.to_string(),
+                            time(m.received_at),
+                            m.attempts.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID", "SHARD", "SENDER", "RCPTS", "SIZE", "RECEIVED", "ATTEMPTS",
+                    ],
+                    &rows,
+                );
+                if r.truncated {
+                    println!("(more messages match; raise --limit)");
+                }
+            }
+        }
+        Command::Queue(QueueCommand::Show { id }) => {
+            let r = client
+                .queue_show(QueueShowRequest { id })
+                .await?
+                .into_inner();
+            let m = r
+                .message
+                .ok_or_else(|| tonic::Status::not_found("no such message"))?;
+            if json {
+                print_json(&message_json(&m));
+            } else {
+                print_message(&m);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn status_json(s: &StatusReply) -> serde_json::Value {
+    json!({
+        "node_id": s.node_id,
+        "hostname": s.hostname,
+        "version": s.version,
+        "control_leader": s.control_leader,
+        "queued_messages": s.queued_messages,
+        "members": s.members.iter().map(|m| json!({
+            "id": m.id, "addr": m.addr, "role": m.role, "control_leader": m.is_control_leader,
+        })).collect::<Vec<_>>(),
+        "shards": s.shards.iter().map(|sh| json!({
+            "shard": sh.shard, "leader": sh.leader, "replicas": sh.replicas, "term": sh.term,
+            "applied_index": sh.applied_index, "queued_messages": sh.queued_messages,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn message_json(m: &MessageInfo) -> serde_json::Value {
+    json!({
+        "id": m.id,
+        "shard": m.shard,
+        "reverse_path": m.reverse_path,
+        "recipients": m.recipients.iter().map(|r| json!({
+            "address": r.address, "status": r.status, "notify": r.notify,
+            "orcpt": r.orcpt, "last_reply": r.last_reply,
+        })).collect::<Vec<_>>(),
+        "size": m.size,
+        "received_at": m.received_at,
+        "attempts": m.attempts,
+        "next_attempt": m.next_attempt,
+        "ret": m.ret,
+        "envid": m.envid,
+        "body_type": m.body_type,
+        "smtputf8": m.smtputf8,
+        "helo": m.helo,
+        "client_ip": m.client_ip,
+    })
+}
+
+fn print_status(s: &StatusReply) {
+    println!("node {} ({}), tern {}", s.node_id, s.hostname, s.version);
+    println!("control-group leader: {}", opt_node(s.control_leader));
+    println!("queued messages: {}\n", s.queued_messages);
+    let members: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.addr.clone(),
+                m.role.clone(),
+                if m.is_control_leader { "yes" } else { "" }.into(),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "ADDR", "ROLE", "CONTROL LEADER"], &members);
+    println!();
+    let shards: Vec<Vec<String>> = s
+        .shards
+        .iter()
+        .map(|sh| {
+            vec![
+                sh.shard.to_string(),
+                opt_node(sh.leader),
+                sh.replicas
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                sh.term.to_string(),
+                sh.applied_index.to_string(),
+                sh.queued_messages.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["SHARD", "LEADER", "REPLICAS", "TERM", "APPLIED", "QUEUED"],
+        &shards,
+    );
+}
+
+fn print_message(m: &MessageInfo) {
+    let fields = [
+        ("id", m.id.clone()),
+        ("shard", m.shard.to_string()),
+        ("sender", sender(&m.reverse_path)),
+        ("size", format!("{} bytes", m.size)),
+        ("received", time(m.received_at)),
+        ("attempts", m.attempts.to_string()),
+        (
+            "next attempt",
+            if m.next_attempt == 0 {
+                "now".into()
+            } else {
+                time(m.next_attempt)
+            },
+        ),
+        (
+            "body",
+            format!(
+                "{}{}",
+                m.body_type,
+                if m.smtputf8 { ", SMTPUTF8" } else { "" }
+            ),
+        ),
+        ("ret", m.ret.clone()),
+        ("envid", m.envid.clone()),
+        ("client", format!("{} (helo {})", m.client_ip, m.helo)),
+    ];
+    for (k, v) in fields {
+        if !v.is_empty() {
+            println!("{k:>13}: {v}");
+        }
+    }
+    println!();
+    let rows: Vec<Vec<String>> = m
+        .recipients
+        .iter()
+        .map(|r| {
+            vec![
+                r.address.clone(),
+                r.status.clone(),
+                r.notify.clone(),
+                r.orcpt.clone(),
+                r.last_reply.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["RECIPIENT", "STATUS", "NOTIFY", "ORCPT", "LAST REPLY"],
+        &rows,
+    );
+}
+
+fn sender(reverse_path: &str) -> String {
+    if reverse_path.is_empty() {
+        "<>".into()
+    } else {
+        reverse_path.into()
+    }
+}
+
+fn opt_node(id: u64) -> String {
+    if id == 0 {
+        "none".into()
+    } else {
+        id.to_string()
+    }
+}
+
+fn time(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        _ => format!("{}h", secs / 3600),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}", w = *w))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,43 @@
+//! `ternd`: the Tern node daemon. Argument parsing and logging setup only.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Tern MTA node. Without --config it runs a single-node cluster on the
+/// embedded default (SMTP 127.0.0.1:2525, gRPC 127.0.0.1:7070, HTTP
+/// 127.0.0.1:8080, data in ./tern-data).
+#[derive(Parser)]
+#[command(name = "ternd", version)]
+struct Args {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, short = 'c', env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = match &args.config {
+        Some(path) => tern_node::config::Config::from_file(path)?,
+        None => tern_node::config::Config::embedded_default()?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(tern_node::app::run(config))
+}

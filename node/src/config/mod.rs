@@ -1,0 +1,335 @@
+//! Configuration: TOML parsed into a raw form (serde, `deny_unknown_fields`,
+//! every default written once here), then validated into [`Config`].
+//!
+//! Every key is documented in docs/configuration.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Errors found while reading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid value for {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    cluster: RawCluster,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    smtp: RawSmtp,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: Option<u64>,
+    hostname: Option<String>,
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    smtp: Option<Vec<SocketAddr>>,
+    grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    bootstrap: Option<bool>,
+    shards: Option<u32>,
+    replicas: Option<u32>,
+    advertise_grpc: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    relay_networks: Option<Vec<IpNet>>,
+    local_domains: Option<Vec<String>>,
+    relay_domains: Option<Vec<String>>,
+    max_message_size: Option<u64>,
+    max_recipients: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    max_connections: Option<usize>,
+    command_timeout_secs: Option<u64>,
+    data_timeout_secs: Option<u64>,
+    max_errors: Option<u32>,
+}
+
+/// Validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Unique, never reused node id (Raft node id).
+    pub node_id: u64,
+    /// Our name in the SMTP banner, EHLO and Received headers.
+    pub hostname: String,
+    pub data_dir: PathBuf,
+    pub listen_smtp: Vec<SocketAddr>,
+    pub listen_grpc: SocketAddr,
+    pub listen_http: SocketAddr,
+    /// Address other nodes use to reach our gRPC port (defaults to listen.grpc).
+    pub advertise_grpc: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Initialise a new cluster on first start if this node has no state.
+    pub bootstrap: bool,
+    /// Number of shard groups (fixed at bootstrap).
+    pub shards: u32,
+    /// Replicas per shard (capped by the number of nodes).
+    pub replicas: u32,
+    pub relay_networks: Vec<IpNet>,
+    pub local_domains: Vec<String>,
+    pub relay_domains: Vec<String>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub max_errors: u32,
+}
+
+pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
+pub const DEFAULT_GRPC: &str = "127.0.0.1:7070";
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 36_700_160;
+pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
+
+impl Config {
+    /// The embedded default: a single-node cluster bootstrapped on first start.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Self::from_raw(RawConfig::default(), true)
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text (a config file's content).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::from_raw(raw, false)
+    }
+
+    fn from_raw(raw: RawConfig, default_bootstrap: bool) -> Result<Config, ConfigError> {
+        let parse =
+            |s: &str| -> SocketAddr { s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))) };
+        let node_id = raw.node.id.unwrap_or(1);
+        if node_id == 0 {
+            return Err(ConfigError::Invalid {
+                key: "node.id",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let hostname = raw.node.hostname.unwrap_or_else(default_hostname);
+        if hostname.is_empty() || hostname.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid {
+                key: "node.hostname",
+                reason: format!("{hostname:?} is not a host name"),
+            });
+        }
+        let listen_smtp = raw.listen.smtp.unwrap_or_else(|| vec![parse(DEFAULT_SMTP)]);
+        let listen_grpc = raw.listen.grpc.unwrap_or_else(|| parse(DEFAULT_GRPC));
+        let listen_http = raw.listen.http.unwrap_or_else(|| parse(DEFAULT_HTTP));
+        if raw.tls.cert.is_some() != raw.tls.key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "tls",
+                reason: "cert and key must be given together".into(),
+            });
+        }
+        let shards = raw.cluster.shards.unwrap_or(16);
+        if !(1..=4096).contains(&shards) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.shards",
+                reason: format!("{shards} is outside 1..=4096"),
+            });
+        }
+        let replicas = raw.cluster.replicas.unwrap_or(3);
+        if !(1..=7).contains(&replicas) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.replicas",
+                reason: format!("{replicas} is outside 1..=7"),
+            });
+        }
+        let max_recipients = raw.policy.max_recipients.unwrap_or(DEFAULT_MAX_RECIPIENTS);
+        if max_recipients < 100 {
+            return Err(ConfigError::Invalid {
+                key: "policy.max_recipients",
+                reason: "RFC 5321 4.5.3.1.8 requires at least 100".into(),
+            });
+        }
+        let max_message_size = raw
+            .policy
+            .max_message_size
+            .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+        if max_message_size < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "policy.max_message_size",
+                reason: "must be at least 1024 bytes".into(),
+            });
+        }
+        let lower = |v: Option<Vec<String>>| -> Vec<String> {
+            v.unwrap_or_default()
+                .into_iter()
+                .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+                .collect()
+        };
+        let relay_networks = raw.policy.relay_networks.unwrap_or_else(|| {
+            ["127.0.0.0/8", "::1/128"]
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        });
+        let secs = |v: Option<u64>, d: u64, key: &'static str| -> Result<Duration, ConfigError> {
+            let s = v.unwrap_or(d);
+            if s == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1 second".into(),
+                });
+            }
+            Ok(Duration::from_secs(s))
+        };
+        Ok(Config {
+            node_id,
+            hostname,
+            data_dir: raw
+                .node
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("tern-data")),
+            advertise_grpc: raw
+                .cluster
+                .advertise_grpc
+                .unwrap_or_else(|| listen_grpc.to_string()),
+            listen_smtp,
+            listen_grpc,
+            listen_http,
+            tls_cert: raw.tls.cert,
+            tls_key: raw.tls.key,
+            bootstrap: raw.cluster.bootstrap.unwrap_or(default_bootstrap),
+            shards,
+            replicas,
+            relay_networks,
+            local_domains: lower(raw.policy.local_domains),
+            relay_domains: lower(raw.policy.relay_domains),
+            max_message_size,
+            max_recipients,
+            max_connections: raw.smtp.max_connections.unwrap_or(1000).max(1),
+            command_timeout: secs(
+                raw.smtp.command_timeout_secs,
+                300,
+                "smtp.command_timeout_secs",
+            )?,
+            data_timeout: secs(raw.smtp.data_timeout_secs, 180, "smtp.data_timeout_secs")?,
+            max_errors: raw.smtp.max_errors.unwrap_or(10).max(1),
+        })
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn embedded_default_is_single_node_bootstrap() {
+        let c = Config::embedded_default().unwrap();
+        assert!(c.bootstrap);
+        assert_eq!(c.listen_smtp, vec![DEFAULT_SMTP.parse().unwrap()]);
+        assert_eq!(c.listen_grpc.to_string(), DEFAULT_GRPC);
+        assert_eq!(c.shards, 16);
+        assert!(c
+            .relay_networks
+            .iter()
+            .any(|n| n.contains(&"127.0.0.1".parse::<IpAddr>().unwrap())));
+        assert!(c
+            .relay_networks
+            .iter()
+            .any(|n| n.contains(&"::1".parse::<IpAddr>().unwrap())));
+        assert!(!c
+            .relay_networks
+            .iter()
+            .any(|n| n.contains(&"10.0.0.1".parse::<IpAddr>().unwrap())));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[policy]\nmax_recipents = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_recipents"), "{err}");
+        let err = Config::from_toml("[nodes]\nid = 5\n").unwrap_err();
+        assert!(err.to_string().contains("nodes"), "{err}");
+    }
+
+    #[test]
+    fn file_defaults_do_not_bootstrap() {
+        let c = Config::from_toml("[node]\nid = 3\n").unwrap();
+        assert!(!c.bootstrap);
+        assert_eq!(c.node_id, 3);
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        assert!(Config::from_toml("[policy]\nmax_recipients = 10\n").is_err());
+        assert!(Config::from_toml("[cluster]\nshards = 0\n").is_err());
+        assert!(Config::from_toml("[tls]\ncert = \"a.pem\"\n").is_err());
+        let c = Config::from_toml(
+            "[policy]\nlocal_domains = [\"Example.TEST.\"]\nrelay_networks=[\"192.0.2.0/24\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.local_domains, vec!["example.test"]);
+        assert_eq!(c.relay_networks.len(), 1);
+    }
+}

@@ -1,0 +1,22 @@
+//! Tern node: an SMTP server in front of a Raft-replicated, sharded queue.
+//!
+//! # Layout
+//! - [`config`]: TOML into a validated [`config::Config`].
+//! - [`smtp`]: the SMTP server (sans-IO session, codec, listener).
+//! - [`queue`]: message records and the accept side of the queue.
+//! - [`raft`]: openraft types, sled log store, state machine, gRPC transport.
+//! - [`storage`]: the sled database, body spool and group-commit flusher.
+//! - [`admin`]: the gRPC admin service used by `ternctl`.
+//! - [`http`]: health endpoints.
+//! - [`app`]: wiring of all of the above into a running node.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod envelope;
+pub mod http;
+pub mod lifecycle;
+pub mod queue;
+pub mod raft;
+pub mod smtp;
+pub mod storage;

@@ -1,0 +1,136 @@
+//! The queue: where accepted messages go. A message is written to a shard
+//! this node leads (no forwarding hop), through the shard's Raft group;
+//! the SMTP session answers 250 only once the entry is applied.
+//!
+//! Delivery scheduling (the QueueShard actor) plugs in on the leader side
+//! of each shard and reads the same records.
+
+pub mod message;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use message::MessageRecord;
+
+use crate::envelope::Envelope;
+use crate::raft::groups::Groups;
+use crate::raft::{Body, NodeId, Request};
+use crate::smtp::{EnqueueError, Enqueuer};
+
+/// Unique queue ids: milliseconds since the epoch, node id and a counter,
+/// in fixed-width hex so they sort by arrival time.
+pub struct IdGen {
+    node: NodeId,
+    seq: AtomicU64,
+}
+
+impl IdGen {
+    pub fn new(node: NodeId) -> IdGen {
+        IdGen {
+            node,
+            seq: AtomicU64::new(u64::from(rand::random::<u16>())),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        let ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "{:011X}{:04X}{:05X}",
+            ms & 0xFFF_FFFF_FFFF,
+            self.node & 0xFFFF,
+            seq & 0xF_FFFF
+        )
+    }
+}
+
+/// The accept side of the queue, used by SMTP sessions.
+pub struct QueueFront {
+    node: NodeId,
+    groups: Arc<Groups>,
+    ids: IdGen,
+    next_shard: AtomicUsize,
+}
+
+impl QueueFront {
+    pub fn new(node: NodeId, groups: Arc<Groups>) -> QueueFront {
+        QueueFront {
+            node,
+            groups,
+            ids: IdGen::new(node),
+            next_shard: AtomicUsize::new(0),
+        }
+    }
+
+    /// Writes a message to a shard this node leads; Ok once applied.
+    pub async fn submit(
+        &self,
+        id: String,
+        envelope: Envelope,
+        body: Vec<u8>,
+    ) -> Result<(), EnqueueError> {
+        let led: Vec<_> = self
+            .groups
+            .shards()
+            .into_iter()
+            .filter(|g| g.leader() == Some(self.node))
+            .collect();
+        if led.is_empty() {
+            return Err(EnqueueError::Temporary(
+                "no queue shard available, try again later".into(),
+            ));
+        }
+        let shard = &led[self.next_shard.fetch_add(1, Ordering::Relaxed) % led.len()];
+        let received_at = chrono::Utc::now().timestamp();
+        let record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
+        let request = Request::Enqueue {
+            record: Box::new(record),
+            body: Body {
+                bytes: body,
+                loc: None,
+            },
+        };
+        match shard.raft.client_write(request).await {
+            Ok(_) => {
+                tracing::info!(msg_id = %id, shard = shard.id, "queued");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(msg_id = %id, shard = shard.id, error = %e, "enqueue failed");
+                Err(EnqueueError::Temporary(
+                    "queue write failed, try again later".into(),
+                ))
+            }
+        }
+    }
+}
+
+impl Enqueuer for QueueFront {
+    fn next_id(&self) -> String {
+        self.ids.next()
+    }
+
+    fn enqueue(
+        &self,
+        id: String,
+        envelope: Envelope,
+        body: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), EnqueueError>> + Send {
+        self.submit(id, envelope, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_fixed_width() {
+        let g = IdGen::new(7);
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| g.next()).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids
+            .iter()
+            .all(|id| id.len() == 20 && id.chars().all(|c| c.is_ascii_hexdigit())));
+    }
+}

@@ -1,0 +1,67 @@
+//! The router from a group id to this node's `Raft` instance of it, and
+//! the per-group handles other parts of the node need.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use super::state_machine::StateMachine;
+use super::{GroupId, NodeId, Raft};
+
+/// One group hosted on this node.
+#[derive(Clone)]
+pub struct GroupHandle {
+    pub id: GroupId,
+    pub raft: Raft,
+    /// Read access to the group's state machine (for queries).
+    pub sm: StateMachine,
+}
+
+impl GroupHandle {
+    /// The leader this node currently knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+}
+
+/// All groups hosted on this node.
+#[derive(Default)]
+pub struct Groups {
+    map: RwLock<BTreeMap<GroupId, GroupHandle>>,
+}
+
+impl Groups {
+    pub fn insert(&self, handle: GroupHandle) {
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.id, handle);
+    }
+
+    pub fn get(&self, id: GroupId) -> Option<GroupHandle> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Every hosted group, in id order.
+    pub fn all(&self) -> Vec<GroupHandle> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Hosted shard groups (every group but the control group).
+    pub fn shards(&self) -> Vec<GroupHandle> {
+        self.all()
+            .into_iter()
+            .filter(|g| g.id != super::CONTROL_GROUP)
+            .collect()
+    }
+}
+
+pub type SharedGroups = Arc<Groups>;

@@ -1,0 +1,109 @@
+//! Raft wiring: openraft type configuration, the requests every group
+//! replicates, the sled log store, the state machines, the gRPC network and
+//! the router that maps a group id to its local `Raft`.
+//!
+//! Group 0 is the control group (membership, shard placement); groups
+//! 1..=S are queue shards.
+
+pub mod groups;
+pub mod log_store;
+pub mod network;
+pub mod service;
+pub mod state_machine;
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::queue::message::MessageRecord;
+use crate::storage::spool::BodyLoc;
+
+pub type NodeId = u64;
+pub type GroupId = u64;
+/// The control group's id; shard groups are 1..=shards.
+pub const CONTROL_GROUP: GroupId = 0;
+
+openraft::declare_raft_types!(
+    /// Tern's Raft type configuration, shared by every group.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// A message body as carried in a Raft entry.
+///
+/// On the wire (and in memory) it holds the bytes. The log store writes the
+/// bytes once into the group's spool and keeps only `loc` in sled
+/// ("sideloading"); the state machine then reuses that location instead of
+/// writing the body a second time.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    pub loc: Option<BodyLoc>,
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Body({} bytes, loc={:?})", self.bytes.len(), self.loc)
+    }
+}
+
+/// What a group replicates. Queue shards take `Enqueue`; the control group
+/// takes the membership and placement records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// A newly accepted message; 250 is sent once this is applied.
+    Enqueue {
+        record: Box<MessageRecord>,
+        body: Body,
+    },
+    /// Control group: a node and the gRPC address peers reach it at.
+    SetNode { id: NodeId, addr: String },
+    /// Control group: the replica set of a shard.
+    SetShardReplicas {
+        shard: GroupId,
+        replicas: Vec<NodeId>,
+    },
+}
+
+/// What applying a request returns to the proposer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// False when the request was a no-op (e.g. a duplicate enqueue).
+    pub changed: bool,
+}
+
+/// Raft timing suited to many groups per node (ARCHITECTURE.md).
+pub fn raft_config() -> anyhow::Result<std::sync::Arc<openraft::Config>> {
+    let config = openraft::Config {
+        cluster_name: "tern".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1500,
+        election_timeout_max: 3000,
+        max_payload_entries: 256,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    };
+    Ok(std::sync::Arc::new(config.validate()?))
+}
+
+/// Storage error helpers: every sled/io failure becomes an openraft StorageError.
+pub(crate) fn io_err(
+    subject: openraft::ErrorSubject<NodeId>,
+    verb: openraft::ErrorVerb,
+    e: impl std::fmt::Display,
+) -> StorageError {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
+}

@@ -1,0 +1,152 @@
+//! Raft transport client: openraft's RPCs for any group over the peer's one
+//! gRPC service, with one cached (lazily connecting, reconnecting) channel
+//! per peer shared by every group.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use tern_proto::raft::raft_service_client::RaftServiceClient;
+use tern_proto::raft::RaftRequest;
+use tonic::transport::Channel;
+
+use super::{GroupId, NodeId, TypeConfig};
+
+/// Largest gRPC message between nodes: a full AppendEntries of big mail.
+pub const MAX_GRPC_MESSAGE: usize = 512 * 1024 * 1024;
+
+/// One channel per peer, shared by all groups on this node.
+#[derive(Default)]
+pub struct Peers {
+    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+}
+
+impl Peers {
+    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((a, ch)) = map.get(&target) {
+            if a == addr {
+                return Ok(ch.clone());
+            }
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        map.insert(target, (addr.to_owned(), channel.clone()));
+        Ok(channel)
+    }
+}
+
+/// The network factory of one group.
+#[derive(Clone)]
+pub struct Network {
+    pub group: GroupId,
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            group: self.group,
+            target,
+            client: self.peers.channel(target, &node.addr).map(|ch| {
+                RaftServiceClient::new(ch)
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE)
+            }),
+        }
+    }
+}
+
+/// A group's connection to one peer.
+pub struct PeerClient {
+    group: GroupId,
+    target: NodeId,
+    client: Result<RaftServiceClient<Channel>, String>,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(&mut self, kind: RpcKind, req: &Req) -> RpcResult<Resp, E>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(
+                    &std::io::Error::other(e.clone()),
+                )))
+            }
+        };
+        let payload =
+            bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = RaftRequest {
+            group_id: self.group,
+            payload,
+        };
+        let reply = match kind {
+            RpcKind::Append => client.append_entries(request).await,
+            RpcKind::Vote => client.vote(request).await,
+            RpcKind::Snapshot => client.install_snapshot(request).await,
+        }
+        .map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                RPCError::Unreachable(Unreachable::new(&status))
+            }
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            bincode::deserialize(&reply.into_inner().payload)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RpcKind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(RpcKind::Append, &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(RpcKind::Snapshot, &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(RpcKind::Vote, &rpc).await
+    }
+}

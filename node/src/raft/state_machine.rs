@@ -1,0 +1,354 @@
+//! The state machine of one group, kept in the sled tree `g{N}/sm`.
+//!
+//! Keys: `a` last applied log id, `b` last membership, `m/<queue id>` a
+//! queued message record, `n/<node id>` a node's gRPC address (control
+//! group), `p/<shard>` a shard's replica set (control group). One sled batch
+//! per applied run of entries keeps each apply atomic. Applying is not
+//! fsynced: the log is, and openraft re-applies from the saved commit index
+//! after a crash; every request is idempotent.
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{io_err, Entry, GroupId, LogId, NodeId, Request, Response, StorageError, TypeConfig};
+use crate::queue::message::MessageRecord;
+use crate::storage::spool::Spool;
+use crate::storage::Durability;
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+const APPLIED: &[u8] = b"a";
+const MEMBERSHIP: &[u8] = b"b";
+pub const MESSAGE_PREFIX: &[u8] = b"m/";
+pub const NODE_PREFIX: &[u8] = b"n/";
+pub const PLACEMENT_PREFIX: &[u8] = b"p/";
+
+pub fn message_key(id: &str) -> Vec<u8> {
+    [MESSAGE_PREFIX, id.as_bytes()].concat()
+}
+
+/// State machine of one group; clones share the same tree.
+#[derive(Clone)]
+pub struct StateMachine {
+    group: GroupId,
+    tree: sled::Tree,
+    spool: Arc<Spool>,
+    durability: Arc<Durability>,
+    snapshot_path: PathBuf,
+    /// State captured for the snapshot being built (taken in order with applies).
+    pending: Option<Arc<Captured>>,
+}
+
+/// A consistent copy of the state machine (records only, bodies by location).
+struct Captured {
+    applied: Option<LogId>,
+    membership: Membership,
+    entries: Vec<(sled::IVec, sled::IVec)>,
+}
+
+/// Snapshot payload: every key with message bodies inlined.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    kv: Vec<(Vec<u8>, Vec<u8>)>,
+    messages: Vec<SnapshotMessage>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotMessage {
+    record: MessageRecord,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: Meta,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+impl StateMachine {
+    pub fn open(
+        durability: Arc<Durability>,
+        spool: Arc<Spool>,
+        group: GroupId,
+    ) -> anyhow::Result<StateMachine> {
+        let tree = durability.db().open_tree(format!("g{group}/sm"))?;
+        let dir = durability.data_dir().join("snapshots");
+        std::fs::create_dir_all(&dir)?;
+        Ok(StateMachine {
+            group,
+            tree,
+            spool,
+            snapshot_path: dir.join(format!("g{group}.snap")),
+            durability,
+            pending: None,
+        })
+    }
+
+    /// The tree, for read-only queries by the admin service.
+    pub fn tree(&self) -> sled::Tree {
+        self.tree.clone()
+    }
+
+    pub fn spool(&self) -> Arc<Spool> {
+        Arc::clone(&self.spool)
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let err =
+            |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        match self.tree.get(key).map_err(|e| err(&e))? {
+            None => Ok(None),
+            Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| err(&e)),
+        }
+    }
+
+    fn capture(&self) -> Result<Captured, StorageError> {
+        let applied = self.read::<Option<LogId>>(APPLIED)?.flatten();
+        let membership = self.read::<Membership>(MEMBERSHIP)?.unwrap_or_default();
+        let mut entries = Vec::new();
+        for item in self.tree.iter() {
+            let (k, v) =
+                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            if k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP {
+                entries.push((k, v));
+            }
+        }
+        Ok(Captured {
+            applied,
+            membership,
+            entries,
+        })
+    }
+
+    fn encode_snapshot(&self, captured: &Captured) -> Result<Vec<u8>, StorageError> {
+        let err =
+            |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        let mut data = SnapshotData {
+            kv: Vec::new(),
+            messages: Vec::new(),
+        };
+        for (k, v) in &captured.entries {
+            if k.starts_with(MESSAGE_PREFIX) {
+                let record: MessageRecord = bincode::deserialize(v).map_err(|e| err(&e))?;
+                let body = match &record.body {
+                    Some(loc) => self.spool.read(loc).map_err(|e| err(&e))?,
+                    None => Vec::new(),
+                };
+                data.messages.push(SnapshotMessage { record, body });
+            } else {
+                data.kv.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        bincode::serialize(&data).map_err(|e| err(&e))
+    }
+
+    fn save_snapshot_file(&self, stored: &StoredSnapshot) -> Result<(), StorageError> {
+        let err = |e: &dyn std::fmt::Display| {
+            io_err(
+                ErrorSubject::Snapshot(Some(stored.meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        };
+        let bytes = bincode::serialize(stored).map_err(|e| err(&e))?;
+        let tmp = self.snapshot_path.with_extension("tmp");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(|e| err(&e))?;
+            f.write_all(&bytes).map_err(|e| err(&e))?;
+            f.sync_all().map_err(|e| err(&e))?;
+        }
+        std::fs::rename(&tmp, &self.snapshot_path).map_err(|e| err(&e))?;
+        if let Some(dir) = self.snapshot_path.parent() {
+            crate::storage::sync_dir(dir).map_err(|e| err(&e))?;
+        }
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let captured = match self.pending.take() {
+            Some(c) => c,
+            None => Arc::new(self.capture()?),
+        };
+        // The snapshot lets the log be purged: the state it covers must be on disk first.
+        self.durability
+            .flush()
+            .await
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let data = self.encode_snapshot(&captured)?;
+        let snapshot_id = match &captured.applied {
+            Some(l) => format!(
+                "g{}-{}-{}-{}",
+                self.group,
+                l.leader_id.term,
+                l.index,
+                rand::random::<u32>()
+            ),
+            None => format!("g{}-empty-{}", self.group, rand::random::<u32>()),
+        };
+        let meta = Meta {
+            last_log_id: captured.applied,
+            last_membership: captured.membership.clone(),
+            snapshot_id,
+        };
+        let stored = StoredSnapshot { meta, data };
+        self.save_snapshot_file(&stored)?;
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let applied = self.read::<Option<LogId>>(APPLIED)?.flatten();
+        let membership = self.read::<Membership>(MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let err =
+            |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        let mut batch = sled::Batch::default();
+        let mut responses = Vec::new();
+        let mut last: Option<LogId> = None;
+        let mut added = std::collections::HashSet::new();
+        for entry in entries {
+            last = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::default(),
+                EntryPayload::Membership(m) => {
+                    let stored = Membership::new(Some(entry.log_id), m);
+                    batch.insert(
+                        MEMBERSHIP,
+                        bincode::serialize(&stored).map_err(|e| err(&e))?,
+                    );
+                    Response { changed: true }
+                }
+                EntryPayload::Normal(Request::Enqueue { mut record, body }) => {
+                    let key = message_key(&record.id);
+                    // A retried proposal of the same id is a no-op, not a duplicate.
+                    if added.contains(&key) || self.tree.contains_key(&key).map_err(|e| err(&e))? {
+                        Response { changed: false }
+                    } else {
+                        record.body = match body.loc {
+                            Some(loc) => Some(loc),
+                            None => Some(self.spool.append(&body.bytes).map_err(|e| err(&e))?),
+                        };
+                        batch.insert(
+                            key.as_slice(),
+                            bincode::serialize(&record).map_err(|e| err(&e))?,
+                        );
+                        added.insert(key);
+                        Response { changed: true }
+                    }
+                }
+                EntryPayload::Normal(Request::SetNode { id, addr }) => {
+                    batch.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
+                    Response { changed: true }
+                }
+                EntryPayload::Normal(Request::SetShardReplicas { shard, replicas }) => {
+                    let value = bincode::serialize(&replicas).map_err(|e| err(&e))?;
+                    batch.insert([PLACEMENT_PREFIX, &shard.to_be_bytes()].concat(), value);
+                    Response { changed: true }
+                }
+            };
+            responses.push(response);
+        }
+        if last.is_some() {
+            batch.insert(APPLIED, bincode::serialize(&last).map_err(|e| err(&e))?);
+            self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Called in order with `apply`, so this copy is consistent with `applied`.
+        let mut builder = self.clone();
+        builder.pending = self.capture().ok().map(Arc::new);
+        builder
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let err = |e: &dyn std::fmt::Display| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        };
+        let bytes = snapshot.into_inner();
+        let data: SnapshotData = bincode::deserialize(&bytes).map_err(|e| err(&e))?;
+        let mut batch = sled::Batch::default();
+        for item in self.tree.iter() {
+            let (k, _) = item.map_err(|e| err(&e))?;
+            batch.remove(k);
+        }
+        for (k, v) in data.kv {
+            batch.insert(k, v);
+        }
+        for SnapshotMessage { mut record, body } in data.messages {
+            record.body = Some(self.spool.append(&body).map_err(|e| err(&e))?);
+            batch.insert(
+                message_key(&record.id),
+                bincode::serialize(&record).map_err(|e| err(&e))?,
+            );
+        }
+        batch.insert(
+            APPLIED,
+            bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?,
+        );
+        batch.insert(
+            MEMBERSHIP,
+            bincode::serialize(&meta.last_membership).map_err(|e| err(&e))?,
+        );
+        self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+        self.durability.flush().await.map_err(|e| err(&e))?;
+        self.save_snapshot_file(&StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        })
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let bytes = match std::fs::read(&self.snapshot_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e)),
+        };
+        let stored: StoredSnapshot = bincode::deserialize(&bytes)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}
