@@ -10,6 +10,8 @@ pub mod log_store;
 pub mod network;
 pub mod service;
 pub mod state_machine;
+#[cfg(test)]
+mod storage_suite;
 
 use std::io::Cursor;
 

@@ -27,12 +27,18 @@ enum Job {
     Waiter(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
-/// The node's sled database plus the group-commit flusher.
-pub struct Durability {
+/// What the flusher thread needs; separate so that dropping [`Durability`]
+/// closes the channel and ends the thread.
+struct Syncer {
     db: sled::Db,
     db_file: File,
     /// Spool segment files written since the last flush.
     dirty: Mutex<Vec<Arc<File>>>,
+}
+
+/// The node's sled database plus the group-commit flusher.
+pub struct Durability {
+    syncer: Arc<Syncer>,
     tx: Mutex<mpsc::Sender<Job>>,
     data_dir: PathBuf,
 }
@@ -53,14 +59,17 @@ impl Durability {
         let db_file =
             File::open(sled_dir.join("db")).context("opening sled data file for fdatasync")?;
         let (tx, rx) = mpsc::channel();
-        let durability = Arc::new(Durability {
+        let syncer = Arc::new(Syncer {
             db,
             db_file,
             dirty: Mutex::new(Vec::new()),
+        });
+        let flusher = Arc::clone(&syncer);
+        let durability = Arc::new(Durability {
+            syncer,
             tx: Mutex::new(tx),
             data_dir: data_dir.to_owned(),
         });
-        let flusher = Arc::clone(&durability);
         std::thread::Builder::new()
             .name("tern-flusher".into())
             .spawn(move || flusher.run(rx))
@@ -69,7 +78,7 @@ impl Durability {
     }
 
     pub fn db(&self) -> &sled::Db {
-        &self.db
+        &self.syncer.db
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -78,7 +87,7 @@ impl Durability {
 
     /// Records a spool file that must be fsynced by the next flush.
     pub(crate) fn mark_dirty(&self, file: &Arc<File>) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dirty = self.syncer.dirty.lock().unwrap_or_else(|p| p.into_inner());
         if !dirty.iter().any(|f| Arc::ptr_eq(f, file)) {
             dirty.push(Arc::clone(file));
         }
@@ -102,7 +111,9 @@ impl Durability {
             complete(job, Err("flusher stopped".into()));
         }
     }
+}
 
+impl Syncer {
     fn run(&self, rx: mpsc::Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             let mut jobs = vec![first];
