@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command (see README.md): installs what the tests need when it is
+# missing, builds the workspace and runs every test. Each test starts the
+# servers it uses (ternd, smtp-sink, ...) on free loopback ports itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v swaks >/dev/null || need+=(swaks)
+command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+python3 -c "import aiosmtpd" 2>/dev/null || pip install -q aiosmtpd
+
+export PATH="$PATH:/usr/sbin"
+export CARGO_TERM_COLOR=never
+cargo fmt --all -- --check
+cargo build --workspace --all-targets
+cargo test --workspace

@@ -1,0 +1,300 @@
+//! Test harness: runs a real `ternd` process in a temp dir on loopback
+//! ports, waits for its `ready` line, keeps its logs (printed when a test
+//! fails), and kills it on drop. Also a minimal SMTP client for load.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const TERND: &str = env!("CARGO_BIN_EXE_ternd");
+pub const TERNCTL: &str = env!("CARGO_BIN_EXE_ternctl");
+
+/// A free loopback TCP port (bound then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub smtp: SocketAddr,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Node {
+    /// Starts a bootstrapping single node; `extra` is appended to its TOML.
+    pub fn start(extra: &str) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let grpc = free_port();
+        let config = dir.path().join("tern.toml");
+        let toml = format!(
+            "[node]\nid = 1\nhostname = \"mx.tern.test\"\ndata_dir = \"{}\"\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n\n[cluster]\nbootstrap = true\n\n{extra}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let unset: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let mut node = Node {
+            dir,
+            config,
+            child: None,
+            stdout: Arc::default(),
+            logs: Arc::default(),
+            smtp: unset,
+            grpc: unset,
+            http: unset,
+        };
+        node.spawn();
+        node
+    }
+
+    /// Starts the process (again) and waits for `ready`.
+    pub fn spawn(&mut self) {
+        self.stdout.lock().expect("lock").clear();
+        let mut child = Command::new(TERND)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ternd");
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let (lines, logs) = (Arc::clone(&self.stdout), Arc::clone(&self.logs));
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().expect("lock").push(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                logs.lock().expect("lock").push(line);
+            }
+        });
+        self.child = Some(child);
+        let stdout = Arc::clone(&self.stdout);
+        let mut exited = None;
+        wait_for(Duration::from_secs(60), "ternd ready", || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    exited = Some(status);
+                    return true;
+                }
+            }
+            stdout.lock().expect("lock").iter().any(|l| l == "ready")
+        });
+        if let Some(status) = exited {
+            panic!("ternd exited before ready: {status}\n{}", self.logs());
+        }
+        for line in self.stdout.lock().expect("lock").iter() {
+            if let Some(rest) = line.strip_prefix("listening ") {
+                let (kind, addr) = rest.split_once('=').expect("listening line");
+                let addr: SocketAddr = addr.parse().expect("listening addr");
+                match kind {
+                    "smtp" => self.smtp = addr,
+                    "grpc" => self.grpc = addr,
+                    "http" => self.http = addr,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("lock").clone()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("lock").join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running")
+    }
+
+    /// SIGKILL, as a crash or power loss would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal and waits (bounded) for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: &str, deadline: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(c.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                panic!("ternd did not exit within {deadline:?} after SIG{signal}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs ternctl against this node.
+    pub fn ternctl(&self, args: &[&str]) -> Output {
+        Command::new(TERNCTL)
+            .arg("--endpoint")
+            .arg(self.grpc.to_string())
+            .args(args)
+            .output()
+            .expect("run ternctl")
+    }
+
+    /// Runs `ternctl ... -o json` and parses the output.
+    pub fn ternctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.ternctl(&all);
+        assert!(
+            out.status.success(),
+            "ternctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ternctl json")
+    }
+
+    /// Ids of every queued message.
+    pub fn queued_ids(&self) -> std::collections::BTreeSet<String> {
+        let v = self.ternctl_json(&["queue", "list", "--limit", "1000000"]);
+        v["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["id"].as_str().expect("id").to_owned())
+            .collect()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- ternd log ----\n{}\n---- end ternd log ----", self.logs());
+        }
+    }
+}
+
+/// A small blocking SMTP client, enough to drive load and check replies.
+pub struct Client {
+    stream: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut c = Client {
+            stream: BufReader::new(stream),
+        };
+        let greeting = c.read_reply()?;
+        if !greeting.starts_with("220") {
+            return Err(std::io::Error::other(format!("greeting: {greeting}")));
+        }
+        Ok(c)
+    }
+
+    /// Reads one (possibly multi-line) reply, returned with its lines joined by '\n'.
+    pub fn read_reply(&mut self) -> std::io::Result<String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.stream.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+            }
+            let done = line.len() < 4 || line.as_bytes()[3] != b'-';
+            all.push_str(line.trim_end_matches(['\r', '\n']));
+            if done {
+                return Ok(all);
+            }
+            all.push('\n');
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.get_mut().write_all(bytes)
+    }
+
+    pub fn command(&mut self, line: &str) -> std::io::Result<String> {
+        self.send_raw(format!("{line}\r\n").as_bytes())?;
+        self.read_reply()
+    }
+
+    /// One whole transaction; returns the queue id from the final 250.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> std::io::Result<String> {
+        let expect = |reply: String, code: &str| {
+            if reply.starts_with(code) {
+                Ok(reply)
+            } else {
+                Err(std::io::Error::other(reply))
+            }
+        };
+        expect(self.command(&format!("MAIL FROM:<{from}>"))?, "250")?;
+        for rcpt in to {
+            expect(self.command(&format!("RCPT TO:<{rcpt}>"))?, "250")?;
+        }
+        expect(self.command("DATA")?, "354")?;
+        self.send_raw(body.as_bytes())?;
+        let reply = expect(self.command(".")?, "250")?;
+        reply
+            .rsplit(' ')
+            .next()
+            .map(str::to_owned)
+            .ok_or_else(|| std::io::Error::other("no queue id"))
+    }
+
+    /// Reads whatever the server sends until it closes the connection.
+    pub fn read_to_end(&mut self) -> String {
+        let mut s = String::new();
+        let _ = self.stream.read_to_string(&mut s);
+        s
+    }
+}
+
+/// A message body with a unique Message-ID.
+pub fn body(id: &str, size: usize) -> String {
+    let mut b = format!(
+        "From: <sender@tern.test>\r\nTo: <rcpt@example.test>\r\nSubject: test {id}\r\nMessage-ID: <{id}@tern.test>\r\n\r\n"
+    );
+    while b.len() < size {
+        b.push_str("The quick brown fox jumps over the lazy dog 0123456789.\r\n");
+    }
+    b
+}
