@@ -332,4 +332,16 @@ mod tests {
         assert_eq!(c.local_domains, vec!["example.test"]);
         assert_eq!(c.relay_networks.len(), 1);
     }
+
+    /// The shipped example and the one in the configuration reference parse.
+    #[test]
+    fn documented_examples_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        Config::from_file(&root.join("deploy/tern.toml")).unwrap();
+        let doc = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + doc[start..].find("```").unwrap();
+        let c = Config::from_toml(&doc[start..end]).unwrap();
+        assert_eq!(c.hostname, "mx1.example.com");
+    }
 }
