@@ -46,8 +46,7 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig
         return Ok(None);
     };
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert)
-            .with_context(|| format!("opening tls.cert {}", cert.display()))?,
+        std::fs::File::open(cert).with_context(|| format!("opening tls.cert {}", cert.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
     .with_context(|| format!("reading certificates from {}", cert.display()))?;
@@ -82,20 +81,10 @@ async fn open_group(
         group,
         peers: Arc::clone(peers),
     };
-    let raft = Raft::new(
-        config.node_id,
-        Arc::clone(raft_config),
-        network,
-        log,
-        sm.clone(),
-    )
-    .await
-    .with_context(|| format!("starting raft group {group}"))?;
-    Ok(GroupHandle {
-        id: group,
-        raft,
-        sm,
-    })
+    let raft = Raft::new(config.node_id, Arc::clone(raft_config), network, log, sm.clone())
+        .await
+        .with_context(|| format!("starting raft group {group}"))?;
+    Ok(GroupHandle { id: group, raft, sm })
 }
 
 /// First start of a bootstrapping node: every group gets this node as its
@@ -109,11 +98,9 @@ async fn bootstrap(config: &Config, groups: &Groups, local: &sled::Tree) -> anyh
         }
     }
     let control = groups.get(CONTROL_GROUP).context("control group missing")?;
-    wait_until(Duration::from_secs(30), || {
-        control.leader() == Some(config.node_id)
-    })
-    .await
-    .context("control group elected no leader")?;
+    wait_until(Duration::from_secs(30), || control.leader() == Some(config.node_id))
+        .await
+        .context("control group elected no leader")?;
     let mut requests = vec![Request::SetNode {
         id: config.node_id,
         addr: config.advertise_grpc.clone(),
@@ -247,10 +234,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     if !groups.shards().is_empty()
         && wait_until(Duration::from_secs(60), || {
-            groups
-                .shards()
-                .iter()
-                .any(|g| g.leader() == Some(config.node_id))
+            groups.shards().iter().any(|g| g.leader() == Some(config.node_id))
         })
         .await
         .is_err()

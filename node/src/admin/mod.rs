@@ -80,11 +80,7 @@ fn notify_text(n: &crate::envelope::Notify) -> String {
         return "NEVER".into();
     }
     let mut parts = Vec::new();
-    for (on, name) in [
-        (n.success, "SUCCESS"),
-        (n.failure, "FAILURE"),
-        (n.delay, "DELAY"),
-    ] {
+    for (on, name) in [(n.success, "SUCCESS"), (n.failure, "FAILURE"), (n.delay, "DELAY")] {
         if on {
             parts.push(name);
         }
@@ -108,12 +104,7 @@ impl Admin {
             members.push(Member {
                 id,
                 addr: String::from_utf8_lossy(&v).into_owned(),
-                role: if voters.contains(&id) {
-                    "voter"
-                } else {
-                    "learner"
-                }
-                .into(),
+                role: if voters.contains(&id) { "voter" } else { "learner" }.into(),
                 is_control_leader: id == leader,
             });
         }
@@ -166,10 +157,7 @@ impl AdminService for Admin {
         }))
     }
 
-    async fn queue_summary(
-        &self,
-        _: Request<QueueSummaryRequest>,
-    ) -> Result<Response<QueueSummaryReply>, Status> {
+    async fn queue_summary(&self, _: Request<QueueSummaryRequest>) -> Result<Response<QueueSummaryReply>, Status> {
         let now = chrono::Utc::now().timestamp();
         let mut reply = QueueSummaryReply::default();
         let mut domains: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -204,10 +192,7 @@ impl AdminService for Admin {
         Ok(Response::new(reply))
     }
 
-    async fn queue_list(
-        &self,
-        request: Request<QueueListRequest>,
-    ) -> Result<Response<QueueListReply>, Status> {
+    async fn queue_list(&self, request: Request<QueueListRequest>) -> Result<Response<QueueListReply>, Status> {
         let req = request.into_inner();
         let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
         let limit = if req.limit == 0 {
@@ -237,17 +222,19 @@ impl AdminService for Admin {
         Ok(Response::new(reply))
     }
 
-    async fn queue_show(
-        &self,
-        request: Request<QueueShowRequest>,
-    ) -> Result<Response<QueueShowReply>, Status> {
-        let id = request.into_inner().id;
+    async fn queue_show(&self, request: Request<QueueShowRequest>) -> Result<Response<QueueShowReply>, Status> {
+        let QueueShowRequest { id, with_body } = request.into_inner();
         let key = crate::raft::state_machine::message_key(&id);
         for g in self.groups.shards() {
             if let Some(v) = g.sm.tree().get(&key).map_err(internal)? {
                 let record: MessageRecord = bincode::deserialize(&v).map_err(internal)?;
+                let body = match (&record.body, with_body) {
+                    (Some(loc), true) => g.sm.spool().read(loc).map_err(internal)?,
+                    _ => Vec::new(),
+                };
                 return Ok(Response::new(QueueShowReply {
                     message: Some(message_info(g.id, &record)),
+                    body,
                 }));
             }
         }

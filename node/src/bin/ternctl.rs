@@ -59,15 +59,17 @@ enum QueueCommand {
         limit: u32,
     },
     /// Show one message: envelope, size, attempts, next attempt.
-    Show { id: String },
+    Show {
+        id: String,
+        /// Also print the message content as queued.
+        #[arg(long)]
+        body: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ternctl: cannot start runtime: {e}");
@@ -94,16 +96,12 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
         format!("http://{}", args.endpoint)
     };
     let channel = tonic::transport::Endpoint::from_shared(endpoint)
-        .map_err(|e| {
-            tonic::Status::invalid_argument(format!("bad endpoint {}: {e}", args.endpoint))
-        })?
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint {}: {e}", args.endpoint)))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(60))
         .connect()
         .await
-        .map_err(|e| {
-            tonic::Status::unavailable(format!("cannot connect to {}: {e}", args.endpoint))
-        })?;
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {e}", args.endpoint)))?;
     let mut client = AdminServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let json = args.output == Output::Json;
     match args.command {
@@ -116,10 +114,7 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
             }
         }
         Command::Queue(QueueCommand::Summary) => {
-            let s = client
-                .queue_summary(QueueSummaryRequest {})
-                .await?
-                .into_inner();
+            let s = client.queue_summary(QueueSummaryRequest {}).await?.into_inner();
             if json {
                 let domains: serde_json::Map<String, serde_json::Value> = s
                     .domains
@@ -145,13 +140,7 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                 let rows: Vec<Vec<String>> = s
                     .domains
                     .iter()
-                    .map(|d| {
-                        vec![
-                            d.domain.clone(),
-                            d.messages.to_string(),
-                            d.recipients.to_string(),
-                        ]
-                    })
+                    .map(|d| vec![d.domain.clone(), d.messages.to_string(), d.recipients.to_string()])
                     .collect();
                 if !rows.is_empty() {
                     println!();
@@ -189,9 +178,7 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                     })
                     .collect();
                 print_table(
-                    &[
-                        "ID", "SHARD", "SENDER", "RCPTS", "SIZE", "RECEIVED", "ATTEMPTS",
-                    ],
+                    &["ID", "SHARD", "SENDER", "RCPTS", "SIZE", "RECEIVED", "ATTEMPTS"],
                     &rows,
                 );
                 if r.truncated {
@@ -199,18 +186,25 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                 }
             }
         }
-        Command::Queue(QueueCommand::Show { id }) => {
+        Command::Queue(QueueCommand::Show { id, body }) => {
             let r = client
-                .queue_show(QueueShowRequest { id })
+                .queue_show(QueueShowRequest { id, with_body: body })
                 .await?
                 .into_inner();
-            let m = r
-                .message
-                .ok_or_else(|| tonic::Status::not_found("no such message"))?;
+            let m = r.message.ok_or_else(|| tonic::Status::not_found("no such message"))?;
             if json {
-                print_json(&message_json(&m));
+                let mut v = message_json(&m);
+                if body {
+                    v["body"] = json!(String::from_utf8_lossy(&r.body));
+                }
+                print_json(&v);
             } else {
                 print_message(&m);
+                if body {
+                    use std::io::Write as _;
+                    println!();
+                    let _ = std::io::stdout().write_all(&r.body);
+                }
             }
         }
     }
@@ -285,21 +279,14 @@ fn print_status(s: &StatusReply) {
             vec![
                 sh.shard.to_string(),
                 opt_node(sh.leader),
-                sh.replicas
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
+                sh.replicas.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
                 sh.term.to_string(),
                 sh.applied_index.to_string(),
                 sh.queued_messages.to_string(),
             ]
         })
         .collect();
-    print_table(
-        &["SHARD", "LEADER", "REPLICAS", "TERM", "APPLIED", "QUEUED"],
-        &shards,
-    );
+    print_table(&["SHARD", "LEADER", "REPLICAS", "TERM", "APPLIED", "QUEUED"], &shards);
 }
 
 fn print_message(m: &MessageInfo) {
@@ -320,11 +307,7 @@ fn print_message(m: &MessageInfo) {
         ),
         (
             "body",
-            format!(
-                "{}{}",
-                m.body_type,
-                if m.smtputf8 { ", SMTPUTF8" } else { "" }
-            ),
+            format!("{}{}", m.body_type, if m.smtputf8 { ", SMTPUTF8" } else { "" }),
         ),
         ("ret", m.ret.clone()),
         ("envid", m.envid.clone()),
@@ -349,10 +332,7 @@ fn print_message(m: &MessageInfo) {
             ]
         })
         .collect();
-    print_table(
-        &["RECIPIENT", "STATUS", "NOTIFY", "ORCPT", "LAST REPLY"],
-        &rows,
-    );
+    print_table(&["RECIPIENT", "STATUS", "NOTIFY", "ORCPT", "LAST REPLY"], &rows);
 }
 
 fn sender(reverse_path: &str) -> String {

@@ -15,10 +15,7 @@ use serde::Deserialize;
 #[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Parse(String),
     #[error("invalid value for {key}: {reason}")]
@@ -156,8 +153,7 @@ impl Config {
     }
 
     fn from_raw(raw: RawConfig, default_bootstrap: bool) -> Result<Config, ConfigError> {
-        let parse =
-            |s: &str| -> SocketAddr { s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))) };
+        let parse = |s: &str| -> SocketAddr { s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))) };
         let node_id = raw.node.id.unwrap_or(1);
         if node_id == 0 {
             return Err(ConfigError::Invalid {
@@ -202,10 +198,7 @@ impl Config {
                 reason: "RFC 5321 4.5.3.1.8 requires at least 100".into(),
             });
         }
-        let max_message_size = raw
-            .policy
-            .max_message_size
-            .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+        let max_message_size = raw.policy.max_message_size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
         if max_message_size < 1024 {
             return Err(ConfigError::Invalid {
                 key: "policy.max_message_size",
@@ -237,14 +230,8 @@ impl Config {
         Ok(Config {
             node_id,
             hostname,
-            data_dir: raw
-                .node
-                .data_dir
-                .unwrap_or_else(|| PathBuf::from("tern-data")),
-            advertise_grpc: raw
-                .cluster
-                .advertise_grpc
-                .unwrap_or_else(|| listen_grpc.to_string()),
+            data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from("tern-data")),
+            advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             listen_smtp,
             listen_grpc,
             listen_http,
@@ -259,11 +246,7 @@ impl Config {
             max_message_size,
             max_recipients,
             max_connections: raw.smtp.max_connections.unwrap_or(1000).max(1),
-            command_timeout: secs(
-                raw.smtp.command_timeout_secs,
-                300,
-                "smtp.command_timeout_secs",
-            )?,
+            command_timeout: secs(raw.smtp.command_timeout_secs, 300, "smtp.command_timeout_secs")?,
             data_timeout: secs(raw.smtp.data_timeout_secs, 180, "smtp.data_timeout_secs")?,
             max_errors: raw.smtp.max_errors.unwrap_or(10).max(1),
         })
@@ -325,10 +308,8 @@ mod tests {
         assert!(Config::from_toml("[policy]\nmax_recipients = 10\n").is_err());
         assert!(Config::from_toml("[cluster]\nshards = 0\n").is_err());
         assert!(Config::from_toml("[tls]\ncert = \"a.pem\"\n").is_err());
-        let c = Config::from_toml(
-            "[policy]\nlocal_domains = [\"Example.TEST.\"]\nrelay_networks=[\"192.0.2.0/24\"]\n",
-        )
-        .unwrap();
+        let c = Config::from_toml("[policy]\nlocal_domains = [\"Example.TEST.\"]\nrelay_networks=[\"192.0.2.0/24\"]\n")
+            .unwrap();
         assert_eq!(c.local_domains, vec!["example.test"]);
         assert_eq!(c.relay_networks.len(), 1);
     }

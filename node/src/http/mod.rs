@@ -25,16 +25,8 @@ pub fn router(node_id: NodeId, groups: Arc<Groups>) -> Router {
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    let control = state
-        .groups
-        .get(CONTROL_GROUP)
-        .and_then(|g| g.leader())
-        .is_some();
-    let leads_shard = state
-        .groups
-        .shards()
-        .iter()
-        .any(|g| g.leader() == Some(state.node_id));
+    let control = state.groups.get(CONTROL_GROUP).and_then(|g| g.leader()).is_some();
+    let leads_shard = state.groups.shards().iter().any(|g| g.leader() == Some(state.node_id));
     match (control, leads_shard) {
         (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no control-group leader\n"),

@@ -63,12 +63,7 @@ impl QueueFront {
     }
 
     /// Writes a message to a shard this node leads; Ok once applied.
-    pub async fn submit(
-        &self,
-        id: String,
-        envelope: Envelope,
-        body: Vec<u8>,
-    ) -> Result<(), EnqueueError> {
+    pub async fn submit(&self, id: String, envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
         let led: Vec<_> = self
             .groups
             .shards()
@@ -85,10 +80,7 @@ impl QueueFront {
         let record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
         let request = Request::Enqueue {
             record: Box::new(record),
-            body: Body {
-                bytes: body,
-                loc: None,
-            },
+            body: Body { bytes: body, loc: None },
         };
         match shard.raft.client_write(request).await {
             Ok(_) => {
@@ -97,9 +89,7 @@ impl QueueFront {
             }
             Err(e) => {
                 tracing::warn!(msg_id = %id, shard = shard.id, error = %e, "enqueue failed");
-                Err(EnqueueError::Temporary(
-                    "queue write failed, try again later".into(),
-                ))
+                Err(EnqueueError::Temporary("queue write failed, try again later".into()))
             }
         }
     }

@@ -38,11 +38,7 @@ impl Groups {
     }
 
     pub fn get(&self, id: GroupId) -> Option<GroupHandle> {
-        self.map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()
+        self.map.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
     /// Every hosted group, in id order.

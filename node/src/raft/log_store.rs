@@ -30,11 +30,7 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    pub fn open(
-        durability: Arc<Durability>,
-        spool: Arc<Spool>,
-        group: GroupId,
-    ) -> anyhow::Result<LogStore> {
+    pub fn open(durability: Arc<Durability>, spool: Arc<Spool>, group: GroupId) -> anyhow::Result<LogStore> {
         let db = durability.db();
         Ok(LogStore {
             log: db.open_tree(format!("g{group}/log"))?,
@@ -44,10 +40,7 @@ impl LogStore {
         })
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Store, ErrorVerb::Read, e);
         match self.meta.get(key).map_err(|e| read(&e))? {
             None => Ok(None),
@@ -64,8 +57,8 @@ impl LogStore {
 
     /// Decodes a stored entry and loads its body back from the spool.
     fn decode(&self, bytes: &[u8]) -> Result<Entry, StorageError> {
-        let mut entry: Entry = bincode::deserialize(bytes)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let mut entry: Entry =
+            bincode::deserialize(bytes).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         if let EntryPayload::Normal(Request::Enqueue { body, .. }) = &mut entry.payload {
             if let Some(loc) = body.loc {
                 body.bytes = self
@@ -90,8 +83,7 @@ impl LogStore {
 
     fn decode_header(&self, bytes: &[u8]) -> Result<LogId, StorageError> {
         // The log id is the entry's first field, so bincode can decode just it.
-        bincode::deserialize::<LogId>(bytes)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))
+        bincode::deserialize::<LogId>(bytes).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))
     }
 }
 
@@ -161,11 +153,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -181,8 +169,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 body.loc = Some(loc);
                 body.bytes = Vec::new();
             }
-            let bytes = bincode::serialize(&entry)
-                .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
+            let bytes =
+                bincode::serialize(&entry).map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
             batch.insert(&key(log_id.index), bytes);
         }
         self.log

@@ -5,13 +5,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use openraft::BasicNode;
 use tern_proto::raft::raft_service_client::RaftServiceClient;
@@ -89,13 +87,12 @@ impl PeerClient {
         let client = match &mut self.client {
             Ok(c) => c,
             Err(e) => {
-                return Err(RPCError::Unreachable(Unreachable::new(
-                    &std::io::Error::other(e.clone()),
-                )))
+                return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
+                    e.clone(),
+                ))))
             }
         };
-        let payload =
-            bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = RaftRequest {
             group_id: self.group,
             payload,
@@ -112,8 +109,7 @@ impl PeerClient {
             _ => RPCError::Network(NetworkError::new(&status)),
         })?;
         let result: Result<Resp, RaftError<NodeId, E>> =
-            bincode::deserialize(&reply.into_inner().payload)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            bincode::deserialize(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

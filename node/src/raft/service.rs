@@ -24,8 +24,7 @@ impl RaftServer {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
-    bincode::deserialize(&req.payload)
-        .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+    bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Response<RaftReply>, Status> {
@@ -35,10 +34,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Response<RaftReply>, Status>
 
 #[tonic::async_trait]
 impl RaftService for RaftServer {
-    async fn append_entries(
-        &self,
-        request: Request<RaftRequest>,
-    ) -> Result<Response<RaftReply>, Status> {
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let raft = self.raft(req.group_id)?;
         encode(&raft.append_entries(decode(&req)?).await)
@@ -50,10 +46,7 @@ impl RaftService for RaftServer {
         encode(&raft.vote(decode(&req)?).await)
     }
 
-    async fn install_snapshot(
-        &self,
-        request: Request<RaftRequest>,
-    ) -> Result<Response<RaftReply>, Status> {
+    async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let raft = self.raft(req.group_id)?;
         encode(&raft.install_snapshot(decode(&req)?).await)

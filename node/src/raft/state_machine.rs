@@ -13,8 +13,7 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StoredMembership,
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 
@@ -77,11 +76,7 @@ struct StoredSnapshot {
 }
 
 impl StateMachine {
-    pub fn open(
-        durability: Arc<Durability>,
-        spool: Arc<Spool>,
-        group: GroupId,
-    ) -> anyhow::Result<StateMachine> {
+    pub fn open(durability: Arc<Durability>, spool: Arc<Spool>, group: GroupId) -> anyhow::Result<StateMachine> {
         let tree = durability.db().open_tree(format!("g{group}/sm"))?;
         let dir = durability.data_dir().join("snapshots");
         std::fs::create_dir_all(&dir)?;
@@ -105,8 +100,7 @@ impl StateMachine {
     }
 
     fn read<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        let err =
-            |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
         match self.tree.get(key).map_err(|e| err(&e))? {
             None => Ok(None),
             Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| err(&e)),
@@ -118,8 +112,7 @@ impl StateMachine {
         let membership = self.read::<Membership>(MEMBERSHIP)?.unwrap_or_default();
         let mut entries = Vec::new();
         for item in self.tree.iter() {
-            let (k, v) =
-                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            let (k, v) = item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             if k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP {
                 entries.push((k, v));
             }
@@ -132,8 +125,7 @@ impl StateMachine {
     }
 
     fn encode_snapshot(&self, captured: &Captured) -> Result<Vec<u8>, StorageError> {
-        let err =
-            |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
         let mut data = SnapshotData {
             kv: Vec::new(),
             messages: Vec::new(),
@@ -227,8 +219,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let err =
-            |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
         let mut batch = sled::Batch::default();
         let mut responses = Vec::new();
         let mut last: Option<LogId> = None;
@@ -239,10 +230,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => Response::default(),
                 EntryPayload::Membership(m) => {
                     let stored = Membership::new(Some(entry.log_id), m);
-                    batch.insert(
-                        MEMBERSHIP,
-                        bincode::serialize(&stored).map_err(|e| err(&e))?,
-                    );
+                    batch.insert(MEMBERSHIP, bincode::serialize(&stored).map_err(|e| err(&e))?);
                     Response { changed: true }
                 }
                 EntryPayload::Normal(Request::Enqueue { mut record, body }) => {
@@ -255,10 +243,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             Some(loc) => Some(loc),
                             None => Some(self.spool.append(&body.bytes).map_err(|e| err(&e))?),
                         };
-                        batch.insert(
-                            key.as_slice(),
-                            bincode::serialize(&record).map_err(|e| err(&e))?,
-                        );
+                        batch.insert(key.as_slice(), bincode::serialize(&record).map_err(|e| err(&e))?);
                         added.insert(key);
                         Response { changed: true }
                     }
@@ -293,18 +278,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
-        let err = |e: &dyn std::fmt::Display| {
-            io_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-                e,
-            )
-        };
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let err =
+            |e: &dyn std::fmt::Display| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         let bytes = snapshot.into_inner();
         let data: SnapshotData = bincode::deserialize(&bytes).map_err(|e| err(&e))?;
         let mut batch = sled::Batch::default();
@@ -322,10 +298,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 bincode::serialize(&record).map_err(|e| err(&e))?,
             );
         }
-        batch.insert(
-            APPLIED,
-            bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?,
-        );
+        batch.insert(APPLIED, bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?);
         batch.insert(
             MEMBERSHIP,
             bincode::serialize(&meta.last_membership).map_err(|e| err(&e))?,
@@ -344,8 +317,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e)),
         };
-        let stored: StoredSnapshot = bincode::deserialize(&bytes)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let stored: StoredSnapshot =
+            bincode::deserialize(&bytes).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         Ok(Some(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),

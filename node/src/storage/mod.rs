@@ -48,16 +48,14 @@ impl Durability {
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Durability>> {
         use anyhow::Context as _;
         let sled_dir = data_dir.join("sled");
-        std::fs::create_dir_all(&sled_dir)
-            .with_context(|| format!("creating {}", sled_dir.display()))?;
+        std::fs::create_dir_all(&sled_dir).with_context(|| format!("creating {}", sled_dir.display()))?;
         let db = sled::Config::new()
             .path(&sled_dir)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(256 * 1024 * 1024)
             .open()
             .with_context(|| format!("opening sled database in {}", sled_dir.display()))?;
-        let db_file =
-            File::open(sled_dir.join("db")).context("opening sled data file for fdatasync")?;
+        let db_file = File::open(sled_dir.join("db")).context("opening sled data file for fdatasync")?;
         let (tx, rx) = mpsc::channel();
         let syncer = Arc::new(Syncer {
             db,
@@ -138,13 +136,10 @@ impl Syncer {
     fn sync_all(&self) -> Result<(), String> {
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         for file in dirty {
-            file.sync_data()
-                .map_err(|e| format!("fdatasync spool: {e}"))?;
+            file.sync_data().map_err(|e| format!("fdatasync spool: {e}"))?;
         }
         self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
-        self.db_file
-            .sync_data()
-            .map_err(|e| format!("fdatasync sled: {e}"))?;
+        self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}"))?;
         Ok(())
     }
 }

@@ -48,10 +48,7 @@ pub struct Spool {
 
 impl Spool {
     pub fn open(durability: Arc<Durability>, group: u64) -> std::io::Result<Spool> {
-        let dir = durability
-            .data_dir()
-            .join("spool")
-            .join(format!("g{group}"));
+        let dir = durability.data_dir().join("spool").join(format!("g{group}"));
         std::fs::create_dir_all(&dir)?;
         Ok(Spool {
             dir,
@@ -85,8 +82,7 @@ impl Spool {
 
     /// Appends a body; durable after the next flush of the node's flusher.
     pub fn append(&self, bytes: &[u8]) -> std::io::Result<BodyLoc> {
-        let len = u32::try_from(bytes.len())
-            .map_err(|_| std::io::Error::other("body larger than 4 GiB"))?;
+        let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("body larger than 4 GiB"))?;
         let crc = crc32fast::hash(bytes);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let need_new = match &inner.active {
@@ -151,10 +147,7 @@ impl Spool {
         if len != loc.len || crc != loc.crc || crc32fast::hash(&body) != crc {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!(
-                    "spool record at {}:{} fails its checksum",
-                    loc.segment, loc.offset
-                ),
+                format!("spool record at {}:{} fails its checksum", loc.segment, loc.offset),
             ));
         }
         Ok(body)

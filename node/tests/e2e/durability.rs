@@ -17,7 +17,9 @@ fn acknowledged_messages_survive_sigkill() {
         let (acked, stop, addr) = (Arc::clone(&acked), Arc::clone(&stop), node.smtp);
         senders.push(std::thread::spawn(move || {
             // Bounded: at most 400 messages per sender, and stops at the first error.
-            let Ok(mut client) = Client::connect(addr) else { return };
+            let Ok(mut client) = Client::connect(addr) else {
+                return;
+            };
             let _ = client.command("EHLO load.test");
             for i in 0..400 {
                 if stop.load(Ordering::Relaxed) {
@@ -48,8 +50,16 @@ fn acknowledged_messages_survive_sigkill() {
     node.spawn();
     let queued = node.queued_ids();
     let lost: Vec<_> = acked.difference(&queued).collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged messages lost: {lost:?}", lost.len(), acked.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
     let summary = node.ternctl_json(&["queue", "summary"]);
     assert_eq!(summary["messages"].as_u64().unwrap(), queued.len() as u64);
-    assert_eq!(summary["domains"]["example.test"].as_u64().unwrap(), queued.len() as u64);
+    assert_eq!(
+        summary["domains"]["example.test"].as_u64().unwrap(),
+        queued.len() as u64
+    );
 }

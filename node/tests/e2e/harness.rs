@@ -154,7 +154,10 @@ impl Node {
             }
             if Instant::now() > end {
                 let _ = c.kill();
-                panic!("ternd did not exit within {deadline:?} after SIG{signal}\n{}", self.logs());
+                panic!(
+                    "ternd did not exit within {deadline:?} after SIG{signal}\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -237,7 +240,10 @@ impl Client {
         loop {
             let mut line = String::new();
             if self.stream.read_line(&mut line)? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
             }
             let done = line.len() < 4 || line.as_bytes()[3] != b'-';
             all.push_str(line.trim_end_matches(['\r', '\n']));

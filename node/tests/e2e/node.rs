@@ -18,7 +18,9 @@ fn prints_listeners_then_ready_and_ternctl_sees_one_node_cluster() {
     assert_eq!(status["members"].as_array().unwrap().len(), 1);
     let shards = status["shards"].as_array().unwrap();
     assert_eq!(shards.len(), 16);
-    assert!(shards.iter().all(|s| s["leader"] == 1 && s["replicas"] == serde_json::json!([1])));
+    assert!(shards
+        .iter()
+        .all(|s| s["leader"] == 1 && s["replicas"] == serde_json::json!([1])));
 
     let table = node.ternctl(&["status"]);
     assert!(table.status.success());
