@@ -1,39 +1,17 @@
-//! PLACEHOLDER until the SMTP module lands.
-pub enum EnqueueError {
-    Temporary(String),
-    Permanent(String),
-}
-pub trait Enqueuer: Send + Sync + 'static {
-    fn next_id(&self) -> String;
-    fn enqueue(
-        &self,
-        id: String,
-        envelope: crate::envelope::Envelope,
-        body: Vec<u8>,
-    ) -> impl std::future::Future<Output = Result<(), EnqueueError>> + Send;
-}
-pub struct SmtpConfig {
-    pub hostname: String,
-    pub max_message_size: u64,
-    pub max_recipients: usize,
-    pub command_timeout: std::time::Duration,
-    pub data_timeout: std::time::Duration,
-    pub max_errors: u32,
-    pub max_connections: usize,
-    pub relay: RelayPolicy,
-    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-}
-pub struct RelayPolicy {
-    pub local_domains: Vec<String>,
-    pub relay_domains: Vec<String>,
-    pub relay_networks: Vec<ipnet::IpNet>,
-}
-pub async fn serve<E: Enqueuer>(
-    _listener: tokio::net::TcpListener,
-    _config: std::sync::Arc<SmtpConfig>,
-    _enqueuer: std::sync::Arc<E>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let _ = shutdown.wait_for(|s| *s).await;
-    Ok(())
-}
+//! The SMTP server: accepts mail from the network (RFC 5321 with PIPELINING,
+//! SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING/BINARYMIME, DSN
+//! and STARTTLS) and hands each accepted message to an [`Enqueuer`], answering
+//! `250` only once the message is durably queued.
+//!
+//! Layout: [`command`] parses command lines, [`reply`] formats replies,
+//! [`data`] decodes DATA content (dot-unstuffing, smuggling protection),
+//! [`session`] is the sans-IO protocol state machine, and [`server`] owns the
+//! sockets, timeouts, TLS and shutdown.
+
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod server;
+pub mod session;
+
+pub use server::{serve, EnqueueError, Enqueuer, RelayPolicy, SmtpConfig, TlsInfo};

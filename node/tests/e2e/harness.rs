@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +28,8 @@ pub fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) 
 }
 
 pub struct Node {
-    pub dir: tempfile::TempDir,
+    /// Keeps the node's directory alive for the test's duration.
+    _dir: tempfile::TempDir,
     pub config: PathBuf,
     child: Option<Child>,
     stdout: Arc<Mutex<Vec<String>>>,
@@ -51,7 +52,7 @@ impl Node {
         std::fs::write(&config, toml).expect("write config");
         let unset: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut node = Node {
-            dir,
+            _dir: dir,
             config,
             child: None,
             stdout: Arc::default(),
@@ -126,10 +127,6 @@ impl Node {
         self.logs.lock().expect("lock").join("\n")
     }
 
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).expect("running")
-    }
-
     /// SIGKILL, as a crash or power loss would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -195,14 +192,6 @@ impl Node {
             .iter()
             .map(|m| m["id"].as_str().expect("id").to_owned())
             .collect()
-    }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
     }
 }
 

@@ -36,12 +36,24 @@ fn swaks_message_is_queued_with_envelope_and_received_header() {
     let node = Node::start("");
     let out = swaks(
         &node,
-        &["--from", "alice@tern.test", "--to", "bob@example.test", "--ehlo", "client.test", "--header", "Subject: hello"],
+        &[
+            "--from",
+            "alice@tern.test",
+            "--to",
+            "bob@example.test",
+            "--ehlo",
+            "client.test",
+            "--header",
+            "Subject: hello",
+        ],
     );
     let transcript = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{transcript}");
     assert!(transcript.contains("PIPELINING") && transcript.contains("CHUNKING") && transcript.contains("DSN"));
-    assert!(!transcript.contains("STARTTLS"), "STARTTLS offered without a certificate");
+    assert!(
+        !transcript.contains("STARTTLS"),
+        "STARTTLS offered without a certificate"
+    );
     let id = queue_id(&transcript);
     let m = show(&node, &id);
     assert_eq!(m["reverse_path"], "alice@tern.test");
@@ -62,33 +74,48 @@ fn swaks_message_is_queued_with_envelope_and_received_header() {
 #[test]
 fn pipelined_transactions_from_swaks_and_raw_bytes() {
     let node = Node::start("");
-    let out = swaks(&node, &["--pipeline", "--from", "a@tern.test", "--to", "b@example.test,c@example.org"]);
+    let out = swaks(
+        &node,
+        &[
+            "--pipeline",
+            "--from",
+            "a@tern.test",
+            "--to",
+            "b@example.test,c@example.org",
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 
     // Two whole transactions in one write; every reply must come back in order.
     let mut c = Client::connect(node.smtp).unwrap();
     c.command("EHLO raw.test").unwrap();
-    c.send_raw(
-        b"MAIL FROM:<x@tern.test>\r\nRCPT TO:<y@example.net>\r\nRCPT TO:<z@example.net>\r\nDATA\r\n",
-    )
-    .unwrap();
+    c.send_raw(b"MAIL FROM:<x@tern.test>\r\nRCPT TO:<y@example.net>\r\nRCPT TO:<z@example.net>\r\nDATA\r\n")
+        .unwrap();
     assert!(c.read_reply().unwrap().starts_with("250 2.1.0"));
     assert!(c.read_reply().unwrap().starts_with("250 2.1.5"));
     assert!(c.read_reply().unwrap().starts_with("250 2.1.5"));
     assert!(c.read_reply().unwrap().starts_with("354"));
-    c.send_raw(b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<y@example.net>\r\nDATA\r\n").unwrap();
+    c.send_raw(b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<y@example.net>\r\nDATA\r\n")
+        .unwrap();
     assert!(c.read_reply().unwrap().starts_with("250 2.0.0"));
     assert!(c.read_reply().unwrap().starts_with("250 2.1.0"));
     assert!(c.read_reply().unwrap().starts_with("250 2.1.5"));
     assert!(c.read_reply().unwrap().starts_with("354"));
-    c.send_raw(b"Subject: two\r\n\r\n..dot-stuffed line\r\n.\r\nQUIT\r\n").unwrap();
+    c.send_raw(b"Subject: two\r\n\r\n..dot-stuffed line\r\n.\r\nQUIT\r\n")
+        .unwrap();
     let id = c.read_reply().unwrap().rsplit(' ').next().unwrap().to_owned();
     assert!(c.read_reply().unwrap().starts_with("221"));
     let m = show(&node, &id);
     assert_eq!(m["reverse_path"], "");
     assert!(m["body"].as_str().unwrap().contains("\r\n.dot-stuffed line\r\n"));
     assert_eq!(node.ternctl_json(&["queue", "summary"])["messages"], 3);
-    assert_eq!(node.ternctl_json(&["queue", "list", "--domain", "example.net"])["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        node.ternctl_json(&["queue", "list", "--domain", "example.net"])["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[test]
@@ -146,7 +173,9 @@ fn bdat_chunks_make_one_message() {
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
     let id = reply.rsplit(' ').next().unwrap();
     let body = show(&node, id)["body"].as_str().unwrap().to_owned();
-    assert!(body.ends_with("Subject: bdat\r\n\r\nfirst chunk\r\n.\r\nsecond chunk, with a bare\nLF that BDAT carries as is\r\n"));
+    assert!(body.ends_with(
+        "Subject: bdat\r\n\r\nfirst chunk\r\n.\r\nsecond chunk, with a bare\nLF that BDAT carries as is\r\n"
+    ));
     assert_eq!(c.command("NOOP").unwrap().get(..3), Some("250"));
 }
 
@@ -188,12 +217,24 @@ fn limits_get_precise_replies() {
     let r = c.command(&path).unwrap();
     assert!(r.starts_with("501") || r.starts_with("553"), "{r}");
     // SIZE declared over the limit.
-    assert!(c.command("MAIL FROM:<a@tern.test> SIZE=5000").unwrap().starts_with("552 5.3.4"));
-    assert!(c.command("MAIL FROM:<a@tern.test> SIZE=100").unwrap().starts_with("250"));
+    assert!(c
+        .command("MAIL FROM:<a@tern.test> SIZE=5000")
+        .unwrap()
+        .starts_with("552 5.3.4"));
+    assert!(c
+        .command("MAIL FROM:<a@tern.test> SIZE=100")
+        .unwrap()
+        .starts_with("250"));
     for i in 0..100 {
-        assert!(c.command(&format!("RCPT TO:<r{i}@example.test>")).unwrap().starts_with("250"));
+        assert!(c
+            .command(&format!("RCPT TO:<r{i}@example.test>"))
+            .unwrap()
+            .starts_with("250"));
     }
-    assert!(c.command("RCPT TO:<r100@example.test>").unwrap().starts_with("452 4.5.3"));
+    assert!(c
+        .command("RCPT TO:<r100@example.test>")
+        .unwrap()
+        .starts_with("452 4.5.3"));
     assert!(c.command("DATA").unwrap().starts_with("354"));
     // More than declared and more than the limit: rejected at the end, session in sync.
     c.send_raw(body("big", 6000).as_bytes()).unwrap();
@@ -203,7 +244,8 @@ fn limits_get_precise_replies() {
     c.command("MAIL FROM:<a@tern.test>").unwrap();
     c.command("RCPT TO:<b@example.test>").unwrap();
     c.command("DATA").unwrap();
-    c.send_raw(format!("Subject: long\r\n\r\n{}\r\n", "y".repeat(1200)).as_bytes()).unwrap();
+    c.send_raw(format!("Subject: long\r\n\r\n{}\r\n", "y".repeat(1200)).as_bytes())
+        .unwrap();
     let r = c.command(".").unwrap();
     assert!(r.starts_with('5'), "{r}");
     assert!(c.command("NOOP").unwrap().starts_with("250"));
@@ -249,7 +291,17 @@ fn starttls_with_swaks_and_no_readvertising_inside_tls() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=mx.tern.test", "-days", "1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=mx.tern.test",
+            "-days",
+            "1",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -257,7 +309,11 @@ fn starttls_with_swaks_and_no_readvertising_inside_tls() {
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let node = Node::start(&format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    let node = Node::start(&format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
     let out = swaks(&node, &["--tls", "--from", "t@tern.test", "--to", "r@example.test"]);
     let transcript = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{transcript}");
@@ -273,7 +329,18 @@ fn starttls_with_swaks_and_no_readvertising_inside_tls() {
 fn smtp_source_burst_is_all_queued() {
     let node = Node::start("");
     let out = Command::new("smtp-source")
-        .args(["-s", "10", "-m", "300", "-l", "2048", "-f", "load@tern.test", "-t", "sink@example.test"])
+        .args([
+            "-s",
+            "10",
+            "-m",
+            "300",
+            "-l",
+            "2048",
+            "-f",
+            "load@tern.test",
+            "-t",
+            "sink@example.test",
+        ])
         .arg(node.smtp.to_string())
         .output()
         .expect("smtp-source is installed by cluster-tests/run-all.sh");

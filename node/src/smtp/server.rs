@@ -1,0 +1,771 @@
+//! Network side of the SMTP server: the accept loop, one task per connection
+//! driving a [`Session`], timeouts, STARTTLS via tokio-rustls, and graceful
+//! shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::session::{Output, Session};
+use crate::envelope::Envelope;
+
+pub use super::session::TlsInfo;
+
+/// How long running sessions get to finish after shutdown was requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const READ_CHUNK: usize = 16 * 1024;
+
+/// SMTP listener settings.
+#[derive(Clone, Debug)]
+pub struct SmtpConfig {
+    /// Our name in the banner, EHLO reply and Received header.
+    pub hostname: String,
+    /// SIZE limit in bytes, enforced at MAIL (SIZE=) and during DATA/BDAT.
+    pub max_message_size: u64,
+    /// Recipients per transaction; beyond it `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Per command read (RFC 5321 4.5.3.2).
+    pub command_timeout: Duration,
+    /// Per read while receiving message content.
+    pub data_timeout: Duration,
+    /// Error replies allowed per session before `421 4.7.0` and close.
+    pub max_errors: u32,
+    /// Concurrent sessions; a permit is taken before `accept()`.
+    pub max_connections: usize,
+    pub relay: RelayPolicy,
+    /// `None`: STARTTLS is not offered.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            hostname: "localhost".to_string(),
+            max_message_size: 36_700_160,
+            max_recipients: 1000,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            max_errors: 10,
+            max_connections: 1000,
+            relay: RelayPolicy::default(),
+            tls: None,
+        }
+    }
+}
+
+/// Which recipients we accept: our own domains, domains we relay for, or
+/// anything from trusted networks.
+#[derive(Clone, Debug, Default)]
+pub struct RelayPolicy {
+    pub local_domains: Vec<String>,
+    pub relay_domains: Vec<String>,
+    pub relay_networks: Vec<ipnet::IpNet>,
+}
+
+impl RelayPolicy {
+    /// True if mail for `rcpt_domain` from `client_ip` may be accepted.
+    pub fn allows(&self, client_ip: IpAddr, rcpt_domain: &str) -> bool {
+        let ours = self
+            .local_domains
+            .iter()
+            .chain(&self.relay_domains)
+            .any(|d| d.eq_ignore_ascii_case(rcpt_domain));
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = client_ip.to_canonical();
+        ours || self.relay_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Why a message could not be queued.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EnqueueError {
+    /// Answered `451 4.3.0 <text>`; the client retries later.
+    #[error("temporary enqueue failure: {0}")]
+    Temporary(String),
+    /// Answered `554 5.3.0 <text>`.
+    #[error("permanent enqueue failure: {0}")]
+    Permanent(String),
+}
+
+/// Where accepted messages go (the replicated queue).
+pub trait Enqueuer: Send + Sync + 'static {
+    /// A new unique queue id (the server puts it in the Received header and the 250 reply).
+    fn next_id(&self) -> String;
+    /// Store the message durably; resolves only when it is safe to answer 250.
+    fn enqueue(
+        &self,
+        id: String,
+        envelope: Envelope,
+        body: Vec<u8>,
+    ) -> impl Future<Output = Result<(), EnqueueError>> + Send;
+}
+
+/// Runs the accept loop on an already-bound listener until `shutdown` becomes true; then stops accepting,
+/// tells idle sessions `421 4.3.2 <hostname> Service shutting down` and closes them, lets sessions that are
+/// waiting on an enqueue finish it and reply (then 421), and returns once all sessions ended or after a grace of 10 s.
+pub async fn serve<E: Enqueuer>(
+    listener: TcpListener,
+    config: Arc<SmtpConfig>,
+    enqueuer: Arc<E>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let acceptor = config.tls.clone().map(TlsAcceptor::from);
+    let mut sessions = JoinSet::new();
+    let mut stop = shutdown.clone();
+    info!(addr = ?listener.local_addr().ok(), "smtp listening");
+    loop {
+        // Take the permit first so an overloaded server leaves new
+        // connections in the kernel backlog instead of accepting them.
+        let permit = tokio::select! {
+            biased;
+            _ = wait_shutdown(&mut stop) => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // semaphore closed: never happens
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = wait_shutdown(&mut stop) => break,
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "smtp accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let config = config.clone();
+        let enqueuer = enqueuer.clone();
+        let acceptor = acceptor.clone();
+        let shutdown = shutdown.clone();
+        sessions.spawn(async move {
+            handle_connection(stream, peer, config, enqueuer, acceptor, shutdown).await;
+            drop(permit);
+        });
+        while sessions.try_join_next().is_some() {}
+    }
+    drop(listener);
+    info!(sessions = sessions.len(), "smtp shutting down");
+    let drain = async { while sessions.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        warn!(
+            sessions = sessions.len(),
+            "smtp sessions still running after grace period; aborting"
+        );
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
+    Ok(())
+}
+
+/// Resolves once shutdown is requested; never if the sender is gone.
+async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The connection before and after STARTTLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Transient state while the handshake owns the socket.
+    Gone,
+}
+
+impl Conn {
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read_buf(buf).await,
+            Conn::Tls(s) => s.read_buf(buf).await,
+            Conn::Gone => Ok(0),
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(data).await,
+            Conn::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Conn::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+            Conn::Gone => Ok(()),
+        };
+    }
+}
+
+/// Writes and clears `out`; a client that does not read for a whole command
+/// timeout is dropped.
+async fn flush(conn: &mut Conn, out: &mut Vec<u8>, limit: Duration) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let r = tokio::time::timeout(limit, conn.write_all(out)).await;
+    out.clear();
+    match r {
+        Ok(r) => r,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => "unknown".to_string(),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map_or_else(|| "unknown".to_string(), |s| format!("{:?}", s.suite()));
+    TlsInfo { version, cipher }
+}
+
+async fn handle_connection<E: Enqueuer>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<SmtpConfig>,
+    enqueuer: Arc<E>,
+    acceptor: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let ids = enqueuer.clone();
+    let mut session = Session::new(config.clone(), peer, false, Box::new(move || ids.next_id()));
+    let mut conn = Conn::Plain(stream);
+    let mut input = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = Vec::with_capacity(1024);
+    let write_limit = config.command_timeout;
+    debug!(peer = %peer, "smtp connect");
+    session.greeting().write_to(&mut out);
+    let reason = loop {
+        match session.next(&mut input) {
+            Output::Reply(r) => r.write_to(&mut out),
+            Output::NeedInput => {
+                if let Err(e) = flush(&mut conn, &mut out, write_limit).await {
+                    debug!(peer = %peer, error = %e, "smtp write failed");
+                    break "write error";
+                }
+                input.reserve(READ_CHUNK);
+                let limit = session.read_timeout();
+                tokio::select! {
+                    biased;
+                    _ = wait_shutdown(&mut shutdown) => {
+                        session.shutdown_reply().write_to(&mut out);
+                        let _ = flush(&mut conn, &mut out, write_limit).await;
+                        break "shutdown";
+                    }
+                    r = tokio::time::timeout(limit, conn.read_buf(&mut input)) => match r {
+                        Err(_) => {
+                            info!(peer = %peer, in_data = session.in_data(), "smtp timeout");
+                            session.timeout_reply().write_to(&mut out);
+                            let _ = flush(&mut conn, &mut out, write_limit).await;
+                            break "timeout";
+                        }
+                        Ok(Ok(0)) => break "client closed",
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            debug!(peer = %peer, error = %e, "smtp read failed");
+                            break "read error";
+                        }
+                    },
+                }
+            }
+            Output::Enqueue { id, envelope, body } => {
+                if let Err(e) = flush(&mut conn, &mut out, write_limit).await {
+                    debug!(peer = %peer, error = %e, "smtp write failed");
+                    break "write error";
+                }
+                let from = envelope.reverse_path.clone();
+                let rcpts = envelope.recipients.len();
+                let size = body.len();
+                let result = enqueuer.enqueue(id.clone(), envelope, body).await;
+                match &result {
+                    Ok(()) => {
+                        info!(peer = %peer, id = %id, from = %from, rcpts, size, "queued")
+                    }
+                    Err(e) => warn!(peer = %peer, id = %id, error = %e, "enqueue failed"),
+                }
+                session.enqueue_result(result).write_to(&mut out);
+                if *shutdown.borrow() {
+                    session.shutdown_reply().write_to(&mut out);
+                    let _ = flush(&mut conn, &mut out, write_limit).await;
+                    break "shutdown";
+                }
+            }
+            Output::StartTls => {
+                if let Err(e) = flush(&mut conn, &mut out, write_limit).await {
+                    debug!(peer = %peer, error = %e, "smtp write failed");
+                    break "write error";
+                }
+                let (Some(acceptor), Conn::Plain(tcp)) = (acceptor.as_ref(), std::mem::replace(&mut conn, Conn::Gone))
+                else {
+                    break "STARTTLS without TLS config";
+                };
+                match tokio::time::timeout(write_limit, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let info = tls_info(tls.get_ref().1);
+                        debug!(peer = %peer, version = %info.version, cipher = %info.cipher, "smtp tls");
+                        session.tls_started(info);
+                        conn = Conn::Tls(Box::new(tls));
+                    }
+                    Ok(Err(e)) => {
+                        info!(peer = %peer, error = %e, "smtp tls handshake failed");
+                        break "tls handshake failed";
+                    }
+                    Err(_) => break "tls handshake timeout",
+                }
+            }
+            Output::Close => {
+                let _ = flush(&mut conn, &mut out, write_limit).await;
+                break "closed";
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.shutdown()).await;
+    debug!(peer = %peer, reason, "smtp disconnect");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, BufReader};
+    use tokio::task::JoinHandle;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+    /// Client deadline in paused-clock tests, far beyond the server timeouts.
+    const LONG: Duration = Duration::from_secs(100_000);
+
+    /// In-memory queue; optionally holds each enqueue until released.
+    #[derive(Default)]
+    struct MemQueue {
+        n: AtomicU64,
+        msgs: Mutex<Vec<(String, Envelope, Vec<u8>)>>,
+        hold: Option<Arc<Semaphore>>,
+        entered: tokio::sync::Notify,
+    }
+
+    impl Enqueuer for MemQueue {
+        fn next_id(&self) -> String {
+            format!("T{}", self.n.fetch_add(1, Ordering::SeqCst) + 1)
+        }
+
+        async fn enqueue(&self, id: String, envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
+            self.entered.notify_one();
+            if let Some(hold) = &self.hold {
+                let _permit = hold.acquire().await.unwrap();
+            }
+            self.msgs.lock().unwrap().push((id, envelope, body));
+            Ok(())
+        }
+    }
+
+    fn config() -> SmtpConfig {
+        SmtpConfig {
+            hostname: "mx.test".into(),
+            relay: RelayPolicy {
+                local_domains: vec!["example.test".into()],
+                ..RelayPolicy::default()
+            },
+            ..SmtpConfig::default()
+        }
+    }
+
+    async fn start(cfg: SmtpConfig, q: Arc<MemQueue>) -> (SocketAddr, watch::Sender<bool>, JoinHandle<io::Result<()>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::new(cfg), q, rx));
+        (addr, tx, task)
+    }
+
+    /// Reads one complete (possibly multi-line) reply; "" on EOF.
+    async fn reply<R: AsyncBufRead + Unpin>(r: &mut R) -> String {
+        reply_within(r, DEADLINE).await
+    }
+
+    /// As `reply`; paused-clock tests need a deadline beyond the server's timeouts.
+    async fn reply_within<R: AsyncBufRead + Unpin>(r: &mut R, deadline: Duration) -> String {
+        let read = async {
+            let mut all = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).await.unwrap() == 0 {
+                    return all;
+                }
+                all.push_str(&line);
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return all;
+                }
+            }
+        };
+        tokio::time::timeout(deadline, read).await.expect("reply deadline")
+    }
+
+    async fn send<S: AsyncWrite + Unpin>(s: &mut S, data: &str) {
+        s.write_all(data.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+    }
+
+    async fn connect(addr: SocketAddr) -> BufReader<TcpStream> {
+        BufReader::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn plain_transaction_over_socket() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(config(), q.clone()).await;
+        let mut c = connect(addr).await;
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        // Whole transaction pipelined in one write.
+        send(
+            c.get_mut(),
+            "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n",
+        )
+        .await;
+        let ehlo = reply(&mut c).await;
+        assert!(
+            ehlo.contains("250-PIPELINING\r\n") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        assert_eq!(reply(&mut c).await, "250 2.1.0 Sender ok\r\n");
+        assert_eq!(reply(&mut c).await, "250 2.1.5 Recipient ok\r\n");
+        assert!(reply(&mut c).await.starts_with("354 "));
+        send(c.get_mut(), "Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n").await;
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok: queued as T1\r\n");
+        assert_eq!(reply(&mut c).await, "221 2.0.0 Bye\r\n");
+        assert_eq!(reply(&mut c).await, "");
+        {
+            let msgs = q.msgs.lock().unwrap();
+            let body = String::from_utf8(msgs[0].2.clone()).unwrap();
+            assert!(body
+                .starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.test (Tern) with ESMTP id T1\r\n"));
+            assert!(body.ends_with("\r\nSubject: x\r\n\r\n.dot\r\n"));
+            assert_eq!(msgs[0].1.client_ip, "127.0.0.1");
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[derive(Debug)]
+    struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &rustls::pki_types::CertificateDer<'_>,
+            _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+            _server_name: &rustls::pki_types::ServerName<'_>,
+            _ocsp: &[u8],
+            _now: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// Self-signed certificate made with the openssl CLI.
+    fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+                "-days",
+                "1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl CLI");
+        assert!(status.success());
+        let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(&cert).unwrap()))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(&key).unwrap()))
+            .unwrap()
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    #[tokio::test]
+    async fn starttls_discards_pipelined_plaintext() {
+        let (server_tls, client_tls) = tls_configs();
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                tls: Some(server_tls),
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        reply(&mut c).await;
+        send(c.get_mut(), "EHLO client.test\r\n").await;
+        assert!(reply(&mut c).await.contains("250-STARTTLS\r\n"));
+        // The injected EHLO must not survive into the TLS session.
+        send(c.get_mut(), "STARTTLS\r\nEHLO injected.test\r\n").await;
+        assert_eq!(reply(&mut c).await, "220 2.0.0 Ready to start TLS\r\n");
+        assert!(c.buffer().is_empty());
+        let tcp = c.into_inner();
+        let connector = tokio_rustls::TlsConnector::from(client_tls);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut c = BufReader::new(tls);
+        send(c.get_mut(), "NOOP\r\n").await;
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok\r\n");
+        send(c.get_mut(), "MAIL FROM:<a@client.test>\r\n").await;
+        assert_eq!(reply(&mut c).await, "503 5.5.1 Error: send HELO/EHLO first\r\n");
+        send(c.get_mut(), "EHLO client.test\r\n").await;
+        let ehlo = reply(&mut c).await;
+        assert!(
+            ehlo.starts_with("250-mx.test\r\n") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        send(c.get_mut(), "STARTTLS\r\n").await;
+        assert_eq!(reply(&mut c).await, "503 5.5.1 Error: TLS already active\r\n");
+        send(
+            c.get_mut(),
+            "MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n",
+        )
+        .await;
+        assert_eq!(reply(&mut c).await, "250 2.1.0 Sender ok\r\n");
+        assert_eq!(reply(&mut c).await, "250 2.1.5 Recipient ok\r\n");
+        assert!(reply(&mut c).await.starts_with("354 "));
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok: queued as T1\r\n");
+        assert_eq!(reply(&mut c).await, "221 2.0.0 Bye\r\n");
+        {
+            let msgs = q.msgs.lock().unwrap();
+            let body = String::from_utf8(msgs[0].2.clone()).unwrap();
+            assert!(
+                body.contains("with ESMTPS id T1\r\n\t(using TLSv1.3 with cipher TLS13_"),
+                "{body}"
+            );
+            assert!(body.ends_with("\r\nhi\r\n"));
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn tls_handshake_failure_closes() {
+        let (server_tls, _) = tls_configs();
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                tls: Some(server_tls),
+                ..config()
+            },
+            Arc::new(MemQueue::default()),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        reply(&mut c).await;
+        send(c.get_mut(), "STARTTLS\r\n").await;
+        assert_eq!(reply(&mut c).await, "220 2.0.0 Ready to start TLS\r\n");
+        send(c.get_mut(), "this is not a ClientHello\r\n").await;
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(DEADLINE, c.read_to_end(&mut rest)).await.unwrap();
+        // Either an alert and EOF or a reset; never an SMTP reply.
+        assert!(n.is_err() || !String::from_utf8_lossy(&rest).contains("250"));
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_and_finishes_enqueue() {
+        let hold = Arc::new(Semaphore::new(0));
+        let q = Arc::new(MemQueue {
+            hold: Some(hold.clone()),
+            ..MemQueue::default()
+        });
+        let (addr, stop, task) = start(config(), q.clone()).await;
+        let mut idle = connect(addr).await;
+        reply(&mut idle).await;
+        send(idle.get_mut(), "EHLO idle.test\r\n").await;
+        reply(&mut idle).await;
+
+        let mut busy = connect(addr).await;
+        reply(&mut busy).await;
+        send(
+            busy.get_mut(),
+            "HELO busy.test\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n",
+        )
+        .await;
+        for _ in 0..4 {
+            reply(&mut busy).await;
+        }
+        tokio::time::timeout(DEADLINE, q.entered.notified()).await.unwrap();
+
+        stop.send(true).unwrap();
+        assert_eq!(reply(&mut idle).await, "421 4.3.2 mx.test Service shutting down\r\n");
+        assert_eq!(reply(&mut idle).await, "");
+        assert!(!task.is_finished());
+
+        hold.add_permits(1);
+        assert_eq!(reply(&mut busy).await, "250 2.0.0 Ok: queued as T1\r\n");
+        assert_eq!(reply(&mut busy).await, "421 4.3.2 mx.test Service shutting down\r\n");
+        assert_eq!(reply(&mut busy).await, "");
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+        assert_eq!(q.msgs.lock().unwrap().len(), 1);
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn connection_limit_defers_accept() {
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                max_connections: 1,
+                ..config()
+            },
+            Arc::new(MemQueue::default()),
+        )
+        .await;
+        let mut first = connect(addr).await;
+        reply(&mut first).await;
+        // The kernel completes the handshake, but we do not accept or greet.
+        let mut second = connect(addr).await;
+        let mut line = String::new();
+        let early = tokio::time::timeout(Duration::from_millis(300), second.read_line(&mut line)).await;
+        assert!(early.is_err(), "second connection greeted early: {line}");
+        send(first.get_mut(), "QUIT\r\n").await;
+        assert_eq!(reply(&mut first).await, "221 2.0.0 Bye\r\n");
+        assert_eq!(reply(&mut second).await, "220 mx.test ESMTP Tern\r\n");
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn command_timeout() {
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                command_timeout: Duration::from_secs(300),
+                ..config()
+            },
+            Arc::new(MemQueue::default()),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        let read = async {
+            assert_eq!(reply_within(&mut c, LONG).await, "220 mx.test ESMTP Tern\r\n");
+            assert_eq!(
+                reply_within(&mut c, LONG).await,
+                "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+            );
+            assert_eq!(reply_within(&mut c, LONG).await, "");
+        };
+        tokio::time::timeout(LONG, read).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn data_timeout() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                command_timeout: Duration::from_secs(3000),
+                data_timeout: Duration::from_secs(180),
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        let read = async {
+            reply_within(&mut c, LONG).await;
+            send(
+                c.get_mut(),
+                "HELO c.test\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.test>\r\nDATA\r\npartial",
+            )
+            .await;
+            for _ in 0..4 {
+                reply_within(&mut c, LONG).await;
+            }
+            assert_eq!(
+                reply_within(&mut c, LONG).await,
+                "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+            );
+        };
+        tokio::time::timeout(LONG, read).await.unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(180) && waited < Duration::from_secs(3000),
+            "{waited:?}"
+        );
+        assert!(q.msgs.lock().unwrap().is_empty());
+    }
+}

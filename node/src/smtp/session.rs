@@ -1,0 +1,1245 @@
+//! The sans-IO SMTP session: all protocol decisions, no I/O.
+//!
+//! The driver appends received bytes to a buffer and calls
+//! [`Session::next`] until it returns [`Output::NeedInput`]; replies are
+//! collected and written only when input is needed, before an enqueue wait,
+//! before STARTTLS or on close, which gives PIPELINING (RFC 2920) for free.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+
+use super::command::{self, Command, MailFrom, RcptTo};
+use super::data::{DataDecoder, DataOutcome};
+use super::reply::Reply;
+use super::server::{EnqueueError, SmtpConfig};
+use crate::envelope::{BodyType, Envelope, Recipient};
+
+/// Maximum command line length including CRLF (RFC 5321 4.5.3.1.4).
+pub const MAX_COMMAND_LINE: usize = 512;
+
+/// TLS parameters of the connection, for the Received header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// e.g. `TLSv1.3`.
+    pub version: String,
+    /// e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Output {
+    /// Queue this reply for writing.
+    Reply(Reply),
+    /// Flush replies and read more input (timeout: [`Session::read_timeout`]).
+    NeedInput,
+    /// Flush replies, store the message, then pass the result to
+    /// [`Session::enqueue_result`] and write the reply it returns.
+    Enqueue {
+        id: String,
+        envelope: Envelope,
+        body: Vec<u8>,
+    },
+    /// Flush replies and run the TLS handshake, then call
+    /// [`Session::tls_started`]. The session has already discarded any input
+    /// pipelined after STARTTLS (CVE-2011-0411).
+    StartTls,
+    /// Flush replies and close the connection.
+    Close,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Command,
+    Data(DataDecoder),
+    Bdat {
+        remaining: u64,
+        chunk: u64,
+        last: bool,
+        /// Reply to send once the octets are consumed, if the chunk failed.
+        failure: Option<Reply>,
+    },
+    /// Waiting for [`Session::enqueue_result`].
+    Enqueue {
+        id: String,
+    },
+    Closed,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    envelope: Envelope,
+    /// Content received so far by BDAT; `Some` once BDAT was used.
+    bdat: Option<Vec<u8>>,
+}
+
+/// One SMTP session.
+pub struct Session {
+    config: Arc<SmtpConfig>,
+    peer: SocketAddr,
+    next_id: Box<dyn FnMut() -> String + Send>,
+    tls_active: bool,
+    tls: Option<TlsInfo>,
+    /// HELO/EHLO name and whether it was EHLO.
+    helo: Option<(String, bool)>,
+    tx: Option<Transaction>,
+    phase: Phase,
+    pending: VecDeque<Output>,
+    errors: u32,
+    /// Inside an over-long command line, discarding until LF.
+    discarding: bool,
+}
+
+impl Session {
+    /// `next_id` yields queue ids (the driver wraps `Enqueuer::next_id`).
+    /// `tls_active` is true for implicit-TLS listeners.
+    pub fn new(
+        config: Arc<SmtpConfig>,
+        peer: SocketAddr,
+        tls_active: bool,
+        next_id: Box<dyn FnMut() -> String + Send>,
+    ) -> Self {
+        Session {
+            config,
+            peer,
+            next_id,
+            tls_active,
+            tls: None,
+            helo: None,
+            tx: None,
+            phase: Phase::Command,
+            pending: VecDeque::new(),
+            errors: 0,
+            discarding: false,
+        }
+    }
+
+    /// The `220` banner.
+    pub fn greeting(&self) -> Reply {
+        Reply::bare(220, format!("{} ESMTP Tern", self.config.hostname))
+    }
+
+    /// Read timeout for the current phase (RFC 5321 4.5.3.2).
+    pub fn read_timeout(&self) -> Duration {
+        match self.phase {
+            Phase::Data(_) | Phase::Bdat { .. } => self.config.data_timeout,
+            _ => self.config.command_timeout,
+        }
+    }
+
+    /// The reply for an expired read; the session is closed afterwards.
+    pub fn timeout_reply(&mut self) -> Reply {
+        self.phase = Phase::Closed;
+        Reply::new(
+            421,
+            "4.4.2",
+            format!("{} Error: timeout exceeded", self.config.hostname),
+        )
+    }
+
+    /// The reply for server shutdown; the session is closed afterwards.
+    pub fn shutdown_reply(&mut self) -> Reply {
+        self.phase = Phase::Closed;
+        Reply::new(421, "4.3.2", format!("{} Service shutting down", self.config.hostname))
+    }
+
+    /// True while a DATA or BDAT body is being read.
+    pub fn in_data(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Bdat { .. })
+    }
+
+    /// Called by the driver after a successful TLS handshake: back to the
+    /// initial state, the client must EHLO again (RFC 3207 4.2).
+    pub fn tls_started(&mut self, info: TlsInfo) {
+        self.tls_active = true;
+        self.tls = Some(info);
+        self.helo = None;
+        self.tx = None;
+        self.phase = Phase::Command;
+        self.pending.clear();
+    }
+
+    /// Result of the enqueue requested by [`Output::Enqueue`]; returns the
+    /// reply to send. The transaction is over either way.
+    pub fn enqueue_result(&mut self, result: Result<(), EnqueueError>) -> Reply {
+        let id = match std::mem::replace(&mut self.phase, Phase::Command) {
+            Phase::Enqueue { id } => id,
+            other => {
+                // Driver bug; keep state and say something harmless.
+                self.phase = other;
+                return Reply::new(451, "4.3.0", "Error: internal error");
+            }
+        };
+        self.tx = None;
+        match result {
+            Ok(()) => Reply::new(250, "2.0.0", format!("Ok: queued as {id}")),
+            Err(EnqueueError::Temporary(text)) => Reply::new(451, "4.3.0", text),
+            Err(EnqueueError::Permanent(text)) => Reply::new(554, "5.3.0", text),
+        }
+    }
+
+    /// Consumes input and returns the next thing to do. Call repeatedly
+    /// until [`Output::NeedInput`] (or `Close`).
+    pub fn next(&mut self, input: &mut BytesMut) -> Output {
+        loop {
+            if let Some(out) = self.pending.pop_front() {
+                if matches!(out, Output::StartTls) {
+                    // The next bytes must be a ClientHello: plaintext
+                    // pipelined after STARTTLS is dropped (CVE-2011-0411).
+                    input.clear();
+                }
+                return out;
+            }
+            match &mut self.phase {
+                Phase::Closed => return Output::Close,
+                // The driver owes us an enqueue result; nothing to do.
+                Phase::Enqueue { .. } => return Output::NeedInput,
+                Phase::Data(decoder) => {
+                    let (n, done) = decoder.feed(input);
+                    input.advance(n);
+                    if !done {
+                        return Output::NeedInput;
+                    }
+                    if let Phase::Data(decoder) = std::mem::replace(&mut self.phase, Phase::Command) {
+                        self.data_done(decoder.finish());
+                    }
+                }
+                Phase::Bdat { remaining, failure, .. } => {
+                    let take = (*remaining).min(input.len() as u64) as usize;
+                    if take > 0 {
+                        if failure.is_none() {
+                            if let Some(buf) = self.tx.as_mut().and_then(|t| t.bdat.as_mut()) {
+                                buf.extend_from_slice(&input[..take]);
+                            }
+                        }
+                        input.advance(take);
+                        *remaining -= take as u64;
+                    }
+                    if *remaining > 0 {
+                        return Output::NeedInput;
+                    }
+                    self.bdat_done();
+                }
+                Phase::Command => match self.take_line(input) {
+                    Some(Ok(line)) => self.command(&line),
+                    Some(Err(reply)) => self.error(reply),
+                    None => return Output::NeedInput,
+                },
+            }
+        }
+    }
+
+    /// Splits one command line off `input`. `None`: need more input.
+    /// `Some(Err)`: the line was too long.
+    fn take_line(&mut self, input: &mut BytesMut) -> Option<Result<Vec<u8>, Reply>> {
+        let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+            if self.discarding || input.len() >= MAX_COMMAND_LINE {
+                // Never buffer more than a command line's worth.
+                self.discarding = true;
+                input.clear();
+            }
+            return None;
+        };
+        let raw = input.split_to(lf + 1);
+        if self.discarding || raw.len() > MAX_COMMAND_LINE {
+            self.discarding = false;
+            return Some(Err(Reply::new(500, "5.5.2", "Error: line too long")));
+        }
+        // Tolerate bare LF as a terminator; strip the CR of CRLF.
+        let mut line = &raw[..lf];
+        if let Some(stripped) = line.strip_suffix(b"\r") {
+            line = stripped;
+        }
+        Some(Ok(line.to_vec()))
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        self.pending.push_back(Output::Reply(reply));
+    }
+
+    /// Sends an error reply and enforces `max_errors`.
+    fn error(&mut self, reply: Reply) {
+        self.reply(reply);
+        self.errors += 1;
+        if self.errors >= self.config.max_errors {
+            self.reply(Reply::new(
+                421,
+                "4.7.0",
+                format!("{} Error: too many errors", self.config.hostname),
+            ));
+            self.pending.push_back(Output::Close);
+            self.phase = Phase::Closed;
+        }
+    }
+
+    /// Sends `reply`, counting it if it is an error.
+    fn respond(&mut self, reply: Reply) {
+        if reply.is_error() {
+            self.error(reply);
+        } else {
+            self.reply(reply);
+        }
+    }
+
+    fn command(&mut self, line: &[u8]) {
+        let cmd = match command::parse(line) {
+            Ok(cmd) => cmd,
+            Err(e) => return self.error(e.reply()),
+        };
+        match cmd {
+            Command::Ehlo(name) => {
+                self.helo = Some((name, true));
+                self.tx = None;
+                let reply = self.ehlo_reply();
+                self.reply(reply);
+            }
+            Command::Helo(name) => {
+                self.helo = Some((name, false));
+                self.tx = None;
+                let host = self.config.hostname.clone();
+                self.reply(Reply::new(250, "2.0.0", host));
+            }
+            Command::Mail(m) => {
+                let r = self.mail(m);
+                self.respond(r);
+            }
+            Command::Rcpt(r) => {
+                // 452 for too many recipients is flow control (RFC 5321
+                // 4.5.3.1.10), not a client error.
+                let reply = self.rcpt(r);
+                if reply.code == 452 {
+                    self.reply(reply);
+                } else {
+                    self.respond(reply);
+                }
+            }
+            Command::Data => match self.data_check() {
+                Err(r) => self.error(r),
+                Ok(()) => {
+                    self.reply(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
+                    self.phase = Phase::Data(DataDecoder::new(self.config.max_message_size));
+                }
+            },
+            Command::Bdat { size, last } => {
+                let failure = self.bdat_check(size).err();
+                if failure.is_some() {
+                    // RFC 3030: a failed chunk fails the transaction.
+                    self.tx = None;
+                }
+                self.phase = Phase::Bdat {
+                    remaining: size,
+                    chunk: size,
+                    last,
+                    failure,
+                };
+            }
+            Command::Rset => {
+                self.tx = None;
+                self.reply(Reply::new(250, "2.0.0", "Ok"));
+            }
+            Command::Noop => self.reply(Reply::new(250, "2.0.0", "Ok")),
+            Command::Quit => {
+                self.reply(Reply::new(221, "2.0.0", "Bye"));
+                self.pending.push_back(Output::Close);
+                self.phase = Phase::Closed;
+            }
+            Command::Vrfy(_) => self.reply(Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => self.error(Reply::new(502, "5.5.1", "Error: command not implemented")),
+            Command::Help => self.reply(Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+            )),
+            Command::StartTls => self.starttls(),
+        }
+    }
+
+    fn ehlo_reply(&self) -> Reply {
+        let mut lines = vec![
+            self.config.hostname.clone(),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+        ];
+        if self.starttls_offered() {
+            lines.push("STARTTLS".to_string());
+        }
+        for ext in [
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "BINARYMIME",
+            "CHUNKING",
+            "DSN",
+            "SMTPUTF8",
+        ] {
+            lines.push(ext.to_string());
+        }
+        Reply::multiline(250, lines)
+    }
+
+    fn starttls_offered(&self) -> bool {
+        self.config.tls.is_some() && !self.tls_active
+    }
+
+    fn starttls(&mut self) {
+        if self.tls_active {
+            return self.error(Reply::new(503, "5.5.1", "Error: TLS already active"));
+        }
+        if !self.starttls_offered() {
+            return self.error(Reply::new(502, "5.5.1", "Error: command not implemented"));
+        }
+        if self.tx.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Error: MAIL transaction in progress"));
+        }
+        self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.pending.push_back(Output::StartTls);
+    }
+
+    fn mail(&mut self, m: MailFrom) -> Reply {
+        let Some((helo, _)) = &self.helo else {
+            return Reply::new(503, "5.5.1", "Error: send HELO/EHLO first");
+        };
+        if self.tx.is_some() {
+            return Reply::new(503, "5.5.1", "Error: nested MAIL command");
+        }
+        if !m.smtputf8 && !m.address.is_ascii() {
+            return Reply::new(553, "5.6.7", "Must declare SMTPUTF8 to send Unicode address");
+        }
+        if m.size.is_some_and(|s| s > self.config.max_message_size) {
+            return Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
+        }
+        let envelope = Envelope {
+            reverse_path: m.address,
+            recipients: Vec::new(),
+            body_type: m.body.unwrap_or_default(),
+            smtputf8: m.smtputf8,
+            ret: m.ret,
+            envid: m.envid,
+            declared_size: m.size,
+            helo: helo.clone(),
+            client_ip: self.peer.ip().to_canonical().to_string(),
+        };
+        self.tx = Some(Transaction { envelope, bdat: None });
+        Reply::new(250, "2.1.0", "Sender ok")
+    }
+
+    fn rcpt(&mut self, r: RcptTo) -> Reply {
+        let Some(tx) = &mut self.tx else {
+            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+        };
+        if tx.bdat.is_some() {
+            return Reply::new(503, "5.5.1", "Error: RCPT after BDAT");
+        }
+        if !tx.envelope.smtputf8 && !r.address.is_ascii() {
+            return Reply::new(553, "5.6.7", "Must declare SMTPUTF8 to send Unicode address");
+        }
+        if tx.envelope.recipients.len() >= self.config.max_recipients {
+            return Reply::new(452, "4.5.3", "Too many recipients");
+        }
+        let domain = Envelope::domain_of(&r.address);
+        // A bare `postmaster` is always ours (RFC 5321 4.1.1.3).
+        let local_postmaster = domain.is_empty();
+        if !local_postmaster && !self.config.relay.allows(self.peer.ip(), &domain) {
+            return Reply::new(554, "5.7.1", format!("<{}>: Relay access denied", r.address));
+        }
+        tx.envelope.recipients.push(Recipient {
+            address: r.address,
+            notify: r.notify,
+            orcpt: r.orcpt,
+        });
+        Reply::new(250, "2.1.5", "Recipient ok")
+    }
+
+    fn data_check(&self) -> Result<(), Reply> {
+        let Some(tx) = &self.tx else {
+            return Err(Reply::new(503, "5.5.1", "Error: need RCPT command"));
+        };
+        if tx.bdat.is_some() {
+            return Err(Reply::new(503, "5.5.1", "Error: DATA after BDAT"));
+        }
+        if tx.envelope.recipients.is_empty() {
+            return Err(Reply::new(554, "5.5.1", "Error: no valid recipients"));
+        }
+        if tx.envelope.body_type == BodyType::BinaryMime {
+            return Err(Reply::new(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT"));
+        }
+        Ok(())
+    }
+
+    fn bdat_check(&mut self, size: u64) -> Result<(), Reply> {
+        let max = self.config.max_message_size;
+        let Some(tx) = &mut self.tx else {
+            return Err(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        if tx.envelope.recipients.is_empty() {
+            return Err(Reply::new(554, "5.5.1", "Error: no valid recipients"));
+        }
+        let have = tx.bdat.as_ref().map_or(0, |b| b.len() as u64);
+        if have.saturating_add(size) > max {
+            return Err(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
+        }
+        tx.bdat.get_or_insert_with(Vec::new);
+        Ok(())
+    }
+
+    fn data_done(&mut self, out: DataOutcome) {
+        // Precedence: smuggling, then size, then line length.
+        let reject = if out.bare_cr_lf {
+            Some(Reply::new(
+                550,
+                "5.6.0",
+                "Bare CR or LF in message (SMTP smuggling protection)",
+            ))
+        } else if out.oversize {
+            Some(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"))
+        } else if out.line_too_long {
+            // RFC 5321 4.5.3.1.6 limits text lines to 1000 octets; X.6.0
+            // because it is a content problem (RFC 3463).
+            Some(Reply::new(
+                550,
+                "5.6.0",
+                "Message line too long (limit 1000 octets including CRLF)",
+            ))
+        } else {
+            None
+        };
+        match reject {
+            Some(r) => {
+                self.tx = None;
+                self.error(r);
+            }
+            None => self.queue_message(out.body),
+        }
+    }
+
+    fn bdat_done(&mut self) {
+        let Phase::Bdat {
+            chunk, last, failure, ..
+        } = std::mem::replace(&mut self.phase, Phase::Command)
+        else {
+            return;
+        };
+        if let Some(r) = failure {
+            return self.error(r);
+        }
+        if !last {
+            return self.reply(Reply::new(250, "2.0.0", format!("{chunk} octets received")));
+        }
+        let body = self.tx.as_mut().and_then(|t| t.bdat.take()).unwrap_or_default();
+        self.queue_message(body);
+    }
+
+    /// Prepends the Received header and asks the driver to enqueue.
+    fn queue_message(&mut self, content: Vec<u8>) {
+        let Some(tx) = self.tx.take() else {
+            return self.error(Reply::new(503, "5.5.1", "Error: no transaction"));
+        };
+        let id = (self.next_id)();
+        let received = self.received_header(&id, &tx.envelope);
+        let mut body = Vec::with_capacity(received.len() + content.len());
+        body.extend_from_slice(received.as_bytes());
+        body.extend_from_slice(&content);
+        self.phase = Phase::Enqueue { id: id.clone() };
+        self.pending.push_back(Output::Enqueue {
+            id,
+            envelope: tx.envelope,
+            body,
+        });
+    }
+
+    /// RFC 5321 4.4 trace header; protocol words per RFC 3848.
+    fn received_header(&self, id: &str, env: &Envelope) -> String {
+        let esmtp = self.helo.as_ref().is_some_and(|(_, e)| *e);
+        let with = match (esmtp, self.tls_active) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, _) => "SMTP",
+        };
+        let mut h = format!(
+            "Received: from {} ([{}])\r\n\tby {} (Tern) with {} id {}",
+            env.helo, env.client_ip, self.config.hostname, with, id
+        );
+        if let Some(t) = &self.tls {
+            h.push_str(&format!("\r\n\t(using {} with cipher {})", t.version, t.cipher));
+        }
+        if let [only] = env.recipients.as_slice() {
+            h.push_str(&format!("\r\n\tfor <{}>", only.address));
+        }
+        h.push_str(&format!("; {}\r\n", chrono::Utc::now().to_rfc2822()));
+        h
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Notify, Ret};
+    use crate::smtp::server::RelayPolicy;
+
+    fn config() -> SmtpConfig {
+        SmtpConfig {
+            hostname: "mx.test".into(),
+            relay: RelayPolicy {
+                local_domains: vec!["example.test".into()],
+                relay_domains: vec!["relay.test".into()],
+                relay_networks: vec![],
+            },
+            ..SmtpConfig::default()
+        }
+    }
+
+    struct H {
+        s: Session,
+        input: BytesMut,
+        queued: Vec<(String, Envelope, Vec<u8>)>,
+        next_result: Option<EnqueueError>,
+        tls_starts: usize,
+        closed: bool,
+    }
+
+    impl H {
+        fn new(cfg: SmtpConfig) -> Self {
+            let mut n = 0;
+            let ids = Box::new(move || {
+                n += 1;
+                format!("Q{n}")
+            });
+            let peer: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+            H {
+                s: Session::new(Arc::new(cfg), peer, false, ids),
+                input: BytesMut::new(),
+                queued: Vec::new(),
+                next_result: None,
+                tls_starts: 0,
+                closed: false,
+            }
+        }
+
+        fn std() -> Self {
+            H::new(config())
+        }
+
+        /// Feeds bytes and returns all replies produced until input is needed.
+        fn send(&mut self, bytes: impl AsRef<[u8]>) -> String {
+            self.input.extend_from_slice(bytes.as_ref());
+            let mut out = Vec::new();
+            loop {
+                match self.s.next(&mut self.input) {
+                    Output::Reply(r) => r.write_to(&mut out),
+                    Output::NeedInput => break,
+                    Output::Close => {
+                        self.closed = true;
+                        break;
+                    }
+                    Output::Enqueue { id, envelope, body } => {
+                        self.queued.push((id, envelope, body));
+                        let res = match self.next_result.take() {
+                            Some(e) => Err(e),
+                            None => Ok(()),
+                        };
+                        self.s.enqueue_result(res).write_to(&mut out);
+                    }
+                    Output::StartTls => {
+                        self.tls_starts += 1;
+                        assert!(self.input.is_empty(), "pipelined input must be discarded");
+                        // Reply first, as the driver would flush it before the handshake.
+                        self.s.tls_started(TlsInfo {
+                            version: "TLSv1.3".into(),
+                            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                        });
+                    }
+                }
+            }
+            String::from_utf8(out).unwrap()
+        }
+
+        /// EHLO, MAIL and one local RCPT.
+        fn begin(&mut self) {
+            self.send("EHLO client.test\r\n");
+            let r = self.send("MAIL FROM:<alice@client.test>\r\nRCPT TO:<bob@example.test>\r\n");
+            assert_eq!(r, "250 2.1.0 Sender ok\r\n250 2.1.5 Recipient ok\r\n");
+        }
+
+        fn body(&self, i: usize) -> String {
+            String::from_utf8(self.queued[i].2.clone()).unwrap()
+        }
+    }
+
+    fn content_of(body: &str) -> &str {
+        // The Received header ends at the first line that does not start with a tab.
+        let mut rest = body;
+        loop {
+            let (line, tail) = rest.split_once("\r\n").unwrap();
+            rest = tail;
+            if !tail.starts_with('\t') {
+                assert!(line.starts_with("Received: ") || line.starts_with('\t'));
+                return rest;
+            }
+        }
+    }
+
+    #[test]
+    fn greeting_and_ehlo() {
+        let mut h = H::std();
+        assert_eq!(h.s.greeting().to_string(), "220 mx.test ESMTP Tern");
+        let r = h.send("EHLO client.test\r\n");
+        assert_eq!(
+            r,
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 36700160\r\n250-ENHANCEDSTATUSCODES\r\n\
+             250-8BITMIME\r\n250-BINARYMIME\r\n250-CHUNKING\r\n250-DSN\r\n250 SMTPUTF8\r\n"
+        );
+        assert_eq!(h.send("HELO old.test\r\n"), "250 2.0.0 mx.test\r\n");
+    }
+
+    #[test]
+    fn full_transaction() {
+        let mut h = H::std();
+        h.begin();
+        assert_eq!(h.send("DATA\r\n"), "354 Start mail input; end with <CRLF>.<CRLF>\r\n");
+        assert_eq!(h.s.read_timeout(), Duration::from_secs(180));
+        let r = h.send("Subject: t\r\n\r\nHello\r\n.\r\n");
+        assert_eq!(r, "250 2.0.0 Ok: queued as Q1\r\n");
+        assert_eq!(h.s.read_timeout(), Duration::from_secs(300));
+        let (id, env, _) = &h.queued[0];
+        assert_eq!(id, "Q1");
+        assert_eq!(env.reverse_path, "alice@client.test");
+        assert_eq!(env.recipients.len(), 1);
+        assert_eq!(env.recipients[0].address, "bob@example.test");
+        assert_eq!(env.helo, "client.test");
+        assert_eq!(env.client_ip, "192.0.2.1");
+        assert_eq!(env.body_type, BodyType::SevenBit);
+        let body = h.body(0);
+        assert!(
+            body.starts_with(
+                "Received: from client.test ([192.0.2.1])\r\n\tby mx.test (Tern) with ESMTP id Q1\r\n\
+                 \tfor <bob@example.test>; "
+            ),
+            "{body}"
+        );
+        assert_eq!(content_of(&body), "Subject: t\r\n\r\nHello\r\n");
+        assert_eq!(h.send("QUIT\r\n"), "221 2.0.0 Bye\r\n");
+        assert!(h.closed);
+    }
+
+    #[test]
+    fn pipelined_transaction_in_one_buffer() {
+        let mut h = H::std();
+        let r = h.send(
+            "EHLO c.test\r\nMAIL FROM:<a@c.test> BODY=8BITMIME\r\nRCPT TO:<b@example.test>\r\n\
+             RCPT TO:<c@relay.test>\r\nDATA\r\nHi\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<d@example.test>\r\n\
+             DATA\r\nsecond\r\n.\r\nQUIT\r\nNOOP\r\n",
+        );
+        let codes: Vec<&str> = r.lines().map(|l| &l[..4]).filter(|c| !c.ends_with('-')).collect();
+        assert_eq!(
+            codes,
+            ["250 ", "250 ", "250 ", "250 ", "354 ", "250 ", "250 ", "250 ", "354 ", "250 ", "221 "]
+        );
+        assert!(h.closed);
+        assert_eq!(h.queued.len(), 2);
+        assert_eq!(h.queued[0].1.recipients.len(), 2);
+        assert_eq!(h.queued[0].1.body_type, BodyType::EightBitMime);
+        // No `for` clause with several recipients.
+        assert!(!h.body(0).contains("\tfor <"));
+        assert!(h.body(0).contains("with ESMTP id Q1; "));
+        assert_eq!(content_of(&h.body(1)), "second\r\n");
+        assert_eq!(h.queued[1].1.reverse_path, "");
+    }
+
+    #[test]
+    fn byte_by_byte_input() {
+        let mut h = H::std();
+        let script = "EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n..x\r\n.\r\n\
+                      BDAT 3\r\nabcMAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\nBDAT 3 LAST\r\nxyz";
+        let mut all = String::new();
+        for b in script.bytes() {
+            all.push_str(&h.send([b]));
+        }
+        assert_eq!(h.queued.len(), 2);
+        assert_eq!(content_of(&h.body(0)), ".x\r\n");
+        assert_eq!(content_of(&h.body(1)), "xyz");
+        assert!(all.contains("503 5.5.1 Error: need MAIL command\r\n"));
+    }
+
+    #[test]
+    fn sequence_and_syntax_errors() {
+        let mut h = H::new(SmtpConfig {
+            max_errors: 100,
+            ..config()
+        });
+        assert_eq!(h.send("FOO\r\n"), "500 5.5.2 Error: command not recognized\r\n");
+        assert_eq!(h.send("\r\n"), "500 5.5.2 Error: bad syntax\r\n");
+        assert_eq!(
+            h.send(b"NO\xffOP\r\n"),
+            "500 5.5.2 Error: bad UTF-8 syntax or control character\r\n"
+        );
+        assert_eq!(
+            h.send("MAIL FROM:<a@c.test>\r\n"),
+            "503 5.5.1 Error: send HELO/EHLO first\r\n"
+        );
+        h.send("EHLO c.test\r\n");
+        assert_eq!(
+            h.send("RCPT TO:<b@example.test>\r\n"),
+            "503 5.5.1 Error: need MAIL command\r\n"
+        );
+        assert_eq!(h.send("DATA\r\n"), "503 5.5.1 Error: need RCPT command\r\n");
+        assert_eq!(
+            h.send("MAIL FROM:<a@c.test> SIZE=x\r\n"),
+            "501 5.5.4 Bad SIZE parameter syntax\r\n"
+        );
+        assert_eq!(
+            h.send("MAIL FROM:<a@c.test> FOO\r\n"),
+            "555 5.5.4 Unsupported option: FOO\r\n"
+        );
+        assert_eq!(
+            h.send("MAIL FROM:a@c.test\r\n"),
+            "501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+        );
+        assert_eq!(h.send("MAIL FROM:<a@c.test>\r\n"), "250 2.1.0 Sender ok\r\n");
+        assert_eq!(
+            h.send("MAIL FROM:<a@c.test>\r\n"),
+            "503 5.5.1 Error: nested MAIL command\r\n"
+        );
+        assert_eq!(h.send("DATA\r\n"), "554 5.5.1 Error: no valid recipients\r\n");
+        assert_eq!(
+            h.send("RCPT TO:<b@example.test> NOTIFY=NEVER,DELAY\r\n"),
+            "501 5.5.4 Bad NOTIFY parameter syntax\r\n"
+        );
+        assert!(!h.closed);
+    }
+
+    #[test]
+    fn misc_commands() {
+        let mut h = H::std();
+        assert_eq!(h.send("NOOP\n"), "250 2.0.0 Ok\r\n");
+        assert_eq!(h.send("noop\r\n"), "250 2.0.0 Ok\r\n");
+        assert!(h.send("VRFY bob\r\n").starts_with("252 2.5.2 "));
+        assert_eq!(h.send("EXPN list\r\n"), "502 5.5.1 Error: command not implemented\r\n");
+        assert!(h.send("HELP\r\n").starts_with("214 2.0.0 "));
+        assert_eq!(h.send("STARTTLS\r\n"), "502 5.5.1 Error: command not implemented\r\n");
+        assert_eq!(h.send("RSET\r\n"), "250 2.0.0 Ok\r\n");
+        assert_eq!(h.send("RSET x\r\n"), "501 5.5.4 Syntax: RSET\r\n");
+    }
+
+    #[test]
+    fn rset_discards_transaction() {
+        let mut h = H::std();
+        h.begin();
+        assert_eq!(h.send("RSET\r\n"), "250 2.0.0 Ok\r\n");
+        assert_eq!(
+            h.send("RCPT TO:<b@example.test>\r\n"),
+            "503 5.5.1 Error: need MAIL command\r\n"
+        );
+        assert_eq!(h.send("MAIL FROM:<a@c.test>\r\n"), "250 2.1.0 Sender ok\r\n");
+        // EHLO also resets.
+        h.send("EHLO again.test\r\n");
+        assert_eq!(h.send("DATA\r\n"), "503 5.5.1 Error: need RCPT command\r\n");
+    }
+
+    #[test]
+    fn smuggling_variants_are_rejected_and_session_stays_in_sync() {
+        for v in ["\n.\n", "\r.\r", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\n.\r", "\r\n.\r"] {
+            let mut h = H::std();
+            h.begin();
+            h.send("DATA\r\n");
+            let smuggled = format!(
+                "legit{v}MAIL FROM:<evil@c.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nsmuggled\r\n.\r\n"
+            );
+            let r = h.send(smuggled);
+            assert_eq!(
+                r, "550 5.6.0 Bare CR or LF in message (SMTP smuggling protection)\r\n",
+                "variant {v:?}"
+            );
+            assert!(h.queued.is_empty(), "variant {v:?} enqueued something");
+            assert_eq!(h.send("NOOP\r\n"), "250 2.0.0 Ok\r\n");
+            // The transaction is gone; a new one works.
+            assert_eq!(
+                h.send("RCPT TO:<b@example.test>\r\n"),
+                "503 5.5.1 Error: need MAIL command\r\n"
+            );
+            h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+            assert_eq!(h.send("ok\r\n.\r\n"), "250 2.0.0 Ok: queued as Q1\r\n");
+        }
+    }
+
+    #[test]
+    fn bare_lf_inside_text_is_rejected() {
+        let mut h = H::std();
+        h.begin();
+        let r = h.send("DATA\r\nline one\nline two\r\n.\r\n");
+        assert!(r.ends_with("550 5.6.0 Bare CR or LF in message (SMTP smuggling protection)\r\n"));
+        assert!(h.queued.is_empty());
+    }
+
+    #[test]
+    fn dot_unstuffing() {
+        let mut h = H::std();
+        h.begin();
+        h.send("DATA\r\n..\r\n..leading\r\nmid.dot\r\n....\r\n.\r\n");
+        assert_eq!(content_of(&h.body(0)), ".\r\n.leading\r\nmid.dot\r\n...\r\n");
+    }
+
+    #[test]
+    fn command_line_limit() {
+        let mut h = H::std();
+        let ok = format!("NOOP {}\r\n", "x".repeat(MAX_COMMAND_LINE - 7));
+        assert_eq!(ok.len(), 512);
+        assert_eq!(h.send(&ok), "250 2.0.0 Ok\r\n");
+        let long = format!("NOOP {}\r\n", "x".repeat(MAX_COMMAND_LINE - 6));
+        assert_eq!(h.send(&long), "500 5.5.2 Error: line too long\r\n");
+        // Far longer, across several reads, without buffering it all.
+        assert_eq!(h.send("MAIL FROM:<".to_string() + &"a".repeat(3000)), "");
+        assert!(h.input.len() < MAX_COMMAND_LINE);
+        assert_eq!(h.send("a".repeat(3000)), "");
+        assert_eq!(
+            h.send(">\r\nNOOP\r\n"),
+            "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn text_line_limit() {
+        let mut h = H::std();
+        h.begin();
+        let ok = format!("DATA\r\n{}\r\n.\r\n", "x".repeat(998));
+        assert_eq!(h.send(ok).lines().last().unwrap(), "250 2.0.0 Ok: queued as Q1");
+        h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\n");
+        let long = format!("DATA\r\n{}\r\n.\r\nNOOP\r\n", "x".repeat(999));
+        let r = h.send(long);
+        assert!(
+            r.ends_with("550 5.6.0 Message line too long (limit 1000 octets including CRLF)\r\n250 2.0.0 Ok\r\n"),
+            "{r}"
+        );
+        assert_eq!(h.queued.len(), 1);
+    }
+
+    #[test]
+    fn path_limit() {
+        let mut h = H::std();
+        h.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n");
+        let local = "a".repeat(60);
+        let domain = format!("{}.example.test", "d.".repeat(95));
+        let r = h.send(format!("RCPT TO:<{local}@{domain}>\r\n"));
+        assert_eq!(r, "501 5.1.3 Path too long\r\n");
+        let r = h.send(format!("RCPT TO:<{}@example.test>\r\n", "a".repeat(65)));
+        assert_eq!(r, "501 5.1.3 Local part too long\r\n");
+    }
+
+    #[test]
+    fn recipient_limit() {
+        let mut h = H::new(SmtpConfig {
+            max_recipients: 100,
+            max_errors: 2,
+            ..config()
+        });
+        h.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n");
+        let mut cmds = String::new();
+        for i in 0..101 {
+            cmds.push_str(&format!("RCPT TO:<u{i}@example.test>\r\n"));
+        }
+        let r = h.send(cmds);
+        assert_eq!(r.matches("250 2.1.5").count(), 100);
+        assert!(r.ends_with("452 4.5.3 Too many recipients\r\n"));
+        // 452 is flow control and does not count toward max_errors.
+        assert_eq!(
+            h.send("RCPT TO:<x@example.test>\r\n"),
+            "452 4.5.3 Too many recipients\r\n"
+        );
+        assert!(!h.closed);
+        h.send("DATA\r\nx\r\n.\r\n");
+        assert_eq!(h.queued[0].1.recipients.len(), 100);
+    }
+
+    #[test]
+    fn size_limits() {
+        let mut h = H::new(SmtpConfig {
+            max_message_size: 100,
+            ..config()
+        });
+        h.send("EHLO c.test\r\n");
+        assert!(h.send("EHLO c.test\r\n").contains("250-SIZE 100\r\n"));
+        assert_eq!(
+            h.send("MAIL FROM:<a@c.test> SIZE=101\r\n"),
+            "552 5.3.4 Message size exceeds fixed limit\r\n"
+        );
+        assert_eq!(h.send("MAIL FROM:<a@c.test> SIZE=100\r\n"), "250 2.1.0 Sender ok\r\n");
+        h.send("RCPT TO:<b@example.test>\r\nDATA\r\n");
+        let r = h.send(format!("{}\r\n.\r\nNOOP\r\n", "x".repeat(150)));
+        assert_eq!(r, "552 5.3.4 Message size exceeds fixed limit\r\n250 2.0.0 Ok\r\n");
+        assert!(h.queued.is_empty());
+        assert_eq!(h.queued.len(), 0);
+        assert_eq!(h.queued.first().map(|q| q.1.declared_size), None);
+        h.send("MAIL FROM:<a@c.test> SIZE=50\r\nRCPT TO:<b@example.test>\r\nDATA\r\nsmall\r\n.\r\n");
+        assert_eq!(h.queued[0].1.declared_size, Some(50));
+    }
+
+    #[test]
+    fn bdat_chunks() {
+        let mut h = H::std();
+        h.begin();
+        let r = h.send("BDAT 7\r\nHello, BDAT 6 LAST\r\nworld!NOOP\r\n");
+        assert_eq!(
+            r,
+            "250 2.0.0 7 octets received\r\n250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
+        );
+        assert_eq!(content_of(&h.body(0)), "Hello, world!");
+        // Raw octets: no dot processing, bare LF allowed.
+        h.send("MAIL FROM:<a@c.test> BODY=BINARYMIME\r\nRCPT TO:<b@example.test>\r\n");
+        assert_eq!(h.send("BDAT 5\r\n.\r\n\n\0"), "250 2.0.0 5 octets received\r\n");
+        assert_eq!(h.send("BDAT 0 LAST\r\n"), "250 2.0.0 Ok: queued as Q2\r\n");
+        assert_eq!(content_of(&h.body(1)).as_bytes(), b".\r\n\n\0");
+        assert_eq!(h.queued[1].1.body_type, BodyType::BinaryMime);
+    }
+
+    #[test]
+    fn bdat_zero_last() {
+        let mut h = H::std();
+        h.begin();
+        assert_eq!(h.send("BDAT 0 LAST\r\n"), "250 2.0.0 Ok: queued as Q1\r\n");
+        assert_eq!(content_of(&h.body(0)), "");
+    }
+
+    #[test]
+    fn bdat_errors_consume_octets() {
+        let mut h = H::new(SmtpConfig {
+            max_message_size: 20,
+            ..config()
+        });
+        h.send("EHLO c.test\r\n");
+        // No transaction: 503, but the 10 octets are still eaten.
+        assert_eq!(
+            h.send("BDAT 10\r\nMAIL FROM:NOOP\r\n"),
+            "503 5.5.1 Error: need MAIL command\r\n250 2.0.0 Ok\r\n"
+        );
+        h.send("MAIL FROM:<a@c.test>\r\n");
+        assert_eq!(
+            h.send("BDAT 4 LAST\r\nQUITNOOP\r\n"),
+            "554 5.5.1 Error: no valid recipients\r\n250 2.0.0 Ok\r\n"
+        );
+        h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\n");
+        assert_eq!(h.send("BDAT 15\r\n123456789012345"), "250 2.0.0 15 octets received\r\n");
+        // Over the limit in total: rejected after the octets, in pieces.
+        assert_eq!(h.send("BDAT 10 LAST\r\n12345"), "");
+        assert_eq!(
+            h.send("67890NOOP\r\n"),
+            "552 5.3.4 Message size exceeds fixed limit\r\n250 2.0.0 Ok\r\n"
+        );
+        assert!(h.queued.is_empty());
+        // The failed chunk ended the transaction.
+        assert_eq!(h.send("BDAT 1 LAST\r\nx"), "503 5.5.1 Error: need MAIL command\r\n");
+    }
+
+    #[test]
+    fn data_and_bdat_do_not_mix() {
+        let mut h = H::std();
+        h.begin();
+        h.send("BDAT 3\r\nabc");
+        assert_eq!(h.send("DATA\r\n"), "503 5.5.1 Error: DATA after BDAT\r\n");
+        assert_eq!(
+            h.send("RCPT TO:<c@example.test>\r\n"),
+            "503 5.5.1 Error: RCPT after BDAT\r\n"
+        );
+        h.send("RSET\r\nMAIL FROM:<a@c.test> BODY=BINARYMIME\r\nRCPT TO:<b@example.test>\r\n");
+        assert_eq!(h.send("DATA\r\n"), "503 5.5.1 Error: BODY=BINARYMIME requires BDAT\r\n");
+    }
+
+    #[test]
+    fn dsn_parameters_are_stored() {
+        let mut h = H::std();
+        h.send(
+            "EHLO c.test\r\nMAIL FROM:<a@c.test> RET=HDRS ENVID=abc+2Bdef\r\n\
+             RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+2Bx@example.test\r\n\
+             RCPT TO:<c@example.test> NOTIFY=NEVER\r\nRCPT TO:<d@example.test>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        let env = &h.queued[0].1;
+        assert_eq!(env.ret, Some(Ret::Hdrs));
+        assert_eq!(env.envid.as_deref(), Some("abc+def"));
+        let r = &env.recipients;
+        assert_eq!(
+            r[0].notify,
+            Notify {
+                given: true,
+                never: false,
+                success: true,
+                failure: true,
+                delay: false
+            }
+        );
+        assert_eq!(r[0].orcpt.as_deref(), Some("rfc822;b+x@example.test"));
+        assert!(r[1].notify.never && r[1].notify.given);
+        assert_eq!(r[2].notify, Notify::default());
+        assert_eq!(r[2].orcpt, None);
+    }
+
+    #[test]
+    fn smtputf8() {
+        let mut h = H::std();
+        h.send("EHLO c.test\r\n");
+        assert_eq!(
+            h.send("MAIL FROM:<jörg@c.test>\r\n"),
+            "553 5.6.7 Must declare SMTPUTF8 to send Unicode address\r\n"
+        );
+        h.send("MAIL FROM:<a@c.test>\r\n");
+        assert_eq!(
+            h.send("RCPT TO:<jörg@example.test>\r\n"),
+            "553 5.6.7 Must declare SMTPUTF8 to send Unicode address\r\n"
+        );
+        h.send("RSET\r\n");
+        assert_eq!(
+            h.send("MAIL FROM:<jörg@c.test> SMTPUTF8\r\n"),
+            "250 2.1.0 Sender ok\r\n"
+        );
+        assert_eq!(
+            h.send("RCPT TO:<δοκιμή@example.test>\r\n"),
+            "250 2.1.5 Recipient ok\r\n"
+        );
+        h.send("DATA\r\nSubject: ü\r\n.\r\n");
+        assert!(h.queued[0].1.smtputf8);
+        assert_eq!(h.queued[0].1.recipients[0].address, "δοκιμή@example.test");
+    }
+
+    #[test]
+    fn relay_policy() {
+        let mut h = H::std();
+        h.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n");
+        assert_eq!(
+            h.send("RCPT TO:<x@elsewhere.test>\r\n"),
+            "554 5.7.1 <x@elsewhere.test>: Relay access denied\r\n"
+        );
+        assert_eq!(h.send("RCPT TO:<x@EXAMPLE.TEST>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        assert_eq!(h.send("RCPT TO:<x@Relay.Test>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        assert_eq!(h.send("RCPT TO:<postmaster>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        assert_eq!(
+            h.send("RCPT TO:<@hop.test:y@example.test>\r\n"),
+            "250 2.1.5 Recipient ok\r\n"
+        );
+
+        let mut cfg = config();
+        cfg.relay.relay_networks = vec!["192.0.2.0/24".parse().unwrap()];
+        let mut h = H::new(cfg);
+        h.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n");
+        assert_eq!(h.send("RCPT TO:<x@elsewhere.test>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        h.send("DATA\r\nx\r\n.\r\n");
+        assert_eq!(h.queued[0].1.recipients[1..].len(), 0);
+    }
+
+    #[test]
+    fn relay_policy_allows() {
+        let p = RelayPolicy {
+            local_domains: vec!["Example.Test".into()],
+            relay_domains: vec![],
+            relay_networks: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        let outside: IpAddrT = "192.0.2.9".parse().unwrap();
+        assert!(p.allows(outside, "example.test"));
+        assert!(!p.allows(outside, "other.test"));
+        assert!(p.allows("10.1.2.3".parse().unwrap(), "other.test"));
+        assert!(p.allows("::ffff:10.1.2.3".parse().unwrap(), "other.test"));
+    }
+    type IpAddrT = std::net::IpAddr;
+
+    #[test]
+    fn too_many_errors_closes() {
+        let mut h = H::new(SmtpConfig {
+            max_errors: 3,
+            ..config()
+        });
+        let r = h.send("FOO\r\nBAR\r\nNOOP\r\nBAZ\r\nNOOP\r\n");
+        assert_eq!(
+            r,
+            "500 5.5.2 Error: command not recognized\r\n500 5.5.2 Error: command not recognized\r\n\
+             250 2.0.0 Ok\r\n500 5.5.2 Error: command not recognized\r\n\
+             421 4.7.0 mx.test Error: too many errors\r\n"
+        );
+        assert!(h.closed);
+        assert_eq!(h.send("NOOP\r\n"), "");
+    }
+
+    #[test]
+    fn enqueue_failures() {
+        let mut h = H::std();
+        h.begin();
+        h.next_result = Some(EnqueueError::Temporary("Queue unavailable".into()));
+        assert_eq!(
+            h.send("DATA\r\nx\r\n.\r\n").lines().last().unwrap(),
+            "451 4.3.0 Queue unavailable"
+        );
+        h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\n");
+        h.next_result = Some(EnqueueError::Permanent("Rejected".into()));
+        assert_eq!(h.send("BDAT 1 LAST\r\nx"), "554 5.3.0 Rejected\r\n");
+        // The transaction was reset after each.
+        assert_eq!(h.send("DATA\r\n"), "503 5.5.1 Error: need RCPT command\r\n");
+    }
+
+    #[test]
+    fn starttls_discards_pipelined_input_and_resets() {
+        let mut cfg = config();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // A config without a certificate is enough for the sans-IO session.
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        cfg.tls = Some(Arc::new(tls));
+        let mut h = H::new(cfg);
+        assert!(h.send("EHLO c.test\r\n").contains("250-STARTTLS\r\n"));
+        h.send("MAIL FROM:<a@c.test>\r\n");
+        assert_eq!(
+            h.send("STARTTLS\r\n"),
+            "503 5.5.1 Error: MAIL transaction in progress\r\n"
+        );
+        h.send("RSET\r\n");
+        let r = h.send("STARTTLS\r\nMAIL FROM:<evil@c.test>\r\nRCPT TO:<b@example.test>\r\n");
+        assert_eq!(r, "220 2.0.0 Ready to start TLS\r\n");
+        assert_eq!(h.tls_starts, 1);
+        // Back to the initial state: EHLO required again.
+        assert_eq!(
+            h.send("MAIL FROM:<a@c.test>\r\n"),
+            "503 5.5.1 Error: send HELO/EHLO first\r\n"
+        );
+        let ehlo = h.send("EHLO c.test\r\n");
+        assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+        assert_eq!(h.send("STARTTLS\r\n"), "503 5.5.1 Error: TLS already active\r\n");
+        h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n");
+        assert!(h.body(0).contains(
+            "with ESMTPS id Q1\r\n\t(using TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256)\r\n\tfor <b@example.test>; "
+        ));
+    }
+
+    #[test]
+    fn helo_is_plain_smtp() {
+        let mut h = H::std();
+        h.send(
+            "HELO old.test\r\nMAIL FROM:<@a.test,@b.test:a@c.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert!(h
+            .body(0)
+            .starts_with("Received: from old.test ([192.0.2.1])\r\n\tby mx.test (Tern) with SMTP id Q1\r\n"));
+        assert_eq!(h.queued[0].1.reverse_path, "a@c.test");
+        assert_eq!(h.queued[0].1.helo, "old.test");
+    }
+
+    #[test]
+    fn timeout_and_shutdown_replies() {
+        let mut h = H::std();
+        assert_eq!(
+            h.s.timeout_reply().to_string(),
+            "421 4.4.2 mx.test Error: timeout exceeded"
+        );
+        assert_eq!(h.send("NOOP\r\n"), "");
+        assert!(h.closed);
+        let mut h = H::std();
+        assert_eq!(
+            h.s.shutdown_reply().to_string(),
+            "421 4.3.2 mx.test Service shutting down"
+        );
+    }
+}
