@@ -22,4 +22,12 @@ export PATH="$PATH:/usr/sbin"
 export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check
 cargo build --workspace --all-targets
-cargo test --workspace
+cargo clippy --workspace --all-targets -- -D warnings
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run: the per-binary summaries above end
+# with binaries that hold no tests.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
