@@ -10,16 +10,19 @@ command -v swaks >/dev/null || need+=(swaks)
 command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
+command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-lmtpd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -c "import aiosmtpd" 2>/dev/null || pip install -q aiosmtpd
+python3 -c "import aiosmtpd, flufl.bounce" 2>/dev/null || pip install -q aiosmtpd flufl.bounce
 
 export PATH="$PATH:/usr/sbin"
 export CARGO_TERM_COLOR=never
+# Tests that need a real peer (smtp-sink, aiosmtpd, Dovecot) fail instead of skipping.
+export TERN_REQUIRE_PEERS=1
 cargo fmt --all -- --check
 cargo build --workspace --all-targets
 cargo clippy --workspace --all-targets -- -D warnings

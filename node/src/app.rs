@@ -15,11 +15,15 @@ use tokio::net::TcpListener;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::queue::QueueFront;
+use crate::delivery::Delivery;
+use crate::queue::schedule::RetryPolicy;
+use crate::queue::shard::{QueueShard, ShardSettings};
+use crate::queue::{IdGen, QueueFront};
 use crate::raft::groups::{GroupHandle, Groups};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, Peers, MAX_GRPC_MESSAGE};
 use crate::raft::service::RaftServer;
+use crate::raft::state_machine::SmEvent;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{GroupId, Raft, Request, CONTROL_GROUP};
 use crate::storage::spool::Spool;
@@ -73,10 +77,12 @@ async fn open_group(
     peers: &Arc<Peers>,
     raft_config: &Arc<openraft::Config>,
     group: GroupId,
-) -> anyhow::Result<GroupHandle> {
+) -> anyhow::Result<(GroupHandle, tokio::sync::mpsc::UnboundedReceiver<SmEvent>)> {
     let spool = Arc::new(Spool::open(Arc::clone(durability), group)?);
     let log = LogStore::open(Arc::clone(durability), Arc::clone(&spool), group)?;
-    let sm = StateMachine::open(Arc::clone(durability), spool, group)?;
+    let mut sm = StateMachine::open(Arc::clone(durability), spool, group)?;
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    sm.set_events(events_tx);
     let network = Network {
         group,
         peers: Arc::clone(peers),
@@ -84,7 +90,7 @@ async fn open_group(
     let raft = Raft::new(config.node_id, Arc::clone(raft_config), network, log, sm.clone())
         .await
         .with_context(|| format!("starting raft group {group}"))?;
-    Ok(GroupHandle { id: group, raft, sm })
+    Ok((GroupHandle { id: group, raft, sm }, events_rx))
 }
 
 /// First start of a bootstrapping node: every group gets this node as its
@@ -161,8 +167,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let raft_config = crate::raft::raft_config()?;
     let peers = Arc::new(Peers::default());
     let groups = Arc::new(Groups::default());
+    let mut shard_events = Vec::new();
     for &id in &group_ids {
-        groups.insert(open_group(&config, &durability, &peers, &raft_config, id).await?);
+        let (handle, events) = open_group(&config, &durability, &peers, &raft_config, id).await?;
+        if id != CONTROL_GROUP {
+            shard_events.push((handle.clone(), events));
+        }
+        groups.insert(handle);
+    }
+
+    // One QueueShard actor per local shard replica: it delivers while this node leads the shard.
+    let ids = Arc::new(IdGen::new(config.node_id));
+    let delivery = Delivery::new(Arc::clone(&config))?;
+    let settings = Arc::new(ShardSettings {
+        node: config.node_id,
+        hostname: config.hostname.clone(),
+        retry: RetryPolicy {
+            schedule: config.retry_schedule.clone(),
+            max_age: config.max_age,
+        },
+        delay_notice_after: config.delay_notice_after,
+        tick: config.scheduler_tick,
+    });
+    let mut shard_actors = Vec::new();
+    for (handle, events) in shard_events {
+        let actor = QueueShard::new(
+            handle,
+            Arc::clone(&settings),
+            Arc::clone(&delivery),
+            Arc::clone(&ids),
+            events,
+        );
+        shard_actors.push(actix::Actor::start(actor));
     }
 
     // Listeners first, so that a port conflict fails fast and loudly.
@@ -256,8 +292,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             relay_networks: config.relay_networks.clone(),
         },
         tls,
+        verify_recipients: config.verify_recipients,
     });
-    let front = Arc::new(QueueFront::new(config.node_id, Arc::clone(&groups)));
+    let front = Arc::new(QueueFront::new(
+        config.node_id,
+        Arc::clone(&groups),
+        Arc::clone(&ids),
+        Arc::clone(&delivery),
+    ));
     let mut smtp_tasks = Vec::new();
     for listener in smtp_listeners {
         smtp_tasks.push(tokio::spawn(crate::smtp::serve(
@@ -286,6 +328,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tracing::warn!(group = g.id, error = %e, "raft shutdown");
         }
     }
+    drop(shard_actors);
     durability.flush().await.map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())

@@ -4,6 +4,8 @@
 //! - [`config`]: TOML into a validated [`config::Config`].
 //! - [`smtp`]: the SMTP server (sans-IO session, codec, listener).
 //! - [`queue`]: message records and the accept side of the queue.
+//! - [`delivery`]: routing, MX resolution, delivery actors, SMTP/LMTP client.
+//! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
 //! - [`raft`]: openraft types, sled log store, state machine, gRPC transport.
 //! - [`storage`]: the sled database, body spool and group-commit flusher.
 //! - [`admin`]: the gRPC admin service used by `ternctl`.
@@ -13,6 +15,8 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod delivery;
+pub mod dsn;
 pub mod envelope;
 pub mod http;
 pub mod lifecycle;

@@ -20,21 +20,27 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => tern_node::config::Config::from_file(path)?,
+        None => tern_node::config::Config::embedded_default()?,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if args.log_json {
+    if args.log_json || config.log_format == tern_node::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
     }
-    let config = match &args.config {
-        Some(path) => tern_node::config::Config::from_file(path)?,
-        None => tern_node::config::Config::embedded_default()?,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(tern_node::app::run(config))
+    // actix runs on the same multi-thread tokio runtime as Raft and tonic.
+    let system = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("cannot start the tokio runtime")
+    });
+    system.block_on(tern_node::app::run(config))
 }

@@ -37,6 +37,114 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     smtp: RawSmtp,
+    #[serde(default)]
+    dns: RawDns,
+    #[serde(default)]
+    delivery: RawDelivery,
+    #[serde(default)]
+    local: RawLocal,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    nameservers: Option<Vec<String>>,
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    smtp_port: Option<u16>,
+    retry_schedule: Option<Vec<String>>,
+    max_age: Option<String>,
+    delay_notice_after: Option<String>,
+    max_connections_per_site: Option<usize>,
+    messages_per_connection: Option<usize>,
+    require_tls_domains: Option<Vec<String>>,
+    helo_name: Option<String>,
+    connect_timeout_secs: Option<u64>,
+    scheduler_tick_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    lmtp: Option<String>,
+    maildir: Option<String>,
+    verify_recipients: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    domain: String,
+    to: OneOrMany,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `[[route]]`: a domain (or `*`) pinned to next hops, bypassing MX lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Lowercase domain, or `*` for every domain without a more specific route.
+    pub domain: String,
+    /// `host:port` next hops, tried in order.
+    pub to: Vec<String>,
+    /// Speak LMTP instead of SMTP to these hops.
+    pub lmtp: bool,
+}
+
+/// Where mail for `local_domains` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalDelivery {
+    /// An LMTP server: `host:port`, or a unix socket path (`unix:/path` or `/path`).
+    Lmtp(String),
+    /// A Maildir per user; `{domain}` and `{user}` are replaced.
+    Maildir(String),
+    /// No local delivery configured: local recipients are deferred.
+    None,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses `30s`, `5m`, `2h`, `5d` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h or 5d"))?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -120,6 +228,23 @@ pub struct Config {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub max_errors: u32,
+    /// `[dns] nameservers` as socket addresses; empty means the system resolver.
+    pub dns_nameservers: Vec<SocketAddr>,
+    pub dns_timeout: Duration,
+    pub routes: Vec<Route>,
+    pub smtp_port: u16,
+    pub retry_schedule: Vec<Duration>,
+    pub max_age: Duration,
+    pub delay_notice_after: Option<Duration>,
+    pub max_connections_per_site: usize,
+    pub messages_per_connection: usize,
+    pub require_tls_domains: Vec<String>,
+    pub helo_name: String,
+    pub connect_timeout: Duration,
+    pub scheduler_tick: Duration,
+    pub local_delivery: LocalDelivery,
+    pub verify_recipients: bool,
+    pub log_format: LogFormat,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -227,7 +352,108 @@ impl Config {
             }
             Ok(Duration::from_secs(s))
         };
+        let invalid = |key: &'static str| move |reason: String| ConfigError::Invalid { key, reason };
+        let dns_nameservers = raw
+            .dns
+            .nameservers
+            .unwrap_or_default()
+            .iter()
+            .map(|n| {
+                n.parse::<SocketAddr>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| format!("{n:?} is not an IP address or IP:port"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid("dns.nameservers"))?;
+        let retry_schedule = match raw.delivery.retry_schedule {
+            None => ["5m", "10m", "30m", "1h", "2h", "4h"]
+                .iter()
+                .map(|d| parse_duration(d))
+                .collect::<Result<Vec<_>, _>>(),
+            Some(list) => list.iter().map(|d| parse_duration(d)).collect(),
+        }
+        .map_err(invalid("delivery.retry_schedule"))?;
+        if retry_schedule.is_empty() || retry_schedule.iter().any(|d| d.is_zero()) {
+            return Err(ConfigError::Invalid {
+                key: "delivery.retry_schedule",
+                reason: "needs at least one duration, each at least 1s".into(),
+            });
+        }
+        let max_age =
+            parse_duration(raw.delivery.max_age.as_deref().unwrap_or("5d")).map_err(invalid("delivery.max_age"))?;
+        let delay_notice_after = raw
+            .delivery
+            .delay_notice_after
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(invalid("delivery.delay_notice_after"))?;
+        let mut routes = Vec::new();
+        for r in raw.route {
+            let to = match r.to {
+                OneOrMany::One(s) => vec![s],
+                OneOrMany::Many(v) => v,
+            };
+            if to.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "route.to",
+                    reason: format!("route for {} has no next hop", r.domain),
+                });
+            }
+            let lmtp = match r.protocol.as_deref() {
+                None | Some("smtp") => false,
+                Some("lmtp") => true,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "route.protocol",
+                        reason: format!("{other:?} is not smtp or lmtp"),
+                    })
+                }
+            };
+            routes.push(Route {
+                domain: r.domain.trim().trim_end_matches('.').to_ascii_lowercase(),
+                to,
+                lmtp,
+            });
+        }
+        let local_delivery = match (raw.local.lmtp, raw.local.maildir) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "local",
+                    reason: "set lmtp or maildir, not both".into(),
+                })
+            }
+            (Some(l), None) => LocalDelivery::Lmtp(l),
+            (None, Some(m)) => LocalDelivery::Maildir(m),
+            (None, None) => LocalDelivery::None,
+        };
+        let log_format = match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    key: "log.format",
+                    reason: format!("{other:?} is not text or json"),
+                })
+            }
+        };
         Ok(Config {
+            dns_nameservers,
+            dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
+            routes,
+            smtp_port: raw.delivery.smtp_port.unwrap_or(25),
+            retry_schedule,
+            max_age,
+            delay_notice_after,
+            max_connections_per_site: raw.delivery.max_connections_per_site.unwrap_or(20).max(1),
+            messages_per_connection: raw.delivery.messages_per_connection.unwrap_or(100).max(1),
+            require_tls_domains: lower(raw.delivery.require_tls_domains),
+            helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
+            connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,
+            scheduler_tick: Duration::from_millis(raw.delivery.scheduler_tick_ms.unwrap_or(100).clamp(10, 10_000)),
+            verify_recipients: raw.local.verify_recipients.unwrap_or(false),
+            local_delivery,
+            log_format,
             node_id,
             hostname,
             data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from("tern-data")),

@@ -60,6 +60,8 @@ pub struct MessageRecord {
     pub next_attempt: i64,
     /// Where the body is in the shard's spool; set when the entry is applied.
     pub body: Option<BodyLoc>,
+    /// A delay notice has been sent for this message.
+    pub delay_notified: bool,
 }
 
 impl MessageRecord {
@@ -74,6 +76,7 @@ impl MessageRecord {
             attempts: 0,
             next_attempt: 0,
             body: None,
+            delay_notified: false,
         }
     }
 

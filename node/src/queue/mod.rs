@@ -6,6 +6,8 @@
 //! of each shard and reads the same records.
 
 pub mod message;
+pub mod schedule;
+pub mod shard;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use message::MessageRecord;
 use crate::envelope::Envelope;
 use crate::raft::groups::Groups;
 use crate::raft::{Body, NodeId, Request};
-use crate::smtp::{EnqueueError, Enqueuer};
+use crate::smtp::{EnqueueError, Enqueuer, Reply};
 
 /// Unique queue ids: milliseconds since the epoch, node id and a counter,
 /// in fixed-width hex so they sort by arrival time.
@@ -48,16 +50,24 @@ impl IdGen {
 pub struct QueueFront {
     node: NodeId,
     groups: Arc<Groups>,
-    ids: IdGen,
+    ids: Arc<IdGen>,
     next_shard: AtomicUsize,
+    /// For RCPT-time verification of local recipients.
+    delivery: Arc<crate::delivery::Delivery>,
 }
 
 impl QueueFront {
-    pub fn new(node: NodeId, groups: Arc<Groups>) -> QueueFront {
+    pub fn new(
+        node: NodeId,
+        groups: Arc<Groups>,
+        ids: Arc<IdGen>,
+        delivery: Arc<crate::delivery::Delivery>,
+    ) -> QueueFront {
         QueueFront {
             node,
             groups,
-            ids: IdGen::new(node),
+            ids,
+            delivery,
             next_shard: AtomicUsize::new(0),
         }
     }
@@ -84,7 +94,7 @@ impl QueueFront {
         };
         match shard.raft.client_write(request).await {
             Ok(_) => {
-                tracing::info!(msg_id = %id, shard = shard.id, "queued");
+                tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, "queued");
                 Ok(())
             }
             Err(e) => {
@@ -107,6 +117,25 @@ impl Enqueuer for QueueFront {
         body: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<(), EnqueueError>> + Send {
         self.submit(id, envelope, body)
+    }
+
+    fn verify_recipient(&self, address: String) -> impl std::future::Future<Output = Result<(), Reply>> + Send {
+        let delivery = Arc::clone(&self.delivery);
+        async move {
+            match delivery.verify_local(&address).await {
+                Ok(()) => Ok(()),
+                // The MDA's own words, under our codes: 550 5.1.1 unknown, 450 4.1.1 unsure.
+                Err(reply) if reply.starts_with('5') => Err(Reply::new(550, "5.1.1", format!("<{address}>: {reply}"))),
+                Err(reply) => {
+                    tracing::warn!(rcpt = %address, reply = %reply, "recipient verification unavailable");
+                    Err(Reply::new(
+                        450,
+                        "4.1.1",
+                        format!("<{address}>: recipient verification unavailable"),
+                    ))
+                }
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 
-use super::{io_err, Entry, GroupId, LogId, NodeId, Request, StorageError, TypeConfig};
+use super::{io_err, Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
 use crate::storage::spool::Spool;
 use crate::storage::Durability;
 
@@ -59,12 +59,15 @@ impl LogStore {
     fn decode(&self, bytes: &[u8]) -> Result<Entry, StorageError> {
         let mut entry: Entry =
             bincode::deserialize(bytes).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-        if let EntryPayload::Normal(Request::Enqueue { body, .. }) = &mut entry.payload {
-            if let Some(loc) = body.loc {
-                body.bytes = self
-                    .spool
-                    .read(&loc)
-                    .map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Read, e))?;
+        let log_id = entry.log_id;
+        if let EntryPayload::Normal(request) = &mut entry.payload {
+            for body in request.bodies_mut() {
+                if let Some(loc) = body.loc {
+                    body.bytes = self
+                        .spool
+                        .read(&loc)
+                        .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Read, e))?;
+                }
             }
         }
         Ok(entry)
@@ -161,13 +164,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = sled::Batch::default();
         for mut entry in entries {
             let log_id = entry.log_id;
-            if let EntryPayload::Normal(Request::Enqueue { body, .. }) = &mut entry.payload {
-                let loc = self
-                    .spool
-                    .append(&body.bytes)
-                    .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
-                body.loc = Some(loc);
-                body.bytes = Vec::new();
+            if let EntryPayload::Normal(request) = &mut entry.payload {
+                for body in request.bodies_mut() {
+                    let loc = self
+                        .spool
+                        .append(&body.bytes)
+                        .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
+                    body.loc = Some(loc);
+                    body.bytes = Vec::new();
+                }
             }
             let bytes =
                 bincode::serialize(&entry).map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;

@@ -75,6 +75,50 @@ pub enum Request {
     SetNode { id: NodeId, addr: String },
     /// Control group: the replica set of a shard.
     SetShardReplicas { shard: GroupId, replicas: Vec<NodeId> },
+    /// Results of delivery attempts, batched so that many outcomes cost one
+    /// Raft write, with the bounces they cause (written atomically with them).
+    Outcomes {
+        updates: Vec<OutcomeUpdate>,
+        bounces: Vec<NewMessage>,
+    },
+}
+
+/// A message created by the queue itself (a DSN), carried with its body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMessage {
+    pub record: Box<MessageRecord>,
+    pub body: Body,
+}
+
+/// The new state of one message after an attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeUpdate {
+    pub id: String,
+    /// Recipients whose state changed, by index into the envelope.
+    pub results: Vec<RcptResult>,
+    /// Attempts made so far (absolute, so a replayed update is harmless).
+    pub attempts: u32,
+    /// Unix seconds of the next attempt for what is still pending.
+    pub next_attempt: i64,
+    pub delay_notified: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RcptResult {
+    pub index: u32,
+    pub status: crate::queue::message::RcptStatus,
+    pub reply: String,
+}
+
+impl Request {
+    /// Every message body this request carries (sideloaded by the log store).
+    pub fn bodies_mut(&mut self) -> Vec<&mut Body> {
+        match self {
+            Request::Enqueue { body, .. } => vec![body],
+            Request::Outcomes { bounces, .. } => bounces.iter_mut().map(|b| &mut b.body).collect(),
+            Request::SetNode { .. } | Request::SetShardReplicas { .. } => Vec::new(),
+        }
+    }
 }
 
 /// What applying a request returns to the proposer.

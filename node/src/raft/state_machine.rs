@@ -7,6 +7,7 @@
 //! fsynced: the log is, and openraft re-applies from the saved commit index
 //! after a crash; every request is idempotent.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{io_err, Entry, GroupId, LogId, NodeId, Request, Response, StorageError, TypeConfig};
+use super::{io_err, Body, Entry, GroupId, LogId, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::queue::message::MessageRecord;
 use crate::storage::spool::Spool;
 use crate::storage::Durability;
@@ -45,6 +46,17 @@ pub struct StateMachine {
     snapshot_path: PathBuf,
     /// State captured for the snapshot being built (taken in order with applies).
     pending: Option<Arc<Captured>>,
+    /// Where apply events go (the shard's scheduler), if anywhere.
+    events: Option<tokio::sync::mpsc::UnboundedSender<SmEvent>>,
+}
+
+/// What applying entries changed, for the shard's scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SmEvent {
+    /// A message is pending, due at unix seconds `due` (0: now).
+    Scheduled { id: String, due: i64 },
+    /// A message is final and gone from the queue.
+    Removed { id: String },
 }
 
 /// A consistent copy of the state machine (records only, bodies by location).
@@ -87,6 +99,7 @@ impl StateMachine {
             snapshot_path: dir.join(format!("g{group}.snap")),
             durability,
             pending: None,
+            events: None,
         })
     }
 
@@ -105,6 +118,47 @@ impl StateMachine {
             None => Ok(None),
             Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| err(&e)),
         }
+    }
+
+    /// Sends apply events (new, rescheduled, removed messages) to the shard's scheduler.
+    pub fn set_events(&mut self, tx: tokio::sync::mpsc::UnboundedSender<SmEvent>) {
+        self.events = Some(tx);
+    }
+
+    /// A message record as of the entries applied so far in this run.
+    fn load(
+        &self,
+        staged: &BTreeMap<String, Option<MessageRecord>>,
+        id: &str,
+    ) -> Result<Option<MessageRecord>, StorageError> {
+        if let Some(r) = staged.get(id) {
+            return Ok(r.clone());
+        }
+        self.read(&message_key(id))
+    }
+
+    /// Stages a new message unless its id exists (a retried proposal is a no-op).
+    fn stage_new(
+        &self,
+        staged: &mut BTreeMap<String, Option<MessageRecord>>,
+        events: &mut Vec<SmEvent>,
+        mut record: Box<MessageRecord>,
+        body: Body,
+    ) -> Result<bool, StorageError> {
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        if staged.contains_key(&record.id) || self.tree.contains_key(message_key(&record.id)).map_err(|e| err(&e))? {
+            return Ok(false);
+        }
+        record.body = match body.loc {
+            Some(loc) => Some(loc),
+            None => Some(self.spool.append(&body.bytes).map_err(|e| err(&e))?),
+        };
+        events.push(SmEvent::Scheduled {
+            id: record.id.clone(),
+            due: record.next_attempt,
+        });
+        staged.insert(record.id.clone(), Some(*record));
+        Ok(true)
     }
 
     fn capture(&self) -> Result<Captured, StorageError> {
@@ -223,7 +277,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = sled::Batch::default();
         let mut responses = Vec::new();
         let mut last: Option<LogId> = None;
-        let mut added = std::collections::HashSet::new();
+        // Message records changed by this run of entries, written at the end.
+        let mut staged: BTreeMap<String, Option<MessageRecord>> = BTreeMap::new();
+        let mut events = Vec::new();
         for entry in entries {
             last = Some(entry.log_id);
             let response = match entry.payload {
@@ -233,20 +289,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     batch.insert(MEMBERSHIP, bincode::serialize(&stored).map_err(|e| err(&e))?);
                     Response { changed: true }
                 }
-                EntryPayload::Normal(Request::Enqueue { mut record, body }) => {
-                    let key = message_key(&record.id);
-                    // A retried proposal of the same id is a no-op, not a duplicate.
-                    if added.contains(&key) || self.tree.contains_key(&key).map_err(|e| err(&e))? {
-                        Response { changed: false }
-                    } else {
-                        record.body = match body.loc {
-                            Some(loc) => Some(loc),
-                            None => Some(self.spool.append(&body.bytes).map_err(|e| err(&e))?),
+                EntryPayload::Normal(Request::Enqueue { record, body }) => Response {
+                    changed: self.stage_new(&mut staged, &mut events, record, body)?,
+                },
+                EntryPayload::Normal(Request::Outcomes { updates, bounces }) => {
+                    for update in updates {
+                        let Some(mut record) = self.load(&staged, &update.id)? else {
+                            continue; // already final and removed: a replay
                         };
-                        batch.insert(key.as_slice(), bincode::serialize(&record).map_err(|e| err(&e))?);
-                        added.insert(key);
-                        Response { changed: true }
+                        for r in &update.results {
+                            if let Some(state) = record.rcpt_state.get_mut(r.index as usize) {
+                                state.status = r.status;
+                                state.last_reply.clone_from(&r.reply);
+                            }
+                        }
+                        record.attempts = update.attempts;
+                        record.next_attempt = update.next_attempt;
+                        record.delay_notified = update.delay_notified;
+                        if record.rcpt_state.iter().all(|s| s.status.is_final()) {
+                            events.push(SmEvent::Removed { id: update.id.clone() });
+                            staged.insert(update.id, None);
+                        } else {
+                            events.push(SmEvent::Scheduled {
+                                id: update.id.clone(),
+                                due: record.next_attempt,
+                            });
+                            staged.insert(update.id, Some(record));
+                        }
                     }
+                    for b in bounces {
+                        self.stage_new(&mut staged, &mut events, b.record, b.body)?;
+                    }
+                    Response { changed: true }
                 }
                 EntryPayload::Normal(Request::SetNode { id, addr }) => {
                     batch.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
@@ -260,9 +334,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             responses.push(response);
         }
+        for (id, record) in staged {
+            match record {
+                Some(r) => batch.insert(message_key(&id), bincode::serialize(&r).map_err(|e| err(&e))?),
+                None => batch.remove(message_key(&id)),
+            }
+        }
         if last.is_some() {
             batch.insert(APPLIED, bincode::serialize(&last).map_err(|e| err(&e))?);
             self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+        }
+        if let Some(tx) = &self.events {
+            for e in events {
+                let _ = tx.send(e);
+            }
         }
         Ok(responses)
     }

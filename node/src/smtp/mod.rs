@@ -14,4 +14,5 @@ pub mod reply;
 pub mod server;
 pub mod session;
 
+pub use reply::Reply;
 pub use server::{serve, EnqueueError, Enqueuer, RelayPolicy, SmtpConfig, TlsInfo};

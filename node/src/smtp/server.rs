@@ -3,6 +3,8 @@
 //! shutdown.
 
 use std::future::Future;
+
+use super::reply::Reply;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -46,6 +48,9 @@ pub struct SmtpConfig {
     pub relay: RelayPolicy,
     /// `None`: STARTTLS is not offered.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Ask [`Enqueuer::verify_recipient`] about recipients in local domains
+    /// at RCPT time, so unknown users get 550 now instead of a bounce later.
+    pub verify_recipients: bool,
 }
 
 impl Default for SmtpConfig {
@@ -59,6 +64,7 @@ impl Default for SmtpConfig {
             max_errors: 10,
             max_connections: 1000,
             relay: RelayPolicy::default(),
+            verify_recipients: false,
             tls: None,
         }
     }
@@ -74,6 +80,11 @@ pub struct RelayPolicy {
 }
 
 impl RelayPolicy {
+    /// True if `domain` is one we are the final destination for.
+    pub fn is_local(&self, domain: &str) -> bool {
+        self.local_domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
     /// True if mail for `rcpt_domain` from `client_ip` may be accepted.
     pub fn allows(&self, client_ip: IpAddr, rcpt_domain: &str) -> bool {
         let ours = self
@@ -109,6 +120,13 @@ pub trait Enqueuer: Send + Sync + 'static {
         envelope: Envelope,
         body: Vec<u8>,
     ) -> impl Future<Output = Result<(), EnqueueError>> + Send;
+    /// Whether a local recipient exists (only asked when
+    /// `verify_recipients` is on): `Err` carries the RCPT reply, e.g.
+    /// `550 5.1.1` for an unknown user or `450 4.1.1` when unsure.
+    fn verify_recipient(&self, address: String) -> impl Future<Output = Result<(), Reply>> + Send {
+        let _ = address;
+        async { Ok(()) }
+    }
 }
 
 /// Runs the accept loop on an already-bound listener until `shutdown` becomes true; then stops accepting,
@@ -315,6 +333,10 @@ async fn handle_connection<E: Enqueuer>(
                     let _ = flush(&mut conn, &mut out, write_limit).await;
                     break "shutdown";
                 }
+            }
+            Output::Verify { address } => {
+                let verdict = enqueuer.verify_recipient(address).await;
+                session.verify_result(verdict);
             }
             Output::StartTls => {
                 if let Err(e) = flush(&mut conn, &mut out, write_limit).await {

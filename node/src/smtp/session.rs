@@ -48,6 +48,9 @@ pub enum Output {
     /// [`Session::tls_started`]. The session has already discarded any input
     /// pipelined after STARTTLS (CVE-2011-0411).
     StartTls,
+    /// Ask whether a local recipient exists, then pass the answer to
+    /// [`Session::verify_result`] (`verify_recipients`).
+    Verify { address: String },
     /// Flush replies and close the connection.
     Close,
 }
@@ -92,6 +95,8 @@ pub struct Session {
     errors: u32,
     /// Inside an over-long command line, discarding until LF.
     discarding: bool,
+    /// A recipient waiting for its verification verdict.
+    verifying: Option<Recipient>,
 }
 
 impl Session {
@@ -115,6 +120,7 @@ impl Session {
             pending: VecDeque::new(),
             errors: 0,
             discarding: false,
+            verifying: None,
         }
     }
 
@@ -310,11 +316,12 @@ impl Session {
             Command::Rcpt(r) => {
                 // 452 for too many recipients is flow control (RFC 5321
                 // 4.5.3.1.10), not a client error.
-                let reply = self.rcpt(r);
-                if reply.code == 452 {
-                    self.reply(reply);
-                } else {
-                    self.respond(reply);
+                if let Some(reply) = self.rcpt(r) {
+                    if reply.code == 452 {
+                        self.reply(reply);
+                    } else {
+                        self.respond(reply);
+                    }
                 }
             }
             Command::Data => match self.data_check() {
@@ -430,31 +437,62 @@ impl Session {
         Reply::new(250, "2.1.0", "Sender ok")
     }
 
-    fn rcpt(&mut self, r: RcptTo) -> Reply {
+    /// The RCPT reply, or `None` when the recipient awaits verification.
+    fn rcpt(&mut self, r: RcptTo) -> Option<Reply> {
         let Some(tx) = &mut self.tx else {
-            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+            return Some(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
         if tx.bdat.is_some() {
-            return Reply::new(503, "5.5.1", "Error: RCPT after BDAT");
+            return Some(Reply::new(503, "5.5.1", "Error: RCPT after BDAT"));
         }
         if !tx.envelope.smtputf8 && !r.address.is_ascii() {
-            return Reply::new(553, "5.6.7", "Must declare SMTPUTF8 to send Unicode address");
+            return Some(Reply::new(
+                553,
+                "5.6.7",
+                "Must declare SMTPUTF8 to send Unicode address",
+            ));
         }
         if tx.envelope.recipients.len() >= self.config.max_recipients {
-            return Reply::new(452, "4.5.3", "Too many recipients");
+            return Some(Reply::new(452, "4.5.3", "Too many recipients"));
         }
         let domain = Envelope::domain_of(&r.address);
         // A bare `postmaster` is always ours (RFC 5321 4.1.1.3).
         let local_postmaster = domain.is_empty();
         if !local_postmaster && !self.config.relay.allows(self.peer.ip(), &domain) {
-            return Reply::new(554, "5.7.1", format!("<{}>: Relay access denied", r.address));
+            return Some(Reply::new(
+                554,
+                "5.7.1",
+                format!("<{}>: Relay access denied", r.address),
+            ));
         }
-        tx.envelope.recipients.push(Recipient {
+        let recipient = Recipient {
             address: r.address,
             notify: r.notify,
             orcpt: r.orcpt,
-        });
-        Reply::new(250, "2.1.5", "Recipient ok")
+        };
+        if self.config.verify_recipients && !local_postmaster && self.config.relay.is_local(&domain) {
+            // Stop here until the driver has the verdict; pipelined input waits.
+            self.pending.push_back(Output::Verify {
+                address: recipient.address.clone(),
+            });
+            self.verifying = Some(recipient);
+            return None;
+        }
+        tx.envelope.recipients.push(recipient);
+        Some(Reply::new(250, "2.1.5", "Recipient ok"))
+    }
+
+    /// The verdict on the recipient of the last [`Output::Verify`].
+    pub fn verify_result(&mut self, verdict: Result<(), Reply>) {
+        let Some(recipient) = self.verifying.take() else { return };
+        match (verdict, &mut self.tx) {
+            (Ok(()), Some(tx)) => {
+                tx.envelope.recipients.push(recipient);
+                self.reply(Reply::new(250, "2.1.5", "Recipient ok"));
+            }
+            (Ok(()), None) => self.error(Reply::new(503, "5.5.1", "Error: need MAIL command")),
+            (Err(reply), _) => self.respond(reply),
+        }
     }
 
     fn data_check(&self) -> Result<(), Reply> {
@@ -646,6 +684,15 @@ mod tests {
                             None => Ok(()),
                         };
                         self.s.enqueue_result(res).write_to(&mut out);
+                    }
+                    Output::Verify { address } => {
+                        // The test "MDA" knows everyone but `unknown@`.
+                        let verdict = if address.starts_with("unknown@") {
+                            Err(Reply::new(550, "5.1.1", format!("<{address}>: User unknown")))
+                        } else {
+                            Ok(())
+                        };
+                        self.s.verify_result(verdict);
                     }
                     Output::StartTls => {
                         self.tls_starts += 1;
@@ -1241,5 +1288,24 @@ mod tests {
             h.s.shutdown_reply().to_string(),
             "421 4.3.2 mx.test Service shutting down"
         );
+    }
+
+    #[test]
+    fn local_recipients_are_verified_at_rcpt_time_in_pipeline_order() {
+        let mut cfg = config();
+        cfg.verify_recipients = true;
+        let mut h = H::new(cfg);
+        h.send("EHLO c\r\n");
+        let replies = h.send(
+            "MAIL FROM:<a@x.test>\r\nRCPT TO:<bob@example.test>\r\nRCPT TO:<unknown@example.test>\r\nRCPT TO:<r@relay.test>\r\nDATA\r\n",
+        );
+        assert_eq!(
+            replies,
+            "250 2.1.0 Sender ok\r\n250 2.1.5 Recipient ok\r\n550 5.1.1 <unknown@example.test>: User unknown\r\n250 2.1.5 Recipient ok\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n"
+        );
+        h.send("Subject: x\r\n\r\nhi\r\n.\r\n");
+        let (_, envelope, _) = h.queued.last().unwrap();
+        let rcpts: Vec<_> = envelope.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(rcpts, ["bob@example.test", "r@relay.test"]);
     }
 }

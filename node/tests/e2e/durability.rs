@@ -9,7 +9,7 @@ use crate::harness::*;
 
 #[test]
 fn acknowledged_messages_survive_sigkill() {
-    let mut node = Node::start("");
+    let mut node = Node::start(&hold_mail());
     let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut senders = Vec::new();

@@ -18,6 +18,15 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Config that keeps accepted mail in the queue: delivery goes to a
+/// loopback port nobody listens on, and is retried only after an hour.
+pub fn hold_mail() -> String {
+    format!(
+        "[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
+        free_port()
+    )
+}
+
 /// Polls `cond` until it holds or `deadline` passes.
 pub fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
@@ -292,4 +301,60 @@ pub fn body(id: &str, size: usize) -> String {
         b.push_str("The quick brown fox jumps over the lazy dog 0123456789.\r\n");
     }
     b
+}
+
+/// Postfix's smtp-sink on a free loopback port, dumping each message to a
+/// file; stopped on drop.
+pub struct SmtpSink {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl SmtpSink {
+    /// `extra` are smtp-sink options such as `["-f", "RCPT"]` (5xx at RCPT).
+    pub fn start(extra: &[&str]) -> SmtpSink {
+        Self::start_on(free_port(), extra)
+    }
+
+    pub fn start_on(port: u16, extra: &[&str]) -> SmtpSink {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // smtp-sink drops to `nobody`, which must be able to write the dumps.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = Command::new("smtp-sink")
+            .args(["-u", "nobody", "-d"])
+            .arg(format!("{}/%M.", dir.path().display()))
+            .args(extra)
+            .arg(addr.to_string())
+            .arg("100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("smtp-sink is installed by cluster-tests/run-all.sh");
+        wait_for(Duration::from_secs(10), "smtp-sink listening", || {
+            TcpStream::connect(addr).is_ok()
+        });
+        SmtpSink { addr, dir, child }
+    }
+
+    /// Every message dumped so far (envelope lines, then the message).
+    pub fn messages(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                if let Ok(text) = std::fs::read(e.path()) {
+                    out.push(String::from_utf8_lossy(&text).into_owned());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

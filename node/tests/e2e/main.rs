@@ -3,7 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod delivery;
 mod durability;
 mod harness;
 mod node;
 mod smtp;
+#[path = "../../src/delivery/testdns.rs"]
+#[allow(dead_code)]
+mod testdns;

@@ -1,0 +1,423 @@
+//! Outbound delivery: where each recipient's mail goes (route, local MDA,
+//! or the domain's MX hosts), one delivery actor per destination site with
+//! its connection pool, and the SMTP/LMTP client they drive.
+//!
+//! The shard's scheduler calls [`Delivery::attempt`] for a due message and
+//! gets one [`RcptAttempt`] per pending recipient back.
+
+pub mod client;
+pub mod client_proto;
+pub mod local;
+pub mod resolve;
+pub mod site;
+#[cfg(test)]
+pub mod testdns;
+#[cfg(test)]
+pub mod testpeers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+
+pub use client::{ClientConfig, Endpoint, OutRecipient, Protocol, TlsPolicy};
+pub use client_proto::RcptOutcome;
+use resolve::{MxResolver, ResolveError, ResolverConfig};
+use site::{Job, SiteActor};
+
+use crate::config::{Config, LocalDelivery};
+use crate::envelope::Envelope;
+use crate::queue::message::MessageRecord;
+
+/// A due message with its body, shared by the site actors delivering it.
+pub struct LoadedMessage {
+    pub record: MessageRecord,
+    pub body: Vec<u8>,
+}
+
+/// What happened to one recipient in one attempt.
+#[derive(Clone, Debug)]
+pub struct RcptAttempt {
+    /// Index into the envelope's recipients.
+    pub index: usize,
+    pub outcome: RcptOutcome,
+    /// `mx1.example.test` (for Remote-MTA and logs).
+    pub remote_host: Option<String>,
+    pub remote_ip: Option<String>,
+    /// TLS version and cipher, when the hop used TLS.
+    pub tls: Option<String>,
+    /// The next hop took over DSN duties (it offered DSN).
+    pub dsn_relayed: bool,
+    /// The message's Message-ID header, for the event log.
+    pub message_id: String,
+}
+
+/// How to reach the recipients of one destination.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Names the destination site; recipients with equal keys share one
+    /// transaction and one delivery actor.
+    pub key: String,
+    pub target: Target,
+}
+
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// SMTP or LMTP to these endpoints, tried in order.
+    Remote {
+        endpoints: Vec<Endpoint>,
+        protocol: Protocol,
+        tls: TlsPolicy,
+    },
+    /// A Maildir per user from this template.
+    Maildir(String),
+    /// A permanent or temporary routing failure for these recipients.
+    Unroutable { reply: String },
+}
+
+/// The delivery service: routing, site actors, client settings.
+pub struct Delivery {
+    config: Arc<Config>,
+    resolver: MxResolver,
+    client: ClientConfig,
+    sites: Mutex<HashMap<String, Addr<SiteActor>>>,
+}
+
+impl Delivery {
+    pub fn new(config: Arc<Config>) -> anyhow::Result<Arc<Delivery>> {
+        let resolver = MxResolver::new(&ResolverConfig {
+            nameservers: config.dns_nameservers.clone(),
+            timeout: config.dns_timeout,
+            ..ResolverConfig::default()
+        })
+        .map_err(|e| anyhow::anyhow!("DNS resolver: {e}"))?;
+        let client = ClientConfig {
+            helo_name: config.helo_name.clone(),
+            connect_timeout: config.connect_timeout,
+            ..ClientConfig::default()
+        };
+        Ok(Arc::new(Delivery {
+            config,
+            resolver,
+            client,
+            sites: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn is_local(&self, domain: &str) -> bool {
+        self.config.local_domains.iter().any(|d| d == domain)
+    }
+
+    /// Where mail for `domain` goes: a route, the local MDA, or its MX hosts.
+    pub async fn plan(&self, domain: &str) -> Plan {
+        if self.is_local(domain) {
+            return match &self.config.local_delivery {
+                LocalDelivery::Lmtp(spec) => match lmtp_endpoint(spec).await {
+                    Ok(endpoint) => Plan {
+                        key: format!("local:{spec}"),
+                        target: Target::Remote {
+                            endpoints: vec![endpoint],
+                            protocol: Protocol::Lmtp,
+                            tls: TlsPolicy::Disabled,
+                        },
+                    },
+                    Err(e) => unroutable(format!("451 4.3.0 local delivery agent {spec}: {e}")),
+                },
+                LocalDelivery::Maildir(template) => Plan {
+                    key: "local:maildir".into(),
+                    target: Target::Maildir(template.clone()),
+                },
+                LocalDelivery::None => unroutable("451 4.3.5 no local delivery agent configured ([local])".into()),
+            };
+        }
+        let tls = if self.config.require_tls_domains.iter().any(|d| d == domain) {
+            TlsPolicy::Required
+        } else {
+            TlsPolicy::Opportunistic
+        };
+        let tls_tag = if tls == TlsPolicy::Required { "+tls" } else { "" };
+        let route = self
+            .config
+            .routes
+            .iter()
+            .find(|r| r.domain == domain)
+            .or_else(|| self.config.routes.iter().find(|r| r.domain == "*"));
+        if let Some(route) = route {
+            let mut endpoints = Vec::new();
+            let mut errors = Vec::new();
+            for hop in &route.to {
+                match route_endpoints(hop, self.config.smtp_port).await {
+                    Ok(mut e) => endpoints.append(&mut e),
+                    Err(e) => errors.push(e),
+                }
+            }
+            if endpoints.is_empty() {
+                return unroutable(format!("451 4.4.4 route for {domain}: {}", errors.join("; ")));
+            }
+            return Plan {
+                key: format!("route:{}{tls_tag}", route.to.join(",")),
+                target: Target::Remote {
+                    endpoints,
+                    protocol: if route.lmtp { Protocol::Lmtp } else { Protocol::Smtp },
+                    tls,
+                },
+            };
+        }
+        match self.resolver.resolve_site(domain).await {
+            Ok(site) => {
+                let port = self.config.smtp_port;
+                let endpoints = site
+                    .hosts
+                    .iter()
+                    .flat_map(|h| {
+                        h.addrs.iter().map(move |ip| Endpoint::Tcp {
+                            host: h.name.clone(),
+                            addr: std::net::SocketAddr::new(*ip, port),
+                        })
+                    })
+                    .collect();
+                Plan {
+                    key: format!("mx:{}{tls_tag}", site.key()),
+                    target: Target::Remote {
+                        endpoints,
+                        protocol: Protocol::Smtp,
+                        tls,
+                    },
+                }
+            }
+            Err(e) => {
+                let (status, text) = e.status();
+                let code = if matches!(e, ResolveError::Temporary(_)) {
+                    451
+                } else {
+                    550
+                };
+                unroutable(format!("{code} {status} {domain}: {text}"))
+            }
+        }
+    }
+
+    /// Asks the local MDA (LMTP `RCPT` probe) whether a recipient exists.
+    /// `Ok` when it does or cannot be checked (Maildir); `Err` carries the
+    /// reply line to give at RCPT time.
+    pub async fn verify_local(&self, address: &str) -> Result<(), String> {
+        let plan = self.plan(&Envelope::domain_of(address)).await;
+        let (endpoints, protocol) = match plan.target {
+            Target::Remote {
+                endpoints, protocol, ..
+            } => (endpoints, protocol),
+            Target::Maildir(_) => return Ok(()),
+            Target::Unroutable { reply } => return Err(reply),
+        };
+        let mut last = String::from("451 4.4.1 no address to connect to");
+        for endpoint in &endpoints {
+            match client::Connection::connect(endpoint, protocol, TlsPolicy::Disabled, &self.client).await {
+                Ok(mut conn) => {
+                    let verdict = conn.verify_recipient("", address).await;
+                    conn.quit().await;
+                    return match verdict {
+                        Ok(RcptOutcome::Delivered { .. }) => Ok(()),
+                        Ok(RcptOutcome::Failed { reply } | RcptOutcome::Deferred { reply }) => Err(reply),
+                        Err(e) => Err(format!("451 4.4.2 {e}")),
+                    };
+                }
+                Err(e) => last = format!("451 4.4.1 {endpoint}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    fn site(&self, key: &str) -> Addr<SiteActor> {
+        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(addr) = sites.get(key) {
+            if addr.connected() {
+                return addr.clone();
+            }
+        }
+        let actor = SiteActor::new(
+            key.to_owned(),
+            self.client.clone(),
+            self.config.max_connections_per_site,
+            self.config.messages_per_connection,
+        );
+        // Site actors live on the system arbiter; their I/O runs on the runtime's workers.
+        let addr = SiteActor::start_in_arbiter(&actix::System::current().arbiter().clone(), |_| actor);
+        sites.insert(key.to_owned(), addr.clone());
+        addr
+    }
+
+    /// One delivery attempt for every pending recipient of a message.
+    pub async fn attempt(self: &Arc<Self>, message: Arc<LoadedMessage>) -> Vec<RcptAttempt> {
+        let message_id = header_value(&message.body, "message-id").unwrap_or_default();
+        let pending: Vec<usize> = message
+            .record
+            .rcpt_state
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.status.is_final())
+            .map(|(i, _)| i)
+            .collect();
+        // Recipients by destination site (domains sharing MXes share a site).
+        let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for &i in &pending {
+            let address = &message.record.envelope.recipients[i].address;
+            by_domain.entry(Envelope::domain_of(address)).or_default().push(i);
+        }
+        let mut by_site: BTreeMap<String, (Plan, Vec<usize>)> = BTreeMap::new();
+        for (domain, rcpts) in by_domain {
+            let plan = self.plan(&domain).await;
+            by_site
+                .entry(plan.key.clone())
+                .or_insert_with(|| (plan, Vec::new()))
+                .1
+                .extend(rcpts);
+        }
+        let mut waits = Vec::new();
+        let mut results = Vec::new();
+        for (_, (plan, rcpts)) in by_site {
+            match plan.target {
+                Target::Unroutable { reply } => {
+                    results.extend(rcpts.into_iter().map(|index| RcptAttempt {
+                        index,
+                        outcome: outcome_from_text(&reply),
+                        remote_host: None,
+                        remote_ip: None,
+                        tls: None,
+                        dsn_relayed: false,
+                        message_id: message_id.clone(),
+                    }));
+                }
+                Target::Maildir(template) => {
+                    results.extend(local::deliver_maildir(&template, &message, &rcpts, &message_id).await);
+                }
+                Target::Remote {
+                    endpoints,
+                    protocol,
+                    tls,
+                } => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let job = Job {
+                        message: Arc::clone(&message),
+                        rcpts: rcpts.clone(),
+                        endpoints,
+                        protocol,
+                        tls,
+                        message_id: message_id.clone(),
+                        reply: tx,
+                    };
+                    let addr = self.site(&plan.key);
+                    if addr.send(site::Submit(job)).await.is_err() {
+                        results.extend(deferred_all(
+                            &rcpts,
+                            "451 4.3.0 delivery agent unavailable",
+                            &message_id,
+                        ));
+                        continue;
+                    }
+                    waits.push((rcpts, rx));
+                }
+            }
+        }
+        for (rcpts, rx) in waits {
+            match rx.await {
+                Ok(r) => results.extend(r),
+                Err(_) => results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id)),
+            }
+        }
+        results.sort_by_key(|a| a.index);
+        results
+    }
+}
+
+/// 2xx delivered, 5xx failed, anything else deferred.
+fn outcome_from_text(reply: &str) -> RcptOutcome {
+    let reply = reply.to_owned();
+    match reply.as_bytes().first() {
+        Some(b'2') => RcptOutcome::Delivered { reply },
+        Some(b'5') => RcptOutcome::Failed { reply },
+        _ => RcptOutcome::Deferred { reply },
+    }
+}
+
+fn unroutable(reply: String) -> Plan {
+    Plan {
+        key: format!("unroutable:{reply}"),
+        target: Target::Unroutable { reply },
+    }
+}
+
+pub(crate) fn deferred_all(rcpts: &[usize], reply: &str, message_id: &str) -> Vec<RcptAttempt> {
+    rcpts
+        .iter()
+        .map(|&index| RcptAttempt {
+            index,
+            outcome: RcptOutcome::Deferred {
+                reply: reply.to_owned(),
+            },
+            remote_host: None,
+            remote_ip: None,
+            tls: None,
+            dsn_relayed: false,
+            message_id: message_id.to_owned(),
+        })
+        .collect()
+}
+
+/// `host:port` (IP literal or name, system resolver) into endpoints.
+async fn route_endpoints(hop: &str, default_port: u16) -> Result<Vec<Endpoint>, String> {
+    let (host, port) = resolve::parse_host_port(hop, default_port)?;
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| format!("{hop}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{hop}: no address"));
+    }
+    Ok(addrs
+        .into_iter()
+        .map(|addr| Endpoint::Tcp {
+            host: host.clone(),
+            addr,
+        })
+        .collect())
+}
+
+/// `[local] lmtp`: `host:port`, `unix:/path` or `/path`.
+async fn lmtp_endpoint(spec: &str) -> Result<Endpoint, String> {
+    if let Some(path) = spec
+        .strip_prefix("unix:")
+        .or_else(|| spec.starts_with('/').then_some(spec))
+    {
+        return Ok(Endpoint::Unix(path.into()));
+    }
+    route_endpoints(spec, 24)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{spec}: no address"))
+}
+
+/// First value of a header field in the message's header section.
+pub fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+        .unwrap_or(message.len());
+    let text = String::from_utf8_lossy(&message[..end]);
+    let mut lines = text.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        if let Some((field, value)) = line.split_once(':') {
+            if field.eq_ignore_ascii_case(name) {
+                let mut v = value.trim().to_owned();
+                while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
+                    v.push(' ');
+                    v.push_str(next.trim());
+                    lines.next();
+                }
+                return Some(v.trim_matches(['<', '>']).to_owned());
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,385 @@
+//! Real SMTP/LMTP servers for tests, on loopback and a free port: Postfix's
+//! `smtp-sink`, Python's `aiosmtpd` (with STARTTLS, certificate made by the
+//! `openssl` CLI) and a private Dovecot LMTP instance. Each is killed when
+//! its handle is dropped.
+//!
+//! A missing program makes [`require`] return false so the test can skip,
+//! unless `TERN_REQUIRE_PEERS=1` (set it in CI), which turns that into a
+//! failure.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long a peer may take to start answering.
+const START_DEADLINE: Duration = Duration::from_secs(15);
+
+/// True if `program` can be run; false (with a note) to skip the test,
+/// panics instead when `TERN_REQUIRE_PEERS=1`.
+pub fn require(program: &str) -> bool {
+    let found = if program.contains('/') {
+        Path::new(program).exists()
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
+            .unwrap_or(false)
+    };
+    if !found {
+        if std::env::var("TERN_REQUIRE_PEERS").as_deref() == Ok("1") {
+            panic!("{program} is required (TERN_REQUIRE_PEERS=1) but not installed");
+        }
+        eprintln!("skipping: {program} not installed");
+    }
+    found
+}
+
+fn is_root() -> bool {
+    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `cond` until it is true or `deadline` passes.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running peer process with its scratch directory.
+pub struct Peer {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    /// SIGTERM instead of SIGKILL (Dovecot's master must stop its children).
+    graceful: bool,
+}
+
+impl Peer {
+    /// Starts `make(port)` on free ports until one answers with a 220
+    /// banner; retries when the port was taken meanwhile.
+    fn spawn(mut dir: TempDir, graceful: bool, mut make: impl FnMut(u16, &Path) -> Command) -> Peer {
+        for _ in 0..5 {
+            let port = free_port();
+            let log = fs::File::create(dir.path().join(format!("peer-{port}.log"))).unwrap();
+            let child = make(port, dir.path())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let mut peer = Peer {
+                child,
+                addr,
+                dir,
+                graceful,
+            };
+            let mut exited = false;
+            let up = wait_until(START_DEADLINE, || {
+                exited = matches!(peer.child.try_wait(), Ok(Some(_)));
+                exited || banner(addr)
+            });
+            if up && !exited {
+                return peer;
+            }
+            let log = fs::read_to_string(peer.dir.path().join(format!("peer-{port}.log"))).unwrap_or_default();
+            eprintln!("peer on port {port} did not start (exited: {exited}): {log}");
+            peer.stop();
+            dir = std::mem::replace(&mut peer.dir, TempDir::new().unwrap());
+        }
+        panic!("could not start test peer");
+    }
+
+    fn stop(&mut self) {
+        if self.graceful {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            if wait_until(Duration::from_secs(10), || matches!(self.child.try_wait(), Ok(Some(_)))) {
+                return;
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The peer's stdout/stderr so far (for assertion messages).
+    pub fn log(&self) -> String {
+        let mut all = String::new();
+        for e in fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".log") {
+                all.push_str(&fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Connects and reads until a line starting with `220` (the peer is ready).
+fn banner(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while !got.contains(&b'\n') {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let ok = got.starts_with(b"220");
+    // Be polite so the peer does not log a lost connection.
+    let _ = std::io::Write::write_all(&mut s, b"QUIT\r\n");
+    ok
+}
+
+/// A directory every user can write to (peers drop privileges).
+fn open_dir() -> TempDir {
+    let dir = TempDir::new().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
+/// Files directly in `dir` (non-recursive), sorted.
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Postfix `smtp-sink` with extra `args` (e.g. `-L`, `-N`, `-p`, `-r RCPT`),
+/// dumping each transaction to a file in `dumps()`.
+pub struct SmtpSink {
+    pub peer: Peer,
+}
+
+pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
+
+impl SmtpSink {
+    pub fn start(args: &[&str]) -> SmtpSink {
+        let dir = open_dir();
+        let dumps = dir.path().join("dumps");
+        fs::create_dir(&dumps).unwrap();
+        fs::set_permissions(&dumps, fs::Permissions::from_mode(0o777)).unwrap();
+        let peer = Peer::spawn(dir, false, |port, dir| {
+            let mut c = Command::new(SMTP_SINK);
+            if is_root() {
+                c.args(["-u", "nobody"]);
+            }
+            c.arg("-d").arg(dir.join("dumps/%M."));
+            c.args(args).arg(format!("127.0.0.1:{port}")).arg("100");
+            c
+        });
+        SmtpSink { peer }
+    }
+
+    pub fn dumps_dir(&self) -> PathBuf {
+        self.peer.dir.path().join("dumps")
+    }
+
+    /// Contents of the dump files once there are `n` of them.
+    pub fn wait_dumps(&self, n: usize) -> Vec<String> {
+        let dir = self.dumps_dir();
+        let ok = wait_until(Duration::from_secs(10), || files_in(&dir).len() >= n);
+        assert!(ok, "expected {n} dumps, have {:?}", files_in(&dir));
+        files_in(&dir)
+            .iter()
+            .map(|p| String::from_utf8_lossy(&fs::read(p).unwrap()).into_owned())
+            .collect()
+    }
+}
+
+/// `aiosmtpd` delivering into a Maildir at `maildir()`; STARTTLS with a
+/// throwaway self-signed certificate if `tls`, SMTPUTF8 if `smtputf8`.
+pub struct Aiosmtpd {
+    pub peer: Peer,
+}
+
+impl Aiosmtpd {
+    pub fn available() -> bool {
+        let ok = require("python3") && require("openssl");
+        let module = ok
+            && Command::new("python3")
+                .args(["-c", "import aiosmtpd"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if ok && !module {
+            if std::env::var("TERN_REQUIRE_PEERS").as_deref() == Ok("1") {
+                panic!("python module aiosmtpd is required (TERN_REQUIRE_PEERS=1)");
+            }
+            eprintln!("skipping: python module aiosmtpd not installed");
+        }
+        module
+    }
+
+    pub fn start(tls: bool, smtputf8: bool) -> Aiosmtpd {
+        let dir = open_dir();
+        if tls {
+            let st = Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                ])
+                .args(["-days", "2", "-subj", "/CN=mx.example.test"])
+                .arg("-keyout")
+                .arg(dir.path().join("key.pem"))
+                .arg("-out")
+                .arg(dir.path().join("cert.pem"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "openssl failed");
+        }
+        let peer = Peer::spawn(dir, false, |port, dir| {
+            let mut c = Command::new("python3");
+            c.args(["-m", "aiosmtpd", "-n", "-l"]).arg(format!("127.0.0.1:{port}"));
+            if tls {
+                c.arg("--tlscert").arg(dir.join("cert.pem"));
+                c.arg("--tlskey").arg(dir.join("key.pem"));
+            }
+            if smtputf8 {
+                c.arg("--smtputf8");
+            }
+            c.args(["-c", "aiosmtpd.handlers.Mailbox"]).arg(dir.join("Maildir"));
+            c
+        });
+        Aiosmtpd { peer }
+    }
+
+    /// Delivered messages, once there are `n`.
+    pub fn wait_messages(&self, n: usize) -> Vec<Vec<u8>> {
+        let dir = self.peer.dir.path().join("Maildir/new");
+        let ok = wait_until(Duration::from_secs(10), || files_in(&dir).len() >= n);
+        assert!(ok, "expected {n} messages; log: {}", self.peer.log());
+        files_in(&dir).iter().map(|p| fs::read(p).unwrap()).collect()
+    }
+}
+
+/// A private Dovecot LMTP instance on 127.0.0.1 and on the Unix socket
+/// `socket()`. `users` (full addresses) exist; others get `550 5.1.1`.
+/// Needs root (it delivers as the `mail` user).
+pub struct Dovecot {
+    pub peer: Peer,
+}
+
+impl Dovecot {
+    pub fn available() -> bool {
+        if !require("dovecot") {
+            return false;
+        }
+        if !is_root() {
+            if std::env::var("TERN_REQUIRE_PEERS").as_deref() == Ok("1") {
+                panic!("Dovecot tests need root (TERN_REQUIRE_PEERS=1)");
+            }
+            eprintln!("skipping: Dovecot tests need root");
+            return false;
+        }
+        true
+    }
+
+    pub fn start(users: &[&str]) -> Dovecot {
+        let dir = open_dir();
+        let d = dir.path().to_path_buf();
+        let mail = d.join("mail");
+        fs::create_dir(&mail).unwrap();
+        fs::set_permissions(&mail, fs::Permissions::from_mode(0o777)).unwrap();
+        let list: String = users.iter().map(|u| format!("{u}::::::\n")).collect();
+        fs::write(d.join("users"), list).unwrap();
+        let peer = Peer::spawn(dir, true, |port, _| {
+            let conf = format!(
+                r#"protocols = lmtp
+listen = 127.0.0.1
+base_dir = {d}/run
+state_dir = {d}/run/state
+instance_name = tern-test-lmtp-{pid}-{port}
+log_path = {d}/dovecot.log
+ssl = no
+default_login_user = dovenull
+default_internal_user = dovecot
+first_valid_uid = 8
+mail_location = maildir:{d}/mail/%d/%n/Maildir
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {d}/users
+  default_fields = uid=mail gid=mail home={d}/mail/%d/%n
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+"#,
+                d = d.display(),
+                pid = std::process::id(),
+            );
+            let file = d.join("dovecot.conf");
+            fs::write(&file, conf).unwrap();
+            let mut c = Command::new("dovecot");
+            c.arg("-F").arg("-c").arg(file);
+            c
+        });
+        Dovecot { peer }
+    }
+
+    /// The LMTP Unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.peer.dir.path().join("run/lmtp")
+    }
+
+    /// Messages in the Maildir `new/` of `user@domain`, once there are `n`.
+    pub fn wait_messages(&self, user: &str, n: usize) -> Vec<Vec<u8>> {
+        let (local, domain) = user.split_once('@').unwrap();
+        let dir = self.peer.dir.path().join(format!("mail/{domain}/{local}/Maildir/new"));
+        let ok = wait_until(Duration::from_secs(10), || files_in(&dir).len() >= n);
+        let log = fs::read_to_string(self.peer.dir.path().join("dovecot.log")).unwrap_or_default();
+        assert!(ok, "expected {n} messages in {}; log: {log}", dir.display());
+        files_in(&dir).iter().map(|p| fs::read(p).unwrap()).collect()
+    }
+}

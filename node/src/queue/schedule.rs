@@ -1,0 +1,150 @@
+//! When each pending message is due, and when a deferred one comes back.
+//!
+//! The schedule is ordered by due time, so a scheduler tick costs
+//! O(log n) per message that is due and nothing for those that are not: a
+//! million deferred messages do not slow down the tick.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// Pending messages of one shard by due time (unix seconds).
+#[derive(Default)]
+pub struct Schedule {
+    by_due: BTreeSet<(i64, String)>,
+    due_of: HashMap<String, i64>,
+}
+
+impl Schedule {
+    /// Adds or moves a message.
+    pub fn insert(&mut self, id: String, due: i64) {
+        if let Some(old) = self.due_of.insert(id.clone(), due) {
+            self.by_due.remove(&(old, id.clone()));
+        }
+        self.by_due.insert((due, id));
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        if let Some(old) = self.due_of.remove(id) {
+            self.by_due.remove(&(old, id.to_owned()));
+        }
+    }
+
+    /// Takes up to `max` messages due at or before `now`, earliest first.
+    pub fn pop_due(&mut self, now: i64, max: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((due, _)) = self.by_due.first() else { break };
+            if *due > now {
+                break;
+            }
+            if let Some((_, id)) = self.by_due.pop_first() {
+                self.due_of.remove(&id);
+                out.push(id);
+            }
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.due_of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.due_of.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.by_due.clear();
+        self.due_of.clear();
+    }
+}
+
+/// `[delivery] retry_schedule` and `max_age`.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Delay after the 1st, 2nd, ... attempt; the last one repeats.
+    pub schedule: Vec<Duration>,
+    pub max_age: Duration,
+}
+
+impl RetryPolicy {
+    /// Unix seconds of the next attempt after `attempts` attempts, with
+    /// ±10% jitter (`jitter` in -1.0..=1.0) so that deferred mail does not
+    /// come back in one wave.
+    pub fn next_attempt(&self, attempts: u32, now: i64, jitter: f64) -> i64 {
+        let i = (attempts.max(1) as usize - 1).min(self.schedule.len().saturating_sub(1));
+        let base = self
+            .schedule
+            .get(i)
+            .copied()
+            .unwrap_or(Duration::from_secs(300))
+            .as_secs_f64();
+        let delay = (base * (1.0 + 0.1 * jitter.clamp(-1.0, 1.0))).round().max(1.0);
+        now + delay as i64
+    }
+
+    /// A message older than `max_age` is not retried: deferrals become failures.
+    pub fn expired(&self, received_at: i64, now: i64) -> bool {
+        now.saturating_sub(received_at) >= self.max_age.as_secs() as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pops_only_what_is_due_in_order() {
+        let mut s = Schedule::default();
+        s.insert("late".into(), 100);
+        s.insert("early".into(), 10);
+        s.insert("now".into(), 0);
+        assert_eq!(s.pop_due(50, 10), vec!["now", "early"]);
+        assert_eq!(s.len(), 1);
+        s.insert("late".into(), 40); // moved earlier
+        assert_eq!(s.pop_due(50, 10), vec!["late"]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn pop_is_bounded_and_remove_works() {
+        let mut s = Schedule::default();
+        for i in 0..10 {
+            s.insert(format!("m{i}"), i);
+        }
+        s.remove("m0");
+        assert_eq!(s.pop_due(100, 3), vec!["m1", "m2", "m3"]);
+        assert_eq!(s.len(), 6);
+    }
+
+    #[test]
+    fn a_million_deferred_do_not_cost_a_tick() {
+        let mut s = Schedule::default();
+        for i in 0..1_000_000 {
+            s.insert(format!("d{i}"), 1_000_000 + i);
+        }
+        // A tick with nothing due looks at one entry only.
+        assert!(s.pop_due(10, 1000).is_empty());
+        assert_eq!(s.len(), 1_000_000);
+    }
+
+    #[test]
+    fn retry_schedule_steps_then_repeats_with_bounded_jitter() {
+        let p = RetryPolicy {
+            schedule: vec![
+                Duration::from_secs(300),
+                Duration::from_secs(600),
+                Duration::from_secs(1800),
+            ],
+            max_age: Duration::from_secs(5 * 86400),
+        };
+        assert_eq!(p.next_attempt(1, 0, 0.0), 300);
+        assert_eq!(p.next_attempt(2, 0, 0.0), 600);
+        assert_eq!(p.next_attempt(3, 0, 0.0), 1800);
+        assert_eq!(p.next_attempt(9, 0, 0.0), 1800);
+        assert_eq!(p.next_attempt(1, 1000, 1.0), 1330);
+        assert_eq!(p.next_attempt(1, 1000, -1.0), 1270);
+        assert!(!p.expired(0, 5 * 86400 - 1));
+        assert!(p.expired(0, 5 * 86400));
+    }
+}

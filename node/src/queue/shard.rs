@@ -1,0 +1,447 @@
+//! The QueueShard actor: one per shard replica on this node. While this node
+//! leads the shard it keeps the shard's schedule, hands due messages to
+//! delivery, turns results into per-recipient outcomes (with retries, expiry
+//! and bounces) and writes them back through the shard's Raft group in
+//! batches. When it stops leading, it stops dispatching; a new leader
+//! resumes from the replicated state.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use openraft::{RaftMetrics, ServerState};
+use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
+
+use super::message::{MessageRecord, RcptStatus};
+use super::schedule::{RetryPolicy, Schedule};
+use super::IdGen;
+use crate::delivery::{Delivery, LoadedMessage, RcptAttempt};
+use crate::dsn;
+use crate::envelope::{Envelope, Notify, Recipient};
+use crate::raft::groups::GroupHandle;
+use crate::raft::state_machine::{message_key, SmEvent, MESSAGE_PREFIX};
+use crate::raft::{Body, NewMessage, NodeId, OutcomeUpdate, RcptResult, Request};
+
+/// Most messages of one shard in delivery at once (bounds memory).
+const MAX_IN_FLIGHT: usize = 2000;
+/// Most outcomes in one Raft write.
+const MAX_BATCH: usize = 512;
+
+/// Settings the shard actors share.
+pub struct ShardSettings {
+    pub node: NodeId,
+    pub hostname: String,
+    pub retry: RetryPolicy,
+    pub delay_notice_after: Option<Duration>,
+    pub tick: Duration,
+}
+
+pub struct QueueShard {
+    group: GroupHandle,
+    settings: Arc<ShardSettings>,
+    delivery: Arc<Delivery>,
+    ids: Arc<IdGen>,
+    events: Option<tokio::sync::mpsc::UnboundedReceiver<SmEvent>>,
+    /// Term in which this node leads and has loaded the queue.
+    leader_term: Option<u64>,
+    loading_term: Option<u64>,
+    schedule: Schedule,
+    in_flight: HashSet<String>,
+    pending_updates: Vec<OutcomeUpdate>,
+    pending_bounces: Vec<NewMessage>,
+    writing: bool,
+}
+
+impl QueueShard {
+    pub fn new(
+        group: GroupHandle,
+        settings: Arc<ShardSettings>,
+        delivery: Arc<Delivery>,
+        ids: Arc<IdGen>,
+        events: tokio::sync::mpsc::UnboundedReceiver<SmEvent>,
+    ) -> QueueShard {
+        QueueShard {
+            group,
+            settings,
+            delivery,
+            ids,
+            events: Some(events),
+            leader_term: None,
+            loading_term: None,
+            schedule: Schedule::default(),
+            in_flight: HashSet::new(),
+            pending_updates: Vec::new(),
+            pending_bounces: Vec::new(),
+            writing: false,
+        }
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    fn load_record(&self, id: &str) -> Option<MessageRecord> {
+        let v = self.group.sm.tree().get(message_key(id)).ok()??;
+        bincode::deserialize(&v).ok()
+    }
+
+    /// Hands every due message to delivery, up to the in-flight bound.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.leader_term.is_none() {
+            return;
+        }
+        let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
+        let now = Self::now();
+        for id in self.schedule.pop_due(now, room) {
+            if self.in_flight.contains(&id) {
+                // Its outcome is being written; look again shortly.
+                self.schedule.insert(id, now + 1);
+                continue;
+            }
+            let Some(record) = self.load_record(&id) else { continue };
+            let body = match record.body.as_ref().map(|loc| self.group.sm.spool().read(loc)) {
+                Some(Ok(b)) => b,
+                other => {
+                    tracing::error!(msg_id = %id, shard = self.group.id, error = ?other.and_then(|r| r.err()), "cannot read queued body");
+                    self.schedule.insert(id, now + 60);
+                    continue;
+                }
+            };
+            self.in_flight.insert(id.clone());
+            let message = Arc::new(LoadedMessage { record, body });
+            let delivery = Arc::clone(&self.delivery);
+            let fut = async move {
+                let attempts = delivery.attempt(Arc::clone(&message)).await;
+                (message, attempts)
+            };
+            ctx.spawn(
+                fut.into_actor(self)
+                    .map(|(message, attempts), act, _| act.on_attempt(&message, attempts)),
+            );
+        }
+    }
+
+    /// Turns one attempt's results into an outcome update (and bounces).
+    fn on_attempt(&mut self, message: &LoadedMessage, attempts: Vec<RcptAttempt>) {
+        let now = Self::now();
+        let record = &message.record;
+        let expired = self.settings.retry.expired(record.received_at, now);
+        let mut results = Vec::new();
+        let mut failed = Vec::new();
+        let mut delivered = Vec::new();
+        let mut deferred = Vec::new();
+        for a in &attempts {
+            let (status, reply) = match &a.outcome {
+                crate::delivery::RcptOutcome::Delivered { reply } => (RcptStatus::Delivered, reply.clone()),
+                crate::delivery::RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone()),
+                crate::delivery::RcptOutcome::Deferred { reply } if expired => (
+                    RcptStatus::Failed,
+                    format!(
+                        "{reply} (gave up: message older than {}s)",
+                        self.settings.retry.max_age.as_secs()
+                    ),
+                ),
+                crate::delivery::RcptOutcome::Deferred { reply } => (RcptStatus::Deferred, reply.clone()),
+            };
+            log_event(record, a, status, &reply, record.attempts + 1, now);
+            match status {
+                RcptStatus::Failed => failed.push((a, reply.clone(), expired)),
+                RcptStatus::Delivered => delivered.push(a),
+                _ => deferred.push((a, reply.clone())),
+            }
+            results.push(RcptResult {
+                index: a.index as u32,
+                status,
+                reply,
+            });
+        }
+        let attempts_made = record.attempts + 1;
+        let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        let next_attempt = self.settings.retry.next_attempt(attempts_made, now, jitter);
+        let mut delay_notified = record.delay_notified;
+
+        // Bounces (RFC 3464): one per message and kind, to the reverse-path.
+        let failure_rcpts: Vec<_> = failed
+            .iter()
+            .filter(|(a, _, _)| notify_wanted(record, a.index, dsn::DsnKind::Failure))
+            .map(|(a, reply, expired)| report(record, a, dsn::Action::Failed, reply, now, None, *expired))
+            .collect();
+        self.queue_dsn(message, dsn::DsnKind::Failure, failure_rcpts, now);
+        let success_rcpts: Vec<_> = delivered
+            .iter()
+            .filter(|a| !a.dsn_relayed && notify_wanted(record, a.index, dsn::DsnKind::Success))
+            .map(|a| {
+                let reply = match &a.outcome {
+                    crate::delivery::RcptOutcome::Delivered { reply } => reply.clone(),
+                    _ => String::new(),
+                };
+                report(record, a, dsn::Action::Delivered, &reply, now, None, false)
+            })
+            .collect();
+        self.queue_dsn(message, dsn::DsnKind::Success, success_rcpts, now);
+        if let Some(after) = self.settings.delay_notice_after {
+            if !delay_notified && now - record.received_at >= after.as_secs() as i64 {
+                let until = record.received_at + self.settings.retry.max_age.as_secs() as i64;
+                let delay_rcpts: Vec<_> = deferred
+                    .iter()
+                    .filter(|(a, _)| notify_wanted(record, a.index, dsn::DsnKind::Delay))
+                    .map(|(a, reply)| report(record, a, dsn::Action::Delayed, reply, now, Some(until), false))
+                    .collect();
+                if !delay_rcpts.is_empty() {
+                    delay_notified = true;
+                }
+                self.queue_dsn(message, dsn::DsnKind::Delay, delay_rcpts, now);
+            }
+        }
+        self.pending_updates.push(OutcomeUpdate {
+            id: record.id.clone(),
+            results,
+            attempts: attempts_made,
+            next_attempt,
+            delay_notified,
+        });
+    }
+
+    fn queue_dsn(&mut self, message: &LoadedMessage, kind: dsn::DsnKind, rcpts: Vec<dsn::RecipientReport>, now: i64) {
+        let record = &message.record;
+        // A bounce never causes another bounce.
+        if rcpts.is_empty() || record.envelope.reverse_path.is_empty() || dsn::is_dsn(&message.body) {
+            return;
+        }
+        let built = dsn::build(&dsn::DsnInput {
+            kind,
+            reporting_mta: &self.settings.hostname,
+            queue_id: &record.id,
+            envid: record.envelope.envid.as_deref(),
+            arrival_date: record.received_at,
+            reverse_path: &record.envelope.reverse_path,
+            ret: record.envelope.ret,
+            original: &message.body,
+            recipients: rcpts,
+            now,
+        });
+        let id = self.ids.next();
+        let envelope = Envelope {
+            reverse_path: String::new(),
+            recipients: vec![Recipient {
+                address: record.envelope.reverse_path.clone(),
+                notify: Notify::default(),
+                orcpt: None,
+            }],
+            smtputf8: built.smtputf8,
+            body_type: if built.eight_bit {
+                crate::envelope::BodyType::EightBitMime
+            } else {
+                crate::envelope::BodyType::SevenBit
+            },
+            helo: self.settings.hostname.clone(),
+            client_ip: "127.0.0.1".into(),
+            ..Envelope::default()
+        };
+        tracing::info!(
+            target: "tern::event",
+            event = "bounced",
+            msg_id = %record.id,
+            dsn_id = %id,
+            kind = ?kind,
+            to = %record.envelope.reverse_path,
+            "dsn queued"
+        );
+        let size = built.message.len() as u64;
+        self.pending_bounces.push(NewMessage {
+            record: Box::new(MessageRecord::new(id, envelope, size, now)),
+            body: Body {
+                bytes: built.message,
+                loc: None,
+            },
+        });
+    }
+
+    /// Writes collected outcomes through Raft: one write for many.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.writing || (self.pending_updates.is_empty() && self.pending_bounces.is_empty()) {
+            return;
+        }
+        let take = self.pending_updates.len().min(MAX_BATCH);
+        let updates: Vec<OutcomeUpdate> = self.pending_updates.drain(..take).collect();
+        let bounces = std::mem::take(&mut self.pending_bounces);
+        let ids: Vec<String> = updates.iter().map(|u| u.id.clone()).collect();
+        let raft = self.group.raft.clone();
+        self.writing = true;
+        let fut = async move { raft.client_write(Request::Outcomes { updates, bounces }).await };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
+            act.writing = false;
+            let retry_at = Self::now() + 5;
+            for id in &ids {
+                act.in_flight.remove(id);
+            }
+            if let Err(e) = result {
+                tracing::warn!(shard = act.group.id, error = %e, n = ids.len(), "outcome write failed; will retry delivery");
+                if act.leader_term.is_some() {
+                    for id in ids {
+                        act.schedule.insert(id, retry_at);
+                    }
+                }
+            }
+        }));
+    }
+
+    fn on_metrics(&mut self, m: &RaftMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
+        let leading = m.state == ServerState::Leader && m.current_leader == Some(self.settings.node);
+        if !leading {
+            if self.leader_term.take().is_some() {
+                tracing::info!(shard = self.group.id, "no longer shard leader; delivery stops here");
+            }
+            self.loading_term = None;
+            self.schedule.clear();
+            return;
+        }
+        if self.leader_term == Some(m.current_term) || self.loading_term == Some(m.current_term) {
+            return;
+        }
+        self.loading_term = Some(m.current_term);
+        let term = m.current_term;
+        let group = self.group.clone();
+        let fut = async move {
+            // One quorum round per leadership, not per message.
+            group.raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
+            let mut due = Vec::new();
+            for item in group.sm.tree().scan_prefix(MESSAGE_PREFIX) {
+                let (_, v) = item.map_err(|e| e.to_string())?;
+                if let Ok(r) = bincode::deserialize::<MessageRecord>(&v) {
+                    due.push((r.id, r.next_attempt));
+                }
+            }
+            Ok::<_, String>(due)
+        };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
+            if act.loading_term != Some(term) {
+                return;
+            }
+            act.loading_term = None;
+            match result {
+                Ok(due) => {
+                    tracing::debug!(
+                        shard = act.group.id,
+                        term,
+                        pending = due.len(),
+                        "shard leader: resuming delivery"
+                    );
+                    for (id, at) in due {
+                        act.schedule.insert(id, at);
+                    }
+                    act.leader_term = Some(term);
+                }
+                Err(e) => tracing::warn!(shard = act.group.id, error = %e, "could not take over shard"),
+            }
+        }));
+    }
+}
+
+/// NOTIFY semantics for one recipient (RFC 3461 §4.1).
+fn notify_wanted(record: &MessageRecord, index: usize, kind: dsn::DsnKind) -> bool {
+    record
+        .envelope
+        .recipients
+        .get(index)
+        .is_some_and(|r| dsn::should_notify(&record.envelope.reverse_path, kind, &r.notify))
+}
+
+fn report(
+    record: &MessageRecord,
+    a: &RcptAttempt,
+    action: dsn::Action,
+    reply: &str,
+    now: i64,
+    will_retry_until: Option<i64>,
+    expired: bool,
+) -> dsn::RecipientReport {
+    let rcpt = record.envelope.recipients.get(a.index);
+    // An expiry after repeated 4xx reports the last 4.x.x status (as Postfix does); ours is 4.4.7.
+    let status = if expired && !reply.starts_with('4') {
+        "4.4.7".to_owned()
+    } else {
+        dsn::status_from_reply(reply, action)
+    };
+    dsn::RecipientReport {
+        address: rcpt.map(|r| r.address.clone()).unwrap_or_default(),
+        orcpt: rcpt.and_then(|r| r.orcpt.clone()),
+        action,
+        status,
+        diagnostic: (!reply.is_empty()).then(|| reply.to_owned()),
+        remote_mta: a.remote_host.clone(),
+        last_attempt: Some(now),
+        will_retry_until,
+    }
+}
+
+/// One structured line per delivery event (docs/events.md).
+fn log_event(record: &MessageRecord, a: &RcptAttempt, status: RcptStatus, reply: &str, attempt: u32, now: i64) {
+    let rcpt = record
+        .envelope
+        .recipients
+        .get(a.index)
+        .map(|r| r.address.as_str())
+        .unwrap_or("");
+    let event = match status {
+        RcptStatus::Delivered => "delivered",
+        RcptStatus::Failed => "failed",
+        _ => "deferred",
+    };
+    tracing::info!(
+        target: "tern::event",
+        event,
+        msg_id = %record.id,
+        message_id = %a.message_id,
+        from = %record.envelope.reverse_path,
+        rcpt,
+        relay = a.remote_host.as_deref().unwrap_or(""),
+        ip = a.remote_ip.as_deref().unwrap_or(""),
+        tls = a.tls.as_deref().unwrap_or("none"),
+        attempt,
+        delay_secs = now - record.received_at,
+        reply,
+        "delivery"
+    );
+}
+
+impl Actor for QueueShard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(1024);
+        if let Some(rx) = self.events.take() {
+            ctx.add_stream(UnboundedReceiverStream::new(rx));
+        }
+        ctx.add_stream(WatchStream::new(self.group.raft.metrics()));
+        ctx.run_interval(self.settings.tick, |act, ctx| {
+            act.flush(ctx);
+            act.dispatch(ctx);
+        });
+    }
+}
+
+impl StreamHandler<SmEvent> for QueueShard {
+    fn handle(&mut self, event: SmEvent, _: &mut Context<Self>) {
+        if self.leader_term.is_none() && self.loading_term.is_none() {
+            return;
+        }
+        match event {
+            SmEvent::Scheduled { id, due } => self.schedule.insert(id, due),
+            SmEvent::Removed { id } => self.schedule.remove(&id),
+        }
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+impl StreamHandler<RaftMetrics<NodeId, openraft::BasicNode>> for QueueShard {
+    fn handle(&mut self, m: RaftMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
+        self.on_metrics(&m, ctx);
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,211 @@
+//! Delivery end to end: routes and MX lookup (real dnsmasq) to real
+//! smtp-sink peers, retries, bounces parsed by Python's email package,
+//! and delivery that survives kill -9.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::testdns::DnsServer;
+
+fn queue_len(node: &Node) -> u64 {
+    node.ternctl_json(&["queue", "summary"])["messages"].as_u64().unwrap()
+}
+
+fn send(node: &Node, from: &str, to: &[&str], tag: &str) -> String {
+    let mut c = Client::connect(node.smtp).unwrap();
+    c.command("EHLO sender.test").unwrap();
+    c.send_mail(from, to, &body(tag, 512)).unwrap()
+}
+
+#[test]
+fn route_delivers_to_smtp_sink_and_empties_the_queue() {
+    let sink = SmtpSink::start(&[]);
+    let node = Node::start(&format!("[[route]]\ndomain = \"*\"\nto = \"{}\"\n", sink.addr));
+    for i in 0..20 {
+        send(
+            &node,
+            "a@tern.test",
+            &["b@example.test", "c@example.test"],
+            &format!("route-{i}"),
+        );
+    }
+    wait_for(Duration::from_secs(60), "20 messages at the sink", || {
+        sink.messages().len() >= 20
+    });
+    wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
+    let msgs = sink.messages();
+    assert_eq!(msgs.len(), 20, "one transaction per message, both recipients in it");
+    for i in 0..20 {
+        let id = format!("<route-{i}@tern.test>");
+        assert_eq!(msgs.iter().filter(|m| m.contains(&id)).count(), 1, "{id}");
+    }
+    assert!(msgs
+        .iter()
+        .all(|m| m.contains("b@example.test") && m.contains("c@example.test")));
+}
+
+#[test]
+fn mx_lookup_through_dnsmasq_picks_the_preferred_host() {
+    let sink = SmtpSink::start(&[]);
+    // The preferred MX is 127.0.0.1 (where the sink is); the backup points nowhere.
+    let dns = DnsServer::start(
+        "mx-host=example.test,mx1.example.test,10\nmx-host=example.test,mx2.example.test,20\nhost-record=mx1.example.test,127.0.0.1\nhost-record=mx2.example.test,127.0.0.2\nmx-host=nullmx.test,.,0\n",
+    );
+    let node = Node::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n\n[delivery]\nsmtp_port = {}\n",
+        dns.addr,
+        sink.addr.port()
+    ));
+    send(&node, "a@tern.test", &["rcpt@example.test"], "mx-1");
+    wait_for(Duration::from_secs(60), "message at the MX", || {
+        sink.messages().len() == 1
+    });
+    assert!(sink.messages()[0].contains("<mx-1@tern.test>"));
+    wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
+}
+
+#[test]
+fn deferred_then_delivered_when_the_peer_comes_back() {
+    let port = free_port();
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{port}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n"
+    ));
+    let id = send(&node, "a@tern.test", &["later@example.test"], "defer-1");
+    wait_for(Duration::from_secs(30), "a deferral", || {
+        let m = node.ternctl_json(&["queue", "show", &id]);
+        m["attempts"].as_u64().unwrap() >= 1 && m["recipients"][0]["status"] == "deferred"
+    });
+    let m = node.ternctl_json(&["queue", "show", &id]);
+    assert!(
+        m["recipients"][0]["last_reply"].as_str().unwrap().starts_with("451"),
+        "{m}"
+    );
+    let sink = SmtpSink::start_on(port, &[]);
+    wait_for(Duration::from_secs(60), "delivery after retry", || {
+        sink.messages().len() == 1
+    });
+    wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
+}
+
+#[test]
+fn permanent_failure_bounces_with_an_rfc3464_report() {
+    let rejecting = SmtpSink::start(&["-f", "RCPT"]);
+    let sender_mx = SmtpSink::start(&[]);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"example.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n",
+        rejecting.addr, sender_mx.addr
+    ));
+    let id = send(&node, "sender@tern.test", &["nobody@example.test"], "bounce-1");
+    wait_for(Duration::from_secs(60), "the bounce", || {
+        sender_mx.messages().len() == 1
+    });
+    wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
+    let dump = &sender_mx.messages()[0];
+    // The dump starts with smtp-sink's envelope lines; the message follows them.
+    let start = dump.find("Received:").expect("message in dump");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dsn.eml");
+    std::fs::write(&path, &dump[start..]).unwrap();
+    let script = format!(
+        r#"
+import email, email.policy, sys
+m = email.message_from_binary_file(open({path:?}, "rb"), policy=email.policy.default)
+assert m.get_content_type() == "multipart/report", m.get_content_type()
+assert m.get_param("report-type") == "delivery-status"
+parts = list(m.iter_parts())
+assert parts[1].get_content_type() == "message/delivery-status"
+groups = parts[1].get_payload()
+per_msg, rcpt = groups[0], groups[1]
+assert "dns;" in per_msg["Reporting-MTA"], per_msg["Reporting-MTA"]
+assert per_msg["X-Tern-Queue-ID"] == {id:?}, per_msg["X-Tern-Queue-ID"]
+assert rcpt["Final-Recipient"].lower().replace(" ", "") == "rfc822;nobody@example.test", rcpt["Final-Recipient"]
+assert rcpt["Action"] == "failed", rcpt["Action"]
+assert rcpt["Status"].startswith("5."), rcpt["Status"]
+assert rcpt["Diagnostic-Code"].lower().startswith("smtp; 5"), rcpt["Diagnostic-Code"]
+assert "127.0.0.1" in rcpt["Remote-MTA"], rcpt["Remote-MTA"]
+original = parts[2].as_string()
+assert "bounce-1@tern.test" in original, original
+print("ok")
+"#,
+        path = path.display().to_string()
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        &dump[start..]
+    );
+    // The bounce went out with the null reverse-path, to the original sender.
+    let envelope = &dump[..start];
+    assert!(
+        envelope.contains("X-Mail-Args: <>") && envelope.contains("X-Rcpt-Args: <sender@tern.test>"),
+        "{envelope}"
+    );
+    // A bounce never causes another bounce: the rejecting sink got the original only.
+    assert!(rejecting.messages().is_empty());
+}
+
+#[test]
+fn kill_during_delivery_loses_nothing() {
+    // A slow sink: every DATA waits a second, so deliveries are in flight when we kill.
+    let sink = SmtpSink::start(&["-w", "1"]);
+    let mut node = Node::start(&format!(
+        "[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\nmax_connections_per_site = 5\n",
+        sink.addr
+    ));
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (acked, stop, addr) = (Arc::clone(&acked), Arc::clone(&stop), node.smtp);
+            std::thread::spawn(move || {
+                let Ok(mut c) = Client::connect(addr) else { return };
+                let _ = c.command("EHLO load.test");
+                for i in 0..25 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let tag = format!("inflight-{t}-{i}");
+                    match c.send_mail("a@tern.test", &["b@example.test"], &body(&tag, 1024)) {
+                        Ok(_) => acked.lock().unwrap().push(tag),
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(60), "some deliveries", || {
+        sink.messages().len() >= 5
+    });
+    node.kill();
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    node.spawn();
+    let count = |tag: &str| {
+        let id = format!("<{tag}@tern.test>");
+        sink.messages().iter().filter(|m| m.contains(&id)).count()
+    };
+    wait_for(Duration::from_secs(120), "every acknowledged message delivered", || {
+        acked.iter().all(|t| count(t) >= 1)
+    });
+    wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
+    let mut per: BTreeMap<usize, usize> = BTreeMap::new();
+    for t in &acked {
+        *per.entry(count(t)).or_default() += 1;
+    }
+    // At-least-once: duplicates only for what was in flight at the kill.
+    let dups: usize = per.iter().filter(|(c, _)| **c > 1).map(|(_, n)| n).sum();
+    assert!(dups <= 10, "{dups} duplicates for {} messages: {per:?}", acked.len());
+    eprintln!(
+        "kill during delivery: {} acknowledged, copies per message {per:?}",
+        acked.len()
+    );
+}
