@@ -6,8 +6,12 @@
 mod delivery;
 mod durability;
 mod harness;
+mod local;
 mod node;
 mod smtp;
 #[path = "../../src/delivery/testdns.rs"]
 #[allow(dead_code)]
 mod testdns;
+#[path = "../../src/delivery/testpeers.rs"]
+#[allow(dead_code)]
+mod testpeers;
