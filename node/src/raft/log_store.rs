@@ -32,12 +32,34 @@ pub struct LogStore {
 impl LogStore {
     pub fn open(durability: Arc<Durability>, spool: Arc<Spool>, group: GroupId) -> anyhow::Result<LogStore> {
         let db = durability.db();
-        Ok(LogStore {
+        let store = LogStore {
             log: db.open_tree(format!("g{group}/log"))?,
             meta: db.open_tree(format!("g{group}/meta"))?,
             spool,
             durability,
-        })
+        };
+        store.count_spool_refs()?;
+        Ok(store)
+    }
+
+    /// Tells the spool which segments the log still points into.
+    fn count_spool_refs(&self) -> anyhow::Result<()> {
+        let mut log_max = std::collections::HashMap::new();
+        for item in self.log.iter() {
+            let (_, v) = item?;
+            let mut entry: Entry = bincode::deserialize(&v)?;
+            if let EntryPayload::Normal(request) = &mut entry.payload {
+                for body in request.bodies_mut() {
+                    if let Some(loc) = body.loc {
+                        let max = log_max.entry(loc.segment).or_insert(0);
+                        *max = (*max).max(entry.log_id.index);
+                    }
+                }
+            }
+        }
+        let purged: Option<LogId> = self.get_meta(PURGED).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.spool.set_log_refs(log_max, purged.map(|l| l.index).unwrap_or(0));
+        Ok(())
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -170,6 +192,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         .spool
                         .append(&body.bytes)
                         .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
+                    self.spool.logged(loc.segment, log_id.index);
                     body.loc = Some(loc);
                     body.bytes = Vec::new();
                 }
@@ -205,6 +228,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log
             .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.spool.log_purged(log_id.index);
+        self.spool.reclaim();
+        Ok(())
     }
 }

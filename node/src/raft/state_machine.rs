@@ -92,7 +92,7 @@ impl StateMachine {
         let tree = durability.db().open_tree(format!("g{group}/sm"))?;
         let dir = durability.data_dir().join("snapshots");
         std::fs::create_dir_all(&dir)?;
-        Ok(StateMachine {
+        let sm = StateMachine {
             group,
             tree,
             spool,
@@ -100,7 +100,23 @@ impl StateMachine {
             durability,
             pending: None,
             events: None,
-        })
+        };
+        sm.count_spool_refs()?;
+        Ok(sm)
+    }
+
+    /// Tells the spool which segments queued messages point into.
+    fn count_spool_refs(&self) -> anyhow::Result<()> {
+        let mut live = std::collections::HashMap::new();
+        for item in self.tree.scan_prefix(MESSAGE_PREFIX) {
+            let (_, v) = item?;
+            let record: MessageRecord = bincode::deserialize(&v)?;
+            if let Some(loc) = record.body {
+                *live.entry(loc.segment).or_insert(0) += 1;
+            }
+        }
+        self.spool.set_live(live);
+        Ok(())
     }
 
     /// The tree, for read-only queries by the admin service.
@@ -149,10 +165,12 @@ impl StateMachine {
         if staged.contains_key(&record.id) || self.tree.contains_key(message_key(&record.id)).map_err(|e| err(&e))? {
             return Ok(false);
         }
-        record.body = match body.loc {
-            Some(loc) => Some(loc),
-            None => Some(self.spool.append(&body.bytes).map_err(|e| err(&e))?),
+        let loc = match body.loc {
+            Some(loc) => loc,
+            None => self.spool.append(&body.bytes).map_err(|e| err(&e))?,
         };
+        self.spool.retain(loc.segment);
+        record.body = Some(loc);
         events.push(SmEvent::Scheduled {
             id: record.id.clone(),
             due: record.next_attempt,
@@ -307,6 +325,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         record.next_attempt = update.next_attempt;
                         record.delay_notified = update.delay_notified;
                         if record.rcpt_state.iter().all(|s| s.status.is_final()) {
+                            if let Some(loc) = record.body {
+                                self.spool.release(loc.segment);
+                            }
                             events.push(SmEvent::Removed { id: update.id.clone() });
                             staged.insert(update.id, None);
                         } else {
@@ -343,6 +364,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if last.is_some() {
             batch.insert(APPLIED, bincode::serialize(&last).map_err(|e| err(&e))?);
             self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+            self.spool.reclaim();
         }
         if let Some(tx) = &self.events {
             for e in events {
@@ -389,7 +411,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             bincode::serialize(&meta.last_membership).map_err(|e| err(&e))?,
         );
         self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+        self.count_spool_refs().map_err(|e| err(&e))?;
         self.durability.flush().await.map_err(|e| err(&e))?;
+        self.spool.reclaim();
         self.save_snapshot_file(&StoredSnapshot {
             meta: meta.clone(),
             data: bytes,

@@ -95,3 +95,84 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
     let blobs = std::fs::read_dir(dir.path().join("sled/blobs")).unwrap().count();
     assert_eq!(blobs, 0, "sled wrote blob files");
 }
+
+/// Spool segments are deleted once no queued message and no unpurged log
+/// entry points into them, and never the one being written.
+#[tokio::test]
+async fn final_messages_free_their_spool_segments() {
+    use crate::envelope::{Envelope, Recipient};
+    use crate::queue::message::RcptStatus;
+    use crate::raft::{OutcomeUpdate, RcptResult};
+    use openraft::storage::RaftLogStorage;
+
+    let dir = tempfile::tempdir().unwrap();
+    let durability = Durability::open(dir.path()).unwrap();
+    let spool = Arc::new(
+        Spool::open(Arc::clone(&durability), 1)
+            .unwrap()
+            .with_segment_bytes(1024),
+    );
+    let mut log = LogStore::open(Arc::clone(&durability), Arc::clone(&spool), 1).unwrap();
+    let mut sm = StateMachine::open(durability, Arc::clone(&spool), 1).unwrap();
+    let envelope = Envelope {
+        recipients: vec![Recipient {
+            address: "r@example.test".into(),
+            notify: Default::default(),
+            orcpt: None,
+        }],
+        ..Envelope::default()
+    };
+    let mut entries = Vec::new();
+    for (i, id) in ["A", "B", "C", "D"].iter().enumerate() {
+        let mut e = enqueue_entry(i as u64 + 1, id, &[b'x'; 900]);
+        if let EntryPayload::Normal(Request::Enqueue { record, .. }) = &mut e.payload {
+            record.envelope = envelope.clone();
+            record.rcpt_state = vec![Default::default()];
+        }
+        entries.push(e);
+    }
+    log.blocking_append(entries).await.unwrap();
+    sm.apply(log.try_get_log_entries(1..5).await.unwrap()).await.unwrap();
+    assert_eq!(spool.segment_files(), 4);
+
+    let done = |id: &str| OutcomeUpdate {
+        id: id.into(),
+        results: vec![RcptResult {
+            index: 0,
+            status: RcptStatus::Delivered,
+            reply: "250 ok".into(),
+        }],
+        attempts: 1,
+        next_attempt: 0,
+        delay_notified: false,
+    };
+    let outcomes = Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 5),
+        payload: EntryPayload::Normal(Request::Outcomes {
+            updates: vec![done("A"), done("B"), done("D")],
+            bounces: Vec::new(),
+        }),
+    };
+    log.blocking_append([outcomes.clone()]).await.unwrap();
+    sm.apply([outcomes]).await.unwrap();
+    // Still referenced by unpurged log entries.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(spool.segment_files(), 4);
+
+    log.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 5))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // A and B go; C is still queued; D's segment is the one being written.
+    while spool.segment_files() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} segments left",
+            spool.segment_files()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let v = sm.tree().get(super::state_machine::message_key("C")).unwrap().unwrap();
+    let record: MessageRecord = bincode::deserialize(&v).unwrap();
+    assert_eq!(sm.spool().read(&record.body.unwrap()).unwrap(), vec![b'x'; 900]);
+}

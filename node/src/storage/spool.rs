@@ -37,11 +37,23 @@ struct Active {
 struct Inner {
     active: Option<Active>,
     open: HashMap<u64, Arc<File>>,
+    /// Queued messages whose body is in each segment (state machine).
+    live: HashMap<u64, i64>,
+    /// Highest log index whose entry has a body in each segment (log store).
+    log_max: HashMap<u64, u64>,
+    /// Log entries up to here are purged.
+    purged: u64,
+    /// Reclaiming waits until both the state machine and the log store have
+    /// counted their references after a start.
+    counted_sm: bool,
+    counted_log: bool,
 }
 
 /// The spool of one Raft group.
 pub struct Spool {
     dir: PathBuf,
+    /// Segment size at which a new one is started.
+    segment_bytes: u64,
     durability: Arc<Durability>,
     inner: Mutex<Inner>,
 }
@@ -52,12 +64,24 @@ impl Spool {
         std::fs::create_dir_all(&dir)?;
         Ok(Spool {
             dir,
+            segment_bytes: SEGMENT_BYTES,
             durability,
             inner: Mutex::new(Inner {
                 active: None,
                 open: HashMap::new(),
+                live: HashMap::new(),
+                log_max: HashMap::new(),
+                purged: 0,
+                counted_sm: false,
+                counted_log: false,
             }),
         })
+    }
+
+    /// Smaller segments, for tests of reclamation.
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Spool {
+        self.segment_bytes = bytes;
+        self
     }
 
     fn path(&self, seq: u64) -> PathBuf {
@@ -87,7 +111,7 @@ impl Spool {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let need_new = match &inner.active {
             None => true,
-            Some(a) => a.size + HEADER + u64::from(len) > SEGMENT_BYTES && a.size > 0,
+            Some(a) => a.size + HEADER + u64::from(len) > self.segment_bytes && a.size > 0,
         };
         if need_new {
             let seq = match &inner.active {
@@ -151,5 +175,112 @@ impl Spool {
             ));
         }
         Ok(body)
+    }
+}
+
+/// Space reclamation. A segment is deleted once it is not the one being
+/// written, no queued message's body is in it, and every log entry that
+/// carried a body into it has been purged. The files are removed only after
+/// the next durable flush, so the removal of the last record and the log
+/// purge are on disk first: after a crash nothing can point into a deleted
+/// segment.
+impl Spool {
+    /// The state machine's references, counted once at start.
+    pub fn set_live(&self, live: HashMap<u64, i64>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.live = live;
+        inner.counted_sm = true;
+    }
+
+    /// The log store's references and purge point, counted once at start.
+    pub fn set_log_refs(&self, log_max: HashMap<u64, u64>, purged: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.log_max = log_max;
+        inner.purged = purged;
+        inner.counted_log = true;
+    }
+
+    /// A message record now points into `segment`.
+    pub fn retain(&self, segment: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *inner.live.entry(segment).or_default() += 1;
+    }
+
+    /// A message record pointing into `segment` is gone.
+    pub fn release(&self, segment: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *inner.live.entry(segment).or_default() -= 1;
+    }
+
+    /// The log entry at `index` has its body in `segment`.
+    pub fn logged(&self, segment: u64, index: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let max = inner.log_max.entry(segment).or_default();
+        *max = (*max).max(index);
+    }
+
+    /// Log entries up to `index` are purged.
+    pub fn log_purged(&self, index: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.purged = inner.purged.max(index);
+    }
+
+    /// Segments that can go, forgotten here; see [`Spool::reclaim`].
+    fn take_reclaimable(&self) -> Vec<PathBuf> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !(inner.counted_sm && inner.counted_log) {
+            return Vec::new();
+        }
+        let active = inner.active.as_ref().map(|a| a.seq);
+        let purged = inner.purged;
+        let mut segments: Vec<u64> = inner.live.keys().chain(inner.log_max.keys()).copied().collect();
+        segments.sort_unstable();
+        segments.dedup();
+        let mut out = Vec::new();
+        for seg in segments {
+            let live = inner.live.get(&seg).copied().unwrap_or(0);
+            let logged = inner.log_max.get(&seg).copied().unwrap_or(0);
+            if Some(seg) != active && live <= 0 && logged <= purged {
+                inner.live.remove(&seg);
+                inner.log_max.remove(&seg);
+                inner.open.remove(&seg);
+                out.push(self.path(seg));
+            }
+        }
+        out
+    }
+
+    /// Deletes reclaimable segments after the next durable flush.
+    pub fn reclaim(&self) {
+        let doomed = self.take_reclaimable();
+        if doomed.is_empty() {
+            return;
+        }
+        let durability = Arc::clone(&self.durability);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if durability.flush().await.is_err() {
+                return;
+            }
+            for path in doomed {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::debug!(segment = %path.display(), "spool segment reclaimed"),
+                    Err(e) => tracing::warn!(segment = %path.display(), error = %e, "cannot remove spool segment"),
+                }
+            }
+        });
+    }
+
+    /// Number of segment files on disk (for tests and metrics).
+    pub fn segment_files(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 }
