@@ -209,3 +209,100 @@ fn kill_during_delivery_loses_nothing() {
         acked.len()
     );
 }
+
+#[test]
+fn expired_mail_bounces_with_the_last_deferral_reason() {
+    let closed = free_port();
+    let sender_mx = SmtpSink::start(&[]);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{closed}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\nmax_age = \"3s\"\n",
+        sender_mx.addr
+    ));
+    send(&node, "sender@tern.test", &["late@example.test"], "expire-1");
+    wait_for(Duration::from_secs(60), "the expiry bounce", || {
+        sender_mx.messages().len() == 1
+    });
+    let dsn = &sender_mx.messages()[0];
+    assert!(dsn.contains("Action: failed"), "{dsn}");
+    assert!(dsn.contains("Status: 4.4."), "{dsn}");
+    assert!(dsn.contains("expire-1@tern.test"));
+    wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
+}
+
+#[test]
+fn required_tls_is_never_sent_in_clear() {
+    // smtp-sink offers no STARTTLS.
+    let sink = SmtpSink::start(&[]);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nrequire_tls_domains = [\"secure.test\"]\nretry_schedule = [\"1h\"]\n",
+        sink.addr
+    ));
+    let id = send(&node, "a@tern.test", &["x@secure.test"], "tls-1");
+    send(&node, "a@tern.test", &["y@plain.test"], "plain-1");
+    wait_for(Duration::from_secs(30), "the plain message", || {
+        sink.messages().len() == 1
+    });
+    wait_for(Duration::from_secs(30), "the TLS deferral", || {
+        node.ternctl_json(&["queue", "show", &id])["recipients"][0]["status"] == "deferred"
+    });
+    let m = node.ternctl_json(&["queue", "show", &id]);
+    let reply = m["recipients"][0]["last_reply"].as_str().unwrap().to_ascii_lowercase();
+    assert!(reply.starts_with("451") && reply.contains("tls"), "{reply}");
+    assert!(!sink.messages().iter().any(|m| m.contains("tls-1@tern.test")));
+}
+
+#[test]
+fn success_notification_when_the_next_hop_has_no_dsn() {
+    // -N: the sink does not offer DSN, so Tern itself reports success.
+    let sink = SmtpSink::start(&["-N"]);
+    let sender_mx = SmtpSink::start(&[]);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"example.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n",
+        sink.addr, sender_mx.addr
+    ));
+    let script = format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("127.0.0.1", {port}, timeout=30)
+s.sendmail("sender@tern.test", ["r@example.test"], b"Subject: s\r\nMessage-ID: <success-1@tern.test>\r\n\r\nhi\r\n",
+    rcpt_options=["NOTIFY=SUCCESS"])
+s.quit()
+"#,
+        port = node.smtp.port()
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(60), "the success DSN", || {
+        sender_mx.messages().len() == 1
+    });
+    let dsn = &sender_mx.messages()[0];
+    assert!(dsn.contains("Action: delivered") && dsn.contains("Status: 2."), "{dsn}");
+    assert_eq!(sink.messages().len(), 1);
+}
+
+#[test]
+fn a_421_or_dropped_connection_defers_and_retries() {
+    let flaky = SmtpSink::start(&["-Q", "RCPT"]);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
+        flaky.addr
+    ));
+    let id = send(&node, "a@tern.test", &["r@example.test"], "flaky-1");
+    wait_for(Duration::from_secs(30), "a deferral", || {
+        node.ternctl_json(&["queue", "show", &id])["recipients"][0]["status"] == "deferred"
+    });
+    let m = node.ternctl_json(&["queue", "show", &id]);
+    assert_eq!(m["attempts"], 1);
+    assert!(
+        m["recipients"][0]["last_reply"].as_str().unwrap().contains("421"),
+        "{m}"
+    );
+    assert!(m["next_attempt"].as_i64().unwrap() > chrono_now() + 3000);
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
