@@ -179,8 +179,8 @@ fn kill_during_delivery_loses_nothing() {
             })
         })
         .collect();
-    wait_for(Duration::from_secs(60), "some deliveries", || {
-        sink.messages().len() >= 5
+    wait_for(Duration::from_secs(60), "60 acknowledged and 5 delivered", || {
+        acked.lock().unwrap().len() >= 60 && sink.messages().len() >= 5
     });
     node.kill();
     stop.store(true, Ordering::Relaxed);
