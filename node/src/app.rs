@@ -17,19 +17,15 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::queue::schedule::RetryPolicy;
-use crate::queue::shard::{QueueShard, ShardSettings};
+use crate::queue::shard::ShardSettings;
 use crate::queue::{IdGen, QueueFront};
-use crate::raft::groups::{GroupHandle, Groups};
-use crate::raft::log_store::LogStore;
-use crate::raft::network::{Network, Peers, MAX_GRPC_MESSAGE};
+use crate::raft::groups::Groups;
+use crate::raft::host::GroupHost;
+use crate::raft::network::MAX_GRPC_MESSAGE;
 use crate::raft::service::RaftServer;
-use crate::raft::state_machine::SmEvent;
-use crate::raft::state_machine::StateMachine;
-use crate::raft::{GroupId, Raft, Request, CONTROL_GROUP};
-use crate::storage::spool::Spool;
+use crate::raft::{Request, CONTROL_GROUP};
 use crate::storage::Durability;
 
-const LOCAL_GROUPS: &[u8] = b"groups";
 const LOCAL_INITIALIZED: &[u8] = b"initialized";
 
 /// Prints a line for harnesses on stdout and flushes it at once.
@@ -68,29 +64,6 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig
         .with_single_cert(certs, key)
         .context("TLS certificate and key do not match")?;
     Ok(Some(Arc::new(server)))
-}
-
-/// Opens every group this node hosts and starts its Raft instance.
-async fn open_group(
-    config: &Config,
-    durability: &Arc<Durability>,
-    peers: &Arc<Peers>,
-    raft_config: &Arc<openraft::Config>,
-    group: GroupId,
-) -> anyhow::Result<(GroupHandle, tokio::sync::mpsc::UnboundedReceiver<SmEvent>)> {
-    let spool = Arc::new(Spool::open(Arc::clone(durability), group)?);
-    let log = LogStore::open(Arc::clone(durability), Arc::clone(&spool), group)?;
-    let mut sm = StateMachine::open(Arc::clone(durability), spool, group)?;
-    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    sm.set_events(events_tx);
-    let network = Network {
-        group,
-        peers: Arc::clone(peers),
-    };
-    let raft = Raft::new(config.node_id, Arc::clone(raft_config), network, log, sm.clone())
-        .await
-        .with_context(|| format!("starting raft group {group}"))?;
-    Ok((GroupHandle { id: group, raft, sm }, events_rx))
 }
 
 /// First start of a bootstrapping node: every group gets this node as its
@@ -151,32 +124,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let durability = Durability::open(&config.data_dir)?;
     let local = durability.db().open_tree("local")?;
-
-    let group_ids: Vec<GroupId> = match local.get(LOCAL_GROUPS)? {
-        Some(v) => bincode::deserialize(&v).context("reading hosted groups")?,
-        None if config.bootstrap => {
-            let ids: Vec<GroupId> = (0..=u64::from(config.shards)).collect();
-            local.insert(LOCAL_GROUPS, bincode::serialize(&ids)?)?;
-            durability.flush().await.map_err(anyhow::Error::msg)?;
-            ids
-        }
-        None => vec![CONTROL_GROUP],
-    };
     let initialized = local.get(LOCAL_INITIALIZED)?.is_some();
 
-    let raft_config = crate::raft::raft_config()?;
-    let peers = Arc::new(Peers::default());
-    let groups = Arc::new(Groups::default());
-    let mut shard_events = Vec::new();
-    for &id in &group_ids {
-        let (handle, events) = open_group(&config, &durability, &peers, &raft_config, id).await?;
-        if id != CONTROL_GROUP {
-            shard_events.push((handle.clone(), events));
-        }
-        groups.insert(handle);
-    }
-
-    // One QueueShard actor per local shard replica: it delivers while this node leads the shard.
     let ids = Arc::new(IdGen::new(config.node_id));
     let delivery = Delivery::new(Arc::clone(&config))?;
     let settings = Arc::new(ShardSettings {
@@ -189,17 +138,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         delay_notice_after: config.delay_notice_after,
         tick: config.scheduler_tick,
     });
-    let mut shard_actors = Vec::new();
-    for (handle, events) in shard_events {
-        let actor = QueueShard::new(
-            handle,
-            Arc::clone(&settings),
-            Arc::clone(&delivery),
-            Arc::clone(&ids),
-            events,
-        );
-        shard_actors.push(actix::Actor::start(actor));
+    let host = Arc::new(GroupHost::new(
+        Arc::clone(&config),
+        Arc::clone(&durability),
+        crate::raft::raft_config()?,
+        local.clone(),
+        actix::System::current().arbiter().clone(),
+        Arc::clone(&delivery),
+        settings,
+        Arc::clone(&ids),
+    ));
+    let mut group_ids = host.recorded()?;
+    if group_ids.is_empty() {
+        // A new node: the bootstrap node hosts every group; others start
+        // with the control group and get shard replicas when placed.
+        group_ids = if config.bootstrap {
+            (0..=u64::from(config.shards)).collect()
+        } else {
+            vec![CONTROL_GROUP]
+        };
     }
+    for &id in &group_ids {
+        host.ensure(id).await?;
+    }
+    let groups = Arc::clone(&host.groups);
 
     // Listeners first, so that a port conflict fails fast and loudly.
     let mut smtp_listeners = Vec::new();
@@ -217,7 +179,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let grpc = {
         let raft_svc = RaftServiceServer::new(RaftServer {
-            groups: Arc::clone(&groups),
+            host: Arc::clone(&host),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
@@ -249,7 +211,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
 
-    if config.bootstrap && !initialized && group_ids.len() > 1 {
+    if config.bootstrap && !initialized {
         bootstrap(&config, &groups, &local).await?;
     } else {
         // A restarted single-voter group need not wait out an election timeout.
@@ -323,12 +285,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = grpc.await;
     let _ = http.await;
-    for g in groups.all() {
-        if let Err(e) = g.raft.shutdown().await {
-            tracing::warn!(group = g.id, error = %e, "raft shutdown");
-        }
-    }
-    drop(shard_actors);
+    host.shutdown().await;
     durability.flush().await.map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())

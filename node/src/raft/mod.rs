@@ -10,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod groups;
+pub mod host;
 pub mod log_store;
 pub mod network;
 pub mod service;

@@ -7,19 +7,22 @@ use tern_proto::raft::raft_service_server::RaftService;
 use tern_proto::raft::{RaftReply, RaftRequest};
 use tonic::{Request, Response, Status};
 
-use super::groups::Groups;
+use super::host::GroupHost;
 use super::Raft;
 
 pub struct RaftServer {
-    pub groups: Arc<Groups>,
+    pub host: Arc<GroupHost>,
 }
 
 impl RaftServer {
-    fn raft(&self, group: u64) -> Result<Raft, Status> {
-        self.groups
-            .get(group)
+    /// The group's local replica; a peer replicating a group we do not have
+    /// yet means it was placed here, so it is created.
+    async fn raft(&self, group: u64) -> Result<Raft, Status> {
+        self.host
+            .ensure(group)
+            .await
             .map(|g| g.raft)
-            .ok_or_else(|| Status::not_found(format!("group {group} is not hosted on this node")))
+            .map_err(|e| Status::unavailable(format!("group {group}: {e:#}")))
     }
 }
 
@@ -36,19 +39,19 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Response<RaftReply>, Status>
 impl RaftService for RaftServer {
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
-        let raft = self.raft(req.group_id)?;
+        let raft = self.raft(req.group_id).await?;
         encode(&raft.append_entries(decode(&req)?).await)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
-        let raft = self.raft(req.group_id)?;
+        let raft = self.raft(req.group_id).await?;
         encode(&raft.vote(decode(&req)?).await)
     }
 
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
-        let raft = self.raft(req.group_id)?;
+        let raft = self.raft(req.group_id).await?;
         encode(&raft.install_snapshot(decode(&req)?).await)
     }
 }

@@ -1,0 +1,145 @@
+//! Opens the Raft groups this node hosts, and creates a group on demand
+//! when a peer first replicates it here (a new replica placed on this node),
+//! starting the shard's QueueShard actor with it.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+
+use super::groups::{GroupHandle, Groups};
+use super::log_store::LogStore;
+use super::network::{Network, Peers};
+use super::state_machine::StateMachine;
+use super::{GroupId, Raft, CONTROL_GROUP};
+use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::queue::shard::{QueueShard, ShardSettings};
+use crate::queue::IdGen;
+use crate::storage::spool::Spool;
+use crate::storage::Durability;
+
+/// Highest group id a peer may create here.
+const MAX_GROUP: GroupId = 4096;
+const LOCAL_GROUPS: &[u8] = b"groups";
+
+pub struct GroupHost {
+    pub config: Arc<Config>,
+    pub durability: Arc<Durability>,
+    pub peers: Arc<Peers>,
+    pub raft_config: Arc<openraft::Config>,
+    pub groups: Arc<Groups>,
+    pub local: sled::Tree,
+    /// The actix arbiter shard actors run on (the system arbiter).
+    pub arbiter: actix::ArbiterHandle,
+    pub delivery: Arc<Delivery>,
+    pub settings: Arc<ShardSettings>,
+    pub ids: Arc<IdGen>,
+    /// Serialises group creation.
+    creating: tokio::sync::Mutex<()>,
+    actors: Mutex<Vec<actix::Addr<QueueShard>>>,
+}
+
+impl GroupHost {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        durability: Arc<Durability>,
+        raft_config: Arc<openraft::Config>,
+        local: sled::Tree,
+        arbiter: actix::ArbiterHandle,
+        delivery: Arc<Delivery>,
+        settings: Arc<ShardSettings>,
+        ids: Arc<IdGen>,
+    ) -> GroupHost {
+        GroupHost {
+            config,
+            durability,
+            peers: Arc::new(Peers::default()),
+            raft_config,
+            groups: Arc::new(Groups::default()),
+            local,
+            arbiter,
+            delivery,
+            settings,
+            ids,
+            creating: tokio::sync::Mutex::new(()),
+            actors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Groups recorded as hosted here.
+    pub fn recorded(&self) -> anyhow::Result<Vec<GroupId>> {
+        Ok(match self.local.get(LOCAL_GROUPS)? {
+            Some(v) => bincode::deserialize(&v).context("reading hosted groups")?,
+            None => Vec::new(),
+        })
+    }
+
+    async fn record(&self, id: GroupId) -> anyhow::Result<()> {
+        let mut ids = self.recorded()?;
+        if !ids.contains(&id) {
+            ids.push(id);
+            ids.sort_unstable();
+            self.local.insert(LOCAL_GROUPS, bincode::serialize(&ids)?)?;
+            self.durability.flush().await.map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+
+    /// The local replica of a group, opened (or created) if needed.
+    pub async fn ensure(&self, id: GroupId) -> anyhow::Result<GroupHandle> {
+        if let Some(g) = self.groups.get(id) {
+            return Ok(g);
+        }
+        anyhow::ensure!(id <= MAX_GROUP, "group {id} is out of range");
+        let _guard = self.creating.lock().await;
+        if let Some(g) = self.groups.get(id) {
+            return Ok(g);
+        }
+        self.record(id).await?;
+        let spool = Arc::new(Spool::open(Arc::clone(&self.durability), id)?);
+        let log = LogStore::open(Arc::clone(&self.durability), Arc::clone(&spool), id)?;
+        let mut sm = StateMachine::open(Arc::clone(&self.durability), spool, id)?;
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        sm.set_events(events_tx);
+        let network = Network {
+            group: id,
+            peers: Arc::clone(&self.peers),
+        };
+        let raft = Raft::new(
+            self.config.node_id,
+            Arc::clone(&self.raft_config),
+            network,
+            log,
+            sm.clone(),
+        )
+        .await
+        .with_context(|| format!("starting raft group {id}"))?;
+        let handle = GroupHandle { id, raft, sm };
+        if id != CONTROL_GROUP {
+            // One QueueShard actor per local shard replica: it delivers while this node leads.
+            let actor = QueueShard::new(
+                handle.clone(),
+                Arc::clone(&self.settings),
+                Arc::clone(&self.delivery),
+                Arc::clone(&self.ids),
+                events_rx,
+            );
+            let addr = <QueueShard as actix::Actor>::start_in_arbiter(&self.arbiter, move |_| actor);
+            self.actors.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
+        }
+        self.groups.insert(handle.clone());
+        tracing::debug!(group = id, "raft group open");
+        Ok(handle)
+    }
+
+    /// Stops every group's Raft (shutdown).
+    pub async fn shutdown(&self) {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        for g in self.groups.all() {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(group = g.id, error = %e, "raft shutdown");
+            }
+        }
+    }
+}
