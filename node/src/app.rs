@@ -13,6 +13,7 @@ use tern_proto::admin::admin_service_server::AdminServiceServer;
 use tern_proto::raft::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 
+use crate::admin::cluster::Cluster;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery::Delivery;
@@ -162,6 +163,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         host.ensure(id).await?;
     }
     let groups = Arc::clone(&host.groups);
+    let cluster = Arc::new(Cluster::new(
+        config.node_id,
+        config.replicas as usize,
+        Arc::clone(&groups),
+    ));
 
     // Listeners first, so that a port conflict fails fast and loudly.
     let mut smtp_listeners = Vec::new();
@@ -187,7 +193,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             node_id: config.node_id,
             hostname: config.hostname.clone(),
             groups: Arc::clone(&groups),
-        });
+            cluster: Arc::clone(&cluster),
+        })
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
         let mut stop = stop_rx.clone();
         tokio::spawn(
@@ -230,14 +239,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    // Ready once mail can be written: some shard has a leader (here, or one to forward to).
     if !groups.shards().is_empty()
         && wait_until(Duration::from_secs(60), || {
-            groups.shards().iter().any(|g| g.leader() == Some(config.node_id))
+            groups.shards().iter().any(|g| g.leader().is_some())
         })
         .await
         .is_err()
     {
-        tracing::warn!("this node leads no queue shard yet; mail gets 451 until it does");
+        tracing::warn!("no queue shard has a leader yet; mail gets 451 until one has");
     }
 
     let smtp_config = Arc::new(crate::smtp::SmtpConfig {
@@ -261,6 +271,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&groups),
         Arc::clone(&ids),
         Arc::clone(&delivery),
+        Arc::clone(&cluster),
     ));
     let mut smtp_tasks = Vec::new();
     for listener in smtp_listeners {
@@ -271,6 +282,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
         )));
     }
+    let controller = tokio::spawn(Arc::clone(&cluster).run(stop_rx.clone()));
     announce("ready");
     tracing::info!(node = config.node_id, hostname = %config.hostname, "ready");
 
@@ -283,6 +295,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Ok(Ok(())) => {}
         }
     }
+    let _ = controller.await;
     let _ = grpc.await;
     let _ = http.await;
     host.shutdown().await;

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use tern_proto::admin::admin_service_server::AdminService;
 use tern_proto::admin::*;
+
+pub mod cluster;
 use tonic::{Request, Response, Status};
 
 use crate::queue::message::MessageRecord;
@@ -21,6 +23,7 @@ pub struct Admin {
     pub node_id: NodeId,
     pub hostname: String,
     pub groups: Arc<Groups>,
+    pub cluster: Arc<cluster::Cluster>,
 }
 
 const DEFAULT_LIST_LIMIT: usize = 1000;
@@ -239,5 +242,137 @@ impl AdminService for Admin {
             }
         }
         Err(Status::not_found(format!("no queued message with id {id}")))
+    }
+
+    async fn member_add(&self, request: Request<MemberAddRequest>) -> Result<Response<MemberAddReply>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 || req.addr.is_empty() {
+            return Err(Status::invalid_argument("need --id (at least 1) and --addr HOST:PORT"));
+        }
+        let control = self
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        if control.leader() != Some(self.node_id) {
+            // Membership changes run on the control-group leader.
+            let (_, addr) = self
+                .cluster
+                .leader_addr(&control)
+                .ok_or_else(|| Status::unavailable("the control group has no leader"))?;
+            let mut client = self.cluster.client(&addr)?;
+            return client.member_add(req).await;
+        }
+        if self.cluster.nodes().get(&req.id).is_some_and(|a| a != &req.addr) {
+            return Err(Status::already_exists(format!(
+                "node {} is already a member with another address; ids are never reused",
+                req.id
+            )));
+        }
+        let role = self
+            .cluster
+            .add_member(req.id, &req.addr)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(MemberAddReply { role: role.into() }))
+    }
+
+    async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListReply>, Status> {
+        let control = self
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        if control.leader() != Some(self.node_id) {
+            // Reachability and lag are known to the control-group leader.
+            if let Some((_, addr)) = self.cluster.leader_addr(&control) {
+                let mut client = self.cluster.client(&addr)?;
+                if let Ok(reply) = client.member_list(MemberListRequest {}).await {
+                    return Ok(reply);
+                }
+            }
+        }
+        let m = control.raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let last = m.last_log_index.unwrap_or(0);
+        let placement = self.cluster.placement();
+        let mut led: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for g in self.groups.shards() {
+            if let Some(l) = g.leader() {
+                *led.entry(l).or_default() += 1;
+            }
+        }
+        let members = self
+            .cluster
+            .nodes()
+            .into_iter()
+            .map(|(id, addr)| {
+                let matched = if id == self.node_id {
+                    Some(last)
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id).cloned())
+                        .flatten()
+                        .map(|l| l.index)
+                };
+                let lag = matched.map(|i| last.saturating_sub(i)).unwrap_or(last);
+                MemberInfo {
+                    id,
+                    addr,
+                    role: if voters.contains(&id) { "voter" } else { "learner" }.into(),
+                    is_control_leader: m.current_leader == Some(id),
+                    reachable: matched.is_some() && lag < 100,
+                    lag,
+                    shards_led: led.get(&id).copied().unwrap_or(0),
+                    replicas: placement.values().filter(|r| r.contains(&id)).count() as u64,
+                }
+            })
+            .collect();
+        Ok(Response::new(MemberListReply { members }))
+    }
+
+    async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderReply>, Status> {
+        let req = request.into_inner();
+        let replicas = self.cluster.placement().get(&req.shard).cloned().unwrap_or_default();
+        if !replicas.contains(&req.node) {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds no replica of shard {} (replicas: {replicas:?})",
+                req.node, req.shard
+            )));
+        }
+        self.cluster
+            .elect_on(req.node, req.shard)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(MoveLeaderReply {}))
+    }
+
+    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
+        let req = request.into_inner();
+        let group = self
+            .groups
+            .get(req.group_id)
+            .ok_or_else(|| Status::not_found(format!("group {} not hosted here", req.group_id)))?;
+        let write: crate::raft::Request =
+            bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(format!("bad request: {e}")))?;
+        group
+            .raft
+            .client_write(write)
+            .await
+            .map_err(|e| Status::unavailable(format!("write to group {} failed: {e}", req.group_id)))?;
+        Ok(Response::new(ForwardReply {}))
+    }
+
+    async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
+        let group = request.into_inner().group_id;
+        let g = self
+            .groups
+            .get(group)
+            .ok_or_else(|| Status::not_found(format!("group {group} not hosted here")))?;
+        g.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(ElectReply {}))
     }
 }

@@ -43,6 +43,35 @@ enum Command {
     /// Inspect the queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Cluster membership.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Queue shards (Raft groups).
+    #[command(subcommand)]
+    Shard(ShardCommand),
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// Add a node (started without bootstrap) to the cluster.
+    Add {
+        /// The new node's id (its [node] id; never reused).
+        #[arg(long)]
+        id: u64,
+        /// The new node's gRPC address, as other nodes reach it.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Members with role, reachability, lag, shards led and replicas held.
+    List,
+}
+
+#[derive(Subcommand)]
+enum ShardCommand {
+    /// Shards with leader, replicas, applied index and queued messages.
+    List,
+    /// Make NODE (which holds a replica) the leader of SHARD.
+    MoveLeader { shard: u64, node: u64 },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +140,76 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                 print_json(&status_json(&s));
             } else {
                 print_status(&s);
+            }
+        }
+        Command::Member(MemberCommand::Add { id, addr }) => {
+            let r = client
+                .member_add(MemberAddRequest { id, addr: addr.clone() })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&json!({"id": id, "addr": addr, "role": r.role}));
+            } else {
+                println!("node {id} ({addr}) added as {}", r.role);
+            }
+        }
+        Command::Member(MemberCommand::List) => {
+            let r = client.member_list(MemberListRequest {}).await?.into_inner();
+            if json {
+                print_json(&json!(r
+                    .members
+                    .iter()
+                    .map(|m| json!({
+                        "id": m.id, "addr": m.addr, "role": m.role, "control_leader": m.is_control_leader,
+                        "reachable": m.reachable, "lag": m.lag, "shards_led": m.shards_led, "replicas": m.replicas,
+                    }))
+                    .collect::<Vec<_>>()));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.to_string(),
+                            m.addr.clone(),
+                            m.role.clone(),
+                            if m.is_control_leader { "yes" } else { "" }.into(),
+                            if m.reachable { "yes" } else { "NO" }.into(),
+                            m.lag.to_string(),
+                            m.shards_led.to_string(),
+                            m.replicas.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "ADDR",
+                        "ROLE",
+                        "CONTROL LEADER",
+                        "REACHABLE",
+                        "LAG",
+                        "LEADS",
+                        "REPLICAS",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Shard(ShardCommand::List) => {
+            let s = client.status(StatusRequest {}).await?.into_inner();
+            if json {
+                print_json(&status_json(&s)["shards"]);
+            } else {
+                print_shards(&s);
+            }
+        }
+        Command::Shard(ShardCommand::MoveLeader { shard, node }) => {
+            client.move_leader(MoveLeaderRequest { shard, node }).await?;
+            if json {
+                print_json(&json!({"shard": shard, "node": node, "requested": true}));
+            } else {
+                println!("asked node {node} to take over shard {shard}");
             }
         }
         Command::Queue(QueueCommand::Summary) => {
@@ -272,6 +371,10 @@ fn print_status(s: &StatusReply) {
         .collect();
     print_table(&["ID", "ADDR", "ROLE", "CONTROL LEADER"], &members);
     println!();
+    print_shards(s);
+}
+
+fn print_shards(s: &StatusReply) {
     let shards: Vec<Vec<String>> = s
         .shards
         .iter()

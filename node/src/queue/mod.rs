@@ -54,6 +54,8 @@ pub struct QueueFront {
     next_shard: AtomicUsize,
     /// For RCPT-time verification of local recipients.
     delivery: Arc<crate::delivery::Delivery>,
+    /// For forwarding to a shard leader on another node.
+    cluster: Arc<crate::admin::cluster::Cluster>,
 }
 
 impl QueueFront {
@@ -62,43 +64,61 @@ impl QueueFront {
         groups: Arc<Groups>,
         ids: Arc<IdGen>,
         delivery: Arc<crate::delivery::Delivery>,
+        cluster: Arc<crate::admin::cluster::Cluster>,
     ) -> QueueFront {
         QueueFront {
             node,
             groups,
             ids,
             delivery,
+            cluster,
             next_shard: AtomicUsize::new(0),
         }
     }
 
-    /// Writes a message to a shard this node leads; Ok once applied.
+    /// Writes a message to a shard this node leads (no forwarding hop), or
+    /// else forwards it to a shard leader elsewhere; Ok once applied, which
+    /// in a cluster means committed on a majority of the shard's replicas.
     pub async fn submit(&self, id: String, envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
-        let led: Vec<_> = self
-            .groups
-            .shards()
-            .into_iter()
-            .filter(|g| g.leader() == Some(self.node))
-            .collect();
-        if led.is_empty() {
-            return Err(EnqueueError::Temporary(
-                "no queue shard available, try again later".into(),
-            ));
-        }
-        let shard = &led[self.next_shard.fetch_add(1, Ordering::Relaxed) % led.len()];
+        let shards = self.groups.shards();
+        let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
         let received_at = chrono::Utc::now().timestamp();
         let record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
         let request = Request::Enqueue {
             record: Box::new(record),
             body: Body { bytes: body, loc: None },
         };
-        match shard.raft.client_write(request).await {
-            Ok(_) => {
-                tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, "queued");
+        let turn = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        if !led.is_empty() {
+            let shard = led[turn % led.len()];
+            return match shard.raft.client_write(request).await {
+                Ok(_) => {
+                    tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, "queued");
+                    Ok(())
+                }
+                Err(e) => {
+                    // The shard may have lost its leader mid-write: the entry may
+                    // or may not commit, so the client must retry (never 250).
+                    tracing::warn!(msg_id = %id, shard = shard.id, error = %e, "enqueue failed");
+                    Err(EnqueueError::Temporary("queue write failed, try again later".into()))
+                }
+            };
+        }
+        // No shard led here: forward to the leader of one we replicate.
+        let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).collect();
+        if with_leader.is_empty() {
+            return Err(EnqueueError::Temporary(
+                "no queue shard available, try again later".into(),
+            ));
+        }
+        let shard = with_leader[turn % with_leader.len()];
+        match self.cluster.forward(shard, &request).await {
+            Ok(()) => {
+                tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, forwarded = true, "queued");
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(msg_id = %id, shard = shard.id, error = %e, "enqueue failed");
+                tracing::warn!(msg_id = %id, shard = shard.id, error = %e, "forwarded enqueue failed");
                 Err(EnqueueError::Temporary("queue write failed, try again later".into()))
             }
         }

@@ -133,9 +133,9 @@ pub struct Response {
 pub fn raft_config() -> anyhow::Result<std::sync::Arc<openraft::Config>> {
     let config = openraft::Config {
         cluster_name: "tern".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1500,
-        election_timeout_max: 3000,
+        heartbeat_interval: 200,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
         max_payload_entries: 256,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 1_000,

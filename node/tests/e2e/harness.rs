@@ -51,11 +51,16 @@ pub struct Node {
 impl Node {
     /// Starts a bootstrapping single node; `extra` is appended to its TOML.
     pub fn start(extra: &str) -> Node {
+        Self::start_node(1, true, extra)
+    }
+
+    /// Starts node `id`; without `bootstrap` it waits to be added to a cluster.
+    pub fn start_node(id: u64, bootstrap: bool, extra: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let grpc = free_port();
         let config = dir.path().join("tern.toml");
         let toml = format!(
-            "[node]\nid = 1\nhostname = \"mx.tern.test\"\ndata_dir = \"{}\"\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n\n[cluster]\nbootstrap = true\n\n{extra}\n",
+            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
             dir.path().join("data").display()
         );
         std::fs::write(&config, toml).expect("write config");

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cluster;
 mod delivery;
 mod durability;
 mod harness;

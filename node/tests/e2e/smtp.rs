@@ -63,7 +63,7 @@ fn swaks_message_is_queued_with_envelope_and_received_header() {
     assert_eq!(m["client_ip"], "127.0.0.1");
     let body = m["body"].as_str().unwrap();
     assert!(body.starts_with("Received: from client.test"), "{body}");
-    assert!(body.contains("by mx.tern.test") && body.contains(&id), "{body}");
+    assert!(body.contains("by mx1.tern.test") && body.contains(&id), "{body}");
     assert!(body.contains("Subject: hello"));
     assert_eq!(m["size"].as_u64().unwrap(), body.len() as u64);
     let summary = node.ternctl_json(&["queue", "summary"]);

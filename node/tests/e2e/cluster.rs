@@ -1,0 +1,159 @@
+//! A real three-node cluster on loopback: joined with ternctl, mail sent to
+//! every node while a node is SIGKILLed, nothing acknowledged lost.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn shards(node: &Node) -> Vec<serde_json::Value> {
+    node.ternctl_json(&["shard", "list"]).as_array().unwrap().clone()
+}
+
+fn join(n1: &Node, n: &Node, id: u64) {
+    let out = n1.ternctl(&["member", "add", "--id", &id.to_string(), "--addr", &n.grpc.to_string()]);
+    assert!(
+        out.status.success(),
+        "member add {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn three_nodes_join_spread_and_survive_a_kill() {
+    let sink = SmtpSink::start(&[]);
+    // Appended to each node's [cluster] section (the harness writes it last).
+    let extra = format!(
+        "shards = 6\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n",
+        sink.addr
+    );
+    let cfg = |e: &str| e.to_owned();
+    let n1 = Node::start_node(1, true, &cfg(&extra));
+    let mut n2 = Node::start_node(2, false, &cfg(&extra));
+    let n3 = Node::start_node(3, false, &cfg(&extra));
+    join(&n1, &n2, 2);
+    join(&n1, &n3, 3);
+
+    let members = n2.ternctl_json(&["member", "list"]);
+    let roles: Vec<_> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(roles, ["voter", "voter", "voter"], "{members}");
+
+    wait_for(
+        Duration::from_secs(90),
+        "every shard on 3 replicas with leaders spread",
+        || {
+            let s = shards(&n1);
+            let mut leads: BTreeMap<u64, usize> = BTreeMap::new();
+            for sh in &s {
+                *leads.entry(sh["leader"].as_u64().unwrap()).or_default() += 1;
+            }
+            s.len() == 6
+                && s.iter().all(|sh| sh["replicas"].as_array().unwrap().len() == 3)
+                && leads.len() == 3
+                && !leads.contains_key(&0)
+        },
+    );
+
+    // Mail to every node concurrently; kill node 2 mid-stream.
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for (t, addr) in [n1.smtp, n2.smtp, n3.smtp, n1.smtp, n3.smtp].into_iter().enumerate() {
+        let (acked, stop) = (Arc::clone(&acked), Arc::clone(&stop));
+        senders.push(std::thread::spawn(move || {
+            // Bounded: 60 messages per sender; reconnects after a failure, at most 20 times.
+            let mut failures = 0;
+            let mut i = 0;
+            while i < 60 && failures < 20 && !stop.load(Ordering::Relaxed) {
+                let Ok(mut c) = Client::connect(addr) else {
+                    failures += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
+                let _ = c.command("EHLO load.test");
+                while i < 60 {
+                    let tag = format!("cluster-{t}-{i}");
+                    match c.send_mail("a@tern.test", &["b@example.test"], &body(&tag, 1024)) {
+                        Ok(_) => {
+                            acked.lock().unwrap().push(tag);
+                            i += 1;
+                        }
+                        Err(_) => {
+                            failures += 1;
+                            i += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    wait_for(Duration::from_secs(60), "100 acknowledged", || {
+        acked.lock().unwrap().len() >= 100
+    });
+    let led_by_2: Vec<u64> = shards(&n1)
+        .iter()
+        .filter(|sh| sh["leader"] == 2)
+        .map(|sh| sh["shard"].as_u64().unwrap())
+        .collect();
+    let killed_at = Instant::now();
+    n2.kill();
+    wait_for(Duration::from_secs(15), "new leaders for node 2's shards", || {
+        shards(&n1)
+            .iter()
+            .filter(|sh| led_by_2.contains(&sh["shard"].as_u64().unwrap()))
+            .all(|sh| sh["leader"] != 2 && sh["leader"] != 0)
+    });
+    let new_leaders_after = killed_at.elapsed();
+    let failover = {
+        // Time until a message accepted by a survivor after the kill is delivered.
+        let mut c = Client::connect(n1.smtp).unwrap();
+        c.command("EHLO probe.test").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if c.send_mail("a@tern.test", &["b@example.test"], &body("after-kill", 200))
+                .is_ok()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no shard writable after the kill");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        wait_for(Duration::from_secs(30), "delivery after the kill", || {
+            sink.messages().iter().any(|m| m.contains("<after-kill@tern.test>"))
+        });
+        killed_at.elapsed()
+    };
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let count = |tag: &str| {
+        let id = format!("<{tag}@tern.test>");
+        sink.messages().iter().filter(|m| m.contains(&id)).count()
+    };
+    wait_for(Duration::from_secs(90), "every acknowledged message delivered", || {
+        acked.iter().all(|t| count(t) >= 1)
+    });
+    let dups = acked.iter().filter(|t| count(t) > 1).count();
+    eprintln!(
+        "cluster kill: {} acknowledged, all delivered, {dups} duplicates; node 2 led shards {led_by_2:?}, \
+         re-elected {new_leaders_after:?} after SIGKILL; a new message accepted and delivered {failover:?} after it",
+        acked.len(),
+    );
+
+    // The killed node comes back and catches up.
+    n2.spawn();
+    wait_for(Duration::from_secs(60), "node 2 caught up", || {
+        let m = n1.ternctl_json(&["member", "list"]);
+        m.as_array().unwrap().iter().all(|m| m["reachable"] == true)
+    });
+}
