@@ -16,7 +16,7 @@ use tern_proto::admin::admin_service_client::AdminServiceClient;
 use tonic::transport::Channel;
 
 use crate::raft::groups::{GroupHandle, Groups};
-use crate::raft::state_machine::{NODE_PREFIX, PLACEMENT_PREFIX};
+use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX};
 use crate::raft::{GroupId, NodeId, Request, CONTROL_GROUP};
 
 /// Control-group voters at most; further nodes stay learners of group 0.
@@ -60,6 +60,102 @@ impl Cluster {
             }
         }
         out
+    }
+
+    /// Nodes marked drained (they lead no shard).
+    pub fn drained(&self) -> BTreeSet<NodeId> {
+        let mut out = BTreeSet::new();
+        if let Some(control) = self.control() {
+            for (k, _) in control.sm.tree().scan_prefix(DRAIN_PREFIX).flatten() {
+                if let Ok(id) = <[u8; 8]>::try_from(&k[DRAIN_PREFIX.len()..]) {
+                    out.insert(u64::from_be_bytes(id));
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes a node: its replicas are moved elsewhere first (placement
+    /// drops it, shard leaders change membership), then it leaves the
+    /// control group. Refuses, unless `force`, when a shard would be left
+    /// without a reachable majority. Must run on the control-group leader.
+    pub async fn remove_member(&self, id: NodeId, force: bool, reachable: &BTreeSet<NodeId>) -> Result<(), String> {
+        let control = self.control().ok_or("control group not hosted here")?;
+        if !self.nodes().contains_key(&id) {
+            return Err(format!("node {id} is not a member"));
+        }
+        if id == self.node_id {
+            return Err(
+                "this node leads the control group: ask another node to remove it, or move the leadership".into(),
+            );
+        }
+        if !force {
+            for (shard, replicas) in self.placement() {
+                let rest: Vec<_> = replicas.iter().filter(|n| **n != id).collect();
+                let live = rest.iter().filter(|n| reachable.contains(n)).count();
+                if replicas.contains(&id) && live * 2 <= replicas.len() {
+                    return Err(format!(
+                        "removing node {id} would leave shard {shard} without a reachable majority \
+                         (replicas {replicas:?}); use --force to remove it anyway"
+                    ));
+                }
+            }
+        }
+        control
+            .raft
+            .client_write(Request::RemoveNode { id })
+            .await
+            .map_err(|e| e.to_string())?;
+        // Wait for the placement controller and shard leaders to move its replicas.
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        loop {
+            let placed = self.placement().values().any(|r| r.contains(&id));
+            let member = self.groups.shards().iter().any(|g| {
+                g.raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == id)
+            });
+            if !placed && !member {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                if force {
+                    break;
+                }
+                return Err(format!(
+                    "node {id}'s replicas were not moved within {CATCH_UP:?}; try again"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let membership = control.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.contains(&id) {
+            let mut next: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+            // Keep up to five voters: promote a learner in its place.
+            if let Some(l) = membership.learner_ids().find(|l| *l != id && !next.contains(l)) {
+                if next.len() < MAX_CONTROL_VOTERS {
+                    next.insert(l);
+                }
+            }
+            control
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(next), false)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            control
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::info!(node = id, "member removed");
+        Ok(())
     }
 
     /// Shard -> desired replicas.
@@ -326,11 +422,37 @@ impl Cluster {
                 _ => return,
             }
         }
-        let mut count: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
-        for l in leaders.values() {
-            *count.entry(*l).or_default() += 1;
+        let drained = self.drained();
+        let eligible: Vec<NodeId> = nodes.iter().copied().filter(|n| !drained.contains(n)).collect();
+        if eligible.is_empty() {
+            return;
         }
-        let share = leaders.len().div_ceil(nodes.len());
+        let mut count: BTreeMap<NodeId, usize> = eligible.iter().map(|n| (*n, 0)).collect();
+        for l in leaders.values() {
+            if count.contains_key(l) {
+                *count.entry(*l).or_default() += 1;
+            }
+        }
+        // A drained node hands over its leaderships first.
+        for (shard, leader) in &leaders {
+            if !drained.contains(leader) {
+                continue;
+            }
+            let target = placement.get(shard).and_then(|r| {
+                r.iter()
+                    .filter(|n| !drained.contains(n))
+                    .min_by_key(|n| (count.get(n).copied().unwrap_or(0), **n))
+                    .copied()
+            });
+            if let Some(target) = target {
+                tracing::info!(shard, from = leader, to = target, "draining shard leader");
+                if let Err(e) = self.elect_on(target, *shard).await {
+                    tracing::debug!(shard, target, error = %e, "leader move");
+                }
+                return;
+            }
+        }
+        let share = leaders.len().div_ceil(eligible.len());
         let Some((&busiest, &most)) = count.iter().max_by_key(|(n, c)| (**c, **n)) else {
             return;
         };
@@ -344,7 +466,7 @@ impl Cluster {
             let Some(replicas) = placement.get(shard) else { continue };
             let Some(&target) = replicas
                 .iter()
-                .filter(|n| **n != busiest)
+                .filter(|n| **n != busiest && !drained.contains(n))
                 .min_by_key(|n| (count.get(n).copied().unwrap_or(0), **n))
             else {
                 continue;

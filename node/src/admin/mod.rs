@@ -147,6 +147,7 @@ impl AdminService for Admin {
                 applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
                 queued_messages: queued,
                 term: m.current_term,
+                voters: m.membership_config.membership().voter_ids().collect(),
             });
         }
         Ok(Response::new(StatusReply {
@@ -374,5 +375,58 @@ impl AdminService for Admin {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(ElectReply {}))
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveReply>, Status> {
+        let req = request.into_inner();
+        let control = self
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        if control.leader() != Some(self.node_id) {
+            let (_, addr) = self
+                .cluster
+                .leader_addr(&control)
+                .ok_or_else(|| Status::unavailable("the control group has no leader"))?;
+            return self.cluster.client(&addr)?.member_remove(req).await;
+        }
+        let members = self.member_list(Request::new(MemberListRequest {})).await?.into_inner();
+        let reachable = members.members.iter().filter(|m| m.reachable).map(|m| m.id).collect();
+        self.cluster
+            .remove_member(req.id, req.force, &reachable)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(MemberRemoveReply {}))
+    }
+
+    async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
+        let req = request.into_inner();
+        if !self.cluster.nodes().contains_key(&req.id) {
+            return Err(Status::not_found(format!("node {} is not a member", req.id)));
+        }
+        let control = self
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        let write = crate::raft::Request::SetDrain {
+            id: req.id,
+            drained: req.drained,
+        };
+        if control.leader() == Some(self.node_id) {
+            control
+                .raft
+                .client_write(write)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+        } else {
+            self.cluster
+                .forward(&control, &write)
+                .await
+                .map_err(Status::unavailable)?;
+        }
+        Ok(Response::new(DrainReply {}))
     }
 }

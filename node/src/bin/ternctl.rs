@@ -49,6 +49,17 @@ enum Command {
     /// Queue shards (Raft groups).
     #[command(subcommand)]
     Shard(ShardCommand),
+    /// Node maintenance.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Move every shard leadership off node ID (before maintenance).
+    Drain { id: u64 },
+    /// Let node ID lead shards again.
+    Undrain { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -64,6 +75,14 @@ enum MemberCommand {
     },
     /// Members with role, reachability, lag, shards led and replicas held.
     List,
+    /// Remove a node: its replicas move elsewhere first.
+    Remove {
+        #[arg(long)]
+        id: u64,
+        /// Remove even if a shard is left without a reachable majority.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,6 +215,28 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                 );
             }
         }
+        Command::Member(MemberCommand::Remove { id, force }) => {
+            client.member_remove(MemberRemoveRequest { id, force }).await?;
+            if json {
+                print_json(&json!({"id": id, "removed": true}));
+            } else {
+                println!("node {id} removed; its replicas were moved");
+            }
+        }
+        Command::Node(cmd) => {
+            let (id, drained) = match cmd {
+                NodeCommand::Drain { id } => (id, true),
+                NodeCommand::Undrain { id } => (id, false),
+            };
+            client.drain(DrainRequest { id, drained }).await?;
+            if json {
+                print_json(&json!({"id": id, "drained": drained}));
+            } else if drained {
+                println!("node {id} drained: its shard leaderships move to other replicas");
+            } else {
+                println!("node {id} undrained");
+            }
+        }
         Command::Shard(ShardCommand::List) => {
             let s = client.status(StatusRequest {}).await?.into_inner();
             if json {
@@ -325,7 +366,7 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
             "id": m.id, "addr": m.addr, "role": m.role, "control_leader": m.is_control_leader,
         })).collect::<Vec<_>>(),
         "shards": s.shards.iter().map(|sh| json!({
-            "shard": sh.shard, "leader": sh.leader, "replicas": sh.replicas, "term": sh.term,
+            "shard": sh.shard, "leader": sh.leader, "replicas": sh.replicas, "voters": sh.voters, "term": sh.term,
             "applied_index": sh.applied_index, "queued_messages": sh.queued_messages,
         })).collect::<Vec<_>>(),
     })
@@ -383,13 +424,17 @@ fn print_shards(s: &StatusReply) {
                 sh.shard.to_string(),
                 opt_node(sh.leader),
                 sh.replicas.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                sh.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
                 sh.term.to_string(),
                 sh.applied_index.to_string(),
                 sh.queued_messages.to_string(),
             ]
         })
         .collect();
-    print_table(&["SHARD", "LEADER", "REPLICAS", "TERM", "APPLIED", "QUEUED"], &shards);
+    print_table(
+        &["SHARD", "LEADER", "REPLICAS", "VOTERS", "TERM", "APPLIED", "QUEUED"],
+        &shards,
+    );
 }
 
 fn print_message(m: &MessageInfo) {

@@ -76,6 +76,10 @@ pub enum Request {
     SetNode { id: NodeId, addr: String },
     /// Control group: the replica set of a shard.
     SetShardReplicas { shard: GroupId, replicas: Vec<NodeId> },
+    /// Control group: a node leaves the cluster (its replicas are moved).
+    RemoveNode { id: NodeId },
+    /// Control group: a drained node leads no shard (maintenance).
+    SetDrain { id: NodeId, drained: bool },
     /// Results of delivery attempts, batched so that many outcomes cost one
     /// Raft write, with the bounces they cause (written atomically with them).
     Outcomes {
@@ -117,7 +121,10 @@ impl Request {
         match self {
             Request::Enqueue { body, .. } => vec![body],
             Request::Outcomes { bounces, .. } => bounces.iter_mut().map(|b| &mut b.body).collect(),
-            Request::SetNode { .. } | Request::SetShardReplicas { .. } => Vec::new(),
+            Request::SetNode { .. }
+            | Request::SetShardReplicas { .. }
+            | Request::RemoveNode { .. }
+            | Request::SetDrain { .. } => Vec::new(),
         }
     }
 }

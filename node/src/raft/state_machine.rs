@@ -31,6 +31,7 @@ const MEMBERSHIP: &[u8] = b"b";
 pub const MESSAGE_PREFIX: &[u8] = b"m/";
 pub const NODE_PREFIX: &[u8] = b"n/";
 pub const PLACEMENT_PREFIX: &[u8] = b"p/";
+pub const DRAIN_PREFIX: &[u8] = b"d/";
 
 pub fn message_key(id: &str) -> Vec<u8> {
     [MESSAGE_PREFIX, id.as_bytes()].concat()
@@ -345,6 +346,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(Request::SetNode { id, addr }) => {
                     batch.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
+                    Response { changed: true }
+                }
+                EntryPayload::Normal(Request::RemoveNode { id }) => {
+                    batch.remove([NODE_PREFIX, &id.to_be_bytes()].concat());
+                    batch.remove([DRAIN_PREFIX, &id.to_be_bytes()].concat());
+                    Response { changed: true }
+                }
+                EntryPayload::Normal(Request::SetDrain { id, drained }) => {
+                    let key = [DRAIN_PREFIX, &id.to_be_bytes()].concat();
+                    if drained {
+                        batch.insert(key, vec![1u8]);
+                    } else {
+                        batch.remove(key);
+                    }
                     Response { changed: true }
                 }
                 EntryPayload::Normal(Request::SetShardReplicas { shard, replicas }) => {

@@ -55,7 +55,7 @@ fn three_nodes_join_spread_and_survive_a_kill() {
                 *leads.entry(sh["leader"].as_u64().unwrap()).or_default() += 1;
             }
             s.len() == 6
-                && s.iter().all(|sh| sh["replicas"].as_array().unwrap().len() == 3)
+                && s.iter().all(|sh| sh["voters"].as_array().unwrap().len() == 3)
                 && leads.len() == 3
                 && !leads.contains_key(&0)
         },
@@ -156,4 +156,94 @@ fn three_nodes_join_spread_and_survive_a_kill() {
         let m = n1.ternctl_json(&["member", "list"]);
         m.as_array().unwrap().iter().all(|m| m["reachable"] == true)
     });
+
+    // Drain node 3: it leads nothing; undrain.
+    let out = n2.ternctl(&["node", "drain", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(60), "node 3 leads no shard", || {
+        shards(&n1).iter().all(|sh| sh["leader"] != 3 && sh["leader"] != 0)
+    });
+    assert!(n1.ternctl(&["node", "undrain", "3"]).status.success());
+
+    // Remove node 3: its replicas move (two nodes left: two replicas each), mail flows on.
+    let out = n2.ternctl(&["member", "remove", "--id", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = shards(&n1);
+    assert!(
+        s.iter()
+            .all(|sh| sh["replicas"] == serde_json::json!([1, 2]) || sh["replicas"] == serde_json::json!([2, 1])),
+        "{s:?}"
+    );
+    let ids: Vec<u64> = n1
+        .ternctl_json(&["member", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2]);
+    drop(n3);
+    let mut c = Client::connect(n2.smtp).unwrap();
+    c.command("EHLO after.test").unwrap();
+    c.send_mail("a@tern.test", &["b@example.test"], &body("after-remove", 200))
+        .unwrap();
+    wait_for(Duration::from_secs(30), "delivery after the removal", || {
+        sink.messages().iter().any(|m| m.contains("<after-remove@tern.test>"))
+    });
+}
+
+#[test]
+fn control_group_leader_kill_keeps_mail_flowing() {
+    let sink = SmtpSink::start(&[]);
+    let extra = format!("shards = 4\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n", sink.addr);
+    let mut n1 = Node::start_node(1, true, &extra);
+    let n2 = Node::start_node(2, false, &extra);
+    let n3 = Node::start_node(3, false, &extra);
+    join(&n1, &n2, 2);
+    join(&n1, &n3, 3);
+    wait_for(Duration::from_secs(90), "every shard on 3 replicas", || {
+        shards(&n1)
+            .iter()
+            .all(|sh| sh["replicas"].as_array().unwrap().len() == 3 && sh["leader"] != 0)
+    });
+    let leader = |n: &Node| -> u64 { n.ternctl_json(&["status"])["control_leader"].as_u64().unwrap() };
+    assert_eq!(leader(&n2), 1);
+    n1.kill();
+    wait_for(Duration::from_secs(15), "a new control-group leader", || {
+        let l = leader(&n2);
+        l == 2 || l == 3
+    });
+    let mut acked = Vec::new();
+    for (i, addr) in [n2.smtp, n3.smtp].iter().cycle().take(20).enumerate() {
+        let tag = format!("ctl-{i}");
+        let mut c = Client::connect(*addr).unwrap();
+        c.command("EHLO x.test").unwrap();
+        // Bounded retries while shards led by node 1 elect new leaders.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c
+            .send_mail("a@tern.test", &["b@example.test"], &body(&tag, 200))
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "no 250 for {tag}");
+            std::thread::sleep(Duration::from_millis(100));
+            c = Client::connect(*addr).unwrap();
+            c.command("EHLO x.test").unwrap();
+        }
+        acked.push(tag);
+    }
+    wait_for(Duration::from_secs(60), "all delivered", || {
+        let msgs = sink.messages();
+        acked
+            .iter()
+            .all(|t| msgs.iter().any(|m| m.contains(&format!("<{t}@tern.test>"))))
+    });
+    let members = n3.ternctl_json(&["member", "list"]);
+    let down: Vec<_> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["reachable"] == false)
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(down, [serde_json::json!(1)], "{members}");
 }
