@@ -239,14 +239,7 @@ impl Cluster {
             Ok(Err(e)) => return Err(e.to_string()),
             Ok(Ok(_)) => {}
         }
-        let voters: BTreeSet<NodeId> = control
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = control.voters();
         if voters.contains(&id) {
             return Ok("voter");
         }

@@ -92,6 +92,25 @@ fn notify_text(n: &crate::envelope::Notify) -> String {
 }
 
 impl Admin {
+    /// A client for the control-group leader when that is another node
+    /// (membership changes run there); `None` when it is this node.
+    fn control_leader_client(
+        &self,
+    ) -> Result<Option<admin_service_client::AdminServiceClient<tonic::transport::Channel>>, Status> {
+        let control = self
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        if control.leader() == Some(self.node_id) {
+            return Ok(None);
+        }
+        let (_, addr) = self
+            .cluster
+            .leader_addr(&control)
+            .ok_or_else(|| Status::unavailable("the control group has no leader"))?;
+        self.cluster.client(&addr).map(Some)
+    }
+
     fn members(&self) -> Result<(Vec<Member>, u64), Status> {
         let control = self
             .groups
@@ -250,18 +269,8 @@ impl AdminService for Admin {
         if req.id == 0 || req.addr.is_empty() {
             return Err(Status::invalid_argument("need --id (at least 1) and --addr HOST:PORT"));
         }
-        let control = self
-            .cluster
-            .control()
-            .ok_or_else(|| Status::unavailable("no control group here"))?;
-        if control.leader() != Some(self.node_id) {
-            // Membership changes run on the control-group leader.
-            let (_, addr) = self
-                .cluster
-                .leader_addr(&control)
-                .ok_or_else(|| Status::unavailable("the control group has no leader"))?;
-            let mut client = self.cluster.client(&addr)?;
-            return client.member_add(req).await;
+        if let Some(mut leader) = self.control_leader_client()? {
+            return leader.member_add(req).await;
         }
         if self.cluster.nodes().get(&req.id).is_some_and(|a| a != &req.addr) {
             return Err(Status::already_exists(format!(
@@ -382,16 +391,8 @@ impl AdminService for Admin {
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveReply>, Status> {
         let req = request.into_inner();
-        let control = self
-            .cluster
-            .control()
-            .ok_or_else(|| Status::unavailable("no control group here"))?;
-        if control.leader() != Some(self.node_id) {
-            let (_, addr) = self
-                .cluster
-                .leader_addr(&control)
-                .ok_or_else(|| Status::unavailable("the control group has no leader"))?;
-            return self.cluster.client(&addr)?.member_remove(req).await;
+        if let Some(mut leader) = self.control_leader_client()? {
+            return leader.member_remove(req).await;
         }
         let members = self.member_list(Request::new(MemberListRequest {})).await?.into_inner();
         let reachable = members.members.iter().filter(|m| m.reachable).map(|m| m.id).collect();
