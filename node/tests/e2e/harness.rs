@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 pub const TERND: &str = env!("CARGO_BIN_EXE_ternd");
 pub const TERNCTL: &str = env!("CARGO_BIN_EXE_ternctl");
 
+/// Multi-node tests run one at a time: several clusters at once on two
+/// cores would starve each other's Raft timers.
+pub fn cluster_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A free loopback TCP port (bound then released).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
@@ -147,6 +154,17 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends a signal (STOP, CONT, ...) without waiting.
+    pub fn send_signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -{signal} {pid}");
     }
 
     /// Sends a signal and waits (bounded) for the process to exit.
