@@ -17,7 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -c "import aiosmtpd, flufl.bounce" 2>/dev/null || pip install -q aiosmtpd flufl.bounce
+python3 -c "import aiosmtpd, flufl.bounce, prometheus_client" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client
 
 export PATH="$PATH:/usr/sbin"
 export CARGO_TERM_COLOR=never

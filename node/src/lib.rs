@@ -9,7 +9,8 @@
 //! - [`raft`]: openraft types, sled log store, state machine, gRPC transport.
 //! - [`storage`]: the sled database, body spool and group-commit flusher.
 //! - [`admin`]: the gRPC admin service used by `ternctl`.
-//! - [`http`]: health endpoints.
+//! - [`http`]: health endpoints and Prometheus metrics.
+//! - [`metrics`]: the metrics registry and the counters the parts share.
 //! - [`app`]: wiring of all of the above into a running node.
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod dsn;
 pub mod envelope;
 pub mod http;
 pub mod lifecycle;
+pub mod metrics;
 pub mod queue;
 pub mod raft;
 pub mod smtp;

@@ -27,6 +27,7 @@ use site::{Job, SiteActor};
 
 use crate::config::{Config, LocalDelivery};
 use crate::envelope::Envelope;
+use crate::metrics::DeliveryMetrics;
 use crate::queue::message::MessageRecord;
 
 /// A due message with its body, shared by the site actors delivering it.
@@ -81,10 +82,11 @@ pub struct Delivery {
     resolver: MxResolver,
     client: ClientConfig,
     sites: Mutex<HashMap<String, Addr<SiteActor>>>,
+    metrics: DeliveryMetrics,
 }
 
 impl Delivery {
-    pub fn new(config: Arc<Config>) -> anyhow::Result<Arc<Delivery>> {
+    pub fn new(config: Arc<Config>, metrics: DeliveryMetrics) -> anyhow::Result<Arc<Delivery>> {
         let resolver = MxResolver::new(&ResolverConfig {
             nameservers: config.dns_nameservers.clone(),
             timeout: config.dns_timeout,
@@ -101,6 +103,7 @@ impl Delivery {
             resolver,
             client,
             sites: Mutex::new(HashMap::new()),
+            metrics,
         }))
     }
 
@@ -239,6 +242,7 @@ impl Delivery {
             self.client.clone(),
             self.config.max_connections_per_site,
             self.config.messages_per_connection,
+            self.metrics.clone(),
         );
         // Site actors live on the system arbiter; their I/O runs on the runtime's workers.
         let addr = SiteActor::start_in_arbiter(&actix::System::current().arbiter().clone(), |_| actor);

@@ -13,6 +13,7 @@ use actix::prelude::*;
 
 use super::client::{ConnectError, Connection, OutMessage, OutRecipient};
 use super::{deferred_all, ClientConfig, Endpoint, LoadedMessage, Protocol, RcptAttempt, TlsPolicy};
+use crate::metrics::DeliveryMetrics;
 
 /// Recipients of one message that go to this site, in one transaction.
 pub struct Job {
@@ -32,10 +33,17 @@ pub struct SiteActor {
     per_connection: usize,
     queue: VecDeque<Job>,
     workers: usize,
+    metrics: DeliveryMetrics,
 }
 
 impl SiteActor {
-    pub fn new(key: String, client: ClientConfig, max_workers: usize, per_connection: usize) -> SiteActor {
+    pub fn new(
+        key: String,
+        client: ClientConfig,
+        max_workers: usize,
+        per_connection: usize,
+        metrics: DeliveryMetrics,
+    ) -> SiteActor {
         SiteActor {
             key,
             client,
@@ -43,6 +51,7 @@ impl SiteActor {
             per_connection,
             queue: VecDeque::new(),
             workers: 0,
+            metrics,
         }
     }
 }
@@ -77,6 +86,7 @@ impl Handler<Submit> for SiteActor {
                 key: self.key.clone(),
                 client: self.client.clone(),
                 per_connection: self.per_connection,
+                metrics: self.metrics.clone(),
             };
             tokio::spawn(worker.run());
         }
@@ -101,6 +111,7 @@ struct Worker {
     key: String,
     client: ClientConfig,
     per_connection: usize,
+    metrics: DeliveryMetrics,
 }
 
 impl Worker {
@@ -111,6 +122,7 @@ impl Worker {
             let Ok(Some(job)) = self.site.send(Take).await else {
                 break;
             };
+            let started = std::time::Instant::now();
             if sent >= self.per_connection {
                 if let Some(c) = conn.take() {
                     c.quit().await;
@@ -122,8 +134,12 @@ impl Worker {
             }
             if conn.is_none() {
                 match connect(&job, &self.client).await {
-                    Ok(c) => conn = Some(c),
+                    Ok(c) => {
+                        self.metrics.connection(c.tls_active());
+                        conn = Some(c);
+                    }
                     Err(reply) => {
+                        self.metrics.attempt(started.elapsed().as_secs_f64(), false);
                         tracing::info!(site = %self.key, error = %reply, "no connection to site");
                         let _ = job.reply.send(deferred_all(&job.rcpts, &reply, &job.message_id));
                         continue;
@@ -133,6 +149,7 @@ impl Worker {
             let Some(c) = conn.as_mut() else { continue };
             sent += 1;
             let result = transaction(c, &job).await;
+            self.metrics.attempt(started.elapsed().as_secs_f64(), result.is_ok());
             if result.is_err() {
                 conn = None;
             }

@@ -1,13 +1,18 @@
-//! HTTP listener: `/healthz` (process alive) and `/readyz` (can accept mail:
-//! the control group has a leader and this node leads a queue shard).
+//! HTTP listener: `/healthz` (process alive), `/readyz` (can accept mail:
+//! the control group has a leader and this node leads a queue shard) and
+//! `/metrics` (Prometheus: OpenMetrics text when asked for, else the
+//! classic text format; docs/metrics.md).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+use crate::metrics::Metrics;
 use crate::raft::groups::Groups;
 use crate::raft::{NodeId, CONTROL_GROUP};
 
@@ -15,13 +20,21 @@ use crate::raft::{NodeId, CONTROL_GROUP};
 struct HttpState {
     node_id: NodeId,
     groups: Arc<Groups>,
+    metrics: Arc<Metrics>,
+    data_dir: Arc<PathBuf>,
 }
 
-pub fn router(node_id: NodeId, groups: Arc<Groups>) -> Router {
+pub fn router(node_id: NodeId, groups: Arc<Groups>, metrics: Arc<Metrics>, data_dir: PathBuf) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(HttpState { node_id, groups })
+        .route("/metrics", get(metrics_handler))
+        .with_state(HttpState {
+            node_id,
+            groups,
+            metrics,
+            data_dir: Arc::new(data_dir),
+        })
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
@@ -31,5 +44,31 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
         (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no control-group leader\n"),
         (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "no writable queue shard\n"),
+    }
+}
+
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the
+/// classic text format.
+async fn metrics_handler(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    // Scrape-time values read sled and walk data_dir: off the async workers.
+    let text = tokio::task::spawn_blocking(move || {
+        state
+            .metrics
+            .encode(state.node_id, &state.groups, state.data_dir.as_path())
+    })
+    .await;
+    match text {
+        Ok(text) if openmetrics => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Ok(text) => (
+            [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE_TEXT)],
+            crate::metrics::prometheus_text(&text),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")).into_response(),
     }
 }

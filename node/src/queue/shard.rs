@@ -19,6 +19,7 @@ use super::IdGen;
 use crate::delivery::{Delivery, LoadedMessage, RcptAttempt};
 use crate::dsn;
 use crate::envelope::{Envelope, Notify, Recipient};
+use crate::metrics::{Metrics, Outcome};
 use crate::raft::groups::GroupHandle;
 use crate::raft::state_machine::{message_key, SmEvent, MESSAGE_PREFIX};
 use crate::raft::{Body, NewMessage, NodeId, OutcomeUpdate, RcptResult, Request};
@@ -35,6 +36,8 @@ pub struct ShardSettings {
     pub retry: RetryPolicy,
     pub delay_notice_after: Option<Duration>,
     pub tick: Duration,
+    /// Outcome and DSN counters; Raft leader-change counters for the group host.
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct QueueShard {
@@ -51,6 +54,9 @@ pub struct QueueShard {
     pending_updates: Vec<OutcomeUpdate>,
     pending_bounces: Vec<NewMessage>,
     writing: bool,
+    /// When a quorum last confirmed this node's leadership (see `confirm_then_dispatch`).
+    confirmed_at: Option<std::time::Instant>,
+    confirming: bool,
 }
 
 impl QueueShard {
@@ -74,6 +80,8 @@ impl QueueShard {
             pending_updates: Vec::new(),
             pending_bounces: Vec::new(),
             writing: false,
+            confirmed_at: None,
+            confirming: false,
         }
     }
 
@@ -84,6 +92,38 @@ impl QueueShard {
     fn load_record(&self, id: &str) -> Option<MessageRecord> {
         let v = self.group.sm.tree().get(message_key(id)).ok()??;
         bincode::deserialize(&v).ok()
+    }
+
+    /// Dispatches due mail only while a quorum has recently confirmed this
+    /// node's leadership: a leader that was frozen (SIGSTOP, a long GC or VM
+    /// pause) and wakes up must not deliver what a new leader now delivers.
+    /// One quorum round per LEASE at most, not one per message.
+    fn confirm_then_dispatch(&mut self, ctx: &mut Context<Self>) {
+        const LEASE: Duration = Duration::from_millis(500);
+        if self.leader_term.is_none() || self.schedule.is_empty() {
+            return;
+        }
+        if self.confirmed_at.is_some_and(|t| t.elapsed() < LEASE) {
+            self.dispatch(ctx);
+            return;
+        }
+        if self.confirming {
+            return;
+        }
+        self.confirming = true;
+        let raft = self.group.raft.clone();
+        let started = std::time::Instant::now();
+        let fut = async move { raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string()) };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            act.confirming = false;
+            match result {
+                Ok(()) => {
+                    act.confirmed_at = Some(started);
+                    act.dispatch(ctx);
+                }
+                Err(e) => tracing::info!(shard = act.group.id, error = %e, "leadership not confirmed; not delivering"),
+            }
+        }));
     }
 
     /// Hands every due message to delivery, up to the in-flight bound.
@@ -132,18 +172,30 @@ impl QueueShard {
         let mut delivered = Vec::new();
         let mut deferred = Vec::new();
         for a in &attempts {
-            let (status, reply) = match &a.outcome {
-                crate::delivery::RcptOutcome::Delivered { reply } => (RcptStatus::Delivered, reply.clone()),
-                crate::delivery::RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone()),
+            let (status, reply, outcome) = match &a.outcome {
+                crate::delivery::RcptOutcome::Delivered { reply } => {
+                    (RcptStatus::Delivered, reply.clone(), Outcome::Delivered)
+                }
+                crate::delivery::RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone(), Outcome::Failed),
                 crate::delivery::RcptOutcome::Deferred { reply } if expired => (
                     RcptStatus::Failed,
                     format!(
                         "{reply} (gave up: message older than {}s)",
                         self.settings.retry.max_age.as_secs()
                     ),
+                    Outcome::Expired,
                 ),
-                crate::delivery::RcptOutcome::Deferred { reply } => (RcptStatus::Deferred, reply.clone()),
+                crate::delivery::RcptOutcome::Deferred { reply } => {
+                    (RcptStatus::Deferred, reply.clone(), Outcome::Deferred)
+                }
             };
+            let domain = record
+                .envelope
+                .recipients
+                .get(a.index)
+                .map(|r| Envelope::domain_of(&r.address))
+                .unwrap_or_default();
+            self.settings.metrics.queue.recipient(outcome, &domain);
             log_event(record, a, status, &reply, record.attempts + 1, now);
             match status {
                 RcptStatus::Failed => failed.push((a, reply.clone(), expired)),
@@ -209,6 +261,11 @@ impl QueueShard {
         if rcpts.is_empty() || record.envelope.reverse_path.is_empty() || dsn::is_dsn(&message.body) {
             return;
         }
+        self.settings.metrics.queue.dsn(match kind {
+            dsn::DsnKind::Failure => "failure",
+            dsn::DsnKind::Delay => "delay",
+            dsn::DsnKind::Success => "success",
+        });
         let built = dsn::build(&dsn::DsnInput {
             kind,
             reporting_mta: &self.settings.hostname,
@@ -417,7 +474,7 @@ impl Actor for QueueShard {
         ctx.add_stream(WatchStream::new(self.group.raft.metrics()));
         ctx.run_interval(self.settings.tick, |act, ctx| {
             act.flush(ctx);
-            act.dispatch(ctx);
+            act.confirm_then_dispatch(ctx);
         });
     }
 }

@@ -115,6 +115,7 @@ impl GroupHost {
         )
         .await
         .with_context(|| format!("starting raft group {id}"))?;
+        watch_leader_changes(&raft, self.settings.metrics.leader_changes(id));
         let handle = GroupHandle { id, raft, sm };
         if id != CONTROL_GROUP {
             // One QueueShard actor per local shard replica: it delivers while this node leads.
@@ -142,4 +143,25 @@ impl GroupHost {
             }
         }
     }
+}
+
+/// Counts `tern_raft_leader_changes` for one group: each time the leader this
+/// node knows of becomes a node other than the last one it knew of. Watches
+/// openraft's server metrics, which change only with vote, state, leader or
+/// membership (not with every append). Ends when the group shuts down.
+fn watch_leader_changes(raft: &Raft, changes: prometheus_client::metrics::counter::Counter) {
+    let mut server = raft.server_metrics();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let leader = server.borrow_and_update().current_leader;
+            if leader.is_some() && leader != last {
+                changes.inc();
+                last = leader;
+            }
+            if server.changed().await.is_err() {
+                break;
+            }
+        }
+    });
 }

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -49,6 +50,9 @@ pub struct StateMachine {
     pending: Option<Arc<Captured>>,
     /// Where apply events go (the shard's scheduler), if anywhere.
     events: Option<tokio::sync::mpsc::UnboundedSender<SmEvent>>,
+    /// Queued messages (`tern_queue_messages`): counted at open and after a
+    /// snapshot is installed, then kept by apply.
+    messages: Arc<AtomicI64>,
 }
 
 /// What applying entries changed, for the shard's scheduler.
@@ -101,6 +105,7 @@ impl StateMachine {
             durability,
             pending: None,
             events: None,
+            messages: Arc::new(AtomicI64::new(0)),
         };
         sm.count_spool_refs()?;
         Ok(sm)
@@ -109,15 +114,23 @@ impl StateMachine {
     /// Tells the spool which segments queued messages point into.
     fn count_spool_refs(&self) -> anyhow::Result<()> {
         let mut live = std::collections::HashMap::new();
+        let mut messages = 0;
         for item in self.tree.scan_prefix(MESSAGE_PREFIX) {
             let (_, v) = item?;
             let record: MessageRecord = bincode::deserialize(&v)?;
+            messages += 1;
             if let Some(loc) = record.body {
                 *live.entry(loc.segment).or_insert(0) += 1;
             }
         }
         self.spool.set_live(live);
+        self.messages.store(messages, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Messages in this group's queue (as applied on this replica).
+    pub fn message_count(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed).max(0) as u64
     }
 
     /// The tree, for read-only queries by the admin service.
@@ -299,6 +312,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Message records changed by this run of entries, written at the end.
         let mut staged: BTreeMap<String, Option<MessageRecord>> = BTreeMap::new();
         let mut events = Vec::new();
+        // Messages added minus removed by this run (for `message_count`).
+        let mut added: i64 = 0;
         for entry in entries {
             last = Some(entry.log_id);
             let response = match entry.payload {
@@ -308,9 +323,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     batch.insert(MEMBERSHIP, bincode::serialize(&stored).map_err(|e| err(&e))?);
                     Response { changed: true }
                 }
-                EntryPayload::Normal(Request::Enqueue { record, body }) => Response {
-                    changed: self.stage_new(&mut staged, &mut events, record, body)?,
-                },
+                EntryPayload::Normal(Request::Enqueue { record, body }) => {
+                    let changed = self.stage_new(&mut staged, &mut events, record, body)?;
+                    added += i64::from(changed);
+                    Response { changed }
+                }
                 EntryPayload::Normal(Request::Outcomes { updates, bounces }) => {
                     for update in updates {
                         let Some(mut record) = self.load(&staged, &update.id)? else {
@@ -331,6 +348,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             }
                             events.push(SmEvent::Removed { id: update.id.clone() });
                             staged.insert(update.id, None);
+                            added -= 1;
                         } else {
                             events.push(SmEvent::Scheduled {
                                 id: update.id.clone(),
@@ -340,7 +358,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                     }
                     for b in bounces {
-                        self.stage_new(&mut staged, &mut events, b.record, b.body)?;
+                        added += i64::from(self.stage_new(&mut staged, &mut events, b.record, b.body)?);
                     }
                     Response { changed: true }
                 }
@@ -379,6 +397,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if last.is_some() {
             batch.insert(APPLIED, bincode::serialize(&last).map_err(|e| err(&e))?);
             self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+            self.messages.fetch_add(added, Ordering::Relaxed);
             self.spool.reclaim();
         }
         if let Some(tx) = &self.events {

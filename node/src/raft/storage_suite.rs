@@ -72,6 +72,7 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
         // Applying the same entry again (replay after a crash) is a no-op.
         let again = log.try_get_log_entries(1..2).await.unwrap();
         assert!(!sm.apply(again).await.unwrap()[0].changed);
+        assert_eq!(sm.message_count(), 2);
     }
     // sled's and the flusher's threads release the database lock shortly after drop.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -83,6 +84,7 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let (mut log, sm) = open_with(durability);
+    assert_eq!(sm.message_count(), 2, "counted again at open");
     let entries = log.try_get_log_entries(1..3).await.unwrap();
     match &entries[1].payload {
         EntryPayload::Normal(Request::Enqueue { body, .. }) => assert_eq!(body.bytes, big),
@@ -134,6 +136,7 @@ async fn final_messages_free_their_spool_segments() {
     log.blocking_append(entries).await.unwrap();
     sm.apply(log.try_get_log_entries(1..5).await.unwrap()).await.unwrap();
     assert_eq!(spool.segment_files(), 4);
+    assert_eq!(sm.message_count(), 4);
 
     let done = |id: &str| OutcomeUpdate {
         id: id.into(),
@@ -155,6 +158,7 @@ async fn final_messages_free_their_spool_segments() {
     };
     log.blocking_append([outcomes.clone()]).await.unwrap();
     sm.apply([outcomes]).await.unwrap();
+    assert_eq!(sm.message_count(), 1, "A, B and D are final");
     // Still referenced by unpurged log entries.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(spool.segment_files(), 4);

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::session::{Output, Session};
 use crate::envelope::Envelope;
+use crate::metrics::SmtpMetrics;
 
 pub use super::session::TlsInfo;
 
@@ -51,6 +52,8 @@ pub struct SmtpConfig {
     /// Ask [`Enqueuer::verify_recipient`] about recipients in local domains
     /// at RCPT time, so unknown users get 550 now instead of a bounce later.
     pub verify_recipients: bool,
+    /// Where sessions, replies and received messages are counted.
+    pub metrics: SmtpMetrics,
 }
 
 impl Default for SmtpConfig {
@@ -66,6 +69,7 @@ impl Default for SmtpConfig {
             relay: RelayPolicy::default(),
             verify_recipients: false,
             tls: None,
+            metrics: SmtpMetrics::default(),
         }
     }
 }
@@ -167,12 +171,14 @@ pub async fn serve<E: Enqueuer>(
                 }
             },
         };
+        let open = config.metrics.session_started();
         let config = config.clone();
         let enqueuer = enqueuer.clone();
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         sessions.spawn(async move {
             handle_connection(stream, peer, config, enqueuer, acceptor, shutdown).await;
+            drop(open);
             drop(permit);
         });
         while sessions.try_join_next().is_some() {}
@@ -277,11 +283,17 @@ async fn handle_connection<E: Enqueuer>(
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
     let write_limit = config.command_timeout;
+    let metrics = &config.metrics;
+    // Every reply goes out through here, to be counted by class.
+    let put = |r: Reply, out: &mut Vec<u8>| {
+        metrics.reply(r.code);
+        r.write_to(out);
+    };
     debug!(peer = %peer, "smtp connect");
-    session.greeting().write_to(&mut out);
+    put(session.greeting(), &mut out);
     let reason = loop {
         match session.next(&mut input) {
-            Output::Reply(r) => r.write_to(&mut out),
+            Output::Reply(r) => put(r, &mut out),
             Output::NeedInput => {
                 if let Err(e) = flush(&mut conn, &mut out, write_limit).await {
                     debug!(peer = %peer, error = %e, "smtp write failed");
@@ -292,14 +304,14 @@ async fn handle_connection<E: Enqueuer>(
                 tokio::select! {
                     biased;
                     _ = wait_shutdown(&mut shutdown) => {
-                        session.shutdown_reply().write_to(&mut out);
+                        put(session.shutdown_reply(), &mut out);
                         let _ = flush(&mut conn, &mut out, write_limit).await;
                         break "shutdown";
                     }
                     r = tokio::time::timeout(limit, conn.read_buf(&mut input)) => match r {
                         Err(_) => {
                             info!(peer = %peer, in_data = session.in_data(), "smtp timeout");
-                            session.timeout_reply().write_to(&mut out);
+                            put(session.timeout_reply(), &mut out);
                             let _ = flush(&mut conn, &mut out, write_limit).await;
                             break "timeout";
                         }
@@ -323,13 +335,16 @@ async fn handle_connection<E: Enqueuer>(
                 let result = enqueuer.enqueue(id.clone(), envelope, body).await;
                 match &result {
                     Ok(()) => {
+                        metrics.message_received(size);
                         info!(peer = %peer, id = %id, from = %from, rcpts, size, "queued")
                     }
                     Err(e) => warn!(peer = %peer, id = %id, error = %e, "enqueue failed"),
                 }
-                session.enqueue_result(result).write_to(&mut out);
+                let reply = session.enqueue_result(result);
+                metrics.transaction_reply(reply.code);
+                put(reply, &mut out);
                 if *shutdown.borrow() {
-                    session.shutdown_reply().write_to(&mut out);
+                    put(session.shutdown_reply(), &mut out);
                     let _ = flush(&mut conn, &mut out, write_limit).await;
                     break "shutdown";
                 }
@@ -462,7 +477,15 @@ mod tests {
     #[tokio::test]
     async fn plain_transaction_over_socket() {
         let q = Arc::new(MemQueue::default());
-        let (addr, stop, task) = start(config(), q.clone()).await;
+        let metrics = crate::metrics::Metrics::new();
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                metrics: metrics.smtp.clone(),
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
         let mut c = connect(addr).await;
         assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
         // Whole transaction pipelined in one write.
@@ -493,6 +516,21 @@ mod tests {
         }
         stop.send(true).unwrap();
         tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let text = metrics.encode(1, &crate::raft::groups::Groups::default(), dir.path());
+        let size = q.msgs.lock().unwrap()[0].2.len();
+        for line in [
+            "tern_smtp_sessions_total 1".to_string(),
+            "tern_smtp_sessions_open 0".to_string(),
+            // 220 greeting, EHLO, MAIL, RCPT, queued, 221.
+            "tern_smtp_replies_total{class=\"2xx\"} 6".to_string(),
+            "tern_smtp_replies_total{class=\"3xx\"} 1".to_string(),
+            "tern_smtp_transaction_replies_total{class=\"2xx\"} 1".to_string(),
+            "tern_smtp_messages_received_total 1".to_string(),
+            format!("tern_smtp_received_bytes_total {size}"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
     }
 
     #[derive(Debug)]

@@ -19,6 +19,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::LogFlushed;
 
+use crate::metrics::StorageMetrics;
 use crate::raft::TypeConfig;
 
 /// A completion waiting for the next durable flush.
@@ -34,6 +35,7 @@ struct Syncer {
     db_file: File,
     /// Spool segment files written since the last flush.
     dirty: Mutex<Vec<Arc<File>>>,
+    metrics: StorageMetrics,
 }
 
 /// The node's sled database plus the group-commit flusher.
@@ -46,6 +48,11 @@ pub struct Durability {
 impl Durability {
     /// Opens (or creates) the node's storage under `data_dir`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Durability>> {
+        Self::open_with_metrics(data_dir, StorageMetrics::default())
+    }
+
+    /// As [`Durability::open`], with the flusher observing into `metrics`.
+    pub fn open_with_metrics(data_dir: &Path, metrics: StorageMetrics) -> anyhow::Result<Arc<Durability>> {
         use anyhow::Context as _;
         let sled_dir = data_dir.join("sled");
         std::fs::create_dir_all(&sled_dir).with_context(|| format!("creating {}", sled_dir.display()))?;
@@ -61,6 +68,7 @@ impl Durability {
             db,
             db_file,
             dirty: Mutex::new(Vec::new()),
+            metrics,
         });
         let flusher = Arc::clone(&syncer);
         let durability = Arc::new(Durability {
@@ -118,6 +126,7 @@ impl Syncer {
             jobs.extend(rx.try_iter());
             let started = std::time::Instant::now();
             let result = self.sync_all();
+            self.metrics.commit(started.elapsed().as_secs_f64(), jobs.len());
             if let Err(e) = &result {
                 tracing::error!(error = %e, "durable flush failed");
             }

@@ -8,6 +8,7 @@ mod delivery;
 mod durability;
 mod harness;
 mod local;
+mod metrics;
 mod node;
 mod smtp;
 #[path = "../../src/delivery/testdns.rs"]

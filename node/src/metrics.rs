@@ -1,0 +1,694 @@
+//! Prometheus metrics (`GET /metrics` on the HTTP listener), with the
+//! `prometheus-client` crate. Every metric is listed in docs/metrics.md.
+//!
+//! One [`Metrics`] per node owns the registry. Its parts are cheap clones
+//! of the same atomics, handed to the code that counts:
+//! [`SmtpMetrics`] in the SMTP listener's settings, [`QueueMetrics`] to the
+//! shard actors, [`DeliveryMetrics`] to the site workers, [`StorageMetrics`]
+//! to the flusher thread. Each part's `Default` is a detached set (not in
+//! any registry), so code under test needs no registry.
+//!
+//! Counters on the SMTP accept path and the Raft apply path are plain
+//! atomic increments: labelled counters there are looked up once, when the
+//! metrics are made. Values that are cheap to read when scraped (Raft state
+//! per group, queue depth, oldest message, bytes on disk) are read then, in
+//! [`Metrics::encode`].
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::raft::groups::Groups;
+use crate::raft::state_machine::MESSAGE_PREFIX;
+use crate::raft::NodeId;
+
+/// Content type of [`Metrics::encode`]'s output (OpenMetrics text).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`prometheus_text`]'s output (the classic text format).
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Distinct recipient domains that get their own `destination` label;
+/// later ones are counted under `other`.
+pub const MAX_DESTINATIONS: usize = 100;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+    destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsLabel {
+    tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabel {
+    pub group: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartLabel {
+    part: &'static str,
+}
+
+/// Counters by reply class, each looked up once.
+#[derive(Clone, Debug)]
+struct ByClass {
+    family: Family<ClassLabel, Counter>,
+    /// 2xx, 3xx, 4xx, 5xx.
+    classes: [Counter; 4],
+}
+
+impl Default for ByClass {
+    fn default() -> Self {
+        let family = Family::<ClassLabel, Counter>::default();
+        let classes = ["2xx", "3xx", "4xx", "5xx"].map(|class| family.get_or_create(&ClassLabel { class }).clone());
+        ByClass { family, classes }
+    }
+}
+
+impl ByClass {
+    fn inc(&self, code: u16) {
+        let i = usize::from(code / 100).clamp(2, 5) - 2;
+        self.classes[i].inc();
+    }
+}
+
+/// The SMTP listener's metrics.
+#[derive(Clone, Debug, Default)]
+pub struct SmtpMetrics {
+    sessions_open: Gauge,
+    sessions: Counter,
+    replies: ByClass,
+    transaction_replies: ByClass,
+    messages_received: Counter,
+    received_bytes: Counter,
+}
+
+impl SmtpMetrics {
+    /// A connection was accepted; the session counts as open until the
+    /// returned guard is dropped.
+    pub fn session_started(&self) -> SessionGuard {
+        self.sessions.inc();
+        self.sessions_open.inc();
+        SessionGuard(self.sessions_open.clone())
+    }
+
+    /// Any reply written to a client.
+    pub fn reply(&self, code: u16) {
+        self.replies.inc(code);
+    }
+
+    /// The final reply to a message (the enqueue result after DATA/BDAT LAST).
+    pub fn transaction_reply(&self, code: u16) {
+        self.transaction_replies.inc(code);
+    }
+
+    /// A message was queued (answered 250); `bytes` as queued.
+    pub fn message_received(&self, bytes: usize) {
+        self.messages_received.inc();
+        self.received_bytes.inc_by(bytes as u64);
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_smtp_sessions_open",
+            "SMTP sessions currently open",
+            self.sessions_open.clone(),
+        );
+        r.register("tern_smtp_sessions", "SMTP connections accepted", self.sessions.clone());
+        r.register(
+            "tern_smtp_replies",
+            "SMTP replies sent to clients, by class",
+            self.replies.family.clone(),
+        );
+        r.register(
+            "tern_smtp_transaction_replies",
+            "Final replies to messages (the queueing result after DATA or BDAT LAST), by class",
+            self.transaction_replies.family.clone(),
+        );
+        r.register(
+            "tern_smtp_messages_received",
+            "Messages accepted and queued (answered 250)",
+            self.messages_received.clone(),
+        );
+        r.register(
+            "tern_smtp_received_bytes",
+            "Bytes of the messages accepted and queued (with our Received header)",
+            self.received_bytes.clone(),
+        );
+    }
+}
+
+/// Decrements `tern_smtp_sessions_open` when the session ends, however it ends.
+pub struct SessionGuard(Gauge);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What happened to one recipient in one delivery attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Deferred,
+    /// Failed permanently (5xx or unroutable).
+    Failed,
+    /// Still deferred when `delivery.max_age` ran out: failed as expired.
+    Expired,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Deferred => "deferred",
+            Outcome::Failed => "failed",
+            Outcome::Expired => "expired",
+        }
+    }
+}
+
+/// The shard actors' metrics (counted on the shard leader that delivers).
+#[derive(Clone, Debug, Default)]
+pub struct QueueMetrics {
+    recipients: Family<OutcomeLabels, Counter>,
+    /// Domains that have their own label (at most [`MAX_DESTINATIONS`]).
+    destinations: Arc<Mutex<HashSet<String>>>,
+    dsns: Family<KindLabel, Counter>,
+}
+
+impl QueueMetrics {
+    /// One recipient's outcome; `domain` is the recipient's domain.
+    pub fn recipient(&self, outcome: Outcome, domain: &str) {
+        let destination = self.destination(domain);
+        self.recipients
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+                destination,
+            })
+            .inc();
+    }
+
+    /// A delivery status notification was queued; `kind` is `failure`,
+    /// `delay` or `success`.
+    pub fn dsn(&self, kind: &'static str) {
+        self.dsns.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// The label for `domain`: itself while fewer than MAX_DESTINATIONS
+    /// domains have been seen, else `other`.
+    fn destination(&self, domain: &str) -> String {
+        let plain = !domain.is_empty()
+            && domain.len() <= 253
+            && domain
+                .chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':'));
+        if !plain {
+            return "other".into();
+        }
+        let mut seen = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(domain) {
+            return domain.to_owned();
+        }
+        if seen.len() < MAX_DESTINATIONS {
+            seen.insert(domain.to_owned());
+            return domain.to_owned();
+        }
+        "other".into()
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_queue_recipients",
+            "Recipient outcomes of delivery attempts (delivered, deferred, failed, expired), by recipient domain",
+            self.recipients.clone(),
+        );
+        r.register(
+            "tern_dsn_generated",
+            "Delivery status notifications queued, by kind",
+            self.dsns.clone(),
+        );
+    }
+}
+
+/// The site workers' metrics.
+#[derive(Clone, Debug)]
+pub struct DeliveryMetrics {
+    attempt_seconds: Family<ResultLabel, Histogram, fn() -> Histogram>,
+    attempt_ok: Histogram,
+    attempt_error: Histogram,
+    connections: Family<TlsLabel, Counter>,
+    tls_yes: Counter,
+    tls_no: Counter,
+}
+
+fn attempt_histogram() -> Histogram {
+    // 5 ms .. 41 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl Default for DeliveryMetrics {
+    fn default() -> Self {
+        let attempt_seconds: Family<ResultLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(attempt_histogram);
+        let attempt_ok = attempt_seconds.get_or_create(&ResultLabel { result: "ok" }).clone();
+        let attempt_error = attempt_seconds.get_or_create(&ResultLabel { result: "error" }).clone();
+        let connections = Family::<TlsLabel, Counter>::default();
+        let tls_yes = connections.get_or_create(&TlsLabel { tls: "yes" }).clone();
+        let tls_no = connections.get_or_create(&TlsLabel { tls: "no" }).clone();
+        DeliveryMetrics {
+            attempt_seconds,
+            attempt_ok,
+            attempt_error,
+            connections,
+            tls_yes,
+            tls_no,
+        }
+    }
+}
+
+impl DeliveryMetrics {
+    /// One site transaction (connecting first if needed) took `seconds`;
+    /// `ok` unless no connection could be made or it broke.
+    pub fn attempt(&self, seconds: f64, ok: bool) {
+        if ok {
+            self.attempt_ok.observe(seconds);
+        } else {
+            self.attempt_error.observe(seconds);
+        }
+    }
+
+    /// A new outbound connection, with or without TLS.
+    pub fn connection(&self, tls: bool) {
+        if tls {
+            self.tls_yes.inc();
+        } else {
+            self.tls_no.inc();
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_delivery_attempt_duration_seconds",
+            "Time of one site transaction (including connecting when a new connection was needed)",
+            self.attempt_seconds.clone(),
+        );
+        r.register(
+            "tern_delivery_connections",
+            "Outbound SMTP/LMTP connections made, by whether TLS is in use",
+            self.connections.clone(),
+        );
+    }
+}
+
+/// The group-commit flusher's metrics.
+#[derive(Clone, Debug)]
+pub struct StorageMetrics {
+    fsync_seconds: Histogram,
+    batch_size: Histogram,
+}
+
+impl Default for StorageMetrics {
+    fn default() -> Self {
+        StorageMetrics {
+            // 50 µs .. 3.3 s.
+            fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 17)),
+            // 1 .. 4096 completions.
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+        }
+    }
+}
+
+impl StorageMetrics {
+    /// One durable flush of `batch` waiting completions took `seconds`.
+    pub fn commit(&self, seconds: f64, batch: usize) {
+        self.fsync_seconds.observe(seconds);
+        self.batch_size.observe(batch as f64);
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_storage_fsync_duration_seconds",
+            "Time of one group commit (fdatasync of spool segments, sled flush, fdatasync of sled)",
+            self.fsync_seconds.clone(),
+        );
+        r.register(
+            "tern_storage_commit_batch_size",
+            "Completions (log appends and other waiters) made durable by one group commit",
+            self.batch_size.clone(),
+        );
+    }
+}
+
+/// Raft metrics per group; all but the leader changes are read at scrape time.
+#[derive(Clone, Debug, Default)]
+struct RaftGauges {
+    term: Family<GroupLabel, Gauge>,
+    is_leader: Family<GroupLabel, Gauge>,
+    last_log_index: Family<GroupLabel, Gauge>,
+    last_applied: Family<GroupLabel, Gauge>,
+    leader_changes: Family<GroupLabel, Counter>,
+}
+
+/// Gauges read at scrape time.
+#[derive(Clone, Debug, Default)]
+struct ScrapeGauges {
+    queue_messages: Family<ShardLabel, Gauge>,
+    oldest_age: Family<ShardLabel, Gauge>,
+    disk_bytes: Family<PartLabel, Gauge>,
+}
+
+/// The node's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    pub smtp: SmtpMetrics,
+    pub queue: QueueMetrics,
+    pub delivery: DeliveryMetrics,
+    pub storage: StorageMetrics,
+    raft: RaftGauges,
+    scrape: ScrapeGauges,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let smtp = SmtpMetrics::default();
+        let queue = QueueMetrics::default();
+        let delivery = DeliveryMetrics::default();
+        let storage = StorageMetrics::default();
+        let raft = RaftGauges::default();
+        let scrape = ScrapeGauges::default();
+        smtp.register(&mut registry);
+        queue.register(&mut registry);
+        delivery.register(&mut registry);
+        storage.register(&mut registry);
+        let r = &mut registry;
+        r.register("tern_raft_term", "Current Raft term, per group", raft.term.clone());
+        r.register(
+            "tern_raft_is_leader",
+            "1 if this node leads the group, else 0",
+            raft.is_leader.clone(),
+        );
+        r.register(
+            "tern_raft_last_log_index",
+            "Index of the last entry in this node's log of the group",
+            raft.last_log_index.clone(),
+        );
+        r.register(
+            "tern_raft_last_applied",
+            "Index of the last entry applied to this node's state machine of the group",
+            raft.last_applied.clone(),
+        );
+        r.register(
+            "tern_raft_leader_changes",
+            "Times this node saw the group's leader change to another node (the first leader included)",
+            raft.leader_changes.clone(),
+        );
+        r.register(
+            "tern_queue_messages",
+            "Messages in the queue of each shard this node replicates",
+            scrape.queue_messages.clone(),
+        );
+        r.register(
+            "tern_queue_oldest_message_age_seconds",
+            "Age of the oldest queued message of each shard this node replicates (0 when empty)",
+            scrape.oldest_age.clone(),
+        );
+        r.register(
+            "tern_storage_disk_bytes",
+            "Bytes allocated on disk under data_dir, by part (sled, spool, snapshots, other)",
+            scrape.disk_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            smtp,
+            queue,
+            delivery,
+            storage,
+            raft,
+            scrape,
+        }
+    }
+
+    /// The counter of leader changes of one group (for its watcher task).
+    pub fn leader_changes(&self, group: u64) -> Counter {
+        self.raft.leader_changes.get_or_create(&GroupLabel { group }).clone()
+    }
+
+    /// Reads the scrape-time values from `groups` and `data_dir`, then
+    /// returns every metric in OpenMetrics text. Blocking (sled and file
+    /// system reads): call it off the async workers.
+    pub fn encode(&self, node: NodeId, groups: &Groups, data_dir: &Path) -> String {
+        self.collect(node, groups, data_dir);
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+
+    fn collect(&self, node: NodeId, groups: &Groups, data_dir: &Path) {
+        let now = chrono::Utc::now().timestamp();
+        for g in groups.all() {
+            let label = GroupLabel { group: g.id };
+            {
+                let m = g.raft.metrics();
+                let m = m.borrow();
+                let leading = m.current_leader == Some(node) && m.state == openraft::ServerState::Leader;
+                self.raft.term.get_or_create(&label).set(m.current_term as i64);
+                self.raft.is_leader.get_or_create(&label).set(i64::from(leading));
+                self.raft
+                    .last_log_index
+                    .get_or_create(&label)
+                    .set(m.last_log_index.unwrap_or(0) as i64);
+                self.raft
+                    .last_applied
+                    .get_or_create(&label)
+                    .set(m.last_applied.map_or(0, |l| l.index) as i64);
+            }
+            if g.id == crate::raft::CONTROL_GROUP {
+                continue;
+            }
+            let shard = ShardLabel { shard: g.id };
+            self.scrape
+                .queue_messages
+                .get_or_create(&shard)
+                .set(g.sm.message_count() as i64);
+            // Queue ids start with their arrival time, so the first is the oldest.
+            let oldest =
+                g.sm.tree()
+                    .scan_prefix(MESSAGE_PREFIX)
+                    .next()
+                    .and_then(Result::ok)
+                    .and_then(|(_, v)| bincode::deserialize::<crate::queue::message::MessageRecord>(&v).ok())
+                    .map_or(0, |r| (now - r.received_at).max(0));
+            self.scrape.oldest_age.get_or_create(&shard).set(oldest);
+        }
+        for (part, bytes) in disk_usage(data_dir) {
+            self.scrape
+                .disk_bytes
+                .get_or_create(&PartLabel { part })
+                .set(bytes as i64);
+        }
+    }
+}
+
+/// OpenMetrics text (as [`Metrics::encode`] makes it) in the classic
+/// Prometheus text format 0.0.4, for scrapers that do not ask for
+/// OpenMetrics: a counter's family is named with its `_total` suffix, and
+/// there is no `# EOF` or `# UNIT` line. Everything else is the same.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let name = rest.split(' ').next()?;
+            counters.contains(name).then(|| (p, name, &rest[name.len()..]))
+        });
+        match meta {
+            Some((prefix, name, rest)) => {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(rest);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Bytes allocated under `data_dir` by part: its top-level `sled`, `spool`
+/// and `snapshots` directories, and everything else.
+fn disk_usage(data_dir: &Path) -> [(&'static str, u64); 4] {
+    let mut parts = [("sled", 0), ("spool", 0), ("snapshots", 0), ("other", 0)];
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return parts;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let i = parts
+            .iter()
+            .position(|(p, _)| name.to_str() == Some(*p))
+            .unwrap_or(parts.len() - 1);
+        parts[i].1 += tree_bytes(&e.path(), 0);
+    }
+    parts
+}
+
+/// Allocated bytes of a file, or of every file below a directory.
+fn tree_bytes(path: &Path, depth: usize) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.blocks() * 512;
+    }
+    if depth > 8 {
+        return 0;
+    }
+    std::fs::read_dir(path)
+        .map(|entries| entries.flatten().map(|e| tree_bytes(&e.path(), depth + 1)).sum())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn encoded(m: &Metrics) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        m.encode(1, &Groups::default(), dir.path())
+    }
+
+    #[test]
+    fn counters_show_up_with_their_labels() {
+        let m = Metrics::new();
+        let _open = m.smtp.session_started();
+        m.smtp.reply(220);
+        m.smtp.reply(354);
+        m.smtp.transaction_reply(250);
+        m.smtp.transaction_reply(451);
+        m.smtp.message_received(1000);
+        m.queue.recipient(Outcome::Delivered, "example.test");
+        m.queue.recipient(Outcome::Expired, "example.test");
+        m.queue.dsn("failure");
+        m.delivery.connection(false);
+        m.delivery.attempt(0.02, true);
+        m.storage.commit(0.001, 3);
+        let text = encoded(&m);
+        for line in [
+            "tern_smtp_sessions_open 1",
+            "tern_smtp_sessions_total 1",
+            "tern_smtp_replies_total{class=\"2xx\"} 1",
+            "tern_smtp_replies_total{class=\"3xx\"} 1",
+            "tern_smtp_transaction_replies_total{class=\"2xx\"} 1",
+            "tern_smtp_transaction_replies_total{class=\"4xx\"} 1",
+            "tern_smtp_transaction_replies_total{class=\"5xx\"} 0",
+            "tern_smtp_messages_received_total 1",
+            "tern_smtp_received_bytes_total 1000",
+            "tern_queue_recipients_total{outcome=\"delivered\",destination=\"example.test\"} 1",
+            "tern_queue_recipients_total{outcome=\"expired\",destination=\"example.test\"} 1",
+            "tern_dsn_generated_total{kind=\"failure\"} 1",
+            "tern_delivery_connections_total{tls=\"no\"} 1",
+            "tern_delivery_connections_total{tls=\"yes\"} 0",
+            "tern_delivery_attempt_duration_seconds_count{result=\"ok\"} 1",
+            "tern_storage_fsync_duration_seconds_count 1",
+            "tern_storage_commit_batch_size_sum 3.0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        let classic = prometheus_text(&text);
+        for line in [
+            "# TYPE tern_smtp_sessions_total counter",
+            "# HELP tern_smtp_sessions_total SMTP connections accepted.",
+            "tern_smtp_sessions_total 1",
+            "# TYPE tern_smtp_sessions_open gauge",
+            "# TYPE tern_storage_fsync_duration_seconds histogram",
+        ] {
+            assert!(classic.lines().any(|l| l == line), "missing {line:?} in\n{classic}");
+        }
+        assert!(!classic.contains("# EOF") && !classic.contains("# TYPE tern_smtp_sessions counter"));
+        drop(_open);
+        assert!(encoded(&m).lines().any(|l| l == "tern_smtp_sessions_open 0"));
+    }
+
+    #[test]
+    fn destinations_are_capped() {
+        let q = QueueMetrics::default();
+        for i in 0..MAX_DESTINATIONS {
+            assert_eq!(q.destination(&format!("d{i}.test")), format!("d{i}.test"));
+        }
+        assert_eq!(q.destination("late.test"), "other");
+        assert_eq!(q.destination("d7.test"), "d7.test");
+        assert_eq!(q.destination("bad\"name"), "other");
+        assert_eq!(q.destination(""), "other");
+    }
+
+    #[test]
+    fn disk_usage_by_part() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("spool/g1")).unwrap();
+        std::fs::write(dir.path().join("spool/g1/1.seg"), vec![1u8; 10_000]).unwrap();
+        std::fs::write(dir.path().join("stray"), vec![1u8; 5000]).unwrap();
+        let usage = disk_usage(dir.path());
+        assert!(usage[1].1 >= 10_000, "{usage:?}");
+        assert_eq!(usage[0].1, 0);
+        assert!(usage[3].1 >= 4096, "{usage:?}");
+    }
+}
