@@ -306,3 +306,27 @@ fn chrono_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+#[test]
+fn delay_notice_is_sent_once_while_retrying() {
+    let closed = free_port();
+    let sender_mx = SmtpSink::start(&[]);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{closed}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\ndelay_notice_after = \"2s\"\n",
+        sender_mx.addr
+    ));
+    let id = send(&node, "sender@tern.test", &["slow@example.test"], "delay-1");
+    wait_for(Duration::from_secs(60), "the delay notice", || {
+        sender_mx.messages().len() == 1
+    });
+    let dsn = &sender_mx.messages()[0];
+    assert!(
+        dsn.contains("Action: delayed") && dsn.contains("Will-Retry-Until:"),
+        "{dsn}"
+    );
+    // Still queued and retried, and no second notice.
+    wait_for(Duration::from_secs(30), "two more attempts", || {
+        node.ternctl_json(&["queue", "show", &id])["attempts"].as_u64().unwrap() >= 4
+    });
+    assert_eq!(sender_mx.messages().len(), 1);
+}
