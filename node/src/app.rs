@@ -142,6 +142,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tick: config.scheduler_tick,
         metrics: Arc::clone(&metrics),
     });
+    let cluster_tls = config
+        .cluster_tls
+        .as_ref()
+        .map(crate::raft::tls::ClusterTls::load)
+        .transpose()
+        .context("cluster TLS")?;
     let host = Arc::new(GroupHost::new(
         Arc::clone(&config),
         Arc::clone(&durability),
@@ -151,6 +157,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&delivery),
         settings,
         Arc::clone(&ids),
+        cluster_tls.clone(),
     ));
     let mut group_ids = host.recorded()?;
     if group_ids.is_empty() {
@@ -170,6 +177,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.node_id,
         config.replicas as usize,
         Arc::clone(&groups),
+        cluster_tls.clone(),
     ));
 
     // Listeners first, so that a port conflict fails fast and loudly.
@@ -209,8 +217,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 })
             });
         let mut stop = stop_rx.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &cluster_tls {
+            builder = builder
+                .tls_config(tls.server())
+                .context("cluster TLS for the gRPC server")?;
+        }
         tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(raft_svc)
                 .add_service(admin_svc)
                 .serve_with_incoming_shutdown(incoming, async move {

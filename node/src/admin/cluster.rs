@@ -32,16 +32,23 @@ pub struct Cluster {
     clients: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
     /// Shards whose membership change is under way here.
     reconciling: Mutex<HashSet<GroupId>>,
+    tls: Option<crate::raft::tls::ClusterTls>,
 }
 
 impl Cluster {
-    pub fn new(node_id: NodeId, replicas: usize, groups: Arc<Groups>) -> Cluster {
+    pub fn new(
+        node_id: NodeId,
+        replicas: usize,
+        groups: Arc<Groups>,
+        tls: Option<crate::raft::tls::ClusterTls>,
+    ) -> Cluster {
         Cluster {
             node_id,
             replicas,
             groups,
             clients: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
+            tls,
         }
     }
 
@@ -180,8 +187,8 @@ impl Cluster {
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        let channel = crate::raft::tls::endpoint(addr, self.tls.as_ref())
+            .map_err(tonic::Status::invalid_argument)?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(90))
             .connect_lazy();

@@ -26,6 +26,18 @@ struct Args {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     output: Output,
+    /// Cluster CA (PEM) when the cluster uses mutual TLS ([cluster] tls_ca).
+    #[arg(long, global = true, env = "TERN_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) signed by the cluster CA.
+    #[arg(long, global = true, env = "TERN_TLS_CERT", requires = "tls_ca")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, env = "TERN_TLS_KEY", requires = "tls_ca")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Name in the nodes' certificates ([cluster] tls_server_name).
+    #[arg(long, global = true, env = "TERN_TLS_SERVER_NAME", default_value = "tern-cluster")]
+    tls_server_name: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -138,13 +150,29 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), tonic::Status> {
+    let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
     let endpoint = if args.endpoint.contains("://") {
         args.endpoint.clone()
     } else {
-        format!("http://{}", args.endpoint)
+        format!("{scheme}://{}", args.endpoint)
     };
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint {}: {e}", args.endpoint)))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(endpoint)
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint {}: {e}", args.endpoint)))?;
+    if let Some(ca) = &args.tls_ca {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| tonic::Status::invalid_argument(format!("{}: {e}", p.display())))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?))
+            .domain_name(args.tls_server_name.clone());
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| tonic::Status::invalid_argument(format!("TLS: {e}")))?;
+    }
+    let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(60))
         .connect()

@@ -122,6 +122,18 @@ pub enum LocalDelivery {
     None,
 }
 
+/// `[cluster] tls_cert, tls_key, tls_ca, tls_server_name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterTlsFiles {
+    /// This node's certificate chain (PEM), used as server and as client.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The cluster CA (PEM): peers and ternctl must present a certificate it signed.
+    pub ca: PathBuf,
+    /// The DNS name every node certificate carries (nodes are dialled by address).
+    pub server_name: String,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -177,6 +189,10 @@ struct RawCluster {
     shards: Option<u32>,
     replicas: Option<u32>,
     advertise_grpc: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -211,6 +227,8 @@ pub struct Config {
     pub listen_http: SocketAddr,
     /// Address other nodes use to reach our gRPC port (defaults to listen.grpc).
     pub advertise_grpc: String,
+    /// Mutual TLS for cluster gRPC (Raft and admin), if configured.
+    pub cluster_tls: Option<ClusterTlsFiles>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Initialise a new cluster on first start if this node has no state.
@@ -427,6 +445,21 @@ impl Config {
             (None, Some(m)) => LocalDelivery::Maildir(m),
             (None, None) => LocalDelivery::None,
         };
+        let cluster_tls = match (raw.cluster.tls_cert, raw.cluster.tls_key, raw.cluster.tls_ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(ClusterTlsFiles {
+                cert,
+                key,
+                ca,
+                server_name: raw.cluster.tls_server_name.unwrap_or_else(|| "tern-cluster".into()),
+            }),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.tls_cert",
+                    reason: "tls_cert, tls_key and tls_ca must be given together".into(),
+                })
+            }
+        };
         let log_format = match raw.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -438,6 +471,7 @@ impl Config {
             }
         };
         Ok(Config {
+            cluster_tls,
             dns_nameservers,
             dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
             routes,
@@ -534,6 +568,9 @@ mod tests {
         assert!(Config::from_toml("[policy]\nmax_recipients = 10\n").is_err());
         assert!(Config::from_toml("[cluster]\nshards = 0\n").is_err());
         assert!(Config::from_toml("[tls]\ncert = \"a.pem\"\n").is_err());
+        assert!(Config::from_toml("[cluster]\ntls_cert = \"a.pem\"\ntls_key = \"k.pem\"\n").is_err());
+        let c = Config::from_toml("[cluster]\ntls_cert = \"a\"\ntls_key = \"k\"\ntls_ca = \"c\"\n").unwrap();
+        assert_eq!(c.cluster_tls.unwrap().server_name, "tern-cluster");
         let c = Config::from_toml("[policy]\nlocal_domains = [\"Example.TEST.\"]\nrelay_networks=[\"192.0.2.0/24\"]\n")
             .unwrap();
         assert_eq!(c.local_domains, vec!["example.test"]);

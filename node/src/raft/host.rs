@@ -50,11 +50,12 @@ impl GroupHost {
         delivery: Arc<Delivery>,
         settings: Arc<ShardSettings>,
         ids: Arc<IdGen>,
+        tls: Option<super::tls::ClusterTls>,
     ) -> GroupHost {
         GroupHost {
             config,
             durability,
-            peers: Arc::new(Peers::default()),
+            peers: Arc::new(Peers::new(tls)),
             raft_config,
             groups: Arc::new(Groups::default()),
             local,

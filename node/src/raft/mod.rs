@@ -17,6 +17,7 @@ pub mod service;
 pub mod state_machine;
 #[cfg(test)]
 mod storage_suite;
+pub mod tls;
 
 use std::io::Cursor;
 

@@ -22,12 +22,20 @@ use super::{GroupId, NodeId, TypeConfig};
 pub const MAX_GRPC_MESSAGE: usize = 512 * 1024 * 1024;
 
 /// One channel per peer, shared by all groups on this node.
-#[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    /// Mutual TLS for cluster traffic, if configured.
+    tls: Option<super::tls::ClusterTls>,
 }
 
 impl Peers {
+    pub fn new(tls: Option<super::tls::ClusterTls>) -> Peers {
+        Peers {
+            channels: Mutex::new(HashMap::new()),
+            tls,
+        }
+    }
+
     fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((a, ch)) = map.get(&target) {
@@ -35,8 +43,7 @@ impl Peers {
                 return Ok(ch.clone());
             }
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+        let endpoint = super::tls::endpoint(addr, self.tls.as_ref())?
             .connect_timeout(std::time::Duration::from_secs(2))
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();

@@ -379,3 +379,113 @@ fn whole_cluster_restart_loses_nothing() {
         tags.iter().all(|t| delivered(&sink, t) >= 1)
     });
 }
+
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Raft and admin traffic under mutual TLS: nodes join and replicate,
+/// ternctl needs a client certificate from the cluster CA.
+#[test]
+fn cluster_traffic_with_mutual_tls() {
+    let _serial = cluster_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tern-test-ca",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=tern-cluster",
+        "-keyout",
+        &p("node.key"),
+        "-out",
+        &p("node.csr"),
+    ]);
+    std::fs::write(
+        p("ext"),
+        "subjectAltName=DNS:tern-cluster\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("node.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("ext"),
+        "-out",
+        &p("node.pem"),
+    ]);
+
+    let sink = SmtpSink::start(&[]);
+    let extra = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\nshards = 2\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n",
+        p("node.pem"),
+        p("node.key"),
+        p("ca.pem"),
+        sink.addr
+    );
+    let env = vec![
+        ("TERN_TLS_CA".to_owned(), p("ca.pem")),
+        ("TERN_TLS_CERT".to_owned(), p("node.pem")),
+        ("TERN_TLS_KEY".to_owned(), p("node.key")),
+    ];
+    let mut n1 = Node::start_node(1, true, &extra);
+    let mut n2 = Node::start_node(2, false, &extra);
+    n1.ternctl_env = env.clone();
+    n2.ternctl_env = env;
+    join(&n1, &n2, 2);
+    wait_for(Duration::from_secs(60), "both shards on two voters", || {
+        shards(&n1)
+            .iter()
+            .all(|sh| sh["voters"].as_array().unwrap().len() == 2 && sh["leader"] != 0)
+    });
+    assert!(send_tagged(&n2, "mtls-1"));
+    wait_for(Duration::from_secs(30), "delivery", || delivered(&sink, "mtls-1") == 1);
+
+    // Plain gRPC, or TLS without a client certificate, is refused.
+    let plain = std::process::Command::new(TERNCTL)
+        .args(["--endpoint", &n1.grpc.to_string(), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(plain.status.code(), Some(1));
+    let anonymous = std::process::Command::new(TERNCTL)
+        .args(["--endpoint", &n1.grpc.to_string(), "--tls-ca", &p("ca.pem"), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        anonymous.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&anonymous.stdout)
+    );
+}

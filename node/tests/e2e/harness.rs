@@ -53,6 +53,8 @@ pub struct Node {
     pub smtp: SocketAddr,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// Environment for ternctl (e.g. TERN_TLS_* for a mutual-TLS cluster).
+    pub ternctl_env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -81,6 +83,7 @@ impl Node {
             smtp: unset,
             grpc: unset,
             http: unset,
+            ternctl_env: Vec::new(),
         };
         node.spawn();
         node
@@ -198,6 +201,7 @@ impl Node {
             .arg("--endpoint")
             .arg(self.grpc.to_string())
             .args(args)
+            .envs(self.ternctl_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run ternctl")
     }
