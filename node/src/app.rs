@@ -178,6 +178,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.replicas as usize,
         Arc::clone(&groups),
         cluster_tls.clone(),
+        config.peer_addresses.clone(),
     ));
 
     // Listeners first, so that a port conflict fails fast and loudly.

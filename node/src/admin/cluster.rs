@@ -33,6 +33,8 @@ pub struct Cluster {
     /// Shards whose membership change is under way here.
     reconciling: Mutex<HashSet<GroupId>>,
     tls: Option<crate::raft::tls::ClusterTls>,
+    /// `[cluster] peer_addresses`.
+    overrides: BTreeMap<NodeId, String>,
 }
 
 impl Cluster {
@@ -41,8 +43,10 @@ impl Cluster {
         replicas: usize,
         groups: Arc<Groups>,
         tls: Option<crate::raft::tls::ClusterTls>,
+        overrides: BTreeMap<NodeId, String>,
     ) -> Cluster {
         Cluster {
+            overrides,
             node_id,
             replicas,
             groups,
@@ -181,6 +185,11 @@ impl Cluster {
         out
     }
 
+    /// Where to dial a node: its `peer_addresses` override, else `advertised`.
+    fn dial(&self, node: NodeId, advertised: String) -> String {
+        self.overrides.get(&node).cloned().unwrap_or(advertised)
+    }
+
     /// An admin client for a peer (one lazily connected channel each).
     pub fn client(&self, addr: &str) -> Result<AdminServiceClient<Channel>, tonic::Status> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
@@ -209,7 +218,7 @@ impl Cluster {
             .find(|(id, _)| **id == leader)
             .map(|(_, n)| n.addr.clone())
             .or_else(|| self.nodes().get(&leader).cloned())?;
-        Some((leader, addr))
+        Some((leader, self.dial(leader, addr)))
     }
 
     /// Writes `request` through `group`'s leader on another node.
@@ -489,6 +498,7 @@ impl Cluster {
             return g.raft.trigger().elect().await.map_err(|e| e.to_string());
         }
         let addr = self.nodes().get(&node).cloned().ok_or("unknown node")?;
+        let addr = self.dial(node, addr);
         let mut client = self.client(&addr).map_err(|e| e.to_string())?;
         client
             .elect(tern_proto::admin::ElectRequest { group_id: group })

@@ -193,6 +193,7 @@ struct RawCluster {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     tls_server_name: Option<String>,
+    peer_addresses: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -229,6 +230,9 @@ pub struct Config {
     pub advertise_grpc: String,
     /// Mutual TLS for cluster gRPC (Raft and admin), if configured.
     pub cluster_tls: Option<ClusterTlsFiles>,
+    /// How this node dials given peers, overriding their advertised address
+    /// (split-horizon networks; the failover harness puts proxies here).
+    pub peer_addresses: std::collections::BTreeMap<u64, String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Initialise a new cluster on first start if this node has no state.
@@ -460,6 +464,14 @@ impl Config {
                 })
             }
         };
+        let mut peer_addresses = std::collections::BTreeMap::new();
+        for (id, addr) in raw.cluster.peer_addresses.unwrap_or_default() {
+            let id: u64 = id.parse().map_err(|_| ConfigError::Invalid {
+                key: "cluster.peer_addresses",
+                reason: format!("{id:?} is not a node id"),
+            })?;
+            peer_addresses.insert(id, addr);
+        }
         let log_format = match raw.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -472,6 +484,7 @@ impl Config {
         };
         Ok(Config {
             cluster_tls,
+            peer_addresses,
             dns_nameservers,
             dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
             routes,
@@ -571,6 +584,9 @@ mod tests {
         assert!(Config::from_toml("[cluster]\ntls_cert = \"a.pem\"\ntls_key = \"k.pem\"\n").is_err());
         let c = Config::from_toml("[cluster]\ntls_cert = \"a\"\ntls_key = \"k\"\ntls_ca = \"c\"\n").unwrap();
         assert_eq!(c.cluster_tls.unwrap().server_name, "tern-cluster");
+        let c = Config::from_toml("[cluster]\npeer_addresses = { \"2\" = \"127.0.0.1:9\" }\n").unwrap();
+        assert_eq!(c.peer_addresses.get(&2).map(String::as_str), Some("127.0.0.1:9"));
+        assert!(Config::from_toml("[cluster]\npeer_addresses = { \"x\" = \"a:1\" }\n").is_err());
         let c = Config::from_toml("[policy]\nlocal_domains = [\"Example.TEST.\"]\nrelay_networks=[\"192.0.2.0/24\"]\n")
             .unwrap();
         assert_eq!(c.local_domains, vec!["example.test"]);

@@ -52,10 +52,11 @@ impl GroupHost {
         ids: Arc<IdGen>,
         tls: Option<super::tls::ClusterTls>,
     ) -> GroupHost {
+        let peer_addresses = config.peer_addresses.clone();
         GroupHost {
             config,
             durability,
-            peers: Arc::new(Peers::new(tls)),
+            peers: Arc::new(Peers::new(tls, peer_addresses)),
             raft_config,
             groups: Arc::new(Groups::default()),
             local,

@@ -26,17 +26,21 @@ pub struct Peers {
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
     /// Mutual TLS for cluster traffic, if configured.
     tls: Option<super::tls::ClusterTls>,
+    /// `[cluster] peer_addresses`: where to dial a peer instead of its advertised address.
+    overrides: std::collections::BTreeMap<NodeId, String>,
 }
 
 impl Peers {
-    pub fn new(tls: Option<super::tls::ClusterTls>) -> Peers {
+    pub fn new(tls: Option<super::tls::ClusterTls>, overrides: std::collections::BTreeMap<NodeId, String>) -> Peers {
         Peers {
             channels: Mutex::new(HashMap::new()),
             tls,
+            overrides,
         }
     }
 
-    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
+    fn channel(&self, target: NodeId, advertised: &str) -> Result<Channel, String> {
+        let addr = self.overrides.get(&target).map(String::as_str).unwrap_or(advertised);
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((a, ch)) = map.get(&target) {
             if a == addr {
