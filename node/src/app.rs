@@ -173,6 +173,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         host.ensure(id).await?;
     }
     let groups = Arc::clone(&host.groups);
+    if let Some(control) = groups.get(CONTROL_GROUP) {
+        delivery.set_control(control.sm.tree());
+    }
     let cluster = Arc::new(Cluster::new(
         config.node_id,
         config.replicas as usize,
@@ -206,6 +209,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             hostname: config.hostname.clone(),
             groups: Arc::clone(&groups),
             cluster: Arc::clone(&cluster),
+            ids: Arc::clone(&ids),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);

@@ -24,7 +24,14 @@ pub struct Admin {
     pub hostname: String,
     pub groups: Arc<Groups>,
     pub cluster: Arc<cluster::Cluster>,
+    /// Queue ids for the reports `queue bounce` sends.
+    pub ids: Arc<crate::queue::IdGen>,
 }
+
+/// The reply every recipient gets from `ternctl queue bounce`.
+const ADMIN_BOUNCE_REPLY: &str = "550 5.7.1 Message bounced by the administrator";
+/// Messages per Raft write for queue operations.
+const OP_BATCH: usize = 500;
 
 const DEFAULT_LIST_LIMIT: usize = 1000;
 
@@ -72,6 +79,7 @@ fn message_info(shard: u64, r: &MessageRecord) -> MessageInfo {
         smtputf8: e.smtputf8,
         helo: e.helo.clone(),
         client_ip: e.client_ip.clone(),
+        held: r.held,
     }
 }
 
@@ -92,6 +100,55 @@ fn notify_text(n: &crate::envelope::Notify) -> String {
 }
 
 impl Admin {
+    /// Writes through a group's leader: here if this node leads it, else forwarded.
+    async fn write(&self, group: &GroupHandle, request: crate::raft::Request) -> Result<(), Status> {
+        if group.leader() == Some(self.node_id) {
+            group
+                .raft
+                .client_write(request)
+                .await
+                .map(|_| ())
+                .map_err(|e| Status::unavailable(format!("write to group {} failed: {e}", group.id)))
+        } else {
+            self.cluster.forward(group, &request).await.map_err(Status::unavailable)
+        }
+    }
+
+    fn suspensions(&self, now: i64) -> Vec<DomainSuspension> {
+        let Some(control) = self.groups.get(CONTROL_GROUP) else {
+            return Vec::new();
+        };
+        control
+            .sm
+            .tree()
+            .scan_prefix(crate::raft::state_machine::SUSPEND_PREFIX)
+            .flatten()
+            .filter_map(|(k, v)| {
+                let domain =
+                    String::from_utf8_lossy(&k[crate::raft::state_machine::SUSPEND_PREFIX.len()..]).into_owned();
+                let (until, reason): (i64, String) = bincode::deserialize(&v).ok()?;
+                (until > now).then_some(DomainSuspension { domain, until, reason })
+            })
+            .collect()
+    }
+
+    async fn set_suspension(&self, domain: &str, until: i64, reason: String) -> Result<Response<DomainReply>, Status> {
+        let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        if domain.is_empty() || domain.contains(char::is_whitespace) {
+            return Err(Status::invalid_argument("give a domain"));
+        }
+        let control = self
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        self.write(&control, crate::raft::Request::SuspendDomain { domain, until, reason })
+            .await?;
+        let now = chrono::Utc::now().timestamp();
+        Ok(Response::new(DomainReply {
+            suspended: self.suspensions(now),
+        }))
+    }
+
     /// A client for the control-group leader when that is another node
     /// (membership changes run there); `None` when it is this node.
     fn control_leader_client(
@@ -429,5 +486,131 @@ impl AdminService for Admin {
                 .map_err(Status::unavailable)?;
         }
         Ok(Response::new(DrainReply {}))
+    }
+
+    async fn queue_op(&self, request: Request<QueueOpRequest>) -> Result<Response<QueueOpReply>, Status> {
+        use crate::raft::QueueAction;
+        let req = request.into_inner();
+        let action = match req.op.as_str() {
+            "hold" => Some(QueueAction::Hold),
+            "release" => Some(QueueAction::Release),
+            "delete" => Some(QueueAction::Delete),
+            "retry" => Some(QueueAction::Retry),
+            "bounce" => None,
+            other => return Err(Status::invalid_argument(format!("unknown queue operation {other:?}"))),
+        };
+        if req.ids.is_empty() && req.domain.is_empty() && req.sender.is_empty() && req.older_than_secs == 0 {
+            return Err(Status::invalid_argument(
+                "give message ids, or at least one of --domain, --sender, --older-than",
+            ));
+        }
+        let now = chrono::Utc::now().timestamp();
+        let ids: std::collections::HashSet<&str> = req.ids.iter().map(String::as_str).collect();
+        let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        let sender = req.sender.trim().to_ascii_lowercase();
+        let matches = |r: &MessageRecord| {
+            (ids.is_empty() || ids.contains(r.id.as_str()))
+                && (domain.is_empty()
+                    || r.pending_recipients()
+                        .any(|rc| crate::envelope::Envelope::domain_of(&rc.address) == domain))
+                && (sender.is_empty()
+                    || match sender.strip_prefix('@') {
+                        Some(d) => crate::envelope::Envelope::domain_of(&r.envelope.reverse_path) == d,
+                        None => r.envelope.reverse_path.eq_ignore_ascii_case(&sender),
+                    })
+                && (req.older_than_secs == 0 || now - r.received_at >= req.older_than_secs as i64)
+        };
+        let mut selected: Vec<(GroupHandle, Vec<MessageRecord>)> = Vec::new();
+        let mut matched = 0u64;
+        for g in self.groups.shards() {
+            let mut found = Vec::new();
+            for record in records(&g) {
+                let record = record?;
+                if matches(&record) {
+                    found.push(record);
+                }
+            }
+            matched += found.len() as u64;
+            if !found.is_empty() {
+                selected.push((g, found));
+            }
+        }
+        if req.dry_run {
+            let ids = selected
+                .iter()
+                .flat_map(|(_, recs)| recs.iter().map(|r| r.id.clone()))
+                .take(100_000)
+                .collect();
+            return Ok(Response::new(QueueOpReply {
+                matched,
+                affected: 0,
+                ids,
+            }));
+        }
+        let mut affected = 0u64;
+        for (group, recs) in selected {
+            for chunk in recs.chunks(OP_BATCH) {
+                let request = match action {
+                    Some(action) => crate::raft::Request::QueueOp {
+                        action,
+                        ids: chunk.iter().map(|r| r.id.clone()).collect(),
+                    },
+                    None => {
+                        let mut updates = Vec::new();
+                        let mut bounces = Vec::new();
+                        for record in chunk {
+                            let body = match &record.body {
+                                Some(loc) => group.sm.spool().read(loc).map_err(internal)?,
+                                None => Vec::new(),
+                            };
+                            let message = crate::delivery::LoadedMessage {
+                                record: record.clone(),
+                                body,
+                            };
+                            let (update, dsn) = crate::queue::ops::admin_bounce(
+                                &self.hostname,
+                                self.ids.next(),
+                                &message,
+                                ADMIN_BOUNCE_REPLY,
+                                now,
+                            );
+                            updates.push(update);
+                            bounces.extend(dsn);
+                        }
+                        crate::raft::Request::Outcomes { updates, bounces }
+                    }
+                };
+                self.write(&group, request).await?;
+                affected += chunk.len() as u64;
+            }
+        }
+        tracing::info!(op = %req.op, matched, affected, "queue operation");
+        Ok(Response::new(QueueOpReply {
+            matched,
+            affected,
+            ids: Vec::new(),
+        }))
+    }
+
+    async fn domain_suspend(&self, request: Request<DomainSuspendRequest>) -> Result<Response<DomainReply>, Status> {
+        let req = request.into_inner();
+        let until = if req.duration_secs == 0 {
+            i64::MAX / 2
+        } else {
+            chrono::Utc::now().timestamp() + req.duration_secs.min(10 * 365 * 86400) as i64
+        };
+        self.set_suspension(&req.domain, until, req.reason).await
+    }
+
+    async fn domain_resume(&self, request: Request<DomainResumeRequest>) -> Result<Response<DomainReply>, Status> {
+        self.set_suspension(&request.into_inner().domain, 0, String::new())
+            .await
+    }
+
+    async fn domain_list(&self, _: Request<DomainListRequest>) -> Result<Response<DomainReply>, Status> {
+        let now = chrono::Utc::now().timestamp();
+        Ok(Response::new(DomainReply {
+            suspended: self.suspensions(now),
+        }))
     }
 }

@@ -64,6 +64,9 @@ enum Command {
     /// Node maintenance.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Destination domains: suspend and resume deliveries.
+    #[command(subcommand)]
+    Domain(DomainCommand),
 }
 
 #[derive(Subcommand)]
@@ -72,6 +75,46 @@ enum NodeCommand {
     Drain { id: u64 },
     /// Let node ID lead shards again.
     Undrain { id: u64 },
+}
+
+/// Which messages a queue operation acts on.
+#[derive(clap::Args)]
+struct Selection {
+    /// Queue ids.
+    ids: Vec<String>,
+    /// Messages with a pending recipient in this domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Messages from this sender (an address, or @domain).
+    #[arg(long)]
+    sender: Option<String>,
+    /// Messages older than this (30s, 5m, 2h, 5d).
+    #[arg(long, value_parser = parse_age)]
+    older_than: Option<u64>,
+    /// Only show what would be affected.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn parse_age(s: &str) -> Result<u64, String> {
+    tern_node::config::parse_duration(s).map(|d| d.as_secs())
+}
+
+#[derive(Subcommand)]
+enum DomainCommand {
+    /// Stop deliveries to a domain cluster-wide (mail is still accepted).
+    Suspend {
+        domain: String,
+        /// For how long (30m, 2h, 1d); until resumed if absent.
+        #[arg(long, value_parser = parse_age)]
+        duration: Option<u64>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Deliver to a suspended domain again.
+    Resume { domain: String },
+    /// Suspended domains.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +161,16 @@ enum QueueCommand {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+    /// Keep messages queued without delivering them.
+    Hold(Selection),
+    /// Let held messages be delivered again (at once).
+    Release(Selection),
+    /// Remove messages without delivery or report.
+    Delete(Selection),
+    /// Fail every pending recipient and send the sender a bounce (RFC 3464).
+    Bounce(Selection),
+    /// Try messages again now.
+    Retry(Selection),
     /// Show one message: envelope, size, attempts, next attempt.
     Show {
         id: String,
@@ -265,6 +318,52 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                 println!("node {id} undrained");
             }
         }
+        Command::Queue(QueueCommand::Hold(sel)) => queue_op(&mut client, "hold", sel, json).await?,
+        Command::Queue(QueueCommand::Release(sel)) => queue_op(&mut client, "release", sel, json).await?,
+        Command::Queue(QueueCommand::Delete(sel)) => queue_op(&mut client, "delete", sel, json).await?,
+        Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
+        Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
+        Command::Domain(cmd) => {
+            let reply = match cmd {
+                DomainCommand::Suspend {
+                    domain,
+                    duration,
+                    reason,
+                } => client
+                    .domain_suspend(DomainSuspendRequest {
+                        domain,
+                        duration_secs: duration.unwrap_or(0),
+                        reason,
+                    })
+                    .await?
+                    .into_inner(),
+                DomainCommand::Resume { domain } => {
+                    client.domain_resume(DomainResumeRequest { domain }).await?.into_inner()
+                }
+                DomainCommand::List => client.domain_list(DomainListRequest {}).await?.into_inner(),
+            };
+            if json {
+                print_json(&json!(reply
+                    .suspended
+                    .iter()
+                    .map(|d| json!({"domain": d.domain, "until": d.until, "reason": d.reason}))
+                    .collect::<Vec<_>>()));
+            } else {
+                let rows: Vec<Vec<String>> = reply
+                    .suspended
+                    .iter()
+                    .map(|d| {
+                        let until = if d.until >= i64::MAX / 4 {
+                            "resumed by hand".into()
+                        } else {
+                            time(d.until)
+                        };
+                        vec![d.domain.clone(), until, d.reason.clone()]
+                    })
+                    .collect();
+                print_table(&["SUSPENDED DOMAIN", "UNTIL", "REASON"], &rows);
+            }
+        }
         Command::Shard(ShardCommand::List) => {
             let s = client.status(StatusRequest {}).await?.into_inner();
             if json {
@@ -379,6 +478,62 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
     Ok(())
 }
 
+/// Finds the selected messages (a dry run on the server), then applies the
+/// operation in batches, showing progress on stderr.
+async fn queue_op(
+    client: &mut AdminServiceClient<tonic::transport::Channel>,
+    op: &str,
+    sel: Selection,
+    json: bool,
+) -> Result<(), tonic::Status> {
+    const BATCH: usize = 200;
+    let found = client
+        .queue_op(QueueOpRequest {
+            op: op.into(),
+            ids: sel.ids,
+            domain: sel.domain.unwrap_or_default(),
+            sender: sel.sender.unwrap_or_default(),
+            older_than_secs: sel.older_than.unwrap_or(0),
+            dry_run: true,
+        })
+        .await?
+        .into_inner();
+    if sel.dry_run {
+        if json {
+            print_json(&json!({"op": op, "dry_run": true, "matched": found.matched, "ids": found.ids}));
+        } else {
+            println!("{op}: {} messages would be affected (dry run)", found.matched);
+            for id in &found.ids {
+                println!("{id}");
+            }
+        }
+        return Ok(());
+    }
+    let total = found.ids.len();
+    let mut affected = 0;
+    for (i, batch) in found.ids.chunks(BATCH).enumerate() {
+        let reply = client
+            .queue_op(QueueOpRequest {
+                op: op.into(),
+                ids: batch.to_vec(),
+                dry_run: false,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        affected += reply.affected;
+        if total > BATCH {
+            eprintln!("{op}: {}/{total}", ((i + 1) * BATCH).min(total));
+        }
+    }
+    if json {
+        print_json(&json!({"op": op, "matched": found.matched, "affected": affected}));
+    } else {
+        println!("{op}: {affected} messages affected");
+    }
+    Ok(())
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -419,6 +574,7 @@ fn message_json(m: &MessageInfo) -> serde_json::Value {
         "smtputf8": m.smtputf8,
         "helo": m.helo,
         "client_ip": m.client_ip,
+        "held": m.held,
     })
 }
 

@@ -83,9 +83,24 @@ pub struct Delivery {
     client: ClientConfig,
     sites: Mutex<HashMap<String, Addr<SiteActor>>>,
     metrics: DeliveryMetrics,
+    /// The control group's state (domain suspensions), once it is open.
+    control: std::sync::OnceLock<sled::Tree>,
 }
 
 impl Delivery {
+    /// Gives delivery the control group's state, for domain suspensions.
+    pub fn set_control(&self, tree: sled::Tree) {
+        let _ = self.control.set(tree);
+    }
+
+    /// `Some(reply)` when an operator suspended deliveries to `domain`.
+    fn suspended(&self, domain: &str, now: i64) -> Option<String> {
+        let key = [crate::raft::state_machine::SUSPEND_PREFIX, domain.as_bytes()].concat();
+        let v = self.control.get()?.get(key).ok()??;
+        let (until, reason): (i64, String) = bincode::deserialize(&v).ok()?;
+        (until > now).then(|| format!("451 4.7.0 deliveries to {domain} suspended by the administrator: {reason}"))
+    }
+
     pub fn new(config: Arc<Config>, metrics: DeliveryMetrics) -> anyhow::Result<Arc<Delivery>> {
         let resolver = MxResolver::new(&ResolverConfig {
             nameservers: config.dns_nameservers.clone(),
@@ -104,6 +119,7 @@ impl Delivery {
             client,
             sites: Mutex::new(HashMap::new()),
             metrics,
+            control: std::sync::OnceLock::new(),
         }))
     }
 
@@ -268,8 +284,15 @@ impl Delivery {
             by_domain.entry(Envelope::domain_of(address)).or_default().push(i);
         }
         let mut by_site: BTreeMap<String, (Plan, Vec<usize>)> = BTreeMap::new();
+        let now = chrono::Utc::now().timestamp();
         for (domain, rcpts) in by_domain {
-            let plan = self.plan(&domain).await;
+            let plan = match self.suspended(&domain, now) {
+                Some(reply) => Plan {
+                    key: format!("suspended:{domain}"),
+                    target: Target::Unroutable { reply },
+                },
+                None => self.plan(&domain).await,
+            };
             by_site
                 .entry(plan.key.clone())
                 .or_insert_with(|| (plan, Vec::new()))

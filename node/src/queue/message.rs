@@ -62,6 +62,8 @@ pub struct MessageRecord {
     pub body: Option<BodyLoc>,
     /// A delay notice has been sent for this message.
     pub delay_notified: bool,
+    /// Held by an operator: not delivered until released.
+    pub held: bool,
 }
 
 impl MessageRecord {
@@ -77,6 +79,7 @@ impl MessageRecord {
             next_attempt: 0,
             body: None,
             delay_notified: false,
+            held: false,
         }
     }
 

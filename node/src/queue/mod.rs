@@ -6,6 +6,7 @@
 //! of each shard and reads the same records.
 
 pub mod message;
+pub mod ops;
 pub mod schedule;
 pub mod shard;
 

@@ -18,11 +18,11 @@ use super::schedule::{RetryPolicy, Schedule};
 use super::IdGen;
 use crate::delivery::{Delivery, LoadedMessage, RcptAttempt};
 use crate::dsn;
-use crate::envelope::{Envelope, Notify, Recipient};
+
 use crate::metrics::{Metrics, Outcome};
 use crate::raft::groups::GroupHandle;
 use crate::raft::state_machine::{message_key, SmEvent, MESSAGE_PREFIX};
-use crate::raft::{Body, NewMessage, NodeId, OutcomeUpdate, RcptResult, Request};
+use crate::raft::{NewMessage, NodeId, OutcomeUpdate, RcptResult, Request};
 
 /// Most messages of one shard in delivery at once (bounds memory).
 const MAX_IN_FLIGHT: usize = 2000;
@@ -140,6 +140,9 @@ impl QueueShard {
                 continue;
             }
             let Some(record) = self.load_record(&id) else { continue };
+            if record.held {
+                continue;
+            }
             let body = match record.body.as_ref().map(|loc| self.group.sm.spool().read(loc)) {
                 Some(Ok(b)) => b,
                 other => {
@@ -193,7 +196,7 @@ impl QueueShard {
                 .envelope
                 .recipients
                 .get(a.index)
-                .map(|r| Envelope::domain_of(&r.address))
+                .map(|r| crate::envelope::Envelope::domain_of(&r.address))
                 .unwrap_or_default();
             self.settings.metrics.queue.recipient(outcome, &domain);
             log_event(record, a, status, &reply, record.attempts + 1, now);
@@ -266,53 +269,10 @@ impl QueueShard {
             dsn::DsnKind::Delay => "delay",
             dsn::DsnKind::Success => "success",
         });
-        let built = dsn::build(&dsn::DsnInput {
-            kind,
-            reporting_mta: &self.settings.hostname,
-            queue_id: &record.id,
-            envid: record.envelope.envid.as_deref(),
-            arrival_date: record.received_at,
-            reverse_path: &record.envelope.reverse_path,
-            ret: record.envelope.ret,
-            original: &message.body,
-            recipients: rcpts,
-            now,
-        });
         let id = self.ids.next();
-        let envelope = Envelope {
-            reverse_path: String::new(),
-            recipients: vec![Recipient {
-                address: record.envelope.reverse_path.clone(),
-                notify: Notify::default(),
-                orcpt: None,
-            }],
-            smtputf8: built.smtputf8,
-            body_type: if built.eight_bit {
-                crate::envelope::BodyType::EightBitMime
-            } else {
-                crate::envelope::BodyType::SevenBit
-            },
-            helo: self.settings.hostname.clone(),
-            client_ip: "127.0.0.1".into(),
-            ..Envelope::default()
-        };
-        tracing::info!(
-            target: "tern::event",
-            event = "bounced",
-            msg_id = %record.id,
-            dsn_id = %id,
-            kind = ?kind,
-            to = %record.envelope.reverse_path,
-            "dsn queued"
-        );
-        let size = built.message.len() as u64;
-        self.pending_bounces.push(NewMessage {
-            record: Box::new(MessageRecord::new(id, envelope, size, now)),
-            body: Body {
-                bytes: built.message,
-                loc: None,
-            },
-        });
+        if let Some(dsn) = super::ops::make_dsn(&self.settings.hostname, id, message, kind, rcpts, now) {
+            self.pending_bounces.push(dsn);
+        }
     }
 
     /// Writes collected outcomes through Raft: one write for many.
@@ -367,7 +327,9 @@ impl QueueShard {
             for item in group.sm.tree().scan_prefix(MESSAGE_PREFIX) {
                 let (_, v) = item.map_err(|e| e.to_string())?;
                 if let Ok(r) = bincode::deserialize::<MessageRecord>(&v) {
-                    due.push((r.id, r.next_attempt));
+                    if !r.held {
+                        due.push((r.id, r.next_attempt));
+                    }
                 }
             }
             Ok::<_, String>(due)

@@ -81,12 +81,31 @@ pub enum Request {
     RemoveNode { id: NodeId },
     /// Control group: a drained node leads no shard (maintenance).
     SetDrain { id: NodeId, drained: bool },
+    /// An operator's action on queued messages of this shard.
+    QueueOp { action: QueueAction, ids: Vec<String> },
+    /// Control group: deliveries to `domain` wait until `until` (unix
+    /// seconds; 0 resumes them).
+    SuspendDomain { domain: String, until: i64, reason: String },
     /// Results of delivery attempts, batched so that many outcomes cost one
     /// Raft write, with the bounces they cause (written atomically with them).
     Outcomes {
         updates: Vec<OutcomeUpdate>,
         bounces: Vec<NewMessage>,
     },
+}
+
+/// What `ternctl queue hold|release|delete|retry` does to a message.
+/// (`bounce` is written as an outcome with its report.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueAction {
+    /// Keep it queued but never deliver it until released.
+    Hold,
+    /// Undo a hold; due at once.
+    Release,
+    /// Remove it without delivery or report.
+    Delete,
+    /// Due at once, whatever its retry schedule said.
+    Retry,
 }
 
 /// A message created by the queue itself (a DSN), carried with its body.
@@ -125,7 +144,9 @@ impl Request {
             Request::SetNode { .. }
             | Request::SetShardReplicas { .. }
             | Request::RemoveNode { .. }
-            | Request::SetDrain { .. } => Vec::new(),
+            | Request::SetDrain { .. }
+            | Request::QueueOp { .. }
+            | Request::SuspendDomain { .. } => Vec::new(),
         }
     }
 }

@@ -19,7 +19,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{io_err, Body, Entry, GroupId, LogId, NodeId, Request, Response, StorageError, TypeConfig};
+use super::{io_err, Body, Entry, GroupId, LogId, NodeId, QueueAction, Request, Response, StorageError, TypeConfig};
 use crate::queue::message::MessageRecord;
 use crate::storage::spool::Spool;
 use crate::storage::Durability;
@@ -33,6 +33,7 @@ pub const MESSAGE_PREFIX: &[u8] = b"m/";
 pub const NODE_PREFIX: &[u8] = b"n/";
 pub const PLACEMENT_PREFIX: &[u8] = b"p/";
 pub const DRAIN_PREFIX: &[u8] = b"d/";
+pub const SUSPEND_PREFIX: &[u8] = b"s/";
 
 pub fn message_key(id: &str) -> Vec<u8> {
     [MESSAGE_PREFIX, id.as_bytes()].concat()
@@ -350,9 +351,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             staged.insert(update.id, None);
                             added -= 1;
                         } else {
-                            events.push(SmEvent::Scheduled {
-                                id: update.id.clone(),
-                                due: record.next_attempt,
+                            // A message held meanwhile stays out of the schedule.
+                            events.push(if record.held {
+                                SmEvent::Removed { id: update.id.clone() }
+                            } else {
+                                SmEvent::Scheduled {
+                                    id: update.id.clone(),
+                                    due: record.next_attempt,
+                                }
                             });
                             staged.insert(update.id, Some(record));
                         }
@@ -364,6 +370,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(Request::SetNode { id, addr }) => {
                     batch.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
+                    Response { changed: true }
+                }
+                EntryPayload::Normal(Request::QueueOp { action, ids }) => {
+                    for id in ids {
+                        let Some(mut record) = self.load(&staged, &id)? else {
+                            continue;
+                        };
+                        match action {
+                            QueueAction::Hold => {
+                                record.held = true;
+                                events.push(SmEvent::Removed { id: id.clone() });
+                            }
+                            QueueAction::Release | QueueAction::Retry => {
+                                if action == QueueAction::Release {
+                                    record.held = false;
+                                }
+                                record.next_attempt = 0;
+                                if !record.held {
+                                    events.push(SmEvent::Scheduled { id: id.clone(), due: 0 });
+                                }
+                            }
+                            QueueAction::Delete => {
+                                if let Some(loc) = record.body {
+                                    self.spool.release(loc.segment);
+                                }
+                                events.push(SmEvent::Removed { id: id.clone() });
+                                staged.insert(id, None);
+                                continue;
+                            }
+                        }
+                        staged.insert(id, Some(record));
+                    }
+                    Response { changed: true }
+                }
+                EntryPayload::Normal(Request::SuspendDomain { domain, until, reason }) => {
+                    let key = [SUSPEND_PREFIX, domain.as_bytes()].concat();
+                    if until == 0 {
+                        batch.remove(key);
+                    } else {
+                        batch.insert(key, bincode::serialize(&(until, reason)).map_err(|e| err(&e))?);
+                    }
                     Response { changed: true }
                 }
                 EntryPayload::Normal(Request::RemoveNode { id }) => {

@@ -10,6 +10,7 @@ mod harness;
 mod local;
 mod metrics;
 mod node;
+mod ops;
 mod smtp;
 #[path = "../../src/delivery/testdns.rs"]
 #[allow(dead_code)]
