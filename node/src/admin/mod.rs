@@ -240,7 +240,16 @@ impl AdminService for Admin {
     async fn queue_summary(&self, _: Request<QueueSummaryRequest>) -> Result<Response<QueueSummaryReply>, Status> {
         let now = chrono::Utc::now().timestamp();
         let mut reply = QueueSummaryReply::default();
-        let mut domains: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        #[derive(Default)]
+        struct PerDomain {
+            messages: u64,
+            recipients: u64,
+            oldest: Option<i64>,
+            /// (received_at, reply) of the newest message with a deferral reply.
+            last_error: Option<(i64, String)>,
+            held: u64,
+        }
+        let mut domains: BTreeMap<String, PerDomain> = BTreeMap::new();
         let mut oldest = now;
         for g in self.groups.shards() {
             for record in records(&g) {
@@ -249,13 +258,23 @@ impl AdminService for Admin {
                 reply.bytes += record.size;
                 oldest = oldest.min(record.received_at);
                 let mut seen = std::collections::BTreeSet::new();
-                for rcpt in record.pending_recipients() {
+                for (rcpt, state) in record.envelope.recipients.iter().zip(&record.rcpt_state) {
+                    if state.status.is_final() {
+                        continue;
+                    }
                     reply.recipients += 1;
                     let domain = crate::envelope::Envelope::domain_of(&rcpt.address);
-                    let entry = domains.entry(domain.clone()).or_default();
-                    entry.1 += 1;
+                    let d = domains.entry(domain.clone()).or_default();
+                    d.recipients += 1;
+                    if !state.last_reply.is_empty()
+                        && d.last_error.as_ref().is_none_or(|(t, _)| *t <= record.received_at)
+                    {
+                        d.last_error = Some((record.received_at, state.last_reply.clone()));
+                    }
                     if seen.insert(domain) {
-                        entry.0 += 1;
+                        d.messages += 1;
+                        d.held += u64::from(record.held);
+                        d.oldest = Some(d.oldest.map_or(record.received_at, |o| o.min(record.received_at)));
                     }
                 }
             }
@@ -263,10 +282,13 @@ impl AdminService for Admin {
         reply.oldest_age_secs = (now - oldest).max(0) as u64;
         reply.domains = domains
             .into_iter()
-            .map(|(domain, (messages, recipients))| DomainCount {
+            .map(|(domain, d)| DomainCount {
                 domain,
-                messages,
-                recipients,
+                messages: d.messages,
+                recipients: d.recipients,
+                oldest_age_secs: d.oldest.map(|o| (now - o).max(0) as u64).unwrap_or(0),
+                last_error: d.last_error.map(|(_, e)| e).unwrap_or_default(),
+                held: d.held,
             })
             .collect();
         Ok(Response::new(reply))

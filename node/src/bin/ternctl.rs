@@ -395,6 +395,10 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                     "oldest_age_secs": s.oldest_age_secs,
                     "domains": domains,
                     "domain_recipients": s.domains.iter().map(|d| (d.domain.clone(), json!(d.recipients))).collect::<serde_json::Map<_, _>>(),
+                    "domain_details": s.domains.iter().map(|d| json!({
+                        "domain": d.domain, "messages": d.messages, "recipients": d.recipients, "held": d.held,
+                        "oldest_age_secs": d.oldest_age_secs, "last_error": d.last_error,
+                    })).collect::<Vec<_>>(),
                 }));
             } else {
                 println!(
@@ -407,11 +411,23 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                 let rows: Vec<Vec<String>> = s
                     .domains
                     .iter()
-                    .map(|d| vec![d.domain.clone(), d.messages.to_string(), d.recipients.to_string()])
+                    .map(|d| {
+                        vec![
+                            d.domain.clone(),
+                            d.messages.to_string(),
+                            d.recipients.to_string(),
+                            d.held.to_string(),
+                            age(d.oldest_age_secs),
+                            d.last_error.clone(),
+                        ]
+                    })
                     .collect();
                 if !rows.is_empty() {
                     println!();
-                    print_table(&["DOMAIN", "MESSAGES", "RECIPIENTS"], &rows);
+                    print_table(
+                        &["DOMAIN", "MESSAGES", "RECIPIENTS", "HELD", "OLDEST", "LAST ERROR"],
+                        &rows,
+                    );
                 }
             }
         }

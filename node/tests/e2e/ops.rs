@@ -38,6 +38,16 @@ fn hold_stops_delivery_release_resumes_delete_removes() {
     let r = ok(&node, &["queue", "hold", &held]);
     assert_eq!(r["affected"], 1);
     assert_eq!(ok(&node, &["queue", "show", &held])["held"], true);
+    let summary = ok(&node, &["queue", "summary"]);
+    let d = summary["domain_details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["domain"] == "example.test")
+        .unwrap()
+        .clone();
+    assert_eq!(d["held"], 1, "{summary}");
+    assert!(d["last_error"].as_str().unwrap().starts_with("451"), "{summary}");
 
     // The peer comes up; a held message is not delivered, for several retry periods.
     let sink = SmtpSink::start_on(port, &[]);
