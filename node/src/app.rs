@@ -141,6 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         delay_notice_after: config.delay_notice_after,
         tick: config.scheduler_tick,
         metrics: Arc::clone(&metrics),
+        stats: Arc::new(crate::queue::stats::Stats::default()),
     });
     let cluster_tls = config
         .cluster_tls
@@ -210,6 +211,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             groups: Arc::clone(&groups),
             cluster: Arc::clone(&cluster),
             ids: Arc::clone(&ids),
+            stats: Arc::clone(&host.settings.stats),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);

@@ -420,9 +420,11 @@ impl Cluster {
         for g in self.groups.shards() {
             let m = g.raft.metrics().borrow().clone();
             let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
-            let settled = placement
-                .get(&g.id)
-                .is_some_and(|p| p.iter().copied().collect::<BTreeSet<_>>() == voters);
+            let joint = m.membership_config.membership().get_joint_config().len() > 1;
+            let settled = !joint
+                && placement
+                    .get(&g.id)
+                    .is_some_and(|p| p.iter().copied().collect::<BTreeSet<_>>() == voters);
             match m.current_leader {
                 Some(l) if settled => {
                     leaders.insert(g.id, l);

@@ -26,6 +26,8 @@ pub struct Admin {
     pub cluster: Arc<cluster::Cluster>,
     /// Queue ids for the reports `queue bounce` sends.
     pub ids: Arc<crate::queue::IdGen>,
+    /// This node's delivery analytics.
+    pub stats: Arc<crate::queue::stats::Stats>,
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -224,6 +226,7 @@ impl AdminService for Admin {
                 queued_messages: queued,
                 term: m.current_term,
                 voters: m.membership_config.membership().voter_ids().collect(),
+                joint: m.membership_config.membership().get_joint_config().len() > 1,
             });
         }
         Ok(Response::new(StatusReply {
@@ -634,5 +637,43 @@ impl AdminService for Admin {
         Ok(Response::new(DomainReply {
             suspended: self.suspensions(now),
         }))
+    }
+
+    async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {
+        let req = request.into_inner();
+        let since = req.since_secs.clamp(60, 24 * 3600) as i64;
+        let now = chrono::Utc::now().timestamp();
+        let local = self.stats.window(now, since);
+        let mut reply = StatsReply {
+            nodes: vec![NodeStats {
+                node: self.node_id,
+                window: bincode::serialize(&local).map_err(internal)?,
+            }],
+            unreachable: Vec::new(),
+        };
+        if req.local_only {
+            return Ok(Response::new(reply));
+        }
+        // Combined across the cluster by the node asked.
+        for (id, addr) in self.cluster.nodes() {
+            if id == self.node_id {
+                continue;
+            }
+            let answer = match self.cluster.client(&addr) {
+                Ok(mut c) => c
+                    .stats(StatsRequest {
+                        since_secs: req.since_secs,
+                        local_only: true,
+                    })
+                    .await
+                    .ok(),
+                Err(_) => None,
+            };
+            match answer {
+                Some(r) => reply.nodes.extend(r.into_inner().nodes),
+                None => reply.unreachable.push(id),
+            }
+        }
+        Ok(Response::new(reply))
     }
 }

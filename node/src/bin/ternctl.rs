@@ -67,6 +67,22 @@ enum Command {
     /// Destination domains: suspend and resume deliveries.
     #[command(subcommand)]
     Domain(DomainCommand),
+    /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
+    Stats {
+        /// Rows by recipient domain, by site (relay host) or by node.
+        #[arg(long, value_enum, default_value = "domain")]
+        by: StatsBy,
+        /// The window (1m to 24h).
+        #[arg(long, value_parser = parse_age, default_value = "1h")]
+        since: u64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StatsBy {
+    Domain,
+    Site,
+    Node,
 }
 
 #[derive(Subcommand)]
@@ -323,6 +339,16 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
         Command::Queue(QueueCommand::Delete(sel)) => queue_op(&mut client, "delete", sel, json).await?,
         Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
         Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
+        Command::Stats { by, since } => {
+            let r = client
+                .stats(StatsRequest {
+                    since_secs: since,
+                    local_only: false,
+                })
+                .await?
+                .into_inner();
+            print_stats(&r, by, since, json)?;
+        }
         Command::Domain(cmd) => {
             let reply = match cmd {
                 DomainCommand::Suspend {
@@ -550,6 +576,103 @@ async fn queue_op(
     Ok(())
 }
 
+fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<(), tonic::Status> {
+    use tern_node::queue::stats::{Counts, Window};
+    let mut all = Window::default();
+    let mut rows: std::collections::BTreeMap<String, Counts> = std::collections::BTreeMap::new();
+    for n in &r.nodes {
+        let w: Window = bincode::deserialize(&n.window)
+            .map_err(|e| tonic::Status::internal(format!("node {}: bad stats: {e}", n.node)))?;
+        match by {
+            StatsBy::Node => {
+                rows.insert(format!("node {}", n.node), w.total());
+            }
+            StatsBy::Domain | StatsBy::Site => {
+                let source = if by == StatsBy::Domain {
+                    &w.by_domain
+                } else {
+                    &w.by_relay
+                };
+                for (k, c) in source {
+                    let e = rows.entry(k.clone()).or_default();
+                    e.delivered += c.delivered;
+                    e.deferred += c.deferred;
+                    e.bounced += c.bounced;
+                }
+            }
+        }
+        all.merge(w);
+    }
+    let total = all.total();
+    let minutes = (since as f64 / 60.0).max(1.0);
+    let (p50, p90, p99) = (all.percentile(50.0), all.percentile(90.0), all.percentile(99.0));
+    let mut reasons: Vec<_> = all.reasons.iter().collect();
+    reasons.sort_by_key(|r| std::cmp::Reverse(r.1.count));
+    reasons.truncate(10);
+    if json {
+        print_json(&json!({
+            "since_secs": since,
+            "total": {"delivered": total.delivered, "deferred": total.deferred, "bounced": total.bounced},
+            "per_minute": {
+                "delivered": total.delivered as f64 / minutes,
+                "deferred": total.deferred as f64 / minutes,
+                "bounced": total.bounced as f64 / minutes,
+            },
+            "time_in_queue_secs": {"p50": p50, "p90": p90, "p99": p99},
+            "rows": rows.iter().map(|(k, c)| json!({
+                "key": k, "delivered": c.delivered, "deferred": c.deferred, "bounced": c.bounced,
+            })).collect::<Vec<_>>(),
+            "top_reasons": reasons.iter().map(|((kind, code), r)| json!({
+                "kind": kind, "code": code, "count": r.count, "last_reply": r.last_reply,
+            })).collect::<Vec<_>>(),
+            "unreachable_nodes": r.unreachable,
+        }));
+        return Ok(());
+    }
+    println!(
+        "last {}: {} delivered ({:.1}/min), {} deferred ({:.1}/min), {} bounced ({:.1}/min)",
+        age(since),
+        total.delivered,
+        total.delivered as f64 / minutes,
+        total.deferred,
+        total.deferred as f64 / minutes,
+        total.bounced,
+        total.bounced as f64 / minutes
+    );
+    let secs = |p: Option<u32>| p.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into());
+    println!("time in queue: p50 {}, p90 {}, p99 {}", secs(p50), secs(p90), secs(p99));
+    if !r.unreachable.is_empty() {
+        println!("(no answer from nodes {:?})", r.unreachable);
+    }
+    println!();
+    let key = match by {
+        StatsBy::Domain => "DOMAIN",
+        StatsBy::Site => "SITE",
+        StatsBy::Node => "NODE",
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(k, c)| {
+            vec![
+                k.clone(),
+                c.delivered.to_string(),
+                c.deferred.to_string(),
+                c.bounced.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&[key, "DELIVERED", "DEFERRED", "BOUNCED"], &table);
+    if !reasons.is_empty() {
+        println!();
+        let table: Vec<Vec<String>> = reasons
+            .iter()
+            .map(|((kind, code), r)| vec![kind.clone(), code.clone(), r.count.to_string(), r.last_reply.clone()])
+            .collect();
+        print_table(&["OUTCOME", "CODE", "COUNT", "LAST REPLY"], &table);
+    }
+    Ok(())
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -565,7 +688,7 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
             "id": m.id, "addr": m.addr, "role": m.role, "control_leader": m.is_control_leader,
         })).collect::<Vec<_>>(),
         "shards": s.shards.iter().map(|sh| json!({
-            "shard": sh.shard, "leader": sh.leader, "replicas": sh.replicas, "voters": sh.voters, "term": sh.term,
+            "shard": sh.shard, "leader": sh.leader, "replicas": sh.replicas, "voters": sh.voters, "joint": sh.joint, "term": sh.term,
             "applied_index": sh.applied_index, "queued_messages": sh.queued_messages,
         })).collect::<Vec<_>>(),
     })

@@ -9,6 +9,7 @@ pub mod message;
 pub mod ops;
 pub mod schedule;
 pub mod shard;
+pub mod stats;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -38,6 +38,8 @@ pub struct ShardSettings {
     pub tick: Duration,
     /// Outcome and DSN counters; Raft leader-change counters for the group host.
     pub metrics: Arc<Metrics>,
+    /// Delivery analytics for `ternctl stats`.
+    pub stats: Arc<super::stats::Stats>,
 }
 
 pub struct QueueShard {
@@ -200,6 +202,18 @@ impl QueueShard {
                 .unwrap_or_default();
             self.settings.metrics.queue.recipient(outcome, &domain);
             log_event(record, a, status, &reply, record.attempts + 1, now);
+            self.settings.stats.record(
+                now,
+                &domain,
+                a.remote_host.as_deref().unwrap_or(""),
+                match status {
+                    RcptStatus::Delivered => super::stats::Outcome::Delivered,
+                    RcptStatus::Failed => super::stats::Outcome::Bounced,
+                    _ => super::stats::Outcome::Deferred,
+                },
+                &reply,
+                now - record.received_at,
+            );
             match status {
                 RcptStatus::Failed => failed.push((a, reply.clone(), expired)),
                 RcptStatus::Delivered => delivered.push(a),

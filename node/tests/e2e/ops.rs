@@ -7,7 +7,9 @@ use crate::harness::*;
 fn send(node: &Node, from: &str, to: &str, tag: &str) -> String {
     let mut c = Client::connect(node.smtp).unwrap();
     c.command("EHLO ops.test").unwrap();
-    c.send_mail(from, &[to], &body(tag, 300)).unwrap()
+    // "<>" sends with the null reverse-path.
+    c.send_mail(if from == "<>" { "" } else { from }, &[to], &body(tag, 300))
+        .unwrap()
 }
 
 fn ok(node: &Node, args: &[&str]) -> serde_json::Value {
@@ -149,4 +151,49 @@ fn suspended_domain_waits_until_resumed() {
         sink.messages().iter().any(|m| m.contains("<suspended-1@tern.test>"))
     });
     assert!(ok(&node, &["domain", "list"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn stats_show_outcomes_reasons_and_time_in_queue() {
+    let sink = SmtpSink::start(&[]);
+    let rejecting = SmtpSink::start(&["-f", "RCPT"]);
+    let closed = free_port();
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"example.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"reject.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{closed}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
+        sink.addr, rejecting.addr
+    ));
+    for i in 0..3 {
+        send(&node, "a@tern.test", "r@example.test", &format!("stats-{i}"));
+    }
+    send(&node, "<>", "nobody@reject.test", "stats-bounce");
+    send(&node, "a@tern.test", "r@later.test", "stats-defer");
+    wait_for(Duration::from_secs(30), "all outcomes counted", || {
+        let s = ok(&node, &["stats", "--since", "10m"]);
+        s["total"]["delivered"].as_u64().unwrap() >= 3
+            && s["total"]["bounced"].as_u64().unwrap() >= 1
+            && s["total"]["deferred"].as_u64().unwrap() >= 1
+    });
+    let s = ok(&node, &["stats"]);
+    let rows = s["rows"].as_array().unwrap();
+    let row = |k: &str| rows.iter().find(|r| r["key"] == k).cloned().unwrap_or_default();
+    assert_eq!(row("example.test")["delivered"], 3, "{s}");
+    assert_eq!(row("reject.test")["bounced"], 1, "{s}");
+    let reasons = s["top_reasons"].as_array().unwrap();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r["kind"] == "deferred" && r["code"].as_str().unwrap().starts_with("451")),
+        "{s}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r["kind"] == "bounced" && r["code"].as_str().unwrap().starts_with("5")),
+        "{s}"
+    );
+    assert!(s["time_in_queue_secs"]["p99"].is_u64(), "{s}");
+    let by_node = ok(&node, &["stats", "--by", "node"]);
+    assert_eq!(by_node["rows"][0]["key"], "node 1");
+    let table = node.ternctl(&["stats", "--by", "site"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("SITE"));
 }
