@@ -908,15 +908,7 @@ impl Connection {
 }
 
 fn tls_description(conn: &rustls::ClientConnection) -> String {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-        Some(v) => format!("{v:?}"),
-        None => "unknown".to_string(),
-    };
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .map_or_else(|| "unknown".to_string(), |s| format!("{:?}", s.suite()));
+    let (version, cipher) = crate::smtp::server::tls_parameters(conn);
     format!("{version} {cipher}")
 }
 

@@ -256,6 +256,13 @@ async fn flush(conn: &mut Conn, out: &mut Vec<u8>, limit: Duration) -> io::Resul
 }
 
 fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
+    let (version, cipher) = tls_parameters(conn);
+    TlsInfo { version, cipher }
+}
+
+/// Protocol version and cipher suite of a TLS connection, for Received
+/// headers and delivery logs (both sides of the MTA use it).
+pub(crate) fn tls_parameters(conn: &rustls::CommonState) -> (String, String) {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
@@ -265,7 +272,7 @@ fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
     let cipher = conn
         .negotiated_cipher_suite()
         .map_or_else(|| "unknown".to_string(), |s| format!("{:?}", s.suite()));
-    TlsInfo { version, cipher }
+    (version, cipher)
 }
 
 async fn handle_connection<E: Enqueuer>(
