@@ -1,6 +1,75 @@
-//! Failover harness for Tern clusters (grows with the multi-node work).
+//! Failover harness for Tern clusters: real `ternd` processes
+//! ([`process`]), one TCP proxy per ordered pair of nodes so links can be cut
+//! without root ([`proxy`]), cluster formation and inspection through
+//! `ternctl` ([`cluster`]), a mail sink that records every delivery
+//! ([`sink`]), a load generator that records every SMTP reply ([`load`]) and
+//! the zero-loss / duplicate / resume checks ([`check`]).
 //!
-//! Today the single-node end-to-end tests live in `node/tests/e2e` (they need
-//! the `ternd` binary of that package); this crate will hold the multi-node
-//! harness: real `ternd` processes, a controlled mail sink, fault injection
-//! (SIGKILL, SIGSTOP, partitions) and zero-loss checks.
+//! The single-node end-to-end tests stay in `node/tests/e2e`; the tests of
+//! this crate (`tests/failover.rs`) and the `tern-chaos` binary use this
+//! library. See docs/failover.md.
+
+pub mod check;
+pub mod cluster;
+pub mod load;
+pub mod process;
+pub mod proxy;
+pub mod sink;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A free loopback TCP port (bound then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Polls `cond` every 50 ms until it holds; `Err` naming `what` after `deadline`.
+pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            anyhow::bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Where the workspace's `target/debug` directory is (`CARGO_TARGET_DIR`
+/// when set at run time, else `<workspace>/target`).
+fn target_debug_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug")
+}
+
+/// Path of a workspace binary (`ternd`, `ternctl`): the environment variable
+/// `env_var` (`TERND`, `TERNCTL`) if set, else `<workspace>/target/debug/NAME`.
+/// Building it is the caller's job; a missing binary is a clear error.
+pub fn binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_debug_dir().join(name));
+    anyhow::ensure!(
+        path.is_file(),
+        "{name} not found at {} (build it first: `cargo build -p tern-node --bin {name}`, or set {env_var})",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// `ternd`'s path (env `TERND` or `<workspace>/target/debug/ternd`).
+pub fn ternd_path() -> anyhow::Result<PathBuf> {
+    binary("ternd", "TERND")
+}
+
+/// `ternctl`'s path (env `TERNCTL` or `<workspace>/target/debug/ternctl`).
+pub fn ternctl_path() -> anyhow::Result<PathBuf> {
+    binary("ternctl", "TERNCTL")
+}

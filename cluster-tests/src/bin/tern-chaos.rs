@@ -1,0 +1,408 @@
+//! tern-chaos: runs a real Tern cluster, injects random faults (SIGKILL,
+//! SIGSTOP, partitions, restarts) while mail flows, and checks that every
+//! acknowledged message is delivered. Exit code 0: no loss; 1: loss;
+//! 2: setup error. See docs/failover.md.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use rand::{Rng, SeedableRng};
+
+use cluster_tests::check::{self, probe_resume};
+use cluster_tests::cluster::{Cluster, Options};
+use cluster_tests::load::{Load, LoadConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Fault {
+    /// SIGKILL a node, restart it 3 s later.
+    Kill,
+    /// SIGSTOP a node for 3 s (past the election timeout), then SIGCONT.
+    Pause,
+    /// Cut a node's gRPC links for 4 s, then heal.
+    Partition,
+    /// SIGKILL a node and restart it at once.
+    Restart,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Random faults on a real Tern cluster while mail flows; checks nothing acknowledged is lost")]
+struct Args {
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    #[arg(long, default_value_t = 6)]
+    shards: u32,
+    /// Messages to send (at most), paced over the duration.
+    #[arg(long, default_value_t = 2000)]
+    messages: usize,
+    /// How long to inject faults and send mail (`90s`, `2m`, or seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Faults to choose from.
+    #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition,restart")]
+    faults: Vec<Fault>,
+    /// Random seed (default: from the clock); printed so a run can be repeated.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Concurrent SMTP sessions.
+    #[arg(long, default_value_t = 4)]
+    sessions: usize,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Where to write node logs when mail is lost (default: a temp dir, printed).
+    #[arg(long)]
+    log_dir: Option<std::path::PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 60s, 2m)"))?;
+    if !(v > 0.0 && v * mult <= 3600.0) {
+        return Err(format!("duration {s:?} out of range (0, 1h]"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+#[derive(serde::Serialize)]
+struct FaultRecord {
+    at_secs: f64,
+    fault: Fault,
+    node: u64,
+    /// Seconds until a probe message was acknowledged / delivered.
+    resume_ack_secs: Option<f64>,
+    resume_delivery_secs: Option<f64>,
+    /// Shards the victim led when the fault began.
+    led: Vec<u64>,
+    /// Seconds until every one of them had another leader (failover).
+    new_leaders_secs: Option<f64>,
+    /// Seconds until converged after the fault ended.
+    converged_secs: Option<f64>,
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    seed: u64,
+    nodes: u64,
+    shards: u32,
+    duration_secs: f64,
+    #[serde(flatten)]
+    verdict: check::Verdict,
+    faults: Vec<FaultRecord>,
+    max_resume_secs: Option<f64>,
+    max_new_leaders_secs: Option<f64>,
+    converged_at_end: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    if args.faults.is_empty() || args.nodes < 3 {
+        eprintln!("tern-chaos: need at least 3 nodes and one fault kind");
+        return ExitCode::from(2);
+    }
+    eprintln!(
+        "tern-chaos: seed {seed}, {} nodes, {} shards, {} messages over {:?}, faults {:?}",
+        args.nodes, args.shards, args.messages, args.duration, args.faults
+    );
+    let mut cluster = match Cluster::start(
+        args.nodes,
+        Options {
+            shards: args.shards,
+            ..Options::default()
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tern-chaos: setup failed: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    cluster.quiet_logs();
+    match run(&args, seed, &mut cluster) {
+        Ok(report) => {
+            let lost = !report.verdict.no_loss();
+            if lost {
+                let dir = args
+                    .log_dir
+                    .clone()
+                    .unwrap_or_else(|| std::env::temp_dir().join(format!("tern-chaos-{seed}")));
+                match cluster.save_logs(&dir) {
+                    Ok(()) => eprintln!("tern-chaos: node logs in {}", dir.display()),
+                    Err(e) => eprintln!("tern-chaos: saving logs: {e:#}"),
+                }
+            }
+            print_report(&report, args.output);
+            if lost {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("tern-chaos: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let start = Instant::now();
+    let load = Load::start(
+        LoadConfig {
+            messages: args.messages,
+            sessions: args.sessions,
+            rate: Some(args.messages as f64 / (args.duration.as_secs_f64() * 0.9)),
+            deadline: args.duration,
+            prefix: format!("chaos{seed}"),
+            ..LoadConfig::default()
+        },
+        cluster.targets(),
+    );
+    // One progress line per second.
+    let progress = load.progress();
+    let sink_dir = cluster.sink.dir().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(1));
+                let (sent, acked) = progress.counts();
+                let delivered = std::fs::read_dir(&sink_dir).map(|d| d.count()).unwrap_or(0);
+                eprintln!(
+                    "[{:>5.1}s] sent {sent} acked {acked} deliveries {delivered}",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        })
+    };
+    let mut faults = Vec::new();
+    // Let mail flow before the first fault.
+    std::thread::sleep(Duration::from_secs(2));
+    while start.elapsed() + Duration::from_secs(8) < args.duration && !load.is_done() {
+        let fault = args.faults[rng.gen_range(0..args.faults.len())];
+        let members = cluster.healthy_ids();
+        // Half the time a shard leader (the interesting victim), else any node.
+        let node = if rng.gen_bool(0.5) {
+            cluster
+                .leaders()
+                .ok()
+                .and_then(|l| {
+                    let v: Vec<u64> = l.values().copied().filter(|x| *x != 0).collect();
+                    (!v.is_empty()).then(|| v[rng.gen_range(0..v.len())])
+                })
+                .unwrap_or(members[0])
+        } else {
+            members[rng.gen_range(0..members.len())]
+        };
+        let at = Instant::now();
+        let at_secs = start.elapsed().as_secs_f64();
+        eprintln!("[{at_secs:>5.1}s] fault: {fault:?} node {node}");
+        let mut rec = FaultRecord {
+            at_secs,
+            fault,
+            node,
+            resume_ack_secs: None,
+            resume_delivery_secs: None,
+            led: cluster.shards_led_by(node).unwrap_or_default(),
+            new_leaders_secs: None,
+            converged_secs: None,
+            error: None,
+        };
+        let result = inject(cluster, fault, node, at, &mut rec);
+        if let Err(e) = result {
+            eprintln!(
+                "[{:>5.1}s] fault {fault:?} node {node}: {e:#}",
+                start.elapsed().as_secs_f64()
+            );
+            rec.error = Some(format!("{e:#}"));
+        }
+        eprintln!(
+            "[{:>5.1}s] fault done: {fault:?} node {node}: led {:?}, new leaders {:?}s, resumed (ack) {:?}s, \
+             converged {:?}s",
+            start.elapsed().as_secs_f64(),
+            rec.led,
+            rec.new_leaders_secs.map(|s| (s * 10.0).round() / 10.0),
+            rec.resume_ack_secs.map(|s| (s * 10.0).round() / 10.0),
+            rec.converged_secs.map(|s| (s * 10.0).round() / 10.0)
+        );
+        faults.push(rec);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(1000..3000)));
+    }
+    load.stop();
+    let report = load.finish();
+    // Undo whatever is left, then check.
+    for id in cluster.partitioned().to_vec() {
+        cluster.heal(id);
+    }
+    cluster.restart_all_down().context("restarting nodes at the end")?;
+    let verdict = check::wait_no_loss(&report, &cluster.sink, Duration::from_secs(120));
+    let converged_at_end = cluster.wait_converged(Duration::from_secs(60)).is_ok();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = ticker.join();
+    let max_resume_secs = faults
+        .iter()
+        .filter_map(|f| f.resume_delivery_secs)
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let max_new_leaders_secs = faults
+        .iter()
+        .filter_map(|f| f.new_leaders_secs)
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    Ok(Report {
+        max_new_leaders_secs,
+        seed,
+        nodes: args.nodes,
+        shards: args.shards,
+        duration_secs: start.elapsed().as_secs_f64(),
+        verdict,
+        faults,
+        max_resume_secs,
+        converged_at_end,
+    })
+}
+
+/// Applies one fault, measures the resume (probe), undoes the fault and
+/// waits for convergence (each bounded).
+fn inject(cluster: &mut Cluster, fault: Fault, node: u64, at: Instant, rec: &mut FaultRecord) -> anyhow::Result<()> {
+    let hold = match fault {
+        Fault::Kill => {
+            cluster.kill(node)?;
+            Duration::from_secs(3)
+        }
+        Fault::Pause => {
+            cluster.pause(node)?;
+            Duration::from_secs(3)
+        }
+        Fault::Partition => {
+            cluster.partition(node);
+            Duration::from_secs(4)
+        }
+        Fault::Restart => {
+            cluster.kill(node)?;
+            Duration::ZERO
+        }
+    };
+    if !rec.led.is_empty() && fault != Fault::Restart {
+        let led = rec.led.clone();
+        cluster_tests::wait_until(Duration::from_secs(20), "new leaders", || {
+            cluster
+                .leaders()
+                .is_ok_and(|l| led.iter().all(|s| l.get(s).is_some_and(|x| *x != node && *x != 0)))
+        })?;
+        rec.new_leaders_secs = Some(at.elapsed().as_secs_f64());
+    }
+    let probe = if fault == Fault::Restart {
+        None
+    } else {
+        Some(probe_resume(
+            cluster,
+            at,
+            &format!("resume-{}", at.elapsed().as_nanos()),
+            Duration::from_secs(30),
+        ))
+    };
+    let elapsed = at.elapsed();
+    if elapsed < hold {
+        std::thread::sleep(hold - elapsed);
+    }
+    match fault {
+        Fault::Kill | Fault::Restart => cluster.restart(node)?,
+        Fault::Pause => cluster.resume(node)?,
+        Fault::Partition => cluster.heal(node),
+    }
+    let undone = Instant::now();
+    if fault == Fault::Restart {
+        let r = probe_resume(
+            cluster,
+            at,
+            &format!("resume-{}", at.elapsed().as_nanos()),
+            Duration::from_secs(30),
+        )?;
+        rec.resume_ack_secs = Some(r.acked.as_secs_f64());
+        rec.resume_delivery_secs = Some(r.delivered.as_secs_f64());
+    } else if let Some(p) = probe {
+        let r = p?;
+        rec.resume_ack_secs = Some(r.acked.as_secs_f64());
+        rec.resume_delivery_secs = Some(r.delivered.as_secs_f64());
+    }
+    cluster.wait_converged(Duration::from_secs(60))?;
+    rec.converged_secs = Some(undone.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_report(r: &Report, output: Output) {
+    let mut out = std::io::stdout().lock();
+    if let Output::Json = output {
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        return;
+    }
+    let v = &r.verdict;
+    let _ = writeln!(
+        out,
+        "tern-chaos report (seed {}, {} nodes, {} shards, {:.0}s)",
+        r.seed, r.nodes, r.shards, r.duration_secs
+    );
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for f in &r.faults {
+        *kinds.entry(format!("{:?}", f.fault).to_lowercase()).or_default() += 1;
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let rows = [
+        ("messages sent", v.sent.to_string()),
+        ("acknowledged (250)", v.acked.to_string()),
+        ("rejected (4xx/5xx)", v.rejected.to_string()),
+        ("broken / timed out", v.broken.to_string()),
+        ("delivered (of acked)", v.delivered.to_string()),
+        ("lost", v.lost.len().to_string()),
+        ("duplicates", format!("{} (+{} copies)", v.duplicates, v.extra_copies)),
+        ("unacked but delivered", v.unacked_delivered.to_string()),
+        ("faults injected", format!("{} ({})", r.faults.len(), kinds.join(", "))),
+        (
+            "fault errors",
+            r.faults.iter().filter(|f| f.error.is_some()).count().to_string(),
+        ),
+        (
+            "max time to resume",
+            r.max_resume_secs.map_or("-".into(), |s| format!("{s:.1}s")),
+        ),
+        (
+            "max time to new leaders",
+            r.max_new_leaders_secs.map_or("-".into(), |s| format!("{s:.1}s")),
+        ),
+        ("converged at end", r.converged_at_end.to_string()),
+    ];
+    for (k, val) in rows {
+        let _ = writeln!(out, "  {k:<24} {val}");
+    }
+    if !v.lost.is_empty() {
+        let _ = writeln!(out, "  lost: {:?}", &v.lost[..v.lost.len().min(20)]);
+    }
+}

@@ -1,0 +1,157 @@
+//! The checks: zero loss (every `250`'d Message-ID delivered at least
+//! once), duplicates counted, delivery resuming within a deadline after a
+//! fault, convergence after healing ([`crate::cluster::Cluster::wait_converged`]).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::cluster::Cluster;
+use crate::load::{LoadReport, Outcome};
+use crate::sink::Sink;
+
+/// Deliveries compared with what the load generator was told.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Verdict {
+    pub sent: usize,
+    pub acked: usize,
+    pub rejected: usize,
+    pub broken: usize,
+    /// Acknowledged messages delivered at least once.
+    pub delivered: usize,
+    /// Acknowledged messages never delivered: must be empty.
+    pub lost: Vec<String>,
+    /// Messages (acknowledged or not) delivered more than once.
+    pub duplicates: usize,
+    /// Deliveries beyond the first, over all messages.
+    pub extra_copies: usize,
+    /// Messages without a 250 (4xx or broken) that were delivered anyway
+    /// (allowed: the client could not know).
+    pub unacked_delivered: usize,
+}
+
+impl Verdict {
+    pub fn no_loss(&self) -> bool {
+        self.lost.is_empty()
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sent {} acked {} (rejected {}, broken {}) delivered {} lost {} duplicates {} (+{} copies), unacked delivered {}",
+            self.sent,
+            self.acked,
+            self.rejected,
+            self.broken,
+            self.delivered,
+            self.lost.len(),
+            self.duplicates,
+            self.extra_copies,
+            self.unacked_delivered
+        )
+    }
+}
+
+/// The verdict now.
+pub fn verdict(report: &LoadReport, sink: &Sink) -> Verdict {
+    let counts = sink.counts();
+    let mut v = Verdict {
+        sent: report.records.len(),
+        rejected: report.rejected(),
+        broken: report.broken(),
+        ..Verdict::default()
+    };
+    let ours: BTreeSet<&str> = report.records.iter().map(|r| r.message_id.as_str()).collect();
+    for r in &report.records {
+        let n = counts.get(&r.message_id).copied().unwrap_or(0);
+        match r.outcome {
+            Outcome::Acked(_) => {
+                v.acked += 1;
+                if n > 0 {
+                    v.delivered += 1;
+                } else {
+                    v.lost.push(r.message_id.clone());
+                }
+            }
+            _ if n > 0 => v.unacked_delivered += 1,
+            _ => {}
+        }
+    }
+    for (id, n) in &counts {
+        if *n > 1 && ours.contains(id.as_str()) {
+            v.duplicates += 1;
+            v.extra_copies += n - 1;
+        }
+    }
+    v
+}
+
+/// Waits (bounded) until every acknowledged message is delivered; the final
+/// verdict either way (check [`Verdict::no_loss`]).
+pub fn wait_no_loss(report: &LoadReport, sink: &Sink, deadline: Duration) -> Verdict {
+    let end = Instant::now() + deadline;
+    loop {
+        let v = verdict(report, sink);
+        if v.no_loss() || Instant::now() > end {
+            // Late copies still in flight: let a retry tick pass before counting duplicates.
+            std::thread::sleep(Duration::from_millis(500));
+            return verdict(report, sink);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// How long after a fault mail flowed again.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Resume {
+    /// Until a probe message got `250` from a healthy node.
+    #[serde(with = "secs")]
+    pub acked: Duration,
+    /// Until that message was delivered.
+    #[serde(with = "secs")]
+    pub delivered: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// Sends probe messages (`<tag>-N@probe.tern.test`) to healthy nodes in turn
+/// until one gets `250`, then waits for its delivery; times are measured
+/// from `fault_at`. Fails after `deadline`.
+pub fn probe_resume(cluster: &Cluster, fault_at: Instant, tag: &str, deadline: Duration) -> anyhow::Result<Resume> {
+    let end = Instant::now() + deadline;
+    let mut turn = 0;
+    let (id, acked) = loop {
+        anyhow::ensure!(
+            Instant::now() < end,
+            "no probe message acknowledged within {deadline:?}"
+        );
+        turn += 1;
+        let Some((_, addr)) = cluster.healthy_smtp(turn) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let id = format!("{tag}-{turn}@probe.tern.test");
+        if let Outcome::Acked(_) = crate::load::send_one(addr, &id, Duration::from_secs(10)) {
+            break (id, fault_at.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    loop {
+        if !cluster.sink.deliveries_of(&id).is_empty() {
+            return Ok(Resume {
+                acked,
+                delivered: fault_at.elapsed(),
+            });
+        }
+        anyhow::ensure!(
+            Instant::now() < end,
+            "probe {id} acknowledged but not delivered within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

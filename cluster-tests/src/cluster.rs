@@ -1,0 +1,455 @@
+//! A cluster of real `ternd` processes joined with `ternctl`, their gRPC
+//! links through a [`Mesh`] of proxies, all delivering to one [`Sink`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::load::Targets;
+use crate::process::{Node, NodeConfig, State};
+use crate::proxy::Mesh;
+use crate::sink::Sink;
+
+/// Bound on one `ternctl` call.
+pub const TERNCTL_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub shards: u32,
+    /// Node ids that may ever exist (ports and proxies are set up for
+    /// `1..=max_nodes` at start; at least the number of nodes started).
+    pub max_nodes: u64,
+    /// Extra smtp-sink options (e.g. `-w 1`).
+    pub sink_args: Vec<String>,
+    pub retry_schedule: Vec<String>,
+    /// Extra TOML appended to every node's config (new sections only).
+    pub extra_toml: String,
+    /// Bound on forming the cluster (joins + every shard on its voters).
+    pub form_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            shards: 6,
+            max_nodes: 0,
+            sink_args: Vec::new(),
+            retry_schedule: vec!["1s".into()],
+            extra_toml: String::new(),
+            form_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One shard as `ternctl shard list -o json` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub shard: u64,
+    /// 0: none known.
+    pub leader: u64,
+    pub replicas: Vec<u64>,
+    pub voters: Vec<u64>,
+    pub term: u64,
+    /// The node that reported it.
+    pub reporter: u64,
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    let mut out: Vec<u64> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
+pub struct Cluster {
+    pub options: Options,
+    pub sink: Sink,
+    pub mesh: Mesh,
+    grpc: BTreeMap<u64, SocketAddr>,
+    nodes: BTreeMap<u64, Node>,
+    /// Node ids that are cluster members (added, not removed).
+    members: Vec<u64>,
+    partitioned: Vec<u64>,
+    targets: Targets,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (node 1 bootstraps), adds 2..=n through node 1 and
+    /// waits (bounded) until every shard has `min(n, 3)` voters and a leader.
+    pub fn start(n: u64, mut options: Options) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(n >= 1, "at least one node");
+        options.max_nodes = options.max_nodes.max(n);
+        let sink_args: Vec<&str> = options.sink_args.iter().map(String::as_str).collect();
+        let sink = Sink::start(&sink_args)?;
+        let mut grpc = BTreeMap::new();
+        for id in 1..=options.max_nodes {
+            grpc.insert(id, format!("127.0.0.1:{}", crate::free_port()?).parse()?);
+        }
+        let mesh = Mesh::start(&grpc)?;
+        let mut cluster = Cluster {
+            options,
+            sink,
+            mesh,
+            grpc,
+            nodes: BTreeMap::new(),
+            members: Vec::new(),
+            partitioned: Vec::new(),
+            targets: Targets::default(),
+        };
+        for id in 1..=n {
+            cluster.spawn_node(id)?;
+        }
+        for id in 1..=n {
+            cluster.node_mut(id)?.wait_ready(Duration::from_secs(60))?;
+        }
+        cluster.members.push(1);
+        for id in 2..=n {
+            cluster.join(id)?;
+        }
+        cluster.sync_targets();
+        let t = cluster.options.form_timeout;
+        cluster.wait_converged(t).context("forming the cluster")?;
+        Ok(cluster)
+    }
+
+    fn spawn_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let grpc = *self.grpc.get(&id).with_context(|| format!("node {id} > max_nodes"))?;
+        let config = NodeConfig {
+            id,
+            bootstrap: id == 1,
+            grpc,
+            shards: self.options.shards,
+            peer_addresses: self.mesh.peer_addresses(id),
+            route_to: self.sink.addr,
+            retry_schedule: self.options.retry_schedule.clone(),
+            extra: self.options.extra_toml.clone(),
+        };
+        self.nodes.insert(id, Node::spawn(config)?);
+        Ok(())
+    }
+
+    /// `ternctl member add --id ID --addr <own grpc>` sent to node 1 (or
+    /// another healthy member when node 1 is gone).
+    fn join(&mut self, id: u64) -> anyhow::Result<()> {
+        let addr = self.grpc[&id].to_string();
+        let via = self.any_healthy()?;
+        let out = via.ternctl(
+            &["member", "add", "--id", &id.to_string(), "--addr", &addr],
+            Duration::from_secs(120),
+        )?;
+        anyhow::ensure!(
+            out.status.success(),
+            "member add {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        self.members.push(id);
+        Ok(())
+    }
+
+    /// Starts node `id` (≤ max_nodes, never used before) and adds it.
+    pub fn add_node(&mut self, id: u64) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.nodes.contains_key(&id), "node {id} exists");
+        self.spawn_node(id)?;
+        self.node_mut(id)?.wait_ready(Duration::from_secs(60))?;
+        self.join(id)?;
+        self.sync_targets();
+        Ok(())
+    }
+
+    /// `ternctl member remove --id ID` (through another healthy member),
+    /// then stops the removed node.
+    pub fn remove_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let via = self
+            .healthy_ids()
+            .into_iter()
+            .find(|i| *i != id)
+            .context("no other healthy node")?;
+        let out = self
+            .node(via)?
+            .ternctl(&["member", "remove", "--id", &id.to_string()], Duration::from_secs(180))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "member remove {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        self.members.retain(|m| *m != id);
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.kill();
+        }
+        self.sync_targets();
+        Ok(())
+    }
+
+    pub fn node(&self, id: u64) -> anyhow::Result<&Node> {
+        self.nodes.get(&id).with_context(|| format!("no node {id}"))
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> anyhow::Result<&mut Node> {
+        self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))
+    }
+
+    pub fn members(&self) -> &[u64] {
+        &self.members
+    }
+
+    /// Members that run, are not paused and not partitioned.
+    pub fn healthy_ids(&self) -> Vec<u64> {
+        self.members
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.nodes.get(id).is_some_and(|n| n.state() == State::Running) && !self.partitioned.contains(id)
+            })
+            .collect()
+    }
+
+    pub fn any_healthy(&self) -> anyhow::Result<&Node> {
+        let id = *self.healthy_ids().first().context("no healthy node")?;
+        self.node(id)
+    }
+
+    /// The SMTP address of a healthy node (round robin by `turn`).
+    pub fn healthy_smtp(&self, turn: usize) -> Option<(u64, SocketAddr)> {
+        let ids = self.healthy_ids();
+        let ids: Vec<_> = ids
+            .into_iter()
+            .filter_map(|id| self.nodes.get(&id).and_then(|n| n.smtp).map(|a| (id, a)))
+            .collect();
+        if ids.is_empty() {
+            None
+        } else {
+            Some(ids[turn % ids.len()])
+        }
+    }
+
+    /// The SMTP targets load generators use (kept up to date by the cluster:
+    /// every member with a running or paused process, partitioned or not).
+    pub fn targets(&self) -> Targets {
+        self.targets.clone()
+    }
+
+    fn sync_targets(&self) {
+        let mut t = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        t.clear();
+        for id in &self.members {
+            if let Some(n) = self.nodes.get(id) {
+                if let (State::Running | State::Paused, Some(a)) = (n.state(), n.smtp) {
+                    t.insert(*id, a);
+                }
+            }
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        self.node_mut(id)?.kill();
+        self.sync_targets();
+        Ok(())
+    }
+
+    /// Starts a killed node again (same config and data dir); waits for `ready`.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        self.node_mut(id)?.restart(Duration::from_secs(90))?;
+        self.sync_targets();
+        Ok(())
+    }
+
+    /// Starts every killed member at once, then waits for all to be ready
+    /// (a restarted node waits for a shard leader before `ready`).
+    pub fn restart_all_down(&mut self) -> anyhow::Result<()> {
+        let down: Vec<u64> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|id| self.nodes.get(id).is_some_and(|n| n.state() == State::Down))
+            .collect();
+        for id in &down {
+            self.node_mut(*id)?.start()?;
+        }
+        for id in &down {
+            self.node_mut(*id)?.wait_ready(Duration::from_secs(90))?;
+        }
+        self.sync_targets();
+        Ok(())
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&mut self, id: u64) -> anyhow::Result<()> {
+        self.node_mut(id)?.pause()
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self, id: u64) -> anyhow::Result<()> {
+        self.node_mut(id)?.resume()
+    }
+
+    /// Cuts every gRPC link into and out of `id` (SMTP and ternctl still reach it).
+    pub fn partition(&mut self, id: u64) {
+        self.mesh.partition(id);
+        if !self.partitioned.contains(&id) {
+            self.partitioned.push(id);
+        }
+    }
+
+    /// Restores the links cut by [`Cluster::partition`].
+    pub fn heal(&mut self, id: u64) {
+        self.partitioned.retain(|p| *p != id);
+        self.mesh.heal(id, &self.partitioned);
+    }
+
+    pub fn partitioned(&self) -> &[u64] {
+        &self.partitioned
+    }
+
+    /// `ternctl shard list -o json` on one node.
+    pub fn shards_on(&self, id: u64) -> anyhow::Result<Vec<ShardInfo>> {
+        let v = self.node(id)?.ternctl_json(&["shard", "list"], TERNCTL_TIMEOUT)?;
+        let arr = v.as_array().context("shard list is not an array")?;
+        Ok(arr
+            .iter()
+            .map(|s| ShardInfo {
+                shard: s["shard"].as_u64().unwrap_or(0),
+                leader: s["leader"].as_u64().unwrap_or(0),
+                replicas: ids(&s["replicas"]),
+                voters: ids(&s["voters"]),
+                term: s["term"].as_u64().unwrap_or(0),
+                reporter: id,
+            })
+            .collect())
+    }
+
+    /// Every shard as the healthy nodes see it: per shard, the report with
+    /// the highest term (a node hosts only its own shards).
+    pub fn shards(&self) -> anyhow::Result<Vec<ShardInfo>> {
+        let mut best: BTreeMap<u64, ShardInfo> = BTreeMap::new();
+        let mut asked = 0;
+        for id in self.healthy_ids() {
+            let Ok(list) = self.shards_on(id) else { continue };
+            asked += 1;
+            for s in list {
+                let better = best
+                    .get(&s.shard)
+                    .is_none_or(|b| (s.term, s.leader != 0) > (b.term, b.leader != 0));
+                if better {
+                    best.insert(s.shard, s);
+                }
+            }
+        }
+        anyhow::ensure!(asked > 0, "no healthy node answered shard list");
+        Ok(best.into_values().collect())
+    }
+
+    /// Every shard's leader as the healthy nodes see it (0: none).
+    pub fn leaders(&self) -> anyhow::Result<BTreeMap<u64, u64>> {
+        Ok(self.shards()?.into_iter().map(|s| (s.shard, s.leader)).collect())
+    }
+
+    pub fn leader_of(&self, shard: u64) -> anyhow::Result<u64> {
+        self.leaders()?
+            .get(&shard)
+            .copied()
+            .with_context(|| format!("no shard {shard}"))
+    }
+
+    /// `ternctl status -o json` → `control_leader` (asked of a healthy node).
+    pub fn control_leader(&self) -> anyhow::Result<u64> {
+        let v = self.any_healthy()?.ternctl_json(&["status"], TERNCTL_TIMEOUT)?;
+        v["control_leader"].as_u64().context("status has no control_leader")
+    }
+
+    /// Shards each healthy node leads.
+    pub fn shards_led_by(&self, id: u64) -> anyhow::Result<Vec<u64>> {
+        Ok(self
+            .leaders()?
+            .into_iter()
+            .filter(|(_, l)| *l == id)
+            .map(|(s, _)| s)
+            .collect())
+    }
+
+    /// Why the cluster is not converged (`None` when it is): every shard
+    /// present, led by a healthy member that every healthy replica agrees
+    /// on, with `min(members, 3)` replicas, all of them voters.
+    pub fn not_converged(&self) -> Option<String> {
+        let healthy = self.healthy_ids();
+        let want = self.members.len().min(3);
+        let mut per_node = Vec::new();
+        for id in &healthy {
+            match self.shards_on(*id) {
+                Ok(l) => per_node.push(l),
+                Err(e) => return Some(format!("node {id}: {e}")),
+            }
+        }
+        for shard in 1..=u64::from(self.options.shards) {
+            let reports: Vec<&ShardInfo> = per_node.iter().flatten().filter(|s| s.shard == shard).collect();
+            let Some(first) = reports.first() else {
+                return Some(format!("shard {shard}: reported by no healthy node"));
+            };
+            if first.leader == 0 || !healthy.contains(&first.leader) {
+                return Some(format!(
+                    "shard {shard}: leader {} is not a healthy member",
+                    first.leader
+                ));
+            }
+            if let Some(other) = reports.iter().find(|s| s.leader != first.leader) {
+                return Some(format!(
+                    "shard {shard}: node {} says leader {}, node {} says {}",
+                    first.reporter, first.leader, other.reporter, other.leader
+                ));
+            }
+            let leader_view = reports.iter().find(|s| s.reporter == first.leader).unwrap_or(first);
+            if leader_view.voters.len() != want || leader_view.replicas != leader_view.voters {
+                return Some(format!(
+                    "shard {shard}: voters {:?}, replicas {:?}, want {want}",
+                    leader_view.voters, leader_view.replicas
+                ));
+            }
+        }
+        None
+    }
+
+    pub fn converged(&self) -> bool {
+        self.not_converged().is_none()
+    }
+
+    /// Waits (bounded) for [`Cluster::converged`]; how long it took.
+    pub fn wait_converged(&self, deadline: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut last;
+        loop {
+            last = self.not_converged();
+            if last.is_none() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > deadline {
+                anyhow::bail!("not converged after {deadline:?}: {}", last.unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// All node logs, one after the other.
+    pub fn logs(&self) -> String {
+        self.nodes.values().map(|n| n.logs()).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Writes each node's log to `dir/nID.log`.
+    pub fn save_logs(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for (id, n) in &self.nodes {
+            std::fs::write(dir.join(format!("n{id}.log")), n.logs())?;
+        }
+        Ok(())
+    }
+
+    /// Don't print node logs on drop (the caller handles them).
+    pub fn quiet_logs(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.print_logs_on_panic = false;
+        }
+    }
+}

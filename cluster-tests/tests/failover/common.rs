@@ -1,0 +1,92 @@
+//! Shared helpers of the scenarios.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cluster_tests::check::{self, Verdict};
+use cluster_tests::cluster::{Cluster, Options};
+use cluster_tests::load::{Load, LoadConfig, LoadReport};
+
+/// One multi-node scenario at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A cluster of `n` nodes with `shards` shards; panics with a clear message
+/// when a binary is missing.
+pub fn cluster(n: u64, options: Options) -> Cluster {
+    if let Err(e) = cluster_tests::ternd_path().and(cluster_tests::ternctl_path()) {
+        panic!("{e:#}");
+    }
+    let t = Instant::now();
+    let c = Cluster::start(n, options).unwrap_or_else(|e| panic!("starting a {n}-node cluster: {e:#}"));
+    eprintln!("cluster of {n} formed in {:.1?}", t.elapsed());
+    c
+}
+
+/// Paced load: `messages` over `secs` seconds from 4 sessions.
+pub fn paced(prefix: &str, messages: usize, secs: f64) -> LoadConfig {
+    LoadConfig {
+        messages,
+        sessions: 4,
+        rate: Some(messages as f64 / secs),
+        deadline: Duration::from_secs_f64(secs + 30.0),
+        prefix: prefix.into(),
+        ..LoadConfig::default()
+    }
+}
+
+pub fn start_load(c: &Cluster, config: LoadConfig) -> Load {
+    Load::start(config, c.targets())
+}
+
+/// Waits until the load has `n` acknowledged messages (bounded).
+pub fn wait_acked(load: &Load, n: usize) {
+    cluster_tests::wait_until(Duration::from_secs(60), &format!("{n} acknowledged"), || {
+        load.acked() >= n
+    })
+    .unwrap();
+}
+
+/// Every acknowledged message delivered (bounded); prints and returns the verdict.
+pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
+    let v = check::wait_no_loss(report, &c.sink, Duration::from_secs(90));
+    eprintln!("{name}: {v}");
+    assert!(
+        v.no_loss(),
+        "{name}: {} acknowledged messages lost: {:?}",
+        v.lost.len(),
+        &v.lost[..v.lost.len().min(20)]
+    );
+    assert!(v.acked > 0, "{name}: nothing acknowledged");
+    v
+}
+
+/// Converged (bounded), with the time it took printed.
+pub fn assert_converged(name: &str, c: &Cluster, deadline: Duration) {
+    match c.wait_converged(deadline) {
+        Ok(t) => eprintln!("{name}: converged in {t:.1?}"),
+        Err(e) => panic!("{name}: {e:#}"),
+    }
+}
+
+/// The node leading the most shards.
+pub fn busiest_leader(c: &Cluster) -> u64 {
+    let leaders = c.leaders().unwrap();
+    let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+    for l in leaders.values().filter(|l| **l != 0) {
+        *counts.entry(*l).or_default() += 1;
+    }
+    counts.into_iter().max_by_key(|(_, n)| *n).map(|(id, _)| id).unwrap()
+}
+
+/// Waits until no shard in `shards` is led by `old` (or by nobody); how long.
+pub fn wait_new_leaders(c: &Cluster, shards: &[u64], old: u64, deadline: Duration) -> Duration {
+    cluster_tests::wait_until(deadline, &format!("new leaders for {shards:?} (was {old})"), || {
+        c.leaders()
+            .map(|l| shards.iter().all(|s| l.get(s).is_some_and(|x| *x != old && *x != 0)))
+            .unwrap_or(false)
+    })
+    .unwrap()
+}

@@ -1,0 +1,13 @@
+//! Failover scenarios on real `ternd` clusters (see docs/failover.md).
+//! Needs `target/debug/ternd` and `ternctl` (`cargo build -p tern-node`) and
+//! Postfix's smtp-sink (in PATH or /usr/sbin). Scenarios run one at a time
+//! (a process-wide lock): several clusters on two cores would starve each
+//! other's Raft timers.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod kill;
+mod membership;
+mod partition;
+mod pause;
+mod restart;

@@ -1,0 +1,67 @@
+//! Rolling restart and whole-cluster restart.
+
+use std::time::{Duration, Instant};
+
+use cluster_tests::cluster::Options;
+use cluster_tests::load;
+
+use crate::common::*;
+
+/// Every node in turn is SIGKILLed and restarted (same config and data)
+/// under load, waiting for convergence between nodes; nothing
+/// acknowledged is lost.
+#[test]
+fn rolling_restart_under_load() {
+    let _s = serial();
+    let mut c = cluster(3, Options::default());
+    let load = start_load(&c, paced("rolling", 600, 30.0));
+    wait_acked(&load, 30);
+    for id in 1..=3 {
+        let t = Instant::now();
+        c.kill(id).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        c.restart(id).unwrap();
+        let conv = c.wait_converged(Duration::from_secs(60)).unwrap();
+        eprintln!(
+            "rolling: node {id} killed and restarted, converged {:.1?} after the kill ({conv:.1?} after ready)",
+            t.elapsed()
+        );
+    }
+    let report = load.finish();
+    assert_no_loss("rolling_restart_under_load", &c, &report);
+    assert_converged("rolling_restart_under_load", &c, Duration::from_secs(60));
+}
+
+/// Mail is acknowledged while the sink is down (so it stays queued), every
+/// node is SIGKILLed, the sink comes back and every node restarts: every
+/// acknowledged message is delivered.
+#[test]
+fn whole_cluster_restart() {
+    let _s = serial();
+    let mut c = cluster(3, Options::default());
+    c.sink.stop();
+    let report = load::run(
+        load::LoadConfig {
+            messages: 90,
+            sessions: 3,
+            prefix: "whole".into(),
+            ..load::LoadConfig::default()
+        },
+        c.targets(),
+    );
+    assert_eq!(report.acked().len(), 90, "every message acknowledged before the crash");
+    for id in 1..=3 {
+        c.kill(id).unwrap();
+    }
+    c.sink.resume().unwrap();
+    let t = Instant::now();
+    c.restart_all_down().unwrap();
+    eprintln!("whole_cluster_restart: all ready {:.1?} after the restart", t.elapsed());
+    let v = assert_no_loss("whole_cluster_restart", &c, &report);
+    eprintln!(
+        "whole_cluster_restart: all delivered {:.1?} after the restart",
+        t.elapsed()
+    );
+    assert_eq!(v.acked, 90);
+    assert_converged("whole_cluster_restart", &c, Duration::from_secs(60));
+}
