@@ -65,7 +65,6 @@ fn add_and_remove_node_under_load() {
 /// no replica (placement does not rebalance onto it) and so cannot forward:
 /// it answers every message `451 4.3.0 no queue shard available`.
 #[test]
-#[ignore = "bug: a 4th node gets no shard replica and answers 451 to all mail"]
 fn added_node_accepts_mail() {
     let _s = serial();
     let mut c = cluster(

@@ -98,7 +98,6 @@ fn partition_leader_minority_never_acks() {
 /// openraft 0.9 keeps a leader without quorum leading, so the client gets no
 /// answer at all (measured: none in 200 s).
 #[test]
-#[ignore = "bug: a partitioned shard leader never answers the SMTP client (client_write has no timeout)"]
 fn partition_minority_answers_451() {
     let _s = serial();
     let mut c = cluster(3, Options::default());

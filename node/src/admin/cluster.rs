@@ -224,16 +224,44 @@ impl Cluster {
     /// Writes `request` through `group`'s leader on another node.
     pub async fn forward(&self, group: &GroupHandle, request: &Request) -> Result<(), String> {
         let (_, addr) = self.leader_addr(group).ok_or("no known leader")?;
+        self.forward_to(&addr, group.id, request, true).await
+    }
+
+    /// Sends a write for `group` to the node at `addr`; with `hop` false that
+    /// node passes it on to the group's leader if it is not the leader itself.
+    pub async fn forward_to(&self, addr: &str, group: GroupId, request: &Request, hop: bool) -> Result<(), String> {
         let payload = bincode::serialize(request).map_err(|e| e.to_string())?;
-        let mut client = self.client(&addr).map_err(|e| e.to_string())?;
+        let mut client = self.client(addr).map_err(|e| e.to_string())?;
         client
             .forward(tern_proto::admin::ForwardRequest {
-                group_id: group.id,
+                group_id: group,
                 payload,
+                hop,
             })
             .await
             .map(|_| ())
             .map_err(|e| format!("forward to {addr}: {}", e.message()))
+    }
+
+    /// A node holding no replica of any shard (more nodes than replicas)
+    /// sends its write to a replica of some shard, which passes it to that
+    /// shard's leader.
+    pub async fn forward_anywhere(&self, turn: usize, request: &Request) -> Result<GroupId, String> {
+        let placement: Vec<(GroupId, Vec<NodeId>)> = self.placement().into_iter().collect();
+        if placement.is_empty() {
+            return Err("no shard placement known".into());
+        }
+        let nodes = self.nodes();
+        let (shard, replicas) = &placement[turn % placement.len()];
+        let mut last = String::from("no replica reachable");
+        for node in replicas {
+            let Some(addr) = nodes.get(node).cloned() else { continue };
+            match self.forward_to(&self.dial(*node, addr), *shard, request, false).await {
+                Ok(()) => return Ok(*shard),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Adds a node: recorded in the control group, added as a learner of

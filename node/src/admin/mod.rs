@@ -446,12 +446,27 @@ impl AdminService for Admin {
             .ok_or_else(|| Status::not_found(format!("group {} not hosted here", req.group_id)))?;
         let write: crate::raft::Request =
             bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(format!("bad request: {e}")))?;
-        group
-            .raft
-            .client_write(write)
-            .await
-            .map_err(|e| Status::unavailable(format!("write to group {} failed: {e}", req.group_id)))?;
-        Ok(Response::new(ForwardReply {}))
+        if !req.hop && group.leader().is_some_and(|l| l != self.node_id) {
+            // From a node without a replica: one more hop, to the leader.
+            self.cluster
+                .forward(&group, &write)
+                .await
+                .map_err(Status::unavailable)?;
+            return Ok(Response::new(ForwardReply {}));
+        }
+        // Bounded: a leader cut off from its majority never commits, and the
+        // SMTP client must hear 451 rather than wait for ever.
+        match tokio::time::timeout(crate::queue::WRITE_TIMEOUT, group.raft.client_write(write)).await {
+            Ok(Ok(_)) => Ok(Response::new(ForwardReply {})),
+            Ok(Err(e)) => Err(Status::unavailable(format!(
+                "write to group {} failed: {e}",
+                req.group_id
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "write to group {} timed out",
+                req.group_id
+            ))),
+        }
     }
 
     async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {

@@ -21,6 +21,10 @@ use crate::raft::groups::Groups;
 use crate::raft::{Body, NodeId, Request};
 use crate::smtp::{EnqueueError, Enqueuer, Reply};
 
+/// How long a queue write may take before the client gets 451: a shard
+/// leader cut off from its majority keeps leading but never commits.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Unique queue ids: milliseconds since the epoch, node id and a counter,
 /// in fixed-width hex so they sort by arrival time.
 pub struct IdGen {
@@ -93,25 +97,36 @@ impl QueueFront {
         let turn = self.next_shard.fetch_add(1, Ordering::Relaxed);
         if !led.is_empty() {
             let shard = led[turn % led.len()];
-            return match shard.raft.client_write(request).await {
-                Ok(_) => {
+            let write = tokio::time::timeout(WRITE_TIMEOUT, shard.raft.client_write(request)).await;
+            // The shard may have lost its leader or its majority mid-write: the
+            // entry may or may not commit, so the client must retry (never 250).
+            let failure = match write {
+                Ok(Ok(_)) => {
                     tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, "queued");
-                    Ok(())
+                    return Ok(());
                 }
-                Err(e) => {
-                    // The shard may have lost its leader mid-write: the entry may
-                    // or may not commit, so the client must retry (never 250).
-                    tracing::warn!(msg_id = %id, shard = shard.id, error = %e, "enqueue failed");
-                    Err(EnqueueError::Temporary("queue write failed, try again later".into()))
-                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("not committed within {WRITE_TIMEOUT:?}"),
             };
+            tracing::warn!(msg_id = %id, shard = shard.id, error = %failure, "enqueue failed");
+            return Err(EnqueueError::Temporary("queue write failed, try again later".into()));
         }
         // No shard led here: forward to the leader of one we replicate.
         let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).collect();
         if with_leader.is_empty() {
-            return Err(EnqueueError::Temporary(
-                "no queue shard available, try again later".into(),
-            ));
+            // No replica here at all (more nodes than replicas): via any replica.
+            return match self.cluster.forward_anywhere(turn, &request).await {
+                Ok(shard) => {
+                    tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard, forwarded = true, "queued");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(msg_id = %id, error = %e, "forwarded enqueue failed");
+                    Err(EnqueueError::Temporary(
+                        "no queue shard available, try again later".into(),
+                    ))
+                }
+            };
         }
         let shard = with_leader[turn % with_leader.len()];
         match self.cluster.forward(shard, &request).await {
