@@ -7,7 +7,7 @@
 //!
 //! The single-node end-to-end tests stay in `node/tests/e2e`; the tests of
 //! this crate (`tests/failover.rs`) and the `tern-chaos` binary use this
-//! library. See docs/failover.md.
+//! library. See docs/failover-testing.md.
 
 pub mod check;
 pub mod cluster;

@@ -1,7 +1,7 @@
 //! tern-chaos: runs a real Tern cluster, injects random faults (SIGKILL,
 //! SIGSTOP, partitions, restarts) while mail flows, and checks that every
 //! acknowledged message is delivered. Exit code 0: no loss; 1: loss;
-//! 2: setup error. See docs/failover.md.
+//! 2: setup error. See docs/failover-testing.md.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -61,6 +61,9 @@ struct Args {
     /// Where to write node logs when mail is lost (default: a temp dir, printed).
     #[arg(long)]
     log_dir: Option<std::path::PathBuf>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -111,6 +114,7 @@ struct Report {
     verdict: check::Verdict,
     faults: Vec<FaultRecord>,
     max_resume_secs: Option<f64>,
+    median_resume_secs: Option<f64>,
     max_new_leaders_secs: Option<f64>,
     converged_at_end: bool,
 }
@@ -159,6 +163,13 @@ fn main() -> ExitCode {
                 }
             }
             print_report(&report, args.output);
+            if let Some(path) = &args.report {
+                let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+                if let Err(e) = std::fs::write(path, json) {
+                    eprintln!("tern-chaos: writing {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
             if lost {
                 ExitCode::from(1)
             } else {
@@ -272,6 +283,11 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
         .iter()
         .filter_map(|f| f.resume_delivery_secs)
         .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let median_resume_secs = {
+        let mut all: Vec<f64> = faults.iter().filter_map(|f| f.resume_delivery_secs).collect();
+        all.sort_by(f64::total_cmp);
+        all.get(all.len() / 2).copied()
+    };
     let max_new_leaders_secs = faults
         .iter()
         .filter_map(|f| f.new_leaders_secs)
@@ -285,6 +301,7 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
         verdict,
         faults,
         max_resume_secs,
+        median_resume_secs,
         converged_at_end,
     })
 }
@@ -392,6 +409,10 @@ fn print_report(r: &Report, output: Output) {
         (
             "max time to resume",
             r.max_resume_secs.map_or("-".into(), |s| format!("{s:.1}s")),
+        ),
+        (
+            "median time to resume",
+            r.median_resume_secs.map_or("-".into(), |s| format!("{s:.1}s")),
         ),
         (
             "max time to new leaders",

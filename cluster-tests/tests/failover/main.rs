@@ -1,4 +1,4 @@
-//! Failover scenarios on real `ternd` clusters (see docs/failover.md).
+//! Failover scenarios on real `ternd` clusters (see docs/failover-testing.md).
 //! Needs `target/debug/ternd` and `ternctl` (`cargo build -p tern-node`) and
 //! Postfix's smtp-sink (in PATH or /usr/sbin). Scenarios run one at a time
 //! (a process-wide lock): several clusters on two cores would starve each
