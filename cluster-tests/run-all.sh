@@ -10,7 +10,7 @@ command -v swaks >/dev/null || need+=(swaks)
 command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
-command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-lmtpd)
+[ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-core dovecot-lmtpd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
