@@ -183,6 +183,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&groups),
         cluster_tls.clone(),
         config.peer_addresses.clone(),
+        config.dead_node_after,
     ));
 
     // Listeners first, so that a port conflict fails fast and loudly.

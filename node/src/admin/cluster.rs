@@ -35,6 +35,10 @@ pub struct Cluster {
     tls: Option<crate::raft::tls::ClusterTls>,
     /// `[cluster] peer_addresses`.
     overrides: BTreeMap<NodeId, String>,
+    /// `[cluster] dead_node_after_secs`: a node unreachable this long loses its replicas.
+    dead_after: Duration,
+    /// When each node last answered the control leader's ping.
+    last_seen: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
 
 impl Cluster {
@@ -44,9 +48,12 @@ impl Cluster {
         groups: Arc<Groups>,
         tls: Option<crate::raft::tls::ClusterTls>,
         overrides: BTreeMap<NodeId, String>,
+        dead_after: Duration,
     ) -> Cluster {
         Cluster {
             overrides,
+            dead_after,
+            last_seen: Mutex::new(HashMap::new()),
             node_id,
             replicas,
             groups,
@@ -310,6 +317,7 @@ impl Cluster {
             }
             let leads_control = self.control().is_some_and(|c| c.leader() == Some(self.node_id));
             if leads_control {
+                self.ping_members().await;
                 if let Err(e) = self.place().await {
                     tracing::warn!(error = %e, "placement");
                 }
@@ -319,16 +327,57 @@ impl Cluster {
         }
     }
 
-    /// Placement controller: every shard at min(replicas, nodes) copies,
-    /// spread evenly; replicas on nodes that left are replaced.
+    /// Pings every member (control leader only), to tell long-dead nodes.
+    async fn ping_members(&self) {
+        let now = std::time::Instant::now();
+        let nodes = self.nodes();
+        let mut answered = Vec::new();
+        for (id, addr) in nodes.iter() {
+            if *id == self.node_id {
+                answered.push(*id);
+                continue;
+            }
+            let Ok(mut client) = self.client(&self.dial(*id, addr.clone())) else {
+                continue;
+            };
+            let ping = client.ping(tern_proto::admin::PingRequest {});
+            if matches!(tokio::time::timeout(Duration::from_millis(500), ping).await, Ok(Ok(_))) {
+                answered.push(*id);
+            }
+        }
+        let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|id, _| nodes.contains_key(id));
+        for id in nodes.keys() {
+            // A node first seen now counts as alive from now.
+            seen.entry(*id).or_insert(now);
+        }
+        for id in answered {
+            seen.insert(id, now);
+        }
+    }
+
+    /// Nodes that have not answered for `dead_after`.
+    fn dead_nodes(&self) -> BTreeSet<NodeId> {
+        let seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter()
+            .filter(|(_, t)| t.elapsed() >= self.dead_after)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Placement controller: every shard at min(replicas, live nodes)
+    /// copies, spread evenly; replicas on nodes that left, or that have been
+    /// dead for `dead_after`, are replaced by live nodes when there are any.
     async fn place(&self) -> Result<(), String> {
-        let nodes: Vec<NodeId> = self.nodes().keys().copied().collect();
-        if nodes.is_empty() {
+        let dead = self.dead_nodes();
+        let members: Vec<NodeId> = self.nodes().keys().copied().collect();
+        if members.is_empty() {
             return Ok(());
         }
         let placement = self.placement();
-        let want = self.replicas.min(nodes.len());
-        let mut load: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+        let want = self.replicas.min(members.len());
+        // Replicas per live node, to pick the least loaded.
+        let mut load: BTreeMap<NodeId, usize> = members.iter().filter(|n| !dead.contains(n)).map(|n| (*n, 0)).collect();
         for replicas in placement.values() {
             for n in replicas {
                 if let Some(l) = load.get_mut(n) {
@@ -336,22 +385,32 @@ impl Cluster {
                 }
             }
         }
+        let pick = |load: &BTreeMap<NodeId, usize>, next: &[NodeId]| {
+            load.iter()
+                .filter(|(n, _)| !next.contains(n))
+                .min_by_key(|(n, l)| (**l, **n))
+                .map(|(n, _)| *n)
+        };
         let control = self.control().ok_or("no control group")?;
         for (shard, current) in &placement {
-            let mut next: Vec<NodeId> = current.iter().copied().filter(|n| load.contains_key(n)).collect();
+            // Nodes that left are dropped.
+            let mut next: Vec<NodeId> = current.iter().copied().filter(|n| members.contains(n)).collect();
+            // A long-dead replica moves to a live node, when there is one to take it.
+            for i in 0..next.len() {
+                if dead.contains(&next[i]) {
+                    if let Some(spare) = pick(&load, &next) {
+                        next[i] = spare;
+                        *load.entry(spare).or_default() += 1;
+                    }
+                }
+            }
             while next.len() < want {
-                let Some((&n, _)) = load
-                    .iter()
-                    .filter(|(n, _)| !next.contains(n))
-                    .min_by_key(|(n, l)| (**l, **n))
-                else {
-                    break;
-                };
+                let Some(n) = pick(&load, &next) else { break };
                 next.push(n);
                 *load.entry(n).or_default() += 1;
             }
             if &next != current {
-                tracing::info!(shard, from = ?current, to = ?next, "placement change");
+                tracing::info!(shard, from = ?current, to = ?next, dead = ?dead, "placement change");
                 control
                     .raft
                     .client_write(Request::SetShardReplicas {

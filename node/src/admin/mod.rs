@@ -691,4 +691,8 @@ impl AdminService for Admin {
         }
         Ok(Response::new(reply))
     }
+
+    async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        Ok(Response::new(PingReply { node_id: self.node_id }))
+    }
 }

@@ -194,6 +194,7 @@ struct RawCluster {
     tls_ca: Option<PathBuf>,
     tls_server_name: Option<String>,
     peer_addresses: Option<std::collections::BTreeMap<String, String>>,
+    dead_node_after_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -233,6 +234,8 @@ pub struct Config {
     /// How this node dials given peers, overriding their advertised address
     /// (split-horizon networks; the failover harness puts proxies here).
     pub peer_addresses: std::collections::BTreeMap<u64, String>,
+    /// A member unreachable this long has its shard replicas moved to live nodes.
+    pub dead_node_after: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Initialise a new cluster on first start if this node has no state.
@@ -485,6 +488,7 @@ impl Config {
         Ok(Config {
             cluster_tls,
             peer_addresses,
+            dead_node_after: secs(raw.cluster.dead_node_after_secs, 300, "cluster.dead_node_after_secs")?,
             dns_nameservers,
             dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
             routes,

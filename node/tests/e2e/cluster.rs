@@ -492,3 +492,54 @@ fn cluster_traffic_with_mutual_tls() {
         String::from_utf8_lossy(&anonymous.stdout)
     );
 }
+
+/// A node dead for `dead_node_after_secs` has its replicas moved to a live
+/// node: every shard is back at three voters without it.
+#[test]
+fn long_dead_node_replicas_move_to_live_nodes() {
+    let _serial = cluster_lock();
+    let sink = SmtpSink::start(&[]);
+    let extra = format!(
+        "shards = 2\ndead_node_after_secs = 3\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n",
+        sink.addr
+    );
+    let n1 = Node::start_node(1, true, &extra);
+    let mut others: Vec<Node> = (2..=4).map(|id| Node::start_node(id, false, &extra)).collect();
+    for (i, n) in others.iter().enumerate() {
+        join(&n1, n, i as u64 + 2);
+    }
+    wait_for(Duration::from_secs(90), "both shards on 3 voters", || {
+        shards(&n1)
+            .iter()
+            .all(|sh| sh["voters"].as_array().unwrap().len() == 3 && sh["joint"] == false && sh["leader"] != 0)
+    });
+    // Kill a node (other than the control leader, node 1) that holds a replica.
+    let victim = shards(&n1)
+        .iter()
+        .flat_map(|sh| {
+            sh["voters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .find(|v| *v != 1)
+        .unwrap();
+    others[(victim - 2) as usize].kill();
+    wait_for(Duration::from_secs(60), "replicas moved off the dead node", || {
+        shards(&n1).iter().all(|sh| {
+            let voters: Vec<u64> = sh["voters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            voters.len() == 3 && !voters.contains(&victim) && sh["joint"] == false && sh["leader"] != 0
+        })
+    });
+    assert!(send_tagged(&n1, "after-dead"));
+    wait_for(Duration::from_secs(30), "delivery", || {
+        delivered(&sink, "after-dead") == 1
+    });
+}
