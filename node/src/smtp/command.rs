@@ -182,12 +182,7 @@ fn parse_mail(rest: &str) -> Result<MailFrom, ParseError> {
         address,
         ..MailFrom::default()
     };
-    let mut seen: Vec<String> = Vec::new();
     for (key, value) in split_params(params, USAGE)? {
-        if seen.contains(&key) {
-            return Err(ParseError::BadParam(key));
-        }
-        seen.push(key.clone());
         let bad = || ParseError::BadParam(key.clone());
         match key.as_str() {
             "SIZE" => {
@@ -245,12 +240,7 @@ fn parse_rcpt(rest: &str) -> Result<RcptTo, ParseError> {
         address,
         ..RcptTo::default()
     };
-    let mut seen: Vec<String> = Vec::new();
     for (key, value) in split_params(params, USAGE)? {
-        if seen.contains(&key) {
-            return Err(ParseError::BadParam(key));
-        }
-        seen.push(key.clone());
         let bad = || ParseError::BadParam(key.clone());
         match key.as_str() {
             "NOTIFY" => {
@@ -311,7 +301,8 @@ fn parse_bdat(rest: &str) -> Result<Command, ParseError> {
     Ok(Command::Bdat { size, last })
 }
 
-/// Splits `KEY[=VALUE]` parameters; keys are returned upper-cased.
+/// Splits `KEY[=VALUE]` parameters; keys are returned upper-cased and a
+/// key given twice is refused.
 fn split_params<'a>(s: &'a str, usage: &'static str) -> Result<Vec<(String, Option<&'a str>)>, ParseError> {
     if !s.is_empty() && !s.starts_with(' ') {
         return Err(ParseError::Syntax(usage));
@@ -326,6 +317,12 @@ fn split_params<'a>(s: &'a str, usage: &'static str) -> Result<Vec<(String, Opti
             return Err(ParseError::Syntax(usage));
         }
         out.push((k.to_ascii_uppercase(), v));
+    }
+    // A parameter given twice is refused (checked after syntax, as before).
+    for (i, (k, _)) in out.iter().enumerate() {
+        if out[..i].iter().any(|(seen, _)| seen == k) {
+            return Err(ParseError::BadParam(k.clone()));
+        }
     }
     Ok(out)
 }
