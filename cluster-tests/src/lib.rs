@@ -20,10 +20,26 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// A free loopback TCP port (bound then released).
+/// A free loopback TCP port for a listener that binds it later.
+///
+/// Taken from 20000..32000, below Linux's ephemeral range (32768..60999):
+/// a port released after `bind(0)` can be handed to any outgoing connection
+/// before the node binds it (CI saw exactly that). Each process walks its
+/// own pid-derived sequence and checks the port is free right now.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    let base = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (base + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Polls `cond` every 50 ms until it holds; `Err` naming `what` after `deadline`.

@@ -19,10 +19,18 @@ pub fn cluster_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A free loopback TCP port (bound then released).
+/// A free loopback TCP port for a listener that binds it later: from
+/// 20000..32000, below the ephemeral range that outgoing connections use, so
+/// no client socket can take it between this check and the bind (see
+/// cluster-tests' `free_port`).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919) % 12000;
+    (0..12000)
+        .map(|_| NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        .map(|n| (20000 + (base + n) % 12000) as u16)
+        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port in 20000..32000")
 }
 
 /// Config that keeps accepted mail in the queue: delivery goes to a
