@@ -303,6 +303,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tls,
         verify_recipients: config.verify_recipients,
         metrics: metrics.smtp.clone(),
+        pipeline: Arc::default(),
     });
     let front = Arc::new(QueueFront::new(
         config.node_id,

@@ -60,6 +60,8 @@ pub struct Envelope {
     pub helo: String,
     /// Client IP address as text.
     pub client_ip: String,
+    /// SMTP AUTH identity of the submitting user, if the session authenticated.
+    pub auth_user: Option<String>,
 }
 
 impl Envelope {

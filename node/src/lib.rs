@@ -11,10 +11,12 @@
 //! - [`admin`]: the gRPC admin service used by `ternctl`.
 //! - [`http`]: health endpoints and Prometheus metrics.
 //! - [`metrics`]: the metrics registry and the counters the parts share.
+//! - [`auth`]: message checks and signing before queueing (SPF, DKIM, DMARC, ARC).
 //! - [`app`]: wiring of all of the above into a running node.
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dsn;

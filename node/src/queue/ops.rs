@@ -50,6 +50,7 @@ pub fn make_dsn(
         },
         helo: hostname.to_owned(),
         client_ip: "127.0.0.1".into(),
+        auth_user: None,
         ..Envelope::default()
     };
     tracing::info!(

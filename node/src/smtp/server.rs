@@ -54,6 +54,8 @@ pub struct SmtpConfig {
     pub verify_recipients: bool,
     /// Where sessions, replies and received messages are counted.
     pub metrics: SmtpMetrics,
+    /// Checks and signing applied to each message before it is queued.
+    pub pipeline: Arc<crate::auth::Pipeline>,
 }
 
 impl Default for SmtpConfig {
@@ -70,6 +72,7 @@ impl Default for SmtpConfig {
             verify_recipients: false,
             tls: None,
             metrics: SmtpMetrics::default(),
+            pipeline: Arc::default(),
         }
     }
 }
@@ -111,6 +114,9 @@ pub enum EnqueueError {
     /// Answered `554 5.3.0 <text>`.
     #[error("permanent enqueue failure: {0}")]
     Permanent(String),
+    /// Refused by a message check (DMARC, policy) with this exact reply.
+    #[error("rejected: {0:?}")]
+    Rejected(Reply),
 }
 
 /// Where accepted messages go (the replicated queue).
@@ -339,7 +345,10 @@ async fn handle_connection<E: Enqueuer>(
                 let from = envelope.reverse_path.clone();
                 let rcpts = envelope.recipients.len();
                 let size = body.len();
-                let result = enqueuer.enqueue(id.clone(), envelope, body).await;
+                let result = match config.pipeline.process(&envelope, body).await {
+                    Ok(body) => enqueuer.enqueue(id.clone(), envelope, body).await,
+                    Err(reply) => Err(EnqueueError::Rejected(reply)),
+                };
                 match &result {
                     Ok(()) => {
                         metrics.message_received(size);

@@ -185,6 +185,7 @@ impl Session {
             Ok(()) => Reply::new(250, "2.0.0", format!("Ok: queued as {id}")),
             Err(EnqueueError::Temporary(text)) => Reply::new(451, "4.3.0", text),
             Err(EnqueueError::Permanent(text)) => Reply::new(554, "5.3.0", text),
+            Err(EnqueueError::Rejected(reply)) => reply,
         }
     }
 
@@ -432,6 +433,7 @@ impl Session {
             declared_size: m.size,
             helo: helo.clone(),
             client_ip: self.peer.ip().to_canonical().to_string(),
+            auth_user: None,
         };
         self.tx = Some(Transaction { envelope, bdat: None });
         Reply::new(250, "2.1.0", "Sender ok")
