@@ -21,6 +21,27 @@ use super::{GroupId, NodeId, TypeConfig};
 /// Largest gRPC message between nodes: a full AppendEntries of big mail.
 pub const MAX_GRPC_MESSAGE: usize = 512 * 1024 * 1024;
 
+/// Body bytes sent in one AppendEntries before the rest is left for the next
+/// one. openraft caps a payload by entry count only (256), and times the
+/// whole RPC, follower fsync included, against the heartbeat interval: 256
+/// large messages in one request would time out and be resent forever.
+const APPEND_BYTE_BUDGET: usize = 1024 * 1024;
+
+/// How many leading entries of `entries` fit in [`APPEND_BYTE_BUDGET`]
+/// (always at least one, so a single huge message still goes through).
+fn entries_within_budget(entries: &mut [super::Entry]) -> usize {
+    let mut total = 0usize;
+    for (i, entry) in entries.iter_mut().enumerate() {
+        if let openraft::EntryPayload::Normal(request) = &mut entry.payload {
+            total += request.bodies_mut().iter().map(|b| b.bytes.len()).sum::<usize>();
+        }
+        if total > APPEND_BYTE_BUDGET && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
+}
+
 /// One channel per peer, shared by all groups on this node.
 pub struct Peers {
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
@@ -135,10 +156,22 @@ enum RpcKind {
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(RpcKind::Append, &rpc).await
+        let keep = entries_within_budget(&mut rpc.entries);
+        if keep == rpc.entries.len() {
+            return self.call(RpcKind::Append, &rpc).await;
+        }
+        // Send a prefix; the follower commits only up to what it received
+        // (min(leader_commit, accepted)), and PartialSuccess makes the
+        // leader send the rest next.
+        rpc.entries.truncate(keep);
+        let last = rpc.entries.last().map(|e| e.log_id);
+        match self.call(RpcKind::Append, &rpc).await? {
+            AppendEntriesResponse::Success => Ok(AppendEntriesResponse::PartialSuccess(last)),
+            other => Ok(other),
+        }
     }
 
     async fn install_snapshot(
@@ -155,5 +188,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         _option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(RpcKind::Vote, &rpc).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::storage_suite::enqueue_entry;
+
+    #[test]
+    fn append_payload_is_cut_by_body_bytes_but_never_empty() {
+        let big = vec![b'x'; 400 * 1024];
+        let mut entries: Vec<_> = (1..=5).map(|i| enqueue_entry(i, &format!("M{i}"), &big)).collect();
+        // 400 KiB each: two fit in 1 MiB, the third would exceed it.
+        assert_eq!(entries_within_budget(&mut entries), 2);
+        let mut huge = vec![enqueue_entry(1, "H", &vec![b'x'; 3 * 1024 * 1024])];
+        assert_eq!(entries_within_budget(&mut huge), 1);
+        let mut small: Vec<_> = (1..=10).map(|i| enqueue_entry(i, &format!("S{i}"), b"hi")).collect();
+        assert_eq!(entries_within_budget(&mut small), 10);
     }
 }

@@ -42,7 +42,7 @@ fn openraft_storage_suite() {
     Suite::test_all(Builder).unwrap();
 }
 
-fn enqueue_entry(index: u64, id: &str, body: &[u8]) -> Entry<TypeConfig> {
+pub(crate) fn enqueue_entry(index: u64, id: &str, body: &[u8]) -> Entry<TypeConfig> {
     let record = MessageRecord::new(id.into(), Default::default(), body.len() as u64, 0);
     Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
