@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v swaks >/dev/null || need+=(swaks)
+# swaks' --tls/--tlsc (STARTTLS and submission tests); only a Recommends of swaks.
+perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
 command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)

@@ -122,6 +122,14 @@ async fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> anyho
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let tls = tls_config(&config)?;
+    let users = config
+        .smtp_auth
+        .users_file
+        .as_deref()
+        .map(|path| crate::submission::UserStore::load(path, config.smtp_auth.senders.clone()))
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("auth.users_file")?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
@@ -192,6 +200,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let l = bind(addr, "smtp").await?;
         announce(&format!("listening smtp={}", l.local_addr()?));
         smtp_listeners.push(l);
+    }
+    let mut submission_listeners = Vec::new();
+    for (kind, addrs, implicit_tls) in [
+        ("submission", &config.listen_submission, false),
+        ("submissions", &config.listen_submissions, true),
+    ] {
+        for &addr in addrs {
+            let l = bind(addr, kind).await?;
+            announce(&format!("listening {kind}={}", l.local_addr()?));
+            submission_listeners.push((l, implicit_tls));
+        }
     }
     let grpc_listener = bind(config.listen_grpc, "grpc").await?;
     announce(&format!("listening grpc={}", grpc_listener.local_addr()?));
@@ -304,7 +323,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         verify_recipients: config.verify_recipients,
         metrics: metrics.smtp.clone(),
         pipeline: Arc::default(),
+        auth: None,
+        implicit_tls: false,
     });
+    let authenticator = users.map(|store| {
+        Arc::new(crate::submission::Authenticator::new(
+            store,
+            config.smtp_auth.max_failures,
+            config.smtp_auth.failure_window,
+            metrics.smtp.clone(),
+        ))
+    });
+    // Submission listeners differ from the MX one only in AUTH and TLS mode.
+    let submission_config = |implicit_tls: bool| {
+        Arc::new(crate::smtp::SmtpConfig {
+            auth: authenticator.clone(),
+            implicit_tls,
+            ..(*smtp_config).clone()
+        })
+    };
     let front = Arc::new(QueueFront::new(
         config.node_id,
         Arc::clone(&groups),
@@ -317,6 +354,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         smtp_tasks.push(tokio::spawn(crate::smtp::serve(
             listener,
             Arc::clone(&smtp_config),
+            Arc::clone(&front),
+            stop_rx.clone(),
+        )));
+    }
+    for (listener, implicit_tls) in submission_listeners {
+        smtp_tasks.push(tokio::spawn(crate::smtp::serve(
+            listener,
+            submission_config(implicit_tls),
             Arc::clone(&front),
             stop_rx.clone(),
         )));

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: TOML into a validated [`config::Config`].
 //! - [`smtp`]: the SMTP server (sans-IO session, codec, listener).
+//! - [`submission`]: SMTP AUTH credentials for the submission listeners.
 //! - [`queue`]: message records and the accept side of the queue.
 //! - [`delivery`]: routing, MX resolution, delivery actors, SMTP/LMTP client.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
@@ -28,3 +29,4 @@ pub mod queue;
 pub mod raft;
 pub mod smtp;
 pub mod storage;
+pub mod submission;

@@ -102,6 +102,34 @@ impl ByClass {
     }
 }
 
+/// How an SMTP AUTH attempt ended (`tern_smtp_auth_total{result}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthResult {
+    Ok,
+    /// Wrong user name or password.
+    Failed,
+    /// Refused unchecked after too many failures.
+    RateLimited,
+    /// The check could not be run.
+    Error,
+}
+
+/// Counters by [`AuthResult`], each looked up once.
+#[derive(Clone, Debug)]
+struct ByAuthResult {
+    family: Family<ResultLabel, Counter>,
+    results: [Counter; 4],
+}
+
+impl Default for ByAuthResult {
+    fn default() -> Self {
+        let family = Family::<ResultLabel, Counter>::default();
+        let results = ["ok", "failed", "rate_limited", "error"]
+            .map(|result| family.get_or_create(&ResultLabel { result }).clone());
+        ByAuthResult { family, results }
+    }
+}
+
 /// The SMTP listener's metrics.
 #[derive(Clone, Debug, Default)]
 pub struct SmtpMetrics {
@@ -111,6 +139,7 @@ pub struct SmtpMetrics {
     transaction_replies: ByClass,
     messages_received: Counter,
     received_bytes: Counter,
+    auth: ByAuthResult,
 }
 
 impl SmtpMetrics {
@@ -138,7 +167,23 @@ impl SmtpMetrics {
         self.received_bytes.inc_by(bytes as u64);
     }
 
+    /// One SMTP AUTH attempt that reached a verdict.
+    pub fn auth(&self, result: AuthResult) {
+        let i = match result {
+            AuthResult::Ok => 0,
+            AuthResult::Failed => 1,
+            AuthResult::RateLimited => 2,
+            AuthResult::Error => 3,
+        };
+        self.auth.results[i].inc();
+    }
+
     fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_smtp_auth",
+            "SMTP AUTH attempts on the submission listeners, by result",
+            self.auth.family.clone(),
+        );
         r.register(
             "tern_smtp_sessions_open",
             "SMTP sessions currently open",

@@ -60,6 +60,8 @@ fuzz_target!(|data: &[u8]| {
                 Output::NeedInput => break,
                 Output::Close => break 'outer,
                 Output::StartTls => unreachable!("STARTTLS is not offered without TLS config"),
+                Output::Verify { .. } => unreachable!("verify_recipients is off"),
+                Output::Authenticate { .. } => unreachable!("AUTH is refused on an MX listener"),
                 Output::Enqueue { envelope, body, .. } => {
                     assert!(!envelope.recipients.is_empty());
                     assert!(body.starts_with(b"Received: "));

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Tern MTA node. Without --config it runs a single-node cluster on the
 /// embedded default (SMTP 127.0.0.1:2525, gRPC 127.0.0.1:7070, HTTP
@@ -16,10 +16,34 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Read a password (one line) from stdin and print its argon2id hash,
+    /// for the `[auth] users_file` (see docs/smtp.md).
+    HashPassword,
+}
+
+/// `ternd hash-password`: the line's end (LF or CRLF) is not part of the password.
+fn hash_password() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    anyhow::ensure!(!password.is_empty(), "no password on stdin");
+    let hash = tern_node::submission::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+    println!("{hash}");
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Cmd::HashPassword) = args.command {
+        return hash_password();
+    }
     let config = match &args.config {
         Some(path) => tern_node::config::Config::from_file(path)?,
         None => tern_node::config::Config::embedded_default()?,

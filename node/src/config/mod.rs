@@ -46,7 +46,18 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    users_file: Option<PathBuf>,
+    senders: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    max_failures: Option<u32>,
+    failure_window: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -134,6 +145,18 @@ pub struct ClusterTlsFiles {
     pub server_name: String,
 }
 
+/// `[auth]`: SMTP AUTH on the submission listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpAuthConfig {
+    /// The users file (`username:argon2-hash[:addresses]`), re-read when it changes.
+    pub users_file: Option<PathBuf>,
+    /// Extra sender addresses per user, keyed by lower-cased user name.
+    pub senders: std::collections::BTreeMap<String, Vec<crate::submission::Owned>>,
+    /// Failures per client IP or user name within `failure_window` before `454`.
+    pub max_failures: u32,
+    pub failure_window: Duration,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -171,6 +194,8 @@ struct RawNode {
 #[serde(deny_unknown_fields)]
 struct RawListen {
     smtp: Option<Vec<SocketAddr>>,
+    submission: Option<Vec<SocketAddr>>,
+    submissions: Option<Vec<SocketAddr>>,
     grpc: Option<SocketAddr>,
     http: Option<SocketAddr>,
 }
@@ -225,6 +250,11 @@ pub struct Config {
     pub hostname: String,
     pub data_dir: PathBuf,
     pub listen_smtp: Vec<SocketAddr>,
+    /// Submission with STARTTLS (port 587): AUTH required before MAIL.
+    pub listen_submission: Vec<SocketAddr>,
+    /// Submission with implicit TLS (port 465).
+    pub listen_submissions: Vec<SocketAddr>,
+    pub smtp_auth: SmtpAuthConfig,
     pub listen_grpc: SocketAddr,
     pub listen_http: SocketAddr,
     /// Address other nodes use to reach our gRPC port (defaults to listen.grpc).
@@ -326,6 +356,29 @@ impl Config {
                 key: "tls",
                 reason: "cert and key must be given together".into(),
             });
+        }
+        let listen_submission = raw.listen.submission.unwrap_or_default();
+        let listen_submissions = raw.listen.submissions.unwrap_or_default();
+        let smtp_auth = auth_config(raw.auth)?;
+        for (key, addrs) in [
+            ("listen.submission", &listen_submission),
+            ("listen.submissions", &listen_submissions),
+        ] {
+            if addrs.is_empty() {
+                continue;
+            }
+            if raw.tls.cert.is_none() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "submission needs TLS: set [tls] cert and key".into(),
+                });
+            }
+            if smtp_auth.users_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "submission needs users: set [auth] users_file".into(),
+                });
+            }
         }
         let shards = raw.cluster.shards.unwrap_or(16);
         if !(1..=4096).contains(&shards) {
@@ -510,6 +563,9 @@ impl Config {
             data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from("tern-data")),
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             listen_smtp,
+            listen_submission,
+            listen_submissions,
+            smtp_auth,
             listen_grpc,
             listen_http,
             tls_cert: raw.tls.cert,
@@ -528,6 +584,48 @@ impl Config {
             max_errors: raw.smtp.max_errors.unwrap_or(10).max(1),
         })
     }
+}
+
+fn auth_config(raw: RawAuth) -> Result<SmtpAuthConfig, ConfigError> {
+    let max_failures = raw.max_failures.unwrap_or(5);
+    if max_failures == 0 {
+        return Err(ConfigError::Invalid {
+            key: "auth.max_failures",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let failure_window =
+        parse_duration(raw.failure_window.as_deref().unwrap_or("15m")).map_err(|reason| ConfigError::Invalid {
+            key: "auth.failure_window",
+            reason,
+        })?;
+    if failure_window.is_zero() {
+        return Err(ConfigError::Invalid {
+            key: "auth.failure_window",
+            reason: "must be at least 1s".into(),
+        });
+    }
+    let mut senders = std::collections::BTreeMap::new();
+    for (user, list) in raw.senders.unwrap_or_default() {
+        let owned = list
+            .iter()
+            .map(|a| crate::submission::Owned::parse(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "auth.senders",
+                reason: format!("user {user}: {e}"),
+            })?;
+        senders
+            .entry(user.to_ascii_lowercase())
+            .or_insert_with(Vec::new)
+            .extend(owned);
+    }
+    Ok(SmtpAuthConfig {
+        users_file: raw.users_file,
+        senders,
+        max_failures,
+        failure_window,
+    })
 }
 
 fn default_hostname() -> String {
@@ -595,6 +693,41 @@ mod tests {
             .unwrap();
         assert_eq!(c.local_domains, vec!["example.test"]);
         assert_eq!(c.relay_networks.len(), 1);
+    }
+
+    #[test]
+    fn submission_listeners_need_tls_and_users() {
+        let c = Config::from_toml("[node]\nid = 1\n").unwrap();
+        assert!(c.listen_submission.is_empty() && c.listen_submissions.is_empty());
+        assert_eq!(c.smtp_auth.max_failures, 5);
+        assert_eq!(c.smtp_auth.failure_window, Duration::from_secs(900));
+        let err = Config::from_toml("[listen]\nsubmission = [\"127.0.0.1:587\"]\n").unwrap_err();
+        assert!(err.to_string().contains("listen.submission:"), "{err}");
+        assert!(err.to_string().contains("[tls]"), "{err}");
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let err = Config::from_toml(&format!("[listen]\nsubmissions = [\"127.0.0.1:465\"]\n{tls}")).unwrap_err();
+        assert!(err.to_string().contains("listen.submissions:"), "{err}");
+        assert!(err.to_string().contains("users_file"), "{err}");
+        let c = Config::from_toml(&format!(
+            "[listen]\nsubmission = [\"127.0.0.1:587\"]\nsubmissions = [\"127.0.0.1:465\"]\n{tls}\
+             [auth]\nusers_file = \"users\"\nmax_failures = 3\nfailure_window = \"2m\"\n\
+             senders = {{ Alice = [\"alice@Example.com\", \"@team.example\"] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listen_submission.len(), 1);
+        assert_eq!(c.listen_submissions.len(), 1);
+        assert_eq!(c.smtp_auth.max_failures, 3);
+        assert_eq!(c.smtp_auth.failure_window, Duration::from_secs(120));
+        assert_eq!(c.smtp_auth.senders["alice"].len(), 2);
+        for (bad, key) in [
+            ("[auth]\nmax_failures = 0\n", "auth.max_failures"),
+            ("[auth]\nfailure_window = \"soon\"\n", "auth.failure_window"),
+            ("[auth]\nsenders = { a = [\"nodomain\"] }\n", "auth.senders"),
+            ("[auth]\nusers = \"x\"\n", "users"),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 
     /// The shipped example and the one in the configuration reference parse.

@@ -1,6 +1,7 @@
 //! Parser for one SMTP command line (RFC 5321 4.1) with the ESMTP parameters
 //! we support: SIZE (RFC 1870), BODY (RFC 6152, RFC 3030), SMTPUTF8
-//! (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), AUTH (RFC 4954, ignored).
+//! (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), and the AUTH command
+//! (RFC 4954; the `AUTH=` parameter of MAIL is accepted and ignored).
 //!
 //! Everything here is a pure function over bytes so it can be fuzzed; the
 //! session decides what is allowed in which state.
@@ -22,7 +23,10 @@ pub enum Command {
     Mail(MailFrom),
     Rcpt(RcptTo),
     Data,
-    Bdat { size: u64, last: bool },
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -30,6 +34,12 @@ pub enum Command {
     Expn,
     Help,
     StartTls,
+    /// `AUTH mechanism [initial-response]`; the mechanism upper-cased, the
+    /// response still base64 (`=` for an empty one).
+    Auth {
+        mechanism: String,
+        initial_response: Option<String>,
+    },
 }
 
 /// `MAIL FROM:<reverse-path> [params]`.
@@ -163,6 +173,7 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
         }
         "EXPN" => Ok(Command::Expn),
         "HELP" => Ok(Command::Help),
+        "AUTH" => parse_auth(rest),
         _ => Err(ParseError::Unrecognized),
     }
 }
@@ -299,6 +310,28 @@ fn parse_bdat(rest: &str) -> Result<Command, ParseError> {
         return Err(ParseError::Syntax(USAGE));
     }
     Ok(Command::Bdat { size, last })
+}
+
+fn parse_auth(rest: &str) -> Result<Command, ParseError> {
+    const USAGE: &str = "AUTH mechanism [initial-response]";
+    let mut words = rest.split(' ').filter(|w| !w.is_empty());
+    let mechanism = words.next().ok_or(ParseError::Syntax(USAGE))?;
+    // RFC 4422 3.1: 1 to 20 of A-Z, 0-9, '-' and '_'.
+    let valid = mechanism.len() <= 20
+        && mechanism
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(ParseError::Syntax(USAGE));
+    }
+    let initial_response = words.next().map(str::to_string);
+    if words.next().is_some() {
+        return Err(ParseError::Syntax(USAGE));
+    }
+    Ok(Command::Auth {
+        mechanism: mechanism.to_ascii_uppercase(),
+        initial_response,
+    })
 }
 
 /// Splits `KEY[=VALUE]` parameters; keys are returned upper-cased and a
@@ -512,6 +545,36 @@ mod tests {
         assert_eq!(p("EXPN list").unwrap(), Command::Expn);
         assert_eq!(p("HELP").unwrap(), Command::Help);
         assert_eq!(p("VRFY bob").unwrap(), Command::Vrfy("bob".into()));
+    }
+
+    #[test]
+    fn auth() {
+        assert_eq!(
+            p("auth plain").unwrap(),
+            Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial_response: None
+            }
+        );
+        assert_eq!(
+            p("AUTH PLAIN AGFsaWNlAHB3").unwrap(),
+            Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial_response: Some("AGFsaWNlAHB3".into())
+            }
+        );
+        assert_eq!(
+            p("AUTH SCRAM-SHA-256 =").unwrap(),
+            Command::Auth {
+                mechanism: "SCRAM-SHA-256".into(),
+                initial_response: Some("=".into())
+            }
+        );
+        let usage = Err(ParseError::Syntax("AUTH mechanism [initial-response]"));
+        assert_eq!(p("AUTH"), usage);
+        assert_eq!(p("AUTH PLAIN a b"), usage);
+        assert_eq!(p("AUTH PL@IN"), usage);
+        assert_eq!(p("AUTH ABCDEFGHIJKLMNOPQRSTU"), usage);
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! The SMTP server: accepts mail from the network (RFC 5321 with PIPELINING,
-//! SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING/BINARYMIME, DSN
-//! and STARTTLS) and hands each accepted message to an [`Enqueuer`], answering
-//! `250` only once the message is durably queued.
+//! SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING/BINARYMIME, DSN,
+//! STARTTLS and, on submission listeners, AUTH) and hands each accepted
+//! message to an [`Enqueuer`], answering `250` only once the message is
+//! durably queued.
 //!
 //! Layout: [`command`] parses command lines, [`reply`] formats replies,
 //! [`data`] decodes DATA content (dot-unstuffing, smuggling protection),
-//! [`session`] is the sans-IO protocol state machine, and [`server`] owns the
-//! sockets, timeouts, TLS and shutdown.
+//! [`sasl`] decodes AUTH exchanges, [`session`] is the sans-IO protocol
+//! state machine, and [`server`] owns the sockets, timeouts, TLS and
+//! shutdown.
 
 pub mod command;
 pub mod data;
 pub mod reply;
+pub mod sasl;
 pub mod server;
 pub mod session;
 

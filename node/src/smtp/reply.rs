@@ -68,6 +68,10 @@ impl Reply {
             line.extend(text.chars().map(|c| if c.is_control() { ' ' } else { c }));
             let trimmed = line.trim_end();
             out.extend_from_slice(trimmed.as_bytes());
+            // An empty AUTH challenge is `334 ` (RFC 4954 4: "334" SP [base64]).
+            if self.code == 334 && trimmed.len() == 3 {
+                out.push(b' ');
+            }
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -120,5 +124,11 @@ mod tests {
         assert_eq!(r.to_bytes(), b"451 4.3.0 disk  250 2.0.0 fake\r\n");
         assert_eq!(Reply::new(250, "2.0.0", "").to_bytes(), b"250 2.0.0\r\n");
         assert_eq!(Reply::new(250, "2.0.0", "Ok").to_string(), "250 2.0.0 Ok");
+    }
+
+    #[test]
+    fn empty_auth_challenge_keeps_its_space() {
+        assert_eq!(Reply::bare(334, "").to_bytes(), b"334 \r\n");
+        assert_eq!(Reply::bare(334, "VXNlcm5hbWU6").to_bytes(), b"334 VXNlcm5hbWU6\r\n");
     }
 }

@@ -1,6 +1,6 @@
 //! Network side of the SMTP server: the accept loop, one task per connection
-//! driving a [`Session`], timeouts, STARTTLS via tokio-rustls, and graceful
-//! shutdown.
+//! driving a [`Session`], timeouts, STARTTLS and implicit TLS via
+//! tokio-rustls, AUTH checks, and graceful shutdown.
 
 use std::future::Future;
 
@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::session::{Output, Session};
 use crate::envelope::Envelope;
 use crate::metrics::SmtpMetrics;
+use crate::submission::{AuthVerdict, Authenticator};
 
 pub use super::session::TlsInfo;
 
@@ -56,6 +57,12 @@ pub struct SmtpConfig {
     pub metrics: SmtpMetrics,
     /// Checks and signing applied to each message before it is queued.
     pub pipeline: Arc<crate::auth::Pipeline>,
+    /// `Some` on submission listeners (RFC 6409): AUTH is offered once TLS
+    /// is active and required before MAIL; authenticated users may relay.
+    pub auth: Option<Arc<Authenticator>>,
+    /// TLS handshake right after accept (port 465, RFC 8314), before the
+    /// greeting; needs `tls`.
+    pub implicit_tls: bool,
 }
 
 impl Default for SmtpConfig {
@@ -73,6 +80,8 @@ impl Default for SmtpConfig {
             tls: None,
             metrics: SmtpMetrics::default(),
             pipeline: Arc::default(),
+            auth: None,
+            implicit_tls: false,
         }
     }
 }
@@ -292,10 +301,32 @@ async fn handle_connection<E: Enqueuer>(
     let _ = stream.set_nodelay(true);
     let ids = enqueuer.clone();
     let mut session = Session::new(config.clone(), peer, false, Box::new(move || ids.next_id()));
+    let write_limit = config.command_timeout;
     let mut conn = Conn::Plain(stream);
+    if config.implicit_tls {
+        let (Some(acceptor), Conn::Plain(tcp)) = (acceptor.as_ref(), conn) else {
+            warn!(peer = %peer, "implicit TLS listener without a TLS config");
+            return;
+        };
+        match tokio::time::timeout(write_limit, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                let info = tls_info(tls.get_ref().1);
+                debug!(peer = %peer, version = %info.version, cipher = %info.cipher, "smtp tls");
+                session.tls_started(info);
+                conn = Conn::Tls(Box::new(tls));
+            }
+            Ok(Err(e)) => {
+                info!(peer = %peer, error = %e, "smtp tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(peer = %peer, "smtp tls handshake timeout");
+                return;
+            }
+        }
+    }
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
-    let write_limit = config.command_timeout;
     let metrics = &config.metrics;
     // Every reply goes out through here, to be counted by class.
     let put = |r: Reply, out: &mut Vec<u8>| {
@@ -368,6 +399,17 @@ async fn handle_connection<E: Enqueuer>(
             Output::Verify { address } => {
                 let verdict = enqueuer.verify_recipient(address).await;
                 session.verify_result(verdict);
+            }
+            Output::Authenticate {
+                mechanism,
+                username,
+                password,
+            } => {
+                let verdict = match &config.auth {
+                    Some(auth) => auth.authenticate(peer.ip(), mechanism, username, password).await,
+                    None => AuthVerdict::Unavailable,
+                };
+                session.auth_result(verdict);
             }
             Output::StartTls => {
                 if let Err(e) = flush(&mut conn, &mut out, write_limit).await {
@@ -691,6 +733,64 @@ mod tests {
                 "{body}"
             );
             assert!(body.ends_with("\r\nhi\r\n"));
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_submission_with_auth() {
+        use base64::Engine as _;
+        let (server_tls, client_tls) = tls_configs();
+        let hash = crate::submission::hash_password(b"pw").unwrap();
+        let store = crate::submission::UserStore::from_text(&format!("u@example.test:{hash}\n")).unwrap();
+        let auth = crate::submission::Authenticator::new(store, 5, Duration::from_secs(60), SmtpMetrics::default());
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                tls: Some(server_tls),
+                auth: Some(Arc::new(auth)),
+                implicit_tls: true,
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(client_tls);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut c = BufReader::new(tls);
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(c.get_mut(), "EHLO client.test\r\nMAIL FROM:<u@example.test>\r\n").await;
+        let ehlo = reply(&mut c).await;
+        assert!(
+            ehlo.contains("250-AUTH PLAIN LOGIN\r\n") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        assert_eq!(reply(&mut c).await, "530 5.7.0 Authentication required\r\n");
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        send(c.get_mut(), &format!("AUTH PLAIN {}\r\n", b64("\0u@example.test\0bad"))).await;
+        assert_eq!(reply(&mut c).await, "535 5.7.8 Authentication credentials invalid\r\n");
+        send(c.get_mut(), &format!("AUTH PLAIN {}\r\n", b64("\0U@example.test\0pw"))).await;
+        assert_eq!(reply(&mut c).await, "235 2.7.0 Authentication successful\r\n");
+        send(
+            c.get_mut(),
+            "MAIL FROM:<u@example.test>\r\nRCPT TO:<far@elsewhere.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n",
+        )
+        .await;
+        assert_eq!(reply(&mut c).await, "250 2.1.0 Sender ok\r\n");
+        assert_eq!(reply(&mut c).await, "250 2.1.5 Recipient ok\r\n");
+        assert!(reply(&mut c).await.starts_with("354 "));
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok: queued as T1\r\n");
+        {
+            let msgs = q.msgs.lock().unwrap();
+            assert_eq!(msgs[0].1.auth_user.as_deref(), Some("u@example.test"));
+            let body = String::from_utf8(msgs[0].2.clone()).unwrap();
+            assert!(body.contains("with ESMTPSA id T1\r\n\t(using TLSv1.3"), "{body}");
         }
         stop.send(true).unwrap();
         tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();

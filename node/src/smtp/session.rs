@@ -15,8 +15,10 @@ use bytes::{Buf, BytesMut};
 use super::command::{self, Command, MailFrom, RcptTo};
 use super::data::{DataDecoder, DataOutcome};
 use super::reply::Reply;
+use super::sasl::{self, Password};
 use super::server::{EnqueueError, SmtpConfig};
 use crate::envelope::{BodyType, Envelope, Recipient};
+use crate::submission::{AuthUser, AuthVerdict};
 
 /// Maximum command line length including CRLF (RFC 5321 4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -51,6 +53,13 @@ pub enum Output {
     /// Ask whether a local recipient exists, then pass the answer to
     /// [`Session::verify_result`] (`verify_recipients`).
     Verify { address: String },
+    /// Check these credentials (SMTP AUTH), then pass the verdict to
+    /// [`Session::auth_result`] before calling [`Session::next`] again.
+    Authenticate {
+        mechanism: &'static str,
+        username: String,
+        password: Password,
+    },
     /// Flush replies and close the connection.
     Close,
 }
@@ -70,7 +79,20 @@ enum Phase {
     Enqueue {
         id: String,
     },
+    /// Inside an AUTH exchange: the next line answers our `334` challenge.
+    Sasl(SaslStep),
     Closed,
+}
+
+/// Which `334` challenge the client is answering.
+#[derive(Debug)]
+enum SaslStep {
+    /// PLAIN without an initial response: the whole PLAIN message.
+    Plain,
+    /// LOGIN: the user name.
+    LoginUsername,
+    /// LOGIN: the password for this user name.
+    LoginPassword { username: String },
 }
 
 #[derive(Debug)]
@@ -97,6 +119,10 @@ pub struct Session {
     discarding: bool,
     /// A recipient waiting for its verification verdict.
     verifying: Option<Recipient>,
+    /// The user after a successful AUTH (submission listeners).
+    auth: Option<AuthUser>,
+    /// An [`Output::Authenticate`] awaits its verdict.
+    authenticating: bool,
 }
 
 impl Session {
@@ -121,6 +147,8 @@ impl Session {
             errors: 0,
             discarding: false,
             verifying: None,
+            auth: None,
+            authenticating: false,
         }
     }
 
@@ -165,6 +193,8 @@ impl Session {
         self.tls = Some(info);
         self.helo = None;
         self.tx = None;
+        self.auth = None;
+        self.authenticating = false;
         self.phase = Phase::Command;
         self.pending.clear();
     }
@@ -234,6 +264,19 @@ impl Session {
                 Phase::Command => match self.take_line(input) {
                     Some(Ok(line)) => self.command(&line),
                     Some(Err(reply)) => self.error(reply),
+                    None => return Output::NeedInput,
+                },
+                Phase::Sasl(_) => match self.take_line(input) {
+                    Some(line) => {
+                        let Phase::Sasl(step) = std::mem::replace(&mut self.phase, Phase::Command) else {
+                            continue;
+                        };
+                        match line {
+                            Ok(line) => self.sasl_response(step, &line),
+                            // An over-long response ends the exchange.
+                            Err(reply) => self.error(reply),
+                        }
+                    }
                     None => return Output::NeedInput,
                 },
             }
@@ -367,6 +410,10 @@ impl Session {
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             )),
             Command::StartTls => self.starttls(),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(&mechanism, initial_response.as_deref()),
         }
     }
 
@@ -379,6 +426,10 @@ impl Session {
         if self.starttls_offered() {
             lines.push("STARTTLS".to_string());
         }
+        // RFC 4954 14: no plaintext passwords over an unencrypted connection.
+        if self.submission() && self.tls_active {
+            lines.push(format!("AUTH {}", sasl::MECHANISMS));
+        }
         for ext in [
             "ENHANCEDSTATUSCODES",
             "8BITMIME",
@@ -390,6 +441,11 @@ impl Session {
             lines.push(ext.to_string());
         }
         Reply::multiline(250, lines)
+    }
+
+    /// A submission listener: AUTH offered under TLS and required for MAIL.
+    fn submission(&self) -> bool {
+        self.config.auth.is_some()
     }
 
     fn starttls_offered(&self) -> bool {
@@ -410,6 +466,118 @@ impl Session {
         self.pending.push_back(Output::StartTls);
     }
 
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>) {
+        if !self.submission() {
+            return self.error(Reply::new(502, "5.5.1", "Error: command not implemented"));
+        }
+        if !self.tls_active {
+            return self.error(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        if !matches!(self.helo, Some((_, true))) {
+            return self.error(Reply::new(503, "5.5.1", "Error: send EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Error: MAIL transaction in progress"));
+        }
+        // RFC 4954 4: one successful AUTH per session.
+        if self.auth.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Error: already authenticated"));
+        }
+        let step = match mechanism {
+            "PLAIN" => SaslStep::Plain,
+            "LOGIN" => SaslStep::LoginUsername,
+            _ => return self.error(Reply::new(504, "5.5.4", "Unrecognized authentication type")),
+        };
+        match initial {
+            Some(arg) => match sasl::decode_initial(arg) {
+                Some(data) => self.sasl_data(step, data),
+                None => self.error(bad_base64()),
+            },
+            None => self.challenge(step),
+        }
+    }
+
+    /// Sends the `334` challenge for `step` and waits for the answer.
+    fn challenge(&mut self, step: SaslStep) {
+        let text = match step {
+            SaslStep::Plain => "",
+            SaslStep::LoginUsername => sasl::LOGIN_USERNAME,
+            SaslStep::LoginPassword { .. } => sasl::LOGIN_PASSWORD,
+        };
+        self.reply(Reply::bare(334, text));
+        self.phase = Phase::Sasl(step);
+    }
+
+    /// A line answering a `334` challenge.
+    fn sasl_response(&mut self, step: SaslStep, line: &[u8]) {
+        if line == b"*" {
+            return self.error(Reply::new(501, "5.0.0", "Authentication cancelled"));
+        }
+        match sasl::decode_response(line) {
+            Some(data) => self.sasl_data(step, data),
+            None => self.error(bad_base64()),
+        }
+    }
+
+    /// Decoded client data for `step`.
+    fn sasl_data(&mut self, step: SaslStep, data: Vec<u8>) {
+        let malformed = || Reply::new(501, "5.5.2", "Error: malformed authentication data");
+        match step {
+            SaslStep::Plain => {
+                let Some(plain) = sasl::parse_plain(&data) else {
+                    return self.error(malformed());
+                };
+                // RFC 4616 2: acting as another user is not something we grant.
+                if !plain.authzid.is_empty() && !plain.authzid.eq_ignore_ascii_case(&plain.authcid) {
+                    return self.error(Reply::new(
+                        535,
+                        "5.7.8",
+                        "Authorization identity must be empty or the user name",
+                    ));
+                }
+                self.authenticate("PLAIN", plain.authcid, plain.password);
+            }
+            SaslStep::LoginUsername => match sasl::valid_name(&data) {
+                Some(username) if !username.is_empty() => self.challenge(SaslStep::LoginPassword { username }),
+                _ => self.error(malformed()),
+            },
+            SaslStep::LoginPassword { username } => self.authenticate("LOGIN", username, Password::new(data)),
+        }
+    }
+
+    fn authenticate(&mut self, mechanism: &'static str, username: String, password: Password) {
+        self.authenticating = true;
+        self.pending.push_back(Output::Authenticate {
+            mechanism,
+            username,
+            password,
+        });
+    }
+
+    /// The verdict on the credentials of the last [`Output::Authenticate`].
+    pub fn auth_result(&mut self, verdict: AuthVerdict) {
+        if !std::mem::take(&mut self.authenticating) {
+            return;
+        }
+        match verdict {
+            AuthVerdict::Ok(user) => {
+                self.auth = Some(user);
+                self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
+            }
+            AuthVerdict::Invalid => self.error(Reply::new(535, "5.7.8", "Authentication credentials invalid")),
+            AuthVerdict::RateLimited => self.error(Reply::new(
+                454,
+                "4.7.0",
+                "Too many failed authentication attempts, try again later",
+            )),
+            AuthVerdict::Unavailable => self.error(Reply::new(454, "4.7.0", "Temporary authentication failure")),
+        }
+    }
+
     fn mail(&mut self, m: MailFrom) -> Reply {
         let Some((helo, _)) = &self.helo else {
             return Reply::new(503, "5.5.1", "Error: send HELO/EHLO first");
@@ -417,11 +585,20 @@ impl Session {
         if self.tx.is_some() {
             return Reply::new(503, "5.5.1", "Error: nested MAIL command");
         }
+        if self.submission() && self.auth.is_none() {
+            return Reply::new(530, "5.7.0", "Authentication required");
+        }
         if !m.smtputf8 && !m.address.is_ascii() {
             return Reply::new(553, "5.6.7", "Must declare SMTPUTF8 to send Unicode address");
         }
         if m.size.is_some_and(|s| s > self.config.max_message_size) {
             return Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
+        }
+        // The null sender is allowed: users send bounces and receipts too.
+        if let Some(user) = &self.auth {
+            if !m.address.is_empty() && !user.senders.owns(&m.address) {
+                return Reply::new(553, "5.7.1", format!("Sender address not owned by user {}", user.name));
+            }
         }
         let envelope = Envelope {
             reverse_path: m.address,
@@ -433,7 +610,7 @@ impl Session {
             declared_size: m.size,
             helo: helo.clone(),
             client_ip: self.peer.ip().to_canonical().to_string(),
-            auth_user: None,
+            auth_user: self.auth.as_ref().map(|u| u.name.clone()),
         };
         self.tx = Some(Transaction { envelope, bdat: None });
         Reply::new(250, "2.1.0", "Sender ok")
@@ -460,7 +637,8 @@ impl Session {
         let domain = Envelope::domain_of(&r.address);
         // A bare `postmaster` is always ours (RFC 5321 4.1.1.3).
         let local_postmaster = domain.is_empty();
-        if !local_postmaster && !self.config.relay.allows(self.peer.ip(), &domain) {
+        // An authenticated user may send anywhere (RFC 6409 submission).
+        if !local_postmaster && self.auth.is_none() && !self.config.relay.allows(self.peer.ip(), &domain) {
             return Some(Reply::new(
                 554,
                 "5.7.1",
@@ -597,10 +775,12 @@ impl Session {
     /// RFC 5321 4.4 trace header; protocol words per RFC 3848.
     fn received_header(&self, id: &str, env: &Envelope) -> String {
         let esmtp = self.helo.as_ref().is_some_and(|(_, e)| *e);
-        let with = match (esmtp, self.tls_active) {
-            (true, true) => "ESMTPS",
-            (true, false) => "ESMTP",
-            (false, _) => "SMTP",
+        let with = match (esmtp, self.tls_active, self.auth.is_some()) {
+            (true, true, true) => "ESMTPSA",
+            (true, false, true) => "ESMTPA",
+            (true, true, false) => "ESMTPS",
+            (true, false, false) => "ESMTP",
+            (false, _, _) => "SMTP",
         };
         let mut h = format!(
             "Received: from {} ([{}])\r\n\tby {} (Tern) with {} id {}",
@@ -617,12 +797,18 @@ impl Session {
     }
 }
 
+fn bad_base64() -> Reply {
+    Reply::new(501, "5.5.2", "Error: invalid base64 data")
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::envelope::{Notify, Ret};
     use crate::smtp::server::RelayPolicy;
+    use crate::submission::{Authenticator, Owned, Ownership, UserStore};
+    use base64::Engine as _;
 
     fn config() -> SmtpConfig {
         SmtpConfig {
@@ -643,6 +829,8 @@ mod tests {
         next_result: Option<EnqueueError>,
         tls_starts: usize,
         closed: bool,
+        /// Mechanism and user name of each credential check asked for.
+        auths: Vec<(&'static str, String)>,
     }
 
     impl H {
@@ -660,6 +848,7 @@ mod tests {
                 next_result: None,
                 tls_starts: 0,
                 closed: false,
+                auths: Vec::new(),
             }
         }
 
@@ -695,6 +884,27 @@ mod tests {
                             Ok(())
                         };
                         self.s.verify_result(verdict);
+                    }
+                    Output::Authenticate {
+                        mechanism,
+                        username,
+                        password,
+                    } => {
+                        assert_eq!(format!("{password:?}"), "Password(<redacted>)");
+                        self.auths.push((mechanism, username.clone()));
+                        // The test users: alice (secret), and `limited`, who is rate limited.
+                        let verdict = match (username.as_str(), password.as_bytes()) {
+                            ("alice@example.test", b"secret") => AuthVerdict::Ok(AuthUser {
+                                name: username,
+                                senders: Arc::new(Ownership::new(vec![
+                                    Owned::parse("alice@example.test").unwrap(),
+                                    Owned::parse("@team.test").unwrap(),
+                                ])),
+                            }),
+                            ("limited", _) => AuthVerdict::RateLimited,
+                            _ => AuthVerdict::Invalid,
+                        };
+                        self.s.auth_result(verdict);
                     }
                     Output::StartTls => {
                         self.tls_starts += 1;
@@ -1309,5 +1519,231 @@ mod tests {
         let (_, envelope, _) = h.queued.last().unwrap();
         let rcpts: Vec<_> = envelope.recipients.iter().map(|r| r.address.as_str()).collect();
         assert_eq!(rcpts, ["bob@example.test", "r@relay.test"]);
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    /// A rustls config without a certificate: enough for the sans-IO session.
+    fn tls_config() -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        Arc::new(tls)
+    }
+
+    fn submission_config() -> SmtpConfig {
+        let store = UserStore::from_text("").unwrap();
+        SmtpConfig {
+            tls: Some(tls_config()),
+            auth: Some(Arc::new(Authenticator::new(
+                store,
+                5,
+                Duration::from_secs(60),
+                Default::default(),
+            ))),
+            max_errors: 100,
+            ..config()
+        }
+    }
+
+    impl H {
+        /// A submission session after STARTTLS and EHLO.
+        fn submission() -> Self {
+            let mut h = H::new(submission_config());
+            h.send("EHLO c.test\r\nSTARTTLS\r\n");
+            assert!(h.send("EHLO c.test\r\n").contains("250-AUTH PLAIN LOGIN\r\n"));
+            h
+        }
+    }
+
+    const ALICE_PLAIN: &str = "\0alice@example.test\0secret";
+
+    #[test]
+    fn submission_needs_tls_before_auth_and_auth_before_mail() {
+        let mut h = H::new(submission_config());
+        let ehlo = h.send("EHLO c.test\r\n");
+        assert!(ehlo.contains("250-STARTTLS\r\n") && !ehlo.contains("AUTH"), "{ehlo}");
+        assert_eq!(
+            h.send(format!("AUTH PLAIN {}\r\n", b64(ALICE_PLAIN))),
+            "538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+        );
+        assert_eq!(
+            h.send("MAIL FROM:<alice@example.test>\r\n"),
+            "530 5.7.0 Authentication required\r\n"
+        );
+        assert!(h.auths.is_empty());
+        h.send("STARTTLS\r\n");
+        assert_eq!(
+            h.send("AUTH PLAIN\r\n"),
+            "503 5.5.1 Error: send EHLO first\r\n",
+            "a new EHLO is needed after STARTTLS"
+        );
+        let ehlo = h.send("EHLO c.test\r\n");
+        assert!(
+            ehlo.contains("250-AUTH PLAIN LOGIN\r\n") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        assert_eq!(
+            h.send("MAIL FROM:<alice@example.test>\r\n"),
+            "530 5.7.0 Authentication required\r\n"
+        );
+        assert_eq!(h.send("MAIL FROM:<>\r\n"), "530 5.7.0 Authentication required\r\n");
+        // The MX listener neither offers nor accepts AUTH.
+        let mut mx = H::new(SmtpConfig {
+            tls: Some(tls_config()),
+            ..config()
+        });
+        mx.send("EHLO c.test\r\nSTARTTLS\r\n");
+        assert!(!mx.send("EHLO c.test\r\n").contains("AUTH"));
+        assert_eq!(
+            mx.send("AUTH PLAIN\r\n"),
+            "502 5.5.1 Error: command not implemented\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_plain_with_initial_response_then_relay_anywhere() {
+        let mut h = H::submission();
+        assert_eq!(
+            h.send(format!("AUTH PLAIN {}\r\n", b64(ALICE_PLAIN))),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(h.auths, [("PLAIN", "alice@example.test".to_string())]);
+        // Not a local or relay domain, and the client is in no relay network.
+        let r = h.send(
+            "MAIL FROM:<alice@EXAMPLE.test>\r\nRCPT TO:<bob@elsewhere.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n",
+        );
+        assert!(r.ends_with("250 2.0.0 Ok: queued as Q1\r\n"), "{r}");
+        let env = &h.queued[0].1;
+        assert_eq!(env.auth_user.as_deref(), Some("alice@example.test"));
+        assert!(
+            h.body(0).contains("with ESMTPSA id Q1\r\n\t(using TLSv1.3"),
+            "{}",
+            h.body(0)
+        );
+        assert_eq!(
+            h.send(format!("AUTH PLAIN {}\r\n", b64(ALICE_PLAIN))),
+            "503 5.5.1 Error: already authenticated\r\n"
+        );
+        h.send("MAIL FROM:<alice@example.test>\r\n");
+        assert_eq!(
+            h.send("AUTH LOGIN\r\n"),
+            "503 5.5.1 Error: MAIL transaction in progress\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_plain_after_empty_challenge_and_authzid() {
+        let mut h = H::submission();
+        assert_eq!(h.send("AUTH PLAIN\r\n"), "334 \r\n");
+        assert_eq!(
+            h.send(format!("{}\r\n", b64("alice@example.test\0alice@example.test\0secret"))),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        let mut h = H::submission();
+        assert_eq!(
+            h.send(format!("AUTH PLAIN {}\r\n", b64("bob\0alice@example.test\0secret"))),
+            "535 5.7.8 Authorization identity must be empty or the user name\r\n"
+        );
+        assert!(h.auths.is_empty(), "no password check for a refused authzid");
+        assert_eq!(
+            h.send(format!("AUTH plain {}\r\n", b64("alice\0secret"))),
+            "501 5.5.2 Error: malformed authentication data\r\n"
+        );
+        // `=` is the empty initial response: malformed for PLAIN.
+        assert_eq!(
+            h.send("AUTH PLAIN =\r\n"),
+            "501 5.5.2 Error: malformed authentication data\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_login_with_and_without_initial_response() {
+        let mut h = H::submission();
+        assert_eq!(h.send("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(
+            h.send(format!("{}\r\n", b64("alice@example.test"))),
+            "334 UGFzc3dvcmQ6\r\n"
+        );
+        assert_eq!(
+            h.send(format!("{}\r\n", b64("secret"))),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(h.auths, [("LOGIN", "alice@example.test".to_string())]);
+        let mut h = H::submission();
+        assert_eq!(
+            h.send(format!("AUTH LOGIN {}\r\n", b64("alice@example.test"))),
+            "334 UGFzc3dvcmQ6\r\n"
+        );
+        assert_eq!(
+            h.send(format!("{}\r\n", b64("wrong"))),
+            "535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        // A failed AUTH may be retried; pipelining MAIL after a one-step PLAIN.
+        let r = h.send(format!(
+            "AUTH PLAIN {}\r\nMAIL FROM:<x@team.test>\r\n",
+            b64(ALICE_PLAIN)
+        ));
+        assert_eq!(r, "235 2.7.0 Authentication successful\r\n250 2.1.0 Sender ok\r\n");
+    }
+
+    #[test]
+    fn auth_cancel_bad_base64_unknown_mechanism_and_rate_limit() {
+        let mut h = H::submission();
+        assert_eq!(h.send("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(h.send("*\r\n"), "501 5.0.0 Authentication cancelled\r\n");
+        assert_eq!(h.send("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        h.send(format!("{}\r\n", b64("alice@example.test")));
+        assert_eq!(h.send("*\r\n"), "501 5.0.0 Authentication cancelled\r\n");
+        assert_eq!(h.send("AUTH PLAIN\r\n"), "334 \r\n");
+        assert_eq!(h.send("*\r\n"), "501 5.0.0 Authentication cancelled\r\n");
+        // Back to commands after each.
+        assert_eq!(h.send("NOOP\r\n"), "250 2.0.0 Ok\r\n");
+        assert_eq!(h.send("AUTH PLAIN !!!\r\n"), "501 5.5.2 Error: invalid base64 data\r\n");
+        assert_eq!(h.send("AUTH PLAIN\r\n"), "334 \r\n");
+        assert_eq!(h.send("not base64\r\n"), "501 5.5.2 Error: invalid base64 data\r\n");
+        assert_eq!(
+            h.send("AUTH CRAM-MD5\r\n"),
+            "504 5.5.4 Unrecognized authentication type\r\n"
+        );
+        assert_eq!(
+            h.send("AUTH\r\n"),
+            "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
+        );
+        assert_eq!(
+            h.send(format!("AUTH PLAIN {}\r\n", b64("\0limited\0x"))),
+            "454 4.7.0 Too many failed authentication attempts, try again later\r\n"
+        );
+        assert!(h.auths.iter().all(|(_, u)| u == "limited"));
+        // An over-long response ends the exchange; the session stays in sync.
+        assert_eq!(h.send("AUTH PLAIN\r\n"), "334 \r\n");
+        let long = format!("{}\r\nNOOP\r\n", "A".repeat(MAX_COMMAND_LINE));
+        assert_eq!(h.send(long), "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n");
+        assert!(!h.closed);
+    }
+
+    #[test]
+    fn authenticated_sender_must_be_owned() {
+        let mut h = H::submission();
+        h.send(format!("AUTH PLAIN {}\r\n", b64(ALICE_PLAIN)));
+        assert_eq!(
+            h.send("MAIL FROM:<bob@example.test>\r\n"),
+            "553 5.7.1 Sender address not owned by user alice@example.test\r\n"
+        );
+        assert_eq!(
+            h.send("MAIL FROM:<Alice@example.test>\r\n"),
+            "553 5.7.1 Sender address not owned by user alice@example.test\r\n",
+            "local parts are compared exactly"
+        );
+        assert_eq!(h.send("MAIL FROM:<anyone@TEAM.test>\r\n"), "250 2.1.0 Sender ok\r\n");
+        h.send("RSET\r\n");
+        // The null sender is allowed.
+        assert_eq!(h.send("MAIL FROM:<>\r\n"), "250 2.1.0 Sender ok\r\n");
+        assert_eq!(h.send("RCPT TO:<x@far.test>\r\n"), "250 2.1.5 Recipient ok\r\n");
     }
 }

@@ -59,6 +59,10 @@ pub struct Node {
     stdout: Arc<Mutex<Vec<String>>>,
     logs: Arc<Mutex<Vec<String>>>,
     pub smtp: SocketAddr,
+    /// `[listen] submission` (STARTTLS + AUTH), when configured.
+    pub submission: SocketAddr,
+    /// `[listen] submissions` (implicit TLS + AUTH), when configured.
+    pub submissions: SocketAddr,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     /// Environment for ternctl (e.g. TERN_TLS_* for a mutual-TLS cluster).
@@ -73,11 +77,17 @@ impl Node {
 
     /// Starts node `id`; without `bootstrap` it waits to be added to a cluster.
     pub fn start_node(id: u64, bootstrap: bool, extra: &str) -> Node {
+        Self::start_with_listen(id, bootstrap, "", extra)
+    }
+
+    /// As [`Node::start_node`], with `listen` added to the `[listen]` table
+    /// (e.g. `submission = ["127.0.0.1:0"]`).
+    pub fn start_with_listen(id: u64, bootstrap: bool, listen: &str, extra: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let grpc = free_port();
         let config = dir.path().join("tern.toml");
         let toml = format!(
-            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
+            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
             dir.path().join("data").display()
         );
         std::fs::write(&config, toml).expect("write config");
@@ -89,6 +99,8 @@ impl Node {
             stdout: Arc::default(),
             logs: Arc::default(),
             smtp: unset,
+            submission: unset,
+            submissions: unset,
             grpc: unset,
             http: unset,
             ternctl_env: Vec::new(),
@@ -143,6 +155,8 @@ impl Node {
                 let addr: SocketAddr = addr.parse().expect("listening addr");
                 match kind {
                     "smtp" => self.smtp = addr,
+                    "submission" => self.submission = addr,
+                    "submissions" => self.submissions = addr,
                     "grpc" => self.grpc = addr,
                     "http" => self.http = addr,
                     _ => {}
@@ -325,6 +339,24 @@ impl Client {
         let _ = self.stream.read_to_string(&mut s);
         s
     }
+}
+
+/// A self-signed certificate and key for `cn`, made with the openssl CLI
+/// in `dir`; returns (cert, key) paths.
+pub fn self_signed_cert(dir: &std::path::Path, cn: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .arg("-subj")
+        .arg(format!("/CN={cn}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed by cluster-tests/run-all.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (cert, key)
 }
 
 /// A message body with a unique Message-ID.

@@ -12,6 +12,7 @@ mod metrics;
 mod node;
 mod ops;
 mod smtp;
+mod submission;
 #[path = "../../src/delivery/testdns.rs"]
 #[allow(dead_code)]
 mod testdns;

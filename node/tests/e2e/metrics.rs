@@ -12,7 +12,7 @@ use crate::harness::*;
 
 /// One sample: family name, family type, sample name, labels, value.
 #[derive(Debug, serde::Deserialize)]
-struct Sample {
+pub struct Sample {
     family: String,
     kind: String,
     name: String,
@@ -75,14 +75,14 @@ fn parse(text: &str, format: &str) -> Vec<Sample> {
 }
 
 /// Scrapes in the classic text format (no Accept header).
-fn scrape(node: &Node) -> Vec<Sample> {
+pub fn scrape(node: &Node) -> Vec<Sample> {
     let (content_type, body) = get_metrics(node.http, None);
     assert!(content_type.starts_with("text/plain"), "{content_type}");
     parse(&body, "text")
 }
 
 /// Sum of the samples named `name` whose labels include every pair in `labels`.
-fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|s| s.name == name)
