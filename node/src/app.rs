@@ -118,8 +118,15 @@ async fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> anyho
     Ok(())
 }
 
-/// Runs a node until SIGTERM/SIGINT.
+/// Runs a node until SIGTERM/SIGINT, without webhooks: event lines reach
+/// them only through a tap installed in the tracing subscriber.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    run_with_events(config, crate::webhook::EventTap::default()).await
+}
+
+/// Runs a node until SIGTERM/SIGINT; `events` is the tap whose layer the
+/// caller installed in its tracing subscriber, for `[[webhook]]`.
+pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let tls = tls_config(&config)?;
     let users = config
@@ -133,6 +140,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
+    // Before anything can emit events (recovered shards deliver at once).
+    let webhooks = crate::webhook::start(&config.webhooks, &events, &metrics.webhook).context("webhooks")?;
     let durability = Durability::open_with_metrics(&config.data_dir, metrics.storage.clone())?;
     let local = durability.db().open_tree("local")?;
     let initialized = local.get(LOCAL_INITIALIZED)?.is_some();
@@ -384,6 +393,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = http.await;
     host.shutdown().await;
     durability.flush().await.map_err(anyhow::Error::msg)?;
+    webhooks.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

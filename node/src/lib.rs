@@ -13,6 +13,7 @@
 //! - [`http`]: health endpoints and Prometheus metrics.
 //! - [`metrics`]: the metrics registry and the counters the parts share.
 //! - [`auth`]: message checks and signing before queueing (SPF, DKIM, DMARC, ARC).
+//! - [`webhook`]: event log lines POSTed to HTTP endpoints (`[[webhook]]`).
 //! - [`app`]: wiring of all of the above into a running node.
 
 pub mod admin;
@@ -30,3 +31,4 @@ pub mod raft;
 pub mod smtp;
 pub mod storage;
 pub mod submission;
+pub mod webhook;

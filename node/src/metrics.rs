@@ -5,7 +5,7 @@
 //! of the same atomics, handed to the code that counts:
 //! [`SmtpMetrics`] in the SMTP listener's settings, [`QueueMetrics`] to the
 //! shard actors, [`DeliveryMetrics`] to the site workers, [`StorageMetrics`]
-//! to the flusher thread. Each part's `Default` is a detached set (not in
+//! to the flusher thread, [`WebhookMetrics`] to the webhook tasks. Each part's `Default` is a detached set (not in
 //! any registry), so code under test needs no registry.
 //!
 //! Counters on the SMTP accept path and the Raft apply path are plain
@@ -77,6 +77,17 @@ struct ShardLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartLabel {
     part: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UrlLabel {
+    url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    url: String,
+    reason: &'static str,
 }
 
 /// Counters by reply class, each looked up once.
@@ -416,6 +427,79 @@ impl StorageMetrics {
     }
 }
 
+/// The webhooks' metrics, labelled by URL: the configured list, so bounded.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookMetrics {
+    posted: Family<UrlLabel, Counter>,
+    dropped: Family<DropLabels, Counter>,
+    failures: Family<UrlLabel, Counter>,
+    queued: Family<UrlLabel, Gauge>,
+}
+
+/// One webhook's counters, looked up once when its task starts.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookCounters {
+    /// Events in batches the endpoint answered 2xx.
+    pub posted: Counter,
+    /// Events dropped because the hand-off buffer to the task was full.
+    pub dropped_buffer: Counter,
+    /// Oldest events dropped to keep within `max_queue`.
+    pub dropped_queue: Counter,
+    /// Events not posted when the node stopped.
+    pub dropped_shutdown: Counter,
+    /// POSTs that failed (connection error, timeout or a non-2xx answer).
+    pub failures: Counter,
+    /// Events held in memory now (waiting, or in the batch being retried).
+    pub queued: Gauge,
+}
+
+impl WebhookMetrics {
+    /// The counters of the webhook labelled `url` (created at 0, so that
+    /// every configured webhook shows up before its first event).
+    pub fn for_url(&self, url: &str) -> WebhookCounters {
+        let label = UrlLabel { url: url.to_owned() };
+        let dropped = |reason| {
+            self.dropped
+                .get_or_create(&DropLabels {
+                    url: url.to_owned(),
+                    reason,
+                })
+                .clone()
+        };
+        WebhookCounters {
+            posted: self.posted.get_or_create(&label).clone(),
+            dropped_buffer: dropped("buffer"),
+            dropped_queue: dropped("queue"),
+            dropped_shutdown: dropped("shutdown"),
+            failures: self.failures.get_or_create(&label).clone(),
+            queued: self.queued.get_or_create(&label).clone(),
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_webhook_events_posted",
+            "Events posted to a webhook (in batches it answered with 2xx)",
+            self.posted.clone(),
+        );
+        r.register(
+            "tern_webhook_events_dropped",
+            "Events a webhook never got, by reason (buffer, queue, shutdown)",
+            self.dropped.clone(),
+        );
+        r.register(
+            "tern_webhook_post_failures",
+            "POSTs to a webhook that failed (connection error, timeout, non-2xx answer) and are retried",
+            self.failures.clone(),
+        );
+        r.register(
+            "tern_webhook_queued_events",
+            "Events held in memory for a webhook (waiting, or in the batch being retried)",
+            self.queued.clone(),
+        );
+    }
+}
+
 /// Raft metrics per group; all but the leader changes are read at scrape time.
 #[derive(Clone, Debug, Default)]
 struct RaftGauges {
@@ -441,6 +525,7 @@ pub struct Metrics {
     pub queue: QueueMetrics,
     pub delivery: DeliveryMetrics,
     pub storage: StorageMetrics,
+    pub webhook: WebhookMetrics,
     raft: RaftGauges,
     scrape: ScrapeGauges,
 }
@@ -464,12 +549,14 @@ impl Metrics {
         let queue = QueueMetrics::default();
         let delivery = DeliveryMetrics::default();
         let storage = StorageMetrics::default();
+        let webhook = WebhookMetrics::default();
         let raft = RaftGauges::default();
         let scrape = ScrapeGauges::default();
         smtp.register(&mut registry);
         queue.register(&mut registry);
         delivery.register(&mut registry);
         storage.register(&mut registry);
+        webhook.register(&mut registry);
         let r = &mut registry;
         r.register("tern_raft_term", "Current Raft term, per group", raft.term.clone());
         r.register(
@@ -513,6 +600,7 @@ impl Metrics {
             queue,
             delivery,
             storage,
+            webhook,
             raft,
             scrape,
         }
@@ -675,6 +763,10 @@ mod tests {
         m.delivery.connection(false);
         m.delivery.attempt(0.02, true);
         m.storage.commit(0.001, 3);
+        let hook = m.webhook.for_url("https://hooks.example.test/tern");
+        hook.posted.inc_by(7);
+        hook.dropped_queue.inc();
+        hook.failures.inc();
         let text = encoded(&m);
         for line in [
             "tern_smtp_sessions_open 1",
@@ -694,6 +786,11 @@ mod tests {
             "tern_delivery_attempt_duration_seconds_count{result=\"ok\"} 1",
             "tern_storage_fsync_duration_seconds_count 1",
             "tern_storage_commit_batch_size_sum 3.0",
+            "tern_webhook_events_posted_total{url=\"https://hooks.example.test/tern\"} 7",
+            "tern_webhook_events_dropped_total{url=\"https://hooks.example.test/tern\",reason=\"queue\"} 1",
+            "tern_webhook_events_dropped_total{url=\"https://hooks.example.test/tern\",reason=\"buffer\"} 0",
+            "tern_webhook_post_failures_total{url=\"https://hooks.example.test/tern\"} 1",
+            "tern_webhook_queued_events{url=\"https://hooks.example.test/tern\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -36,6 +36,9 @@ const ADMIN_BOUNCE_REPLY: &str = "550 5.7.1 Message bounced by the administrator
 const OP_BATCH: usize = 500;
 
 const DEFAULT_LIST_LIMIT: usize = 1000;
+/// How long a domain suspend/resume made through a follower waits to see
+/// its write applied locally before answering.
+const SUSPENSION_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
@@ -143,8 +146,21 @@ impl Admin {
             .cluster
             .control()
             .ok_or_else(|| Status::unavailable("no control group here"))?;
+        let key = [crate::raft::state_machine::SUSPEND_PREFIX, domain.as_bytes()].concat();
         self.write(&control, crate::raft::Request::SuspendDomain { domain, until, reason })
             .await?;
+        // A write forwarded to the control leader is applied here only when
+        // the next append brings the commit index: wait for it (bounded), or
+        // the reply would still show the old state.
+        let applied = || match control.sm.tree().get(&key) {
+            Ok(Some(v)) => bincode::deserialize::<(i64, String)>(&v).is_ok_and(|(u, _)| u == until),
+            Ok(None) => until == 0,
+            Err(_) => true,
+        };
+        let deadline = tokio::time::Instant::now() + SUSPENSION_APPLY_WAIT;
+        while !applied() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let now = chrono::Utc::now().timestamp();
         Ok(Response::new(DomainReply {
             suspended: self.suspensions(now),

@@ -48,17 +48,26 @@ fn main() -> anyhow::Result<()> {
         Some(path) => tern_node::config::Config::from_file(path)?,
         None => tern_node::config::Config::embedded_default()?,
     };
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if args.log_json || config.log_format == tern_node::config::LogFormat::Json {
-        builder.json().init();
+    let log = if args.log_json || config.log_format == tern_node::config::LogFormat::Json {
+        log.json().boxed()
     } else {
-        builder.init();
-    }
+        log.boxed()
+    };
+    // Webhooks get event lines from their own layer, whatever RUST_LOG says.
+    let events = tern_node::webhook::EventTap::default();
+    let tap = (!config.webhooks.is_empty()).then(|| events.layer());
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(tap)
+        .init();
     // actix runs on the same multi-thread tokio runtime as Raft and tonic.
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -66,5 +75,5 @@ fn main() -> anyhow::Result<()> {
             .build()
             .expect("cannot start the tokio runtime")
     });
-    system.block_on(tern_node::app::run(config))
+    system.block_on(tern_node::app::run_with_events(config, events))
 }

@@ -49,6 +49,20 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     route: Vec<RawRoute>,
+    #[serde(default)]
+    webhook: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    events: Option<Vec<String>>,
+    batch_size: Option<usize>,
+    flush_interval: Option<String>,
+    max_queue: Option<usize>,
+    timeout: Option<String>,
+    headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -120,6 +134,26 @@ pub struct Route {
     pub to: Vec<String>,
     /// Speak LMTP instead of SMTP to these hops.
     pub lmtp: bool,
+}
+
+/// `[[webhook]]`: an HTTP endpoint that gets event log lines as JSON arrays.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// `http://` or `https://` URL the batches are POSTed to.
+    pub url: hyper::Uri,
+    /// Event types to post (names from docs/events.md); every type by default.
+    pub events: Vec<String>,
+    /// Most events in one POST.
+    pub batch_size: usize,
+    /// Longest time an event waits for its batch to fill.
+    pub flush_interval: Duration,
+    /// Events kept in memory (waiting or being retried); the oldest go first.
+    pub max_queue: usize,
+    /// Limit for one POST, from connecting to the response.
+    pub timeout: Duration,
+    /// Extra request headers (e.g. Authorization); values are marked
+    /// sensitive, so that Debug output does not show them.
+    pub headers: hyper::HeaderMap,
 }
 
 /// Where mail for `local_domains` goes.
@@ -300,6 +334,7 @@ pub struct Config {
     pub local_delivery: LocalDelivery,
     pub verify_recipients: bool,
     pub log_format: LogFormat,
+    pub webhooks: Vec<Webhook>,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -538,7 +573,9 @@ impl Config {
                 })
             }
         };
+        let webhooks = raw.webhook.into_iter().map(webhook).collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
+            webhooks,
             cluster_tls,
             peer_addresses,
             dead_node_after: secs(raw.cluster.dead_node_after_secs, 300, "cluster.dead_node_after_secs")?,
@@ -625,6 +662,97 @@ fn auth_config(raw: RawAuth) -> Result<SmtpAuthConfig, ConfigError> {
         senders,
         max_failures,
         failure_window,
+    })
+}
+
+/// Validates one `[[webhook]]`.
+fn webhook(raw: RawWebhook) -> Result<Webhook, ConfigError> {
+    let invalid = |key: &'static str| move |reason: String| ConfigError::Invalid { key, reason };
+    let url: hyper::Uri = raw
+        .url
+        .parse()
+        .map_err(|e| format!("{:?} is not a URL: {e}", raw.url))
+        .map_err(invalid("webhook.url"))?;
+    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::Invalid {
+            key: "webhook.url",
+            reason: format!("{:?} is not an http:// or https:// URL with a host", raw.url),
+        });
+    }
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ConfigError::Invalid {
+            key: "webhook.url",
+            reason: format!("{:?}: put credentials in headers, not in the URL", raw.url),
+        });
+    }
+    let events = match raw.events {
+        None => crate::webhook::EVENT_TYPES.iter().map(|e| (*e).to_owned()).collect(),
+        Some(list) => {
+            if let Some(bad) = list.iter().find(|e| !crate::webhook::EVENT_TYPES.contains(&e.as_str())) {
+                return Err(ConfigError::Invalid {
+                    key: "webhook.events",
+                    reason: format!(
+                        "{bad:?} is not an event type ({})",
+                        crate::webhook::EVENT_TYPES.join(", ")
+                    ),
+                });
+            }
+            if list.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "webhook.events",
+                    reason: "name at least one event type, or leave it out for all".into(),
+                });
+            }
+            list
+        }
+    };
+    let batch_size = raw.batch_size.unwrap_or(100);
+    let max_queue = raw.max_queue.unwrap_or(10_000);
+    if batch_size == 0 || batch_size > max_queue {
+        return Err(ConfigError::Invalid {
+            key: "webhook.batch_size",
+            reason: format!("{batch_size} is not within 1..=max_queue ({max_queue})"),
+        });
+    }
+    let flush_interval =
+        parse_duration(raw.flush_interval.as_deref().unwrap_or("1s")).map_err(invalid("webhook.flush_interval"))?;
+    let timeout = parse_duration(raw.timeout.as_deref().unwrap_or("10s")).map_err(invalid("webhook.timeout"))?;
+    for (key, d) in [("webhook.flush_interval", flush_interval), ("webhook.timeout", timeout)] {
+        if d.is_zero() {
+            return Err(ConfigError::Invalid {
+                key,
+                reason: "must be at least 1s".into(),
+            });
+        }
+    }
+    let mut headers = hyper::HeaderMap::new();
+    for (name, value) in raw.headers.unwrap_or_default() {
+        let name = hyper::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))
+            .map_err(invalid("webhook.headers"))?;
+        if matches!(
+            name.as_str(),
+            "host" | "content-type" | "content-length" | "transfer-encoding"
+        ) {
+            return Err(ConfigError::Invalid {
+                key: "webhook.headers",
+                reason: format!("{name} is set by Tern"),
+            });
+        }
+        let mut value = hyper::header::HeaderValue::from_str(&value)
+            .map_err(|_| format!("the value of {name} is not a valid header value"))
+            .map_err(invalid("webhook.headers"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok(Webhook {
+        url,
+        events,
+        batch_size,
+        flush_interval,
+        max_queue,
+        timeout,
+        headers,
     })
 }
 
@@ -727,6 +855,59 @@ mod tests {
         ] {
             let err = Config::from_toml(bad).unwrap_err();
             assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn webhooks_are_validated() {
+        let c = Config::from_toml("[[webhook]]\nurl = \"https://hooks.example.test/tern?k=1\"\n").unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!(w.events, crate::webhook::EVENT_TYPES);
+        assert_eq!((w.batch_size, w.max_queue), (100, 10_000));
+        assert_eq!(
+            (w.flush_interval, w.timeout),
+            (Duration::from_secs(1), Duration::from_secs(10))
+        );
+        let c = Config::from_toml(
+            "[[webhook]]\nurl = \"http://127.0.0.1:9/e\"\nevents = [\"delivered\", \"failed\"]\nbatch_size = 5\nmax_queue = 5\nflush_interval = \"2s\"\ntimeout = \"1m\"\nheaders = { Authorization = \"Bearer s3cret\" }\n",
+        )
+        .unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!(w.events, ["delivered", "failed"]);
+        assert_eq!(w.timeout, Duration::from_secs(60));
+        assert_eq!(w.headers["authorization"], "Bearer s3cret");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "a header value shows in Debug output"
+        );
+        for (toml, needle) in [
+            ("url = \"ftp://x.test/\"", "ftp://x.test/"),
+            ("url = \"not a url\"", "not a url"),
+            ("url = \"/relative\"", "/relative"),
+            ("url = \"https://u:p@x.test/\"", "credentials"),
+            (
+                "url = \"http://x.test/\"\nevents = [\"delivered\", \"deliverd\"]",
+                "\"deliverd\"",
+            ),
+            ("url = \"http://x.test/\"\nevents = []", "at least one"),
+            ("url = \"http://x.test/\"\nbatch_size = 0", "batch_size"),
+            ("url = \"http://x.test/\"\nbatch_size = 11\nmax_queue = 10", "max_queue"),
+            ("url = \"http://x.test/\"\nflush_interval = \"0s\"", "flush_interval"),
+            ("url = \"http://x.test/\"\ntimeout = \"soon\"", "soon"),
+            (
+                "url = \"http://x.test/\"\nheaders = { \"Bad Name\" = \"x\" }",
+                "Bad Name",
+            ),
+            (
+                "url = \"http://x.test/\"\nheaders = { Content-Type = \"text/plain\" }",
+                "content-type",
+            ),
+            ("url = \"http://x.test/\"\nretries = 3", "retries"),
+        ] {
+            let err = Config::from_toml(&format!("[[webhook]]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{toml}: {err}");
         }
     }
 

@@ -543,3 +543,105 @@ fn long_dead_node_replicas_move_to_live_nodes() {
         delivered(&sink, "after-dead") == 1
     });
 }
+
+fn send_to(node: &Node, rcpt: &str, tag: &str) -> String {
+    let mut c = Client::connect(node.smtp).unwrap();
+    c.command("EHLO t.test").unwrap();
+    c.send_mail("a@tern.test", &[rcpt], &body(tag, 300)).unwrap()
+}
+
+fn suspended_domains(node: &Node, args: &[&str]) -> Vec<String> {
+    node.ternctl_json(args)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["domain"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A suspension made through one node holds mail for the domain on every
+/// node (it is stored in the control group), whichever node took the mail
+/// and whichever shard leader delivers it; a resume through another node
+/// releases it everywhere.
+#[test]
+fn domain_suspension_applies_on_every_node() {
+    let _serial = cluster_lock();
+    let started = Instant::now();
+    let sink = SmtpSink::start(&[]);
+    let extra = format!(
+        "shards = 3\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n",
+        sink.addr
+    );
+    let (n1, n2, n3) = three_node_cluster(&extra);
+    let cluster_up = started.elapsed();
+
+    let reply = n1.ternctl_json(&[
+        "domain",
+        "suspend",
+        "held.test",
+        "--duration",
+        "1h",
+        "--reason",
+        "rbl listing",
+    ]);
+    assert_eq!(reply[0]["domain"], "held.test", "{reply}");
+    assert_eq!(reply[0]["reason"], "rbl listing", "{reply}");
+    for n in [&n2, &n3] {
+        wait_for(Duration::from_secs(5), "the suspension listed on every node", || {
+            suspended_domains(n, &["domain", "list"]) == ["held.test"]
+        });
+    }
+
+    // Two messages per node, so that shards led by every node get some.
+    let mut held = Vec::new();
+    for (n, node) in [(2, &n2), (3, &n3)] {
+        for i in 0..2 {
+            let tag = format!("held-{n}-{i}");
+            held.push((node, send_to(node, &format!("r{i}@held.test"), &tag), tag));
+        }
+    }
+    let free = send_to(&n2, "r@free.test", "free-1");
+    wait_for(Duration::from_secs(10), "mail for another domain delivered", || {
+        delivered(&sink, "free-1") == 1
+    });
+    wait_for(Duration::from_secs(10), "held mail deferred as suspended", || {
+        held.iter().all(|(node, id, _)| {
+            let m = node.ternctl_json(&["queue", "show", id]);
+            m["attempts"].as_u64().unwrap_or(0) >= 1
+                && m["recipients"][0]["status"] == "deferred"
+                && m["recipients"][0]["last_reply"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("suspended by the administrator: rbl listing"))
+        })
+    });
+    // Several retry periods (1 s) pass without a delivery.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for (_, _, tag) in &held {
+            assert_eq!(delivered(&sink, tag), 0, "{tag} delivered while suspended");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for(Duration::from_secs(5), "the delivered message out of the queue", || {
+        n1.ternctl(&["queue", "show", &free]).status.code() == Some(3)
+    });
+    let summary = n3.ternctl_json(&["queue", "summary"]);
+    assert_eq!(summary["messages"], held.len(), "{summary}");
+
+    let resumed = started.elapsed();
+    let reply = suspended_domains(&n3, &["domain", "resume", "held.test"]);
+    assert!(reply.is_empty(), "resume through node 3 still lists {reply:?}");
+    wait_for(
+        Duration::from_secs(10),
+        "every held message delivered after the resume",
+        || held.iter().all(|(_, _, tag)| delivered(&sink, tag) == 1),
+    );
+    for n in [&n1, &n2, &n3] {
+        assert!(suspended_domains(n, &["domain", "list"]).is_empty());
+    }
+    eprintln!(
+        "suspension: cluster up in {cluster_up:?}, delivered {:?} after the resume, {:?} in all",
+        started.elapsed() - resumed,
+        started.elapsed()
+    );
+}

@@ -19,3 +19,4 @@ mod testdns;
 #[path = "../../src/delivery/testpeers.rs"]
 #[allow(dead_code)]
 mod testpeers;
+mod webhook;

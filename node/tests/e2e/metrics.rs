@@ -34,7 +34,7 @@ print(json.dumps(out))
 "#;
 
 /// HTTP/1.0 GET of /metrics; returns the content type and the body.
-fn get_metrics(http: SocketAddr, accept: Option<&str>) -> (String, String) {
+pub fn get_metrics(http: SocketAddr, accept: Option<&str>) -> (String, String) {
     let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
