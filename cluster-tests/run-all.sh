@@ -20,6 +20,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 python3 -c "import aiosmtpd, flufl.bounce, prometheus_client" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client
+python3 -c "import dkim, dns.resolver, nacl" 2>/dev/null || pip install -q dkimpy dnspython pynacl
 
 export PATH="$PATH:/usr/sbin"
 export CARGO_TERM_COLOR=never

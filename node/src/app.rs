@@ -137,6 +137,8 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         .transpose()
         .map_err(anyhow::Error::msg)
         .context("auth.users_file")?;
+    // Before anything is bound: a bad DKIM key file stops the start.
+    let pipeline = Arc::new(crate::auth::Pipeline::new(&config)?);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
@@ -331,7 +333,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         tls,
         verify_recipients: config.verify_recipients,
         metrics: metrics.smtp.clone(),
-        pipeline: Arc::default(),
+        pipeline,
         auth: None,
         implicit_tls: false,
     });

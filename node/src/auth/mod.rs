@@ -3,19 +3,36 @@
 //! `Authentication-Results` header, and DKIM signing of outbound mail, so
 //! every replica stores the same final bytes.
 
+pub mod dkim;
+
+use crate::config::Config;
 use crate::envelope::Envelope;
 use crate::smtp::reply::Reply;
 
 /// The per-message checks and signing of one node (shared by all listeners).
 #[derive(Debug, Default)]
-pub struct Pipeline {}
+pub struct Pipeline {
+    /// DKIM signing of outbound mail; `None` without `[[dkim]]` entries.
+    pub dkim: Option<dkim::Signer>,
+}
 
 impl Pipeline {
+    /// The pipeline `config` asks for; DKIM key files are read and checked here.
+    pub fn new(config: &Config) -> anyhow::Result<Pipeline> {
+        Ok(Pipeline {
+            dkim: dkim::Signer::new(&config.dkim, &config.relay_networks)?,
+        })
+    }
+
     /// The bytes to queue (possibly with headers added or removed), or the
     /// reply that refuses the message (e.g. `550 5.7.1` for DMARC p=reject,
     /// `451 4.7.0` when a DNS error leaves the policy undecided).
     pub async fn process(&self, envelope: &Envelope, body: Vec<u8>) -> Result<Vec<u8>, Reply> {
-        let _ = envelope;
+        // Signing comes last: it covers the message exactly as queued.
+        let body = match &self.dkim {
+            Some(signer) => signer.sign(envelope, body).await,
+            None => body,
+        };
         Ok(body)
     }
 }

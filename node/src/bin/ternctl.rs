@@ -76,6 +76,40 @@ enum Command {
         #[arg(long, value_parser = parse_age, default_value = "1h")]
         since: u64,
     },
+    /// DKIM keys (offline: no node is contacted).
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Make a key pair: writes the private key (PKCS#8 PEM, mode 0600) and
+    /// prints the [[dkim]] config entry and the DNS TXT record to publish.
+    Generate {
+        /// Signing domain (d=).
+        #[arg(long)]
+        domain: String,
+        /// Selector (s=): the key is published at SELECTOR._domainkey.DOMAIN.
+        #[arg(long)]
+        selector: String,
+        /// ed25519 (RFC 8463: short keys, fast) or rsa (checked by every verifier); sign with both for now.
+        #[arg(long, value_enum)]
+        algorithm: KeyAlgorithm,
+        /// RSA modulus size (2048 to 4096).
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Private key file to create (never overwritten) [default: dkim-DOMAIN-SELECTOR.pem].
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KeyAlgorithm {
+    #[value(alias = "ed25519-sha256")]
+    Ed25519,
+    #[value(alias = "rsa-sha256")]
+    Rsa,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,6 +232,9 @@ enum QueueCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Command::Dkim(cmd) = &args.command {
+        return dkim_command(cmd, args.output == Output::Json);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -339,6 +376,8 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
         Command::Queue(QueueCommand::Delete(sel)) => queue_op(&mut client, "delete", sel, json).await?,
         Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
         Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
+        // Handled offline in main.
+        Command::Dkim(_) => {}
         Command::Stats { by, since } => {
             let r = client
                 .stats(StatsRequest {
@@ -671,6 +710,74 @@ fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<()
         print_table(&["OUTCOME", "CODE", "COUNT", "LAST REPLY"], &table);
     }
     Ok(())
+}
+
+/// `ternctl dkim generate`: exit 0, 1 (key not written) or 2 (bad arguments).
+fn dkim_command(cmd: &DkimCommand, json: bool) -> ExitCode {
+    use tern_node::auth::dkim::keygen;
+    use tern_node::config::DkimAlgorithm;
+    let DkimCommand::Generate {
+        domain,
+        selector,
+        algorithm,
+        bits,
+        out,
+    } = cmd;
+    let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+    let algorithm = match algorithm {
+        KeyAlgorithm::Ed25519 => DkimAlgorithm::Ed25519Sha256,
+        KeyAlgorithm::Rsa => DkimAlgorithm::RsaSha256,
+    };
+    let out = out
+        .clone()
+        .unwrap_or_else(|| format!("dkim-{domain}-{selector}.pem").into());
+    let key_file = std::path::absolute(&out).unwrap_or_else(|_| out.clone());
+    let snippet = format!(
+        "[[dkim]]\ndomain = {}\nselector = {}\nalgorithm = \"{}\"\nprivate_key = {}\n",
+        toml::Value::String(domain.clone()),
+        toml::Value::String(selector.clone()),
+        algorithm.name(),
+        toml::Value::String(key_file.display().to_string()),
+    );
+    // The entry must be one ternd accepts: this checks domain and selector.
+    if let Err(e) = tern_node::config::Config::from_toml(&snippet) {
+        eprintln!("ternctl: {e}");
+        return ExitCode::from(2);
+    }
+    if out.exists() {
+        eprintln!("ternctl: {} exists; not overwriting it", out.display());
+        return ExitCode::from(1);
+    }
+    let key = match keygen::generate(algorithm, *bits) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("ternctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = keygen::write_private_key(&out, &key.private_pem) {
+        eprintln!("ternctl: cannot write {}: {e}", out.display());
+        return ExitCode::from(1);
+    }
+    let txt_name = format!("{selector}._domainkey.{domain}");
+    let txt_value = key.txt_value();
+    if json {
+        print_json(&json!({
+            "domain": domain,
+            "selector": selector,
+            "algorithm": algorithm.name(),
+            "key_file": key_file.display().to_string(),
+            "txt_name": txt_name,
+            "txt_value": txt_value,
+            "txt_strings": keygen::txt_strings(&txt_value),
+        }));
+    } else {
+        println!("Private key written to {} (mode 0600).\n", key_file.display());
+        println!("Add to the ternd configuration:\n\n{snippet}");
+        println!("Publish this DNS record before signing with the key:\n");
+        println!("{txt_name}. IN TXT {}", keygen::zone_txt(&txt_value));
+    }
+    ExitCode::SUCCESS
 }
 
 fn print_json(v: &serde_json::Value) {

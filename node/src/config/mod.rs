@@ -10,6 +10,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod dkim;
+pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig};
+
 /// Errors found while reading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -51,6 +54,8 @@ struct RawConfig {
     route: Vec<RawRoute>,
     #[serde(default)]
     webhook: Vec<RawWebhook>,
+    #[serde(default)]
+    dkim: Vec<dkim::RawDkim>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,6 +340,8 @@ pub struct Config {
     pub verify_recipients: bool,
     pub log_format: LogFormat,
     pub webhooks: Vec<Webhook>,
+    /// `[[dkim]]` signing keys (loaded from their files at start).
+    pub dkim: Vec<DkimKeyConfig>,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -576,6 +583,7 @@ impl Config {
         let webhooks = raw.webhook.into_iter().map(webhook).collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             webhooks,
+            dkim: dkim::validate(raw.dkim)?,
             cluster_tls,
             peer_addresses,
             dead_node_after: secs(raw.cluster.dead_node_after_secs, 300, "cluster.dead_node_after_secs")?,

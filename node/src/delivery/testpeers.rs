@@ -294,6 +294,61 @@ impl Aiosmtpd {
     }
 }
 
+/// `aiosmtpd` keeping each message exactly as received (CRLF, after
+/// dot-unstuffing) in `DIR/msg-NNNN.eml`: for checks of the bytes on the
+/// wire, such as DKIM signatures, which a Maildir handler would re-serialize.
+/// Check [`Aiosmtpd::available`] first.
+pub struct ExactSink {
+    pub peer: Peer,
+}
+
+const EXACT_SINK_HANDLER: &str = r#"import os
+
+class Handler:
+    def __init__(self, directory):
+        self.directory = directory
+        self.count = 0
+
+    @classmethod
+    def from_cli(cls, parser, *args):
+        return cls(args[0])
+
+    async def handle_DATA(self, server, session, envelope):
+        self.count += 1
+        # Written beside the directory, then renamed in: readers see whole files only.
+        tmp = os.path.join(os.path.dirname(self.directory), "msg-%04d.tmp" % self.count)
+        with open(tmp, "wb") as f:
+            f.write(envelope.original_content)
+        os.rename(tmp, os.path.join(self.directory, "msg-%04d.eml" % self.count))
+        return "250 2.0.0 kept"
+"#;
+
+impl ExactSink {
+    pub fn start() -> ExactSink {
+        let dir = open_dir();
+        fs::write(dir.path().join("exactsink.py"), EXACT_SINK_HANDLER).unwrap();
+        fs::create_dir(dir.path().join("messages")).unwrap();
+        let peer = Peer::spawn(dir, false, |port, dir| {
+            let mut c = Command::new("python3");
+            c.env("PYTHONPATH", dir)
+                .args(["-m", "aiosmtpd", "-n", "-l"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-c", "exactsink.Handler"])
+                .arg(dir.join("messages"));
+            c
+        });
+        ExactSink { peer }
+    }
+
+    /// The messages received, in order, once there are `n`.
+    pub fn wait_messages(&self, n: usize) -> Vec<Vec<u8>> {
+        let dir = self.peer.dir.path().join("messages");
+        let ok = wait_until(Duration::from_secs(30), || files_in(&dir).len() >= n);
+        assert!(ok, "expected {n} messages; log: {}", self.peer.log());
+        files_in(&dir).iter().map(|p| fs::read(p).unwrap()).collect()
+    }
+}
+
 /// A private Dovecot LMTP instance on 127.0.0.1 and on the Unix socket
 /// `socket()`. `users` (full addresses) exist; others get `550 5.1.1`.
 /// Needs root (it delivers as the `mail` user).

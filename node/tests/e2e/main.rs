@@ -5,6 +5,7 @@
 
 mod cluster;
 mod delivery;
+mod dkim;
 mod durability;
 mod harness;
 mod local;
