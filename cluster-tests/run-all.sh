@@ -19,8 +19,19 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -c "import aiosmtpd, flufl.bounce, prometheus_client" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client
-python3 -c "import dkim, dns.resolver, nacl" 2>/dev/null || pip install -q dkimpy dnspython pynacl
+python3 -c "import aiosmtpd, flufl.bounce, prometheus_client, dkim, dns.resolver, nacl, dnslib, yaml" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client dkimpy dnspython pynacl dnslib pyyaml
+# The OpenSPF RFC 7208 test suite ships in pyspf's source distribution (not
+# its wheel); kept under target/ so reruns do not fetch it again.
+spf_suite=target/spf-suite/rfc7208-tests.yml
+if [ ! -f "$spf_suite" ]; then
+  tmp=$(mktemp -d)
+  pip download -q --no-deps --no-binary :all: pyspf==2.0.14 -d "$tmp"
+  tar -xzf "$tmp/pyspf-2.0.14.tar.gz" -C "$tmp" pyspf-2.0.14/test/rfc7208-tests.yml
+  mkdir -p "$(dirname "$spf_suite")"
+  cp "$tmp/pyspf-2.0.14/test/rfc7208-tests.yml" "$spf_suite"
+  rm -rf "$tmp"
+fi
+export TERN_RFC7208_TESTS="$PWD/$spf_suite"
 
 export PATH="$PATH:/usr/sbin"
 export CARGO_TERM_COLOR=never

@@ -640,7 +640,10 @@ mod tests {
         let other = MESSAGE.replace("News.Example.TEST", "other.test").into_bytes();
         assert_eq!(s.sign(&envelope("127.0.0.1", None), other.clone()).await, other);
         // Through the pipeline as the SMTP server calls it.
-        let pipeline = crate::auth::Pipeline { dkim: Some(s) };
+        let pipeline = crate::auth::Pipeline {
+            dkim: Some(s),
+            inbound: None,
+        };
         let out = pipeline
             .process(&envelope("127.0.0.1", None), body.clone())
             .await

@@ -4,6 +4,7 @@
 //! every replica stores the same final bytes.
 
 pub mod dkim;
+pub mod inbound;
 
 use crate::config::Config;
 use crate::envelope::Envelope;
@@ -14,6 +15,8 @@ use crate::smtp::reply::Reply;
 pub struct Pipeline {
     /// DKIM signing of outbound mail; `None` without `[[dkim]]` entries.
     pub dkim: Option<dkim::Signer>,
+    /// Checks of mail from untrusted clients; `None` when `[inbound] enabled = false`.
+    pub inbound: Option<inbound::Checker>,
 }
 
 impl Pipeline {
@@ -21,6 +24,7 @@ impl Pipeline {
     pub fn new(config: &Config) -> anyhow::Result<Pipeline> {
         Ok(Pipeline {
             dkim: dkim::Signer::new(&config.dkim, &config.relay_networks)?,
+            inbound: inbound::Checker::from_config(config)?,
         })
     }
 
@@ -28,6 +32,10 @@ impl Pipeline {
     /// reply that refuses the message (e.g. `550 5.7.1` for DMARC p=reject,
     /// `451 4.7.0` when a DNS error leaves the policy undecided).
     pub async fn process(&self, envelope: &Envelope, body: Vec<u8>) -> Result<Vec<u8>, Reply> {
+        let body = match &self.inbound {
+            Some(checker) => checker.check(envelope, body).await?,
+            None => body,
+        };
         // Signing comes last: it covers the message exactly as queued.
         let body = match &self.dkim {
             Some(signer) => signer.sign(envelope, body).await,

@@ -51,6 +51,8 @@ struct RawConfig {
     #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
+    inbound: RawInbound,
+    #[serde(default)]
     route: Vec<RawRoute>,
     #[serde(default)]
     webhook: Vec<RawWebhook>,
@@ -107,6 +109,15 @@ struct RawLocal {
     lmtp: Option<String>,
     maildir: Option<String>,
     verify_recipients: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    enabled: Option<bool>,
+    dmarc_policy: Option<String>,
+    spf_fail: Option<String>,
+    timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -194,6 +205,36 @@ pub struct SmtpAuthConfig {
     /// Failures per client IP or user name within `failure_window` before `454`.
     pub max_failures: u32,
     pub failure_window: Duration,
+}
+
+/// `[inbound]`: authentication checks (SPF, DKIM, ARC, DMARC, iprev) of mail
+/// from clients that are neither authenticated nor in `relay_networks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundConfig {
+    pub enabled: bool,
+    pub dmarc_policy: DmarcPolicyMode,
+    pub spf_fail: SpfFailAction,
+    /// Bound on all checks of one message; running out counts as a DNS temperror.
+    pub timeout: Duration,
+}
+
+/// `inbound.dmarc_policy`: whether a failing message gets the policy its
+/// domain publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmarcPolicyMode {
+    /// p=reject refuses, p=quarantine marks the message.
+    Enforce,
+    /// Results are only recorded in Authentication-Results.
+    Monitor,
+}
+
+/// `inbound.spf_fail`: what an SPF `fail` (`-all`) does by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpfFailAction {
+    /// Recorded only; DMARC decides.
+    Header,
+    /// `550 5.7.23`.
+    Reject,
 }
 
 /// Log output format.
@@ -342,6 +383,7 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
     /// `[[dkim]]` signing keys (loaded from their files at start).
     pub dkim: Vec<DkimKeyConfig>,
+    pub inbound: InboundConfig,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -581,9 +623,34 @@ impl Config {
             }
         };
         let webhooks = raw.webhook.into_iter().map(webhook).collect::<Result<Vec<_>, _>>()?;
+        let inbound = InboundConfig {
+            enabled: raw.inbound.enabled.unwrap_or(true),
+            dmarc_policy: match raw.inbound.dmarc_policy.as_deref() {
+                None | Some("enforce") => DmarcPolicyMode::Enforce,
+                Some("monitor") => DmarcPolicyMode::Monitor,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "inbound.dmarc_policy",
+                        reason: format!("{other:?} is not enforce or monitor"),
+                    })
+                }
+            },
+            spf_fail: match raw.inbound.spf_fail.as_deref() {
+                None | Some("header") => SpfFailAction::Header,
+                Some("reject") => SpfFailAction::Reject,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "inbound.spf_fail",
+                        reason: format!("{other:?} is not header or reject"),
+                    })
+                }
+            },
+            timeout: secs(raw.inbound.timeout_secs, 20, "inbound.timeout_secs")?,
+        };
         Ok(Config {
             webhooks,
             dkim: dkim::validate(raw.dkim)?,
+            inbound,
             cluster_tls,
             peer_addresses,
             dead_node_after: secs(raw.cluster.dead_node_after_secs, 300, "cluster.dead_node_after_secs")?,
@@ -785,6 +852,10 @@ mod tests {
         assert_eq!(c.listen_smtp, vec![DEFAULT_SMTP.parse().unwrap()]);
         assert_eq!(c.listen_grpc.to_string(), DEFAULT_GRPC);
         assert_eq!(c.shards, 16);
+        assert!(c.inbound.enabled);
+        assert_eq!(c.inbound.dmarc_policy, DmarcPolicyMode::Enforce);
+        assert_eq!(c.inbound.spf_fail, SpfFailAction::Header);
+        assert_eq!(c.inbound.timeout, Duration::from_secs(20));
         assert!(c
             .relay_networks
             .iter()
@@ -818,6 +889,12 @@ mod tests {
     fn limits_are_validated() {
         assert!(Config::from_toml("[policy]\nmax_recipients = 10\n").is_err());
         assert!(Config::from_toml("[cluster]\nshards = 0\n").is_err());
+        assert!(Config::from_toml("[inbound]\ndmarc_policy = \"reject\"\n").is_err());
+        assert!(Config::from_toml("[inbound]\nspf_fail = \"softfail\"\n").is_err());
+        assert!(Config::from_toml("[inbound]\ntimeout_secs = 0\n").is_err());
+        let c = Config::from_toml("[inbound]\ndmarc_policy = \"monitor\"\nspf_fail = \"reject\"\n").unwrap();
+        assert_eq!(c.inbound.dmarc_policy, DmarcPolicyMode::Monitor);
+        assert_eq!(c.inbound.spf_fail, SpfFailAction::Reject);
         assert!(Config::from_toml("[tls]\ncert = \"a.pem\"\n").is_err());
         assert!(Config::from_toml("[cluster]\ntls_cert = \"a.pem\"\ntls_key = \"k.pem\"\n").is_err());
         let c = Config::from_toml("[cluster]\ntls_cert = \"a\"\ntls_key = \"k\"\ntls_ca = \"c\"\n").unwrap();

@@ -13,8 +13,9 @@ fn dovecot_lmtp_delivery_and_rcpt_time_verification() {
         return;
     }
     let dovecot = Dovecot::start(&["bob@example.test", "alice@example.test"]);
+    // The client is untrusted here; inbound checks would ask the system's DNS.
     let node = Node::start(&format!(
-        "[policy]\nlocal_domains = [\"example.test\"]\nrelay_networks = [\"192.0.2.0/24\"]\n\n[local]\nlmtp = \"{}\"\nverify_recipients = true\n",
+        "[policy]\nlocal_domains = [\"example.test\"]\nrelay_networks = [\"192.0.2.0/24\"]\n\n[local]\nlmtp = \"{}\"\nverify_recipients = true\n\n[inbound]\nenabled = false\n",
         dovecot.peer.addr
     ));
     let mut c = Client::connect(node.smtp).unwrap();

@@ -8,11 +8,13 @@ mod delivery;
 mod dkim;
 mod durability;
 mod harness;
+mod inbound;
 mod local;
 mod metrics;
 mod node;
 mod ops;
 mod smtp;
+mod spf_suite;
 mod submission;
 #[path = "../../src/delivery/testdns.rs"]
 #[allow(dead_code)]
