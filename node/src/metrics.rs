@@ -90,26 +90,41 @@ struct DropLabels {
     reason: &'static str,
 }
 
-/// Counters by reply class, each looked up once.
+/// One counter per value of a fixed label set, each looked up once (the
+/// family is what gets registered).
 #[derive(Clone, Debug)]
-struct ByClass {
-    family: Family<ClassLabel, Counter>,
-    /// 2xx, 3xx, 4xx, 5xx.
-    classes: [Counter; 4],
+struct FixedCounters<L, const N: usize> {
+    family: Family<L, Counter>,
+    counters: [Counter; N],
 }
+
+impl<L, const N: usize> FixedCounters<L, N>
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    fn new(labels: [L; N]) -> Self {
+        let family = Family::<L, Counter>::default();
+        let counters = labels.map(|l| family.get_or_create(&l).clone());
+        FixedCounters { family, counters }
+    }
+}
+
+/// Counters by reply class: 2xx, 3xx, 4xx, 5xx.
+#[derive(Clone, Debug)]
+struct ByClass(FixedCounters<ClassLabel, 4>);
 
 impl Default for ByClass {
     fn default() -> Self {
-        let family = Family::<ClassLabel, Counter>::default();
-        let classes = ["2xx", "3xx", "4xx", "5xx"].map(|class| family.get_or_create(&ClassLabel { class }).clone());
-        ByClass { family, classes }
+        ByClass(FixedCounters::new(
+            ["2xx", "3xx", "4xx", "5xx"].map(|class| ClassLabel { class }),
+        ))
     }
 }
 
 impl ByClass {
     fn inc(&self, code: u16) {
         let i = usize::from(code / 100).clamp(2, 5) - 2;
-        self.classes[i].inc();
+        self.0.counters[i].inc();
     }
 }
 
@@ -125,19 +140,15 @@ pub enum AuthResult {
     Error,
 }
 
-/// Counters by [`AuthResult`], each looked up once.
+/// Counters by [`AuthResult`].
 #[derive(Clone, Debug)]
-struct ByAuthResult {
-    family: Family<ResultLabel, Counter>,
-    results: [Counter; 4],
-}
+struct ByAuthResult(FixedCounters<ResultLabel, 4>);
 
 impl Default for ByAuthResult {
     fn default() -> Self {
-        let family = Family::<ResultLabel, Counter>::default();
-        let results = ["ok", "failed", "rate_limited", "error"]
-            .map(|result| family.get_or_create(&ResultLabel { result }).clone());
-        ByAuthResult { family, results }
+        ByAuthResult(FixedCounters::new(
+            ["ok", "failed", "rate_limited", "error"].map(|result| ResultLabel { result }),
+        ))
     }
 }
 
@@ -186,14 +197,14 @@ impl SmtpMetrics {
             AuthResult::RateLimited => 2,
             AuthResult::Error => 3,
         };
-        self.auth.results[i].inc();
+        self.auth.0.counters[i].inc();
     }
 
     fn register(&self, r: &mut Registry) {
         r.register(
             "tern_smtp_auth",
             "SMTP AUTH attempts on the submission listeners, by result",
-            self.auth.family.clone(),
+            self.auth.0.family.clone(),
         );
         r.register(
             "tern_smtp_sessions_open",
@@ -204,12 +215,12 @@ impl SmtpMetrics {
         r.register(
             "tern_smtp_replies",
             "SMTP replies sent to clients, by class",
-            self.replies.family.clone(),
+            self.replies.0.family.clone(),
         );
         r.register(
             "tern_smtp_transaction_replies",
             "Final replies to messages (the queueing result after DATA or BDAT LAST), by class",
-            self.transaction_replies.family.clone(),
+            self.transaction_replies.0.family.clone(),
         );
         r.register(
             "tern_smtp_messages_received",
