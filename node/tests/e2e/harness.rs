@@ -3,7 +3,7 @@
 //! fails), and kills it on drop. Also a minimal SMTP client for load.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,18 +19,10 @@ pub fn cluster_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A free loopback TCP port for a listener that binds it later: from
-/// 20000..32000, below the ephemeral range that outgoing connections use, so
-/// no client socket can take it between this check and the bind (see
-/// cluster-tests' `free_port`).
+/// A free loopback TCP port for a listener that binds it later (below the
+/// ephemeral range; see `cluster_tests::free_port`).
 pub fn free_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let base = std::process::id().wrapping_mul(7919) % 12000;
-    (0..12000)
-        .map(|_| NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-        .map(|n| (20000 + (base + n) % 12000) as u16)
-        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .expect("a free port in 20000..32000")
+    cluster_tests::free_port().expect("a free port in 20000..32000")
 }
 
 /// Config that keeps accepted mail in the queue: delivery goes to a
@@ -283,22 +275,7 @@ impl Client {
 
     /// Reads one (possibly multi-line) reply, returned with its lines joined by '\n'.
     pub fn read_reply(&mut self) -> std::io::Result<String> {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            if self.stream.read_line(&mut line)? == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "connection closed",
-                ));
-            }
-            let done = line.len() < 4 || line.as_bytes()[3] != b'-';
-            all.push_str(line.trim_end_matches(['\r', '\n']));
-            if done {
-                return Ok(all);
-            }
-            all.push('\n');
-        }
+        cluster_tests::load::read_reply(&mut self.stream)
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
