@@ -259,15 +259,6 @@ impl Delivery {
             self.config.max_connections_per_site,
             self.config.messages_per_connection,
             self.metrics.clone(),
-            // Down for the first retry interval, at most a minute: long enough
-            // to spare a dead site a connect per queued message, short enough
-            // that a site that comes back is tried again soon.
-            self.config
-                .retry_schedule
-                .first()
-                .copied()
-                .unwrap_or_default()
-                .min(std::time::Duration::from_secs(60)),
         );
         // Site actors live on the system arbiter; their I/O runs on the runtime's workers.
         let addr = SiteActor::start_in_arbiter(&actix::System::current().arbiter().clone(), |_| actor);

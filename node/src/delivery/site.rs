@@ -5,12 +5,6 @@
 //! actor one after another (reusing the connection, up to
 //! `messages_per_connection`), and ends when the queue is empty. At most
 //! `max_connections_per_site` workers run at once.
-//!
-//! A site whose hosts all refuse or time out is held down for a while (the
-//! first retry interval): its queued and newly submitted jobs are deferred at
-//! once with the connection error instead of each trying to connect, so a
-//! dead or black-holed destination costs one connect attempt per interval,
-//! not one (of up to the connect timeout) per queued message.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -40,14 +34,6 @@ pub struct SiteActor {
     queue: VecDeque<Job>,
     workers: usize,
     metrics: DeliveryMetrics,
-    /// How long the site stays down after every host failed to connect.
-    down_for: std::time::Duration,
-    /// Until when, and why: jobs submitted before then are deferred with it.
-    down: Option<(std::time::Instant, String)>,
-    /// Workers holding a working connection: while one does, a failed
-    /// connect (e.g. the far side's connection limit) does not take the
-    /// site down.
-    connected: usize,
 }
 
 impl SiteActor {
@@ -57,7 +43,6 @@ impl SiteActor {
         max_workers: usize,
         per_connection: usize,
         metrics: DeliveryMetrics,
-        down_for: std::time::Duration,
     ) -> SiteActor {
         SiteActor {
             key,
@@ -67,28 +52,8 @@ impl SiteActor {
             queue: VecDeque::new(),
             workers: 0,
             metrics,
-            down_for,
-            down: None,
-            connected: 0,
         }
     }
-
-    /// The connection error while the site is held down.
-    fn down_reason(&mut self) -> Option<String> {
-        match &self.down {
-            Some((until, reason)) if std::time::Instant::now() < *until => Some(reason.clone()),
-            Some(_) => {
-                self.down = None;
-                None
-            }
-            None => None,
-        }
-    }
-}
-
-/// Defers every recipient of `job` with `reply` (the site is down).
-fn defer_job(job: Job, reply: &str) {
-    let _ = job.reply.send(deferred_all(&job.rcpts, reply, &job.message_id));
 }
 
 impl Actor for SiteActor {
@@ -109,52 +74,10 @@ pub struct Submit(pub Job);
 #[rtype(result = "Option<Job>")]
 struct Take;
 
-/// A worker could connect to none of the site's hosts.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct ConnectFailed(String);
-
-/// A worker got (`true`) or dropped (`false`) a working connection.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Connected(bool);
-
-impl Handler<Connected> for SiteActor {
-    type Result = ();
-
-    fn handle(&mut self, Connected(up): Connected, _: &mut Context<Self>) {
-        if up {
-            self.connected += 1;
-            self.down = None;
-        } else {
-            self.connected = self.connected.saturating_sub(1);
-        }
-    }
-}
-
-impl Handler<ConnectFailed> for SiteActor {
-    type Result = ();
-
-    fn handle(&mut self, ConnectFailed(reply): ConnectFailed, _: &mut Context<Self>) {
-        if self.down_for.is_zero() || self.connected > 0 {
-            return;
-        }
-        let reason = format!("{reply} (site held down for {}s)", self.down_for.as_secs());
-        tracing::info!(site = %self.key, queued = self.queue.len(), secs = self.down_for.as_secs(), "site down; deferring its queue");
-        for job in self.queue.drain(..) {
-            defer_job(job, &reason);
-        }
-        self.down = Some((std::time::Instant::now() + self.down_for, reason));
-    }
-}
-
 impl Handler<Submit> for SiteActor {
     type Result = ();
 
     fn handle(&mut self, Submit(job): Submit, ctx: &mut Context<Self>) {
-        if let Some(reason) = self.down_reason() {
-            return defer_job(job, &reason);
-        }
         self.queue.push_back(job);
         if self.workers < self.max_workers {
             self.workers += 1;
@@ -194,8 +117,6 @@ struct Worker {
 impl Worker {
     async fn run(self) {
         let mut conn: Option<Connection> = None;
-        // Whether the actor counts this worker as connected.
-        let mut had_conn = false;
         let mut sent = 0;
         loop {
             let Ok(Some(job)) = self.site.send(Take).await else {
@@ -212,23 +133,15 @@ impl Worker {
                 conn = None;
             }
             if conn.is_none() {
-                if had_conn {
-                    had_conn = false;
-                    self.site.do_send(Connected(false));
-                }
                 match connect(&job, &self.client).await {
                     Ok(c) => {
                         self.metrics.connection(c.tls_active());
                         conn = Some(c);
-                        had_conn = true;
-                        self.site.do_send(Connected(true));
                     }
                     Err(reply) => {
                         self.metrics.attempt(started.elapsed().as_secs_f64(), false);
                         tracing::info!(site = %self.key, error = %reply, "no connection to site");
-                        defer_job(job, &reply);
-                        // Before the next Take, so the rest of the queue is deferred, not tried.
-                        let _ = self.site.send(ConnectFailed(reply)).await;
+                        let _ = job.reply.send(deferred_all(&job.rcpts, &reply, &job.message_id));
                         continue;
                     }
                 }
@@ -244,9 +157,6 @@ impl Worker {
                 Ok(r) => r,
                 Err(reply) => deferred_all(&job.rcpts, &reply, &job.message_id),
             });
-        }
-        if had_conn {
-            self.site.do_send(Connected(false));
         }
         if let Some(c) = conn {
             c.quit().await;

@@ -330,39 +330,3 @@ fn delay_notice_is_sent_once_while_retrying() {
     });
     assert_eq!(sender_mx.messages().len(), 1);
 }
-
-#[test]
-fn a_dead_site_is_tried_once_per_interval_not_once_per_message() {
-    let port = free_port();
-    let node = Node::start(&format!(
-        "[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{port}\"\n\n[delivery]\nretry_schedule = [\"20s\"]\n"
-    ));
-    let ids: Vec<String> = (0..6)
-        .map(|i| send(&node, "a@tern.test", &["far@example.test"], &format!("dead-{i}")))
-        .collect();
-    wait_for(Duration::from_secs(30), "every message deferred", || {
-        ids.iter().all(|id| {
-            let m = node.ternctl_json(&["queue", "show", id]);
-            m["recipients"][0]["status"] == "deferred"
-        })
-    });
-    // The refused connect takes the site down: the other messages are
-    // deferred with that error and no connect of their own.
-    let tries = node.logs().matches("no connection to site").count();
-    assert!(tries < ids.len(), "{tries} connects for {} messages", ids.len());
-    let held = ids
-        .iter()
-        .filter(|id| {
-            let m = node.ternctl_json(&["queue", "show", id]);
-            let reply = m["recipients"][0]["last_reply"].as_str().unwrap().to_owned();
-            assert!(reply.starts_with("451 4.4.1"), "{reply}");
-            reply.contains("site held down for 20s")
-        })
-        .count();
-    assert!(held >= ids.len() - tries, "{held} held, {tries} tried");
-    // The site comes back: once the hold has passed, retries deliver.
-    let sink = SmtpSink::start_on(port, &[]);
-    wait_for(Duration::from_secs(90), "delivery after the hold", || {
-        sink.messages().len() == ids.len()
-    });
-}
