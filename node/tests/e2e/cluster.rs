@@ -361,7 +361,8 @@ fn paused_leader_steps_down_and_nothing_is_lost() {
 #[test]
 fn whole_cluster_restart_loses_nothing() {
     let _serial = cluster_lock();
-    let closed = free_port();
+    let closed_guard = closed_port();
+    let closed = closed_guard.port;
     let extra = format!("shards = 4\n\n[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{closed}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n");
     let (mut n1, mut n2, mut n3) = three_node_cluster(&extra);
     let mut tags = Vec::new();
@@ -373,6 +374,7 @@ fn whole_cluster_restart_loses_nothing() {
     for n in [&mut n1, &mut n2, &mut n3] {
         n.kill();
     }
+    drop(closed_guard);
     // Mail was deferred (nothing listened); now the sink appears on that port.
     let sink = SmtpSink::start_on(closed, &[]);
     for n in [&mut n1, &mut n2, &mut n3] {

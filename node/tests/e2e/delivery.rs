@@ -212,16 +212,19 @@ fn kill_during_delivery_loses_nothing() {
 
 #[test]
 fn expired_mail_bounces_with_the_last_deferral_reason() {
-    let closed = free_port();
+    let closed_guard = closed_port();
+    let closed = closed_guard.port;
     let sender_mx = SmtpSink::start(&[]);
     let node = Node::start(&format!(
         "[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{closed}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\nmax_age = \"3s\"\n",
         sender_mx.addr
     ));
     send(&node, "sender@tern.test", &["late@example.test"], "expire-1");
+    // smtp-sink creates its dump file before it has written the message.
     wait_for(Duration::from_secs(60), "the expiry bounce", || {
-        sender_mx.messages().len() == 1
+        sender_mx.messages().iter().any(|m| m.contains("Action: failed"))
     });
+    assert_eq!(sender_mx.messages().len(), 1);
     let dsn = &sender_mx.messages()[0];
     assert!(dsn.contains("Action: failed"), "{dsn}");
     assert!(dsn.contains("Status: 4.4."), "{dsn}");
@@ -309,16 +312,18 @@ fn chrono_now() -> i64 {
 
 #[test]
 fn delay_notice_is_sent_once_while_retrying() {
-    let closed = free_port();
+    let closed = closed_port();
     let sender_mx = SmtpSink::start(&[]);
     let node = Node::start(&format!(
-        "[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{closed}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\ndelay_notice_after = \"2s\"\n",
-        sender_mx.addr
+        "[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\ndelay_notice_after = \"2s\"\n",
+        closed.port, sender_mx.addr
     ));
     let id = send(&node, "sender@tern.test", &["slow@example.test"], "delay-1");
+    // smtp-sink creates its dump file before it has written the message.
     wait_for(Duration::from_secs(60), "the delay notice", || {
-        sender_mx.messages().len() == 1
+        sender_mx.messages().iter().any(|m| m.contains("Will-Retry-Until:"))
     });
+    assert_eq!(sender_mx.messages().len(), 1);
     let dsn = &sender_mx.messages()[0];
     assert!(
         dsn.contains("Action: delayed") && dsn.contains("Will-Retry-Until:"),

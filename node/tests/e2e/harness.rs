@@ -25,6 +25,27 @@ pub fn free_port() -> u16 {
     cluster_tests::free_port().expect("a free port in 20000..32000")
 }
 
+/// A loopback port where connections are refused for as long as this lives:
+/// bound (without SO_REUSEADDR) but not listening, so no other process on
+/// the machine can start listening on it mid-test. A port that is merely
+/// free may be taken by another test run's listener that accepts and never
+/// greets, and delivery then waits out the 5-minute greeting timeout.
+pub struct ClosedPort {
+    pub port: u16,
+    _socket: tokio::net::TcpSocket,
+}
+
+pub fn closed_port() -> ClosedPort {
+    for _ in 0..100 {
+        let port = free_port();
+        let socket = tokio::net::TcpSocket::new_v4().expect("TCP socket");
+        if socket.bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
+            return ClosedPort { port, _socket: socket };
+        }
+    }
+    panic!("no loopback port could be reserved")
+}
+
 /// Config that keeps accepted mail in the queue: delivery goes to a
 /// loopback port nobody listens on, and is retried only after an hour.
 pub fn hold_mail() -> String {

@@ -105,7 +105,8 @@ fn send(node: &Node, to: &str, tag: &str) {
 #[test]
 fn metrics_follow_received_delivered_and_deferred_mail() {
     let sink = SmtpSink::start(&[]);
-    let closed = free_port();
+    let closed_guard = closed_port();
+    let closed = closed_guard.port;
     let node = Node::start(&format!(
         "shards = 2\n\n[[route]]\ndomain = \"example.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"deferred.test\"\nto = \"127.0.0.1:{closed}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
         sink.addr

@@ -24,7 +24,8 @@ fn attempts(node: &Node, id: &str) -> u64 {
 fn hold_stops_delivery_release_resumes_delete_removes() {
     let port = free_port();
     // example.org stays unreachable throughout.
-    let never = free_port();
+    let never_guard = closed_port();
+    let never = never_guard.port;
     let node = Node::start(&format!(
         "[[route]]\ndomain = \"example.org\"\nto = \"127.0.0.1:{never}\"\n\n[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{port}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n"
     ));
@@ -85,7 +86,8 @@ fn hold_stops_delivery_release_resumes_delete_removes() {
 
 #[test]
 fn bounce_by_the_administrator_sends_a_report() {
-    let closed = free_port();
+    let closed_guard = closed_port();
+    let closed = closed_guard.port;
     let sender_mx = SmtpSink::start(&[]);
     let node = Node::start(&format!(
         "[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{closed}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
@@ -157,7 +159,8 @@ fn suspended_domain_waits_until_resumed() {
 fn stats_show_outcomes_reasons_and_time_in_queue() {
     let sink = SmtpSink::start(&[]);
     let rejecting = SmtpSink::start(&["-f", "RCPT"]);
-    let closed = free_port();
+    let closed_guard = closed_port();
+    let closed = closed_guard.port;
     let node = Node::start(&format!(
         "[[route]]\ndomain = \"example.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"reject.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{closed}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
         sink.addr, rejecting.addr
