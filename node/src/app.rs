@@ -192,6 +192,8 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     for &id in &group_ids {
         host.ensure(id).await?;
     }
+    // Every state machine with queued messages has counted its bodies.
+    durability.wal().enable_reclaim();
     let groups = Arc::clone(&host.groups);
     if let Some(control) = groups.get(CONTROL_GROUP) {
         delivery.set_control(control.sm.tree());

@@ -427,7 +427,7 @@ impl StorageMetrics {
     fn register(&self, r: &mut Registry) {
         r.register(
             "tern_storage_fsync_duration_seconds",
-            "Time of one group commit (fdatasync of spool segments, sled flush, fdatasync of sled)",
+            "Time of one group commit (fdatasync of the write-ahead log; sled flush and fdatasync too when a snapshot or reclaim asks)",
             self.fsync_seconds.clone(),
         );
         r.register(
@@ -602,7 +602,7 @@ impl Metrics {
         );
         r.register(
             "tern_storage_disk_bytes",
-            "Bytes allocated on disk under data_dir, by part (sled, spool, snapshots, other)",
+            "Bytes allocated on disk under data_dir, by part (sled, wal, snapshots, other)",
             scrape.disk_bytes.clone(),
         );
         Metrics {
@@ -714,10 +714,10 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Bytes allocated under `data_dir` by part: its top-level `sled`, `spool`
+/// Bytes allocated under `data_dir` by part: its top-level `sled`, `wal`
 /// and `snapshots` directories, and everything else.
 fn disk_usage(data_dir: &Path) -> [(&'static str, u64); 4] {
-    let mut parts = [("sled", 0), ("spool", 0), ("snapshots", 0), ("other", 0)];
+    let mut parts = [("sled", 0), ("wal", 0), ("snapshots", 0), ("other", 0)];
     let Ok(entries) = std::fs::read_dir(data_dir) else {
         return parts;
     };
@@ -836,8 +836,8 @@ mod tests {
     #[test]
     fn disk_usage_by_part() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("spool/g1")).unwrap();
-        std::fs::write(dir.path().join("spool/g1/1.seg"), vec![1u8; 10_000]).unwrap();
+        std::fs::create_dir_all(dir.path().join("wal")).unwrap();
+        std::fs::write(dir.path().join("wal/1.seg"), vec![1u8; 10_000]).unwrap();
         std::fs::write(dir.path().join("stray"), vec![1u8; 5000]).unwrap();
         let usage = disk_usage(dir.path());
         assert!(usage[1].1 >= 10_000, "{usage:?}");

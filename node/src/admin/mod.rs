@@ -350,7 +350,7 @@ impl AdminService for Admin {
             if let Some(v) = g.sm.tree().get(&key).map_err(internal)? {
                 let record: MessageRecord = bincode::deserialize(&v).map_err(internal)?;
                 let body = match (&record.body, with_body) {
-                    (Some(loc), true) => g.sm.spool().read(loc).map_err(internal)?,
+                    (Some(loc), true) => g.sm.wal().read(loc).map_err(internal)?,
                     _ => Vec::new(),
                 };
                 return Ok(Response::new(QueueShowReply {
@@ -616,7 +616,7 @@ impl AdminService for Admin {
                         let mut bounces = Vec::new();
                         for record in chunk {
                             let body = match &record.body {
-                                Some(loc) => group.sm.spool().read(loc).map_err(internal)?,
+                                Some(loc) => group.sm.wal().read(loc).map_err(internal)?,
                                 None => Vec::new(),
                             };
                             let message = crate::delivery::LoadedMessage {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Envelope;
-use crate::storage::spool::BodyLoc;
+use crate::storage::wal::BodyLoc;
 
 /// Delivery state of one recipient.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +58,7 @@ pub struct MessageRecord {
     pub attempts: u32,
     /// Unix seconds of the next attempt; 0 means due now.
     pub next_attempt: i64,
-    /// Where the body is in the shard's spool; set when the entry is applied.
+    /// Where the body is in the node's write-ahead log; set when the entry is applied.
     pub body: Option<BodyLoc>,
     /// A delay notice has been sent for this message.
     pub delay_notified: bool,

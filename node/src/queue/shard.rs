@@ -145,7 +145,7 @@ impl QueueShard {
             if record.held {
                 continue;
             }
-            let body = match record.body.as_ref().map(|loc| self.group.sm.spool().read(loc)) {
+            let body = match record.body.as_ref().map(|loc| self.group.sm.wal().read(loc)) {
                 Some(Ok(b)) => b,
                 other => {
                     tracing::error!(msg_id = %id, shard = self.group.id, error = ?other.and_then(|r| r.err()), "cannot read queued body");

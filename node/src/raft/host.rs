@@ -15,7 +15,6 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::queue::shard::{QueueShard, ShardSettings};
 use crate::queue::IdGen;
-use crate::storage::spool::Spool;
 use crate::storage::Durability;
 
 /// Highest group id a peer may create here.
@@ -99,9 +98,8 @@ impl GroupHost {
             return Ok(g);
         }
         self.record(id).await?;
-        let spool = Arc::new(Spool::open(Arc::clone(&self.durability), id)?);
-        let log = LogStore::open(Arc::clone(&self.durability), Arc::clone(&spool), id)?;
-        let mut sm = StateMachine::open(Arc::clone(&self.durability), spool, id)?;
+        let log = LogStore::open(Arc::clone(&self.durability), id)?;
+        let mut sm = StateMachine::open(Arc::clone(&self.durability), id)?;
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         sm.set_events(events_tx);
         let network = Network {

@@ -1,92 +1,95 @@
-//! The Raft log of one group in sled, with bodies sideloaded into the
-//! group's spool (see [`crate::storage`]).
-//!
-//! Trees: `g{N}/log` maps the big-endian index to the bincode entry (body
-//! bytes replaced by their spool location); `g{N}/meta` holds the vote, the
-//! committed log id and the last purged log id.
+//! The Raft log of one group, in the node's write-ahead log (see
+//! [`crate::storage::wal`]): each entry is a record, each body it carries a
+//! record of its own written in the same `pwrite` ("sideloading": the
+//! state machine keeps the body's location instead of a second copy).
+//! The index from log index to record is kept in memory, rebuilt by replay.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 
 use super::{io_err, Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
-use crate::storage::spool::Spool;
+use crate::storage::wal::{BodyLoc, GroupIndex, Kind, Wal};
 use crate::storage::Durability;
 
-const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
-const PURGED: &[u8] = b"purged";
+/// What the log store keeps in memory.
+struct State {
+    index: GroupIndex,
+    last: Option<LogId>,
+    purged: Option<LogId>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId>,
+}
 
 /// Log storage of one group; cheap to clone (the clone is the log reader).
 #[derive(Clone)]
 pub struct LogStore {
-    log: sled::Tree,
-    meta: sled::Tree,
-    spool: Arc<Spool>,
+    group: GroupId,
+    wal: Arc<Wal>,
     durability: Arc<Durability>,
+    state: Arc<Mutex<State>>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: Option<Vec<u8>>) -> anyhow::Result<Option<T>> {
+    Ok(match bytes {
+        Some(b) => Some(bincode::deserialize(&b)?),
+        None => None,
+    })
 }
 
 impl LogStore {
-    pub fn open(durability: Arc<Durability>, spool: Arc<Spool>, group: GroupId) -> anyhow::Result<LogStore> {
-        let db = durability.db();
+    pub fn open(durability: Arc<Durability>, group: GroupId) -> anyhow::Result<LogStore> {
+        let wal = Arc::clone(durability.wal());
+        let replayed = wal.take_replayed(group);
+        let purged: Option<LogId> = decode(replayed.purged.map(|p| p.get(8..).unwrap_or_default().to_vec()))?;
         let store = LogStore {
-            log: db.open_tree(format!("g{group}/log"))?,
-            meta: db.open_tree(format!("g{group}/meta"))?,
-            spool,
+            group,
+            wal,
             durability,
+            state: Arc::new(Mutex::new(State {
+                index: replayed.index,
+                last: purged,
+                purged,
+                vote: decode(replayed.vote)?,
+                committed: decode::<Option<LogId>>(replayed.committed)?.flatten(),
+            })),
         };
-        store.count_spool_refs()?;
+        let last = store.lock().index.next().checked_sub(1);
+        if let Some(last) = last.filter(|_| !store.lock().index.is_empty()) {
+            let entry = store.read_entry(last).map_err(|e| anyhow::anyhow!("{e}"))?;
+            store.lock().last = Some(entry.log_id);
+        }
         Ok(store)
     }
 
-    /// Tells the spool which segments the log still points into.
-    fn count_spool_refs(&self) -> anyhow::Result<()> {
-        let mut log_max = std::collections::HashMap::new();
-        for item in self.log.iter() {
-            let (_, v) = item?;
-            let mut entry: Entry = bincode::deserialize(&v)?;
-            if let EntryPayload::Normal(request) = &mut entry.payload {
-                for body in request.bodies_mut() {
-                    if let Some(loc) = body.loc {
-                        let max = log_max.entry(loc.segment).or_insert(0);
-                        *max = (*max).max(entry.log_id.index);
-                    }
-                }
-            }
-        }
-        let purged: Option<LogId> = self.get_meta(PURGED).map_err(|e| anyhow::anyhow!("{e}"))?;
-        self.spool.set_log_refs(log_max, purged.map(|l| l.index).unwrap_or(0));
-        Ok(())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Store, ErrorVerb::Read, e);
-        match self.meta.get(key).map_err(|e| read(&e))? {
-            None => Ok(None),
-            Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| read(&e)),
-        }
+    fn loc(&self, index: u64) -> Result<BodyLoc, StorageError> {
+        self.lock().index.get(index).ok_or_else(|| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Read,
+                format!("group {} has no log entry {index}", self.group),
+            )
+        })
     }
 
-    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
-        let write = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Store, ErrorVerb::Write, e);
-        let bytes = bincode::serialize(value).map_err(|e| write(&e))?;
-        self.meta.insert(key, bytes).map_err(|e| write(&e))?;
-        Ok(())
-    }
-
-    /// Decodes a stored entry and loads its body back from the spool.
-    fn decode(&self, bytes: &[u8]) -> Result<Entry, StorageError> {
-        let mut entry: Entry =
-            bincode::deserialize(bytes).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+    /// Reads entry `index` and loads its bodies back.
+    fn read_entry(&self, index: u64) -> Result<Entry, StorageError> {
+        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
+        let record = self.wal.read(&self.loc(index)?).map_err(|e| read(&e))?;
+        let mut entry: Entry = bincode::deserialize(record.get(8..).unwrap_or_default()).map_err(|e| read(&e))?;
         let log_id = entry.log_id;
         if let EntryPayload::Normal(request) = &mut entry.payload {
             for body in request.bodies_mut() {
                 if let Some(loc) = body.loc {
                     body.bytes = self
-                        .spool
+                        .wal
                         .read(&loc)
                         .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Read, e))?;
                 }
@@ -95,25 +98,14 @@ impl LogStore {
         Ok(entry)
     }
 
-    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
-        match self
-            .log
-            .last()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
-        {
-            None => Ok(None),
-            Some((_, v)) => Ok(Some(self.decode_header(&v)?)),
-        }
+    fn write_mark<T: serde::Serialize>(&self, kind: Kind, prefix: &[u8], value: &T) -> Result<(), StorageError> {
+        let write = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Store, ErrorVerb::Write, e);
+        let bytes = bincode::serialize(value).map_err(|e| write(&e))?;
+        self.wal
+            .write_one(kind, self.group, &[prefix, &bytes].concat())
+            .map_err(|e| write(&e))?;
+        Ok(())
     }
-
-    fn decode_header(&self, bytes: &[u8]) -> Result<LogId, StorageError> {
-        // The log id is the entry's first field, so bincode can decode just it.
-        bincode::deserialize::<LogId>(bytes).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))
-    }
-}
-
-fn key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -121,22 +113,23 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
+        let (first, next) = {
+            let state = self.lock();
+            (state.index.first(), state.index.next())
+        };
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
             Bound::Excluded(&s) => s.saturating_add(1),
             Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&e) => Bound::Included(key(e)),
-            Bound::Excluded(&e) => Bound::Excluded(key(e)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        for item in self.log.range((Bound::Included(key(start)), end)) {
-            let (_, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            out.push(self.decode(&v)?);
         }
-        Ok(out)
+        .max(first);
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        }
+        .min(next);
+        (start..end).map(|i| self.read_entry(i)).collect()
     }
 }
 
@@ -144,11 +137,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.get_meta(PURGED)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        let state = self.lock();
         Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
+            last_purged_log_id: state.purged,
+            last_log_id: state.last.or(state.purged),
         })
     }
 
@@ -157,7 +149,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.put_meta(VOTE, vote)?;
+        self.write_mark(Kind::Vote, &[], vote)?;
+        self.lock().vote = Some(*vote);
         self.durability
             .flush()
             .await
@@ -165,17 +158,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.get_meta(VOTE)
+        Ok(self.lock().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Made durable by the next group commit; losing it only means
         // re-deriving the commit index from the log after a crash.
-        self.put_meta(COMMITTED, &committed)
+        if self.lock().committed == committed {
+            return Ok(());
+        }
+        self.write_mark(Kind::Committed, &[], &committed)?;
+        self.lock().committed = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
+        Ok(self.lock().committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -183,54 +181,79 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for mut entry in entries {
-            let log_id = entry.log_id;
-            if let EntryPayload::Normal(request) = &mut entry.payload {
-                for body in request.bodies_mut() {
-                    let loc = self
-                        .spool
-                        .append(&body.bytes)
-                        .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
-                    self.spool.logged(loc.segment, log_id.index);
-                    body.loc = Some(loc);
-                    body.bytes = Vec::new();
+        let group = self.group;
+        let mut written = Vec::new();
+        let result = self.wal.write(|batch| {
+            for mut entry in entries {
+                let log_id = entry.log_id;
+                if let EntryPayload::Normal(request) = &mut entry.payload {
+                    for body in request.bodies_mut() {
+                        body.loc = Some(batch.push(Kind::Body, group, &body.bytes)?);
+                        body.bytes = Vec::new();
+                    }
                 }
+                let mut payload = log_id.index.to_le_bytes().to_vec();
+                bincode::serialize_into(&mut payload, &entry).map_err(std::io::Error::other)?;
+                let loc = batch.push(Kind::Entry, group, &payload)?;
+                batch.refer(group, log_id.index);
+                written.push((log_id, loc));
             }
-            let bytes =
-                bincode::serialize(&entry).map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
-            batch.insert(&key(log_id.index), bytes);
+            Ok(())
+        });
+        result.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        {
+            let mut state = self.lock();
+            for (log_id, loc) in written {
+                state.index.place(log_id.index, loc);
+                state.last = Some(log_id);
+            }
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         self.durability.flush_then(callback);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(key(log_id.index)..) {
-            let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            batch.remove(k);
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
+        let group = self.group;
+        let last = self.lock().index.next().saturating_sub(1);
+        self.wal
+            .write(|batch| {
+                batch.push(Kind::Truncate, group, &log_id.index.to_le_bytes())?;
+                // The truncated entries may sit in older segments: keep this
+                // record until they are purged, or a replay would revive them.
+                batch.refer(group, last);
+                Ok(())
+            })
+            .map_err(|e| err(&e))?;
+        let previous = {
+            let mut state = self.lock();
+            state.index.truncate_from(log_id.index);
+            if state.index.is_empty() {
+                state.last = state.purged;
+                None
+            } else {
+                Some(state.index.next() - 1)
+            }
+        };
+        if let Some(i) = previous {
+            let entry = self.read_entry(i)?;
+            self.lock().last = Some(entry.log_id);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.put_meta(PURGED, &log_id)?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=key(log_id.index)) {
-            let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            batch.remove(k);
+        self.write_mark(Kind::Purge, &log_id.index.to_le_bytes(), &log_id)?;
+        {
+            let mut state = self.lock();
+            state.index.purge_to(log_id.index);
+            state.purged = Some(log_id);
+            if state.index.is_empty() {
+                state.last = state.last.max(Some(log_id));
+            }
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        self.spool.log_purged(log_id.index);
-        self.spool.reclaim();
+        self.wal.log_purged(self.group, log_id.index);
+        self.durability.reclaim();
         Ok(())
     }
 }

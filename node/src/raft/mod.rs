@@ -24,7 +24,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 use crate::queue::message::MessageRecord;
-use crate::storage::spool::BodyLoc;
+use crate::storage::wal::BodyLoc;
 
 pub type NodeId = u64;
 pub type GroupId = u64;
@@ -51,7 +51,7 @@ pub type StorageError = openraft::StorageError<NodeId>;
 /// A message body as carried in a Raft entry.
 ///
 /// On the wire (and in memory) it holds the bytes. The log store writes the
-/// bytes once into the group's spool and keeps only `loc` in sled
+/// bytes once into the write-ahead log and keeps only `loc` in the entry
 /// ("sideloading"); the state machine then reuses that location instead of
 /// writing the body a second time.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -21,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{io_err, Body, Entry, GroupId, LogId, NodeId, QueueAction, Request, Response, StorageError, TypeConfig};
 use crate::queue::message::MessageRecord;
-use crate::storage::spool::Spool;
+use crate::storage::wal::{Kind, Wal};
 use crate::storage::Durability;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -44,11 +43,12 @@ pub fn message_key(id: &str) -> Vec<u8> {
 pub struct StateMachine {
     group: GroupId,
     tree: sled::Tree,
-    spool: Arc<Spool>,
+    wal: Arc<Wal>,
     durability: Arc<Durability>,
-    snapshot_path: PathBuf,
-    /// State captured for the snapshot being built (taken in order with applies).
-    pending: Option<Arc<Captured>>,
+    /// Applied state when the snapshot builder was made (in order with applies).
+    pending: Option<(Option<LogId>, Membership)>,
+    /// The first `get_current_snapshot` (openraft's start-up) has been answered.
+    started: bool,
     /// Where apply events go (the shard's scheduler), if anywhere.
     events: Option<tokio::sync::mpsc::UnboundedSender<SmEvent>>,
     /// Queued messages (`tern_queue_messages`): counted at open and after a
@@ -86,34 +86,28 @@ struct SnapshotMessage {
     body: Vec<u8>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: Meta,
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-}
-
 impl StateMachine {
-    pub fn open(durability: Arc<Durability>, spool: Arc<Spool>, group: GroupId) -> anyhow::Result<StateMachine> {
+    pub fn open(durability: Arc<Durability>, group: GroupId) -> anyhow::Result<StateMachine> {
         let tree = durability.db().open_tree(format!("g{group}/sm"))?;
-        let dir = durability.data_dir().join("snapshots");
-        std::fs::create_dir_all(&dir)?;
+        // Snapshot files of earlier versions: snapshots are made on demand now.
+        let _ = std::fs::remove_file(durability.data_dir().join("snapshots").join(format!("g{group}.snap")));
         let sm = StateMachine {
             group,
             tree,
-            spool,
-            snapshot_path: dir.join(format!("g{group}.snap")),
+            wal: Arc::clone(durability.wal()),
             durability,
             pending: None,
+            started: false,
             events: None,
             messages: Arc::new(AtomicI64::new(0)),
         };
-        sm.count_spool_refs()?;
+        let live = sm.count_messages()?;
+        sm.wal.add_live(live);
         Ok(sm)
     }
 
-    /// Tells the spool which segments queued messages point into.
-    fn count_spool_refs(&self) -> anyhow::Result<()> {
+    /// Counts queued messages, and returns how many bodies are in each log segment.
+    fn count_messages(&self) -> anyhow::Result<std::collections::HashMap<u64, i64>> {
         let mut live = std::collections::HashMap::new();
         let mut messages = 0;
         for item in self.tree.scan_prefix(MESSAGE_PREFIX) {
@@ -124,9 +118,8 @@ impl StateMachine {
                 *live.entry(loc.segment).or_insert(0) += 1;
             }
         }
-        self.spool.set_live(live);
         self.messages.store(messages, Ordering::Relaxed);
-        Ok(())
+        Ok(live)
     }
 
     /// Messages in this group's queue (as applied on this replica).
@@ -139,8 +132,9 @@ impl StateMachine {
         self.tree.clone()
     }
 
-    pub fn spool(&self) -> Arc<Spool> {
-        Arc::clone(&self.spool)
+    /// Where message bodies are read from.
+    pub fn wal(&self) -> Arc<Wal> {
+        Arc::clone(&self.wal)
     }
 
     fn read<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -182,9 +176,12 @@ impl StateMachine {
         }
         let loc = match body.loc {
             Some(loc) => loc,
-            None => self.spool.append(&body.bytes).map_err(|e| err(&e))?,
+            None => self
+                .wal
+                .write_one(Kind::Body, self.group, &body.bytes)
+                .map_err(|e| err(&e))?,
         };
-        self.spool.retain(loc.segment);
+        self.wal.retain(loc.segment);
         record.body = Some(loc);
         events.push(SmEvent::Scheduled {
             id: record.id.clone(),
@@ -221,7 +218,7 @@ impl StateMachine {
             if k.starts_with(MESSAGE_PREFIX) {
                 let record: MessageRecord = bincode::deserialize(v).map_err(|e| err(&e))?;
                 let body = match &record.body {
-                    Some(loc) => self.spool.read(loc).map_err(|e| err(&e))?,
+                    Some(loc) => self.wal.read(loc).map_err(|e| err(&e))?,
                     None => Vec::new(),
                 };
                 data.messages.push(SnapshotMessage { record, body });
@@ -231,63 +228,41 @@ impl StateMachine {
         }
         bincode::serialize(&data).map_err(|e| err(&e))
     }
+}
 
-    fn save_snapshot_file(&self, stored: &StoredSnapshot) -> Result<(), StorageError> {
-        let err = |e: &dyn std::fmt::Display| {
-            io_err(
-                ErrorSubject::Snapshot(Some(stored.meta.signature())),
-                ErrorVerb::Write,
-                e,
-            )
+impl StateMachine {
+    fn snapshot_meta(&self, applied: Option<LogId>, membership: Membership) -> Meta {
+        let snapshot_id = match &applied {
+            Some(l) => format!("g{}-{}-{}", self.group, l.leader_id.term, l.index),
+            None => format!("g{}-empty", self.group),
         };
-        let bytes = bincode::serialize(stored).map_err(|e| err(&e))?;
-        let tmp = self.snapshot_path.with_extension("tmp");
-        {
-            use std::io::Write as _;
-            let mut f = std::fs::File::create(&tmp).map_err(|e| err(&e))?;
-            f.write_all(&bytes).map_err(|e| err(&e))?;
-            f.sync_all().map_err(|e| err(&e))?;
+        Meta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
         }
-        std::fs::rename(&tmp, &self.snapshot_path).map_err(|e| err(&e))?;
-        if let Some(dir) = self.snapshot_path.parent() {
-            crate::storage::sync_dir(dir).map_err(|e| err(&e))?;
-        }
-        Ok(())
     }
 }
 
+/// A snapshot here is the state machine's own sled tree: "building" one
+/// makes that tree durable up to the applied index (so the log may be
+/// purged behind it) and copies nothing. The bytes a lagging follower needs
+/// are made on demand by `get_current_snapshot`, from the state as applied
+/// at that moment. (Copying the whole queue every 20,000 entries made the
+/// cost of a snapshot grow with the queue.)
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let captured = match self.pending.take() {
-            Some(c) => c,
-            None => Arc::new(self.capture()?),
+        let (applied, membership) = match self.pending.take() {
+            Some(p) => p,
+            None => self.applied_state().await?,
         };
-        // The snapshot lets the log be purged: the state it covers must be on disk first.
         self.durability
-            .flush()
+            .flush_all()
             .await
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        let data = self.encode_snapshot(&captured)?;
-        let snapshot_id = match &captured.applied {
-            Some(l) => format!(
-                "g{}-{}-{}-{}",
-                self.group,
-                l.leader_id.term,
-                l.index,
-                rand::random::<u32>()
-            ),
-            None => format!("g{}-empty-{}", self.group, rand::random::<u32>()),
-        };
-        let meta = Meta {
-            last_log_id: captured.applied,
-            last_membership: captured.membership.clone(),
-            snapshot_id,
-        };
-        let stored = StoredSnapshot { meta, data };
-        self.save_snapshot_file(&stored)?;
         Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: self.snapshot_meta(applied, membership),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -345,7 +320,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         record.delay_notified = update.delay_notified;
                         if record.rcpt_state.iter().all(|s| s.status.is_final()) {
                             if let Some(loc) = record.body {
-                                self.spool.release(loc.segment);
+                                self.wal.release(loc.segment);
                             }
                             events.push(SmEvent::Removed { id: update.id.clone() });
                             staged.insert(update.id, None);
@@ -393,7 +368,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             }
                             QueueAction::Delete => {
                                 if let Some(loc) = record.body {
-                                    self.spool.release(loc.segment);
+                                    self.wal.release(loc.segment);
                                 }
                                 events.push(SmEvent::Removed { id: id.clone() });
                                 staged.insert(id, None);
@@ -445,7 +420,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.insert(APPLIED, bincode::serialize(&last).map_err(|e| err(&e))?);
             self.tree.apply_batch(batch).map_err(|e| err(&e))?;
             self.messages.fetch_add(added, Ordering::Relaxed);
-            self.spool.reclaim();
+            self.durability.reclaim();
         }
         if let Some(tx) = &self.events {
             for e in events {
@@ -456,9 +431,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Called in order with `apply`, so this copy is consistent with `applied`.
+        // Called in order with `apply`: the state to make durable.
         let mut builder = self.clone();
-        builder.pending = self.capture().ok().map(Arc::new);
+        builder.pending = self.applied_state().await.ok();
         builder
     }
 
@@ -472,15 +447,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let data: SnapshotData = bincode::deserialize(&bytes).map_err(|e| err(&e))?;
         let mut batch = sled::Batch::default();
+        let mut released = Vec::new();
         for item in self.tree.iter() {
-            let (k, _) = item.map_err(|e| err(&e))?;
+            let (k, v) = item.map_err(|e| err(&e))?;
+            if k.starts_with(MESSAGE_PREFIX) {
+                let record: MessageRecord = bincode::deserialize(&v).map_err(|e| err(&e))?;
+                released.extend(record.body.map(|loc| loc.segment));
+            }
             batch.remove(k);
         }
         for (k, v) in data.kv {
             batch.insert(k, v);
         }
-        for SnapshotMessage { mut record, body } in data.messages {
-            record.body = Some(self.spool.append(&body).map_err(|e| err(&e))?);
+        let group = self.group;
+        let mut messages = data.messages;
+        self.wal
+            .write(|b| {
+                for m in &mut messages {
+                    m.record.body = Some(b.push(Kind::Body, group, &m.body)?);
+                }
+                Ok(())
+            })
+            .map_err(|e| err(&e))?;
+        let count = messages.len() as i64;
+        for SnapshotMessage { record, .. } in messages {
+            if let Some(loc) = record.body {
+                self.wal.retain(loc.segment);
+            }
             batch.insert(
                 message_key(&record.id),
                 bincode::serialize(&record).map_err(|e| err(&e))?,
@@ -492,26 +485,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             bincode::serialize(&meta.last_membership).map_err(|e| err(&e))?,
         );
         self.tree.apply_batch(batch).map_err(|e| err(&e))?;
-        self.count_spool_refs().map_err(|e| err(&e))?;
-        self.durability.flush().await.map_err(|e| err(&e))?;
-        self.spool.reclaim();
-        self.save_snapshot_file(&StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes,
-        })
+        self.messages.store(count, Ordering::Relaxed);
+        self.durability.flush_all().await.map_err(|e| err(&e))?;
+        for segment in released {
+            self.wal.release(segment);
+        }
+        self.durability.reclaim();
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let bytes = match std::fs::read(&self.snapshot_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e)),
-        };
-        let stored: StoredSnapshot =
-            bincode::deserialize(&bytes).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let first = !std::mem::replace(&mut self.started, true);
+        let (applied, membership) = self.applied_state().await?;
+        if applied.is_none() {
+            return Ok(None);
+        }
+        // openraft's start-up asks only for the snapshot's id: no bytes yet.
+        if first {
+            return Ok(Some(Snapshot {
+                meta: self.snapshot_meta(applied, membership),
+                snapshot: Box::new(Cursor::new(Vec::new())),
+            }));
+        }
+        // On the state machine's task, in order with applies: consistent.
+        let captured = self.capture()?;
         Ok(Some(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: self.snapshot_meta(captured.applied, captured.membership.clone()),
+            snapshot: Box::new(Cursor::new(self.encode_snapshot(&captured)?)),
         }))
     }
 }

@@ -13,7 +13,6 @@ use super::log_store::LogStore;
 use super::state_machine::StateMachine;
 use super::{Body, Request, StorageError, TypeConfig};
 use crate::queue::message::MessageRecord;
-use crate::storage::spool::Spool;
 use crate::storage::Durability;
 
 struct Builder;
@@ -23,9 +22,9 @@ fn open(dir: &std::path::Path) -> (LogStore, StateMachine) {
 }
 
 fn open_with(durability: Arc<Durability>) -> (LogStore, StateMachine) {
-    let spool = Arc::new(Spool::open(Arc::clone(&durability), 1).unwrap());
-    let log = LogStore::open(Arc::clone(&durability), Arc::clone(&spool), 1).unwrap();
-    let sm = StateMachine::open(durability, spool, 1).unwrap();
+    let log = LogStore::open(Arc::clone(&durability), 1).unwrap();
+    let sm = StateMachine::open(Arc::clone(&durability), 1).unwrap();
+    durability.wal().enable_reclaim();
     (log, sm)
 }
 
@@ -56,7 +55,7 @@ pub(crate) fn enqueue_entry(index: u64, id: &str, body: &[u8]) -> Entry<TypeConf
     }
 }
 
-/// Bodies are written once to the spool, read back from the log, reused
+/// Bodies are written once to the write-ahead log, read back from the log, reused
 /// by the state machine, and survive reopening the store.
 #[tokio::test]
 async fn bodies_are_sideloaded_and_survive_reopen() {
@@ -92,7 +91,7 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
     }
     let v = sm.tree().get(super::state_machine::message_key("B")).unwrap().unwrap();
     let record: MessageRecord = bincode::deserialize(&v).unwrap();
-    assert_eq!(sm.spool().read(&record.body.unwrap()).unwrap(), big);
+    assert_eq!(sm.wal().read(&record.body.unwrap()).unwrap(), big);
     // Bodies stay out of sled: no blob files.
     let blobs = std::fs::read_dir(dir.path().join("sled/blobs")).unwrap().count();
     assert_eq!(blobs, 0, "sled wrote blob files");
@@ -101,21 +100,16 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
 /// Spool segments are deleted once no queued message and no unpurged log
 /// entry points into them, and never the one being written.
 #[tokio::test]
-async fn final_messages_free_their_spool_segments() {
+async fn final_messages_free_their_log_segments() {
     use crate::envelope::{Envelope, Recipient};
     use crate::queue::message::RcptStatus;
     use crate::raft::{OutcomeUpdate, RcptResult};
     use openraft::storage::RaftLogStorage;
 
     let dir = tempfile::tempdir().unwrap();
-    let durability = Durability::open(dir.path()).unwrap();
-    let spool = Arc::new(
-        Spool::open(Arc::clone(&durability), 1)
-            .unwrap()
-            .with_segment_bytes(1024),
-    );
-    let mut log = LogStore::open(Arc::clone(&durability), Arc::clone(&spool), 1).unwrap();
-    let mut sm = StateMachine::open(durability, Arc::clone(&spool), 1).unwrap();
+    let durability = Durability::open_with(dir.path(), Default::default(), 1024).unwrap();
+    let wal = Arc::clone(durability.wal());
+    let (mut log, mut sm) = open_with(durability);
     let envelope = Envelope {
         recipients: vec![Recipient {
             address: "r@example.test".into(),
@@ -124,18 +118,17 @@ async fn final_messages_free_their_spool_segments() {
         }],
         ..Envelope::default()
     };
-    let mut entries = Vec::new();
+    // One append per message: each fills a segment of its own (plus the one opened at start).
     for (i, id) in ["A", "B", "C", "D"].iter().enumerate() {
         let mut e = enqueue_entry(i as u64 + 1, id, &[b'x'; 900]);
         if let EntryPayload::Normal(Request::Enqueue { record, .. }) = &mut e.payload {
             record.envelope = envelope.clone();
             record.rcpt_state = vec![Default::default()];
         }
-        entries.push(e);
+        log.blocking_append([e]).await.unwrap();
     }
-    log.blocking_append(entries).await.unwrap();
     sm.apply(log.try_get_log_entries(1..5).await.unwrap()).await.unwrap();
-    assert_eq!(spool.segment_files(), 4);
+    assert_eq!(wal.segment_files(), 4);
     assert_eq!(sm.message_count(), 4);
 
     let done = |id: &str| OutcomeUpdate {
@@ -161,22 +154,63 @@ async fn final_messages_free_their_spool_segments() {
     assert_eq!(sm.message_count(), 1, "A, B and D are final");
     // Still referenced by unpurged log entries.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert_eq!(spool.segment_files(), 4);
+    assert_eq!(wal.segment_files(), 5, "the outcome started a fifth segment");
 
     log.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 5))
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    // A and B go; C is still queued; D's segment is the one being written.
-    while spool.segment_files() != 2 {
+    // A and B go; C is still queued; D's goes too (the outcome is in the fifth, being written).
+    while wal.segment_files() != 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "{} segments left",
-            spool.segment_files()
+            wal.segment_files()
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let v = sm.tree().get(super::state_machine::message_key("C")).unwrap().unwrap();
     let record: MessageRecord = bincode::deserialize(&v).unwrap();
-    assert_eq!(sm.spool().read(&record.body.unwrap()).unwrap(), vec![b'x'; 900]);
+    assert_eq!(sm.wal().read(&record.body.unwrap()).unwrap(), vec![b'x'; 900]);
+}
+
+/// A lagging follower gets the queue as applied at the moment it is asked
+/// for, bodies included; building a snapshot copies nothing.
+#[tokio::test]
+async fn snapshot_carries_queued_messages_and_bodies() {
+    use openraft::RaftSnapshotBuilder;
+
+    let leader_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(leader_dir.path());
+    // openraft's start-up call: meta only.
+    assert!(
+        sm.get_current_snapshot().await.unwrap().is_none(),
+        "nothing applied yet"
+    );
+    let big = vec![b'y'; 200 * 1024];
+    log.blocking_append(vec![enqueue_entry(1, "A", b"a\r\n"), enqueue_entry(2, "B", &big)])
+        .await
+        .unwrap();
+    sm.apply(log.try_get_log_entries(1..3).await.unwrap()).await.unwrap();
+    let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(2));
+    assert!(built.snapshot.get_ref().is_empty(), "building copies nothing");
+
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
+    let follower_dir = tempfile::tempdir().unwrap();
+    let (_log, mut follower) = open(follower_dir.path());
+    follower
+        .install_snapshot(&current.meta, current.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(follower.message_count(), 2);
+    assert_eq!(follower.applied_state().await.unwrap().0, built.meta.last_log_id);
+    let v = follower
+        .tree()
+        .get(super::state_machine::message_key("B"))
+        .unwrap()
+        .unwrap();
+    let record: MessageRecord = bincode::deserialize(&v).unwrap();
+    assert_eq!(follower.wal().read(&record.body.unwrap()).unwrap(), big);
 }

@@ -1,17 +1,16 @@
-//! Durable storage for one node: one sled `Db` holding every group's log,
-//! vote and state machine trees, body spools beside it, and the flusher
-//! that makes writes really durable.
-//!
-//! sled 0.34's `flush` ends in `sync_file_range`, which is not a full fsync,
-//! so after each sled flush the flusher calls `fdatasync` on sled's data file
-//! itself. Bodies never go into sled (its large-value blob files are never
-//! fsynced); they live in spool segments that the flusher fdatasyncs too.
+//! Durable storage for one node: the write-ahead log (every group's Raft
+//! log and the message bodies, see [`wal`]), one sled `Db` for the state
+//! machines, and the flusher that makes writes really durable.
 //!
 //! Group commit: every log append of every group hands its completion to
 //! one flusher thread, which takes all that are waiting, makes them durable
-//! with one round of fsyncs, then completes them all.
+//! with one `fdatasync` of the log, then completes them all. sled is not on
+//! that path: state machines are re-applied from the log after a crash, and
+//! are flushed (sled flush, then `fdatasync` of sled's data file, because
+//! sled 0.34's flush ends in `sync_file_range`) only before the log is
+//! purged behind them or log segments are deleted.
 
-pub mod spool;
+pub mod wal;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -25,7 +24,11 @@ use crate::raft::TypeConfig;
 /// A completion waiting for the next durable flush.
 enum Job {
     Log(LogFlushed<TypeConfig>),
-    Waiter(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// `full`: the state machines (sled) too, not only the log.
+    Waiter {
+        tx: tokio::sync::oneshot::Sender<Result<(), String>>,
+        full: bool,
+    },
 }
 
 /// What the flusher thread needs; separate so that dropping [`Durability`]
@@ -33,8 +36,7 @@ enum Job {
 struct Syncer {
     db: sled::Db,
     db_file: File,
-    /// Spool segment files written since the last flush.
-    dirty: Mutex<Vec<Arc<File>>>,
+    wal: Arc<wal::Wal>,
     metrics: StorageMetrics,
 }
 
@@ -53,6 +55,11 @@ impl Durability {
 
     /// As [`Durability::open`], with the flusher observing into `metrics`.
     pub fn open_with_metrics(data_dir: &Path, metrics: StorageMetrics) -> anyhow::Result<Arc<Durability>> {
+        Self::open_with(data_dir, metrics, wal::SEGMENT_BYTES)
+    }
+
+    /// As [`Durability::open_with_metrics`], with log segments of `segment_bytes`.
+    pub fn open_with(data_dir: &Path, metrics: StorageMetrics, segment_bytes: u64) -> anyhow::Result<Arc<Durability>> {
         use anyhow::Context as _;
         let sled_dir = data_dir.join("sled");
         std::fs::create_dir_all(&sled_dir).with_context(|| format!("creating {}", sled_dir.display()))?;
@@ -63,11 +70,12 @@ impl Durability {
             .open()
             .with_context(|| format!("opening sled database in {}", sled_dir.display()))?;
         let db_file = File::open(sled_dir.join("db")).context("opening sled data file for fdatasync")?;
+        let wal = Arc::new(wal::Wal::open(&data_dir.join("wal"), segment_bytes)?);
         let (tx, rx) = mpsc::channel();
         let syncer = Arc::new(Syncer {
             db,
             db_file,
-            dirty: Mutex::new(Vec::new()),
+            wal,
             metrics,
         });
         let flusher = Arc::clone(&syncer);
@@ -91,12 +99,8 @@ impl Durability {
         &self.data_dir
     }
 
-    /// Records a spool file that must be fsynced by the next flush.
-    pub(crate) fn mark_dirty(&self, file: &Arc<File>) {
-        let mut dirty = self.syncer.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        if !dirty.iter().any(|f| Arc::ptr_eq(f, file)) {
-            dirty.push(Arc::clone(file));
-        }
+    pub fn wal(&self) -> &Arc<wal::Wal> {
+        &self.syncer.wal
     }
 
     /// Completes `callback` once everything written so far is on disk.
@@ -104,11 +108,45 @@ impl Durability {
         self.send(Job::Log(callback));
     }
 
-    /// Waits until everything written so far is on disk.
+    /// Waits until everything written to the log so far is on disk.
     pub async fn flush(&self) -> Result<(), String> {
+        self.wait(false).await
+    }
+
+    /// Waits until the log and every state machine write so far are on disk.
+    pub async fn flush_all(&self) -> Result<(), String> {
+        self.wait(true).await
+    }
+
+    async fn wait(&self, full: bool) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(Job::Waiter(tx));
+        self.send(Job::Waiter { tx, full });
         rx.await.map_err(|_| "flusher stopped".to_string())?
+    }
+
+    /// Deletes the log segments nothing needs any more, after a full flush
+    /// (so that the purges and the removals that freed them are on disk
+    /// first: after a crash nothing can point into a deleted segment).
+    pub fn reclaim(self: &Arc<Self>) {
+        let doomed = self.wal().take_reclaimable();
+        if doomed.is_empty() {
+            return;
+        }
+        let durability = Arc::clone(self);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if durability.flush_all().await.is_err() {
+                return;
+            }
+            for path in doomed {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::debug!(segment = %path.display(), "log segment reclaimed"),
+                    Err(e) => tracing::warn!(segment = %path.display(), error = %e, "cannot remove log segment"),
+                }
+            }
+        });
     }
 
     fn send(&self, job: Job) {
@@ -125,7 +163,8 @@ impl Syncer {
             let mut jobs = vec![first];
             jobs.extend(rx.try_iter());
             let started = std::time::Instant::now();
-            let result = self.sync_all();
+            let full = jobs.iter().any(|j| matches!(j, Job::Waiter { full: true, .. }));
+            let result = self.sync(full);
             self.metrics.commit(started.elapsed().as_secs_f64(), jobs.len());
             if let Err(e) = &result {
                 tracing::error!(error = %e, "durable flush failed");
@@ -141,38 +180,22 @@ impl Syncer {
         }
     }
 
-    /// One round of group commit: spool segments, then sled, then fdatasync.
-    fn sync_all(&self) -> Result<(), String> {
-        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
-        // The device takes several flushes at once: a commit that touched
-        // three shards' spools waits for the slowest flush, not for the sum
-        // of five in a row (measured: 3.1 ms per commit in a row).
-        std::thread::scope(|s| {
-            let spools: Vec<_> = dirty
-                .iter()
-                .map(|file| s.spawn(move || file.sync_data().map_err(|e| format!("fdatasync spool: {e}"))))
-                .collect();
-            let sled = self
-                .db
+    /// One round of group commit: the log, and sled when `full`.
+    fn sync(&self, full: bool) -> Result<(), String> {
+        if full {
+            self.db
                 .flush()
                 .map_err(|e| format!("sled flush: {e}"))
-                .and_then(|_| self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}")));
-            let mut result = sled;
-            for handle in spools {
-                let r = handle
-                    .join()
-                    .unwrap_or_else(|_| Err("fdatasync thread panicked".into()));
-                result = result.and(r);
-            }
-            result
-        })
+                .and_then(|_| self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}")))?;
+        }
+        self.wal.sync().map_err(|e| format!("fdatasync log: {e}"))
     }
 }
 
 fn complete(job: Job, result: Result<(), String>) {
     match job {
         Job::Log(cb) => cb.log_io_completed(result.map_err(std::io::Error::other)),
-        Job::Waiter(tx) => {
+        Job::Waiter { tx, .. } => {
             let _ = tx.send(result);
         }
     }

@@ -173,7 +173,7 @@ fn metrics_follow_received_delivered_and_deferred_mail() {
     assert!(sum(&after, "tern_storage_fsync_duration_seconds_count", &[]) > 0.0);
     assert!(sum(&after, "tern_storage_commit_batch_size_count", &[]) > 0.0);
     assert!(sum(&after, "tern_storage_disk_bytes", &[("part", "sled")]) > 0.0);
-    assert!(sum(&after, "tern_storage_disk_bytes", &[("part", "spool")]) > 0.0);
+    assert!(sum(&after, "tern_storage_disk_bytes", &[("part", "wal")]) > 0.0);
     assert!(sum(&after, "tern_raft_leader_changes_total", &[("group", "1")]) >= 1.0);
     assert!(sum(&after, "tern_raft_term", &[("group", "1")]) >= 1.0);
     assert!(

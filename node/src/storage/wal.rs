@@ -1,0 +1,707 @@
+//! The node's write-ahead log: one append-only stream of segment files
+//! holding every Raft group's log entries, the message bodies they carry,
+//! and each group's vote, commit and purge marks.
+//!
+//! One stream for the whole node means one `fdatasync` makes a group commit
+//! of any number of groups durable (no sled flush on the write path).
+//!
+//! Record: `[len: u32 LE][crc32: u32 LE][kind: u8][group: u64 LE][payload]`,
+//! `len` the payload length, the checksum over kind, group and payload.
+//! A body is written once, as its own record, and found again by its
+//! [`BodyLoc`] from the log entry and from the state machine's message
+//! record. Replay at open rebuilds each group's index (log index → record).
+//!
+//! Segments are never appended to after a restart (a torn tail stays where
+//! it is), and each new segment starts with the current vote, commit and
+//! purge marks of every group, so older segments are needed only for the
+//! entries and bodies in them.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::Read as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// A segment is closed and a new one started once it is past this size.
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+const HEADER: usize = 4 + 4 + 1 + 8;
+
+pub type GroupId = u64;
+
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Kind {
+    /// A message body.
+    Body = 1,
+    /// `[index: u64 LE]` + a bincode log entry (bodies by location).
+    Entry = 2,
+    /// `[index: u64 LE]`: entries from here on are gone.
+    Truncate = 3,
+    /// `[index: u64 LE]` + the bincode purged log id: entries up to here are gone.
+    Purge = 4,
+    /// The bincode vote.
+    Vote = 5,
+    /// The bincode committed log id.
+    Committed = 6,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Body,
+            2 => Kind::Entry,
+            3 => Kind::Truncate,
+            4 => Kind::Purge,
+            5 => Kind::Vote,
+            6 => Kind::Committed,
+            _ => return None,
+        })
+    }
+
+    /// Marks re-written at the start of every segment.
+    const MARKS: [Kind; 3] = [Kind::Vote, Kind::Committed, Kind::Purge];
+}
+
+/// Where one record (a body, or a log entry) lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyLoc {
+    pub segment: u64,
+    pub offset: u64,
+    /// Payload length.
+    pub len: u32,
+    pub crc: u32,
+}
+
+/// One group's log: the record of each entry from `first` on.
+#[derive(Debug, Default)]
+pub struct GroupIndex {
+    first: u64,
+    locs: VecDeque<BodyLoc>,
+}
+
+impl GroupIndex {
+    /// Index after the last entry.
+    pub fn next(&self) -> u64 {
+        self.first + self.locs.len() as u64
+    }
+
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.locs.is_empty()
+    }
+
+    pub fn get(&self, index: u64) -> Option<BodyLoc> {
+        let i = index.checked_sub(self.first)?;
+        self.locs.get(usize::try_from(i).ok()?).copied()
+    }
+
+    /// Records entry `index`, replacing it and everything after it if the
+    /// log already went that far; a gap starts the log afresh.
+    pub fn place(&mut self, index: u64, loc: BodyLoc) {
+        if self.locs.is_empty() || index <= self.first || index > self.next() {
+            self.locs.clear();
+            self.first = index;
+        } else if index < self.next() {
+            self.truncate_from(index);
+        }
+        self.locs.push_back(loc);
+    }
+
+    /// Forgets entries from `index` on.
+    pub fn truncate_from(&mut self, index: u64) {
+        let keep = index.saturating_sub(self.first);
+        self.locs.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+    }
+
+    /// Forgets entries up to `index`.
+    pub fn purge_to(&mut self, index: u64) {
+        while !self.locs.is_empty() && self.first <= index {
+            self.locs.pop_front();
+            self.first += 1;
+        }
+        if self.locs.is_empty() {
+            self.first = self.first.max(index.saturating_add(1));
+        }
+    }
+}
+
+/// What replay found for one group.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub index: GroupIndex,
+    /// Latest payload of each mark.
+    pub vote: Option<Vec<u8>>,
+    pub committed: Option<Vec<u8>>,
+    pub purged: Option<Vec<u8>>,
+}
+
+struct Active {
+    seq: u64,
+    file: Arc<File>,
+    size: u64,
+}
+
+struct Inner {
+    active: Active,
+    open: HashMap<u64, Arc<File>>,
+    /// Queued messages whose body is in each segment (state machines).
+    live: HashMap<u64, i64>,
+    /// Per segment, the highest log index each group has an entry (or a
+    /// truncation of one) in.
+    log_max: HashMap<u64, HashMap<GroupId, u64>>,
+    /// Per group, entries up to here are purged.
+    purged: HashMap<GroupId, u64>,
+    /// Latest mark payloads, re-written at the start of each segment.
+    marks: BTreeMap<(GroupId, Kind), Vec<u8>>,
+    /// Replay results not yet taken by their group's log store.
+    replayed: HashMap<GroupId, Replayed>,
+    /// Reclaiming waits until every state machine has counted its references.
+    reclaim_enabled: bool,
+    /// A reference was dropped since the last look for reclaimable segments.
+    changed: bool,
+    /// Segment files on disk.
+    segments: std::collections::BTreeSet<u64>,
+}
+
+/// The node's write-ahead log.
+pub struct Wal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    inner: Mutex<Inner>,
+    /// Segment files written since the last sync.
+    dirty: Mutex<Vec<Arc<File>>>,
+}
+
+/// Records being added in one write (one `pwrite`).
+pub struct Batch<'a> {
+    seq: u64,
+    base: u64,
+    buf: Vec<u8>,
+    log_max: &'a mut HashMap<u64, HashMap<GroupId, u64>>,
+}
+
+impl Batch<'_> {
+    /// Adds a record; its location is final once the write succeeds.
+    pub fn push(&mut self, kind: Kind, group: GroupId, payload: &[u8]) -> std::io::Result<BodyLoc> {
+        let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("record larger than 4 GiB"))?;
+        let offset = self.base + self.buf.len() as u64;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[kind as u8]);
+        hasher.update(&group.to_le_bytes());
+        hasher.update(payload);
+        let crc = hasher.finalize();
+        self.buf.reserve(HEADER + payload.len());
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&crc.to_le_bytes());
+        self.buf.push(kind as u8);
+        self.buf.extend_from_slice(&group.to_le_bytes());
+        self.buf.extend_from_slice(payload);
+        Ok(BodyLoc {
+            segment: self.seq,
+            offset,
+            len,
+            crc,
+        })
+    }
+
+    /// Notes that `group`'s log reaches `index` in this segment, so the
+    /// segment stays until the group purges that far.
+    pub fn refer(&mut self, group: GroupId, index: u64) {
+        let max = self.log_max.entry(self.seq).or_default().entry(group).or_default();
+        *max = (*max).max(index);
+    }
+}
+
+impl Wal {
+    /// Opens the log in `dir`, replaying every segment, and starts a new one.
+    pub fn open(dir: &Path, segment_bytes: u64) -> anyhow::Result<Wal> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut segments = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(hex) = name.strip_suffix(".seg") {
+                if let Ok(n) = u64::from_str_radix(hex, 16) {
+                    segments.push(n);
+                }
+            }
+        }
+        segments.sort_unstable();
+        let mut state = ReplayState::default();
+        let mut last = 0;
+        for (i, &seq) in segments.iter().enumerate() {
+            let path = segment_path(dir, seq);
+            last = seq;
+            let good =
+                replay_segment(&path, seq, &mut state).with_context(|| format!("replaying {}", path.display()))?;
+            if let Some(good_len) = good {
+                // A torn write: keep what precedes it; nothing after it was
+                // made durable, so later segments are set aside unread.
+                tracing::warn!(segment = %path.display(), at = good_len, "write-ahead log ends in a torn record; truncating");
+                OpenOptions::new().write(true).open(&path)?.set_len(good_len)?;
+                for &later in &segments[i + 1..] {
+                    let p = segment_path(dir, later);
+                    tracing::error!(segment = %p.display(), "segment after a torn record set aside as .corrupt");
+                    std::fs::rename(&p, p.with_extension("seg.corrupt"))?;
+                }
+                break;
+            }
+        }
+        let seq = last + 1;
+        let file = create_segment(dir, seq)?;
+        let mut known: std::collections::BTreeSet<u64> = segments.into_iter().filter(|s| *s <= last).collect();
+        known.insert(seq);
+        let wal = Wal {
+            dir: dir.to_owned(),
+            segment_bytes,
+            inner: Mutex::new(Inner {
+                active: Active {
+                    seq,
+                    file: Arc::clone(&file),
+                    size: 0,
+                },
+                open: HashMap::from([(seq, Arc::clone(&file))]),
+                live: HashMap::new(),
+                log_max: state.log_max,
+                purged: state.purged,
+                marks: state.marks,
+                replayed: state.replayed,
+                reclaim_enabled: false,
+                changed: true,
+                segments: known,
+            }),
+            dirty: Mutex::new(Vec::new()),
+        };
+        {
+            let mut inner = wal.lock();
+            wal.write_marks(&mut inner)?;
+        }
+        Ok(wal)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What replay found for `group` (empty for a new group); once per group.
+    pub fn take_replayed(&self, group: GroupId) -> Replayed {
+        self.lock().replayed.remove(&group).unwrap_or_default()
+    }
+
+    /// Appends the records `f` adds, in one write; durable after the next sync.
+    pub fn write<T>(&self, f: impl FnOnce(&mut Batch<'_>) -> std::io::Result<T>) -> std::io::Result<T> {
+        let mut inner = self.lock();
+        if inner.active.size >= self.segment_bytes {
+            self.rotate(&mut inner)?;
+        }
+        let Inner {
+            active, log_max, marks, ..
+        } = &mut *inner;
+        let mut batch = Batch {
+            seq: active.seq,
+            base: active.size,
+            buf: Vec::new(),
+            log_max,
+        };
+        let out = f(&mut batch)?;
+        let buf = batch.buf;
+        // Marks are remembered so that the next segment can start with them.
+        let mut at = 0;
+        while at < buf.len() {
+            let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            let kind = Kind::from_u8(buf[at + 8]);
+            if let Some(kind) = kind.filter(|k| Kind::MARKS.contains(k)) {
+                let mut g = [0u8; 8];
+                g.copy_from_slice(&buf[at + 9..at + 17]);
+                marks.insert(
+                    (u64::from_le_bytes(g), kind),
+                    buf[at + HEADER..at + HEADER + len].to_vec(),
+                );
+            }
+            at += HEADER + len;
+        }
+        active.file.write_all_at(&buf, active.size)?;
+        active.size += buf.len() as u64;
+        let file = Arc::clone(&active.file);
+        drop(inner);
+        self.mark_dirty(file);
+        Ok(out)
+    }
+
+    /// Appends one record on its own.
+    pub fn write_one(&self, kind: Kind, group: GroupId, payload: &[u8]) -> std::io::Result<BodyLoc> {
+        self.write(|b| b.push(kind, group, payload))
+    }
+
+    fn rotate(&self, inner: &mut Inner) -> std::io::Result<()> {
+        let seq = inner.active.seq + 1;
+        let file = create_segment(&self.dir, seq)?;
+        self.mark_dirty(Arc::clone(&inner.active.file));
+        inner.open.insert(seq, Arc::clone(&file));
+        inner.segments.insert(seq);
+        inner.changed = true;
+        inner.active = Active { seq, file, size: 0 };
+        self.write_marks(inner)
+    }
+
+    /// Starts the active segment with every group's current marks.
+    fn write_marks(&self, inner: &mut Inner) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for ((group, kind), payload) in &inner.marks {
+            let mut batch = Batch {
+                seq: inner.active.seq,
+                base: buf.len() as u64,
+                buf: std::mem::take(&mut buf),
+                log_max: &mut HashMap::new(),
+            };
+            batch.push(*kind, *group, payload)?;
+            buf = batch.buf;
+        }
+        inner.active.file.write_all_at(&buf, inner.active.size)?;
+        inner.active.size += buf.len() as u64;
+        self.mark_dirty(Arc::clone(&inner.active.file));
+        Ok(())
+    }
+
+    fn mark_dirty(&self, file: Arc<File>) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if !dirty.iter().any(|f| Arc::ptr_eq(f, &file)) {
+            dirty.push(file);
+        }
+    }
+
+    /// Makes everything written so far durable (the group commit's fsync).
+    pub fn sync(&self) -> std::io::Result<()> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        for file in dirty {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Reads a record's payload and checks it against its location.
+    pub fn read(&self, loc: &BodyLoc) -> std::io::Result<Vec<u8>> {
+        let file = {
+            let mut inner = self.lock();
+            match inner.open.get(&loc.segment) {
+                Some(f) => Arc::clone(f),
+                None => {
+                    let f = Arc::new(File::open(segment_path(&self.dir, loc.segment))?);
+                    inner.open.insert(loc.segment, Arc::clone(&f));
+                    f
+                }
+            }
+        };
+        let mut buf = vec![0u8; HEADER + loc.len as usize];
+        file.read_exact_at(&mut buf, loc.offset)?;
+        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        if len != loc.len || crc != loc.crc || crc32fast::hash(&buf[8..]) != crc {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "write-ahead log record at {}:{} fails its checksum",
+                    loc.segment, loc.offset
+                ),
+            ));
+        }
+        Ok(buf.split_off(HEADER))
+    }
+
+    /// Number of segment files on disk (for tests and metrics).
+    pub fn segment_files(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Space reclamation. A segment is deleted once it is not the one being
+/// written, no queued message's body is in it, and every group has purged
+/// the entries it has there. The caller removes the files only after a
+/// durable flush of the log and the state machines (see
+/// [`super::Durability::reclaim`]).
+impl Wal {
+    /// References of one state machine, counted at its open.
+    pub fn add_live(&self, live: HashMap<u64, i64>) {
+        let mut inner = self.lock();
+        for (seg, n) in live {
+            *inner.live.entry(seg).or_default() += n;
+        }
+    }
+
+    /// Every state machine on this node has counted its references.
+    pub fn enable_reclaim(&self) {
+        let mut inner = self.lock();
+        inner.reclaim_enabled = true;
+        inner.changed = true;
+    }
+
+    /// A message record now points into `segment`.
+    pub fn retain(&self, segment: u64) {
+        *self.lock().live.entry(segment).or_default() += 1;
+    }
+
+    /// A message record pointing into `segment` is gone.
+    pub fn release(&self, segment: u64) {
+        let mut inner = self.lock();
+        *inner.live.entry(segment).or_default() -= 1;
+        inner.changed = true;
+    }
+
+    /// `group`'s log entries up to `index` are purged.
+    pub fn log_purged(&self, group: GroupId, index: u64) {
+        let mut inner = self.lock();
+        let p = inner.purged.entry(group).or_default();
+        *p = (*p).max(index);
+        inner.changed = true;
+    }
+
+    /// Segments that can go, forgotten here.
+    pub(super) fn take_reclaimable(&self) -> Vec<PathBuf> {
+        let mut inner = self.lock();
+        if !inner.reclaim_enabled || !std::mem::take(&mut inner.changed) {
+            return Vec::new();
+        }
+        let active = inner.active.seq;
+        let doomed: Vec<u64> = inner
+            .segments
+            .iter()
+            .copied()
+            .filter(|seg| *seg < active && inner.live.get(seg).copied().unwrap_or(0) <= 0)
+            .filter(|seg| {
+                inner.log_max.get(seg).is_none_or(|groups| {
+                    groups
+                        .iter()
+                        .all(|(g, max)| inner.purged.get(g).is_some_and(|p| max <= p))
+                })
+            })
+            .collect();
+        doomed
+            .into_iter()
+            .map(|seg| {
+                inner.live.remove(&seg);
+                inner.log_max.remove(&seg);
+                inner.open.remove(&seg);
+                inner.segments.remove(&seg);
+                segment_path(&self.dir, seg)
+            })
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct ReplayState {
+    replayed: HashMap<GroupId, Replayed>,
+    log_max: HashMap<u64, HashMap<GroupId, u64>>,
+    purged: HashMap<GroupId, u64>,
+    marks: BTreeMap<(GroupId, Kind), Vec<u8>>,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.seg"))
+}
+
+fn create_segment(dir: &Path, seq: u64) -> std::io::Result<Arc<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(segment_path(dir, seq))?;
+    super::sync_dir(dir)?;
+    Ok(Arc::new(file))
+}
+
+fn index_of(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
+}
+
+/// Replays one segment into `state`. Returns the length of its good prefix
+/// if it ends in a torn or corrupt record.
+fn replay_segment(path: &Path, seq: u64, state: &mut ReplayState) -> std::io::Result<Option<u64>> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut offset = 0u64;
+    let mut header = [0u8; HEADER];
+    let mut payload = Vec::new();
+    while offset < size {
+        if offset + HEADER as u64 > size || reader.read_exact(&mut header).is_err() {
+            return Ok(Some(offset));
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let end = offset + HEADER as u64 + u64::from(len);
+        if end > size {
+            return Ok(Some(offset));
+        }
+        payload.resize(len as usize, 0);
+        reader.read_exact(&mut payload)?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header[8..]);
+        hasher.update(&payload);
+        let (Some(kind), true) = (Kind::from_u8(header[8]), hasher.finalize() == crc) else {
+            return Ok(Some(offset));
+        };
+        let mut g = [0u8; 8];
+        g.copy_from_slice(&header[9..17]);
+        let group = u64::from_le_bytes(g);
+        let loc = BodyLoc {
+            segment: seq,
+            offset,
+            len,
+            crc,
+        };
+        state.apply(seq, kind, group, loc, &payload);
+        offset = end;
+    }
+    Ok(None)
+}
+
+impl ReplayState {
+    fn refer(&mut self, seq: u64, group: GroupId, index: u64) {
+        let max = self.log_max.entry(seq).or_default().entry(group).or_default();
+        *max = (*max).max(index);
+    }
+
+    fn apply(&mut self, seq: u64, kind: Kind, group: GroupId, loc: BodyLoc, payload: &[u8]) {
+        if Kind::MARKS.contains(&kind) {
+            self.marks.insert((group, kind), payload.to_vec());
+        }
+        let g = self.replayed.entry(group).or_default();
+        match kind {
+            Kind::Body => {}
+            Kind::Entry => {
+                if let Some(index) = index_of(payload) {
+                    g.index.place(index, loc);
+                    self.refer(seq, group, index);
+                }
+            }
+            Kind::Truncate => {
+                if let Some(index) = index_of(payload) {
+                    let last = g.index.next().saturating_sub(1);
+                    g.index.truncate_from(index);
+                    self.refer(seq, group, last);
+                }
+            }
+            Kind::Purge => {
+                if let Some(index) = index_of(payload) {
+                    g.index.purge_to(index);
+                    g.purged = Some(payload.to_vec());
+                    let p = self.purged.entry(group).or_default();
+                    *p = (*p).max(index);
+                }
+            }
+            Kind::Vote => g.vote = Some(payload.to_vec()),
+            Kind::Committed => g.committed = Some(payload.to_vec()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn entry(index: u64, body: &[u8]) -> Vec<u8> {
+        [&index.to_le_bytes()[..], body].concat()
+    }
+
+    #[test]
+    fn replay_rebuilds_indexes_marks_and_truncations() {
+        let dir = tempfile::tempdir().unwrap();
+        let locs = {
+            let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            let mut locs = Vec::new();
+            for i in 1..=5 {
+                locs.push(wal.write_one(Kind::Entry, 7, &entry(i, b"old")).unwrap());
+            }
+            wal.write_one(Kind::Entry, 8, &entry(1, b"other")).unwrap();
+            wal.write_one(Kind::Truncate, 7, &3u64.to_le_bytes()).unwrap();
+            locs.truncate(2);
+            locs.push(wal.write_one(Kind::Entry, 7, &entry(3, b"new")).unwrap());
+            wal.write_one(Kind::Vote, 7, b"v1").unwrap();
+            wal.write_one(Kind::Vote, 7, b"v2").unwrap();
+            wal.write_one(Kind::Purge, 7, &entry(1, b"p")).unwrap();
+            wal.sync().unwrap();
+            locs
+        };
+        let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let g = wal.take_replayed(7);
+        assert_eq!((g.index.first(), g.index.next()), (2, 4), "1 purged, 4 and 5 truncated");
+        assert_eq!(g.index.get(2), Some(locs[1]));
+        assert_eq!(g.index.get(3), Some(locs[2]));
+        assert_eq!(wal.read(&locs[2]).unwrap(), entry(3, b"new"));
+        assert_eq!(g.vote.as_deref(), Some(&b"v2"[..]));
+        assert_eq!(g.purged.as_deref(), Some(&entry(1, b"p")[..]));
+        assert_eq!(wal.take_replayed(8).index.next(), 2);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_later_writes_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            wal.write_one(Kind::Entry, 1, &entry(1, b"kept")).unwrap();
+            wal.write_one(Kind::Entry, 1, &entry(2, b"torn")).unwrap();
+            wal.sync().unwrap();
+        }
+        // Damage the last record's payload, as a crash mid-write would.
+        let seg = segment_path(dir.path(), 1);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        {
+            let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            assert_eq!(wal.take_replayed(1).index.next(), 2, "only entry 1 survives");
+            wal.write_one(Kind::Entry, 1, &entry(2, b"again")).unwrap();
+            wal.sync().unwrap();
+        }
+        let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let g = wal.take_replayed(1);
+        assert_eq!(g.index.next(), 3);
+        assert_eq!(wal.read(&g.index.get(2).unwrap()).unwrap(), entry(2, b"again"));
+    }
+
+    #[test]
+    fn marks_survive_reclaiming_old_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let wal = Wal::open(dir.path(), 64).unwrap();
+            wal.write_one(Kind::Vote, 3, b"vote").unwrap();
+            for i in 1..=4 {
+                wal.write_one(Kind::Entry, 3, &entry(i, &[b'x'; 80])).unwrap();
+            }
+            wal.write_one(Kind::Purge, 3, &entry(4, b"p")).unwrap();
+            wal.log_purged(3, 4);
+            wal.enable_reclaim();
+            wal.sync().unwrap();
+            let doomed = wal.take_reclaimable();
+            assert!(!doomed.is_empty());
+            for p in doomed {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        let g = wal.take_replayed(3);
+        assert_eq!(g.vote.as_deref(), Some(&b"vote"[..]));
+        assert!(g.index.is_empty());
+        assert_eq!(g.index.next(), 5);
+    }
+}
