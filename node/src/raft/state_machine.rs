@@ -410,6 +410,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             responses.push(response);
         }
+        // A follower may apply entries before its own log write is synced;
+        // sled must not keep a record pointing at a body that a crash could
+        // still take away (sled flushes by itself every half second).
+        let unsynced = staged
+            .values()
+            .flatten()
+            .filter_map(|r| r.body.as_ref())
+            .any(|loc| !self.wal.is_durable(loc));
+        if unsynced {
+            self.durability.flush().await.map_err(|e| err(&e))?;
+        }
         for (id, record) in staged {
             match record {
                 Some(r) => batch.insert(message_key(&id), bincode::serialize(&r).map_err(|e| err(&e))?),

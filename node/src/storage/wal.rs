@@ -177,6 +177,13 @@ pub struct Wal {
     inner: Mutex<Inner>,
     /// Segment files written since the last sync.
     dirty: Mutex<Vec<Arc<File>>>,
+    /// Everything before this [`position`] is on disk.
+    synced: std::sync::atomic::AtomicU64,
+}
+
+/// A point in the log as one number (segment, then offset), for comparing.
+fn position(segment: u64, offset: u64) -> u64 {
+    (segment << 40) | offset.min((1 << 40) - 1)
 }
 
 /// Records being added in one write (one `pwrite`).
@@ -279,6 +286,7 @@ impl Wal {
                 segments: known,
             }),
             dirty: Mutex::new(Vec::new()),
+            synced: std::sync::atomic::AtomicU64::new(position(seq, 0)),
         };
         {
             let mut inner = wal.lock();
@@ -330,9 +338,8 @@ impl Wal {
         }
         active.file.write_all_at(&buf, active.size)?;
         active.size += buf.len() as u64;
-        let file = Arc::clone(&active.file);
-        drop(inner);
-        self.mark_dirty(file);
+        // Under the lock, so that a sync that sees the new size syncs the file.
+        self.mark_dirty(Arc::clone(&active.file));
         Ok(out)
     }
 
@@ -380,11 +387,22 @@ impl Wal {
 
     /// Makes everything written so far durable (the group commit's fsync).
     pub fn sync(&self) -> std::io::Result<()> {
+        let upto = {
+            let inner = self.lock();
+            position(inner.active.seq, inner.active.size)
+        };
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         for file in dirty {
             file.sync_data()?;
         }
+        self.synced.fetch_max(upto, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the record at `loc` is on disk yet.
+    pub fn is_durable(&self, loc: &BodyLoc) -> bool {
+        let end = loc.offset + HEADER as u64 + u64::from(loc.len);
+        position(loc.segment, end) <= self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Reads a record's payload and checks it against its location.
@@ -647,6 +665,22 @@ mod tests {
         assert_eq!(g.vote.as_deref(), Some(&b"v2"[..]));
         assert_eq!(g.purged.as_deref(), Some(&entry(1, b"p")[..]));
         assert_eq!(wal.take_replayed(8).index.next(), 2);
+    }
+
+    #[test]
+    fn records_are_durable_only_after_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        let first = wal.write_one(Kind::Body, 1, &[b'a'; 100]).unwrap();
+        assert!(!wal.is_durable(&first));
+        wal.sync().unwrap();
+        assert!(wal.is_durable(&first));
+        // The next write starts a new segment (past 64 bytes).
+        let second = wal.write_one(Kind::Body, 1, b"b").unwrap();
+        assert_eq!(second.segment, first.segment + 1);
+        assert!(!wal.is_durable(&second));
+        wal.sync().unwrap();
+        assert!(wal.is_durable(&second));
     }
 
     #[test]
