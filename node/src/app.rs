@@ -194,6 +194,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     }
     // Every state machine with queued messages has counted its bodies.
     durability.wal().enable_reclaim();
+    let checkpointer = host.spawn_checkpointer(std::time::Duration::from_secs(1));
     let groups = Arc::clone(&host.groups);
     if let Some(control) = groups.get(CONTROL_GROUP) {
         delivery.set_control(control.sm.tree());
@@ -396,7 +397,10 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let _ = grpc.await;
     let _ = http.await;
     host.shutdown().await;
-    durability.flush().await.map_err(anyhow::Error::msg)?;
+    checkpointer.abort();
+    // A clean stop re-applies nothing at the next start.
+    host.checkpoint_all().await;
+    durability.flush_all().await.map_err(anyhow::Error::msg)?;
     webhooks.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -27,6 +27,8 @@ type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
 const APPLIED: &[u8] = b"a";
+/// The applied log id up to which this tree is known to be on disk.
+const CHECKPOINT: &[u8] = b"c";
 const MEMBERSHIP: &[u8] = b"b";
 pub const MESSAGE_PREFIX: &[u8] = b"m/";
 pub const NODE_PREFIX: &[u8] = b"n/";
@@ -49,6 +51,8 @@ pub struct StateMachine {
     pending: Option<(Option<LogId>, Membership)>,
     /// The first `get_current_snapshot` (openraft's start-up) has been answered.
     started: bool,
+    /// The last checkpoint written (shared by clones).
+    checkpoint: Arc<std::sync::Mutex<Option<LogId>>>,
     /// Where apply events go (the shard's scheduler), if anywhere.
     events: Option<tokio::sync::mpsc::UnboundedSender<SmEvent>>,
     /// Queued messages (`tern_queue_messages`): counted at open and after a
@@ -98,9 +102,11 @@ impl StateMachine {
             durability,
             pending: None,
             started: false,
+            checkpoint: Arc::new(std::sync::Mutex::new(None)),
             events: None,
             messages: Arc::new(AtomicI64::new(0)),
         };
+        sm.roll_back_to_checkpoint()?;
         let live = sm.count_messages()?;
         sm.wal.add_live(live);
         Ok(sm)
@@ -244,6 +250,96 @@ impl StateMachine {
     }
 }
 
+/// Writes of one apply, made one key at a time in order (see `apply`).
+#[derive(Default)]
+struct Writes(Vec<(sled::IVec, Option<sled::IVec>)>);
+
+impl Writes {
+    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.0.push((key.into(), Some(value.into())));
+    }
+
+    fn remove(&mut self, key: impl Into<sled::IVec>) {
+        self.0.push((key.into(), None));
+    }
+
+    fn write(self, tree: &sled::Tree) -> sled::Result<()> {
+        for (k, v) in self.0 {
+            match v {
+                Some(v) => tree.insert(k, v)?,
+                None => tree.remove(k)?,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoints. Applies are written key by key without a flush, so after a
+/// crash the tree may hold any part of what was applied since its last
+/// flush. A checkpoint is an applied id written only after a full flush
+/// that covered every write up to it; at open the tree's applied id is put
+/// back to the checkpoint and openraft re-applies the log from there (every
+/// request is idempotent, and the log is never purged past a checkpoint).
+impl StateMachine {
+    /// The applied id as written so far (every key up to it is written).
+    pub fn written_applied(&self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.read::<Option<LogId>>(APPLIED)?.flatten())
+    }
+
+    /// Records `applied` as a checkpoint: the caller has flushed everything
+    /// written up to it. Never moves the checkpoint back.
+    pub fn write_checkpoint(&self, applied: Option<LogId>) -> Result<(), StorageError> {
+        if !self.raise_checkpoint_mark(applied, false) {
+            return Ok(());
+        }
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        self.tree
+            .insert(CHECKPOINT, bincode::serialize(&applied).map_err(|e| err(&e))?)
+            .map_err(|e| err(&e))?;
+        Ok(())
+    }
+
+    /// Whether `applied` is past the last checkpoint.
+    pub fn behind_checkpoint(&self, applied: Option<LogId>) -> bool {
+        applied > *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the remembered checkpoint to `applied` if that is later (or
+    /// always, with `force`); whether it moved.
+    fn raise_checkpoint_mark(&self, applied: Option<LogId>, force: bool) -> bool {
+        let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        if force || applied > *mark {
+            *mark = applied;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Puts the applied id back to the last checkpoint (at open).
+    fn roll_back_to_checkpoint(&self) -> anyhow::Result<()> {
+        let checkpoint: Option<LogId> = match self.tree.get(CHECKPOINT)? {
+            Some(v) => bincode::deserialize(&v)?,
+            None => None,
+        };
+        let applied = self.written_applied().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if applied != checkpoint {
+            tracing::info!(
+                group = self.group,
+                ?applied,
+                ?checkpoint,
+                "re-applying the log from the last checkpoint"
+            );
+            match checkpoint {
+                Some(_) => self.tree.insert(APPLIED, bincode::serialize(&checkpoint)?)?,
+                None => self.tree.remove(APPLIED)?,
+            };
+        }
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = checkpoint;
+        Ok(())
+    }
+}
+
 /// A snapshot here is the state machine's own sled tree: "building" one
 /// makes that tree durable up to the applied index (so the log may be
 /// purged behind it) and copies nothing. The bytes a lagging follower needs
@@ -260,6 +356,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .flush_all()
             .await
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        // Before openraft purges the log behind it.
+        self.write_checkpoint(applied)?;
         Ok(Snapshot {
             meta: self.snapshot_meta(applied, membership),
             snapshot: Box::new(Cursor::new(Vec::new())),
@@ -282,7 +380,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         let mut responses = Vec::new();
         let mut last: Option<LogId> = None;
         // Message records changed by this run of entries, written at the end.
@@ -428,8 +526,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         if last.is_some() {
+            // One write per key, the applied id last: a sled batch would
+            // seal sled's IO buffer twice (two jobs for its IO thread pool)
+            // per apply. A crash may keep part of this run; the start-up
+            // rolls back to the last checkpoint and re-applies from there.
             batch.insert(APPLIED, bincode::serialize(&last).map_err(|e| err(&e))?);
-            self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+            batch.write(&self.tree).map_err(|e| err(&e))?;
             self.messages.fetch_add(added, Ordering::Relaxed);
             self.durability.reclaim();
         }
@@ -491,11 +593,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             );
         }
         batch.insert(APPLIED, bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?);
+        // Atomic with the state it describes, so a checkpoint of its own.
+        batch.insert(CHECKPOINT, bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?);
         batch.insert(
             MEMBERSHIP,
             bincode::serialize(&meta.last_membership).map_err(|e| err(&e))?,
         );
         self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+        self.raise_checkpoint_mark(meta.last_log_id, true);
         self.messages.store(count, Ordering::Relaxed);
         self.durability.flush_all().await.map_err(|e| err(&e))?;
         for segment in released {

@@ -214,3 +214,41 @@ async fn snapshot_carries_queued_messages_and_bodies() {
     let record: MessageRecord = bincode::deserialize(&v).unwrap();
     assert_eq!(follower.wal().read(&record.body.unwrap()).unwrap(), big);
 }
+
+/// Applies are not flushed; at open the applied id goes back to the last
+/// checkpoint (written after a full flush) and the log is re-applied from
+/// there, which changes nothing already there.
+#[tokio::test]
+async fn open_rolls_back_to_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let reopen = |dir: std::path::PathBuf| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Durability::open(&dir) {
+                Ok(d) => break open_with(d),
+                Err(e) => assert!(std::time::Instant::now() < deadline, "{e:#}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    {
+        let (mut log, mut sm) = open(dir.path());
+        log.blocking_append(vec![enqueue_entry(1, "A", b"a"), enqueue_entry(2, "B", b"b")])
+            .await
+            .unwrap();
+        sm.apply(log.try_get_log_entries(1..2).await.unwrap()).await.unwrap();
+        sm.write_checkpoint(sm.written_applied().unwrap()).unwrap();
+        sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
+        assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
+    }
+    let (mut log, mut sm) = reopen(dir.path().to_owned()).await;
+    assert_eq!(
+        sm.applied_state().await.unwrap().0.map(|l| l.index),
+        Some(1),
+        "back to the checkpoint"
+    );
+    assert_eq!(sm.message_count(), 2);
+    let again = sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
+    assert!(!again[0].changed, "B was already there");
+    assert_eq!(sm.message_count(), 2);
+}
