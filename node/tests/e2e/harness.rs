@@ -49,10 +49,11 @@ pub fn closed_port() -> ClosedPort {
 /// Config that keeps accepted mail in the queue: delivery goes to a
 /// loopback port nobody listens on, and is retried only after an hour.
 pub fn hold_mail() -> String {
-    format!(
-        "[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
-        free_port()
-    )
+    let closed = closed_port();
+    let port = closed.port;
+    // Reserved for the rest of the test process.
+    std::mem::forget(closed);
+    format!("[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{port}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n")
 }
 
 /// Polls `cond` until it holds or `deadline` passes.
