@@ -82,7 +82,8 @@ impl GroupHost {
             ids.push(id);
             ids.sort_unstable();
             self.local.insert(LOCAL_GROUPS, bincode::serialize(&ids)?)?;
-            self.durability.flush().await.map_err(anyhow::Error::msg)?;
+            // A hosted group must be opened (and its bodies counted) at every start.
+            self.durability.flush_all().await.map_err(anyhow::Error::msg)?;
         }
         Ok(())
     }
