@@ -2,10 +2,10 @@
 //!
 //! Keys: `a` last applied log id, `b` last membership, `m/<queue id>` a
 //! queued message record, `n/<node id>` a node's gRPC address (control
-//! group), `p/<shard>` a shard's replica set (control group). One sled batch
-//! per applied run of entries keeps each apply atomic. Applying is not
-//! fsynced: the log is, and openraft re-applies from the saved commit index
-//! after a crash; every request is idempotent.
+//! group), `p/<shard>` a shard's replica set (control group), `c` the last
+//! checkpoint. Applies are written key by key and not flushed; checkpoints
+//! (below) bound what openraft re-applies from the log after a crash, and
+//! every request is idempotent.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -289,31 +289,23 @@ impl StateMachine {
     /// Records `applied` as a checkpoint: the caller has flushed everything
     /// written up to it. Never moves the checkpoint back.
     pub fn write_checkpoint(&self, applied: Option<LogId>) -> Result<(), StorageError> {
-        if !self.raise_checkpoint_mark(applied, false) {
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        // Held across the write, so that an installed snapshot's checkpoint
+        // is never overwritten by an older one written concurrently.
+        let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        if applied <= *mark {
             return Ok(());
         }
-        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
         self.tree
             .insert(CHECKPOINT, bincode::serialize(&applied).map_err(|e| err(&e))?)
             .map_err(|e| err(&e))?;
+        *mark = applied;
         Ok(())
     }
 
     /// Whether `applied` is past the last checkpoint.
     pub fn behind_checkpoint(&self, applied: Option<LogId>) -> bool {
         applied > *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Moves the remembered checkpoint to `applied` if that is later (or
-    /// always, with `force`); whether it moved.
-    fn raise_checkpoint_mark(&self, applied: Option<LogId>, force: bool) -> bool {
-        let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
-        if force || applied > *mark {
-            *mark = applied;
-            true
-        } else {
-            false
-        }
     }
 
     /// Puts the applied id back to the last checkpoint (at open).
@@ -599,8 +591,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             MEMBERSHIP,
             bincode::serialize(&meta.last_membership).map_err(|e| err(&e))?,
         );
-        self.tree.apply_batch(batch).map_err(|e| err(&e))?;
-        self.raise_checkpoint_mark(meta.last_log_id, true);
+        {
+            let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+            self.tree.apply_batch(batch).map_err(|e| err(&e))?;
+            *mark = meta.last_log_id;
+        }
         self.messages.store(count, Ordering::Relaxed);
         self.durability.flush_all().await.map_err(|e| err(&e))?;
         for segment in released {
