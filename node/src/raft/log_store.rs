@@ -57,12 +57,17 @@ impl LogStore {
                 committed: decode::<Option<LogId>>(replayed.committed)?.flatten(),
             })),
         };
-        let last = store.lock().index.next().checked_sub(1);
-        if let Some(last) = last.filter(|_| !store.lock().index.is_empty()) {
+        if let Some(last) = store.last_index() {
             let entry = store.read_entry(last).map_err(|e| anyhow::anyhow!("{e}"))?;
             store.lock().last = Some(entry.log_id);
         }
         Ok(store)
+    }
+
+    /// Index of the last entry held, if any.
+    fn last_index(&self) -> Option<u64> {
+        let state = self.lock();
+        (!state.index.is_empty()).then(|| state.index.next() - 1)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -225,17 +230,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Ok(())
             })
             .map_err(|e| err(&e))?;
-        let previous = {
+        {
             let mut state = self.lock();
             state.index.truncate_from(log_id.index);
-            if state.index.is_empty() {
-                state.last = state.purged;
-                None
-            } else {
-                Some(state.index.next() - 1)
-            }
-        };
-        if let Some(i) = previous {
+            state.last = state.purged;
+        }
+        if let Some(i) = self.last_index() {
             let entry = self.read_entry(i)?;
             self.lock().last = Some(entry.log_id);
         }

@@ -187,14 +187,27 @@ fn position(segment: u64, offset: u64) -> u64 {
 }
 
 /// Records being added in one write (one `pwrite`).
-pub struct Batch<'a> {
+pub struct Batch {
     seq: u64,
     base: u64,
     buf: Vec<u8>,
-    log_max: &'a mut HashMap<u64, HashMap<GroupId, u64>>,
+    /// Log indexes this batch refers to, by group (see [`Batch::refer`]).
+    refs: Vec<(GroupId, u64)>,
+    /// Marks written, remembered once the write succeeds.
+    marks: Vec<((GroupId, Kind), Vec<u8>)>,
 }
 
-impl Batch<'_> {
+impl Batch {
+    fn new(seq: u64, base: u64) -> Batch {
+        Batch {
+            seq,
+            base,
+            buf: Vec::new(),
+            refs: Vec::new(),
+            marks: Vec::new(),
+        }
+    }
+
     /// Adds a record; its location is final once the write succeeds.
     pub fn push(&mut self, kind: Kind, group: GroupId, payload: &[u8]) -> std::io::Result<BodyLoc> {
         let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("record larger than 4 GiB"))?;
@@ -210,6 +223,9 @@ impl Batch<'_> {
         self.buf.push(kind as u8);
         self.buf.extend_from_slice(&group.to_le_bytes());
         self.buf.extend_from_slice(payload);
+        if Kind::MARKS.contains(&kind) {
+            self.marks.push(((group, kind), payload.to_vec()));
+        }
         Ok(BodyLoc {
             segment: self.seq,
             offset,
@@ -221,8 +237,21 @@ impl Batch<'_> {
     /// Notes that `group`'s log reaches `index` in this segment, so the
     /// segment stays until the group purges that far.
     pub fn refer(&mut self, group: GroupId, index: u64) {
-        let max = self.log_max.entry(self.seq).or_default().entry(group).or_default();
-        *max = (*max).max(index);
+        self.refs.push((group, index));
+    }
+
+    /// Writes the records at the end of `inner`'s active segment and
+    /// remembers what they refer to.
+    fn commit(self, inner: &mut Inner) -> std::io::Result<()> {
+        inner.active.file.write_all_at(&self.buf, inner.active.size)?;
+        inner.active.size += self.buf.len() as u64;
+        let segment = inner.log_max.entry(self.seq).or_default();
+        for (group, index) in self.refs {
+            let max = segment.entry(group).or_default();
+            *max = (*max).max(index);
+        }
+        inner.marks.extend(self.marks);
+        Ok(())
     }
 }
 
@@ -305,41 +334,16 @@ impl Wal {
     }
 
     /// Appends the records `f` adds, in one write; durable after the next sync.
-    pub fn write<T>(&self, f: impl FnOnce(&mut Batch<'_>) -> std::io::Result<T>) -> std::io::Result<T> {
+    pub fn write<T>(&self, f: impl FnOnce(&mut Batch) -> std::io::Result<T>) -> std::io::Result<T> {
         let mut inner = self.lock();
         if inner.active.size >= self.segment_bytes {
             self.rotate(&mut inner)?;
         }
-        let Inner {
-            active, log_max, marks, ..
-        } = &mut *inner;
-        let mut batch = Batch {
-            seq: active.seq,
-            base: active.size,
-            buf: Vec::new(),
-            log_max,
-        };
+        let mut batch = Batch::new(inner.active.seq, inner.active.size);
         let out = f(&mut batch)?;
-        let buf = batch.buf;
-        // Marks are remembered so that the next segment can start with them.
-        let mut at = 0;
-        while at < buf.len() {
-            let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-            let kind = Kind::from_u8(buf[at + 8]);
-            if let Some(kind) = kind.filter(|k| Kind::MARKS.contains(k)) {
-                let mut g = [0u8; 8];
-                g.copy_from_slice(&buf[at + 9..at + 17]);
-                marks.insert(
-                    (u64::from_le_bytes(g), kind),
-                    buf[at + HEADER..at + HEADER + len].to_vec(),
-                );
-            }
-            at += HEADER + len;
-        }
-        active.file.write_all_at(&buf, active.size)?;
-        active.size += buf.len() as u64;
+        batch.commit(&mut inner)?;
         // Under the lock, so that a sync that sees the new size syncs the file.
-        self.mark_dirty(Arc::clone(&active.file));
+        self.mark_dirty(Arc::clone(&inner.active.file));
         Ok(out)
     }
 
@@ -361,19 +365,12 @@ impl Wal {
 
     /// Starts the active segment with every group's current marks.
     fn write_marks(&self, inner: &mut Inner) -> std::io::Result<()> {
-        let mut buf = Vec::new();
+        let mut batch = Batch::new(inner.active.seq, inner.active.size);
         for ((group, kind), payload) in &inner.marks {
-            let mut batch = Batch {
-                seq: inner.active.seq,
-                base: buf.len() as u64,
-                buf: std::mem::take(&mut buf),
-                log_max: &mut HashMap::new(),
-            };
             batch.push(*kind, *group, payload)?;
-            buf = batch.buf;
         }
-        inner.active.file.write_all_at(&buf, inner.active.size)?;
-        inner.active.size += buf.len() as u64;
+        batch.marks.clear();
+        batch.commit(inner)?;
         self.mark_dirty(Arc::clone(&inner.active.file));
         Ok(())
     }
