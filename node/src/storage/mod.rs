@@ -5,10 +5,11 @@
 //! Group commit: every log append of every group hands its completion to
 //! one flusher thread, which takes all that are waiting, makes them durable
 //! with one `fdatasync` of the log, then completes them all. sled is not on
-//! that path: state machines are re-applied from the log after a crash, and
-//! are flushed (sled flush, then `fdatasync` of sled's data file, because
-//! sled 0.34's flush ends in `sync_file_range`) only before the log is
-//! purged behind them or log segments are deleted.
+//! that path: state machines are re-applied from the log after a crash
+//! (from their last checkpoint), and are flushed (sled flush, then
+//! `fdatasync` of sled's data file, because sled 0.34's flush ends in
+//! `sync_file_range`) only for a checkpoint (once a second), before the log
+//! is purged behind them, and before log segments are deleted.
 
 pub mod wal;
 
