@@ -405,16 +405,32 @@ impl SmtpSink {
     }
 
     /// Every message dumped so far (envelope lines, then the message).
+    ///
+    /// smtp-sink creates a dump file when the transaction starts and writes
+    /// it as data arrives, so a file still being written (empty, or changed
+    /// in the last 200 ms) is waited for, up to 5 s, before anything is read.
     pub fn messages(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
-            for e in entries.flatten() {
-                if let Ok(text) = std::fs::read(e.path()) {
-                    out.push(String::from_utf8_lossy(&text).into_owned());
-                }
+        let settled = |e: &std::fs::DirEntry| {
+            e.metadata().is_ok_and(|m| {
+                m.len() > 0
+                    && m.modified()
+                        .is_ok_and(|t| t.elapsed().unwrap_or_default() >= Duration::from_millis(200))
+            })
+        };
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let entries: Vec<_> = std::fs::read_dir(self.dir.path())
+                .map(|d| d.flatten().collect())
+                .unwrap_or_default();
+            if entries.iter().all(settled) || Instant::now() >= end {
+                return entries
+                    .iter()
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .map(|text| String::from_utf8_lossy(&text).into_owned())
+                    .collect();
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        out
     }
 }
 
