@@ -1,5 +1,6 @@
-//! openraft's own storage test suite run against the sled log store and
-//! state machine, plus Tern-specific checks of body sideloading.
+//! openraft's own storage test suite run against the log store (over the
+//! node's write-ahead log) and the sled state machine, plus Tern-specific
+//! checks of body sideloading.
 
 #![allow(clippy::unwrap_used)]
 

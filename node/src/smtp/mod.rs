@@ -12,6 +12,8 @@
 
 pub mod command;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod reply;
 pub mod sasl;
 pub mod server;

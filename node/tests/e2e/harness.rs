@@ -123,12 +123,42 @@ impl Node {
         node
     }
 
+    /// Runs `ternd` with no arguments (the embedded default: fixed loopback
+    /// ports, data in ./tern-data) in a fresh directory, as a newcomer would.
+    pub fn start_embedded_default() -> Node {
+        let unset: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let mut node = Node {
+            _dir: tempfile::tempdir().expect("tempdir"),
+            config: PathBuf::new(),
+            child: None,
+            stdout: Arc::default(),
+            logs: Arc::default(),
+            smtp: unset,
+            submission: unset,
+            submissions: unset,
+            grpc: unset,
+            http: unset,
+            ternctl_env: Vec::new(),
+        };
+        node.spawn();
+        node
+    }
+
+    /// The node's own directory (the working directory of an embedded-default node).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     /// Starts the process (again) and waits for `ready`.
     pub fn spawn(&mut self) {
         self.stdout.lock().expect("lock").clear();
-        let mut child = Command::new(TERND)
-            .arg("--config")
-            .arg(&self.config)
+        let mut cmd = Command::new(TERND);
+        if self.config.as_os_str().is_empty() {
+            cmd.current_dir(self._dir.path());
+        } else {
+            cmd.arg("--config").arg(&self.config);
+        }
+        let mut child = cmd
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

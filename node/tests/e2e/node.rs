@@ -32,6 +32,63 @@ fn prints_listeners_then_ready_and_ternctl_sees_one_node_cluster() {
     assert!(summary["domains"].as_object().unwrap().is_empty());
 }
 
+/// `ternd` with no arguments, as README.md tells a newcomer: the embedded
+/// default listeners, data in ./tern-data, a bootstrapped one-node cluster
+/// that ternctl reaches on its default endpoint; mail is queued and shown in
+/// ternctl's tables; SIGTERM exits 0.
+#[test]
+fn no_arguments_runs_the_embedded_default() {
+    let defaults = ["127.0.0.1:2525", "127.0.0.1:7070", "127.0.0.1:8080"];
+    if let Some(busy) = defaults.iter().find(|a| std::net::TcpListener::bind(a).is_err()) {
+        // A developer may be running a node; CI machines must have them free.
+        assert!(std::env::var_os("CI").is_none(), "{busy} is in use");
+        eprintln!("skipped: {busy} is in use on this machine");
+        return;
+    }
+    let mut node = Node::start_embedded_default();
+    let lines = node.stdout_lines();
+    for line in [
+        "listening smtp=127.0.0.1:2525",
+        "listening grpc=127.0.0.1:7070",
+        "listening http=127.0.0.1:8080",
+        "ready",
+    ] {
+        assert!(lines.iter().any(|l| l == line), "no {line:?} in {lines:?}");
+    }
+    assert!(node.dir().join("tern-data").is_dir());
+
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(TERNCTL).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ternctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status: serde_json::Value = serde_json::from_str(&ctl(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["node_id"], 1);
+    assert_eq!(status["shards"].as_array().unwrap().len(), 16);
+
+    // Mail for a domain that cannot be resolved here stays queued (deferred).
+    let mut c = Client::connect(node.smtp).unwrap();
+    assert!(c.command("EHLO newcomer.test").unwrap().starts_with("250"));
+    let id = c
+        .send_mail("alice@tern.test", &["bob@nowhere.invalid"], &body("default", 300))
+        .unwrap();
+    let summary = ctl(&["queue", "summary"]);
+    assert!(summary.contains("nowhere.invalid"), "{summary}");
+    let list = ctl(&["queue", "list"]);
+    assert!(list.contains(&id) && list.contains("alice@tern.test"), "{list}");
+    let show = ctl(&["queue", "show", &id]);
+    assert!(show.contains("bob@nowhere.invalid") && show.contains(&id), "{show}");
+    let status = ctl(&["status"]);
+    assert!(status.contains("queued messages: 1"), "{status}");
+
+    let exit = node.signal_and_wait("TERM", Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(0), "{}", node.logs());
+}
+
 #[test]
 fn ternctl_exit_codes_mean_something() {
     let node = Node::start("");
