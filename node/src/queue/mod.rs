@@ -5,6 +5,7 @@
 //! Delivery scheduling (the QueueShard actor) plugs in on the leader side
 //! of each shard and reads the same records.
 
+pub mod batch;
 pub mod message;
 pub mod ops;
 pub mod schedule;
@@ -17,13 +18,17 @@ use std::sync::Arc;
 use message::MessageRecord;
 
 use crate::envelope::Envelope;
+use crate::raft::groups::GroupHandle;
 use crate::raft::groups::Groups;
-use crate::raft::{Body, NodeId, Request};
+use crate::raft::{Body, NewMessage, NodeId, Request};
 use crate::smtp::{EnqueueError, Enqueuer, Reply};
 
 /// How long a queue write may take before the client gets 451: a shard
 /// leader cut off from its majority keeps leading but never commits.
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes a replicated shard takes before new ones go to another shard.
+const FILL: usize = 8;
 
 /// Unique queue ids: milliseconds since the epoch, node id and a counter,
 /// in fixed-width hex so they sort by arrival time.
@@ -58,6 +63,7 @@ pub struct QueueFront {
     groups: Arc<Groups>,
     ids: Arc<IdGen>,
     next_shard: AtomicUsize,
+    batchers: batch::Batchers,
     /// For RCPT-time verification of local recipients.
     delivery: Arc<crate::delivery::Delivery>,
     /// For forwarding to a shard leader on another node.
@@ -79,6 +85,7 @@ impl QueueFront {
             delivery,
             cluster,
             next_shard: AtomicUsize::new(0),
+            batchers: batch::Batchers::default(),
         }
     }
 
@@ -90,27 +97,30 @@ impl QueueFront {
         let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
         let received_at = chrono::Utc::now().timestamp();
         let record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
+        let turn = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        if !led.is_empty() {
+            let shard = self.pick(&led, turn);
+            let message = NewMessage {
+                record: Box::new(record),
+                body: Body { bytes: body, loc: None },
+            };
+            // The shard may have lost its leader or its majority mid-write: the
+            // entry may or may not commit, so the client must retry (never 250).
+            return match self.batchers.write(shard, message).await {
+                Ok(()) => {
+                    tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, "queued");
+                    Ok(())
+                }
+                Err(failure) => {
+                    tracing::warn!(msg_id = %id, shard = shard.id, error = %failure, "enqueue failed");
+                    Err(EnqueueError::Temporary("queue write failed, try again later".into()))
+                }
+            };
+        }
         let request = Request::Enqueue {
             record: Box::new(record),
             body: Body { bytes: body, loc: None },
         };
-        let turn = self.next_shard.fetch_add(1, Ordering::Relaxed);
-        if !led.is_empty() {
-            let shard = led[turn % led.len()];
-            let write = tokio::time::timeout(WRITE_TIMEOUT, shard.raft.client_write(request)).await;
-            // The shard may have lost its leader or its majority mid-write: the
-            // entry may or may not commit, so the client must retry (never 250).
-            let failure = match write {
-                Ok(Ok(_)) => {
-                    tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, "queued");
-                    return Ok(());
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("not committed within {WRITE_TIMEOUT:?}"),
-            };
-            tracing::warn!(msg_id = %id, shard = shard.id, error = %failure, "enqueue failed");
-            return Err(EnqueueError::Temporary("queue write failed, try again later".into()));
-        }
         // No shard led here: forward to the leader of one we replicate.
         let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).collect();
         if with_leader.is_empty() {
@@ -139,6 +149,41 @@ impl QueueFront {
                 Err(EnqueueError::Temporary("queue write failed, try again later".into()))
             }
         }
+    }
+}
+
+impl QueueFront {
+    /// The led shard for the next message. Replicated shards: one that
+    /// already has writes waiting or in flight (fewer than [`FILL`]) so that
+    /// they share a batch and its AppendEntries, else an idle one in turn,
+    /// the least loaded when all are busy. Single-replica shards in turn:
+    /// there an entry costs no round trip, and spreading writes over the
+    /// groups runs them in parallel (measured in bench/RESULTS.md).
+    fn pick<'a>(&self, led: &[&'a GroupHandle], turn: usize) -> &'a GroupHandle {
+        let replicated = |g: &GroupHandle| {
+            g.raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .nth(1)
+                .is_some()
+        };
+        if !led.iter().any(|g| replicated(g)) {
+            return led[turn % led.len()];
+        }
+        let fill = FILL;
+        let load: Vec<usize> = led.iter().map(|g| self.batchers.load(g.id)).collect();
+        let n = led.len();
+        let order = (0..n).map(|i| (turn + i) % n);
+        let i = order
+            .clone()
+            .find(|&i| (1..fill).contains(&load[i]))
+            .or_else(|| order.clone().find(|&i| load[i] == 0))
+            .or_else(|| order.min_by_key(|&i| load[i]))
+            .expect("led is not empty");
+        led[i]
     }
 }
 

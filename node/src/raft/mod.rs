@@ -92,6 +92,11 @@ pub enum Request {
         updates: Vec<OutcomeUpdate>,
         bounces: Vec<NewMessage>,
     },
+    /// Several newly accepted messages in one entry: concurrent sessions
+    /// writing to the same shard share one log append (one fsync), one
+    /// AppendEntries and one apply. (Last variant: the encoding of the
+    /// others in existing logs is unchanged.)
+    EnqueueMany { messages: Vec<NewMessage> },
 }
 
 /// What `ternctl queue hold|release|delete|retry` does to a message.
@@ -141,6 +146,7 @@ impl Request {
         match self {
             Request::Enqueue { body, .. } => vec![body],
             Request::Outcomes { bounces, .. } => bounces.iter_mut().map(|b| &mut b.body).collect(),
+            Request::EnqueueMany { messages } => messages.iter_mut().map(|m| &mut m.body).collect(),
             Request::SetNode { .. }
             | Request::SetShardReplicas { .. }
             | Request::RemoveNode { .. }

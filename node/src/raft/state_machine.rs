@@ -394,6 +394,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     added += i64::from(changed);
                     Response { changed }
                 }
+                EntryPayload::Normal(Request::EnqueueMany { messages }) => {
+                    let mut changed = false;
+                    for m in messages {
+                        let new = self.stage_new(&mut staged, &mut events, m.record, m.body)?;
+                        added += i64::from(new);
+                        changed |= new;
+                    }
+                    Response { changed }
+                }
                 EntryPayload::Normal(Request::Outcomes { updates, bounces }) => {
                     for update in updates {
                         let Some(mut record) = self.load(&staged, &update.id)? else {
