@@ -61,7 +61,8 @@ pub fn wait_acked(load: &Load, n: usize) {
     .unwrap();
 }
 
-/// Every acknowledged message delivered (bounded); prints and returns the verdict.
+/// Every acknowledged message delivered (bounded) and none delivered as two
+/// different copies; prints and returns the verdict.
 pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
     let v = check::wait_no_loss(report, &c.sink, Duration::from_secs(90));
     eprintln!("{name}: {v}");
@@ -72,6 +73,12 @@ pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
         &v.lost[..v.lost.len().min(20)]
     );
     assert!(v.acked > 0, "{name}: nothing acknowledged");
+    assert!(
+        v.failed_multi_copy.is_empty() && v.acked_multi_copy.is_empty(),
+        "{name}: delivered as two different copies: failed {:?}, acked {:?}",
+        v.failed_multi_copy,
+        v.acked_multi_copy
+    );
     v
 }
 

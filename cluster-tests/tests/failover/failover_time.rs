@@ -102,7 +102,9 @@ fn failover_time_to_first_delivery() {
     // The sink tells copies apart by the queue id in Tern's Received header:
     // the id the client was given (`250 ... queued as ID`).
     for r in report.acked() {
-        let load::Outcome::Acked(qid) = &r.outcome else { continue };
+        let load::Outcome::Acked(qid) = &r.outcome else {
+            continue;
+        };
         for d in deliveries.iter().filter(|d| d.message_id == r.message_id) {
             assert_eq!(&d.queue_id, qid, "queue id of {}", r.message_id);
         }
