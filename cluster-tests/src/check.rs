@@ -5,9 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use crate::cluster::Cluster;
-use crate::load::{LoadReport, Outcome};
+use crate::load::{LoadReport, Outcome, Record};
 use crate::sink::Sink;
+use crate::target::Target;
 
 /// Deliveries compared with what the load generator was told.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -27,11 +27,24 @@ pub struct Verdict {
     /// Messages without a 250 (4xx or broken) that were delivered anyway
     /// (allowed: the client could not know).
     pub unacked_delivered: usize,
+    /// Messages the client saw fail (4xx/5xx or broken) that were delivered
+    /// as two or more different queued copies (distinct queue ids in Tern's
+    /// Received header): must be empty. The load generator sends each
+    /// Message-ID in one transaction only and never retries it, so a second
+    /// copy can only come from Tern queueing one transaction twice.
+    pub failed_multi_copy: Vec<String>,
+    /// The same for acknowledged messages (one `250` is one queued copy).
+    pub acked_multi_copy: Vec<String>,
 }
 
 impl Verdict {
     pub fn no_loss(&self) -> bool {
         self.lost.is_empty()
+    }
+
+    /// No loss and no message delivered as two different copies.
+    pub fn ok(&self) -> bool {
+        self.no_loss() && self.failed_multi_copy.is_empty() && self.acked_multi_copy.is_empty()
     }
 }
 
@@ -39,7 +52,7 @@ impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "sent {} acked {} (rejected {}, broken {}) delivered {} lost {} duplicates {} (+{} copies), unacked delivered {}",
+            "sent {} acked {} (rejected {}, broken {}) delivered {} lost {} duplicates {} (+{} copies), unacked delivered {}, two different copies of {} failed + {} acked",
             self.sent,
             self.acked,
             self.rejected,
@@ -48,7 +61,9 @@ impl std::fmt::Display for Verdict {
             self.lost.len(),
             self.duplicates,
             self.extra_copies,
-            self.unacked_delivered
+            self.unacked_delivered,
+            self.failed_multi_copy.len(),
+            self.acked_multi_copy.len()
         )
     }
 }
@@ -56,6 +71,7 @@ impl std::fmt::Display for Verdict {
 /// The verdict now.
 pub fn verdict(report: &LoadReport, sink: &Sink) -> Verdict {
     let counts = sink.counts();
+    let copies = sink.copies();
     let mut v = Verdict {
         sent: report.records.len(),
         rejected: report.rejected(),
@@ -65,6 +81,13 @@ pub fn verdict(report: &LoadReport, sink: &Sink) -> Verdict {
     let ours: BTreeSet<&str> = report.records.iter().map(|r| r.message_id.as_str()).collect();
     for r in &report.records {
         let n = counts.get(&r.message_id).copied().unwrap_or(0);
+        if copies.get(&r.message_id).is_some_and(|c| c.len() > 1) {
+            if r.acked() {
+                v.acked_multi_copy.push(r.message_id.clone());
+            } else {
+                v.failed_multi_copy.push(r.message_id.clone());
+            }
+        }
         match r.outcome {
             Outcome::Acked(_) => {
                 v.acked += 1;
@@ -122,7 +145,12 @@ mod secs {
 /// Sends probe messages (`<tag>-N@probe.tern.test`) to healthy nodes in turn
 /// until one gets `250`, then waits for its delivery; times are measured
 /// from `fault_at`. Fails after `deadline`.
-pub fn probe_resume(cluster: &Cluster, fault_at: Instant, tag: &str, deadline: Duration) -> anyhow::Result<Resume> {
+pub fn probe_resume(
+    cluster: &(impl Target + ?Sized),
+    fault_at: Instant,
+    tag: &str,
+    deadline: Duration,
+) -> anyhow::Result<Resume> {
     let end = Instant::now() + deadline;
     let mut turn = 0;
     let (id, acked) = loop {
@@ -142,7 +170,7 @@ pub fn probe_resume(cluster: &Cluster, fault_at: Instant, tag: &str, deadline: D
         std::thread::sleep(Duration::from_millis(100));
     };
     loop {
-        if !cluster.sink.deliveries_of(&id).is_empty() {
+        if !cluster.sink().deliveries_of(&id).is_empty() {
             return Ok(Resume {
                 acked,
                 delivered: fault_at.elapsed(),
@@ -154,4 +182,41 @@ pub fn probe_resume(cluster: &Cluster, fault_at: Instant, tag: &str, deadline: D
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Acceptance throughput over one interval of a run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Phase {
+    /// `before faults`, `during kill n2`, `after kill n2`, ...
+    pub name: String,
+    /// Seconds since the start of the run.
+    pub from_secs: f64,
+    pub to_secs: f64,
+    /// Messages whose `250` arrived in the interval.
+    pub acked: usize,
+    /// `acked` per second of the interval.
+    pub acked_per_sec: f64,
+}
+
+/// Messages acknowledged per second in each `(name, from, to)` interval
+/// (by the time the `250` arrived); intervals of zero length are skipped.
+pub fn phases(records: &[Record], start: Instant, intervals: &[(String, Instant, Instant)]) -> Vec<Phase> {
+    intervals
+        .iter()
+        .filter(|(_, from, to)| to > from)
+        .map(|(name, from, to)| {
+            let acked = records
+                .iter()
+                .filter(|r| r.acked() && r.finished >= *from && r.finished < *to)
+                .count();
+            let secs = (*to - *from).as_secs_f64();
+            Phase {
+                name: name.clone(),
+                from_secs: from.saturating_duration_since(start).as_secs_f64(),
+                to_secs: to.saturating_duration_since(start).as_secs_f64(),
+                acked,
+                acked_per_sec: acked as f64 / secs,
+            }
+        })
+        .collect()
 }

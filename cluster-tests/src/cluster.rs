@@ -28,6 +28,12 @@ pub struct Options {
     pub extra_toml: String,
     /// Bound on forming the cluster (joins + every shard on its voters).
     pub form_timeout: Duration,
+    /// Where every node's `[[route]] "*"` points instead of the harness's
+    /// sink (e.g. a sink tern-chaos starts later).
+    pub route_to: Option<SocketAddr>,
+    /// Per node: where its `[[route]] "*"` points (overrides `route_to`),
+    /// e.g. a stalled destination for one node.
+    pub node_routes: BTreeMap<u64, SocketAddr>,
 }
 
 impl Default for Options {
@@ -39,6 +45,8 @@ impl Default for Options {
             retry_schedule: vec!["1s".into()],
             extra_toml: String::new(),
             form_timeout: Duration::from_secs(120),
+            route_to: None,
+            node_routes: BTreeMap::new(),
         }
     }
 }
@@ -124,7 +132,13 @@ impl Cluster {
             grpc,
             shards: self.options.shards,
             peer_addresses: self.mesh.peer_addresses(id),
-            route_to: self.sink.addr,
+            route_to: self
+                .options
+                .node_routes
+                .get(&id)
+                .copied()
+                .or(self.options.route_to)
+                .unwrap_or(self.sink.addr),
             retry_schedule: self.options.retry_schedule.clone(),
             extra: self.options.extra_toml.clone(),
         };
@@ -308,39 +322,13 @@ impl Cluster {
     /// `ternctl shard list -o json` on one node.
     pub fn shards_on(&self, id: u64) -> anyhow::Result<Vec<ShardInfo>> {
         let v = self.node(id)?.ternctl_json(&["shard", "list"], TERNCTL_TIMEOUT)?;
-        let arr = v.as_array().context("shard list is not an array")?;
-        Ok(arr
-            .iter()
-            .map(|s| ShardInfo {
-                shard: s["shard"].as_u64().unwrap_or(0),
-                leader: s["leader"].as_u64().unwrap_or(0),
-                replicas: ids(&s["replicas"]),
-                voters: ids(&s["voters"]),
-                term: s["term"].as_u64().unwrap_or(0),
-                reporter: id,
-            })
-            .collect())
+        parse_shards(&v, id)
     }
 
     /// Every shard as the healthy nodes see it: per shard, the report with
     /// the highest term (a node hosts only its own shards).
     pub fn shards(&self) -> anyhow::Result<Vec<ShardInfo>> {
-        let mut best: BTreeMap<u64, ShardInfo> = BTreeMap::new();
-        let mut asked = 0;
-        for id in self.healthy_ids() {
-            let Ok(list) = self.shards_on(id) else { continue };
-            asked += 1;
-            for s in list {
-                let better = best
-                    .get(&s.shard)
-                    .is_none_or(|b| (s.term, s.leader != 0) > (b.term, b.leader != 0));
-                if better {
-                    best.insert(s.shard, s);
-                }
-            }
-        }
-        anyhow::ensure!(asked > 0, "no healthy node answered shard list");
-        Ok(best.into_values().collect())
+        merge_shards(&self.healthy_ids(), |id| self.shards_on(id))
     }
 
     /// Every shard's leader as the healthy nodes see it (0: none).
@@ -375,41 +363,9 @@ impl Cluster {
     /// present, led by a healthy member that every healthy replica agrees
     /// on, with `min(members, 3)` replicas, all of them voters.
     pub fn not_converged(&self) -> Option<String> {
-        let healthy = self.healthy_ids();
-        let want = self.members.len().min(3);
-        let mut per_node = Vec::new();
-        for id in &healthy {
-            match self.shards_on(*id) {
-                Ok(l) => per_node.push(l),
-                Err(e) => return Some(format!("node {id}: {e}")),
-            }
-        }
-        for shard in 1..=u64::from(self.options.shards) {
-            let reports: Vec<&ShardInfo> = per_node.iter().flatten().filter(|s| s.shard == shard).collect();
-            let Some(first) = reports.first() else {
-                return Some(format!("shard {shard}: reported by no healthy node"));
-            };
-            if first.leader == 0 || !healthy.contains(&first.leader) {
-                return Some(format!(
-                    "shard {shard}: leader {} is not a healthy member",
-                    first.leader
-                ));
-            }
-            if let Some(other) = reports.iter().find(|s| s.leader != first.leader) {
-                return Some(format!(
-                    "shard {shard}: node {} says leader {}, node {} says {}",
-                    first.reporter, first.leader, other.reporter, other.leader
-                ));
-            }
-            let leader_view = reports.iter().find(|s| s.reporter == first.leader).unwrap_or(first);
-            if leader_view.voters.len() != want || leader_view.replicas != leader_view.voters {
-                return Some(format!(
-                    "shard {shard}: voters {:?}, replicas {:?}, want {want}",
-                    leader_view.voters, leader_view.replicas
-                ));
-            }
-        }
-        None
+        not_converged(&self.healthy_ids(), self.members.len(), self.options.shards, |id| {
+            self.shards_on(id)
+        })
     }
 
     pub fn converged(&self) -> bool {
@@ -418,18 +374,7 @@ impl Cluster {
 
     /// Waits (bounded) for [`Cluster::converged`]; how long it took.
     pub fn wait_converged(&self, deadline: Duration) -> anyhow::Result<Duration> {
-        let start = Instant::now();
-        let mut last;
-        loop {
-            last = self.not_converged();
-            if last.is_none() {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() > deadline {
-                anyhow::bail!("not converged after {deadline:?}: {}", last.unwrap_or_default());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        wait_converged(deadline, || self.not_converged())
     }
 
     /// All node logs, one after the other.
@@ -451,5 +396,153 @@ impl Cluster {
         for n in self.nodes.values_mut() {
             n.print_logs_on_panic = false;
         }
+    }
+}
+
+/// `ternctl shard list -o json` output as reported by node `reporter`.
+pub fn parse_shards(v: &serde_json::Value, reporter: u64) -> anyhow::Result<Vec<ShardInfo>> {
+    let arr = v.as_array().context("shard list is not an array")?;
+    Ok(arr
+        .iter()
+        .map(|s| ShardInfo {
+            shard: s["shard"].as_u64().unwrap_or(0),
+            leader: s["leader"].as_u64().unwrap_or(0),
+            replicas: ids(&s["replicas"]),
+            voters: ids(&s["voters"]),
+            term: s["term"].as_u64().unwrap_or(0),
+            reporter,
+        })
+        .collect())
+}
+
+/// Per shard, the report with the highest term among the nodes `healthy`.
+pub fn merge_shards(
+    healthy: &[u64],
+    shards_on: impl Fn(u64) -> anyhow::Result<Vec<ShardInfo>>,
+) -> anyhow::Result<Vec<ShardInfo>> {
+    let mut best: BTreeMap<u64, ShardInfo> = BTreeMap::new();
+    let mut asked = 0;
+    for id in healthy {
+        let Ok(list) = shards_on(*id) else { continue };
+        asked += 1;
+        for s in list {
+            let better = best
+                .get(&s.shard)
+                .is_none_or(|b| (s.term, s.leader != 0) > (b.term, b.leader != 0));
+            if better {
+                best.insert(s.shard, s);
+            }
+        }
+    }
+    anyhow::ensure!(asked > 0, "no healthy node answered shard list");
+    Ok(best.into_values().collect())
+}
+
+/// Why a cluster is not converged (`None` when it is): every shard
+/// `1..=shards` present, led by a healthy member that every healthy replica
+/// agrees on, with `min(members, 3)` replicas, all of them voters.
+pub fn not_converged(
+    healthy: &[u64],
+    members: usize,
+    shards: u32,
+    shards_on: impl Fn(u64) -> anyhow::Result<Vec<ShardInfo>>,
+) -> Option<String> {
+    let want = members.min(3);
+    let mut per_node = Vec::new();
+    for id in healthy {
+        match shards_on(*id) {
+            Ok(l) => per_node.push(l),
+            Err(e) => return Some(format!("node {id}: {e}")),
+        }
+    }
+    for shard in 1..=u64::from(shards) {
+        let reports: Vec<&ShardInfo> = per_node.iter().flatten().filter(|s| s.shard == shard).collect();
+        let Some(first) = reports.first() else {
+            return Some(format!("shard {shard}: reported by no healthy node"));
+        };
+        if first.leader == 0 || !healthy.contains(&first.leader) {
+            return Some(format!(
+                "shard {shard}: leader {} is not a healthy member",
+                first.leader
+            ));
+        }
+        if let Some(other) = reports.iter().find(|s| s.leader != first.leader) {
+            return Some(format!(
+                "shard {shard}: node {} says leader {}, node {} says {}",
+                first.reporter, first.leader, other.reporter, other.leader
+            ));
+        }
+        let leader_view = reports.iter().find(|s| s.reporter == first.leader).unwrap_or(first);
+        if leader_view.voters.len() != want || leader_view.replicas != leader_view.voters {
+            return Some(format!(
+                "shard {shard}: voters {:?}, replicas {:?}, want {want}",
+                leader_view.voters, leader_view.replicas
+            ));
+        }
+    }
+    None
+}
+
+/// Polls `check` (every 250 ms) until it reports nothing; bounded.
+pub fn wait_converged(deadline: Duration, check: impl Fn() -> Option<String>) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let last = check();
+        let Some(why) = last else {
+            return Ok(start.elapsed());
+        };
+        if start.elapsed() > deadline {
+            anyhow::bail!("not converged after {deadline:?}: {why}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+impl crate::target::Target for Cluster {
+    fn sink(&self) -> &Sink {
+        &self.sink
+    }
+    fn targets(&self) -> Targets {
+        Cluster::targets(self)
+    }
+    fn healthy_ids(&self) -> Vec<u64> {
+        Cluster::healthy_ids(self)
+    }
+    fn healthy_smtp(&self, turn: usize) -> Option<(u64, SocketAddr)> {
+        Cluster::healthy_smtp(self, turn)
+    }
+    fn leaders(&self) -> anyhow::Result<BTreeMap<u64, u64>> {
+        Cluster::leaders(self)
+    }
+    fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        Cluster::kill(self, id)
+    }
+    fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        Cluster::restart(self, id)
+    }
+    fn restart_all_down(&mut self) -> anyhow::Result<()> {
+        Cluster::restart_all_down(self)
+    }
+    fn pause(&mut self, id: u64) -> anyhow::Result<()> {
+        Cluster::pause(self, id)
+    }
+    fn resume(&mut self, id: u64) -> anyhow::Result<()> {
+        Cluster::resume(self, id)
+    }
+    fn partition(&mut self, id: u64) -> anyhow::Result<()> {
+        Cluster::partition(self, id);
+        Ok(())
+    }
+    fn heal(&mut self, id: u64) {
+        Cluster::heal(self, id)
+    }
+    fn partitioned(&self) -> Vec<u64> {
+        Cluster::partitioned(self).to_vec()
+    }
+    fn wait_converged(&self, deadline: Duration) -> anyhow::Result<Duration> {
+        Cluster::wait_converged(self, deadline)
+    }
+    fn save_logs(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        Cluster::save_logs(self, dir)
     }
 }

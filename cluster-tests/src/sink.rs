@@ -21,6 +21,11 @@ pub struct Delivery {
     pub message_id: String,
     /// The delivering client's EHLO name (`mxN.tern.test`).
     pub helo: String,
+    /// The queue id of the copy delivered: the `id` of the topmost
+    /// `Received: ... (Tern) with ESMTP id ID` header (smtp-sink's own
+    /// Received header sits above it) (the id the accepting
+    /// node answered `250 ... queued as ID` with); empty when absent.
+    pub queue_id: String,
     /// The dump file's modification time.
     pub at: SystemTime,
 }
@@ -55,10 +60,15 @@ impl Sink {
     /// options (e.g. `["-w", "1"]`: wait a second before answering DATA).
     pub fn start(args: &[&str]) -> anyhow::Result<Sink> {
         let port = crate::free_port()?;
+        Sink::start_at(format!("127.0.0.1:{port}").parse()?, args)
+    }
+
+    /// Starts smtp-sink on a given address (tern-chaos `--sink`).
+    pub fn start_at(addr: SocketAddr, args: &[&str]) -> anyhow::Result<Sink> {
         let dir = tempfile::Builder::new().prefix("tern-sink-").tempdir()?;
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
         let mut sink = Sink {
-            addr: format!("127.0.0.1:{port}").parse()?,
+            addr,
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
@@ -134,6 +144,15 @@ impl Sink {
         out
     }
 
+    /// Message-ID → the distinct queued copies (queue ids) delivered.
+    pub fn copies(&self) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+        let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for d in self.deliveries() {
+            out.entry(d.message_id).or_default().insert(d.queue_id);
+        }
+        out
+    }
+
     /// The deliveries of one Message-ID.
     pub fn deliveries_of(&self, message_id: &str) -> Vec<Delivery> {
         self.deliveries()
@@ -155,22 +174,54 @@ fn parse_dump(path: &Path) -> Option<Delivery> {
     let text = String::from_utf8_lossy(&bytes);
     let mut message_id = None;
     let mut helo = String::new();
+    let mut queue_id = None;
+    // The topmost Received header Tern wrote (smtp-sink adds its own above), unfolded (`\tby HOST (Tern) with ESMTP id ID`).
+    let mut received: Option<String> = None;
     for line in text.lines() {
         let lower = line.to_ascii_lowercase();
+        if let Some(r) = received.as_mut() {
+            if line.starts_with([' ', '\t']) {
+                r.push(' ');
+                r.push_str(line.trim());
+                continue;
+            }
+            let id = tern_queue_id(r);
+            if !id.is_empty() {
+                queue_id = Some(id);
+            }
+            received = None;
+        }
+        if queue_id.is_none() && lower.starts_with("received:") {
+            received = Some(line.to_owned());
+            continue;
+        }
+        if line.is_empty() {
+            break;
+        }
         if helo.is_empty() && lower.starts_with("x-helo-args:") {
             helo = line["x-helo-args:".len()..].trim().to_owned();
         } else if message_id.is_none() && lower.starts_with("message-id:") {
             let v = line["message-id:".len()..].trim();
             message_id = Some(v.trim_start_matches('<').trim_end_matches('>').to_owned());
         }
-        if message_id.is_some() && !helo.is_empty() {
-            break;
-        }
     }
     let at = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
     Some(Delivery {
         message_id: message_id?,
         helo,
+        queue_id: queue_id.unwrap_or_default(),
         at,
     })
+}
+
+/// `ID` in `... (Tern) with PROTO id ID ...`; empty when not Tern's.
+fn tern_queue_id(received: &str) -> String {
+    let Some((_, rest)) = received.split_once("(Tern) with ") else {
+        return String::new();
+    };
+    let mut words = rest.split_whitespace().skip(1);
+    match (words.next(), words.next()) {
+        (Some("id"), Some(id)) => id.trim_end_matches(';').to_owned(),
+        _ => String::new(),
+    }
 }

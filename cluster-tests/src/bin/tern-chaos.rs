@@ -1,6 +1,8 @@
 //! tern-chaos: runs a real Tern cluster, injects random faults (SIGKILL,
 //! SIGSTOP, partitions, restarts) while mail flows, and checks that every
-//! acknowledged message is delivered. Exit code 0: no loss; 1: loss;
+//! acknowledged message is delivered. With `--endpoints` it drives a
+//! cluster it did not start (local processes; no partitions). Exit code 0:
+//! no loss; 1: loss (or a message delivered as two different copies);
 //! 2: setup error. See docs/failover-testing.md.
 
 use std::io::Write;
@@ -13,7 +15,9 @@ use rand::{Rng, SeedableRng};
 
 use cluster_tests::check::{self, probe_resume};
 use cluster_tests::cluster::{Cluster, Options};
+use cluster_tests::external::External;
 use cluster_tests::load::{Load, LoadConfig};
+use cluster_tests::target::Target;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,10 +41,24 @@ enum Output {
 #[derive(Parser, Debug)]
 #[command(about = "Random faults on a real Tern cluster while mail flows; checks nothing acknowledged is lost")]
 struct Args {
+    /// Nodes of the cluster tern-chaos starts (not with --endpoints).
     #[arg(long, default_value_t = 3)]
     nodes: u64,
+    /// Shards of the cluster tern-chaos starts (not with --endpoints).
     #[arg(long, default_value_t = 6)]
     shards: u32,
+    /// Drive an existing cluster instead: the gRPC admin addresses of its
+    /// nodes (local processes: faults signal the process listening there).
+    #[arg(long, value_delimiter = ',', requires = "sink")]
+    endpoints: Vec<std::net::SocketAddr>,
+    /// With --endpoints: the nodes' SMTP addresses, in the same order
+    /// (default: found among each process's listeners, the one greeting 220).
+    #[arg(long, value_delimiter = ',', requires = "endpoints")]
+    smtp: Vec<std::net::SocketAddr>,
+    /// With --endpoints: where tern-chaos runs its sink (smtp-sink); the
+    /// cluster's `[[route]]` must send the test mail (to example.test) there.
+    #[arg(long, requires = "endpoints")]
+    sink: Option<std::net::SocketAddr>,
     /// Messages to send (at most), paced over the duration.
     #[arg(long, default_value_t = 2000)]
     messages: usize,
@@ -90,6 +108,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(serde::Serialize)]
 struct FaultRecord {
     at_secs: f64,
+    /// Seconds (since the start) when the fault was undone (restart done,
+    /// SIGCONT sent, links healed); `None` if undoing it failed.
+    undone_secs: Option<f64>,
     fault: Fault,
     node: u64,
     /// Seconds until a probe message was acknowledged / delivered.
@@ -107,12 +128,20 @@ struct FaultRecord {
 #[derive(serde::Serialize)]
 struct Report {
     seed: u64,
+    /// `harness` (tern-chaos started the cluster) or `endpoints`.
+    mode: &'static str,
     nodes: u64,
     shards: u32,
     duration_secs: f64,
     #[serde(flatten)]
     verdict: check::Verdict,
     faults: Vec<FaultRecord>,
+    /// Messages acknowledged per second before the first fault, during
+    /// each fault and after it was undone.
+    phases: Vec<check::Phase>,
+    /// Injection stopped early: a fault could not be undone (so a second
+    /// faulty node never joins a first one).
+    stopped_early: Option<String>,
     max_resume_secs: Option<f64>,
     median_resume_secs: Option<f64>,
     max_new_leaders_secs: Option<f64>,
@@ -127,38 +156,85 @@ fn main() -> ExitCode {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
     });
-    if args.faults.is_empty() || args.nodes < 3 {
-        eprintln!("tern-chaos: need at least 3 nodes and one fault kind");
+    let external = !args.endpoints.is_empty();
+    if args.faults.is_empty() {
+        eprintln!("tern-chaos: need at least one fault kind");
+        return ExitCode::from(2);
+    }
+    if external && args.faults.contains(&Fault::Partition) {
+        eprintln!(
+            "tern-chaos: --faults partition needs the harness's proxies between nodes; \
+             it cannot be used with --endpoints (choose from kill,pause,restart)"
+        );
+        return ExitCode::from(2);
+    }
+    let nodes = if external {
+        args.endpoints.len() as u64
+    } else {
+        args.nodes
+    };
+    if nodes < 3 {
+        eprintln!("tern-chaos: need at least 3 nodes");
         return ExitCode::from(2);
     }
     eprintln!(
-        "tern-chaos: seed {seed}, {} nodes, {} shards, {} messages over {:?}, faults {:?}",
-        args.nodes, args.shards, args.messages, args.duration, args.faults
-    );
-    let mut cluster = match Cluster::start(
-        args.nodes,
-        Options {
-            shards: args.shards,
-            ..Options::default()
+        "tern-chaos: seed {seed}, {nodes} nodes{}, {} messages over {:?}, faults {:?}",
+        if external {
+            " (existing cluster)".to_owned()
+        } else {
+            format!(", {} shards", args.shards)
         },
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tern-chaos: setup failed: {e:#}");
+        args.messages,
+        args.duration,
+        args.faults
+    );
+    let log_dir = args
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("tern-chaos-{seed}")));
+    let mut shards = args.shards;
+    let mut target: Box<dyn Target> = if external {
+        let Some(sink) = args.sink else {
+            eprintln!("tern-chaos: --endpoints needs --sink");
             return ExitCode::from(2);
+        };
+        match External::connect(&args.endpoints, &args.smtp, sink, log_dir.clone()) {
+            Ok(e) => {
+                shards = e.shard_count();
+                Box::new(e)
+            }
+            Err(e) => {
+                eprintln!("tern-chaos: setup failed: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        match Cluster::start(
+            args.nodes,
+            Options {
+                shards: args.shards,
+                ..Options::default()
+            },
+        ) {
+            Ok(mut c) => {
+                c.quiet_logs();
+                Box::new(c)
+            }
+            Err(e) => {
+                eprintln!("tern-chaos: setup failed: {e:#}");
+                return ExitCode::from(2);
+            }
         }
     };
-    cluster.quiet_logs();
-    match run(&args, seed, &mut cluster) {
-        Ok(report) => {
-            let lost = !report.verdict.no_loss();
-            if lost {
-                let dir = args
-                    .log_dir
-                    .clone()
-                    .unwrap_or_else(|| std::env::temp_dir().join(format!("tern-chaos-{seed}")));
-                match cluster.save_logs(&dir) {
-                    Ok(()) => eprintln!("tern-chaos: node logs in {}", dir.display()),
+    match run(&args, seed, target.as_mut()) {
+        Ok(mut report) => {
+            report.mode = if external { "endpoints" } else { "harness" };
+            report.nodes = nodes;
+            report.shards = shards;
+            let bad = !report.verdict.ok();
+            if bad {
+                match target.save_logs(&log_dir) {
+                    Ok(()) => eprintln!("tern-chaos: node logs in {}", log_dir.display()),
                     Err(e) => eprintln!("tern-chaos: saving logs: {e:#}"),
                 }
             }
@@ -170,7 +246,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            if lost {
+            if bad {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
@@ -183,7 +259,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> {
+fn run(args: &Args, seed: u64, cluster: &mut dyn Target) -> anyhow::Result<Report> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = Instant::now();
     let load = Load::start(
@@ -199,7 +275,7 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
     );
     // One progress line per second.
     let progress = load.progress();
-    let sink_dir = cluster.sink.dir().to_path_buf();
+    let sink_dir = cluster.sink().dir().to_path_buf();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ticker = {
         let stop = std::sync::Arc::clone(&stop);
@@ -216,11 +292,19 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
         })
     };
     let mut faults = Vec::new();
+    // Throughput intervals: (name, from, to).
+    let mut intervals = Vec::new();
+    let (mut phase_name, mut phase_start) = ("before faults".to_owned(), start);
+    let mut stopped_early = None;
     // Let mail flow before the first fault.
     std::thread::sleep(Duration::from_secs(2));
     while start.elapsed() + Duration::from_secs(8) < args.duration && !load.is_done() {
         let fault = args.faults[rng.gen_range(0..args.faults.len())];
         let members = cluster.healthy_ids();
+        if members.is_empty() {
+            stopped_early = Some("no healthy node left".to_owned());
+            break;
+        }
         // Half the time a shard leader (the interesting victim), else any node.
         let node = if rng.gen_bool(0.5) {
             cluster
@@ -237,8 +321,11 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
         let at = Instant::now();
         let at_secs = start.elapsed().as_secs_f64();
         eprintln!("[{at_secs:>5.1}s] fault: {fault:?} node {node}");
+        intervals.push((std::mem::take(&mut phase_name), phase_start, at));
+        let label = format!("{fault:?} n{node}").to_lowercase();
         let mut rec = FaultRecord {
             at_secs,
+            undone_secs: None,
             fault,
             node,
             resume_ack_secs: None,
@@ -248,13 +335,12 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
             converged_secs: None,
             error: None,
         };
-        let result = inject(cluster, fault, node, at, &mut rec);
-        if let Err(e) = result {
+        let undone = inject(cluster, fault, node, at, &mut rec);
+        if let Some(e) = &rec.error {
             eprintln!(
-                "[{:>5.1}s] fault {fault:?} node {node}: {e:#}",
+                "[{:>5.1}s] fault {fault:?} node {node}: {e}",
                 start.elapsed().as_secs_f64()
             );
-            rec.error = Some(format!("{e:#}"));
         }
         eprintln!(
             "[{:>5.1}s] fault done: {fault:?} node {node}: led {:?}, new leaders {:?}s, resumed (ack) {:?}s, \
@@ -265,17 +351,36 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
             rec.resume_ack_secs.map(|s| (s * 10.0).round() / 10.0),
             rec.converged_secs.map(|s| (s * 10.0).round() / 10.0)
         );
-        faults.push(rec);
+        match undone {
+            Some(t) => {
+                rec.undone_secs = Some(t.saturating_duration_since(start).as_secs_f64());
+                intervals.push((format!("during {label}"), at, t));
+                (phase_name, phase_start) = (format!("after {label}"), t);
+                faults.push(rec);
+            }
+            None => {
+                // The node stays faulty: inject nothing more.
+                stopped_early = Some(format!(
+                    "{label} could not be undone: {}",
+                    rec.error.clone().unwrap_or_default()
+                ));
+                (phase_name, phase_start) = (format!("during {label} (not undone)"), at);
+                faults.push(rec);
+                break;
+            }
+        }
         std::thread::sleep(Duration::from_millis(rng.gen_range(1000..3000)));
     }
     load.stop();
     let report = load.finish();
+    intervals.push((phase_name, phase_start, Instant::now()));
+    let phases = check::phases(&report.records, start, &intervals);
     // Undo whatever is left, then check.
-    for id in cluster.partitioned().to_vec() {
+    for id in cluster.partitioned() {
         cluster.heal(id);
     }
     cluster.restart_all_down().context("restarting nodes at the end")?;
-    let verdict = check::wait_no_loss(&report, &cluster.sink, Duration::from_secs(120));
+    let verdict = check::wait_no_loss(&report, cluster.sink(), Duration::from_secs(120));
     let converged_at_end = cluster.wait_converged(Duration::from_secs(60)).is_ok();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = ticker.join();
@@ -295,39 +400,99 @@ fn run(args: &Args, seed: u64, cluster: &mut Cluster) -> anyhow::Result<Report> 
     Ok(Report {
         max_new_leaders_secs,
         seed,
+        mode: "harness",
         nodes: args.nodes,
         shards: args.shards,
         duration_secs: start.elapsed().as_secs_f64(),
         verdict,
         faults,
+        phases,
+        stopped_early,
         max_resume_secs,
         median_resume_secs,
         converged_at_end,
     })
 }
 
-/// Applies one fault, measures the resume (probe), undoes the fault and
-/// waits for convergence (each bounded).
-fn inject(cluster: &mut Cluster, fault: Fault, node: u64, at: Instant, rec: &mut FaultRecord) -> anyhow::Result<()> {
+/// Applies one fault, measures failover and resume, undoes the fault and
+/// waits for convergence (each bounded). The fault is undone whatever
+/// failed before (so at most one node is ever faulty); errors go to
+/// `rec.error`. Returns when the fault was undone, `None` if undoing failed.
+fn inject(cluster: &mut dyn Target, fault: Fault, node: u64, at: Instant, rec: &mut FaultRecord) -> Option<Instant> {
+    let mut errors = Vec::new();
     let hold = match fault {
-        Fault::Kill => {
-            cluster.kill(node)?;
-            Duration::from_secs(3)
+        Fault::Kill | Fault::Pause => Duration::from_secs(3),
+        Fault::Partition => Duration::from_secs(4),
+        Fault::Restart => Duration::ZERO,
+    };
+    let applied = match fault {
+        Fault::Kill | Fault::Restart => cluster.kill(node),
+        Fault::Pause => cluster.pause(node),
+        Fault::Partition => cluster.partition(node),
+    };
+    match applied {
+        Ok(()) => {
+            if let Err(e) = measure_faulty(cluster, fault, node, at, rec) {
+                errors.push(format!("{e:#}"));
+            }
         }
-        Fault::Pause => {
-            cluster.pause(node)?;
-            Duration::from_secs(3)
-        }
+        Err(e) => errors.push(format!("applying: {e:#}")),
+    }
+    let elapsed = at.elapsed();
+    if elapsed < hold {
+        std::thread::sleep(hold - elapsed);
+    }
+    let undo = match fault {
+        Fault::Kill | Fault::Restart => cluster.restart(node),
+        Fault::Pause => cluster.resume(node),
         Fault::Partition => {
-            cluster.partition(node);
-            Duration::from_secs(4)
-        }
-        Fault::Restart => {
-            cluster.kill(node)?;
-            Duration::ZERO
+            cluster.heal(node);
+            Ok(())
         }
     };
-    if !rec.led.is_empty() && fault != Fault::Restart {
+    if let Err(e) = undo {
+        errors.push(format!("undoing: {e:#}"));
+        rec.error = Some(errors.join("; "));
+        return None;
+    }
+    let undone = Instant::now();
+    let after = (|| -> anyhow::Result<()> {
+        if fault == Fault::Restart {
+            let r = probe_resume(
+                cluster,
+                at,
+                &format!("resume-{}", at.elapsed().as_nanos()),
+                Duration::from_secs(30),
+            )?;
+            rec.resume_ack_secs = Some(r.acked.as_secs_f64());
+            rec.resume_delivery_secs = Some(r.delivered.as_secs_f64());
+        }
+        cluster.wait_converged(Duration::from_secs(60))?;
+        rec.converged_secs = Some(undone.elapsed().as_secs_f64());
+        Ok(())
+    })();
+    if let Err(e) = after {
+        errors.push(format!("{e:#}"));
+    }
+    if !errors.is_empty() {
+        rec.error = Some(errors.join("; "));
+    }
+    Some(undone)
+}
+
+/// While the fault holds: new leaders for the victim's shards, then mail
+/// acknowledged and delivered through a healthy node.
+fn measure_faulty(
+    cluster: &mut dyn Target,
+    fault: Fault,
+    node: u64,
+    at: Instant,
+    rec: &mut FaultRecord,
+) -> anyhow::Result<()> {
+    if fault == Fault::Restart {
+        return Ok(());
+    }
+    if !rec.led.is_empty() {
         let led = rec.led.clone();
         cluster_tests::wait_until(Duration::from_secs(20), "new leaders", || {
             cluster
@@ -336,42 +501,14 @@ fn inject(cluster: &mut Cluster, fault: Fault, node: u64, at: Instant, rec: &mut
         })?;
         rec.new_leaders_secs = Some(at.elapsed().as_secs_f64());
     }
-    let probe = if fault == Fault::Restart {
-        None
-    } else {
-        Some(probe_resume(
-            cluster,
-            at,
-            &format!("resume-{}", at.elapsed().as_nanos()),
-            Duration::from_secs(30),
-        ))
-    };
-    let elapsed = at.elapsed();
-    if elapsed < hold {
-        std::thread::sleep(hold - elapsed);
-    }
-    match fault {
-        Fault::Kill | Fault::Restart => cluster.restart(node)?,
-        Fault::Pause => cluster.resume(node)?,
-        Fault::Partition => cluster.heal(node),
-    }
-    let undone = Instant::now();
-    if fault == Fault::Restart {
-        let r = probe_resume(
-            cluster,
-            at,
-            &format!("resume-{}", at.elapsed().as_nanos()),
-            Duration::from_secs(30),
-        )?;
-        rec.resume_ack_secs = Some(r.acked.as_secs_f64());
-        rec.resume_delivery_secs = Some(r.delivered.as_secs_f64());
-    } else if let Some(p) = probe {
-        let r = p?;
-        rec.resume_ack_secs = Some(r.acked.as_secs_f64());
-        rec.resume_delivery_secs = Some(r.delivered.as_secs_f64());
-    }
-    cluster.wait_converged(Duration::from_secs(60))?;
-    rec.converged_secs = Some(undone.elapsed().as_secs_f64());
+    let r = probe_resume(
+        cluster,
+        at,
+        &format!("resume-{}", at.elapsed().as_nanos()),
+        Duration::from_secs(30),
+    )?;
+    rec.resume_ack_secs = Some(r.acked.as_secs_f64());
+    rec.resume_delivery_secs = Some(r.delivered.as_secs_f64());
     Ok(())
 }
 
@@ -384,8 +521,8 @@ fn print_report(r: &Report, output: Output) {
     let v = &r.verdict;
     let _ = writeln!(
         out,
-        "tern-chaos report (seed {}, {} nodes, {} shards, {:.0}s)",
-        r.seed, r.nodes, r.shards, r.duration_secs
+        "tern-chaos report (seed {}, {}, {} nodes, {} shards, {:.0}s)",
+        r.seed, r.mode, r.nodes, r.shards, r.duration_secs
     );
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     for f in &r.faults {
@@ -401,6 +538,14 @@ fn print_report(r: &Report, output: Output) {
         ("lost", v.lost.len().to_string()),
         ("duplicates", format!("{} (+{} copies)", v.duplicates, v.extra_copies)),
         ("unacked but delivered", v.unacked_delivered.to_string()),
+        (
+            "two different copies",
+            format!(
+                "{} failed, {} acked (must be 0)",
+                v.failed_multi_copy.len(),
+                v.acked_multi_copy.len()
+            ),
+        ),
         ("faults injected", format!("{} ({})", r.faults.len(), kinds.join(", "))),
         (
             "fault errors",
@@ -423,7 +568,23 @@ fn print_report(r: &Report, output: Output) {
     for (k, val) in rows {
         let _ = writeln!(out, "  {k:<24} {val}");
     }
+    if let Some(why) = &r.stopped_early {
+        let _ = writeln!(out, "  stopped early: {why}");
+    }
+    let _ = writeln!(out, "  acceptance throughput per phase:");
+    for p in &r.phases {
+        let _ = writeln!(
+            out,
+            "    {:<28} {:>6.1}s..{:>6.1}s {:>6} acked {:>8.1}/s",
+            p.name, p.from_secs, p.to_secs, p.acked, p.acked_per_sec
+        );
+    }
     if !v.lost.is_empty() {
         let _ = writeln!(out, "  lost: {:?}", &v.lost[..v.lost.len().min(20)]);
+    }
+    for (what, ids) in [("failed", &v.failed_multi_copy), ("acked", &v.acked_multi_copy)] {
+        if !ids.is_empty() {
+            let _ = writeln!(out, "  {what}, two different copies: {:?}", &ids[..ids.len().min(20)]);
+        }
     }
 }

@@ -25,8 +25,20 @@ pub fn cluster(n: u64, options: Options) -> Cluster {
     c
 }
 
-/// Paced load: `messages` over `secs` seconds from 4 sessions.
+/// `TERN_FAILOVER_SCALE=N` (default 1): heavier runs multiply message
+/// counts and load durations by N.
+pub fn scale() -> usize {
+    std::env::var("TERN_FAILOVER_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// Paced load: `messages` over `secs` seconds from 4 sessions (both
+/// multiplied by [`scale`]).
 pub fn paced(prefix: &str, messages: usize, secs: f64) -> LoadConfig {
+    let (messages, secs) = (messages * scale(), secs * scale() as f64);
     LoadConfig {
         messages,
         sessions: 4,
@@ -49,7 +61,8 @@ pub fn wait_acked(load: &Load, n: usize) {
     .unwrap();
 }
 
-/// Every acknowledged message delivered (bounded); prints and returns the verdict.
+/// Every acknowledged message delivered (bounded) and none delivered as two
+/// different copies; prints and returns the verdict.
 pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
     let v = check::wait_no_loss(report, &c.sink, Duration::from_secs(90));
     eprintln!("{name}: {v}");
@@ -60,6 +73,12 @@ pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
         &v.lost[..v.lost.len().min(20)]
     );
     assert!(v.acked > 0, "{name}: nothing acknowledged");
+    assert!(
+        v.failed_multi_copy.is_empty() && v.acked_multi_copy.is_empty(),
+        "{name}: delivered as two different copies: failed {:?}, acked {:?}",
+        v.failed_multi_copy,
+        v.acked_multi_copy
+    );
     v
 }
 
@@ -89,4 +108,67 @@ pub fn wait_new_leaders(c: &Cluster, shards: &[u64], old: u64, deadline: Duratio
             .unwrap_or(false)
     })
     .unwrap()
+}
+
+/// A loopback SMTP server that answers every connection `421` and closes
+/// it: deliveries routed to it defer (retried later), never bounce.
+pub struct Stall {
+    pub addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stall {
+    pub fn start() -> Stall {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", cluster_tests::free_port().unwrap())).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, st) = (std::sync::Arc::clone(&accepted), std::sync::Arc::clone(&stop));
+        // Ends when `stop` is set (on drop).
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let _ = std::io::Write::write_all(&mut conn, b"421 4.3.2 stalled for the test\r\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Stall {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections answered so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `ternctl ARGS` through node `via`; panics with its stderr on failure.
+pub fn ternctl_ok(c: &Cluster, via: u64, args: &[&str]) {
+    let out = c.node(via).unwrap().ternctl(args, Duration::from_secs(20)).unwrap();
+    assert!(
+        out.status.success(),
+        "ternctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -7,38 +7,37 @@ use cluster_tests::cluster::Options;
 
 use crate::common::*;
 
-/// A node that leads nothing (drained first) is SIGKILLed under load: mail
-/// keeps flowing, nothing acknowledged is lost; it restarts and catches up.
+/// A node that leads nothing — no shard (drained first) and not the
+/// control group — is SIGKILLed under load: mail keeps flowing, nothing
+/// acknowledged is lost; it restarts and catches up.
 #[test]
 fn kill_follower() {
     let _s = serial();
     let mut c = cluster(3, Options::default());
-    let victim = 3;
-    let out = c
-        .node(1)
-        .unwrap()
-        .ternctl(&["node", "drain", "3"], Duration::from_secs(20))
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    cluster_tests::wait_until(Duration::from_secs(60), "node 3 leads nothing", || {
+    let control = c.control_leader().unwrap();
+    let victim = (1..=3).rev().find(|id| *id != control).unwrap();
+    let via = (1..=3).find(|id| *id != victim).unwrap();
+    let v = victim.to_string();
+    ternctl_ok(&c, via, &["node", "drain", &v]);
+    cluster_tests::wait_until(Duration::from_secs(60), "the victim leads no shard", || {
         c.leaders().is_ok_and(|l| l.values().all(|x| *x != victim && *x != 0))
     })
     .unwrap();
     let load = start_load(&c, paced("kill-follower", 300, 6.0));
     wait_acked(&load, 60);
+    // A follower in every group right before the kill.
+    let control = c.control_leader().unwrap();
+    assert_ne!(control, victim, "node {victim} became the control-group leader");
+    let led = c.shards_led_by(victim).unwrap();
+    assert!(led.is_empty(), "node {victim} leads shards {led:?} after the drain");
     let at = Instant::now();
     c.kill(victim).unwrap();
     let resume = probe_resume(&c, at, "after-follower-kill", Duration::from_secs(30)).unwrap();
-    eprintln!("kill_follower: resume {resume:?}");
+    eprintln!("kill_follower: node {victim} (control leader {control}); resume {resume:?}");
     let report = load.finish();
     assert_no_loss("kill_follower", &c, &report);
     c.restart(victim).unwrap();
-    let out = c
-        .node(1)
-        .unwrap()
-        .ternctl(&["node", "undrain", "3"], Duration::from_secs(20))
-        .unwrap();
-    assert!(out.status.success());
+    ternctl_ok(&c, via, &["node", "undrain", &v]);
     assert_converged("kill_follower", &c, Duration::from_secs(60));
 }
 

@@ -5,7 +5,9 @@
 //! other's Raft timers.
 #![allow(clippy::unwrap_used)]
 
+mod chaos;
 mod common;
+mod failover_time;
 mod kill;
 mod membership;
 mod partition;

@@ -2,13 +2,15 @@
 
 use std::time::{Duration, Instant};
 
+use cluster_tests::check::probe_resume;
 use cluster_tests::cluster::Options;
 
 use crate::common::*;
 
-/// Under load, node 4 joins (replicas rebalance onto it), then node 2 is
-/// removed (`ternctl member remove`; its replicas move away); the cluster
-/// converges each time and nothing acknowledged is lost.
+/// Under load, node 4 joins, then node 2 is removed (`ternctl member
+/// remove`; its replicas move away); after each change a probe message is
+/// acknowledged and delivered within 30 s, the cluster converges and
+/// nothing acknowledged is lost.
 #[test]
 fn add_and_remove_node_under_load() {
     let _s = serial();
@@ -24,11 +26,8 @@ fn add_and_remove_node_under_load() {
     let t = Instant::now();
     c.add_node(4).unwrap();
     let added = t.elapsed();
-    // Placement does not move replicas onto a new node while every shard
-    // already has 3 (see `added_node_accepts_mail`); give it a few seconds.
-    let placed = cluster_tests::wait_until(Duration::from_secs(5), "node 4 a voter of some shard", || {
-        c.shards().is_ok_and(|l| l.iter().any(|s| s.voters.contains(&4)))
-    });
+    let resume = probe_resume(&c, t, "after-add", Duration::from_secs(30)).unwrap();
+    eprintln!("membership: after adding node 4, resume {resume:?}");
     let conv = c.wait_converged(Duration::from_secs(90)).unwrap();
     let four = c
         .shards()
@@ -36,14 +35,17 @@ fn add_and_remove_node_under_load() {
         .into_iter()
         .filter(|s| s.voters.contains(&4))
         .count();
+    // Whether replicas move onto the new node is placement's business; the
+    // figure is printed, not asserted.
     eprintln!(
-        "membership: node 4 added in {added:.1?}, voter of a shard: {placed:?}, converged {conv:.1?} later; \
-         node 4 holds {four} of {} shards",
+        "membership: node 4 added in {added:.1?}, converged {conv:.1?} later; node 4 holds {four} of {} shards",
         c.options.shards
     );
     let t = Instant::now();
     c.remove_node(2).unwrap();
     let removed = t.elapsed();
+    let resume = probe_resume(&c, t, "after-remove", Duration::from_secs(30)).unwrap();
+    eprintln!("membership: after removing node 2, resume {resume:?}");
     let conv = c.wait_converged(Duration::from_secs(90)).unwrap();
     let four = c
         .shards()
@@ -61,9 +63,9 @@ fn add_and_remove_node_under_load() {
     assert_no_loss("add_and_remove_node_under_load", &c, &report);
 }
 
-/// A node that joins a cluster whose shards all have their 3 replicas gets
-/// no replica (placement does not rebalance onto it) and so cannot forward:
-/// it answers every message `451 4.3.0 no queue shard available`.
+/// A node that joins a cluster whose shards all have their 3 replicas
+/// accepts mail within 30 s (whether or not it holds replicas yet: it
+/// forwards to the shard leaders).
 #[test]
 fn added_node_accepts_mail() {
     let _s = serial();
