@@ -53,8 +53,10 @@ pub struct QueueShard {
     loading_term: Option<u64>,
     schedule: Schedule,
     in_flight: HashSet<String>,
-    pending_updates: Vec<OutcomeUpdate>,
-    pending_bounces: Vec<NewMessage>,
+    /// Outcomes waiting to be written, each with the reports it causes: they
+    /// go in the same Raft entry, so a crash never commits a report without
+    /// its outcome (the retry would report again) nor the reverse.
+    pending: Vec<(OutcomeUpdate, Vec<NewMessage>)>,
     writing: bool,
     /// When a quorum last confirmed this node's leadership (see `confirm_then_dispatch`).
     confirmed_at: Option<std::time::Instant>,
@@ -79,8 +81,7 @@ impl QueueShard {
             loading_term: None,
             schedule: Schedule::default(),
             in_flight: HashSet::new(),
-            pending_updates: Vec::new(),
-            pending_bounces: Vec::new(),
+            pending: Vec::new(),
             writing: false,
             confirmed_at: None,
             confirming: false,
@@ -229,6 +230,7 @@ impl QueueShard {
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
         let next_attempt = self.settings.retry.next_attempt(attempts_made, now, jitter);
         let mut delay_notified = record.delay_notified;
+        let mut bounces = Vec::new();
 
         // Bounces (RFC 3464): one per message and kind, to the reverse-path.
         let failure_rcpts: Vec<_> = failed
@@ -236,7 +238,7 @@ impl QueueShard {
             .filter(|(a, _, _)| notify_wanted(record, a.index, dsn::DsnKind::Failure))
             .map(|(a, reply, expired)| report(record, a, dsn::Action::Failed, reply, now, None, *expired))
             .collect();
-        self.queue_dsn(message, dsn::DsnKind::Failure, failure_rcpts, now);
+        self.queue_dsn(&mut bounces, message, dsn::DsnKind::Failure, failure_rcpts, now);
         let success_rcpts: Vec<_> = delivered
             .iter()
             .filter(|a| !a.dsn_relayed && notify_wanted(record, a.index, dsn::DsnKind::Success))
@@ -248,7 +250,7 @@ impl QueueShard {
                 report(record, a, dsn::Action::Delivered, &reply, now, None, false)
             })
             .collect();
-        self.queue_dsn(message, dsn::DsnKind::Success, success_rcpts, now);
+        self.queue_dsn(&mut bounces, message, dsn::DsnKind::Success, success_rcpts, now);
         if let Some(after) = self.settings.delay_notice_after {
             if !delay_notified && now - record.received_at >= after.as_secs() as i64 {
                 let until = record.received_at + self.settings.retry.max_age.as_secs() as i64;
@@ -260,19 +262,29 @@ impl QueueShard {
                 if !delay_rcpts.is_empty() {
                     delay_notified = true;
                 }
-                self.queue_dsn(message, dsn::DsnKind::Delay, delay_rcpts, now);
+                self.queue_dsn(&mut bounces, message, dsn::DsnKind::Delay, delay_rcpts, now);
             }
         }
-        self.pending_updates.push(OutcomeUpdate {
-            id: record.id.clone(),
-            results,
-            attempts: attempts_made,
-            next_attempt,
-            delay_notified,
-        });
+        self.pending.push((
+            OutcomeUpdate {
+                id: record.id.clone(),
+                results,
+                attempts: attempts_made,
+                next_attempt,
+                delay_notified,
+            },
+            bounces,
+        ));
     }
 
-    fn queue_dsn(&mut self, message: &LoadedMessage, kind: dsn::DsnKind, rcpts: Vec<dsn::RecipientReport>, now: i64) {
+    fn queue_dsn(
+        &self,
+        out: &mut Vec<NewMessage>,
+        message: &LoadedMessage,
+        kind: dsn::DsnKind,
+        rcpts: Vec<dsn::RecipientReport>,
+        now: i64,
+    ) {
         let record = &message.record;
         // A bounce never causes another bounce.
         if rcpts.is_empty() || record.envelope.reverse_path.is_empty() || dsn::is_dsn(&message.body) {
@@ -285,18 +297,16 @@ impl QueueShard {
         });
         let id = self.ids.next();
         if let Some(dsn) = super::ops::make_dsn(&self.settings.hostname, id, message, kind, rcpts, now) {
-            self.pending_bounces.push(dsn);
+            out.push(dsn);
         }
     }
 
     /// Writes collected outcomes through Raft: one write for many.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || (self.pending_updates.is_empty() && self.pending_bounces.is_empty()) {
+        if self.writing || self.pending.is_empty() {
             return;
         }
-        let take = self.pending_updates.len().min(MAX_BATCH);
-        let updates: Vec<OutcomeUpdate> = self.pending_updates.drain(..take).collect();
-        let bounces = std::mem::take(&mut self.pending_bounces);
+        let (updates, bounces) = take_batch(&mut self.pending, MAX_BATCH);
         let ids: Vec<String> = updates.iter().map(|u| u.id.clone()).collect();
         let raft = self.group.raft.clone();
         self.writing = true;
@@ -370,6 +380,21 @@ impl QueueShard {
             }
         }));
     }
+}
+
+/// The oldest `max` outcomes and exactly the reports they cause.
+fn take_batch(
+    pending: &mut Vec<(OutcomeUpdate, Vec<NewMessage>)>,
+    max: usize,
+) -> (Vec<OutcomeUpdate>, Vec<NewMessage>) {
+    let take = pending.len().min(max);
+    let mut updates = Vec::with_capacity(take);
+    let mut bounces = Vec::new();
+    for (update, reports) in pending.drain(..take) {
+        updates.push(update);
+        bounces.extend(reports);
+    }
+    (updates, bounces)
 }
 
 /// NOTIFY semantics for one recipient (RFC 3461 §4.1).
@@ -476,5 +501,62 @@ impl StreamHandler<RaftMetrics<NodeId, openraft::BasicNode>> for QueueShard {
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(n: usize) -> Vec<(OutcomeUpdate, Vec<NewMessage>)> {
+        (0..n)
+            .map(|i| {
+                let update = OutcomeUpdate {
+                    id: format!("m{i}"),
+                    results: Vec::new(),
+                    attempts: 1,
+                    next_attempt: 0,
+                    delay_notified: false,
+                };
+                // Every other outcome causes a report naming its message.
+                let reports = (i % 2 == 0)
+                    .then(|| NewMessage {
+                        record: Box::new(MessageRecord::new(
+                            format!("report-of-m{i}"),
+                            crate::envelope::Envelope::default(),
+                            0,
+                            0,
+                        )),
+                        body: crate::raft::Body {
+                            bytes: Vec::new(),
+                            loc: None,
+                        },
+                    })
+                    .into_iter()
+                    .collect();
+                (update, reports)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_carries_exactly_the_reports_of_its_outcomes() {
+        let mut queue = pending(1200);
+        let mut seen_updates = 0;
+        let mut batches = 0;
+        while !queue.is_empty() {
+            let (updates, bounces) = take_batch(&mut queue, MAX_BATCH);
+            assert!(updates.len() <= MAX_BATCH);
+            let expected: Vec<String> = updates
+                .iter()
+                .filter(|u| u.id[1..].parse::<usize>().is_ok_and(|i| i % 2 == 0))
+                .map(|u| format!("report-of-{}", u.id))
+                .collect();
+            let got: Vec<String> = bounces.iter().map(|b| b.record.id.clone()).collect();
+            assert_eq!(got, expected, "batch {batches}");
+            seen_updates += updates.len();
+            batches += 1;
+        }
+        assert_eq!((seen_updates, batches), (1200, 3));
     }
 }
