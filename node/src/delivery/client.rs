@@ -10,10 +10,11 @@
 //! after the content (RFC 2033).
 //!
 //! Choices worth knowing:
-//! - `BODY=8BITMIME` to a peer without 8BITMIME is sent anyway, without the
-//!   parameter (what most MTAs do; RFC 6152 leaves the choice to the sender
-//!   and converting MIME is out of scope). BINARYMIME content cannot be sent
-//!   to a peer without BINARYMIME+CHUNKING: `554 5.6.3`.
+//! - 8-bit content (`BODY=8BITMIME`, or any byte >= 0x80 in the message)
+//!   to a peer without 8BITMIME is not sent: RFC 6152 §3 lets a relay only
+//!   convert or refuse, and converting would break DKIM signatures, so it
+//!   fails with `554 5.6.3` (the sender gets a bounce). BINARYMIME content
+//!   cannot be sent to a peer without BINARYMIME+CHUNKING: `554 5.6.3`.
 //! - A message flagged SMTPUTF8 to a peer without SMTPUTF8 fails with
 //!   `553 5.6.7` before anything is sent (no downgrade).
 //! - DATA is only sent after the RCPT replies are in, so there is never a
@@ -708,6 +709,18 @@ impl Connection {
                 format!("Binary content not supported by next hop {}", self.peer),
             ));
         }
+        if !self.caps.has("8BITMIME")
+            && (msg.body_type == BodyType::EightBitMime || msg.body.iter().any(|&b| b >= 0x80))
+        {
+            return Some(Reply::synthetic(
+                554,
+                "5.6.3",
+                format!(
+                    "Conversion required but not supported: 8-bit message, 8BITMIME not supported by next hop {}",
+                    self.peer
+                ),
+            ));
+        }
         if let Some(limit) = self.caps.size_limit().filter(|&l| msg.body.len() as u64 > l) {
             return Some(Reply::synthetic(
                 552,
@@ -1201,8 +1214,7 @@ mod tests {
         if !sink_available() {
             return;
         }
-        // Also no 8BITMIME: the 8-bit body goes anyway, without BODY=.
-        let sink = SmtpSink::start(&["-N", "-8"]);
+        let sink = SmtpSink::start(&["-N"]);
         let mut c = connect(&tcp(sink.peer.addr), Protocol::Smtp, TlsPolicy::Opportunistic)
             .await
             .unwrap();
@@ -1211,8 +1223,7 @@ mod tests {
         let msg = OutMessage {
             ret: Some(Ret::Full),
             envid: Some("Q123"),
-            body_type: BodyType::EightBitMime,
-            ..message(&to, "Subject: caf\u{e9}\r\n\r\n8bit\r\n".as_bytes())
+            ..message(&to, BODY)
         };
         let r = send(&mut c, &msg).await.unwrap();
         assert!(all_delivered(&r) && !r.dsn_relayed, "{r:?}");
@@ -1223,7 +1234,42 @@ mod tests {
             !d.contains("NOTIFY") && !d.contains("ORCPT") && !d.contains("ENVID"),
             "{d}"
         );
-        assert!(d.contains("caf\u{e9}"), "{d}");
+        c.quit().await;
+    }
+
+    /// RFC 6152: 8-bit content is neither sent to nor converted for a hop
+    /// without 8BITMIME (smtp-sink -8 does not offer it); 7-bit mail still goes.
+    #[tokio::test]
+    async fn sink_8bit_refused_without_8bitmime() {
+        if !sink_available() {
+            return;
+        }
+        let sink = SmtpSink::start(&["-8"]);
+        let mut c = connect(&tcp(sink.peer.addr), Protocol::Smtp, TlsPolicy::Opportunistic)
+            .await
+            .unwrap();
+        assert!(!c.offers("8BITMIME"));
+        let to = rcpts(&["a@example.test"]);
+        let eight_bit = "Subject: caf\u{e9}\r\n\r\n8bit\r\n".as_bytes();
+        // Declared 8BITMIME (the sender's word counts even for a 7-bit
+        // body), and undeclared 8-bit bytes: all refused.
+        let declared = |body| OutMessage {
+            body_type: BodyType::EightBitMime,
+            ..message(&to, body)
+        };
+        for msg in [declared(eight_bit), declared(BODY), message(&to, eight_bit)] {
+            let r = send(&mut c, &msg).await.unwrap();
+            assert!(
+                matches!(&r.outcomes[..], [RcptOutcome::Failed { reply }] if reply.starts_with("554 5.6.3 ") && reply.contains("8BITMIME not supported by next hop")),
+                "{r:?}"
+            );
+        }
+        // Nothing was sent; plain 7-bit mail still goes on this connection.
+        let r = send(&mut c, &message(&to, BODY)).await.unwrap();
+        assert!(all_delivered(&r), "{r:?}");
+        let dumps = sink.wait_dumps(1);
+        assert_eq!(dumps.len(), 1);
+        assert!(!dumps[0].contains("caf"), "{}", dumps[0]);
         c.quit().await;
     }
 
