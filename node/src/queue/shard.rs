@@ -202,7 +202,11 @@ impl QueueShard {
                 .map(|r| crate::envelope::Envelope::domain_of(&r.address))
                 .unwrap_or_default();
             self.settings.metrics.queue.recipient(outcome, &domain);
-            log_event(record, a, status, &reply, record.attempts + 1, now);
+            let event = match outcome {
+                Outcome::Expired => "expired",
+                _ => status.as_str(),
+            };
+            log_event(event, record, a, &reply, record.attempts + 1, now);
             self.settings.stats.record(
                 now,
                 &domain,
@@ -435,18 +439,13 @@ fn report(
 }
 
 /// One structured line per delivery event (docs/events.md).
-fn log_event(record: &MessageRecord, a: &RcptAttempt, status: RcptStatus, reply: &str, attempt: u32, now: i64) {
+fn log_event(event: &str, record: &MessageRecord, a: &RcptAttempt, reply: &str, attempt: u32, now: i64) {
     let rcpt = record
         .envelope
         .recipients
         .get(a.index)
         .map(|r| r.address.as_str())
         .unwrap_or("");
-    let event = match status {
-        RcptStatus::Delivered => "delivered",
-        RcptStatus::Failed => "failed",
-        _ => "deferred",
-    };
     tracing::info!(
         target: "tern::event",
         event,

@@ -216,10 +216,10 @@ fn expired_mail_bounces_with_the_last_deferral_reason() {
     let closed = closed_guard.port;
     let sender_mx = SmtpSink::start(&[]);
     let node = Node::start(&format!(
-        "[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{closed}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\nmax_age = \"3s\"\n",
+        "[log]\nformat = \"json\"\n\n[[route]]\ndomain = \"example.test\"\nto = \"127.0.0.1:{closed}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\nmax_age = \"3s\"\n",
         sender_mx.addr
     ));
-    send(&node, "sender@tern.test", &["late@example.test"], "expire-1");
+    let id = send(&node, "sender@tern.test", &["late@example.test"], "expire-1");
     // smtp-sink creates its dump file before it has written the message.
     wait_for(Duration::from_secs(60), "the expiry bounce", || {
         sender_mx.messages().iter().any(|m| m.contains("Action: failed"))
@@ -230,6 +230,22 @@ fn expired_mail_bounces_with_the_last_deferral_reason() {
     assert!(dsn.contains("Status: 4.4."), "{dsn}");
     assert!(dsn.contains("expire-1@tern.test"));
     wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
+    // The log tells expiry apart from a 5xx failure, and names the bounced message.
+    let events: Vec<serde_json::Value> = node
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "tern::event" && l["fields"]["msg_id"] == id.as_str())
+        .map(|l| l["fields"].clone())
+        .collect();
+    let of = |e: &str| events.iter().filter(|f| f["event"] == e).collect::<Vec<_>>();
+    assert_eq!(of("expired").len(), 1, "{events:?}");
+    assert!(of("failed").is_empty(), "{events:?}");
+    assert!(!of("deferred").is_empty(), "{events:?}");
+    assert_eq!(of("expired")[0]["rcpt"], "late@example.test");
+    let bounced = of("bounced");
+    assert_eq!(bounced.len(), 1, "{events:?}");
+    assert_eq!(bounced[0]["message_id"], "expire-1@tern.test", "{events:?}");
 }
 
 #[test]
