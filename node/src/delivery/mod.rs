@@ -49,6 +49,9 @@ pub struct RcptAttempt {
     pub tls: Option<String>,
     /// The next hop took over DSN duties (it offered DSN).
     pub dsn_relayed: bool,
+    /// Delivered into the mailbox (LMTP or Maildir), not relayed to another
+    /// MTA: a success report then says `delivered`, else `relayed`.
+    pub final_delivery: bool,
     /// The message's Message-ID header, for the event log.
     pub message_id: String,
 }
@@ -311,6 +314,7 @@ impl Delivery {
                         remote_ip: None,
                         tls: None,
                         dsn_relayed: false,
+                        final_delivery: false,
                         message_id: message_id.clone(),
                     }));
                 }
@@ -385,6 +389,7 @@ pub(crate) fn deferred_all(rcpts: &[usize], reply: &str, message_id: &str) -> Ve
             remote_ip: None,
             tls: None,
             dsn_relayed: false,
+            final_delivery: false,
             message_id: message_id.to_owned(),
         })
         .collect()

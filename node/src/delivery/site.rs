@@ -224,6 +224,7 @@ async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt
             remote_ip: ip.clone(),
             tls: tls.clone(),
             dsn_relayed: result.dsn_relayed,
+            final_delivery: job.protocol == Protocol::Lmtp,
             message_id: job.message_id.clone(),
         })
         .collect())

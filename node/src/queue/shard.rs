@@ -251,7 +251,13 @@ impl QueueShard {
                     crate::delivery::RcptOutcome::Delivered { reply } => reply.clone(),
                     _ => String::new(),
                 };
-                report(record, a, dsn::Action::Delivered, &reply, now, None, false)
+                // RFC 3461 6.2.3: handed to an MTA without DSN is "relayed".
+                let action = if a.final_delivery {
+                    dsn::Action::Delivered
+                } else {
+                    dsn::Action::Relayed
+                };
+                report(record, a, action, &reply, now, None, false)
             })
             .collect();
         self.queue_dsn(&mut bounces, message, dsn::DsnKind::Success, success_rcpts, now);

@@ -272,18 +272,23 @@ fn required_tls_is_never_sent_in_clear() {
 
 #[test]
 fn success_notification_when_the_next_hop_has_no_dsn() {
-    // -N: the sink does not offer DSN, so Tern itself reports success.
+    // -N: the sink does not offer DSN, so Tern itself reports success:
+    // "relayed" for the MTA, "delivered" for the local Maildir (RFC 3461 6.2.3).
     let sink = SmtpSink::start(&["-N"]);
     let sender_mx = SmtpSink::start(&[]);
+    let maildirs = tempfile::tempdir().unwrap();
     let node = Node::start(&format!(
-        "[[route]]\ndomain = \"example.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n",
-        sink.addr, sender_mx.addr
+        "[policy]\nlocal_domains = [\"local.test\"]\n\n[local]\nmaildir = \"{}/{{domain}}/{{user}}\"\n\n\
+         [[route]]\ndomain = \"example.test\"\nto = \"{}\"\n\n[[route]]\ndomain = \"tern.test\"\nto = \"{}\"\n",
+        maildirs.path().display(),
+        sink.addr,
+        sender_mx.addr
     ));
     let script = format!(
         r#"
 import smtplib
 s = smtplib.SMTP("127.0.0.1", {port}, timeout=30)
-s.sendmail("sender@tern.test", ["r@example.test"], b"Subject: s\r\nMessage-ID: <success-1@tern.test>\r\n\r\nhi\r\n",
+s.sendmail("sender@tern.test", ["r@example.test", "box@local.test"], b"Subject: s\r\nMessage-ID: <success-1@tern.test>\r\n\r\nhi\r\n",
     rcpt_options=["NOTIFY=SUCCESS"])
 s.quit()
 "#,
@@ -292,10 +297,27 @@ s.quit()
     let out = Command::new("python3").args(["-c", &script]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for(Duration::from_secs(60), "the success DSN", || {
-        sender_mx.messages().len() == 1
+        sender_mx.messages().iter().any(|m| m.contains("Final-Recipient"))
     });
-    let dsn = &sender_mx.messages()[0];
-    assert!(dsn.contains("Action: delivered") && dsn.contains("Status: 2."), "{dsn}");
+    let dsns = sender_mx.messages();
+    assert_eq!(dsns.len(), 1, "{dsns:?}");
+    let dsn = &dsns[0];
+    let block = |rcpt: &str| {
+        dsn.split("Final-Recipient: ")
+            .find(|b| b.starts_with(&format!("rfc822; {rcpt}")) || b.starts_with(&format!("rfc822;{rcpt}")))
+            .unwrap_or_else(|| panic!("no block for {rcpt}: {dsn}"))
+            .to_owned()
+    };
+    let relayed = block("r@example.test");
+    assert!(
+        relayed.contains("Action: relayed") && relayed.contains("Status: 2."),
+        "{dsn}"
+    );
+    let delivered = block("box@local.test");
+    assert!(
+        delivered.contains("Action: delivered") && delivered.contains("Status: 2."),
+        "{dsn}"
+    );
     assert_eq!(sink.messages().len(), 1);
 }
 
