@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod client_proto;
+pub mod fence;
 pub mod local;
 pub mod resolve;
 pub mod site;
@@ -270,7 +271,12 @@ impl Delivery {
     }
 
     /// One delivery attempt for every pending recipient of a message.
-    pub async fn attempt(self: &Arc<Self>, message: Arc<LoadedMessage>) -> Vec<RcptAttempt> {
+    /// `fence` is asked before the end of each SMTP/LMTP transaction's data.
+    pub async fn attempt(
+        self: &Arc<Self>,
+        message: Arc<LoadedMessage>,
+        fence: Option<Arc<dyn fence::Fence>>,
+    ) -> Vec<RcptAttempt> {
         let message_id = header_value(&message.body, "message-id").unwrap_or_default();
         let pending: Vec<usize> = message
             .record
@@ -334,6 +340,7 @@ impl Delivery {
                         protocol,
                         tls,
                         message_id: message_id.clone(),
+                        fence: fence.clone(),
                         reply: tx,
                     };
                     let addr = self.site(&plan.key);

@@ -5,6 +5,7 @@
 //! Delivery scheduling (the QueueShard actor) plugs in on the leader side
 //! of each shard and reads the same records.
 
+pub mod lease;
 pub mod message;
 pub mod ops;
 pub mod schedule;

@@ -13,10 +13,12 @@ use actix::prelude::*;
 use openraft::{RaftMetrics, ServerState};
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 
+use super::lease::Lease;
 use super::message::{MessageRecord, RcptStatus};
 use super::schedule::{RetryPolicy, Schedule};
 use super::IdGen;
-use crate::delivery::{Delivery, LoadedMessage, RcptAttempt};
+use crate::delivery::fence::{Fence, FENCED_REPLY};
+use crate::delivery::{Delivery, LoadedMessage, RcptAttempt, RcptOutcome};
 use crate::dsn;
 
 use crate::metrics::{Metrics, Outcome};
@@ -58,8 +60,9 @@ pub struct QueueShard {
     /// its outcome (the retry would report again) nor the reverse.
     pending: Vec<(OutcomeUpdate, Vec<NewMessage>)>,
     writing: bool,
-    /// When a quorum last confirmed this node's leadership (see `confirm_then_dispatch`).
-    confirmed_at: Option<std::time::Instant>,
+    /// When a quorum last confirmed this node's leadership: checked before
+    /// dispatch and before the end of every delivery's data.
+    lease: Arc<Lease>,
     confirming: bool,
 }
 
@@ -71,6 +74,11 @@ impl QueueShard {
         ids: Arc<IdGen>,
         events: tokio::sync::mpsc::UnboundedReceiver<SmEvent>,
     ) -> QueueShard {
+        let raft = group.raft.clone();
+        let lease = Arc::new(Lease::new(Box::new(move || {
+            let raft = raft.clone();
+            Box::pin(async move { raft.ensure_linearizable().await.is_ok() })
+        })));
         QueueShard {
             group,
             settings,
@@ -83,7 +91,7 @@ impl QueueShard {
             in_flight: HashSet::new(),
             pending: Vec::new(),
             writing: false,
-            confirmed_at: None,
+            lease,
             confirming: false,
         }
     }
@@ -100,13 +108,12 @@ impl QueueShard {
     /// Dispatches due mail only while a quorum has recently confirmed this
     /// node's leadership: a leader that was frozen (SIGSTOP, a long GC or VM
     /// pause) and wakes up must not deliver what a new leader now delivers.
-    /// One quorum round per LEASE at most, not one per message.
+    /// One quorum round per lease at most, not one per message.
     fn confirm_then_dispatch(&mut self, ctx: &mut Context<Self>) {
-        const LEASE: Duration = Duration::from_millis(500);
         if self.leader_term.is_none() || self.schedule.is_empty() {
             return;
         }
-        if self.confirmed_at.is_some_and(|t| t.elapsed() < LEASE) {
+        if self.lease.fresh() {
             self.dispatch(ctx);
             return;
         }
@@ -114,17 +121,14 @@ impl QueueShard {
             return;
         }
         self.confirming = true;
-        let raft = self.group.raft.clone();
-        let started = std::time::Instant::now();
-        let fut = async move { raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string()) };
-        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+        let lease = Arc::clone(&self.lease);
+        let fut = async move { lease.holds().await };
+        ctx.spawn(fut.into_actor(self).map(move |held, act, ctx| {
             act.confirming = false;
-            match result {
-                Ok(()) => {
-                    act.confirmed_at = Some(started);
-                    act.dispatch(ctx);
-                }
-                Err(e) => tracing::info!(shard = act.group.id, error = %e, "leadership not confirmed; not delivering"),
+            if held {
+                act.dispatch(ctx);
+            } else {
+                tracing::info!(shard = act.group.id, "leadership not confirmed; not delivering");
             }
         }));
     }
@@ -157,8 +161,9 @@ impl QueueShard {
             self.in_flight.insert(id.clone());
             let message = Arc::new(LoadedMessage { record, body });
             let delivery = Arc::clone(&self.delivery);
+            let fence: Arc<dyn Fence> = self.lease.clone();
             let fut = async move {
-                let attempts = delivery.attempt(Arc::clone(&message)).await;
+                let attempts = delivery.attempt(Arc::clone(&message), Some(fence)).await;
                 (message, attempts)
             };
             ctx.spawn(
@@ -169,9 +174,20 @@ impl QueueShard {
     }
 
     /// Turns one attempt's results into an outcome update (and bounces).
-    fn on_attempt(&mut self, message: &LoadedMessage, attempts: Vec<RcptAttempt>) {
+    fn on_attempt(&mut self, message: &LoadedMessage, mut attempts: Vec<RcptAttempt>) {
         let now = Self::now();
         let record = &message.record;
+        // Transactions abandoned by the fence have no outcome: whoever leads
+        // the shard now delivers those recipients.
+        let before = attempts.len();
+        attempts.retain(|a| !matches!(&a.outcome, RcptOutcome::Deferred { reply } if reply == FENCED_REPLY));
+        if attempts.is_empty() && before > 0 {
+            self.in_flight.remove(&record.id);
+            if self.leader_term.is_some() {
+                self.schedule.insert(record.id.clone(), now + 1);
+            }
+            return;
+        }
         let expired = self.settings.retry.expired(record.received_at, now);
         let mut results = Vec::new();
         let mut failed = Vec::new();
@@ -346,6 +362,7 @@ impl QueueShard {
             }
             self.loading_term = None;
             self.schedule.clear();
+            self.lease.revoke();
             return;
         }
         if self.leader_term == Some(m.current_term) || self.loading_term == Some(m.current_term) {
