@@ -15,7 +15,7 @@ use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 
 use super::lease::Lease;
 use super::message::{MessageRecord, RcptStatus};
-use super::schedule::{RetryPolicy, Schedule};
+use super::schedule::{Clock, RetryPolicy, Schedule};
 use super::IdGen;
 use crate::delivery::fence::{Fence, FENCED_REPLY};
 use crate::delivery::{Delivery, LoadedMessage, RcptAttempt, RcptOutcome};
@@ -42,6 +42,8 @@ pub struct ShardSettings {
     pub metrics: Arc<Metrics>,
     /// Delivery analytics for `ternctl stats`.
     pub stats: Arc<super::stats::Stats>,
+    /// Unix seconds for due times, retries and expiry.
+    pub clock: Arc<dyn Clock>,
 }
 
 pub struct QueueShard {
@@ -96,8 +98,8 @@ impl QueueShard {
         }
     }
 
-    fn now() -> i64 {
-        chrono::Utc::now().timestamp()
+    fn now(&self) -> i64 {
+        self.settings.clock.now()
     }
 
     fn load_record(&self, id: &str) -> Option<MessageRecord> {
@@ -139,7 +141,7 @@ impl QueueShard {
             return;
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
-        let now = Self::now();
+        let now = self.now();
         for id in self.schedule.pop_due(now, room) {
             if self.in_flight.contains(&id) {
                 // Its outcome is being written; look again shortly.
@@ -175,7 +177,7 @@ impl QueueShard {
 
     /// Turns one attempt's results into an outcome update (and bounces).
     fn on_attempt(&mut self, message: &LoadedMessage, mut attempts: Vec<RcptAttempt>) {
-        let now = Self::now();
+        let now = self.now();
         let record = &message.record;
         // Transactions abandoned by the fence have no outcome: whoever leads
         // the shard now delivers those recipients.
@@ -194,23 +196,7 @@ impl QueueShard {
         let mut delivered = Vec::new();
         let mut deferred = Vec::new();
         for a in &attempts {
-            let (status, reply, outcome) = match &a.outcome {
-                crate::delivery::RcptOutcome::Delivered { reply } => {
-                    (RcptStatus::Delivered, reply.clone(), Outcome::Delivered)
-                }
-                crate::delivery::RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone(), Outcome::Failed),
-                crate::delivery::RcptOutcome::Deferred { reply } if expired => (
-                    RcptStatus::Failed,
-                    format!(
-                        "{reply} (gave up: message older than {}s)",
-                        self.settings.retry.max_age.as_secs()
-                    ),
-                    Outcome::Expired,
-                ),
-                crate::delivery::RcptOutcome::Deferred { reply } => {
-                    (RcptStatus::Deferred, reply.clone(), Outcome::Deferred)
-                }
-            };
+            let (status, reply, outcome) = judge(&a.outcome, expired, self.settings.retry.max_age);
             let domain = record
                 .envelope
                 .recipients
@@ -339,7 +325,7 @@ impl QueueShard {
         let fut = async move { raft.client_write(Request::Outcomes { updates, bounces }).await };
         ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
             act.writing = false;
-            let retry_at = Self::now() + 5;
+            let retry_at = act.now() + 5;
             for id in &ids {
                 act.in_flight.remove(id);
             }
@@ -406,6 +392,21 @@ impl QueueShard {
                 Err(e) => tracing::warn!(shard = act.group.id, error = %e, "could not take over shard"),
             }
         }));
+    }
+}
+
+/// What one recipient's attempt means for the queue: a deferral of a
+/// message past `max_age` becomes a failure (an expiry).
+fn judge(outcome: &RcptOutcome, expired: bool, max_age: Duration) -> (RcptStatus, String, Outcome) {
+    match outcome {
+        RcptOutcome::Delivered { reply } => (RcptStatus::Delivered, reply.clone(), Outcome::Delivered),
+        RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone(), Outcome::Failed),
+        RcptOutcome::Deferred { reply } if expired => (
+            RcptStatus::Failed,
+            format!("{reply} (gave up: message older than {}s)", max_age.as_secs()),
+            Outcome::Expired,
+        ),
+        RcptOutcome::Deferred { reply } => (RcptStatus::Deferred, reply.clone(), Outcome::Deferred),
     }
 }
 
@@ -529,6 +530,7 @@ impl StreamHandler<RaftMetrics<NodeId, openraft::BasicNode>> for QueueShard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::schedule::TokioClock;
 
     fn pending(n: usize) -> Vec<(OutcomeUpdate, Vec<NewMessage>)> {
         (0..n)
@@ -559,6 +561,66 @@ mod tests {
                 (update, reports)
             })
             .collect()
+    }
+
+    /// Defer -> retry -> expire of one message through the shard's schedule,
+    /// retry policy and outcome rule, on tokio's paused clock: attempts come
+    /// at the scheduled delays (jitter within ±10%) and the first deferral
+    /// after `max_age` is an expiry.
+    #[tokio::test(start_paused = true)]
+    async fn deferred_mail_is_retried_on_schedule_then_expires() {
+        const TICK: Duration = Duration::from_secs(5);
+        let clock = TokioClock {
+            epoch: 1_800_000_000,
+            start: tokio::time::Instant::now(),
+        };
+        let retry = RetryPolicy {
+            schedule: vec![Duration::from_secs(60), Duration::from_secs(300)],
+            max_age: Duration::from_secs(1200),
+        };
+        let received_at = clock.now();
+        let mut schedule = Schedule::default();
+        schedule.insert("m".into(), received_at);
+        let mut tried_at = Vec::new();
+        let mut last = None;
+        // Bounded: 2000 ticks of 5 s is far past max_age.
+        for step in 0..2000u32 {
+            for id in schedule.pop_due(clock.now(), 10) {
+                let now = clock.now();
+                tried_at.push(now - received_at);
+                let peer_says = RcptOutcome::Deferred {
+                    reply: "451 4.3.0 try later".into(),
+                };
+                let (status, reply, outcome) = judge(&peer_says, retry.expired(received_at, now), retry.max_age);
+                if status == RcptStatus::Deferred {
+                    // Alternate the jitter's extremes.
+                    let jitter = if step % 2 == 0 { 1.0 } else { -1.0 };
+                    schedule.insert(id, retry.next_attempt(tried_at.len() as u32, now, jitter));
+                } else {
+                    last = Some((status, reply, outcome));
+                }
+            }
+            if last.is_some() {
+                break;
+            }
+            tokio::time::advance(TICK).await;
+        }
+        let (status, reply, outcome) = last.expect("the message expired");
+        assert_eq!(status, RcptStatus::Failed);
+        assert!(matches!(outcome, Outcome::Expired));
+        assert_eq!(reply, "451 4.3.0 try later (gave up: message older than 1200s)");
+        assert!(schedule.is_empty());
+        // First try at once, then 60 s ±10%, then 300 s ±10% each (a tick late at most).
+        assert_eq!(tried_at[0], 0);
+        let gaps: Vec<i64> = tried_at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!((54..=66 + 5).contains(&gaps[0]), "{tried_at:?}");
+        for g in &gaps[1..] {
+            assert!((270..=330 + 5).contains(g), "{tried_at:?}");
+        }
+        // Only the last attempt is past max_age; the one before was not.
+        let n = tried_at.len();
+        assert!(tried_at[n - 1] >= 1200 && tried_at[n - 2] < 1200, "{tried_at:?}");
+        assert!((5..=6).contains(&n), "{tried_at:?}");
     }
 
     #[test]
