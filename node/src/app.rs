@@ -161,6 +161,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         tick: config.scheduler_tick,
         metrics: Arc::clone(&metrics),
         stats: Arc::new(crate::queue::stats::Stats::default()),
+        clock: Arc::new(crate::queue::schedule::SystemClock),
     });
     let cluster_tls = config
         .cluster_tls

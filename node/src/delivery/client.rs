@@ -10,10 +10,11 @@
 //! after the content (RFC 2033).
 //!
 //! Choices worth knowing:
-//! - `BODY=8BITMIME` to a peer without 8BITMIME is sent anyway, without the
-//!   parameter (what most MTAs do; RFC 6152 leaves the choice to the sender
-//!   and converting MIME is out of scope). BINARYMIME content cannot be sent
-//!   to a peer without BINARYMIME+CHUNKING: `554 5.6.3`.
+//! - 8-bit content (`BODY=8BITMIME`, or any byte >= 0x80 in the message)
+//!   to a peer without 8BITMIME is not sent: RFC 6152 §3 lets a relay only
+//!   convert or refuse, and converting would break DKIM signatures, so it
+//!   fails with `554 5.6.3` (the sender gets a bounce). BINARYMIME content
+//!   cannot be sent to a peer without BINARYMIME+CHUNKING: `554 5.6.3`.
 //! - A message flagged SMTPUTF8 to a peer without SMTPUTF8 fails with
 //!   `553 5.6.7` before anything is sent (no downgrade).
 //! - DATA is only sent after the RCPT replies are in, so there is never a
@@ -202,6 +203,8 @@ pub struct OutMessage<'a> {
     pub envid: Option<&'a str>,
     /// Header and body with CRLF line ends, not dot-stuffed.
     pub body: &'a [u8],
+    /// Asked just before the end of data; `false` abandons the transaction.
+    pub fence: Option<&'a dyn super::fence::Fence>,
 }
 
 /// Result of one transaction.
@@ -247,6 +250,10 @@ pub enum SessionError {
     /// The connection already failed before.
     #[error("connection to {0} is no longer usable")]
     Unusable(String),
+    /// The fence said no before the end of data; the connection was dropped
+    /// so the peer discards the message.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl SessionError {
@@ -554,11 +561,20 @@ impl Connection {
             return Ok(result(outcomes.into_iter().flatten().collect()));
         }
 
+        // The last byte of data (or the final ".") is held back until the
+        // fence agrees: without it the peer cannot take the message.
         let chunking = self.caps.has("CHUNKING");
         if chunking {
+            if msg.body.is_empty() {
+                self.fence(msg).await?;
+            }
             let cmd = format!("BDAT {} LAST\r\n", msg.body.len());
             self.write(cmd.as_bytes(), self.config.command_timeout, "BDAT").await?;
-            self.write_content(msg.body).await?;
+            if let Some((last, content)) = msg.body.split_last() {
+                self.write_content(content).await?;
+                self.fence(msg).await?;
+                self.write_content(std::slice::from_ref(last)).await?;
+            }
         } else {
             let reply = self.command(b"DATA\r\n", self.config.data_init_timeout, "DATA").await?;
             if reply.code != 354 {
@@ -569,7 +585,11 @@ impl Connection {
                 }
                 return Ok(result(outcomes.into_iter().flatten().collect()));
             }
-            self.write_content(&proto::dot_stuff(msg.body)).await?;
+            let stuffed = proto::dot_stuff(msg.body);
+            let (content, end) = stuffed.split_at(stuffed.len().saturating_sub(3));
+            self.write_content(content).await?;
+            self.fence(msg).await?;
+            self.write_content(end).await?;
         }
 
         // After the content: one reply (SMTP) or one per accepted recipient (LMTP).
@@ -617,6 +637,19 @@ impl Connection {
             "transaction done"
         );
         Ok(result(outcomes))
+    }
+
+    /// Asks the message's fence; on "no" the connection becomes unusable
+    /// (the caller drops it, and the peer discards the unfinished data).
+    async fn fence(&mut self, msg: &OutMessage<'_>) -> Result<(), SessionError> {
+        match msg.fence {
+            Some(f) if !f.holds().await => {
+                self.broken = true;
+                info!(peer = %self.peer, "leadership not confirmed before the end of data; transaction abandoned");
+                Err(SessionError::Fenced(super::fence::FENCED_REPLY.to_owned()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// MAIL FROM:<reverse_path>, RCPT TO:<rcpt>, RSET: does the next hop
@@ -706,6 +739,18 @@ impl Connection {
                 554,
                 "5.6.3",
                 format!("Binary content not supported by next hop {}", self.peer),
+            ));
+        }
+        if !self.caps.has("8BITMIME")
+            && (msg.body_type == BodyType::EightBitMime || msg.body.iter().any(|&b| b >= 0x80))
+        {
+            return Some(Reply::synthetic(
+                554,
+                "5.6.3",
+                format!(
+                    "Conversion required but not supported: 8-bit message, 8BITMIME not supported by next hop {}",
+                    self.peer
+                ),
             ));
         }
         if let Some(limit) = self.caps.size_limit().filter(|&l| msg.body.len() as u64 > l) {
@@ -957,6 +1002,7 @@ mod tests {
             ret: None,
             envid: None,
             body,
+            fence: None,
         }
     }
 
@@ -1201,8 +1247,7 @@ mod tests {
         if !sink_available() {
             return;
         }
-        // Also no 8BITMIME: the 8-bit body goes anyway, without BODY=.
-        let sink = SmtpSink::start(&["-N", "-8"]);
+        let sink = SmtpSink::start(&["-N"]);
         let mut c = connect(&tcp(sink.peer.addr), Protocol::Smtp, TlsPolicy::Opportunistic)
             .await
             .unwrap();
@@ -1211,8 +1256,7 @@ mod tests {
         let msg = OutMessage {
             ret: Some(Ret::Full),
             envid: Some("Q123"),
-            body_type: BodyType::EightBitMime,
-            ..message(&to, "Subject: caf\u{e9}\r\n\r\n8bit\r\n".as_bytes())
+            ..message(&to, BODY)
         };
         let r = send(&mut c, &msg).await.unwrap();
         assert!(all_delivered(&r) && !r.dsn_relayed, "{r:?}");
@@ -1223,7 +1267,42 @@ mod tests {
             !d.contains("NOTIFY") && !d.contains("ORCPT") && !d.contains("ENVID"),
             "{d}"
         );
-        assert!(d.contains("caf\u{e9}"), "{d}");
+        c.quit().await;
+    }
+
+    /// RFC 6152: 8-bit content is neither sent to nor converted for a hop
+    /// without 8BITMIME (smtp-sink -8 does not offer it); 7-bit mail still goes.
+    #[tokio::test]
+    async fn sink_8bit_refused_without_8bitmime() {
+        if !sink_available() {
+            return;
+        }
+        let sink = SmtpSink::start(&["-8"]);
+        let mut c = connect(&tcp(sink.peer.addr), Protocol::Smtp, TlsPolicy::Opportunistic)
+            .await
+            .unwrap();
+        assert!(!c.offers("8BITMIME"));
+        let to = rcpts(&["a@example.test"]);
+        let eight_bit = "Subject: caf\u{e9}\r\n\r\n8bit\r\n".as_bytes();
+        // Declared 8BITMIME (the sender's word counts even for a 7-bit
+        // body), and undeclared 8-bit bytes: all refused.
+        let declared = |body| OutMessage {
+            body_type: BodyType::EightBitMime,
+            ..message(&to, body)
+        };
+        for msg in [declared(eight_bit), declared(BODY), message(&to, eight_bit)] {
+            let r = send(&mut c, &msg).await.unwrap();
+            assert!(
+                matches!(&r.outcomes[..], [RcptOutcome::Failed { reply }] if reply.starts_with("554 5.6.3 ") && reply.contains("8BITMIME not supported by next hop")),
+                "{r:?}"
+            );
+        }
+        // Nothing was sent; plain 7-bit mail still goes on this connection.
+        let r = send(&mut c, &message(&to, BODY)).await.unwrap();
+        assert!(all_delivered(&r), "{r:?}");
+        let dumps = sink.wait_dumps(1);
+        assert_eq!(dumps.len(), 1);
+        assert!(!dumps[0].contains("caf"), "{}", dumps[0]);
         c.quit().await;
     }
 
@@ -1595,6 +1674,93 @@ mod tests {
             "{r:?}"
         );
         assert!(!c.is_usable());
+    }
+
+    /// A fence that answers `allow` and counts the questions.
+    #[derive(Debug)]
+    struct TestFence {
+        allow: bool,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl super::super::fence::Fence for TestFence {
+        fn holds(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(std::future::ready(self.allow))
+        }
+    }
+
+    /// A node that lost its shard leadership mid-transaction sends the
+    /// content but never the end of data, and drops the connection: the
+    /// peer discards the message (DATA and BDAT alike).
+    #[tokio::test]
+    async fn a_failed_fence_withholds_the_end_of_data() {
+        for (ehlo, data_step) in [
+            ("250 mx\r\n", (vec!["DATA"], "354 go\r\n")),
+            ("250-mx\r\n250 CHUNKING\r\n", (vec![], "")),
+        ] {
+            let (addr, task) = scripted(vec![
+                (vec![], "220 mx\r\n"),
+                (vec!["EHLO"], ehlo),
+                (vec!["MAIL"], "250 ok\r\n"),
+                (vec!["RCPT"], "250 ok\r\n"),
+                data_step,
+            ])
+            .await;
+            let mut c = Connection::connect(&tcp(addr), Protocol::Smtp, TlsPolicy::Opportunistic, &config())
+                .await
+                .unwrap();
+            let fence = TestFence {
+                allow: false,
+                asked: Default::default(),
+            };
+            let to = rcpts(&["a@x.test"]);
+            let msg = OutMessage {
+                fence: Some(&fence),
+                ..message(&to, BODY)
+            };
+            let e = tokio::time::timeout(DEADLINE, c.send(&msg)).await.unwrap().unwrap_err();
+            assert!(
+                matches!(&e, SessionError::Fenced(r) if r == super::super::fence::FENCED_REPLY),
+                "{e:?}"
+            );
+            assert_eq!(fence.asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+            assert!(!c.is_usable());
+            drop(c);
+            let log = tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+            // Everything up to the last byte, and no more.
+            assert!(log.contains("Subject: test\r\n"), "{log:?}");
+            if ehlo.contains("CHUNKING") {
+                assert!(log.ends_with("Hello.\r"), "{log:?}");
+            } else {
+                assert!(log.ends_with("Hello.\r\n"), "{log:?}");
+            }
+        }
+        // A fence that holds: the transaction completes as usual.
+        let (addr, _task) = scripted(vec![
+            (vec![], "220 mx\r\n"),
+            (vec!["EHLO"], "250 mx\r\n"),
+            (vec!["MAIL"], "250 ok\r\n"),
+            (vec!["RCPT"], "250 ok\r\n"),
+            (vec!["DATA"], "354 go\r\n"),
+            (vec!["From", "Subject", "", "Hello.", "."], "250 2.0.0 queued\r\n"),
+        ])
+        .await;
+        let mut c = Connection::connect(&tcp(addr), Protocol::Smtp, TlsPolicy::Opportunistic, &config())
+            .await
+            .unwrap();
+        let fence = TestFence {
+            allow: true,
+            asked: Default::default(),
+        };
+        let to = rcpts(&["a@x.test"]);
+        let msg = OutMessage {
+            fence: Some(&fence),
+            ..message(&to, BODY)
+        };
+        let r = tokio::time::timeout(DEADLINE, c.send(&msg)).await.unwrap().unwrap();
+        assert!(all_delivered(&r), "{r:?}");
+        assert_eq!(fence.asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -82,6 +82,7 @@ pub async fn deliver_maildir(
             remote_ip: None,
             tls: None,
             dsn_relayed: false,
+            final_delivery: true,
             message_id: message_id.to_owned(),
         })
         .collect()

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod client_proto;
+pub mod fence;
 pub mod local;
 pub mod resolve;
 pub mod site;
@@ -49,6 +50,9 @@ pub struct RcptAttempt {
     pub tls: Option<String>,
     /// The next hop took over DSN duties (it offered DSN).
     pub dsn_relayed: bool,
+    /// Delivered into the mailbox (LMTP or Maildir), not relayed to another
+    /// MTA: a success report then says `delivered`, else `relayed`.
+    pub final_delivery: bool,
     /// The message's Message-ID header, for the event log.
     pub message_id: String,
 }
@@ -131,7 +135,7 @@ impl Delivery {
     pub async fn plan(&self, domain: &str) -> Plan {
         if self.is_local(domain) {
             return match &self.config.local_delivery {
-                LocalDelivery::Lmtp(spec) => match lmtp_endpoint(spec).await {
+                LocalDelivery::Lmtp(spec) => match lmtp_endpoint(&self.resolver, spec).await {
                     Ok(endpoint) => Plan {
                         key: format!("local:{spec}"),
                         target: Target::Remote {
@@ -165,7 +169,7 @@ impl Delivery {
             let mut endpoints = Vec::new();
             let mut errors = Vec::new();
             for hop in &route.to {
-                match route_endpoints(hop, self.config.smtp_port).await {
+                match route_endpoints(&self.resolver, hop, self.config.smtp_port).await {
                     Ok(mut e) => endpoints.append(&mut e),
                     Err(e) => errors.push(e),
                 }
@@ -267,7 +271,12 @@ impl Delivery {
     }
 
     /// One delivery attempt for every pending recipient of a message.
-    pub async fn attempt(self: &Arc<Self>, message: Arc<LoadedMessage>) -> Vec<RcptAttempt> {
+    /// `fence` is asked before the end of each SMTP/LMTP transaction's data.
+    pub async fn attempt(
+        self: &Arc<Self>,
+        message: Arc<LoadedMessage>,
+        fence: Option<Arc<dyn fence::Fence>>,
+    ) -> Vec<RcptAttempt> {
         let message_id = header_value(&message.body, "message-id").unwrap_or_default();
         let pending: Vec<usize> = message
             .record
@@ -311,6 +320,7 @@ impl Delivery {
                         remote_ip: None,
                         tls: None,
                         dsn_relayed: false,
+                        final_delivery: false,
                         message_id: message_id.clone(),
                     }));
                 }
@@ -330,6 +340,7 @@ impl Delivery {
                         protocol,
                         tls,
                         message_id: message_id.clone(),
+                        fence: fence.clone(),
                         reply: tx,
                     };
                     let addr = self.site(&plan.key);
@@ -385,39 +396,37 @@ pub(crate) fn deferred_all(rcpts: &[usize], reply: &str, message_id: &str) -> Ve
             remote_ip: None,
             tls: None,
             dsn_relayed: false,
+            final_delivery: false,
             message_id: message_id.to_owned(),
         })
         .collect()
 }
 
-/// `host:port` (IP literal or name, system resolver) into endpoints.
-async fn route_endpoints(hop: &str, default_port: u16) -> Result<Vec<Endpoint>, String> {
+/// `host:port` (IP literal or name, looked up with the `[dns]` resolver) into endpoints.
+async fn route_endpoints(resolver: &MxResolver, hop: &str, default_port: u16) -> Result<Vec<Endpoint>, String> {
     let (host, port) = resolve::parse_host_port(hop, default_port)?;
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+    let addrs = resolver
+        .host_addresses(&host)
         .await
-        .map_err(|e| format!("{hop}: {e}"))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(format!("{hop}: no address"));
-    }
+        .map_err(|e| format!("{hop}: {e}"))?;
     Ok(addrs
         .into_iter()
-        .map(|addr| Endpoint::Tcp {
+        .map(|ip| Endpoint::Tcp {
             host: host.clone(),
-            addr,
+            addr: std::net::SocketAddr::new(ip, port),
         })
         .collect())
 }
 
 /// `[local] lmtp`: `host:port`, `unix:/path` or `/path`.
-async fn lmtp_endpoint(spec: &str) -> Result<Endpoint, String> {
+async fn lmtp_endpoint(resolver: &MxResolver, spec: &str) -> Result<Endpoint, String> {
     if let Some(path) = spec
         .strip_prefix("unix:")
         .or_else(|| spec.starts_with('/').then_some(spec))
     {
         return Ok(Endpoint::Unix(path.into()));
     }
-    route_endpoints(spec, 24)
+    route_endpoints(resolver, spec, 24)
         .await?
         .into_iter()
         .next()
@@ -447,4 +456,60 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::delivery::testdns::DnsServer;
+
+    fn addrs(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
+        endpoints
+            .iter()
+            .map(|e| match e {
+                Endpoint::Tcp { addr, .. } => *addr,
+                Endpoint::Unix(p) => panic!("unexpected {p:?}"),
+            })
+            .collect()
+    }
+
+    /// Route hops are looked up with the `[dns]` servers (a name only the
+    /// test DNS knows), IP literals and `localhost` without DNS.
+    #[tokio::test]
+    async fn route_hosts_use_the_configured_resolver() {
+        let dns = DnsServer::start("host-record=relay.test,127.0.0.7,::7\nhost-record=v4relay.test,127.0.0.8\n");
+        let resolver = MxResolver::new(&ResolverConfig {
+            nameservers: vec![dns.addr],
+            timeout: Duration::from_secs(2),
+            attempts: 1,
+            ..ResolverConfig::default()
+        })
+        .unwrap();
+        let r = route_endpoints(&resolver, "Relay.test:2525", 25).await.unwrap();
+        assert_eq!(
+            addrs(&r),
+            ["[::7]:2525".parse().unwrap(), "127.0.0.7:2525".parse().unwrap()]
+        );
+        assert!(matches!(&r[0], Endpoint::Tcp { host, .. } if host == "relay.test"));
+        let r = route_endpoints(&resolver, "v4relay.test", 25).await.unwrap();
+        assert_eq!(addrs(&r), ["127.0.0.8:25".parse().unwrap()]);
+        assert!(dns.log().contains("relay.test"), "{}", dns.log());
+
+        let queries = dns.log().matches("query[").count();
+        let r = route_endpoints(&resolver, "192.0.2.1:26", 25).await.unwrap();
+        assert_eq!(addrs(&r), ["192.0.2.1:26".parse().unwrap()]);
+        let r = route_endpoints(&resolver, "[2001:db8::1]:27", 25).await.unwrap();
+        assert_eq!(addrs(&r), ["[2001:db8::1]:27".parse().unwrap()]);
+        let r = route_endpoints(&resolver, "localhost:28", 25).await.unwrap();
+        assert!(addrs(&r).contains(&"127.0.0.1:28".parse().unwrap()));
+        assert_eq!(dns.log().matches("query[").count(), queries, "literals need no DNS");
+
+        let e = route_endpoints(&resolver, "nosuch.test:25", 25).await.unwrap_err();
+        assert!(e.starts_with("nosuch.test:25: ") && e.contains("nosuch.test"), "{e}");
+    }
 }

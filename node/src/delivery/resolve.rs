@@ -488,6 +488,29 @@ impl MxResolver {
         })
     }
 
+    /// Addresses of a configured host (a `[[route]]` hop or the LMTP
+    /// server): an IP literal as is, `localhost` as loopback (RFC 6761; the
+    /// hosts file is not read), else A/AAAA from the configured servers.
+    pub async fn host_addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let host = normalize_domain(host.trim_matches(['[', ']']));
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        if host == "localhost" {
+            return Ok(vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from(Ipv6Addr::LOCALHOST)]);
+        }
+        let name = fqdn(&host).ok_or_else(|| ResolveError::NoSuchDomain(host.clone()))?;
+        let found = self.host_addrs(name).await;
+        if !found.addrs.is_empty() {
+            return Ok(found.addrs);
+        }
+        Err(match found.temp_failure {
+            Some(why) => ResolveError::Temporary(format!("address lookup for {host}: {why}")),
+            None if found.nxdomain => ResolveError::NoSuchDomain(host),
+            None => ResolveError::NoAddress(host),
+        })
+    }
+
     /// A and/or AAAA for one name, queried concurrently, in `ip_order`.
     async fn host_addrs(&self, name: Name) -> HostAddrs {
         let families = self.inner.ip_order.families();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::client::{ConnectError, Connection, OutMessage, OutRecipient};
+use super::client::{ConnectError, Connection, OutMessage, OutRecipient, SessionError};
 use super::{deferred_all, ClientConfig, Endpoint, LoadedMessage, Protocol, RcptAttempt, TlsPolicy};
 use crate::metrics::DeliveryMetrics;
 
@@ -23,6 +23,8 @@ pub struct Job {
     pub protocol: Protocol,
     pub tls: TlsPolicy,
     pub message_id: String,
+    /// Asked before the end of data (shard leadership).
+    pub fence: Option<Arc<dyn super::fence::Fence>>,
     pub reply: tokio::sync::oneshot::Sender<Vec<RcptAttempt>>,
 }
 
@@ -205,11 +207,12 @@ async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt
         ret: envelope.ret,
         envid: envelope.envid.as_deref(),
         body: &job.message.body,
+        fence: job.fence.as_deref(),
     };
-    let result = conn
-        .send(&message)
-        .await
-        .map_err(|e| format!("451 4.4.2 {}: {e}", conn.remote_host()))?;
+    let result = conn.send(&message).await.map_err(|e| match e {
+        SessionError::Fenced(reply) => reply,
+        e => format!("451 4.4.2 {}: {e}", conn.remote_host()),
+    })?;
     let host = conn.remote_host().to_owned();
     let ip = conn.remote_ip().map(|ip| ip.to_string());
     let tls = conn.tls_info();
@@ -224,6 +227,7 @@ async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt
             remote_ip: ip.clone(),
             tls: tls.clone(),
             dsn_relayed: result.dsn_relayed,
+            final_delivery: job.protocol == Protocol::Lmtp,
             message_id: job.message_id.clone(),
         })
         .collect())

@@ -6,6 +6,7 @@
 //! of each shard and reads the same records.
 
 pub mod batch;
+pub mod lease;
 pub mod message;
 pub mod ops;
 pub mod schedule;
@@ -96,6 +97,7 @@ impl QueueFront {
         let shards = self.groups.shards();
         let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
         let received_at = chrono::Utc::now().timestamp();
+        let received = Received::of(&envelope, &body);
         let record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
         let turn = self.next_shard.fetch_add(1, Ordering::Relaxed);
         if !led.is_empty() {
@@ -108,7 +110,7 @@ impl QueueFront {
             // entry may or may not commit, so the client must retry (never 250).
             return match self.batchers.write(shard, message).await {
                 Ok(()) => {
-                    tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, "queued");
+                    received.log(&id, shard.id, false);
                     Ok(())
                 }
                 Err(failure) => {
@@ -127,7 +129,7 @@ impl QueueFront {
             // No replica here at all (more nodes than replicas): via any replica.
             return match self.cluster.forward_anywhere(turn, &request).await {
                 Ok(shard) => {
-                    tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard, forwarded = true, "queued");
+                    received.log(&id, shard, true);
                     Ok(())
                 }
                 Err(e) => {
@@ -141,7 +143,7 @@ impl QueueFront {
         let shard = with_leader[turn % with_leader.len()];
         match self.cluster.forward(shard, &request).await {
             Ok(()) => {
-                tracing::info!(target: "tern::event", event = "received", msg_id = %id, shard = shard.id, forwarded = true, "queued");
+                received.log(&id, shard.id, true);
                 Ok(())
             }
             Err(e) => {
@@ -218,6 +220,41 @@ impl Enqueuer for QueueFront {
                 }
             }
         }
+    }
+}
+
+/// What the `received` event tells (docs/events.md), taken before the
+/// envelope and body move into the Raft request.
+struct Received {
+    message_id: String,
+    from: String,
+    rcpts: usize,
+    size: usize,
+}
+
+impl Received {
+    fn of(envelope: &Envelope, body: &[u8]) -> Received {
+        Received {
+            message_id: crate::delivery::header_value(body, "message-id").unwrap_or_default(),
+            from: envelope.reverse_path.clone(),
+            rcpts: envelope.recipients.len(),
+            size: body.len(),
+        }
+    }
+
+    fn log(&self, id: &str, shard: crate::raft::GroupId, forwarded: bool) {
+        tracing::info!(
+            target: "tern::event",
+            event = "received",
+            msg_id = %id,
+            message_id = %self.message_id,
+            from = %self.from,
+            rcpts = self.rcpts,
+            size = self.size,
+            shard,
+            forwarded,
+            "queued"
+        );
     }
 }
 

@@ -57,6 +57,7 @@ pub fn make_dsn(
         target: "tern::event",
         event = "bounced",
         msg_id = %record.id,
+        message_id = %crate::delivery::header_value(&message.body, "message-id").unwrap_or_default(),
         dsn_id = %id,
         kind = ?kind,
         to = %record.envelope.reverse_path,

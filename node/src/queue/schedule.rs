@@ -59,6 +59,35 @@ impl Schedule {
     }
 }
 
+/// Unix seconds for scheduling; injected so that tests can run the
+/// schedule on tokio's paused clock.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> i64;
+}
+
+/// The wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+}
+
+/// `epoch` plus the time tokio has seen pass (paused time in tests).
+#[cfg(test)]
+pub struct TokioClock {
+    pub epoch: i64,
+    pub start: tokio::time::Instant,
+}
+
+#[cfg(test)]
+impl Clock for TokioClock {
+    fn now(&self) -> i64 {
+        self.epoch + self.start.elapsed().as_secs() as i64
+    }
+}
+
 /// `[delivery] retry_schedule` and `max_age`.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {

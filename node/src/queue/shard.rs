@@ -13,10 +13,12 @@ use actix::prelude::*;
 use openraft::{RaftMetrics, ServerState};
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 
+use super::lease::Lease;
 use super::message::{MessageRecord, RcptStatus};
-use super::schedule::{RetryPolicy, Schedule};
+use super::schedule::{Clock, RetryPolicy, Schedule};
 use super::IdGen;
-use crate::delivery::{Delivery, LoadedMessage, RcptAttempt};
+use crate::delivery::fence::{Fence, FENCED_REPLY};
+use crate::delivery::{Delivery, LoadedMessage, RcptAttempt, RcptOutcome};
 use crate::dsn;
 
 use crate::metrics::{Metrics, Outcome};
@@ -40,6 +42,8 @@ pub struct ShardSettings {
     pub metrics: Arc<Metrics>,
     /// Delivery analytics for `ternctl stats`.
     pub stats: Arc<super::stats::Stats>,
+    /// Unix seconds for due times, retries and expiry.
+    pub clock: Arc<dyn Clock>,
 }
 
 pub struct QueueShard {
@@ -53,11 +57,14 @@ pub struct QueueShard {
     loading_term: Option<u64>,
     schedule: Schedule,
     in_flight: HashSet<String>,
-    pending_updates: Vec<OutcomeUpdate>,
-    pending_bounces: Vec<NewMessage>,
+    /// Outcomes waiting to be written, each with the reports it causes: they
+    /// go in the same Raft entry, so a crash never commits a report without
+    /// its outcome (the retry would report again) nor the reverse.
+    pending: Vec<(OutcomeUpdate, Vec<NewMessage>)>,
     writing: bool,
-    /// When a quorum last confirmed this node's leadership (see `confirm_then_dispatch`).
-    confirmed_at: Option<std::time::Instant>,
+    /// When a quorum last confirmed this node's leadership: checked before
+    /// dispatch and before the end of every delivery's data.
+    lease: Arc<Lease>,
     confirming: bool,
 }
 
@@ -69,6 +76,11 @@ impl QueueShard {
         ids: Arc<IdGen>,
         events: tokio::sync::mpsc::UnboundedReceiver<SmEvent>,
     ) -> QueueShard {
+        let raft = group.raft.clone();
+        let lease = Arc::new(Lease::new(Box::new(move || {
+            let raft = raft.clone();
+            Box::pin(async move { raft.ensure_linearizable().await.is_ok() })
+        })));
         QueueShard {
             group,
             settings,
@@ -79,16 +91,15 @@ impl QueueShard {
             loading_term: None,
             schedule: Schedule::default(),
             in_flight: HashSet::new(),
-            pending_updates: Vec::new(),
-            pending_bounces: Vec::new(),
+            pending: Vec::new(),
             writing: false,
-            confirmed_at: None,
+            lease,
             confirming: false,
         }
     }
 
-    fn now() -> i64 {
-        chrono::Utc::now().timestamp()
+    fn now(&self) -> i64 {
+        self.settings.clock.now()
     }
 
     fn load_record(&self, id: &str) -> Option<MessageRecord> {
@@ -99,13 +110,12 @@ impl QueueShard {
     /// Dispatches due mail only while a quorum has recently confirmed this
     /// node's leadership: a leader that was frozen (SIGSTOP, a long GC or VM
     /// pause) and wakes up must not deliver what a new leader now delivers.
-    /// One quorum round per LEASE at most, not one per message.
+    /// One quorum round per lease at most, not one per message.
     fn confirm_then_dispatch(&mut self, ctx: &mut Context<Self>) {
-        const LEASE: Duration = Duration::from_millis(500);
         if self.leader_term.is_none() || self.schedule.is_empty() {
             return;
         }
-        if self.confirmed_at.is_some_and(|t| t.elapsed() < LEASE) {
+        if self.lease.fresh() {
             self.dispatch(ctx);
             return;
         }
@@ -113,17 +123,14 @@ impl QueueShard {
             return;
         }
         self.confirming = true;
-        let raft = self.group.raft.clone();
-        let started = std::time::Instant::now();
-        let fut = async move { raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string()) };
-        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+        let lease = Arc::clone(&self.lease);
+        let fut = async move { lease.holds().await };
+        ctx.spawn(fut.into_actor(self).map(move |held, act, ctx| {
             act.confirming = false;
-            match result {
-                Ok(()) => {
-                    act.confirmed_at = Some(started);
-                    act.dispatch(ctx);
-                }
-                Err(e) => tracing::info!(shard = act.group.id, error = %e, "leadership not confirmed; not delivering"),
+            if held {
+                act.dispatch(ctx);
+            } else {
+                tracing::info!(shard = act.group.id, "leadership not confirmed; not delivering");
             }
         }));
     }
@@ -134,7 +141,7 @@ impl QueueShard {
             return;
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
-        let now = Self::now();
+        let now = self.now();
         for id in self.schedule.pop_due(now, room) {
             if self.in_flight.contains(&id) {
                 // Its outcome is being written; look again shortly.
@@ -156,8 +163,9 @@ impl QueueShard {
             self.in_flight.insert(id.clone());
             let message = Arc::new(LoadedMessage { record, body });
             let delivery = Arc::clone(&self.delivery);
+            let fence: Arc<dyn Fence> = self.lease.clone();
             let fut = async move {
-                let attempts = delivery.attempt(Arc::clone(&message)).await;
+                let attempts = delivery.attempt(Arc::clone(&message), Some(fence)).await;
                 (message, attempts)
             };
             ctx.spawn(
@@ -168,32 +176,27 @@ impl QueueShard {
     }
 
     /// Turns one attempt's results into an outcome update (and bounces).
-    fn on_attempt(&mut self, message: &LoadedMessage, attempts: Vec<RcptAttempt>) {
-        let now = Self::now();
+    fn on_attempt(&mut self, message: &LoadedMessage, mut attempts: Vec<RcptAttempt>) {
+        let now = self.now();
         let record = &message.record;
+        // Transactions abandoned by the fence have no outcome: whoever leads
+        // the shard now delivers those recipients.
+        let before = attempts.len();
+        attempts.retain(|a| !matches!(&a.outcome, RcptOutcome::Deferred { reply } if reply == FENCED_REPLY));
+        if attempts.is_empty() && before > 0 {
+            self.in_flight.remove(&record.id);
+            if self.leader_term.is_some() {
+                self.schedule.insert(record.id.clone(), now + 1);
+            }
+            return;
+        }
         let expired = self.settings.retry.expired(record.received_at, now);
         let mut results = Vec::new();
         let mut failed = Vec::new();
         let mut delivered = Vec::new();
         let mut deferred = Vec::new();
         for a in &attempts {
-            let (status, reply, outcome) = match &a.outcome {
-                crate::delivery::RcptOutcome::Delivered { reply } => {
-                    (RcptStatus::Delivered, reply.clone(), Outcome::Delivered)
-                }
-                crate::delivery::RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone(), Outcome::Failed),
-                crate::delivery::RcptOutcome::Deferred { reply } if expired => (
-                    RcptStatus::Failed,
-                    format!(
-                        "{reply} (gave up: message older than {}s)",
-                        self.settings.retry.max_age.as_secs()
-                    ),
-                    Outcome::Expired,
-                ),
-                crate::delivery::RcptOutcome::Deferred { reply } => {
-                    (RcptStatus::Deferred, reply.clone(), Outcome::Deferred)
-                }
-            };
+            let (status, reply, outcome) = judge(&a.outcome, expired, self.settings.retry.max_age);
             let domain = record
                 .envelope
                 .recipients
@@ -201,7 +204,11 @@ impl QueueShard {
                 .map(|r| crate::envelope::Envelope::domain_of(&r.address))
                 .unwrap_or_default();
             self.settings.metrics.queue.recipient(outcome, &domain);
-            log_event(record, a, status, &reply, record.attempts + 1, now);
+            let event = match outcome {
+                Outcome::Expired => "expired",
+                _ => status.as_str(),
+            };
+            log_event(event, record, a, &reply, record.attempts + 1, now);
             self.settings.stats.record(
                 now,
                 &domain,
@@ -229,6 +236,7 @@ impl QueueShard {
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
         let next_attempt = self.settings.retry.next_attempt(attempts_made, now, jitter);
         let mut delay_notified = record.delay_notified;
+        let mut bounces = Vec::new();
 
         // Bounces (RFC 3464): one per message and kind, to the reverse-path.
         let failure_rcpts: Vec<_> = failed
@@ -236,7 +244,7 @@ impl QueueShard {
             .filter(|(a, _, _)| notify_wanted(record, a.index, dsn::DsnKind::Failure))
             .map(|(a, reply, expired)| report(record, a, dsn::Action::Failed, reply, now, None, *expired))
             .collect();
-        self.queue_dsn(message, dsn::DsnKind::Failure, failure_rcpts, now);
+        self.queue_dsn(&mut bounces, message, dsn::DsnKind::Failure, failure_rcpts, now);
         let success_rcpts: Vec<_> = delivered
             .iter()
             .filter(|a| !a.dsn_relayed && notify_wanted(record, a.index, dsn::DsnKind::Success))
@@ -245,10 +253,16 @@ impl QueueShard {
                     crate::delivery::RcptOutcome::Delivered { reply } => reply.clone(),
                     _ => String::new(),
                 };
-                report(record, a, dsn::Action::Delivered, &reply, now, None, false)
+                // RFC 3461 6.2.3: handed to an MTA without DSN is "relayed".
+                let action = if a.final_delivery {
+                    dsn::Action::Delivered
+                } else {
+                    dsn::Action::Relayed
+                };
+                report(record, a, action, &reply, now, None, false)
             })
             .collect();
-        self.queue_dsn(message, dsn::DsnKind::Success, success_rcpts, now);
+        self.queue_dsn(&mut bounces, message, dsn::DsnKind::Success, success_rcpts, now);
         if let Some(after) = self.settings.delay_notice_after {
             if !delay_notified && now - record.received_at >= after.as_secs() as i64 {
                 let until = record.received_at + self.settings.retry.max_age.as_secs() as i64;
@@ -260,19 +274,29 @@ impl QueueShard {
                 if !delay_rcpts.is_empty() {
                     delay_notified = true;
                 }
-                self.queue_dsn(message, dsn::DsnKind::Delay, delay_rcpts, now);
+                self.queue_dsn(&mut bounces, message, dsn::DsnKind::Delay, delay_rcpts, now);
             }
         }
-        self.pending_updates.push(OutcomeUpdate {
-            id: record.id.clone(),
-            results,
-            attempts: attempts_made,
-            next_attempt,
-            delay_notified,
-        });
+        self.pending.push((
+            OutcomeUpdate {
+                id: record.id.clone(),
+                results,
+                attempts: attempts_made,
+                next_attempt,
+                delay_notified,
+            },
+            bounces,
+        ));
     }
 
-    fn queue_dsn(&mut self, message: &LoadedMessage, kind: dsn::DsnKind, rcpts: Vec<dsn::RecipientReport>, now: i64) {
+    fn queue_dsn(
+        &self,
+        out: &mut Vec<NewMessage>,
+        message: &LoadedMessage,
+        kind: dsn::DsnKind,
+        rcpts: Vec<dsn::RecipientReport>,
+        now: i64,
+    ) {
         let record = &message.record;
         // A bounce never causes another bounce.
         if rcpts.is_empty() || record.envelope.reverse_path.is_empty() || dsn::is_dsn(&message.body) {
@@ -285,25 +309,23 @@ impl QueueShard {
         });
         let id = self.ids.next();
         if let Some(dsn) = super::ops::make_dsn(&self.settings.hostname, id, message, kind, rcpts, now) {
-            self.pending_bounces.push(dsn);
+            out.push(dsn);
         }
     }
 
     /// Writes collected outcomes through Raft: one write for many.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.writing || (self.pending_updates.is_empty() && self.pending_bounces.is_empty()) {
+        if self.writing || self.pending.is_empty() {
             return;
         }
-        let take = self.pending_updates.len().min(MAX_BATCH);
-        let updates: Vec<OutcomeUpdate> = self.pending_updates.drain(..take).collect();
-        let bounces = std::mem::take(&mut self.pending_bounces);
+        let (updates, bounces) = take_batch(&mut self.pending, MAX_BATCH);
         let ids: Vec<String> = updates.iter().map(|u| u.id.clone()).collect();
         let raft = self.group.raft.clone();
         self.writing = true;
         let fut = async move { raft.client_write(Request::Outcomes { updates, bounces }).await };
         ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
             act.writing = false;
-            let retry_at = Self::now() + 5;
+            let retry_at = act.now() + 5;
             for id in &ids {
                 act.in_flight.remove(id);
             }
@@ -326,6 +348,7 @@ impl QueueShard {
             }
             self.loading_term = None;
             self.schedule.clear();
+            self.lease.revoke();
             return;
         }
         if self.leader_term == Some(m.current_term) || self.loading_term == Some(m.current_term) {
@@ -372,6 +395,36 @@ impl QueueShard {
     }
 }
 
+/// What one recipient's attempt means for the queue: a deferral of a
+/// message past `max_age` becomes a failure (an expiry).
+fn judge(outcome: &RcptOutcome, expired: bool, max_age: Duration) -> (RcptStatus, String, Outcome) {
+    match outcome {
+        RcptOutcome::Delivered { reply } => (RcptStatus::Delivered, reply.clone(), Outcome::Delivered),
+        RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone(), Outcome::Failed),
+        RcptOutcome::Deferred { reply } if expired => (
+            RcptStatus::Failed,
+            format!("{reply} (gave up: message older than {}s)", max_age.as_secs()),
+            Outcome::Expired,
+        ),
+        RcptOutcome::Deferred { reply } => (RcptStatus::Deferred, reply.clone(), Outcome::Deferred),
+    }
+}
+
+/// The oldest `max` outcomes and exactly the reports they cause.
+fn take_batch(
+    pending: &mut Vec<(OutcomeUpdate, Vec<NewMessage>)>,
+    max: usize,
+) -> (Vec<OutcomeUpdate>, Vec<NewMessage>) {
+    let take = pending.len().min(max);
+    let mut updates = Vec::with_capacity(take);
+    let mut bounces = Vec::new();
+    for (update, reports) in pending.drain(..take) {
+        updates.push(update);
+        bounces.extend(reports);
+    }
+    (updates, bounces)
+}
+
 /// NOTIFY semantics for one recipient (RFC 3461 §4.1).
 fn notify_wanted(record: &MessageRecord, index: usize, kind: dsn::DsnKind) -> bool {
     record
@@ -410,18 +463,13 @@ fn report(
 }
 
 /// One structured line per delivery event (docs/events.md).
-fn log_event(record: &MessageRecord, a: &RcptAttempt, status: RcptStatus, reply: &str, attempt: u32, now: i64) {
+fn log_event(event: &str, record: &MessageRecord, a: &RcptAttempt, reply: &str, attempt: u32, now: i64) {
     let rcpt = record
         .envelope
         .recipients
         .get(a.index)
         .map(|r| r.address.as_str())
         .unwrap_or("");
-    let event = match status {
-        RcptStatus::Delivered => "delivered",
-        RcptStatus::Failed => "failed",
-        _ => "deferred",
-    };
     tracing::info!(
         target: "tern::event",
         event,
@@ -476,5 +524,123 @@ impl StreamHandler<RaftMetrics<NodeId, openraft::BasicNode>> for QueueShard {
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::schedule::TokioClock;
+
+    fn pending(n: usize) -> Vec<(OutcomeUpdate, Vec<NewMessage>)> {
+        (0..n)
+            .map(|i| {
+                let update = OutcomeUpdate {
+                    id: format!("m{i}"),
+                    results: Vec::new(),
+                    attempts: 1,
+                    next_attempt: 0,
+                    delay_notified: false,
+                };
+                // Every other outcome causes a report naming its message.
+                let reports = (i % 2 == 0)
+                    .then(|| NewMessage {
+                        record: Box::new(MessageRecord::new(
+                            format!("report-of-m{i}"),
+                            crate::envelope::Envelope::default(),
+                            0,
+                            0,
+                        )),
+                        body: crate::raft::Body {
+                            bytes: Vec::new(),
+                            loc: None,
+                        },
+                    })
+                    .into_iter()
+                    .collect();
+                (update, reports)
+            })
+            .collect()
+    }
+
+    /// Defer -> retry -> expire of one message through the shard's schedule,
+    /// retry policy and outcome rule, on tokio's paused clock: attempts come
+    /// at the scheduled delays (jitter within ±10%) and the first deferral
+    /// after `max_age` is an expiry.
+    #[tokio::test(start_paused = true)]
+    async fn deferred_mail_is_retried_on_schedule_then_expires() {
+        const TICK: Duration = Duration::from_secs(5);
+        let clock = TokioClock {
+            epoch: 1_800_000_000,
+            start: tokio::time::Instant::now(),
+        };
+        let retry = RetryPolicy {
+            schedule: vec![Duration::from_secs(60), Duration::from_secs(300)],
+            max_age: Duration::from_secs(1200),
+        };
+        let received_at = clock.now();
+        let mut schedule = Schedule::default();
+        schedule.insert("m".into(), received_at);
+        let mut tried_at = Vec::new();
+        let mut last = None;
+        // Bounded: 2000 ticks of 5 s is far past max_age.
+        for step in 0..2000u32 {
+            for id in schedule.pop_due(clock.now(), 10) {
+                let now = clock.now();
+                tried_at.push(now - received_at);
+                let peer_says = RcptOutcome::Deferred {
+                    reply: "451 4.3.0 try later".into(),
+                };
+                let (status, reply, outcome) = judge(&peer_says, retry.expired(received_at, now), retry.max_age);
+                if status == RcptStatus::Deferred {
+                    // Alternate the jitter's extremes.
+                    let jitter = if step % 2 == 0 { 1.0 } else { -1.0 };
+                    schedule.insert(id, retry.next_attempt(tried_at.len() as u32, now, jitter));
+                } else {
+                    last = Some((status, reply, outcome));
+                }
+            }
+            if last.is_some() {
+                break;
+            }
+            tokio::time::advance(TICK).await;
+        }
+        let (status, reply, outcome) = last.expect("the message expired");
+        assert_eq!(status, RcptStatus::Failed);
+        assert!(matches!(outcome, Outcome::Expired));
+        assert_eq!(reply, "451 4.3.0 try later (gave up: message older than 1200s)");
+        assert!(schedule.is_empty());
+        // First try at once, then 60 s ±10%, then 300 s ±10% each (a tick late at most).
+        assert_eq!(tried_at[0], 0);
+        let gaps: Vec<i64> = tried_at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!((54..=66 + 5).contains(&gaps[0]), "{tried_at:?}");
+        for g in &gaps[1..] {
+            assert!((270..=330 + 5).contains(g), "{tried_at:?}");
+        }
+        // Only the last attempt is past max_age; the one before was not.
+        let n = tried_at.len();
+        assert!(tried_at[n - 1] >= 1200 && tried_at[n - 2] < 1200, "{tried_at:?}");
+        assert!((5..=6).contains(&n), "{tried_at:?}");
+    }
+
+    #[test]
+    fn a_batch_carries_exactly_the_reports_of_its_outcomes() {
+        let mut queue = pending(1200);
+        let mut seen_updates = 0;
+        let mut batches = 0;
+        while !queue.is_empty() {
+            let (updates, bounces) = take_batch(&mut queue, MAX_BATCH);
+            assert!(updates.len() <= MAX_BATCH);
+            let expected: Vec<String> = updates
+                .iter()
+                .filter(|u| u.id[1..].parse::<usize>().is_ok_and(|i| i % 2 == 0))
+                .map(|u| format!("report-of-{}", u.id))
+                .collect();
+            let got: Vec<String> = bounces.iter().map(|b| b.record.id.clone()).collect();
+            assert_eq!(got, expected, "batch {batches}");
+            seen_updates += updates.len();
+            batches += 1;
+        }
+        assert_eq!((seen_updates, batches), (1200, 3));
     }
 }

@@ -647,3 +647,148 @@ fn domain_suspension_applies_on_every_node() {
         started.elapsed()
     );
 }
+
+/// One connection as [`GatedPeer`] saw it.
+#[derive(Default, Clone, Debug)]
+struct PeerConn {
+    transcript: String,
+    /// Messages it accepted (final "." received).
+    completed: usize,
+    /// The client went away.
+    closed: bool,
+}
+
+/// An SMTP server (no PIPELINING, no CHUNKING) that answers the first
+/// connection's DATA only once [`GatedPeer::open`] is called; every other
+/// connection is served at once. Serves at most 20 connections.
+struct GatedPeer {
+    addr: std::net::SocketAddr,
+    conns: Arc<Mutex<Vec<PeerConn>>>,
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl GatedPeer {
+    fn start() -> GatedPeer {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", free_port())).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<PeerConn>>> = Arc::default();
+        let gate: Arc<(Mutex<bool>, std::sync::Condvar)> = Arc::default();
+        let (shared, gate2) = (Arc::clone(&conns), Arc::clone(&gate));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(20) {
+                let Ok(stream) = stream else { continue };
+                let conns = Arc::clone(&shared);
+                let gate = Arc::clone(&gate2);
+                std::thread::spawn(move || {
+                    let me = {
+                        let mut c = conns.lock().unwrap();
+                        c.push(PeerConn::default());
+                        c.len() - 1
+                    };
+                    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    let mut w = stream.try_clone().unwrap();
+                    let mut r = BufReader::new(stream);
+                    let _ = w.write_all(b"220 gated ESMTP\r\n");
+                    let mut line = String::new();
+                    let mut in_data = false;
+                    while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        conns.lock().unwrap()[me].transcript.push_str(&line);
+                        let reply: &[u8] = if in_data {
+                            if line == ".\r\n" {
+                                in_data = false;
+                                conns.lock().unwrap()[me].completed += 1;
+                                b"250 2.0.0 ok\r\n"
+                            } else {
+                                b""
+                            }
+                        } else {
+                            match line.get(..4).map(|c| c.to_ascii_uppercase()).as_deref() {
+                                Some("EHLO") => b"250 gated\r\n",
+                                Some("DATA") => {
+                                    if me == 0 {
+                                        let (open, cv) = &*gate;
+                                        let guard = open.lock().unwrap();
+                                        let _unused =
+                                            cv.wait_timeout_while(guard, Duration::from_secs(120), |o| !*o).unwrap();
+                                    }
+                                    in_data = true;
+                                    b"354 go on\r\n"
+                                }
+                                Some("QUIT") => {
+                                    let _ = w.write_all(b"221 bye\r\n");
+                                    break;
+                                }
+                                _ => b"250 ok\r\n",
+                            }
+                        };
+                        if !reply.is_empty() && w.write_all(reply).is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                    conns.lock().unwrap()[me].closed = true;
+                });
+            }
+        });
+        GatedPeer { addr, conns, gate }
+    }
+
+    fn conns(&self) -> Vec<PeerConn> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    fn open(&self) {
+        let (open, cv) = &*self.gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+}
+
+/// A shard leader frozen in the middle of a delivery (waiting for the 354
+/// to DATA) wakes after a new leader delivered the message: it must not
+/// complete its own transaction (docs/delivery.md, "Fencing a paused
+/// leader"). Without the fence the peer would accept the message twice.
+#[test]
+fn paused_leader_does_not_finish_its_delivery() {
+    let _serial = cluster_lock();
+    let peer = GatedPeer::start();
+    let extra = format!(
+        "shards = 1\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n",
+        peer.addr
+    );
+    let (n1, n2, n3) = three_node_cluster(&extra);
+    let frozen_id = shards(&n1)[0]["leader"].as_u64().unwrap();
+    let (frozen, others): (&Node, Vec<&Node>) = match frozen_id {
+        1 => (&n1, vec![&n2, &n3]),
+        2 => (&n2, vec![&n1, &n3]),
+        _ => (&n3, vec![&n1, &n2]),
+    };
+    assert!(send_tagged(frozen, "fence-1"));
+    wait_for(Duration::from_secs(30), "the leader waiting for 354", || {
+        peer.conns().first().is_some_and(|c| c.transcript.contains("DATA\r\n"))
+    });
+    frozen.send_signal("STOP");
+    wait_for(Duration::from_secs(20), "a new leader elected while frozen", || {
+        shards(others[0])
+            .iter()
+            .all(|sh| sh["leader"] != frozen_id && sh["leader"] != 0)
+    });
+    wait_for(Duration::from_secs(60), "the new leader's delivery", || {
+        peer.conns().iter().map(|c| c.completed).sum::<usize>() == 1
+    });
+    // The woken node gets the 354 at once: its lease is seconds old.
+    frozen.send_signal("CONT");
+    peer.open();
+    wait_for(
+        Duration::from_secs(30),
+        "the woken node to abandon its transaction",
+        || peer.conns()[0].closed,
+    );
+    let conns = peer.conns();
+    let first = &conns[0];
+    // It got the 354 and sent the content, but never the final dot.
+    assert!(first.transcript.contains("fence-1@tern.test"), "{first:?}");
+    assert_eq!(first.completed, 0, "{first:?}");
+    assert_eq!(conns.iter().map(|c| c.completed).sum::<usize>(), 1, "{conns:?}");
+}

@@ -179,6 +179,11 @@ fn webhooks_post_event_lines_retry_filter_and_flush_at_stop() {
     // The posted objects are the JSON log lines (the timestamp aside: each
     // formatter takes its own).
     let events = all.accepted_events();
+    let received = &of_message(&events, &id, "received")[0]["fields"];
+    assert_eq!(received["message_id"], "hooked-1@tern.test", "{received}");
+    assert_eq!(received["from"], "a@tern.test", "{received}");
+    assert_eq!(received["rcpts"], 1, "{received}");
+    assert!(received["size"].as_u64().unwrap() >= 300, "{received}");
     let delivered = of_message(&events, &id, "delivered")[0].clone();
     assert_eq!(delivered["target"], "tern::event");
     assert_eq!(delivered["fields"]["rcpt"], "r@example.test");
