@@ -747,6 +747,20 @@ impl Cluster {
         voters: &BTreeSet<NodeId>,
         nodes: &BTreeMap<NodeId, String>,
     ) -> Result<(), String> {
+        if !desired.contains(&self.node_id) {
+            // A leader leaving the group hands over first (to a replica that
+            // stays) and lets the new leader make the change.
+            let target = desired.iter().find(|n| voters.contains(n)).copied();
+            if let Some(target) = target {
+                tracing::info!(
+                    shard = group.id,
+                    to = target,
+                    "leaving the shard: moving its leadership first"
+                );
+                self.elect_on(target, group.id).await?;
+                return Ok(());
+            }
+        }
         for n in desired.difference(voters) {
             let addr = nodes.get(n).ok_or_else(|| format!("no address for node {n}"))?;
             let add = group.raft.add_learner(*n, BasicNode::new(addr), true);
