@@ -19,6 +19,18 @@ use crate::raft::groups::{GroupHandle, Groups};
 use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
 use crate::raft::{GroupId, NodeId, Request, CONTROL_GROUP};
 
+/// Pause before a forwarded enqueue is retried (lets a new leader be known).
+const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// A forward that failed on the way (transport) or because the leader
+/// changed; not one the leader timed out on (the client has waited enough).
+fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) && !status.message().contains("timed out")
+}
+
 /// Why `member add` refuses a removed node's id.
 pub fn removed_id_error(id: NodeId) -> String {
     format!(
@@ -135,6 +147,8 @@ pub struct Cluster {
     clients: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
     /// Shards whose membership change is under way here.
     reconciling: Mutex<HashSet<GroupId>>,
+    /// Shards whose leadership this node, leaving them, tried to hand over.
+    handed_over: Mutex<HashSet<GroupId>>,
     tls: Option<crate::raft::tls::ClusterTls>,
     /// `[cluster] peer_addresses`.
     overrides: BTreeMap<NodeId, String>,
@@ -165,6 +179,7 @@ impl Cluster {
             groups,
             clients: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
+            handed_over: Mutex::new(HashSet::new()),
             tls,
         }
     }
@@ -439,16 +454,42 @@ impl Cluster {
     }
 
     /// Writes `request` through `group`'s leader on another node.
+    ///
+    /// An Enqueue that fails in transport (connection lost, leader gone) is
+    /// sent once more, to the group's leader as then known, with the same
+    /// queue id: if the first attempt did commit, the state machine ignores
+    /// the second while the message is still queued, so no duplicate.
     pub async fn forward(&self, group: &GroupHandle, request: &Request) -> Result<(), String> {
         let (_, addr) = self.leader_addr(group).ok_or("no known leader")?;
-        self.forward_to(&addr, group.id, request, true).await
+        match self.forward_status(&addr, group.id, request, true).await {
+            Ok(()) => Ok(()),
+            Err(status) if matches!(request, Request::Enqueue { .. }) && retryable(&status) => {
+                tracing::info!(group = group.id, error = %status.message(), "forwarded enqueue retried once");
+                tokio::time::sleep(FORWARD_RETRY_PAUSE).await;
+                let (_, addr) = self.leader_addr(group).ok_or("no known leader")?;
+                self.forward_to(&addr, group.id, request, true).await
+            }
+            Err(status) => Err(format!("forward to {addr}: {}", status.message())),
+        }
     }
 
     /// Sends a write for `group` to the node at `addr`; with `hop` false that
     /// node passes it on to the group's leader if it is not the leader itself.
     pub async fn forward_to(&self, addr: &str, group: GroupId, request: &Request, hop: bool) -> Result<(), String> {
-        let payload = bincode::serialize(request).map_err(|e| e.to_string())?;
-        let mut client = self.client(addr).map_err(|e| e.to_string())?;
+        self.forward_status(addr, group, request, hop)
+            .await
+            .map_err(|e| format!("forward to {addr}: {}", e.message()))
+    }
+
+    async fn forward_status(
+        &self,
+        addr: &str,
+        group: GroupId,
+        request: &Request,
+        hop: bool,
+    ) -> Result<(), tonic::Status> {
+        let payload = bincode::serialize(request).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let mut client = self.client(addr)?;
         client
             .forward(tern_proto::admin::ForwardRequest {
                 group_id: group,
@@ -457,7 +498,6 @@ impl Cluster {
             })
             .await
             .map(|_| ())
-            .map_err(|e| format!("forward to {addr}: {}", e.message()))
     }
 
     /// A node holding no replica of any shard (more nodes than replicas)
@@ -747,10 +787,29 @@ impl Cluster {
         voters: &BTreeSet<NodeId>,
         nodes: &BTreeMap<NodeId, String>,
     ) -> Result<(), String> {
-        if !desired.contains(&self.node_id) {
-            // A leader leaving the group hands over first (to a replica that
-            // stays) and lets the new leader make the change.
-            let target = desired.iter().find(|n| voters.contains(n)).copied();
+        let first_try = self
+            .handed_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group.id);
+        if !desired.contains(&self.node_id) && first_try {
+            // A leader leaving the group first asks the most caught-up
+            // replica that stays to take over and make the change. If it
+            // is still leader next time (the election went back to it), it
+            // makes the change itself and steps down once it is committed.
+            let m = group.raft.metrics().borrow().clone();
+            let matched = |n: &NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(n).cloned().flatten())
+                    .map(|l| l.index)
+                    .unwrap_or(0)
+            };
+            let target = desired
+                .iter()
+                .filter(|n| voters.contains(n))
+                .max_by_key(|n| (matched(n), std::cmp::Reverse(**n)))
+                .copied();
             if let Some(target) = target {
                 tracing::info!(
                     shard = group.id,
@@ -761,6 +820,10 @@ impl Cluster {
                 return Ok(());
             }
         }
+        self.handed_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group.id);
         for n in desired.difference(voters) {
             let addr = nodes.get(n).ok_or_else(|| format!("no address for node {n}"))?;
             let add = group.raft.add_learner(*n, BasicNode::new(addr), true);
@@ -894,6 +957,42 @@ impl Cluster {
         }
     }
 
+    /// The leader of `group` as known here (control group) or as gathered
+    /// from the members (queue shards, which this node may not host).
+    async fn current_leader(&self, group: GroupId) -> Option<NodeId> {
+        if group == CONTROL_GROUP {
+            return self.control().and_then(|c| c.leader());
+        }
+        let (rows, _) = self.all_shards().await;
+        rows.get(&group).map(|r| r.leader).filter(|l| *l != 0)
+    }
+
+    /// Makes `node` the leader of `group` (an operator's move): it
+    /// campaigns, and campaigns again every 3 s while it has not won (a
+    /// vote inside the old leader's lease may be refused, and the election
+    /// that follows may go to another replica); bounded.
+    pub async fn move_leader(&self, group: GroupId, node: NodeId) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.current_leader(group).await == Some(node) {
+                return Ok(());
+            }
+            self.elect_on(node, group).await?;
+            let attempt = tokio::time::Instant::now() + Duration::from_secs(3);
+            while tokio::time::Instant::now() < attempt {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if self.current_leader(group).await == Some(node) {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "node {node} did not win the leadership of group {group} within 20 s; try again"
+                ));
+            }
+        }
+    }
+
     /// Asks `node` to campaign for `group` (openraft 0.9 has no leader transfer).
     pub async fn elect_on(&self, node: NodeId, group: GroupId) -> Result<(), String> {
         if node == self.node_id {
@@ -985,6 +1084,17 @@ mod tests {
         // Balanced within one: nothing to do.
         let placement: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::from([(1, vec![1, 2]), (2, vec![3, 4])]);
         assert_eq!(rebalance_move(&placement, &set(&[1, 2, 3, 4]), &leaders), None);
+    }
+
+    #[test]
+    fn only_transport_and_leader_change_failures_are_retried() {
+        assert!(retryable(&tonic::Status::unavailable("transport error")));
+        assert!(retryable(&tonic::Status::unavailable(
+            "write to group 3 failed: has to forward request to: Some(2)"
+        )));
+        assert!(!retryable(&tonic::Status::unavailable("write to group 3 timed out")));
+        assert!(!retryable(&tonic::Status::not_found("group 3 not hosted here")));
+        assert!(!retryable(&tonic::Status::invalid_argument("bad request")));
     }
 
     #[test]

@@ -549,7 +549,7 @@ impl AdminService for Admin {
             )));
         }
         self.cluster
-            .elect_on(req.node, req.shard)
+            .move_leader(req.shard, req.node)
             .await
             .map_err(Status::unavailable)?;
         Ok(Response::new(MoveLeaderReply {}))
