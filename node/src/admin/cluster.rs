@@ -846,13 +846,18 @@ impl Cluster {
     async fn balance_leaders(&self, rows: &BTreeMap<GroupId, tern_proto::admin::ShardStatus>, unreachable: &[NodeId]) {
         let placement = self.placement();
         let nodes: Vec<NodeId> = self.nodes().keys().copied().collect();
-        // Only balance a cluster at rest, seen whole.
-        if nodes.len() < 2 || !unreachable.is_empty() || !at_rest(&placement, rows) {
+        // Only balance a cluster at rest; members that do not answer lead
+        // nothing new (and do not count towards the share).
+        if nodes.len() < 2 || !at_rest(&placement, rows) {
             return;
         }
         let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
         let drained = self.drained();
-        let eligible: Vec<NodeId> = nodes.iter().copied().filter(|n| !drained.contains(n)).collect();
+        let eligible: Vec<NodeId> = nodes
+            .iter()
+            .copied()
+            .filter(|n| !drained.contains(n) && !unreachable.contains(n))
+            .collect();
         if eligible.is_empty() {
             return;
         }
@@ -869,7 +874,7 @@ impl Cluster {
             }
             let target = placement.get(shard).and_then(|r| {
                 r.iter()
-                    .filter(|n| !drained.contains(n))
+                    .filter(|n| !drained.contains(n) && !unreachable.contains(n))
                     .min_by_key(|n| (count.get(n).copied().unwrap_or(0), **n))
                     .copied()
             });
@@ -895,7 +900,7 @@ impl Cluster {
             let Some(replicas) = placement.get(shard) else { continue };
             let Some(&target) = replicas
                 .iter()
-                .filter(|n| **n != busiest && !drained.contains(n))
+                .filter(|n| **n != busiest && !drained.contains(n) && !unreachable.contains(n))
                 .min_by_key(|n| (count.get(n).copied().unwrap_or(0), **n))
             else {
                 continue;

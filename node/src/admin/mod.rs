@@ -1,9 +1,11 @@
 //! The gRPC AdminService spoken by `ternctl`: node and cluster status and
 //! read-only queue queries (summary, list, show).
 //!
-//! Queue queries read the state machines of the shards this node hosts; on a
-//! single node that is every shard. Membership operations come with the
-//! multi-node cluster.
+//! `status` (shard list) and `queue summary` are cluster-wide: the node asked
+//! gathers every member's part (`local_only` requests between nodes, bounded)
+//! and names the members that did not answer. `queue list`, `queue show` and
+//! queue operations read the shards this node hosts. Membership operations
+//! run on the control-group leader (forwarded there).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
