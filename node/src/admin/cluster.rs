@@ -19,6 +19,21 @@ use crate::raft::groups::{GroupHandle, Groups};
 use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
 use crate::raft::{GroupId, NodeId, Request, CONTROL_GROUP};
 
+/// How long a leader handing over does not campaign (two election timeouts
+/// at the default timers: the new leader's election completes meanwhile).
+pub const STEP_ASIDE: Duration = Duration::from_secs(5);
+
+/// This node stops campaigning for `group` for [`STEP_ASIDE`], so that a
+/// leadership it is handing over does not come straight back to it.
+pub fn step_aside_for(group: &GroupHandle) {
+    group.raft.runtime_config().elect(false);
+    let raft = group.raft.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(STEP_ASIDE).await;
+        raft.runtime_config().elect(true);
+    });
+}
+
 /// Pause before a forwarded enqueue is retried (lets a new leader be known).
 const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
@@ -716,7 +731,7 @@ impl Cluster {
             // The leader hands over first rather than remove itself.
             if let Some(&target) = current.iter().find(|n| **n != from) {
                 tracing::info!(shard, from, to = target, "moving shard leader before a replica move");
-                if let Err(e) = self.elect_on(target, shard).await {
+                if let Err(e) = self.hand_over(shard, from, target).await {
                     tracing::debug!(shard, target, error = %e, "leader move");
                 }
             }
@@ -816,7 +831,7 @@ impl Cluster {
                     to = target,
                     "leaving the shard: moving its leadership first"
                 );
-                self.elect_on(target, group.id).await?;
+                self.hand_over(group.id, self.node_id, target).await?;
                 return Ok(());
             }
         }
@@ -880,7 +895,7 @@ impl Cluster {
             });
             if let Some(target) = target {
                 tracing::info!(shard, from = leader, to = target, "draining shard leader");
-                if let Err(e) = self.elect_on(target, *shard).await {
+                if let Err(e) = self.hand_over(*shard, *leader, target).await {
                     tracing::debug!(shard, target, error = %e, "leader move");
                 }
                 return;
@@ -909,7 +924,7 @@ impl Cluster {
                 continue;
             }
             tracing::info!(shard, from = busiest, to = target, "moving shard leader");
-            if let Err(e) = self.elect_on(target, *shard).await {
+            if let Err(e) = self.hand_over(*shard, busiest, target).await {
                 tracing::debug!(shard, target, error = %e, "leader move");
             }
             return;
@@ -941,7 +956,7 @@ impl Cluster {
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if let Err(e) = self.elect_on(target, CONTROL_GROUP).await {
+            if let Err(e) = self.hand_over(CONTROL_GROUP, self.node_id, target).await {
                 tracing::debug!(target, error = %e, "control leader move");
             }
             let attempt = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -979,10 +994,11 @@ impl Cluster {
     pub async fn move_leader(&self, group: GroupId, node: NodeId) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if self.current_leader(group).await == Some(node) {
+            let leader = self.current_leader(group).await;
+            if leader == Some(node) {
                 return Ok(());
             }
-            self.elect_on(node, group).await?;
+            self.hand_over(group, leader.unwrap_or(0), node).await?;
             let attempt = tokio::time::Instant::now() + Duration::from_secs(3);
             while tokio::time::Instant::now() < attempt {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -998,17 +1014,39 @@ impl Cluster {
         }
     }
 
-    /// Asks `node` to campaign for `group` (openraft 0.9 has no leader transfer).
-    pub async fn elect_on(&self, node: NodeId, group: GroupId) -> Result<(), String> {
+    /// Moves `group`'s leadership from `from` (0: unknown) to `to`. openraft
+    /// 0.9 has no leader transfer: `from` stops campaigning for a few
+    /// seconds, then `to` campaigns. Its first vote is refused inside the
+    /// leader lease but makes `from` step down; `to` (or another replica,
+    /// never `from`) wins the election that follows.
+    pub async fn hand_over(&self, group: GroupId, from: NodeId, to: NodeId) -> Result<(), String> {
+        if from != 0 && from != to {
+            if let Err(e) = self.elect_on(from, group, true).await {
+                tracing::debug!(group, from, error = %e, "step aside");
+            }
+        }
+        self.elect_on(to, group, false).await
+    }
+
+    /// Asks `node` to campaign for `group`, or with `step_aside` to stop
+    /// campaigning for it for [`STEP_ASIDE`].
+    async fn elect_on(&self, node: NodeId, group: GroupId, step_aside: bool) -> Result<(), String> {
         if node == self.node_id {
             let g = self.groups.get(group).ok_or("group not hosted here")?;
+            if step_aside {
+                step_aside_for(&g);
+                return Ok(());
+            }
             return g.raft.trigger().elect().await.map_err(|e| e.to_string());
         }
         let addr = self.nodes().get(&node).cloned().ok_or("unknown node")?;
         let addr = self.dial(node, addr);
         let mut client = self.client(&addr).map_err(|e| e.to_string())?;
         client
-            .elect(tern_proto::admin::ElectRequest { group_id: group })
+            .elect(tern_proto::admin::ElectRequest {
+                group_id: group,
+                step_aside,
+            })
             .await
             .map(|_| ())
             .map_err(|e| e.message().to_owned())

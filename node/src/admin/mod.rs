@@ -589,11 +589,18 @@ impl AdminService for Admin {
     }
 
     async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
-        let group = request.into_inner().group_id;
+        let ElectRequest {
+            group_id: group,
+            step_aside,
+        } = request.into_inner();
         let g = self
             .groups
             .get(group)
             .ok_or_else(|| Status::not_found(format!("group {group} not hosted here")))?;
+        if step_aside {
+            cluster::step_aside_for(&g);
+            return Ok(Response::new(ElectReply {}));
+        }
         g.raft
             .trigger()
             .elect()
