@@ -114,6 +114,15 @@ fn three_nodes_join_spread_and_survive_a_kill() {
             .all(|sh| sh["leader"] != 2 && sh["leader"] != 0)
     });
     let new_leaders_after = killed_at.elapsed();
+    // Reachability is the control leader's ping, not replication progress
+    // (which never goes backwards): the dead node shows as unreachable.
+    wait_for(Duration::from_secs(10), "node 2 unreachable in member list", || {
+        n3.ternctl_json(&["member", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["reachable"] == (m["id"] != 2))
+    });
     let failover = {
         // Time until a message accepted by a survivor after the kill is delivered.
         let mut c = Client::connect(n1.smtp).unwrap();
