@@ -1,11 +1,13 @@
 //! The gRPC AdminService spoken by `ternctl`: node and cluster status and
 //! read-only queue queries (summary, list, show).
 //!
-//! Queue queries read the state machines of the shards this node hosts; on a
-//! single node that is every shard. Membership operations come with the
-//! multi-node cluster.
+//! `status` (shard list) and `queue summary` are cluster-wide: the node asked
+//! gathers every member's part (`local_only` requests between nodes, bounded)
+//! and names the members that did not answer. `queue list`, `queue show` and
+//! queue operations read the shards this node hosts. Membership operations
+//! run on the control-group leader (forwarded there).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tern_proto::admin::admin_service_server::AdminService;
@@ -16,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::queue::message::MessageRecord;
 use crate::raft::groups::{GroupHandle, Groups};
-use crate::raft::state_machine::{MESSAGE_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX};
+use crate::raft::state_machine::{MESSAGE_PREFIX, NODE_PREFIX};
 use crate::raft::{NodeId, CONTROL_GROUP};
 
 pub struct Admin {
@@ -36,6 +38,9 @@ const ADMIN_BOUNCE_REPLY: &str = "550 5.7.1 Message bounced by the administrator
 const OP_BATCH: usize = 500;
 
 const DEFAULT_LIST_LIMIT: usize = 1000;
+/// How long the node asked waits for each other member's part of a
+/// cluster-wide query before reporting it unreachable.
+const PEER_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a domain suspend/resume made through a follower waits to see
 /// its write applied locally before answering.
 const SUSPENSION_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -86,6 +91,29 @@ fn message_info(shard: u64, r: &MessageRecord) -> MessageInfo {
         client_ip: e.client_ip.clone(),
         held: r.held,
     }
+}
+
+/// Adds one node's summary of its shards to `into`.
+fn merge_summary(into: &mut QueueSummaryReply, part: QueueSummaryReply) {
+    into.messages += part.messages;
+    into.recipients += part.recipients;
+    into.bytes += part.bytes;
+    into.oldest_age_secs = into.oldest_age_secs.max(part.oldest_age_secs);
+    for d in part.domains {
+        match into.domains.iter_mut().find(|x| x.domain == d.domain) {
+            Some(x) => {
+                x.messages += d.messages;
+                x.recipients += d.recipients;
+                x.held += d.held;
+                x.oldest_age_secs = x.oldest_age_secs.max(d.oldest_age_secs);
+                if x.last_error.is_empty() {
+                    x.last_error = d.last_error;
+                }
+            }
+            None => into.domains.push(d),
+        }
+    }
+    into.domains.sort_by(|a, b| a.domain.cmp(&b.domain));
 }
 
 fn notify_text(n: &crate::envelope::Notify) -> String {
@@ -186,77 +214,9 @@ impl Admin {
         self.cluster.client(&addr).map(Some)
     }
 
-    fn members(&self) -> Result<(Vec<Member>, u64), Status> {
-        let control = self
-            .groups
-            .get(CONTROL_GROUP)
-            .ok_or_else(|| Status::unavailable("control group not hosted here"))?;
-        let metrics = control.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader.unwrap_or(0);
-        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-        let mut members = Vec::new();
-        for item in control.sm.tree().scan_prefix(NODE_PREFIX) {
-            let (k, v) = item.map_err(internal)?;
-            let id = u64::from_be_bytes(k[NODE_PREFIX.len()..].try_into().map_err(internal)?);
-            members.push(Member {
-                id,
-                addr: String::from_utf8_lossy(&v).into_owned(),
-                role: if voters.contains(&id) { "voter" } else { "learner" }.into(),
-                is_control_leader: id == leader,
-            });
-        }
-        Ok((members, leader))
-    }
-
-    fn replicas(&self, shard: u64) -> Vec<u64> {
-        let Some(control) = self.groups.get(CONTROL_GROUP) else {
-            return Vec::new();
-        };
-        let key = [PLACEMENT_PREFIX, &shard.to_be_bytes()].concat();
-        control
-            .sm
-            .tree()
-            .get(key)
-            .ok()
-            .flatten()
-            .and_then(|v| bincode::deserialize(&v).ok())
-            .unwrap_or_default()
-    }
-}
-
-#[tonic::async_trait]
-impl AdminService for Admin {
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let (members, control_leader) = self.members()?;
-        let mut shards = Vec::new();
-        let mut total = 0;
-        for g in self.groups.shards() {
-            let m = g.raft.metrics().borrow().clone();
-            let queued = g.sm.tree().scan_prefix(MESSAGE_PREFIX).count() as u64;
-            total += queued;
-            shards.push(ShardStatus {
-                shard: g.id,
-                leader: m.current_leader.unwrap_or(0),
-                replicas: self.replicas(g.id),
-                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-                queued_messages: queued,
-                term: m.current_term,
-                voters: m.membership_config.membership().voter_ids().collect(),
-                joint: m.membership_config.membership().get_joint_config().len() > 1,
-            });
-        }
-        Ok(Response::new(StatusReply {
-            node_id: self.node_id,
-            hostname: self.hostname.clone(),
-            members,
-            shards,
-            queued_messages: total,
-            control_leader,
-            version: env!("CARGO_PKG_VERSION").into(),
-        }))
-    }
-
-    async fn queue_summary(&self, _: Request<QueueSummaryRequest>) -> Result<Response<QueueSummaryReply>, Status> {
+    /// Queue summary of the shards this node hosts (only those in `only`
+    /// when it is not empty).
+    fn local_summary(&self, only: &BTreeSet<u64>) -> Result<QueueSummaryReply, Status> {
         let now = chrono::Utc::now().timestamp();
         let mut reply = QueueSummaryReply::default();
         #[derive(Default)]
@@ -271,6 +231,9 @@ impl AdminService for Admin {
         let mut domains: BTreeMap<String, PerDomain> = BTreeMap::new();
         let mut oldest = now;
         for g in self.groups.shards() {
+            if !only.is_empty() && !only.contains(&g.id) {
+                continue;
+            }
             for record in records(&g) {
                 let record = record?;
                 reply.messages += 1;
@@ -310,6 +273,124 @@ impl AdminService for Admin {
                 held: d.held,
             })
             .collect();
+        Ok(reply)
+    }
+
+    fn members(&self) -> Result<(Vec<Member>, u64), Status> {
+        let control = self
+            .groups
+            .get(CONTROL_GROUP)
+            .ok_or_else(|| Status::unavailable("control group not hosted here"))?;
+        let metrics = control.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader.unwrap_or(0);
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let mut members = Vec::new();
+        for item in control.sm.tree().scan_prefix(NODE_PREFIX) {
+            let (k, v) = item.map_err(internal)?;
+            let id = u64::from_be_bytes(k[NODE_PREFIX.len()..].try_into().map_err(internal)?);
+            members.push(Member {
+                id,
+                addr: String::from_utf8_lossy(&v).into_owned(),
+                role: if voters.contains(&id) { "voter" } else { "learner" }.into(),
+                is_control_leader: id == leader,
+            });
+        }
+        Ok((members, leader))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let (members, control_leader) = self.members()?;
+        // Cluster-wide unless asked for this node's view only (between nodes).
+        let (shards, unreachable) = if request.into_inner().local_only {
+            (self.cluster.local_shards(), Vec::new())
+        } else {
+            let (merged, unreachable) = self.cluster.all_shards().await;
+            (merged.into_values().collect(), unreachable)
+        };
+        let total = shards.iter().map(|s| s.queued_messages).sum();
+        Ok(Response::new(StatusReply {
+            unreachable,
+            node_id: self.node_id,
+            hostname: self.hostname.clone(),
+            members,
+            shards,
+            queued_messages: total,
+            control_leader,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn queue_summary(
+        &self,
+        request: Request<QueueSummaryRequest>,
+    ) -> Result<Response<QueueSummaryReply>, Status> {
+        let req = request.into_inner();
+        if req.local_only {
+            let only: BTreeSet<u64> = req.shards.into_iter().collect();
+            return self.local_summary(&only).map(Response::new);
+        }
+        // Each shard is counted once, by its leader when that answers (the
+        // freshest copy), else by this node or another replica.
+        let (rows, mut unreachable) = self.cluster.all_shards().await;
+        let local: BTreeSet<u64> = self.groups.shards().iter().map(|g| g.id).collect();
+        let nodes = self.cluster.nodes();
+        let up = |n: &u64| *n != 0 && nodes.contains_key(n) && !unreachable.contains(n);
+        let mut assigned: BTreeMap<NodeId, BTreeSet<u64>> = BTreeMap::new();
+        let mut missing = Vec::new();
+        for (shard, row) in &rows {
+            let holder = if up(&row.leader) && (row.leader != self.node_id || local.contains(shard)) {
+                Some(row.leader)
+            } else if local.contains(shard) {
+                Some(self.node_id)
+            } else {
+                row.voters.iter().copied().find(|v| *v != self.node_id && up(v))
+            };
+            match holder {
+                Some(n) => {
+                    assigned.entry(n).or_default().insert(*shard);
+                }
+                None => missing.push(*shard),
+            }
+        }
+        let mut reply = match assigned.remove(&self.node_id) {
+            Some(only) => self.local_summary(&only)?,
+            None => QueueSummaryReply::default(),
+        };
+        let asks = assigned.into_iter().map(|(node, only)| {
+            let client = nodes.get(&node).map(|addr| self.cluster.client(addr));
+            async move {
+                let answer = async {
+                    let mut client = client?.ok()?;
+                    let ask = client.queue_summary(QueueSummaryRequest {
+                        local_only: true,
+                        shards: only.iter().copied().collect(),
+                    });
+                    match tokio::time::timeout(PEER_QUERY_TIMEOUT, ask).await {
+                        Ok(Ok(r)) => Some(r.into_inner()),
+                        _ => None,
+                    }
+                }
+                .await;
+                (node, only, answer)
+            }
+        });
+        for (node, only, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Some(part) => merge_summary(&mut reply, part),
+                None => {
+                    unreachable.push(node);
+                    missing.extend(only);
+                }
+            }
+        }
+        unreachable.sort_unstable();
+        unreachable.dedup();
+        missing.sort_unstable();
+        reply.unreachable = unreachable;
+        reply.missing_shards = missing;
         Ok(Response::new(reply))
     }
 
@@ -370,6 +451,9 @@ impl AdminService for Admin {
         if let Some(mut leader) = self.control_leader_client()? {
             return leader.member_add(req).await;
         }
+        if self.cluster.removed().contains(&req.id) {
+            return Err(Status::failed_precondition(cluster::removed_id_error(req.id)));
+        }
         if self.cluster.nodes().get(&req.id).is_some_and(|a| a != &req.addr) {
             return Err(Status::already_exists(format!(
                 "node {} is already a member with another address; ids are never reused",
@@ -401,11 +485,21 @@ impl AdminService for Admin {
         let m = control.raft.metrics().borrow().clone();
         let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
         let last = m.last_log_index.unwrap_or(0);
+        // Reachability comes from the control leader's pings (replication
+        // progress never goes backwards, so a dead node would look fine);
+        // a node that is not the leader, answering because the leader did
+        // not, pings the members itself.
+        let reachable = if m.current_leader == Some(self.node_id) {
+            self.cluster.reachable()
+        } else {
+            self.cluster.ping_all(&self.cluster.nodes()).await
+        };
         let placement = self.cluster.placement();
         let mut led: BTreeMap<NodeId, u64> = BTreeMap::new();
-        for g in self.groups.shards() {
-            if let Some(l) = g.leader() {
-                *led.entry(l).or_default() += 1;
+        let (rows, _) = self.cluster.all_shards().await;
+        for row in rows.values() {
+            if row.leader != 0 {
+                *led.entry(row.leader).or_default() += 1;
             }
         }
         let members = self
@@ -428,7 +522,7 @@ impl AdminService for Admin {
                     addr,
                     role: if voters.contains(&id) { "voter" } else { "learner" }.into(),
                     is_control_leader: m.current_leader == Some(id),
-                    reachable: matched.is_some() && lag < 100,
+                    reachable: reachable.contains(&id),
                     lag,
                     shards_led: led.get(&id).copied().unwrap_or(0),
                     replicas: placement.values().filter(|r| r.contains(&id)).count() as u64,
@@ -440,7 +534,16 @@ impl AdminService for Admin {
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderReply>, Status> {
         let req = request.into_inner();
-        let replicas = self.cluster.placement().get(&req.shard).cloned().unwrap_or_default();
+        let replicas: Vec<NodeId> = if req.shard == CONTROL_GROUP {
+            // The control group's leader moves among its voters.
+            let control = self
+                .cluster
+                .control()
+                .ok_or_else(|| Status::unavailable("no control group here"))?;
+            control.voters().into_iter().collect()
+        } else {
+            self.cluster.placement().get(&req.shard).cloned().unwrap_or_default()
+        };
         if !replicas.contains(&req.node) {
             return Err(Status::failed_precondition(format!(
                 "node {} holds no replica of shard {} (replicas: {replicas:?})",
@@ -448,7 +551,7 @@ impl AdminService for Admin {
             )));
         }
         self.cluster
-            .elect_on(req.node, req.shard)
+            .move_leader(req.shard, req.node)
             .await
             .map_err(Status::unavailable)?;
         Ok(Response::new(MoveLeaderReply {}))
@@ -486,11 +589,18 @@ impl AdminService for Admin {
     }
 
     async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
-        let group = request.into_inner().group_id;
+        let ElectRequest {
+            group_id: group,
+            step_aside,
+        } = request.into_inner();
         let g = self
             .groups
             .get(group)
             .ok_or_else(|| Status::not_found(format!("group {group} not hosted here")))?;
+        if step_aside {
+            cluster::step_aside_for(&g);
+            return Ok(Response::new(ElectReply {}));
+        }
         g.raft
             .trigger()
             .elect()
@@ -507,8 +617,17 @@ impl AdminService for Admin {
         if let Some(mut leader) = self.control_leader_client()? {
             return leader.member_remove(req).await;
         }
-        let members = self.member_list(Request::new(MemberListRequest {})).await?.into_inner();
-        let reachable = members.members.iter().filter(|m| m.reachable).map(|m| m.id).collect();
+        if req.id == self.node_id {
+            // Removing the control leader: hand the control group to another
+            // voter, then let the new leader do the removal.
+            self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
+            let mut leader = self
+                .control_leader_client()?
+                .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
+            return leader.member_remove(req).await;
+        }
+        // Asked now: a control leader elected moments ago has no pings yet.
+        let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
         self.cluster
             .remove_member(req.id, req.force, &reachable)
             .await

@@ -192,8 +192,14 @@ enum MemberCommand {
 
 #[derive(Subcommand)]
 enum ShardCommand {
-    /// Shards with leader, replicas, applied index and queued messages.
-    List,
+    /// Shards with leader, replicas, applied index and queued messages,
+    /// gathered from every member (each shard as its leader reports it).
+    List {
+        /// Only the shards the node asked hosts, as that node sees them
+        /// (e.g. its own applied index).
+        #[arg(long)]
+        local: bool,
+    },
     /// Make NODE (which holds a replica) the leader of SHARD.
     MoveLeader { shard: u64, node: u64 },
 }
@@ -288,7 +294,8 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
     let json = args.output == Output::Json;
     match args.command {
         Command::Status => {
-            let s = client.status(StatusRequest {}).await?.into_inner();
+            let s = client.status(StatusRequest { local_only: false }).await?.into_inner();
+            warn_unreachable(&s.unreachable);
             if json {
                 print_json(&status_json(&s));
             } else {
@@ -429,8 +436,9 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                 print_table(&["SUSPENDED DOMAIN", "UNTIL", "REASON"], &rows);
             }
         }
-        Command::Shard(ShardCommand::List) => {
-            let s = client.status(StatusRequest {}).await?.into_inner();
+        Command::Shard(ShardCommand::List { local }) => {
+            let s = client.status(StatusRequest { local_only: local }).await?.into_inner();
+            warn_unreachable(&s.unreachable);
             if json {
                 print_json(&status_json(&s)["shards"]);
             } else {
@@ -446,7 +454,20 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
             }
         }
         Command::Queue(QueueCommand::Summary) => {
-            let s = client.queue_summary(QueueSummaryRequest {}).await?.into_inner();
+            let s = client
+                .queue_summary(QueueSummaryRequest {
+                    local_only: false,
+                    shards: Vec::new(),
+                })
+                .await?
+                .into_inner();
+            warn_unreachable(&s.unreachable);
+            if !s.missing_shards.is_empty() {
+                eprintln!(
+                    "warning: shards {:?} could not be counted (no replica answered)",
+                    s.missing_shards
+                );
+            }
             if json {
                 let domains: serde_json::Map<String, serde_json::Value> = s
                     .domains
@@ -458,6 +479,8 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
                     "recipients": s.recipients,
                     "bytes": s.bytes,
                     "oldest_age_secs": s.oldest_age_secs,
+                    "unreachable": s.unreachable,
+                    "missing_shards": s.missing_shards,
                     "domains": domains,
                     "domain_recipients": s.domains.iter().map(|d| (d.domain.clone(), json!(d.recipients))).collect::<serde_json::Map<_, _>>(),
                     "domain_details": s.domains.iter().map(|d| json!({
@@ -784,6 +807,14 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// Cluster-wide answers name the members that did not answer (on stderr,
+/// so that `-o json` output stays parseable).
+fn warn_unreachable(nodes: &[u64]) {
+    if !nodes.is_empty() {
+        eprintln!("warning: members {nodes:?} did not answer; their shards may be missing or stale");
+    }
+}
+
 fn status_json(s: &StatusReply) -> serde_json::Value {
     json!({
         "node_id": s.node_id,
@@ -791,6 +822,7 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
         "version": s.version,
         "control_leader": s.control_leader,
         "queued_messages": s.queued_messages,
+        "unreachable": s.unreachable,
         "members": s.members.iter().map(|m| json!({
             "id": m.id, "addr": m.addr, "role": m.role, "control_leader": m.is_control_leader,
         })).collect::<Vec<_>>(),

@@ -35,6 +35,8 @@ pub const NODE_PREFIX: &[u8] = b"n/";
 pub const PLACEMENT_PREFIX: &[u8] = b"p/";
 pub const DRAIN_PREFIX: &[u8] = b"d/";
 pub const SUSPEND_PREFIX: &[u8] = b"s/";
+/// Tombstones of removed node ids (ids are never reused).
+pub const REMOVED_PREFIX: &[u8] = b"r/";
 
 pub fn message_key(id: &str) -> Vec<u8> {
     [MESSAGE_PREFIX, id.as_bytes()].concat()
@@ -443,8 +445,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Response { changed: true }
                 }
                 EntryPayload::Normal(Request::SetNode { id, addr }) => {
-                    batch.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
-                    Response { changed: true }
+                    // A removed id stays removed (checked before the write too).
+                    let removed = self
+                        .tree
+                        .contains_key([REMOVED_PREFIX, &id.to_be_bytes()].concat())
+                        .map_err(|e| err(&e))?;
+                    if !removed {
+                        batch.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
+                    }
+                    Response { changed: !removed }
                 }
                 EntryPayload::Normal(Request::QueueOp { action, ids }) => {
                     for id in ids {
@@ -490,6 +499,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(Request::RemoveNode { id }) => {
                     batch.remove([NODE_PREFIX, &id.to_be_bytes()].concat());
                     batch.remove([DRAIN_PREFIX, &id.to_be_bytes()].concat());
+                    batch.insert([REMOVED_PREFIX, &id.to_be_bytes()].concat(), vec![1u8]);
                     Response { changed: true }
                 }
                 EntryPayload::Normal(Request::SetDrain { id, drained }) => {

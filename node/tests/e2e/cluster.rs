@@ -114,6 +114,15 @@ fn three_nodes_join_spread_and_survive_a_kill() {
             .all(|sh| sh["leader"] != 2 && sh["leader"] != 0)
     });
     let new_leaders_after = killed_at.elapsed();
+    // Reachability is the control leader's ping, not replication progress
+    // (which never goes backwards): the dead node shows as unreachable.
+    wait_for(Duration::from_secs(10), "node 2 unreachable in member list", || {
+        n3.ternctl_json(&["member", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["reachable"] == (m["id"] != 2))
+    });
     let failover = {
         // Time until a message accepted by a survivor after the kill is delivered.
         let mut c = Client::connect(n1.smtp).unwrap();
@@ -791,4 +800,282 @@ fn paused_leader_does_not_finish_its_delivery() {
     assert!(first.transcript.contains("fence-1@tern.test"), "{first:?}");
     assert_eq!(first.completed, 0, "{first:?}");
     assert_eq!(conns.iter().map(|c| c.completed).sum::<usize>(), 1, "{conns:?}");
+}
+
+fn u64s(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// Every shard has a leader, no membership change half done, and its
+/// actual voters are its placement.
+fn settled(rows: &[serde_json::Value]) -> bool {
+    rows.iter().all(|sh| {
+        let mut voters = u64s(&sh["voters"]);
+        let mut replicas = u64s(&sh["replicas"]);
+        voters.sort_unstable();
+        replicas.sort_unstable();
+        sh["leader"] != 0 && sh["joint"] == false && voters == replicas
+    })
+}
+
+fn control_leader(n: &Node) -> u64 {
+    n.ternctl_json(&["status"])["control_leader"].as_u64().unwrap()
+}
+
+/// Three nodes with `replicas = 3`: every shard is already at full
+/// strength when a fourth node joins, and rebalancing still gives it its
+/// share of replicas. Any node lists every shard and counts every queued
+/// message (cluster-wide queries). A SIGKILLed member turns unreachable in
+/// `member list`; `member remove` refuses to break a shard's quorum; the
+/// dead member is removed and its id can never be added again.
+#[test]
+fn fourth_node_gets_replicas_and_every_node_sees_every_shard() {
+    let _serial = cluster_lock();
+    let sink = SmtpSink::start(&[]);
+    let closed = closed_port();
+    let extra = format!(
+        "shards = 4\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[[route]]\ndomain = \"stuck.test\"\nto = \"127.0.0.1:{}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
+        sink.addr, closed.port
+    );
+    let (n1, n2, n3) = three_node_cluster(&extra);
+    // Mail that stays queued: its route refuses connections.
+    for (i, n) in [&n1, &n2, &n3].iter().cycle().take(8).enumerate() {
+        send_to(n, "r@stuck.test", &format!("stuck-{i}"));
+    }
+    let n4 = Node::start_node(4, false, &extra);
+    join(&n1, &n4, 4);
+    let mut nodes = [n1, n2, n3, n4];
+    let started = Instant::now();
+    wait_for(Duration::from_secs(150), "node 4 holds its share of replicas", || {
+        let members = nodes[0].ternctl_json(&["member", "list"]);
+        let counts: Vec<u64> = members
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["replicas"].as_u64().unwrap())
+            .collect();
+        let rows = shards(&nodes[0]);
+        counts.len() == 4
+            && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1
+            && rows.len() == 4
+            && settled(&rows)
+            && rows.iter().filter(|sh| u64s(&sh["voters"]).contains(&4)).count() >= 2
+    });
+    eprintln!("rebalanced onto node 4 in {:?}", started.elapsed());
+    assert!(send_tagged(&nodes[3], "via-4"));
+    assert!(send_tagged(&nodes[0], "via-1"));
+    wait_for(Duration::from_secs(30), "mail delivered after rebalancing", || {
+        delivered(&sink, "via-4") == 1 && delivered(&sink, "via-1") == 1
+    });
+
+    // Node 4 hosts three of the four shards (the others may keep an idle
+    // copy of a shard they left until they restart); every node lists and
+    // counts all four.
+    let local = nodes[3].ternctl_json(&["shard", "list", "--local"]);
+    assert_eq!(local.as_array().unwrap().len(), 3, "{local}");
+    for n in &nodes {
+        wait_for(
+            Duration::from_secs(10),
+            "every shard listed, every message counted",
+            || {
+                let rows = shards(n);
+                let mut ids: Vec<u64> = rows.iter().map(|sh| sh["shard"].as_u64().unwrap()).collect();
+                ids.dedup();
+                let summary = n.ternctl_json(&["queue", "summary"]);
+                ids.len() == 4
+                    && rows.iter().all(|sh| sh["leader"] != 0)
+                    && summary["messages"] == 8
+                    && summary["domains"]["stuck.test"] == 8
+            },
+        );
+    }
+
+    // A killed member becomes unreachable.
+    let ctl = control_leader(&nodes[0]);
+    let victim = (1..=4u64).rev().find(|id| *id != ctl).unwrap();
+    nodes[(victim - 1) as usize].kill();
+    let asked = &nodes[(ctl - 1) as usize];
+    wait_for(Duration::from_secs(10), "the killed member unreachable", || {
+        asked
+            .ternctl_json(&["member", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| {
+                let id = m["id"].as_u64().unwrap();
+                m["reachable"] == (id != victim)
+            })
+    });
+
+    // Removing a replica-mate of the dead node would leave a shard with one
+    // reachable replica of three: refused, with the reason.
+    let rows = shards(asked);
+    let mate = rows
+        .iter()
+        .map(|sh| u64s(&sh["voters"]))
+        .filter(|v| v.contains(&victim))
+        .flat_map(|v| v.into_iter())
+        .find(|v| *v != victim && *v != ctl)
+        .unwrap();
+    let out = asked.ternctl(&["member", "remove", "--id", &mate.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "removing node {mate} was allowed");
+    assert!(err.contains("reachable majority") && err.contains("--force"), "{err}");
+    assert_eq!(
+        asked.ternctl_json(&["member", "list"]).as_array().unwrap().len(),
+        4,
+        "a refused removal changed the membership"
+    );
+
+    // The dead node itself can go: every shard keeps two live replicas.
+    let out = asked.ternctl(&["member", "remove", "--id", &victim.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(
+        Duration::from_secs(60),
+        "every shard back at 3 replicas without it",
+        || {
+            let rows = shards(asked);
+            settled(&rows)
+                && rows.iter().all(|sh| {
+                    let v = u64s(&sh["voters"]);
+                    v.len() == 3 && !v.contains(&victim)
+                })
+        },
+    );
+    assert!(send_tagged(asked, "after-remove"));
+    wait_for(Duration::from_secs(30), "delivery after the removal", || {
+        delivered(&sink, "after-remove") == 1
+    });
+
+    // Its id is never reused.
+    let addr = nodes[(victim - 1) as usize].grpc.to_string();
+    let out = asked.ternctl(&["member", "add", "--id", &victim.to_string(), "--addr", &addr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a removed id was added again");
+    assert!(err.contains("never reused"), "{err}");
+}
+
+/// `shard move-leader` moves a leadership and the balancer leaves it while
+/// the counts stay within its share; a restarted node catches up with the
+/// leaders' applied index; removing the control-group leader hands the
+/// control group to another node first.
+#[test]
+fn operator_moves_restart_catch_up_and_control_leader_removal() {
+    let _serial = cluster_lock();
+    let sink = SmtpSink::start(&[]);
+    let extra = format!(
+        "shards = 4\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n",
+        sink.addr
+    );
+    let (n1, n2, n3) = three_node_cluster(&extra);
+    let mut nodes = [n1, n2, n3];
+    let leads = |rows: &[serde_json::Value]| {
+        let mut count: BTreeMap<u64, usize> = (1..=3).map(|n| (n, 0)).collect();
+        for sh in rows {
+            *count.entry(sh["leader"].as_u64().unwrap()).or_default() += 1;
+        }
+        count
+    };
+    // The balancer stops once no node leads more than ceil(4 / 3) = 2.
+    wait_for(Duration::from_secs(60), "leaders balanced", || {
+        let rows = shards(&nodes[0]);
+        settled(&rows) && leads(&rows).values().all(|c| *c <= 2)
+    });
+    let rows = shards(&nodes[0]);
+    let count = leads(&rows);
+    // A move that keeps every node within the share of 2.
+    let (shard, target) = rows
+        .iter()
+        .find_map(|sh| {
+            let leader = sh["leader"].as_u64().unwrap();
+            u64s(&sh["voters"])
+                .into_iter()
+                .find(|v| *v != leader && count[v] < 2)
+                .map(|t| (sh["shard"].as_u64().unwrap(), t))
+        })
+        .unwrap();
+    let out = nodes[0].ternctl(&["shard", "move-leader", &shard.to_string(), &target.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leader_of = |n: &Node, shard: u64| {
+        shards(n)
+            .iter()
+            .find(|sh| sh["shard"] == shard)
+            .map(|sh| sh["leader"].as_u64().unwrap())
+    };
+    wait_for(Duration::from_secs(20), "the moved leadership", || {
+        leader_of(&nodes[0], shard) == Some(target)
+    });
+    // Five balancer ticks later it is still there.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert_eq!(leader_of(&nodes[1], shard), Some(target), "the balancer undid the move");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // A follower killed, mail committed without it, then restarted: it
+    // catches up to the leaders' applied index on every shard.
+    let ctl = control_leader(&nodes[0]);
+    let k = (1..=3u64).rev().find(|id| *id != ctl).unwrap();
+    nodes[(k - 1) as usize].kill();
+    let others: Vec<usize> = (0..3).filter(|i| *i as u64 != k - 1).collect();
+    let mut tags = Vec::new();
+    for i in 0..20 {
+        let tag = format!("while-down-{i}");
+        let n = &nodes[others[i % 2]];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !send_tagged(n, &tag) {
+            assert!(Instant::now() < deadline, "no 250 for {tag}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tags.push(tag);
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "mail delivered while the node was down",
+        || tags.iter().all(|t| delivered(&sink, t) >= 1),
+    );
+    let leader_applied: BTreeMap<u64, u64> = shards(&nodes[others[0]])
+        .iter()
+        .map(|sh| (sh["shard"].as_u64().unwrap(), sh["applied_index"].as_u64().unwrap()))
+        .collect();
+    nodes[(k - 1) as usize].spawn();
+    let restarted = &nodes[(k - 1) as usize];
+    wait_for(Duration::from_secs(60), "the restarted node caught up", || {
+        let local = restarted.ternctl_json(&["shard", "list", "--local"]);
+        let rows = local.as_array().unwrap();
+        rows.len() == leader_applied.len()
+            && rows
+                .iter()
+                .all(|sh| sh["applied_index"].as_u64().unwrap() >= leader_applied[&sh["shard"].as_u64().unwrap()])
+    });
+
+    // Removing the control leader: the leadership moves, then the removal runs.
+    let ctl = control_leader(&nodes[0]);
+    let asked = &nodes[(1..=3u64).find(|id| *id != ctl).unwrap() as usize - 1];
+    let out = asked.ternctl(&["member", "remove", "--id", &ctl.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new_ctl = control_leader(asked);
+    assert!(new_ctl != ctl && new_ctl != 0, "control leader still {new_ctl}");
+    let ids: Vec<u64> = asked
+        .ternctl_json(&["member", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert!(!ids.contains(&ctl) && ids.len() == 2, "{ids:?}");
+    wait_for(
+        Duration::from_secs(60),
+        "every shard on the two remaining nodes",
+        || {
+            let rows = shards(asked);
+            settled(&rows) && rows.iter().all(|sh| !u64s(&sh["voters"]).contains(&ctl))
+        },
+    );
+    assert!(send_tagged(asked, "after-ctl-remove"));
+    wait_for(
+        Duration::from_secs(30),
+        "delivery after removing the control leader",
+        || delivered(&sink, "after-ctl-remove") == 1,
+    );
 }
