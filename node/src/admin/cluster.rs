@@ -218,10 +218,15 @@ impl Cluster {
 
     /// Ids of removed nodes (never to be reused).
     pub fn removed(&self) -> BTreeSet<NodeId> {
+        self.node_set(REMOVED_PREFIX)
+    }
+
+    /// Node ids recorded in the control state under `prefix` (big-endian keys).
+    fn node_set(&self, prefix: &[u8]) -> BTreeSet<NodeId> {
         let mut out = BTreeSet::new();
         if let Some(control) = self.control() {
-            for (k, _) in control.sm.tree().scan_prefix(REMOVED_PREFIX).flatten() {
-                if let Ok(id) = <[u8; 8]>::try_from(&k[REMOVED_PREFIX.len()..]) {
+            for (k, _) in control.sm.tree().scan_prefix(prefix).flatten() {
+                if let Ok(id) = <[u8; 8]>::try_from(&k[prefix.len()..]) {
                     out.insert(u64::from_be_bytes(id));
                 }
             }
@@ -322,15 +327,7 @@ impl Cluster {
 
     /// Nodes marked drained (they lead no shard).
     pub fn drained(&self) -> BTreeSet<NodeId> {
-        let mut out = BTreeSet::new();
-        if let Some(control) = self.control() {
-            for (k, _) in control.sm.tree().scan_prefix(DRAIN_PREFIX).flatten() {
-                if let Ok(id) = <[u8; 8]>::try_from(&k[DRAIN_PREFIX.len()..]) {
-                    out.insert(u64::from_be_bytes(id));
-                }
-            }
-        }
-        out
+        self.node_set(DRAIN_PREFIX)
     }
 
     /// Removes a node: its replicas are moved elsewhere first (placement

@@ -105,31 +105,21 @@ impl Node {
             dir.path().join("data").display()
         );
         std::fs::write(&config, toml).expect("write config");
-        let unset: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let mut node = Node {
-            _dir: dir,
-            config,
-            child: None,
-            stdout: Arc::default(),
-            logs: Arc::default(),
-            smtp: unset,
-            submission: unset,
-            submissions: unset,
-            grpc: unset,
-            http: unset,
-            ternctl_env: Vec::new(),
-        };
-        node.spawn();
-        node
+        Self::spawned(dir, config)
     }
 
     /// Runs `ternd` with no arguments (the embedded default: fixed loopback
     /// ports, data in ./tern-data) in a fresh directory, as a newcomer would.
     pub fn start_embedded_default() -> Node {
+        Self::spawned(tempfile::tempdir().expect("tempdir"), PathBuf::new())
+    }
+
+    /// A node in `dir` run with `config` (empty: no arguments, in `dir`), started.
+    fn spawned(dir: tempfile::TempDir, config: PathBuf) -> Node {
         let unset: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut node = Node {
-            _dir: tempfile::tempdir().expect("tempdir"),
-            config: PathBuf::new(),
+            _dir: dir,
+            config,
             child: None,
             stdout: Arc::default(),
             logs: Arc::default(),
