@@ -364,15 +364,7 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + CATCH_UP;
         loop {
             let placed = self.placement().values().any(|r| r.contains(&id));
-            let member = self.groups.shards().iter().any(|g| {
-                g.raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .any(|v| v == id)
-            });
+            let member = self.groups.shards().iter().any(|g| g.is_voter(id));
             if !placed && !member {
                 break;
             }
@@ -810,13 +802,7 @@ impl Cluster {
             // is still leader next time (the election went back to it), it
             // makes the change itself and steps down once it is committed.
             let m = group.raft.metrics().borrow().clone();
-            let matched = |n: &NodeId| {
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(n).cloned().flatten())
-                    .map(|l| l.index)
-                    .unwrap_or(0)
-            };
+            let matched = |n: &NodeId| crate::raft::groups::matched_index(&m, *n);
             let target = desired
                 .iter()
                 .filter(|n| voters.contains(n))
@@ -935,13 +921,7 @@ impl Cluster {
         let control = self.control().ok_or("control group not hosted here")?;
         let reachable = self.ping_all(&self.nodes()).await;
         let m = control.raft.metrics().borrow().clone();
-        let matched = |n: &NodeId| {
-            m.replication
-                .as_ref()
-                .and_then(|r| r.get(n).cloned().flatten())
-                .map(|l| l.index)
-                .unwrap_or(0)
-        };
+        let matched = |n: &NodeId| crate::raft::groups::matched_index(&m, *n);
         let Some(target) = m
             .membership_config
             .membership()

@@ -162,17 +162,7 @@ impl QueueFront {
     /// there an entry costs no round trip, and spreading writes over the
     /// groups runs them in parallel (measured in bench/RESULTS.md).
     fn pick<'a>(&self, led: &[&'a GroupHandle], turn: usize) -> &'a GroupHandle {
-        let replicated = |g: &GroupHandle| {
-            g.raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .nth(1)
-                .is_some()
-        };
-        if !led.iter().any(|g| replicated(g)) {
+        if !led.iter().any(|g| g.replicated()) {
             return led[turn % led.len()];
         }
         let fill = FILL;

@@ -22,6 +22,29 @@ impl GroupHandle {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// Whether `node` is one of the group's current voters.
+    pub fn is_voter(&self, node: NodeId) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == node)
+    }
+
+    /// More than one voter: a write costs a round trip to followers.
+    pub fn replicated(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .nth(1)
+            .is_some()
+    }
+
     /// The group's current voters.
     pub fn voters(&self) -> std::collections::BTreeSet<NodeId> {
         self.raft
@@ -72,3 +95,13 @@ impl Groups {
 }
 
 pub type SharedGroups = Arc<Groups>;
+
+/// How far the log of `node` is known to match the leader's, from a metrics
+/// snapshot (0 when unknown or not leader).
+pub fn matched_index(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>, node: NodeId) -> u64 {
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&node).cloned().flatten())
+        .map(|l| l.index)
+        .unwrap_or(0)
+}
