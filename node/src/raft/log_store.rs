@@ -31,6 +31,10 @@ pub struct LogStore {
     wal: Arc<Wal>,
     durability: Arc<Durability>,
     state: Arc<Mutex<State>>,
+    /// Whether reads load bodies back. openraft applies entries read from
+    /// the store itself, and applying needs only each body's location;
+    /// replication reads through the log reader, which loads them.
+    bodies: bool,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: Option<Vec<u8>>) -> anyhow::Result<Option<T>> {
@@ -56,12 +60,21 @@ impl LogStore {
                 vote: decode(replayed.vote)?,
                 committed: decode::<Option<LogId>>(replayed.committed)?.flatten(),
             })),
+            bodies: false,
         };
         if let Some(last) = store.last_index() {
             let entry = store.read_entry(last).map_err(|e| anyhow::anyhow!("{e}"))?;
             store.lock().last = Some(entry.log_id);
         }
         Ok(store)
+    }
+
+    /// A clone that reads entries with their bodies (for replication).
+    pub fn reader(&self) -> LogStore {
+        LogStore {
+            bodies: true,
+            ..self.clone()
+        }
     }
 
     /// Index of the last entry held, if any.
@@ -84,13 +97,13 @@ impl LogStore {
         })
     }
 
-    /// Reads entry `index` and loads its bodies back.
+    /// Reads entry `index`, and for the log reader its bodies too.
     fn read_entry(&self, index: u64) -> Result<Entry, StorageError> {
         let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
         let record = self.wal.read(&self.loc(index)?).map_err(|e| read(&e))?;
         let mut entry: Entry = bincode::deserialize(record.get(8..).unwrap_or_default()).map_err(|e| read(&e))?;
         let log_id = entry.log_id;
-        if let EntryPayload::Normal(request) = &mut entry.payload {
+        if let (true, EntryPayload::Normal(request)) = (self.bodies, &mut entry.payload) {
             for body in request.bodies_mut() {
                 if let Some(loc) = body.loc {
                     body.bytes = self
@@ -150,7 +163,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
+        self.reader()
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
