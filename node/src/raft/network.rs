@@ -27,6 +27,30 @@ pub const MAX_GRPC_MESSAGE: usize = 512 * 1024 * 1024;
 /// large messages in one request would time out and be resent forever.
 const APPEND_BYTE_BUDGET: usize = 1024 * 1024;
 
+/// How recent a follower's Success must be for an AppendEntries without
+/// entries to be answered from it instead of sent (see [`Acked`]).
+const ACK_REUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The last AppendEntries a follower answered Success to: when it was sent,
+/// under which vote, and the last log id it then held.
+///
+/// openraft 0.9 follows every commit with an AppendEntries without entries
+/// that only tells followers the new commit index: for a write, two of the
+/// four RPCs to the followers. Such a request whose vote and previous log
+/// id are those of a Success sent within [`ACK_REUSE`] has its answer
+/// already (the follower's log is durable and only a higher vote truncates
+/// it), so it is answered here; the follower learns the commit index with
+/// the next entries or the next real heartbeat (every 200 ms at most). The
+/// answer counts as a quorum contact up to [`ACK_REUSE`] later than the real
+/// one, well inside the margin between the shard lease (queue/lease.rs, 500
+/// ms) and the election timeout (1000 ms).
+#[derive(Clone, Copy)]
+struct Acked {
+    sent: std::time::Instant,
+    vote: openraft::Vote<NodeId>,
+    last: Option<super::LogId>,
+}
+
 /// How many leading entries of `entries` fit in [`APPEND_BYTE_BUDGET`]
 /// (always at least one, so a single huge message still goes through).
 fn entries_within_budget(entries: &mut [super::Entry]) -> usize {
@@ -96,6 +120,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                     .max_decoding_message_size(MAX_GRPC_MESSAGE)
                     .max_encoding_message_size(MAX_GRPC_MESSAGE)
             }),
+            acked: None,
         }
     }
 }
@@ -105,6 +130,7 @@ pub struct PeerClient {
     group: GroupId,
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
+    acked: Option<Acked>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -159,17 +185,32 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         mut rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        let keep = entries_within_budget(&mut rpc.entries);
-        if keep == rpc.entries.len() {
-            return self.call(RpcKind::Append, &rpc).await;
+        if rpc.entries.is_empty() {
+            if let Some(a) = self.acked {
+                if a.vote == rpc.vote && a.last == rpc.prev_log_id && a.sent.elapsed() < ACK_REUSE {
+                    return Ok(AppendEntriesResponse::Success);
+                }
+            }
         }
+        let sent = std::time::Instant::now();
+        let keep = entries_within_budget(&mut rpc.entries);
+        let partial = keep < rpc.entries.len();
         // Send a prefix; the follower commits only up to what it received
         // (min(leader_commit, accepted)), and PartialSuccess makes the
         // leader send the rest next.
         rpc.entries.truncate(keep);
-        let last = rpc.entries.last().map(|e| e.log_id);
-        match self.call(RpcKind::Append, &rpc).await? {
-            AppendEntriesResponse::Success => Ok(AppendEntriesResponse::PartialSuccess(last)),
+        let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+        let reply = self.call(RpcKind::Append, &rpc).await;
+        self.acked = match &reply {
+            Ok(AppendEntriesResponse::Success) => Some(Acked {
+                sent,
+                vote: rpc.vote,
+                last,
+            }),
+            _ => None,
+        };
+        match reply? {
+            AppendEntriesResponse::Success if partial => Ok(AppendEntriesResponse::PartialSuccess(last)),
             other => Ok(other),
         }
     }
