@@ -162,6 +162,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         metrics: Arc::clone(&metrics),
         stats: Arc::new(crate::queue::stats::Stats::default()),
         clock: Arc::new(crate::queue::schedule::SystemClock),
+        batchers: Arc::default(),
     });
     let cluster_tls = config
         .cluster_tls
@@ -363,6 +364,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         Arc::clone(&ids),
         Arc::clone(&delivery),
         Arc::clone(&cluster),
+        Arc::clone(&host.settings.batchers),
     ));
     let mut smtp_tasks = Vec::new();
     for listener in smtp_listeners {

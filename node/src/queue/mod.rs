@@ -64,7 +64,7 @@ pub struct QueueFront {
     groups: Arc<Groups>,
     ids: Arc<IdGen>,
     next_shard: AtomicUsize,
-    batchers: batch::Batchers,
+    batchers: Arc<batch::Batchers>,
     /// For RCPT-time verification of local recipients.
     delivery: Arc<crate::delivery::Delivery>,
     /// For forwarding to a shard leader on another node.
@@ -78,6 +78,7 @@ impl QueueFront {
         ids: Arc<IdGen>,
         delivery: Arc<crate::delivery::Delivery>,
         cluster: Arc<crate::admin::cluster::Cluster>,
+        batchers: Arc<batch::Batchers>,
     ) -> QueueFront {
         QueueFront {
             node,
@@ -86,7 +87,7 @@ impl QueueFront {
             delivery,
             cluster,
             next_shard: AtomicUsize::new(0),
-            batchers: batch::Batchers::default(),
+            batchers,
         }
     }
 

@@ -24,7 +24,7 @@ use crate::dsn;
 use crate::metrics::{Metrics, Outcome};
 use crate::raft::groups::GroupHandle;
 use crate::raft::state_machine::{message_key, SmEvent, MESSAGE_PREFIX};
-use crate::raft::{NewMessage, NodeId, OutcomeUpdate, RcptResult, Request};
+use crate::raft::{NewMessage, NodeId, OutcomeUpdate, RcptResult};
 
 /// Most messages of one shard in delivery at once (bounds memory).
 const MAX_IN_FLIGHT: usize = 2000;
@@ -44,6 +44,9 @@ pub struct ShardSettings {
     pub stats: Arc<super::stats::Stats>,
     /// Unix seconds for due times, retries and expiry.
     pub clock: Arc<dyn Clock>,
+    /// The per-shard write batchers, shared with the SMTP side
+    /// ([`super::QueueFront`]): outcomes ride in the same entries as new mail.
+    pub batchers: Arc<super::batch::Batchers>,
 }
 
 pub struct QueueShard {
@@ -320,9 +323,10 @@ impl QueueShard {
         }
         let (updates, bounces) = take_batch(&mut self.pending, MAX_BATCH);
         let ids: Vec<String> = updates.iter().map(|u| u.id.clone()).collect();
-        let raft = self.group.raft.clone();
+        let group = self.group.clone();
+        let batchers = Arc::clone(&self.settings.batchers);
         self.writing = true;
-        let fut = async move { raft.client_write(Request::Outcomes { updates, bounces }).await };
+        let fut = async move { batchers.write_outcomes(&group, updates, bounces).await };
         ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
             act.writing = false;
             let retry_at = act.now() + 5;
