@@ -6,11 +6,13 @@
 //! resumes from the replicated state.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use openraft::{RaftMetrics, ServerState};
+use openraft::metrics::RaftServerMetrics;
+use openraft::ServerState;
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 
 use super::lease::Lease;
@@ -55,6 +57,8 @@ pub struct QueueShard {
     delivery: Arc<Delivery>,
     ids: Arc<IdGen>,
     events: Option<tokio::sync::mpsc::UnboundedReceiver<SmEvent>>,
+    /// Tells the state machine to send events: set while leading or loading.
+    events_wanted: Arc<AtomicBool>,
     /// Term in which this node leads and has loaded the queue.
     leader_term: Option<u64>,
     loading_term: Option<u64>,
@@ -78,6 +82,7 @@ impl QueueShard {
         delivery: Arc<Delivery>,
         ids: Arc<IdGen>,
         events: tokio::sync::mpsc::UnboundedReceiver<SmEvent>,
+        events_wanted: Arc<AtomicBool>,
     ) -> QueueShard {
         let raft = group.raft.clone();
         let lease = Arc::new(Lease::new(Box::new(move || {
@@ -90,6 +95,7 @@ impl QueueShard {
             delivery,
             ids,
             events: Some(events),
+            events_wanted,
             leader_term: None,
             loading_term: None,
             schedule: Schedule::default(),
@@ -344,22 +350,26 @@ impl QueueShard {
         }));
     }
 
-    fn on_metrics(&mut self, m: &RaftMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
+    fn on_metrics(&mut self, m: &RaftServerMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
         let leading = m.state == ServerState::Leader && m.current_leader == Some(self.settings.node);
+        let current_term = m.vote.leader_id().get_term();
         if !leading {
             if self.leader_term.take().is_some() {
                 tracing::info!(shard = self.group.id, "no longer shard leader; delivery stops here");
             }
             self.loading_term = None;
+            self.events_wanted.store(false, Ordering::SeqCst);
             self.schedule.clear();
             self.lease.revoke();
             return;
         }
-        if self.leader_term == Some(m.current_term) || self.loading_term == Some(m.current_term) {
+        if self.leader_term == Some(current_term) || self.loading_term == Some(current_term) {
             return;
         }
-        self.loading_term = Some(m.current_term);
-        let term = m.current_term;
+        self.loading_term = Some(current_term);
+        // Before the scan: what is applied from now on comes as events too.
+        self.events_wanted.store(true, Ordering::SeqCst);
+        let term = current_term;
         let group = self.group.clone();
         let fut = async move {
             // One quorum round per leadership, not per message.
@@ -393,7 +403,10 @@ impl QueueShard {
                     }
                     act.leader_term = Some(term);
                 }
-                Err(e) => tracing::warn!(shard = act.group.id, error = %e, "could not take over shard"),
+                Err(e) => {
+                    act.events_wanted.store(act.leader_term.is_some(), Ordering::SeqCst);
+                    tracing::warn!(shard = act.group.id, error = %e, "could not take over shard");
+                }
             }
         }));
     }
@@ -499,7 +512,9 @@ impl Actor for QueueShard {
         if let Some(rx) = self.events.take() {
             ctx.add_stream(UnboundedReceiverStream::new(rx));
         }
-        ctx.add_stream(WatchStream::new(self.group.raft.metrics()));
+        // Server metrics change only with vote, state, leader or membership;
+        // the full metrics change with every append, commit and apply.
+        ctx.add_stream(WatchStream::new(self.group.raft.server_metrics()));
         ctx.run_interval(self.settings.tick, |act, ctx| {
             act.flush(ctx);
             act.confirm_then_dispatch(ctx);
@@ -521,8 +536,8 @@ impl StreamHandler<SmEvent> for QueueShard {
     fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
-impl StreamHandler<RaftMetrics<NodeId, openraft::BasicNode>> for QueueShard {
-    fn handle(&mut self, m: RaftMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
+impl StreamHandler<RaftServerMetrics<NodeId, openraft::BasicNode>> for QueueShard {
+    fn handle(&mut self, m: RaftServerMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
         self.on_metrics(&m, ctx);
     }
 

@@ -102,7 +102,8 @@ impl GroupHost {
         let log = LogStore::open(Arc::clone(&self.durability), id)?;
         let mut sm = StateMachine::open(Arc::clone(&self.durability), id)?;
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        sm.set_events(events_tx);
+        let events_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        sm.set_events(events_tx, Arc::clone(&events_wanted));
         let network = Network {
             group: id,
             peers: Arc::clone(&self.peers),
@@ -126,6 +127,7 @@ impl GroupHost {
                 Arc::clone(&self.delivery),
                 Arc::clone(&self.ids),
                 events_rx,
+                events_wanted,
             );
             let addr = <QueueShard as actix::Actor>::start_in_arbiter(&self.arbiter, move |_| actor);
             self.actors.lock().unwrap_or_else(|p| p.into_inner()).push(addr);

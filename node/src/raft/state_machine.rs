@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -55,8 +55,10 @@ pub struct StateMachine {
     started: bool,
     /// The last checkpoint written (shared by clones).
     checkpoint: Arc<std::sync::Mutex<Option<LogId>>>,
-    /// Where apply events go (the shard's scheduler), if anywhere.
-    events: Option<tokio::sync::mpsc::UnboundedSender<SmEvent>>,
+    /// Where apply events go (the shard's scheduler), if anywhere, and
+    /// whether it wants them now (only while it leads: on a follower each
+    /// event would wake the actor's thread just to be dropped).
+    events: Option<(tokio::sync::mpsc::UnboundedSender<SmEvent>, Arc<AtomicBool>)>,
     /// Queued messages (`tern_queue_messages`): counted at open and after a
     /// snapshot is installed, then kept by apply.
     messages: Arc<AtomicI64>,
@@ -153,9 +155,10 @@ impl StateMachine {
         }
     }
 
-    /// Sends apply events (new, rescheduled, removed messages) to the shard's scheduler.
-    pub fn set_events(&mut self, tx: tokio::sync::mpsc::UnboundedSender<SmEvent>) {
-        self.events = Some(tx);
+    /// Sends apply events (new, rescheduled, removed messages) to the
+    /// shard's scheduler while `wanted` is set.
+    pub fn set_events(&mut self, tx: tokio::sync::mpsc::UnboundedSender<SmEvent>, wanted: Arc<AtomicBool>) {
+        self.events = Some((tx, wanted));
     }
 
     /// A message record as of the entries applied so far in this run.
@@ -546,7 +549,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.messages.fetch_add(added, Ordering::Relaxed);
             self.durability.reclaim();
         }
-        if let Some(tx) = &self.events {
+        if let Some((tx, _)) = self.events.as_ref().filter(|(_, wanted)| wanted.load(Ordering::SeqCst)) {
             for e in events {
                 let _ = tx.send(e);
             }
