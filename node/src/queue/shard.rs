@@ -516,6 +516,14 @@ impl Actor for QueueShard {
         // the full metrics change with every append, commit and apply.
         ctx.add_stream(WatchStream::new(self.group.raft.server_metrics()));
         ctx.run_interval(self.settings.tick, |act, ctx| {
+            // A take-over that failed (no quorum yet: the whole cluster
+            // restarting) is tried again; the server metrics need not change.
+            if act.leader_term.is_none() && act.loading_term.is_none() {
+                let m = act.group.raft.server_metrics().borrow().clone();
+                if m.state == ServerState::Leader {
+                    act.on_metrics(&m, ctx);
+                }
+            }
             act.flush(ctx);
             act.confirm_then_dispatch(ctx);
         });
