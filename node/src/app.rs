@@ -144,7 +144,12 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let metrics = Arc::new(Metrics::new());
     // Before anything can emit events (recovered shards deliver at once).
     let webhooks = crate::webhook::start(&config.webhooks, &events, &metrics.webhook).context("webhooks")?;
-    let durability = Durability::open_with_metrics(&config.data_dir, metrics.storage.clone())?;
+    let durability = Durability::open_with(
+        &config.data_dir,
+        metrics.storage.clone(),
+        crate::storage::wal::SEGMENT_BYTES,
+        config.state_cache_bytes,
+    )?;
     let local = durability.db().open_tree("local")?;
     let initialized = local.get(LOCAL_INITIALIZED)?.is_some();
 

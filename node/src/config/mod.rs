@@ -268,6 +268,7 @@ struct RawNode {
     id: Option<u64>,
     hostname: Option<String>,
     data_dir: Option<PathBuf>,
+    state_cache_mb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -329,6 +330,8 @@ pub struct Config {
     /// Our name in the SMTP banner, EHLO and Received headers.
     pub hostname: String,
     pub data_dir: PathBuf,
+    /// Memory for the cache of the queue-state database (sled), bytes.
+    pub state_cache_bytes: u64,
     pub listen_smtp: Vec<SocketAddr>,
     /// Submission with STARTTLS (port 587): AUTH required before MAIL.
     pub listen_submission: Vec<SocketAddr>,
@@ -463,6 +466,13 @@ impl Config {
                     reason: "submission needs users: set [auth] users_file".into(),
                 });
             }
+        }
+        let state_cache_mb = raw.node.state_cache_mb.unwrap_or(256);
+        if !(16..=1 << 20).contains(&state_cache_mb) {
+            return Err(ConfigError::Invalid {
+                key: "node.state_cache_mb",
+                reason: format!("{state_cache_mb} is outside 16..=1048576"),
+            });
         }
         let shards = raw.cluster.shards.unwrap_or(16);
         if !(1..=4096).contains(&shards) {
@@ -673,6 +683,7 @@ impl Config {
             node_id,
             hostname,
             data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from("tern-data")),
+            state_cache_bytes: state_cache_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             listen_smtp,
             listen_submission,
@@ -852,6 +863,7 @@ mod tests {
         assert_eq!(c.listen_smtp, vec![DEFAULT_SMTP.parse().unwrap()]);
         assert_eq!(c.listen_grpc.to_string(), DEFAULT_GRPC);
         assert_eq!(c.shards, 16);
+        assert_eq!(c.state_cache_bytes, 256 << 20);
         assert!(c.inbound.enabled);
         assert_eq!(c.inbound.dmarc_policy, DmarcPolicyMode::Enforce);
         assert_eq!(c.inbound.spf_fail, SpfFailAction::Header);
@@ -889,6 +901,9 @@ mod tests {
     fn limits_are_validated() {
         assert!(Config::from_toml("[policy]\nmax_recipients = 10\n").is_err());
         assert!(Config::from_toml("[cluster]\nshards = 0\n").is_err());
+        assert!(Config::from_toml("[node]\nstate_cache_mb = 8\n").is_err());
+        let c = Config::from_toml("[node]\nstate_cache_mb = 2048\n").unwrap();
+        assert_eq!(c.state_cache_bytes, 2048 << 20);
         assert!(Config::from_toml("[inbound]\ndmarc_policy = \"reject\"\n").is_err());
         assert!(Config::from_toml("[inbound]\nspf_fail = \"softfail\"\n").is_err());
         assert!(Config::from_toml("[inbound]\ntimeout_secs = 0\n").is_err());

@@ -159,7 +159,13 @@ async fn final_messages_free_their_log_segments() {
     use openraft::storage::RaftLogStorage;
 
     let dir = tempfile::tempdir().unwrap();
-    let durability = Durability::open_with(dir.path(), Default::default(), 1024).unwrap();
+    let durability = Durability::open_with(
+        dir.path(),
+        Default::default(),
+        1024,
+        crate::storage::DEFAULT_CACHE_BYTES,
+    )
+    .unwrap();
     let wal = Arc::clone(durability.wal());
     let (mut log, mut sm) = open_with(durability);
     let envelope = Envelope {

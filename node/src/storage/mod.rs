@@ -41,6 +41,10 @@ struct Syncer {
     metrics: StorageMetrics,
 }
 
+/// sled's cache unless configured (`node.state_cache_mb`). A queue whose
+/// records outgrow it accepts mail more slowly (bench/RESULTS.md).
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
 /// The node's sled database plus the group-commit flusher.
 pub struct Durability {
     syncer: Arc<Syncer>,
@@ -56,18 +60,24 @@ impl Durability {
 
     /// As [`Durability::open`], with the flusher observing into `metrics`.
     pub fn open_with_metrics(data_dir: &Path, metrics: StorageMetrics) -> anyhow::Result<Arc<Durability>> {
-        Self::open_with(data_dir, metrics, wal::SEGMENT_BYTES)
+        Self::open_with(data_dir, metrics, wal::SEGMENT_BYTES, DEFAULT_CACHE_BYTES)
     }
 
-    /// As [`Durability::open_with_metrics`], with log segments of `segment_bytes`.
-    pub fn open_with(data_dir: &Path, metrics: StorageMetrics, segment_bytes: u64) -> anyhow::Result<Arc<Durability>> {
+    /// As [`Durability::open_with_metrics`], with log segments of
+    /// `segment_bytes` and `cache_bytes` of sled cache (`node.state_cache_mb`).
+    pub fn open_with(
+        data_dir: &Path,
+        metrics: StorageMetrics,
+        segment_bytes: u64,
+        cache_bytes: u64,
+    ) -> anyhow::Result<Arc<Durability>> {
         use anyhow::Context as _;
         let sled_dir = data_dir.join("sled");
         std::fs::create_dir_all(&sled_dir).with_context(|| format!("creating {}", sled_dir.display()))?;
         let db = sled::Config::new()
             .path(&sled_dir)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .open()
             .with_context(|| format!("opening sled database in {}", sled_dir.display()))?;
         let db_file = File::open(sled_dir.join("db")).context("opening sled data file for fdatasync")?;
