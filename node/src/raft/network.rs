@@ -51,6 +51,17 @@ struct Acked {
     last: Option<super::LogId>,
 }
 
+impl Acked {
+    /// Whether this Success already answers `rpc`: no entries, the same
+    /// vote and last log id, sent within [`ACK_REUSE`].
+    fn answers(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+        rpc.entries.is_empty()
+            && self.vote == rpc.vote
+            && self.last == rpc.prev_log_id
+            && self.sent.elapsed() < ACK_REUSE
+    }
+}
+
 /// How many leading entries of `entries` fit in [`APPEND_BYTE_BUDGET`]
 /// (always at least one, so a single huge message still goes through).
 fn entries_within_budget(entries: &mut [super::Entry]) -> usize {
@@ -185,12 +196,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         mut rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        if rpc.entries.is_empty() {
-            if let Some(a) = self.acked {
-                if a.vote == rpc.vote && a.last == rpc.prev_log_id && a.sent.elapsed() < ACK_REUSE {
-                    return Ok(AppendEntriesResponse::Success);
-                }
-            }
+        if self.acked.is_some_and(|a| a.answers(&rpc)) {
+            return Ok(AppendEntriesResponse::Success);
         }
         let sent = std::time::Instant::now();
         let keep = entries_within_budget(&mut rpc.entries);
@@ -236,6 +243,35 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 mod tests {
     use super::*;
     use crate::raft::storage_suite::enqueue_entry;
+
+    #[test]
+    fn only_a_fresh_commit_only_request_is_answered_from_the_last_success() {
+        let leader = |term| openraft::Vote::new_committed(term, 1);
+        let log_id = |index| openraft::LogId::new(openraft::CommittedLeaderId::new(2, 1), index);
+        let request = |term, prev, entries| AppendEntriesRequest::<TypeConfig> {
+            vote: leader(term),
+            prev_log_id: Some(log_id(prev)),
+            entries,
+            leader_commit: Some(log_id(prev)),
+        };
+        let acked = Acked {
+            sent: std::time::Instant::now(),
+            vote: leader(2),
+            last: Some(log_id(7)),
+        };
+        assert!(acked.answers(&request(2, 7, Vec::new())), "commit index only");
+        assert!(
+            !acked.answers(&request(2, 7, vec![enqueue_entry(8, "A", b"x")])),
+            "entries"
+        );
+        assert!(!acked.answers(&request(2, 6, Vec::new())), "another log id");
+        assert!(!acked.answers(&request(3, 7, Vec::new())), "a new vote");
+        let old = Acked {
+            sent: std::time::Instant::now() - ACK_REUSE,
+            ..acked
+        };
+        assert!(!old.answers(&request(2, 7, Vec::new())), "too old");
+    }
 
     #[test]
     fn append_payload_is_cut_by_body_bytes_but_never_empty() {
