@@ -302,15 +302,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     } else {
         // A restarted single-voter group need not wait out an election timeout.
         for g in groups.all() {
-            let voters: Vec<_> = g
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect();
-            if voters == [config.node_id] {
+            if g.voters() == std::collections::BTreeSet::from([config.node_id]) {
                 let _ = g.raft.trigger().elect().await;
             }
         }
