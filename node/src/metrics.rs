@@ -667,7 +667,7 @@ impl Metrics {
                     .scan_prefix(MESSAGE_PREFIX)
                     .next()
                     .and_then(Result::ok)
-                    .and_then(|(_, v)| bincode::deserialize::<crate::queue::message::MessageRecord>(&v).ok())
+                    .and_then(|(k, v)| crate::raft::state_machine::decode_message(&k, &v).ok())
                     .map_or(0, |r| (now - r.received_at).max(0));
             self.scrape.oldest_age.get_or_create(&shard).set(oldest);
         }

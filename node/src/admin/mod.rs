@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::queue::message::MessageRecord;
 use crate::raft::groups::{GroupHandle, Groups};
-use crate::raft::state_machine::{MESSAGE_PREFIX, NODE_PREFIX};
+use crate::raft::state_machine::{decode_message, MESSAGE_PREFIX, NODE_PREFIX};
 use crate::raft::{NodeId, CONTROL_GROUP};
 
 pub struct Admin {
@@ -52,8 +52,8 @@ fn internal(e: impl std::fmt::Display) -> Status {
 /// Every message record of one shard, in id (arrival) order.
 fn records(group: &GroupHandle) -> impl Iterator<Item = Result<MessageRecord, Status>> {
     group.sm.tree().scan_prefix(MESSAGE_PREFIX).map(|item| {
-        let (_, v) = item.map_err(internal)?;
-        bincode::deserialize::<MessageRecord>(&v).map_err(internal)
+        let (k, v) = item.map_err(internal)?;
+        decode_message(&k, &v).map_err(internal)
     })
 }
 
@@ -426,10 +426,8 @@ impl AdminService for Admin {
 
     async fn queue_show(&self, request: Request<QueueShowRequest>) -> Result<Response<QueueShowReply>, Status> {
         let QueueShowRequest { id, with_body } = request.into_inner();
-        let key = crate::raft::state_machine::message_key(&id);
         for g in self.groups.shards() {
-            if let Some(v) = g.sm.tree().get(&key).map_err(internal)? {
-                let record: MessageRecord = bincode::deserialize(&v).map_err(internal)?;
+            if let Some(record) = g.sm.message(&id).map_err(internal)? {
                 let body = match (&record.body, with_body) {
                     (Some(loc), true) => g.sm.wal().read(loc).map_err(internal)?,
                     _ => Vec::new(),

@@ -25,7 +25,7 @@ use crate::dsn;
 
 use crate::metrics::{Metrics, Outcome};
 use crate::raft::groups::GroupHandle;
-use crate::raft::state_machine::{message_key, SmEvent, MESSAGE_PREFIX};
+use crate::raft::state_machine::{decode_message, SmEvent, MESSAGE_PREFIX};
 use crate::raft::{NewMessage, NodeId, OutcomeUpdate, RcptResult};
 
 /// Most messages of one shard in delivery at once (bounds memory).
@@ -112,8 +112,7 @@ impl QueueShard {
     }
 
     fn load_record(&self, id: &str) -> Option<MessageRecord> {
-        let v = self.group.sm.tree().get(message_key(id)).ok()??;
-        bincode::deserialize(&v).ok()
+        self.group.sm.message(id).ok()?
     }
 
     /// Dispatches due mail only while a quorum has recently confirmed this
@@ -376,8 +375,8 @@ impl QueueShard {
             group.raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
             let mut due = Vec::new();
             for item in group.sm.tree().scan_prefix(MESSAGE_PREFIX) {
-                let (_, v) = item.map_err(|e| e.to_string())?;
-                if let Ok(r) = bincode::deserialize::<MessageRecord>(&v) {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                if let Ok(r) = decode_message(&k, &v) {
                     if !r.held {
                         due.push((r.id, r.next_attempt));
                     }

@@ -42,6 +42,13 @@ pub fn message_key(id: &str) -> Vec<u8> {
     [MESSAGE_PREFIX, id.as_bytes()].concat()
 }
 
+/// The message record stored as `value` under `key` (`m/<queue id>`).
+pub fn decode_message(key: &[u8], value: &[u8]) -> bincode::Result<MessageRecord> {
+    let id = key.strip_prefix(MESSAGE_PREFIX).unwrap_or(key);
+    let id = std::str::from_utf8(id).map_err(|e| Box::new(bincode::ErrorKind::Custom(format!("queue id: {e}"))))?;
+    MessageRecord::from_stored(id, value)
+}
+
 /// State machine of one group; clones share the same tree.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -121,8 +128,8 @@ impl StateMachine {
         let mut live = std::collections::HashMap::new();
         let mut messages = 0;
         for item in self.tree.scan_prefix(MESSAGE_PREFIX) {
-            let (_, v) = item?;
-            let record: MessageRecord = bincode::deserialize(&v)?;
+            let (k, v) = item?;
+            let record = decode_message(&k, &v)?;
             messages += 1;
             if let Some(loc) = record.body {
                 *live.entry(loc.segment).or_insert(0) += 1;
@@ -155,6 +162,15 @@ impl StateMachine {
         }
     }
 
+    /// The queued message `id`, as applied on this replica.
+    pub fn message(&self, id: &str) -> Result<Option<MessageRecord>, StorageError> {
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        match self.tree.get(message_key(id)).map_err(|e| err(&e))? {
+            None => Ok(None),
+            Some(v) => MessageRecord::from_stored(id, &v).map(Some).map_err(|e| err(&e)),
+        }
+    }
+
     /// Sends apply events (new, rescheduled, removed messages) to the
     /// shard's scheduler while `wanted` is set.
     pub fn set_events(&mut self, tx: tokio::sync::mpsc::UnboundedSender<SmEvent>, wanted: Arc<AtomicBool>) {
@@ -170,7 +186,7 @@ impl StateMachine {
         if let Some(r) = staged.get(id) {
             return Ok(r.clone());
         }
-        self.read(&message_key(id))
+        self.message(id)
     }
 
     /// Stages a new message unless its id exists (a retried proposal is a no-op).
@@ -227,7 +243,7 @@ impl StateMachine {
         };
         for (k, v) in &captured.entries {
             if k.starts_with(MESSAGE_PREFIX) {
-                let record: MessageRecord = bincode::deserialize(v).map_err(|e| err(&e))?;
+                let record = decode_message(k, v).map_err(|e| err(&e))?;
                 let body = match &record.body {
                     Some(loc) => self.wal.read(loc).map_err(|e| err(&e))?,
                     None => Vec::new(),
@@ -535,7 +551,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         for (id, record) in staged {
             match record {
-                Some(r) => batch.insert(message_key(&id), bincode::serialize(&r).map_err(|e| err(&e))?),
+                Some(r) => batch.insert(message_key(&id), r.into_stored().map_err(|e| err(&e))?),
                 None => batch.remove(message_key(&id)),
             }
         }
@@ -578,7 +594,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for item in self.tree.iter() {
             let (k, v) = item.map_err(|e| err(&e))?;
             if k.starts_with(MESSAGE_PREFIX) {
-                let record: MessageRecord = bincode::deserialize(&v).map_err(|e| err(&e))?;
+                let record = decode_message(&k, &v).map_err(|e| err(&e))?;
                 released.extend(record.body.map(|loc| loc.segment));
             }
             batch.remove(k);
@@ -601,10 +617,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if let Some(loc) = record.body {
                 self.wal.retain(loc.segment);
             }
-            batch.insert(
-                message_key(&record.id),
-                bincode::serialize(&record).map_err(|e| err(&e))?,
-            );
+            let key = message_key(&record.id);
+            batch.insert(key, record.into_stored().map_err(|e| err(&e))?);
         }
         batch.insert(APPLIED, bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?);
         // Atomic with the state it describes, so a checkpoint of its own.

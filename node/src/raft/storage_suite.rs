@@ -96,8 +96,7 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
         EntryPayload::Normal(Request::Enqueue { body, .. }) => assert!(body.bytes.is_empty() && body.loc.is_some()),
         other => panic!("unexpected {other:?}"),
     }
-    let v = sm.tree().get(super::state_machine::message_key("B")).unwrap().unwrap();
-    let record: MessageRecord = bincode::deserialize(&v).unwrap();
+    let record = sm.message("B").unwrap().unwrap();
     assert_eq!(sm.wal().read(&record.body.unwrap()).unwrap(), big);
     // Bodies stay out of sled: no blob files.
     let blobs = std::fs::read_dir(dir.path().join("sled/blobs")).unwrap().count();
@@ -140,8 +139,7 @@ async fn batched_enqueue_queues_every_message_once() {
     assert!(sm.apply(read).await.unwrap()[0].changed);
     assert_eq!(sm.message_count(), 3);
     for (id, body) in [("A", b"first\r\n".to_vec()), ("C", vec![b'c'; 5000])] {
-        let v = sm.tree().get(super::state_machine::message_key(id)).unwrap().unwrap();
-        let record: MessageRecord = bincode::deserialize(&v).unwrap();
+        let record = sm.message(id).unwrap().unwrap();
         assert_eq!(sm.wal().read(&record.body.unwrap()).unwrap(), body);
     }
     let again = log.try_get_log_entries(1..2).await.unwrap();
@@ -227,8 +225,7 @@ async fn final_messages_free_their_log_segments() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let v = sm.tree().get(super::state_machine::message_key("C")).unwrap().unwrap();
-    let record: MessageRecord = bincode::deserialize(&v).unwrap();
+    let record = sm.message("C").unwrap().unwrap();
     assert_eq!(sm.wal().read(&record.body.unwrap()).unwrap(), vec![b'x'; 900]);
 }
 
@@ -264,12 +261,7 @@ async fn snapshot_carries_queued_messages_and_bodies() {
         .unwrap();
     assert_eq!(follower.message_count(), 2);
     assert_eq!(follower.applied_state().await.unwrap().0, built.meta.last_log_id);
-    let v = follower
-        .tree()
-        .get(super::state_machine::message_key("B"))
-        .unwrap()
-        .unwrap();
-    let record: MessageRecord = bincode::deserialize(&v).unwrap();
+    let record = follower.message("B").unwrap().unwrap();
     assert_eq!(follower.wal().read(&record.body.unwrap()).unwrap(), big);
 }
 
