@@ -4,6 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc malloc: 8-17 % less CPU per message on one
+/// node, and less slowdown as a large queue grows the heap (bench/RESULTS.md,
+/// "Fifth round").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tern MTA node. Without --config it runs a single-node cluster on the
 /// embedded default (SMTP 127.0.0.1:2525, gRPC 127.0.0.1:7070, HTTP
 /// 127.0.0.1:8080, data in ./tern-data).
