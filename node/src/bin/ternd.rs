@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc malloc: 8-17 % less CPU per message on one
-/// node, and less slowdown as a large queue grows the heap (bench/RESULTS.md,
-/// "Fifth round").
+/// mimalloc instead of glibc malloc: less CPU per message, and less
+/// slowdown as a large queue grows the heap (docs/design.md, "Memory
+/// allocator").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
