@@ -120,6 +120,27 @@ pub fn rebalance_move(
     None
 }
 
+/// A drained shard still led by the drained node this long after its
+/// leadership was handed to a replica is handed to another one next.
+const DRAIN_RETRY: Duration = Duration::from_secs(30);
+
+/// The replica to hand a drained node's leadership of a shard to: among
+/// `replicas` that may lead, the one leading fewest (`count`), but not
+/// `tried`, the target of a recent hand-over that did not stick, while
+/// another can. (A replica still catching up cannot win; asked again and
+/// again, its campaigns only unseated the drained leader, who won back.)
+pub fn drain_target(
+    replicas: &[NodeId],
+    may_lead: impl Fn(NodeId) -> bool,
+    count: &BTreeMap<NodeId, usize>,
+    tried: Option<NodeId>,
+) -> Option<NodeId> {
+    let candidates: Vec<NodeId> = replicas.iter().copied().filter(|n| may_lead(*n)).collect();
+    let key = |n: &NodeId| (count.get(n).copied().unwrap_or(0), *n);
+    let fresh = candidates.iter().copied().filter(|n| Some(*n) != tried).min_by_key(key);
+    fresh.or_else(|| candidates.iter().copied().min_by_key(key))
+}
+
 /// Every placed shard is settled: a leader, no joint config, and its voters
 /// are its placement.
 fn at_rest(
@@ -164,6 +185,8 @@ pub struct Cluster {
     reconciling: Mutex<HashSet<GroupId>>,
     /// Shards whose leadership this node, leaving them, tried to hand over.
     handed_over: Mutex<HashSet<GroupId>>,
+    /// The last replica each drained shard's leadership was handed to, and when.
+    drain_tries: Mutex<HashMap<GroupId, (NodeId, std::time::Instant)>>,
     tls: Option<crate::raft::tls::ClusterTls>,
     /// `[cluster] peer_addresses`.
     overrides: BTreeMap<NodeId, String>,
@@ -195,6 +218,7 @@ impl Cluster {
             clients: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
             handed_over: Mutex::new(HashSet::new()),
+            drain_tries: Mutex::new(HashMap::new()),
             tls,
         }
     }
@@ -870,12 +894,21 @@ impl Cluster {
             if !drained.contains(leader) {
                 continue;
             }
-            let target = placement.get(shard).and_then(|r| {
-                r.iter()
-                    .filter(|n| !drained.contains(n) && !unreachable.contains(n))
-                    .min_by_key(|n| (count.get(n).copied().unwrap_or(0), **n))
-                    .copied()
-            });
+            let target = {
+                let mut tries = self.drain_tries.lock().unwrap_or_else(|p| p.into_inner());
+                let tried = tries
+                    .get(shard)
+                    .filter(|(_, at)| at.elapsed() < DRAIN_RETRY)
+                    .map(|(n, _)| *n);
+                let may_lead = |n: NodeId| !drained.contains(&n) && !unreachable.contains(&n);
+                let target = placement
+                    .get(shard)
+                    .and_then(|r| drain_target(r, may_lead, &count, tried));
+                if let Some(t) = target {
+                    tries.insert(*shard, (t, std::time::Instant::now()));
+                }
+                target
+            };
             if let Some(target) = target {
                 tracing::info!(shard, from = leader, to = target, "draining shard leader");
                 if let Err(e) = self.hand_over(*shard, *leader, target).await {
@@ -1060,6 +1093,19 @@ mod tests {
         assert_eq!(voters, set(&[4, 5, 6, 7, 8]));
         // Fewer than five members: all vote.
         assert_eq!(control_voters(&set(&[1]), &set(&[1, 2, 3])), set(&[1, 2, 3]));
+    }
+
+    #[test]
+    fn a_drain_hands_over_to_another_replica_when_the_last_one_did_not_win() {
+        let count: BTreeMap<NodeId, usize> = [(1, 3), (2, 0)].into_iter().collect();
+        let may_lead = |n: NodeId| n != 3;
+        // First: the replica leading fewest.
+        assert_eq!(drain_target(&[1, 2, 3], may_lead, &count, None), Some(2));
+        // It did not win (still catching up): the next one.
+        assert_eq!(drain_target(&[1, 2, 3], may_lead, &count, Some(2)), Some(1));
+        // The only one left is asked again.
+        assert_eq!(drain_target(&[2, 3], may_lead, &count, Some(2)), Some(2));
+        assert_eq!(drain_target(&[3], may_lead, &count, None), None);
     }
 
     #[test]
