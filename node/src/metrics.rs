@@ -26,7 +26,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::raft::groups::Groups;
-use crate::raft::state_machine::MESSAGE_PREFIX;
 use crate::raft::NodeId;
 
 /// Content type of [`Metrics::encode`]'s output (OpenMetrics text).
@@ -663,11 +662,9 @@ impl Metrics {
                 .set(g.sm.message_count() as i64);
             // Queue ids start with their arrival time, so the first is the oldest.
             let oldest =
-                g.sm.tree()
-                    .scan_prefix(MESSAGE_PREFIX)
+                g.sm.messages()
                     .next()
                     .and_then(Result::ok)
-                    .and_then(|(k, v)| crate::raft::state_machine::decode_message(&k, &v).ok())
                     .map_or(0, |r| (now - r.received_at).max(0));
             self.scrape.oldest_age.get_or_create(&shard).set(oldest);
         }

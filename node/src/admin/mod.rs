@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::queue::message::MessageRecord;
 use crate::raft::groups::{GroupHandle, Groups};
-use crate::raft::state_machine::{decode_message, MESSAGE_PREFIX, NODE_PREFIX};
+use crate::raft::state_machine::NODE_PREFIX;
 use crate::raft::{NodeId, CONTROL_GROUP};
 
 pub struct Admin {
@@ -51,10 +51,7 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 /// Every message record of one shard, in id (arrival) order.
 fn records(group: &GroupHandle) -> impl Iterator<Item = Result<MessageRecord, Status>> {
-    group.sm.tree().scan_prefix(MESSAGE_PREFIX).map(|item| {
-        let (k, v) = item.map_err(internal)?;
-        decode_message(&k, &v).map_err(internal)
-    })
+    group.sm.messages().map(|r| r.map_err(internal))
 }
 
 fn message_info(shard: u64, r: &MessageRecord) -> MessageInfo {

@@ -467,7 +467,10 @@ impl Config {
                 });
             }
         }
-        let state_cache_mb = raw.node.state_cache_mb.unwrap_or(256);
+        let state_cache_mb = raw
+            .node
+            .state_cache_mb
+            .unwrap_or(crate::storage::DEFAULT_CACHE_BYTES >> 20);
         if !(16..=1 << 20).contains(&state_cache_mb) {
             return Err(ConfigError::Invalid {
                 key: "node.state_cache_mb",

@@ -374,6 +374,7 @@ impl QueueShard {
             // One quorum round per leadership, not per message.
             group.raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
             let mut due = Vec::new();
+            // A record that does not decode is skipped; a read error ends the load (retried).
             for item in group.sm.tree().scan_prefix(MESSAGE_PREFIX) {
                 let (k, v) = item.map_err(|e| e.to_string())?;
                 if let Ok(r) = decode_message(&k, &v) {

@@ -127,9 +127,8 @@ impl StateMachine {
     fn count_messages(&self) -> anyhow::Result<std::collections::HashMap<u64, i64>> {
         let mut live = std::collections::HashMap::new();
         let mut messages = 0;
-        for item in self.tree.scan_prefix(MESSAGE_PREFIX) {
-            let (k, v) = item?;
-            let record = decode_message(&k, &v)?;
+        for record in self.messages() {
+            let record = record?;
             messages += 1;
             if let Some(loc) = record.body {
                 *live.entry(loc.segment).or_insert(0) += 1;
@@ -160,6 +159,14 @@ impl StateMachine {
             None => Ok(None),
             Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| err(&e)),
         }
+    }
+
+    /// Every queued message, in id (arrival) order, as applied on this replica.
+    pub fn messages(&self) -> impl Iterator<Item = anyhow::Result<MessageRecord>> {
+        self.tree.scan_prefix(MESSAGE_PREFIX).map(|item| {
+            let (k, v) = item?;
+            Ok(decode_message(&k, &v)?)
+        })
     }
 
     /// The queued message `id`, as applied on this replica.

@@ -55,16 +55,17 @@ pub struct Durability {
 impl Durability {
     /// Opens (or creates) the node's storage under `data_dir`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Durability>> {
-        Self::open_with_metrics(data_dir, StorageMetrics::default())
+        Self::open_with(
+            data_dir,
+            StorageMetrics::default(),
+            wal::SEGMENT_BYTES,
+            DEFAULT_CACHE_BYTES,
+        )
     }
 
-    /// As [`Durability::open`], with the flusher observing into `metrics`.
-    pub fn open_with_metrics(data_dir: &Path, metrics: StorageMetrics) -> anyhow::Result<Arc<Durability>> {
-        Self::open_with(data_dir, metrics, wal::SEGMENT_BYTES, DEFAULT_CACHE_BYTES)
-    }
-
-    /// As [`Durability::open_with_metrics`], with log segments of
-    /// `segment_bytes` and `cache_bytes` of sled cache (`node.state_cache_mb`).
+    /// As [`Durability::open`], with the flusher observing into `metrics`,
+    /// log segments of `segment_bytes` and `cache_bytes` of sled cache
+    /// (`node.state_cache_mb`).
     pub fn open_with(
         data_dir: &Path,
         metrics: StorageMetrics,
