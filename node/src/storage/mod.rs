@@ -136,7 +136,7 @@ impl Durability {
         rx.await.map_err(|_| "flusher stopped".to_string())?
     }
 
-    /// Deletes the log segments nothing needs any more, after a full flush
+    /// Retires the log segments nothing needs any more, after a full flush
     /// (so that the purges and the removals that freed them are on disk
     /// first: after a crash nothing can point into a deleted segment).
     pub fn reclaim(self: &Arc<Self>) {
@@ -152,10 +152,10 @@ impl Durability {
             if durability.flush_all().await.is_err() {
                 return;
             }
-            for path in doomed {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => tracing::debug!(segment = %path.display(), "log segment reclaimed"),
-                    Err(e) => tracing::warn!(segment = %path.display(), error = %e, "cannot remove log segment"),
+            for seq in doomed {
+                match durability.wal().retire(seq) {
+                    Ok(()) => tracing::debug!(segment = seq, "log segment reclaimed"),
+                    Err(e) => tracing::warn!(segment = seq, error = %e, "cannot retire log segment"),
                 }
             }
         });

@@ -15,6 +15,16 @@
 //! it is), and each new segment starts with the current vote, commit and
 //! purge marks of every group, so older segments are needed only for the
 //! entries and bodies in them.
+//!
+//! Segments are recycled: a segment nothing needs any more is kept (up to
+//! [`MAX_SPARES`]) and renamed to become a later one, so that writes land in
+//! blocks the file system already allocated and `fdatasync` has no metadata
+//! to commit (on ext4 an append makes every sync a journal commit as well).
+//! A recycled file still holds its old records past the new ones, so the
+//! checksum covers the segment's number: an old record fails it and ends
+//! replay. A segment starts with a [`Kind::Segment`] record (which tells
+//! this format from the first one, whose checksum has no segment number)
+//! and a rotated one ends with [`Kind::End`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -27,6 +37,8 @@ use serde::{Deserialize, Serialize};
 
 /// A segment is closed and a new one started once it is past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Segments kept for reuse instead of being deleted.
+pub const MAX_SPARES: usize = 2;
 const HEADER: usize = 4 + 4 + 1 + 8;
 
 pub type GroupId = u64;
@@ -47,6 +59,10 @@ pub enum Kind {
     Vote = 5,
     /// The bincode committed log id.
     Committed = 6,
+    /// `[segment: u64 LE]`: the first record of a segment in this format.
+    Segment = 7,
+    /// Nothing follows in this segment (a recycled file's old records may).
+    End = 8,
 }
 
 impl Kind {
@@ -58,6 +74,8 @@ impl Kind {
             4 => Kind::Purge,
             5 => Kind::Vote,
             6 => Kind::Committed,
+            7 => Kind::Segment,
+            8 => Kind::End,
             _ => return None,
         })
     }
@@ -168,6 +186,11 @@ struct Inner {
     changed: bool,
     /// Segment files on disk.
     segments: std::collections::BTreeSet<u64>,
+    /// Segments in the first format (checksums without the segment number):
+    /// read with the old checksum, and deleted, never recycled.
+    legacy: std::collections::BTreeSet<u64>,
+    /// Retired segment files waiting to be reused.
+    spares: Vec<PathBuf>,
 }
 
 /// The node's write-ahead log.
@@ -184,6 +207,18 @@ pub struct Wal {
 /// A point in the log as one number (segment, then offset), for comparing.
 fn position(segment: u64, offset: u64) -> u64 {
     (segment << 40) | offset.min((1 << 40) - 1)
+}
+
+/// A record's checksum over kind and group (`head`) and payload; `segment`
+/// is `None` for the first format, which did not cover it.
+fn checksum(segment: Option<u64>, head: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    if let Some(seq) = segment {
+        hasher.update(&seq.to_le_bytes());
+    }
+    hasher.update(head);
+    hasher.update(payload);
+    hasher.finalize()
 }
 
 /// Records being added in one write (one `pwrite`).
@@ -212,11 +247,10 @@ impl Batch {
     pub fn push(&mut self, kind: Kind, group: GroupId, payload: &[u8]) -> std::io::Result<BodyLoc> {
         let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("record larger than 4 GiB"))?;
         let offset = self.base + self.buf.len() as u64;
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&[kind as u8]);
-        hasher.update(&group.to_le_bytes());
-        hasher.update(payload);
-        let crc = hasher.finalize();
+        let mut head = [0u8; 9];
+        head[0] = kind as u8;
+        head[1..].copy_from_slice(&group.to_le_bytes());
+        let crc = checksum(Some(self.seq), &head, payload);
         self.buf.reserve(HEADER + payload.len());
         self.buf.extend_from_slice(&len.to_le_bytes());
         self.buf.extend_from_slice(&crc.to_le_bytes());
@@ -271,17 +305,37 @@ impl Wal {
             }
         }
         segments.sort_unstable();
+        let mut spares = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "spare") {
+                if spares.len() < MAX_SPARES {
+                    spares.push(path);
+                } else {
+                    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+        }
         let mut state = ReplayState::default();
+        let mut legacy = std::collections::BTreeSet::new();
         let mut last = 0;
         for (i, &seq) in segments.iter().enumerate() {
             let path = segment_path(dir, seq);
             last = seq;
-            let good =
+            let replay =
                 replay_segment(&path, seq, &mut state).with_context(|| format!("replaying {}", path.display()))?;
-            if let Some(good_len) = good {
-                // A torn write: keep what precedes it; nothing after it was
+            if replay.legacy {
+                legacy.insert(seq);
+            }
+            if let Some(good_len) = replay.cut {
+                // A torn write, or in the last segment the old records of a
+                // recycled file: keep what precedes it; nothing after it was
                 // made durable, so later segments are set aside unread.
-                tracing::warn!(segment = %path.display(), at = good_len, "write-ahead log ends in a torn record; truncating");
+                if i + 1 == segments.len() && !replay.legacy {
+                    tracing::info!(segment = %path.display(), at = good_len, "write-ahead log ends here; truncating");
+                } else {
+                    tracing::warn!(segment = %path.display(), at = good_len, "write-ahead log ends in a torn record; truncating");
+                }
                 OpenOptions::new().write(true).open(&path)?.set_len(good_len)?;
                 for &later in &segments[i + 1..] {
                     let p = segment_path(dir, later);
@@ -292,7 +346,7 @@ impl Wal {
             }
         }
         let seq = last + 1;
-        let file = create_segment(dir, seq)?;
+        let file = new_segment(dir, seq, &mut spares)?;
         let mut known: std::collections::BTreeSet<u64> = segments.into_iter().filter(|s| *s <= last).collect();
         known.insert(seq);
         let wal = Wal {
@@ -313,6 +367,8 @@ impl Wal {
                 reclaim_enabled: false,
                 changed: true,
                 segments: known,
+                legacy,
+                spares,
             }),
             dirty: Mutex::new(Vec::new()),
             synced: std::sync::atomic::AtomicU64::new(position(seq, 0)),
@@ -353,8 +409,12 @@ impl Wal {
     }
 
     fn rotate(&self, inner: &mut Inner) -> std::io::Result<()> {
+        // Replay stops here, not at the old records of a recycled file.
+        let mut end = Batch::new(inner.active.seq, inner.active.size);
+        end.push(Kind::End, 0, &[])?;
+        end.commit(inner)?;
         let seq = inner.active.seq + 1;
-        let file = create_segment(&self.dir, seq)?;
+        let file = new_segment(&self.dir, seq, &mut inner.spares)?;
         self.mark_dirty(Arc::clone(&inner.active.file));
         inner.open.insert(seq, Arc::clone(&file));
         inner.segments.insert(seq);
@@ -366,6 +426,7 @@ impl Wal {
     /// Starts the active segment with every group's current marks.
     fn write_marks(&self, inner: &mut Inner) -> std::io::Result<()> {
         let mut batch = Batch::new(inner.active.seq, inner.active.size);
+        batch.push(Kind::Segment, 0, &inner.active.seq.to_le_bytes())?;
         for ((group, kind), payload) in &inner.marks {
             batch.push(*kind, *group, payload)?;
         }
@@ -404,22 +465,25 @@ impl Wal {
 
     /// Reads a record's payload and checks it against its location.
     pub fn read(&self, loc: &BodyLoc) -> std::io::Result<Vec<u8>> {
-        let file = {
+        let (file, legacy) = {
             let mut inner = self.lock();
-            match inner.open.get(&loc.segment) {
+            let legacy = inner.legacy.contains(&loc.segment);
+            let file = match inner.open.get(&loc.segment) {
                 Some(f) => Arc::clone(f),
                 None => {
                     let f = Arc::new(File::open(segment_path(&self.dir, loc.segment))?);
                     inner.open.insert(loc.segment, Arc::clone(&f));
                     f
                 }
-            }
+            };
+            (file, legacy)
         };
         let mut buf = vec![0u8; HEADER + loc.len as usize];
         file.read_exact_at(&mut buf, loc.offset)?;
         let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
         let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-        if len != loc.len || crc != loc.crc || crc32fast::hash(&buf[8..]) != crc {
+        let segment = (!legacy).then_some(loc.segment);
+        if len != loc.len || crc != loc.crc || checksum(segment, &buf[8..HEADER], &buf[HEADER..]) != crc {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
@@ -484,8 +548,9 @@ impl Wal {
         inner.changed = true;
     }
 
-    /// Segments that can go, forgotten here.
-    pub(super) fn take_reclaimable(&self) -> Vec<PathBuf> {
+    /// Segments that can go, forgotten here; [`Wal::retire`] each once the
+    /// changes that freed them are on disk.
+    pub(super) fn take_reclaimable(&self) -> Vec<u64> {
         let mut inner = self.lock();
         if !inner.reclaim_enabled || !std::mem::take(&mut inner.changed) {
             return Vec::new();
@@ -504,16 +569,34 @@ impl Wal {
                 })
             })
             .collect();
+        for seg in &doomed {
+            inner.live.remove(seg);
+            inner.log_max.remove(seg);
+            inner.open.remove(seg);
+            inner.segments.remove(seg);
+        }
         doomed
-            .into_iter()
-            .map(|seg| {
-                inner.live.remove(&seg);
-                inner.log_max.remove(&seg);
-                inner.open.remove(&seg);
-                inner.segments.remove(&seg);
-                segment_path(&self.dir, seg)
-            })
-            .collect()
+    }
+
+    /// Keeps a reclaimed segment's file as a spare for a later segment, or
+    /// deletes it when there are spares enough (and always in the first
+    /// format, whose records a later segment could not tell from its own).
+    pub(super) fn retire(&self, seq: u64) -> std::io::Result<()> {
+        let path = segment_path(&self.dir, seq);
+        let mut inner = self.lock();
+        if inner.legacy.remove(&seq) || inner.spares.len() >= MAX_SPARES {
+            drop(inner);
+            return std::fs::remove_file(&path);
+        }
+        let spare = path.with_extension("spare");
+        std::fs::rename(&path, &spare)?;
+        inner.spares.push(spare);
+        Ok(())
+    }
+
+    /// Spare segment files (for tests and metrics).
+    pub fn spare_files(&self) -> usize {
+        self.lock().spares.len()
     }
 }
 
@@ -529,12 +612,20 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.seg"))
 }
 
-fn create_segment(dir: &Path, seq: u64) -> std::io::Result<Arc<File>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(segment_path(dir, seq))?;
+/// Starts segment `seq` in a spare file if there is one, else a new file.
+fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>) -> std::io::Result<Arc<File>> {
+    let path = segment_path(dir, seq);
+    let mut file = None;
+    while let (None, Some(spare)) = (&file, spares.pop()) {
+        match std::fs::rename(&spare, &path).and_then(|()| OpenOptions::new().read(true).write(true).open(&path)) {
+            Ok(f) => file = Some(f),
+            Err(e) => tracing::warn!(spare = %spare.display(), error = %e, "cannot reuse a spare log segment"),
+        }
+    }
+    let file = match file {
+        Some(f) => f,
+        None => OpenOptions::new().read(true).write(true).create_new(true).open(&path)?,
+    };
     super::sync_dir(dir)?;
     Ok(Arc::new(file))
 }
@@ -543,33 +634,56 @@ fn index_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
 }
 
-/// Replays one segment into `state`. Returns the length of its good prefix
-/// if it ends in a torn or corrupt record.
-fn replay_segment(path: &Path, seq: u64, state: &mut ReplayState) -> std::io::Result<Option<u64>> {
+/// What replaying one segment found.
+struct SegmentReplay {
+    /// The length of the good prefix, if a record after it fails its
+    /// checks (a torn write, or a recycled file's old records).
+    cut: Option<u64>,
+    /// Written in the first format.
+    legacy: bool,
+}
+
+/// Replays one segment into `state`.
+fn replay_segment(path: &Path, seq: u64, state: &mut ReplayState) -> std::io::Result<SegmentReplay> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut offset = 0u64;
     let mut header = [0u8; HEADER];
     let mut payload = Vec::new();
+    // Known from the first record: `Kind::Segment` in this format, or a
+    // record whose checksum has no segment number.
+    let mut legacy = None;
+    let cut = |offset, legacy: Option<bool>| SegmentReplay {
+        cut: Some(offset),
+        legacy: legacy.unwrap_or(false),
+    };
     while offset < size {
         if offset + HEADER as u64 > size || reader.read_exact(&mut header).is_err() {
-            return Ok(Some(offset));
+            return Ok(cut(offset, legacy));
         }
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let end = offset + HEADER as u64 + u64::from(len);
         if end > size {
-            return Ok(Some(offset));
+            return Ok(cut(offset, legacy));
         }
         payload.resize(len as usize, 0);
         reader.read_exact(&mut payload)?;
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&header[8..]);
-        hasher.update(&payload);
-        let (Some(kind), true) = (Kind::from_u8(header[8]), hasher.finalize() == crc) else {
-            return Ok(Some(offset));
+        let kind = Kind::from_u8(header[8]);
+        let format = legacy.unwrap_or_else(|| kind != Some(Kind::Segment));
+        let Some(kind) = kind.filter(|_| checksum((!format).then_some(seq), &header[8..], &payload) == crc) else {
+            return Ok(cut(offset, legacy));
         };
+        legacy = Some(format);
+        match kind {
+            Kind::Segment => {
+                offset = end;
+                continue;
+            }
+            Kind::End => break,
+            _ => {}
+        }
         let mut g = [0u8; 8];
         g.copy_from_slice(&header[9..17]);
         let group = u64::from_le_bytes(g);
@@ -582,7 +696,10 @@ fn replay_segment(path: &Path, seq: u64, state: &mut ReplayState) -> std::io::Re
         state.apply(seq, kind, group, loc, &payload);
         offset = end;
     }
-    Ok(None)
+    Ok(SegmentReplay {
+        cut: None,
+        legacy: legacy.unwrap_or(false),
+    })
 }
 
 impl ReplayState {
@@ -621,6 +738,7 @@ impl ReplayState {
             }
             Kind::Vote => g.vote = Some(payload.to_vec()),
             Kind::Committed => g.committed = Some(payload.to_vec()),
+            Kind::Segment | Kind::End => {}
         }
     }
 }
@@ -710,6 +828,120 @@ mod tests {
         assert_eq!(wal.read(&g.index.get(2).unwrap()).unwrap(), entry(2, b"again"));
     }
 
+    /// Writes entries `from..=to` of group 3 (one segment each at 64-byte
+    /// segments), purges them and retires what can go.
+    fn fill_and_reclaim(wal: &Wal, from: u64, to: u64) {
+        for i in from..=to {
+            wal.write_one(Kind::Entry, 3, &entry(i, &[b'x'; 200])).unwrap();
+        }
+        wal.write_one(Kind::Purge, 3, &entry(to, b"p")).unwrap();
+        wal.log_purged(3, to);
+        wal.sync().unwrap();
+        for seq in wal.take_reclaimable() {
+            wal.retire(seq).unwrap();
+        }
+    }
+
+    #[test]
+    fn recycled_segments_replay_only_their_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let spares = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "spare"))
+                .count()
+        };
+        let kept = {
+            let wal = Wal::open(dir.path(), 64).unwrap();
+            wal.enable_reclaim();
+            fill_and_reclaim(&wal, 1, 6);
+            assert_eq!(wal.spare_files(), MAX_SPARES, "two kept, the rest deleted");
+            assert_eq!(spares(dir.path()), MAX_SPARES);
+            // Short records now go into the recycled (longer) files.
+            let mut kept = Vec::new();
+            for i in 7..=8 {
+                kept.push(wal.write_one(Kind::Entry, 3, &entry(i, b"new")).unwrap());
+            }
+            assert!(wal.spare_files() < MAX_SPARES, "spares reused");
+            wal.sync().unwrap();
+            kept
+        };
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        let g = wal.take_replayed(3);
+        assert_eq!(
+            (g.index.first(), g.index.next()),
+            (7, 9),
+            "old records in recycled files are not replayed"
+        );
+        assert_eq!(g.index.get(7), Some(kept[0]));
+        assert_eq!(wal.read(&kept[1]).unwrap(), entry(8, b"new"));
+        let corrupt = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().to_string_lossy().ends_with(".corrupt"))
+            .count();
+        assert_eq!(corrupt, 0, "no segment was set aside");
+    }
+
+    #[test]
+    fn a_recycled_files_old_records_fail_their_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 5 in a file that held segment 2, whose records follow on
+        // at a record boundary.
+        let mut new = Batch::new(5, 0);
+        new.push(Kind::Segment, 0, &5u64.to_le_bytes()).unwrap();
+        new.push(Kind::Entry, 3, &entry(10, b"new")).unwrap();
+        let mut old = Batch::new(2, new.buf.len() as u64);
+        old.push(Kind::Entry, 3, &entry(11, b"old")).unwrap();
+        old.push(Kind::Entry, 3, &entry(12, b"old")).unwrap();
+        std::fs::write(segment_path(dir.path(), 5), [new.buf, old.buf].concat()).unwrap();
+        let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let g = wal.take_replayed(3);
+        assert_eq!((g.index.first(), g.index.next()), (10, 11));
+    }
+
+    #[test]
+    fn first_format_segments_are_read_and_never_recycled() {
+        let dir = tempfile::tempdir().unwrap();
+        // A segment as the first format wrote it: checksums without the
+        // segment number, no Segment record.
+        let body = b"old body".to_vec();
+        let mut file = Vec::new();
+        let mut record = |kind: Kind, group: u64, payload: &[u8]| {
+            let offset = file.len() as u64;
+            let mut head = [0u8; 9];
+            head[0] = kind as u8;
+            head[1..].copy_from_slice(&group.to_le_bytes());
+            let crc = checksum(None, &head, payload);
+            file.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            file.extend_from_slice(&crc.to_le_bytes());
+            file.extend_from_slice(&head);
+            file.extend_from_slice(payload);
+            BodyLoc {
+                segment: 1,
+                offset,
+                len: payload.len() as u32,
+                crc,
+            }
+        };
+        record(Kind::Vote, 3, b"vote");
+        let loc = record(Kind::Body, 3, &body);
+        record(Kind::Entry, 3, &entry(1, b"e"));
+        std::fs::write(segment_path(dir.path(), 1), &file).unwrap();
+
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        let g = wal.take_replayed(3);
+        assert_eq!(g.vote.as_deref(), Some(&b"vote"[..]));
+        assert_eq!(g.index.next(), 2);
+        assert_eq!(wal.read(&loc).unwrap(), body);
+        wal.enable_reclaim();
+        fill_and_reclaim(&wal, 2, 3);
+        assert!(!segment_path(dir.path(), 1).exists());
+        assert!(
+            !dir.path().join("0000000000000001.spare").exists(),
+            "a first-format segment is deleted, not kept"
+        );
+    }
+
     #[test]
     fn marks_survive_reclaiming_old_segments() {
         let dir = tempfile::tempdir().unwrap();
@@ -725,8 +957,8 @@ mod tests {
             wal.sync().unwrap();
             let doomed = wal.take_reclaimable();
             assert!(!doomed.is_empty());
-            for p in doomed {
-                std::fs::remove_file(p).unwrap();
+            for seq in doomed {
+                wal.retire(seq).unwrap();
             }
         }
         let wal = Wal::open(dir.path(), 64).unwrap();
