@@ -339,31 +339,30 @@ pub fn rcpt_to(address: &str, notify: &Notify, orcpt: Option<&str>, dsn: bool) -
 /// missing, then the `.` CRLF terminator.
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut line_start = true;
-    let mut i = 0;
-    while i < body.len() {
-        let b = body[i];
-        match b {
-            b'\r' | b'\n' => {
+    let mut rest = body;
+    // Line by line: the text of a line is copied in one piece.
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            out.push(b'.');
+        }
+        match memchr::memchr2(b'\r', b'\n', rest) {
+            Some(end) => {
+                out.extend_from_slice(&rest[..end]);
                 // CRLF, bare CR and bare LF all end a line.
-                if b == b'\r' && body.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
                 out.extend_from_slice(b"\r\n");
-                line_start = true;
+                let skip = if rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = &rest[end + skip..];
             }
-            _ => {
-                if line_start && b == b'.' {
-                    out.push(b'.');
-                }
-                out.push(b);
-                line_start = false;
+            None => {
+                out.extend_from_slice(rest);
+                out.extend_from_slice(b"\r\n");
+                rest = &[];
             }
         }
-        i += 1;
-    }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
     out
@@ -585,6 +584,51 @@ mod tests {
         // dot after them is stuffed.
         assert_eq!(dot_stuff(b"a\n.\nb\r.\rc"), b"a\r\n..\r\nb\r\n..\r\nc\r\n.\r\n");
         assert_eq!(dot_stuff(b"a\r\n\r\n"), b"a\r\n\r\n.\r\n");
+    }
+
+    #[test]
+    fn dot_stuffing_matches_a_byte_by_byte_reading() {
+        // The rule, one byte at a time: any of CRLF, CR, LF ends a line; a
+        // dot that starts a line is doubled; the last line is ended.
+        fn reference(body: &[u8]) -> Vec<u8> {
+            let (mut out, mut start, mut i) = (Vec::new(), true, 0);
+            while i < body.len() {
+                if body[i] == b'\r' || body[i] == b'\n' {
+                    i += usize::from(body[i] == b'\r' && body.get(i + 1) == Some(&b'\n'));
+                    out.extend_from_slice(b"\r\n");
+                    start = true;
+                } else {
+                    if start && body[i] == b'.' {
+                        out.push(b'.');
+                    }
+                    out.push(body[i]);
+                    start = false;
+                }
+                i += 1;
+            }
+            if !start {
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b".\r\n");
+            out
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for len in 0..400 {
+            let body: Vec<u8> = (0..len % 40)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    b"a.\r\n"[(seed % 4) as usize]
+                })
+                .collect();
+            assert_eq!(
+                dot_stuff(&body),
+                reference(&body),
+                "{:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
     }
 
     #[test]

@@ -109,10 +109,7 @@ impl DataDecoder {
                         i += 1;
                     }
                     _ => {
-                        let run = input[i..]
-                            .iter()
-                            .position(|&c| c == b'\r' || c == b'\n')
-                            .unwrap_or(input.len() - i);
+                        let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
                         self.emit(&input[i..i + run]);
                         i += run;
                     }

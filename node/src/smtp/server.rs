@@ -29,6 +29,9 @@ pub use super::session::TlsInfo;
 /// How long running sessions get to finish after shutdown was requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 16 * 1024;
+/// Read size while a message body streams in: fewer reads per message. The
+/// buffer goes back to [`READ_CHUNK`] after the message.
+const DATA_READ_CHUNK: usize = 64 * 1024;
 
 /// SMTP listener settings.
 #[derive(Clone, Debug)]
@@ -343,7 +346,14 @@ async fn handle_connection<E: Enqueuer>(
                     debug!(peer = %peer, error = %e, "smtp write failed");
                     break "write error";
                 }
-                input.reserve(READ_CHUNK);
+                if session.in_data() {
+                    input.reserve(DATA_READ_CHUNK);
+                } else {
+                    if input.is_empty() && input.capacity() > READ_CHUNK {
+                        input = BytesMut::with_capacity(READ_CHUNK);
+                    }
+                    input.reserve(READ_CHUNK);
+                }
                 let limit = session.read_timeout();
                 tokio::select! {
                     biased;
