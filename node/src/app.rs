@@ -152,7 +152,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let durability = Durability::open_with(
         &config.data_dir,
         metrics.storage.clone(),
-        crate::storage::wal::SEGMENT_BYTES,
+        config.log_segment_bytes,
         config.state_cache_bytes,
     )?;
     let local = durability.db().open_tree("local")?;

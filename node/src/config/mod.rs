@@ -269,6 +269,8 @@ struct RawNode {
     hostname: Option<String>,
     data_dir: Option<PathBuf>,
     state_cache_mb: Option<u64>,
+    log_segment_mb: Option<u64>,
+    log_keep_mb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -332,6 +334,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Memory for the cache of the queue-state database (sled), bytes.
     pub state_cache_bytes: u64,
+    /// Size of one write-ahead log segment file, bytes.
+    pub log_segment_bytes: u64,
+    /// Write-ahead log kept behind the newest entries before Raft logs are
+    /// purged to free it, bytes (a whole number of segments, at least one).
+    pub log_keep_bytes: u64,
     pub listen_smtp: Vec<SocketAddr>,
     /// Submission with STARTTLS (port 587): AUTH required before MAIL.
     pub listen_submission: Vec<SocketAddr>,
@@ -475,6 +482,23 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "node.state_cache_mb",
                 reason: format!("{state_cache_mb} is outside 16..=1048576"),
+            });
+        }
+        let log_segment_mb = raw
+            .node
+            .log_segment_mb
+            .unwrap_or(crate::storage::wal::SEGMENT_BYTES >> 20);
+        if !(1..=1024).contains(&log_segment_mb) {
+            return Err(ConfigError::Invalid {
+                key: "node.log_segment_mb",
+                reason: format!("{log_segment_mb} is outside 1..=1024"),
+            });
+        }
+        let log_keep_mb = raw.node.log_keep_mb.unwrap_or(256);
+        if log_keep_mb < log_segment_mb {
+            return Err(ConfigError::Invalid {
+                key: "node.log_keep_mb",
+                reason: format!("{log_keep_mb} is less than one segment (node.log_segment_mb = {log_segment_mb})"),
             });
         }
         let shards = raw.cluster.shards.unwrap_or(16);
@@ -687,6 +711,8 @@ impl Config {
             hostname,
             data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from("tern-data")),
             state_cache_bytes: state_cache_mb << 20,
+            log_segment_bytes: log_segment_mb << 20,
+            log_keep_bytes: log_keep_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             listen_smtp,
             listen_submission,
@@ -867,6 +893,7 @@ mod tests {
         assert_eq!(c.listen_grpc.to_string(), DEFAULT_GRPC);
         assert_eq!(c.shards, 16);
         assert_eq!(c.state_cache_bytes, 256 << 20);
+        assert_eq!((c.log_segment_bytes, c.log_keep_bytes), (64 << 20, 256 << 20));
         assert!(c.inbound.enabled);
         assert_eq!(c.inbound.dmarc_policy, DmarcPolicyMode::Enforce);
         assert_eq!(c.inbound.spf_fail, SpfFailAction::Header);
@@ -907,6 +934,10 @@ mod tests {
         assert!(Config::from_toml("[node]\nstate_cache_mb = 8\n").is_err());
         let c = Config::from_toml("[node]\nstate_cache_mb = 2048\n").unwrap();
         assert_eq!(c.state_cache_bytes, 2048 << 20);
+        assert!(Config::from_toml("[node]\nlog_segment_mb = 0\n").is_err());
+        assert!(Config::from_toml("[node]\nlog_segment_mb = 16\nlog_keep_mb = 8\n").is_err());
+        let c = Config::from_toml("[node]\nlog_segment_mb = 4\nlog_keep_mb = 16\n").unwrap();
+        assert_eq!((c.log_segment_bytes, c.log_keep_bytes), (4 << 20, 16 << 20));
         assert!(Config::from_toml("[inbound]\ndmarc_policy = \"reject\"\n").is_err());
         assert!(Config::from_toml("[inbound]\nspf_fail = \"softfail\"\n").is_err());
         assert!(Config::from_toml("[inbound]\ntimeout_secs = 0\n").is_err());

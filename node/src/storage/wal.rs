@@ -598,6 +598,34 @@ impl Wal {
     pub fn spare_files(&self) -> usize {
         self.lock().spares.len()
     }
+
+    /// Closed segments (all but the one being written).
+    pub fn closed_segments(&self) -> usize {
+        self.lock().segments.len().saturating_sub(1)
+    }
+
+    /// The groups whose unpurged log entries hold closed segments other
+    /// than the newest `keep`, each with the index to purge to so that they
+    /// no longer do.
+    pub fn log_pins(&self, keep: usize) -> BTreeMap<GroupId, u64> {
+        let inner = self.lock();
+        let closed: Vec<u64> = inner.segments.range(..inner.active.seq).copied().collect();
+        let mut pins = BTreeMap::new();
+        for seg in &closed[..closed.len().saturating_sub(keep)] {
+            for (group, max) in inner.log_max.get(seg).into_iter().flatten() {
+                if inner.purged.get(group).is_none_or(|p| max > p) {
+                    let pin = pins.entry(*group).or_insert(0);
+                    *pin = (*pin).max(*max);
+                }
+            }
+        }
+        pins
+    }
+
+    /// The size of a segment.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
 }
 
 #[derive(Default)]
@@ -616,7 +644,8 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
 fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>) -> std::io::Result<Arc<File>> {
     let path = segment_path(dir, seq);
     let mut file = None;
-    while let (None, Some(spare)) = (&file, spares.pop()) {
+    while file.is_none() {
+        let Some(spare) = spares.pop() else { break };
         match std::fs::rename(&spare, &path).and_then(|()| OpenOptions::new().read(true).write(true).open(&path)) {
             Ok(f) => file = Some(f),
             Err(e) => tracing::warn!(spare = %spare.display(), error = %e, "cannot reuse a spare log segment"),
@@ -880,6 +909,22 @@ mod tests {
             .filter(|e| e.as_ref().unwrap().path().to_string_lossy().ends_with(".corrupt"))
             .count();
         assert_eq!(corrupt, 0, "no segment was set aside");
+    }
+
+    #[test]
+    fn spare_files_on_disk_are_the_spares_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        wal.enable_reclaim();
+        for round in 0..6 {
+            fill_and_reclaim(&wal, round * 5 + 1, round * 5 + 5);
+            let on_disk = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "spare"))
+                .count();
+            assert_eq!(on_disk, wal.spare_files(), "round {round}");
+            assert!(on_disk <= MAX_SPARES);
+        }
     }
 
     #[test]

@@ -97,11 +97,20 @@ impl Node {
     /// As [`Node::start_node`], with `listen` added to the `[listen]` table
     /// (e.g. `submission = ["127.0.0.1:0"]`).
     pub fn start_with_listen(id: u64, bootstrap: bool, listen: &str, extra: &str) -> Node {
+        Self::start_full(id, bootstrap, "", listen, extra)
+    }
+
+    /// A bootstrapping single node with `node_keys` added to its `[node]` table.
+    pub fn start_with_node_keys(node_keys: &str, extra: &str) -> Node {
+        Self::start_full(1, true, node_keys, "", extra)
+    }
+
+    fn start_full(id: u64, bootstrap: bool, node_keys: &str, listen: &str, extra: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let grpc = free_port();
         let config = dir.path().join("tern.toml");
         let toml = format!(
-            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
+            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n{node_keys}\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
             dir.path().join("data").display()
         );
         std::fs::write(&config, toml).expect("write config");
