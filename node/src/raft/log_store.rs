@@ -4,6 +4,7 @@
 //! state machine keeps the body's location instead of a second copy).
 //! The index from log index to record is kept in memory, rebuilt by replay.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,9 @@ use super::{io_err, Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
 use crate::storage::wal::{BodyLoc, GroupIndex, Kind, Wal};
 use crate::storage::Durability;
 
+/// Body bytes of the entries appended last that are kept in memory.
+const RECENT_BYTES: usize = 2 << 20;
+
 /// What the log store keeps in memory.
 struct State {
     index: GroupIndex,
@@ -22,6 +26,70 @@ struct State {
     purged: Option<LogId>,
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId>,
+    /// The entries appended last, consecutive, with their bodies: openraft
+    /// reads an entry back within milliseconds of appending it (to send it
+    /// to each follower, and to apply it), and this spares those reads of
+    /// the log, each a `pread`, a checksum and a decode.
+    recent: VecDeque<Recent>,
+    recent_bytes: usize,
+}
+
+/// A recently appended entry (bodies by location) and its bodies' bytes.
+struct Recent {
+    entry: Entry,
+    bodies: Vec<Vec<u8>>,
+}
+
+impl State {
+    fn cached(&self, index: u64, with_bodies: bool) -> Option<Entry> {
+        let first = self.recent.front()?.entry.log_id.index;
+        let r = self.recent.get(usize::try_from(index.checked_sub(first)?).ok()?)?;
+        let mut entry = r.entry.clone();
+        if let (true, EntryPayload::Normal(request)) = (with_bodies, &mut entry.payload) {
+            for (body, bytes) in request.bodies_mut().into_iter().zip(&r.bodies) {
+                body.bytes = bytes.clone();
+            }
+        }
+        Some(entry)
+    }
+
+    /// Forgets cached entries from `index` on.
+    fn forget_from(&mut self, index: u64) {
+        while self.recent.back().is_some_and(|r| r.entry.log_id.index >= index) {
+            self.pop_recent(false);
+        }
+    }
+
+    /// Forgets cached entries up to `index`.
+    fn forget_to(&mut self, index: u64) {
+        while self.recent.front().is_some_and(|r| r.entry.log_id.index <= index) {
+            self.pop_recent(true);
+        }
+    }
+
+    fn pop_recent(&mut self, front: bool) {
+        let r = if front {
+            self.recent.pop_front()
+        } else {
+            self.recent.pop_back()
+        };
+        if let Some(r) = r {
+            self.recent_bytes -= r.bodies.iter().map(Vec::len).sum::<usize>();
+        }
+    }
+
+    fn remember(&mut self, entry: Entry, bodies: Vec<Vec<u8>>) {
+        let index = entry.log_id.index;
+        self.forget_from(index);
+        if self.recent.back().is_some_and(|r| r.entry.log_id.index + 1 != index) {
+            self.forget_from(0);
+        }
+        self.recent_bytes += bodies.iter().map(Vec::len).sum::<usize>();
+        self.recent.push_back(Recent { entry, bodies });
+        while self.recent_bytes > RECENT_BYTES && self.recent.len() > 1 {
+            self.pop_recent(true);
+        }
+    }
 }
 
 /// Log storage of one group; cheap to clone (the clone is the log reader).
@@ -59,6 +127,8 @@ impl LogStore {
                 purged,
                 vote: decode(replayed.vote)?,
                 committed: decode::<Option<LogId>>(replayed.committed)?.flatten(),
+                recent: VecDeque::new(),
+                recent_bytes: 0,
             })),
             bodies: false,
         };
@@ -99,6 +169,9 @@ impl LogStore {
 
     /// Reads entry `index`, and for the log reader its bodies too.
     fn read_entry(&self, index: u64) -> Result<Entry, StorageError> {
+        if let Some(entry) = self.lock().cached(index, self.bodies) {
+            return Ok(entry);
+        }
         let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
         let record = self.wal.read(&self.loc(index)?).map_err(|e| read(&e))?;
         let mut entry: Entry = bincode::deserialize(record.get(8..).unwrap_or_default()).map_err(|e| read(&e))?;
@@ -204,26 +277,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let result = self.wal.write(|batch| {
             for mut entry in entries {
                 let log_id = entry.log_id;
+                let mut bodies = Vec::new();
                 if let EntryPayload::Normal(request) = &mut entry.payload {
                     for body in request.bodies_mut() {
                         body.loc = Some(batch.push(Kind::Body, group, &body.bytes)?);
-                        body.bytes = Vec::new();
+                        bodies.push(std::mem::take(&mut body.bytes));
                     }
                 }
                 let mut payload = log_id.index.to_le_bytes().to_vec();
                 bincode::serialize_into(&mut payload, &entry).map_err(std::io::Error::other)?;
                 let loc = batch.push(Kind::Entry, group, &payload)?;
                 batch.refer(group, log_id.index);
-                written.push((log_id, loc));
+                written.push((loc, entry, bodies));
             }
             Ok(())
         });
         result.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         {
             let mut state = self.lock();
-            for (log_id, loc) in written {
-                state.index.place(log_id.index, loc);
-                state.last = Some(log_id);
+            for (loc, entry, bodies) in written {
+                state.index.place(entry.log_id.index, loc);
+                state.last = Some(entry.log_id);
+                state.remember(entry, bodies);
             }
         }
         self.durability.flush_then(callback);
@@ -246,6 +321,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut state = self.lock();
             state.index.truncate_from(log_id.index);
+            state.forget_from(log_id.index);
             state.last = state.purged;
         }
         if let Some(i) = self.last_index() {
@@ -260,6 +336,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut state = self.lock();
             state.index.purge_to(log_id.index);
+            state.forget_to(log_id.index);
             state.purged = Some(log_id);
             if state.index.is_empty() {
                 state.last = state.last.max(Some(log_id));

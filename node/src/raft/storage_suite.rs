@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{Entry, EntryPayload, LogId, RaftLogReader};
 
@@ -101,6 +101,57 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
     // Bodies stay out of sled: no blob files.
     let blobs = std::fs::read_dir(dir.path().join("sled/blobs")).unwrap().count();
     assert_eq!(blobs, 0, "sled wrote blob files");
+}
+
+/// Entries just appended are read back from memory: the same entry, with
+/// its bodies for the log reader and without for apply; a truncation and a
+/// new append at the same index, and a purge, are seen at once.
+#[tokio::test]
+async fn recent_entries_read_back_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open(dir.path());
+    let body_of = |e: &Entry<TypeConfig>| match &e.payload {
+        EntryPayload::Normal(Request::Enqueue { body, .. }) => body.clone(),
+        other => panic!("unexpected {other:?}"),
+    };
+    let entries: Vec<_> = (1..=4)
+        .map(|i| enqueue_entry(i, &format!("m{i}"), format!("body {i}").as_bytes()))
+        .collect();
+    log.blocking_append(entries).await.unwrap();
+    let read = log.reader().try_get_log_entries(1..5).await.unwrap();
+    assert_eq!(read.len(), 4);
+    assert_eq!(body_of(&read[2]).bytes, b"body 3");
+    assert!(body_of(&read[2]).loc.is_some());
+    assert!(body_of(&log.try_get_log_entries(3..4).await.unwrap()[0])
+        .bytes
+        .is_empty());
+
+    log.truncate(read[2].log_id).await.unwrap();
+    log.blocking_append(vec![enqueue_entry(3, "n3", b"new 3")])
+        .await
+        .unwrap();
+    let read = log.reader().try_get_log_entries(1..10).await.unwrap();
+    assert_eq!(read.len(), 3, "entry 4 is gone");
+    assert_eq!(body_of(&read[2]).bytes, b"new 3");
+
+    log.purge(read[1].log_id).await.unwrap();
+    let read = log.reader().try_get_log_entries(1..10).await.unwrap();
+    assert_eq!(read.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![3]);
+
+    // What is read from memory equals what is read from the log.
+    let (reopened, _sm2) = {
+        drop(log);
+        drop(_sm);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Durability::open(dir.path()) {
+                Ok(d) => break open_with(d),
+                Err(e) => assert!(std::time::Instant::now() < deadline, "{e:#}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(reopened.reader().try_get_log_entries(1..10).await.unwrap(), read);
 }
 
 /// Several messages in one entry (concurrent sessions batched): each body is
