@@ -17,7 +17,7 @@ use crate::storage::wal::{BodyLoc, GroupIndex, Kind, Wal};
 use crate::storage::Durability;
 
 /// Body bytes of the entries appended last that are kept in memory.
-const RECENT_BYTES: usize = 2 << 20;
+const RECENT_BYTES: usize = 512 << 10;
 
 /// What the log store keeps in memory.
 struct State {
