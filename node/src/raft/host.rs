@@ -182,8 +182,11 @@ impl GroupHost {
         let keep = usize::try_from(self.config.log_keep_bytes / wal.segment_bytes().max(1))
             .unwrap_or(usize::MAX)
             .max(1);
-        let hard = wal.closed_segments() > keep.saturating_mul(4);
-        for (id, wanted) in wal.log_pins(keep) {
+        let (pins, held) = wal.log_pins(keep);
+        // Counted without segments held only by queued bodies: a large
+        // deferred queue must not make a leader cut off its followers.
+        let hard = held > keep.saturating_mul(4);
+        for (id, wanted) in pins {
             let Some(g) = self.groups.get(id) else {
                 continue;
             };

@@ -599,27 +599,30 @@ impl Wal {
         self.lock().spares.len()
     }
 
-    /// Closed segments (all but the one being written).
-    pub fn closed_segments(&self) -> usize {
-        self.lock().segments.len().saturating_sub(1)
-    }
-
     /// The groups whose unpurged log entries hold closed segments other
     /// than the newest `keep`, each with the index to purge to so that they
-    /// no longer do.
-    pub fn log_pins(&self, keep: usize) -> BTreeMap<GroupId, u64> {
+    /// no longer do; and how many closed segments hold unpurged entries at
+    /// all (segments held only by queued bodies do not count).
+    pub fn log_pins(&self, keep: usize) -> (BTreeMap<GroupId, u64>, usize) {
         let inner = self.lock();
+        let unpurged = |seg: &u64| {
+            inner
+                .log_max
+                .get(seg)
+                .into_iter()
+                .flatten()
+                .filter(|(group, max)| inner.purged.get(group).is_none_or(|p| *max > p))
+        };
         let closed: Vec<u64> = inner.segments.range(..inner.active.seq).copied().collect();
         let mut pins = BTreeMap::new();
         for seg in &closed[..closed.len().saturating_sub(keep)] {
-            for (group, max) in inner.log_max.get(seg).into_iter().flatten() {
-                if inner.purged.get(group).is_none_or(|p| max > p) {
-                    let pin = pins.entry(*group).or_insert(0);
-                    *pin = (*pin).max(*max);
-                }
+            for (group, max) in unpurged(seg) {
+                let pin = pins.entry(*group).or_insert(0);
+                *pin = (*pin).max(*max);
             }
         }
-        pins
+        let held = closed.iter().filter(|seg| unpurged(seg).next().is_some()).count();
+        (pins, held)
     }
 
     /// The size of a segment.
@@ -909,6 +912,38 @@ mod tests {
             .filter(|e| e.as_ref().unwrap().path().to_string_lossy().ends_with(".corrupt"))
             .count();
         assert_eq!(corrupt, 0, "no segment was set aside");
+    }
+
+    #[test]
+    fn log_pins_name_the_groups_holding_old_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        // One entry per segment (64-byte segments): 1 and 2 of group 3, 1
+        // of group 4, then a body that a queued message keeps.
+        let append = |group: GroupId, index: u64| {
+            wal.write(|b| {
+                b.push(Kind::Entry, group, &entry(index, &[b'x'; 80]))?;
+                b.refer(group, index);
+                Ok(())
+            })
+            .unwrap()
+        };
+        append(3, 1);
+        append(3, 2);
+        append(4, 1);
+        let body = wal.write_one(Kind::Body, 3, &[b'b'; 80]).unwrap();
+        wal.retain(body.segment);
+        append(3, 3);
+        let (pins, held) = wal.log_pins(1);
+        assert_eq!(
+            pins,
+            BTreeMap::from([(3, 2), (4, 1)]),
+            "all but the newest closed segment"
+        );
+        assert_eq!(held, 3, "the body's segment holds no entry");
+        wal.log_purged(3, 3);
+        wal.log_purged(4, 1);
+        assert_eq!(wal.log_pins(0), (BTreeMap::new(), 0), "a kept body does not pin logs");
     }
 
     #[test]
