@@ -874,21 +874,23 @@ mod tests {
         }
     }
 
+    /// Files in `dir` whose name ends with `suffix`.
+    fn files_ending(dir: &Path, suffix: &str) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(suffix))
+            .count()
+    }
+
     #[test]
     fn recycled_segments_replay_only_their_own_records() {
         let dir = tempfile::tempdir().unwrap();
-        let spares = |dir: &Path| {
-            std::fs::read_dir(dir)
-                .unwrap()
-                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "spare"))
-                .count()
-        };
         let kept = {
             let wal = Wal::open(dir.path(), 64).unwrap();
             wal.enable_reclaim();
             fill_and_reclaim(&wal, 1, 6);
             assert_eq!(wal.spare_files(), MAX_SPARES, "two kept, the rest deleted");
-            assert_eq!(spares(dir.path()), MAX_SPARES);
+            assert_eq!(files_ending(dir.path(), ".spare"), MAX_SPARES);
             // Short records now go into the recycled (longer) files.
             let mut kept = Vec::new();
             for i in 7..=8 {
@@ -907,11 +909,7 @@ mod tests {
         );
         assert_eq!(g.index.get(7), Some(kept[0]));
         assert_eq!(wal.read(&kept[1]).unwrap(), entry(8, b"new"));
-        let corrupt = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().to_string_lossy().ends_with(".corrupt"))
-            .count();
-        assert_eq!(corrupt, 0, "no segment was set aside");
+        assert_eq!(files_ending(dir.path(), ".corrupt"), 0, "no segment was set aside");
     }
 
     #[test]
@@ -953,10 +951,7 @@ mod tests {
         wal.enable_reclaim();
         for round in 0..6 {
             fill_and_reclaim(&wal, round * 5 + 1, round * 5 + 5);
-            let on_disk = std::fs::read_dir(dir.path())
-                .unwrap()
-                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "spare"))
-                .count();
+            let on_disk = files_ending(dir.path(), ".spare");
             assert_eq!(on_disk, wal.spare_files(), "round {round}");
             assert!(on_disk <= MAX_SPARES);
         }
