@@ -379,6 +379,7 @@ async fn handle_connection<E: Enqueuer>(
                 }
             }
             Output::Enqueue { id, envelope, body } => {
+                let data_ended = std::time::Instant::now();
                 if let Err(e) = flush(&mut conn, &mut out, write_limit).await {
                     debug!(peer = %peer, error = %e, "smtp write failed");
                     break "write error";
@@ -398,6 +399,7 @@ async fn handle_connection<E: Enqueuer>(
                     Err(e) => warn!(peer = %peer, id = %id, error = %e, "enqueue failed"),
                 }
                 let reply = session.enqueue_result(result);
+                metrics.queueing_time(data_ended.elapsed().as_secs_f64());
                 metrics.transaction_reply(reply.code);
                 put(reply, &mut out);
                 if *shutdown.borrow() {
