@@ -40,6 +40,11 @@ pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Segments kept for reuse instead of being deleted.
 pub const MAX_SPARES: usize = 2;
 const HEADER: usize = 4 + 4 + 1 + 8;
+/// A segment is filled with zeros this far ahead of its records (a spare
+/// already is). A record written over blocks already on disk costs its sync
+/// only the data; an append also makes ext4 write the inode (the new size)
+/// and the block maps, each waited for in turn (bench/RESULTS.md).
+const PREALLOC: u64 = 1 << 20;
 
 pub type GroupId = u64;
 
@@ -164,6 +169,41 @@ struct Active {
     seq: u64,
     file: Arc<File>,
     size: u64,
+    /// The file is written (zeros, or a spare's old records) up to here.
+    allocated: u64,
+    /// Zeros go no further than this (the segment size), unless a record does.
+    limit: u64,
+}
+
+impl Active {
+    fn new(seq: u64, (file, allocated): (Arc<File>, u64), limit: u64) -> Active {
+        Active {
+            seq,
+            file,
+            size: 0,
+            allocated,
+            limit,
+        }
+    }
+
+    /// Writes zeros past the records so that the file holds `end` bytes and
+    /// up to [`PREALLOC`] more, before records are written there.
+    fn allocate(&mut self, end: u64) -> std::io::Result<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let target = (end.div_ceil(PREALLOC) * PREALLOC + PREALLOC).min(self.limit.max(end));
+        // Never over records already written.
+        let mut at = self.allocated.max(self.size);
+        while at < target {
+            let n = (target - at).min(ZEROS.len() as u64);
+            self.file.write_all_at(&ZEROS[..n as usize], at)?;
+            at += n;
+        }
+        self.allocated = target;
+        Ok(())
+    }
 }
 
 struct Inner {
@@ -277,6 +317,7 @@ impl Batch {
     /// Writes the records at the end of `inner`'s active segment and
     /// remembers what they refer to.
     fn commit(self, inner: &mut Inner) -> std::io::Result<()> {
+        inner.active.allocate(inner.active.size + self.buf.len() as u64)?;
         inner.active.file.write_all_at(&self.buf, inner.active.size)?;
         inner.active.size += self.buf.len() as u64;
         let segment = inner.log_max.entry(self.seq).or_default();
@@ -346,18 +387,14 @@ impl Wal {
             }
         }
         let seq = last + 1;
-        let file = new_segment(dir, seq, &mut spares)?;
+        let (file, allocated) = new_segment(dir, seq, &mut spares)?;
         let mut known: std::collections::BTreeSet<u64> = segments.into_iter().filter(|s| *s <= last).collect();
         known.insert(seq);
         let wal = Wal {
             dir: dir.to_owned(),
             segment_bytes,
             inner: Mutex::new(Inner {
-                active: Active {
-                    seq,
-                    file: Arc::clone(&file),
-                    size: 0,
-                },
+                active: Active::new(seq, (Arc::clone(&file), allocated), segment_bytes),
                 open: HashMap::from([(seq, Arc::clone(&file))]),
                 live: HashMap::new(),
                 log_max: state.log_max,
@@ -414,12 +451,12 @@ impl Wal {
         end.push(Kind::End, 0, &[])?;
         end.commit(inner)?;
         let seq = inner.active.seq + 1;
-        let file = new_segment(&self.dir, seq, &mut inner.spares)?;
+        let (file, allocated) = new_segment(&self.dir, seq, &mut inner.spares)?;
         self.mark_dirty(Arc::clone(&inner.active.file));
         inner.open.insert(seq, Arc::clone(&file));
         inner.segments.insert(seq);
         inner.changed = true;
-        inner.active = Active { seq, file, size: 0 };
+        inner.active = Active::new(seq, (file, allocated), self.segment_bytes);
         self.write_marks(inner)
     }
 
@@ -643,8 +680,9 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.seg"))
 }
 
-/// Starts segment `seq` in a spare file if there is one, else a new file.
-fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>) -> std::io::Result<Arc<File>> {
+/// Starts segment `seq` in a spare file if there is one, else a new file;
+/// with the bytes the file already holds.
+fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>) -> std::io::Result<(Arc<File>, u64)> {
     let path = segment_path(dir, seq);
     let mut file = None;
     while file.is_none() {
@@ -659,7 +697,8 @@ fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>) -> std::io::Resu
         None => OpenOptions::new().read(true).write(true).create_new(true).open(&path)?,
     };
     super::sync_dir(dir)?;
-    Ok(Arc::new(file))
+    let allocated = file.metadata()?.len();
+    Ok((Arc::new(file), allocated))
 }
 
 fn index_of(payload: &[u8]) -> Option<u64> {
@@ -833,20 +872,20 @@ mod tests {
     #[test]
     fn torn_tail_is_cut_and_later_writes_replay() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let torn = {
             let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
             wal.write_one(Kind::Entry, 1, &entry(1, b"kept")).unwrap();
-            wal.write_one(Kind::Entry, 1, &entry(2, b"torn")).unwrap();
+            let torn = wal.write_one(Kind::Entry, 1, &entry(2, b"torn")).unwrap();
             wal.sync().unwrap();
-        }
-        // Damage the last record's payload, as a crash mid-write would.
+            torn
+        };
+        // Cut the last record's payload short, as a crash mid-write would.
         let seg = segment_path(dir.path(), 1);
-        let len = std::fs::metadata(&seg).unwrap().len();
         OpenOptions::new()
             .write(true)
             .open(&seg)
             .unwrap()
-            .set_len(len - 2)
+            .set_len(torn.offset + HEADER as u64 + u64::from(torn.len) - 2)
             .unwrap();
         {
             let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
@@ -862,6 +901,45 @@ mod tests {
 
     /// Writes entries `from..=to` of group 3 (one segment each at 64-byte
     /// segments), purges them and retires what can go.
+    #[test]
+    fn segments_are_filled_ahead_with_zeros_that_end_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = segment_path(dir.path(), 1);
+        let file_len = || std::fs::metadata(&seg).unwrap().len();
+        let mut locs = Vec::new();
+        {
+            let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            locs.push(wal.write_one(Kind::Entry, 1, &entry(1, b"small")).unwrap());
+            let end = locs[0].offset + HEADER as u64 + u64::from(locs[0].len);
+            assert!(
+                file_len() >= end + PREALLOC,
+                "{} bytes for a {end}-byte log",
+                file_len()
+            );
+            // A record past the zeros: they are extended first, never over records.
+            let big = vec![b'x'; (PREALLOC + PREALLOC / 2) as usize];
+            locs.push(wal.write_one(Kind::Entry, 1, &entry(2, &big)).unwrap());
+            locs.push(wal.write_one(Kind::Entry, 1, &entry(3, b"after")).unwrap());
+            let end = locs[2].offset + HEADER as u64 + u64::from(locs[2].len);
+            assert!(file_len() > end, "zeros ahead");
+            assert_eq!(file_len() % PREALLOC, 0);
+            assert_eq!(wal.read(&locs[0]).unwrap(), entry(1, b"small"));
+            assert_eq!(wal.read(&locs[1]).unwrap(), entry(2, &big));
+            wal.sync().unwrap();
+        }
+        // After a crash the zeros are where the log ends.
+        {
+            let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            let g = wal.take_replayed(1);
+            assert_eq!(g.index.next(), 4);
+            assert_eq!(wal.read(&g.index.get(3).unwrap()).unwrap(), entry(3, b"after"));
+            wal.write_one(Kind::Entry, 1, &entry(4, b"next")).unwrap();
+            wal.sync().unwrap();
+        }
+        let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        assert_eq!(wal.take_replayed(1).index.next(), 5);
+    }
+
     fn fill_and_reclaim(wal: &Wal, from: u64, to: u64) {
         for i in from..=to {
             wal.write_one(Kind::Entry, 3, &entry(i, &[b'x'; 200])).unwrap();
