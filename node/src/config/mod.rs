@@ -97,6 +97,7 @@ struct RawDelivery {
     delay_notice_after: Option<String>,
     max_connections_per_site: Option<usize>,
     messages_per_connection: Option<usize>,
+    connection_idle_secs: Option<u64>,
     require_tls_domains: Option<Vec<String>>,
     helo_name: Option<String>,
     connect_timeout_secs: Option<u64>,
@@ -383,6 +384,9 @@ pub struct Config {
     pub delay_notice_after: Option<Duration>,
     pub max_connections_per_site: usize,
     pub messages_per_connection: usize,
+    /// How long a delivery connection waits for the next message once its
+    /// site's queue is empty (0: close at once).
+    pub connection_idle: Duration,
     pub require_tls_domains: Vec<String>,
     pub helo_name: String,
     pub connect_timeout: Duration,
@@ -700,6 +704,15 @@ impl Config {
             delay_notice_after,
             max_connections_per_site: raw.delivery.max_connections_per_site.unwrap_or(20).max(1),
             messages_per_connection: raw.delivery.messages_per_connection.unwrap_or(100).max(1),
+            connection_idle: match raw.delivery.connection_idle_secs.unwrap_or(2) {
+                s if s > 300 => {
+                    return Err(ConfigError::Invalid {
+                        key: "delivery.connection_idle_secs",
+                        reason: "must be at most 300 seconds (servers may close idle sessions after 5 minutes)".into(),
+                    })
+                }
+                s => Duration::from_secs(s),
+            },
             require_tls_domains: lower(raw.delivery.require_tls_domains),
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
             connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,

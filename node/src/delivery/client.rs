@@ -722,6 +722,25 @@ impl Connection {
         !self.broken
     }
 
+    /// After an idle wait: false (and unusable from then on) when the peer
+    /// closed the connection or sent something unasked, such as a 421
+    /// before closing, so that the next transaction opens a new connection
+    /// instead of failing on this one.
+    pub fn still_open(&mut self) -> bool {
+        if self.broken || !self.input.is_empty() {
+            self.broken = true;
+            return false;
+        }
+        self.input.reserve(READ_CHUNK);
+        // Nothing to read is the only good answer: an idle peer says nothing.
+        if futures::FutureExt::now_or_never(self.io.read_buf(&mut self.input)).is_some() {
+            self.broken = true;
+            debug!(peer = %self.peer, "cached connection closed by the peer");
+            return false;
+        }
+        true
+    }
+
     /// Replies for which we do not even start a transaction.
     fn refuse_locally(&self, msg: &OutMessage<'_>) -> Option<Reply> {
         if msg.smtputf8 && !self.caps.has("SMTPUTF8") {

@@ -262,6 +262,7 @@ impl Delivery {
             self.client.clone(),
             self.config.max_connections_per_site,
             self.config.messages_per_connection,
+            self.config.connection_idle,
             self.metrics.clone(),
         );
         // Site actors live on the system arbiter; their I/O runs on the runtime's workers.

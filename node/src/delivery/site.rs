@@ -3,13 +3,19 @@
 //! The actor holds the site's queue of jobs and counts its workers; each
 //! worker is a tokio task that owns one connection, takes jobs from the
 //! actor one after another (reusing the connection, up to
-//! `messages_per_connection`), and ends when the queue is empty. At most
-//! `max_connections_per_site` workers run at once.
+//! `messages_per_connection`). When the queue is empty a worker with an open
+//! connection waits up to `connection_idle` for the next job (a connection
+//! cache: mail that trickles in does not pay a connect, greeting, EHLO and
+//! QUIT per message), then quits and ends. At most
+//! `max_connections_per_site` workers run at once, waiting ones included.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
+use actix::dev::MessageResponse;
 use actix::prelude::*;
+use tokio::sync::oneshot;
 
 use super::client::{ConnectError, Connection, OutMessage, OutRecipient, SessionError};
 use super::{deferred_all, ClientConfig, Endpoint, LoadedMessage, Protocol, RcptAttempt, TlsPolicy};
@@ -33,8 +39,13 @@ pub struct SiteActor {
     client: ClientConfig,
     max_workers: usize,
     per_connection: usize,
+    idle: Duration,
     queue: VecDeque<Job>,
     workers: usize,
+    /// Workers waiting with an open connection (counted in `workers`), by
+    /// worker id; the most recent last, so the least idle is used first.
+    waiting: Vec<(u64, oneshot::Sender<Job>)>,
+    next_worker: u64,
     metrics: DeliveryMetrics,
 }
 
@@ -44,6 +55,7 @@ impl SiteActor {
         client: ClientConfig,
         max_workers: usize,
         per_connection: usize,
+        idle: Duration,
         metrics: DeliveryMetrics,
     ) -> SiteActor {
         SiteActor {
@@ -51,8 +63,11 @@ impl SiteActor {
             client,
             max_workers,
             per_connection,
+            idle,
             queue: VecDeque::new(),
             workers: 0,
+            waiting: Vec::new(),
+            next_worker: 0,
             metrics,
         }
     }
@@ -71,23 +86,64 @@ impl Actor for SiteActor {
 #[rtype(result = "()")]
 pub struct Submit(pub Job);
 
-/// A worker asks for its next job; `None` tells it to finish.
+/// A worker asks for its next job. `wait`: it has an open connection and
+/// may wait for one when the queue is empty.
 #[derive(Message)]
-#[rtype(result = "Option<Job>")]
-struct Take;
+#[rtype(result = "Next")]
+struct Take {
+    worker: u64,
+    wait: bool,
+}
+
+enum Next {
+    Job(Job),
+    /// Nothing queued: the next job submitted comes here, unless the worker
+    /// leaves first ([`Leave`]).
+    Wait(oneshot::Receiver<Job>),
+    /// Nothing queued: finish.
+    Done,
+}
+
+impl MessageResponse<SiteActor, Take> for Next {
+    fn handle(self, _: &mut Context<SiteActor>, tx: Option<actix::dev::OneshotSender<Next>>) {
+        if let Some(tx) = tx {
+            let _ = tx.send(self);
+        }
+    }
+}
+
+/// A waiting worker's idle time is over; true if it may finish, false if a
+/// job was handed to it meanwhile (it is in its receiver).
+#[derive(Message)]
+#[rtype(result = "bool")]
+struct Leave(u64);
 
 impl Handler<Submit> for SiteActor {
     type Result = ();
 
-    fn handle(&mut self, Submit(job): Submit, ctx: &mut Context<Self>) {
+    fn handle(&mut self, Submit(mut job): Submit, ctx: &mut Context<Self>) {
+        // A worker waiting with an open connection takes it at once.
+        while let Some((_, tx)) = self.waiting.pop() {
+            match tx.send(job) {
+                Ok(()) => return,
+                Err(back) => {
+                    // That worker is gone (its task was dropped).
+                    job = back;
+                    self.workers = self.workers.saturating_sub(1);
+                }
+            }
+        }
         self.queue.push_back(job);
         if self.workers < self.max_workers {
             self.workers += 1;
+            self.next_worker += 1;
             let worker = Worker {
+                id: self.next_worker,
                 site: ctx.address(),
                 key: self.key.clone(),
                 client: self.client.clone(),
                 per_connection: self.per_connection,
+                idle: self.idle,
                 metrics: self.metrics.clone(),
             };
             tokio::spawn(worker.run());
@@ -96,34 +152,74 @@ impl Handler<Submit> for SiteActor {
 }
 
 impl Handler<Take> for SiteActor {
-    type Result = Option<Job>;
+    type Result = Next;
 
-    fn handle(&mut self, _: Take, _: &mut Context<Self>) -> Option<Job> {
-        let job = self.queue.pop_front();
-        if job.is_none() {
-            // Decided here, in order with Submit, so no job is ever stranded.
-            self.workers = self.workers.saturating_sub(1);
+    fn handle(&mut self, take: Take, _: &mut Context<Self>) -> Next {
+        if let Some(job) = self.queue.pop_front() {
+            return Next::Job(job);
         }
-        job
+        // Decided here, in order with Submit, so no job is ever stranded.
+        if take.wait && !self.idle.is_zero() {
+            let (tx, rx) = oneshot::channel();
+            self.waiting.push((take.worker, tx));
+            return Next::Wait(rx);
+        }
+        self.workers = self.workers.saturating_sub(1);
+        Next::Done
+    }
+}
+
+impl Handler<Leave> for SiteActor {
+    type Result = bool;
+
+    fn handle(&mut self, Leave(worker): Leave, _: &mut Context<Self>) -> bool {
+        let Some(i) = self.waiting.iter().position(|(w, _)| *w == worker) else {
+            return false;
+        };
+        self.waiting.remove(i);
+        self.workers = self.workers.saturating_sub(1);
+        true
     }
 }
 
 struct Worker {
+    id: u64,
     site: Addr<SiteActor>,
     key: String,
     client: ClientConfig,
     per_connection: usize,
+    idle: Duration,
     metrics: DeliveryMetrics,
 }
 
 impl Worker {
+    /// The next job, after waiting with the open connection if need be;
+    /// `None`: finish.
+    async fn next_job(&self, conn: &mut Option<Connection>) -> Option<Job> {
+        let wait = conn.as_ref().is_some_and(Connection::is_usable);
+        let mut rx = match self.site.send(Take { worker: self.id, wait }).await {
+            Ok(Next::Job(job)) => return Some(job),
+            Ok(Next::Wait(rx)) => rx,
+            Ok(Next::Done) | Err(_) => return None,
+        };
+        let job = match tokio::time::timeout(self.idle, &mut rx).await {
+            Ok(job) => job.ok()?,
+            Err(_) => match self.site.send(Leave(self.id)).await {
+                Ok(false) => rx.await.ok()?,
+                Ok(true) | Err(_) => return None,
+            },
+        };
+        // The peer may have closed it while we waited.
+        if conn.as_mut().is_some_and(|c| !c.still_open()) {
+            *conn = None;
+        }
+        Some(job)
+    }
+
     async fn run(self) {
         let mut conn: Option<Connection> = None;
         let mut sent = 0;
-        loop {
-            let Ok(Some(job)) = self.site.send(Take).await else {
-                break;
-            };
+        while let Some(job) = self.next_job(&mut conn).await {
             let started = std::time::Instant::now();
             if sent >= self.per_connection {
                 if let Some(c) = conn.take() {
@@ -139,6 +235,7 @@ impl Worker {
                     Ok(c) => {
                         self.metrics.connection(c.tls_active());
                         conn = Some(c);
+                        sent = 0;
                     }
                     Err(reply) => {
                         self.metrics.attempt(started.elapsed().as_secs_f64(), false);

@@ -489,8 +489,10 @@ struct PeerCounts {
 
 /// A minimal SMTP server (no PIPELINING) that answers each message's final
 /// dot after `delay`, counting concurrent connections and messages per
-/// connection. Serves at most 100 connections.
-fn counting_peer(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<PeerCounts>>) {
+/// connection; with `hang_up_after`, it closes a connection (no reply, as a
+/// server dropping idle sessions does) after that many messages. Serves at
+/// most 100 connections.
+fn counting_peer(delay: Duration, hang_up_after: Option<usize>) -> (std::net::SocketAddr, Arc<Mutex<PeerCounts>>) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind(("127.0.0.1", free_port())).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -520,7 +522,15 @@ fn counting_peer(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<PeerCounts
                         if line == ".\r\n" {
                             in_data = false;
                             std::thread::sleep(delay);
-                            counts.lock().unwrap().per_connection[conn] += 1;
+                            let n = {
+                                let mut c = counts.lock().unwrap();
+                                c.per_connection[conn] += 1;
+                                c.per_connection[conn]
+                            };
+                            if hang_up_after == Some(n) {
+                                let _ = w.write_all(b"250 2.0.0 ok\r\n");
+                                break;
+                            }
                             b"250 2.0.0 ok\r\n"
                         } else {
                             b""
@@ -555,7 +565,7 @@ fn counting_peer(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<PeerCounts
 fn per_site_connection_limit_is_honoured_and_connections_are_reused() {
     const LIMIT: usize = 2;
     const MESSAGES: usize = 12;
-    let (peer, counts) = counting_peer(Duration::from_millis(200));
+    let (peer, counts) = counting_peer(Duration::from_millis(200), None);
     let node = Node::start(&format!(
         "[[route]]\ndomain = \"*\"\nto = \"{peer}\"\n\n[delivery]\nmax_connections_per_site = {LIMIT}\n"
     ));
@@ -579,4 +589,59 @@ fn per_site_connection_limit_is_honoured_and_connections_are_reused() {
         c.per_connection
     );
     assert!(c.per_connection.len() < MESSAGES, "{:?}", c.per_connection);
+}
+
+/// Mail that trickles in, one message at a time, goes over one cached
+/// connection (`delivery.connection_idle_secs`), which is closed with QUIT
+/// once idle; a cached connection the peer has dropped meanwhile is noticed
+/// before use, so the next message goes over a new one instead of being
+/// deferred.
+#[test]
+fn trickling_mail_reuses_a_cached_connection_until_it_idles_out() {
+    let send = |node: &Node, tag: &str| {
+        let mut c = Client::connect(node.smtp).unwrap();
+        c.command("EHLO sender.test").unwrap();
+        c.send_mail("a@tern.test", &["r@example.test"], &body(tag, 200))
+            .unwrap();
+    };
+    let at_peer = |counts: &Arc<Mutex<PeerCounts>>| counts.lock().unwrap().per_connection.iter().sum::<usize>();
+
+    let (peer, counts) = counting_peer(Duration::ZERO, None);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"*\"\nto = \"{peer}\"\n\n[delivery]\nconnection_idle_secs = 4\n"
+    ));
+    for i in 1..=3 {
+        send(&node, &format!("trickle-{i}"));
+        wait_for(Duration::from_secs(20), "the message at the peer", || {
+            at_peer(&counts) == i
+        });
+    }
+    assert_eq!(
+        counts.lock().unwrap().per_connection,
+        vec![3],
+        "one connection for all three"
+    );
+    wait_for(Duration::from_secs(20), "the idle connection closed", || {
+        counts.lock().unwrap().open == 0
+    });
+    assert_eq!(counts.lock().unwrap().per_connection.len(), 1);
+    drop(node);
+
+    // The peer hangs up after each message: every one still goes at once.
+    let (peer, counts) = counting_peer(Duration::ZERO, Some(1));
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"*\"\nto = \"{peer}\"\n\n[delivery]\nconnection_idle_secs = 30\n"
+    ));
+    for i in 1..=3 {
+        send(&node, &format!("hangup-{i}"));
+        // Far below the first retry: a deferral would miss it.
+        wait_for(Duration::from_secs(20), "the message at the peer", || {
+            at_peer(&counts) == i
+        });
+        wait_for(Duration::from_secs(10), "the peer's hang-up", || {
+            counts.lock().unwrap().open == 0
+        });
+    }
+    assert_eq!(counts.lock().unwrap().per_connection, vec![1, 1, 1]);
+    wait_for(Duration::from_secs(30), "empty queue", || queue_len(&node) == 0);
 }
