@@ -606,10 +606,14 @@ fn trickling_mail_reuses_a_cached_connection_until_it_idles_out() {
     };
     let at_peer = |counts: &Arc<Mutex<PeerCounts>>| counts.lock().unwrap().per_connection.iter().sum::<usize>();
 
+    let routed_to = |peer: std::net::SocketAddr, idle_secs: u32| {
+        Node::start(&format!(
+            "[[route]]\ndomain = \"*\"\nto = \"{peer}\"\n\n[delivery]\nconnection_idle_secs = {idle_secs}\n"
+        ))
+    };
+
     let (peer, counts) = counting_peer(Duration::ZERO, None);
-    let node = Node::start(&format!(
-        "[[route]]\ndomain = \"*\"\nto = \"{peer}\"\n\n[delivery]\nconnection_idle_secs = 4\n"
-    ));
+    let node = routed_to(peer, 4);
     for i in 1..=3 {
         send(&node, &format!("trickle-{i}"));
         wait_for(Duration::from_secs(20), "the message at the peer", || {
@@ -629,9 +633,7 @@ fn trickling_mail_reuses_a_cached_connection_until_it_idles_out() {
 
     // The peer hangs up after each message: every one still goes at once.
     let (peer, counts) = counting_peer(Duration::ZERO, Some(1));
-    let node = Node::start(&format!(
-        "[[route]]\ndomain = \"*\"\nto = \"{peer}\"\n\n[delivery]\nconnection_idle_secs = 30\n"
-    ));
+    let node = routed_to(peer, 30);
     for i in 1..=3 {
         send(&node, &format!("hangup-{i}"));
         // Far below the first retry: a deferral would miss it.
