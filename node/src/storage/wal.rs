@@ -176,16 +176,6 @@ struct Active {
 }
 
 impl Active {
-    fn new(seq: u64, (file, allocated): (Arc<File>, u64), limit: u64) -> Active {
-        Active {
-            seq,
-            file,
-            size: 0,
-            allocated,
-            limit,
-        }
-    }
-
     /// Writes zeros past the records so that the file holds `end` bytes and
     /// up to [`PREALLOC`] more, before records are written there.
     fn allocate(&mut self, end: u64) -> std::io::Result<()> {
@@ -387,15 +377,16 @@ impl Wal {
             }
         }
         let seq = last + 1;
-        let (file, allocated) = new_segment(dir, seq, &mut spares)?;
+        let active = new_segment(dir, seq, &mut spares, segment_bytes)?;
+        let open = HashMap::from([(seq, Arc::clone(&active.file))]);
         let mut known: std::collections::BTreeSet<u64> = segments.into_iter().filter(|s| *s <= last).collect();
         known.insert(seq);
         let wal = Wal {
             dir: dir.to_owned(),
             segment_bytes,
             inner: Mutex::new(Inner {
-                active: Active::new(seq, (Arc::clone(&file), allocated), segment_bytes),
-                open: HashMap::from([(seq, Arc::clone(&file))]),
+                active,
+                open,
                 live: HashMap::new(),
                 log_max: state.log_max,
                 purged: state.purged,
@@ -451,12 +442,12 @@ impl Wal {
         end.push(Kind::End, 0, &[])?;
         end.commit(inner)?;
         let seq = inner.active.seq + 1;
-        let (file, allocated) = new_segment(&self.dir, seq, &mut inner.spares)?;
+        let active = new_segment(&self.dir, seq, &mut inner.spares, self.segment_bytes)?;
         self.mark_dirty(Arc::clone(&inner.active.file));
-        inner.open.insert(seq, Arc::clone(&file));
+        inner.open.insert(seq, Arc::clone(&active.file));
         inner.segments.insert(seq);
         inner.changed = true;
-        inner.active = Active::new(seq, (file, allocated), self.segment_bytes);
+        inner.active = active;
         self.write_marks(inner)
     }
 
@@ -680,9 +671,9 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.seg"))
 }
 
-/// Starts segment `seq` in a spare file if there is one, else a new file;
-/// with the bytes the file already holds.
-fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>) -> std::io::Result<(Arc<File>, u64)> {
+/// Starts segment `seq` (of `limit` bytes) in a spare file if there is one,
+/// else a new file.
+fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>, limit: u64) -> std::io::Result<Active> {
     let path = segment_path(dir, seq);
     let mut file = None;
     while file.is_none() {
@@ -697,8 +688,13 @@ fn new_segment(dir: &Path, seq: u64, spares: &mut Vec<PathBuf>) -> std::io::Resu
         None => OpenOptions::new().read(true).write(true).create_new(true).open(&path)?,
     };
     super::sync_dir(dir)?;
-    let allocated = file.metadata()?.len();
-    Ok((Arc::new(file), allocated))
+    Ok(Active {
+        seq,
+        allocated: file.metadata()?.len(),
+        file: Arc::new(file),
+        size: 0,
+        limit,
+    })
 }
 
 fn index_of(payload: &[u8]) -> Option<u64> {
