@@ -1,5 +1,5 @@
-//! Open-loop SMTP latency probe for `bench/run` (the compiled twin of
-//! `bench/latency.py`, same arguments, same JSON).
+//! Open-loop SMTP latency probe for `bench/run` (which runs it beside
+//! ternd; see bench/README.md, "Latency phase").
 //!
 //! Opens `--connections` SMTP sessions (spread over the targets) and sends
 //! `--messages` messages at a fixed aggregate `--rate`, round-robin over the
@@ -8,7 +8,7 @@
 //! from writing the final ".\r\n" (the body written before) to reading the
 //! whole reply. MAIL, RCPT and DATA go in one write (RFC 2920). One thread:
 //! the probe shares the machine with what it measures, and the Python probe
-//! took 0.2-0.4 ms of CPU per message (15 % of this 2-core machine at
+//! it replaced took 0.2-0.4 ms of CPU per message (15 % of this 2-core machine at
 //! 1,300 messages a second). Every wait is bounded (`--timeout` per message,
 //! `--deadline` overall).
 
