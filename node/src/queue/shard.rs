@@ -25,7 +25,7 @@ use crate::dsn;
 
 use crate::metrics::{Metrics, Outcome};
 use crate::raft::groups::GroupHandle;
-use crate::raft::state_machine::{decode_message, SmEvent, MESSAGE_PREFIX};
+use crate::raft::state_machine::SmEvent;
 use crate::raft::{NewMessage, NodeId, OutcomeUpdate, RcptResult};
 
 /// Most messages of one shard in delivery at once (bounds memory).
@@ -153,7 +153,7 @@ impl QueueShard {
         for id in self.schedule.pop_due(now, room) {
             if self.in_flight.contains(&id) {
                 // Its outcome is being written; look again shortly.
-                self.schedule.insert(id, now + 1);
+                self.schedule.insert(&id, now + 1);
                 continue;
             }
             let Some(record) = self.load_record(&id) else { continue };
@@ -164,7 +164,7 @@ impl QueueShard {
                 Some(Ok(b)) => b,
                 other => {
                     tracing::error!(msg_id = %id, shard = self.group.id, error = ?other.and_then(|r| r.err()), "cannot read queued body");
-                    self.schedule.insert(id, now + 60);
+                    self.schedule.insert(&id, now + 60);
                     continue;
                 }
             };
@@ -194,7 +194,7 @@ impl QueueShard {
         if attempts.is_empty() && before > 0 {
             self.in_flight.remove(&record.id);
             if self.leader_term.is_some() {
-                self.schedule.insert(record.id.clone(), now + 1);
+                self.schedule.insert(&record.id, now + 1);
             }
             return;
         }
@@ -342,7 +342,7 @@ impl QueueShard {
                 tracing::warn!(shard = act.group.id, error = %e, n = ids.len(), "outcome write failed; will retry delivery");
                 if act.leader_term.is_some() {
                     for id in ids {
-                        act.schedule.insert(id, retry_at);
+                        act.schedule.insert(&id, retry_at);
                     }
                 }
             }
@@ -374,13 +374,11 @@ impl QueueShard {
             // One quorum round per leadership, not per message.
             group.raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
             let mut due = Vec::new();
-            // A record that does not decode is skipped; a read error ends the load (retried).
-            for item in group.sm.tree().scan_prefix(MESSAGE_PREFIX) {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                if let Ok(r) = decode_message(&k, &v) {
-                    if !r.held {
-                        due.push((r.id, r.next_attempt));
-                    }
+            // A read error ends the load (retried).
+            for record in group.sm.messages() {
+                let r = record.map_err(|e| e.to_string())?;
+                if !r.held {
+                    due.push((r.id, r.next_attempt));
                 }
             }
             Ok::<_, String>(due)
@@ -399,7 +397,7 @@ impl QueueShard {
                         "shard leader: resuming delivery"
                     );
                     for (id, at) in due {
-                        act.schedule.insert(id, at);
+                        act.schedule.insert(&id, at);
                     }
                     act.leader_term = Some(term);
                 }
@@ -536,7 +534,7 @@ impl StreamHandler<SmEvent> for QueueShard {
             return;
         }
         match event {
-            SmEvent::Scheduled { id, due } => self.schedule.insert(id, due),
+            SmEvent::Scheduled { id, due } => self.schedule.insert(&id, due),
             SmEvent::Removed { id } => self.schedule.remove(&id),
         }
     }
@@ -607,7 +605,7 @@ mod tests {
         };
         let received_at = clock.now();
         let mut schedule = Schedule::default();
-        schedule.insert("m".into(), received_at);
+        schedule.insert("m", received_at);
         let mut tried_at = Vec::new();
         let mut last = None;
         // Bounded: 2000 ticks of 5 s is far past max_age.
@@ -622,7 +620,7 @@ mod tests {
                 if status == RcptStatus::Deferred {
                     // Alternate the jitter's extremes.
                     let jitter = if step % 2 == 0 { 1.0 } else { -1.0 };
-                    schedule.insert(id, retry.next_attempt(tried_at.len() as u32, now, jitter));
+                    schedule.insert(&id, retry.next_attempt(tried_at.len() as u32, now, jitter));
                 } else {
                     last = Some((status, reply, outcome));
                 }
