@@ -687,12 +687,7 @@ impl Metrics {
                 .queue_messages
                 .get_or_create(&shard)
                 .set(g.sm.message_count() as i64);
-            // Queue ids start with their arrival time, so the first is the oldest.
-            let oldest =
-                g.sm.messages()
-                    .next()
-                    .and_then(Result::ok)
-                    .map_or(0, |r| (now - r.received_at).max(0));
+            let oldest = g.sm.oldest_received_at().map_or(0, |at| (now - at).max(0));
             self.scrape.oldest_age.get_or_create(&shard).set(oldest);
         }
         for (part, bytes) in disk_usage(data_dir) {

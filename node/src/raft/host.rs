@@ -137,25 +137,26 @@ impl GroupHost {
         Ok(handle)
     }
 
-    /// Checkpoints every state machine that applied something since its
-    /// last checkpoint, with one full flush for all (see
-    /// [`StateMachine::write_checkpoint`]). This bounds how much of the log
-    /// a node re-applies after a crash.
+    /// Writes back every state machine's unwritten changes and checkpoints
+    /// those that applied something since their last checkpoint, with one
+    /// full flush for all (see [`StateMachine::write_checkpoint`]). This
+    /// bounds how much of the log a node re-applies after a crash. Log
+    /// segments freed before the write-backs are reclaimed after the flush.
     pub async fn checkpoint_all(&self) {
-        let marks: Vec<_> = self
-            .groups
-            .all()
-            .into_iter()
-            .filter_map(|g| match g.sm.written_applied() {
-                Ok(applied) if g.sm.behind_checkpoint(applied) => Some((g.sm, applied)),
-                Ok(_) => None,
+        let doomed = self.durability.take_reclaimable();
+        let mut marks = Vec::new();
+        let mut failed = false;
+        for g in self.groups.all() {
+            match g.sm.write_back().await {
+                Ok(applied) if g.sm.behind_checkpoint(applied) => marks.push((g.sm, applied)),
+                Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(group = g.id, error = %e, "cannot read the applied id");
-                    None
+                    tracing::warn!(group = g.id, error = %e, "cannot write back the applied state");
+                    failed = true;
                 }
-            })
-            .collect();
-        if marks.is_empty() {
+            }
+        }
+        if marks.is_empty() && doomed.is_empty() {
             return;
         }
         if let Err(e) = self.durability.flush_all().await {
@@ -166,6 +167,10 @@ impl GroupHost {
             if let Err(e) = sm.write_checkpoint(applied) {
                 tracing::warn!(error = %e, "cannot write a checkpoint");
             }
+        }
+        // A removal that freed one of these may be in the write-back that failed.
+        if !failed {
+            self.durability.retire(doomed);
         }
     }
 

@@ -342,8 +342,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 state.last = state.last.max(Some(log_id));
             }
         }
+        // The checkpointer reclaims the segments this frees.
         self.wal.log_purged(self.group, log_id.index);
-        self.durability.reclaim();
         Ok(())
     }
 }

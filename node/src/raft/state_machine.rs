@@ -3,11 +3,13 @@
 //! Keys: `a` last applied log id, `b` last membership, `m/<queue id>` a
 //! queued message record, `n/<node id>` a node's gRPC address (control
 //! group), `p/<shard>` a shard's replica set (control group), `c` the last
-//! checkpoint. Applies are written key by key and not flushed; checkpoints
+//! checkpoint. Applies write their other keys at once, key by key and not
+//! flushed; message records and the applied id wait in memory
+//! ([`Unwritten`]) until the next write-back (every checkpoint). Checkpoints
 //! (below) bound what openraft re-applies from the log after a crash, and
 //! every request is idempotent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -69,6 +71,47 @@ pub struct StateMachine {
     /// Queued messages (`tern_queue_messages`): counted at open and after a
     /// snapshot is installed, then kept by apply.
     messages: Arc<AtomicI64>,
+    /// Applied changes not yet in the tree (shared by clones).
+    unwritten: Arc<std::sync::Mutex<Unwritten>>,
+    /// One write-back (or snapshot install) at a time.
+    writing_back: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Message records applied since the last write-back, and the applied id.
+///
+/// Applies put records here instead of in sled, and
+/// [`StateMachine::write_back`] writes them every checkpoint: a message
+/// queued and delivered between two checkpoints never reaches sled, and one
+/// deferred at its first attempt is written once, not twice. sled is
+/// log-structured: whatever it writes, its segment cleaner later moves the
+/// live part of, and with a million messages queued most of what it moved
+/// was live records. Writing less is what keeps a large queue cheap. Until a
+/// checkpoint covers them these changes are in the Raft log, which is
+/// re-applied from the checkpoint after a crash.
+#[derive(Default)]
+struct Unwritten {
+    /// Changed since the last write-back began; `None` is a removal.
+    records: HashMap<String, Option<MessageRecord>>,
+    /// Taken by the write-back in progress, read until they are in the tree.
+    writing: Arc<HashMap<String, Option<MessageRecord>>>,
+    /// The last applied log id (the tree's `a` is the one last written back).
+    applied: Option<LogId>,
+    /// The applied id in the tree.
+    applied_written: Option<LogId>,
+}
+
+impl Unwritten {
+    /// `Some(record or removal)` if `id` changed since the tree was written.
+    fn get(&self, id: &str) -> Option<&Option<MessageRecord>> {
+        self.records.get(id).or_else(|| self.writing.get(id))
+    }
+
+    /// Every unwritten change, the newer one where both generations have one.
+    fn all(&self) -> BTreeMap<String, Option<MessageRecord>> {
+        let mut out: BTreeMap<_, _> = self.writing.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        out.extend(self.records.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out
+    }
 }
 
 /// What applying entries changed, for the shard's scheduler.
@@ -116,8 +159,16 @@ impl StateMachine {
             checkpoint: Arc::new(std::sync::Mutex::new(None)),
             events: None,
             messages: Arc::new(AtomicI64::new(0)),
+            unwritten: Arc::default(),
+            writing_back: Arc::default(),
         };
         sm.roll_back_to_checkpoint()?;
+        {
+            let applied = sm.written_applied()?;
+            let mut u = sm.lock_unwritten();
+            u.applied = applied;
+            u.applied_written = applied;
+        }
         let live = sm.count_messages()?;
         sm.wal.add_live(live);
         Ok(sm)
@@ -161,17 +212,73 @@ impl StateMachine {
         }
     }
 
-    /// Every queued message, in id (arrival) order, as applied on this replica.
+    fn lock_unwritten(&self) -> std::sync::MutexGuard<'_, Unwritten> {
+        self.unwritten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every queued message, in id (arrival) order, as applied on this
+    /// replica: the tree's records with the unwritten changes over them.
     pub fn messages(&self) -> impl Iterator<Item = anyhow::Result<MessageRecord>> {
-        self.tree.scan_prefix(MESSAGE_PREFIX).map(|item| {
-            let (k, v) = item?;
-            Ok(decode_message(&k, &v)?)
+        let mut unwritten = self.lock_unwritten().all().into_iter().peekable();
+        let mut tree = self.tree.scan_prefix(MESSAGE_PREFIX).peekable();
+        std::iter::from_fn(move || loop {
+            let tree_key = match tree.peek() {
+                Some(Ok((k, _))) => Some(k.clone()),
+                Some(Err(_)) => return tree.next().and_then(|r| r.err()).map(|e| Err(e.into())),
+                None => None,
+            };
+            let tree_id = tree_key
+                .as_ref()
+                .map(|k| k.get(MESSAGE_PREFIX.len()..).unwrap_or_default());
+            let unwritten_first = match (unwritten.peek(), tree_id) {
+                (None, None) => return None,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((id, _)), Some(t)) => id.as_bytes() <= t,
+            };
+            if !unwritten_first {
+                let (k, v) = tree.next()?.ok()?;
+                return Some(decode_message(&k, &v).map_err(Into::into));
+            }
+            let (id, change) = unwritten.next()?;
+            if tree_id == Some(id.as_bytes()) {
+                tree.next(); // superseded by the unwritten change
+            }
+            if let Some(record) = change {
+                return Some(Ok(record));
+            }
         })
+    }
+
+    /// When the oldest queued message arrived (unix seconds), as applied
+    /// on this replica. Queue ids start with their arrival time, so the
+    /// tree's first record not removed since is its oldest.
+    pub fn oldest_received_at(&self) -> Option<i64> {
+        let u = self.lock_unwritten();
+        let unwritten = [&u.records, &*u.writing]
+            .into_iter()
+            .flat_map(|m| m.values().flatten())
+            .map(|r| r.received_at)
+            .min();
+        let written = self
+            .tree
+            .scan_prefix(MESSAGE_PREFIX)
+            .filter_map(Result::ok)
+            .find(|(k, _)| {
+                let id = std::str::from_utf8(k.get(MESSAGE_PREFIX.len()..).unwrap_or_default()).unwrap_or_default();
+                !matches!(u.get(id), Some(None))
+            })
+            .and_then(|(k, v)| decode_message(&k, &v).ok())
+            .map(|r| r.received_at);
+        unwritten.into_iter().chain(written).min()
     }
 
     /// The queued message `id`, as applied on this replica.
     pub fn message(&self, id: &str) -> Result<Option<MessageRecord>, StorageError> {
         let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        if let Some(change) = self.lock_unwritten().get(id) {
+            return Ok(change.clone());
+        }
         match self.tree.get(message_key(id)).map_err(|e| err(&e))? {
             None => Ok(None),
             Some(v) => MessageRecord::from_stored(id, &v).map(Some).map_err(|e| err(&e)),
@@ -205,7 +312,7 @@ impl StateMachine {
         body: Body,
     ) -> Result<bool, StorageError> {
         let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
-        if staged.contains_key(&record.id) || self.tree.contains_key(message_key(&record.id)).map_err(|e| err(&e))? {
+        if staged.contains_key(&record.id) || self.message(&record.id)?.is_some() {
             return Ok(false);
         }
         let loc = match body.loc {
@@ -314,6 +421,78 @@ impl StateMachine {
         Ok(self.read::<Option<LogId>>(APPLIED)?.flatten())
     }
 
+    /// Writes the unwritten records, then the applied id they go with, to
+    /// the tree (not flushed), and returns that applied id: what a
+    /// checkpoint covers once everything written so far is flushed.
+    pub async fn write_back(&self) -> Result<Option<LogId>, StorageError> {
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        let _one = self.writing_back.lock().await;
+        let (records, applied) = {
+            let mut u = self.lock_unwritten();
+            if u.records.is_empty() && u.applied == u.applied_written {
+                return Ok(u.applied);
+            }
+            u.writing = Arc::new(std::mem::take(&mut u.records));
+            (Arc::clone(&u.writing), u.applied)
+        };
+        // A follower may apply entries before its own log write is synced;
+        // sled must not hold a record pointing at a body that a crash could
+        // still take away (sled flushes by itself every half second).
+        let unsynced = records
+            .values()
+            .flatten()
+            .filter_map(|r| r.body.as_ref())
+            .any(|loc| !self.wal.is_durable(loc));
+        let mut written = if unsynced {
+            self.durability.flush().await
+        } else {
+            Ok(())
+        };
+        if written.is_ok() {
+            // Thousands of sled writes: off the runtime's worker threads,
+            // where they would hold up SMTP sessions.
+            let sm = self.clone();
+            written = tokio::task::spawn_blocking(move || sm.write_records(&records, applied))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        }
+        let mut u = self.lock_unwritten();
+        let writing = std::mem::take(&mut u.writing);
+        match written {
+            Ok(()) => {
+                u.applied_written = applied;
+                Ok(applied)
+            }
+            Err(e) => {
+                // Back to unwritten, under the changes made since.
+                let newer = std::mem::take(&mut u.records);
+                u.records = Arc::unwrap_or_clone(writing);
+                u.records.extend(newer);
+                Err(err(&e))
+            }
+        }
+    }
+
+    fn write_records(
+        &self,
+        records: &HashMap<String, Option<MessageRecord>>,
+        applied: Option<LogId>,
+    ) -> anyhow::Result<()> {
+        // In id order: ids start with their arrival time, so neighbours
+        // share sled's leaves.
+        let mut records: Vec<_> = records.iter().collect();
+        records.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (id, record) in records {
+            match record {
+                Some(r) => self.tree.insert(message_key(id), r.to_stored()?)?,
+                None => self.tree.remove(message_key(id))?,
+            };
+        }
+        self.tree.insert(APPLIED, bincode::serialize(&applied)?)?;
+        Ok(())
+    }
+
     /// Records `applied` as a checkpoint: the caller has flushed everything
     /// written up to it. Never moves the checkpoint back.
     pub fn write_checkpoint(&self, applied: Option<LogId>) -> Result<(), StorageError> {
@@ -372,6 +551,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             Some(p) => p,
             None => self.applied_state().await?,
         };
+        self.write_back().await?;
         self.durability
             .flush_all()
             .await
@@ -389,7 +569,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
-        let applied = self.read::<Option<LogId>>(APPLIED)?.flatten();
+        let applied = self.lock_unwritten().applied;
         let membership = self.read::<Membership>(MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
     }
@@ -506,6 +686,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 }
                                 events.push(SmEvent::Removed { id: id.clone() });
                                 staged.insert(id, None);
+                                added -= 1;
                                 continue;
                             }
                         }
@@ -545,32 +726,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             responses.push(response);
         }
-        // A follower may apply entries before its own log write is synced;
-        // sled must not keep a record pointing at a body that a crash could
-        // still take away (sled flushes by itself every half second).
-        let unsynced = staged
-            .values()
-            .flatten()
-            .filter_map(|r| r.body.as_ref())
-            .any(|loc| !self.wal.is_durable(loc));
-        if unsynced {
-            self.durability.flush().await.map_err(|e| err(&e))?;
-        }
-        for (id, record) in staged {
-            match record {
-                Some(r) => batch.insert(message_key(&id), r.into_stored().map_err(|e| err(&e))?),
-                None => batch.remove(message_key(&id)),
-            }
-        }
         if last.is_some() {
-            // One write per key, the applied id last: a sled batch would
-            // seal sled's IO buffer twice (two jobs for its IO thread pool)
-            // per apply. A crash may keep part of this run; the start-up
-            // rolls back to the last checkpoint and re-applies from there.
-            batch.insert(APPLIED, bincode::serialize(&last).map_err(|e| err(&e))?);
+            // Other keys one write per key: a sled batch would seal sled's
+            // IO buffer twice (two jobs for its IO thread pool) per apply.
+            // A crash may keep part of this run; the start-up rolls back to
+            // the last checkpoint and re-applies from there.
             batch.write(&self.tree).map_err(|e| err(&e))?;
+            let mut unwritten = self.lock_unwritten();
+            unwritten.records.extend(staged);
+            unwritten.applied = last;
             self.messages.fetch_add(added, Ordering::Relaxed);
-            self.durability.reclaim();
         }
         if let Some((tx, _)) = self.events.as_ref().filter(|(_, wanted)| wanted.load(Ordering::SeqCst)) {
             for e in events {
@@ -596,14 +761,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             |e: &dyn std::fmt::Display| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         let bytes = snapshot.into_inner();
         let data: SnapshotData = bincode::deserialize(&bytes).map_err(|e| err(&e))?;
+        // No write-back may put an old record back under the new state.
+        let _one = self.writing_back.lock().await;
         let mut batch = sled::Batch::default();
         let mut released = Vec::new();
+        for record in self.messages() {
+            let record = record.map_err(|e| err(&e))?;
+            released.extend(record.body.map(|loc| loc.segment));
+        }
         for item in self.tree.iter() {
-            let (k, v) = item.map_err(|e| err(&e))?;
-            if k.starts_with(MESSAGE_PREFIX) {
-                let record = decode_message(&k, &v).map_err(|e| err(&e))?;
-                released.extend(record.body.map(|loc| loc.segment));
-            }
+            let (k, _) = item.map_err(|e| err(&e))?;
             batch.remove(k);
         }
         for (k, v) in data.kv {
@@ -625,7 +792,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.wal.retain(loc.segment);
             }
             let key = message_key(&record.id);
-            batch.insert(key, record.into_stored().map_err(|e| err(&e))?);
+            batch.insert(key, record.to_stored().map_err(|e| err(&e))?);
         }
         batch.insert(APPLIED, bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?);
         // Atomic with the state it describes, so a checkpoint of its own.
@@ -638,13 +805,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
             self.tree.apply_batch(batch).map_err(|e| err(&e))?;
             *mark = meta.last_log_id;
+            let mut u = self.lock_unwritten();
+            u.records.clear();
+            u.applied = meta.last_log_id;
+            u.applied_written = meta.last_log_id;
         }
         self.messages.store(count, Ordering::Relaxed);
         self.durability.flush_all().await.map_err(|e| err(&e))?;
         for segment in released {
             self.wal.release(segment);
         }
-        self.durability.reclaim();
         Ok(())
     }
 
@@ -662,6 +832,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }));
         }
         // On the state machine's task, in order with applies: consistent.
+        self.write_back().await?;
         let captured = self.capture()?;
         Ok(Some(Snapshot {
             meta: self.snapshot_meta(captured.applied, captured.membership.clone()),

@@ -22,6 +22,19 @@ fn open(dir: &std::path::Path) -> (LogStore, StateMachine) {
     open_with(Durability::open(dir).unwrap())
 }
 
+/// Opens again what the last test step dropped: sled's and the flusher's
+/// threads release the database lock shortly after the drop.
+async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachine) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Durability::open(dir) {
+            Ok(d) => break open_with(d),
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:#}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 fn open_with(durability: Arc<Durability>) -> (LogStore, StateMachine) {
     let log = LogStore::open(Arc::clone(&durability), 1).unwrap();
     let sm = StateMachine::open(Arc::clone(&durability), 1).unwrap();
@@ -73,17 +86,10 @@ async fn bodies_are_sideloaded_and_survive_reopen() {
         let again = log.try_get_log_entries(1..2).await.unwrap();
         assert!(!sm.apply(again).await.unwrap()[0].changed);
         assert_eq!(sm.message_count(), 2);
+        // As the checkpointer (or a clean stop) does.
+        sm.write_back().await.unwrap();
     }
-    // sled's and the flusher's threads release the database lock shortly after drop.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let durability = loop {
-        match Durability::open(dir.path()) {
-            Ok(d) => break d,
-            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:#}"),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let (mut log, sm) = open_with(durability);
+    let (mut log, sm) = reopen(dir.path()).await;
     assert_eq!(sm.message_count(), 2, "counted again at open");
     // Replication reads bodies back; applying needs only where they are.
     let entries = log.reader().try_get_log_entries(1..3).await.unwrap();
@@ -216,7 +222,7 @@ async fn final_messages_free_their_log_segments() {
     )
     .unwrap();
     let wal = Arc::clone(durability.wal());
-    let (mut log, mut sm) = open_with(durability);
+    let (mut log, mut sm) = open_with(Arc::clone(&durability));
     let envelope = Envelope {
         recipients: vec![Recipient {
             address: "r@example.test".into(),
@@ -266,6 +272,13 @@ async fn final_messages_free_their_log_segments() {
     log.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 5))
         .await
         .unwrap();
+    // Nothing goes before the removals are written back and flushed ...
+    assert_eq!(wal.segment_files(), 5);
+    // ... which the checkpointer does every second (Host::checkpoint_all).
+    let doomed = durability.take_reclaimable();
+    sm.write_back().await.unwrap();
+    durability.flush_all().await.unwrap();
+    durability.retire(doomed);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     // A and B go; C is still queued; D's goes too (the outcome is in the fifth, being written).
     while wal.segment_files() != 2 {
@@ -322,27 +335,20 @@ async fn snapshot_carries_queued_messages_and_bodies() {
 #[tokio::test]
 async fn open_rolls_back_to_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let reopen = |dir: std::path::PathBuf| async move {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Durability::open(&dir) {
-                Ok(d) => break open_with(d),
-                Err(e) => assert!(std::time::Instant::now() < deadline, "{e:#}"),
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
     {
         let (mut log, mut sm) = open(dir.path());
         log.blocking_append(vec![enqueue_entry(1, "A", b"a"), enqueue_entry(2, "B", b"b")])
             .await
             .unwrap();
         sm.apply(log.try_get_log_entries(1..2).await.unwrap()).await.unwrap();
-        sm.write_checkpoint(sm.written_applied().unwrap()).unwrap();
+        let applied = sm.write_back().await.unwrap();
+        sm.write_checkpoint(applied).unwrap();
         sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
+        // Written to the tree, not checkpointed.
+        sm.write_back().await.unwrap();
         assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
     }
-    let (mut log, mut sm) = reopen(dir.path().to_owned()).await;
+    let (mut log, mut sm) = reopen(dir.path()).await;
     assert_eq!(
         sm.applied_state().await.unwrap().0.map(|l| l.index),
         Some(1),
@@ -352,4 +358,78 @@ async fn open_rolls_back_to_the_last_checkpoint() {
     let again = sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
     assert!(!again[0].changed, "B was already there");
     assert_eq!(sm.message_count(), 2);
+}
+
+/// Applied message records wait in memory, where every reader sees them,
+/// until a write-back puts them in the tree; removals too.
+#[tokio::test]
+async fn applied_records_are_written_back_in_one_go() {
+    use super::state_machine::MESSAGE_PREFIX;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path());
+    let entries: Vec<_> = ["A", "B", "C"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| enqueue_entry(i as u64 + 1, id, id.as_bytes()))
+        .collect();
+    log.blocking_append(entries).await.unwrap();
+    sm.apply(log.try_get_log_entries(1..3).await.unwrap()).await.unwrap();
+    let in_tree = |sm: &StateMachine| sm.tree().scan_prefix(MESSAGE_PREFIX).count();
+    let listed = |sm: &StateMachine| sm.messages().map(|r| r.unwrap().id).collect::<Vec<_>>();
+    assert_eq!(in_tree(&sm), 0, "nothing written yet");
+    assert_eq!(listed(&sm), ["A", "B"]);
+    assert!(sm.message("B").unwrap().is_some());
+
+    assert_eq!(sm.write_back().await.unwrap().map(|l| l.index), Some(2));
+    assert_eq!(in_tree(&sm), 2);
+    assert_eq!(sm.written_applied().unwrap().map(|l| l.index), Some(2));
+
+    // C arrives and A is deleted: the tree still has A, no reader does.
+    let delete_a = Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 4),
+        payload: EntryPayload::Normal(Request::QueueOp {
+            action: super::QueueAction::Delete,
+            ids: vec!["A".into()],
+        }),
+    };
+    log.blocking_append([delete_a]).await.unwrap();
+    sm.apply(log.try_get_log_entries(3..5).await.unwrap()).await.unwrap();
+    assert_eq!(listed(&sm), ["B", "C"]);
+    assert!(sm.message("A").unwrap().is_none());
+    assert_eq!(sm.message_count(), 2);
+    assert_eq!(in_tree(&sm), 2, "A and B, as written back");
+
+    sm.write_back().await.unwrap();
+    let ids: Vec<_> = sm
+        .tree()
+        .scan_prefix(MESSAGE_PREFIX)
+        .map(|r| r.unwrap().0.to_vec())
+        .collect();
+    assert_eq!(ids, [b"m/B".to_vec(), b"m/C".to_vec()]);
+    assert_eq!(listed(&sm), ["B", "C"]);
+}
+
+/// After a crash, what was applied but not written back is applied again
+/// from the log (from the last checkpoint).
+#[tokio::test]
+async fn an_apply_lost_before_its_write_back_is_applied_again() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, mut sm) = open(dir.path());
+        log.blocking_append(vec![enqueue_entry(1, "A", b"a"), enqueue_entry(2, "B", b"b")])
+            .await
+            .unwrap();
+        sm.apply(log.try_get_log_entries(1..2).await.unwrap()).await.unwrap();
+        let applied = sm.write_back().await.unwrap();
+        sm.write_checkpoint(applied).unwrap();
+        sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
+        assert_eq!(sm.message_count(), 2);
+    }
+    let (mut log, mut sm) = reopen(dir.path()).await;
+    assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(1));
+    assert_eq!(sm.message_count(), 1, "B was never written");
+    let again = sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
+    assert!(again[0].changed, "B is queued again");
+    assert_eq!(sm.messages().map(|r| r.unwrap().id).collect::<Vec<_>>(), ["A", "B"]);
 }

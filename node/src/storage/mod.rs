@@ -136,29 +136,24 @@ impl Durability {
         rx.await.map_err(|_| "flusher stopped".to_string())?
     }
 
-    /// Retires the log segments nothing needs any more, after a full flush
-    /// (so that the purges and the removals that freed them are on disk
-    /// first: after a crash nothing can point into a deleted segment).
-    pub fn reclaim(self: &Arc<Self>) {
-        let doomed = self.wal().take_reclaimable();
-        if doomed.is_empty() {
-            return;
+    /// Log segments nothing needs any more, forgotten by the log: the
+    /// caller [`Durability::retire`]s them once the removals and purges
+    /// that freed them are on disk (after a crash nothing may point into a
+    /// deleted segment). State machines hold removals in memory until their
+    /// write-back, so the caller writes every one back, then flushes.
+    pub fn take_reclaimable(&self) -> Vec<u64> {
+        self.wal().take_reclaimable()
+    }
+
+    /// Deletes (or keeps as spares) segments from [`Durability::take_reclaimable`]
+    /// after a full flush that followed it.
+    pub fn retire(&self, doomed: Vec<u64>) {
+        for seq in doomed {
+            match self.wal().retire(seq) {
+                Ok(()) => tracing::debug!(segment = seq, "log segment reclaimed"),
+                Err(e) => tracing::warn!(segment = seq, error = %e, "cannot retire log segment"),
+            }
         }
-        let durability = Arc::clone(self);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            if durability.flush_all().await.is_err() {
-                return;
-            }
-            for seq in doomed {
-                match durability.wal().retire(seq) {
-                    Ok(()) => tracing::debug!(segment = seq, "log segment reclaimed"),
-                    Err(e) => tracing::warn!(segment = seq, error = %e, "cannot retire log segment"),
-                }
-            }
-        });
     }
 
     fn send(&self, job: Job) {
