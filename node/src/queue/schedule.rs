@@ -68,6 +68,11 @@ impl Schedule {
         }
     }
 
+    /// Whether a message is due at or before `now`.
+    pub fn has_due(&self, now: i64) -> bool {
+        self.by_due.first().is_some_and(|(due, _)| *due <= now)
+    }
+
     /// Takes up to `max` messages due at or before `now`, earliest first.
     pub fn pop_due(&mut self, now: i64, max: usize) -> Vec<String> {
         let mut out = Vec::new();
@@ -167,7 +172,9 @@ mod tests {
         s.insert("late", 100);
         s.insert("early", 10);
         s.insert("now", 0);
+        assert!(s.has_due(0) && !Schedule::default().has_due(50));
         assert_eq!(s.pop_due(50, 10), vec!["now", "early"]);
+        assert!(!s.has_due(50), "only the late one is left");
         assert_eq!(s.len(), 1);
         s.insert("late", 40); // moved earlier
         assert_eq!(s.pop_due(50, 10), vec!["late"]);

@@ -118,9 +118,11 @@ impl QueueShard {
     /// Dispatches due mail only while a quorum has recently confirmed this
     /// node's leadership: a leader that was frozen (SIGSTOP, a long GC or VM
     /// pause) and wakes up must not deliver what a new leader now delivers.
-    /// One quorum round per lease at most, not one per message.
+    /// One quorum round per lease at most, not one per message, and none
+    /// while nothing is due: a shard holding only deferred mail would
+    /// otherwise ask its followers twice a second for nothing.
     fn confirm_then_dispatch(&mut self, ctx: &mut Context<Self>) {
-        if self.leader_term.is_none() || self.schedule.is_empty() {
+        if self.leader_term.is_none() || !self.schedule.has_due(self.now()) {
             return;
         }
         if self.lease.fresh() {
