@@ -329,14 +329,12 @@ async fn snapshot_carries_queued_messages_and_bodies() {
     assert_eq!(follower.wal().read(&record.body.unwrap()).unwrap(), big);
 }
 
-/// Applies are not flushed; at open the applied id goes back to the last
-/// checkpoint (written after a full flush) and the log is re-applied from
-/// there, which changes nothing already there.
-#[tokio::test]
-async fn open_rolls_back_to_the_last_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
+/// Applies A and checkpoints, applies B (written back to the tree or not),
+/// then drops everything as a crash would and opens the store again: it is
+/// back at the checkpoint, with B in the tree only if it was written back.
+async fn crash_after_a_checkpoint(dir: &std::path::Path, write_back_b: bool) -> (LogStore, StateMachine) {
     {
-        let (mut log, mut sm) = open(dir.path());
+        let (mut log, mut sm) = open(dir);
         log.blocking_append(vec![enqueue_entry(1, "A", b"a"), enqueue_entry(2, "B", b"b")])
             .await
             .unwrap();
@@ -344,16 +342,28 @@ async fn open_rolls_back_to_the_last_checkpoint() {
         let applied = sm.write_back().await.unwrap();
         sm.write_checkpoint(applied).unwrap();
         sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
-        // Written to the tree, not checkpointed.
-        sm.write_back().await.unwrap();
+        if write_back_b {
+            sm.write_back().await.unwrap();
+        }
         assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
+        assert_eq!(sm.message_count(), 2);
     }
-    let (mut log, mut sm) = reopen(dir.path()).await;
+    let (log, mut sm) = reopen(dir).await;
     assert_eq!(
         sm.applied_state().await.unwrap().0.map(|l| l.index),
         Some(1),
         "back to the checkpoint"
     );
+    (log, sm)
+}
+
+/// Writes are not flushed; at open the applied id goes back to the last
+/// checkpoint (written after a full flush) and the log is re-applied from
+/// there, which changes nothing already there.
+#[tokio::test]
+async fn open_rolls_back_to_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = crash_after_a_checkpoint(dir.path(), true).await;
     assert_eq!(sm.message_count(), 2);
     let again = sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
     assert!(!again[0].changed, "B was already there");
@@ -415,19 +425,7 @@ async fn applied_records_are_written_back_in_one_go() {
 #[tokio::test]
 async fn an_apply_lost_before_its_write_back_is_applied_again() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let (mut log, mut sm) = open(dir.path());
-        log.blocking_append(vec![enqueue_entry(1, "A", b"a"), enqueue_entry(2, "B", b"b")])
-            .await
-            .unwrap();
-        sm.apply(log.try_get_log_entries(1..2).await.unwrap()).await.unwrap();
-        let applied = sm.write_back().await.unwrap();
-        sm.write_checkpoint(applied).unwrap();
-        sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
-        assert_eq!(sm.message_count(), 2);
-    }
-    let (mut log, mut sm) = reopen(dir.path()).await;
-    assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(1));
+    let (mut log, mut sm) = crash_after_a_checkpoint(dir.path(), false).await;
     assert_eq!(sm.message_count(), 1, "B was never written");
     let again = sm.apply(log.try_get_log_entries(2..3).await.unwrap()).await.unwrap();
     assert!(again[0].changed, "B is queued again");
