@@ -79,6 +79,12 @@ impl Durability {
             .path(&sled_dir)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(cache_bytes)
+            // No flusher thread of sled's own: Tern flushes sled itself at
+            // every checkpoint, and that thread also spent up to half its
+            // time rewriting live pages into fresh segments, which after a
+            // large fill kept an idle node busy for minutes. sled still
+            // cleans one page on every write while it has segments to clean.
+            .flush_every_ms(None)
             .open()
             .with_context(|| format!("opening sled database in {}", sled_dir.display()))?;
         let db_file = File::open(sled_dir.join("db")).context("opening sled data file for fdatasync")?;
