@@ -376,9 +376,17 @@ impl QueueShard {
             // One quorum round per leadership, not per message.
             group.raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
             let mut due = Vec::new();
-            // A read error ends the load (retried).
+            // A read error ends the load (retried); a record that does not
+            // decode is skipped, as before, or the shard would never deliver.
             for record in group.sm.messages() {
-                let r = record.map_err(|e| e.to_string())?;
+                let r = match record {
+                    Ok(r) => r,
+                    Err(e) if e.downcast_ref::<sled::Error>().is_some() => return Err(e.to_string()),
+                    Err(e) => {
+                        tracing::warn!(shard = group.id, error = %e, "skipping a queued record that does not decode");
+                        continue;
+                    }
+                };
                 if !r.held {
                     due.push((r.id, r.next_attempt));
                 }
