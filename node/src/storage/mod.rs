@@ -9,7 +9,9 @@
 //! (from their last checkpoint), and are flushed (sled flush, then
 //! `fdatasync` of sled's data file, because sled 0.34's flush ends in
 //! `sync_file_range`) only for a checkpoint (once a second), before the log
-//! is purged behind them, and before log segments are deleted.
+//! is purged behind them, and before log segments are deleted. That flush
+//! runs on a blocking thread of its own, not the flusher's: it takes
+//! milliseconds, and every log append arriving meanwhile would wait for it.
 
 pub mod wal;
 
@@ -22,14 +24,10 @@ use openraft::storage::LogFlushed;
 use crate::metrics::StorageMetrics;
 use crate::raft::TypeConfig;
 
-/// A completion waiting for the next durable flush.
+/// A completion waiting for the next durable flush of the log.
 enum Job {
     Log(LogFlushed<TypeConfig>),
-    /// `full`: the state machines (sled) too, not only the log.
-    Waiter {
-        tx: tokio::sync::oneshot::Sender<Result<(), String>>,
-        full: bool,
-    },
+    Waiter(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
 /// What the flusher thread needs; separate so that dropping [`Durability`]
@@ -128,18 +126,18 @@ impl Durability {
 
     /// Waits until everything written to the log so far is on disk.
     pub async fn flush(&self) -> Result<(), String> {
-        self.wait(false).await
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Waiter(tx));
+        rx.await.map_err(|_| "flusher stopped".to_string())?
     }
 
     /// Waits until the log and every state machine write so far are on disk.
     pub async fn flush_all(&self) -> Result<(), String> {
-        self.wait(true).await
-    }
-
-    async fn wait(&self, full: bool) -> Result<(), String> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(Job::Waiter { tx, full });
-        rx.await.map_err(|_| "flusher stopped".to_string())?
+        let syncer = Arc::clone(&self.syncer);
+        tokio::task::spawn_blocking(move || syncer.sync_state())
+            .await
+            .map_err(|e| format!("sled flush: {e}"))??;
+        self.flush().await
     }
 
     /// Log segments nothing needs any more, forgotten by the log: the
@@ -176,8 +174,7 @@ impl Syncer {
             let mut jobs = vec![first];
             jobs.extend(rx.try_iter());
             let started = std::time::Instant::now();
-            let full = jobs.iter().any(|j| matches!(j, Job::Waiter { full: true, .. }));
-            let result = self.sync(full);
+            let result = self.wal.sync().map_err(|e| format!("fdatasync log: {e}"));
             self.metrics.commit(started.elapsed().as_secs_f64(), jobs.len());
             if let Err(e) = &result {
                 tracing::error!(error = %e, "durable flush failed");
@@ -193,22 +190,17 @@ impl Syncer {
         }
     }
 
-    /// One round of group commit: the log, and sled when `full`.
-    fn sync(&self, full: bool) -> Result<(), String> {
-        if full {
-            self.db
-                .flush()
-                .map_err(|e| format!("sled flush: {e}"))
-                .and_then(|_| self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}")))?;
-        }
-        self.wal.sync().map_err(|e| format!("fdatasync log: {e}"))
+    /// Makes every sled write so far durable.
+    fn sync_state(&self) -> Result<(), String> {
+        self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
+        self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}"))
     }
 }
 
 fn complete(job: Job, result: Result<(), String>) {
     match job {
         Job::Log(cb) => cb.log_io_completed(result.map_err(std::io::Error::other)),
-        Job::Waiter { tx, .. } => {
+        Job::Waiter(tx) => {
             let _ = tx.send(result);
         }
     }
