@@ -75,11 +75,16 @@ fn main() -> anyhow::Result<()> {
         .with(tap)
         .init();
     // actix runs on the same multi-thread tokio runtime as Raft and tonic.
-    let system = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("cannot start the tokio runtime")
+    // Nodes sharing a machine each take a few threads (node.worker_threads):
+    // more runnable threads than cores wake each other and wait in the CPU
+    // queue, which shows in the 250's latency (bench/RESULTS.md).
+    let worker_threads = config.worker_threads;
+    let system = actix::System::with_tokio_rt(move || {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = worker_threads {
+            rt.worker_threads(n);
+        }
+        rt.enable_all().build().expect("cannot start the tokio runtime")
     });
     system.block_on(tern_node::app::run_with_events(config, events))
 }

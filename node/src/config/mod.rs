@@ -270,6 +270,7 @@ struct RawNode {
     hostname: Option<String>,
     data_dir: Option<PathBuf>,
     state_cache_mb: Option<u64>,
+    worker_threads: Option<usize>,
     log_segment_mb: Option<u64>,
     log_keep_mb: Option<u64>,
 }
@@ -335,6 +336,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Memory for the cache of the queue-state database (sled), bytes.
     pub state_cache_bytes: u64,
+    /// Threads of the async runtime (SMTP, Raft, delivery); None: one per CPU.
+    pub worker_threads: Option<usize>,
     /// Size of one write-ahead log segment file, bytes.
     pub log_segment_bytes: u64,
     /// Write-ahead log kept behind the newest entries before Raft logs are
@@ -488,6 +491,15 @@ impl Config {
                 reason: format!("{state_cache_mb} is outside 16..=1048576"),
             });
         }
+        let worker_threads = match raw.node.worker_threads {
+            Some(n) if !(1..=1024).contains(&n) => {
+                return Err(ConfigError::Invalid {
+                    key: "node.worker_threads",
+                    reason: format!("{n} is outside 1..=1024"),
+                })
+            }
+            n => n,
+        };
         let log_segment_mb = raw
             .node
             .log_segment_mb
@@ -724,6 +736,7 @@ impl Config {
             hostname,
             data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from("tern-data")),
             state_cache_bytes: state_cache_mb << 20,
+            worker_threads,
             log_segment_bytes: log_segment_mb << 20,
             log_keep_bytes: log_keep_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
@@ -906,6 +919,7 @@ mod tests {
         assert_eq!(c.listen_grpc.to_string(), DEFAULT_GRPC);
         assert_eq!(c.shards, 16);
         assert_eq!(c.state_cache_bytes, 256 << 20);
+        assert_eq!(c.worker_threads, None);
         assert_eq!((c.log_segment_bytes, c.log_keep_bytes), (64 << 20, 256 << 20));
         assert!(c.inbound.enabled);
         assert_eq!(c.inbound.dmarc_policy, DmarcPolicyMode::Enforce);
@@ -945,6 +959,9 @@ mod tests {
         assert!(Config::from_toml("[policy]\nmax_recipients = 10\n").is_err());
         assert!(Config::from_toml("[cluster]\nshards = 0\n").is_err());
         assert!(Config::from_toml("[node]\nstate_cache_mb = 8\n").is_err());
+        assert!(Config::from_toml("[node]\nworker_threads = 0\n").is_err());
+        let c = Config::from_toml("[node]\nworker_threads = 1\n").unwrap();
+        assert_eq!(c.worker_threads, Some(1));
         let c = Config::from_toml("[node]\nstate_cache_mb = 2048\n").unwrap();
         assert_eq!(c.state_cache_bytes, 2048 << 20);
         assert!(Config::from_toml("[node]\nlog_segment_mb = 0\n").is_err());
