@@ -105,6 +105,11 @@ impl Node {
         Self::start_full(1, true, node_keys, "", extra)
     }
 
+    /// As [`Node::start_node`], with `node_keys` added to its `[node]` table.
+    pub fn start_node_with_keys(id: u64, bootstrap: bool, node_keys: &str, extra: &str) -> Node {
+        Self::start_full(id, bootstrap, node_keys, "", extra)
+    }
+
     fn start_full(id: u64, bootstrap: bool, node_keys: &str, listen: &str, extra: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let grpc = free_port();
