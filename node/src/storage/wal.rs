@@ -11,10 +11,20 @@
 //! [`BodyLoc`] from the log entry and from the state machine's message
 //! record. Replay at open rebuilds each group's index (log index → record).
 //!
-//! Segments are never appended to after a restart (a torn tail stays where
-//! it is), and each new segment starts with the current vote, commit and
-//! purge marks of every group, so older segments are needed only for the
-//! entries and bodies in them.
+//! Segments are never appended to after a restart, and each new segment
+//! starts with the current vote, commit and purge marks of every group, so
+//! older segments are needed only for the entries and bodies in them.
+//!
+//! Invariants that make a crash (or a power cut) recoverable:
+//! - A segment is fsynced whole, ending in its [`Kind::End`] record, before
+//!   the next one is created; so only the newest segment can end in a torn
+//!   write. At open a torn tail there is cut off, durably, before anything
+//!   new is written; a record that fails its checksum in any other segment
+//!   is damage, and the node refuses to start ([`Damaged`]).
+//! - At open every segment is fsynced before replay is relied on: writes of
+//!   a crashed process may still be only in the page cache.
+//! - An fsync error poisons the log ([`Poisoned`]): the kernel may have
+//!   dropped the pages it could not write, so no later sync proves them.
 //!
 //! Segments are recycled: a segment nothing needs any more is kept (up to
 //! [`MAX_SPARES`]) and renamed to become a later one, so that writes land in
@@ -232,7 +242,32 @@ pub struct Wal {
     dirty: Mutex<Vec<Arc<File>>>,
     /// Everything before this [`position`] is on disk.
     synced: std::sync::atomic::AtomicU64,
+    /// An fsync failed: after that the kernel may have dropped the dirty
+    /// pages and marked them clean, so no later sync proves anything.
+    failed: std::sync::atomic::AtomicBool,
+    /// Tests: the next fsync fails as if the disk had.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
+
+/// A record that fails its checksum before the end of the log.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "write-ahead log segment {} is damaged at offset {offset} and later segments exist; \
+     this node's log cannot be trusted. Remove this node's data directory and add the node \
+     back as a new member (docs/operations.md, \"A damaged write-ahead log\")",
+    path.display()
+)]
+pub struct Damaged {
+    pub path: PathBuf,
+    pub offset: u64,
+}
+
+/// An fsync of the log failed earlier: nothing written since the last good
+/// sync may ever count as durable.
+#[derive(Debug, thiserror::Error)]
+#[error("an earlier fsync of the write-ahead log failed; the log is not durable (fail-stop)")]
+pub struct Poisoned;
 
 /// A point in the log as one number (segment, then offset), for comparing.
 fn position(segment: u64, offset: u64) -> u64 {
@@ -353,27 +388,37 @@ impl Wal {
         for (i, &seq) in segments.iter().enumerate() {
             let path = segment_path(dir, seq);
             last = seq;
+            // A crash of the process leaves its unsynced writes in the page
+            // cache, where replay sees them: made durable before anything
+            // read here is relied on (a follower's ack, a purge).
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {}", path.display()))?;
             let replay =
                 replay_segment(&path, seq, &mut state).with_context(|| format!("replaying {}", path.display()))?;
             if replay.legacy {
                 legacy.insert(seq);
             }
             if let Some(good_len) = replay.cut {
-                // A torn write, or in the last segment the old records of a
-                // recycled file: keep what precedes it; nothing after it was
-                // made durable, so later segments are set aside unread.
-                if i + 1 == segments.len() && !replay.legacy {
-                    tracing::info!(segment = %path.display(), at = good_len, "write-ahead log ends here; truncating");
-                } else {
-                    tracing::warn!(segment = %path.display(), at = good_len, "write-ahead log ends in a torn record; truncating");
+                if i + 1 != segments.len() {
+                    // A segment is synced whole (with its End record) before
+                    // the next one is started, so only the last can end in a
+                    // torn write: this is damage, and what follows it cannot
+                    // be trusted to be a log at all.
+                    return Err(Damaged { path, offset: good_len }.into());
                 }
-                OpenOptions::new().write(true).open(&path)?.set_len(good_len)?;
-                for &later in &segments[i + 1..] {
-                    let p = segment_path(dir, later);
-                    tracing::error!(segment = %p.display(), "segment after a torn record set aside as .corrupt");
-                    std::fs::rename(&p, p.with_extension("seg.corrupt"))?;
-                }
-                break;
+                // The torn tail of the last segment (or zeros, or the old
+                // records of a recycled file): nothing past it was ever
+                // acknowledged. Cut durably, before any new segment exists,
+                // so that a later crash cannot bring the tail back behind it.
+                tracing::info!(segment = %path.display(), at = good_len, "write-ahead log ends here; truncating");
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                file.set_len(good_len)
+                    .and_then(|()| file.sync_all())
+                    .with_context(|| format!("truncating {}", path.display()))?;
             }
         }
         let seq = last + 1;
@@ -400,6 +445,9 @@ impl Wal {
             }),
             dirty: Mutex::new(Vec::new()),
             synced: std::sync::atomic::AtomicU64::new(position(seq, 0)),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         };
         {
             let mut inner = wal.lock();
@@ -441,9 +489,12 @@ impl Wal {
         let mut end = Batch::new(inner.active.seq, inner.active.size);
         end.push(Kind::End, 0, &[])?;
         end.commit(inner)?;
+        // Whole on disk before the next segment exists: then only the last
+        // segment can end in a torn write, and damage anywhere else is
+        // told apart from a crash (see `Wal::open`).
+        self.sync_file(&inner.active.file)?;
         let seq = inner.active.seq + 1;
         let active = new_segment(&self.dir, seq, &mut inner.spares, self.segment_bytes)?;
-        self.mark_dirty(Arc::clone(&inner.active.file));
         inner.open.insert(seq, Arc::clone(&active.file));
         inner.segments.insert(seq);
         inner.changed = true;
@@ -472,17 +523,48 @@ impl Wal {
     }
 
     /// Makes everything written so far durable (the group commit's fsync).
+    /// Fail-stop: after one failure every later call fails too.
     pub fn sync(&self) -> std::io::Result<()> {
+        if self.failed() {
+            return Err(std::io::Error::other(Poisoned));
+        }
         let upto = {
             let inner = self.lock();
             position(inner.active.seq, inner.active.size)
         };
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         for file in dirty {
-            file.sync_data()?;
+            self.sync_file(&file)?;
         }
         self.synced.fetch_max(upto, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// `fdatasync` of one segment, or the error that poisons the log.
+    fn sync_file(&self, file: &File) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(Poisoned));
+        }
+        #[cfg(test)]
+        let injected = self.fail_next_sync.swap(false, Ordering::AcqRel);
+        #[cfg(not(test))]
+        let injected = false;
+        let result = if injected {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            file.sync_data()
+        };
+        if let Err(e) = result {
+            self.failed.store(true, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether an fsync has failed (the log is poisoned).
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the record at `loc` is on disk yet.
@@ -934,6 +1016,69 @@ mod tests {
         }
         let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
         assert_eq!(wal.take_replayed(1).index.next(), 5);
+    }
+
+    #[test]
+    fn damage_before_the_last_segment_stops_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let damaged = {
+            let wal = Wal::open(dir.path(), 64).unwrap();
+            let first = wal.write_one(Kind::Entry, 1, &entry(1, &[b'a'; 80])).unwrap();
+            // Past 64 bytes: the next write rotates to a new segment.
+            wal.write_one(Kind::Entry, 1, &entry(2, &[b'b'; 80])).unwrap();
+            wal.sync().unwrap();
+            first
+        };
+        // Flip a payload byte of a record in the older segment.
+        let seg = segment_path(dir.path(), damaged.segment);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[(damaged.offset + HEADER as u64 + 9) as usize] ^= 0xff;
+        std::fs::write(&seg, bytes).unwrap();
+        let Err(err) = Wal::open(dir.path(), 64) else {
+            panic!("a damaged log opened");
+        };
+        let damaged = err.downcast_ref::<Damaged>().expect("a Damaged error");
+        assert_eq!(damaged.path, seg);
+        assert!(err.to_string().contains("data directory"), "{err}");
+        assert_eq!(files_ending(dir.path(), ".corrupt"), 0, "nothing renamed or cut");
+    }
+
+    #[test]
+    fn a_newest_segment_that_lost_everything_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let wal = Wal::open(dir.path(), 64).unwrap();
+            let first = wal.write_one(Kind::Entry, 1, &entry(1, &[b'a'; 80])).unwrap();
+            // Rotates: the old segment is synced whole first.
+            wal.write_one(Kind::Entry, 1, &entry(2, &[b'b'; 80])).unwrap();
+            first
+        };
+        // A power cut before the new segment's first sync: its file exists
+        // (its directory entry was synced) but holds nothing.
+        std::fs::write(segment_path(dir.path(), first.segment + 1), b"").unwrap();
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        assert_eq!(
+            wal.take_replayed(1).index.next(),
+            2,
+            "entry 1 stays, 2 was never synced"
+        );
+    }
+
+    #[test]
+    fn a_failed_fsync_poisons_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let loc = wal.write_one(Kind::Body, 1, b"lost?").unwrap();
+        wal.fail_next_sync.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(wal.sync().is_err());
+        assert!(wal.failed());
+        // The disk works again, but the kernel may have dropped the pages
+        // it failed to write: nothing before the failure counts.
+        assert!(wal.sync().is_err(), "a later sync does not succeed");
+        assert!(!wal.is_durable(&loc));
+        let later = wal.write_one(Kind::Body, 1, b"later").unwrap();
+        assert!(wal.sync().is_err());
+        assert!(!wal.is_durable(&later));
     }
 
     fn fill_and_reclaim(wal: &Wal, from: u64, to: u64) {
