@@ -154,6 +154,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         metrics.storage.clone(),
         config.log_segment_bytes,
         config.state_cache_bytes,
+        crate::storage::OnSyncError::Exit,
     )?;
     let local = durability.db().open_tree("local")?;
     let initialized = local.get(LOCAL_INITIALIZED)?.is_some();

@@ -430,6 +430,7 @@ impl DeliveryMetrics {
 pub struct StorageMetrics {
     fsync_seconds: Histogram,
     batch_size: Histogram,
+    sync_failures: Counter,
 }
 
 impl Default for StorageMetrics {
@@ -439,6 +440,7 @@ impl Default for StorageMetrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 17)),
             // 1 .. 4096 completions.
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            sync_failures: Counter::default(),
         }
     }
 }
@@ -450,7 +452,17 @@ impl StorageMetrics {
         self.batch_size.observe(batch as f64);
     }
 
+    /// An fsync of the log or the state failed (fail-stop follows).
+    pub fn sync_failed(&self) {
+        self.sync_failures.inc();
+    }
+
     fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_storage_fsync_failures",
+            "Failed fsyncs of the write-ahead log or the state database (a node stops at the first)",
+            self.sync_failures.clone(),
+        );
         r.register(
             "tern_storage_fsync_duration_seconds",
             "Time of one group commit (fdatasync of the write-ahead log; sled flush and fdatasync too when a snapshot or reclaim asks)",

@@ -219,6 +219,7 @@ async fn final_messages_free_their_log_segments() {
         Default::default(),
         1024,
         crate::storage::DEFAULT_CACHE_BYTES,
+        crate::storage::OnSyncError::Fail,
     )
     .unwrap();
     let wal = Arc::clone(durability.wal());

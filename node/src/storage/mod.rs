@@ -12,7 +12,17 @@
 //! is purged behind them, and before log segments are deleted. That flush
 //! runs on a blocking thread of its own, not the flusher's: it takes
 //! milliseconds, and every log append arriving meanwhile would wait for it.
+//!
+//! Order of durability (docs/design.md, "The durability contract"): log
+//! and bodies first, then the state that points at them (sled's blob files
+//! and their directory, then sled's data file), and a checkpoint only after
+//! that ([`crate::raft::state_machine`]). Any fsync error is fail-stop: the
+//! kernel may have dropped the pages it could not write and marked them
+//! clean, so nothing written before it may ever count as durable; the
+//! process exits with [`EXIT_STORAGE_FAILURE`] and a supervisor's restart
+//! replays the log.
 
+pub mod failpoint;
 pub mod wal;
 
 use std::fs::File;
@@ -23,6 +33,19 @@ use openraft::storage::LogFlushed;
 
 use crate::metrics::StorageMetrics;
 use crate::raft::TypeConfig;
+
+/// Exit code of a node stopped by a failed fsync (sysexits' EX_IOERR).
+pub const EXIT_STORAGE_FAILURE: i32 = 74;
+
+/// What a failed fsync does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnSyncError {
+    /// Log it and end the process ([`EXIT_STORAGE_FAILURE`]): the node's
+    /// behaviour.
+    Exit,
+    /// Only fail this and every later flush (in-process tests).
+    Fail,
+}
 
 /// A completion waiting for the next durable flush of the log.
 enum Job {
@@ -35,8 +58,54 @@ enum Job {
 struct Syncer {
     db: sled::Db,
     db_file: File,
+    /// sled's `blobs/` directory and the blob files already synced.
+    blobs: Mutex<Blobs>,
     wal: Arc<wal::Wal>,
     metrics: StorageMetrics,
+    on_error: OnSyncError,
+    /// A state flush failed (sled's files are poisoned like the log).
+    state_failed: std::sync::atomic::AtomicBool,
+}
+
+/// sled 0.34 writes any item over about 128 KiB (a message record with many
+/// recipients, say) to a file of its own under `blobs/`, and never fsyncs
+/// those files nor that directory. Tern does, before each state flush.
+struct Blobs {
+    dir: PathBuf,
+    synced: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl Blobs {
+    /// fsyncs every blob file not synced yet, then the directory if any was
+    /// new. Files gone since (sled removes blobs it no longer needs) are
+    /// forgotten.
+    fn sync(&mut self) -> std::io::Result<usize> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut new = 0;
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced.contains(&name) {
+                match File::open(self.dir.join(&name)) {
+                    Ok(f) => f.sync_all()?,
+                    // Removed by sled meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new += 1;
+            }
+            present.insert(name);
+        }
+        if new > 0 {
+            sync_dir(&self.dir)?;
+        }
+        self.synced = present;
+        Ok(new)
+    }
 }
 
 /// sled's cache unless configured (`node.state_cache_mb`). A queue whose
@@ -58,17 +127,20 @@ impl Durability {
             StorageMetrics::default(),
             wal::SEGMENT_BYTES,
             DEFAULT_CACHE_BYTES,
+            OnSyncError::Fail,
         )
     }
 
     /// As [`Durability::open`], with the flusher observing into `metrics`,
     /// log segments of `segment_bytes` and `cache_bytes` of sled cache
-    /// (`node.state_cache_mb`).
+    /// (`node.state_cache_mb`), and `on_error` deciding what a failed
+    /// fsync does.
     pub fn open_with(
         data_dir: &Path,
         metrics: StorageMetrics,
         segment_bytes: u64,
         cache_bytes: u64,
+        on_error: OnSyncError,
     ) -> anyhow::Result<Arc<Durability>> {
         use anyhow::Context as _;
         let sled_dir = data_dir.join("sled");
@@ -91,9 +163,22 @@ impl Durability {
         let syncer = Arc::new(Syncer {
             db,
             db_file,
+            blobs: Mutex::new(Blobs {
+                dir: sled_dir.join("blobs"),
+                synced: Default::default(),
+            }),
             wal,
             metrics,
+            on_error,
+            state_failed: Default::default(),
         });
+        // What a crashed process left in the page cache (and sled's own
+        // recovery wrote) is read as the state below: on disk first, so
+        // that a checkpoint read now is one a power cut cannot take back.
+        syncer
+            .sync_state()
+            .map_err(anyhow::Error::msg)
+            .context("syncing the state database at start")?;
         let flusher = Arc::clone(&syncer);
         let durability = Arc::new(Durability {
             syncer,
@@ -131,13 +216,20 @@ impl Durability {
         rx.await.map_err(|_| "flusher stopped".to_string())?
     }
 
-    /// Waits until the log and every state machine write so far are on disk.
+    /// Waits until the log and every state machine write so far are on disk:
+    /// the log (and the bodies in it) first, then the state pointing at it.
     pub async fn flush_all(&self) -> Result<(), String> {
+        self.flush().await?;
+        self.flush_state().await
+    }
+
+    /// Waits until every state machine write so far is on disk (sled's blob
+    /// files, its directory, then its data file); not the log.
+    pub async fn flush_state(&self) -> Result<(), String> {
         let syncer = Arc::clone(&self.syncer);
         tokio::task::spawn_blocking(move || syncer.sync_state())
             .await
-            .map_err(|e| format!("sled flush: {e}"))??;
-        self.flush().await
+            .map_err(|e| format!("sled flush: {e}"))?
     }
 
     /// Log segments nothing needs any more, forgotten by the log: the
@@ -177,7 +269,7 @@ impl Syncer {
             let result = self.wal.sync().map_err(|e| format!("fdatasync log: {e}"));
             self.metrics.commit(started.elapsed().as_secs_f64(), jobs.len());
             if let Err(e) = &result {
-                tracing::error!(error = %e, "durable flush failed");
+                self.failed(e);
             }
             tracing::trace!(
                 batch = jobs.len(),
@@ -190,10 +282,37 @@ impl Syncer {
         }
     }
 
-    /// Makes every sled write so far durable.
+    /// Makes every sled write so far durable: blob files (they exist from
+    /// the insert that made them) before the flush that makes the pages
+    /// pointing at them durable, again after it for any the flush wrote,
+    /// then the data file (sled 0.34's flush ends in `sync_file_range`).
     fn sync_state(&self) -> Result<(), String> {
-        self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
-        self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}"))
+        use std::sync::atomic::Ordering;
+        if self.state_failed.load(Ordering::Acquire) {
+            return Err("an earlier fsync of the state database failed (fail-stop)".into());
+        }
+        let result = (|| {
+            let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+            blobs.sync().map_err(|e| format!("fsync sled blobs: {e}"))?;
+            self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
+            blobs.sync().map_err(|e| format!("fsync sled blobs: {e}"))?;
+            self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}"))
+        })();
+        if let Err(e) = &result {
+            self.state_failed.store(true, Ordering::Release);
+            self.failed(e);
+        }
+        result
+    }
+
+    /// An fsync failed: counted, logged and, for a node, the end.
+    fn failed(&self, error: &str) {
+        self.metrics.sync_failed();
+        tracing::error!(error = %error, "fsync failed: nothing written since the last good sync can be trusted to be on disk");
+        if self.on_error == OnSyncError::Exit {
+            eprintln!("ternd: fsync failed ({error}); stopping (fail-stop, exit code {EXIT_STORAGE_FAILURE})");
+            std::process::exit(EXIT_STORAGE_FAILURE);
+        }
     }
 }
 
