@@ -99,8 +99,9 @@ impl GroupHost {
             return Ok(g);
         }
         self.record(id).await?;
-        let log = LogStore::open(Arc::clone(&self.durability), id)?;
+        let mut log = LogStore::open(Arc::clone(&self.durability), id)?;
         let mut sm = StateMachine::open(Arc::clone(&self.durability), id)?;
+        log.set_purge_floor(sm.purge_floor());
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let events_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         sm.set_events(events_tx, Arc::clone(&events_wanted));
@@ -138,10 +139,12 @@ impl GroupHost {
     }
 
     /// Writes back every state machine's unwritten changes and checkpoints
-    /// those that applied something since their last checkpoint, with one
-    /// full flush for all (see [`StateMachine::write_checkpoint`]). This
-    /// bounds how much of the log a node re-applies after a crash. Log
-    /// segments freed before the write-backs are reclaimed after the flush.
+    /// those that applied something since their last checkpoint, in the
+    /// order of the durability contract: log and bodies, then the state
+    /// (one flush for all groups), then the checkpoints (one more flush),
+    /// and only then may the log be purged behind them. This bounds how
+    /// much of the log a node re-applies after a crash. Log segments freed
+    /// before the write-backs are reclaimed after the flush.
     pub async fn checkpoint_all(&self) {
         let doomed = self.durability.take_reclaimable();
         let mut marks = Vec::new();
@@ -163,14 +166,26 @@ impl GroupHost {
             tracing::warn!(error = %e, "checkpoint flush failed");
             return;
         }
-        for (sm, applied) in marks {
-            if let Err(e) = sm.write_checkpoint(applied) {
-                tracing::warn!(error = %e, "cannot write a checkpoint");
-            }
-        }
         // A removal that freed one of these may be in the write-back that failed.
         if !failed {
             self.durability.retire(doomed);
+        }
+        marks.retain(|(sm, applied)| match sm.write_checkpoint(*applied) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write a checkpoint");
+                false
+            }
+        });
+        if marks.is_empty() {
+            return;
+        }
+        if let Err(e) = self.durability.flush_state().await {
+            tracing::warn!(error = %e, "checkpoint flush failed");
+            return;
+        }
+        for (sm, applied) in marks {
+            sm.checkpoint_durable(applied);
         }
     }
 
@@ -230,7 +245,9 @@ impl GroupHost {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                host.checkpoint_all().await;
+                if !crate::storage::failpoint::is_armed("no-checkpointer") {
+                    host.checkpoint_all().await;
+                }
                 host.purge_for_log_space().await;
             }
         })

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 
+use super::state_machine::PurgeFloor;
 use super::{io_err, Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
 use crate::storage::wal::{BodyLoc, GroupIndex, Kind, Wal};
 use crate::storage::Durability;
@@ -103,6 +104,9 @@ pub struct LogStore {
     /// the store itself, and applying needs only each body's location;
     /// replication reads through the log reader, which loads them.
     bodies: bool,
+    /// The state machine's durable checkpoint: no purge goes past it, or a
+    /// crash could leave a state older than the log's first entry.
+    floor: Option<PurgeFloor>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: Option<Vec<u8>>) -> anyhow::Result<Option<T>> {
@@ -131,12 +135,18 @@ impl LogStore {
                 recent_bytes: 0,
             })),
             bodies: false,
+            floor: None,
         };
         if let Some(last) = store.last_index() {
             let entry = store.read_entry(last).map_err(|e| anyhow::anyhow!("{e}"))?;
             store.lock().last = Some(entry.log_id);
         }
         Ok(store)
+    }
+
+    /// Limits purges to the state machine's durable checkpoint.
+    pub fn set_purge_floor(&mut self, floor: PurgeFloor) {
+        self.floor = Some(floor);
     }
 
     /// A clone that reads entries with their bodies (for replication).
@@ -332,6 +342,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // openraft purges only behind a snapshot, and a snapshot's id is a
+        // durable checkpoint; this keeps that true whatever calls purge.
+        let log_id = match self.floor.as_ref().map(PurgeFloor::get) {
+            Some(floor) if floor.is_none_or(|f| f.index < log_id.index) => {
+                tracing::error!(group = self.group, requested = %log_id, ?floor, "purge past the durable checkpoint held back");
+                match floor {
+                    Some(f) if self.lock().purged.is_none_or(|p| p.index < f.index) => f,
+                    _ => return Ok(()),
+                }
+            }
+            _ => log_id,
+        };
         self.write_mark(Kind::Purge, &log_id.index.to_le_bytes(), &log_id)?;
         {
             let mut state = self.lock();
@@ -344,6 +366,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // The checkpointer reclaims the segments this frees.
         self.wal.log_purged(self.group, log_id.index);
+        if crate::storage::failpoint::is_armed("abort-after-purge") {
+            let _ = self.durability.flush().await;
+            crate::storage::failpoint::abort("abort-after-purge");
+        }
         Ok(())
     }
 }

@@ -62,8 +62,8 @@ pub struct StateMachine {
     pending: Option<(Option<LogId>, Membership)>,
     /// The first `get_current_snapshot` (openraft's start-up) has been answered.
     started: bool,
-    /// The last checkpoint written (shared by clones).
-    checkpoint: Arc<std::sync::Mutex<Option<LogId>>>,
+    /// The last checkpoint written, and the last one on disk (shared by clones).
+    checkpoint: Arc<std::sync::Mutex<Checkpoint>>,
     /// Where apply events go (the shard's scheduler), if anywhere, and
     /// whether it wants them now (only while it leads: on a follower each
     /// event would wake the actor's thread just to be dropped).
@@ -114,6 +114,28 @@ impl Unwritten {
     }
 }
 
+/// A group's checkpoint marks.
+#[derive(Debug, Default)]
+struct Checkpoint {
+    /// The checkpoint key in the tree (written, maybe not on disk yet).
+    written: Option<LogId>,
+    /// The checkpoint on disk after everything it covers: the log is never
+    /// purged past it ([`PurgeFloor`]).
+    durable: Option<LogId>,
+}
+
+/// How far a group's log may be purged: its durable checkpoint. Shared by
+/// the state machine (which moves it) and the log store (which obeys it).
+#[derive(Clone, Debug)]
+pub struct PurgeFloor(Arc<std::sync::Mutex<Checkpoint>>);
+
+impl PurgeFloor {
+    /// The durable checkpoint: entries after it are needed to rebuild the state.
+    pub fn get(&self) -> Option<LogId> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).durable
+    }
+}
+
 /// What applying entries changed, for the shard's scheduler.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SmEvent {
@@ -156,7 +178,7 @@ impl StateMachine {
             durability,
             pending: None,
             started: false,
-            checkpoint: Arc::new(std::sync::Mutex::new(None)),
+            checkpoint: Arc::default(),
             events: None,
             messages: Arc::new(AtomicI64::new(0)),
             unwritten: Arc::default(),
@@ -493,26 +515,40 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Records `applied` as a checkpoint: the caller has flushed everything
-    /// written up to it. Never moves the checkpoint back.
+    /// Writes `applied` as the checkpoint (not flushed): the caller has
+    /// flushed everything written up to it, and flushes the state again
+    /// before [`StateMachine::checkpoint_durable`]. Never moves it back.
     pub fn write_checkpoint(&self, applied: Option<LogId>) -> Result<(), StorageError> {
         let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
         // Held across the write, so that an installed snapshot's checkpoint
         // is never overwritten by an older one written concurrently.
         let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
-        if applied <= *mark {
+        if applied <= mark.written {
             return Ok(());
         }
         self.tree
             .insert(CHECKPOINT, bincode::serialize(&applied).map_err(|e| err(&e))?)
             .map_err(|e| err(&e))?;
-        *mark = applied;
+        mark.written = applied;
         Ok(())
     }
 
-    /// Whether `applied` is past the last checkpoint.
+    /// A state flush that began after [`StateMachine::write_checkpoint`]
+    /// of `applied` succeeded: the log may now be purged up to it.
+    pub fn checkpoint_durable(&self, applied: Option<LogId>) {
+        let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        debug_assert!(applied <= mark.written, "a checkpoint durable before it was written");
+        mark.durable = mark.durable.max(applied.min(mark.written));
+    }
+
+    /// The log store's limit on purges.
+    pub fn purge_floor(&self) -> PurgeFloor {
+        PurgeFloor(Arc::clone(&self.checkpoint))
+    }
+
+    /// Whether `applied` is past the last checkpoint written.
     pub fn behind_checkpoint(&self, applied: Option<LogId>) -> bool {
-        applied > *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner())
+        applied > self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()).written
     }
 
     /// Puts the applied id back to the last checkpoint (at open).
@@ -534,7 +570,11 @@ impl StateMachine {
                 None => self.tree.remove(APPLIED)?,
             };
         }
-        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = checkpoint;
+        // Read after the start-up sync of the state (storage::Durability::open).
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Checkpoint {
+            written: checkpoint,
+            durable: checkpoint,
+        };
         Ok(())
     }
 }
@@ -551,13 +591,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             Some(p) => p,
             None => self.applied_state().await?,
         };
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
         self.write_back().await?;
-        self.durability
-            .flush_all()
-            .await
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        // Before openraft purges the log behind it.
+        // Bodies and log, then the state pointing at them ...
+        self.durability.flush_all().await.map_err(|e| err(&e))?;
+        // ... then the checkpoint, on disk before openraft learns of this
+        // snapshot and purges the log behind it.
         self.write_checkpoint(applied)?;
+        self.durability.flush_state().await.map_err(|e| err(&e))?;
+        self.checkpoint_durable(applied);
         Ok(Snapshot {
             meta: self.snapshot_meta(applied, membership),
             snapshot: Box::new(Cursor::new(Vec::new())),
@@ -786,6 +828,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Ok(())
             })
             .map_err(|e| err(&e))?;
+        // Bodies on disk before the records that point at them.
+        self.durability.flush().await.map_err(|e| err(&e))?;
         let count = messages.len() as i64;
         for SnapshotMessage { record, .. } in messages {
             if let Some(loc) = record.body {
@@ -804,14 +848,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         {
             let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
             self.tree.apply_batch(batch).map_err(|e| err(&e))?;
-            *mark = meta.last_log_id;
+            mark.written = meta.last_log_id;
+            mark.durable = mark.durable.min(meta.last_log_id);
             let mut u = self.lock_unwritten();
             u.records.clear();
             u.applied = meta.last_log_id;
             u.applied_written = meta.last_log_id;
         }
         self.messages.store(count, Ordering::Relaxed);
-        self.durability.flush_all().await.map_err(|e| err(&e))?;
+        // The state with its checkpoint (one atomic sled batch), after the bodies.
+        self.durability.flush_state().await.map_err(|e| err(&e))?;
+        self.checkpoint_durable(meta.last_log_id);
         for segment in released {
             self.wal.release(segment);
         }

@@ -81,6 +81,8 @@ pub struct Node {
     pub http: SocketAddr,
     /// Environment for ternctl (e.g. TERN_TLS_* for a mutual-TLS cluster).
     pub ternctl_env: Vec<(String, String)>,
+    /// Environment for ternd at its next [`Node::spawn`] (e.g. TERN_FAILPOINTS).
+    pub ternd_env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -143,6 +145,7 @@ impl Node {
             grpc: unset,
             http: unset,
             ternctl_env: Vec::new(),
+            ternd_env: Vec::new(),
         };
         node.spawn();
         node
@@ -164,6 +167,7 @@ impl Node {
         }
         let mut child = cmd
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.ternd_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -227,6 +231,21 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits (bounded) for the process to exit by itself; `None` if it is
+    /// still running at `deadline` (it is left running).
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            let c = self.child.as_mut()?;
+            if let Some(status) = c.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Sends a signal (STOP, CONT, ...) without waiting.
