@@ -9,6 +9,8 @@
 //! - `no-checkpointer`: the once-a-second checkpoints do not run, so the
 //!   only checkpoints are those of snapshots (the state of a node whose
 //!   checkpointer has not caught up).
+//! - `fsync-eio-on-file`: fsyncs of the log fail with EIO while a file
+//!   named `fail-fsync` exists in the log's directory (`DATA_DIR/wal`).
 
 use std::sync::OnceLock;
 

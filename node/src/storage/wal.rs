@@ -550,6 +550,8 @@ impl Wal {
         let injected = self.fail_next_sync.swap(false, Ordering::AcqRel);
         #[cfg(not(test))]
         let injected = false;
+        let injected =
+            injected || (super::failpoint::is_armed("fsync-eio-on-file") && self.dir.join("fail-fsync").exists());
         let result = if injected {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         } else {

@@ -181,3 +181,40 @@ fn a_crash_right_after_a_log_purge_leaves_a_node_that_starts() {
         acked.len()
     );
 }
+
+/// Issue 21, defect 5: a failed fsync is fail-stop. The node stops (exit
+/// code 74) instead of answering 250 for mail whose log write may be lost,
+/// and what it acknowledged before is still there after a restart.
+#[test]
+fn a_failed_fsync_stops_the_node_and_acknowledges_nothing() {
+    let mut node = Node::start(&hold_mail());
+    node.kill();
+    node.ternd_env
+        .push(("TERN_FAILPOINTS".into(), "fsync-eio-on-file".into()));
+    node.spawn();
+    let mut client = Client::connect(node.smtp).unwrap();
+    client.command("EHLO eio.test").unwrap();
+    let before = client
+        .send_mail("sender@tern.test", &["rcpt@example.test"], &body("before", 1024))
+        .unwrap();
+    // The disk starts failing its fsyncs.
+    std::fs::write(node.dir().join("data/wal/fail-fsync"), b"").unwrap();
+    let after = client.send_mail("sender@tern.test", &["rcpt@example.test"], &body("after", 1024));
+    assert!(after.is_err(), "no 250 after a failed fsync: {after:?}");
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(74),
+        "the node stopped with EX_IOERR\n{}",
+        node.logs()
+    );
+    assert!(node.logs().contains("fsync failed"), "{}", node.logs());
+
+    std::fs::remove_file(node.dir().join("data/wal/fail-fsync")).unwrap();
+    node.ternd_env.clear();
+    node.spawn();
+    assert!(
+        node.queued_ids().contains(&before),
+        "the message acknowledged before the failure is queued"
+    );
+}
