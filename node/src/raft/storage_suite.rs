@@ -331,8 +331,11 @@ async fn snapshot_carries_queued_messages_and_bodies() {
 }
 
 /// Applies A and checkpoints, applies B (written back to the tree or not),
-/// then drops everything as a crash would and opens the store again: it is
-/// back at the checkpoint, with B in the tree only if it was written back.
+/// then drops everything and opens the store again: it is back at the
+/// checkpoint, with B in the tree only if it was written back. (Dropping
+/// flushes sled, so this checks the roll-back logic, not durability; the
+/// crash tests kill a child process: node/tests/e2e/durability.rs and the
+/// power cuts of cluster-tests.)
 async fn crash_after_a_checkpoint(dir: &std::path::Path, write_back_b: bool) -> (LogStore, StateMachine) {
     {
         let (mut log, mut sm) = open(dir);

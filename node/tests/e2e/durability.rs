@@ -218,3 +218,69 @@ fn a_failed_fsync_stops_the_node_and_acknowledges_nothing() {
         "the message acknowledged before the failure is queued"
     );
 }
+
+/// Issue 21's reproduction, as a new user met it: one node with a tiny log
+/// (1 MiB segments, 1 MiB kept), two SMTP sessions sending 100 messages per
+/// connection, SIGKILL after a random number of acknowledgements, restart,
+/// repeat. The node must start every time, with every acknowledged message
+/// queued. (Before the purge floor it stopped starting after about ten.)
+#[test]
+fn a_node_killed_in_a_loop_under_load_always_starts_with_nothing_lost() {
+    use rand::Rng;
+    const ROUNDS: usize = 10;
+    let mut node = Node::start_with_node_keys("log_segment_mb = 1\nlog_keep_mb = 1", &hold_mail());
+    let mut acked_total: BTreeSet<String> = BTreeSet::new();
+    let mut rng = rand::thread_rng();
+    for round in 0..ROUNDS {
+        let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let senders: Vec<_> = (0..2)
+            .map(|t| {
+                let (acked, stop, addr) = (Arc::clone(&acked), Arc::clone(&stop), node.smtp);
+                std::thread::spawn(move || {
+                    // Bounded: at most 5 connections of 100 messages.
+                    for c in 0..5 {
+                        let Ok(mut client) = Client::connect(addr) else {
+                            return;
+                        };
+                        if client.command("EHLO loop.test").is_err() {
+                            return;
+                        }
+                        for i in 0..100 {
+                            if stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            let b = body(&format!("loop-{round}-{t}-{c}-{i}"), 8 * 1024);
+                            match client.send_mail("sender@tern.test", &["rcpt@example.test"], &b) {
+                                Ok(id) => {
+                                    acked.lock().unwrap().insert(id);
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let kill_at = rng.gen_range(50..600);
+        wait_for(Duration::from_secs(120), "acknowledgements before the kill", || {
+            acked.lock().unwrap().len() >= kill_at || senders.iter().all(|s| s.is_finished())
+        });
+        node.kill();
+        stop.store(true, Ordering::Relaxed);
+        for s in senders {
+            s.join().unwrap();
+        }
+        acked_total.extend(acked.lock().unwrap().iter().cloned());
+        // Panics with the node's log if it does not start.
+        node.spawn();
+        let queued = node.queued_ids();
+        let lost: Vec<_> = acked_total.difference(&queued).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of {} acknowledged messages lost: {lost:?}",
+            lost.len(),
+            acked_total.len()
+        );
+    }
+}
