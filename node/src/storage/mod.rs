@@ -159,6 +159,18 @@ impl Durability {
             .with_context(|| format!("opening sled database in {}", sled_dir.display()))?;
         let db_file = File::open(sled_dir.join("db")).context("opening sled data file for fdatasync")?;
         let wal = Arc::new(wal::Wal::open(&data_dir.join("wal"), segment_bytes)?);
+        // The directories' own entries (and sled's files in its directory),
+        // or a power cut soon after the first start takes them back.
+        let mut dirs = vec![sled_dir.clone(), data_dir.to_owned()];
+        dirs.extend(
+            data_dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf),
+        );
+        for dir in &dirs {
+            sync_dir(dir).with_context(|| format!("syncing directory {}", dir.display()))?;
+        }
         let (tx, rx) = mpsc::channel();
         let syncer = Arc::new(Syncer {
             db,
