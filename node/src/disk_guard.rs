@@ -1,0 +1,120 @@
+//! The disk-full guard: once a second it reads the free space of
+//! `data_dir` ([`DiskSpace::check`]), publishes it as metrics, and acts on
+//! the state. While the disk is full this node campaigns in no group and
+//! hands the leadership of every group it leads to the most caught-up other
+//! voter, so that the other replicas take the shards' mail; when space is
+//! back it campaigns again. (SMTP, forwarded writes and `/readyz` read the
+//! state themselves.)
+//!
+//! It also watches for a group whose Raft core stopped on an error (a
+//! storage failure other than lack of space): such a group never serves
+//! again in this process, so the guard returns an error and the node exits
+//! for its supervisor to restart it (the log is replayed at start).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::admin::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::raft::groups::{matched_index, GroupHandle, Groups};
+use crate::raft::{GroupId, NodeId};
+use crate::storage::space::DiskSpace;
+
+/// How often the free space is read.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A leadership hand-over that did not stick is tried again after this.
+const HAND_OVER_RETRY: Duration = Duration::from_secs(3);
+
+/// A Raft group stopped on an error; the process should exit.
+#[derive(Debug, thiserror::Error)]
+#[error("raft group {group} stopped: {reason}")]
+pub struct GroupFailed {
+    pub group: GroupId,
+    pub reason: String,
+}
+
+pub struct DiskGuard {
+    pub node_id: NodeId,
+    pub space: Arc<DiskSpace>,
+    pub groups: Arc<Groups>,
+    pub cluster: Arc<Cluster>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl DiskGuard {
+    /// Runs until `stop`; returns an error when a group has failed.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<(), GroupFailed> {
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_full = false;
+        let mut tried: HashMap<GroupId, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+            let space = Arc::clone(&self.space);
+            let full = tokio::task::spawn_blocking(move || space.check())
+                .await
+                .unwrap_or_else(|_| self.space.is_full());
+            self.metrics.disk.set(full, self.space.free());
+            for g in self.groups.all() {
+                if let Some(reason) = g.failure() {
+                    tracing::error!(group = g.id, reason = %reason, "raft group stopped on an error; exiting so that a restart replays the log");
+                    return Err(GroupFailed { group: g.id, reason });
+                }
+            }
+            if full {
+                self.step_down(&mut tried);
+            } else if was_full {
+                for g in self.groups.all() {
+                    g.raft.runtime_config().elect(true);
+                }
+                tried.clear();
+                tracing::info!("disk space is back: campaigning again");
+            }
+            was_full = full;
+        }
+    }
+
+    /// No campaigns here, and every leadership handed to another voter.
+    fn step_down(&self, tried: &mut HashMap<GroupId, Instant>) {
+        for g in self.groups.all() {
+            // Every tick: an operator's step-aside re-enables it after a while.
+            g.raft.runtime_config().elect(false);
+            if g.leader() != Some(self.node_id) {
+                continue;
+            }
+            if tried.get(&g.id).is_some_and(|t| t.elapsed() < HAND_OVER_RETRY) {
+                continue;
+            }
+            let Some(target) = hand_over_target(&g, self.node_id) else {
+                continue;
+            };
+            tried.insert(g.id, Instant::now());
+            tracing::warn!(
+                group = g.id,
+                to = target,
+                "disk full: handing the group's leadership over"
+            );
+            let cluster = Arc::clone(&self.cluster);
+            let (group, from) = (g.id, self.node_id);
+            tokio::spawn(async move {
+                if let Err(e) = cluster.hand_over(group, from, target).await {
+                    tracing::warn!(group, to = target, error = %e, "disk full: leadership hand-over failed; retrying");
+                }
+            });
+        }
+    }
+}
+
+/// The most caught-up other voter of `g` (led here), if there is one.
+fn hand_over_target(g: &GroupHandle, me: NodeId) -> Option<NodeId> {
+    let m = g.raft.metrics().borrow().clone();
+    m.membership_config
+        .membership()
+        .voter_ids()
+        .filter(|v| *v != me)
+        .max_by_key(|v| (matched_index(&m, *v), std::cmp::Reverse(*v)))
+}
