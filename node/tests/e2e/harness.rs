@@ -110,13 +110,31 @@ impl Node {
         Self::start_full(id, bootstrap, node_keys, "", extra)
     }
 
+    /// A bootstrapping single node whose `data_dir` is `data_dir` (e.g. on a
+    /// small file system of the test's own), `node_keys` added to `[node]`.
+    pub fn start_on_data_dir(data_dir: &std::path::Path, node_keys: &str, extra: &str) -> Node {
+        Self::start_in(1, true, Some(data_dir), node_keys, "", extra)
+    }
+
     fn start_full(id: u64, bootstrap: bool, node_keys: &str, listen: &str, extra: &str) -> Node {
+        Self::start_in(id, bootstrap, None, node_keys, listen, extra)
+    }
+
+    fn start_in(
+        id: u64,
+        bootstrap: bool,
+        data_dir: Option<&std::path::Path>,
+        node_keys: &str,
+        listen: &str,
+        extra: &str,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let grpc = free_port();
         let config = dir.path().join("tern.toml");
+        let data = data_dir.map_or_else(|| dir.path().join("data"), std::path::Path::to_owned);
         let toml = format!(
             "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n{node_keys}\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
-            dir.path().join("data").display()
+            data.display()
         );
         std::fs::write(&config, toml).expect("write config");
         Self::spawned(dir, config)

@@ -1,0 +1,190 @@
+//! A full disk, end to end: `data_dir` on a small tmpfs that the test fills
+//! with a file of its own. While full, new mail gets `452 4.3.1` and
+//! `/readyz` is 503 naming the reason; once the test frees the space the
+//! node takes mail again by itself, and every message acknowledged before
+//! is still queued. A node restarted on a nearly full disk starts.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{body, hold_mail, wait_for, Client, Node};
+
+/// A tmpfs mounted on a temporary directory; unmounted on drop, even when
+/// the test panics (declare it before the node, so the node dies first).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size_mb: u64) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount tmpfs (these tests run as root)");
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn free(&self) -> u64 {
+        fs2::available_space(self.path()).expect("statvfs")
+    }
+
+    /// Writes a file that leaves about `leave` bytes free; returns its path.
+    fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let path = self.path().join("filler");
+        let mut f = std::fs::File::create(&path).expect("create filler");
+        let chunk = vec![0x5au8; 1 << 20];
+        // Bounded: the tmpfs is small.
+        for _ in 0..4096 {
+            let free = self.free();
+            if free <= leave {
+                break;
+            }
+            let n = ((free - leave) as usize).min(chunk.len());
+            if f.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+        }
+        f.sync_all().expect("sync filler");
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// `GET /readyz`: status code and body.
+fn readyz(http: SocketAddr) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(5)).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET /readyz HTTP/1.0\r\nHost: {http}\r\n\r\n").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (code, body)
+}
+
+/// One message; the queue id from a 250, else the whole refusal.
+fn send(node: &Node, tag: &str) -> Result<String, String> {
+    let mut c = Client::connect(node.smtp).map_err(|e| e.to_string())?;
+    c.command("EHLO client.test").map_err(|e| e.to_string())?;
+    let r = c
+        .send_mail("a@sender.test", &["b@example.test"], &body(tag, 2048))
+        .map_err(|e| e.to_string());
+    let _ = c.command("QUIT");
+    r
+}
+
+/// The reply to MAIL FROM in a fresh session.
+fn mail_from_reply(node: &Node) -> String {
+    let mut c = Client::connect(node.smtp).expect("connect");
+    c.command("EHLO client.test").expect("ehlo");
+    let r = c.command("MAIL FROM:<a@sender.test>").expect("mail");
+    let _ = c.command("QUIT");
+    r
+}
+
+fn disk_full_metric(node: &Node) -> f64 {
+    let samples = crate::metrics::scrape(node);
+    crate::metrics::sum(&samples, "tern_disk_full", &[])
+}
+
+/// 16 MiB low-water mark on a 64 MiB tmpfs, 4 MiB log segments.
+const NODE_KEYS: &str = "log_segment_mb = 4\nlog_keep_mb = 8\nmin_free_mb = 16";
+
+#[test]
+fn a_full_disk_refuses_mail_with_452_and_recovers_by_itself() {
+    let fs = Tmpfs::mount(64);
+    let mut node = Node::start_on_data_dir(&fs.path().join("data"), NODE_KEYS, &hold_mail());
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.push(send(&node, &format!("before-{i}")).expect("accepted before the disk fills"));
+    }
+    assert_eq!(readyz(node.http).0, 200);
+
+    let filler = fs.fill_leaving(6 << 20);
+    wait_for(Duration::from_secs(15), "/readyz 503 naming a full disk", || {
+        let (code, body) = readyz(node.http);
+        code == 503 && body.contains("disk full")
+    });
+    let reply = mail_from_reply(&node);
+    assert!(reply.starts_with("452 4.3.1"), "MAIL on a full disk: {reply}");
+    let refused = send(&node, "while-full").expect_err("no 250 while the disk is full");
+    assert!(
+        refused.starts_with("452 4.3.1"),
+        "transaction on a full disk: {refused}"
+    );
+    assert_eq!(disk_full_metric(&node), 1.0);
+
+    std::fs::remove_file(&filler).expect("free the space");
+    wait_for(
+        Duration::from_secs(30),
+        "mail accepted again once space is back",
+        || match send(&node, "after") {
+            Ok(id) => {
+                acked.push(id);
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    assert_eq!(readyz(node.http).0, 200);
+    assert_eq!(disk_full_metric(&node), 0.0);
+    let queued = node.queued_ids();
+    let lost: Vec<&String> = acked.iter().filter(|id| !queued.contains(*id)).collect();
+    assert_eq!(lost.len(), 0, "acknowledged messages missing from the queue: {lost:?}");
+    node.kill();
+}
+
+#[test]
+fn a_node_restarts_on_a_nearly_full_disk() {
+    let fs = Tmpfs::mount(64);
+    let mut node = Node::start_on_data_dir(&fs.path().join("data"), NODE_KEYS, &hold_mail());
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        acked.push(send(&node, &format!("before-{i}")).expect("accepted"));
+    }
+    // A crash, then the disk fills while the node is down.
+    node.kill();
+    let filler = fs.fill_leaving(6 << 20);
+    node.spawn();
+    let (code, body) = readyz(node.http);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("disk full"), "{body}");
+    let reply = mail_from_reply(&node);
+    assert!(reply.starts_with("452 4.3.1"), "MAIL on a full disk: {reply}");
+
+    std::fs::remove_file(&filler).expect("free the space");
+    wait_for(
+        Duration::from_secs(30),
+        "mail accepted again once space is back",
+        || match send(&node, "after") {
+            Ok(id) => {
+                acked.push(id);
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    let queued = node.queued_ids();
+    let lost: Vec<&String> = acked.iter().filter(|id| !queued.contains(*id)).collect();
+    assert_eq!(
+        lost.len(),
+        0,
+        "acknowledged messages missing after the restart: {lost:?}"
+    );
+    node.kill();
+}
