@@ -773,6 +773,10 @@ impl Session {
             return;
         };
         if let Some(r) = failure {
+            // A refusal (disk full) is flow control, not a client error.
+            if self.refusal.as_ref() == Some(&r) {
+                return self.reply(r);
+            }
             return self.error(r);
         }
         if !last {
@@ -1204,6 +1208,39 @@ mod tests {
             r.ends_with("550 5.6.0 Message line too long (limit 1000 octets including CRLF)\r\n250 2.0.0 Ok\r\n"),
             "{r}"
         );
+        assert_eq!(h.queued.len(), 1);
+    }
+
+    #[test]
+    fn a_refusal_answers_new_transactions_and_lifts() {
+        let full = || Reply::new(452, "4.3.1", "Insufficient system storage");
+        let mut h = H::new(SmtpConfig {
+            max_errors: 2,
+            ..config()
+        });
+        h.s.set_refusal(Some(full()));
+        // Sequence errors keep their own replies.
+        assert!(h.send("MAIL FROM:<a@c.test>\r\n").starts_with("503 5.5.1"));
+        h.send("EHLO c.test\r\n");
+        for _ in 0..3 {
+            // Flow control: never counted towards max_errors.
+            assert_eq!(
+                h.send("MAIL FROM:<a@c.test>\r\n"),
+                "452 4.3.1 Insufficient system storage\r\n"
+            );
+        }
+        assert!(!h.closed);
+        h.s.set_refusal(None);
+        h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\n");
+        // The disk fills mid-transaction: RCPT, DATA and BDAT are refused too.
+        h.s.set_refusal(Some(full()));
+        assert!(h.send("RCPT TO:<c@example.test>\r\n").starts_with("452 4.3.1"));
+        assert!(h.send("DATA\r\n").starts_with("452 4.3.1"));
+        assert!(h.send("BDAT 3 LAST\r\nabc").starts_with("452 4.3.1"));
+        assert!(h.queued.is_empty());
+        h.s.set_refusal(None);
+        let r = h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n");
+        assert!(r.contains("250 2.0.0 Ok: queued as "), "{r}");
         assert_eq!(h.queued.len(), 1);
     }
 
