@@ -2,15 +2,17 @@
 //! with a file of its own. While full, new mail gets `452 4.3.1` and
 //! `/readyz` is 503 naming the reason; once the test frees the space the
 //! node takes mail again by itself, and every message acknowledged before
-//! is still queued. A node restarted on a nearly full disk starts.
+//! is still queued. A node restarted on a nearly full disk starts. In a
+//! cluster, the node whose disk fills hands its shards' leadership over and
+//! the cluster keeps taking mail.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::harness::{body, hold_mail, wait_for, Client, Node};
+use crate::harness::{body, cluster_lock, hold_mail, wait_for, Client, Node};
 
 /// A tmpfs mounted on a temporary directory; unmounted on drop, even when
 /// the test panics (declare it before the node, so the node dies first).
@@ -108,7 +110,7 @@ const NODE_KEYS: &str = "log_segment_mb = 4\nlog_keep_mb = 8\nmin_free_mb = 16";
 #[test]
 fn a_full_disk_refuses_mail_with_452_and_recovers_by_itself() {
     let fs = Tmpfs::mount(64);
-    let mut node = Node::start_on_data_dir(&fs.path().join("data"), NODE_KEYS, &hold_mail());
+    let mut node = Node::start_on_data_dir(1, true, &fs.path().join("data"), NODE_KEYS, &hold_mail());
     let mut acked = Vec::new();
     for i in 0..20 {
         acked.push(send(&node, &format!("before-{i}")).expect("accepted before the disk fills"));
@@ -152,7 +154,7 @@ fn a_full_disk_refuses_mail_with_452_and_recovers_by_itself() {
 #[test]
 fn a_node_restarts_on_a_nearly_full_disk() {
     let fs = Tmpfs::mount(64);
-    let mut node = Node::start_on_data_dir(&fs.path().join("data"), NODE_KEYS, &hold_mail());
+    let mut node = Node::start_on_data_dir(1, true, &fs.path().join("data"), NODE_KEYS, &hold_mail());
     let mut acked = Vec::new();
     for i in 0..10 {
         acked.push(send(&node, &format!("before-{i}")).expect("accepted"));
@@ -187,4 +189,93 @@ fn a_node_restarts_on_a_nearly_full_disk() {
         "acknowledged messages missing after the restart: {lost:?}"
     );
     node.kill();
+}
+
+fn shard_leaders(node: &Node) -> Vec<u64> {
+    node.ternctl_json(&["shard", "list"])
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["leader"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+fn join(n1: &Node, n: &Node, id: u64) {
+    let out = n1.ternctl(&["member", "add", "--id", &id.to_string(), "--addr", &n.grpc.to_string()]);
+    assert!(
+        out.status.success(),
+        "member add {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Sends one message through `node`, retrying a temporary refusal (as a
+/// client would) for up to 30 s; the queue id.
+fn send_retrying(node: &Node, tag: &str) -> String {
+    let mut id = None;
+    wait_for(Duration::from_secs(30), "a message accepted", || {
+        id = send(node, tag).ok();
+        id.is_some()
+    });
+    id.expect("accepted")
+}
+
+#[test]
+fn a_node_whose_disk_fills_hands_its_shards_over_and_the_cluster_takes_mail() {
+    let _lock = cluster_lock();
+    let fs = Tmpfs::mount(96);
+    let extra = hold_mail();
+    let n1 = Node::start_node(1, true, &extra);
+    let n2 = Node::start_node(2, false, &extra);
+    let n3 = Node::start_on_data_dir(3, false, &fs.path().join("data"), NODE_KEYS, &extra);
+    join(&n1, &n2, 2);
+    join(&n1, &n3, 3);
+    wait_for(
+        Duration::from_secs(120),
+        "every shard on 3 replicas, node 3 leading some",
+        || {
+            let s = n1.ternctl_json(&["shard", "list"]);
+            let s = s.as_array().expect("shards");
+            s.iter()
+                .all(|sh| sh["voters"].as_array().is_some_and(|v| v.len() == 3) && sh["leader"] != 0)
+                && s.iter().any(|sh| sh["leader"] == 3)
+        },
+    );
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        acked.push(send_retrying(&n1, &format!("before-{i}")));
+    }
+
+    let filler = fs.fill_leaving(6 << 20);
+    wait_for(Duration::from_secs(60), "node 3 leads no shard", || {
+        let leaders = shard_leaders(&n1);
+        !leaders.contains(&3) && !leaders.contains(&0)
+    });
+    let (code, body) = readyz(n3.http);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("disk full"), "{body}");
+    let reply = mail_from_reply(&n3);
+    assert!(reply.starts_with("452 4.3.1"), "MAIL on node 3: {reply}");
+    // The others take mail meanwhile (their writes need only each other).
+    for i in 0..10 {
+        acked.push(send_retrying(&n1, &format!("full-a-{i}")));
+        acked.push(send_retrying(&n2, &format!("full-b-{i}")));
+    }
+
+    std::fs::remove_file(&filler).expect("free the space");
+    let id = send_retrying(&n3, "after");
+    acked.push(id);
+    // The listing reads each shard's copy here, which may be a follower's a
+    // moment behind the leader that acknowledged: wait (bounded) for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lost = loop {
+        let queued = n1.queued_ids();
+        let lost: Vec<String> = acked.iter().filter(|id| !queued.contains(*id)).cloned().collect();
+        if lost.is_empty() || Instant::now() > deadline {
+            break lost;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(lost.len(), 0, "acknowledged messages missing from the queue: {lost:?}");
+    drop((n1, n2, n3));
 }

@@ -110,10 +110,16 @@ impl Node {
         Self::start_full(id, bootstrap, node_keys, "", extra)
     }
 
-    /// A bootstrapping single node whose `data_dir` is `data_dir` (e.g. on a
-    /// small file system of the test's own), `node_keys` added to `[node]`.
-    pub fn start_on_data_dir(data_dir: &std::path::Path, node_keys: &str, extra: &str) -> Node {
-        Self::start_in(1, true, Some(data_dir), node_keys, "", extra)
+    /// As [`Node::start_node_with_keys`], with `data_dir` as the node's data
+    /// directory (e.g. on a small file system of the test's own).
+    pub fn start_on_data_dir(
+        id: u64,
+        bootstrap: bool,
+        data_dir: &std::path::Path,
+        node_keys: &str,
+        extra: &str,
+    ) -> Node {
+        Self::start_in(id, bootstrap, Some(data_dir), node_keys, "", extra)
     }
 
     fn start_full(id: u64, bootstrap: bool, node_keys: &str, listen: &str, extra: &str) -> Node {
