@@ -430,6 +430,9 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     }
     let _ = stop_tx.send(true);
     let _ = guard.await;
+    // Log writes held back by a full disk would keep their groups from
+    // stopping.
+    space.stop_waiting();
     for task in smtp_tasks {
         match task.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "smtp listener ended with an error"),

@@ -209,7 +209,7 @@ impl LogStore {
         let mut held = false;
         loop {
             match write() {
-                Err(e) if space.trip(&e) => {
+                Err(e) if space.trip(&e) && !space.is_stopping() => {
                     if !held {
                         tracing::warn!(group = self.group, error = %e, "log write held back until disk space is freed");
                         held = true;

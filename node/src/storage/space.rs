@@ -44,6 +44,8 @@ pub struct DiskSpace {
     tripped_at: Mutex<Option<Instant>>,
     /// Tells waiters (held-back log appends) that the state changed.
     changed: tokio::sync::watch::Sender<bool>,
+    /// The node is stopping: held-back writes stop waiting (and fail).
+    stopping: AtomicBool,
 }
 
 impl DiskSpace {
@@ -56,6 +58,7 @@ impl DiskSpace {
             reason: Mutex::new(String::new()),
             tripped_at: Mutex::new(None),
             changed: tokio::sync::watch::channel(false).0,
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -150,11 +153,24 @@ impl DiskSpace {
         self.changed.send_replace(full);
     }
 
-    /// Resolves once the node is not full (at once if it is not).
+    /// Resolves once the node is not full (at once if it is not), or is
+    /// stopping ([`DiskSpace::stop_waiting`]).
     pub async fn wait_writable(&self) {
         let mut rx = self.changed.subscribe();
         // A dropped sender cannot happen while `self` lives.
-        let _ = rx.wait_for(|_| !self.is_full()).await;
+        let _ = rx.wait_for(|_| !self.is_full() || self.is_stopping()).await;
+    }
+
+    /// The node is stopping: writes held back for space give up, so that
+    /// their Raft groups can shut down (what they wrote was not
+    /// acknowledged; the log is replayed at the next start).
+    pub fn stop_waiting(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.changed.send_modify(|_| {});
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 }
 

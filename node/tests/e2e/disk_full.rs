@@ -168,6 +168,10 @@ fn a_node_restarts_on_a_nearly_full_disk() {
     assert!(body.contains("disk full"), "{body}");
     let reply = mail_from_reply(&node);
     assert!(reply.starts_with("452 4.3.1"), "MAIL on a full disk: {reply}");
+    // An orderly stop is not held up by log writes waiting for space.
+    node.signal_and_wait("TERM", Duration::from_secs(30));
+    node.spawn();
+    assert_eq!(readyz(node.http).0, 503);
 
     std::fs::remove_file(&filler).expect("free the space");
     wait_for(
