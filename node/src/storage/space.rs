@@ -93,9 +93,17 @@ impl DiskSpace {
 
     /// Reads the free space and updates the state; returns whether full.
     pub fn check(&self) -> bool {
-        let free = match free_bytes(&self.dir) {
-            Ok(f) => f,
-            Err(e) => {
+        let free = match (free_bytes(&self.dir), fs2::total_space(&self.dir)) {
+            // A file system that reports no size at all (some FUSE file
+            // systems answer statfs with zeros) cannot be measured: only
+            // failed writes trip it.
+            (Ok(f), Ok(0)) => {
+                let full = self.observe(u64::MAX);
+                self.free.store(f, Ordering::Relaxed);
+                return full;
+            }
+            (Ok(f), _) => f,
+            (Err(e), _) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read free disk space");
                 return self.is_full();
             }
