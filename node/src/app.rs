@@ -256,6 +256,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             groups: Arc::clone(&groups),
             cluster: Arc::clone(&cluster),
             metrics: Arc::clone(&metrics),
+            db: durability.db().clone(),
         }
         .run(stop_rx.clone()),
     );

@@ -26,12 +26,15 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// A leadership hand-over that did not stick is tried again after this.
 const HAND_OVER_RETRY: Duration = Duration::from_secs(3);
 
-/// A Raft group stopped on an error; the process should exit.
+/// Storage this process cannot use any more; it should exit (and be
+/// restarted by its supervisor, which replays the log).
 #[derive(Debug, thiserror::Error)]
-#[error("raft group {group} stopped: {reason}")]
-pub struct GroupFailed {
-    pub group: GroupId,
-    pub reason: String,
+pub enum StorageFailed {
+    #[error("raft group {group} stopped: {reason}")]
+    Group { group: GroupId, reason: String },
+    /// sled keeps the first write error for good (its "global error").
+    #[error("the state database failed a write while the disk was full: {0}")]
+    StateDb(String),
 }
 
 pub struct DiskGuard {
@@ -40,11 +43,16 @@ pub struct DiskGuard {
     pub groups: Arc<Groups>,
     pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
+    /// The state database, probed once space is back (see [`DiskGuard::run`]).
+    pub db: sled::Db,
 }
 
 impl DiskGuard {
-    /// Runs until `stop`; returns an error when a group has failed.
-    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<(), GroupFailed> {
+    /// Runs until `stop`; returns an error when a group, or the state
+    /// database, has failed. (sled fails every later write once one failed
+    /// for lack of space, so when space is back the guard flushes it once:
+    /// if that fails, only a restart recovers.)
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<(), StorageFailed> {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_full = false;
@@ -62,12 +70,21 @@ impl DiskGuard {
             for g in self.groups.all() {
                 if let Some(reason) = g.failure() {
                     tracing::error!(group = g.id, reason = %reason, "raft group stopped on an error; exiting so that a restart replays the log");
-                    return Err(GroupFailed { group: g.id, reason });
+                    return Err(StorageFailed::Group { group: g.id, reason });
                 }
             }
             if full {
                 self.step_down(&mut tried);
             } else if was_full {
+                let db = self.db.clone();
+                let flushed = tokio::task::spawn_blocking(move || db.flush().map(|_| ()))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(e) = flushed {
+                    tracing::error!(error = %e, "the state database failed a write while the disk was full; exiting so that a restart recovers it");
+                    return Err(StorageFailed::StateDb(e));
+                }
                 for g in self.groups.all() {
                     g.raft.runtime_config().elect(true);
                 }

@@ -237,6 +237,14 @@ impl Node {
         }
     }
 
+    /// Whether the process has exited (as a supervisor would notice).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.lock().expect("lock").clone()
     }
