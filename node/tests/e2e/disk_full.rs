@@ -339,11 +339,16 @@ fn a_node_whose_disk_fills_hands_its_shards_over_and_the_cluster_takes_mail() {
         acked.push(send_retrying(&n1, &format!("before-{i}")));
     }
 
+    let filled = Instant::now();
     let filler = fs.fill_leaving(6 << 20);
     wait_for(Duration::from_secs(60), "node 3 leads no shard", || {
         let leaders = shard_leaders(&n1);
         !leaders.contains(&3) && !leaders.contains(&0)
     });
+    eprintln!(
+        "disk full in a cluster: node 3 led no shard {:?} after the fill",
+        filled.elapsed()
+    );
     let (code, body) = readyz(n3.http);
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("disk full"), "{body}");
