@@ -156,6 +156,11 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         config.state_cache_bytes,
         crate::storage::OnSyncError::Exit,
     )?;
+    // Known before any group starts: a node restarted on a full disk must
+    // not campaign or take mail.
+    let space = Arc::clone(durability.space());
+    space.set_min_free(config.min_free_bytes);
+    space.check();
     let local = durability.db().open_tree("local")?;
     let initialized = local.get(LOCAL_INITIALIZED)?.is_some();
 
@@ -245,6 +250,17 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     announce(&format!("listening http={}", http_listener.local_addr()?));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut guard = tokio::spawn(
+        crate::disk_guard::DiskGuard {
+            node_id: config.node_id,
+            space: Arc::clone(&space),
+            groups: Arc::clone(&groups),
+            cluster: Arc::clone(&cluster),
+            metrics: Arc::clone(&metrics),
+            db: durability.db().clone(),
+        }
+        .run(stop_rx.clone()),
+    );
 
     let grpc = {
         let raft_svc = RaftServiceServer::new(RaftServer {
@@ -259,6 +275,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             cluster: Arc::clone(&cluster),
             ids: Arc::clone(&ids),
             stats: Arc::clone(&host.settings.stats),
+            space: Arc::clone(&space),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
@@ -300,6 +317,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             Arc::clone(&groups),
             Arc::clone(&metrics),
             config.data_dir.clone(),
+            Arc::clone(&space),
         );
         tokio::spawn(async move {
             axum::serve(http_listener, router)
@@ -375,6 +393,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         Arc::clone(&delivery),
         Arc::clone(&cluster),
         Arc::clone(&host.settings.batchers),
+        Arc::clone(durability.space()),
     ));
     let mut smtp_tasks = Vec::new();
     for listener in smtp_listeners {
@@ -397,8 +416,25 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     announce("ready");
     tracing::info!(node = config.node_id, hostname = %config.hostname, "ready");
 
-    crate::lifecycle::shutdown_signal().await;
+    tokio::select! {
+        () = crate::lifecycle::shutdown_signal() => {}
+        failed = &mut guard => {
+            // A group that failed never serves again here: exit without the
+            // orderly stop (which would wait on it); the log is replayed at
+            // the next start, as after a crash.
+            let _ = stop_tx.send(true);
+            return match failed {
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("storage failure")),
+                Ok(Ok(())) => Err(anyhow::anyhow!("disk guard stopped")),
+                Err(e) => Err(anyhow::anyhow!("disk guard task failed: {e}")),
+            };
+        }
+    }
     let _ = stop_tx.send(true);
+    let _ = guard.await;
+    // Log writes held back by a full disk would keep their groups from
+    // stopping.
+    space.stop_waiting();
     for task in smtp_tasks {
         match task.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "smtp listener ended with an error"),

@@ -21,6 +21,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod disk_guard;
 pub mod dsn;
 pub mod envelope;
 pub mod http;

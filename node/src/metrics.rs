@@ -560,6 +560,20 @@ struct RaftGauges {
 }
 
 /// Gauges read at scrape time.
+/// Free space of `data_dir`, set once a second by the disk-full guard.
+#[derive(Clone, Debug, Default)]
+pub struct DiskGauges {
+    full: Gauge,
+    free_bytes: Gauge,
+}
+
+impl DiskGauges {
+    pub fn set(&self, full: bool, free_bytes: u64) {
+        self.full.set(i64::from(full));
+        self.free_bytes.set(i64::try_from(free_bytes).unwrap_or(i64::MAX));
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct ScrapeGauges {
     queue_messages: Family<ShardLabel, Gauge>,
@@ -575,6 +589,7 @@ pub struct Metrics {
     pub delivery: DeliveryMetrics,
     pub storage: StorageMetrics,
     pub webhook: WebhookMetrics,
+    pub disk: DiskGauges,
     raft: RaftGauges,
     scrape: ScrapeGauges,
 }
@@ -601,6 +616,7 @@ impl Metrics {
         let webhook = WebhookMetrics::default();
         let raft = RaftGauges::default();
         let scrape = ScrapeGauges::default();
+        let disk = DiskGauges::default();
         smtp.register(&mut registry);
         queue.register(&mut registry);
         delivery.register(&mut registry);
@@ -643,8 +659,19 @@ impl Metrics {
             "Bytes allocated on disk under data_dir, by part (sled, wal, snapshots, other)",
             scrape.disk_bytes.clone(),
         );
+        r.register(
+            "tern_disk_full",
+            "1 while the node is disk full (free space below node.min_free_mb, or a write failed for lack of space), else 0",
+            disk.full.clone(),
+        );
+        r.register(
+            "tern_disk_free_bytes",
+            "Bytes available on the file system of data_dir, read once a second",
+            disk.free_bytes.clone(),
+        );
         Metrics {
             registry,
+            disk,
             smtp,
             queue,
             delivery,

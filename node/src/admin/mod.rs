@@ -30,6 +30,8 @@ pub struct Admin {
     pub ids: Arc<crate::queue::IdGen>,
     /// This node's delivery analytics.
     pub stats: Arc<crate::queue::stats::Stats>,
+    /// Free space of the data directory: no writes or campaigns while full.
+    pub space: Arc<crate::storage::space::DiskSpace>,
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -560,6 +562,14 @@ impl AdminService for Admin {
             .ok_or_else(|| Status::not_found(format!("group {} not hosted here", req.group_id)))?;
         let write: crate::raft::Request =
             bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(format!("bad request: {e}")))?;
+        if self.space.is_full() {
+            // Leadership is being handed over; the sender's client retries.
+            return Err(Status::unavailable(format!(
+                "node {} cannot take writes: {}",
+                self.node_id,
+                self.space.reason()
+            )));
+        }
         if !req.hop && group.leader().is_some_and(|l| l != self.node_id) {
             // From a node without a replica: one more hop, to the leader.
             self.cluster
@@ -595,6 +605,13 @@ impl AdminService for Admin {
         if step_aside {
             cluster::step_aside_for(&g);
             return Ok(Response::new(ElectReply {}));
+        }
+        if self.space.is_full() {
+            return Err(Status::failed_precondition(format!(
+                "node {} does not campaign: {}",
+                self.node_id,
+                self.space.reason()
+            )));
         }
         g.raft
             .trigger()

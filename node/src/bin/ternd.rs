@@ -86,5 +86,11 @@ fn main() -> anyhow::Result<()> {
         }
         rt.enable_all().build().expect("cannot start the tokio runtime")
     });
-    system.block_on(tern_node::app::run_with_events(config, events))
+    if let Err(e) = system.block_on(tern_node::app::run_with_events(config, events)) {
+        // Exit now: dropping the runtime would wait for tasks stuck on a
+        // failed group's storage. The supervisor restarts the node.
+        eprintln!("Error: {e:?}");
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -273,6 +273,7 @@ struct RawNode {
     worker_threads: Option<usize>,
     log_segment_mb: Option<u64>,
     log_keep_mb: Option<u64>,
+    min_free_mb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -343,6 +344,9 @@ pub struct Config {
     /// Write-ahead log kept behind the newest entries before Raft logs are
     /// purged to free it, bytes (a whole number of segments, at least one).
     pub log_keep_bytes: u64,
+    /// Below this much free space on `data_dir`'s file system the node is
+    /// "disk full" (new mail gets 452 4.3.1, it leads no shard), bytes.
+    pub min_free_bytes: u64,
     pub listen_smtp: Vec<SocketAddr>,
     /// Submission with STARTTLS (port 587): AUTH required before MAIL.
     pub listen_submission: Vec<SocketAddr>,
@@ -515,6 +519,14 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "node.log_keep_mb",
                 reason: format!("{log_keep_mb} is less than one segment (node.log_segment_mb = {log_segment_mb})"),
+            });
+        }
+        // Two segments: what a restart and the state of what is logged need.
+        let min_free_mb = raw.node.min_free_mb.unwrap_or(2 * log_segment_mb);
+        if min_free_mb > 1 << 20 {
+            return Err(ConfigError::Invalid {
+                key: "node.min_free_mb",
+                reason: format!("{min_free_mb} is above 1048576"),
             });
         }
         let shards = raw.cluster.shards.unwrap_or(16);
@@ -739,6 +751,7 @@ impl Config {
             worker_threads,
             log_segment_bytes: log_segment_mb << 20,
             log_keep_bytes: log_keep_mb << 20,
+            min_free_bytes: min_free_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             listen_smtp,
             listen_submission,

@@ -1,5 +1,6 @@
 //! HTTP listener: `/healthz` (process alive), `/readyz` (can accept mail:
-//! the control group has a leader and this node leads a queue shard) and
+//! the disk is not full, the control group has a leader and this node
+//! leads a queue shard) and
 //! `/metrics` (Prometheus: OpenMetrics text when asked for, else the
 //! classic text format; docs/metrics.md).
 
@@ -15,6 +16,7 @@ use axum::Router;
 use crate::metrics::Metrics;
 use crate::raft::groups::Groups;
 use crate::raft::{NodeId, CONTROL_GROUP};
+use crate::storage::space::DiskSpace;
 
 #[derive(Clone)]
 struct HttpState {
@@ -22,9 +24,16 @@ struct HttpState {
     groups: Arc<Groups>,
     metrics: Arc<Metrics>,
     data_dir: Arc<PathBuf>,
+    space: Arc<DiskSpace>,
 }
 
-pub fn router(node_id: NodeId, groups: Arc<Groups>, metrics: Arc<Metrics>, data_dir: PathBuf) -> Router {
+pub fn router(
+    node_id: NodeId,
+    groups: Arc<Groups>,
+    metrics: Arc<Metrics>,
+    data_dir: PathBuf,
+    space: Arc<DiskSpace>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -34,16 +43,23 @@ pub fn router(node_id: NodeId, groups: Arc<Groups>, metrics: Arc<Metrics>, data_
             groups,
             metrics,
             data_dir: Arc::new(data_dir),
+            space,
         })
 }
 
-async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, std::borrow::Cow<'static, str>) {
+    if state.space.is_full() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", state.space.reason()).into(),
+        );
+    }
     let control = state.groups.get(CONTROL_GROUP).and_then(|g| g.leader()).is_some();
     let leads_shard = state.groups.shards().iter().any(|g| g.leader() == Some(state.node_id));
     match (control, leads_shard) {
-        (true, true) => (StatusCode::OK, "ready\n"),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no control-group leader\n"),
-        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "no writable queue shard\n"),
+        (true, true) => (StatusCode::OK, "ready\n".into()),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no control-group leader\n".into()),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "no writable queue shard\n".into()),
     }
 }
 

@@ -69,6 +69,8 @@ pub struct QueueFront {
     delivery: Arc<crate::delivery::Delivery>,
     /// For forwarding to a shard leader on another node.
     cluster: Arc<crate::admin::cluster::Cluster>,
+    /// Free space of the data directory: no new mail while the disk is full.
+    space: Arc<crate::storage::space::DiskSpace>,
 }
 
 impl QueueFront {
@@ -79,6 +81,7 @@ impl QueueFront {
         delivery: Arc<crate::delivery::Delivery>,
         cluster: Arc<crate::admin::cluster::Cluster>,
         batchers: Arc<batch::Batchers>,
+        space: Arc<crate::storage::space::DiskSpace>,
     ) -> QueueFront {
         QueueFront {
             node,
@@ -88,6 +91,7 @@ impl QueueFront {
             cluster,
             next_shard: AtomicUsize::new(0),
             batchers,
+            space,
         }
     }
 
@@ -95,6 +99,10 @@ impl QueueFront {
     /// else forwards it to a shard leader elsewhere; Ok once applied, which
     /// in a cluster means committed on a majority of the shard's replicas.
     pub async fn submit(&self, id: String, envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
+        if let Some(reply) = self.refusal() {
+            // The disk filled during the transaction.
+            return Err(EnqueueError::Rejected(reply));
+        }
         let shards = self.groups.shards();
         let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
         let received_at = chrono::Utc::now().timestamp();
@@ -194,6 +202,10 @@ impl Enqueuer for QueueFront {
         self.submit(id, envelope, body)
     }
 
+    fn refusal(&self) -> Option<Reply> {
+        self.space.is_full().then(disk_full_reply)
+    }
+
     fn verify_recipient(&self, address: String) -> impl std::future::Future<Output = Result<(), Reply>> + Send {
         let delivery = Arc::clone(&self.delivery);
         async move {
@@ -212,6 +224,12 @@ impl Enqueuer for QueueFront {
             }
         }
     }
+}
+
+/// The reply to new mail while this node's disk is full (RFC 3463 4.3.1:
+/// mail system full); the client retries later, or another MX.
+pub fn disk_full_reply() -> Reply {
+    Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
 }
 
 /// What the `received` event tells (docs/events.md), taken before the

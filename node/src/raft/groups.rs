@@ -17,9 +17,24 @@ pub struct GroupHandle {
 }
 
 impl GroupHandle {
-    /// The leader this node currently knows of.
+    /// The leader this node currently knows of; none once the group has
+    /// stopped on an error (its last metrics still name a leader, and mail
+    /// routed to it would wait for ever).
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.running_state.is_err() {
+            return None;
+        }
+        m.current_leader
+    }
+
+    /// Why the group stopped, if it did (a storage error: fatal for it).
+    pub fn failure(&self) -> Option<String> {
+        match &self.raft.metrics().borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        }
     }
 
     /// Whether `node` is one of the group's current voters.

@@ -146,6 +146,13 @@ impl GroupHost {
     /// much of the log a node re-applies after a crash. Log segments freed
     /// before the write-backs are reclaimed after the flush.
     pub async fn checkpoint_all(&self) {
+        // Not while the disk is full (read afresh): a sled write that fails
+        // for lack of space breaks sled for good (its global error), while
+        // a checkpoint put off only means more log to re-apply.
+        if self.durability.space().check() {
+            tracing::debug!("checkpoint put off: disk full");
+            return;
+        }
         let doomed = self.durability.take_reclaimable();
         let mut marks = Vec::new();
         let mut failed = false;

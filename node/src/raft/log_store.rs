@@ -199,13 +199,41 @@ impl LogStore {
         Ok(entry)
     }
 
-    fn write_mark<T: serde::Serialize>(&self, kind: Kind, prefix: &[u8], value: &T) -> Result<(), StorageError> {
+    async fn write_mark<T: serde::Serialize>(&self, kind: Kind, prefix: &[u8], value: &T) -> Result<(), StorageError> {
         let write = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Store, ErrorVerb::Write, e);
         let bytes = bincode::serialize(value).map_err(|e| write(&e))?;
-        self.wal
-            .write_one(kind, self.group, &[prefix, &bytes].concat())
+        let record = [prefix, &bytes].concat();
+        self.write_holding_back(|| self.wal.write_one(kind, self.group, &record))
+            .await
             .map_err(|e| write(&e))?;
         Ok(())
+    }
+
+    /// Runs a log write, retrying it once space is back when it fails for
+    /// lack of space: an error returned to openraft stops the group for
+    /// good, while a late write only delays it (the group's other replicas
+    /// go on without this one). A write that failed wrote nothing the log
+    /// counts: the next one starts where it started.
+    async fn write_holding_back<T>(&self, mut write: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+        let space = self.durability.space();
+        let mut held = false;
+        loop {
+            match write() {
+                Err(e) if space.trip(&e) && !space.is_stopping() => {
+                    if !held {
+                        tracing::warn!(group = self.group, error = %e, "log write held back until disk space is freed");
+                        held = true;
+                    }
+                    space.wait_writable().await;
+                }
+                other => {
+                    if held {
+                        tracing::info!(group = self.group, "held-back log write done");
+                    }
+                    return other;
+                }
+            }
+        }
     }
 }
 
@@ -250,7 +278,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.write_mark(Kind::Vote, &[], vote)?;
+        self.write_mark(Kind::Vote, &[], vote).await?;
         self.lock().vote = Some(*vote);
         self.durability
             .flush()
@@ -268,7 +296,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if self.lock().committed == committed {
             return Ok(());
         }
-        self.write_mark(Kind::Committed, &[], &committed)?;
+        self.write_mark(Kind::Committed, &[], &committed).await?;
         self.lock().committed = committed;
         Ok(())
     }
@@ -283,29 +311,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let group = self.group;
-        let mut written = Vec::new();
-        let result = self.wal.write(|batch| {
-            for mut entry in entries {
-                let log_id = entry.log_id;
-                let mut bodies = Vec::new();
-                if let EntryPayload::Normal(request) = &mut entry.payload {
-                    for body in request.bodies_mut() {
-                        body.loc = Some(batch.push(Kind::Body, group, &body.bytes)?);
-                        bodies.push(std::mem::take(&mut body.bytes));
-                    }
+        // Bodies out of their entries first, so that a write that failed for
+        // lack of space can be made again from the same input.
+        let mut input: Vec<(Entry, Vec<Vec<u8>>)> = Vec::new();
+        for mut entry in entries {
+            let mut bodies = Vec::new();
+            if let EntryPayload::Normal(request) = &mut entry.payload {
+                for body in request.bodies_mut() {
+                    bodies.push(std::mem::take(&mut body.bytes));
                 }
-                let mut payload = log_id.index.to_le_bytes().to_vec();
-                bincode::serialize_into(&mut payload, &entry).map_err(std::io::Error::other)?;
-                let loc = batch.push(Kind::Entry, group, &payload)?;
-                batch.refer(group, log_id.index);
-                written.push((loc, entry, bodies));
             }
-            Ok(())
-        });
+            input.push((entry, bodies));
+        }
+        // While the disk is full, new entries wait rather than eat the
+        // reserve that applying what is already logged (sled) needs.
+        let space = Arc::clone(self.durability.space());
+        if space.is_full() {
+            tracing::warn!(group, "log append held back: disk full");
+            space.wait_writable().await;
+        }
+        let mut written = Vec::new();
+        let result = self
+            .write_holding_back(|| {
+                written.clear();
+                self.wal.write(|batch| {
+                    for (entry, bodies) in &mut input {
+                        let log_id = entry.log_id;
+                        if let EntryPayload::Normal(request) = &mut entry.payload {
+                            for (body, bytes) in request.bodies_mut().into_iter().zip(bodies.iter()) {
+                                body.loc = Some(batch.push(Kind::Body, group, bytes)?);
+                            }
+                        }
+                        let mut payload = log_id.index.to_le_bytes().to_vec();
+                        bincode::serialize_into(&mut payload, &*entry).map_err(std::io::Error::other)?;
+                        let loc = batch.push(Kind::Entry, group, &payload)?;
+                        batch.refer(group, log_id.index);
+                        written.push(loc);
+                    }
+                    Ok(())
+                })
+            })
+            .await;
         result.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         {
             let mut state = self.lock();
-            for (loc, entry, bodies) in written {
+            for (loc, (entry, bodies)) in written.into_iter().zip(input) {
                 state.index.place(entry.log_id.index, loc);
                 state.last = Some(entry.log_id);
                 state.remember(entry, bodies);
@@ -319,15 +369,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
         let group = self.group;
         let last = self.lock().index.next().saturating_sub(1);
-        self.wal
-            .write(|batch| {
+        self.write_holding_back(|| {
+            self.wal.write(|batch| {
                 batch.push(Kind::Truncate, group, &log_id.index.to_le_bytes())?;
                 // The truncated entries may sit in older segments: keep this
                 // record until they are purged, or a replay would revive them.
                 batch.refer(group, last);
                 Ok(())
             })
-            .map_err(|e| err(&e))?;
+        })
+        .await
+        .map_err(|e| err(&e))?;
         {
             let mut state = self.lock();
             state.index.truncate_from(log_id.index);
@@ -354,7 +406,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             _ => log_id,
         };
-        self.write_mark(Kind::Purge, &log_id.index.to_le_bytes(), &log_id)?;
+        self.write_mark(Kind::Purge, &log_id.index.to_le_bytes(), &log_id)
+            .await?;
         {
             let mut state = self.lock();
             state.index.purge_to(log_id.index);

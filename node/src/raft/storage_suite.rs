@@ -435,3 +435,86 @@ async fn an_apply_lost_before_its_write_back_is_applied_again() {
     assert!(again[0].changed, "B is queued again");
     assert_eq!(sm.messages().map(|r| r.unwrap().id).collect::<Vec<_>>(), ["A", "B"]);
 }
+
+/// A log append that fails for lack of space waits for space instead of
+/// returning the error (which would stop the Raft group for good), and
+/// lands whole once space is back. Mounts a tmpfs: tests run as root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_without_space_waits_for_space_then_lands() {
+    struct Tmpfs(tempfile::TempDir);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+    let mnt = Tmpfs(tempfile::tempdir().unwrap());
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(mnt.0.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs (tests run as root)");
+    let durability = Durability::open_with(
+        &mnt.0.path().join("data"),
+        crate::metrics::StorageMetrics::default(),
+        1 << 20,
+        16 << 20,
+        crate::storage::OnSyncError::Fail,
+    )
+    .unwrap();
+    let (mut log, _sm) = open_with(Arc::clone(&durability));
+    log.blocking_append(vec![enqueue_entry(1, "A", b"a\r\n")])
+        .await
+        .unwrap();
+    // Everything left goes to a file of the test's.
+    let filler = mnt.0.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        for _ in 0..1024 {
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    }
+    let space = Arc::clone(durability.space());
+    assert!(!space.is_full(), "no mark set: only a failed write trips it");
+    // Larger than the zeros the segment has written ahead: needs new blocks.
+    let big = vec![b'z'; 1536 << 10];
+    let expected = big.clone();
+    let append = tokio::spawn(async move {
+        log.blocking_append(vec![enqueue_entry(2, "B", &big)])
+            .await
+            .map(|()| log)
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !space.is_full() {
+        assert!(std::time::Instant::now() < deadline, "the failed write did not trip");
+        if append.is_finished() {
+            let ended = append.await.unwrap().map(|_| ());
+            panic!("the append ended instead of waiting: {ended:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!append.is_finished(), "held back while full");
+    std::fs::remove_file(&filler).unwrap();
+    // What the node's disk guard does once a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !append.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "the append did not resume");
+        space.check();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let log = append.await.unwrap().unwrap();
+    let mut reader = log.reader();
+    let entries = reader.try_get_log_entries(1..3).await.unwrap();
+    assert_eq!(entries.len(), 2);
+    let EntryPayload::Normal(Request::Enqueue { body, .. }) = &entries[1].payload else {
+        panic!("not an enqueue: {:?}", entries[1].payload);
+    };
+    assert!(body.bytes == expected, "the held-back body landed whole");
+}

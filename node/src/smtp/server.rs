@@ -149,6 +149,12 @@ pub trait Enqueuer: Send + Sync + 'static {
         let _ = address;
         async { Ok(()) }
     }
+    /// The reply that refuses new transactions right now (e.g. `452 4.3.1`
+    /// while the disk is full), or `None` when mail is welcome. Asked before
+    /// each command, so it must be cheap.
+    fn refusal(&self) -> Option<Reply> {
+        None
+    }
 }
 
 /// Runs the accept loop on an already-bound listener until `shutdown` becomes true; then stops accepting,
@@ -339,6 +345,7 @@ async fn handle_connection<E: Enqueuer>(
     debug!(peer = %peer, "smtp connect");
     put(session.greeting(), &mut out);
     let reason = loop {
+        session.set_refusal(enqueuer.refusal());
         match session.next(&mut input) {
             Output::Reply(r) => put(r, &mut out),
             Output::NeedInput => {

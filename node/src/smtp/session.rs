@@ -123,6 +123,9 @@ pub struct Session {
     auth: Option<AuthUser>,
     /// An [`Output::Authenticate`] awaits its verdict.
     authenticating: bool,
+    /// While set, new transactions get this reply at MAIL, RCPT, DATA and
+    /// BDAT (the queue cannot take mail now, e.g. `452 4.3.1` disk full).
+    refusal: Option<Reply>,
 }
 
 impl Session {
@@ -149,6 +152,7 @@ impl Session {
             verifying: None,
             auth: None,
             authenticating: false,
+            refusal: None,
         }
     }
 
@@ -197,6 +201,21 @@ impl Session {
         self.authenticating = false;
         self.phase = Phase::Command;
         self.pending.clear();
+    }
+
+    /// Sets (or clears) the reply that refuses new transactions
+    /// ([`Enqueuer::refusal`](super::Enqueuer::refusal)); the driver calls
+    /// this before each [`Session::next`]. A refusal is flow control: it does
+    /// not count towards `max_errors`.
+    pub fn set_refusal(&mut self, refusal: Option<Reply>) {
+        self.refusal = refusal;
+    }
+
+    /// The refusal for a command that needs HELO (and a transaction, for
+    /// RCPT and DATA): sequence errors keep their own replies.
+    fn refused(&self, needs_tx: bool) -> Option<Reply> {
+        let ready = self.helo.is_some() && (self.tx.is_some() == needs_tx);
+        self.refusal.clone().filter(|_| ready)
     }
 
     /// Result of the enqueue requested by [`Output::Enqueue`]; returns the
@@ -340,6 +359,15 @@ impl Session {
             Ok(cmd) => cmd,
             Err(e) => return self.error(e.reply()),
         };
+        // (BDAT still reads its chunk: refused below, through its failure.)
+        let refusal = match &cmd {
+            Command::Mail(_) => self.refused(false),
+            Command::Rcpt(_) | Command::Data => self.refused(true),
+            _ => None,
+        };
+        if let Some(reply) = refusal {
+            return self.reply(reply);
+        }
         match cmd {
             Command::Ehlo(name) => {
                 self.helo = Some((name, true));
@@ -376,7 +404,7 @@ impl Session {
                 }
             },
             Command::Bdat { size, last } => {
-                let failure = self.bdat_check(size).err();
+                let failure = self.refused(true).map_or_else(|| self.bdat_check(size).err(), Some);
                 if failure.is_some() {
                     // RFC 3030: a failed chunk fails the transaction.
                     self.tx = None;
@@ -745,6 +773,10 @@ impl Session {
             return;
         };
         if let Some(r) = failure {
+            // A refusal (disk full) is flow control, not a client error.
+            if self.refusal.as_ref() == Some(&r) {
+                return self.reply(r);
+            }
             return self.error(r);
         }
         if !last {
@@ -1176,6 +1208,39 @@ mod tests {
             r.ends_with("550 5.6.0 Message line too long (limit 1000 octets including CRLF)\r\n250 2.0.0 Ok\r\n"),
             "{r}"
         );
+        assert_eq!(h.queued.len(), 1);
+    }
+
+    #[test]
+    fn a_refusal_answers_new_transactions_and_lifts() {
+        let full = || Reply::new(452, "4.3.1", "Insufficient system storage");
+        let mut h = H::new(SmtpConfig {
+            max_errors: 2,
+            ..config()
+        });
+        h.s.set_refusal(Some(full()));
+        // Sequence errors keep their own replies.
+        assert!(h.send("MAIL FROM:<a@c.test>\r\n").starts_with("503 5.5.1"));
+        h.send("EHLO c.test\r\n");
+        for _ in 0..3 {
+            // Flow control: never counted towards max_errors.
+            assert_eq!(
+                h.send("MAIL FROM:<a@c.test>\r\n"),
+                "452 4.3.1 Insufficient system storage\r\n"
+            );
+        }
+        assert!(!h.closed);
+        h.s.set_refusal(None);
+        h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\n");
+        // The disk fills mid-transaction: RCPT, DATA and BDAT are refused too.
+        h.s.set_refusal(Some(full()));
+        assert!(h.send("RCPT TO:<c@example.test>\r\n").starts_with("452 4.3.1"));
+        assert!(h.send("DATA\r\n").starts_with("452 4.3.1"));
+        assert!(h.send("BDAT 3 LAST\r\nabc").starts_with("452 4.3.1"));
+        assert!(h.queued.is_empty());
+        h.s.set_refusal(None);
+        let r = h.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n");
+        assert!(r.contains("250 2.0.0 Ok: queued as "), "{r}");
         assert_eq!(h.queued.len(), 1);
     }
 

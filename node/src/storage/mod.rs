@@ -23,6 +23,7 @@
 //! replays the log.
 
 pub mod failpoint;
+pub mod space;
 pub mod wal;
 
 use std::fs::File;
@@ -117,6 +118,8 @@ pub struct Durability {
     syncer: Arc<Syncer>,
     tx: Mutex<mpsc::Sender<Job>>,
     data_dir: PathBuf,
+    /// Free space of `data_dir`: the log store holds appends back while full.
+    space: Arc<space::DiskSpace>,
 }
 
 impl Durability {
@@ -196,6 +199,7 @@ impl Durability {
             syncer,
             tx: Mutex::new(tx),
             data_dir: data_dir.to_owned(),
+            space: Arc::new(space::DiskSpace::new(data_dir)),
         });
         std::thread::Builder::new()
             .name("tern-flusher".into())
@@ -214,6 +218,10 @@ impl Durability {
 
     pub fn wal(&self) -> &Arc<wal::Wal> {
         &self.syncer.wal
+    }
+
+    pub fn space(&self) -> &Arc<space::DiskSpace> {
+        &self.space
     }
 
     /// Completes `callback` once everything written so far is on disk.

@@ -112,13 +112,37 @@ impl Node {
         Self::start_full(id, bootstrap, node_keys, "", extra)
     }
 
+    /// As [`Node::start_node_with_keys`], with `data_dir` as the node's data
+    /// directory (e.g. on a small file system of the test's own).
+    pub fn start_on_data_dir(
+        id: u64,
+        bootstrap: bool,
+        data_dir: &std::path::Path,
+        node_keys: &str,
+        extra: &str,
+    ) -> Node {
+        Self::start_in(id, bootstrap, Some(data_dir), node_keys, "", extra)
+    }
+
     fn start_full(id: u64, bootstrap: bool, node_keys: &str, listen: &str, extra: &str) -> Node {
+        Self::start_in(id, bootstrap, None, node_keys, listen, extra)
+    }
+
+    fn start_in(
+        id: u64,
+        bootstrap: bool,
+        data_dir: Option<&std::path::Path>,
+        node_keys: &str,
+        listen: &str,
+        extra: &str,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let grpc = free_port();
         let config = dir.path().join("tern.toml");
+        let data = data_dir.map_or_else(|| dir.path().join("data"), std::path::Path::to_owned);
         let toml = format!(
             "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n{node_keys}\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
-            dir.path().join("data").display()
+            data.display()
         );
         std::fs::write(&config, toml).expect("write config");
         Self::spawned(dir, config)
@@ -214,6 +238,14 @@ impl Node {
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// Whether the process has exited (as a supervisor would notice).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
         }
     }
 

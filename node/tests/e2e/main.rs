@@ -5,6 +5,7 @@
 
 mod cluster;
 mod delivery;
+mod disk_full;
 mod dkim;
 mod durability;
 mod harness;
