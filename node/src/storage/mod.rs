@@ -59,6 +59,7 @@ enum Job {
 struct Syncer {
     db: sled::Db,
     db_file: File,
+    sled_dir: PathBuf,
     /// sled's `blobs/` directory and the blob files already synced.
     blobs: Mutex<Blobs>,
     wal: Arc<wal::Wal>,
@@ -178,6 +179,7 @@ impl Durability {
         let syncer = Arc::new(Syncer {
             db,
             db_file,
+            sled_dir: sled_dir.clone(),
             blobs: Mutex::new(Blobs {
                 dir: sled_dir.join("blobs"),
                 synced: Default::default(),
@@ -264,11 +266,19 @@ impl Durability {
     /// Deletes (or keeps as spares) segments from [`Durability::take_reclaimable`]
     /// after a full flush that followed it.
     pub fn retire(&self, doomed: Vec<u64>) {
+        if doomed.is_empty() {
+            return;
+        }
         for seq in doomed {
             match self.wal().retire(seq) {
                 Ok(()) => tracing::debug!(segment = seq, "log segment reclaimed"),
                 Err(e) => tracing::warn!(segment = seq, error = %e, "cannot retire log segment"),
             }
+        }
+        // Not needed for safety (a segment brought back by a crash holds
+        // only purged entries), but spares and deletions then stay done.
+        if let Err(e) = sync_dir(&self.data_dir.join("wal")) {
+            tracing::warn!(error = %e, "cannot sync the log directory");
         }
     }
 
@@ -316,7 +326,10 @@ impl Syncer {
             blobs.sync().map_err(|e| format!("fsync sled blobs: {e}"))?;
             self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
             blobs.sync().map_err(|e| format!("fsync sled blobs: {e}"))?;
-            self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}"))
+            self.db_file.sync_data().map_err(|e| format!("fdatasync sled: {e}"))?;
+            // sled renames its own snapshot files into place and never syncs
+            // the directory.
+            sync_dir(&self.sled_dir).map_err(|e| format!("fsync sled directory: {e}"))
         })();
         if let Err(e) = &result {
             self.state_failed.store(true, Ordering::Release);

@@ -486,6 +486,7 @@ impl Wal {
 
     fn rotate(&self, inner: &mut Inner) -> std::io::Result<()> {
         // Replay stops here, not at the old records of a recycled file.
+        let before_end = inner.active.size;
         let mut end = Batch::new(inner.active.seq, inner.active.size);
         end.push(Kind::End, 0, &[])?;
         end.commit(inner)?;
@@ -494,7 +495,15 @@ impl Wal {
         // told apart from a crash (see `Wal::open`).
         self.sync_file(&inner.active.file)?;
         let seq = inner.active.seq + 1;
-        let active = new_segment(&self.dir, seq, &mut inner.spares, self.segment_bytes)?;
+        let active = match new_segment(&self.dir, seq, &mut inner.spares, self.segment_bytes) {
+            Ok(active) => active,
+            Err(e) => {
+                // Go on in this segment (a retried write lands over the End
+                // record), or records written after it would not replay.
+                inner.active.size = before_end;
+                return Err(e);
+            }
+        };
         inner.open.insert(seq, Arc::clone(&active.file));
         inner.segments.insert(seq);
         inner.changed = true;
