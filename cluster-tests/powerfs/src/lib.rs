@@ -551,6 +551,7 @@ impl State {
                     }
                 }),
             };
+            tracing::debug!(op = ?op, ok = result.is_ok(), "undone");
             if let Err(e) = result {
                 report.undo_errors += 1;
                 tracing::warn!(op = ?op, error = %e, "undo failed");
