@@ -287,6 +287,14 @@ impl Cluster {
         Ok(counters)
     }
 
+    /// Every member's file system made durable now (see [`Node::settle_fs`]).
+    pub fn settle_fs(&mut self) -> anyhow::Result<()> {
+        for id in self.members.clone() {
+            self.node_mut(id)?.settle_fs()?;
+        }
+        Ok(())
+    }
+
     /// The power part of [`Cluster::power_cut`]: the node stays down.
     pub fn power_off(&mut self, id: u64, tear: bool) -> anyhow::Result<tern_powerfs::mount::Counters> {
         let counters = self.node_mut(id)?.power_cut(tear)?;

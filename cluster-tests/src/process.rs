@@ -269,6 +269,16 @@ impl Node {
         power.cut(tear).with_context(|| format!("power cut of node {id}"))
     }
 
+    /// Makes everything the node wrote durable now, as the kernel's writeback
+    /// would given time (hides missing fsyncs; see tern_powerfs's doc).
+    pub fn settle_fs(&mut self) -> anyhow::Result<tern_powerfs::mount::Counters> {
+        let id = self.id();
+        self.power
+            .as_mut()
+            .with_context(|| format!("node {id} is not on powerfs"))?
+            .settle()
+    }
+
     /// Whether the data dir is on a `tern-powerfs` mount.
     pub fn on_powerfs(&self) -> bool {
         self.power.is_some()

@@ -39,6 +39,11 @@
 //! data is lost, directory changes stay, and the next start empties the
 //! trash.
 //!
+//! `settle` ([`Control::settle`]) is the opposite of a cut: it makes every
+//! overlay and directory change durable, as the kernel's periodic writeback
+//! would given a few seconds. Tests use it only to look past a known missing
+//! fsync (it hides that defect).
+//!
 //! The kernel page cache never holds file data: every open is answered with
 //! `FOPEN_DIRECT_IO`, the writeback cache is not requested, and attributes
 //! and entries are cached for zero seconds, so after a cut the kernel sees
@@ -561,6 +566,33 @@ impl State {
         report
     }
 
+    /// Makes everything durable, as the kernel's periodic writeback would
+    /// given time: every overlay written and fsynced, every directory change
+    /// kept (trash emptied). Returns how many files and entries it settled.
+    fn settle(&mut self) -> io::Result<(u64, u64)> {
+        let mut files = 0;
+        for o in self.overlays.values_mut() {
+            if o.is_dirty() {
+                o.sync(false)?;
+                files += 1;
+            }
+        }
+        let undo = std::mem::take(&mut self.undo);
+        let entries = undo.len() as u64;
+        for op in undo {
+            let trash = match op {
+                DirOp::Removed { trash, .. } => Some(trash),
+                DirOp::Renamed { replaced, .. } => replaced,
+                DirOp::Created { .. } => None,
+            };
+            if let Some(trash) = trash {
+                let _ = self.delete(&trash);
+            }
+        }
+        nix::unistd::sync();
+        Ok((files, entries))
+    }
+
     fn status(&self) -> Status {
         Status {
             dirty_files: self.overlays.values().filter(|o| o.is_dirty()).count() as u64,
@@ -591,6 +623,12 @@ impl Control {
     /// Simulates a power cut: drops unsynced data, undoes non-durable entries.
     pub fn cut(&self, tear: bool) -> CutReport {
         lock(&self.state).cut(tear)
+    }
+
+    /// Makes everything durable now (not a power cut: the opposite). Returns
+    /// (files synced, directory entries kept).
+    pub fn settle(&self) -> io::Result<(u64, u64)> {
+        lock(&self.state).settle()
     }
 
     /// Counts what a cut would drop now.

@@ -5,6 +5,8 @@
 //!   answers `ok dropped_bytes=.. dropped_writes=.. torn_files=.. undone_entries=.. undo_errors=..`
 //! * `cut tear` - the same, keeping a 4 KiB-aligned prefix of each file's oldest unsynced write
 //! * `status` - `ok dirty_files=.. dirty_bytes=.. pending_entries=.. cuts=..`
+//! * `settle` - make everything durable now (the opposite of a cut):
+//!   `ok settled_files=.. settled_entries=..`
 //! * anything else - `err unknown command`
 //!
 //! After mounting it prints `mounted MOUNTPOINT`. It unmounts and exits on
@@ -90,6 +92,10 @@ fn main() -> anyhow::Result<()> {
                 ["cut"] => format!("ok {}", control.cut(false)),
                 ["cut", "tear"] => format!("ok {}", control.cut(true)),
                 ["status"] => format!("ok {}", control.status()),
+                ["settle"] => match control.settle() {
+                    Ok((files, entries)) => format!("ok settled_files={files} settled_entries={entries}"),
+                    Err(e) => format!("err settle: {e}"),
+                },
                 ["quit"] => break "quit",
                 [] => continue,
                 _ => "err unknown command".to_string(),

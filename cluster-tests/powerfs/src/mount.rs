@@ -103,6 +103,11 @@ impl PowerMount {
             .map(|s| Counters::parse(&s))
     }
 
+    /// Makes everything durable now (hides missing fsyncs: see the crate doc).
+    pub fn settle(&mut self) -> anyhow::Result<Counters> {
+        self.command("settle").map(|s| Counters::parse(&s))
+    }
+
     /// What a cut would drop now.
     pub fn status(&mut self) -> anyhow::Result<Counters> {
         self.command("status").map(|s| Counters::parse(&s))
