@@ -529,7 +529,12 @@ impl State {
 
     fn cut(&mut self, tear: bool) -> CutReport {
         let mut report = CutReport::default();
-        for (ino, mut o) in self.overlays.drain() {
+        let overlays: Vec<(u64, Overlay)> = self.overlays.drain().collect();
+        for (ino, mut o) in overlays {
+            if o.is_dirty() {
+                let path = self.nodes.get(&ino).map(|n| n.path.display().to_string()).unwrap_or_default();
+                tracing::debug!(path, bytes = o.dirty_bytes, writes = o.dirty_writes, size = o.size, durable_size = o.backing_len, "dropped");
+            }
             if tear {
                 match o.tear() {
                     Ok(true) => report.torn_files += 1,
