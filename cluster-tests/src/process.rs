@@ -279,6 +279,15 @@ impl Node {
             .settle()
     }
 
+    /// What a power cut would drop now (`dirty_files`, `dirty_bytes`, `pending_entries`).
+    pub fn fs_status(&mut self) -> anyhow::Result<tern_powerfs::mount::Counters> {
+        let id = self.id();
+        self.power
+            .as_mut()
+            .with_context(|| format!("node {id} is not on powerfs"))?
+            .status()
+    }
+
     /// Whether the data dir is on a `tern-powerfs` mount.
     pub fn on_powerfs(&self) -> bool {
         self.power.is_some()

@@ -511,6 +511,7 @@ impl State {
         let (durable, pending): (Vec<DirOp>, Vec<DirOp>) = std::mem::take(&mut self.undo)
             .into_iter()
             .partition(|op| op.dir() == dir);
+        tracing::trace!(path = %path.display(), durable = durable.len(), "fsyncdir");
         self.undo = pending;
         for op in durable {
             let trash = match op {
@@ -532,8 +533,19 @@ impl State {
         let overlays: Vec<(u64, Overlay)> = self.overlays.drain().collect();
         for (ino, mut o) in overlays {
             if o.is_dirty() {
-                let path = self.nodes.get(&ino).map(|n| n.path.display().to_string()).unwrap_or_default();
-                tracing::debug!(path, bytes = o.dirty_bytes, writes = o.dirty_writes, size = o.size, durable_size = o.backing_len, "dropped");
+                let path = self
+                    .nodes
+                    .get(&ino)
+                    .map(|n| n.path.display().to_string())
+                    .unwrap_or_default();
+                tracing::debug!(
+                    path,
+                    bytes = o.dirty_bytes,
+                    writes = o.dirty_writes,
+                    size = o.size,
+                    durable_size = o.backing_len,
+                    "dropped"
+                );
             }
             if tear {
                 match o.tear() {
@@ -959,6 +971,7 @@ impl Filesystem for PowerFs {
                     path: rel.clone(),
                 });
             }
+            tracing::trace!(path = %rel.display(), existed, "create");
             let attr = st.attr(rel).map_err(|e| errno(&e))?;
             let o = st.overlay(attr.ino.0).map_err(|e| errno(&e))?;
             o.opens += 1;
@@ -1044,6 +1057,7 @@ impl Filesystem for PowerFs {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let mut st = self.st();
+        tracing::trace!(path = ?st.path_of(ino.0).ok(), datasync, "fsync");
         match st.overlay(ino.0).and_then(|o| o.sync(datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => {

@@ -246,6 +246,19 @@ fn send_many_recipients(addr: std::net::SocketAddr, n: usize) -> String {
         .to_string()
 }
 
+/// sled's blob files (name and size): items over about 128 KiB.
+fn blob_files(data_dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = std::fs::read_dir(data_dir.join("sled/blobs"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map_or(0, |m| m.len())))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// Highest sequence number among the node's log segments (`wal/*.seg`).
 fn newest_segment(data_dir: &std::path::Path) -> u64 {
     std::fs::read_dir(data_dir.join("wal"))
@@ -284,8 +297,11 @@ fn power_cut_keeps_a_message_with_1000_recipients() {
         },
     );
     let smtp = c.node(1).unwrap().smtp.unwrap();
-    let id = send_many_recipients(smtp, 1000);
     let data_dir = c.node(1).unwrap().data_dir();
+    let blobs_before = blob_files(&data_dir);
+    let id = send_many_recipients(smtp, 1000);
+    let blobs_after = blob_files(&data_dir);
+    eprintln!("power_cut_keeps_a_message_with_1000_recipients: sled blobs before {blobs_before:?}, after {blobs_after:?}");
     let first = newest_segment(&data_dir);
     // Other deferred mail until 4 segments (4 MiB of log, well past the 1 MiB
     // kept) were written after the big message.
@@ -307,10 +323,12 @@ fn power_cut_keeps_a_message_with_1000_recipients() {
     }
     let newest = newest_segment(&data_dir);
     assert!(newest >= first + 4, "log segments: {first} -> {newest}");
-    let blobs = std::fs::read_dir(data_dir.join("sled/blobs"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    eprintln!("power_cut_keeps_a_message_with_1000_recipients: segments {first} -> {newest}, sled blobs {blobs}");
+    let blobs = blob_files(&data_dir);
+    let status = c.node_mut(1).unwrap().fs_status().unwrap();
+    }
+    eprintln!(
+        "power_cut_keeps_a_message_with_1000_recipients: segments {first} -> {newest}, sled blobs {blobs:?}, before the cut: {status}"
+    );
     let counters = c.power_cut(1, false).unwrap_or_else(|e| panic!("power cut: {e:#}"));
     eprintln!("power_cut_keeps_a_message_with_1000_recipients: {counters}");
     let mut shown = serde_json::Value::Null;
