@@ -251,7 +251,12 @@ fn blob_files(data_dir: &std::path::Path) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = std::fs::read_dir(data_dir.join("sled/blobs"))
         .map(|d| {
             d.filter_map(Result::ok)
-                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map_or(0, |m| m.len())))
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        e.metadata().map_or(0, |m| m.len()),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -301,7 +306,9 @@ fn power_cut_keeps_a_message_with_1000_recipients() {
     let blobs_before = blob_files(&data_dir);
     let id = send_many_recipients(smtp, 1000);
     let blobs_after = blob_files(&data_dir);
-    eprintln!("power_cut_keeps_a_message_with_1000_recipients: sled blobs before {blobs_before:?}, after {blobs_after:?}");
+    eprintln!(
+        "power_cut_keeps_a_message_with_1000_recipients: sled blobs before {blobs_before:?}, after {blobs_after:?}"
+    );
     let first = newest_segment(&data_dir);
     // Other deferred mail until 4 segments (4 MiB of log, well past the 1 MiB
     // kept) were written after the big message.
@@ -325,7 +332,6 @@ fn power_cut_keeps_a_message_with_1000_recipients() {
     assert!(newest >= first + 4, "log segments: {first} -> {newest}");
     let blobs = blob_files(&data_dir);
     let status = c.node_mut(1).unwrap().fs_status().unwrap();
-    }
     eprintln!(
         "power_cut_keeps_a_message_with_1000_recipients: segments {first} -> {newest}, sled blobs {blobs:?}, before the cut: {status}"
     );
