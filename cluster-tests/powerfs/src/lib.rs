@@ -25,10 +25,12 @@
 //! the undo log newest first: created entries are removed (a created
 //! directory with everything in it), renames are moved back (and a replaced
 //! target restored), unlinked entries come back from the trash. With `tear`,
-//! before the overlay is dropped, the oldest unsynced write of each file (one
-//! FUSE write request, at most `max_write` bytes) is kept up to a 4 KiB
-//! boundary chosen at random inside it and written to the backing file: a
-//! torn write. A write that crosses no 4 KiB boundary is dropped whole.
+//! before the overlay is dropped, the oldest unsynced write of each file that
+//! crosses a 4 KiB boundary (one FUSE write request, at most `max_write`
+//! bytes) is kept up to a boundary chosen at random inside it and written to
+//! the backing file: a torn write. Writes within one 4 KiB page are taken as
+//! atomic (dropped whole), so files whose unsynced writes are all small are
+//! not torn.
 //!
 //! Not modelled: hard links and symlinks (refused with `EPERM`), extended
 //! attributes (`ENOSYS`), `fallocate` (`ENOSYS`, so callers fall back to
@@ -171,7 +173,7 @@ struct Overlay {
     size: u64,
     /// Full pages that differ from the backing file.
     pages: BTreeMap<u64, Box<[u8]>>,
-    /// Oldest unsynced write, for a torn write at a cut.
+    /// Oldest unsynced write that crosses a 4 KiB boundary, for a torn write at a cut.
     first_write: Option<(u64, Vec<u8>)>,
     dirty_bytes: u64,
     dirty_writes: u64,
@@ -269,7 +271,9 @@ impl Overlay {
                 .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
         }
         self.size = self.size.max(end);
-        if self.first_write.is_none() {
+        // Only a write that crosses a 4 KiB boundary can be torn (a page is
+        // taken as written whole or not at all).
+        if self.first_write.is_none() && offset / PAGE != (end - 1) / PAGE {
             self.first_write = Some((offset, data.to_vec()));
         }
         self.dirty_bytes += data.len() as u64;

@@ -166,7 +166,9 @@ fn a_torn_write_keeps_a_4k_aligned_prefix() {
     write_synced(&fx.p("log"), &[]);
     fx.sync_dir("");
     let f = OpenOptions::new().write(true).open(fx.p("log")).expect("open");
-    // One write request (under max_write) crossing 4 boundaries, then a later one.
+    // A small write inside one page (atomic: never torn, dropped whole), then
+    // one write request (under max_write) crossing 5 boundaries, then a later one.
+    f.write_all_at(&[9u8; 10], 100_000).expect("small write");
     f.write_all_at(&[7u8; 5 * 4096 + 100], 1000).expect("first write");
     f.write_all_at(&[8u8; 4096], 64 * 4096).expect("second write");
     drop(f);
