@@ -347,7 +347,7 @@ fn run(args: &Args, seed: u64, cluster: &mut dyn Target) -> anyhow::Result<Repor
         };
         let at = Instant::now();
         let at_secs = start.elapsed().as_secs_f64();
-        eprintln!("[{at_secs:>5.1}s] fault: {fault:?} node {node}");
+        eprintln!("[{at_secs:>5.1}s] fault: {} node {node}", fault.name());
         intervals.push((std::mem::take(&mut phase_name), phase_start, at));
         let label = format!("{} n{node}", fault.name());
         let mut rec = FaultRecord {
