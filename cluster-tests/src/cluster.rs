@@ -34,6 +34,11 @@ pub struct Options {
     /// Per node: where its `[[route]] "*"` points (overrides `route_to`),
     /// e.g. a stalled destination for one node.
     pub node_routes: BTreeMap<u64, SocketAddr>,
+    /// Put each node's data dir on its own `tern-powerfs` mount, so that
+    /// [`Cluster::power_cut`] loses what a node never fsynced.
+    pub power_fs: bool,
+    /// Extra `key = value` lines for every node's `[node]` section.
+    pub node_toml: String,
 }
 
 impl Default for Options {
@@ -47,6 +52,8 @@ impl Default for Options {
             form_timeout: Duration::from_secs(120),
             route_to: None,
             node_routes: BTreeMap::new(),
+            power_fs: false,
+            node_toml: String::new(),
         }
     }
 }
@@ -141,8 +148,14 @@ impl Cluster {
                 .unwrap_or(self.sink.addr),
             retry_schedule: self.options.retry_schedule.clone(),
             extra: self.options.extra_toml.clone(),
+            node_extra: self.options.node_toml.clone(),
         };
-        self.nodes.insert(id, Node::spawn(config)?);
+        let node = if self.options.power_fs {
+            Node::spawn_on_powerfs(config)?
+        } else {
+            Node::spawn(config)?
+        };
+        self.nodes.insert(id, node);
         Ok(())
     }
 
@@ -263,6 +276,46 @@ impl Cluster {
         self.node_mut(id)?.kill();
         self.sync_targets();
         Ok(())
+    }
+
+    /// A power cut of node `id` (SIGKILL, unsynced writes dropped, see
+    /// [`Node::power_cut`]), then a restart; waits for `ready`. Needs
+    /// [`Options::power_fs`].
+    pub fn power_cut(&mut self, id: u64, tear: bool) -> anyhow::Result<tern_powerfs::mount::Counters> {
+        let counters = self.power_off(id, tear)?;
+        self.restart(id)?;
+        Ok(counters)
+    }
+
+    /// Every member's file system made durable now (see [`Node::settle_fs`]).
+    pub fn settle_fs(&mut self) -> anyhow::Result<()> {
+        for id in self.members.clone() {
+            self.node_mut(id)?.settle_fs()?;
+        }
+        Ok(())
+    }
+
+    /// The power part of [`Cluster::power_cut`]: the node stays down.
+    pub fn power_off(&mut self, id: u64, tear: bool) -> anyhow::Result<tern_powerfs::mount::Counters> {
+        let counters = self.node_mut(id)?.power_cut(tear)?;
+        self.sync_targets();
+        Ok(counters)
+    }
+
+    /// Every member loses power at once: all killed, then every file system
+    /// cut, then all restarted together (no manual step).
+    pub fn power_cut_all(&mut self, tear: bool) -> anyhow::Result<Vec<tern_powerfs::mount::Counters>> {
+        let members = self.members.clone();
+        for id in &members {
+            self.node_mut(*id)?.kill();
+        }
+        self.sync_targets();
+        let mut all = Vec::new();
+        for id in &members {
+            all.push(self.node_mut(*id)?.power_cut(tear)?);
+        }
+        self.restart_all_down()?;
+        Ok(all)
     }
 
     /// Starts a killed node again (same config and data dir); waits for `ready`.
@@ -519,6 +572,9 @@ impl crate::target::Target for Cluster {
     }
     fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         Cluster::restart(self, id)
+    }
+    fn power_off(&mut self, id: u64, tear: bool) -> anyhow::Result<()> {
+        Cluster::power_off(self, id, tear).map(|_| ())
     }
     fn restart_all_down(&mut self) -> anyhow::Result<()> {
         Cluster::restart_all_down(self)

@@ -78,7 +78,7 @@ pub fn binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| target_debug_dir().join(name));
     anyhow::ensure!(
         path.is_file(),
-        "{name} not found at {} (build it first: `cargo build -p tern-node --bin {name}`, or set {env_var})",
+        "{name} not found at {} (build it first: `cargo build -p tern-node --bin {name}` or `-p tern-powerfs`, or set {env_var})",
         path.display()
     );
     Ok(path)
@@ -87,6 +87,12 @@ pub fn binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
 /// `ternd`'s path (env `TERND` or `<workspace>/target/debug/ternd`).
 pub fn ternd_path() -> anyhow::Result<PathBuf> {
     binary("ternd", "TERND")
+}
+
+/// `tern-powerfs`'s path (env `TERN_POWERFS` or
+/// `<workspace>/target/debug/tern-powerfs`; `cargo build -p tern-powerfs`).
+pub fn powerfs_path() -> anyhow::Result<PathBuf> {
+    binary("tern-powerfs", "TERN_POWERFS")
 }
 
 /// `ternctl`'s path (env `TERNCTL` or `<workspace>/target/debug/ternctl`).

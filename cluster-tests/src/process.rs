@@ -1,7 +1,8 @@
 //! Real `ternd` processes: each in its own temp data dir with a TOML config
 //! written here, started and restarted with the same config and data, logs
 //! (stderr) kept with a `[nN]` prefix and printed when a test fails, killed
-//! on drop. Faults: SIGKILL, SIGSTOP/SIGCONT.
+//! on drop. Faults: SIGKILL, SIGSTOP/SIGCONT, and a power cut when the data
+//! dir is on its own `tern-powerfs` mount ([`Node::spawn_on_powerfs`]).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -30,6 +31,8 @@ pub struct NodeConfig {
     pub retry_schedule: Vec<String>,
     /// Extra TOML appended at the end (new sections only).
     pub extra: String,
+    /// Extra `key = value` lines for the `[node]` section (e.g. `log_segment_mb = 1`).
+    pub node_extra: String,
 }
 
 impl NodeConfig {
@@ -45,7 +48,7 @@ impl NodeConfig {
             .collect();
         let retry: Vec<String> = self.retry_schedule.iter().map(|r| format!("\"{r}\"")).collect();
         format!(
-            "[node]\nid = {id}\nhostname = \"{host}\"\ndata_dir = \"{data}\"\n\n\
+            "[node]\nid = {id}\nhostname = \"{host}\"\ndata_dir = \"{data}\"\n{node_extra}\n\n\
              [listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"{grpc}\"\nhttp = \"127.0.0.1:0\"\n\n\
              [cluster]\nbootstrap = {bootstrap}\nshards = {shards}\nadvertise_grpc = \"{grpc}\"\n\
              peer_addresses = {{ {peers} }}\n\n\
@@ -61,6 +64,7 @@ impl NodeConfig {
             retry = retry.join(", "),
             route = self.route_to,
             extra = self.extra,
+            node_extra = self.node_extra,
         )
     }
 }
@@ -77,6 +81,9 @@ pub enum State {
 
 pub struct Node {
     pub config: NodeConfig,
+    /// The power-cut file system under `data_dir`, if any. Declared before
+    /// `dir` so it is unmounted (on drop) before the temp dir is removed.
+    power: Option<tern_powerfs::mount::PowerMount>,
     /// Keeps the node's directory alive for the node's lifetime.
     dir: tempfile::TempDir,
     config_path: PathBuf,
@@ -98,13 +105,34 @@ impl Node {
     /// Writes the config and starts the process; does not wait for `ready`
     /// (see [`Node::wait_ready`]).
     pub fn spawn(config: NodeConfig) -> anyhow::Result<Node> {
+        Node::spawn_with(config, false)
+    }
+
+    /// Like [`Node::spawn`], with the data dir on its own `tern-powerfs`
+    /// mount (backing dir `backing/` beside it), so [`Node::power_cut`] can
+    /// drop what the node never fsynced.
+    pub fn spawn_on_powerfs(config: NodeConfig) -> anyhow::Result<Node> {
+        Node::spawn_with(config, true)
+    }
+
+    fn spawn_with(config: NodeConfig, powerfs: bool) -> anyhow::Result<Node> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("tern-n{}-", config.id))
             .tempdir()?;
         let config_path = dir.path().join("tern.toml");
         std::fs::write(&config_path, config.to_toml(&dir.path().join("data")))?;
+        let power = if powerfs {
+            let binary = crate::powerfs_path()?;
+            Some(
+                tern_powerfs::mount::PowerMount::mount(&binary, &dir.path().join("backing"), &dir.path().join("data"))
+                    .with_context(|| format!("mounting powerfs for node {}", config.id))?,
+            )
+        } else {
+            None
+        };
         let mut node = Node {
             config,
+            power,
             dir,
             config_path,
             child: None,
@@ -224,6 +252,45 @@ impl Node {
         }
         self.state = State::Down;
         self.smtp = None;
+    }
+
+    /// A power cut: SIGKILL, then everything the node wrote and never
+    /// fsynced is dropped from its data dir (directory entries not made
+    /// durable are undone); `tear` keeps a 4 KiB-aligned prefix of each
+    /// file's oldest unsynced write. The node stays down (see [`Node::start`]).
+    /// Returns the file system's counters (`dropped_bytes`, `undone_entries`...).
+    pub fn power_cut(&mut self, tear: bool) -> anyhow::Result<tern_powerfs::mount::Counters> {
+        self.kill();
+        let id = self.id();
+        let power = self
+            .power
+            .as_mut()
+            .with_context(|| format!("node {id} is not on powerfs (Options::power_fs)"))?;
+        power.cut(tear).with_context(|| format!("power cut of node {id}"))
+    }
+
+    /// Makes everything the node wrote durable now, as the kernel's writeback
+    /// would given time (hides missing fsyncs; see tern_powerfs's doc).
+    pub fn settle_fs(&mut self) -> anyhow::Result<tern_powerfs::mount::Counters> {
+        let id = self.id();
+        self.power
+            .as_mut()
+            .with_context(|| format!("node {id} is not on powerfs"))?
+            .settle()
+    }
+
+    /// What a power cut would drop now (`dirty_files`, `dirty_bytes`, `pending_entries`).
+    pub fn fs_status(&mut self) -> anyhow::Result<tern_powerfs::mount::Counters> {
+        let id = self.id();
+        self.power
+            .as_mut()
+            .with_context(|| format!("node {id} is not on powerfs"))?
+            .status()
+    }
+
+    /// Whether the data dir is on a `tern-powerfs` mount.
+    pub fn on_powerfs(&self) -> bool {
+        self.power.is_some()
     }
 
     /// Kills (SIGKILL) and starts again with the same config and data dir,

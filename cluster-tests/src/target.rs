@@ -31,6 +31,14 @@ pub trait Target {
     }
     /// SIGKILL.
     fn kill(&mut self, id: u64) -> anyhow::Result<()>;
+    /// The power goes off: SIGKILL, then every write the node never fsynced
+    /// is dropped (optionally torn); the node stays down until
+    /// [`Target::restart`]. Only for nodes whose data dir is on `tern-powerfs`.
+    fn power_off(&mut self, id: u64, _tear: bool) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "power cut of node {id}: this target has no power-cut file system (start the cluster with Options::power_fs)"
+        )
+    }
     /// Starts a killed node again; waits until it serves.
     fn restart(&mut self, id: u64) -> anyhow::Result<()>;
     /// Starts every killed member again.

@@ -1,5 +1,5 @@
 //! tern-chaos: runs a real Tern cluster, injects random faults (SIGKILL,
-//! SIGSTOP, partitions, restarts) while mail flows, and checks that every
+//! SIGSTOP, partitions, restarts, power cuts on `tern-powerfs`) while mail flows, and checks that every
 //! acknowledged message is delivered. With `--endpoints` it drives a
 //! cluster it did not start (local processes; no partitions). Exit code 0:
 //! no loss; 1: loss (or a message delivered as two different copies);
@@ -20,7 +20,7 @@ use cluster_tests::load::{Load, LoadConfig};
 use cluster_tests::target::Target;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum Fault {
     /// SIGKILL a node, restart it 3 s later.
     Kill,
@@ -30,6 +30,23 @@ enum Fault {
     Partition,
     /// SIGKILL a node and restart it at once.
     Restart,
+    /// SIGKILL a node, drop every write it never fsynced (half the time
+    /// tearing the oldest one at a 4 KiB boundary), restart it 3 s later.
+    /// Every node's data dir is then on its own `tern-powerfs` mount.
+    #[value(name = "power-cut")]
+    PowerCut,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::Partition => "partition",
+            Fault::Restart => "restart",
+            Fault::PowerCut => "power-cut",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -65,7 +82,7 @@ struct Args {
     /// How long to inject faults and send mail (`90s`, `2m`, or seconds).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
-    /// Faults to choose from.
+    /// Faults to choose from: kill, pause, partition, restart, power-cut.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition,restart")]
     faults: Vec<Fault>,
     /// Random seed (default: from the clock); printed so a run can be repeated.
@@ -136,6 +153,8 @@ struct Report {
     #[serde(flatten)]
     verdict: check::Verdict,
     faults: Vec<FaultRecord>,
+    /// Power cuts injected (also counted in `faults`).
+    power_cuts: usize,
     /// Messages acknowledged per second before the first fault, during
     /// each fault and after it was undone.
     phases: Vec<check::Phase>,
@@ -165,6 +184,13 @@ fn main() -> ExitCode {
         eprintln!(
             "tern-chaos: --faults partition needs the harness's proxies between nodes; \
              it cannot be used with --endpoints (choose from kill,pause,restart)"
+        );
+        return ExitCode::from(2);
+    }
+    if external && args.faults.contains(&Fault::PowerCut) {
+        eprintln!(
+            "tern-chaos: --faults power-cut needs each node's data dir on a tern-powerfs mount that \
+             tern-chaos starts; it cannot be used with --endpoints"
         );
         return ExitCode::from(2);
     }
@@ -213,6 +239,7 @@ fn main() -> ExitCode {
             args.nodes,
             Options {
                 shards: args.shards,
+                power_fs: args.faults.contains(&Fault::PowerCut),
                 ..Options::default()
             },
         ) {
@@ -320,9 +347,9 @@ fn run(args: &Args, seed: u64, cluster: &mut dyn Target) -> anyhow::Result<Repor
         };
         let at = Instant::now();
         let at_secs = start.elapsed().as_secs_f64();
-        eprintln!("[{at_secs:>5.1}s] fault: {fault:?} node {node}");
+        eprintln!("[{at_secs:>5.1}s] fault: {} node {node}", fault.name());
         intervals.push((std::mem::take(&mut phase_name), phase_start, at));
-        let label = format!("{fault:?} n{node}").to_lowercase();
+        let label = format!("{} n{node}", fault.name());
         let mut rec = FaultRecord {
             at_secs,
             undone_secs: None,
@@ -335,7 +362,8 @@ fn run(args: &Args, seed: u64, cluster: &mut dyn Target) -> anyhow::Result<Repor
             converged_secs: None,
             error: None,
         };
-        let undone = inject(cluster, fault, node, at, &mut rec);
+        let tear = rng.gen_bool(0.5);
+        let undone = inject(cluster, fault, node, tear, at, &mut rec);
         if let Some(e) = &rec.error {
             eprintln!(
                 "[{:>5.1}s] fault {fault:?} node {node}: {e}",
@@ -397,7 +425,9 @@ fn run(args: &Args, seed: u64, cluster: &mut dyn Target) -> anyhow::Result<Repor
         .iter()
         .filter_map(|f| f.new_leaders_secs)
         .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let power_cuts = faults.iter().filter(|f| f.fault == Fault::PowerCut).count();
     Ok(Report {
+        power_cuts,
         max_new_leaders_secs,
         seed,
         mode: "harness",
@@ -418,15 +448,23 @@ fn run(args: &Args, seed: u64, cluster: &mut dyn Target) -> anyhow::Result<Repor
 /// waits for convergence (each bounded). The fault is undone whatever
 /// failed before (so at most one node is ever faulty); errors go to
 /// `rec.error`. Returns when the fault was undone, `None` if undoing failed.
-fn inject(cluster: &mut dyn Target, fault: Fault, node: u64, at: Instant, rec: &mut FaultRecord) -> Option<Instant> {
+fn inject(
+    cluster: &mut dyn Target,
+    fault: Fault,
+    node: u64,
+    tear: bool,
+    at: Instant,
+    rec: &mut FaultRecord,
+) -> Option<Instant> {
     let mut errors = Vec::new();
     let hold = match fault {
-        Fault::Kill | Fault::Pause => Duration::from_secs(3),
+        Fault::Kill | Fault::Pause | Fault::PowerCut => Duration::from_secs(3),
         Fault::Partition => Duration::from_secs(4),
         Fault::Restart => Duration::ZERO,
     };
     let applied = match fault {
         Fault::Kill | Fault::Restart => cluster.kill(node),
+        Fault::PowerCut => cluster.power_off(node, tear),
         Fault::Pause => cluster.pause(node),
         Fault::Partition => cluster.partition(node),
     };
@@ -443,7 +481,7 @@ fn inject(cluster: &mut dyn Target, fault: Fault, node: u64, at: Instant, rec: &
         std::thread::sleep(hold - elapsed);
     }
     let undo = match fault {
-        Fault::Kill | Fault::Restart => cluster.restart(node),
+        Fault::Kill | Fault::Restart | Fault::PowerCut => cluster.restart(node),
         Fault::Pause => cluster.resume(node),
         Fault::Partition => {
             cluster.heal(node);
@@ -526,7 +564,7 @@ fn print_report(r: &Report, output: Output) {
     );
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     for f in &r.faults {
-        *kinds.entry(format!("{:?}", f.fault).to_lowercase()).or_default() += 1;
+        *kinds.entry(f.fault.name().to_owned()).or_default() += 1;
     }
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let rows = [
@@ -547,6 +585,7 @@ fn print_report(r: &Report, output: Output) {
             ),
         ),
         ("faults injected", format!("{} ({})", r.faults.len(), kinds.join(", "))),
+        ("power cuts", r.power_cuts.to_string()),
         (
             "fault errors",
             r.faults.iter().filter(|f| f.error.is_some()).count().to_string(),
