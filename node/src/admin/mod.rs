@@ -593,7 +593,7 @@ impl AdminService for Admin {
             .get(group)
             .ok_or_else(|| Status::not_found(format!("group {group} not hosted here")))?;
         if step_aside {
-            cluster::step_aside_for(&g);
+            cluster::step_aside_for(&g).await;
             return Ok(Response::new(ElectReply {}));
         }
         g.raft

@@ -305,6 +305,7 @@ struct RawCluster {
     tls_server_name: Option<String>,
     peer_addresses: Option<std::collections::BTreeMap<String, String>>,
     dead_node_after_secs: Option<u64>,
+    handover_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -360,6 +361,9 @@ pub struct Config {
     pub peer_addresses: std::collections::BTreeMap<u64, String>,
     /// A member unreachable this long has its shard replicas moved to live nodes.
     pub dead_node_after: Duration,
+    /// `[cluster] handover_timeout_secs`: longest wait of a planned hand-over
+    /// for the shard's in-flight delivery outcomes.
+    pub handover_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Initialise a new cluster on first start if this node has no state.
@@ -707,6 +711,7 @@ impl Config {
             cluster_tls,
             peer_addresses,
             dead_node_after: secs(raw.cluster.dead_node_after_secs, 300, "cluster.dead_node_after_secs")?,
+            handover_timeout: secs(raw.cluster.handover_timeout_secs, 30, "cluster.handover_timeout_secs")?,
             dns_nameservers,
             dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
             routes,
