@@ -82,6 +82,21 @@ pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
     v
 }
 
+/// A planned operation (`hand_overs` leaderships moved) delivered every
+/// acknowledged message exactly once.
+pub fn assert_exactly_once(name: &str, v: &Verdict, hand_overs: usize) {
+    eprintln!(
+        "{name}: {} acknowledged, {hand_overs} hand-overs, {} duplicates (+{} copies)",
+        v.acked, v.duplicates, v.extra_copies
+    );
+    assert!(hand_overs > 0, "{name}: no leadership was handed over");
+    assert_eq!(
+        (v.duplicates, v.extra_copies),
+        (0, 0),
+        "{name}: a planned operation delivered messages twice"
+    );
+}
+
 /// Converged (bounded), with the time it took printed.
 pub fn assert_converged(name: &str, c: &Cluster, deadline: Duration) {
     match c.wait_converged(deadline) {

@@ -12,4 +12,5 @@ mod kill;
 mod membership;
 mod partition;
 mod pause;
+mod planned;
 mod restart;
