@@ -79,6 +79,14 @@ pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
         v.failed_multi_copy,
         v.acked_multi_copy
     );
+    // Crashes, pauses and partitions repeat only what was in flight.
+    assert!(
+        v.duplicates_within(1.0),
+        "{name}: {} duplicates, {:.2}% of {} acknowledged (budget 1%)",
+        v.duplicates,
+        v.duplicate_ratio() * 100.0,
+        v.acked
+    );
     v
 }
 
