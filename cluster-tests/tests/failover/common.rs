@@ -113,6 +113,26 @@ pub fn assert_converged(name: &str, c: &Cluster, deadline: Duration) {
     }
 }
 
+/// Waits (bounded) until the leader balancer has spread the shards: no node
+/// leads more than its share. Balancing moves are hand-overs that wait for
+/// deliveries in flight, so under load they take longer; scenarios that
+/// need other nodes to keep accepting mail while one leader is faulty
+/// start from a spread cluster.
+pub fn wait_balanced(c: &Cluster) {
+    let nodes = c.members().len().max(1);
+    let share = (c.options.shards as usize).div_ceil(nodes);
+    cluster_tests::wait_until(Duration::from_secs(60), "shard leaders spread", || {
+        c.leaders().is_ok_and(|l| {
+            let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+            for x in l.values() {
+                *counts.entry(*x).or_default() += 1;
+            }
+            !counts.contains_key(&0) && counts.values().all(|n| *n <= share)
+        })
+    })
+    .unwrap();
+}
+
 /// The node leading the most shards.
 pub fn busiest_leader(c: &Cluster) -> u64 {
     let leaders = c.leaders().unwrap();

@@ -107,12 +107,20 @@ impl HandOver {
         *self.paused_lock() = None;
     }
 
-    /// Pauses dispatch for `for_` (or until [`HandOver::resume`]), then waits
-    /// up to the hand-over timeout until every claimed outcome is committed.
-    /// False when it gave up waiting (counted and logged).
+    /// Pauses dispatch, waits up to the hand-over timeout until every
+    /// claimed outcome is committed, and keeps dispatch paused for `for_`
+    /// after that (the election), or until [`HandOver::resume`]. False when
+    /// it gave up waiting (counted and logged).
     pub async fn quiesce(&self, shard: u64, for_: Duration) -> bool {
         self.prepared.inc();
         *self.paused_lock() = Some(Instant::now() + self.timeout + for_);
+        let quiet = self.wait_quiet(shard).await;
+        // A hand-over that does not happen pauses this leader no longer than that.
+        *self.paused_lock() = Some(Instant::now() + for_);
+        quiet
+    }
+
+    async fn wait_quiet(&self, shard: u64) -> bool {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut rx = self.released.subscribe();
