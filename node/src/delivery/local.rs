@@ -143,6 +143,8 @@ pub async fn deliver_maildir(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[derive(Debug)]
