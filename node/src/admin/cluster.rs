@@ -1067,20 +1067,25 @@ impl Cluster {
             .into_iter()
             .filter(|g| g.leader() == Some(self.node_id))
             .collect();
-        let moves = led.iter().filter_map(|g| {
-            let target = g
+        let moves = led.iter().map(|g| {
+            let targets: Vec<NodeId> = g
                 .raft
                 .metrics()
                 .borrow()
                 .membership_config
                 .membership()
                 .voter_ids()
-                .find(|v| *v != self.node_id)?;
-            Some(async move {
-                if let Err(e) = self.hand_over(g.id, self.node_id, target).await {
-                    tracing::warn!(group = g.id, target, error = %e, "shutdown: hand-over failed");
+                .filter(|v| *v != self.node_id)
+                .collect();
+            async move {
+                // The next voter when one cannot be reached.
+                for target in targets {
+                    match self.hand_over(g.id, self.node_id, target).await {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!(group = g.id, target, error = %e, "shutdown: hand-over failed"),
+                    }
                 }
-            })
+            }
         });
         futures::future::join_all(moves).await;
         let deadline = tokio::time::Instant::now() + wait;
