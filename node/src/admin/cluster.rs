@@ -1044,9 +1044,10 @@ impl Cluster {
     /// Moves `group`'s leadership from `from` (0: unknown) to `to`. openraft
     /// 0.9 has no leader transfer: `from` stops dispatching, waits for the
     /// outcomes of its deliveries in flight to commit and stops campaigning
-    /// for a few seconds (see [`step_aside_for`]), then `to` campaigns. Its first vote is refused inside the
-    /// leader lease but makes `from` step down; `to` (or another replica,
-    /// never `from`) wins the election that follows.
+    /// for a few seconds (see [`step_aside_for`]), then `to` campaigns. Its
+    /// first vote is refused inside the leader lease but makes `from` step
+    /// down; `to` (or another replica, never `from`) wins the election that
+    /// follows.
     pub async fn hand_over(&self, group: GroupId, from: NodeId, to: NodeId) -> Result<(), String> {
         if from != 0 && from != to {
             if let Err(e) = self.elect_on(from, group, true).await {
