@@ -46,6 +46,21 @@ impl Verdict {
     pub fn ok(&self) -> bool {
         self.no_loss() && self.failed_multi_copy.is_empty() && self.acked_multi_copy.is_empty()
     }
+
+    /// Duplicated messages per acknowledged message (0 when none acked).
+    pub fn duplicate_ratio(&self) -> f64 {
+        if self.acked == 0 {
+            return 0.0;
+        }
+        self.duplicates as f64 / self.acked as f64
+    }
+
+    /// Duplicates stay within `percent` % of acknowledged messages (crash,
+    /// pause and partition faults: only deliveries in flight at the fault
+    /// may be repeated).
+    pub fn duplicates_within(&self, percent: f64) -> bool {
+        self.duplicate_ratio() * 100.0 <= percent
+    }
 }
 
 impl std::fmt::Display for Verdict {
@@ -196,6 +211,9 @@ pub struct Phase {
     pub acked: usize,
     /// `acked` per second of the interval.
     pub acked_per_sec: f64,
+    /// Messages whose second delivery (the duplicate) happened in the
+    /// interval: duplicates per fault (see [`count_duplicates`]).
+    pub duplicates: usize,
 }
 
 /// Messages acknowledged per second in each `(name, from, to)` interval
@@ -216,7 +234,38 @@ pub fn phases(records: &[Record], start: Instant, intervals: &[(String, Instant,
                 to_secs: to.saturating_duration_since(start).as_secs_f64(),
                 acked,
                 acked_per_sec: acked as f64 / secs,
+                duplicates: 0,
             }
         })
         .collect()
+}
+
+/// Fills each phase's `duplicates`: every message of `report` delivered more
+/// than once counts in the phase its second delivery fell in (the fault
+/// that caused it, or the recovery after it); one delivered after the last
+/// phase counts in the last. Returns how many fell in no phase.
+pub fn count_duplicates(phases: &mut [Phase], report: &LoadReport, sink: &Sink, start: Instant) -> usize {
+    let start_at = std::time::SystemTime::now() - start.elapsed();
+    let ours: BTreeSet<&str> = report.records.iter().map(|r| r.message_id.as_str()).collect();
+    let mut by_message: std::collections::BTreeMap<String, Vec<std::time::SystemTime>> = Default::default();
+    for d in sink.deliveries() {
+        if ours.contains(d.message_id.as_str()) {
+            by_message.entry(d.message_id).or_default().push(d.at);
+        }
+    }
+    let mut outside = 0;
+    for times in by_message.values_mut().filter(|t| t.len() > 1) {
+        times.sort();
+        let at = times[1].duration_since(start_at).unwrap_or_default().as_secs_f64();
+        let last = phases.len().saturating_sub(1);
+        match phases
+            .iter()
+            .position(|p| at >= p.from_secs && at < p.to_secs)
+            .or((!phases.is_empty() && phases.get(last).is_some_and(|p| at >= p.to_secs)).then_some(last))
+        {
+            Some(i) => phases[i].duplicates += 1,
+            None => outside += 1,
+        }
+    }
+    outside
 }

@@ -318,6 +318,14 @@ impl Cluster {
         Ok(all)
     }
 
+    /// SIGTERM (an orderly stop), bounded by `deadline`; false when the node
+    /// had to be killed.
+    pub fn terminate(&mut self, id: u64, deadline: Duration) -> anyhow::Result<bool> {
+        let clean = self.node_mut(id)?.terminate(deadline)?;
+        self.sync_targets();
+        Ok(clean)
+    }
+
     /// Starts a killed node again (same config and data dir); waits for `ready`.
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.node_mut(id)?.restart(Duration::from_secs(90))?;

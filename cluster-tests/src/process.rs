@@ -293,6 +293,29 @@ impl Node {
         self.power.is_some()
     }
 
+    /// SIGTERM, an orderly stop (systemd's, a rolling restart's), waiting
+    /// up to `deadline` for the exit, then SIGKILL. False when it had to kill.
+    pub fn terminate(&mut self, deadline: Duration) -> anyhow::Result<bool> {
+        if self.child.is_none() {
+            return Ok(true);
+        }
+        self.signal("TERM")?;
+        let end = std::time::Instant::now() + deadline;
+        let mut clean = false;
+        // Bounded by the deadline.
+        while std::time::Instant::now() < end {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait()?.is_some() {
+                    clean = true;
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        Ok(clean)
+    }
+
     /// Kills (SIGKILL) and starts again with the same config and data dir,
     /// waiting for `ready`.
     pub fn restart(&mut self, deadline: Duration) -> anyhow::Result<()> {

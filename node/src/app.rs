@@ -261,6 +261,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         }
         .run(stop_rx.clone()),
     );
+    let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::watch::channel(false);
 
     let grpc = {
         let raft_svc = RaftServiceServer::new(RaftServer {
@@ -287,7 +288,9 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
                     let _ = s.set_nodelay(true);
                 })
             });
-        let mut stop = stop_rx.clone();
+        // Its own stop: peers' votes and replies must still reach this node
+        // while it hands its shards over at shutdown.
+        let mut stop = grpc_stop_rx;
         // AppendEntries carry whole bodies: with HTTP/2's 16 KiB frames a
         // 100 KiB message costs a write, a read and a wake-up per frame on
         // each follower. Peers send frames of up to 1 MiB instead, and the
@@ -443,6 +446,11 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         }
     }
     let _ = controller.await;
+    // A planned stop sends nothing twice: every shard led here is handed
+    // over once its in-flight outcomes are committed.
+    let still = cluster.hand_over_all(std::time::Duration::from_secs(5)).await;
+    tracing::info!(still_leading = still.len(), "shutdown: shards handed over");
+    let _ = grpc_stop_tx.send(true);
     let _ = grpc.await;
     let _ = http.await;
     host.shutdown().await;

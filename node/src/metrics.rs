@@ -299,6 +299,10 @@ pub struct QueueMetrics {
     /// Domains that have their own label (at most [`MAX_DESTINATIONS`]).
     destinations: Arc<Mutex<HashSet<String>>>,
     dsns: Family<KindLabel, Counter>,
+    /// Planned hand-overs of a shard this node led, and those that went on
+    /// with deliveries still in flight (docs/operations.md).
+    pub handovers: Counter,
+    pub handover_timeouts: Counter,
 }
 
 impl QueueMetrics {
@@ -351,6 +355,17 @@ impl QueueMetrics {
             "tern_dsn_generated",
             "Delivery status notifications queued, by kind",
             self.dsns.clone(),
+        );
+        r.register(
+            "tern_shard_handovers",
+            "Planned hand-overs of a shard this node led (move-leader, drain, balancer, replica moves, SIGTERM)",
+            self.handovers.clone(),
+        );
+        r.register(
+            "tern_shard_handover_timeouts",
+            "Planned hand-overs that went on before every in-flight delivery's outcome was committed \
+             ([cluster] handover_timeout_secs); those deliveries may be repeated by the new leader",
+            self.handover_timeouts.clone(),
         );
     }
 }

@@ -402,13 +402,14 @@ fn run(args: &Args, seed: u64, cluster: &mut dyn Target) -> anyhow::Result<Repor
     load.stop();
     let report = load.finish();
     intervals.push((phase_name, phase_start, Instant::now()));
-    let phases = check::phases(&report.records, start, &intervals);
+    let mut phases = check::phases(&report.records, start, &intervals);
     // Undo whatever is left, then check.
     for id in cluster.partitioned() {
         cluster.heal(id);
     }
     cluster.restart_all_down().context("restarting nodes at the end")?;
     let verdict = check::wait_no_loss(&report, cluster.sink(), Duration::from_secs(120));
+    check::count_duplicates(&mut phases, &report, cluster.sink(), start);
     let converged_at_end = cluster.wait_converged(Duration::from_secs(60)).is_ok();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = ticker.join();
@@ -574,7 +575,15 @@ fn print_report(r: &Report, output: Output) {
         ("broken / timed out", v.broken.to_string()),
         ("delivered (of acked)", v.delivered.to_string()),
         ("lost", v.lost.len().to_string()),
-        ("duplicates", format!("{} (+{} copies)", v.duplicates, v.extra_copies)),
+        (
+            "duplicates",
+            format!(
+                "{} (+{} copies, {:.2}% of acked)",
+                v.duplicates,
+                v.extra_copies,
+                v.duplicate_ratio() * 100.0
+            ),
+        ),
         ("unacked but delivered", v.unacked_delivered.to_string()),
         (
             "two different copies",
@@ -614,8 +623,8 @@ fn print_report(r: &Report, output: Output) {
     for p in &r.phases {
         let _ = writeln!(
             out,
-            "    {:<28} {:>6.1}s..{:>6.1}s {:>6} acked {:>8.1}/s",
-            p.name, p.from_secs, p.to_secs, p.acked, p.acked_per_sec
+            "    {:<28} {:>6.1}s..{:>6.1}s {:>6} acked {:>8.1}/s {:>4} duplicated",
+            p.name, p.from_secs, p.to_secs, p.acked, p.acked_per_sec, p.duplicates
         );
     }
     if !v.lost.is_empty() {

@@ -141,6 +141,15 @@ fn chaos_against_existing_cluster() {
     let acked_in_phases: u64 = phases.iter().map(|p| p["acked"].as_u64().unwrap()).sum();
     assert_eq!(acked_in_phases, acked, "every acknowledgement falls in one phase: {r}");
     assert!(phases.iter().all(|p| p["acked_per_sec"].is_number()), "{r}");
+    // Duplicates are reported per fault (the phase of the second copy) and
+    // stay within 1% of acknowledged messages.
+    let duplicates = r["duplicates"].as_u64().unwrap();
+    let in_phases: u64 = phases.iter().map(|p| p["duplicates"].as_u64().unwrap()).sum();
+    assert_eq!(in_phases, duplicates, "every duplicate falls in one phase: {r}");
+    assert!(
+        duplicates * 100 <= acked,
+        "{duplicates} duplicates for {acked} acknowledged (budget 1%): {r}"
+    );
 }
 
 /// The heavier variant: tern-chaos's own 3-node cluster, 20000 messages and

@@ -79,7 +79,30 @@ pub fn assert_no_loss(name: &str, c: &Cluster, report: &LoadReport) -> Verdict {
         v.failed_multi_copy,
         v.acked_multi_copy
     );
+    // Crashes, pauses and partitions repeat only what was in flight.
+    assert!(
+        v.duplicates_within(1.0),
+        "{name}: {} duplicates, {:.2}% of {} acknowledged (budget 1%)",
+        v.duplicates,
+        v.duplicate_ratio() * 100.0,
+        v.acked
+    );
     v
+}
+
+/// A planned operation (`hand_overs` leaderships moved) delivered every
+/// acknowledged message exactly once.
+pub fn assert_exactly_once(name: &str, v: &Verdict, hand_overs: usize) {
+    eprintln!(
+        "{name}: {} acknowledged, {hand_overs} hand-overs, {} duplicates (+{} copies)",
+        v.acked, v.duplicates, v.extra_copies
+    );
+    assert!(hand_overs > 0, "{name}: no leadership was handed over");
+    assert_eq!(
+        (v.duplicates, v.extra_copies),
+        (0, 0),
+        "{name}: a planned operation delivered messages twice"
+    );
 }
 
 /// Converged (bounded), with the time it took printed.
@@ -88,6 +111,26 @@ pub fn assert_converged(name: &str, c: &Cluster, deadline: Duration) {
         Ok(t) => eprintln!("{name}: converged in {t:.1?}"),
         Err(e) => panic!("{name}: {e:#}"),
     }
+}
+
+/// Waits (bounded) until the leader balancer has spread the shards: no node
+/// leads more than its share. Balancing moves are hand-overs that wait for
+/// deliveries in flight, so under load they take longer; scenarios that
+/// need other nodes to keep accepting mail while one leader is faulty
+/// start from a spread cluster.
+pub fn wait_balanced(c: &Cluster) {
+    let nodes = c.members().len().max(1);
+    let share = (c.options.shards as usize).div_ceil(nodes);
+    cluster_tests::wait_until(Duration::from_secs(60), "shard leaders spread", || {
+        c.leaders().is_ok_and(|l| {
+            let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+            for x in l.values() {
+                *counts.entry(*x).or_default() += 1;
+            }
+            !counts.contains_key(&0) && counts.values().all(|n| *n <= share)
+        })
+    })
+    .unwrap();
 }
 
 /// The node leading the most shards.

@@ -47,7 +47,10 @@ fn kill_follower() {
 fn kill_shard_leader() {
     let _s = serial();
     let mut c = cluster(3, Options::default());
-    let load = start_load(&c, paced("kill-leader", 300, 8.0));
+    wait_balanced(&c);
+    // Long enough that the deliveries in flight at the kill (the only ones
+    // that may be repeated) stay well within 1% of what is acknowledged.
+    let load = start_load(&c, paced("kill-leader", 600, 16.0));
     wait_acked(&load, 60);
     let victim = busiest_leader(&c);
     let led = c.shards_led_by(victim).unwrap();
@@ -68,7 +71,8 @@ fn kill_shard_leader() {
 fn kill_control_leader() {
     let _s = serial();
     let mut c = cluster(3, Options::default());
-    let load = start_load(&c, paced("kill-control", 300, 8.0));
+    wait_balanced(&c);
+    let load = start_load(&c, paced("kill-control", 600, 16.0));
     wait_acked(&load, 60);
     let victim = c.control_leader().unwrap();
     let at = Instant::now();

@@ -12,5 +12,6 @@ mod kill;
 mod membership;
 mod partition;
 mod pause;
+mod planned;
 mod power_cut;
 mod restart;

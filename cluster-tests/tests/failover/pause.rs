@@ -24,6 +24,7 @@ fn pause_leader_steps_down() {
             ..Options::default()
         },
     );
+    wait_balanced(&c);
     let load = start_load(&c, paced("pause", 300, 12.0));
     wait_acked(&load, 40);
     let victim = busiest_leader(&c);

@@ -23,15 +23,32 @@ use crate::raft::{GroupId, NodeId, Request, CONTROL_GROUP};
 /// at the default timers: the new leader's election completes meanwhile).
 pub const STEP_ASIDE: Duration = Duration::from_secs(5);
 
-/// This node stops campaigning for `group` for [`STEP_ASIDE`], so that a
-/// leadership it is handing over does not come straight back to it.
-pub fn step_aside_for(group: &GroupHandle) {
-    group.raft.runtime_config().elect(false);
-    let raft = group.raft.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(STEP_ASIDE).await;
-        raft.runtime_config().elect(true);
+/// This node prepares to hand `group` over: it stops campaigning for it,
+/// and while it leads a queue shard it stops dispatching deliveries and
+/// waits (up to `[cluster] handover_timeout_secs`) until the outcomes of
+/// those in flight are committed, so that the next leader sends none of
+/// them again. Campaigning resumes [`STEP_ASIDE`] after that, so that the
+/// leadership does not come straight back. False when the wait timed out.
+/// Runs as its own task: a caller that gives up (an RPC deadline) does not
+/// leave the group unable to campaign.
+pub async fn step_aside_for(group: &GroupHandle) -> bool {
+    let g = group.clone();
+    let task = tokio::spawn(async move {
+        g.raft.runtime_config().elect(false);
+        let leading = g.raft.metrics().borrow().state == openraft::ServerState::Leader;
+        let quiet = if leading && g.id != CONTROL_GROUP {
+            g.handover.quiesce(g.id, STEP_ASIDE).await
+        } else {
+            true
+        };
+        let raft = g.raft.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STEP_ASIDE).await;
+            raft.runtime_config().elect(true);
+        });
+        quiet
     });
+    task.await.unwrap_or(false)
 }
 
 /// Pause before a forwarded enqueue is retried (lets a new leader be known).
@@ -1025,10 +1042,12 @@ impl Cluster {
     }
 
     /// Moves `group`'s leadership from `from` (0: unknown) to `to`. openraft
-    /// 0.9 has no leader transfer: `from` stops campaigning for a few
-    /// seconds, then `to` campaigns. Its first vote is refused inside the
-    /// leader lease but makes `from` step down; `to` (or another replica,
-    /// never `from`) wins the election that follows.
+    /// 0.9 has no leader transfer: `from` stops dispatching, waits for the
+    /// outcomes of its deliveries in flight to commit and stops campaigning
+    /// for a few seconds (see [`step_aside_for`]), then `to` campaigns. Its
+    /// first vote is refused inside the leader lease but makes `from` step
+    /// down; `to` (or another replica, never `from`) wins the election that
+    /// follows.
     pub async fn hand_over(&self, group: GroupId, from: NodeId, to: NodeId) -> Result<(), String> {
         if from != 0 && from != to {
             if let Err(e) = self.elect_on(from, group, true).await {
@@ -1038,13 +1057,63 @@ impl Cluster {
         self.elect_on(to, group, false).await
     }
 
+    /// Before this node stops (SIGTERM): hands every group it leads over to
+    /// another voter of that group, each after its in-flight deliveries'
+    /// outcomes are committed, then waits (bounded) until it leads none.
+    /// Returns the groups it still leads.
+    pub async fn hand_over_all(&self, wait: Duration) -> Vec<GroupId> {
+        let led: Vec<GroupHandle> = self
+            .groups
+            .all()
+            .into_iter()
+            .filter(|g| g.leader() == Some(self.node_id))
+            .collect();
+        let moves = led.iter().map(|g| {
+            let targets: Vec<NodeId> = g
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| *v != self.node_id)
+                .collect();
+            async move {
+                // The next voter when one cannot be reached.
+                for target in targets {
+                    match self.hand_over(g.id, self.node_id, target).await {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!(group = g.id, target, error = %e, "shutdown: hand-over failed"),
+                    }
+                }
+            }
+        });
+        futures::future::join_all(moves).await;
+        let deadline = tokio::time::Instant::now() + wait;
+        // Bounded: ends at the deadline.
+        loop {
+            let still: Vec<GroupId> = led
+                .iter()
+                .filter(|g| g.leader() == Some(self.node_id))
+                .map(|g| g.id)
+                .collect();
+            if still.is_empty() || tokio::time::Instant::now() >= deadline {
+                if !still.is_empty() {
+                    tracing::warn!(groups = ?still, "shutdown: still leading after the hand-over");
+                }
+                return still;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Asks `node` to campaign for `group`, or with `step_aside` to stop
     /// campaigning for it for [`STEP_ASIDE`].
     async fn elect_on(&self, node: NodeId, group: GroupId, step_aside: bool) -> Result<(), String> {
         if node == self.node_id {
             let g = self.groups.get(group).ok_or("group not hosted here")?;
             if step_aside {
-                step_aside_for(&g);
+                step_aside_for(&g).await;
                 return Ok(());
             }
             return g.raft.trigger().elect().await.map_err(|e| e.to_string());

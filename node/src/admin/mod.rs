@@ -36,6 +36,8 @@ pub struct Admin {
 
 /// The reply every recipient gets from `ternctl queue bounce`.
 const ADMIN_BOUNCE_REPLY: &str = "550 5.7.1 Message bounced by the administrator";
+/// How long `queue bounce` waits for deliveries in flight of the messages it bounces.
+const BOUNCE_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Messages per Raft write for queue operations.
 const OP_BATCH: usize = 500;
 
@@ -144,6 +146,119 @@ impl Admin {
         } else {
             self.cluster.forward(group, &request).await.map_err(Status::unavailable)
         }
+    }
+
+    /// `ternctl queue bounce` of `ids` in `group`, decided on the shard's
+    /// leader: a follower's replica may not have the latest outcomes yet, and
+    /// only the leader knows which messages are being delivered. There each
+    /// message is claimed from delivery first (waiting for an attempt in
+    /// flight to commit its outcome), so it gets one outcome, delivered or
+    /// bounced, and at most one report. Returns how many messages had a
+    /// recipient bounced.
+    async fn bounce_on_leader(
+        &self,
+        group: &GroupHandle,
+        ids: Vec<String>,
+        forwarded: bool,
+        now: i64,
+    ) -> Result<u64, Status> {
+        if group.leader() != Some(self.node_id) {
+            if forwarded {
+                return Err(Status::unavailable(format!(
+                    "not the leader of shard {} any more; try again",
+                    group.id
+                )));
+            }
+            let (leader, addr) = self
+                .cluster
+                .leader_addr(group)
+                .ok_or_else(|| Status::unavailable(format!("shard {} has no known leader; try again", group.id)))?;
+            tracing::debug!(
+                shard = group.id,
+                leader,
+                n = ids.len(),
+                "queue bounce passed to the shard leader"
+            );
+            let mut client = self.cluster.client(&addr)?;
+            let reply = client
+                .queue_op(QueueOpRequest {
+                    op: "bounce".into(),
+                    ids,
+                    on_leader: true,
+                    ..Default::default()
+                })
+                .await?;
+            return Ok(reply.into_inner().affected);
+        }
+        // Everything committed before is applied here before we read.
+        group
+            .raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| Status::unavailable(format!("shard {}: {e}", group.id)))?;
+        let deadline = tokio::time::Instant::now() + BOUNCE_CLAIM_WAIT;
+        let mut affected = 0u64;
+        let mut busy = Vec::new();
+        for chunk in ids.chunks(OP_BATCH) {
+            let mut claimed = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                if group.handover.claim_by(id, deadline).await {
+                    claimed.push(id.as_str());
+                } else {
+                    busy.push(id.as_str());
+                }
+            }
+            let result = self.write_bounces(group, &claimed, now).await;
+            for id in &claimed {
+                group.handover.release(id);
+            }
+            affected += result?;
+        }
+        if !busy.is_empty() {
+            // Left to the delivery under way (not counted as affected).
+            tracing::warn!(
+                shard = group.id,
+                n = busy.len(),
+                first = busy[0],
+                wait_secs = BOUNCE_CLAIM_WAIT.as_secs(),
+                "queue bounce: messages still being delivered were not bounced; run the bounce again"
+            );
+        }
+        Ok(affected)
+    }
+
+    /// Bounces the pending recipients of `ids` (claimed: nothing delivers
+    /// them meanwhile) as the leader's state has them now.
+    async fn write_bounces(&self, group: &GroupHandle, ids: &[&str], now: i64) -> Result<u64, Status> {
+        let mut updates = Vec::new();
+        let mut reports = Vec::new();
+        for id in ids {
+            let Some(record) = group.sm.message(id).map_err(internal)? else {
+                continue; // delivered (or removed) meanwhile
+            };
+            if record.rcpt_state.iter().all(|s| s.status.is_final()) {
+                continue;
+            }
+            let body = match &record.body {
+                Some(loc) => group.sm.wal().read(loc).map_err(internal)?,
+                None => Vec::new(),
+            };
+            let message = crate::delivery::LoadedMessage { record, body };
+            let (update, dsn) =
+                crate::queue::ops::admin_bounce(&self.hostname, self.ids.next(), &message, ADMIN_BOUNCE_REPLY, now);
+            updates.push(update);
+            reports.push(dsn);
+        }
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        let n = updates.len() as u64;
+        group
+            .raft
+            .client_write(crate::raft::Request::Bounce { updates, reports })
+            .await
+            .map_err(|e| Status::unavailable(format!("write to group {} failed: {e}", group.id)))?;
+        Ok(n)
     }
 
     fn suspensions(&self, now: i64) -> Vec<DomainSuspension> {
@@ -603,7 +718,7 @@ impl AdminService for Admin {
             .get(group)
             .ok_or_else(|| Status::not_found(format!("group {group} not hosted here")))?;
         if step_aside {
-            cluster::step_aside_for(&g);
+            cluster::step_aside_for(&g).await;
             return Ok(Response::new(ElectReply {}));
         }
         if self.space.is_full() {
@@ -736,36 +851,15 @@ impl AdminService for Admin {
         }
         let mut affected = 0u64;
         for (group, recs) in selected {
+            let Some(action) = action else {
+                let ids: Vec<String> = recs.into_iter().map(|r| r.id).collect();
+                affected += self.bounce_on_leader(&group, ids, req.on_leader, now).await?;
+                continue;
+            };
             for chunk in recs.chunks(OP_BATCH) {
-                let request = match action {
-                    Some(action) => crate::raft::Request::QueueOp {
-                        action,
-                        ids: chunk.iter().map(|r| r.id.clone()).collect(),
-                    },
-                    None => {
-                        let mut updates = Vec::new();
-                        let mut bounces = Vec::new();
-                        for record in chunk {
-                            let body = match &record.body {
-                                Some(loc) => group.sm.wal().read(loc).map_err(internal)?,
-                                None => Vec::new(),
-                            };
-                            let message = crate::delivery::LoadedMessage {
-                                record: record.clone(),
-                                body,
-                            };
-                            let (update, dsn) = crate::queue::ops::admin_bounce(
-                                &self.hostname,
-                                self.ids.next(),
-                                &message,
-                                ADMIN_BOUNCE_REPLY,
-                                now,
-                            );
-                            updates.push(update);
-                            bounces.extend(dsn);
-                        }
-                        crate::raft::Request::Outcomes { updates, bounces }
-                    }
+                let request = crate::raft::Request::QueueOp {
+                    action,
+                    ids: chunk.iter().map(|r| r.id.clone()).collect(),
                 };
                 self.write(&group, request).await?;
                 affected += chunk.len() as u64;

@@ -599,6 +599,7 @@ async fn queue_op(
             sender: sel.sender.unwrap_or_default(),
             older_than_secs: sel.older_than.unwrap_or(0),
             dry_run: true,
+            on_leader: false,
         })
         .await?
         .into_inner();

@@ -306,6 +306,7 @@ struct RawCluster {
     tls_server_name: Option<String>,
     peer_addresses: Option<std::collections::BTreeMap<String, String>>,
     dead_node_after_secs: Option<u64>,
+    handover_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -364,6 +365,9 @@ pub struct Config {
     pub peer_addresses: std::collections::BTreeMap<u64, String>,
     /// A member unreachable this long has its shard replicas moved to live nodes.
     pub dead_node_after: Duration,
+    /// `[cluster] handover_timeout_secs`: longest wait of a planned hand-over
+    /// for the shard's in-flight delivery outcomes.
+    pub handover_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Initialise a new cluster on first start if this node has no state.
@@ -719,6 +723,16 @@ impl Config {
             cluster_tls,
             peer_addresses,
             dead_node_after: secs(raw.cluster.dead_node_after_secs, 300, "cluster.dead_node_after_secs")?,
+            handover_timeout: match secs(raw.cluster.handover_timeout_secs, 30, "cluster.handover_timeout_secs")? {
+                // The node moving a leadership waits for this inside a 90 s RPC.
+                t if t > Duration::from_secs(60) => {
+                    return Err(ConfigError::Invalid {
+                        key: "cluster.handover_timeout_secs",
+                        reason: "must be at most 60 seconds".into(),
+                    })
+                }
+                t => t,
+            },
             dns_nameservers,
             dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
             routes,
@@ -958,6 +972,18 @@ mod tests {
         assert!(err.to_string().contains("max_recipents"), "{err}");
         let err = Config::from_toml("[nodes]\nid = 5\n").unwrap_err();
         assert!(err.to_string().contains("nodes"), "{err}");
+    }
+
+    #[test]
+    fn handover_timeout_defaults_to_30s_and_stays_within_an_rpc() {
+        let c = Config::from_toml("[node]\nid = 3\n").unwrap();
+        assert_eq!(c.handover_timeout, Duration::from_secs(30));
+        let c = Config::from_toml("[cluster]\nhandover_timeout_secs = 60\n").unwrap();
+        assert_eq!(c.handover_timeout, Duration::from_secs(60));
+        for bad in [0, 61] {
+            let err = Config::from_toml(&format!("[cluster]\nhandover_timeout_secs = {bad}\n")).unwrap_err();
+            assert!(err.to_string().contains("handover_timeout_secs"), "{err}");
+        }
     }
 
     #[test]

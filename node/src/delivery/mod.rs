@@ -326,7 +326,9 @@ impl Delivery {
                     }));
                 }
                 Target::Maildir(template) => {
-                    results.extend(local::deliver_maildir(&template, &message, &rcpts, &message_id).await);
+                    results.extend(
+                        local::deliver_maildir(&template, &message, &rcpts, &message_id, fence.as_deref()).await,
+                    );
                 }
                 Target::Remote {
                     endpoints,

@@ -21,32 +21,43 @@ pub const LEASE: Duration = Duration::from_millis(500);
 const CONFIRM_TIMEOUT: Duration = Duration::from_millis(300);
 
 type Confirm = Box<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+/// The term in which this node leads the shard now, as Raft last said
+/// (openraft's server state), or `None` when it does not lead.
+type Leading = Box<dyn Fn() -> Option<u64> + Send + Sync>;
 
 pub struct Lease {
-    /// Start of the last successful confirmation (the quorum answered after it).
-    confirmed: Mutex<Option<Instant>>,
+    /// Start of the last successful confirmation (the quorum answered after
+    /// it), with the term it confirmed.
+    confirmed: Mutex<Option<(Instant, u64)>>,
     /// One confirmation at a time; the others wait for its result.
     gate: tokio::sync::Mutex<()>,
     confirm: Confirm,
+    leading: Leading,
 }
 
 impl Lease {
-    /// `confirm` asks a quorum (openraft's `ensure_linearizable`).
-    pub fn new(confirm: Confirm) -> Lease {
+    /// `confirm` asks a quorum (openraft's `ensure_linearizable`); `leading`
+    /// reads Raft's current state, so that a lost leadership revokes the
+    /// lease at once, not only once it has aged out.
+    pub fn new(confirm: Confirm, leading: Leading) -> Lease {
         Lease {
             confirmed: Mutex::new(None),
             gate: tokio::sync::Mutex::new(()),
             confirm,
+            leading,
         }
     }
 
     /// Confirmed within [`LEASE`] (a monotonic clock, so a pause of the
-    /// whole process ages it too).
+    /// whole process ages it too), in the term this node still leads.
     pub fn fresh(&self) -> bool {
-        self.confirmed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|t| t.elapsed() < LEASE)
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((at, term)) = confirmed else { return false };
+        if (self.leading)() != Some(term) {
+            self.revoke();
+            return false;
+        }
+        at.elapsed() < LEASE
     }
 
     /// Forgets the confirmation (leadership lost).
@@ -63,16 +74,18 @@ impl Lease {
         if self.fresh() {
             return true;
         }
+        let Some(term) = (self.leading)() else { return false };
         let started = Instant::now();
         let ok = tokio::time::timeout(CONFIRM_TIMEOUT, (self.confirm)())
             .await
             .unwrap_or(false);
-        if !ok {
+        // Leadership lost (or a new term) during the round: not ours to use.
+        if !ok || (self.leading)() != Some(term) {
             return false;
         }
         let mut confirmed = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
-        if confirmed.is_none_or(|t| t < started) {
-            *confirmed = Some(started);
+        if confirmed.is_none_or(|(t, _)| t < started) {
+            *confirmed = Some((started, term));
         }
         // A pause during the round makes even a success too old to use.
         started.elapsed() < LEASE
@@ -95,23 +108,54 @@ impl Fence for Lease {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use super::*;
 
     /// A lease whose quorum answers `answer` after `delay`, counting rounds.
     fn lease(answer: bool, delay: Duration) -> (Arc<Lease>, Arc<AtomicUsize>) {
+        let (l, rounds, _) = lease_in_term(answer, delay);
+        (l, rounds)
+    }
+
+    /// The same, with the term this node leads in (0: not leading).
+    fn lease_in_term(answer: bool, delay: Duration) -> (Arc<Lease>, Arc<AtomicUsize>, Arc<AtomicU64>) {
         let rounds = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&rounds);
-        let lease = Lease::new(Box::new(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                answer
-            })
-        }));
-        (Arc::new(lease), rounds)
+        let term = Arc::new(AtomicU64::new(1));
+        let leading = Arc::clone(&term);
+        let lease = Lease::new(
+            Box::new(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    answer
+                })
+            }),
+            Box::new(move || Some(leading.load(Ordering::SeqCst)).filter(|t| *t != 0)),
+        );
+        (Arc::new(lease), rounds, term)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_leadership_revokes_the_lease_at_once() {
+        let (l, rounds, term) = lease_in_term(true, Duration::from_millis(5));
+        assert!(l.holds().await);
+        assert!(l.fresh());
+        // Raft says this node follows now: no delivery may start or end,
+        // well inside the lease's time.
+        term.store(0, Ordering::SeqCst);
+        assert!(!l.fresh());
+        assert!(!l.holds().await);
+        assert_eq!(rounds.load(Ordering::SeqCst), 1, "no quorum round while not leading");
+        // Leading again in a later term: the old confirmation does not count.
+        term.store(2, Ordering::SeqCst);
+        assert!(!l.fresh());
+        assert!(l.holds().await);
+        assert_eq!(rounds.load(Ordering::SeqCst), 2);
+        term.store(3, Ordering::SeqCst);
+        assert!(!l.fresh());
     }
 
     #[tokio::test(start_paused = true)]

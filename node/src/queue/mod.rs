@@ -6,6 +6,7 @@
 //! of each shard and reads the same records.
 
 pub mod batch;
+pub mod handover;
 pub mod lease;
 pub mod message;
 pub mod ops;

@@ -5,7 +5,6 @@
 //! batches. When it stops leading, it stops dispatching; a new leader
 //! resumes from the replicated state.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +62,6 @@ pub struct QueueShard {
     leader_term: Option<u64>,
     loading_term: Option<u64>,
     schedule: Schedule,
-    in_flight: HashSet<String>,
     /// Outcomes waiting to be written, each with the reports it causes: they
     /// go in the same Raft entry, so a crash never commits a report without
     /// its outcome (the retry would report again) nor the reverse.
@@ -85,10 +83,20 @@ impl QueueShard {
         events_wanted: Arc<AtomicBool>,
     ) -> QueueShard {
         let raft = group.raft.clone();
-        let lease = Arc::new(Lease::new(Box::new(move || {
-            let raft = raft.clone();
-            Box::pin(async move { raft.ensure_linearizable().await.is_ok() })
-        })));
+        let server = group.raft.server_metrics();
+        let node = settings.node;
+        let lease = Arc::new(Lease::new(
+            Box::new(move || {
+                let raft = raft.clone();
+                Box::pin(async move { raft.ensure_linearizable().await.is_ok() })
+            }),
+            // Read at every check: a lost leadership fences at once.
+            Box::new(move || {
+                let m = server.borrow();
+                (m.state == ServerState::Leader && m.current_leader == Some(node))
+                    .then(|| m.vote.leader_id().get_term())
+            }),
+        ));
         QueueShard {
             group,
             settings,
@@ -99,7 +107,6 @@ impl QueueShard {
             leader_term: None,
             loading_term: None,
             schedule: Schedule::default(),
-            in_flight: HashSet::new(),
             pending: Vec::new(),
             writing: false,
             lease,
@@ -122,7 +129,7 @@ impl QueueShard {
     /// while nothing is due: a shard holding only deferred mail would
     /// otherwise ask its followers twice a second for nothing.
     fn confirm_then_dispatch(&mut self, ctx: &mut Context<Self>) {
-        if self.leader_term.is_none() || !self.schedule.has_due(self.now()) {
+        if self.leader_term.is_none() || self.group.handover.paused() || !self.schedule.has_due(self.now()) {
             return;
         }
         if self.lease.fresh() {
@@ -147,30 +154,36 @@ impl QueueShard {
 
     /// Hands every due message to delivery, up to the in-flight bound.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        if self.leader_term.is_none() {
+        // A planned hand-over is waiting for what is in flight: start nothing new.
+        if self.leader_term.is_none() || self.group.handover.paused() {
             return;
         }
-        let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
+        let handover = Arc::clone(&self.group.handover);
+        let room = MAX_IN_FLIGHT.saturating_sub(handover.in_flight());
         let now = self.now();
         for id in self.schedule.pop_due(now, room) {
-            if self.in_flight.contains(&id) {
-                // Its outcome is being written; look again shortly.
+            if !handover.claim(&id) {
+                // Its outcome is being written (or an operator bounces it); look again shortly.
                 self.schedule.insert(&id, now + 1);
                 continue;
             }
-            let Some(record) = self.load_record(&id) else { continue };
+            let Some(record) = self.load_record(&id) else {
+                handover.release(&id);
+                continue;
+            };
             if record.held {
+                handover.release(&id);
                 continue;
             }
             let body = match record.body.as_ref().map(|loc| self.group.sm.wal().read(loc)) {
                 Some(Ok(b)) => b,
                 other => {
                     tracing::error!(msg_id = %id, shard = self.group.id, error = ?other.and_then(|r| r.err()), "cannot read queued body");
+                    handover.release(&id);
                     self.schedule.insert(&id, now + 60);
                     continue;
                 }
             };
-            self.in_flight.insert(id.clone());
             let message = Arc::new(LoadedMessage { record, body });
             let delivery = Arc::clone(&self.delivery);
             let fence: Arc<dyn Fence> = self.lease.clone();
@@ -194,7 +207,7 @@ impl QueueShard {
         let before = attempts.len();
         attempts.retain(|a| !matches!(&a.outcome, RcptOutcome::Deferred { reply } if reply == FENCED_REPLY));
         if attempts.is_empty() && before > 0 {
-            self.in_flight.remove(&record.id);
+            self.group.handover.release(&record.id);
             if self.leader_term.is_some() {
                 self.schedule.insert(&record.id, now + 1);
             }
@@ -338,7 +351,7 @@ impl QueueShard {
             act.writing = false;
             let retry_at = act.now() + 5;
             for id in &ids {
-                act.in_flight.remove(id);
+                act.group.handover.release(id);
             }
             if let Err(e) = result {
                 tracing::warn!(shard = act.group.id, error = %e, n = ids.len(), "outcome write failed; will retry delivery");
@@ -410,6 +423,8 @@ impl QueueShard {
                         act.schedule.insert(&id, at);
                     }
                     act.leader_term = Some(term);
+                    // A hand-over that did not happen (this node won again) pauses no longer.
+                    act.group.handover.resume();
                 }
                 Err(e) => {
                     act.events_wanted.store(act.leader_term.is_some(), Ordering::SeqCst);

@@ -14,6 +14,9 @@ pub struct GroupHandle {
     pub raft: Raft,
     /// Read access to the group's state machine (for queries).
     pub sm: StateMachine,
+    /// Deliveries in flight while this node leads, for a planned hand-over
+    /// that must wait for their outcomes (queue shards; unused in group 0).
+    pub handover: std::sync::Arc<crate::queue::handover::HandOver>,
 }
 
 impl GroupHandle {

@@ -119,7 +119,12 @@ impl GroupHost {
         .await
         .with_context(|| format!("starting raft group {id}"))?;
         watch_leader_changes(&raft, self.settings.metrics.leader_changes(id));
-        let handle = GroupHandle { id, raft, sm };
+        let handover = Arc::new(crate::queue::handover::HandOver::new(
+            self.config.handover_timeout,
+            self.settings.metrics.queue.handovers.clone(),
+            self.settings.metrics.queue.handover_timeouts.clone(),
+        ));
+        let handle = GroupHandle { id, raft, sm, handover };
         if id != CONTROL_GROUP {
             // One QueueShard actor per local shard replica: it delivers while this node leads.
             let actor = QueueShard::new(

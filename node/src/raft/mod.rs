@@ -94,9 +94,18 @@ pub enum Request {
     },
     /// Several newly accepted messages in one entry: concurrent sessions
     /// writing to the same shard share one log append (one fsync), one
-    /// AppendEntries and one apply. (Last variant: the encoding of the
-    /// others in existing logs is unchanged.)
+    /// AppendEntries and one apply.
     EnqueueMany { messages: Vec<NewMessage> },
+    /// The administrator's bounce, decided on the shard leader: each update
+    /// with the report it causes (`reports[i]` belongs to `updates[i]`).
+    /// Applying it skips recipients already final and stages a report only
+    /// when its update changed one, so a bounce that lost a race with a
+    /// delivery sends nothing. (Last variant: the encoding of the others in
+    /// existing logs is unchanged.)
+    Bounce {
+        updates: Vec<OutcomeUpdate>,
+        reports: Vec<Option<NewMessage>>,
+    },
 }
 
 /// What `ternctl queue hold|release|delete|retry` does to a message.
@@ -147,6 +156,7 @@ impl Request {
             Request::Enqueue { body, .. } => vec![body],
             Request::Outcomes { bounces, .. } => bounces.iter_mut().map(|b| &mut b.body).collect(),
             Request::EnqueueMany { messages } => messages.iter_mut().map(|m| &mut m.body).collect(),
+            Request::Bounce { reports, .. } => reports.iter_mut().flatten().map(|b| &mut b.body).collect(),
             Request::SetNode { .. }
             | Request::SetShardReplicas { .. }
             | Request::RemoveNode { .. }

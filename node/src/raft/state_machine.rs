@@ -20,7 +20,10 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{io_err, Body, Entry, GroupId, LogId, NodeId, QueueAction, Request, Response, StorageError, TypeConfig};
+use super::{
+    io_err, Body, Entry, GroupId, LogId, NodeId, OutcomeUpdate, QueueAction, Request, Response, StorageError,
+    TypeConfig,
+};
 use crate::queue::message::MessageRecord;
 use crate::storage::wal::{Kind, Wal};
 use crate::storage::Durability;
@@ -323,6 +326,61 @@ impl StateMachine {
             return Ok(r.clone());
         }
         self.message(id)
+    }
+
+    /// Applies one message's outcome update. A recipient already final
+    /// (delivered, or failed and reported) keeps its state: outcomes decided
+    /// on a stale view, or replayed, never turn a delivery into a bounce or
+    /// the reverse. With `only_if_changed` (a bounce) a record that the
+    /// update does not change is left as it is. True when a recipient changed.
+    fn stage_outcome(
+        &self,
+        staged: &mut BTreeMap<String, Option<MessageRecord>>,
+        events: &mut Vec<SmEvent>,
+        added: &mut i64,
+        update: OutcomeUpdate,
+        only_if_changed: bool,
+    ) -> Result<bool, StorageError> {
+        let Some(mut record) = self.load(staged, &update.id)? else {
+            return Ok(false); // already final and removed: a replay
+        };
+        let mut changed = false;
+        for r in &update.results {
+            if let Some(state) = record.rcpt_state.get_mut(r.index as usize) {
+                if state.status.is_final() {
+                    continue;
+                }
+                changed |= state.status != r.status;
+                state.status = r.status;
+                state.last_reply.clone_from(&r.reply);
+            }
+        }
+        if only_if_changed && !changed {
+            return Ok(false);
+        }
+        record.attempts = update.attempts;
+        record.next_attempt = update.next_attempt;
+        record.delay_notified = update.delay_notified;
+        if record.rcpt_state.iter().all(|s| s.status.is_final()) {
+            if let Some(loc) = record.body {
+                self.wal.release(loc.segment);
+            }
+            events.push(SmEvent::Removed { id: update.id.clone() });
+            staged.insert(update.id, None);
+            *added -= 1;
+        } else {
+            // A message held meanwhile stays out of the schedule.
+            events.push(if record.held {
+                SmEvent::Removed { id: update.id.clone() }
+            } else {
+                SmEvent::Scheduled {
+                    id: update.id.clone(),
+                    due: record.next_attempt,
+                }
+            });
+            staged.insert(update.id, Some(record));
+        }
+        Ok(changed)
     }
 
     /// Stages a new message unless its id exists (a retried proposal is a no-op).
@@ -655,42 +713,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(Request::Outcomes { updates, bounces }) => {
                     for update in updates {
-                        let Some(mut record) = self.load(&staged, &update.id)? else {
-                            continue; // already final and removed: a replay
-                        };
-                        for r in &update.results {
-                            if let Some(state) = record.rcpt_state.get_mut(r.index as usize) {
-                                state.status = r.status;
-                                state.last_reply.clone_from(&r.reply);
-                            }
-                        }
-                        record.attempts = update.attempts;
-                        record.next_attempt = update.next_attempt;
-                        record.delay_notified = update.delay_notified;
-                        if record.rcpt_state.iter().all(|s| s.status.is_final()) {
-                            if let Some(loc) = record.body {
-                                self.wal.release(loc.segment);
-                            }
-                            events.push(SmEvent::Removed { id: update.id.clone() });
-                            staged.insert(update.id, None);
-                            added -= 1;
-                        } else {
-                            // A message held meanwhile stays out of the schedule.
-                            events.push(if record.held {
-                                SmEvent::Removed { id: update.id.clone() }
-                            } else {
-                                SmEvent::Scheduled {
-                                    id: update.id.clone(),
-                                    due: record.next_attempt,
-                                }
-                            });
-                            staged.insert(update.id, Some(record));
-                        }
+                        self.stage_outcome(&mut staged, &mut events, &mut added, update, false)?;
                     }
                     for b in bounces {
                         added += i64::from(self.stage_new(&mut staged, &mut events, b.record, b.body)?);
                     }
                     Response { changed: true }
+                }
+                EntryPayload::Normal(Request::Bounce { updates, reports }) => {
+                    let mut changed = false;
+                    let mut reports = reports.into_iter();
+                    for update in updates {
+                        let report = reports.next().flatten();
+                        // A report only for recipients this entry really failed.
+                        if self.stage_outcome(&mut staged, &mut events, &mut added, update, true)? {
+                            changed = true;
+                            if let Some(r) = report {
+                                added += i64::from(self.stage_new(&mut staged, &mut events, r.record, r.body)?);
+                            }
+                        }
+                    }
+                    Response { changed }
                 }
                 EntryPayload::Normal(Request::SetNode { id, addr }) => {
                     // A removed id stays removed (checked before the write too).

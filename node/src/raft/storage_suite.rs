@@ -518,3 +518,124 @@ async fn an_append_without_space_waits_for_space_then_lands() {
     };
     assert!(body.bytes == expected, "the held-back body landed whole");
 }
+
+/// An administrator's bounce that lost a race with a delivery: recipients
+/// already final keep their outcome, and the report is staged only when the
+/// bounce changed a recipient, so no DSN for delivered mail and none twice.
+/// Delivery outcomes never overwrite a final recipient either.
+#[tokio::test]
+async fn a_bounce_changes_only_pending_recipients_and_reports_only_what_it_changed() {
+    use crate::envelope::{Envelope, Recipient};
+    use crate::queue::message::RcptStatus;
+    use crate::raft::{NewMessage, OutcomeUpdate, RcptResult};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(dir.path());
+    let rcpt = |a: &str| Recipient {
+        address: a.into(),
+        notify: Default::default(),
+        orcpt: None,
+    };
+    let mut index = 0;
+    let mut entry = |payload: Request| {
+        index += 1;
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(payload),
+        }
+    };
+    let message = |id: &str, n: usize| {
+        let mut record = MessageRecord::new(
+            id.into(),
+            Envelope {
+                reverse_path: "s@example.test".into(),
+                recipients: (0..n).map(|i| rcpt(&format!("r{i}@example.test"))).collect(),
+                ..Envelope::default()
+            },
+            3,
+            0,
+        );
+        record.rcpt_state = vec![Default::default(); n];
+        NewMessage {
+            record: Box::new(record),
+            body: Body {
+                bytes: b"x\r\n".to_vec(),
+                loc: None,
+            },
+        }
+    };
+    let result = |index: u32, status: RcptStatus| RcptResult {
+        index,
+        status,
+        reply: format!("{status:?}"),
+    };
+    let update = |id: &str, results: Vec<RcptResult>| OutcomeUpdate {
+        id: id.into(),
+        results,
+        attempts: 1,
+        next_attempt: 0,
+        delay_notified: false,
+    };
+    let report = |id: &str| Some(message(id, 1));
+    let status = |sm: &StateMachine, id: &str| -> Option<Vec<RcptStatus>> {
+        sm.message(id)
+            .unwrap()
+            .map(|r| r.rcpt_state.iter().map(|s| s.status).collect())
+    };
+
+    let new = entry(Request::EnqueueMany {
+        messages: vec![message("A", 2), message("B", 1), message("C", 2)],
+    });
+    sm.apply([new]).await.unwrap();
+    // A's first recipient and all of B delivered before the bounce is applied.
+    let delivered = entry(Request::Outcomes {
+        updates: vec![
+            update("A", vec![result(0, RcptStatus::Delivered)]),
+            update("B", vec![result(0, RcptStatus::Delivered)]),
+        ],
+        bounces: Vec::new(),
+    });
+    sm.apply([delivered]).await.unwrap();
+    assert_eq!(status(&sm, "B"), None, "B is final");
+
+    // A bounce decided on a view where nothing was delivered yet.
+    let stale = entry(Request::Bounce {
+        updates: vec![
+            update("A", vec![result(0, RcptStatus::Failed), result(1, RcptStatus::Failed)]),
+            update("B", vec![result(0, RcptStatus::Failed)]),
+        ],
+        reports: vec![report("DSN-A"), report("DSN-B")],
+    });
+    assert!(sm.apply([stale]).await.unwrap()[0].changed);
+    assert!(
+        sm.message("DSN-A").unwrap().is_some(),
+        "A's second recipient was bounced"
+    );
+    assert!(sm.message("DSN-B").unwrap().is_none(), "no report for delivered mail");
+    assert_eq!(status(&sm, "A"), None, "A is final: one delivered, one bounced");
+
+    // The same bounce again (a retry): nothing changes, no second report.
+    let again = entry(Request::Bounce {
+        updates: vec![update("C", vec![result(0, RcptStatus::Failed)])],
+        reports: vec![report("DSN-C1")],
+    });
+    sm.apply([again]).await.unwrap();
+    let twice = entry(Request::Bounce {
+        updates: vec![update("C", vec![result(0, RcptStatus::Failed)])],
+        reports: vec![report("DSN-C2")],
+    });
+    assert!(!sm.apply([twice]).await.unwrap()[0].changed);
+    assert!(sm.message("DSN-C1").unwrap().is_some());
+    assert!(sm.message("DSN-C2").unwrap().is_none(), "one report per bounce");
+
+    // A delivery outcome arriving after the bounce leaves the bounced recipient failed.
+    let late = entry(Request::Outcomes {
+        updates: vec![update(
+            "C",
+            vec![result(0, RcptStatus::Delivered), result(1, RcptStatus::Deferred)],
+        )],
+        bounces: Vec::new(),
+    });
+    sm.apply([late]).await.unwrap();
+    assert_eq!(status(&sm, "C"), Some(vec![RcptStatus::Failed, RcptStatus::Deferred]));
+}

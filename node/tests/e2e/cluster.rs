@@ -1131,3 +1131,74 @@ fn operator_moves_restart_catch_up_and_control_leader_removal() {
         || delivered(&sink, "after-ctl-remove") == 1,
     );
 }
+
+/// `ternctl queue bounce` through a follower while the shard leaders are
+/// delivering: mail to example.test is in delivery (the sink answers DATA
+/// after 2 s, two connections per site), mail to example.org is deferred
+/// (its MX refuses connections; next try in 60 s). Every message gets exactly
+/// one outcome: the mail in delivery is delivered once and never reported as
+/// bounced, the deferred mail is bounced with exactly one report. Before the
+/// fix the bounce was decided on the asked node's replica and hit the
+/// messages in flight too: delivered and bounced.
+#[test]
+fn queue_bounce_during_delivery_gives_one_outcome_per_message() {
+    let _serial = cluster_lock();
+    let sink = SmtpSink::start(&["-w", "2"]);
+    let refused = closed_port();
+    let extra = format!(
+        "shards = 4\n\n[[route]]\ndomain = \"example.org\"\nto = \"127.0.0.1:{}\"\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"60s\"]\nmax_connections_per_site = 2\n",
+        refused.port, sink.addr
+    );
+    let (n1, n2, n3) = three_node_cluster(&extra);
+    let send = |node: &Node, rcpt: &str, tag: &str| {
+        let mut c = Client::connect(node.smtp).unwrap();
+        c.command("EHLO t.test").unwrap();
+        // Ok only after 250.
+        c.send_mail("a@tern.test", &[rcpt], &body(tag, 300)).unwrap();
+    };
+    let nodes = [&n1, &n2, &n3];
+    let deferred: Vec<String> = (0..9).map(|i| format!("deferred-{i}")).collect();
+    for (i, tag) in deferred.iter().enumerate() {
+        send(nodes[i % 3], "c@example.org", tag);
+    }
+    let in_flight: Vec<String> = (0..12).map(|i| format!("in-flight-{i}")).collect();
+    for (i, tag) in in_flight.iter().enumerate() {
+        send(nodes[i % 3], "b@example.test", tag);
+    }
+    // Transactions under way: smtp-sink creates the dump file at MAIL FROM.
+    wait_for(Duration::from_secs(30), "deliveries in flight", || {
+        std::fs::read_dir(sink.dir.path()).map(|d| d.count()).unwrap_or(0) >= 2
+    });
+    let out = n3.ternctl(&["queue", "bounce", "--sender", "a@tern.test"]);
+    assert!(
+        out.status.success(),
+        "queue bounce: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(90), "every queue empty", || {
+        nodes.iter().all(|n| n.queued_ids().is_empty())
+    });
+    let messages = sink.messages();
+    let (reports, deliveries): (Vec<&String>, Vec<&String>) =
+        messages.iter().partition(|m| m.contains("multipart/report"));
+    let outcome = |tag: &str| {
+        let id = format!("<{tag}@tern.test>");
+        (
+            deliveries.iter().filter(|m| m.contains(&id)).count(),
+            reports.iter().filter(|m| m.contains(&id)).count(),
+        )
+    };
+    for tag in &in_flight {
+        assert_eq!(outcome(tag), (1, 0), "{tag}: (deliveries, bounce reports)");
+    }
+    for tag in &deferred {
+        assert_eq!(outcome(tag), (0, 1), "{tag}: (deliveries, bounce reports)");
+    }
+    eprintln!(
+        "queue bounce race: {} delivered once, {} bounced once, {} reports in all",
+        in_flight.len(),
+        deferred.len(),
+        reports.len()
+    );
+    assert_eq!(reports.len(), deferred.len(), "one report per bounced message");
+}
