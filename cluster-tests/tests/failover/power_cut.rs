@@ -70,7 +70,7 @@ fn power_cut_one_node_under_load() {
     }
     let _s = serial();
     let mut c = power_cluster(3, power_options());
-    let load = start_load(&c, paced("power-one", 400, 10.0));
+    let load = start_load(&c, paced("power-one", 800, 20.0));
     wait_acked(&load, 80);
     let victim = busiest_leader(&c);
     let counters = c
@@ -93,7 +93,7 @@ fn power_cut_whole_cluster_under_load() {
     }
     let _s = serial();
     let mut c = power_cluster(3, power_options());
-    let load = start_load(&c, paced("power-all", 400, 12.0));
+    let load = start_load(&c, paced("power-all", 800, 20.0));
     wait_acked(&load, 80);
     let counters = c
         .power_cut_all(true)
@@ -153,7 +153,7 @@ fn single_node_loop(name: &str, rounds: usize) -> (usize, cluster_tests::check::
     }
     load.stop();
     let report = load.finish();
-    let v = assert_no_loss(name, &c, &report);
+    let v = assert_nothing_lost(name, &c, &report);
     (cuts, v)
 }
 
