@@ -100,7 +100,7 @@ impl GroupHost {
         }
         self.record(id).await?;
         let log = LogStore::open(Arc::clone(&self.durability), id)?;
-        let mut sm = StateMachine::open(Arc::clone(&self.durability), id)?;
+        let mut sm = StateMachine::open(Arc::clone(&self.durability), id).await?;
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let events_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         sm.set_events(events_tx, Arc::clone(&events_wanted));
