@@ -486,4 +486,21 @@ mod tests {
         let err = Reader::new(&old[..]).err().unwrap();
         assert!(err.to_string().contains("format"), "{err}");
     }
+
+    /// A receiver refuses a foreign format at the first chunk, before the
+    /// rest is sent; the file being received is removed when dropped.
+    #[tokio::test]
+    async fn the_first_chunk_of_a_foreign_format_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut ok = SnapshotFile::receiving(dir.path(), 3).unwrap();
+        ok.write_all(&sample()).await.unwrap();
+        let mut foreign = SnapshotFile::receiving(dir.path(), 3).unwrap();
+        let old = bincode::serialize(&(vec![(b"k".to_vec(), b"v".to_vec())], 0u64)).unwrap();
+        let err = foreign.write_all(&old).await.unwrap_err();
+        assert!(err.to_string().contains("older version"), "{err}");
+        assert_eq!(std::fs::read_dir(super::dir(dir.path())).unwrap().count(), 2);
+        drop((ok, foreign));
+        assert_eq!(std::fs::read_dir(super::dir(dir.path())).unwrap().count(), 0);
+    }
 }
