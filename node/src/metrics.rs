@@ -571,6 +571,7 @@ struct RaftGauges {
     is_leader: Family<GroupLabel, Gauge>,
     last_log_index: Family<GroupLabel, Gauge>,
     last_applied: Family<GroupLabel, Gauge>,
+    purged_index: Family<GroupLabel, Gauge>,
     leader_changes: Family<GroupLabel, Counter>,
 }
 
@@ -655,6 +656,11 @@ impl Metrics {
             raft.last_applied.clone(),
         );
         r.register(
+            "tern_raft_purged_index",
+            "Index of the last entry purged from this node's log of the group (0: none); a replica that needs an older one catches up by snapshot",
+            raft.purged_index.clone(),
+        );
+        r.register(
             "tern_raft_leader_changes",
             "Times this node saw the group's leader change to another node (the first leader included)",
             raft.leader_changes.clone(),
@@ -732,6 +738,10 @@ impl Metrics {
                     .last_applied
                     .get_or_create(&label)
                     .set(m.last_applied.map_or(0, |l| l.index) as i64);
+                self.raft
+                    .purged_index
+                    .get_or_create(&label)
+                    .set(m.purged.map_or(0, |l| l.index) as i64);
             }
             if g.id == crate::raft::CONTROL_GROUP {
                 continue;

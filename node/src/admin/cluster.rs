@@ -75,6 +75,8 @@ pub fn removed_id_error(id: NodeId) -> String {
 pub const MAX_CONTROL_VOTERS: usize = 5;
 /// How long a new replica may take to catch up before the change is retried.
 const CATCH_UP: Duration = Duration::from_secs(60);
+/// Entries a learner may lag behind the leader's log and count as caught up.
+const LEARNER_SLACK: u64 = 1000;
 /// A member that answered the control leader's ping this recently is reachable.
 pub const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
 /// How long one member may take to answer a ping or a local status query.
@@ -865,6 +867,21 @@ impl Cluster {
             .remove(&group.id);
         for n in desired.difference(voters) {
             let addr = nodes.get(n).ok_or_else(|| format!("no address for node {n}"))?;
+            // A learner added by an earlier try may still be catching up
+            // (a large queue's snapshot takes minutes): adding it again
+            // restarted its replication, snapshot and all, every try.
+            let (learner, matched, last) = {
+                let m = group.raft.metrics().borrow().clone();
+                let learner = m.membership_config.membership().learner_ids().any(|l| l == *n);
+                let matched = crate::raft::groups::matched_index(&m, *n);
+                (learner, matched, m.last_log_index.unwrap_or(0))
+            };
+            if learner {
+                if matched + LEARNER_SLACK < last {
+                    return Err(format!("node {n} is still catching up (at {matched} of {last})"));
+                }
+                continue;
+            }
             let add = group.raft.add_learner(*n, BasicNode::new(addr), true);
             match tokio::time::timeout(CATCH_UP, add).await {
                 Err(_) => return Err(format!("node {n} did not catch up")),

@@ -100,7 +100,7 @@ impl GroupHost {
         }
         self.record(id).await?;
         let mut log = LogStore::open(Arc::clone(&self.durability), id)?;
-        let mut sm = StateMachine::open(Arc::clone(&self.durability), id)?;
+        let mut sm = StateMachine::open(Arc::clone(&self.durability), id).await?;
         log.set_purge_floor(sm.purge_floor());
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let events_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -14,12 +14,11 @@ pub mod host;
 pub mod log_store;
 pub mod network;
 pub mod service;
+pub mod snapshot;
 pub mod state_machine;
 #[cfg(test)]
 mod storage_suite;
 pub mod tls;
-
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +38,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -174,6 +173,9 @@ pub struct Response {
     pub changed: bool,
 }
 
+/// Bytes of snapshot per InstallSnapshot RPC.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 3 * 1024 * 1024;
+
 /// Raft timing suited to many groups per node (ARCHITECTURE.md).
 pub fn raft_config() -> anyhow::Result<std::sync::Arc<openraft::Config>> {
     let config = openraft::Config {
@@ -184,6 +186,14 @@ pub fn raft_config() -> anyhow::Result<std::sync::Arc<openraft::Config>> {
         max_payload_entries: 256,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 1_000,
+        // Snapshots travel in chunks of this size (well under the gRPC
+        // message limit, network::MAX_GRPC_MESSAGE).
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        // Per chunk, and the last chunk's RPC lasts the follower's whole
+        // install (bodies written and synced in batches): at openraft's
+        // 200 ms a large snapshot timed out and was rebuilt and resent. Not
+        // longer: a hung RPC to a partitioned peer holds its catch-up.
+        install_snapshot_timeout: 60_000,
         ..Default::default()
     };
     Ok(std::sync::Arc::new(config.validate()?))

@@ -183,6 +183,43 @@ impl PeerClient {
     }
 }
 
+/// An InstallSnapshot request as sent: openraft's own, with its data
+/// encoded as bytes (one copy) instead of element by element (about 40 ns a
+/// byte in a debug build: seconds per 3 MiB chunk). bincode writes both as
+/// a u64 length and the bytes, so the wire format is the same.
+#[derive(serde::Serialize)]
+struct ChunkOut<'a> {
+    vote: &'a openraft::Vote<NodeId>,
+    meta: &'a super::snapshot::Meta,
+    offset: u64,
+    #[serde(with = "serde_bytes")]
+    data: &'a [u8],
+    done: bool,
+}
+
+/// [`ChunkOut`] as received.
+#[derive(serde::Deserialize)]
+pub struct ChunkIn {
+    vote: openraft::Vote<NodeId>,
+    meta: super::snapshot::Meta,
+    offset: u64,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+    done: bool,
+}
+
+impl From<ChunkIn> for InstallSnapshotRequest<TypeConfig> {
+    fn from(c: ChunkIn) -> Self {
+        InstallSnapshotRequest {
+            vote: c.vote,
+            meta: c.meta,
+            offset: c.offset,
+            data: c.data,
+            done: c.done,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum RpcKind {
     Append,
@@ -227,7 +264,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(RpcKind::Snapshot, &rpc).await
+        let chunk = ChunkOut {
+            vote: &rpc.vote,
+            meta: &rpc.meta,
+            offset: rpc.offset,
+            data: &rpc.data,
+            done: rpc.done,
+        };
+        self.call(RpcKind::Snapshot, &chunk).await
     }
 
     async fn vote(
@@ -271,6 +315,29 @@ mod tests {
             ..acked
         };
         assert!(!old.answers(&request(2, 7, Vec::new())), "too old");
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_snapshot_chunk_has_openraft_s_own_encoding() {
+        let rpc = InstallSnapshotRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(2, 1),
+            meta: Default::default(),
+            offset: 7,
+            data: vec![1, 2, 3, 250],
+            done: true,
+        };
+        let chunk = ChunkOut {
+            vote: &rpc.vote,
+            meta: &rpc.meta,
+            offset: rpc.offset,
+            data: &rpc.data,
+            done: rpc.done,
+        };
+        let ours = bincode::serialize(&chunk).unwrap();
+        assert_eq!(ours, bincode::serialize(&rpc).unwrap());
+        let back: InstallSnapshotRequest<TypeConfig> = bincode::deserialize::<ChunkIn>(&ours).unwrap().into();
+        assert_eq!(back, rpc);
     }
 
     #[test]

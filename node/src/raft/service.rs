@@ -52,6 +52,7 @@ impl RaftService for RaftServer {
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let raft = self.raft(req.group_id).await?;
-        encode(&raft.install_snapshot(decode(&req)?).await)
+        let chunk: super::network::ChunkIn = decode(&req)?;
+        encode(&raft.install_snapshot(chunk.into()).await)
     }
 }

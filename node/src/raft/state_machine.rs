@@ -10,7 +10,6 @@
 //! every request is idempotent.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -18,8 +17,8 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
 };
-use serde::{Deserialize, Serialize};
 
+use super::snapshot::{self, Frame, SnapshotFile};
 use super::{
     io_err, Body, Entry, GroupId, LogId, NodeId, OutcomeUpdate, QueueAction, Request, Response, StorageError,
     TypeConfig,
@@ -78,6 +77,9 @@ pub struct StateMachine {
     unwritten: Arc<std::sync::Mutex<Unwritten>>,
     /// One write-back (or snapshot install) at a time.
     writing_back: Arc<tokio::sync::Mutex<()>>,
+    /// Tests: an install fails (as a crash would stop it) after this many batches.
+    #[cfg(test)]
+    pub(crate) crash_install_after: Option<usize>,
 }
 
 /// Message records applied since the last write-back, and the applied id.
@@ -148,29 +150,26 @@ pub enum SmEvent {
     Removed { id: String },
 }
 
-/// A consistent copy of the state machine (records only, bodies by location).
-struct Captured {
-    applied: Option<LogId>,
-    membership: Membership,
-    entries: Vec<(sled::IVec, sled::IVec)>,
+/// Body bytes written to the log in one batch while installing a snapshot:
+/// what the install holds in memory at a time.
+const INSTALL_BATCH_BYTES: usize = 8 << 20;
+/// Messages in one install batch, however small their bodies.
+const INSTALL_BATCH_MESSAGES: usize = 4096;
+
+/// One batch of an install, read from the snapshot file.
+struct InstallBatch {
+    /// Keys and values for the tree; message bodies are in the log already.
+    items: Vec<(Vec<u8>, Vec<u8>)>,
+    messages: i64,
+    /// The snapshot's end was reached.
+    done: bool,
 }
 
-/// Snapshot payload: every key with message bodies inlined.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    kv: Vec<(Vec<u8>, Vec<u8>)>,
-    messages: Vec<SnapshotMessage>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct SnapshotMessage {
-    record: MessageRecord,
-    #[serde(with = "serde_bytes")]
-    body: Vec<u8>,
-}
+type SnapshotReader = snapshot::Reader<std::io::BufReader<std::fs::File>>;
 
 impl StateMachine {
-    pub fn open(durability: Arc<Durability>, group: GroupId) -> anyhow::Result<StateMachine> {
+    pub async fn open(durability: Arc<Durability>, group: GroupId) -> anyhow::Result<StateMachine> {
+        use anyhow::Context as _;
         let tree = durability.db().open_tree(format!("g{group}/sm"))?;
         // Snapshot files of earlier versions: snapshots are made on demand now.
         let _ = std::fs::remove_file(durability.data_dir().join("snapshots").join(format!("g{group}.snap")));
@@ -186,7 +185,21 @@ impl StateMachine {
             messages: Arc::new(AtomicI64::new(0)),
             unwritten: Arc::default(),
             writing_back: Arc::default(),
+            #[cfg(test)]
+            crash_install_after: None,
         };
+        snapshot::remove_leftovers(sm.durability.data_dir(), group)
+            .with_context(|| format!("removing snapshot files of group {group}"))?;
+        let redo = snapshot::install_path(sm.durability.data_dir(), group);
+        if redo.exists() {
+            tracing::warn!(group, file = %redo.display(), "finishing a snapshot install that a crash interrupted");
+            sm.install_from(&redo, None, false).await.with_context(|| {
+                format!(
+                    "finishing the snapshot install of group {group} from {}",
+                    redo.display()
+                )
+            })?;
+        }
         sm.roll_back_to_checkpoint()?;
         {
             let applied = sm.written_applied()?;
@@ -412,42 +425,207 @@ impl StateMachine {
         Ok(true)
     }
 
-    fn capture(&self) -> Result<Captured, StorageError> {
-        let applied = self.read::<Option<LogId>>(APPLIED)?.flatten();
-        let membership = self.read::<Membership>(MEMBERSHIP)?.unwrap_or_default();
-        let mut entries = Vec::new();
+    /// Writes the tree (written back up to `meta`'s applied id) to a new
+    /// snapshot file, message by message with its body read from the log:
+    /// memory use is one record and one body, whatever the queue's size.
+    /// Returns the file at its start, the messages and the bytes written.
+    fn write_snapshot_file(&self, meta: &Meta) -> anyhow::Result<(std::fs::File, u64, u64)> {
+        use anyhow::Context as _;
+        use std::io::Seek as _;
+        let file = snapshot::build_file(self.durability.data_dir(), self.group).context("creating a snapshot file")?;
+        let mut out = snapshot::Writer::new(std::io::BufWriter::with_capacity(1 << 20, file), meta)?;
         for item in self.tree.iter() {
-            let (k, v) = item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-            if k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP {
-                entries.push((k, v));
+            let (k, v) = item?;
+            if [APPLIED, MEMBERSHIP, CHECKPOINT].contains(&k.as_ref()) {
+                continue; // the meta says these
             }
-        }
-        Ok(Captured {
-            applied,
-            membership,
-            entries,
-        })
-    }
-
-    fn encode_snapshot(&self, captured: &Captured) -> Result<Vec<u8>, StorageError> {
-        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
-        let mut data = SnapshotData {
-            kv: Vec::new(),
-            messages: Vec::new(),
-        };
-        for (k, v) in &captured.entries {
             if k.starts_with(MESSAGE_PREFIX) {
-                let record = decode_message(k, v).map_err(|e| err(&e))?;
+                let record =
+                    decode_message(&k, &v).with_context(|| format!("decoding {}", String::from_utf8_lossy(&k)))?;
                 let body = match &record.body {
-                    Some(loc) => self.wal.read(loc).map_err(|e| err(&e))?,
+                    Some(loc) => self
+                        .wal
+                        .read(loc)
+                        .with_context(|| format!("reading the body of {}", record.id))?,
                     None => Vec::new(),
                 };
-                data.messages.push(SnapshotMessage { record, body });
+                out.message(&record, &body)?;
             } else {
-                data.kv.push((k.to_vec(), v.to_vec()));
+                out.kv(&k, &v)?;
             }
         }
-        bincode::serialize(&data).map_err(|e| err(&e))
+        let (out, messages) = out.finish()?;
+        let mut file = out.into_inner().map_err(|e| e.into_error())?;
+        let bytes = file.stream_position()?;
+        file.rewind()?;
+        Ok((file, messages, bytes))
+    }
+
+    /// Reads the next batch of a snapshot being installed and writes its
+    /// bodies to the log (not yet synced); returns the tree items that go
+    /// with them.
+    fn read_install_batch(
+        &self,
+        mut reader: SnapshotReader,
+        live: bool,
+    ) -> anyhow::Result<(SnapshotReader, InstallBatch)> {
+        let mut items = Vec::new();
+        let mut messages = Vec::new();
+        let mut bytes = 0usize;
+        let mut done = false;
+        while bytes < INSTALL_BATCH_BYTES && messages.len() < INSTALL_BATCH_MESSAGES {
+            match reader.next_frame()? {
+                None => {
+                    done = true;
+                    break;
+                }
+                Some(Frame::Kv(k, v)) => {
+                    anyhow::ensure!(
+                        ![APPLIED, MEMBERSHIP, CHECKPOINT].contains(&k.as_slice()) && !k.starts_with(MESSAGE_PREFIX),
+                        "snapshot carries key {:?} as a plain key",
+                        String::from_utf8_lossy(&k)
+                    );
+                    items.push((k, v));
+                }
+                Some(Frame::Message(record, body)) => {
+                    bytes += body.len();
+                    messages.push((record, body));
+                }
+            }
+        }
+        let group = self.group;
+        if !messages.is_empty() {
+            self.wal.write(|b| {
+                for (record, body) in &mut messages {
+                    record.body = Some(b.push(Kind::Body, group, body)?);
+                }
+                Ok(())
+            })?;
+        }
+        let count = messages.len() as i64;
+        for (record, _) in messages {
+            if let (true, Some(loc)) = (live, record.body) {
+                // Counted now: a checkpoint may look for free segments at any time.
+                self.wal.retain(loc.segment);
+            }
+            items.push((message_key(&record.id), record.to_stored()?));
+        }
+        Ok((
+            reader,
+            InstallBatch {
+                items,
+                messages: count,
+                done,
+            },
+        ))
+    }
+
+    /// Replaces the state with the snapshot in `redo` (a durable file that
+    /// stays until the install is complete, so that a crash part way is
+    /// finished at the next open from the same file). Durability goes in
+    /// the order a crash at any point needs:
+    ///
+    /// 1. each batch of bodies is written to the log and synced before the
+    ///    records that point at them go into the tree (sled may be flushed
+    ///    by any other group's checkpoint at any moment);
+    /// 2. records, membership and applied id are flushed;
+    /// 3. only then the checkpoint is written and flushed;
+    /// 4. the redo file is removed.
+    ///
+    /// `live`: at run time, keep the log's per-segment body counts (at
+    /// open they are counted afterwards).
+    async fn install_from(&self, redo: &std::path::Path, expect: Option<&Meta>, live: bool) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let started = std::time::Instant::now();
+        // No write-back may put an old record back under the new state.
+        let _one = self.writing_back.lock().await;
+        let file = std::fs::File::open(redo).with_context(|| format!("opening {}", redo.display()))?;
+        let (mut reader, meta) = snapshot::Reader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
+        if let Some(expect) = expect {
+            anyhow::ensure!(
+                meta.last_log_id == expect.last_log_id && meta.snapshot_id == expect.snapshot_id,
+                "snapshot file holds {} but {} was sent",
+                meta.snapshot_id,
+                expect.snapshot_id
+            );
+        }
+        // Segments holding the bodies of the records replaced: freed once
+        // the new state is durable.
+        let mut released: HashMap<u64, i64> = HashMap::new();
+        if live {
+            for record in self.messages() {
+                if let Some(loc) = record?.body {
+                    *released.entry(loc.segment).or_insert(0) += 1;
+                }
+            }
+        }
+        self.lock_unwritten().records.clear();
+        let tree = self.tree.clone();
+        tokio::task::spawn_blocking(move || tree.clear()).await??;
+        let mut messages = 0i64;
+        let mut batches = 0usize;
+        loop {
+            #[cfg(test)]
+            if self.crash_install_after == Some(batches) {
+                anyhow::bail!("test: install stopped after {batches} batches");
+            }
+            let sm = self.clone();
+            let (r, batch) = tokio::task::spawn_blocking(move || sm.read_install_batch(reader, live)).await??;
+            reader = r;
+            batches += 1;
+            if batch.messages > 0 {
+                // 1. The bodies are on disk before anything points at them.
+                self.durability.flush().await.map_err(anyhow::Error::msg)?;
+            }
+            messages += batch.messages;
+            let tree = self.tree.clone();
+            tokio::task::spawn_blocking(move || {
+                for (k, v) in batch.items {
+                    tree.insert(k, v)?;
+                }
+                sled::Result::Ok(())
+            })
+            .await??;
+            if batch.done {
+                break;
+            }
+        }
+        self.tree
+            .insert(MEMBERSHIP, bincode::serialize(&meta.last_membership)?)?;
+        self.tree.insert(APPLIED, bincode::serialize(&meta.last_log_id)?)?;
+        // 2. The state, durable.
+        self.durability.flush_all().await.map_err(anyhow::Error::msg)?;
+        {
+            let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+            self.tree.insert(CHECKPOINT, bincode::serialize(&meta.last_log_id)?)?;
+            mark.written = meta.last_log_id;
+            mark.durable = mark.durable.min(meta.last_log_id);
+            let mut u = self.lock_unwritten();
+            u.records.clear();
+            u.applied = meta.last_log_id;
+            u.applied_written = meta.last_log_id;
+        }
+        // 3. The checkpoint, durable.
+        self.durability.flush_state().await.map_err(anyhow::Error::msg)?;
+        self.checkpoint_durable(meta.last_log_id);
+        // 4. Nothing to finish at the next open.
+        std::fs::remove_file(redo).with_context(|| format!("removing {}", redo.display()))?;
+        crate::storage::sync_dir(&snapshot::dir(self.durability.data_dir()))?;
+        self.messages.store(messages, Ordering::Relaxed);
+        for (segment, n) in released {
+            for _ in 0..n {
+                self.wal.release(segment);
+            }
+        }
+        tracing::info!(
+            group = self.group,
+            snapshot = %meta.snapshot_id,
+            messages,
+            batches,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot installed"
+        );
+        Ok(())
     }
 }
 
@@ -658,9 +836,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         self.write_checkpoint(applied)?;
         self.durability.flush_state().await.map_err(|e| err(&e))?;
         self.checkpoint_durable(applied);
+        let empty = SnapshotFile::empty(self.durability.data_dir(), self.group)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         Ok(Snapshot {
             meta: self.snapshot_meta(applied, membership),
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Box::new(empty),
         })
     }
 }
@@ -837,78 +1017,55 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         builder
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        let file = SnapshotFile::receiving(self.durability.data_dir(), self.group)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        Ok(Box::new(file))
     }
 
-    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &Meta, mut snapshot: Box<SnapshotFile>) -> Result<(), StorageError> {
+        use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
         let err =
             |e: &dyn std::fmt::Display| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
-        let bytes = snapshot.into_inner();
-        let data: SnapshotData = bincode::deserialize(&bytes).map_err(|e| err(&e))?;
-        // No write-back may put an old record back under the new state.
-        let _one = self.writing_back.lock().await;
-        let mut batch = sled::Batch::default();
-        let mut released = Vec::new();
-        for record in self.messages() {
-            let record = record.map_err(|e| err(&e))?;
-            released.extend(record.body.map(|loc| loc.segment));
-        }
-        for item in self.tree.iter() {
-            let (k, _) = item.map_err(|e| err(&e))?;
-            batch.remove(k);
-        }
-        for (k, v) in data.kv {
-            batch.insert(k, v);
-        }
-        let group = self.group;
-        let mut messages = data.messages;
-        self.wal
-            .write(|b| {
-                for m in &mut messages {
-                    m.record.body = Some(b.push(Kind::Body, group, &m.body)?);
-                }
-                Ok(())
-            })
-            .map_err(|e| err(&e))?;
-        // Bodies on disk before the records that point at them.
-        self.durability.flush().await.map_err(|e| err(&e))?;
-        let count = messages.len() as i64;
-        for SnapshotMessage { record, .. } in messages {
-            if let Some(loc) = record.body {
-                self.wal.retain(loc.segment);
+        let data_dir = self.durability.data_dir().to_owned();
+        snapshot.flush().await.map_err(|e| err(&e))?;
+        let received = match snapshot.take_path() {
+            Some(path) => path,
+            None => {
+                // Handed over whole (not received by chunks): copy it to a
+                // file of its own first.
+                let mut copy = SnapshotFile::receiving(&data_dir, self.group).map_err(|e| err(&e))?;
+                snapshot.rewind().await.map_err(|e| err(&e))?;
+                tokio::io::copy(&mut *snapshot, &mut copy).await.map_err(|e| err(&e))?;
+                copy.flush().await.map_err(|e| err(&e))?;
+                copy.take_path().ok_or_else(|| err(&"snapshot copy has no name"))?
             }
-            let key = message_key(&record.id);
-            batch.insert(key, record.to_stored().map_err(|e| err(&e))?);
-        }
-        batch.insert(APPLIED, bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?);
-        // Atomic with the state it describes, so a checkpoint of its own.
-        batch.insert(CHECKPOINT, bincode::serialize(&meta.last_log_id).map_err(|e| err(&e))?);
-        batch.insert(
-            MEMBERSHIP,
-            bincode::serialize(&meta.last_membership).map_err(|e| err(&e))?,
-        );
-        {
-            let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
-            self.tree.apply_batch(batch).map_err(|e| err(&e))?;
-            mark.written = meta.last_log_id;
-            mark.durable = mark.durable.min(meta.last_log_id);
-            let mut u = self.lock_unwritten();
-            u.records.clear();
-            u.applied = meta.last_log_id;
-            u.applied_written = meta.last_log_id;
-        }
-        self.messages.store(count, Ordering::Relaxed);
-        // The state with its checkpoint (one atomic sled batch), after the bodies.
-        self.durability.flush_state().await.map_err(|e| err(&e))?;
-        self.checkpoint_durable(meta.last_log_id);
-        for segment in released {
-            self.wal.release(segment);
-        }
-        Ok(())
+        };
+        drop(snapshot);
+        // The received file becomes the install's redo record: on disk,
+        // under its final name, before the tree is touched.
+        let redo = snapshot::install_path(&data_dir, self.group);
+        let named = redo.clone();
+        tokio::task::spawn_blocking(move || {
+            let moved = std::fs::File::open(&received)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(&received, &named))
+                .and_then(|()| crate::storage::sync_dir(&snapshot::dir(&data_dir)));
+            if moved.is_err() {
+                let _ = std::fs::remove_file(&received);
+            }
+            moved
+        })
+        .await
+        .map_err(|e| err(&e))?
+        .map_err(|e| err(&e))?;
+        self.install_from(&redo, Some(meta), true)
+            .await
+            .map_err(|e| err(&format!("installing snapshot {}: {e:#}", meta.snapshot_id)))
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
         let first = !std::mem::replace(&mut self.started, true);
         let (applied, membership) = self.applied_state().await?;
         if applied.is_none() {
@@ -916,17 +1073,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // openraft's start-up asks only for the snapshot's id: no bytes yet.
         if first {
+            let empty = SnapshotFile::empty(self.durability.data_dir(), self.group).map_err(|e| err(&e))?;
             return Ok(Some(Snapshot {
                 meta: self.snapshot_meta(applied, membership),
-                snapshot: Box::new(Cursor::new(Vec::new())),
+                snapshot: Box::new(empty),
             }));
         }
-        // On the state machine's task, in order with applies: consistent.
+        // On the state machine's task, in order with applies: consistent
+        // (no apply runs until this returns).
         self.write_back().await?;
-        let captured = self.capture()?;
+        let applied = self.read::<Option<LogId>>(APPLIED)?.flatten();
+        let membership = self.read::<Membership>(MEMBERSHIP)?.unwrap_or_default();
+        let meta = self.snapshot_meta(applied, membership);
+        let started = std::time::Instant::now();
+        let (sm, m) = (self.clone(), meta.clone());
+        let (file, messages, bytes) = tokio::task::spawn_blocking(move || sm.write_snapshot_file(&m))
+            .await
+            .map_err(|e| err(&e))?
+            .map_err(|e| err(&format!("building snapshot {}: {e:#}", meta.snapshot_id)))?;
+        tracing::info!(
+            group = self.group,
+            snapshot = %meta.snapshot_id,
+            messages,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot built for a lagging replica"
+        );
         Ok(Some(Snapshot {
-            meta: self.snapshot_meta(captured.applied, captured.membership.clone()),
-            snapshot: Box::new(Cursor::new(self.encode_snapshot(&captured)?)),
+            meta,
+            snapshot: Box::new(SnapshotFile::unnamed(file)),
         }))
     }
 }

@@ -1202,3 +1202,97 @@ fn queue_bounce_during_delivery_gives_one_outcome_per_message() {
     );
     assert_eq!(reports.len(), deferred.len(), "one report per bounced message");
 }
+
+/// Issue 21 (defect 7): a replica added after the leader purged its log
+/// catches up by a snapshot of several 3 MiB chunks (40 queued messages of
+/// 300 KB), installed in batches; made leader, it delivers every message
+/// from the bodies it installed, once each.
+#[test]
+fn a_new_replica_catches_up_by_a_snapshot_of_several_chunks_and_delivers_everything() {
+    const MESSAGES: usize = 40;
+    let _serial = cluster_lock();
+    let sink_port = free_port();
+    let extra = format!(
+        "shards = 1\n\n[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{sink_port}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n"
+    );
+    // A small log kept behind the newest entries: the leader purges what
+    // the first messages were written in, so a newcomer needs a snapshot.
+    let keys = "log_segment_mb = 1\nlog_keep_mb = 1";
+    let n1 = Node::start_node_with_keys(1, true, keys, &extra);
+    let n2 = Node::start_node_with_keys(2, false, keys, &extra);
+    let tags: Vec<String> = (0..MESSAGES).map(|i| format!("snap-{i}")).collect();
+    let mut c = Client::connect(n1.smtp).unwrap();
+    c.command("EHLO t.test").unwrap();
+    for tag in &tags {
+        // Errors unless the reply is 250.
+        c.send_mail("a@tern.test", &["rcpt@example.test"], &body(tag, 300 * 1024))
+            .unwrap();
+    }
+    // The newcomer will need entries the leader no longer has.
+    wait_for(Duration::from_secs(30), "the leader's log of shard 1 purged", || {
+        crate::metrics::sum(
+            &crate::metrics::scrape(&n1),
+            "tern_raft_purged_index",
+            &[("group", "1")],
+        ) > 1.0
+    });
+    join(&n1, &n2, 2);
+    wait_for(Duration::from_secs(90), "shard 1 on both nodes", || {
+        shards(&n1)
+            .iter()
+            .all(|sh| sh["voters"].as_array().unwrap().len() == 2 && sh["joint"] == false && sh["leader"] != 0)
+    });
+    let installed = n2
+        .logs()
+        .lines()
+        .any(|l| l.contains("snapshot installed") && l.contains("messages=40"));
+    assert!(
+        installed,
+        "node 2 caught up without a snapshot of the queue:\n{}",
+        n2.logs()
+    );
+    let built = n1
+        .logs()
+        .lines()
+        .find(|l| l.contains("snapshot built for a lagging replica") && l.contains("messages=40"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    let bytes: u64 = built
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("bytes="))
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    assert!(bytes > 3 * 3 * 1024 * 1024, "several chunks: {built}");
+    assert_eq!(n2.queued_ids().len(), MESSAGES);
+    // Node 2 delivers, from what it installed.
+    let out = n1.ternctl(&["shard", "move-leader", "1", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(30), "node 2 leads shard 1", || {
+        shards(&n1).iter().all(|sh| sh["leader"] == 2)
+    });
+    let sink = SmtpSink::start_on(sink_port, &[]);
+    let out = n2.ternctl(&["queue", "retry", "--domain", "example.test"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(60), "every message delivered", || {
+        n2.queued_ids().is_empty()
+    });
+    let dumps = sink.messages();
+    let mut lost = Vec::new();
+    let mut duplicated = Vec::new();
+    for tag in &tags {
+        let id = format!("<{tag}@tern.test>");
+        match dumps.iter().filter(|m| m.contains(&id)).count() {
+            0 => lost.push(tag),
+            1 => {}
+            _ => duplicated.push(tag),
+        }
+    }
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+    for n in [&n1, &n2] {
+        let left: Vec<_> = std::fs::read_dir(n.dir().join("data/snapshots"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "snapshot files left: {left:?}");
+    }
+}
