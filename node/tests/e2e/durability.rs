@@ -48,14 +48,7 @@ fn acknowledged_messages_survive_sigkill() {
     assert!(acked.len() >= 300);
 
     node.spawn();
-    let queued = node.queued_ids();
-    let lost: Vec<_> = acked.difference(&queued).collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged messages lost: {lost:?}",
-        lost.len(),
-        acked.len()
-    );
+    let queued = assert_all_queued(&node, &acked, "after SIGKILL");
     let summary = node.ternctl_json(&["queue", "summary"]);
     assert_eq!(summary["messages"].as_u64().unwrap(), queued.len() as u64);
     assert_eq!(
@@ -172,14 +165,7 @@ fn a_crash_right_after_a_log_purge_leaves_a_node_that_starts() {
 
     node.ternd_env.clear();
     node.spawn();
-    let queued = node.queued_ids();
-    let lost: Vec<_> = acked.difference(&queued).collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged messages lost: {lost:?}",
-        lost.len(),
-        acked.len()
-    );
+    assert_all_queued(&node, &acked, "after the crash at the purge");
 }
 
 /// Issue 21, defect 5: a failed fsync is fail-stop. The node stops (exit
@@ -274,13 +260,6 @@ fn a_node_killed_in_a_loop_under_load_always_starts_with_nothing_lost() {
         acked_total.extend(acked.lock().unwrap().iter().cloned());
         // Panics with the node's log if it does not start.
         node.spawn();
-        let queued = node.queued_ids();
-        let lost: Vec<_> = acked_total.difference(&queued).collect();
-        assert!(
-            lost.is_empty(),
-            "round {round}: {} of {} acknowledged messages lost: {lost:?}",
-            lost.len(),
-            acked_total.len()
-        );
+        assert_all_queued(&node, &acked_total, &format!("round {round}"));
     }
 }

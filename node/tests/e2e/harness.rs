@@ -362,6 +362,25 @@ impl Drop for Node {
 }
 
 /// A small blocking SMTP client, enough to drive load and check replies.
+/// Asserts that every message in `acked` (queue ids from 250 replies) is
+/// queued on `node`; `what` names the moment in the failure. Returns the
+/// queued ids.
+pub fn assert_all_queued(
+    node: &Node,
+    acked: &std::collections::BTreeSet<String>,
+    what: &str,
+) -> std::collections::BTreeSet<String> {
+    let queued = node.queued_ids();
+    let lost: Vec<_> = acked.difference(&queued).collect();
+    assert!(
+        lost.is_empty(),
+        "{what}: {} of {} acknowledged messages lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    queued
+}
+
 pub struct Client {
     stream: BufReader<TcpStream>,
 }
