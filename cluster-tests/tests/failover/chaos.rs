@@ -74,7 +74,7 @@ fn chaos_against_existing_cluster() {
     assert!(stderr.contains("partition"), "{stderr}");
 
     let report = dir.path().join("report.json");
-    let messages = (200 * scale()).to_string();
+    let messages = (600 * scale()).to_string();
     let duration = format!("{}s", 24 * scale());
     let out = run_bounded(
         chaos()
