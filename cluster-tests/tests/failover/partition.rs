@@ -17,7 +17,7 @@ use crate::common::*;
 fn partition_leader_minority_never_acks() {
     let _s = serial();
     let mut c = cluster(3, Options::default());
-    let load = start_load(&c, paced("partition", 400, 20.0));
+    let load = start_load(&c, paced("partition", 600, 20.0));
     wait_acked(&load, 40);
     let victim = busiest_leader(&c);
     let led = c.shards_led_by(victim).unwrap();

@@ -25,7 +25,7 @@ fn pause_leader_steps_down() {
         },
     );
     wait_balanced(&c);
-    let load = start_load(&c, paced("pause", 300, 12.0));
+    let load = start_load(&c, paced("pause", 500, 12.0));
     wait_acked(&load, 40);
     let victim = busiest_leader(&c);
     let led = c.shards_led_by(victim).unwrap();

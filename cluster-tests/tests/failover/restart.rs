@@ -16,7 +16,7 @@ use crate::common::*;
 fn rolling_restart_under_load() {
     let _s = serial();
     let mut c = cluster(3, Options::default());
-    let load = start_load(&c, paced("rolling", 600, 30.0));
+    let load = start_load(&c, paced("rolling", 900, 30.0));
     wait_acked(&load, 30);
     for id in 1..=3 {
         let t = Instant::now();
