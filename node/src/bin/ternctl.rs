@@ -79,6 +79,51 @@ enum Command {
     /// DKIM keys (offline: no node is contacted).
     #[command(subcommand)]
     Dkim(DkimCommand),
+    /// The cluster's certificates (offline: no node is contacted).
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Make the cluster CA: DIR/ca.crt and DIR/ca.key (keep ca.key off the nodes).
+    InitCa {
+        /// Directory for the files (created if missing).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Tern cluster CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = tern_node::pki::DEFAULT_CA_DAYS)]
+        days: u32,
+    },
+    /// A node's certificate (names tern://node/ID): DIR/node-ID.crt and .key.
+    Node {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The node id ([node] id).
+        #[arg(long)]
+        id: u64,
+        /// Host names and addresses peers and ternctl use to reach the node (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = tern_node::pki::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+    /// An operator's client certificate (names tern://client/ROLE/NAME): DIR/client-NAME.crt and .key.
+    Client {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Who the operator is (shown in audit events).
+        #[arg(long)]
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value_t = tern_node::pki::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -241,6 +286,9 @@ fn main() -> ExitCode {
     if let Command::Dkim(cmd) = &args.command {
         return dkim_command(cmd, args.output == Output::Json);
     }
+    if let Command::Cert(cmd) = &args.command {
+        return cert_command(cmd, args.output == Output::Json);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -384,7 +432,7 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
         Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
         Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
         // Handled offline in main.
-        Command::Dkim(_) => {}
+        Command::Dkim(_) | Command::Cert(_) => {}
         Command::Stats { by, since } => {
             let r = client
                 .stats(StatsRequest {
@@ -737,6 +785,62 @@ fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<()
 }
 
 /// `ternctl dkim generate`: exit 0, 1 (key not written) or 2 (bad arguments).
+fn cert_command(cmd: &CertCommand, json: bool) -> ExitCode {
+    use tern_node::pki::{self, Ca, PkiError};
+    let result = (|| -> Result<(String, Vec<std::path::PathBuf>), PkiError> {
+        match cmd {
+            CertCommand::InitCa { dir, name, days } => {
+                std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let ca = Ca::generate(name, *days)?;
+                let issued = pki::Issued {
+                    cert_pem: ca.cert_pem(),
+                    key_pem: ca.key_pem(),
+                };
+                let (cert, key) = pki::write_pair(dir, "ca", &issued)?;
+                Ok((format!("CA {name:?}"), vec![cert, key]))
+            }
+            CertCommand::Node { dir, id, hosts, days } => {
+                let issued = Ca::load(dir)?.issue_node(*id, hosts, *days)?;
+                let (cert, key) = pki::write_pair(dir, &format!("node-{id}"), &issued)?;
+                Ok((format!("node {id} (tern://node/{id})"), vec![cert, key]))
+            }
+            CertCommand::Client { dir, name, role, days } => {
+                let role: pki::Role = role.parse()?;
+                let issued = Ca::load(dir)?.issue_client(name, role, *days)?;
+                let (cert, key) = pki::write_pair(dir, &format!("client-{name}"), &issued)?;
+                Ok((format!("client {name} with role {role}"), vec![cert, key]))
+            }
+        }
+    })();
+    match result {
+        Ok((what, files)) => {
+            if json {
+                print_json(&json!({
+                    "issued": what,
+                    "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!("issued {what}");
+                for f in &files {
+                    println!("  wrote {}", f.display());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ PkiError::BadName(_)) => {
+            eprintln!("ternctl: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("ternctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn dkim_command(cmd: &DkimCommand, json: bool) -> ExitCode {
     use tern_node::auth::dkim::keygen;
     use tern_node::config::DkimAlgorithm;
