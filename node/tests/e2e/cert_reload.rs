@@ -76,7 +76,8 @@ fn served(addr: SocketAddr, ca: &Path) -> Vec<u8> {
 /// DER of the first certificate in a PEM file.
 fn der(pem: &Path) -> rustls::pki_types::CertificateDer<'static> {
     let text = std::fs::read(pem).unwrap();
-    rustls_pemfile::certs(&mut text.as_slice()).next().unwrap().unwrap()
+    let first = rustls_pemfile::certs(&mut text.as_slice()).next().unwrap().unwrap();
+    first
 }
 
 /// Rewrites `to` in place (same inode, same size, same modification time):
