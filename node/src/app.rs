@@ -61,8 +61,8 @@ fn tls_config(
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let watcher = crate::tls_reload::CertWatcher::with_error_counter(cert, key, reload_errors)
-        .context("tls.cert / tls.key")?;
+    let watcher =
+        crate::tls_reload::CertWatcher::with_error_counter(cert, key, reload_errors).context("tls.cert / tls.key")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

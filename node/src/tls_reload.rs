@@ -235,7 +235,11 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-fn load(cert_path: &Path, key_path: &Path, provider: &rustls::crypto::CryptoProvider) -> Result<CertifiedKey, CertError> {
+fn load(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, CertError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| CertError::Read {
             path: path.to_owned(),

@@ -103,7 +103,9 @@ fn is_domain(name: &str) -> bool {
         && bare.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -150,7 +152,10 @@ pub(super) fn validate(raw: Vec<RawTlsPolicy>, require_tls_domains: Vec<String>)
                 })
             }
             Some(names) => {
-                let names: Vec<String> = names.iter().map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase()).collect();
+                let names: Vec<String> = names
+                    .iter()
+                    .map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase())
+                    .collect();
                 if let Some(bad) = names.iter().find(|n| !is_domain(n)) {
                     return Err(ConfigError::Invalid {
                         key: "tls_policy.names",

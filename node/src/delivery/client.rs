@@ -111,7 +111,9 @@ pub struct Verification {
 
 impl fmt::Debug for Verification {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verification").field("names", &self.names).finish_non_exhaustive()
+        f.debug_struct("Verification")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
     }
 }
 

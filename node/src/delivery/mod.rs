@@ -11,11 +11,11 @@ pub mod fence;
 pub mod local;
 pub mod resolve;
 pub mod site;
-pub mod tls;
 #[cfg(test)]
 pub mod testdns;
 #[cfg(test)]
 pub mod testpeers;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

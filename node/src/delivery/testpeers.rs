@@ -387,8 +387,21 @@ impl TestCa {
         let (ca_cert, ca_key) = (self.cert.display().to_string(), self.key.display().to_string());
         openssl(
             &[
-                "x509", "-req", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-CAcreateserial", "-days", "1",
-                "-extfile", &ext, "-out", &cert,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_cert,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
             ],
             dir,
         );

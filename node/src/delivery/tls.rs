@@ -121,9 +121,12 @@ fn roots(ca_file: Option<&std::path::Path>) -> anyhow::Result<RootCertStore> {
             path.display()
         );
         for cert in certs {
-            roots
-                .add(cert)
-                .with_context(|| format!("delivery.tls_ca_file: a certificate in {} is not a usable root", path.display()))?;
+            roots.add(cert).with_context(|| {
+                format!(
+                    "delivery.tls_ca_file: a certificate in {} is not a usable root",
+                    path.display()
+                )
+            })?;
         }
     }
     Ok(roots)
@@ -185,7 +188,8 @@ impl ServerCertVerifier for PolicyVerifier {
         let Some(inner) = &self.inner else {
             return Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
         };
-        let check = |name: &ServerName<'_>| inner.verify_server_cert(end_entity, intermediates, name, ocsp_response, now);
+        let check =
+            |name: &ServerName<'_>| inner.verify_server_cert(end_entity, intermediates, name, ocsp_response, now);
         if self.names.is_empty() {
             return check(server_name);
         }
@@ -280,10 +284,11 @@ mod tests {
             p => panic!("{p:?}"),
         }
         // Different policies never share a delivery site.
-        let tags: std::collections::BTreeSet<String> = ["off.test", "a.enc.test", "other.test", "bank.test", "named.test"]
-            .iter()
-            .map(|d| o.policy_for(d).tag())
-            .collect();
+        let tags: std::collections::BTreeSet<String> =
+            ["off.test", "a.enc.test", "other.test", "bank.test", "named.test"]
+                .iter()
+                .map(|d| o.policy_for(d).tag())
+                .collect();
         assert_eq!(tags.len(), 5, "{tags:?}");
     }
 
@@ -317,7 +322,9 @@ mod tests {
                 }],
                 require_tls_domains: Vec::new(),
             };
-            OutboundTls::new(&policies, Some(&ca.cert)).unwrap().policy_for("dest.test")
+            OutboundTls::new(&policies, Some(&ca.cert))
+                .unwrap()
+                .policy_for("dest.test")
         }
 
         async fn connect(peer: &Aiosmtpd, host: &str, policy: TlsPolicy) -> Result<Connection, ConnectError> {
@@ -361,7 +368,11 @@ mod tests {
             assert_eq!(e, "TLS verification failed for mx.evil.test: certificate name mismatch");
 
             // Expected names instead of the host name; `.domain` matches subdomains, wildcards too.
-            for names in [&["other.test", "mx.good.test"][..], &[".good.test"], &[".pool.good.test"]] {
+            for names in [
+                &["other.test", "mx.good.test"][..],
+                &[".good.test"],
+                &[".pool.good.test"],
+            ] {
                 let c = connect(&peer, "127.0.0.1", verify(&ca, names)).await;
                 assert!(c.as_ref().is_ok_and(|c| c.tls_active()), "{names:?}: {c:?}");
                 c.unwrap().quit().await;
@@ -374,7 +385,10 @@ mod tests {
             // Another CA's certificate (or a self-signed one) with the right name.
             let other = TestCa::new("Other CA");
             let e = failure(connect(&peer, "mx.good.test", verify(&other, &[])).await);
-            assert_eq!(e, "TLS verification failed for mx.good.test: certificate not signed by a trusted root");
+            assert_eq!(
+                e,
+                "TLS verification failed for mx.good.test: certificate not signed by a trusted root"
+            );
             let self_signed = Aiosmtpd::start(true, false);
             let e = failure(connect(&self_signed, "mx.example.test", verify(&ca, &[])).await);
             assert_eq!(
@@ -382,7 +396,9 @@ mod tests {
                 "TLS verification failed for mx.example.test: self-signed certificate (a CA certificate presented as the server's)"
             );
             // `encrypt` (Required) takes it.
-            let c = connect(&self_signed, "mx.example.test", TlsPolicy::Required).await.unwrap();
+            let c = connect(&self_signed, "mx.example.test", TlsPolicy::Required)
+                .await
+                .unwrap();
             assert!(c.tls_active());
             c.quit().await;
         }

@@ -145,7 +145,11 @@ fn certificate_follows_its_files_and_sighup_without_dropping_sessions() {
     });
 
     // A broken certificate file keeps C, and is counted.
-    std::fs::write(&live.0, "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &live.0,
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     node.send_signal("HUP");
     wait_for(Duration::from_secs(20), "the reload error counted", || {
         crate::metrics::sum(&crate::metrics::scrape(&node), "tern_tls_reload_errors_total", &[]) >= 1.0

@@ -49,10 +49,7 @@ fn wait_deferred(node: &Node, id: &str) -> (String, String) {
     wait_for(Duration::from_secs(10), "the deferred event", || {
         events(node, id).iter().any(|e| e["event"] == "deferred")
     });
-    let event = events(node, id)
-        .into_iter()
-        .find(|e| e["event"] == "deferred")
-        .unwrap();
+    let event = events(node, id).into_iter().find(|e| e["event"] == "deferred").unwrap();
     (shown, event["reply"].as_str().unwrap().to_owned())
 }
 
@@ -79,7 +76,10 @@ fn verify_delivers_to_a_peer_whose_certificate_chains_to_tls_ca_file() {
     wait_for(Duration::from_secs(30), "the delivered event", || {
         events(&node, &id).iter().any(|e| e["event"] == "delivered")
     });
-    let delivered = events(&node, &id).into_iter().find(|e| e["event"] == "delivered").unwrap();
+    let delivered = events(&node, &id)
+        .into_iter()
+        .find(|e| e["event"] == "delivered")
+        .unwrap();
     assert_eq!(delivered["relay"], "mx.good.test", "{delivered}");
     assert!(delivered["tls"].as_str().unwrap().starts_with("TLSv1."), "{delivered}");
 }
@@ -126,7 +126,10 @@ fn may_delivers_to_a_self_signed_peer_over_tls() {
     wait_for(Duration::from_secs(30), "the delivered event", || {
         events(&node, &id).iter().any(|e| e["event"] == "delivered")
     });
-    let delivered = events(&node, &id).into_iter().find(|e| e["event"] == "delivered").unwrap();
+    let delivered = events(&node, &id)
+        .into_iter()
+        .find(|e| e["event"] == "delivered")
+        .unwrap();
     assert!(delivered["tls"].as_str().unwrap().starts_with("TLSv1."), "{delivered}");
 }
 
