@@ -417,8 +417,10 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let controller = tokio::spawn(Arc::clone(&cluster).run(stop_rx.clone()));
     if let Some(watcher) = &cert_watcher {
         watcher.watch(CERT_POLL_INTERVAL, stop_rx.clone());
-        crate::tls_reload::reload_on_sighup(vec![watcher.clone()], stop_rx.clone()).context("SIGHUP handler")?;
     }
+    // Installed even without certificates: SIGHUP never stops the node.
+    crate::tls_reload::reload_on_sighup(cert_watcher.into_iter().collect(), stop_rx.clone())
+        .context("SIGHUP handler")?;
     announce("ready");
     tracing::info!(node = config.node_id, hostname = %config.hostname, "ready");
 

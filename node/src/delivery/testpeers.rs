@@ -76,17 +76,33 @@ pub struct Peer {
 impl Peer {
     /// Starts `make(port)` on free ports until one answers with a 220
     /// banner; retries when the port was taken meanwhile.
-    fn spawn(mut dir: TempDir, graceful: bool, mut make: impl FnMut(u16, &Path) -> Command) -> Peer {
+    fn spawn(dir: TempDir, graceful: bool, mut make: impl FnMut(u16, &Path) -> Command) -> Peer {
+        Self::spawn_at(
+            dir,
+            graceful,
+            || SocketAddr::from(([127, 0, 0, 1], free_port())),
+            |addr, dir| make(addr.port(), dir),
+        )
+    }
+
+    /// As [`Peer::spawn`], listening where `pick` says (a fixed address, or
+    /// a new free port per try).
+    fn spawn_at(
+        mut dir: TempDir,
+        graceful: bool,
+        mut pick: impl FnMut() -> SocketAddr,
+        mut make: impl FnMut(SocketAddr, &Path) -> Command,
+    ) -> Peer {
         for _ in 0..5 {
-            let port = free_port();
+            let addr = pick();
+            let port = addr.port();
             let log = fs::File::create(dir.path().join(format!("peer-{port}.log"))).unwrap();
-            let child = make(port, dir.path())
+            let child = make(addr, dir.path())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .unwrap();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let mut peer = Peer {
                 child,
                 addr,
@@ -277,17 +293,28 @@ impl Aiosmtpd {
 
     /// STARTTLS with the given certificate chain and key (e.g. from a [`TestCa`]).
     pub fn start_with_cert(cert: &Path, key: &Path) -> Aiosmtpd {
+        Self::start_with_cert_at(cert, key, None)
+    }
+
+    /// As [`Aiosmtpd::start_with_cert`], on `addr` if given (e.g. another
+    /// loopback address with the port of a first peer, for a second MX).
+    pub fn start_with_cert_at(cert: &Path, key: &Path, addr: Option<SocketAddr>) -> Aiosmtpd {
         let dir = open_dir();
         fs::copy(cert, dir.path().join("cert.pem")).unwrap();
         fs::copy(key, dir.path().join("key.pem")).unwrap();
         let cert = Some((dir.path().join("cert.pem"), dir.path().join("key.pem")));
-        Self::spawn(dir, cert, false)
+        Self::spawn_at(dir, cert, false, addr)
     }
 
     fn spawn(dir: TempDir, cert: Option<(PathBuf, PathBuf)>, smtputf8: bool) -> Aiosmtpd {
-        let peer = Peer::spawn(dir, false, |port, dir| {
+        Self::spawn_at(dir, cert, smtputf8, None)
+    }
+
+    fn spawn_at(dir: TempDir, cert: Option<(PathBuf, PathBuf)>, smtputf8: bool, at: Option<SocketAddr>) -> Aiosmtpd {
+        let pick = || at.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let peer = Peer::spawn_at(dir, false, pick, |addr, dir| {
             let mut c = Command::new("python3");
-            c.args(["-m", "aiosmtpd", "-n", "-l"]).arg(format!("127.0.0.1:{port}"));
+            c.args(["-m", "aiosmtpd", "-n", "-l"]).arg(addr.to_string());
             if let Some((cert, key)) = &cert {
                 c.arg("--tlscert").arg(cert);
                 c.arg("--tlskey").arg(key);

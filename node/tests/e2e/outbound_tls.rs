@@ -115,6 +115,55 @@ fn verify_with_a_wrong_name_defers_with_the_reason_and_sends_nothing() {
 }
 
 #[test]
+fn a_failed_verification_moves_on_to_the_next_mx() {
+    if !Aiosmtpd::available() {
+        return;
+    }
+    // Both MX hosts share `delivery.smtp_port`, so they differ by loopback
+    // address: mx1 (preferred, 127.0.0.2) has a certificate for another
+    // name, mx2 (127.0.0.1) the right one.
+    let ca = TestCa::new("Tern Test CA");
+    let (good_cert, good_key) = ca.issue("mx2", &["mx2.two.test"]);
+    let (bad_cert, bad_key) = ca.issue("wrong", &["mx.other.test"]);
+    let good = Aiosmtpd::start_with_cert(&good_cert, &good_key);
+    let port = good.peer.addr.port();
+    let bad = Aiosmtpd::start_with_cert_at(
+        &bad_cert,
+        &bad_key,
+        Some(std::net::SocketAddr::from(([127, 0, 0, 2], port))),
+    );
+    let dns = DnsServer::start(
+        "mx-host=two.test,mx1.two.test,10\nmx-host=two.test,mx2.two.test,20\n\
+         host-record=mx1.two.test,127.0.0.2\nhost-record=mx2.two.test,127.0.0.1\n",
+    );
+    let node = Node::start(&format!(
+        "[log]\nformat = \"json\"\n\n[dns]\nnameservers = [\"{}\"]\n\n[delivery]\nsmtp_port = {port}\n\
+         tls_ca_file = \"{}\"\n\n[[tls_policy]]\ndomain = \"two.test\"\nlevel = \"verify\"\n",
+        dns.addr,
+        ca.cert.display()
+    ));
+    let id = send(&node, "rcpt@two.test", "verify-next-mx");
+    good.wait_messages(1);
+    wait_for(Duration::from_secs(30), "the delivered event", || {
+        events(&node, &id).iter().any(|e| e["event"] == "delivered")
+    });
+    let delivered = events(&node, &id)
+        .into_iter()
+        .find(|e| e["event"] == "delivered")
+        .unwrap();
+    assert_eq!(delivered["relay"], "mx2.two.test", "{delivered}");
+    assert_eq!(delivered["attempt"], 1, "moving on was not a deferral: {delivered}");
+    assert!(bad.messages().is_empty());
+    assert!(
+        node.logs()
+            .lines()
+            .any(|l| l.contains("TLS verification failed") && l.contains("mx1.two.test")),
+        "{}",
+        node.logs()
+    );
+}
+
+#[test]
 fn may_delivers_to_a_self_signed_peer_over_tls() {
     if !Aiosmtpd::available() {
         return;
