@@ -48,29 +48,28 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
-fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+/// How often the SMTP listeners' certificate files are checked for changes.
+const CERT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The SMTP listeners' TLS settings (`[tls] cert/key`): the certificate is
+/// served through a [`crate::tls_reload::CertWatcher`], so new handshakes
+/// pick up replaced files.
+fn tls_config(
+    config: &Config,
+    reload_errors: prometheus_client::metrics::counter::Counter,
+) -> anyhow::Result<Option<(Arc<rustls::ServerConfig>, crate::tls_reload::CertWatcher)>> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert).with_context(|| format!("opening tls.cert {}", cert.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("reading certificates from {}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert.display());
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key).with_context(|| format!("opening tls.key {}", key.display()))?,
-    ))
-    .with_context(|| format!("reading private key from {}", key.display()))?
-    .with_context(|| format!("no private key in {}", key.display()))?;
+    let watcher =
+        crate::tls_reload::CertWatcher::with_error_counter(cert, key, reload_errors).context("tls.cert / tls.key")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("TLS certificate and key do not match")?;
-    Ok(Some(Arc::new(server)))
+        .with_cert_resolver(watcher.resolver());
+    Ok(Some((Arc::new(server), watcher)))
 }
 
 /// First start of a bootstrapping node: every group gets this node as its
@@ -133,7 +132,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// caller installed in its tracing subscriber, for `[[webhook]]`.
 pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let tls = tls_config(&config)?;
     let users = config
         .smtp_auth
         .users_file
@@ -147,6 +145,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
+    let (tls, cert_watcher) = tls_config(&config, metrics.tls_reload_errors.clone())?.unzip();
     // Before anything can emit events (recovered shards deliver at once).
     let webhooks = crate::webhook::start(&config.webhooks, &events, &metrics.webhook).context("webhooks")?;
     let durability = Durability::open_with(
@@ -416,6 +415,12 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         )));
     }
     let controller = tokio::spawn(Arc::clone(&cluster).run(stop_rx.clone()));
+    if let Some(watcher) = &cert_watcher {
+        watcher.watch(CERT_POLL_INTERVAL, stop_rx.clone());
+    }
+    // Installed even without certificates: SIGHUP never stops the node.
+    crate::tls_reload::reload_on_sighup(cert_watcher.into_iter().collect(), stop_rx.clone())
+        .context("SIGHUP handler")?;
     announce("ready");
     tracing::info!(node = config.node_id, hostname = %config.hostname, "ready");
 

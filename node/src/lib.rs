@@ -14,6 +14,7 @@
 //! - [`metrics`]: the metrics registry and the counters the parts share.
 //! - [`auth`]: message checks and signing before queueing (SPF, DKIM, DMARC, ARC).
 //! - [`webhook`]: event log lines POSTed to HTTP endpoints (`[[webhook]]`).
+//! - [`tls_reload`]: TLS certificates that follow their files (and SIGHUP).
 //! - [`app`]: wiring of all of the above into a running node.
 
 pub mod admin;
@@ -33,4 +34,5 @@ pub mod raft;
 pub mod smtp;
 pub mod storage;
 pub mod submission;
+pub mod tls_reload;
 pub mod webhook;

@@ -606,6 +606,9 @@ pub struct Metrics {
     pub storage: StorageMetrics,
     pub webhook: WebhookMetrics,
     pub disk: DiskGauges,
+    /// `tern_tls_reload_errors_total`: certificate files that changed but
+    /// did not load (the previous certificate stays).
+    pub tls_reload_errors: Counter,
     raft: RaftGauges,
     scrape: ScrapeGauges,
 }
@@ -633,6 +636,7 @@ impl Metrics {
         let raft = RaftGauges::default();
         let scrape = ScrapeGauges::default();
         let disk = DiskGauges::default();
+        let tls_reload_errors = Counter::default();
         smtp.register(&mut registry);
         queue.register(&mut registry);
         delivery.register(&mut registry);
@@ -686,6 +690,11 @@ impl Metrics {
             disk.full.clone(),
         );
         r.register(
+            "tern_tls_reload_errors",
+            "Reloads of the SMTP listeners' TLS certificate and key that failed (the previous certificate stays in use)",
+            tls_reload_errors.clone(),
+        );
+        r.register(
             "tern_disk_free_bytes",
             "Bytes available on the file system of data_dir, read once a second",
             disk.free_bytes.clone(),
@@ -693,6 +702,7 @@ impl Metrics {
         Metrics {
             registry,
             disk,
+            tls_reload_errors,
             smtp,
             queue,
             delivery,

@@ -11,7 +11,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod dkim;
+mod tls_policy;
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig};
+pub use tls_policy::{TlsLevel, TlsPolicies, TlsPolicyEntry};
 
 /// Errors found while reading or validating configuration.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,8 @@ struct RawConfig {
     webhook: Vec<RawWebhook>,
     #[serde(default)]
     dkim: Vec<dkim::RawDkim>,
+    #[serde(default)]
+    tls_policy: Vec<tls_policy::RawTlsPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +103,7 @@ struct RawDelivery {
     messages_per_connection: Option<usize>,
     connection_idle_secs: Option<u64>,
     require_tls_domains: Option<Vec<String>>,
+    tls_ca_file: Option<PathBuf>,
     helo_name: Option<String>,
     connect_timeout_secs: Option<u64>,
     scheduler_tick_ms: Option<u64>,
@@ -398,7 +403,12 @@ pub struct Config {
     /// How long a delivery connection waits for the next message once its
     /// site's queue is empty (0: close at once).
     pub connection_idle: Duration,
-    pub require_tls_domains: Vec<String>,
+    /// `[[tls_policy]]` and `[delivery] require_tls_domains`: outbound TLS
+    /// level per recipient domain.
+    pub tls_policies: TlsPolicies,
+    /// `[delivery] tls_ca_file`: PEM roots trusted for `verify` besides the
+    /// system's.
+    pub tls_ca_file: Option<PathBuf>,
     pub helo_name: String,
     pub connect_timeout: Duration,
     pub scheduler_tick: Duration,
@@ -751,7 +761,8 @@ impl Config {
                 }
                 s => Duration::from_secs(s),
             },
-            require_tls_domains: lower(raw.delivery.require_tls_domains),
+            tls_policies: tls_policy::validate(raw.tls_policy, lower(raw.delivery.require_tls_domains))?,
+            tls_ca_file: raw.delivery.tls_ca_file,
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
             connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,
             scheduler_tick: Duration::from_millis(raw.delivery.scheduler_tick_ms.unwrap_or(100).clamp(10, 10_000)),

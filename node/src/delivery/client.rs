@@ -19,8 +19,12 @@
 //!   `553 5.6.7` before anything is sent (no downgrade).
 //! - DATA is only sent after the RCPT replies are in, so there is never a
 //!   DATA to cancel when every recipient was refused.
-//! - TLS is opportunistic as MTAs do it: any certificate is accepted
-//!   ([`ClientConfig::insecure_tls`]); the handshake itself must succeed.
+//! - TLS follows the destination's [`TlsPolicy`] (Postfix's security
+//!   levels): opportunistic and `encrypt` accept any certificate
+//!   ([`ClientConfig::insecure_tls`]); `verify` checks the chain and the
+//!   names with the policy's own rustls config (built in [`super::tls`]),
+//!   and a failed check is a temporary failure of that host, never a
+//!   fallback to an unverified or clear-text session.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -59,8 +63,9 @@ pub enum Protocol {
     Lmtp,
 }
 
-/// STARTTLS use (RFC 3207).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// STARTTLS use (RFC 3207); the `[[tls_policy]]` levels none, may,
+/// encrypt and verify.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TlsPolicy {
     /// Never send STARTTLS.
     Disabled,
@@ -68,9 +73,57 @@ pub enum TlsPolicy {
     /// failed handshake is [`ConnectError::TlsFailed`] (the caller may retry
     /// with `Disabled`).
     Opportunistic,
-    /// No TLS, no mail: [`ConnectError::Temporary`] otherwise.
+    /// No TLS, no mail: [`ConnectError::Temporary`] otherwise. Any
+    /// certificate is accepted.
     Required,
+    /// TLS required and the certificate verified: chain to a trusted root,
+    /// and a name from the policy (or the host connected to).
+    Verify(Arc<Verification>),
 }
+
+impl TlsPolicy {
+    /// TLS is a must: no clear text, no fallback.
+    pub fn is_required(&self) -> bool {
+        matches!(self, TlsPolicy::Required | TlsPolicy::Verify(_))
+    }
+
+    /// Part of a delivery site's key, so that destinations with different
+    /// policies never share a connection.
+    pub fn tag(&self) -> String {
+        match self {
+            TlsPolicy::Disabled => "+notls".into(),
+            TlsPolicy::Opportunistic => String::new(),
+            TlsPolicy::Required => "+tls".into(),
+            TlsPolicy::Verify(v) if v.names.is_empty() => "+verify".into(),
+            TlsPolicy::Verify(v) => format!("+verify={}", v.names.join(",")),
+        }
+    }
+}
+
+/// How a `verify` destination's certificate is checked.
+pub struct Verification {
+    /// Expected names (`.example.com` matches subdomains); empty: the host
+    /// name connected to.
+    pub names: Vec<String>,
+    /// rustls settings whose verifier checks the chain and `names`.
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl fmt::Debug for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verification")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Verification {
+    fn eq(&self, other: &Self) -> bool {
+        self.names == other.names && Arc::ptr_eq(&self.config, &other.config)
+    }
+}
+
+impl Eq for Verification {}
 
 /// Where to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -367,13 +420,13 @@ impl Connection {
             }
         }
         conn.hello().await?;
-        match (tls, conn.caps.has("STARTTLS")) {
+        match (&tls, conn.caps.has("STARTTLS")) {
             (TlsPolicy::Disabled, _) | (TlsPolicy::Opportunistic, false) => {}
-            (TlsPolicy::Required, false) => {
+            (TlsPolicy::Required | TlsPolicy::Verify(_), false) => {
                 conn.quit_quietly().await;
                 return Err(temp(format!("TLS required but {} does not offer STARTTLS", conn.peer)));
             }
-            (_, true) => conn.starttls(tls == TlsPolicy::Required).await?,
+            (_, true) => conn.starttls(&tls).await?,
         }
         debug!(
             peer = %conn.peer,
@@ -424,7 +477,8 @@ impl Connection {
         }
     }
 
-    async fn starttls(&mut self, required: bool) -> Result<(), ConnectError> {
+    async fn starttls(&mut self, policy: &TlsPolicy) -> Result<(), ConnectError> {
+        let required = policy.is_required();
         let reply = self
             .command(b"STARTTLS\r\n", self.config.command_timeout, "STARTTLS")
             .await
@@ -455,7 +509,10 @@ impl Connection {
                 None => ServerName::try_from("localhost").map_err(|e| ConnectError::Temporary(e.to_string()))?,
             },
         };
-        let connector = TlsConnector::from(self.config.tls.clone());
+        let connector = TlsConnector::from(match policy {
+            TlsPolicy::Verify(v) => Arc::clone(&v.config),
+            _ => self.config.tls.clone(),
+        });
         // Swap in a dummy so the handshake can own the plain stream.
         let plain = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()));
         let fail = |what: String| {
@@ -469,6 +526,13 @@ impl Connection {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.broken = true;
+                if let Some(reason) = super::tls::verification_failure(&e) {
+                    warn!(peer = %self.peer, host = %self.host, reason, "TLS verification failed");
+                    return Err(ConnectError::Temporary(format!(
+                        "TLS verification failed for {}: {reason}",
+                        self.host
+                    )));
+                }
                 warn!(peer = %self.peer, error = %e, "TLS handshake failed");
                 return Err(fail(format!("TLS handshake with {} failed: {e}", self.peer)));
             }
@@ -1832,7 +1896,7 @@ mod tests {
                 (vec![], "CLOSE"),
             ])
             .await;
-            let e = connect(&tcp(addr), Protocol::Smtp, policy).await.unwrap_err();
+            let e = connect(&tcp(addr), Protocol::Smtp, policy.clone()).await.unwrap_err();
             match policy {
                 TlsPolicy::Opportunistic => {
                     assert!(matches!(&e, ConnectError::TlsFailed(t) if t.contains("TLS")), "{e:?}")

@@ -15,6 +15,7 @@ pub mod site;
 pub mod testdns;
 #[cfg(test)]
 pub mod testpeers;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -85,6 +86,8 @@ pub struct Delivery {
     config: Arc<Config>,
     resolver: MxResolver,
     client: ClientConfig,
+    /// `[[tls_policy]]`: the TLS policy per recipient domain.
+    tls: tls::OutboundTls,
     sites: Mutex<HashMap<String, Addr<SiteActor>>>,
     metrics: DeliveryMetrics,
     /// The control group's state (domain suspensions), once it is open.
@@ -117,10 +120,12 @@ impl Delivery {
             connect_timeout: config.connect_timeout,
             ..ClientConfig::default()
         };
+        let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
         Ok(Arc::new(Delivery {
             config,
             resolver,
             client,
+            tls,
             sites: Mutex::new(HashMap::new()),
             metrics,
             control: std::sync::OnceLock::new(),
@@ -153,12 +158,8 @@ impl Delivery {
                 LocalDelivery::None => unroutable("451 4.3.5 no local delivery agent configured ([local])".into()),
             };
         }
-        let tls = if self.config.require_tls_domains.iter().any(|d| d == domain) {
-            TlsPolicy::Required
-        } else {
-            TlsPolicy::Opportunistic
-        };
-        let tls_tag = if tls == TlsPolicy::Required { "+tls" } else { "" };
+        let tls = self.tls.policy_for(domain);
+        let tls_tag = tls.tag();
         let route = self
             .config
             .routes

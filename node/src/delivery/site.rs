@@ -268,7 +268,7 @@ impl Worker {
 async fn connect(job: &Job, client: &ClientConfig) -> Result<Connection, String> {
     let mut last = String::from("451 4.4.1 no address to connect to");
     for endpoint in &job.endpoints {
-        match Connection::connect(endpoint, job.protocol, job.tls, client).await {
+        match Connection::connect(endpoint, job.protocol, job.tls.clone(), client).await {
             Ok(c) => return Ok(c),
             Err(ConnectError::TlsFailed(e)) if job.tls == TlsPolicy::Opportunistic => {
                 tracing::info!(endpoint = %endpoint, error = %e, "STARTTLS failed; retrying without TLS");

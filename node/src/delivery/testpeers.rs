@@ -76,17 +76,33 @@ pub struct Peer {
 impl Peer {
     /// Starts `make(port)` on free ports until one answers with a 220
     /// banner; retries when the port was taken meanwhile.
-    fn spawn(mut dir: TempDir, graceful: bool, mut make: impl FnMut(u16, &Path) -> Command) -> Peer {
+    fn spawn(dir: TempDir, graceful: bool, mut make: impl FnMut(u16, &Path) -> Command) -> Peer {
+        Self::spawn_at(
+            dir,
+            graceful,
+            || SocketAddr::from(([127, 0, 0, 1], free_port())),
+            |addr, dir| make(addr.port(), dir),
+        )
+    }
+
+    /// As [`Peer::spawn`], listening where `pick` says (a fixed address, or
+    /// a new free port per try).
+    fn spawn_at(
+        mut dir: TempDir,
+        graceful: bool,
+        mut pick: impl FnMut() -> SocketAddr,
+        mut make: impl FnMut(SocketAddr, &Path) -> Command,
+    ) -> Peer {
         for _ in 0..5 {
-            let port = free_port();
+            let addr = pick();
+            let port = addr.port();
             let log = fs::File::create(dir.path().join(format!("peer-{port}.log"))).unwrap();
-            let child = make(port, dir.path())
+            let child = make(addr, dir.path())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .unwrap();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let mut peer = Peer {
                 child,
                 addr,
@@ -247,7 +263,7 @@ impl Aiosmtpd {
 
     pub fn start(tls: bool, smtputf8: bool) -> Aiosmtpd {
         let dir = open_dir();
-        if tls {
+        let cert = if tls {
             let st = Command::new("openssl")
                 .args([
                     "req",
@@ -268,13 +284,40 @@ impl Aiosmtpd {
                 .status()
                 .unwrap();
             assert!(st.success(), "openssl failed");
-        }
-        let peer = Peer::spawn(dir, false, |port, dir| {
+            Some((dir.path().join("cert.pem"), dir.path().join("key.pem")))
+        } else {
+            None
+        };
+        Self::spawn(dir, cert, smtputf8)
+    }
+
+    /// STARTTLS with the given certificate chain and key (e.g. from a [`TestCa`]).
+    pub fn start_with_cert(cert: &Path, key: &Path) -> Aiosmtpd {
+        Self::start_with_cert_at(cert, key, None)
+    }
+
+    /// As [`Aiosmtpd::start_with_cert`], on `addr` if given (e.g. another
+    /// loopback address with the port of a first peer, for a second MX).
+    pub fn start_with_cert_at(cert: &Path, key: &Path, addr: Option<SocketAddr>) -> Aiosmtpd {
+        let dir = open_dir();
+        fs::copy(cert, dir.path().join("cert.pem")).unwrap();
+        fs::copy(key, dir.path().join("key.pem")).unwrap();
+        let cert = Some((dir.path().join("cert.pem"), dir.path().join("key.pem")));
+        Self::spawn_at(dir, cert, false, addr)
+    }
+
+    fn spawn(dir: TempDir, cert: Option<(PathBuf, PathBuf)>, smtputf8: bool) -> Aiosmtpd {
+        Self::spawn_at(dir, cert, smtputf8, None)
+    }
+
+    fn spawn_at(dir: TempDir, cert: Option<(PathBuf, PathBuf)>, smtputf8: bool, at: Option<SocketAddr>) -> Aiosmtpd {
+        let pick = || at.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let peer = Peer::spawn_at(dir, false, pick, |addr, dir| {
             let mut c = Command::new("python3");
-            c.args(["-m", "aiosmtpd", "-n", "-l"]).arg(format!("127.0.0.1:{port}"));
-            if tls {
-                c.arg("--tlscert").arg(dir.join("cert.pem"));
-                c.arg("--tlskey").arg(dir.join("key.pem"));
+            c.args(["-m", "aiosmtpd", "-n", "-l"]).arg(addr.to_string());
+            if let Some((cert, key)) = &cert {
+                c.arg("--tlscert").arg(cert);
+                c.arg("--tlskey").arg(key);
             }
             if smtputf8 {
                 c.arg("--smtputf8");
@@ -285,12 +328,111 @@ impl Aiosmtpd {
         Aiosmtpd { peer }
     }
 
+    /// Messages delivered so far.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let dir = self.peer.dir.path().join("Maildir/new");
+        files_in(&dir).iter().filter_map(|p| fs::read(p).ok()).collect()
+    }
+
     /// Delivered messages, once there are `n`.
     pub fn wait_messages(&self, n: usize) -> Vec<Vec<u8>> {
         let dir = self.peer.dir.path().join("Maildir/new");
         let ok = wait_until(Duration::from_secs(10), || files_in(&dir).len() >= n);
         assert!(ok, "expected {n} messages; log: {}", self.peer.log());
         files_in(&dir).iter().map(|p| fs::read(p).unwrap()).collect()
+    }
+}
+
+/// A throwaway certificate authority made with the `openssl` CLI: a CA
+/// certificate (`ca.pem`) and server certificates it signs.
+pub struct TestCa {
+    pub dir: TempDir,
+    /// The CA certificate (PEM), to trust as a root.
+    pub cert: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const EC_KEY: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+
+impl TestCa {
+    pub fn new(cn: &str) -> TestCa {
+        let dir = open_dir();
+        let subj = format!("/CN={cn}");
+        let mut args = vec!["req", "-x509", "-nodes", "-days", "2", "-subj", &subj];
+        args.extend(EC_KEY);
+        args.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&args, dir.path());
+        TestCa {
+            cert: dir.path().join("ca.pem"),
+            key: dir.path().join("ca.key"),
+            dir,
+        }
+    }
+
+    /// A server certificate for `dns_names` (the first is also the CN),
+    /// valid for a day; files `LABEL.pem` and `LABEL.key` in the CA's dir.
+    pub fn issue(&self, label: &str, dns_names: &[&str]) -> (PathBuf, PathBuf) {
+        let dir = self.dir.path();
+        let (cert, key, csr, ext) = (
+            format!("{label}.pem"),
+            format!("{label}.key"),
+            format!("{label}.csr"),
+            format!("{label}.ext"),
+        );
+        let sans: Vec<String> = dns_names.iter().map(|n| format!("DNS:{n}")).collect();
+        fs::write(
+            dir.join(&ext),
+            format!(
+                "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+                sans.join(",")
+            ),
+        )
+        .unwrap();
+        let subj = format!("/CN={}", dns_names.first().copied().unwrap_or(label));
+        let mut args = vec!["req", "-new", "-nodes", "-subj", &subj];
+        args.extend(EC_KEY);
+        args.extend(["-keyout", &key, "-out", &csr]);
+        openssl(&args, dir);
+        let (ca_cert, ca_key) = (self.cert.display().to_string(), self.key.display().to_string());
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_cert,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
+            ],
+            dir,
+        );
+        (dir.join(cert), dir.join(key))
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cert_reload;
 mod cluster;
 mod delivery;
 mod disk_full;
@@ -14,6 +15,7 @@ mod local;
 mod metrics;
 mod node;
 mod ops;
+mod outbound_tls;
 mod smtp;
 mod spf_suite;
 mod submission;
