@@ -238,6 +238,93 @@ pub enum SpfFailAction {
     Reject,
 }
 
+/// `[smtp]` resource limits against clients that hold sessions, slots or
+/// memory (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpLimits {
+    /// Concurrent sessions per client address across all SMTP listeners.
+    pub max_connections_per_ip: usize,
+    /// Whole-session deadline.
+    pub max_session: Duration,
+    /// Bytes per second a client must sustain during DATA/BDAT (0: off).
+    pub min_data_rate: u64,
+    /// Bound on the STARTTLS or implicit TLS handshake.
+    pub tls_handshake: Duration,
+    /// NOOP, RSET, VRFY, HELP, HELO and EHLO allowed between two messages.
+    pub max_junk_commands: u32,
+    /// Node-wide bytes of message content sessions may hold in memory.
+    pub memory_budget_bytes: u64,
+    /// Trusted proxies whose connections must start with a PROXY header.
+    pub proxy_protocol_from: Vec<IpNet>,
+}
+
+/// Largest accepted `policy.max_message_size` (1 GiB).
+pub const MAX_MESSAGE_SIZE_BOUND: u64 = 1 << 30;
+/// Largest accepted `policy.max_recipients`.
+pub const MAX_RECIPIENTS_BOUND: usize = 100_000;
+
+/// `value` for `key`, or an error naming the key when outside `range`.
+fn within<T>(key: &'static str, value: T, range: std::ops::RangeInclusive<T>) -> Result<T, ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            reason: format!("{value} is outside {}..={}", range.start(), range.end()),
+        })
+    }
+}
+
+/// Validates the `[smtp]` resource limits; `max_message_size` must fit the memory budget.
+fn smtp_limits(raw: &RawSmtp, max_message_size: u64) -> Result<SmtpLimits, ConfigError> {
+    let max_connections_per_ip = raw.max_connections_per_ip.unwrap_or(20);
+    if max_connections_per_ip == 0 {
+        return Err(ConfigError::Invalid {
+            key: "smtp.max_connections_per_ip",
+            reason: "must be at least 1 (0 would refuse every client)".into(),
+        });
+    }
+    let max_connections_per_ip = within("smtp.max_connections_per_ip", max_connections_per_ip, 1..=100_000)?;
+    let max_session = within(
+        "smtp.max_session_secs",
+        raw.max_session_secs.unwrap_or(600),
+        10..=86_400,
+    )?;
+    let min_data_rate = within("smtp.min_data_rate", raw.min_data_rate.unwrap_or(1024), 0..=1 << 30)?;
+    let tls_handshake = within("smtp.tls_handshake_secs", raw.tls_handshake_secs.unwrap_or(10), 1..=300)?;
+    let max_junk_commands = within(
+        "smtp.max_junk_commands",
+        raw.max_junk_commands.unwrap_or(100),
+        1..=100_000,
+    )?;
+    let memory_budget_mb = within(
+        "smtp.memory_budget_mb",
+        raw.memory_budget_mb.unwrap_or(512),
+        1..=1 << 20,
+    )?;
+    let memory_budget_bytes = memory_budget_mb << 20;
+    if memory_budget_bytes < max_message_size {
+        return Err(ConfigError::Invalid {
+            key: "smtp.memory_budget_mb",
+            reason: format!(
+                "{memory_budget_mb} MiB cannot hold one message of policy.max_message_size ({max_message_size} bytes)"
+            ),
+        });
+    }
+    Ok(SmtpLimits {
+        max_connections_per_ip,
+        max_session: Duration::from_secs(max_session),
+        min_data_rate,
+        tls_handshake: Duration::from_secs(tls_handshake),
+        max_junk_commands,
+        memory_budget_bytes,
+        proxy_protocol_from: raw.proxy_protocol_from.clone().unwrap_or_default(),
+    })
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -326,6 +413,13 @@ struct RawSmtp {
     command_timeout_secs: Option<u64>,
     data_timeout_secs: Option<u64>,
     max_errors: Option<u32>,
+    max_connections_per_ip: Option<usize>,
+    max_session_secs: Option<u64>,
+    min_data_rate: Option<u64>,
+    tls_handshake_secs: Option<u64>,
+    max_junk_commands: Option<u32>,
+    memory_budget_mb: Option<u64>,
+    proxy_protocol_from: Option<Vec<IpNet>>,
 }
 
 /// Validated node configuration.
@@ -385,6 +479,8 @@ pub struct Config {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub max_errors: u32,
+    /// `[smtp]` resource limits (docs/security.md, "SMTP resource limits").
+    pub smtp_limits: SmtpLimits,
     /// `[dns] nameservers` as socket addresses; empty means the system resolver.
     pub dns_nameservers: Vec<SocketAddr>,
     pub dns_timeout: Duration,
@@ -554,6 +650,7 @@ impl Config {
                 reason: "RFC 5321 4.5.3.1.8 requires at least 100".into(),
             });
         }
+        let max_recipients = within("policy.max_recipients", max_recipients, 100..=MAX_RECIPIENTS_BOUND)?;
         let max_message_size = raw.policy.max_message_size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
         if max_message_size < 1024 {
             return Err(ConfigError::Invalid {
@@ -561,6 +658,12 @@ impl Config {
                 reason: "must be at least 1024 bytes".into(),
             });
         }
+        let max_message_size = within(
+            "policy.max_message_size",
+            max_message_size,
+            1024..=MAX_MESSAGE_SIZE_BOUND,
+        )?;
+        let smtp_limits = smtp_limits(&raw.smtp, max_message_size)?;
         let lower = |v: Option<Vec<String>>| -> Vec<String> {
             v.unwrap_or_default()
                 .into_iter()
@@ -740,8 +843,16 @@ impl Config {
             retry_schedule,
             max_age,
             delay_notice_after,
-            max_connections_per_site: raw.delivery.max_connections_per_site.unwrap_or(20).max(1),
-            messages_per_connection: raw.delivery.messages_per_connection.unwrap_or(100).max(1),
+            max_connections_per_site: within(
+                "delivery.max_connections_per_site",
+                raw.delivery.max_connections_per_site.unwrap_or(20),
+                1..=10_000,
+            )?,
+            messages_per_connection: within(
+                "delivery.messages_per_connection",
+                raw.delivery.messages_per_connection.unwrap_or(100),
+                1..=100_000,
+            )?,
             connection_idle: match raw.delivery.connection_idle_secs.unwrap_or(2) {
                 s if s > 300 => {
                     return Err(ConfigError::Invalid {
@@ -754,7 +865,11 @@ impl Config {
             require_tls_domains: lower(raw.delivery.require_tls_domains),
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
             connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,
-            scheduler_tick: Duration::from_millis(raw.delivery.scheduler_tick_ms.unwrap_or(100).clamp(10, 10_000)),
+            scheduler_tick: Duration::from_millis(within(
+                "delivery.scheduler_tick_ms",
+                raw.delivery.scheduler_tick_ms.unwrap_or(100),
+                10..=10_000,
+            )?),
             verify_recipients: raw.local.verify_recipients.unwrap_or(false),
             local_delivery,
             log_format,
@@ -783,10 +898,23 @@ impl Config {
             relay_domains: lower(raw.policy.relay_domains),
             max_message_size,
             max_recipients,
-            max_connections: raw.smtp.max_connections.unwrap_or(1000).max(1),
-            command_timeout: secs(raw.smtp.command_timeout_secs, 300, "smtp.command_timeout_secs")?,
-            data_timeout: secs(raw.smtp.data_timeout_secs, 180, "smtp.data_timeout_secs")?,
-            max_errors: raw.smtp.max_errors.unwrap_or(10).max(1),
+            max_connections: within(
+                "smtp.max_connections",
+                raw.smtp.max_connections.unwrap_or(1000),
+                1..=1_000_000,
+            )?,
+            command_timeout: Duration::from_secs(within(
+                "smtp.command_timeout_secs",
+                raw.smtp.command_timeout_secs.unwrap_or(300),
+                1..=3600,
+            )?),
+            data_timeout: Duration::from_secs(within(
+                "smtp.data_timeout_secs",
+                raw.smtp.data_timeout_secs.unwrap_or(180),
+                1..=3600,
+            )?),
+            max_errors: within("smtp.max_errors", raw.smtp.max_errors.unwrap_or(10), 1..=1000)?,
+            smtp_limits,
         })
     }
 }

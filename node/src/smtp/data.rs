@@ -38,6 +38,9 @@ pub struct DataOutcome {
     pub line_too_long: bool,
     /// `size` exceeded the limit; the excess was discarded.
     pub oversize: bool,
+    /// Buffering stopped because the memory budget could not cover it
+    /// ([`DataDecoder::discard`]); the content was discarded.
+    pub over_budget: bool,
 }
 
 /// Feeds raw bytes in any chunking; stops exactly after the end marker.
@@ -52,12 +55,34 @@ pub struct DataDecoder {
 
 impl DataDecoder {
     pub fn new(max_size: u64) -> Self {
+        Self::with_capacity(max_size, 0)
+    }
+
+    /// As [`DataDecoder::new`], with room for `capacity` content bytes
+    /// (the declared SIZE, already covered by a memory reservation).
+    pub fn with_capacity(max_size: u64, capacity: usize) -> Self {
         DataDecoder {
             state: State::LineStart,
             max_size,
             line_len: 0,
-            out: DataOutcome::default(),
+            out: DataOutcome {
+                body: Vec::with_capacity(capacity),
+                ..DataOutcome::default()
+            },
         }
+    }
+
+    /// Bytes allocated for the content so far (what a memory reservation
+    /// must cover).
+    pub fn capacity(&self) -> usize {
+        self.out.body.capacity()
+    }
+
+    /// Drops the content buffered so far and buffers no more; decoding goes
+    /// on to the end marker, and the outcome says `over_budget`.
+    pub fn discard(&mut self) {
+        self.out.over_budget = true;
+        self.out.body = Vec::new();
     }
 
     /// Consumes bytes from `input`. Returns how many were consumed and
@@ -148,7 +173,7 @@ impl DataDecoder {
             // Keep reading to the end marker but stop buffering.
             self.out.oversize = true;
             self.out.body = Vec::new();
-        } else {
+        } else if !self.out.over_budget {
             self.out.body.extend_from_slice(bytes);
         }
     }

@@ -6,7 +6,8 @@
 //!
 //! Layout: [`command`] parses command lines, [`reply`] formats replies,
 //! [`data`] decodes DATA content (dot-unstuffing, smuggling protection),
-//! [`sasl`] decodes AUTH exchanges, [`session`] is the sans-IO protocol
+//! [`sasl`] decodes AUTH exchanges, [`proxy`] parses PROXY protocol
+//! headers, [`limits`] holds the node-wide per-address and memory limits, [`session`] is the sans-IO protocol
 //! state machine, and [`server`] owns the sockets, timeouts, TLS and
 //! shutdown.
 
@@ -14,6 +15,8 @@ pub mod command;
 pub mod data;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod limits;
+pub mod proxy;
 pub mod reply;
 pub mod sasl;
 pub mod server;

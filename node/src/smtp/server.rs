@@ -19,9 +19,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::limits::{IpLimiter, MemoryBudget};
+use super::proxy::{self, ProxyHeader};
 use super::session::{Output, Session};
 use crate::envelope::Envelope;
-use crate::metrics::SmtpMetrics;
+use crate::metrics::{Limit, SmtpMetrics};
 use crate::submission::{AuthVerdict, Authenticator};
 
 pub use super::session::TlsInfo;
@@ -32,6 +34,12 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Read size while a message body streams in: fewer reads per message. The
 /// buffer goes back to [`READ_CHUNK`] after the message.
 const DATA_READ_CHUNK: usize = 64 * 1024;
+/// The first seconds of DATA/BDAT content in which `min_data_rate` is not
+/// enforced: a client has this long plus one second per `min_data_rate`
+/// bytes it sent.
+pub const DATA_RATE_GRACE: Duration = Duration::from_secs(10);
+/// Bound on reading a PROXY header from a trusted proxy.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// SMTP listener settings.
 #[derive(Clone, Debug)]
@@ -66,6 +74,31 @@ pub struct SmtpConfig {
     /// TLS handshake right after accept (port 465, RFC 8314), before the
     /// greeting; needs `tls`.
     pub implicit_tls: bool,
+    /// Whole-session deadline; then `421 4.4.2` and close.
+    pub max_session: Duration,
+    /// Bytes per second a client must sustain during DATA/BDAT after a
+    /// grace of [`DATA_RATE_GRACE`]; 0 turns the check off.
+    pub min_data_rate: u64,
+    /// Bound on a STARTTLS or implicit TLS handshake.
+    pub tls_handshake: Duration,
+    /// NOOP, RSET, VRFY, HELP, HELO and EHLO allowed between two queued
+    /// messages; beyond it `421 4.7.0` and close.
+    pub max_junk_commands: u32,
+    /// Concurrent sessions per client address, shared by every listener
+    /// that clones this config.
+    pub per_ip: Arc<IpLimiter>,
+    /// Node-wide budget of message content held in memory, shared likewise.
+    pub memory: Arc<MemoryBudget>,
+    /// Trusted proxies: a connection from one must start with a PROXY
+    /// header, whose client address then stands for the TCP peer.
+    pub proxy_from: Vec<ipnet::IpNet>,
+}
+
+impl SmtpConfig {
+    /// `max_connections_per_ip`, for logs.
+    fn per_ip_max(&self) -> usize {
+        self.per_ip.max()
+    }
 }
 
 impl Default for SmtpConfig {
@@ -85,6 +118,13 @@ impl Default for SmtpConfig {
             pipeline: Arc::default(),
             auth: None,
             implicit_tls: false,
+            max_session: Duration::from_secs(600),
+            min_data_rate: 1024,
+            tls_handshake: Duration::from_secs(10),
+            max_junk_commands: 100,
+            per_ip: IpLimiter::new(20),
+            memory: MemoryBudget::new(512 << 20, SmtpMetrics::default()),
+            proxy_from: Vec::new(),
         }
     }
 }
@@ -299,15 +339,78 @@ pub(crate) fn tls_parameters(conn: &rustls::CommonState) -> (String, String) {
     (version, cipher)
 }
 
+/// The client's address: the TCP peer, or for a trusted proxy the address
+/// its PROXY header names. `None`: a trusted proxy sent no valid header in
+/// time; the connection is closed without a reply.
+async fn client_address(stream: &mut TcpStream, peer: SocketAddr, config: &SmtpConfig) -> Option<SocketAddr> {
+    let tcp_ip = peer.ip().to_canonical();
+    if !config.proxy_from.iter().any(|n| n.contains(&tcp_ip)) {
+        return Some(peer);
+    }
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, proxy::read_header(stream)).await {
+        Ok(Ok(ProxyHeader::Proxied { source, destination })) => {
+            debug!(proxy = %peer, client = %source, destination = %destination, "smtp proxied connection");
+            Some(source)
+        }
+        Ok(Ok(header)) => {
+            debug!(proxy = %peer, ?header, "smtp proxy connection without client address");
+            Some(peer)
+        }
+        Ok(Err(e)) => {
+            config.metrics.limited(Limit::ProxyHeader);
+            warn!(proxy = %peer, error = %e, "smtp connection from a trusted proxy without a valid PROXY header; closed");
+            None
+        }
+        Err(_) => {
+            config.metrics.limited(Limit::ProxyHeader);
+            warn!(proxy = %peer, timeout = ?PROXY_HEADER_TIMEOUT, "smtp connection from a trusted proxy sent no PROXY header in time; closed");
+            None
+        }
+    }
+}
+
+/// Refuses a connection over `max_connections_per_ip` with `421 4.7.0`
+/// (plain listeners; an implicit-TLS listener just closes).
+async fn refuse_per_ip(mut stream: TcpStream, peer: SocketAddr, config: &SmtpConfig) {
+    config.metrics.limited(Limit::PerIp);
+    info!(peer = %peer, limit = config.per_ip_max(), "smtp connection refused: too many connections from this address");
+    if !config.implicit_tls {
+        let reply = Reply::new(421, "4.7.0", "Too many connections from your address");
+        config.metrics.reply(reply.code);
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply.to_bytes())).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+}
+
+/// Why the session's next read must end.
+#[derive(Clone, Copy, Debug)]
+enum ReadLimit {
+    /// The per-read command or data timeout.
+    Timeout,
+    /// `max_session_secs`.
+    Session,
+    /// `min_data_rate`.
+    DataRate,
+}
+
 async fn handle_connection<E: Enqueuer>(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     config: Arc<SmtpConfig>,
     enqueuer: Arc<E>,
     acceptor: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let started = tokio::time::Instant::now();
+    let session_deadline = started + config.max_session;
     let _ = stream.set_nodelay(true);
+    let Some(peer) = client_address(&mut stream, peer, &config).await else {
+        return;
+    };
+    // Before any other work: no TLS handshake, no greeting.
+    let Some(_slot) = config.per_ip.try_acquire(peer.ip()) else {
+        return refuse_per_ip(stream, peer, &config).await;
+    };
     let ids = enqueuer.clone();
     let mut session = Session::new(config.clone(), peer, false, Box::new(move || ids.next_id()));
     let write_limit = config.command_timeout;
@@ -317,7 +420,7 @@ async fn handle_connection<E: Enqueuer>(
             warn!(peer = %peer, "implicit TLS listener without a TLS config");
             return;
         };
-        match tokio::time::timeout(write_limit, acceptor.accept(tcp)).await {
+        match tokio::time::timeout(config.tls_handshake, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => {
                 let info = tls_info(tls.get_ref().1);
                 debug!(peer = %peer, version = %info.version, cipher = %info.cipher, "smtp tls");
@@ -329,11 +432,14 @@ async fn handle_connection<E: Enqueuer>(
                 return;
             }
             Err(_) => {
-                debug!(peer = %peer, "smtp tls handshake timeout");
+                config.metrics.limited(Limit::TlsHandshake);
+                info!(peer = %peer, "smtp tls handshake timeout");
                 return;
             }
         }
     }
+    // Start of the current DATA/BDAT content read and the bytes read since.
+    let mut data_window: Option<(tokio::time::Instant, u64)> = None;
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
     let metrics = &config.metrics;
@@ -361,7 +467,13 @@ async fn handle_connection<E: Enqueuer>(
                     }
                     input.reserve(READ_CHUNK);
                 }
-                let limit = session.read_timeout();
+                let now = tokio::time::Instant::now();
+                if !session.in_data() {
+                    data_window = None;
+                } else if data_window.is_none() {
+                    data_window = Some((now, 0));
+                }
+                let (until, why) = read_deadline(&config, now + session.read_timeout(), session_deadline, data_window);
                 tokio::select! {
                     biased;
                     _ = wait_shutdown(&mut shutdown) => {
@@ -369,15 +481,25 @@ async fn handle_connection<E: Enqueuer>(
                         let _ = flush(&mut conn, &mut out, write_limit).await;
                         break "shutdown";
                     }
-                    r = tokio::time::timeout(limit, conn.read_buf(&mut input)) => match r {
+                    r = tokio::time::timeout_at(until, conn.read_buf(&mut input)) => match r {
                         Err(_) => {
-                            info!(peer = %peer, in_data = session.in_data(), "smtp timeout");
-                            put(session.timeout_reply(), &mut out);
+                            let elapsed = started.elapsed();
+                            info!(peer = %peer, in_data = session.in_data(), limit = ?why, ?elapsed, "smtp timeout");
+                            let reply = match why {
+                                ReadLimit::Timeout => session.timeout_reply(),
+                                ReadLimit::Session => session.session_time_reply(),
+                                ReadLimit::DataRate => session.data_rate_reply(),
+                            };
+                            put(reply, &mut out);
                             let _ = flush(&mut conn, &mut out, write_limit).await;
                             break "timeout";
                         }
                         Ok(Ok(0)) => break "client closed",
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(n)) => {
+                            if let Some((_, bytes)) = data_window.as_mut() {
+                                *bytes += n as u64;
+                            }
+                        }
                         Ok(Err(e)) => {
                             debug!(peer = %peer, error = %e, "smtp read failed");
                             break "read error";
@@ -439,7 +561,7 @@ async fn handle_connection<E: Enqueuer>(
                 else {
                     break "STARTTLS without TLS config";
                 };
-                match tokio::time::timeout(write_limit, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(config.tls_handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let info = tls_info(tls.get_ref().1);
                         debug!(peer = %peer, version = %info.version, cipher = %info.cipher, "smtp tls");
@@ -450,7 +572,10 @@ async fn handle_connection<E: Enqueuer>(
                         info!(peer = %peer, error = %e, "smtp tls handshake failed");
                         break "tls handshake failed";
                     }
-                    Err(_) => break "tls handshake timeout",
+                    Err(_) => {
+                        config.metrics.limited(Limit::TlsHandshake);
+                        break "tls handshake timeout";
+                    }
                 }
             }
             Output::Close => {
@@ -461,6 +586,30 @@ async fn handle_connection<E: Enqueuer>(
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.shutdown()).await;
     debug!(peer = %peer, reason, "smtp disconnect");
+}
+
+/// When the next read must end and why: the per-read timeout, the session
+/// deadline, or, during DATA/BDAT content, the time by which a client
+/// keeping `min_data_rate` would have sent more than it has
+/// ([`DATA_RATE_GRACE`] plus one second per `min_data_rate` bytes).
+fn read_deadline(
+    config: &SmtpConfig,
+    per_read: tokio::time::Instant,
+    session: tokio::time::Instant,
+    data_window: Option<(tokio::time::Instant, u64)>,
+) -> (tokio::time::Instant, ReadLimit) {
+    let mut limit = (per_read, ReadLimit::Timeout);
+    if session < limit.0 {
+        limit = (session, ReadLimit::Session);
+    }
+    if let (Some((start, bytes)), rate) = (data_window, config.min_data_rate) {
+        let earned = Duration::from_millis(bytes.saturating_mul(1000) / rate.max(1));
+        match start.checked_add(DATA_RATE_GRACE.saturating_add(earned)) {
+            Some(slow) if rate > 0 && slow < limit.0 => limit = (slow, ReadLimit::DataRate),
+            _ => {}
+        }
+    }
+    limit
 }
 
 #[cfg(test)]
@@ -933,6 +1082,7 @@ mod tests {
             SmtpConfig {
                 command_timeout: Duration::from_secs(3000),
                 data_timeout: Duration::from_secs(180),
+                min_data_rate: 0,
                 ..config()
             },
             q.clone(),
