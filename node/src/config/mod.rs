@@ -1155,6 +1155,91 @@ mod tests {
     }
 
     #[test]
+    fn smtp_limits_have_defaults_and_bounds() {
+        let c = Config::from_toml("[node]\nid = 1\n").unwrap();
+        let l = &c.smtp_limits;
+        assert_eq!(l.max_connections_per_ip, 20);
+        assert_eq!(l.max_session, Duration::from_secs(600));
+        assert_eq!(l.min_data_rate, 1024);
+        assert_eq!(l.tls_handshake, Duration::from_secs(10));
+        assert_eq!(l.max_junk_commands, 100);
+        assert_eq!(l.memory_budget_bytes, 512 << 20);
+        assert!(l.proxy_protocol_from.is_empty());
+        let c = Config::from_toml(
+            "[smtp]\nmax_connections_per_ip = 3\nmax_session_secs = 60\nmin_data_rate = 0\ntls_handshake_secs = 5\n\
+             max_junk_commands = 7\nmemory_budget_mb = 64\nproxy_protocol_from = [\"10.0.0.0/8\", \"::1/128\"]\n\
+             [policy]\nmax_message_size = 10485760\n",
+        )
+        .unwrap();
+        let l = &c.smtp_limits;
+        assert_eq!(
+            (l.max_connections_per_ip, l.min_data_rate, l.max_junk_commands),
+            (3, 0, 7)
+        );
+        assert_eq!(
+            (l.max_session, l.tls_handshake),
+            (Duration::from_secs(60), Duration::from_secs(5))
+        );
+        assert_eq!(l.memory_budget_bytes, 64 << 20);
+        assert_eq!(l.proxy_protocol_from.len(), 2);
+        for (bad, needle) in [
+            (
+                "[smtp]\nmax_connections_per_ip = 0",
+                "smtp.max_connections_per_ip: must be at least 1",
+            ),
+            ("[smtp]\nmax_connections_per_ip = 100001", "smtp.max_connections_per_ip"),
+            (
+                "[smtp]\nmax_session_secs = 5",
+                "smtp.max_session_secs: 5 is outside 10..=86400",
+            ),
+            ("[smtp]\ntls_handshake_secs = 0", "smtp.tls_handshake_secs"),
+            ("[smtp]\nmax_junk_commands = 0", "smtp.max_junk_commands"),
+            ("[smtp]\nmemory_budget_mb = 0", "smtp.memory_budget_mb"),
+            ("[smtp]\nmemory_budget_mb = 16", "policy.max_message_size"),
+            (
+                "[smtp]\nproxy_protocol_from = [\"10.0.0.300/8\"]",
+                "proxy_protocol_from",
+            ),
+            (
+                "[smtp]\nmax_connections = 0",
+                "smtp.max_connections: 0 is outside 1..=1000000",
+            ),
+            ("[smtp]\nmax_errors = 0", "smtp.max_errors"),
+            ("[smtp]\ncommand_timeout_secs = 3601", "smtp.command_timeout_secs"),
+            ("[smtp]\ndata_timeout_secs = 0", "smtp.data_timeout_secs"),
+            (
+                "[policy]\nmax_message_size = 1073741825",
+                "policy.max_message_size: 1073741825 is outside",
+            ),
+            ("[policy]\nmax_recipients = 100001", "policy.max_recipients"),
+            (
+                "[delivery]\nscheduler_tick_ms = 5",
+                "delivery.scheduler_tick_ms: 5 is outside 10..=10000",
+            ),
+            ("[delivery]\nscheduler_tick_ms = 10001", "delivery.scheduler_tick_ms"),
+            (
+                "[delivery]\nmax_connections_per_site = 0",
+                "delivery.max_connections_per_site",
+            ),
+            (
+                "[delivery]\nmessages_per_connection = 0",
+                "delivery.messages_per_connection",
+            ),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+        // The bounds themselves are accepted.
+        let c = Config::from_toml(
+            "[policy]\nmax_message_size = 1073741824\nmax_recipients = 100000\n[smtp]\nmemory_budget_mb = 1024\n\
+             [delivery]\nscheduler_tick_ms = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_message_size, 1 << 30);
+        assert_eq!(c.scheduler_tick, Duration::from_millis(10));
+    }
+
+    #[test]
     fn submission_listeners_need_tls_and_users() {
         let c = Config::from_toml("[node]\nid = 1\n").unwrap();
         assert!(c.listen_submission.is_empty() && c.listen_submissions.is_empty());

@@ -1113,4 +1113,238 @@ mod tests {
         );
         assert!(q.msgs.lock().unwrap().is_empty());
     }
+
+    #[tokio::test]
+    async fn per_ip_limit_spans_listeners() {
+        let cfg = Arc::new(SmtpConfig {
+            per_ip: IpLimiter::new(2),
+            ..config()
+        });
+        let q = Arc::new(MemQueue::default());
+        let mut addrs = Vec::new();
+        let (tx, rx) = watch::channel(false);
+        for _ in 0..2 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            tokio::spawn(serve(listener, Arc::clone(&cfg), q.clone(), rx.clone()));
+        }
+        let mut a = connect(addrs[0]).await;
+        assert_eq!(reply(&mut a).await, "220 mx.test ESMTP Tern\r\n");
+        let mut b = connect(addrs[1]).await;
+        assert_eq!(reply(&mut b).await, "220 mx.test ESMTP Tern\r\n");
+        for addr in &addrs {
+            let mut c = connect(*addr).await;
+            assert_eq!(
+                reply(&mut c).await,
+                "421 4.7.0 Too many connections from your address\r\n"
+            );
+            assert_eq!(reply(&mut c).await, "");
+        }
+        send(a.get_mut(), "QUIT\r\n").await;
+        assert_eq!(reply(&mut a).await, "221 2.0.0 Bye\r\n");
+        assert_eq!(reply(&mut a).await, "");
+        // The slot is free once the session has ended.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while cfg.per_ip.open("127.0.0.1".parse().unwrap()) > 1 {
+            assert!(tokio::time::Instant::now() < deadline, "slot not given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut c = connect(addrs[1]).await;
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        tx.send(true).unwrap();
+    }
+
+    fn proxied_config(from: &str) -> SmtpConfig {
+        SmtpConfig {
+            proxy_from: vec![from.parse().unwrap()],
+            relay: RelayPolicy {
+                local_domains: vec!["example.test".into()],
+                relay_domains: vec![],
+                relay_networks: vec!["192.0.2.0/24".parse().unwrap()],
+            },
+            ..config()
+        }
+    }
+
+    #[tokio::test]
+    async fn proxy_header_from_a_trusted_proxy_names_the_client() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(proxied_config("127.0.0.0/8"), q.clone()).await;
+        // v1: a client in relay_networks may relay.
+        let mut c = connect(addr).await;
+        send(c.get_mut(), "PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n").await;
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(
+            c.get_mut(),
+            "HELO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n",
+        )
+        .await;
+        for _ in 0..4 {
+            reply(&mut c).await;
+        }
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok: queued as T1\r\n");
+        // v2 with IPv6: not in relay_networks, so no relaying.
+        let mut c = connect(addr).await;
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+        h.extend_from_slice(&"2001:db8::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        h.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        h.extend_from_slice(&[0x9c, 0x40, 0, 25]);
+        c.get_mut().write_all(&h).await.unwrap();
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(
+            c.get_mut(),
+            "HELO c6.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\n",
+        )
+        .await;
+        reply(&mut c).await;
+        reply(&mut c).await;
+        assert_eq!(reply(&mut c).await, "554 5.7.1 <x@far.test>: Relay access denied\r\n");
+        {
+            let msgs = q.msgs.lock().unwrap();
+            assert_eq!(msgs[0].1.client_ip, "192.0.2.7");
+            let body = String::from_utf8(msgs[0].2.clone()).unwrap();
+            assert!(body.starts_with("Received: from c.test ([192.0.2.7])"), "{body}");
+        }
+        // Without a header the trusted proxy's connection is closed unanswered.
+        let mut c = connect(addr).await;
+        send(c.get_mut(), "EHLO direct.test\r\n").await;
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(DEADLINE, c.read_to_end(&mut rest)).await.unwrap();
+        // EOF or a reset (unread input), never a reply.
+        assert!(n.is_err() || rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn proxy_header_from_an_untrusted_peer_is_a_bad_command() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(proxied_config("192.0.2.0/24"), q.clone()).await;
+        let mut c = connect(addr).await;
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(c.get_mut(), "PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n").await;
+        assert!(reply(&mut c).await.starts_with("500 5.5."));
+        send(
+            c.get_mut(),
+            "HELO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\n",
+        )
+        .await;
+        reply(&mut c).await;
+        reply(&mut c).await;
+        assert_eq!(reply(&mut c).await, "554 5.7.1 <x@far.test>: Relay access denied\r\n");
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_data_is_cut_off_after_the_grace() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                min_data_rate: 1024,
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        let read = async {
+            reply_within(&mut c, LONG).await;
+            send(
+                c.get_mut(),
+                "HELO c.test\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n",
+            )
+            .await;
+            for _ in 0..4 {
+                reply_within(&mut c, LONG).await;
+            }
+            // 2 KiB at once earns two seconds beyond the grace; then a trickle.
+            send(c.get_mut(), &"x".repeat(2046)).await;
+            send(c.get_mut(), "\r\n").await;
+            loop {
+                tokio::select! {
+                    r = reply_within(&mut c, LONG) => return r,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => send(c.get_mut(), "y").await,
+                }
+            }
+        };
+        let r = tokio::time::timeout(LONG, read).await.unwrap();
+        assert_eq!(r, "421 4.4.2 mx.test Error: data transfer rate too low\r\n");
+        let waited = start.elapsed();
+        assert!(
+            waited >= DATA_RATE_GRACE + Duration::from_secs(1) && waited < Duration::from_secs(15),
+            "{waited:?}"
+        );
+        assert!(q.msgs.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn session_deadline_ends_a_session_after_its_mail() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                max_session: Duration::from_secs(60),
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        let read = async {
+            reply_within(&mut c, LONG).await;
+            send(
+                c.get_mut(),
+                "HELO c.test\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhi\r\n.\r\n",
+            )
+            .await;
+            for _ in 0..4 {
+                reply_within(&mut c, LONG).await;
+            }
+            assert_eq!(reply_within(&mut c, LONG).await, "250 2.0.0 Ok: queued as T1\r\n");
+            // Busy, but never done: NOOP every 20 s, well within the command timeout.
+            loop {
+                send(c.get_mut(), "NOOP\r\n").await;
+                let r = reply_within(&mut c, LONG).await;
+                if r != "250 2.0.0 Ok\r\n" {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        };
+        let r = tokio::time::timeout(LONG, read).await.unwrap();
+        assert_eq!(r, "421 4.4.2 mx.test Error: session time limit exceeded\r\n");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(61),
+            "{waited:?}"
+        );
+        assert_eq!(q.msgs.lock().unwrap().len(), 1, "the message accepted before is kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tls_handshake_is_bounded() {
+        let (server_tls, _) = tls_configs();
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                tls: Some(server_tls),
+                implicit_tls: true,
+                tls_handshake: Duration::from_secs(10),
+                ..config()
+            },
+            Arc::new(MemQueue::default()),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        // Half a ClientHello record header, then nothing.
+        c.get_mut().write_all(&[0x16, 0x03]).await.unwrap();
+        assert_eq!(reply_within(&mut c, LONG).await, "");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(300),
+            "{waited:?}"
+        );
+    }
 }
