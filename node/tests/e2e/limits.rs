@@ -64,13 +64,13 @@ fn per_ip_limit_refuses_the_next_session_and_not_another_address() {
     let mut other = connect_from("127.0.0.2".parse().unwrap(), node.smtp);
     assert!(read_reply(&mut other).starts_with("220 mx1.tern.test"));
     assert!(command(&mut other, "EHLO other.test").starts_with("250"));
+    let samples = scrape(&node);
+    assert_eq!(sum(&samples, "tern_smtp_limited_total", &[("limit", "per_ip")]), 1.0);
     // A slot comes back when a session ends.
     drop(held);
     wait_for(Duration::from_secs(10), "a new session from 127.0.0.1", || {
         Client::connect(node.smtp).is_ok()
     });
-    let samples = scrape(&node);
-    assert_eq!(sum(&samples, "tern_smtp_limited_total", &[("limit", "per_ip")]), 1.0);
 }
 
 #[test]
