@@ -185,9 +185,11 @@ pub enum Limit {
     TlsHandshake,
     /// A missing or malformed PROXY header from a trusted proxy.
     ProxyHeader,
+    /// `max_connection_rate_per_ip`: the connection got 421 4.7.0.
+    ConnectionRate,
 }
 
-const LIMITS: [&str; 7] = [
+const LIMITS: [&str; 8] = [
     "per_ip",
     "session_time",
     "data_rate",
@@ -195,6 +197,7 @@ const LIMITS: [&str; 7] = [
     "memory_budget",
     "tls_handshake",
     "proxy_header",
+    "connection_rate",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -204,7 +207,7 @@ struct LimitLabel {
 
 /// Counters by [`Limit`].
 #[derive(Clone, Debug)]
-struct ByLimit(FixedCounters<LimitLabel, 7>);
+struct ByLimit(FixedCounters<LimitLabel, 8>);
 
 impl Default for ByLimit {
     fn default() -> Self {

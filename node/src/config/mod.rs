@@ -244,6 +244,8 @@ pub enum SpfFailAction {
 pub struct SmtpLimits {
     /// Concurrent sessions per client address across all SMTP listeners.
     pub max_connections_per_ip: usize,
+    /// New connections per client address: `count` per `per`; `None`: unlimited.
+    pub max_connection_rate_per_ip: Option<(u32, Duration)>,
     /// Whole-session deadline.
     pub max_session: Duration,
     /// Bytes per second a client must sustain during DATA/BDAT (0: off).
@@ -276,6 +278,23 @@ where
             reason: format!("{value} is outside {}..={}", range.start(), range.end()),
         })
     }
+}
+
+/// Parses a rate like `60/min`: a count of 1 to 1000000 per `s`, `min` or `h`.
+fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("{s:?} is not a rate like 60/min (a count per s, min or h)");
+    let (count, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" | "min" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    if !(1..=1_000_000).contains(&count) {
+        return Err(format!("{s:?}: the count must be 1 to 1000000"));
+    }
+    Ok((count, per))
 }
 
 /// Validates the `[smtp]` resource limits; `max_message_size` must fit the memory budget.
@@ -314,8 +333,18 @@ fn smtp_limits(raw: &RawSmtp, max_message_size: u64) -> Result<SmtpLimits, Confi
             ),
         });
     }
+    let max_connection_rate_per_ip = raw
+        .max_connection_rate_per_ip
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .map_err(|reason| ConfigError::Invalid {
+            key: "smtp.max_connection_rate_per_ip",
+            reason,
+        })?;
     Ok(SmtpLimits {
         max_connections_per_ip,
+        max_connection_rate_per_ip,
         max_session: Duration::from_secs(max_session),
         min_data_rate,
         tls_handshake: Duration::from_secs(tls_handshake),
@@ -414,6 +443,7 @@ struct RawSmtp {
     data_timeout_secs: Option<u64>,
     max_errors: Option<u32>,
     max_connections_per_ip: Option<usize>,
+    max_connection_rate_per_ip: Option<String>,
     max_session_secs: Option<u64>,
     min_data_rate: Option<u64>,
     tls_handshake_secs: Option<u64>,
@@ -1165,6 +1195,17 @@ mod tests {
         assert_eq!(l.max_junk_commands, 100);
         assert_eq!(l.memory_budget_bytes, 512 << 20);
         assert!(l.proxy_protocol_from.is_empty());
+        assert_eq!(l.max_connection_rate_per_ip, None);
+        let c = Config::from_toml("[smtp]\nmax_connection_rate_per_ip = \"60/min\"\n").unwrap();
+        assert_eq!(
+            c.smtp_limits.max_connection_rate_per_ip,
+            Some((60, Duration::from_secs(60)))
+        );
+        let c = Config::from_toml("[smtp]\nmax_connection_rate_per_ip = \"5/s\"\n").unwrap();
+        assert_eq!(
+            c.smtp_limits.max_connection_rate_per_ip,
+            Some((5, Duration::from_secs(1)))
+        );
         let c = Config::from_toml(
             "[smtp]\nmax_connections_per_ip = 3\nmax_session_secs = 60\nmin_data_rate = 0\ntls_handshake_secs = 5\n\
              max_junk_commands = 7\nmemory_budget_mb = 64\nproxy_protocol_from = [\"10.0.0.0/8\", \"::1/128\"]\n\
@@ -1188,6 +1229,12 @@ mod tests {
                 "smtp.max_connections_per_ip: must be at least 1",
             ),
             ("[smtp]\nmax_connections_per_ip = 100001", "smtp.max_connections_per_ip"),
+            (
+                "[smtp]\nmax_connection_rate_per_ip = \"60\"",
+                "smtp.max_connection_rate_per_ip",
+            ),
+            ("[smtp]\nmax_connection_rate_per_ip = \"0/min\"", "the count must be 1"),
+            ("[smtp]\nmax_connection_rate_per_ip = \"60/day\"", "60/day"),
             (
                 "[smtp]\nmax_session_secs = 5",
                 "smtp.max_session_secs: 5 is outside 10..=86400",

@@ -1,14 +1,16 @@
 //! Node-wide SMTP resource limits shared by every SMTP and submission
-//! listener: concurrent sessions per client address ([`IpLimiter`]) and the
+//! listener: concurrent sessions per client address ([`IpLimiter`]), new
+//! connections per client address and time ([`ConnectionRate`]) and the
 //! budget of message content held in memory by sessions ([`MemoryBudget`]).
 //!
-//! Both hand out guards that give their share back on drop, so a session
+//! The session and memory limits hand out guards that give their share back on drop, so a session
 //! that ends in any way (reply, error, disconnect, panic) releases it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::metrics::SmtpMetrics;
 
@@ -72,6 +74,65 @@ impl Drop for IpSlot {
                 open.remove(&self.ip);
             }
         }
+    }
+}
+
+/// Addresses whose connection rate is tracked at once; beyond it (after
+/// forgetting those back at a full allowance) new addresses are not limited,
+/// so that a flood of distinct addresses cannot grow the table without bound.
+const MAX_TRACKED: usize = 65_536;
+
+/// New connections per client address: a token bucket per address that
+/// holds `count` connections and refills at `count` per `per`.
+#[derive(Debug)]
+pub struct ConnectionRate {
+    count: u32,
+    per: Duration,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl ConnectionRate {
+    pub fn new(count: u32, per: Duration) -> Arc<ConnectionRate> {
+        Arc::new(ConnectionRate {
+            count,
+            per,
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `count/per` for logs.
+    pub fn describe(&self) -> String {
+        format!("{}/{}s", self.count, self.per.as_secs())
+    }
+
+    /// Whether a new connection from `ip` at `now` is within the rate (and
+    /// counts it if so).
+    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = ip.to_canonical();
+        let full = f64::from(self.count);
+        let per_sec = full / self.per.as_secs_f64().max(1e-3);
+        let refill = |b: &Bucket| (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec).min(full);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !buckets.contains_key(&ip) && buckets.len() >= MAX_TRACKED {
+            buckets.retain(|_, b| refill(b) < full);
+            if buckets.len() >= MAX_TRACKED {
+                return true;
+            }
+        }
+        let b = buckets.entry(ip).or_insert(Bucket { tokens: full, at: now });
+        let tokens = refill(b);
+        let allowed = tokens >= 1.0;
+        *b = Bucket {
+            tokens: if allowed { tokens - 1.0 } else { tokens },
+            at: now,
+        };
+        allowed
     }
 }
 
@@ -186,6 +247,40 @@ mod tests {
         drop((two, again, other));
         assert_eq!(limiter.open(a), 0);
         assert!(limiter.open.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn connection_rate_is_a_bucket_per_address() {
+        let rate = ConnectionRate::new(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!((0..3).all(|_| rate.allow(a, t0)));
+        assert!(!rate.allow(a, t0), "a fourth within the minute");
+        assert!(!rate.allow("::ffff:192.0.2.1".parse().unwrap(), t0));
+        assert!(rate.allow(b, t0), "another address has its own allowance");
+        assert!(!rate.allow(a, t0 + Duration::from_secs(19)));
+        assert!(rate.allow(a, t0 + Duration::from_secs(20)), "one back every 20 s");
+        assert!(!rate.allow(a, t0 + Duration::from_secs(21)));
+        // Refused attempts do not push the refill back.
+        assert!(rate.allow(a, t0 + Duration::from_secs(40)));
+    }
+
+    #[test]
+    fn connection_rate_table_is_bounded() {
+        let rate = ConnectionRate::new(1, Duration::from_secs(3600));
+        let t0 = Instant::now();
+        for i in 0..MAX_TRACKED as u32 {
+            assert!(rate.allow(IpAddr::from(i.to_be_bytes()), t0));
+        }
+        // The table is full of addresses still short of their allowance: new ones pass untracked.
+        let new: IpAddr = "198.51.100.1".parse().unwrap();
+        assert!(rate.allow(new, t0) && rate.allow(new, t0));
+        assert_eq!(rate.buckets.lock().unwrap().len(), MAX_TRACKED);
+        assert!(
+            !rate.allow(IpAddr::from(7u32.to_be_bytes()), t0),
+            "tracked ones stay limited"
+        );
     }
 
     #[test]

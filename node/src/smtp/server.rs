@@ -19,7 +19,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::limits::{IpLimiter, MemoryBudget};
+use super::limits::{ConnectionRate, IpLimiter, MemoryBudget};
 use super::proxy::{self, ProxyHeader};
 use super::session::{Output, Session};
 use crate::envelope::Envelope;
@@ -87,6 +87,8 @@ pub struct SmtpConfig {
     /// Concurrent sessions per client address, shared by every listener
     /// that clones this config.
     pub per_ip: Arc<IpLimiter>,
+    /// New connections per client address and time, shared likewise; `None`: unlimited.
+    pub connection_rate: Option<Arc<ConnectionRate>>,
     /// Node-wide budget of message content held in memory, shared likewise.
     pub memory: Arc<MemoryBudget>,
     /// Trusted proxies: a connection from one must start with a PROXY
@@ -123,6 +125,7 @@ impl Default for SmtpConfig {
             tls_handshake: Duration::from_secs(10),
             max_junk_commands: 100,
             per_ip: IpLimiter::new(20),
+            connection_rate: None,
             memory: MemoryBudget::new(512 << 20, SmtpMetrics::default()),
             proxy_from: Vec::new(),
         }
@@ -369,13 +372,11 @@ async fn client_address(stream: &mut TcpStream, peer: SocketAddr, config: &SmtpC
     }
 }
 
-/// Refuses a connection over `max_connections_per_ip` with `421 4.7.0`
-/// (plain listeners; an implicit-TLS listener just closes).
-async fn refuse_per_ip(mut stream: TcpStream, peer: SocketAddr, config: &SmtpConfig) {
-    config.metrics.limited(Limit::PerIp);
-    info!(peer = %peer, limit = config.per_ip_max(), "smtp connection refused: too many connections from this address");
+/// Refuses a connection with `421 4.7.0 <text>` (plain listeners; an
+/// implicit-TLS listener just closes).
+async fn refuse(mut stream: TcpStream, config: &SmtpConfig, text: &str) {
     if !config.implicit_tls {
-        let reply = Reply::new(421, "4.7.0", "Too many connections from your address");
+        let reply = Reply::new(421, "4.7.0", text);
         config.metrics.reply(reply.code);
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply.to_bytes())).await;
     }
@@ -408,8 +409,17 @@ async fn handle_connection<E: Enqueuer>(
         return;
     };
     // Before any other work: no TLS handshake, no greeting.
+    if let Some(rate) = &config.connection_rate {
+        if !rate.allow(peer.ip(), std::time::Instant::now()) {
+            config.metrics.limited(Limit::ConnectionRate);
+            info!(peer = %peer, rate = %rate.describe(), "smtp connection refused: connection rate from this address");
+            return refuse(stream, &config, "Too many connections from your address, slow down").await;
+        }
+    }
     let Some(_slot) = config.per_ip.try_acquire(peer.ip()) else {
-        return refuse_per_ip(stream, peer, &config).await;
+        config.metrics.limited(Limit::PerIp);
+        info!(peer = %peer, limit = config.per_ip_max(), "smtp connection refused: too many connections from this address");
+        return refuse(stream, &config, "Too many connections from your address").await;
     };
     let ids = enqueuer.clone();
     let mut session = Session::new(config.clone(), peer, false, Box::new(move || ids.next_id()));
@@ -1152,6 +1162,29 @@ mod tests {
         let mut c = connect(addrs[1]).await;
         assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
         tx.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn connection_rate_per_address() {
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                connection_rate: Some(ConnectionRate::new(2, Duration::from_secs(3600))),
+                ..config()
+            },
+            Arc::new(MemQueue::default()),
+        )
+        .await;
+        for _ in 0..2 {
+            let mut c = connect(addr).await;
+            assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        }
+        let mut c = connect(addr).await;
+        assert_eq!(
+            reply(&mut c).await,
+            "421 4.7.0 Too many connections from your address, slow down\r\n"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
     }
 
     fn proxied_config(from: &str) -> SmtpConfig {

@@ -74,6 +74,30 @@ fn per_ip_limit_refuses_the_next_session_and_not_another_address() {
 }
 
 #[test]
+fn connection_rate_per_address() {
+    let node = Node::start(&format!(
+        "[smtp]\nmax_connection_rate_per_ip = \"3/min\"\n\n{}",
+        hold_mail()
+    ));
+    for _ in 0..3 {
+        let mut c = Client::connect(node.smtp).unwrap();
+        c.command("QUIT").unwrap();
+    }
+    let mut fourth = connect_from("127.0.0.1".parse().unwrap(), node.smtp);
+    assert_eq!(
+        read_reply(&mut fourth),
+        "421 4.7.0 Too many connections from your address, slow down"
+    );
+    let mut other = connect_from("127.0.0.2".parse().unwrap(), node.smtp);
+    assert!(read_reply(&mut other).starts_with("220 "));
+    let samples = scrape(&node);
+    assert_eq!(
+        sum(&samples, "tern_smtp_limited_total", &[("limit", "connection_rate")]),
+        1.0
+    );
+}
+
+#[test]
 fn slow_client_is_cut_off_and_the_session_deadline_keeps_accepted_mail() {
     let node = Node::start(&format!(
         "[smtp]\nmin_data_rate = 1024\nmax_session_secs = 20\n\n{}",
