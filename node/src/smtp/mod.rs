@@ -7,9 +7,9 @@
 //! Layout: [`command`] parses command lines, [`reply`] formats replies,
 //! [`data`] decodes DATA content (dot-unstuffing, smuggling protection),
 //! [`sasl`] decodes AUTH exchanges, [`proxy`] parses PROXY protocol
-//! headers, [`limits`] holds the node-wide per-address and memory limits, [`session`] is the sans-IO protocol
-//! state machine, and [`server`] owns the sockets, timeouts, TLS and
-//! shutdown.
+//! headers, [`limits`] holds the node-wide per-address, rate and memory
+//! limits, [`session`] is the sans-IO protocol state machine, and [`server`]
+//! owns the sockets, timeouts, TLS, resource limits and shutdown.
 
 pub mod command;
 pub mod data;
