@@ -174,7 +174,16 @@ impl DataDecoder {
             self.out.oversize = true;
             self.out.body = Vec::new();
         } else if !self.out.over_budget {
-            self.out.body.extend_from_slice(bytes);
+            // Grow by doubling, but never past max_size: a memory budget of
+            // one max_size message always covers one message.
+            let body = &mut self.out.body;
+            let need = body.len() + bytes.len();
+            if need > body.capacity() {
+                let max = usize::try_from(self.max_size).unwrap_or(usize::MAX);
+                let cap = body.capacity().saturating_mul(2).min(max).max(need);
+                body.reserve_exact(cap - body.len());
+            }
+            body.extend_from_slice(bytes);
         }
     }
 
@@ -208,6 +217,21 @@ mod tests {
         } else {
             (None, n)
         }
+    }
+
+    #[test]
+    fn buffer_never_grows_past_the_size_limit() {
+        let mut d = DataDecoder::new(100_000);
+        let line = format!("{}\r\n", "x".repeat(98));
+        for _ in 0..1000 {
+            d.feed(line.as_bytes());
+            assert!(d.capacity() <= 100_000, "{}", d.capacity());
+        }
+        let (_, done) = d.feed(b".\r\n");
+        assert!(done);
+        let out = d.finish();
+        assert_eq!(out.body.len(), 100_000);
+        assert!(!out.oversize);
     }
 
     #[test]
