@@ -1249,6 +1249,47 @@ mod tests {
         tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
     }
 
+    /// On an implicit-TLS listener the header comes before the ClientHello,
+    /// which must reach the handshake intact.
+    #[tokio::test]
+    async fn proxy_header_before_implicit_tls() {
+        let (server_tls, client_tls) = tls_configs();
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                tls: Some(server_tls),
+                implicit_tls: true,
+                ..proxied_config("127.0.0.0/8")
+            },
+            q.clone(),
+        )
+        .await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x07\x7f\x00\x00\x01\x9c\x40\x01\xd1")
+            .await
+            .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(client_tls);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut c = BufReader::new(tls);
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(
+            c.get_mut(),
+            "HELO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nhi\r\n.\r\n",
+        )
+        .await;
+        for _ in 0..4 {
+            reply(&mut c).await;
+        }
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok: queued as T1\r\n");
+        assert_eq!(q.msgs.lock().unwrap()[0].1.client_ip, "192.0.2.7");
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn proxy_header_from_an_untrusted_peer_is_a_bad_command() {
         let q = Arc::new(MemQueue::default());
