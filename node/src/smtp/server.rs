@@ -448,7 +448,8 @@ async fn handle_connection<E: Enqueuer>(
             }
         }
     }
-    // Start of the current DATA/BDAT content read and the bytes read since.
+    // Start of the current DATA content (or BDAT transaction, chunks and the
+    // commands between them) and the bytes read since.
     let mut data_window: Option<(tokio::time::Instant, u64)> = None;
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
@@ -478,7 +479,7 @@ async fn handle_connection<E: Enqueuer>(
                     input.reserve(READ_CHUNK);
                 }
                 let now = tokio::time::Instant::now();
-                if !session.in_data() {
+                if !session.receiving_content() {
                     data_window = None;
                 } else if data_window.is_none() {
                     data_window = Some((now, 0));

@@ -222,6 +222,13 @@ impl Session {
         Reply::new(421, "4.3.2", format!("{} Service shutting down", self.config.hostname))
     }
 
+    /// True from DATA until its end marker, and from the first BDAT chunk
+    /// until the transaction ends (the commands between chunks included):
+    /// the span `min_data_rate` applies to.
+    pub fn receiving_content(&self) -> bool {
+        self.in_data() || self.tx.as_ref().is_some_and(|t| t.bdat.is_some())
+    }
+
     /// True while a DATA or BDAT body is being read.
     pub fn in_data(&self) -> bool {
         matches!(self.phase, Phase::Data(_) | Phase::Bdat { .. })
@@ -1952,6 +1959,24 @@ mod tests {
         // The null sender is allowed.
         assert_eq!(h.send("MAIL FROM:<>\r\n"), "250 2.1.0 Sender ok\r\n");
         assert_eq!(h.send("RCPT TO:<x@far.test>\r\n"), "250 2.1.5 Recipient ok\r\n");
+    }
+
+    #[test]
+    fn content_spans_bdat_chunks_and_ends_with_the_transaction() {
+        let mut h = H::std();
+        h.begin();
+        assert!(!h.s.receiving_content());
+        h.send("BDAT 4\r\nab");
+        assert!(h.s.receiving_content() && h.s.in_data());
+        h.send("cd");
+        assert!(h.s.receiving_content() && !h.s.in_data(), "between chunks");
+        h.send("BDAT 1 LAST\r\ne");
+        assert!(!h.s.receiving_content());
+        h.send("MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+        assert!(h.s.receiving_content());
+        h.send("x\r\n.\r\n");
+        assert!(!h.s.receiving_content());
+        assert_eq!(h.queued.len(), 2);
     }
 
     #[test]
