@@ -371,6 +371,18 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         pipeline,
         auth: None,
         implicit_tls: false,
+        max_session: config.smtp_limits.max_session,
+        min_data_rate: config.smtp_limits.min_data_rate,
+        tls_handshake: config.smtp_limits.tls_handshake,
+        max_junk_commands: config.smtp_limits.max_junk_commands,
+        // One count and one budget for every SMTP and submission listener.
+        per_ip: crate::smtp::limits::IpLimiter::new(config.smtp_limits.max_connections_per_ip),
+        connection_rate: config
+            .smtp_limits
+            .max_connection_rate_per_ip
+            .map(|(count, per)| crate::smtp::limits::ConnectionRate::new(count, per)),
+        memory: crate::smtp::limits::MemoryBudget::new(config.smtp_limits.memory_budget_bytes, metrics.smtp.clone()),
+        proxy_from: config.smtp_limits.proxy_protocol_from.clone(),
     });
     let authenticator = users.map(|store| {
         Arc::new(crate::submission::Authenticator::new(

@@ -162,6 +162,57 @@ pub struct SmtpMetrics {
     received_bytes: Counter,
     auth: ByAuthResult,
     queueing_seconds: QueueingSeconds,
+    /// Bytes of message content sessions hold under `[smtp] memory_budget_mb`.
+    memory_reserved: Gauge,
+    limited: ByLimit,
+}
+
+/// A resource limit that refused or ended a session or a message
+/// (`tern_smtp_limited_total{limit}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `max_connections_per_ip`: the connection got 421 4.7.0.
+    PerIp,
+    /// `max_session_secs`: the session got 421 4.4.2.
+    SessionTime,
+    /// `min_data_rate`: the session got 421 4.4.2.
+    DataRate,
+    /// `max_junk_commands`: the session got 421 4.7.0.
+    JunkCommands,
+    /// `memory_budget_mb`: DATA or BDAT got 452 4.3.1.
+    MemoryBudget,
+    /// `tls_handshake_secs`: the handshake did not finish in time.
+    TlsHandshake,
+    /// A missing or malformed PROXY header from a trusted proxy.
+    ProxyHeader,
+    /// `max_connection_rate_per_ip`: the connection got 421 4.7.0.
+    ConnectionRate,
+}
+
+const LIMITS: [&str; 8] = [
+    "per_ip",
+    "session_time",
+    "data_rate",
+    "junk_commands",
+    "memory_budget",
+    "tls_handshake",
+    "proxy_header",
+    "connection_rate",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+/// Counters by [`Limit`].
+#[derive(Clone, Debug)]
+struct ByLimit(FixedCounters<LimitLabel, 8>);
+
+impl Default for ByLimit {
+    fn default() -> Self {
+        ByLimit(FixedCounters::new(LIMITS.map(|limit| LimitLabel { limit })))
+    }
 }
 
 /// Buckets of `tern_smtp_queueing_duration_seconds`: 100 µs .. about 2.3 s,
@@ -221,7 +272,28 @@ impl SmtpMetrics {
         self.auth.0.counters[i].inc();
     }
 
+    /// A resource limit refused a connection, a command or a message.
+    pub fn limited(&self, limit: Limit) {
+        self.limited.0.counters[limit as usize].inc();
+    }
+
+    /// `delta` bytes were reserved (positive) or released (negative) from
+    /// the memory budget.
+    pub fn memory_reserved(&self, delta: i64) {
+        self.memory_reserved.inc_by(delta);
+    }
+
     fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_smtp_memory_reserved_bytes",
+            "Bytes of message content SMTP sessions hold in memory under [smtp] memory_budget_mb",
+            self.memory_reserved.clone(),
+        );
+        r.register(
+            "tern_smtp_limited",
+            "Connections, sessions and messages refused or ended by an SMTP resource limit, by limit",
+            self.limited.0.family.clone(),
+        );
         r.register(
             "tern_smtp_auth",
             "SMTP AUTH attempts on the submission listeners, by result",

@@ -243,6 +243,122 @@ pub enum SpfFailAction {
     Reject,
 }
 
+/// `[smtp]` resource limits against clients that hold sessions, slots or
+/// memory (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpLimits {
+    /// Concurrent sessions per client address across all SMTP listeners.
+    pub max_connections_per_ip: usize,
+    /// New connections per client address: `count` per `per`; `None`: unlimited.
+    pub max_connection_rate_per_ip: Option<(u32, Duration)>,
+    /// Whole-session deadline.
+    pub max_session: Duration,
+    /// Bytes per second a client must sustain during DATA/BDAT (0: off).
+    pub min_data_rate: u64,
+    /// Bound on the STARTTLS or implicit TLS handshake.
+    pub tls_handshake: Duration,
+    /// NOOP, RSET, VRFY, HELP, HELO and EHLO allowed between two messages.
+    pub max_junk_commands: u32,
+    /// Node-wide bytes of message content sessions may hold in memory.
+    pub memory_budget_bytes: u64,
+    /// Trusted proxies whose connections must start with a PROXY header.
+    pub proxy_protocol_from: Vec<IpNet>,
+}
+
+/// Largest accepted `policy.max_message_size` (1 GiB).
+pub const MAX_MESSAGE_SIZE_BOUND: u64 = 1 << 30;
+/// Largest accepted `policy.max_recipients`.
+pub const MAX_RECIPIENTS_BOUND: usize = 100_000;
+
+/// `value` for `key`, or an error naming the key when outside `range`.
+fn within<T>(key: &'static str, value: T, range: std::ops::RangeInclusive<T>) -> Result<T, ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            reason: format!("{value} is outside {}..={}", range.start(), range.end()),
+        })
+    }
+}
+
+/// Parses a rate like `60/min`: a count of 1 to 1000000 per `s`, `min` or `h`.
+fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("{s:?} is not a rate like 60/min (a count per s, min or h)");
+    let (count, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" | "min" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    if !(1..=1_000_000).contains(&count) {
+        return Err(format!("{s:?}: the count must be 1 to 1000000"));
+    }
+    Ok((count, per))
+}
+
+/// Validates the `[smtp]` resource limits; `max_message_size` must fit the memory budget.
+fn smtp_limits(raw: &RawSmtp, max_message_size: u64) -> Result<SmtpLimits, ConfigError> {
+    let max_connections_per_ip = raw.max_connections_per_ip.unwrap_or(20);
+    if max_connections_per_ip == 0 {
+        return Err(ConfigError::Invalid {
+            key: "smtp.max_connections_per_ip",
+            reason: "must be at least 1 (0 would refuse every client)".into(),
+        });
+    }
+    let max_connections_per_ip = within("smtp.max_connections_per_ip", max_connections_per_ip, 1..=100_000)?;
+    let max_session = within(
+        "smtp.max_session_secs",
+        raw.max_session_secs.unwrap_or(600),
+        10..=86_400,
+    )?;
+    let min_data_rate = within("smtp.min_data_rate", raw.min_data_rate.unwrap_or(1024), 0..=1 << 30)?;
+    let tls_handshake = within("smtp.tls_handshake_secs", raw.tls_handshake_secs.unwrap_or(10), 1..=300)?;
+    let max_junk_commands = within(
+        "smtp.max_junk_commands",
+        raw.max_junk_commands.unwrap_or(100),
+        1..=100_000,
+    )?;
+    let memory_budget_mb = within(
+        "smtp.memory_budget_mb",
+        raw.memory_budget_mb.unwrap_or(512),
+        1..=1 << 20,
+    )?;
+    let memory_budget_bytes = memory_budget_mb << 20;
+    if memory_budget_bytes < max_message_size {
+        return Err(ConfigError::Invalid {
+            key: "smtp.memory_budget_mb",
+            reason: format!(
+                "{memory_budget_mb} MiB cannot hold one message of policy.max_message_size ({max_message_size} bytes)"
+            ),
+        });
+    }
+    let max_connection_rate_per_ip = raw
+        .max_connection_rate_per_ip
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .map_err(|reason| ConfigError::Invalid {
+            key: "smtp.max_connection_rate_per_ip",
+            reason,
+        })?;
+    Ok(SmtpLimits {
+        max_connections_per_ip,
+        max_connection_rate_per_ip,
+        max_session: Duration::from_secs(max_session),
+        min_data_rate,
+        tls_handshake: Duration::from_secs(tls_handshake),
+        max_junk_commands,
+        memory_budget_bytes,
+        proxy_protocol_from: raw.proxy_protocol_from.clone().unwrap_or_default(),
+    })
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -331,6 +447,14 @@ struct RawSmtp {
     command_timeout_secs: Option<u64>,
     data_timeout_secs: Option<u64>,
     max_errors: Option<u32>,
+    max_connections_per_ip: Option<usize>,
+    max_connection_rate_per_ip: Option<String>,
+    max_session_secs: Option<u64>,
+    min_data_rate: Option<u64>,
+    tls_handshake_secs: Option<u64>,
+    max_junk_commands: Option<u32>,
+    memory_budget_mb: Option<u64>,
+    proxy_protocol_from: Option<Vec<IpNet>>,
 }
 
 /// Validated node configuration.
@@ -390,6 +514,8 @@ pub struct Config {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub max_errors: u32,
+    /// `[smtp]` resource limits (docs/security.md, "SMTP resource limits").
+    pub smtp_limits: SmtpLimits,
     /// `[dns] nameservers` as socket addresses; empty means the system resolver.
     pub dns_nameservers: Vec<SocketAddr>,
     pub dns_timeout: Duration,
@@ -564,6 +690,7 @@ impl Config {
                 reason: "RFC 5321 4.5.3.1.8 requires at least 100".into(),
             });
         }
+        let max_recipients = within("policy.max_recipients", max_recipients, 100..=MAX_RECIPIENTS_BOUND)?;
         let max_message_size = raw.policy.max_message_size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
         if max_message_size < 1024 {
             return Err(ConfigError::Invalid {
@@ -571,6 +698,12 @@ impl Config {
                 reason: "must be at least 1024 bytes".into(),
             });
         }
+        let max_message_size = within(
+            "policy.max_message_size",
+            max_message_size,
+            1024..=MAX_MESSAGE_SIZE_BOUND,
+        )?;
+        let smtp_limits = smtp_limits(&raw.smtp, max_message_size)?;
         let lower = |v: Option<Vec<String>>| -> Vec<String> {
             v.unwrap_or_default()
                 .into_iter()
@@ -750,8 +883,16 @@ impl Config {
             retry_schedule,
             max_age,
             delay_notice_after,
-            max_connections_per_site: raw.delivery.max_connections_per_site.unwrap_or(20).max(1),
-            messages_per_connection: raw.delivery.messages_per_connection.unwrap_or(100).max(1),
+            max_connections_per_site: within(
+                "delivery.max_connections_per_site",
+                raw.delivery.max_connections_per_site.unwrap_or(20),
+                1..=10_000,
+            )?,
+            messages_per_connection: within(
+                "delivery.messages_per_connection",
+                raw.delivery.messages_per_connection.unwrap_or(100),
+                1..=100_000,
+            )?,
             connection_idle: match raw.delivery.connection_idle_secs.unwrap_or(2) {
                 s if s > 300 => {
                     return Err(ConfigError::Invalid {
@@ -765,7 +906,11 @@ impl Config {
             tls_ca_file: raw.delivery.tls_ca_file,
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
             connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,
-            scheduler_tick: Duration::from_millis(raw.delivery.scheduler_tick_ms.unwrap_or(100).clamp(10, 10_000)),
+            scheduler_tick: Duration::from_millis(within(
+                "delivery.scheduler_tick_ms",
+                raw.delivery.scheduler_tick_ms.unwrap_or(100),
+                10..=10_000,
+            )?),
             verify_recipients: raw.local.verify_recipients.unwrap_or(false),
             local_delivery,
             log_format,
@@ -794,10 +939,23 @@ impl Config {
             relay_domains: lower(raw.policy.relay_domains),
             max_message_size,
             max_recipients,
-            max_connections: raw.smtp.max_connections.unwrap_or(1000).max(1),
-            command_timeout: secs(raw.smtp.command_timeout_secs, 300, "smtp.command_timeout_secs")?,
-            data_timeout: secs(raw.smtp.data_timeout_secs, 180, "smtp.data_timeout_secs")?,
-            max_errors: raw.smtp.max_errors.unwrap_or(10).max(1),
+            max_connections: within(
+                "smtp.max_connections",
+                raw.smtp.max_connections.unwrap_or(1000),
+                1..=1_000_000,
+            )?,
+            command_timeout: Duration::from_secs(within(
+                "smtp.command_timeout_secs",
+                raw.smtp.command_timeout_secs.unwrap_or(300),
+                1..=3600,
+            )?),
+            data_timeout: Duration::from_secs(within(
+                "smtp.data_timeout_secs",
+                raw.smtp.data_timeout_secs.unwrap_or(180),
+                1..=3600,
+            )?),
+            max_errors: within("smtp.max_errors", raw.smtp.max_errors.unwrap_or(10), 1..=1000)?,
+            smtp_limits,
         })
     }
 }
@@ -1035,6 +1193,108 @@ mod tests {
             .unwrap();
         assert_eq!(c.local_domains, vec!["example.test"]);
         assert_eq!(c.relay_networks.len(), 1);
+    }
+
+    #[test]
+    fn smtp_limits_have_defaults_and_bounds() {
+        let c = Config::from_toml("[node]\nid = 1\n").unwrap();
+        let l = &c.smtp_limits;
+        assert_eq!(l.max_connections_per_ip, 20);
+        assert_eq!(l.max_session, Duration::from_secs(600));
+        assert_eq!(l.min_data_rate, 1024);
+        assert_eq!(l.tls_handshake, Duration::from_secs(10));
+        assert_eq!(l.max_junk_commands, 100);
+        assert_eq!(l.memory_budget_bytes, 512 << 20);
+        assert!(l.proxy_protocol_from.is_empty());
+        assert_eq!(l.max_connection_rate_per_ip, None);
+        let c = Config::from_toml("[smtp]\nmax_connection_rate_per_ip = \"60/min\"\n").unwrap();
+        assert_eq!(
+            c.smtp_limits.max_connection_rate_per_ip,
+            Some((60, Duration::from_secs(60)))
+        );
+        let c = Config::from_toml("[smtp]\nmax_connection_rate_per_ip = \"5/s\"\n").unwrap();
+        assert_eq!(
+            c.smtp_limits.max_connection_rate_per_ip,
+            Some((5, Duration::from_secs(1)))
+        );
+        let c = Config::from_toml(
+            "[smtp]\nmax_connections_per_ip = 3\nmax_session_secs = 60\nmin_data_rate = 0\ntls_handshake_secs = 5\n\
+             max_junk_commands = 7\nmemory_budget_mb = 64\nproxy_protocol_from = [\"10.0.0.0/8\", \"::1/128\"]\n\
+             [policy]\nmax_message_size = 10485760\n",
+        )
+        .unwrap();
+        let l = &c.smtp_limits;
+        assert_eq!(
+            (l.max_connections_per_ip, l.min_data_rate, l.max_junk_commands),
+            (3, 0, 7)
+        );
+        assert_eq!(
+            (l.max_session, l.tls_handshake),
+            (Duration::from_secs(60), Duration::from_secs(5))
+        );
+        assert_eq!(l.memory_budget_bytes, 64 << 20);
+        assert_eq!(l.proxy_protocol_from.len(), 2);
+        for (bad, needle) in [
+            (
+                "[smtp]\nmax_connections_per_ip = 0",
+                "smtp.max_connections_per_ip: must be at least 1",
+            ),
+            ("[smtp]\nmax_connections_per_ip = 100001", "smtp.max_connections_per_ip"),
+            (
+                "[smtp]\nmax_connection_rate_per_ip = \"60\"",
+                "smtp.max_connection_rate_per_ip",
+            ),
+            ("[smtp]\nmax_connection_rate_per_ip = \"0/min\"", "the count must be 1"),
+            ("[smtp]\nmax_connection_rate_per_ip = \"60/day\"", "60/day"),
+            (
+                "[smtp]\nmax_session_secs = 5",
+                "smtp.max_session_secs: 5 is outside 10..=86400",
+            ),
+            ("[smtp]\ntls_handshake_secs = 0", "smtp.tls_handshake_secs"),
+            ("[smtp]\nmax_junk_commands = 0", "smtp.max_junk_commands"),
+            ("[smtp]\nmemory_budget_mb = 0", "smtp.memory_budget_mb"),
+            ("[smtp]\nmemory_budget_mb = 16", "policy.max_message_size"),
+            (
+                "[smtp]\nproxy_protocol_from = [\"10.0.0.300/8\"]",
+                "proxy_protocol_from",
+            ),
+            (
+                "[smtp]\nmax_connections = 0",
+                "smtp.max_connections: 0 is outside 1..=1000000",
+            ),
+            ("[smtp]\nmax_errors = 0", "smtp.max_errors"),
+            ("[smtp]\ncommand_timeout_secs = 3601", "smtp.command_timeout_secs"),
+            ("[smtp]\ndata_timeout_secs = 0", "smtp.data_timeout_secs"),
+            (
+                "[policy]\nmax_message_size = 1073741825",
+                "policy.max_message_size: 1073741825 is outside",
+            ),
+            ("[policy]\nmax_recipients = 100001", "policy.max_recipients"),
+            (
+                "[delivery]\nscheduler_tick_ms = 5",
+                "delivery.scheduler_tick_ms: 5 is outside 10..=10000",
+            ),
+            ("[delivery]\nscheduler_tick_ms = 10001", "delivery.scheduler_tick_ms"),
+            (
+                "[delivery]\nmax_connections_per_site = 0",
+                "delivery.max_connections_per_site",
+            ),
+            (
+                "[delivery]\nmessages_per_connection = 0",
+                "delivery.messages_per_connection",
+            ),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+        // The bounds themselves are accepted.
+        let c = Config::from_toml(
+            "[policy]\nmax_message_size = 1073741824\nmax_recipients = 100000\n[smtp]\nmemory_budget_mb = 1024\n\
+             [delivery]\nscheduler_tick_ms = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_message_size, 1 << 30);
+        assert_eq!(c.scheduler_tick, Duration::from_millis(10));
     }
 
     #[test]

@@ -240,6 +240,8 @@ struct Received {
     from: String,
     rcpts: usize,
     size: usize,
+    /// The SMTP client's address (behind a trusted proxy: the one its PROXY header named).
+    client_ip: String,
 }
 
 impl Received {
@@ -249,6 +251,7 @@ impl Received {
             from: envelope.reverse_path.clone(),
             rcpts: envelope.recipients.len(),
             size: body.len(),
+            client_ip: envelope.client_ip.clone(),
         }
     }
 
@@ -261,6 +264,7 @@ impl Received {
             from = %self.from,
             rcpts = self.rcpts,
             size = self.size,
+            client_ip = %self.client_ip,
             shard,
             forwarded,
             "queued"

@@ -38,6 +38,9 @@ pub struct DataOutcome {
     pub line_too_long: bool,
     /// `size` exceeded the limit; the excess was discarded.
     pub oversize: bool,
+    /// Buffering stopped because the memory budget could not cover it
+    /// ([`DataDecoder::discard`]); the content was discarded.
+    pub over_budget: bool,
 }
 
 /// Feeds raw bytes in any chunking; stops exactly after the end marker.
@@ -52,12 +55,34 @@ pub struct DataDecoder {
 
 impl DataDecoder {
     pub fn new(max_size: u64) -> Self {
+        Self::with_capacity(max_size, 0)
+    }
+
+    /// As [`DataDecoder::new`], with room for `capacity` content bytes
+    /// (the declared SIZE, already covered by a memory reservation).
+    pub fn with_capacity(max_size: u64, capacity: usize) -> Self {
         DataDecoder {
             state: State::LineStart,
             max_size,
             line_len: 0,
-            out: DataOutcome::default(),
+            out: DataOutcome {
+                body: Vec::with_capacity(capacity),
+                ..DataOutcome::default()
+            },
         }
+    }
+
+    /// Bytes allocated for the content so far (what a memory reservation
+    /// must cover).
+    pub fn capacity(&self) -> usize {
+        self.out.body.capacity()
+    }
+
+    /// Drops the content buffered so far and buffers no more; decoding goes
+    /// on to the end marker, and the outcome says `over_budget`.
+    pub fn discard(&mut self) {
+        self.out.over_budget = true;
+        self.out.body = Vec::new();
     }
 
     /// Consumes bytes from `input`. Returns how many were consumed and
@@ -148,8 +173,17 @@ impl DataDecoder {
             // Keep reading to the end marker but stop buffering.
             self.out.oversize = true;
             self.out.body = Vec::new();
-        } else {
-            self.out.body.extend_from_slice(bytes);
+        } else if !self.out.over_budget {
+            // Grow by doubling, but never past max_size: a memory budget of
+            // one max_size message always covers one message.
+            let body = &mut self.out.body;
+            let need = body.len() + bytes.len();
+            if need > body.capacity() {
+                let max = usize::try_from(self.max_size).unwrap_or(usize::MAX);
+                let cap = body.capacity().saturating_mul(2).min(max).max(need);
+                body.reserve_exact(cap - body.len());
+            }
+            body.extend_from_slice(bytes);
         }
     }
 
@@ -183,6 +217,21 @@ mod tests {
         } else {
             (None, n)
         }
+    }
+
+    #[test]
+    fn buffer_never_grows_past_the_size_limit() {
+        let mut d = DataDecoder::new(100_000);
+        let line = format!("{}\r\n", "x".repeat(98));
+        for _ in 0..1000 {
+            d.feed(line.as_bytes());
+            assert!(d.capacity() <= 100_000, "{}", d.capacity());
+        }
+        let (_, done) = d.feed(b".\r\n");
+        assert!(done);
+        let out = d.finish();
+        assert_eq!(out.body.len(), 100_000);
+        assert!(!out.oversize);
     }
 
     #[test]

@@ -104,6 +104,28 @@ pub fn session(data: &[u8]) -> usize {
     enqueued
 }
 
+/// The PROXY header parser must never panic, must never ask for bytes past
+/// [`proxy::MAX_HEADER`], and a parsed header must lie within the input;
+/// parsing any prefix of the input must agree (incomplete, or the same).
+pub fn proxy_header(data: &[u8]) {
+    use super::proxy::{self, Parsed};
+    let whole = proxy::parse(data);
+    if let Ok(Parsed::Done(_, n)) = &whole {
+        assert!(*n <= data.len() && *n <= proxy::MAX_HEADER);
+    }
+    if let Ok(Parsed::Incomplete(more)) = &whole {
+        assert!(*more >= 1 && data.len() + more <= proxy::MAX_HEADER);
+    }
+    for cut in 0..data.len().min(proxy::MAX_HEADER) {
+        match (proxy::parse(&data[..cut]), &whole) {
+            (Ok(Parsed::Incomplete(_)), _) => {}
+            (Ok(Parsed::Done(h, n)), Ok(Parsed::Done(h2, n2))) => assert_eq!((h, n), (*h2, *n2)),
+            (Err(_), Err(_)) => {}
+            (prefix, whole) => panic!("prefix of {cut} bytes gave {prefix:?}, the whole input {whole:?}"),
+        }
+    }
+}
+
 /// A message that came through DATA has CRLF line endings only and ends with
 /// CRLF: a bare CR or LF would mean the smuggling check was bypassed.
 fn crlf_only(body: &[u8]) {
@@ -139,6 +161,13 @@ mod tests {
         files.sort();
         assert!(!files.is_empty(), "empty corpus {}", dir.display());
         files
+    }
+
+    #[test]
+    fn proxy_corpus_replays() {
+        for (_, data) in corpus("proxy_header") {
+            super::proxy_header(&data);
+        }
     }
 
     #[test]

@@ -6,14 +6,17 @@
 //!
 //! Layout: [`command`] parses command lines, [`reply`] formats replies,
 //! [`data`] decodes DATA content (dot-unstuffing, smuggling protection),
-//! [`sasl`] decodes AUTH exchanges, [`session`] is the sans-IO protocol
-//! state machine, and [`server`] owns the sockets, timeouts, TLS and
-//! shutdown.
+//! [`sasl`] decodes AUTH exchanges, [`proxy`] parses PROXY protocol
+//! headers, [`limits`] holds the node-wide per-address, rate and memory
+//! limits, [`session`] is the sans-IO protocol state machine, and [`server`]
+//! owns the sockets, timeouts, TLS, resource limits and shutdown.
 
 pub mod command;
 pub mod data;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod limits;
+pub mod proxy;
 pub mod reply;
 pub mod sasl;
 pub mod server;

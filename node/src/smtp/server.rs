@@ -19,9 +19,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::limits::{ConnectionRate, IpLimiter, MemoryBudget};
+use super::proxy::{self, ProxyHeader};
 use super::session::{Output, Session};
 use crate::envelope::Envelope;
-use crate::metrics::SmtpMetrics;
+use crate::metrics::{Limit, SmtpMetrics};
 use crate::submission::{AuthVerdict, Authenticator};
 
 pub use super::session::TlsInfo;
@@ -32,6 +34,12 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Read size while a message body streams in: fewer reads per message. The
 /// buffer goes back to [`READ_CHUNK`] after the message.
 const DATA_READ_CHUNK: usize = 64 * 1024;
+/// The first seconds of DATA/BDAT content in which `min_data_rate` is not
+/// enforced: a client has this long plus one second per `min_data_rate`
+/// bytes it sent.
+pub const DATA_RATE_GRACE: Duration = Duration::from_secs(10);
+/// Bound on reading a PROXY header from a trusted proxy.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// SMTP listener settings.
 #[derive(Clone, Debug)]
@@ -66,6 +74,33 @@ pub struct SmtpConfig {
     /// TLS handshake right after accept (port 465, RFC 8314), before the
     /// greeting; needs `tls`.
     pub implicit_tls: bool,
+    /// Whole-session deadline; then `421 4.4.2` and close.
+    pub max_session: Duration,
+    /// Bytes per second a client must sustain during DATA/BDAT after a
+    /// grace of [`DATA_RATE_GRACE`]; 0 turns the check off.
+    pub min_data_rate: u64,
+    /// Bound on a STARTTLS or implicit TLS handshake.
+    pub tls_handshake: Duration,
+    /// NOOP, RSET, VRFY, HELP, HELO and EHLO allowed between two queued
+    /// messages; beyond it `421 4.7.0` and close.
+    pub max_junk_commands: u32,
+    /// Concurrent sessions per client address, shared by every listener
+    /// that clones this config.
+    pub per_ip: Arc<IpLimiter>,
+    /// New connections per client address and time, shared likewise; `None`: unlimited.
+    pub connection_rate: Option<Arc<ConnectionRate>>,
+    /// Node-wide budget of message content held in memory, shared likewise.
+    pub memory: Arc<MemoryBudget>,
+    /// Trusted proxies: a connection from one must start with a PROXY
+    /// header, whose client address then stands for the TCP peer.
+    pub proxy_from: Vec<ipnet::IpNet>,
+}
+
+impl SmtpConfig {
+    /// `max_connections_per_ip`, for logs.
+    fn per_ip_max(&self) -> usize {
+        self.per_ip.max()
+    }
 }
 
 impl Default for SmtpConfig {
@@ -85,6 +120,14 @@ impl Default for SmtpConfig {
             pipeline: Arc::default(),
             auth: None,
             implicit_tls: false,
+            max_session: Duration::from_secs(600),
+            min_data_rate: 1024,
+            tls_handshake: Duration::from_secs(10),
+            max_junk_commands: 100,
+            per_ip: IpLimiter::new(20),
+            connection_rate: None,
+            memory: MemoryBudget::new(512 << 20, SmtpMetrics::default()),
+            proxy_from: Vec::new(),
         }
     }
 }
@@ -299,15 +342,85 @@ pub(crate) fn tls_parameters(conn: &rustls::CommonState) -> (String, String) {
     (version, cipher)
 }
 
+/// The client's address: the TCP peer, or for a trusted proxy the address
+/// its PROXY header names. `None`: a trusted proxy sent no valid header in
+/// time; the connection is closed without a reply.
+async fn client_address(stream: &mut TcpStream, peer: SocketAddr, config: &SmtpConfig) -> Option<SocketAddr> {
+    let tcp_ip = peer.ip().to_canonical();
+    if !config.proxy_from.iter().any(|n| n.contains(&tcp_ip)) {
+        return Some(peer);
+    }
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, proxy::read_header(stream)).await {
+        Ok(Ok(ProxyHeader::Proxied { source, destination })) => {
+            debug!(proxy = %peer, client = %source, destination = %destination, "smtp proxied connection");
+            Some(source)
+        }
+        Ok(Ok(header)) => {
+            debug!(proxy = %peer, ?header, "smtp proxy connection without client address");
+            Some(peer)
+        }
+        Ok(Err(e)) => {
+            config.metrics.limited(Limit::ProxyHeader);
+            warn!(proxy = %peer, error = %e, "smtp connection from a trusted proxy without a valid PROXY header; closed");
+            None
+        }
+        Err(_) => {
+            config.metrics.limited(Limit::ProxyHeader);
+            warn!(proxy = %peer, timeout = ?PROXY_HEADER_TIMEOUT, "smtp connection from a trusted proxy sent no PROXY header in time; closed");
+            None
+        }
+    }
+}
+
+/// Refuses a connection with `421 4.7.0 <text>` (plain listeners; an
+/// implicit-TLS listener just closes).
+async fn refuse(mut stream: TcpStream, config: &SmtpConfig, text: &str) {
+    if !config.implicit_tls {
+        let reply = Reply::new(421, "4.7.0", text);
+        config.metrics.reply(reply.code);
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply.to_bytes())).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+}
+
+/// Why the session's next read must end.
+#[derive(Clone, Copy, Debug)]
+enum ReadLimit {
+    /// The per-read command or data timeout.
+    Timeout,
+    /// `max_session_secs`.
+    Session,
+    /// `min_data_rate`.
+    DataRate,
+}
+
 async fn handle_connection<E: Enqueuer>(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     config: Arc<SmtpConfig>,
     enqueuer: Arc<E>,
     acceptor: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let started = tokio::time::Instant::now();
+    let session_deadline = started + config.max_session;
     let _ = stream.set_nodelay(true);
+    let Some(peer) = client_address(&mut stream, peer, &config).await else {
+        return;
+    };
+    // Before any other work: no TLS handshake, no greeting.
+    if let Some(rate) = &config.connection_rate {
+        if !rate.allow(peer.ip(), std::time::Instant::now()) {
+            config.metrics.limited(Limit::ConnectionRate);
+            info!(peer = %peer, rate = %rate.describe(), "smtp connection refused: connection rate from this address");
+            return refuse(stream, &config, "Too many connections from your address, slow down").await;
+        }
+    }
+    let Some(_slot) = config.per_ip.try_acquire(peer.ip()) else {
+        config.metrics.limited(Limit::PerIp);
+        info!(peer = %peer, limit = config.per_ip_max(), "smtp connection refused: too many connections from this address");
+        return refuse(stream, &config, "Too many connections from your address").await;
+    };
     let ids = enqueuer.clone();
     let mut session = Session::new(config.clone(), peer, false, Box::new(move || ids.next_id()));
     let write_limit = config.command_timeout;
@@ -317,7 +430,7 @@ async fn handle_connection<E: Enqueuer>(
             warn!(peer = %peer, "implicit TLS listener without a TLS config");
             return;
         };
-        match tokio::time::timeout(write_limit, acceptor.accept(tcp)).await {
+        match tokio::time::timeout(config.tls_handshake, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => {
                 let info = tls_info(tls.get_ref().1);
                 debug!(peer = %peer, version = %info.version, cipher = %info.cipher, "smtp tls");
@@ -329,11 +442,15 @@ async fn handle_connection<E: Enqueuer>(
                 return;
             }
             Err(_) => {
-                debug!(peer = %peer, "smtp tls handshake timeout");
+                config.metrics.limited(Limit::TlsHandshake);
+                info!(peer = %peer, "smtp tls handshake timeout");
                 return;
             }
         }
     }
+    // Start of the current DATA content (or BDAT transaction, chunks and the
+    // commands between them) and the bytes read since.
+    let mut data_window: Option<(tokio::time::Instant, u64)> = None;
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
     let metrics = &config.metrics;
@@ -361,7 +478,13 @@ async fn handle_connection<E: Enqueuer>(
                     }
                     input.reserve(READ_CHUNK);
                 }
-                let limit = session.read_timeout();
+                let now = tokio::time::Instant::now();
+                if !session.receiving_content() {
+                    data_window = None;
+                } else if data_window.is_none() {
+                    data_window = Some((now, 0));
+                }
+                let (until, why) = read_deadline(&config, now + session.read_timeout(), session_deadline, data_window);
                 tokio::select! {
                     biased;
                     _ = wait_shutdown(&mut shutdown) => {
@@ -369,15 +492,25 @@ async fn handle_connection<E: Enqueuer>(
                         let _ = flush(&mut conn, &mut out, write_limit).await;
                         break "shutdown";
                     }
-                    r = tokio::time::timeout(limit, conn.read_buf(&mut input)) => match r {
+                    r = tokio::time::timeout_at(until, conn.read_buf(&mut input)) => match r {
                         Err(_) => {
-                            info!(peer = %peer, in_data = session.in_data(), "smtp timeout");
-                            put(session.timeout_reply(), &mut out);
+                            let elapsed = started.elapsed();
+                            info!(peer = %peer, in_data = session.in_data(), limit = ?why, ?elapsed, "smtp timeout");
+                            let reply = match why {
+                                ReadLimit::Timeout => session.timeout_reply(),
+                                ReadLimit::Session => session.session_time_reply(),
+                                ReadLimit::DataRate => session.data_rate_reply(),
+                            };
+                            put(reply, &mut out);
                             let _ = flush(&mut conn, &mut out, write_limit).await;
                             break "timeout";
                         }
                         Ok(Ok(0)) => break "client closed",
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(n)) => {
+                            if let Some((_, bytes)) = data_window.as_mut() {
+                                *bytes += n as u64;
+                            }
+                        }
                         Ok(Err(e)) => {
                             debug!(peer = %peer, error = %e, "smtp read failed");
                             break "read error";
@@ -439,7 +572,7 @@ async fn handle_connection<E: Enqueuer>(
                 else {
                     break "STARTTLS without TLS config";
                 };
-                match tokio::time::timeout(write_limit, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(config.tls_handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let info = tls_info(tls.get_ref().1);
                         debug!(peer = %peer, version = %info.version, cipher = %info.cipher, "smtp tls");
@@ -450,7 +583,10 @@ async fn handle_connection<E: Enqueuer>(
                         info!(peer = %peer, error = %e, "smtp tls handshake failed");
                         break "tls handshake failed";
                     }
-                    Err(_) => break "tls handshake timeout",
+                    Err(_) => {
+                        config.metrics.limited(Limit::TlsHandshake);
+                        break "tls handshake timeout";
+                    }
                 }
             }
             Output::Close => {
@@ -461,6 +597,30 @@ async fn handle_connection<E: Enqueuer>(
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.shutdown()).await;
     debug!(peer = %peer, reason, "smtp disconnect");
+}
+
+/// When the next read must end and why: the per-read timeout, the session
+/// deadline, or, during DATA/BDAT content, the time by which a client
+/// keeping `min_data_rate` would have sent more than it has
+/// ([`DATA_RATE_GRACE`] plus one second per `min_data_rate` bytes).
+fn read_deadline(
+    config: &SmtpConfig,
+    per_read: tokio::time::Instant,
+    session: tokio::time::Instant,
+    data_window: Option<(tokio::time::Instant, u64)>,
+) -> (tokio::time::Instant, ReadLimit) {
+    let mut limit = (per_read, ReadLimit::Timeout);
+    if session < limit.0 {
+        limit = (session, ReadLimit::Session);
+    }
+    if let (Some((start, bytes)), rate) = (data_window, config.min_data_rate) {
+        let earned = Duration::from_millis(bytes.saturating_mul(1000) / rate.max(1));
+        match start.checked_add(DATA_RATE_GRACE.saturating_add(earned)) {
+            Some(slow) if rate > 0 && slow < limit.0 => limit = (slow, ReadLimit::DataRate),
+            _ => {}
+        }
+    }
+    limit
 }
 
 #[cfg(test)]
@@ -933,6 +1093,7 @@ mod tests {
             SmtpConfig {
                 command_timeout: Duration::from_secs(3000),
                 data_timeout: Duration::from_secs(180),
+                min_data_rate: 0,
                 ..config()
             },
             q.clone(),
@@ -962,5 +1123,303 @@ mod tests {
             "{waited:?}"
         );
         assert!(q.msgs.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn per_ip_limit_spans_listeners() {
+        let cfg = Arc::new(SmtpConfig {
+            per_ip: IpLimiter::new(2),
+            ..config()
+        });
+        let q = Arc::new(MemQueue::default());
+        let mut addrs = Vec::new();
+        let (tx, rx) = watch::channel(false);
+        for _ in 0..2 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            tokio::spawn(serve(listener, Arc::clone(&cfg), q.clone(), rx.clone()));
+        }
+        let mut a = connect(addrs[0]).await;
+        assert_eq!(reply(&mut a).await, "220 mx.test ESMTP Tern\r\n");
+        let mut b = connect(addrs[1]).await;
+        assert_eq!(reply(&mut b).await, "220 mx.test ESMTP Tern\r\n");
+        for addr in &addrs {
+            let mut c = connect(*addr).await;
+            assert_eq!(
+                reply(&mut c).await,
+                "421 4.7.0 Too many connections from your address\r\n"
+            );
+            assert_eq!(reply(&mut c).await, "");
+        }
+        send(a.get_mut(), "QUIT\r\n").await;
+        assert_eq!(reply(&mut a).await, "221 2.0.0 Bye\r\n");
+        assert_eq!(reply(&mut a).await, "");
+        // The slot is free once the session has ended.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while cfg.per_ip.open("127.0.0.1".parse().unwrap()) > 1 {
+            assert!(tokio::time::Instant::now() < deadline, "slot not given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut c = connect(addrs[1]).await;
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        tx.send(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn connection_rate_per_address() {
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                connection_rate: Some(ConnectionRate::new(2, Duration::from_secs(3600))),
+                ..config()
+            },
+            Arc::new(MemQueue::default()),
+        )
+        .await;
+        for _ in 0..2 {
+            let mut c = connect(addr).await;
+            assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        }
+        let mut c = connect(addr).await;
+        assert_eq!(
+            reply(&mut c).await,
+            "421 4.7.0 Too many connections from your address, slow down\r\n"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    fn proxied_config(from: &str) -> SmtpConfig {
+        SmtpConfig {
+            proxy_from: vec![from.parse().unwrap()],
+            relay: RelayPolicy {
+                local_domains: vec!["example.test".into()],
+                relay_domains: vec![],
+                relay_networks: vec!["192.0.2.0/24".parse().unwrap()],
+            },
+            ..config()
+        }
+    }
+
+    #[tokio::test]
+    async fn proxy_header_from_a_trusted_proxy_names_the_client() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(proxied_config("127.0.0.0/8"), q.clone()).await;
+        // v1: a client in relay_networks may relay.
+        let mut c = connect(addr).await;
+        send(c.get_mut(), "PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n").await;
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(
+            c.get_mut(),
+            "HELO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n",
+        )
+        .await;
+        for _ in 0..4 {
+            reply(&mut c).await;
+        }
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok: queued as T1\r\n");
+        // v2 with IPv6: not in relay_networks, so no relaying.
+        let mut c = connect(addr).await;
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+        h.extend_from_slice(&"2001:db8::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        h.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        h.extend_from_slice(&[0x9c, 0x40, 0, 25]);
+        c.get_mut().write_all(&h).await.unwrap();
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(
+            c.get_mut(),
+            "HELO c6.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\n",
+        )
+        .await;
+        reply(&mut c).await;
+        reply(&mut c).await;
+        assert_eq!(reply(&mut c).await, "554 5.7.1 <x@far.test>: Relay access denied\r\n");
+        {
+            let msgs = q.msgs.lock().unwrap();
+            assert_eq!(msgs[0].1.client_ip, "192.0.2.7");
+            let body = String::from_utf8(msgs[0].2.clone()).unwrap();
+            assert!(body.starts_with("Received: from c.test ([192.0.2.7])"), "{body}");
+        }
+        // Without a header the trusted proxy's connection is closed unanswered.
+        let mut c = connect(addr).await;
+        send(c.get_mut(), "EHLO direct.test\r\n").await;
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(DEADLINE, c.read_to_end(&mut rest)).await.unwrap();
+        // EOF or a reset (unread input), never a reply.
+        assert!(n.is_err() || rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    /// On an implicit-TLS listener the header comes before the ClientHello,
+    /// which must reach the handshake intact.
+    #[tokio::test]
+    async fn proxy_header_before_implicit_tls() {
+        let (server_tls, client_tls) = tls_configs();
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(
+            SmtpConfig {
+                tls: Some(server_tls),
+                implicit_tls: true,
+                ..proxied_config("127.0.0.0/8")
+            },
+            q.clone(),
+        )
+        .await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x07\x7f\x00\x00\x01\x9c\x40\x01\xd1")
+            .await
+            .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(client_tls);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut c = BufReader::new(tls);
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(
+            c.get_mut(),
+            "HELO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nhi\r\n.\r\n",
+        )
+        .await;
+        for _ in 0..4 {
+            reply(&mut c).await;
+        }
+        assert_eq!(reply(&mut c).await, "250 2.0.0 Ok: queued as T1\r\n");
+        assert_eq!(q.msgs.lock().unwrap()[0].1.client_ip, "192.0.2.7");
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn proxy_header_from_an_untrusted_peer_is_a_bad_command() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, stop, task) = start(proxied_config("192.0.2.0/24"), q.clone()).await;
+        let mut c = connect(addr).await;
+        assert_eq!(reply(&mut c).await, "220 mx.test ESMTP Tern\r\n");
+        send(c.get_mut(), "PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n").await;
+        assert!(reply(&mut c).await.starts_with("500 5.5."));
+        send(
+            c.get_mut(),
+            "HELO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@far.test>\r\n",
+        )
+        .await;
+        reply(&mut c).await;
+        reply(&mut c).await;
+        assert_eq!(reply(&mut c).await, "554 5.7.1 <x@far.test>: Relay access denied\r\n");
+        stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_data_is_cut_off_after_the_grace() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                min_data_rate: 1024,
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        let read = async {
+            reply_within(&mut c, LONG).await;
+            send(
+                c.get_mut(),
+                "HELO c.test\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n",
+            )
+            .await;
+            for _ in 0..4 {
+                reply_within(&mut c, LONG).await;
+            }
+            // 2 KiB at once earns two seconds beyond the grace; then a trickle.
+            send(c.get_mut(), &"x".repeat(2046)).await;
+            send(c.get_mut(), "\r\n").await;
+            loop {
+                tokio::select! {
+                    r = reply_within(&mut c, LONG) => return r,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => send(c.get_mut(), "y").await,
+                }
+            }
+        };
+        let r = tokio::time::timeout(LONG, read).await.unwrap();
+        assert_eq!(r, "421 4.4.2 mx.test Error: data transfer rate too low\r\n");
+        let waited = start.elapsed();
+        assert!(
+            waited >= DATA_RATE_GRACE + Duration::from_secs(1) && waited < Duration::from_secs(15),
+            "{waited:?}"
+        );
+        assert!(q.msgs.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn session_deadline_ends_a_session_after_its_mail() {
+        let q = Arc::new(MemQueue::default());
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                max_session: Duration::from_secs(60),
+                ..config()
+            },
+            q.clone(),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        let read = async {
+            reply_within(&mut c, LONG).await;
+            send(
+                c.get_mut(),
+                "HELO c.test\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhi\r\n.\r\n",
+            )
+            .await;
+            for _ in 0..4 {
+                reply_within(&mut c, LONG).await;
+            }
+            assert_eq!(reply_within(&mut c, LONG).await, "250 2.0.0 Ok: queued as T1\r\n");
+            // Busy, but never done: NOOP every 20 s, well within the command timeout.
+            loop {
+                send(c.get_mut(), "NOOP\r\n").await;
+                let r = reply_within(&mut c, LONG).await;
+                if r != "250 2.0.0 Ok\r\n" {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        };
+        let r = tokio::time::timeout(LONG, read).await.unwrap();
+        assert_eq!(r, "421 4.4.2 mx.test Error: session time limit exceeded\r\n");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(61),
+            "{waited:?}"
+        );
+        assert_eq!(q.msgs.lock().unwrap().len(), 1, "the message accepted before is kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tls_handshake_is_bounded() {
+        let (server_tls, _) = tls_configs();
+        let (addr, _stop, _task) = start(
+            SmtpConfig {
+                tls: Some(server_tls),
+                implicit_tls: true,
+                tls_handshake: Duration::from_secs(10),
+                ..config()
+            },
+            Arc::new(MemQueue::default()),
+        )
+        .await;
+        let mut c = connect(addr).await;
+        let start = tokio::time::Instant::now();
+        // Half a ClientHello record header, then nothing.
+        c.get_mut().write_all(&[0x16, 0x03]).await.unwrap();
+        assert_eq!(reply_within(&mut c, LONG).await, "");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(300),
+            "{waited:?}"
+        );
     }
 }

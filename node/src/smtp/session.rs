@@ -14,14 +14,19 @@ use bytes::{Buf, BytesMut};
 
 use super::command::{self, Command, MailFrom, RcptTo};
 use super::data::{DataDecoder, DataOutcome};
+use super::limits::Reservation;
 use super::reply::Reply;
 use super::sasl::{self, Password};
 use super::server::{EnqueueError, SmtpConfig};
 use crate::envelope::{BodyType, Envelope, Recipient};
+use crate::metrics::Limit;
 use crate::submission::{AuthUser, AuthVerdict};
 
 /// Maximum command line length including CRLF (RFC 5321 4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
+/// Memory reserved at DATA when the client declared no (or a smaller) SIZE;
+/// the reservation grows with the content.
+pub const INITIAL_RESERVATION: u64 = 64 * 1024;
 
 /// TLS parameters of the connection, for the Received header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,9 +80,11 @@ enum Phase {
         /// Reply to send once the octets are consumed, if the chunk failed.
         failure: Option<Reply>,
     },
-    /// Waiting for [`Session::enqueue_result`].
+    /// Waiting for [`Session::enqueue_result`]; the message's memory stays
+    /// reserved until then.
     Enqueue {
         id: String,
+        _reservation: Option<Reservation>,
     },
     /// Inside an AUTH exchange: the next line answers our `334` challenge.
     Sasl(SaslStep),
@@ -100,6 +107,9 @@ struct Transaction {
     envelope: Envelope,
     /// Content received so far by BDAT; `Some` once BDAT was used.
     bdat: Option<Vec<u8>>,
+    /// The memory budget's share covering the content buffered for this
+    /// transaction (DATA or BDAT); given back when the transaction ends.
+    reservation: Option<Reservation>,
 }
 
 /// One SMTP session.
@@ -126,6 +136,9 @@ pub struct Session {
     /// While set, new transactions get this reply at MAIL, RCPT, DATA and
     /// BDAT (the queue cannot take mail now, e.g. `452 4.3.1` disk full).
     refusal: Option<Reply>,
+    /// Commands that move no mail (NOOP, RSET, VRFY, HELP, HELO, EHLO) since
+    /// the last queued message; bounded by `max_junk_commands`.
+    junk: u32,
 }
 
 impl Session {
@@ -153,6 +166,7 @@ impl Session {
             auth: None,
             authenticating: false,
             refusal: None,
+            junk: 0,
         }
     }
 
@@ -179,10 +193,40 @@ impl Session {
         )
     }
 
+    /// The reply when `max_session_secs` ran out; the session is closed afterwards.
+    pub fn session_time_reply(&mut self) -> Reply {
+        self.phase = Phase::Closed;
+        self.config.metrics.limited(Limit::SessionTime);
+        Reply::new(
+            421,
+            "4.4.2",
+            format!("{} Error: session time limit exceeded", self.config.hostname),
+        )
+    }
+
+    /// The reply when content arrives slower than `min_data_rate`; the
+    /// session is closed afterwards.
+    pub fn data_rate_reply(&mut self) -> Reply {
+        self.phase = Phase::Closed;
+        self.config.metrics.limited(Limit::DataRate);
+        Reply::new(
+            421,
+            "4.4.2",
+            format!("{} Error: data transfer rate too low", self.config.hostname),
+        )
+    }
+
     /// The reply for server shutdown; the session is closed afterwards.
     pub fn shutdown_reply(&mut self) -> Reply {
         self.phase = Phase::Closed;
         Reply::new(421, "4.3.2", format!("{} Service shutting down", self.config.hostname))
+    }
+
+    /// True from DATA until its end marker, and from the first BDAT chunk
+    /// until the transaction ends (the commands between chunks included):
+    /// the span `min_data_rate` applies to.
+    pub fn receiving_content(&self) -> bool {
+        self.in_data() || self.tx.as_ref().is_some_and(|t| t.bdat.is_some())
     }
 
     /// True while a DATA or BDAT body is being read.
@@ -222,7 +266,7 @@ impl Session {
     /// reply to send. The transaction is over either way.
     pub fn enqueue_result(&mut self, result: Result<(), EnqueueError>) -> Reply {
         let id = match std::mem::replace(&mut self.phase, Phase::Command) {
-            Phase::Enqueue { id } => id,
+            Phase::Enqueue { id, .. } => id,
             other => {
                 // Driver bug; keep state and say something harmless.
                 self.phase = other;
@@ -231,7 +275,11 @@ impl Session {
         };
         self.tx = None;
         match result {
-            Ok(()) => Reply::new(250, "2.0.0", format!("Ok: queued as {id}")),
+            Ok(()) => {
+                // A session that moves mail may tidy up between messages.
+                self.junk = 0;
+                Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+            }
             Err(EnqueueError::Temporary(text)) => Reply::new(451, "4.3.0", text),
             Err(EnqueueError::Permanent(text)) => Reply::new(554, "5.3.0", text),
             Err(EnqueueError::Rejected(reply)) => reply,
@@ -257,6 +305,15 @@ impl Session {
                 Phase::Data(decoder) => {
                     let (n, done) = decoder.feed(input);
                     input.advance(n);
+                    // Cover what the content buffer now holds, or stop buffering.
+                    if let Some(tx) = self.tx.as_mut() {
+                        if let Some(r) = tx.reservation.as_mut() {
+                            if !r.grow_to(decoder.capacity() as u64) {
+                                decoder.discard();
+                                tx.reservation = None;
+                            }
+                        }
+                    }
                     if !done {
                         return Output::NeedInput;
                     }
@@ -368,6 +425,13 @@ impl Session {
         if let Some(reply) = refusal {
             return self.reply(reply);
         }
+        let junk = matches!(
+            cmd,
+            Command::Ehlo(_) | Command::Helo(_) | Command::Rset | Command::Noop | Command::Vrfy(_) | Command::Help
+        );
+        if junk && self.junk_limit() {
+            return;
+        }
         match cmd {
             Command::Ehlo(name) => {
                 self.helo = Some((name, true));
@@ -398,13 +462,32 @@ impl Session {
             }
             Command::Data => match self.data_check() {
                 Err(r) => self.error(r),
-                Ok(()) => {
+                Ok(declared) => {
+                    let max = self.config.max_message_size;
+                    let declared = declared.min(max);
+                    let Some(reservation) = self
+                        .config
+                        .memory
+                        .try_reserve(declared.max(INITIAL_RESERVATION).min(max))
+                    else {
+                        // Flow control: the transaction stays, DATA may be retried.
+                        self.config.metrics.limited(Limit::MemoryBudget);
+                        return self.reply(insufficient_storage());
+                    };
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.reservation = Some(reservation);
+                    }
                     self.reply(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
-                    self.phase = Phase::Data(DataDecoder::new(self.config.max_message_size));
+                    // The declared size is reserved, so it may be allocated now.
+                    let capacity = usize::try_from(declared).unwrap_or(0);
+                    self.phase = Phase::Data(DataDecoder::with_capacity(max, capacity));
                 }
             },
             Command::Bdat { size, last } => {
-                let failure = self.refused(true).map_or_else(|| self.bdat_check(size).err(), Some);
+                let failure = self
+                    .refused(true)
+                    .map_or_else(|| self.bdat_check(size).err(), Some)
+                    .or_else(|| self.bdat_reserve(size).err());
                 if failure.is_some() {
                     // RFC 3030: a failed chunk fails the transaction.
                     self.tx = None;
@@ -640,7 +723,11 @@ impl Session {
             client_ip: self.peer.ip().to_canonical().to_string(),
             auth_user: self.auth.as_ref().map(|u| u.name.clone()),
         };
-        self.tx = Some(Transaction { envelope, bdat: None });
+        self.tx = Some(Transaction {
+            envelope,
+            bdat: None,
+            reservation: None,
+        });
         Reply::new(250, "2.1.0", "Sender ok")
     }
 
@@ -703,7 +790,56 @@ impl Session {
         }
     }
 
-    fn data_check(&self) -> Result<(), Reply> {
+    /// Counts a command that moves no mail; true when that was one too
+    /// many and the session is closing with `421 4.7.0`.
+    fn junk_limit(&mut self) -> bool {
+        self.junk = self.junk.saturating_add(1);
+        if self.junk <= self.config.max_junk_commands {
+            return false;
+        }
+        self.config.metrics.limited(Limit::JunkCommands);
+        self.reply(Reply::new(
+            421,
+            "4.7.0",
+            format!("{} Error: too many commands without mail", self.config.hostname),
+        ));
+        self.pending.push_back(Output::Close);
+        self.phase = Phase::Closed;
+        true
+    }
+
+    /// Reserves memory for a BDAT chunk of `size` octets on top of what
+    /// the transaction holds, and makes room for it.
+    fn bdat_reserve(&mut self, size: u64) -> Result<(), Reply> {
+        let budget = std::sync::Arc::clone(&self.config.memory);
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(());
+        };
+        let Some(buf) = tx.bdat.as_mut() else {
+            return Ok(());
+        };
+        let total = (buf.len() as u64).saturating_add(size);
+        let reserved = match tx.reservation.as_mut() {
+            Some(r) => r.grow_to(total),
+            None => match budget.try_reserve(total) {
+                Some(r) => {
+                    tx.reservation = Some(r);
+                    true
+                }
+                None => false,
+            },
+        };
+        if !reserved {
+            self.config.metrics.limited(Limit::MemoryBudget);
+            return Err(insufficient_storage());
+        }
+        // Reserved and within max_message_size (bdat_check), so it may be allocated.
+        buf.reserve_exact(usize::try_from(size).unwrap_or(0));
+        Ok(())
+    }
+
+    /// Checks DATA; returns the declared SIZE (0 when none).
+    fn data_check(&self) -> Result<u64, Reply> {
         let Some(tx) = &self.tx else {
             return Err(Reply::new(503, "5.5.1", "Error: need RCPT command"));
         };
@@ -716,7 +852,7 @@ impl Session {
         if tx.envelope.body_type == BodyType::BinaryMime {
             return Err(Reply::new(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT"));
         }
-        Ok(())
+        Ok(tx.envelope.declared_size.unwrap_or(0))
     }
 
     fn bdat_check(&mut self, size: u64) -> Result<(), Reply> {
@@ -745,6 +881,11 @@ impl Session {
             ))
         } else if out.oversize {
             Some(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"))
+        } else if out.over_budget {
+            // Flow control, not a client error: the client retries later.
+            self.tx = None;
+            self.config.metrics.limited(Limit::MemoryBudget);
+            return self.reply(insufficient_storage());
         } else if out.line_too_long {
             // RFC 5321 4.5.3.1.6 limits text lines to 1000 octets; X.6.0
             // because it is a content problem (RFC 3463).
@@ -773,8 +914,8 @@ impl Session {
             return;
         };
         if let Some(r) = failure {
-            // A refusal (disk full) is flow control, not a client error.
-            if self.refusal.as_ref() == Some(&r) {
+            // A refusal (disk full, memory budget) is flow control, not a client error.
+            if self.refusal.as_ref() == Some(&r) || r == insufficient_storage() {
                 return self.reply(r);
             }
             return self.error(r);
@@ -796,7 +937,10 @@ impl Session {
         let mut body = Vec::with_capacity(received.len() + content.len());
         body.extend_from_slice(received.as_bytes());
         body.extend_from_slice(&content);
-        self.phase = Phase::Enqueue { id: id.clone() };
+        self.phase = Phase::Enqueue {
+            id: id.clone(),
+            _reservation: tx.reservation,
+        };
         self.pending.push_back(Output::Enqueue {
             id,
             envelope: tx.envelope,
@@ -827,6 +971,11 @@ impl Session {
         h.push_str(&format!("; {}\r\n", chrono::Utc::now().to_rfc2822()));
         h
     }
+}
+
+/// The answer to DATA or BDAT when the memory budget cannot hold the message.
+fn insufficient_storage() -> Reply {
+    Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
 }
 
 fn bad_base64() -> Reply {
@@ -1810,5 +1959,142 @@ mod tests {
         // The null sender is allowed.
         assert_eq!(h.send("MAIL FROM:<>\r\n"), "250 2.1.0 Sender ok\r\n");
         assert_eq!(h.send("RCPT TO:<x@far.test>\r\n"), "250 2.1.5 Recipient ok\r\n");
+    }
+
+    #[test]
+    fn content_spans_bdat_chunks_and_ends_with_the_transaction() {
+        let mut h = H::std();
+        h.begin();
+        assert!(!h.s.receiving_content());
+        h.send("BDAT 4\r\nab");
+        assert!(h.s.receiving_content() && h.s.in_data());
+        h.send("cd");
+        assert!(h.s.receiving_content() && !h.s.in_data(), "between chunks");
+        h.send("BDAT 1 LAST\r\ne");
+        assert!(!h.s.receiving_content());
+        h.send("MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+        assert!(h.s.receiving_content());
+        h.send("x\r\n.\r\n");
+        assert!(!h.s.receiving_content());
+        assert_eq!(h.queued.len(), 2);
+    }
+
+    #[test]
+    fn junk_commands_are_bounded_between_messages() {
+        let mut h = H::new(SmtpConfig {
+            max_junk_commands: 4,
+            ..config()
+        });
+        h.begin(); // EHLO: 1
+        assert_eq!(h.send("NOOP\r\nRSET\r\n"), "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n"); // 3
+        h.send("MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n");
+        assert_eq!(h.queued.len(), 1);
+        // The queued message started a new count.
+        for _ in 0..4 {
+            assert_eq!(h.send("NOOP\r\n"), "250 2.0.0 Ok\r\n");
+        }
+        assert!(!h.closed);
+        assert_eq!(
+            h.send("VRFY x\r\nNOOP\r\n"),
+            "421 4.7.0 mx.test Error: too many commands without mail\r\n"
+        );
+        assert!(h.closed);
+    }
+
+    fn budgeted(bytes: u64) -> (H, Arc<crate::smtp::limits::MemoryBudget>) {
+        let memory = crate::smtp::limits::MemoryBudget::new(bytes, crate::metrics::SmtpMetrics::default());
+        let h = H::new(SmtpConfig {
+            memory: Arc::clone(&memory),
+            max_message_size: 1 << 20,
+            ..config()
+        });
+        (h, memory)
+    }
+
+    #[test]
+    fn data_over_the_memory_budget_gets_452_and_frees_it() {
+        let (mut h, memory) = budgeted(200_000);
+        h.begin();
+        assert_eq!(h.send("DATA\r\n"), "354 Start mail input; end with <CRLF>.<CRLF>\r\n");
+        assert_eq!(memory.used(), INITIAL_RESERVATION);
+        let line = format!("{}\r\n", "x".repeat(98));
+        let r = h.send(line.repeat(3000));
+        assert_eq!(r, "");
+        assert_eq!(memory.used(), 0, "stopped buffering and gave its share back");
+        assert_eq!(
+            h.send(".\r\n"),
+            "452 4.3.1 Insufficient system storage, try again later\r\n"
+        );
+        assert!(h.queued.is_empty());
+        // The session stays usable; a message that fits is queued.
+        h.send("MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\n");
+        assert_eq!(
+            h.send(format!("DATA\r\n{}.\r\n", line.repeat(1000))),
+            "354 Start mail input; end with <CRLF>.<CRLF>\r\n250 2.0.0 Ok: queued as Q1\r\n"
+        );
+        assert_eq!(memory.used(), 0);
+        assert_eq!(h.s.errors, 0, "452 is flow control, not a client error");
+    }
+
+    #[test]
+    fn data_refused_up_front_when_the_declared_size_does_not_fit() {
+        let (mut h, memory) = budgeted(200_000);
+        let held = memory.try_reserve(150_000).unwrap();
+        h.send("EHLO client.test\r\n");
+        h.send("MAIL FROM:<a@client.test> SIZE=100000\r\nRCPT TO:<b@example.test>\r\n");
+        assert_eq!(
+            h.send("DATA\r\n"),
+            "452 4.3.1 Insufficient system storage, try again later\r\n"
+        );
+        drop(held);
+        // Same transaction, retried once memory is free: SIZE is reserved up front.
+        assert_eq!(h.send("DATA\r\n"), "354 Start mail input; end with <CRLF>.<CRLF>\r\n");
+        assert_eq!(memory.used(), 100_000);
+        assert_eq!(h.send("hi\r\n.\r\n"), "250 2.0.0 Ok: queued as Q1\r\n");
+        assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn reservation_is_held_until_the_enqueue_result() {
+        let (mut h, memory) = budgeted(200_000);
+        h.begin();
+        h.input.extend_from_slice(b"DATA\r\nhello\r\n.\r\n");
+        let mut enqueued = false;
+        for _ in 0..10 {
+            if let Output::Enqueue { .. } = h.s.next(&mut h.input) {
+                enqueued = true;
+                break;
+            }
+        }
+        assert!(enqueued);
+        assert_eq!(memory.used(), INITIAL_RESERVATION);
+        h.s.enqueue_result(Err(EnqueueError::Temporary("later".into())));
+        assert_eq!(memory.used(), 0);
+        // And on a disconnect mid-DATA: the session is dropped.
+        h.begin();
+        h.send("DATA\r\npartial");
+        assert_eq!(memory.used(), INITIAL_RESERVATION);
+        drop(h);
+        assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn bdat_over_the_memory_budget_fails_the_transaction_only() {
+        let (mut h, memory) = budgeted(200_000);
+        h.begin();
+        assert_eq!(
+            h.send(format!("BDAT 100000\r\n{}", "a".repeat(100_000))),
+            "250 2.0.0 100000 octets received\r\n"
+        );
+        assert_eq!(memory.used(), 100_000);
+        // The chunk is read and discarded; the transaction is over.
+        let r = h.send(format!("BDAT 150000\r\n{}", "b".repeat(150_000)));
+        assert_eq!(r, "452 4.3.1 Insufficient system storage, try again later\r\n");
+        assert_eq!(memory.used(), 0);
+        assert_eq!(h.send("BDAT 1 LAST\r\nx"), "503 5.5.1 Error: need MAIL command\r\n");
+        h.send("RSET\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\n");
+        assert_eq!(h.send("BDAT 5 LAST\r\nhello"), "250 2.0.0 Ok: queued as Q1\r\n");
+        assert!(h.body(0).ends_with("hello"));
+        assert_eq!(memory.used(), 0);
     }
 }

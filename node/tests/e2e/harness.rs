@@ -249,6 +249,11 @@ impl Node {
         }
     }
 
+    /// The running ternd's process id (e.g. to read /proc/PID/status).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.lock().expect("lock").clone()
     }

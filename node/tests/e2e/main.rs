@@ -11,6 +11,7 @@ mod dkim;
 mod durability;
 mod harness;
 mod inbound;
+mod limits;
 mod local;
 mod metrics;
 mod node;
