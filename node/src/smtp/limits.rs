@@ -14,6 +14,20 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::SmtpMetrics;
 
+/// The key a client address is limited under: an IPv4 address (also when
+/// seen as `::ffff:a.b.c.d`), or an IPv6 address's /64, since one IPv6
+/// client usually holds a whole /64 and could otherwise take a slot per address.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) if !v6.is_loopback() => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        other => other,
+    }
+}
+
 /// Counts open sessions per client address; `try_acquire` refuses the one
 /// beyond `max`.
 #[derive(Debug)]
@@ -31,9 +45,9 @@ impl IpLimiter {
     }
 
     /// A slot for one session from `ip`, or `None` when `ip` already holds
-    /// `max` sessions. IPv4 clients seen as `::ffff:a.b.c.d` count as `a.b.c.d`.
+    /// `max` sessions (keyed by [`client_key`]).
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let ip = ip.to_canonical();
+        let ip = client_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
         if *n >= self.max {
@@ -54,7 +68,7 @@ impl IpLimiter {
     /// Sessions open from `ip` now.
     pub fn open(&self, ip: IpAddr) -> usize {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+        open.get(&client_key(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -114,7 +128,7 @@ impl ConnectionRate {
     /// Whether a new connection from `ip` at `now` is within the rate (and
     /// counts it if so).
     pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let ip = ip.to_canonical();
+        let ip = client_key(ip);
         let full = f64::from(self.count);
         let per_sec = full / self.per.as_secs_f64().max(1e-3);
         let refill = |b: &Bucket| (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec).min(full);
@@ -247,6 +261,16 @@ mod tests {
         drop((two, again, other));
         assert_eq!(limiter.open(a), 0);
         assert!(limiter.open.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_counts_as_one_client() {
+        let limiter = IpLimiter::new(1);
+        let one = limiter.try_acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(limiter.try_acquire("2001:db8:1:2:ffff::9".parse().unwrap()).is_none());
+        let other_net = limiter.try_acquire("2001:db8:1:3::1".parse().unwrap());
+        assert!(other_net.is_some());
+        drop(one);
     }
 
     #[test]
