@@ -13,6 +13,7 @@ mod inbound;
 mod local;
 mod metrics;
 mod node;
+mod operators;
 mod ops;
 mod smtp;
 mod spf_suite;
