@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-fn shards(node: &Node) -> Vec<serde_json::Value> {
+pub(crate) fn shards(node: &Node) -> Vec<serde_json::Value> {
     node.ternctl_json(&["shard", "list"]).as_array().unwrap().clone()
 }
 
-fn join(n1: &Node, n: &Node, id: u64) {
+pub(crate) fn join(n1: &Node, n: &Node, id: u64) {
     let out = n1.ternctl(&["member", "add", "--id", &id.to_string(), "--addr", &n.grpc.to_string()]);
     assert!(
         out.status.success(),

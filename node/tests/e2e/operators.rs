@@ -3,6 +3,7 @@
 //! from `ternctl cert`, driven by the real ternctl binary.
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -370,4 +371,69 @@ fn a_non_loopback_node_without_credentials_refuses_every_operator_call() {
         "a token on a node without tokens",
         &["plaintext", "requires an operator credential"],
     );
+}
+
+/// A call that runs on another node (here `queue bounce`, on the shard's
+/// leader) is relayed with the operator's token and audited on both nodes.
+#[test]
+fn a_relayed_call_carries_the_operators_token() {
+    let _serial = cluster_lock();
+    let (boss, ops) = ("admin-relay-5e1d", "operator-relay-9a7b");
+    let extra = format!(
+        "shards = 2\n\n[log]\nformat = \"json\"\n\n\
+         [[admin_token]]\nname = \"boss\"\nrole = \"admin\"\nhash = \"{}\"\n\n\
+         [[admin_token]]\nname = \"ops\"\nrole = \"operator\"\nhash = \"{}\"\n\n{}",
+        hash_password(boss),
+        hash_password(ops),
+        hold_mail()
+    );
+    let mut n1 = Node::start_node(1, true, &extra);
+    let mut n2 = Node::start_node(2, false, &extra);
+    n1.ternctl_env = vec![("TERN_TOKEN".into(), boss.into())];
+    n2.ternctl_env = n1.ternctl_env.clone();
+    crate::cluster::join(&n1, &n2, 2);
+    wait_for(Duration::from_secs(60), "both shards on two voters", || {
+        crate::cluster::shards(&n1).iter().all(|sh| {
+            sh["voters"].as_array().is_some_and(|v| v.len() == 2) && sh["joint"] == false && sh["leader"] != 0
+        })
+    });
+    for shard in ["1", "2"] {
+        assert_ok(&n1.ternctl(&["shard", "move-leader", shard, "1"]), "move leader");
+    }
+    wait_for(Duration::from_secs(30), "node 1 leads both shards", || {
+        crate::cluster::shards(&n1).iter().all(|sh| sh["leader"] == 1)
+    });
+    let id = queue_one(&n2, "op-relay-1");
+    let operator = [("TERN_TOKEN", ops)];
+    wait_for(Duration::from_secs(10), "the message replicated to node 2", || {
+        queued(&n2, &operator, &id)
+    });
+
+    // Asked of node 2, run by node 1 (the shard leader) on the operator's behalf.
+    assert_ok(
+        &ctl(&n2, &operator, &["queue", "bounce", &id]),
+        "queue bounce via node 2",
+    );
+    let on_leader = admin_event(
+        &n1,
+        &[
+            ("action", "queue bounce".into()),
+            ("who", "ops".into()),
+            ("affected", 1.into()),
+        ],
+    );
+    assert_eq!(on_leader["how"], "token");
+    assert_eq!(on_leader["result"], "ok");
+    let asked = admin_event(
+        &n2,
+        &[
+            ("action", "queue bounce".into()),
+            ("who", "ops".into()),
+            ("affected", 1.into()),
+        ],
+    );
+    assert_eq!(asked["result"], "ok");
+    wait_for(Duration::from_secs(10), "bounced message gone", || {
+        !queued(&n2, &operator, &id)
+    });
 }
