@@ -373,24 +373,20 @@ fn a_non_loopback_node_without_credentials_refuses_every_operator_call() {
     );
 }
 
-/// A call that runs on another node (here `queue bounce`, on the shard's
-/// leader) is relayed with the operator's token and audited on both nodes.
-#[test]
-fn a_relayed_call_carries_the_operators_token() {
-    let _serial = cluster_lock();
-    let (boss, ops) = ("admin-relay-5e1d", "operator-relay-9a7b");
-    let extra = format!(
-        "shards = 2\n\n[log]\nformat = \"json\"\n\n\
-         [[admin_token]]\nname = \"boss\"\nrole = \"admin\"\nhash = \"{}\"\n\n\
-         [[admin_token]]\nname = \"ops\"\nrole = \"operator\"\nhash = \"{}\"\n\n{}",
-        hash_password(boss),
-        hash_password(ops),
-        hold_mail()
-    );
-    let mut n1 = Node::start_node(1, true, &extra);
-    let mut n2 = Node::start_node(2, false, &extra);
-    n1.ternctl_env = vec![("TERN_TOKEN".into(), boss.into())];
-    n2.ternctl_env = n1.ternctl_env.clone();
+/// Two nodes (`extra` on both, ternctl as `admin`) with node 1 leading both
+/// shards; then `queue bounce` asked of node 2 as `operator` (whose name is
+/// `who`) must run on node 1, the shard leader, on the operator's behalf.
+/// Returns the admin event node 1 wrote.
+fn bounce_relayed_to_the_shard_leader(
+    extra: [&str; 2],
+    admin: &[(String, String)],
+    operator: &[(&str, &str)],
+    who: &str,
+) -> serde_json::Value {
+    let mut n1 = Node::start_node(1, true, extra[0]);
+    let mut n2 = Node::start_node(2, false, extra[1]);
+    n1.ternctl_env = admin.to_vec();
+    n2.ternctl_env = admin.to_vec();
     crate::cluster::join(&n1, &n2, 2);
     wait_for(Duration::from_secs(60), "both shards on two voters", || {
         crate::cluster::shards(&n1).iter().all(|sh| {
@@ -404,36 +400,91 @@ fn a_relayed_call_carries_the_operators_token() {
         crate::cluster::shards(&n1).iter().all(|sh| sh["leader"] == 1)
     });
     let id = queue_one(&n2, "op-relay-1");
-    let operator = [("TERN_TOKEN", ops)];
     wait_for(Duration::from_secs(10), "the message replicated to node 2", || {
-        queued(&n2, &operator, &id)
+        queued(&n2, operator, &id)
     });
 
-    // Asked of node 2, run by node 1 (the shard leader) on the operator's behalf.
     assert_ok(
-        &ctl(&n2, &operator, &["queue", "bounce", &id]),
+        &ctl(&n2, operator, &["queue", "bounce", &id]),
         "queue bounce via node 2",
     );
     let on_leader = admin_event(
         &n1,
         &[
             ("action", "queue bounce".into()),
-            ("who", "ops".into()),
+            ("who", who.into()),
             ("affected", 1.into()),
         ],
     );
-    assert_eq!(on_leader["how"], "token");
     assert_eq!(on_leader["result"], "ok");
     let asked = admin_event(
         &n2,
         &[
             ("action", "queue bounce".into()),
-            ("who", "ops".into()),
+            ("who", who.into()),
             ("affected", 1.into()),
         ],
     );
     assert_eq!(asked["result"], "ok");
+    assert_eq!(asked["via"], 0);
     wait_for(Duration::from_secs(10), "bounced message gone", || {
-        !queued(&n2, &operator, &id)
+        !queued(&n2, operator, &id)
     });
+    on_leader
+}
+
+/// Without TLS a relayed call carries the operator's token.
+#[test]
+fn a_relayed_call_carries_the_operators_token() {
+    let _serial = cluster_lock();
+    let (boss, ops) = ("admin-relay-5e1d", "operator-relay-9a7b");
+    let extra = format!(
+        "shards = 2\n\n[log]\nformat = \"json\"\n\n\
+         [[admin_token]]\nname = \"boss\"\nrole = \"admin\"\nhash = \"{}\"\n\n\
+         [[admin_token]]\nname = \"ops\"\nrole = \"operator\"\nhash = \"{}\"\n\n{}",
+        hash_password(boss),
+        hash_password(ops),
+        hold_mail()
+    );
+    let admin = [("TERN_TOKEN".to_owned(), boss.to_owned())];
+    let on_leader = bounce_relayed_to_the_shard_leader([&extra, &extra], &admin, &[("TERN_TOKEN", ops)], "ops");
+    assert_eq!(on_leader["how"], "token");
+}
+
+/// With cluster TLS a relayed call carries the relaying node's certificate
+/// and names the operator; the leader's event says which node relayed it.
+#[test]
+fn a_relayed_call_under_cluster_tls_names_the_operator_and_the_relaying_node() {
+    let _serial = cluster_lock();
+    let pki = tempfile::tempdir().expect("tempdir");
+    let d = pki.path().display().to_string();
+    for args in [
+        vec!["cert", "init-ca", "--dir", &d],
+        vec!["cert", "node", "--dir", &d, "--id", "1", "--host", "127.0.0.1"],
+        vec!["cert", "node", "--dir", &d, "--id", "2", "--host", "127.0.0.1"],
+        vec!["cert", "client", "--dir", &d, "--name", "root", "--role", "admin"],
+        vec!["cert", "client", "--dir", &d, "--name", "olga", "--role", "operator"],
+    ] {
+        let out = Command::new(TERNCTL).args(&args).output().expect("ternctl cert");
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let extra = |id: u64| {
+        format!(
+            "shards = 2\ntls_cert = \"{d}/node-{id}.crt\"\ntls_key = \"{d}/node-{id}.key\"\ntls_ca = \"{d}/ca.crt\"\n\n\
+             [log]\nformat = \"json\"\n\n{}",
+            hold_mail()
+        )
+    };
+    let tls = |stem: &str| {
+        vec![
+            ("TERN_TLS_CA".to_owned(), format!("{d}/ca.crt")),
+            ("TERN_TLS_CERT".to_owned(), format!("{d}/{stem}.crt")),
+            ("TERN_TLS_KEY".to_owned(), format!("{d}/{stem}.key")),
+        ]
+    };
+    let olga = tls("client-olga");
+    let operator: Vec<(&str, &str)> = olga.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let on_leader = bounce_relayed_to_the_shard_leader([&extra(1), &extra(2)], &tls("client-root"), &operator, "olga");
+    assert_eq!(on_leader["how"], "certificate");
+    assert_eq!(on_leader["via"], 2);
 }
