@@ -101,6 +101,19 @@ fn tokens_authenticate_and_roles_limit_what_each_may_do() {
             hash_password(secret)
         ));
     }
+    // `ternctl token new` makes a token and the entry to paste.
+    let made = Command::new(TERNCTL)
+        .args(["token", "new", "--name", "dash", "--role", "viewer", "-o", "json"])
+        .output()
+        .expect("ternctl token new");
+    assert_ok(&made, "token new");
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout).expect("json");
+    let made_token = made["token"].as_str().expect("token").to_owned();
+    assert!(made_token.len() >= 43, "{made}");
+    extra.push_str(&format!(
+        "[[admin_token]]\nname = \"dash\"\nrole = \"viewer\"\nhash = \"{}\"\n\n",
+        made["hash"].as_str().expect("hash")
+    ));
     extra.push_str(&hold_mail());
     let node = Node::start(&extra);
     let id = queue_one(&node, "op-token-1");
@@ -126,6 +139,18 @@ fn tokens_authenticate_and_roles_limit_what_each_may_do() {
     // A wrong token: no hint which part was wrong.
     let wrong = ctl(&node, &[("TERN_TOKEN", "viewer-c0ffee1235")], &["status"]);
     assert_refused(&wrong, "a wrong token", &["invalid token"]);
+
+    assert_ok(
+        &ctl(&node, &[("TERN_TOKEN", made_token.as_str())], &["status"]),
+        "a token from ternctl token new",
+    );
+    // A token file other users may read works, with a warning.
+    let loose = dir.path().join("loose.token");
+    std::fs::write(&loose, format!("{}\n", tokens[2].2)).expect("token file");
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+    let out = ctl(&node, &[], &["--token-file", &loose.display().to_string(), "status"]);
+    assert_ok(&out, "a token file readable by others");
+    assert!(stderr(&out).contains("readable by other users"), "{}", stderr(&out));
 
     // The viewer reads, but may not delete or read bodies.
     assert_ok(&ctl(&node, &viewer, &["status"]), "viewer status");
