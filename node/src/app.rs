@@ -276,6 +276,12 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             ids: Arc::clone(&ids),
             stats: Arc::clone(&host.settings.stats),
             space: Arc::clone(&space),
+            authz: Arc::new(crate::admin::authz::Authz::new(
+                config.admin_tokens.clone(),
+                config.cluster_tls.is_some(),
+                config.listen_grpc,
+                metrics.admin.clone(),
+            )),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);

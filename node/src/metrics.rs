@@ -151,6 +151,56 @@ impl Default for ByAuthResult {
     }
 }
 
+/// How an operator's call to the admin service was judged
+/// (`tern_admin_auth_total{result}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAuthResult {
+    /// A credential was accepted (or the loopback default applied).
+    Ok,
+    /// No credential, a wrong token or a refused certificate.
+    Unauthenticated,
+    /// Refused unchecked after too many wrong tokens from the address.
+    RateLimited,
+    /// Authenticated, but the role does not allow the call.
+    Denied,
+}
+
+/// The admin service's metrics.
+#[derive(Clone, Debug)]
+pub struct AdminMetrics {
+    auth: FixedCounters<ResultLabel, 4>,
+}
+
+impl Default for AdminMetrics {
+    fn default() -> Self {
+        AdminMetrics {
+            auth: FixedCounters::new(
+                ["ok", "unauthenticated", "rate_limited", "denied"].map(|result| ResultLabel { result }),
+            ),
+        }
+    }
+}
+
+impl AdminMetrics {
+    pub fn auth(&self, result: AdminAuthResult) {
+        let i = match result {
+            AdminAuthResult::Ok => 0,
+            AdminAuthResult::Unauthenticated => 1,
+            AdminAuthResult::RateLimited => 2,
+            AdminAuthResult::Denied => 3,
+        };
+        self.auth.counters[i].inc();
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_admin_auth",
+            "Operator calls to the admin service, by how their credential and role were judged",
+            self.auth.family.clone(),
+        );
+    }
+}
+
 /// The SMTP listener's metrics.
 #[derive(Clone, Debug, Default)]
 pub struct SmtpMetrics {
@@ -677,6 +727,7 @@ pub struct Metrics {
     pub delivery: DeliveryMetrics,
     pub storage: StorageMetrics,
     pub webhook: WebhookMetrics,
+    pub admin: AdminMetrics,
     pub disk: DiskGauges,
     /// `tern_tls_reload_errors_total`: certificate files that changed but
     /// did not load (the previous certificate stays).
@@ -705,6 +756,7 @@ impl Metrics {
         let delivery = DeliveryMetrics::default();
         let storage = StorageMetrics::default();
         let webhook = WebhookMetrics::default();
+        let admin = AdminMetrics::default();
         let raft = RaftGauges::default();
         let scrape = ScrapeGauges::default();
         let disk = DiskGauges::default();
@@ -714,6 +766,7 @@ impl Metrics {
         delivery.register(&mut registry);
         storage.register(&mut registry);
         webhook.register(&mut registry);
+        admin.register(&mut registry);
         let r = &mut registry;
         r.register("tern_raft_term", "Current Raft term, per group", raft.term.clone());
         r.register(
@@ -780,6 +833,7 @@ impl Metrics {
             delivery,
             storage,
             webhook,
+            admin,
             raft,
             scrape,
         }

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use tern_proto::admin::admin_service_server::AdminService;
 use tern_proto::admin::*;
 
+pub mod audit;
+pub mod authz;
 pub mod cluster;
+use crate::pki::Role;
 use tonic::{Request, Response, Status};
 
 use crate::queue::message::MessageRecord;
@@ -32,6 +35,8 @@ pub struct Admin {
     pub stats: Arc<crate::queue::stats::Stats>,
     /// Free space of the data directory: no writes or campaigns while full.
     pub space: Arc<crate::storage::space::DiskSpace>,
+    /// Who may call what (operator roles); see authz.rs.
+    pub authz: Arc<authz::Authz>,
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -157,6 +162,7 @@ impl Admin {
     /// recipient bounced.
     async fn bounce_on_leader(
         &self,
+        caller: &authz::Caller,
         group: &GroupHandle,
         ids: Vec<String>,
         forwarded: bool,
@@ -181,12 +187,12 @@ impl Admin {
             );
             let mut client = self.cluster.client(&addr)?;
             let reply = client
-                .queue_op(QueueOpRequest {
+                .queue_op(caller.relay(QueueOpRequest {
                     op: "bounce".into(),
                     ids,
                     on_leader: true,
                     ..Default::default()
-                })
+                }))
                 .await?;
             return Ok(reply.into_inner().affected);
         }
@@ -416,6 +422,9 @@ impl Admin {
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        self.authz
+            .check_gathering(&request, request.get_ref().local_only)
+            .await?;
         let (members, control_leader) = self.members()?;
         // Cluster-wide unless asked for this node's view only (between nodes).
         let (shards, unreachable) = if request.into_inner().local_only {
@@ -441,6 +450,9 @@ impl AdminService for Admin {
         &self,
         request: Request<QueueSummaryRequest>,
     ) -> Result<Response<QueueSummaryReply>, Status> {
+        self.authz
+            .check_gathering(&request, request.get_ref().local_only)
+            .await?;
         let req = request.into_inner();
         if req.local_only {
             let only: BTreeSet<u64> = req.shards.into_iter().collect();
@@ -509,6 +521,7 @@ impl AdminService for Admin {
     }
 
     async fn queue_list(&self, request: Request<QueueListRequest>) -> Result<Response<QueueListReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
         let req = request.into_inner();
         let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
         let limit = if req.limit == 0 {
@@ -539,48 +552,77 @@ impl AdminService for Admin {
     }
 
     async fn queue_show(&self, request: Request<QueueShowRequest>) -> Result<Response<QueueShowReply>, Status> {
+        // Reading mail content needs an operator, and is audited.
+        let audit = if request.get_ref().with_body {
+            let selection = format!("id={}", request.get_ref().id);
+            Some(
+                self.authz
+                    .check_change(&request, Role::Operator, "queue show --body", selection)
+                    .await?,
+            )
+        } else {
+            self.authz.check(&request, Role::Viewer).await?;
+            None
+        };
         let QueueShowRequest { id, with_body } = request.into_inner();
-        for g in self.groups.shards() {
-            if let Some(record) = g.sm.message(&id).map_err(internal)? {
-                let body = match (&record.body, with_body) {
-                    (Some(loc), true) => g.sm.wal().read(loc).map_err(internal)?,
-                    _ => Vec::new(),
-                };
-                return Ok(Response::new(QueueShowReply {
-                    message: Some(message_info(g.id, &record)),
-                    body,
-                }));
+        let result = async {
+            for g in self.groups.shards() {
+                if let Some(record) = g.sm.message(&id).map_err(internal)? {
+                    let body = match (&record.body, with_body) {
+                        (Some(loc), true) => g.sm.wal().read(loc).map_err(internal)?,
+                        _ => Vec::new(),
+                    };
+                    return Ok(Response::new(QueueShowReply {
+                        message: Some(message_info(g.id, &record)),
+                        body,
+                    }));
+                }
             }
+            Err(Status::not_found(format!("no queued message with id {id}")))
         }
-        Err(Status::not_found(format!("no queued message with id {id}")))
+        .await;
+        match audit {
+            Some(audit) => audit.finish(result, |_| 1),
+            None => result,
+        }
     }
 
     async fn member_add(&self, request: Request<MemberAddRequest>) -> Result<Response<MemberAddReply>, Status> {
+        let selection = format!("id={} addr={}", request.get_ref().id, request.get_ref().addr);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "member add", selection)
+            .await?;
         let req = request.into_inner();
-        if req.id == 0 || req.addr.is_empty() {
-            return Err(Status::invalid_argument("need --id (at least 1) and --addr HOST:PORT"));
+        let result = async {
+            if req.id == 0 || req.addr.is_empty() {
+                return Err(Status::invalid_argument("need --id (at least 1) and --addr HOST:PORT"));
+            }
+            if let Some(mut leader) = self.control_leader_client()? {
+                return leader.member_add(audit.caller.relay(req)).await;
+            }
+            if self.cluster.removed().contains(&req.id) {
+                return Err(Status::failed_precondition(cluster::removed_id_error(req.id)));
+            }
+            if self.cluster.nodes().get(&req.id).is_some_and(|a| a != &req.addr) {
+                return Err(Status::already_exists(format!(
+                    "node {} is already a member with another address; ids are never reused",
+                    req.id
+                )));
+            }
+            let role = self
+                .cluster
+                .add_member(req.id, &req.addr)
+                .await
+                .map_err(Status::unavailable)?;
+            Ok(Response::new(MemberAddReply { role: role.into() }))
         }
-        if let Some(mut leader) = self.control_leader_client()? {
-            return leader.member_add(req).await;
-        }
-        if self.cluster.removed().contains(&req.id) {
-            return Err(Status::failed_precondition(cluster::removed_id_error(req.id)));
-        }
-        if self.cluster.nodes().get(&req.id).is_some_and(|a| a != &req.addr) {
-            return Err(Status::already_exists(format!(
-                "node {} is already a member with another address; ids are never reused",
-                req.id
-            )));
-        }
-        let role = self
-            .cluster
-            .add_member(req.id, &req.addr)
-            .await
-            .map_err(Status::unavailable)?;
-        Ok(Response::new(MemberAddReply { role: role.into() }))
+        .await;
+        audit.finish(result, |_| 0)
     }
 
-    async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListReply>, Status> {
+    async fn member_list(&self, request: Request<MemberListRequest>) -> Result<Response<MemberListReply>, Status> {
+        let caller = self.authz.check(&request, Role::Viewer).await?;
         let control = self
             .cluster
             .control()
@@ -589,7 +631,7 @@ impl AdminService for Admin {
             // Reachability and lag are known to the control-group leader.
             if let Some((_, addr)) = self.cluster.leader_addr(&control) {
                 let mut client = self.cluster.client(&addr)?;
-                if let Ok(reply) = client.member_list(MemberListRequest {}).await {
+                if let Ok(reply) = client.member_list(caller.relay(MemberListRequest {})).await {
                     return Ok(reply);
                 }
             }
@@ -645,28 +687,37 @@ impl AdminService for Admin {
     }
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderReply>, Status> {
+        let selection = format!("shard={} node={}", request.get_ref().shard, request.get_ref().node);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "move leader", selection)
+            .await?;
         let req = request.into_inner();
-        let replicas: Vec<NodeId> = if req.shard == CONTROL_GROUP {
-            // The control group's leader moves among its voters.
-            let control = self
-                .cluster
-                .control()
-                .ok_or_else(|| Status::unavailable("no control group here"))?;
-            control.voters().into_iter().collect()
-        } else {
-            self.cluster.placement().get(&req.shard).cloned().unwrap_or_default()
-        };
-        if !replicas.contains(&req.node) {
-            return Err(Status::failed_precondition(format!(
-                "node {} holds no replica of shard {} (replicas: {replicas:?})",
-                req.node, req.shard
-            )));
+        let result = async {
+            let replicas: Vec<NodeId> = if req.shard == CONTROL_GROUP {
+                // The control group's leader moves among its voters.
+                let control = self
+                    .cluster
+                    .control()
+                    .ok_or_else(|| Status::unavailable("no control group here"))?;
+                control.voters().into_iter().collect()
+            } else {
+                self.cluster.placement().get(&req.shard).cloned().unwrap_or_default()
+            };
+            if !replicas.contains(&req.node) {
+                return Err(Status::failed_precondition(format!(
+                    "node {} holds no replica of shard {} (replicas: {replicas:?})",
+                    req.node, req.shard
+                )));
+            }
+            self.cluster
+                .move_leader(req.shard, req.node)
+                .await
+                .map_err(Status::unavailable)?;
+            Ok(Response::new(MoveLeaderReply {}))
         }
-        self.cluster
-            .move_leader(req.shard, req.node)
-            .await
-            .map_err(Status::unavailable)?;
-        Ok(Response::new(MoveLeaderReply {}))
+        .await;
+        audit.finish(result, |_| 0)
     }
 
     async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
@@ -740,155 +791,222 @@ impl AdminService for Admin {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveReply>, Status> {
+        let selection = format!("id={} force={}", request.get_ref().id, request.get_ref().force);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "member remove", selection)
+            .await?;
         let req = request.into_inner();
-        if let Some(mut leader) = self.control_leader_client()? {
-            return leader.member_remove(req).await;
+        let result = async {
+            if let Some(mut leader) = self.control_leader_client()? {
+                return leader.member_remove(audit.caller.relay(req)).await;
+            }
+            if req.id == self.node_id {
+                // Removing the control leader: hand the control group to another
+                // voter, then let the new leader do the removal.
+                self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
+                let mut leader = self
+                    .control_leader_client()?
+                    .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
+                return leader.member_remove(audit.caller.relay(req)).await;
+            }
+            // Asked now: a control leader elected moments ago has no pings yet.
+            let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
+            self.cluster
+                .remove_member(req.id, req.force, &reachable)
+                .await
+                .map_err(Status::failed_precondition)?;
+            Ok(Response::new(MemberRemoveReply {}))
         }
-        if req.id == self.node_id {
-            // Removing the control leader: hand the control group to another
-            // voter, then let the new leader do the removal.
-            self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
-            let mut leader = self
-                .control_leader_client()?
-                .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
-            return leader.member_remove(req).await;
-        }
-        // Asked now: a control leader elected moments ago has no pings yet.
-        let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
-        self.cluster
-            .remove_member(req.id, req.force, &reachable)
-            .await
-            .map_err(Status::failed_precondition)?;
-        Ok(Response::new(MemberRemoveReply {}))
+        .await;
+        audit.finish(result, |_| 0)
     }
 
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
-        let req = request.into_inner();
-        if !self.cluster.nodes().contains_key(&req.id) {
-            return Err(Status::not_found(format!("node {} is not a member", req.id)));
-        }
-        let control = self
-            .cluster
-            .control()
-            .ok_or_else(|| Status::unavailable("no control group here"))?;
-        let write = crate::raft::Request::SetDrain {
-            id: req.id,
-            drained: req.drained,
-        };
-        if control.leader() == Some(self.node_id) {
-            control
-                .raft
-                .client_write(write)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+        let action = if request.get_ref().drained {
+            "node drain"
         } else {
-            self.cluster
-                .forward(&control, &write)
-                .await
-                .map_err(Status::unavailable)?;
+            "node undrain"
+        };
+        let selection = format!("node={}", request.get_ref().id);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Operator, action, selection)
+            .await?;
+        let req = request.into_inner();
+        let result = async {
+            if !self.cluster.nodes().contains_key(&req.id) {
+                return Err(Status::not_found(format!("node {} is not a member", req.id)));
+            }
+            let control = self
+                .cluster
+                .control()
+                .ok_or_else(|| Status::unavailable("no control group here"))?;
+            let write = crate::raft::Request::SetDrain {
+                id: req.id,
+                drained: req.drained,
+            };
+            if control.leader() == Some(self.node_id) {
+                control
+                    .raft
+                    .client_write(write)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+            } else {
+                self.cluster
+                    .forward(&control, &write)
+                    .await
+                    .map_err(Status::unavailable)?;
+            }
+            Ok(Response::new(DrainReply {}))
         }
-        Ok(Response::new(DrainReply {}))
+        .await;
+        audit.finish(result, |_| 0)
     }
 
     async fn queue_op(&self, request: Request<QueueOpRequest>) -> Result<Response<QueueOpReply>, Status> {
-        use crate::raft::QueueAction;
-        let req = request.into_inner();
-        let action = match req.op.as_str() {
-            "hold" => Some(QueueAction::Hold),
-            "release" => Some(QueueAction::Release),
-            "delete" => Some(QueueAction::Delete),
-            "retry" => Some(QueueAction::Retry),
-            "bounce" => None,
-            other => return Err(Status::invalid_argument(format!("unknown queue operation {other:?}"))),
+        let r = request.get_ref();
+        let action = match r.op.as_str() {
+            "hold" => "queue hold",
+            "release" => "queue release",
+            "delete" => "queue delete",
+            "retry" => "queue retry",
+            "bounce" => "queue bounce",
+            _ => "queue (unknown operation)",
         };
-        if req.ids.is_empty() && req.domain.is_empty() && req.sender.is_empty() && req.older_than_secs == 0 {
-            return Err(Status::invalid_argument(
-                "give message ids, or at least one of --domain, --sender, --older-than",
-            ));
+        let mut selection = audit::queue_selection(&r.ids, &r.domain, &r.sender, r.older_than_secs);
+        if r.dry_run {
+            selection.push_str(" dry_run");
         }
-        let now = chrono::Utc::now().timestamp();
-        let ids: std::collections::HashSet<&str> = req.ids.iter().map(String::as_str).collect();
-        let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
-        let sender = req.sender.trim().to_ascii_lowercase();
-        let matches = |r: &MessageRecord| {
-            (ids.is_empty() || ids.contains(r.id.as_str()))
-                && (domain.is_empty()
-                    || r.pending_recipients()
-                        .any(|rc| crate::envelope::Envelope::domain_of(&rc.address) == domain))
-                && (sender.is_empty()
-                    || match sender.strip_prefix('@') {
-                        Some(d) => crate::envelope::Envelope::domain_of(&r.envelope.reverse_path) == d,
-                        None => r.envelope.reverse_path.eq_ignore_ascii_case(&sender),
-                    })
-                && (req.older_than_secs == 0 || now - r.received_at >= req.older_than_secs as i64)
-        };
-        let mut selected: Vec<(GroupHandle, Vec<MessageRecord>)> = Vec::new();
-        let mut matched = 0u64;
-        for g in self.groups.shards() {
-            let mut found = Vec::new();
-            for record in records(&g) {
-                let record = record?;
-                if matches(&record) {
-                    found.push(record);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Operator, action, selection)
+            .await?;
+        let result = async {
+            use crate::raft::QueueAction;
+            let req = request.into_inner();
+            let action = match req.op.as_str() {
+                "hold" => Some(QueueAction::Hold),
+                "release" => Some(QueueAction::Release),
+                "delete" => Some(QueueAction::Delete),
+                "retry" => Some(QueueAction::Retry),
+                "bounce" => None,
+                other => return Err(Status::invalid_argument(format!("unknown queue operation {other:?}"))),
+            };
+            if req.ids.is_empty() && req.domain.is_empty() && req.sender.is_empty() && req.older_than_secs == 0 {
+                return Err(Status::invalid_argument(
+                    "give message ids, or at least one of --domain, --sender, --older-than",
+                ));
+            }
+            let now = chrono::Utc::now().timestamp();
+            let ids: std::collections::HashSet<&str> = req.ids.iter().map(String::as_str).collect();
+            let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+            let sender = req.sender.trim().to_ascii_lowercase();
+            let matches = |r: &MessageRecord| {
+                (ids.is_empty() || ids.contains(r.id.as_str()))
+                    && (domain.is_empty()
+                        || r.pending_recipients()
+                            .any(|rc| crate::envelope::Envelope::domain_of(&rc.address) == domain))
+                    && (sender.is_empty()
+                        || match sender.strip_prefix('@') {
+                            Some(d) => crate::envelope::Envelope::domain_of(&r.envelope.reverse_path) == d,
+                            None => r.envelope.reverse_path.eq_ignore_ascii_case(&sender),
+                        })
+                    && (req.older_than_secs == 0 || now - r.received_at >= req.older_than_secs as i64)
+            };
+            let mut selected: Vec<(GroupHandle, Vec<MessageRecord>)> = Vec::new();
+            let mut matched = 0u64;
+            for g in self.groups.shards() {
+                let mut found = Vec::new();
+                for record in records(&g) {
+                    let record = record?;
+                    if matches(&record) {
+                        found.push(record);
+                    }
+                }
+                matched += found.len() as u64;
+                if !found.is_empty() {
+                    selected.push((g, found));
                 }
             }
-            matched += found.len() as u64;
-            if !found.is_empty() {
-                selected.push((g, found));
+            if req.dry_run {
+                let ids = selected
+                    .iter()
+                    .flat_map(|(_, recs)| recs.iter().map(|r| r.id.clone()))
+                    .take(100_000)
+                    .collect();
+                return Ok(Response::new(QueueOpReply {
+                    matched,
+                    affected: 0,
+                    ids,
+                }));
             }
-        }
-        if req.dry_run {
-            let ids = selected
-                .iter()
-                .flat_map(|(_, recs)| recs.iter().map(|r| r.id.clone()))
-                .take(100_000)
-                .collect();
-            return Ok(Response::new(QueueOpReply {
-                matched,
-                affected: 0,
-                ids,
-            }));
-        }
-        let mut affected = 0u64;
-        for (group, recs) in selected {
-            let Some(action) = action else {
-                let ids: Vec<String> = recs.into_iter().map(|r| r.id).collect();
-                affected += self.bounce_on_leader(&group, ids, req.on_leader, now).await?;
-                continue;
-            };
-            for chunk in recs.chunks(OP_BATCH) {
-                let request = crate::raft::Request::QueueOp {
-                    action,
-                    ids: chunk.iter().map(|r| r.id.clone()).collect(),
+            let mut affected = 0u64;
+            for (group, recs) in selected {
+                let Some(action) = action else {
+                    let ids: Vec<String> = recs.into_iter().map(|r| r.id).collect();
+                    affected += self
+                        .bounce_on_leader(&audit.caller, &group, ids, req.on_leader, now)
+                        .await?;
+                    continue;
                 };
-                self.write(&group, request).await?;
-                affected += chunk.len() as u64;
+                for chunk in recs.chunks(OP_BATCH) {
+                    let request = crate::raft::Request::QueueOp {
+                        action,
+                        ids: chunk.iter().map(|r| r.id.clone()).collect(),
+                    };
+                    self.write(&group, request).await?;
+                    affected += chunk.len() as u64;
+                }
             }
+            tracing::info!(op = %req.op, matched, affected, "queue operation");
+            Ok(Response::new(QueueOpReply {
+                matched,
+                affected,
+                ids: Vec::new(),
+            }))
         }
-        tracing::info!(op = %req.op, matched, affected, "queue operation");
-        Ok(Response::new(QueueOpReply {
-            matched,
-            affected,
-            ids: Vec::new(),
-        }))
+        .await;
+        audit.finish(result, |r| r.get_ref().affected)
     }
 
     async fn domain_suspend(&self, request: Request<DomainSuspendRequest>) -> Result<Response<DomainReply>, Status> {
+        let r = request.get_ref();
+        let selection = format!(
+            "domain={} duration={}s reason={:?}",
+            r.domain, r.duration_secs, r.reason
+        );
+        let audit = self
+            .authz
+            .check_change(&request, Role::Operator, "domain suspend", selection)
+            .await?;
         let req = request.into_inner();
-        let until = if req.duration_secs == 0 {
-            i64::MAX / 2
-        } else {
-            chrono::Utc::now().timestamp() + req.duration_secs.min(10 * 365 * 86400) as i64
-        };
-        self.set_suspension(&req.domain, until, req.reason).await
+        let result = async {
+            let until = if req.duration_secs == 0 {
+                i64::MAX / 2
+            } else {
+                chrono::Utc::now().timestamp() + req.duration_secs.min(10 * 365 * 86400) as i64
+            };
+            self.set_suspension(&req.domain, until, req.reason).await
+        }
+        .await;
+        audit.finish(result, |_| 0)
     }
 
     async fn domain_resume(&self, request: Request<DomainResumeRequest>) -> Result<Response<DomainReply>, Status> {
-        self.set_suspension(&request.into_inner().domain, 0, String::new())
-            .await
+        let selection = format!("domain={}", request.get_ref().domain);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Operator, "domain resume", selection)
+            .await?;
+        let result = self
+            .set_suspension(&request.into_inner().domain, 0, String::new())
+            .await;
+        audit.finish(result, |_| 0)
     }
 
-    async fn domain_list(&self, _: Request<DomainListRequest>) -> Result<Response<DomainReply>, Status> {
+    async fn domain_list(&self, request: Request<DomainListRequest>) -> Result<Response<DomainReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
         let now = chrono::Utc::now().timestamp();
         Ok(Response::new(DomainReply {
             suspended: self.suspensions(now),
@@ -896,6 +1014,9 @@ impl AdminService for Admin {
     }
 
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {
+        self.authz
+            .check_gathering(&request, request.get_ref().local_only)
+            .await?;
         let req = request.into_inner();
         let since = req.since_secs.clamp(60, 24 * 3600) as i64;
         let now = chrono::Utc::now().timestamp();

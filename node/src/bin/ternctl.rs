@@ -2,7 +2,12 @@
 //! Tables for people, `-o json` for scripts.
 //!
 //! Exit codes: 0 success, 1 the request failed (node unreachable, server
-//! error), 2 usage error, 3 not found.
+//! error), 2 usage error, 3 not found, 4 not permitted (no or a wrong
+//! credential, or a role that does not allow the command).
+//!
+//! Operator credentials: a client certificate (`--tls-cert`, `--tls-key`)
+//! or a token (`--token-file FILE`, or the environment variable
+//! `TERN_TOKEN`), sent as `authorization: Bearer <token>`.
 
 use std::process::ExitCode;
 
@@ -38,6 +43,9 @@ struct Args {
     /// Name in the nodes' certificates ([cluster] tls_server_name).
     #[arg(long, global = true, env = "TERN_TLS_SERVER_NAME", default_value = "tern-cluster")]
     tls_server_name: String,
+    /// File whose first line is an operator token ([[admin_token]]); overrides TERN_TOKEN.
+    #[arg(long, global = true)]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,6 +90,22 @@ enum Command {
     /// The cluster's certificates (offline: no node is contacted).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Operator tokens (offline: no node is contacted).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token and an [[admin_token]] entry with its hash.
+    New {
+        /// The token's name (shown in audit events).
+        #[arg(long)]
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -289,6 +313,22 @@ fn main() -> ExitCode {
     if let Command::Cert(cmd) = &args.command {
         return cert_command(cmd, args.output == Output::Json);
     }
+    if let Command::Token(cmd) = &args.command {
+        return token_command(cmd, args.output == Output::Json);
+    }
+    let token = match read_token(args.token_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ternctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if token.is_some() && args.tls_ca.is_none() && !endpoint_is_loopback(&args.endpoint) {
+        eprintln!(
+            "ternctl: warning: sending a token over plaintext gRPC to {}; anyone on the path can read it (use --tls-ca)",
+            args.endpoint
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -296,20 +336,115 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, token)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(status) => {
             eprintln!("ternctl: {}", status.message());
-            if status.code() == tonic::Code::NotFound {
-                ExitCode::from(3)
-            } else {
-                ExitCode::from(1)
+            match status.code() {
+                tonic::Code::NotFound => ExitCode::from(3),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => ExitCode::from(4),
+                _ => ExitCode::from(1),
             }
         }
     }
 }
 
-async fn run(args: Args) -> Result<(), tonic::Status> {
+/// Adds `authorization: Bearer <token>` to every call when a token is given.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(b) = &self.0 {
+            request.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+/// The operator token: the first line of `--token-file` (trimmed), else
+/// `TERN_TOKEN`. A token file others may read draws a warning.
+fn read_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let token = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+            if let Ok(meta) = std::fs::metadata(path) {
+                if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+                    eprintln!(
+                        "ternctl: warning: {} is readable by other users; chmod 600 it",
+                        path.display()
+                    );
+                }
+            }
+            let line = text.lines().next().unwrap_or_default().trim().to_owned();
+            if line.is_empty() {
+                return Err(format!("--token-file {}: the first line is empty", path.display()));
+            }
+            Some(line)
+        }
+        None => std::env::var("TERN_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
+    };
+    if let Some(t) = &token {
+        if t.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+            return Err("the token must be printable ASCII without spaces".into());
+        }
+    }
+    Ok(token)
+}
+
+/// True if `endpoint` (HOST:PORT, maybe with a scheme) names a loopback address.
+fn endpoint_is_loopback(endpoint: &str) -> bool {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn token_command(cmd: &TokenCommand, json: bool) -> ExitCode {
+    let TokenCommand::New { name, role } = cmd;
+    if let Err(e) = tern_node::pki::check_client_name(name) {
+        eprintln!("ternctl: {e}");
+        return ExitCode::from(2);
+    }
+    let role: tern_node::pki::Role = match role.parse() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ternctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    use base64::Engine as _;
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let hash = match tern_node::submission::hash_password(secret.as_bytes()) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ternctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        print_json(&json!({"name": name, "role": role.as_str(), "token": secret, "hash": hash}));
+    } else {
+        println!("Token (give it to {name}; it is shown only now):\n\n{secret}\n");
+        println!("Add to every node's configuration:\n");
+        println!(
+            "[[admin_token]]\nname = {}\nrole = \"{role}\"\nhash = \"{hash}\"",
+            toml::Value::String(name.clone())
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status> {
     let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
     let endpoint = if args.endpoint.contains("://") {
         args.endpoint.clone()
@@ -338,7 +473,16 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {e}", args.endpoint)))?;
-    let mut client = AdminServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let bearer: Option<tonic::metadata::AsciiMetadataValue> = match token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| tonic::Status::invalid_argument("the token is not valid gRPC metadata"))?,
+        ),
+        None => None,
+    };
+    let mut client =
+        AdminServiceClient::with_interceptor(channel, Bearer(bearer)).max_decoding_message_size(256 * 1024 * 1024);
     let json = args.output == Output::Json;
     match args.command {
         Command::Status => {
@@ -432,7 +576,7 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
         Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
         Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
         // Handled offline in main.
-        Command::Dkim(_) | Command::Cert(_) => {}
+        Command::Dkim(_) | Command::Cert(_) | Command::Token(_) => {}
         Command::Stats { by, since } => {
             let r = client
                 .stats(StatsRequest {
@@ -632,12 +776,7 @@ async fn run(args: Args) -> Result<(), tonic::Status> {
 
 /// Finds the selected messages (a dry run on the server), then applies the
 /// operation in batches, showing progress on stderr.
-async fn queue_op(
-    client: &mut AdminServiceClient<tonic::transport::Channel>,
-    op: &str,
-    sel: Selection,
-    json: bool,
-) -> Result<(), tonic::Status> {
+async fn queue_op(client: &mut Client, op: &str, sel: Selection, json: bool) -> Result<(), tonic::Status> {
     const BATCH: usize = 200;
     let found = client
         .queue_op(QueueOpRequest {

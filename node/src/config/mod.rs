@@ -62,6 +62,16 @@ struct RawConfig {
     dkim: Vec<dkim::RawDkim>,
     #[serde(default)]
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
+    #[serde(default)]
+    admin_token: Vec<RawAdminToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminToken {
+    name: String,
+    role: String,
+    hash: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +209,16 @@ pub struct ClusterTlsFiles {
     pub ca: PathBuf,
     /// The DNS name every node certificate carries (nodes are dialled by address).
     pub server_name: String,
+}
+
+/// One `[[admin_token]]`: a bearer token for `ternctl` (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    /// Who the token stands for in audit events and refusals (unique).
+    pub name: String,
+    pub role: crate::pki::Role,
+    /// An argon2 PHC string of the secret (`ternd hash-password`).
+    pub hash: String,
 }
 
 /// `[auth]`: SMTP AUTH on the submission listeners.
@@ -428,6 +448,7 @@ struct RawCluster {
     peer_addresses: Option<std::collections::BTreeMap<String, String>>,
     dead_node_after_secs: Option<u64>,
     handover_timeout_secs: Option<u64>,
+    insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -545,6 +566,10 @@ pub struct Config {
     /// `[[dkim]]` signing keys (loaded from their files at start).
     pub dkim: Vec<DkimKeyConfig>,
     pub inbound: InboundConfig,
+    /// `[[admin_token]]`: operator bearer tokens.
+    pub admin_tokens: Vec<AdminToken>,
+    /// `[cluster] insecure`: plaintext gRPC on a non-loopback address is meant.
+    pub cluster_insecure: bool,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -923,6 +948,8 @@ impl Config {
             log_keep_bytes: log_keep_mb << 20,
             min_free_bytes: min_free_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
+            admin_tokens: admin_tokens(raw.admin_token)?,
+            cluster_insecure: raw.cluster.insecure.unwrap_or(false),
             listen_smtp,
             listen_submission,
             listen_submissions,
@@ -958,6 +985,50 @@ impl Config {
             smtp_limits,
         })
     }
+}
+
+/// `[[admin_token]]` entries: unique names, a role, an argon2 PHC hash.
+fn admin_tokens(raw: Vec<RawAdminToken>) -> Result<Vec<AdminToken>, ConfigError> {
+    let mut tokens: Vec<AdminToken> = Vec::with_capacity(raw.len());
+    for t in raw {
+        crate::pki::check_client_name(&t.name).map_err(|e| ConfigError::Invalid {
+            key: "admin_token.name",
+            reason: e.to_string(),
+        })?;
+        if tokens.iter().any(|x| x.name == t.name) {
+            return Err(ConfigError::Invalid {
+                key: "admin_token.name",
+                reason: format!("{:?} is given twice", t.name),
+            });
+        }
+        let role: crate::pki::Role = t.role.parse().map_err(|e: crate::pki::PkiError| ConfigError::Invalid {
+            key: "admin_token.role",
+            reason: format!("token {:?}: {e}", t.name),
+        })?;
+        let hash = t.hash.trim().to_owned();
+        let parsed = argon2::password_hash::PasswordHash::new(&hash).map_err(|e| ConfigError::Invalid {
+            key: "admin_token.hash",
+            reason: format!(
+                "token {:?}: not a PHC string ({e}); make one with `ternd hash-password`",
+                t.name
+            ),
+        })?;
+        if !["argon2id", "argon2i", "argon2d"].contains(&parsed.algorithm.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "admin_token.hash",
+                reason: format!(
+                    "token {:?}: {} hashes are not supported; make one with `ternd hash-password`",
+                    t.name, parsed.algorithm
+                ),
+            });
+        }
+        tokens.push(AdminToken {
+            name: t.name,
+            role,
+            hash,
+        });
+    }
+    Ok(tokens)
 }
 
 fn auth_config(raw: RawAuth) -> Result<SmtpAuthConfig, ConfigError> {
@@ -1395,5 +1466,58 @@ mod tests {
         let end = start + doc[start..].find("```").unwrap();
         let c = Config::from_toml(&doc[start..end]).unwrap();
         assert_eq!(c.hostname, "mx1.example.com");
+    }
+
+    #[test]
+    fn admin_tokens_are_checked_and_errors_name_the_key() {
+        let h = "$argon2id$v=19$m=19456,t=2,p=1$4Mqyj09Zgz1dBFQP/ZhD5Q$lI3h6PJ1PNh9RHNz92pcgSWPDHK5BXSD8E7kBOYspIg";
+        let c = Config::from_toml(&format!(
+            "[[admin_token]]\nname = \"ops\"\nrole = \"operator\"\nhash = \"{h}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin_tokens.len(), 1);
+        assert_eq!(c.admin_tokens[0].role, crate::pki::Role::Operator);
+        assert!(Config::embedded_default().unwrap().admin_tokens.is_empty());
+        for (entry, key, why) in [
+            (
+                format!("name = \"a b\"\nrole = \"admin\"\nhash = \"{h}\""),
+                "admin_token.name",
+                "bad client name",
+            ),
+            (
+                format!("name = \"\"\nrole = \"admin\"\nhash = \"{h}\""),
+                "admin_token.name",
+                "bad client name",
+            ),
+            (
+                format!("name = \"{}\"\nrole = \"admin\"\nhash = \"{h}\"", "x".repeat(65)),
+                "admin_token.name",
+                "1-64",
+            ),
+            (
+                format!("name = \"a\"\nrole = \"root\"\nhash = \"{h}\""),
+                "admin_token.role",
+                "unknown role",
+            ),
+            (
+                "name = \"a\"\nrole = \"admin\"\nhash = \"secret\"".to_owned(),
+                "admin_token.hash",
+                "PHC",
+            ),
+            (
+                "name = \"a\"\nrole = \"admin\"\nhash = \"$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\""
+                    .to_owned(),
+                "admin_token.hash",
+                "not supported",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("[[admin_token]]\n{entry}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(why), "{entry}: {err}");
+        }
+        let twice = format!("[[admin_token]]\nname = \"a\"\nrole = \"admin\"\nhash = \"{h}\"\n").repeat(2);
+        let err = Config::from_toml(&twice).unwrap_err().to_string();
+        assert!(err.contains("admin_token.name") && err.contains("twice"), "{err}");
     }
 }

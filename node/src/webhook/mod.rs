@@ -37,7 +37,15 @@ use client::Poster;
 pub const EVENT_TARGET: &str = "tern::event";
 
 /// Event types (the `event` field of docs/events.md), as `events` names them.
-pub const EVENT_TYPES: &[&str] = &["received", "delivered", "deferred", "failed", "expired", "bounced"];
+pub const EVENT_TYPES: &[&str] = &[
+    "received",
+    "delivered",
+    "deferred",
+    "failed",
+    "expired",
+    "bounced",
+    "admin",
+];
 
 /// How long a stopping node tries to post what its webhooks still hold.
 pub const FINAL_FLUSH: Duration = Duration::from_secs(2);

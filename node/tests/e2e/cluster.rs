@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-fn shards(node: &Node) -> Vec<serde_json::Value> {
+pub(crate) fn shards(node: &Node) -> Vec<serde_json::Value> {
     node.ternctl_json(&["shard", "list"]).as_array().unwrap().clone()
 }
 
-fn join(n1: &Node, n: &Node, id: u64) {
+pub(crate) fn join(n1: &Node, n: &Node, id: u64) {
     let out = n1.ternctl(&["member", "add", "--id", &id.to_string(), "--addr", &n.grpc.to_string()]);
     assert!(
         out.status.success(),
@@ -511,6 +511,41 @@ fn cluster_traffic_with_mutual_tls() {
         "-out",
         &p("node.pem"),
     ]);
+    // ternctl's operator certificate: a node certificate is not one.
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=test-admin",
+        "-keyout",
+        &p("admin.key"),
+        "-out",
+        &p("admin.csr"),
+    ]);
+    std::fs::write(
+        p("admin-ext"),
+        "subjectAltName=URI:tern://client/admin/test-admin\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("admin.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("admin-ext"),
+        "-out",
+        &p("admin.pem"),
+    ]);
 
     let sink = SmtpSink::start(&[]);
     let extra = format!(
@@ -522,8 +557,8 @@ fn cluster_traffic_with_mutual_tls() {
     );
     let env = vec![
         ("TERN_TLS_CA".to_owned(), p("ca.pem")),
-        ("TERN_TLS_CERT".to_owned(), p("node.pem")),
-        ("TERN_TLS_KEY".to_owned(), p("node.key")),
+        ("TERN_TLS_CERT".to_owned(), p("admin.pem")),
+        ("TERN_TLS_KEY".to_owned(), p("admin.key")),
     ];
     let mut n1 = Node::start_node(1, true, &extra);
     let mut n2 = Node::start_node(2, false, &extra);

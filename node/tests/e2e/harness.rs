@@ -140,8 +140,14 @@ impl Node {
         let grpc = free_port();
         let config = dir.path().join("tern.toml");
         let data = data_dir.map_or_else(|| dir.path().join("data"), std::path::Path::to_owned);
+        // `listen` may name its own gRPC address (e.g. a wildcard one).
+        let grpc = if listen.contains("grpc =") {
+            String::new()
+        } else {
+            format!("grpc = \"127.0.0.1:{grpc}\"\n")
+        };
         let toml = format!(
-            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n{node_keys}\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
+            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n{node_keys}\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\n{grpc}http = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
             data.display()
         );
         std::fs::write(&config, toml).expect("write config");
@@ -548,4 +554,22 @@ impl Drop for SmtpSink {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `ternd hash-password` with the password on stdin.
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(TERND)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ternd");
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
+    let out = child.wait_with_output().expect("ternd hash-password");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hash = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    hash
 }

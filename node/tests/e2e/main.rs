@@ -15,6 +15,7 @@ mod limits;
 mod local;
 mod metrics;
 mod node;
+mod operators;
 mod ops;
 mod outbound_tls;
 mod smtp;

@@ -4,32 +4,14 @@
 //! `ternd hash-password`; accepted mail is relayed through a `[[route]]` to
 //! Postfix's smtp-sink.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::*;
 
 const ALICE_PASSWORD: &str = "correct horse battery";
 const BOB_PASSWORD: &str = "b0b's pass:word";
-
-/// `ternd hash-password` with the password on stdin.
-fn hash_password(password: &str) -> String {
-    let mut child = Command::new(TERND)
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ternd");
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert!(hash.starts_with("$argon2id$"), "{hash}");
-    hash
-}
 
 /// A node with both submission listeners, a users file, and every
 /// non-local domain routed to a smtp-sink. Loopback is not a relay network,
