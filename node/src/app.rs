@@ -180,6 +180,14 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         clock: Arc::new(crate::queue::schedule::SystemClock),
         batchers: Arc::default(),
     });
+    if config.cluster_tls.is_none() && !config.listen_grpc.ip().is_loopback() {
+        // Only reachable with `[cluster] insecure = true` (config validation).
+        tracing::warn!(
+            listen_grpc = %config.listen_grpc,
+            "cluster gRPC is plaintext on a non-loopback address ([cluster] insecure = true): \
+             anyone who reaches this port can read and change the queue"
+        );
+    }
     let cluster_tls = config
         .cluster_tls
         .as_ref()

@@ -31,6 +31,9 @@ impl ClusterTls {
         ServerTlsConfig::new()
             .identity(self.identity.clone())
             .client_ca_root(self.ca.clone())
+            // Operators may authenticate with a bearer token instead; peer
+            // services require a node certificate themselves.
+            .client_auth_optional(true)
     }
 
     fn client(&self) -> ClientTlsConfig {
