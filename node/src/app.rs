@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use openraft::BasicNode;
 use tern_proto::admin::admin_service_server::AdminServiceServer;
+use tern_proto::peer::peer_service_server::PeerServiceServer;
 use tern_proto::raft::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 
@@ -272,12 +273,20 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::watch::channel(false);
 
     let grpc = {
+        // Peer RPCs (Raft and PeerService) are admitted by one gate.
+        let gate = Arc::new(crate::raft::gate::PeerGate::new(
+            cluster_tls.is_some(),
+            Arc::clone(&groups),
+            metrics.peer_refused.clone(),
+        ));
         let raft_svc = RaftServiceServer::new(RaftServer {
             host: Arc::clone(&host),
+            gate: Arc::clone(&gate),
+            refused: metrics.peer_refused.clone(),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
-        let admin_svc = AdminServiceServer::new(Admin {
+        let admin = Arc::new(Admin {
             node_id: config.node_id,
             hostname: config.hostname.clone(),
             groups: Arc::clone(&groups),
@@ -285,9 +294,16 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             ids: Arc::clone(&ids),
             stats: Arc::clone(&host.settings.stats),
             space: Arc::clone(&space),
+        });
+        let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
+            admin: Arc::clone(&admin),
+            gate,
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
+        let admin_svc = AdminServiceServer::from_arc(admin)
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE);
         // tonic ignores tcp_nodelay with a custom incoming stream: set it here,
         // or Nagle + delayed ACKs add ~40 ms to Raft round trips.
         let incoming =
@@ -315,6 +331,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         tokio::spawn(
             builder
                 .add_service(raft_svc)
+                .add_service(peer_svc)
                 .add_service(admin_svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;

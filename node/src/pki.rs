@@ -307,7 +307,12 @@ impl Ca {
         let uri = format!("{CLIENT_URI_PREFIX}{role}/{name}")
             .try_into()
             .map_err(|e| PkiError::BadName(format!("{e}")))?;
-        self.issue(name, vec![SanType::URI(uri)], vec![ExtendedKeyUsagePurpose::ClientAuth], days)
+        self.issue(
+            name,
+            vec![SanType::URI(uri)],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+            days,
+        )
     }
 
     fn issue(
@@ -425,7 +430,10 @@ mod tests {
             .verify_client_cert(&der(&node.cert_pem).into(), &[], now)
             .expect("node certificate chains to ca.crt");
         let key_mode = std::fs::metadata(dir.path().join("ca.key")).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
+            0o600
+        );
         assert!(matches!(
             write_new(&dir.path().join("ca.key"), "x", true),
             Err(PkiError::Exists(_))

@@ -134,9 +134,13 @@ fn notify_text(n: &crate::envelope::Notify) -> String {
 }
 
 impl Admin {
-    /// Writes through a group's leader: here if this node leads it, else forwarded.
-    async fn write(&self, group: &GroupHandle, request: crate::raft::Request) -> Result<(), Status> {
+    /// Writes through a group's leader: here if this node leads it, else
+    /// passed to the leader as a typed peer operation.
+    async fn write(&self, group: &GroupHandle, op: crate::peer::Operation) -> Result<(), Status> {
         if group.leader() == Some(self.node_id) {
+            let request = op
+                .into_request()
+                .ok_or_else(|| Status::internal("operation without a request"))?;
             group
                 .raft
                 .client_write(request)
@@ -144,7 +148,11 @@ impl Admin {
                 .map(|_| ())
                 .map_err(|e| Status::unavailable(format!("write to group {} failed: {e}", group.id)))
         } else {
-            self.cluster.forward(group, &request).await.map_err(Status::unavailable)
+            self.cluster
+                .operate(group, &op)
+                .await
+                .map(|_| ())
+                .map_err(Status::unavailable)
         }
     }
 
@@ -155,7 +163,7 @@ impl Admin {
     /// flight to commit its outcome), so it gets one outcome, delivered or
     /// bounced, and at most one report. Returns how many messages had a
     /// recipient bounced.
-    async fn bounce_on_leader(
+    pub(crate) async fn bounce_on_leader(
         &self,
         group: &GroupHandle,
         ids: Vec<String>,
@@ -169,26 +177,16 @@ impl Admin {
                     group.id
                 )));
             }
-            let (leader, addr) = self
-                .cluster
-                .leader_addr(group)
-                .ok_or_else(|| Status::unavailable(format!("shard {} has no known leader; try again", group.id)))?;
             tracing::debug!(
                 shard = group.id,
-                leader,
                 n = ids.len(),
                 "queue bounce passed to the shard leader"
             );
-            let mut client = self.cluster.client(&addr)?;
-            let reply = client
-                .queue_op(QueueOpRequest {
-                    op: "bounce".into(),
-                    ids,
-                    on_leader: true,
-                    ..Default::default()
-                })
-                .await?;
-            return Ok(reply.into_inner().affected);
+            return self
+                .cluster
+                .operate(group, &crate::peer::Operation::Bounce { ids })
+                .await
+                .map_err(Status::unavailable);
         }
         // Everything committed before is applied here before we read.
         group
@@ -289,7 +287,7 @@ impl Admin {
             .control()
             .ok_or_else(|| Status::unavailable("no control group here"))?;
         let key = [crate::raft::state_machine::SUSPEND_PREFIX, domain.as_bytes()].concat();
-        self.write(&control, crate::raft::Request::SuspendDomain { domain, until, reason })
+        self.write(&control, crate::peer::Operation::Suspend { domain, until, reason })
             .await?;
         // A write forwarded to the control leader is applied here only when
         // the next append brings the commit index: wait for it (bounded), or
@@ -330,7 +328,7 @@ impl Admin {
 
     /// Queue summary of the shards this node hosts (only those in `only`
     /// when it is not empty).
-    fn local_summary(&self, only: &BTreeSet<u64>) -> Result<QueueSummaryReply, Status> {
+    pub(crate) fn local_summary(&self, only: &BTreeSet<u64>) -> Result<QueueSummaryReply, Status> {
         let now = chrono::Utc::now().timestamp();
         let mut reply = QueueSummaryReply::default();
         #[derive(Default)]
@@ -388,6 +386,22 @@ impl Admin {
             })
             .collect();
         Ok(reply)
+    }
+
+    /// This node's own view: members and the shards it hosts.
+    pub(crate) fn local_status(&self) -> Result<StatusReply, Status> {
+        let (members, control_leader) = self.members()?;
+        let shards = self.cluster.local_shards();
+        Ok(StatusReply {
+            node_id: self.node_id,
+            hostname: self.hostname.clone(),
+            members,
+            queued_messages: shards.iter().map(|s| s.queued_messages).sum(),
+            shards,
+            control_leader,
+            version: env!("CARGO_PKG_VERSION").into(),
+            unreachable: Vec::new(),
+        })
     }
 
     fn members(&self) -> Result<(Vec<Member>, u64), Status> {
@@ -474,12 +488,11 @@ impl AdminService for Admin {
             None => QueueSummaryReply::default(),
         };
         let asks = assigned.into_iter().map(|(node, only)| {
-            let client = nodes.get(&node).map(|addr| self.cluster.client(addr));
+            let client = nodes.get(&node).map(|addr| self.cluster.peer(node, addr));
             async move {
                 let answer = async {
                     let mut client = client?.ok()?;
-                    let ask = client.queue_summary(QueueSummaryRequest {
-                        local_only: true,
+                    let ask = client.local_queue_summary(tern_proto::peer::LocalQueueSummaryRequest {
                         shards: only.iter().copied().collect(),
                     });
                     match tokio::time::timeout(PEER_QUERY_TIMEOUT, ask).await {
@@ -669,73 +682,6 @@ impl AdminService for Admin {
         Ok(Response::new(MoveLeaderReply {}))
     }
 
-    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
-        let req = request.into_inner();
-        let group = self
-            .groups
-            .get(req.group_id)
-            .ok_or_else(|| Status::not_found(format!("group {} not hosted here", req.group_id)))?;
-        let write: crate::raft::Request =
-            bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(format!("bad request: {e}")))?;
-        if self.space.is_full() {
-            // Leadership is being handed over; the sender's client retries.
-            return Err(Status::unavailable(format!(
-                "node {} cannot take writes: {}",
-                self.node_id,
-                self.space.reason()
-            )));
-        }
-        if !req.hop && group.leader().is_some_and(|l| l != self.node_id) {
-            // From a node without a replica: one more hop, to the leader.
-            self.cluster
-                .forward(&group, &write)
-                .await
-                .map_err(Status::unavailable)?;
-            return Ok(Response::new(ForwardReply {}));
-        }
-        // Bounded: a leader cut off from its majority never commits, and the
-        // SMTP client must hear 451 rather than wait for ever.
-        match tokio::time::timeout(crate::queue::WRITE_TIMEOUT, group.raft.client_write(write)).await {
-            Ok(Ok(_)) => Ok(Response::new(ForwardReply {})),
-            Ok(Err(e)) => Err(Status::unavailable(format!(
-                "write to group {} failed: {e}",
-                req.group_id
-            ))),
-            Err(_) => Err(Status::unavailable(format!(
-                "write to group {} timed out",
-                req.group_id
-            ))),
-        }
-    }
-
-    async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
-        let ElectRequest {
-            group_id: group,
-            step_aside,
-        } = request.into_inner();
-        let g = self
-            .groups
-            .get(group)
-            .ok_or_else(|| Status::not_found(format!("group {group} not hosted here")))?;
-        if step_aside {
-            cluster::step_aside_for(&g).await;
-            return Ok(Response::new(ElectReply {}));
-        }
-        if self.space.is_full() {
-            return Err(Status::failed_precondition(format!(
-                "node {} does not campaign: {}",
-                self.node_id,
-                self.space.reason()
-            )));
-        }
-        g.raft
-            .trigger()
-            .elect()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(ElectReply {}))
-    }
-
     async fn member_remove(
         &self,
         request: Request<MemberRemoveRequest>,
@@ -771,22 +717,14 @@ impl AdminService for Admin {
             .cluster
             .control()
             .ok_or_else(|| Status::unavailable("no control group here"))?;
-        let write = crate::raft::Request::SetDrain {
-            id: req.id,
-            drained: req.drained,
-        };
-        if control.leader() == Some(self.node_id) {
-            control
-                .raft
-                .client_write(write)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-        } else {
-            self.cluster
-                .forward(&control, &write)
-                .await
-                .map_err(Status::unavailable)?;
-        }
+        self.write(
+            &control,
+            crate::peer::Operation::Drain {
+                node: req.id,
+                drained: req.drained,
+            },
+        )
+        .await?;
         Ok(Response::new(DrainReply {}))
     }
 
@@ -857,11 +795,11 @@ impl AdminService for Admin {
                 continue;
             };
             for chunk in recs.chunks(OP_BATCH) {
-                let request = crate::raft::Request::QueueOp {
+                let op = crate::peer::Operation::Queue {
                     action,
                     ids: chunk.iter().map(|r| r.id.clone()).collect(),
                 };
-                self.write(&group, request).await?;
+                self.write(&group, op).await?;
                 affected += chunk.len() as u64;
             }
         }
@@ -915,11 +853,10 @@ impl AdminService for Admin {
             if id == self.node_id {
                 continue;
             }
-            let answer = match self.cluster.client(&addr) {
+            let answer = match self.cluster.peer(id, &addr) {
                 Ok(mut c) => c
-                    .stats(StatsRequest {
+                    .local_stats(tern_proto::peer::LocalStatsRequest {
                         since_secs: req.since_secs,
-                        local_only: true,
                     })
                     .await
                     .ok(),
@@ -931,9 +868,5 @@ impl AdminService for Admin {
             }
         }
         Ok(Response::new(reply))
-    }
-
-    async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
-        Ok(Response::new(PingReply { node_id: self.node_id }))
     }
 }

@@ -1005,8 +1005,13 @@ mod tests {
 
     #[test]
     fn plaintext_grpc_off_loopback_needs_insecure() {
-        let err = Config::from_toml("[listen]\ngrpc = \"0.0.0.0:7070\"\n").unwrap_err().to_string();
-        assert!(err.contains("cluster.insecure") && err.contains("0.0.0.0:7070"), "{err}");
+        let err = Config::from_toml("[listen]\ngrpc = \"0.0.0.0:7070\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cluster.insecure") && err.contains("0.0.0.0:7070"),
+            "{err}"
+        );
         let c = Config::from_toml("[listen]\ngrpc = \"0.0.0.0:7070\"\n[cluster]\ninsecure = true\n").unwrap();
         assert!(c.cluster_insecure);
         assert!(!Config::from_toml("").unwrap().cluster_insecure);

@@ -208,6 +208,13 @@ pub struct ChunkIn {
     done: bool,
 }
 
+impl ChunkIn {
+    /// The node sending it, as it claims (its leader vote).
+    pub fn leader(&self) -> NodeId {
+        self.vote.leader_id().node_id
+    }
+}
+
 impl From<ChunkIn> for InstallSnapshotRequest<TypeConfig> {
     fn from(c: ChunkIn) -> Self {
         InstallSnapshotRequest {
