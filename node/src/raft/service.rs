@@ -75,11 +75,12 @@ impl RaftServer {
             "group {group} is not placed on node {me} (placement here: {replicas:?}, control applied up to {})",
             m.last_applied.map(|l| l.index).unwrap_or(0)
         );
-        Err(refuse(if behind {
-            Status::unavailable(message)
-        } else {
-            Status::failed_precondition(message)
-        }))
+        if behind {
+            // Most likely the race, not a stranger: not counted as a refusal.
+            tracing::debug!(group, error = %message, "group creation waits for placement");
+            return Err(Status::unavailable(message));
+        }
+        Err(refuse(Status::failed_precondition(message)))
     }
 }
 

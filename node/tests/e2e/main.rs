@@ -14,6 +14,7 @@ mod local;
 mod metrics;
 mod node;
 mod ops;
+mod peers;
 mod smtp;
 mod spf_suite;
 mod submission;
