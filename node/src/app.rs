@@ -304,14 +304,6 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         let admin_svc = AdminServiceServer::from_arc(admin)
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
-        // tonic ignores tcp_nodelay with a custom incoming stream: set it here,
-        // or Nagle + delayed ACKs add ~40 ms to Raft round trips.
-        let incoming =
-            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |conn| {
-                conn.inspect(|s| {
-                    let _ = s.set_nodelay(true);
-                })
-            });
         // Its own stop: peers' votes and replies must still reach this node
         // while it hands its shards over at shutdown.
         let mut stop = grpc_stop_rx;
@@ -319,25 +311,39 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         // 100 KiB message costs a write, a read and a wake-up per frame on
         // each follower. Peers send frames of up to 1 MiB instead, and the
         // connection's window lets several groups' requests be in flight.
-        let mut builder = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME)
             .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
-            .initial_stream_window_size(GRPC_MAX_FRAME);
-        if let Some(tls) = &cluster_tls {
-            builder = builder
-                .tls_config(tls.server())
-                .context("cluster TLS for the gRPC server")?;
+            .initial_stream_window_size(GRPC_MAX_FRAME)
+            .add_service(raft_svc)
+            .add_service(peer_svc)
+            .add_service(admin_svc);
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &cluster_tls {
+            // Our own acceptor: each connection gets the newest certificate.
+            Some(tls) => {
+                let incoming = crate::raft::tls::incoming(grpc_listener, tls.clone());
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+            }
+            None => {
+                // tonic ignores tcp_nodelay with a custom incoming stream: set it here,
+                // or Nagle + delayed ACKs add ~40 ms to Raft round trips.
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    |conn| {
+                        conn.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                        })
+                    },
+                );
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+            }
         }
-        tokio::spawn(
-            builder
-                .add_service(raft_svc)
-                .add_service(peer_svc)
-                .add_service(admin_svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        )
     };
+    // Reloads the cluster certificate when its files change, or on SIGHUP.
+    let _tls_watch = cluster_tls.as_ref().map(|tls| tls.watch(stop_rx.clone()));
     let http = {
         let mut stop = stop_rx.clone();
         let router = crate::http::router(

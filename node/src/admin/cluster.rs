@@ -211,7 +211,7 @@ pub struct Cluster {
     pub replicas: usize,
     pub groups: Arc<Groups>,
     /// One lazily connected channel per peer address (admin and peer clients share it).
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<(String, Option<NodeId>), Channel>>,
     /// Shards whose membership change is under way here.
     reconciling: Mutex<HashSet<GroupId>>,
     /// Shards whose leadership this node, leaving them, tried to hand over.
@@ -482,31 +482,33 @@ impl Cluster {
     }
 
     /// The channel to a peer address (one lazily connected channel each).
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::Status> {
+    /// With cluster TLS the server must prove to be node `node` (any node when None).
+    fn channel(&self, addr: &str, node: Option<NodeId>) -> Result<Channel, tonic::Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
+        let key = (addr.to_owned(), node);
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let channel = crate::raft::tls::endpoint(addr, self.tls.as_ref())
+        let endpoint = crate::raft::tls::endpoint(addr)
             .map_err(tonic::Status::invalid_argument)?
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(90))
-            .connect_lazy();
-        channels.insert(addr.to_owned(), channel.clone());
+            .timeout(Duration::from_secs(90));
+        let channel = crate::raft::tls::lazy_channel(endpoint, self.tls.as_ref(), node);
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 
     /// An admin client for another node (an operator's call passed on to
     /// the control leader).
     pub fn client(&self, addr: &str) -> Result<AdminServiceClient<Channel>, tonic::Status> {
-        Ok(AdminServiceClient::new(self.channel(addr)?)
+        Ok(AdminServiceClient::new(self.channel(addr, None)?)
             .max_decoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE)
             .max_encoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE))
     }
 
     /// A peer-service client for node `node` at `addr`.
-    pub fn peer(&self, _node: NodeId, addr: &str) -> Result<PeerServiceClient<Channel>, tonic::Status> {
-        Ok(PeerServiceClient::new(self.channel(addr)?)
+    pub fn peer(&self, node: NodeId, addr: &str) -> Result<PeerServiceClient<Channel>, tonic::Status> {
+        Ok(PeerServiceClient::new(self.channel(addr, Some(node))?)
             .max_decoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE)
             .max_encoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE))
     }
