@@ -390,6 +390,7 @@ pub fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> Result<(PathBuf, P
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
