@@ -82,14 +82,7 @@ impl PeerGate {
             }
         };
         if let Some(claimed) = claimed {
-            if claimed != id {
-                return Err(self.refuse(
-                    "forged_id",
-                    Status::permission_denied(format!(
-                        "{rpc}: the certificate names node {id} but the request claims node {claimed}"
-                    )),
-                ));
-            }
+            self.check_claim(rpc, Some(id), claimed)?;
         }
         match self.membership(id) {
             Membership::Member | Membership::NotJoined => Ok(Some(id)),
@@ -104,6 +97,20 @@ impl PeerGate {
                      retry if it is being added"
                 )),
             )),
+        }
+    }
+
+    /// The node id a request claims (read from its payload, after
+    /// [`PeerGate::admit`] let the caller in) must be the certificate's.
+    pub fn check_claim(&self, rpc: &str, certified: Option<NodeId>, claimed: NodeId) -> Result<(), Status> {
+        match certified {
+            Some(id) if id != claimed => Err(self.refuse(
+                "forged_id",
+                Status::permission_denied(format!(
+                    "{rpc}: the certificate names node {id} but the request claims node {claimed}"
+                )),
+            )),
+            _ => Ok(()),
         }
     }
 

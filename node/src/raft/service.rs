@@ -1,9 +1,9 @@
 //! Raft transport server: receives every group's RPCs on the node's gRPC
 //! port and hands each to the named group's local `Raft`.
 //!
-//! Every RPC is admitted by the [`PeerGate`] first, with the node id it
-//! claims (the leader of an AppendEntries or InstallSnapshot, the
-//! candidate of a Vote). A group this node does not host yet is created
+//! Every RPC is admitted by the [`PeerGate`] first (before its payload is
+//! decoded), then checked against the node id it claims (the leader of an
+//! AppendEntries or InstallSnapshot, the candidate of a Vote). A group this node does not host yet is created
 //! only when the control group's placement puts this node in it.
 
 use std::sync::Arc;
@@ -96,23 +96,27 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Response<RaftReply>, Status>
 #[tonic::async_trait]
 impl RaftService for RaftServer {
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        // The certificate first: nothing is decoded for a stranger.
+        let node = self.gate.admit(&request, "AppendEntries", None)?;
         let rpc: openraft::raft::AppendEntriesRequest<super::TypeConfig> = decode(request.get_ref())?;
         self.gate
-            .admit(&request, "AppendEntries", Some(rpc.vote.leader_id().node_id))?;
+            .check_claim("AppendEntries", node, rpc.vote.leader_id().node_id)?;
         let raft = self.raft(request.get_ref().group_id).await?;
         encode(&raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let node = self.gate.admit(&request, "Vote", None)?;
         let rpc: openraft::raft::VoteRequest<NodeId> = decode(request.get_ref())?;
-        self.gate.admit(&request, "Vote", Some(rpc.vote.leader_id().node_id))?;
+        self.gate.check_claim("Vote", node, rpc.vote.leader_id().node_id)?;
         let raft = self.raft(request.get_ref().group_id).await?;
         encode(&raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let node = self.gate.admit(&request, "InstallSnapshot", None)?;
         let chunk: super::network::ChunkIn = decode(request.get_ref())?;
-        self.gate.admit(&request, "InstallSnapshot", Some(chunk.leader()))?;
+        self.gate.check_claim("InstallSnapshot", node, chunk.leader())?;
         let raft = self.raft(request.get_ref().group_id).await?;
         encode(&raft.install_snapshot(chunk.into()).await)
     }
