@@ -71,6 +71,8 @@ fn op_name(op: &Operation) -> &'static str {
         Operation::Bounce { .. } => "queue bounce",
         Operation::Drain { .. } => "drain",
         Operation::Suspend { .. } => "domain suspension",
+        Operation::MemberAdd { .. } => "member add",
+        Operation::MemberRemove { .. } => "member remove",
     }
 }
 
@@ -596,17 +598,30 @@ impl Cluster {
     /// Makes an operator's write through `group`'s leader on another node;
     /// how many messages it affected.
     pub async fn operate(&self, group: &GroupHandle, op: &Operation) -> Result<u64, String> {
-        let (leader, addr) = self.leader_addr(group).ok_or("no known leader")?;
-        let payload = crate::peer::encode(op)?;
-        let mut client = self.peer(leader, &addr).map_err(|e| e.message().to_owned())?;
+        self.operate_status(group, op)
+            .await
+            .map(|r| r.affected)
+            .map_err(|e| format!("{}: {}", op_name(op), e.message()))
+    }
+
+    /// As [`Cluster::operate`], with the leader's reply or status as it answered.
+    pub async fn operate_status(
+        &self,
+        group: &GroupHandle,
+        op: &Operation,
+    ) -> Result<tern_proto::peer::OperationReply, tonic::Status> {
+        let (leader, addr) = self
+            .leader_addr(group)
+            .ok_or_else(|| tonic::Status::unavailable(format!("group {} has no known leader; try again", group.id)))?;
+        let payload = crate::peer::encode(op).map_err(tonic::Status::internal)?;
+        let mut client = self.peer(leader, &addr)?;
         client
             .operation(tern_proto::peer::OperationRequest {
                 group_id: group.id,
                 operation: payload,
             })
             .await
-            .map(|r| r.into_inner().affected)
-            .map_err(|e| format!("{} to node {leader} at {addr}: {}", op_name(op), e.message()))
+            .map(tonic::Response::into_inner)
     }
 
     /// Adds a node: recorded in the control group, added as a learner of

@@ -307,11 +307,10 @@ impl Admin {
         }))
     }
 
-    /// A client for the control-group leader when that is another node
-    /// (membership changes run there); `None` when it is this node.
-    fn control_leader_client(
-        &self,
-    ) -> Result<Option<admin_service_client::AdminServiceClient<tonic::transport::Channel>>, Status> {
+    /// The control group when its leader is another node (membership
+    /// changes run there, passed on as peer operations); `None` when this
+    /// node leads it.
+    fn control_elsewhere(&self) -> Result<Option<GroupHandle>, Status> {
         let control = self
             .cluster
             .control()
@@ -319,11 +318,43 @@ impl Admin {
         if control.leader() == Some(self.node_id) {
             return Ok(None);
         }
-        let (_, addr) = self
-            .cluster
-            .leader_addr(&control)
-            .ok_or_else(|| Status::unavailable("the control group has no leader"))?;
-        self.cluster.client(&addr).map(Some)
+        Ok(Some(control))
+    }
+
+    /// `member add` on the control leader (this node).
+    pub(crate) async fn add_member_here(&self, id: NodeId, addr: &str) -> Result<MemberAddReply, Status> {
+        if self.cluster.removed().contains(&id) {
+            return Err(Status::failed_precondition(cluster::removed_id_error(id)));
+        }
+        if self.cluster.nodes().get(&id).is_some_and(|a| a != addr) {
+            return Err(Status::already_exists(format!(
+                "node {id} is already a member with another address; ids are never reused"
+            )));
+        }
+        let role = self.cluster.add_member(id, addr).await.map_err(Status::unavailable)?;
+        Ok(MemberAddReply { role: role.into() })
+    }
+
+    /// `member remove` on the control leader (this node); when it removes
+    /// itself, the control leadership moves first and the new leader removes it.
+    pub(crate) async fn remove_member_here(&self, id: NodeId, force: bool) -> Result<(), Status> {
+        if id == self.node_id {
+            self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
+            let control = self
+                .control_elsewhere()?
+                .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
+            return self
+                .cluster
+                .operate_status(&control, &crate::peer::Operation::MemberRemove { id, force })
+                .await
+                .map(|_| ());
+        }
+        // Asked now: a control leader elected moments ago has no pings yet.
+        let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
+        self.cluster
+            .remove_member(id, force, &reachable)
+            .await
+            .map_err(Status::failed_precondition)
     }
 
     /// Queue summary of the shards this node hosts (only those in `only`
@@ -573,24 +604,15 @@ impl AdminService for Admin {
         if req.id == 0 || req.addr.is_empty() {
             return Err(Status::invalid_argument("need --id (at least 1) and --addr HOST:PORT"));
         }
-        if let Some(mut leader) = self.control_leader_client()? {
-            return leader.member_add(req).await;
+        if let Some(control) = self.control_elsewhere()? {
+            let op = crate::peer::Operation::MemberAdd {
+                id: req.id,
+                addr: req.addr,
+            };
+            let reply = self.cluster.operate_status(&control, &op).await?;
+            return Ok(Response::new(MemberAddReply { role: reply.detail }));
         }
-        if self.cluster.removed().contains(&req.id) {
-            return Err(Status::failed_precondition(cluster::removed_id_error(req.id)));
-        }
-        if self.cluster.nodes().get(&req.id).is_some_and(|a| a != &req.addr) {
-            return Err(Status::already_exists(format!(
-                "node {} is already a member with another address; ids are never reused",
-                req.id
-            )));
-        }
-        let role = self
-            .cluster
-            .add_member(req.id, &req.addr)
-            .await
-            .map_err(Status::unavailable)?;
-        Ok(Response::new(MemberAddReply { role: role.into() }))
+        self.add_member_here(req.id, &req.addr).await.map(Response::new)
     }
 
     async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListReply>, Status> {
@@ -687,24 +709,15 @@ impl AdminService for Admin {
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveReply>, Status> {
         let req = request.into_inner();
-        if let Some(mut leader) = self.control_leader_client()? {
-            return leader.member_remove(req).await;
+        if let Some(control) = self.control_elsewhere()? {
+            let op = crate::peer::Operation::MemberRemove {
+                id: req.id,
+                force: req.force,
+            };
+            self.cluster.operate_status(&control, &op).await?;
+            return Ok(Response::new(MemberRemoveReply {}));
         }
-        if req.id == self.node_id {
-            // Removing the control leader: hand the control group to another
-            // voter, then let the new leader do the removal.
-            self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
-            let mut leader = self
-                .control_leader_client()?
-                .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
-            return leader.member_remove(req).await;
-        }
-        // Asked now: a control leader elected moments ago has no pings yet.
-        let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
-        self.cluster
-            .remove_member(req.id, req.force, &reachable)
-            .await
-            .map_err(Status::failed_precondition)?;
+        self.remove_member_here(req.id, req.force).await?;
         Ok(Response::new(MemberRemoveReply {}))
     }
 

@@ -33,6 +33,10 @@ pub enum Operation {
     Drain { node: NodeId, drained: bool },
     /// `ternctl domain suspend|resume` (control group; `until` 0 resumes).
     Suspend { domain: String, until: i64, reason: String },
+    /// `ternctl member add`, run by the control leader (control group).
+    MemberAdd { id: NodeId, addr: String },
+    /// `ternctl member remove`, run by the control leader (control group).
+    MemberRemove { id: NodeId, force: bool },
 }
 
 /// Message ids one operation may name (the sender writes in batches of 500).
@@ -52,7 +56,10 @@ impl Operation {
                 }
                 (group != CONTROL_GROUP, "a queue shard")
             }
-            Operation::Drain { .. } | Operation::Suspend { .. } => (group == CONTROL_GROUP, "the control group (0)"),
+            Operation::Drain { .. }
+            | Operation::Suspend { .. }
+            | Operation::MemberAdd { .. }
+            | Operation::MemberRemove { .. } => (group == CONTROL_GROUP, "the control group (0)"),
         };
         if ok {
             Ok(())
@@ -62,13 +69,14 @@ impl Operation {
     }
 
     /// The Raft request it stands for (not for `Bounce`, which the shard
-    /// leader decides message by message).
+    /// leader decides message by message, nor for membership changes,
+    /// which the control leader runs step by step).
     pub fn into_request(self) -> Option<Request> {
         match self {
             Operation::Queue { action, ids } => Some(Request::QueueOp { action, ids }),
             Operation::Drain { node, drained } => Some(Request::SetDrain { id: node, drained }),
             Operation::Suspend { domain, until, reason } => Some(Request::SuspendDomain { domain, until, reason }),
-            Operation::Bounce { .. } => None,
+            Operation::Bounce { .. } | Operation::MemberAdd { .. } | Operation::MemberRemove { .. } => None,
         }
     }
 }

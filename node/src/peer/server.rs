@@ -127,13 +127,35 @@ impl PeerService for PeerServer {
         if let Operation::Bounce { ids } = op {
             let now = chrono::Utc::now().timestamp();
             let affected = self.admin.bounce_on_leader(&group, ids, true, now).await?;
-            return Ok(Response::new(OperationReply { affected }));
+            return Ok(Response::new(OperationReply {
+                affected,
+                detail: String::new(),
+            }));
         }
         if group.leader() != Some(self.admin.node_id) {
             return Err(Status::unavailable(format!(
                 "node {} is not the leader of group {}; try again",
                 self.admin.node_id, group.id
             )));
+        }
+        match op {
+            Operation::MemberAdd { id, addr } => {
+                if id == 0 || addr.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "member add needs an id (at least 1) and an address",
+                    ));
+                }
+                let reply = self.admin.add_member_here(id, &addr).await?;
+                return Ok(Response::new(OperationReply {
+                    affected: 0,
+                    detail: reply.role,
+                }));
+            }
+            Operation::MemberRemove { id, force } => {
+                self.admin.remove_member_here(id, force).await?;
+                return Ok(Response::new(OperationReply::default()));
+            }
+            _ => {}
         }
         self.writable()?;
         let affected = match &op {
@@ -144,7 +166,10 @@ impl PeerService for PeerServer {
             .into_request()
             .ok_or_else(|| Status::internal("operation without a request"))?;
         self.client_write(&group, write).await?;
-        Ok(Response::new(OperationReply { affected }))
+        Ok(Response::new(OperationReply {
+            affected,
+            detail: String::new(),
+        }))
     }
 
     async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {

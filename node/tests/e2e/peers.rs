@@ -262,6 +262,16 @@ fn peer_rpcs_are_refused_unless_from_a_member_speaking_for_itself() {
     wait_for(Duration::from_secs(30), "delivery after the refusals", || {
         sink.messages().iter().any(|m| m.contains("<peers-2@tern.test>"))
     });
+    // An operator's `member add` through a node that does not lead the
+    // control group reaches the leader as a peer operation; node 3 then
+    // takes the replicas placed on it (groups created where placed).
+    let leader = n1.ternctl_json(&["status"])["control_leader"].as_u64().unwrap();
+    let via = if leader == 1 { &n2 } else { &n1 };
+    let added = via.ternctl_json(&["member", "add", "--id", "3", "--addr", &n3.grpc.to_string()]);
+    assert_eq!(added["role"], "voter", "{added}");
+    wait_for(Duration::from_secs(90), "node 3 hosting both shards", || {
+        n3.ternctl_json(&["shard", "list", "--local"]).as_array().map(Vec::len) == Some(2)
+    });
 }
 
 /// `listen.grpc` on a non-loopback address without cluster TLS: ternd
