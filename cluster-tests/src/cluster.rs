@@ -39,6 +39,10 @@ pub struct Options {
     pub power_fs: bool,
     /// Extra `key = value` lines for every node's `[node]` section.
     pub node_toml: String,
+    /// Cluster gRPC without TLS. By default every node gets a certificate
+    /// from `ternctl cert` (one CA per cluster) and ternctl an admin client
+    /// certificate, as a secured production cluster has.
+    pub plaintext: bool,
 }
 
 impl Default for Options {
@@ -54,6 +58,7 @@ impl Default for Options {
             node_routes: BTreeMap::new(),
             power_fs: false,
             node_toml: String::new(),
+            plaintext: false,
         }
     }
 }
@@ -90,6 +95,8 @@ pub struct Cluster {
     members: Vec<u64>,
     partitioned: Vec<u64>,
     targets: Targets,
+    /// The cluster's certificates (None with `plaintext`).
+    pub pki: Option<crate::pki::TestPki>,
 }
 
 impl Cluster {
@@ -105,7 +112,13 @@ impl Cluster {
             grpc.insert(id, format!("127.0.0.1:{}", crate::free_port()?).parse()?);
         }
         let mesh = Mesh::start(&grpc)?;
+        let pki = if options.plaintext {
+            None
+        } else {
+            Some(crate::pki::TestPki::new(&crate::ternctl_path()?).context("the cluster's certificates")?)
+        };
         let mut cluster = Cluster {
+            pki,
             options,
             sink,
             mesh,
@@ -149,6 +162,11 @@ impl Cluster {
             retry_schedule: self.options.retry_schedule.clone(),
             extra: self.options.extra_toml.clone(),
             node_extra: self.options.node_toml.clone(),
+            cluster_tls: match &self.pki {
+                Some(pki) => pki.cluster_toml(id)?,
+                None => String::new(),
+            },
+            ternctl_env: self.pki.as_ref().map(|p| p.ternctl_env()).unwrap_or_default(),
         };
         let node = if self.options.power_fs {
             Node::spawn_on_powerfs(config)?

@@ -15,6 +15,7 @@ pub mod check;
 pub mod cluster;
 pub mod external;
 pub mod load;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod sink;

@@ -33,6 +33,10 @@ pub struct NodeConfig {
     pub extra: String,
     /// Extra `key = value` lines for the `[node]` section (e.g. `log_segment_mb = 1`).
     pub node_extra: String,
+    /// `[cluster]` TLS lines (`tls_cert`, `tls_key`, `tls_ca`), empty for plaintext.
+    pub cluster_tls: String,
+    /// Environment for this node's ternctl calls (`TERN_TLS_*`: the harness's admin client certificate).
+    pub ternctl_env: Vec<(String, String)>,
 }
 
 impl NodeConfig {
@@ -51,7 +55,7 @@ impl NodeConfig {
             "[node]\nid = {id}\nhostname = \"{host}\"\ndata_dir = \"{data}\"\n{node_extra}\n\n\
              [listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"{grpc}\"\nhttp = \"127.0.0.1:0\"\n\n\
              [cluster]\nbootstrap = {bootstrap}\nshards = {shards}\nadvertise_grpc = \"{grpc}\"\n\
-             peer_addresses = {{ {peers} }}\n\n\
+             peer_addresses = {{ {peers} }}\n{cluster_tls}\n\
              [delivery]\nretry_schedule = [{retry}]\n\n\
              [[route]]\ndomain = \"*\"\nto = \"{route}\"\n\n{extra}\n",
             id = self.id,
@@ -65,6 +69,7 @@ impl NodeConfig {
             route = self.route_to,
             extra = self.extra,
             node_extra = self.node_extra,
+            cluster_tls = self.cluster_tls,
         )
     }
 }
@@ -364,7 +369,8 @@ impl Node {
             Command::new(&self.ternctl)
                 .arg("--endpoint")
                 .arg(self.grpc().to_string())
-                .args(args),
+                .args(args)
+                .envs(self.config.ternctl_env.iter().map(|(k, v)| (k, v))),
             deadline,
         )
     }

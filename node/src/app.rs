@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use openraft::BasicNode;
 use tern_proto::admin::admin_service_server::AdminServiceServer;
+use tern_proto::peer::peer_service_server::PeerServiceServer;
 use tern_proto::raft::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 
@@ -179,6 +180,14 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         clock: Arc::new(crate::queue::schedule::SystemClock),
         batchers: Arc::default(),
     });
+    if config.cluster_tls.is_none() && !config.listen_grpc.ip().is_loopback() {
+        // Only reachable with `[cluster] insecure = true` (config validation).
+        tracing::warn!(
+            listen_grpc = %config.listen_grpc,
+            "cluster gRPC is plaintext on a non-loopback address ([cluster] insecure = true): \
+             anyone who reaches this port can read and change the queue"
+        );
+    }
     let cluster_tls = config
         .cluster_tls
         .as_ref()
@@ -263,12 +272,20 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::watch::channel(false);
 
     let grpc = {
+        // Peer RPCs (Raft and PeerService) are admitted by one gate.
+        let gate = Arc::new(crate::raft::gate::PeerGate::new(
+            cluster_tls.is_some(),
+            Arc::clone(&groups),
+            metrics.peer_refused.clone(),
+        ));
         let raft_svc = RaftServiceServer::new(RaftServer {
             host: Arc::clone(&host),
+            gate: Arc::clone(&gate),
+            refused: metrics.peer_refused.clone(),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
-        let admin_svc = AdminServiceServer::new(Admin {
+        let admin = Arc::new(Admin {
             node_id: config.node_id,
             hostname: config.hostname.clone(),
             groups: Arc::clone(&groups),
@@ -282,17 +299,16 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
                 config.listen_grpc,
                 metrics.admin.clone(),
             )),
+        });
+        let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
+            admin: Arc::clone(&admin),
+            gate,
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
-        // tonic ignores tcp_nodelay with a custom incoming stream: set it here,
-        // or Nagle + delayed ACKs add ~40 ms to Raft round trips.
-        let incoming =
-            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |conn| {
-                conn.inspect(|s| {
-                    let _ = s.set_nodelay(true);
-                })
-            });
+        let admin_svc = AdminServiceServer::from_arc(admin)
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE);
         // Its own stop: peers' votes and replies must still reach this node
         // while it hands its shards over at shutdown.
         let mut stop = grpc_stop_rx;
@@ -300,24 +316,39 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         // 100 KiB message costs a write, a read and a wake-up per frame on
         // each follower. Peers send frames of up to 1 MiB instead, and the
         // connection's window lets several groups' requests be in flight.
-        let mut builder = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME)
             .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
-            .initial_stream_window_size(GRPC_MAX_FRAME);
-        if let Some(tls) = &cluster_tls {
-            builder = builder
-                .tls_config(tls.server())
-                .context("cluster TLS for the gRPC server")?;
+            .initial_stream_window_size(GRPC_MAX_FRAME)
+            .add_service(raft_svc)
+            .add_service(peer_svc)
+            .add_service(admin_svc);
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &cluster_tls {
+            // Our own acceptor: each connection gets the newest certificate.
+            Some(tls) => {
+                let incoming = crate::raft::tls::incoming(grpc_listener, tls.clone());
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+            }
+            None => {
+                // tonic ignores tcp_nodelay with a custom incoming stream: set it here,
+                // or Nagle + delayed ACKs add ~40 ms to Raft round trips.
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    |conn| {
+                        conn.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                        })
+                    },
+                );
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+            }
         }
-        tokio::spawn(
-            builder
-                .add_service(raft_svc)
-                .add_service(admin_svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        )
     };
+    // Reloads the cluster certificate when its files change, or on SIGHUP.
+    let _tls_watch = cluster_tls.as_ref().map(|tls| tls.watch(stop_rx.clone()));
     let http = {
         let mut stop = stop_rx.clone();
         let router = crate::http::router(

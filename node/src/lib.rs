@@ -28,6 +28,7 @@ pub mod envelope;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod peer;
 pub mod pki;
 pub mod queue;
 pub mod raft;

@@ -127,6 +127,28 @@ impl ByClass {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerReasonLabel {
+    reason: &'static str,
+}
+
+/// Peer RPCs refused (`tern_peer_refused_total{reason}`): a caller without
+/// a node certificate, with an operator's, of a node that is not a member,
+/// claiming another node's id, or asking for a group not placed here.
+#[derive(Clone, Debug, Default)]
+pub struct PeerRefusals(Family<PeerReasonLabel, Counter>);
+
+impl PeerRefusals {
+    pub fn inc(&self, reason: &'static str) {
+        self.0.get_or_create(&PeerReasonLabel { reason }).inc();
+    }
+
+    /// How many were refused for `reason` (tests).
+    pub fn get(&self, reason: &'static str) -> u64 {
+        self.0.get_or_create(&PeerReasonLabel { reason }).get()
+    }
+}
+
 /// How an SMTP AUTH attempt ended (`tern_smtp_auth_total{result}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthResult {
@@ -732,6 +754,7 @@ pub struct Metrics {
     /// `tern_tls_reload_errors_total`: certificate files that changed but
     /// did not load (the previous certificate stays).
     pub tls_reload_errors: Counter,
+    pub peer_refused: PeerRefusals,
     raft: RaftGauges,
     scrape: ScrapeGauges,
 }
@@ -767,7 +790,13 @@ impl Metrics {
         storage.register(&mut registry);
         webhook.register(&mut registry);
         admin.register(&mut registry);
+        let peer_refused = PeerRefusals::default();
         let r = &mut registry;
+        r.register(
+            "tern_peer_refused",
+            "Peer RPCs (Raft, forwarding, elections, gathering) refused, by reason",
+            peer_refused.0.clone(),
+        );
         r.register("tern_raft_term", "Current Raft term, per group", raft.term.clone());
         r.register(
             "tern_raft_is_leader",
@@ -826,6 +855,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            peer_refused,
             disk,
             tls_reload_errors,
             smtp,

@@ -189,6 +189,15 @@ pub fn peer_certificate<T>(request: &tonic::Request<T>) -> Option<Vec<u8>> {
     chain.first().map(|c| c.to_vec())
 }
 
+/// The serial number of a DER certificate (hex, as `openssl x509 -serial`
+/// shows it), for logs.
+pub fn serial(der: &[u8]) -> String {
+    use x509_parser::prelude::*;
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c.raw_serial_as_string().replace(':', "").to_ascii_uppercase())
+        .unwrap_or_else(|_| "<malformed certificate>".into())
+}
+
 /// The subject of a DER certificate, for logs and audit events.
 pub fn subject(der: &[u8]) -> String {
     use x509_parser::prelude::*;

@@ -56,6 +56,14 @@ fn chaos_against_existing_cluster() {
     let _cleanup = KillListeners(grpc.iter().map(SocketAddr::port).collect());
     let endpoints = grpc.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
     let dir = tempfile::tempdir().unwrap();
+    // The cluster is secured: tern-chaos's ternctl calls present the
+    // harness's admin certificate, as an operator's environment would.
+    let tls_env = c.pki.as_ref().map(|p| p.ternctl_env()).unwrap_or_default();
+    let chaos = || {
+        let mut cmd = chaos();
+        cmd.envs(tls_env.iter().map(|(k, v)| (k, v)));
+        cmd
+    };
 
     let refused = run_bounded(
         chaos().args([

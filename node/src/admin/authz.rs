@@ -11,15 +11,16 @@
 //!
 //! Anything else is `unauthenticated`. A node certificate is not an operator
 //! credential: a call with one is refused (`permission_denied`), even if it
-//! also carries a token. The one exception is a relay: a node that has
-//! authorised an operator's call and passes it to the node that must run it
-//! (the control-group leader, a shard leader) sends its node certificate and
-//! [`RELAY_HEADER`] naming the operator; without cluster TLS it sends the
-//! operator's token instead and the header is ignored.
+//! also carries a token. The one exception is a read-only relay (`member
+//! list` answered by the control leader): the node asked sends its node
+//! certificate and [`RELAY_HEADER`] naming the operator, honoured with at
+//! most the viewer role; without cluster TLS it sends the operator's token
+//! and the header is ignored. Writes that must run on another node travel
+//! as typed peer operations (`PeerService.Operation`), not as admin calls.
 //!
-//! `local_only` gathering calls (status, queue summary, stats) come from
-//! peers: a node certificate, or any caller when the cluster has no TLS,
-//! may make them ([`Authz::check_gathering`]).
+//! `local_only` status, queue summary and stats are an operator's choice
+//! (`ternctl shard list --local`) and need the viewer role like the rest;
+//! nodes gather each other's parts through `PeerService`.
 //!
 //! Tokens cost an argon2 check (tens of ms, 19 MiB each): successful checks
 //! are cached by the token's SHA-256 (at most [`CACHE_ENTRIES`]), at most
@@ -70,8 +71,6 @@ pub enum How {
     Token,
     Certificate,
     LoopbackDefault,
-    /// A node's `local_only` gathering call.
-    Peer,
 }
 
 impl How {
@@ -80,7 +79,6 @@ impl How {
             How::Token => "token",
             How::Certificate => "certificate",
             How::LoopbackDefault => "loopback-default",
-            How::Peer => "peer",
         }
     }
 
@@ -135,8 +133,6 @@ pub struct Authz {
     tokens: Arc<[AdminToken]>,
     /// No operator credential configured and gRPC on loopback only.
     open: bool,
-    /// With cluster TLS, every call carries a CA-signed certificate.
-    tls: bool,
     /// SHA-256 of a token that passed its check -> index in `tokens`.
     cache: Mutex<HashMap<[u8; 32], usize>>,
     checks: Arc<Semaphore>,
@@ -150,7 +146,6 @@ impl Authz {
         Authz {
             tokens: tokens.into(),
             open,
-            tls: cluster_tls,
             cache: Mutex::new(HashMap::new()),
             checks: Arc::new(Semaphore::new(PARALLEL_CHECKS)),
             failures: FailureLimiter::new(MAX_FAILURES, FAILURE_WINDOW),
@@ -166,29 +161,6 @@ impl Authz {
     /// The caller of `request` if its role is at least `need`.
     pub async fn check<T>(&self, request: &Request<T>, need: Role) -> Result<Caller, Status> {
         self.judge(request, need).await.map_err(|r| r.status)
-    }
-
-    /// [`Authz::check`] for status, queue summary and stats, whose
-    /// `local_only` form is a peer's gathering call.
-    pub async fn check_gathering<T>(&self, request: &Request<T>, local_only: bool) -> Result<Caller, Status> {
-        if local_only {
-            let node = match crate::pki::peer_identity(request) {
-                Ok(Some(CertIdentity::Node(id))) => Some(format!("node {id}")),
-                Ok(None) if !self.tls => Some("peer".to_owned()),
-                _ => None,
-            };
-            if let Some(name) = node {
-                return Ok(Caller {
-                    name,
-                    role: Role::Viewer,
-                    how: How::Peer,
-                    peer: request.remote_addr(),
-                    via: None,
-                    bearer: None,
-                });
-            }
-        }
-        self.check(request, Role::Viewer).await
     }
 
     /// Identifies the caller and checks its role; a refusal says who it was.
@@ -249,9 +221,13 @@ impl Authz {
             Ok(Some(CertIdentity::Node(id))) => {
                 let relayed = request.metadata().get(RELAY_HEADER).map(parse_relay);
                 return match relayed {
+                    // Writes between nodes are typed peer operations
+                    // (PeerService); a relay only reads (`member list`
+                    // from the control leader), so a node certificate never
+                    // carries more than viewer here.
                     Some(Some((how, role, name))) => Ok(Caller {
                         name,
-                        role,
+                        role: role.min(Role::Viewer),
                         how,
                         peer,
                         via: Some(id),

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use openraft::{BasicNode, ChangeMembers};
 use tern_proto::admin::admin_service_client::AdminServiceClient;
+use tern_proto::peer::peer_service_client::PeerServiceClient;
 use tonic::transport::Channel;
 
+use crate::peer::Operation;
 use crate::raft::groups::{GroupHandle, Groups};
 use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
-use crate::raft::{GroupId, NodeId, Request, CONTROL_GROUP};
+use crate::raft::{GroupId, NewMessage, NodeId, Request, CONTROL_GROUP};
 
 /// How long a leader handing over does not campaign (two election timeouts
 /// at the default timers: the new leader's election completes meanwhile).
@@ -61,6 +63,17 @@ fn retryable(status: &tonic::Status) -> bool {
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) && !status.message().contains("timed out")
+}
+
+fn op_name(op: &Operation) -> &'static str {
+    match op {
+        Operation::Queue { .. } => "queue operation",
+        Operation::Bounce { .. } => "queue bounce",
+        Operation::Drain { .. } => "drain",
+        Operation::Suspend { .. } => "domain suspension",
+        Operation::MemberAdd { .. } => "member add",
+        Operation::MemberRemove { .. } => "member remove",
+    }
 }
 
 /// Why `member add` refuses a removed node's id.
@@ -199,7 +212,8 @@ pub struct Cluster {
     /// Desired replicas per shard (capped by the number of nodes).
     pub replicas: usize,
     pub groups: Arc<Groups>,
-    clients: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
+    /// One lazily connected channel per peer address (admin and peer clients share it).
+    channels: Mutex<HashMap<(String, Option<NodeId>), Channel>>,
     /// Shards whose membership change is under way here.
     reconciling: Mutex<HashSet<GroupId>>,
     /// Shards whose leadership this node, leaving them, tried to hand over.
@@ -234,7 +248,7 @@ impl Cluster {
             node_id,
             replicas,
             groups,
-            clients: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
             handed_over: Mutex::new(HashSet::new()),
             drain_tries: Mutex::new(HashMap::new()),
@@ -294,10 +308,10 @@ impl Cluster {
     /// Pings every other member at once (bounded); returns those that answered.
     pub async fn ping_all(&self, nodes: &BTreeMap<NodeId, String>) -> BTreeSet<NodeId> {
         let pings = nodes.iter().filter(|(id, _)| **id != self.node_id).map(|(id, addr)| {
-            let client = self.client(&self.dial(*id, addr.clone()));
+            let client = self.peer(*id, &self.dial(*id, addr.clone()));
             async move {
                 let mut client = client.ok()?;
-                let ping = client.ping(tern_proto::admin::PingRequest {});
+                let ping = client.ping(tern_proto::peer::PingRequest {});
                 matches!(tokio::time::timeout(PEER_TIMEOUT, ping).await, Ok(Ok(_))).then_some(*id)
             }
         });
@@ -333,11 +347,11 @@ impl Cluster {
     pub async fn all_shards(&self) -> (BTreeMap<GroupId, tern_proto::admin::ShardStatus>, Vec<NodeId>) {
         let nodes = self.nodes();
         let asks = nodes.iter().filter(|(id, _)| **id != self.node_id).map(|(id, addr)| {
-            let client = self.client(&self.dial(*id, addr.clone()));
+            let client = self.peer(*id, &self.dial(*id, addr.clone()));
             async move {
                 let answer = async {
                     let mut client = client.ok()?;
-                    let ask = client.status(tern_proto::admin::StatusRequest { local_only: true });
+                    let ask = client.local_status(tern_proto::peer::LocalStatusRequest {});
                     match tokio::time::timeout(PEER_TIMEOUT, ask).await {
                         Ok(Ok(r)) => Some(r.into_inner()),
                         _ => None,
@@ -469,22 +483,36 @@ impl Cluster {
         self.overrides.get(&node).cloned().unwrap_or(advertised)
     }
 
-    /// An admin client for a peer (one lazily connected channel each).
-    pub fn client(&self, addr: &str) -> Result<AdminServiceClient<Channel>, tonic::Status> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(addr) {
+    /// The channel to a peer address (one lazily connected channel each).
+    /// With cluster TLS the server must prove to be node `node` (any node when None).
+    fn channel(&self, addr: &str, node: Option<NodeId>) -> Result<Channel, tonic::Status> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (addr.to_owned(), node);
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let channel = crate::raft::tls::endpoint(addr, self.tls.as_ref())
+        let endpoint = crate::raft::tls::endpoint(addr)
             .map_err(tonic::Status::invalid_argument)?
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(90))
-            .connect_lazy();
-        let client = AdminServiceClient::new(channel)
+            .timeout(Duration::from_secs(90));
+        let channel = crate::raft::tls::lazy_channel(endpoint, self.tls.as_ref(), node);
+        channels.insert(key, channel.clone());
+        Ok(channel)
+    }
+
+    /// An admin client for another node (an operator's call passed on to
+    /// the control leader).
+    pub fn client(&self, addr: &str) -> Result<AdminServiceClient<Channel>, tonic::Status> {
+        Ok(AdminServiceClient::new(self.channel(addr, None)?)
             .max_decoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE)
-            .max_encoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE);
-        clients.insert(addr.to_owned(), client.clone());
-        Ok(client)
+            .max_encoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE))
+    }
+
+    /// A peer-service client for node `node` at `addr`.
+    pub fn peer(&self, node: NodeId, addr: &str) -> Result<PeerServiceClient<Channel>, tonic::Status> {
+        Ok(PeerServiceClient::new(self.channel(addr, Some(node))?)
+            .max_decoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(crate::raft::network::MAX_GRPC_MESSAGE))
     }
 
     /// The address of a group's leader as this node knows it.
@@ -500,47 +528,45 @@ impl Cluster {
         Some((leader, self.dial(leader, addr)))
     }
 
-    /// Writes `request` through `group`'s leader on another node.
+    /// Writes a new message through `group`'s leader on another node.
     ///
-    /// An Enqueue that fails in transport (connection lost, leader gone) is
+    /// A forward that fails in transport (connection lost, leader gone) is
     /// sent once more, to the group's leader as then known, with the same
     /// queue id: if the first attempt did commit, the state machine ignores
     /// the second while the message is still queued, so no duplicate.
-    pub async fn forward(&self, group: &GroupHandle, request: &Request) -> Result<(), String> {
-        let (_, addr) = self.leader_addr(group).ok_or("no known leader")?;
-        match self.forward_status(&addr, group.id, request, true).await {
+    pub async fn forward_enqueue(&self, group: &GroupHandle, message: &NewMessage) -> Result<(), String> {
+        let (leader, addr) = self.leader_addr(group).ok_or("no known leader")?;
+        match self.enqueue_status(leader, &addr, group.id, message, true).await {
             Ok(()) => Ok(()),
-            Err(status) if matches!(request, Request::Enqueue { .. }) && retryable(&status) => {
+            Err(status) if retryable(&status) => {
                 tracing::info!(group = group.id, error = %status.message(), "forwarded enqueue retried once");
                 tokio::time::sleep(FORWARD_RETRY_PAUSE).await;
-                let (_, addr) = self.leader_addr(group).ok_or("no known leader")?;
-                self.forward_to(&addr, group.id, request, true).await
+                let (leader, addr) = self.leader_addr(group).ok_or("no known leader")?;
+                self.enqueue_status(leader, &addr, group.id, message, true)
+                    .await
+                    .map_err(|e| format!("forward to {addr}: {}", e.message()))
             }
             Err(status) => Err(format!("forward to {addr}: {}", status.message())),
         }
     }
 
-    /// Sends a write for `group` to the node at `addr`; with `hop` false that
-    /// node passes it on to the group's leader if it is not the leader itself.
-    pub async fn forward_to(&self, addr: &str, group: GroupId, request: &Request, hop: bool) -> Result<(), String> {
-        self.forward_status(addr, group, request, hop)
-            .await
-            .map_err(|e| format!("forward to {addr}: {}", e.message()))
-    }
-
-    async fn forward_status(
+    /// Sends a new message for `group` to node `node` at `addr`; with `hop`
+    /// false that node passes it on to the group's leader if it is not the
+    /// leader itself.
+    async fn enqueue_status(
         &self,
+        node: NodeId,
         addr: &str,
         group: GroupId,
-        request: &Request,
+        message: &NewMessage,
         hop: bool,
     ) -> Result<(), tonic::Status> {
-        let payload = bincode::serialize(request).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let mut client = self.client(addr)?;
+        let payload = crate::peer::encode(message).map_err(tonic::Status::internal)?;
+        let mut client = self.peer(node, addr)?;
         client
-            .forward(tern_proto::admin::ForwardRequest {
+            .enqueue(tern_proto::peer::EnqueueRequest {
                 group_id: group,
-                payload,
+                message: payload,
                 hop,
             })
             .await
@@ -548,9 +574,9 @@ impl Cluster {
     }
 
     /// A node holding no replica of any shard (more nodes than replicas)
-    /// sends its write to a replica of some shard, which passes it to that
-    /// shard's leader.
-    pub async fn forward_anywhere(&self, turn: usize, request: &Request) -> Result<GroupId, String> {
+    /// sends its message to a replica of some shard, which passes it to
+    /// that shard's leader.
+    pub async fn forward_enqueue_anywhere(&self, turn: usize, message: &NewMessage) -> Result<GroupId, String> {
         let placement: Vec<(GroupId, Vec<NodeId>)> = self.placement().into_iter().collect();
         if placement.is_empty() {
             return Err("no shard placement known".into());
@@ -560,12 +586,42 @@ impl Cluster {
         let mut last = String::from("no replica reachable");
         for node in replicas {
             let Some(addr) = nodes.get(node).cloned() else { continue };
-            match self.forward_to(&self.dial(*node, addr), *shard, request, false).await {
+            let addr = self.dial(*node, addr);
+            match self.enqueue_status(*node, &addr, *shard, message, false).await {
                 Ok(()) => return Ok(*shard),
-                Err(e) => last = e,
+                Err(e) => last = format!("forward to {addr}: {}", e.message()),
             }
         }
         Err(last)
+    }
+
+    /// Makes an operator's write through `group`'s leader on another node;
+    /// how many messages it affected.
+    pub async fn operate(&self, group: &GroupHandle, op: &Operation) -> Result<u64, String> {
+        self.operate_status(group, op)
+            .await
+            .map(|r| r.affected)
+            .map_err(|e| format!("{}: {}", op_name(op), e.message()))
+    }
+
+    /// As [`Cluster::operate`], with the leader's reply or status as it answered.
+    pub async fn operate_status(
+        &self,
+        group: &GroupHandle,
+        op: &Operation,
+    ) -> Result<tern_proto::peer::OperationReply, tonic::Status> {
+        let (leader, addr) = self
+            .leader_addr(group)
+            .ok_or_else(|| tonic::Status::unavailable(format!("group {} has no known leader; try again", group.id)))?;
+        let payload = crate::peer::encode(op).map_err(tonic::Status::internal)?;
+        let mut client = self.peer(leader, &addr)?;
+        client
+            .operation(tern_proto::peer::OperationRequest {
+                group_id: group.id,
+                operation: payload,
+            })
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     /// Adds a node: recorded in the control group, added as a learner of
@@ -1137,9 +1193,9 @@ impl Cluster {
         }
         let addr = self.nodes().get(&node).cloned().ok_or("unknown node")?;
         let addr = self.dial(node, addr);
-        let mut client = self.client(&addr).map_err(|e| e.to_string())?;
+        let mut client = self.peer(node, &addr).map_err(|e| e.to_string())?;
         client
-            .elect(tern_proto::admin::ElectRequest {
+            .elect(tern_proto::peer::ElectRequest {
                 group_id: group,
                 step_aside,
             })

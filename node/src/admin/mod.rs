@@ -139,9 +139,13 @@ fn notify_text(n: &crate::envelope::Notify) -> String {
 }
 
 impl Admin {
-    /// Writes through a group's leader: here if this node leads it, else forwarded.
-    async fn write(&self, group: &GroupHandle, request: crate::raft::Request) -> Result<(), Status> {
+    /// Writes through a group's leader: here if this node leads it, else
+    /// passed to the leader as a typed peer operation.
+    async fn write(&self, group: &GroupHandle, op: crate::peer::Operation) -> Result<(), Status> {
         if group.leader() == Some(self.node_id) {
+            let request = op
+                .into_request()
+                .ok_or_else(|| Status::internal("operation without a request"))?;
             group
                 .raft
                 .client_write(request)
@@ -149,7 +153,11 @@ impl Admin {
                 .map(|_| ())
                 .map_err(|e| Status::unavailable(format!("write to group {} failed: {e}", group.id)))
         } else {
-            self.cluster.forward(group, &request).await.map_err(Status::unavailable)
+            self.cluster
+                .operate(group, &op)
+                .await
+                .map(|_| ())
+                .map_err(Status::unavailable)
         }
     }
 
@@ -160,9 +168,8 @@ impl Admin {
     /// flight to commit its outcome), so it gets one outcome, delivered or
     /// bounced, and at most one report. Returns how many messages had a
     /// recipient bounced.
-    async fn bounce_on_leader(
+    pub(crate) async fn bounce_on_leader(
         &self,
-        caller: &authz::Caller,
         group: &GroupHandle,
         ids: Vec<String>,
         forwarded: bool,
@@ -175,26 +182,16 @@ impl Admin {
                     group.id
                 )));
             }
-            let (leader, addr) = self
-                .cluster
-                .leader_addr(group)
-                .ok_or_else(|| Status::unavailable(format!("shard {} has no known leader; try again", group.id)))?;
             tracing::debug!(
                 shard = group.id,
-                leader,
                 n = ids.len(),
                 "queue bounce passed to the shard leader"
             );
-            let mut client = self.cluster.client(&addr)?;
-            let reply = client
-                .queue_op(caller.relay(QueueOpRequest {
-                    op: "bounce".into(),
-                    ids,
-                    on_leader: true,
-                    ..Default::default()
-                }))
-                .await?;
-            return Ok(reply.into_inner().affected);
+            return self
+                .cluster
+                .operate(group, &crate::peer::Operation::Bounce { ids })
+                .await
+                .map_err(Status::unavailable);
         }
         // Everything committed before is applied here before we read.
         group
@@ -295,7 +292,7 @@ impl Admin {
             .control()
             .ok_or_else(|| Status::unavailable("no control group here"))?;
         let key = [crate::raft::state_machine::SUSPEND_PREFIX, domain.as_bytes()].concat();
-        self.write(&control, crate::raft::Request::SuspendDomain { domain, until, reason })
+        self.write(&control, crate::peer::Operation::Suspend { domain, until, reason })
             .await?;
         // A write forwarded to the control leader is applied here only when
         // the next append brings the commit index: wait for it (bounded), or
@@ -315,11 +312,10 @@ impl Admin {
         }))
     }
 
-    /// A client for the control-group leader when that is another node
-    /// (membership changes run there); `None` when it is this node.
-    fn control_leader_client(
-        &self,
-    ) -> Result<Option<admin_service_client::AdminServiceClient<tonic::transport::Channel>>, Status> {
+    /// The control group when its leader is another node (membership
+    /// changes run there, passed on as peer operations); `None` when this
+    /// node leads it.
+    fn control_elsewhere(&self) -> Result<Option<GroupHandle>, Status> {
         let control = self
             .cluster
             .control()
@@ -327,16 +323,48 @@ impl Admin {
         if control.leader() == Some(self.node_id) {
             return Ok(None);
         }
-        let (_, addr) = self
-            .cluster
-            .leader_addr(&control)
-            .ok_or_else(|| Status::unavailable("the control group has no leader"))?;
-        self.cluster.client(&addr).map(Some)
+        Ok(Some(control))
+    }
+
+    /// `member add` on the control leader (this node).
+    pub(crate) async fn add_member_here(&self, id: NodeId, addr: &str) -> Result<MemberAddReply, Status> {
+        if self.cluster.removed().contains(&id) {
+            return Err(Status::failed_precondition(cluster::removed_id_error(id)));
+        }
+        if self.cluster.nodes().get(&id).is_some_and(|a| a != addr) {
+            return Err(Status::already_exists(format!(
+                "node {id} is already a member with another address; ids are never reused"
+            )));
+        }
+        let role = self.cluster.add_member(id, addr).await.map_err(Status::unavailable)?;
+        Ok(MemberAddReply { role: role.into() })
+    }
+
+    /// `member remove` on the control leader (this node); when it removes
+    /// itself, the control leadership moves first and the new leader removes it.
+    pub(crate) async fn remove_member_here(&self, id: NodeId, force: bool) -> Result<(), Status> {
+        if id == self.node_id {
+            self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
+            let control = self
+                .control_elsewhere()?
+                .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
+            return self
+                .cluster
+                .operate_status(&control, &crate::peer::Operation::MemberRemove { id, force })
+                .await
+                .map(|_| ());
+        }
+        // Asked now: a control leader elected moments ago has no pings yet.
+        let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
+        self.cluster
+            .remove_member(id, force, &reachable)
+            .await
+            .map_err(Status::failed_precondition)
     }
 
     /// Queue summary of the shards this node hosts (only those in `only`
     /// when it is not empty).
-    fn local_summary(&self, only: &BTreeSet<u64>) -> Result<QueueSummaryReply, Status> {
+    pub(crate) fn local_summary(&self, only: &BTreeSet<u64>) -> Result<QueueSummaryReply, Status> {
         let now = chrono::Utc::now().timestamp();
         let mut reply = QueueSummaryReply::default();
         #[derive(Default)]
@@ -396,6 +424,22 @@ impl Admin {
         Ok(reply)
     }
 
+    /// This node's own view: members and the shards it hosts.
+    pub(crate) fn local_status(&self) -> Result<StatusReply, Status> {
+        let (members, control_leader) = self.members()?;
+        let shards = self.cluster.local_shards();
+        Ok(StatusReply {
+            node_id: self.node_id,
+            hostname: self.hostname.clone(),
+            members,
+            queued_messages: shards.iter().map(|s| s.queued_messages).sum(),
+            shards,
+            control_leader,
+            version: env!("CARGO_PKG_VERSION").into(),
+            unreachable: Vec::new(),
+        })
+    }
+
     fn members(&self) -> Result<(Vec<Member>, u64), Status> {
         let control = self
             .groups
@@ -422,9 +466,7 @@ impl Admin {
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        self.authz
-            .check_gathering(&request, request.get_ref().local_only)
-            .await?;
+        self.authz.check(&request, Role::Viewer).await?;
         let (members, control_leader) = self.members()?;
         // Cluster-wide unless asked for this node's view only (between nodes).
         let (shards, unreachable) = if request.into_inner().local_only {
@@ -450,9 +492,7 @@ impl AdminService for Admin {
         &self,
         request: Request<QueueSummaryRequest>,
     ) -> Result<Response<QueueSummaryReply>, Status> {
-        self.authz
-            .check_gathering(&request, request.get_ref().local_only)
-            .await?;
+        self.authz.check(&request, Role::Viewer).await?;
         let req = request.into_inner();
         if req.local_only {
             let only: BTreeSet<u64> = req.shards.into_iter().collect();
@@ -486,12 +526,11 @@ impl AdminService for Admin {
             None => QueueSummaryReply::default(),
         };
         let asks = assigned.into_iter().map(|(node, only)| {
-            let client = nodes.get(&node).map(|addr| self.cluster.client(addr));
+            let client = nodes.get(&node).map(|addr| self.cluster.peer(node, addr));
             async move {
                 let answer = async {
                     let mut client = client?.ok()?;
-                    let ask = client.queue_summary(QueueSummaryRequest {
-                        local_only: true,
+                    let ask = client.local_queue_summary(tern_proto::peer::LocalQueueSummaryRequest {
                         shards: only.iter().copied().collect(),
                     });
                     match tokio::time::timeout(PEER_QUERY_TIMEOUT, ask).await {
@@ -598,24 +637,15 @@ impl AdminService for Admin {
             if req.id == 0 || req.addr.is_empty() {
                 return Err(Status::invalid_argument("need --id (at least 1) and --addr HOST:PORT"));
             }
-            if let Some(mut leader) = self.control_leader_client()? {
-                return leader.member_add(audit.caller.relay(req)).await;
+            if let Some(control) = self.control_elsewhere()? {
+                let op = crate::peer::Operation::MemberAdd {
+                    id: req.id,
+                    addr: req.addr,
+                };
+                let reply = self.cluster.operate_status(&control, &op).await?;
+                return Ok(Response::new(MemberAddReply { role: reply.detail }));
             }
-            if self.cluster.removed().contains(&req.id) {
-                return Err(Status::failed_precondition(cluster::removed_id_error(req.id)));
-            }
-            if self.cluster.nodes().get(&req.id).is_some_and(|a| a != &req.addr) {
-                return Err(Status::already_exists(format!(
-                    "node {} is already a member with another address; ids are never reused",
-                    req.id
-                )));
-            }
-            let role = self
-                .cluster
-                .add_member(req.id, &req.addr)
-                .await
-                .map_err(Status::unavailable)?;
-            Ok(Response::new(MemberAddReply { role: role.into() }))
+            self.add_member_here(req.id, &req.addr).await.map(Response::new)
         }
         .await;
         audit.finish(result, |_| 0)
@@ -720,73 +750,6 @@ impl AdminService for Admin {
         audit.finish(result, |_| 0)
     }
 
-    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
-        let req = request.into_inner();
-        let group = self
-            .groups
-            .get(req.group_id)
-            .ok_or_else(|| Status::not_found(format!("group {} not hosted here", req.group_id)))?;
-        let write: crate::raft::Request =
-            bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(format!("bad request: {e}")))?;
-        if self.space.is_full() {
-            // Leadership is being handed over; the sender's client retries.
-            return Err(Status::unavailable(format!(
-                "node {} cannot take writes: {}",
-                self.node_id,
-                self.space.reason()
-            )));
-        }
-        if !req.hop && group.leader().is_some_and(|l| l != self.node_id) {
-            // From a node without a replica: one more hop, to the leader.
-            self.cluster
-                .forward(&group, &write)
-                .await
-                .map_err(Status::unavailable)?;
-            return Ok(Response::new(ForwardReply {}));
-        }
-        // Bounded: a leader cut off from its majority never commits, and the
-        // SMTP client must hear 451 rather than wait for ever.
-        match tokio::time::timeout(crate::queue::WRITE_TIMEOUT, group.raft.client_write(write)).await {
-            Ok(Ok(_)) => Ok(Response::new(ForwardReply {})),
-            Ok(Err(e)) => Err(Status::unavailable(format!(
-                "write to group {} failed: {e}",
-                req.group_id
-            ))),
-            Err(_) => Err(Status::unavailable(format!(
-                "write to group {} timed out",
-                req.group_id
-            ))),
-        }
-    }
-
-    async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
-        let ElectRequest {
-            group_id: group,
-            step_aside,
-        } = request.into_inner();
-        let g = self
-            .groups
-            .get(group)
-            .ok_or_else(|| Status::not_found(format!("group {group} not hosted here")))?;
-        if step_aside {
-            cluster::step_aside_for(&g).await;
-            return Ok(Response::new(ElectReply {}));
-        }
-        if self.space.is_full() {
-            return Err(Status::failed_precondition(format!(
-                "node {} does not campaign: {}",
-                self.node_id,
-                self.space.reason()
-            )));
-        }
-        g.raft
-            .trigger()
-            .elect()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(ElectReply {}))
-    }
-
     async fn member_remove(
         &self,
         request: Request<MemberRemoveRequest>,
@@ -798,24 +761,15 @@ impl AdminService for Admin {
             .await?;
         let req = request.into_inner();
         let result = async {
-            if let Some(mut leader) = self.control_leader_client()? {
-                return leader.member_remove(audit.caller.relay(req)).await;
+            if let Some(control) = self.control_elsewhere()? {
+                let op = crate::peer::Operation::MemberRemove {
+                    id: req.id,
+                    force: req.force,
+                };
+                self.cluster.operate_status(&control, &op).await?;
+                return Ok(Response::new(MemberRemoveReply {}));
             }
-            if req.id == self.node_id {
-                // Removing the control leader: hand the control group to another
-                // voter, then let the new leader do the removal.
-                self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
-                let mut leader = self
-                    .control_leader_client()?
-                    .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
-                return leader.member_remove(audit.caller.relay(req)).await;
-            }
-            // Asked now: a control leader elected moments ago has no pings yet.
-            let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
-            self.cluster
-                .remove_member(req.id, req.force, &reachable)
-                .await
-                .map_err(Status::failed_precondition)?;
+            self.remove_member_here(req.id, req.force).await?;
             Ok(Response::new(MemberRemoveReply {}))
         }
         .await;
@@ -842,22 +796,14 @@ impl AdminService for Admin {
                 .cluster
                 .control()
                 .ok_or_else(|| Status::unavailable("no control group here"))?;
-            let write = crate::raft::Request::SetDrain {
-                id: req.id,
-                drained: req.drained,
-            };
-            if control.leader() == Some(self.node_id) {
-                control
-                    .raft
-                    .client_write(write)
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-            } else {
-                self.cluster
-                    .forward(&control, &write)
-                    .await
-                    .map_err(Status::unavailable)?;
-            }
+            self.write(
+                &control,
+                crate::peer::Operation::Drain {
+                    node: req.id,
+                    drained: req.drained,
+                },
+            )
+            .await?;
             Ok(Response::new(DrainReply {}))
         }
         .await;
@@ -945,17 +891,15 @@ impl AdminService for Admin {
             for (group, recs) in selected {
                 let Some(action) = action else {
                     let ids: Vec<String> = recs.into_iter().map(|r| r.id).collect();
-                    affected += self
-                        .bounce_on_leader(&audit.caller, &group, ids, req.on_leader, now)
-                        .await?;
+                    affected += self.bounce_on_leader(&group, ids, req.on_leader, now).await?;
                     continue;
                 };
                 for chunk in recs.chunks(OP_BATCH) {
-                    let request = crate::raft::Request::QueueOp {
+                    let op = crate::peer::Operation::Queue {
                         action,
                         ids: chunk.iter().map(|r| r.id.clone()).collect(),
                     };
-                    self.write(&group, request).await?;
+                    self.write(&group, op).await?;
                     affected += chunk.len() as u64;
                 }
             }
@@ -1014,9 +958,7 @@ impl AdminService for Admin {
     }
 
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {
-        self.authz
-            .check_gathering(&request, request.get_ref().local_only)
-            .await?;
+        self.authz.check(&request, Role::Viewer).await?;
         let req = request.into_inner();
         let since = req.since_secs.clamp(60, 24 * 3600) as i64;
         let now = chrono::Utc::now().timestamp();
@@ -1036,11 +978,10 @@ impl AdminService for Admin {
             if id == self.node_id {
                 continue;
             }
-            let answer = match self.cluster.client(&addr) {
+            let answer = match self.cluster.peer(id, &addr) {
                 Ok(mut c) => c
-                    .stats(StatsRequest {
+                    .local_stats(tern_proto::peer::LocalStatsRequest {
                         since_secs: req.since_secs,
-                        local_only: true,
                     })
                     .await
                     .ok(),
@@ -1052,9 +993,5 @@ impl AdminService for Admin {
             }
         }
         Ok(Response::new(reply))
-    }
-
-    async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
-        Ok(Response::new(PingReply { node_id: self.node_id }))
     }
 }

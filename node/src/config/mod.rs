@@ -445,10 +445,10 @@ struct RawCluster {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     tls_server_name: Option<String>,
+    insecure: Option<bool>,
     peer_addresses: Option<std::collections::BTreeMap<String, String>>,
     dead_node_after_secs: Option<u64>,
     handover_timeout_secs: Option<u64>,
-    insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -510,6 +510,9 @@ pub struct Config {
     pub advertise_grpc: String,
     /// Mutual TLS for cluster gRPC (Raft and admin), if configured.
     pub cluster_tls: Option<ClusterTlsFiles>,
+    /// `[cluster] insecure`: plaintext gRPC on a non-loopback address was
+    /// asked for explicitly (warned about at every start).
+    pub cluster_insecure: bool,
     /// How this node dials given peers, overriding their advertised address
     /// (split-horizon networks; the failover harness puts proxies here).
     pub peer_addresses: std::collections::BTreeMap<u64, String>,
@@ -568,8 +571,6 @@ pub struct Config {
     pub inbound: InboundConfig,
     /// `[[admin_token]]`: operator bearer tokens.
     pub admin_tokens: Vec<AdminToken>,
-    /// `[cluster] insecure`: plaintext gRPC on a non-loopback address is meant.
-    pub cluster_insecure: bool,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -841,6 +842,18 @@ impl Config {
                 })
             }
         };
+        let cluster_insecure = raw.cluster.insecure.unwrap_or(false);
+        if cluster_tls.is_none() && !listen_grpc.ip().is_loopback() && !cluster_insecure {
+            return Err(ConfigError::Invalid {
+                key: "cluster.insecure",
+                reason: format!(
+                    "listen.grpc {listen_grpc} is not a loopback address and [cluster] has no tls_cert/tls_key/tls_ca: \
+                     anyone who reaches that port could read and change the queue. Configure cluster TLS \
+                     (`ternctl cert` makes the files; see docs/cluster.md), listen on loopback, or set \
+                     [cluster] insecure = true if the network is private and you accept the risk"
+                ),
+            });
+        }
         let mut peer_addresses = std::collections::BTreeMap::new();
         for (id, addr) in raw.cluster.peer_addresses.unwrap_or_default() {
             let id: u64 = id.parse().map_err(|_| ConfigError::Invalid {
@@ -889,6 +902,7 @@ impl Config {
             dkim: dkim::validate(raw.dkim)?,
             inbound,
             cluster_tls,
+            cluster_insecure,
             peer_addresses,
             dead_node_after: secs(raw.cluster.dead_node_after_secs, 300, "cluster.dead_node_after_secs")?,
             handover_timeout: match secs(raw.cluster.handover_timeout_secs, 30, "cluster.handover_timeout_secs")? {
@@ -949,7 +963,6 @@ impl Config {
             min_free_bytes: min_free_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             admin_tokens: admin_tokens(raw.admin_token)?,
-            cluster_insecure: raw.cluster.insecure.unwrap_or(false),
             listen_smtp,
             listen_submission,
             listen_submissions,
@@ -1224,6 +1237,20 @@ mod tests {
             let err = Config::from_toml(&format!("[cluster]\nhandover_timeout_secs = {bad}\n")).unwrap_err();
             assert!(err.to_string().contains("handover_timeout_secs"), "{err}");
         }
+    }
+
+    #[test]
+    fn plaintext_grpc_off_loopback_needs_insecure() {
+        let err = Config::from_toml("[listen]\ngrpc = \"0.0.0.0:7070\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cluster.insecure") && err.contains("0.0.0.0:7070"),
+            "{err}"
+        );
+        let c = Config::from_toml("[listen]\ngrpc = \"0.0.0.0:7070\"\n[cluster]\ninsecure = true\n").unwrap();
+        assert!(c.cluster_insecure);
+        assert!(!Config::from_toml("").unwrap().cluster_insecure);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use message::MessageRecord;
 use crate::envelope::Envelope;
 use crate::raft::groups::GroupHandle;
 use crate::raft::groups::Groups;
-use crate::raft::{Body, NewMessage, NodeId, Request};
+use crate::raft::{Body, NewMessage, NodeId};
 use crate::smtp::{EnqueueError, Enqueuer, Reply};
 
 /// How long a queue write may take before the client gets 451: a shard
@@ -129,7 +129,7 @@ impl QueueFront {
                 }
             };
         }
-        let request = Request::Enqueue {
+        let message = NewMessage {
             record: Box::new(record),
             body: Body { bytes: body, loc: None },
         };
@@ -137,7 +137,7 @@ impl QueueFront {
         let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).collect();
         if with_leader.is_empty() {
             // No replica here at all (more nodes than replicas): via any replica.
-            return match self.cluster.forward_anywhere(turn, &request).await {
+            return match self.cluster.forward_enqueue_anywhere(turn, &message).await {
                 Ok(shard) => {
                     received.log(&id, shard, true);
                     Ok(())
@@ -151,7 +151,7 @@ impl QueueFront {
             };
         }
         let shard = with_leader[turn % with_leader.len()];
-        match self.cluster.forward(shard, &request).await {
+        match self.cluster.forward_enqueue(shard, &message).await {
             Ok(()) => {
                 received.log(&id, shard.id, true);
                 Ok(())

@@ -103,10 +103,8 @@ impl Peers {
                 return Ok(ch.clone());
             }
         }
-        let endpoint = super::tls::endpoint(addr, self.tls.as_ref())?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+        let endpoint = super::tls::endpoint(addr)?.connect_timeout(std::time::Duration::from_secs(2));
+        let channel = super::tls::lazy_channel(endpoint, self.tls.as_ref(), Some(target));
         map.insert(target, (addr.to_owned(), channel.clone()));
         Ok(channel)
     }
@@ -206,6 +204,13 @@ pub struct ChunkIn {
     #[serde(with = "serde_bytes")]
     data: Vec<u8>,
     done: bool,
+}
+
+impl ChunkIn {
+    /// The node sending it, as it claims (its leader vote).
+    pub fn leader(&self) -> NodeId {
+        self.vote.leader_id().node_id
+    }
 }
 
 impl From<ChunkIn> for InstallSnapshotRequest<TypeConfig> {

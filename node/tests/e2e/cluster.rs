@@ -51,9 +51,9 @@ fn three_single_threaded_nodes_relay_every_message() {
     let sink = SmtpSink::start(&[]);
     let extra = format!("shards = 6\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n", sink.addr);
     let keys = "worker_threads = 1";
-    let n1 = Node::start_node_with_keys(1, true, keys, &extra);
-    let n2 = Node::start_node_with_keys(2, false, keys, &extra);
-    let n3 = Node::start_node_with_keys(3, false, keys, &extra);
+    let n1 = Node::cluster_node_with_keys(1, true, keys, &extra);
+    let n2 = Node::cluster_node_with_keys(2, false, keys, &extra);
+    let n3 = Node::cluster_node_with_keys(3, false, keys, &extra);
     join(&n1, &n2, 2);
     join(&n1, &n3, 3);
     wait_spread(&n1, 6);
@@ -99,9 +99,9 @@ fn three_nodes_join_spread_and_survive_a_kill() {
         sink.addr
     );
     let cfg = |e: &str| e.to_owned();
-    let n1 = Node::start_node(1, true, &cfg(&extra));
-    let mut n2 = Node::start_node(2, false, &cfg(&extra));
-    let n3 = Node::start_node(3, false, &cfg(&extra));
+    let n1 = Node::cluster_node(1, true, &cfg(&extra));
+    let mut n2 = Node::cluster_node(2, false, &cfg(&extra));
+    let n3 = Node::cluster_node(3, false, &cfg(&extra));
     join(&n1, &n2, 2);
     join(&n1, &n3, 3);
 
@@ -260,9 +260,9 @@ fn control_group_leader_kill_keeps_mail_flowing() {
     let _serial = cluster_lock();
     let sink = SmtpSink::start(&[]);
     let extra = format!("shards = 4\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n", sink.addr);
-    let mut n1 = Node::start_node(1, true, &extra);
-    let n2 = Node::start_node(2, false, &extra);
-    let n3 = Node::start_node(3, false, &extra);
+    let mut n1 = Node::cluster_node(1, true, &extra);
+    let n2 = Node::cluster_node(2, false, &extra);
+    let n3 = Node::cluster_node(3, false, &extra);
     join(&n1, &n2, 2);
     join(&n1, &n3, 3);
     // Three voters and no membership change half done (a joint config still
@@ -316,9 +316,9 @@ fn control_group_leader_kill_keeps_mail_flowing() {
 
 /// Three joined nodes with every shard on three voters.
 fn three_node_cluster(extra: &str) -> (Node, Node, Node) {
-    let n1 = Node::start_node(1, true, extra);
-    let n2 = Node::start_node(2, false, extra);
-    let n3 = Node::start_node(3, false, extra);
+    let n1 = Node::cluster_node(1, true, extra);
+    let n2 = Node::cluster_node(2, false, extra);
+    let n3 = Node::cluster_node(3, false, extra);
     join(&n1, &n2, 2);
     join(&n1, &n3, 3);
     wait_for(
@@ -446,151 +446,6 @@ fn whole_cluster_restart_loses_nothing() {
     });
 }
 
-fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Raft and admin traffic under mutual TLS: nodes join and replicate,
-/// ternctl needs a client certificate from the cluster CA.
-#[test]
-fn cluster_traffic_with_mutual_tls() {
-    let _serial = cluster_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let p = |name: &str| dir.path().join(name).display().to_string();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=tern-test-ca",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=tern-cluster",
-        "-keyout",
-        &p("node.key"),
-        "-out",
-        &p("node.csr"),
-    ]);
-    std::fs::write(
-        p("ext"),
-        "subjectAltName=DNS:tern-cluster\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("node.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        &p("ext"),
-        "-out",
-        &p("node.pem"),
-    ]);
-    // ternctl's operator certificate: a node certificate is not one.
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=test-admin",
-        "-keyout",
-        &p("admin.key"),
-        "-out",
-        &p("admin.csr"),
-    ]);
-    std::fs::write(
-        p("admin-ext"),
-        "subjectAltName=URI:tern://client/admin/test-admin\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("admin.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        &p("admin-ext"),
-        "-out",
-        &p("admin.pem"),
-    ]);
-
-    let sink = SmtpSink::start(&[]);
-    let extra = format!(
-        "tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\nshards = 2\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n",
-        p("node.pem"),
-        p("node.key"),
-        p("ca.pem"),
-        sink.addr
-    );
-    let env = vec![
-        ("TERN_TLS_CA".to_owned(), p("ca.pem")),
-        ("TERN_TLS_CERT".to_owned(), p("admin.pem")),
-        ("TERN_TLS_KEY".to_owned(), p("admin.key")),
-    ];
-    let mut n1 = Node::start_node(1, true, &extra);
-    let mut n2 = Node::start_node(2, false, &extra);
-    n1.ternctl_env = env.clone();
-    n2.ternctl_env = env;
-    join(&n1, &n2, 2);
-    wait_for(Duration::from_secs(60), "both shards on two voters", || {
-        shards(&n1)
-            .iter()
-            .all(|sh| sh["voters"].as_array().unwrap().len() == 2 && sh["joint"] == false && sh["leader"] != 0)
-    });
-    assert!(send_tagged(&n2, "mtls-1"));
-    wait_for(Duration::from_secs(30), "delivery", || delivered(&sink, "mtls-1") == 1);
-
-    // Plain gRPC, or TLS without a client certificate, is refused.
-    let plain = std::process::Command::new(TERNCTL)
-        .args(["--endpoint", &n1.grpc.to_string(), "status"])
-        .output()
-        .unwrap();
-    assert_eq!(plain.status.code(), Some(1));
-    let anonymous = std::process::Command::new(TERNCTL)
-        .args(["--endpoint", &n1.grpc.to_string(), "--tls-ca", &p("ca.pem"), "status"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        anonymous.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&anonymous.stdout)
-    );
-}
-
 /// A node dead for `dead_node_after_secs` has its replicas moved to a live
 /// node: every shard is back at three voters without it.
 #[test]
@@ -601,8 +456,8 @@ fn long_dead_node_replicas_move_to_live_nodes() {
         "shards = 2\ndead_node_after_secs = 3\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n",
         sink.addr
     );
-    let n1 = Node::start_node(1, true, &extra);
-    let mut others: Vec<Node> = (2..=4).map(|id| Node::start_node(id, false, &extra)).collect();
+    let n1 = Node::cluster_node(1, true, &extra);
+    let mut others: Vec<Node> = (2..=4).map(|id| Node::cluster_node(id, false, &extra)).collect();
     for (i, n) in others.iter().enumerate() {
         join(&n1, n, i as u64 + 2);
     }
@@ -929,7 +784,7 @@ fn fourth_node_gets_replicas_and_every_node_sees_every_shard() {
     for (i, n) in [&n1, &n2, &n3].iter().cycle().take(8).enumerate() {
         send_to(n, "r@stuck.test", &format!("stuck-{i}"));
     }
-    let n4 = Node::start_node(4, false, &extra);
+    let n4 = Node::cluster_node(4, false, &extra);
     join(&n1, &n4, 4);
     let mut nodes = [n1, n2, n3, n4];
     let started = Instant::now();
@@ -1253,8 +1108,8 @@ fn a_new_replica_catches_up_by_a_snapshot_of_several_chunks_and_delivers_everyth
     // A small log kept behind the newest entries: the leader purges what
     // the first messages were written in, so a newcomer needs a snapshot.
     let keys = "log_segment_mb = 1\nlog_keep_mb = 1";
-    let n1 = Node::start_node_with_keys(1, true, keys, &extra);
-    let n2 = Node::start_node_with_keys(2, false, keys, &extra);
+    let n1 = Node::cluster_node_with_keys(1, true, keys, &extra);
+    let n2 = Node::cluster_node_with_keys(2, false, keys, &extra);
     let tags: Vec<String> = (0..MESSAGES).map(|i| format!("snap-{i}")).collect();
     let mut c = Client::connect(n1.smtp).unwrap();
     c.command("EHLO t.test").unwrap();

@@ -318,9 +318,16 @@ fn a_node_whose_disk_fills_hands_its_shards_over_and_the_cluster_takes_mail() {
     let _lock = cluster_lock();
     let fs = Tmpfs::mount(96);
     let extra = hold_mail();
-    let n1 = Node::start_node(1, true, &extra);
-    let n2 = Node::start_node(2, false, &extra);
-    let n3 = Node::start_on_data_dir(3, false, &fs.path().join("data"), NODE_KEYS, &extra);
+    let n1 = Node::cluster_node(1, true, &extra);
+    let n2 = Node::cluster_node(2, false, &extra);
+    let mut n3 = Node::start_on_data_dir(
+        3,
+        false,
+        &fs.path().join("data"),
+        NODE_KEYS,
+        &format!("{}{extra}", crate::harness::cluster_tls(3)),
+    );
+    n3.ternctl_env = crate::harness::test_pki().ternctl_env();
     join(&n1, &n2, 2);
     join(&n1, &n3, 3);
     wait_for(

@@ -56,6 +56,18 @@ pub fn hold_mail() -> String {
     format!("[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{port}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n")
 }
 
+/// The test process's cluster certificates, made once with `ternctl cert`.
+pub fn test_pki() -> &'static cluster_tests::pki::TestPki {
+    static PKI: std::sync::OnceLock<cluster_tests::pki::TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| cluster_tests::pki::TestPki::new(std::path::Path::new(TERNCTL)).expect("ternctl cert"))
+}
+
+/// `[cluster]` TLS lines for node `id` with its certificate from [`test_pki`]
+/// (for nodes started another way; set `ternctl_env` from `test_pki()` too).
+pub fn cluster_tls(id: u64) -> String {
+    test_pki().cluster_toml(id).expect("node certificate")
+}
+
 /// Polls `cond` until it holds or `deadline` passes.
 pub fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
@@ -94,6 +106,21 @@ impl Node {
     /// Starts node `id`; without `bootstrap` it waits to be added to a cluster.
     pub fn start_node(id: u64, bootstrap: bool, extra: &str) -> Node {
         Self::start_with_listen(id, bootstrap, "", extra)
+    }
+
+    /// Node `id` of a multi-node cluster, secured as in production: its
+    /// certificate from `ternctl cert` (one CA for the test process, see
+    /// [`test_pki`]) in `[cluster]`, and ternctl presenting the harness's
+    /// admin client certificate. `extra` as for [`Node::start_node`].
+    pub fn cluster_node(id: u64, bootstrap: bool, extra: &str) -> Node {
+        Self::cluster_node_with_keys(id, bootstrap, "", extra)
+    }
+
+    /// As [`Node::cluster_node`], with `node_keys` added to its `[node]` table.
+    pub fn cluster_node_with_keys(id: u64, bootstrap: bool, node_keys: &str, extra: &str) -> Node {
+        let mut node = Self::start_node_with_keys(id, bootstrap, node_keys, &format!("{}{extra}", cluster_tls(id)));
+        node.ternctl_env = test_pki().ternctl_env();
+        node
     }
 
     /// As [`Node::start_node`], with `listen` added to the `[listen]` table
@@ -158,6 +185,11 @@ impl Node {
     /// ports, data in ./tern-data) in a fresh directory, as a newcomer would.
     pub fn start_embedded_default() -> Node {
         Self::spawned(tempfile::tempdir().expect("tempdir"), PathBuf::new())
+    }
+
+    /// A node run with the config file at `config` (written by the test), started.
+    pub fn start_config(config: PathBuf) -> Node {
+        Self::spawned(tempfile::tempdir().expect("tempdir"), config)
     }
 
     /// A node in `dir` run with `config` (empty: no arguments, in `dir`), started.

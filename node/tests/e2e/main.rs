@@ -18,6 +18,7 @@ mod node;
 mod operators;
 mod ops;
 mod outbound_tls;
+mod peers;
 mod smtp;
 mod spf_suite;
 mod submission;
