@@ -36,7 +36,7 @@ use bytes::BytesMut;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
@@ -526,7 +526,7 @@ impl Connection {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.broken = true;
-                if let Some(reason) = super::tls::verification_failure(&e) {
+                if let Some(reason) = verification_failure(&e) {
                     warn!(peer = %self.peer, host = %self.host, reason, "TLS verification failed");
                     return Err(ConnectError::Temporary(format!(
                         "TLS verification failed for {}: {reason}",
@@ -1038,6 +1038,32 @@ impl Connection {
 fn tls_description(conn: &rustls::ClientConnection) -> String {
     let (version, cipher) = crate::smtp::server::tls_parameters(conn);
     format!("{version} {cipher}")
+}
+
+/// If a TLS handshake error is a failed certificate check, what failed, in
+/// words for a deferral reason.
+pub fn verification_failure(e: &std::io::Error) -> Option<String> {
+    let rustls::Error::InvalidCertificate(c) = e.get_ref()?.downcast_ref::<rustls::Error>()? else {
+        return None;
+    };
+    Some(
+        match c {
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "certificate name mismatch"
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "certificate expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "certificate not yet valid",
+            CertificateError::UnknownIssuer => "certificate not signed by a trusted root",
+            CertificateError::BadSignature => "bad certificate signature",
+            CertificateError::Revoked => "certificate revoked",
+            CertificateError::BadEncoding => "malformed certificate",
+            CertificateError::Other(o) if matches!(o.0.downcast_ref(), Some(webpki::Error::CaUsedAsEndEntity)) => {
+                "self-signed certificate (a CA certificate presented as the server's)"
+            }
+            other => return Some(format!("certificate rejected: {other}")),
+        }
+        .to_string(),
+    )
 }
 
 #[cfg(test)]

@@ -132,32 +132,6 @@ fn roots(ca_file: Option<&std::path::Path>) -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// If a TLS handshake error is a failed certificate check, what failed, in
-/// words for a deferral reason.
-pub fn verification_failure(e: &std::io::Error) -> Option<String> {
-    let rustls::Error::InvalidCertificate(c) = e.get_ref()?.downcast_ref::<rustls::Error>()? else {
-        return None;
-    };
-    Some(
-        match c {
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                "certificate name mismatch"
-            }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "certificate expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "certificate not yet valid",
-            CertificateError::UnknownIssuer => "certificate not signed by a trusted root",
-            CertificateError::BadSignature => "bad certificate signature",
-            CertificateError::Revoked => "certificate revoked",
-            CertificateError::BadEncoding => "malformed certificate",
-            CertificateError::Other(o) if matches!(o.0.downcast_ref(), Some(webpki::Error::CaUsedAsEndEntity)) => {
-                "self-signed certificate (a CA certificate presented as the server's)"
-            }
-            other => return Some(format!("certificate rejected: {other}")),
-        }
-        .to_string(),
-    )
-}
-
 /// webpki's chain check, with the names of the policy.
 #[derive(Debug)]
 struct PolicyVerifier {
