@@ -11,12 +11,9 @@
 //!
 //! Anything else is `unauthenticated`. A node certificate is not an operator
 //! credential: a call with one is refused (`permission_denied`), even if it
-//! also carries a token. The one exception is a read-only relay (`member
-//! list` answered by the control leader): the node asked sends its node
-//! certificate and [`RELAY_HEADER`] naming the operator, honoured with at
-//! most the viewer role; without cluster TLS it sends the operator's token
-//! and the header is ignored. Writes that must run on another node travel
-//! as typed peer operations (`PeerService.Operation`), not as admin calls.
+//! also carries a token. Nodes never call the admin service for each
+//! other: what must run or be read on another node (a leader) travels as
+//! typed peer RPCs (`PeerService`), authorised on the node the operator asked.
 //!
 //! `local_only` status, queue summary and stats are an operator's choice
 //! (`ternctl shard list --local`) and need the viewer role like the rest;
@@ -43,11 +40,8 @@ use tracing::warn;
 use crate::config::AdminToken;
 use crate::metrics::{AdminAuthResult, AdminMetrics};
 use crate::pki::{CertIdentity, Role};
-use crate::raft::NodeId;
 use crate::submission::limiter::FailureLimiter;
 
-/// Metadata a relaying node adds: `<how> <role> <name>` of the operator.
-pub const RELAY_HEADER: &str = "x-tern-operator";
 const AUTHORIZATION: &str = "authorization";
 /// Who the loopback default lets through.
 pub const LOOPBACK_NAME: &str = "anonymous@loopback";
@@ -81,42 +75,17 @@ impl How {
             How::LoopbackDefault => "loopback-default",
         }
     }
-
-    fn parse(s: &str) -> Option<How> {
-        [How::Token, How::Certificate, How::LoopbackDefault]
-            .into_iter()
-            .find(|h| h.as_str() == s)
-    }
 }
 
 /// An authenticated caller of the admin service.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    /// Token name, certificate name, [`LOOPBACK_NAME`] or `node <id>`.
+    /// Token name, certificate name or [`LOOPBACK_NAME`].
     pub name: String,
     pub role: Role,
     pub how: How,
     /// The address the call came from.
     pub peer: Option<SocketAddr>,
-    /// The node that relayed the call, if it was relayed.
-    pub via: Option<NodeId>,
-    /// The operator's `authorization` value, passed on when this node relays.
-    bearer: Option<AsciiMetadataValue>,
-}
-
-impl Caller {
-    /// A request this node sends to another node on the caller's behalf
-    /// (a relay: see the module comment).
-    pub fn relay<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Some(bearer) = &self.bearer {
-            request.metadata_mut().insert(AUTHORIZATION, bearer.clone());
-        }
-        if let Ok(value) = format!("{} {} {}", self.how.as_str(), self.role, self.name).parse() {
-            request.metadata_mut().insert(RELAY_HEADER, value);
-        }
-        request
-    }
 }
 
 /// A refused call: who it was as far as known, and the answer.
@@ -214,38 +183,15 @@ impl Authz {
                     role,
                     how: How::Certificate,
                     peer,
-                    via: None,
-                    bearer: None,
                 })
             }
             Ok(Some(CertIdentity::Node(id))) => {
-                let relayed = request.metadata().get(RELAY_HEADER).map(parse_relay);
-                return match relayed {
-                    // Writes between nodes are typed peer operations
-                    // (PeerService); a relay only reads (`member list`
-                    // from the control leader), so a node certificate never
-                    // carries more than viewer here.
-                    Some(Some((how, role, name))) => Ok(Caller {
-                        name,
-                        role: role.min(Role::Viewer),
-                        how,
-                        peer,
-                        via: Some(id),
-                        bearer: bearer.cloned(),
-                    }),
-                    Some(None) => Err(refuse(
-                        AdminAuthResult::Unauthenticated,
-                        format!("node {id}"),
-                        "certificate",
-                        Status::unauthenticated(format!("malformed {RELAY_HEADER} metadata")),
-                    )),
-                    None => Err(refuse(
-                        AdminAuthResult::Denied,
-                        format!("node {id}"),
-                        "certificate",
-                        Status::permission_denied(NODE_CERTIFICATE),
-                    )),
-                };
+                return Err(refuse(
+                    AdminAuthResult::Denied,
+                    format!("node {id}"),
+                    "certificate",
+                    Status::permission_denied(NODE_CERTIFICATE),
+                ));
             }
             Ok(None) => {}
         }
@@ -259,8 +205,6 @@ impl Authz {
                 role: Role::Admin,
                 how: How::LoopbackDefault,
                 peer,
-                via: None,
-                bearer: None,
             }),
             _ => Err(refuse(
                 AdminAuthResult::Unauthenticated,
@@ -299,8 +243,6 @@ impl Authz {
                 role: token.role,
                 how: How::Token,
                 peer,
-                via: None,
-                bearer: Some(value.clone()),
             }
         };
         if let Some(&i) = lock(&self.cache).get(&key) {
@@ -351,16 +293,6 @@ impl Authz {
             }
         }
     }
-}
-
-/// `<how> <role> <name>` of [`RELAY_HEADER`].
-fn parse_relay(value: &AsciiMetadataValue) -> Option<(How, Role, String)> {
-    let mut parts = value.to_str().ok()?.splitn(3, ' ');
-    let how = How::parse(parts.next()?)?;
-    let role = parts.next()?.parse().ok()?;
-    let name = parts.next()?;
-    crate::pki::check_client_name(name).ok()?;
-    Some((how, role, name.to_owned()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -460,24 +392,5 @@ mod tests {
         assert!(e.message().contains("too many"), "{}", e.message());
         // A token verified before still passes (from the cache).
         a.check(&call(Some("Bearer op-secret")), Role::Viewer).await.unwrap();
-    }
-
-    #[test]
-    fn relay_header_round_trip() {
-        let caller = Caller {
-            name: "alice".into(),
-            role: Role::Operator,
-            how: How::Certificate,
-            peer: None,
-            via: None,
-            bearer: None,
-        };
-        let r = caller.relay(());
-        let parsed = parse_relay(r.metadata().get(RELAY_HEADER).unwrap()).unwrap();
-        assert_eq!(parsed, (How::Certificate, Role::Operator, "alice".to_owned()));
-        assert!(r.metadata().get(AUTHORIZATION).is_none());
-        for bad in ["token admin", "root admin x", "token god x", "token admin a b"] {
-            assert!(parse_relay(&bad.parse().unwrap()).is_none(), "{bad}");
-        }
     }
 }

@@ -652,68 +652,21 @@ impl AdminService for Admin {
     }
 
     async fn member_list(&self, request: Request<MemberListRequest>) -> Result<Response<MemberListReply>, Status> {
-        let caller = self.authz.check(&request, Role::Viewer).await?;
+        self.authz.check(&request, Role::Viewer).await?;
         let control = self
             .cluster
             .control()
             .ok_or_else(|| Status::unavailable("no control group here"))?;
         if control.leader() != Some(self.node_id) {
             // Reachability and lag are known to the control-group leader.
-            if let Some((_, addr)) = self.cluster.leader_addr(&control) {
-                let mut client = self.cluster.client(&addr)?;
-                if let Ok(reply) = client.member_list(caller.relay(MemberListRequest {})).await {
+            if let Some((leader, addr)) = self.cluster.leader_addr(&control) {
+                let mut client = self.cluster.peer(leader, &addr)?;
+                if let Ok(reply) = client.members(tern_proto::peer::MembersRequest {}).await {
                     return Ok(reply);
                 }
             }
         }
-        let m = control.raft.metrics().borrow().clone();
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-        let last = m.last_log_index.unwrap_or(0);
-        // Reachability comes from the control leader's pings (replication
-        // progress never goes backwards, so a dead node would look fine);
-        // a node that is not the leader, answering because the leader did
-        // not, pings the members itself.
-        let reachable = if m.current_leader == Some(self.node_id) {
-            self.cluster.reachable()
-        } else {
-            self.cluster.ping_all(&self.cluster.nodes()).await
-        };
-        let placement = self.cluster.placement();
-        let mut led: BTreeMap<NodeId, u64> = BTreeMap::new();
-        let (rows, _) = self.cluster.all_shards().await;
-        for row in rows.values() {
-            if row.leader != 0 {
-                *led.entry(row.leader).or_default() += 1;
-            }
-        }
-        let members = self
-            .cluster
-            .nodes()
-            .into_iter()
-            .map(|(id, addr)| {
-                let matched = if id == self.node_id {
-                    Some(last)
-                } else {
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id).cloned())
-                        .flatten()
-                        .map(|l| l.index)
-                };
-                let lag = matched.map(|i| last.saturating_sub(i)).unwrap_or(last);
-                MemberInfo {
-                    id,
-                    addr,
-                    role: if voters.contains(&id) { "voter" } else { "learner" }.into(),
-                    is_control_leader: m.current_leader == Some(id),
-                    reachable: reachable.contains(&id),
-                    lag,
-                    shards_led: led.get(&id).copied().unwrap_or(0),
-                    replicas: placement.values().filter(|r| r.contains(&id)).count() as u64,
-                }
-            })
-            .collect();
-        Ok(Response::new(MemberListReply { members }))
+        self.members_here(&control).await.map(Response::new)
     }
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderReply>, Status> {
@@ -993,5 +946,60 @@ impl AdminService for Admin {
             }
         }
         Ok(Response::new(reply))
+    }
+}
+
+impl Admin {
+    /// `member list` as this node sees it (the control leader's view is the
+    /// one with reachability and lag).
+    pub(crate) async fn members_here(&self, control: &GroupHandle) -> Result<MemberListReply, Status> {
+        let m = control.raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let last = m.last_log_index.unwrap_or(0);
+        // Reachability comes from the control leader's pings (replication
+        // progress never goes backwards, so a dead node would look fine);
+        // a node that is not the leader, answering because the leader did
+        // not, pings the members itself.
+        let reachable = if m.current_leader == Some(self.node_id) {
+            self.cluster.reachable()
+        } else {
+            self.cluster.ping_all(&self.cluster.nodes()).await
+        };
+        let placement = self.cluster.placement();
+        let mut led: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let (rows, _) = self.cluster.all_shards().await;
+        for row in rows.values() {
+            if row.leader != 0 {
+                *led.entry(row.leader).or_default() += 1;
+            }
+        }
+        let members = self
+            .cluster
+            .nodes()
+            .into_iter()
+            .map(|(id, addr)| {
+                let matched = if id == self.node_id {
+                    Some(last)
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id).cloned())
+                        .flatten()
+                        .map(|l| l.index)
+                };
+                let lag = matched.map(|i| last.saturating_sub(i)).unwrap_or(last);
+                MemberInfo {
+                    id,
+                    addr,
+                    role: if voters.contains(&id) { "voter" } else { "learner" }.into(),
+                    is_control_leader: m.current_leader == Some(id),
+                    reachable: reachable.contains(&id),
+                    lag,
+                    shards_led: led.get(&id).copied().unwrap_or(0),
+                    replicas: placement.values().filter(|r| r.contains(&id)).count() as u64,
+                }
+            })
+            .collect();
+        Ok(MemberListReply { members })
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use tern_proto::admin::{NodeStats, QueueSummaryReply, StatsReply, StatusReply};
+use tern_proto::admin::{MemberListReply, NodeStats, QueueSummaryReply, StatsReply, StatusReply};
 use tern_proto::peer::peer_service_server::PeerService;
 use tern_proto::peer::*;
 use tonic::{Request, Response, Status};
@@ -200,6 +200,16 @@ impl PeerService for PeerServer {
         Ok(Response::new(PingReply {
             node_id: self.admin.node_id,
         }))
+    }
+
+    async fn members(&self, request: Request<MembersRequest>) -> Result<Response<MemberListReply>, Status> {
+        self.gate.admit(&request, "Members", None)?;
+        let control = self
+            .admin
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        Ok(Response::new(self.admin.members_here(&control).await?))
     }
 
     async fn local_status(&self, request: Request<LocalStatusRequest>) -> Result<Response<StatusReply>, Status> {
