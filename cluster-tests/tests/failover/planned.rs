@@ -39,7 +39,7 @@ fn move_leader_under_load_delivers_exactly_once() {
         for shard in 1..=u64::from(c.options.shards) {
             let (from, to) = next_replica(&c, shard);
             let t = Instant::now();
-            ternctl_ok(&c, 1, &["shard", "move-leader", &shard.to_string(), &to.to_string()]);
+            move_leader(&c, shard, to);
             moves += 1;
             eprintln!(
                 "move-leader round {round}: shard {shard} {from} -> {to} in {:.1?}",
@@ -106,4 +106,25 @@ fn rolling_sigterm_restart_delivers_exactly_once() {
     let v = assert_no_loss("rolling_sigterm_restart", &c, &report);
     assert_exactly_once("rolling_sigterm_restart", &v, led_total);
     assert_converged("rolling_sigterm_restart", &c, Duration::from_secs(60));
+}
+
+/// `ternctl shard move-leader SHARD TO` through node 1, waiting longer than
+/// the node's own 20 s bound, and once more if the node answers its "try
+/// again" (a hand-over can lose an election to a split vote under load;
+/// seen once in a CI run on a cold two-core machine).
+fn move_leader(c: &Cluster, shard: u64, to: u64) {
+    let args = ["shard", "move-leader", &shard.to_string(), &to.to_string()];
+    for attempt in 0..2 {
+        let out = c
+            .node(1)
+            .expect("node 1")
+            .ternctl(&args, Duration::from_secs(40))
+            .expect("ternctl finishes");
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(attempt == 0 && err.contains("try again"), "ternctl {args:?}: {err}");
+        eprintln!("move-leader shard {shard} -> {to}: {err}; once more");
+    }
 }
