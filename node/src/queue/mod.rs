@@ -8,7 +8,7 @@
 pub mod batch;
 pub mod handover;
 pub mod lease;
-pub mod message;
+pub use tern_model::record as message;
 pub mod ops;
 pub mod schedule;
 pub mod shard;

@@ -43,8 +43,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
 /// A segment is closed and a new one started once it is past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Segments kept for reuse instead of being deleted.
@@ -99,15 +97,7 @@ impl Kind {
     const MARKS: [Kind; 3] = [Kind::Vote, Kind::Committed, Kind::Purge];
 }
 
-/// Where one record (a body, or a log entry) lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BodyLoc {
-    pub segment: u64,
-    pub offset: u64,
-    /// Payload length.
-    pub len: u32,
-    pub crc: u32,
-}
+pub use tern_model::BodyLoc;
 
 /// One group's log: the record of each entry from `first` on.
 #[derive(Debug, Default)]

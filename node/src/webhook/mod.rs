@@ -36,16 +36,7 @@ use client::Poster;
 /// The tracing target of event log lines.
 pub const EVENT_TARGET: &str = "tern::event";
 
-/// Event types (the `event` field of docs/events.md), as `events` names them.
-pub const EVENT_TYPES: &[&str] = &[
-    "received",
-    "delivered",
-    "deferred",
-    "failed",
-    "expired",
-    "bounced",
-    "admin",
-];
+pub use tern_model::events::EVENT_TYPES;
 
 /// How long a stopping node tries to post what its webhooks still hold.
 pub const FINAL_FLUSH: Duration = Duration::from_secs(2);

@@ -23,7 +23,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::raft::NodeId;
+use tern_model::NodeId;
 
 pub const NODE_URI_PREFIX: &str = "tern://node/";
 pub const CLIENT_URI_PREFIX: &str = "tern://client/";

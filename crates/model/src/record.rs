@@ -5,7 +5,7 @@ use bincode::Options as _;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Envelope;
-use crate::storage::wal::BodyLoc;
+use crate::BodyLoc;
 
 /// Delivery state of one recipient.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,12 @@
+//! The names of the events a node writes to its event log and webhooks.
+
+/// Event types (the `event` field of docs/events.md), as `events` names them.
+pub const EVENT_TYPES: &[&str] = &[
+    "received",
+    "delivered",
+    "deferred",
+    "failed",
+    "expired",
+    "bounced",
+    "admin",
+];
