@@ -9,7 +9,9 @@
 //! - [`request`]: what a group replicates (the Raft log's entries) and answers.
 //! - [`stats`]: delivery analytics windows, mergeable across nodes.
 //! - [`events`]: the names of event log lines.
+//! - [`defaults`]: storage sizes the configuration and the storage code share.
 
+pub mod defaults;
 pub mod envelope;
 pub mod events;
 pub mod record;

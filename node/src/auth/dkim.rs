@@ -29,10 +29,8 @@ use tracing::{debug, info, warn};
 use crate::config::{Canonicalization, DkimAlgorithm, DkimKeyConfig};
 use crate::envelope::Envelope;
 
-/// RSA modulus sizes ring can sign with. RFC 8301 asks for at least 1024
-/// bits and recommends 2048; ring refuses anything under 2048.
-pub const RSA_MIN_BITS: usize = 2048;
-pub const RSA_MAX_BITS: usize = 4096;
+/// RSA modulus sizes ring can sign with (defined with the config's `[[dkim]]`).
+pub use crate::config::{RSA_MAX_BITS, RSA_MIN_BITS};
 
 const OID_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");

@@ -216,7 +216,9 @@ struct Selection {
 }
 
 fn parse_age(s: &str) -> Result<u64, String> {
-    tern_node::config::parse_duration(s).map(|d| d.as_secs())
+    tern_node::config::parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]

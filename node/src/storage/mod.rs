@@ -110,9 +110,7 @@ impl Blobs {
     }
 }
 
-/// sled's cache unless configured (`node.state_cache_mb`). A queue whose
-/// records outgrow it accepts mail more slowly (bench/RESULTS.md).
-pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+pub use tern_model::defaults::STATE_CACHE_BYTES as DEFAULT_CACHE_BYTES;
 
 /// The node's sled database plus the group-commit flusher.
 pub struct Durability {

@@ -43,8 +43,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// A segment is closed and a new one started once it is past this size.
-pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+pub use tern_model::defaults::LOG_SEGMENT_BYTES as SEGMENT_BYTES;
 /// Segments kept for reuse instead of being deleted.
 pub const MAX_SPARES: usize = 2;
 const HEADER: usize = 4 + 4 + 1 + 8;

@@ -24,45 +24,7 @@ const RECHECK: Duration = Duration::from_secs(1);
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$4Mqyj09Zgz1dBFQP/ZhD5Q$lI3h6PJ1PNh9RHNz92pcgSWPDHK5BXSD8E7kBOYspIg";
 
-/// One address or domain a user may use as the sender (MAIL FROM).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Owned {
-    /// The local part as written and the domain in lower case.
-    Address { local: String, domain: String },
-    /// `@domain`: every address in the domain (lower case).
-    Domain(String),
-}
-
-impl Owned {
-    /// Parses `user@domain` or `@domain`.
-    pub fn parse(s: &str) -> Result<Owned, String> {
-        let s = s.trim();
-        let bad = || format!("{s:?} is not an address (user@domain) or a domain (@domain)");
-        let (local, domain) = s.rsplit_once('@').ok_or_else(bad)?;
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        if domain.is_empty()
-            || s.chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == ',' || c == ':')
-        {
-            return Err(bad());
-        }
-        Ok(if local.is_empty() {
-            Owned::Domain(domain)
-        } else {
-            Owned::Address {
-                local: local.to_string(),
-                domain,
-            }
-        })
-    }
-
-    fn matches(&self, local: &str, domain: &str) -> bool {
-        match self {
-            Owned::Domain(d) => d.eq_ignore_ascii_case(domain),
-            Owned::Address { local: l, domain: d } => l == local && d.eq_ignore_ascii_case(domain),
-        }
-    }
-}
+pub use tern_config::{hash_password, Owned};
 
 /// The sender addresses a user owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -290,17 +252,6 @@ impl UserStore {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.checked = Instant::now() - RECHECK;
     }
-}
-
-/// An argon2id PHC string for `password`, with the crate's default
-/// parameters and a random salt (`ternd hash-password`).
-pub fn hash_password(password: &[u8]) -> Result<String, String> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    Argon2::default()
-        .hash_password(password, &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use crate::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,7 +178,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::config::Config;
+    use crate::Config;
 
     fn policies(toml: &str) -> Result<TlsPolicies, ConfigError> {
         Config::from_toml(toml).map(|c| c.tls_policies)

@@ -1,14 +1,14 @@
 //! `[[dkim]]` entries: one signing key each (domain, selector, key file,
 //! what to sign and how). Parsed and checked here; the key files are read
-//! when the node starts (`auth::dkim::Signer::new`), not when the config is
-//! parsed.
+//! when the node starts (the node's `auth::dkim::Signer::new`), not when the
+//! config is parsed.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{parse_duration, ConfigError};
+use crate::{parse_duration, ConfigError};
 
 /// Headers signed by default (each instance present is signed).
 pub const DEFAULT_HEADERS: &[&str] = &[
@@ -34,7 +34,7 @@ pub const DEFAULT_OVERSIGN: &[&str] = &["From", "To", "Subject", "Date"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawDkim {
+pub(crate) struct RawDkim {
     domain: String,
     selector: String,
     algorithm: String,
@@ -44,6 +44,11 @@ pub(super) struct RawDkim {
     canonicalization: Option<String>,
     expire: Option<String>,
 }
+
+/// RSA modulus sizes ring can sign with. RFC 8301 asks for at least 1024
+/// bits and recommends 2048; ring refuses anything under 2048.
+pub const RSA_MIN_BITS: usize = 2048;
+pub const RSA_MAX_BITS: usize = 4096;
 
 /// DKIM signing algorithm (`a=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +159,7 @@ fn canonicalization(s: &str) -> Result<(Canonicalization, Canonicalization), Con
     }
 }
 
-pub(super) fn validate(raw: Vec<RawDkim>) -> Result<Vec<DkimKeyConfig>, ConfigError> {
+pub(crate) fn validate(raw: Vec<RawDkim>) -> Result<Vec<DkimKeyConfig>, ConfigError> {
     let mut out: Vec<DkimKeyConfig> = Vec::with_capacity(raw.len());
     for r in raw {
         let domain = r.domain.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -209,7 +214,7 @@ pub(super) fn validate(raw: Vec<RawDkim>) -> Result<Vec<DkimKeyConfig>, ConfigEr
             .as_deref()
             .map(parse_duration)
             .transpose()
-            .map_err(|e| invalid("dkim.expire", e))?;
+            .map_err(|e| invalid("dkim.expire", e.to_string()))?;
         if expire.is_some_and(|d| d.is_zero()) {
             return Err(invalid("dkim.expire", "must be at least 1s".into()));
         }
@@ -230,8 +235,8 @@ pub(super) fn validate(raw: Vec<RawDkim>) -> Result<Vec<DkimKeyConfig>, ConfigEr
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::Config;
     use super::*;
+    use crate::Config;
 
     const MIN: &str = "[[dkim]]\ndomain = \"Example.TEST.\"\nselector = \"s1\"\nalgorithm = \"ed25519-sha256\"\nprivate_key = \"/k/ed.pem\"\n";
 
