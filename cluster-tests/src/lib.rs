@@ -79,7 +79,7 @@ pub fn binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| target_debug_dir().join(name));
     anyhow::ensure!(
         path.is_file(),
-        "{name} not found at {} (build it first: `cargo build -p tern-node --bin {name}` or `-p tern-powerfs`, or set {env_var})",
+        "{name} not found at {} (build it first: `cargo build --workspace --bins`, or set {env_var})",
         path.display()
     );
     Ok(path)

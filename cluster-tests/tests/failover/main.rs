@@ -1,5 +1,5 @@
 //! Failover scenarios on real `ternd` clusters (see docs/failover-testing.md).
-//! Needs `target/debug/ternd` and `ternctl` (`cargo build -p tern-node`) and
+//! Needs `target/debug/ternd` and `ternctl` (`cargo build -p tern-node -p ternctl`) and
 //! Postfix's smtp-sink (in PATH or /usr/sbin). Scenarios run one at a time
 //! (a process-wide lock): several clusters on two cores would starve each
 //! other's Raft timers.

@@ -10,7 +10,34 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const TERND: &str = env!("CARGO_BIN_EXE_ternd");
-pub const TERNCTL: &str = env!("CARGO_BIN_EXE_ternctl");
+/// `ternctl` is the `ternctl` package's binary: it sits next to `ternd` in
+/// the target directory (env `TERNCTL` overrides). Building it is not this
+/// package's job: `cargo build --workspace --all-targets` (or `cargo build
+/// -p ternctl`) first; a missing binary panics saying so.
+pub const TERNCTL: &Ternctl = &Ternctl;
+
+pub struct Ternctl;
+
+impl AsRef<std::ffi::OsStr> for Ternctl {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        PATH.get_or_init(|| {
+            let path = std::env::var_os("TERNCTL").map(PathBuf::from).unwrap_or_else(|| {
+                std::path::Path::new(TERND)
+                    .with_file_name("ternctl")
+                    .with_extension(std::env::consts::EXE_EXTENSION)
+            });
+            assert!(
+                path.is_file(),
+                "ternctl not found at {}: build it first (`cargo build -p ternctl`, or \
+                 `cargo build --workspace --all-targets`), or set TERNCTL",
+                path.display()
+            );
+            path
+        })
+        .as_os_str()
+    }
+}
 
 /// Multi-node tests run one at a time: several clusters at once on two
 /// cores would starve each other's Raft timers.

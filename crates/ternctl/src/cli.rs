@@ -1,0 +1,293 @@
+//! The command line: global flags, commands and their arguments (clap).
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "ternctl", version, about = "Administer a Tern cluster")]
+pub struct Args {
+    /// gRPC address of any node.
+    #[arg(
+        long,
+        short = 'e',
+        global = true,
+        env = "TERN_ENDPOINT",
+        default_value = "127.0.0.1:7070"
+    )]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    pub output: Output,
+    /// Cluster CA (PEM) when the cluster uses mutual TLS ([cluster] tls_ca).
+    #[arg(long, global = true, env = "TERN_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) signed by the cluster CA.
+    #[arg(long, global = true, env = "TERN_TLS_CERT", requires = "tls_ca")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, env = "TERN_TLS_KEY", requires = "tls_ca")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Name in the nodes' certificates ([cluster] tls_server_name).
+    #[arg(long, global = true, env = "TERN_TLS_SERVER_NAME", default_value = "tern-cluster")]
+    pub tls_server_name: String,
+    /// File whose first line is an operator token ([[admin_token]]); overrides TERN_TOKEN.
+    #[arg(long, global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Node id, cluster members, shards with leader and replicas, queued messages.
+    Status,
+    /// Inspect the queue.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Cluster membership.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Queue shards (Raft groups).
+    #[command(subcommand)]
+    Shard(ShardCommand),
+    /// Node maintenance.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Destination domains: suspend and resume deliveries.
+    #[command(subcommand)]
+    Domain(DomainCommand),
+    /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
+    Stats {
+        /// Rows by recipient domain, by site (relay host) or by node.
+        #[arg(long, value_enum, default_value = "domain")]
+        by: StatsBy,
+        /// The window (1m to 24h).
+        #[arg(long, value_parser = parse_age, default_value = "1h")]
+        since: u64,
+    },
+    /// DKIM keys (offline: no node is contacted).
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+    /// The cluster's certificates (offline: no node is contacted).
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Operator tokens (offline: no node is contacted).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Print a new random token and an [[admin_token]] entry with its hash.
+    New {
+        /// The token's name (shown in audit events).
+        #[arg(long)]
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertCommand {
+    /// Make the cluster CA: DIR/ca.crt and DIR/ca.key (keep ca.key off the nodes).
+    InitCa {
+        /// Directory for the files (created if missing).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Tern cluster CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = tern_pki::DEFAULT_CA_DAYS)]
+        days: u32,
+    },
+    /// A node's certificate (names tern://node/ID): DIR/node-ID.crt and .key.
+    Node {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The node id ([node] id).
+        #[arg(long)]
+        id: u64,
+        /// Host names and addresses peers and ternctl use to reach the node (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = tern_pki::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+    /// An operator's client certificate (names tern://client/ROLE/NAME): DIR/client-NAME.crt and .key.
+    Client {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Who the operator is (shown in audit events).
+        #[arg(long)]
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value_t = tern_pki::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DkimCommand {
+    /// Make a key pair: writes the private key (PKCS#8 PEM, mode 0600) and
+    /// prints the [[dkim]] config entry and the DNS TXT record to publish.
+    Generate {
+        /// Signing domain (d=).
+        #[arg(long)]
+        domain: String,
+        /// Selector (s=): the key is published at SELECTOR._domainkey.DOMAIN.
+        #[arg(long)]
+        selector: String,
+        /// ed25519 (RFC 8463: short keys, fast) or rsa (checked by every verifier); sign with both for now.
+        #[arg(long, value_enum)]
+        algorithm: KeyAlgorithm,
+        /// RSA modulus size (2048 to 4096).
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Private key file to create (never overwritten) [default: dkim-DOMAIN-SELECTOR.pem].
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyAlgorithm {
+    #[value(alias = "ed25519-sha256")]
+    Ed25519,
+    #[value(alias = "rsa-sha256")]
+    Rsa,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatsBy {
+    Domain,
+    Site,
+    Node,
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Move every shard leadership off node ID (before maintenance).
+    Drain { id: u64 },
+    /// Let node ID lead shards again.
+    Undrain { id: u64 },
+}
+
+/// Which messages a queue operation acts on.
+#[derive(clap::Args)]
+pub struct Selection {
+    /// Queue ids.
+    pub ids: Vec<String>,
+    /// Messages with a pending recipient in this domain.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Messages from this sender (an address, or @domain).
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// Messages older than this (30s, 5m, 2h, 5d).
+    #[arg(long, value_parser = parse_age)]
+    pub older_than: Option<u64>,
+    /// Only show what would be affected.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `30s`, `5m`, `2h`, `5d` (or bare seconds) as seconds.
+pub fn parse_age(s: &str) -> Result<u64, tern_config::DurationError> {
+    tern_config::parse_duration(s).map(|d| d.as_secs())
+}
+
+#[derive(Subcommand)]
+pub enum DomainCommand {
+    /// Stop deliveries to a domain cluster-wide (mail is still accepted).
+    Suspend {
+        domain: String,
+        /// For how long (30m, 2h, 1d); until resumed if absent.
+        #[arg(long, value_parser = parse_age)]
+        duration: Option<u64>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Deliver to a suspended domain again.
+    Resume { domain: String },
+    /// Suspended domains.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum MemberCommand {
+    /// Add a node (started without bootstrap) to the cluster.
+    Add {
+        /// The new node's id (its [node] id; never reused).
+        #[arg(long)]
+        id: u64,
+        /// The new node's gRPC address, as other nodes reach it.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Members with role, reachability, lag, shards led and replicas held.
+    List,
+    /// Remove a node: its replicas move elsewhere first.
+    Remove {
+        #[arg(long)]
+        id: u64,
+        /// Remove even if a shard is left without a reachable majority.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ShardCommand {
+    /// Shards with leader, replicas, applied index and queued messages,
+    /// gathered from every member (each shard as its leader reports it).
+    List {
+        /// Only the shards the node asked hosts, as that node sees them
+        /// (e.g. its own applied index).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Make NODE (which holds a replica) the leader of SHARD.
+    MoveLeader { shard: u64, node: u64 },
+}
+
+#[derive(Subcommand)]
+pub enum QueueCommand {
+    /// Messages queued, per recipient domain.
+    Summary,
+    /// List queued messages.
+    List {
+        /// Only messages with a pending recipient in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Keep messages queued without delivering them.
+    Hold(Selection),
+    /// Let held messages be delivered again (at once).
+    Release(Selection),
+    /// Remove messages without delivery or report.
+    Delete(Selection),
+    /// Fail every pending recipient and send the sender a bounce (RFC 3464).
+    Bounce(Selection),
+    /// Try messages again now.
+    Retry(Selection),
+    /// Show one message: envelope, size, attempts, next attempt.
+    Show {
+        id: String,
+        /// Also print the message content as queued.
+        #[arg(long)]
+        body: bool,
+    },
+}

@@ -1,0 +1,454 @@
+//! The commands that ask a node (status, member, shard, node, queue,
+//! domain, stats), each printed as a table or as JSON.
+
+use serde_json::json;
+use tern_proto::admin::*;
+
+use crate::cli::{
+    Args, Command, DomainCommand, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShardCommand, StatsBy,
+};
+use crate::connect::{connect, Client};
+use crate::output::*;
+
+/// Runs a command against the node at `args.endpoint`.
+pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status> {
+    let mut client = connect(&args, token).await?;
+    let json = args.output == Output::Json;
+    match args.command {
+        Command::Status => {
+            let s = client.status(StatusRequest { local_only: false }).await?.into_inner();
+            warn_unreachable(&s.unreachable);
+            if json {
+                print_json(&status_json(&s));
+            } else {
+                print_status(&s);
+            }
+        }
+        Command::Member(MemberCommand::Add { id, addr }) => {
+            let r = client
+                .member_add(MemberAddRequest { id, addr: addr.clone() })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&json!({"id": id, "addr": addr, "role": r.role}));
+            } else {
+                println!("node {id} ({addr}) added as {}", r.role);
+            }
+        }
+        Command::Member(MemberCommand::List) => {
+            let r = client.member_list(MemberListRequest {}).await?.into_inner();
+            if json {
+                print_json(&json!(r
+                    .members
+                    .iter()
+                    .map(|m| json!({
+                        "id": m.id, "addr": m.addr, "role": m.role, "control_leader": m.is_control_leader,
+                        "reachable": m.reachable, "lag": m.lag, "shards_led": m.shards_led, "replicas": m.replicas,
+                    }))
+                    .collect::<Vec<_>>()));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.to_string(),
+                            m.addr.clone(),
+                            m.role.clone(),
+                            if m.is_control_leader { "yes" } else { "" }.into(),
+                            if m.reachable { "yes" } else { "NO" }.into(),
+                            m.lag.to_string(),
+                            m.shards_led.to_string(),
+                            m.replicas.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "ADDR",
+                        "ROLE",
+                        "CONTROL LEADER",
+                        "REACHABLE",
+                        "LAG",
+                        "LEADS",
+                        "REPLICAS",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Member(MemberCommand::Remove { id, force }) => {
+            client.member_remove(MemberRemoveRequest { id, force }).await?;
+            if json {
+                print_json(&json!({"id": id, "removed": true}));
+            } else {
+                println!("node {id} removed; its replicas were moved");
+            }
+        }
+        Command::Node(cmd) => {
+            let (id, drained) = match cmd {
+                NodeCommand::Drain { id } => (id, true),
+                NodeCommand::Undrain { id } => (id, false),
+            };
+            client.drain(DrainRequest { id, drained }).await?;
+            if json {
+                print_json(&json!({"id": id, "drained": drained}));
+            } else if drained {
+                println!("node {id} drained: its shard leaderships move to other replicas");
+            } else {
+                println!("node {id} undrained");
+            }
+        }
+        Command::Queue(QueueCommand::Hold(sel)) => queue_op(&mut client, "hold", sel, json).await?,
+        Command::Queue(QueueCommand::Release(sel)) => queue_op(&mut client, "release", sel, json).await?,
+        Command::Queue(QueueCommand::Delete(sel)) => queue_op(&mut client, "delete", sel, json).await?,
+        Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
+        Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
+        // Handled offline in main.
+        Command::Dkim(_) | Command::Cert(_) | Command::Token(_) => {}
+        Command::Stats { by, since } => {
+            let r = client
+                .stats(StatsRequest {
+                    since_secs: since,
+                    local_only: false,
+                })
+                .await?
+                .into_inner();
+            print_stats(&r, by, since, json)?;
+        }
+        Command::Domain(cmd) => {
+            let reply = match cmd {
+                DomainCommand::Suspend {
+                    domain,
+                    duration,
+                    reason,
+                } => client
+                    .domain_suspend(DomainSuspendRequest {
+                        domain,
+                        duration_secs: duration.unwrap_or(0),
+                        reason,
+                    })
+                    .await?
+                    .into_inner(),
+                DomainCommand::Resume { domain } => {
+                    client.domain_resume(DomainResumeRequest { domain }).await?.into_inner()
+                }
+                DomainCommand::List => client.domain_list(DomainListRequest {}).await?.into_inner(),
+            };
+            if json {
+                print_json(&json!(reply
+                    .suspended
+                    .iter()
+                    .map(|d| json!({"domain": d.domain, "until": d.until, "reason": d.reason}))
+                    .collect::<Vec<_>>()));
+            } else {
+                let rows: Vec<Vec<String>> = reply
+                    .suspended
+                    .iter()
+                    .map(|d| {
+                        let until = if d.until >= i64::MAX / 4 {
+                            "resumed by hand".into()
+                        } else {
+                            time(d.until)
+                        };
+                        vec![d.domain.clone(), until, d.reason.clone()]
+                    })
+                    .collect();
+                print_table(&["SUSPENDED DOMAIN", "UNTIL", "REASON"], &rows);
+            }
+        }
+        Command::Shard(ShardCommand::List { local }) => {
+            let s = client.status(StatusRequest { local_only: local }).await?.into_inner();
+            warn_unreachable(&s.unreachable);
+            if json {
+                print_json(&status_json(&s)["shards"]);
+            } else {
+                print_shards(&s);
+            }
+        }
+        Command::Shard(ShardCommand::MoveLeader { shard, node }) => {
+            client.move_leader(MoveLeaderRequest { shard, node }).await?;
+            if json {
+                print_json(&json!({"shard": shard, "node": node, "requested": true}));
+            } else {
+                println!("asked node {node} to take over shard {shard}");
+            }
+        }
+        Command::Queue(QueueCommand::Summary) => {
+            let s = client
+                .queue_summary(QueueSummaryRequest {
+                    local_only: false,
+                    shards: Vec::new(),
+                })
+                .await?
+                .into_inner();
+            warn_unreachable(&s.unreachable);
+            if !s.missing_shards.is_empty() {
+                eprintln!(
+                    "warning: shards {:?} could not be counted (no replica answered)",
+                    s.missing_shards
+                );
+            }
+            if json {
+                let domains: serde_json::Map<String, serde_json::Value> = s
+                    .domains
+                    .iter()
+                    .map(|d| (d.domain.clone(), json!(d.messages)))
+                    .collect();
+                print_json(&json!({
+                    "messages": s.messages,
+                    "recipients": s.recipients,
+                    "bytes": s.bytes,
+                    "oldest_age_secs": s.oldest_age_secs,
+                    "unreachable": s.unreachable,
+                    "missing_shards": s.missing_shards,
+                    "domains": domains,
+                    "domain_recipients": s.domains.iter().map(|d| (d.domain.clone(), json!(d.recipients))).collect::<serde_json::Map<_, _>>(),
+                    "domain_details": s.domains.iter().map(|d| json!({
+                        "domain": d.domain, "messages": d.messages, "recipients": d.recipients, "held": d.held,
+                        "oldest_age_secs": d.oldest_age_secs, "last_error": d.last_error,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!(
+                    "{} messages, {} recipients, {} bytes, oldest {}",
+                    s.messages,
+                    s.recipients,
+                    s.bytes,
+                    age(s.oldest_age_secs)
+                );
+                let rows: Vec<Vec<String>> = s
+                    .domains
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.domain.clone(),
+                            d.messages.to_string(),
+                            d.recipients.to_string(),
+                            d.held.to_string(),
+                            age(d.oldest_age_secs),
+                            d.last_error.clone(),
+                        ]
+                    })
+                    .collect();
+                if !rows.is_empty() {
+                    println!();
+                    print_table(
+                        &["DOMAIN", "MESSAGES", "RECIPIENTS", "HELD", "OLDEST", "LAST ERROR"],
+                        &rows,
+                    );
+                }
+            }
+        }
+        Command::Queue(QueueCommand::List { domain, limit }) => {
+            let r = client
+                .queue_list(QueueListRequest {
+                    domain: domain.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "messages": r.messages.iter().map(message_json).collect::<Vec<_>>(),
+                    "truncated": r.truncated,
+                }));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.shard.to_string(),
+                            sender(&m.reverse_path),
+                            m.recipients.len().to_string(),
+                            m.size.to_string(),
+                            time(m.received_at),
+                            m.attempts.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["ID", "SHARD", "SENDER", "RCPTS", "SIZE", "RECEIVED", "ATTEMPTS"],
+                    &rows,
+                );
+                if r.truncated {
+                    println!("(more messages match; raise --limit)");
+                }
+            }
+        }
+        Command::Queue(QueueCommand::Show { id, body }) => {
+            let r = client
+                .queue_show(QueueShowRequest { id, with_body: body })
+                .await?
+                .into_inner();
+            let m = r.message.ok_or_else(|| tonic::Status::not_found("no such message"))?;
+            if json {
+                let mut v = message_json(&m);
+                if body {
+                    v["body"] = json!(String::from_utf8_lossy(&r.body));
+                }
+                print_json(&v);
+            } else {
+                print_message(&m);
+                if body {
+                    use std::io::Write as _;
+                    println!();
+                    let _ = std::io::stdout().write_all(&r.body);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Finds the selected messages (a dry run on the server), then applies the
+/// operation in batches, showing progress on stderr.
+async fn queue_op(client: &mut Client, op: &str, sel: Selection, json: bool) -> Result<(), tonic::Status> {
+    const BATCH: usize = 200;
+    let found = client
+        .queue_op(QueueOpRequest {
+            op: op.into(),
+            ids: sel.ids,
+            domain: sel.domain.unwrap_or_default(),
+            sender: sel.sender.unwrap_or_default(),
+            older_than_secs: sel.older_than.unwrap_or(0),
+            dry_run: true,
+            on_leader: false,
+        })
+        .await?
+        .into_inner();
+    if sel.dry_run {
+        if json {
+            print_json(&json!({"op": op, "dry_run": true, "matched": found.matched, "ids": found.ids}));
+        } else {
+            println!("{op}: {} messages would be affected (dry run)", found.matched);
+            for id in &found.ids {
+                println!("{id}");
+            }
+        }
+        return Ok(());
+    }
+    let total = found.ids.len();
+    let mut affected = 0;
+    for (i, batch) in found.ids.chunks(BATCH).enumerate() {
+        let reply = client
+            .queue_op(QueueOpRequest {
+                op: op.into(),
+                ids: batch.to_vec(),
+                dry_run: false,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        affected += reply.affected;
+        if total > BATCH {
+            eprintln!("{op}: {}/{total}", ((i + 1) * BATCH).min(total));
+        }
+    }
+    if json {
+        print_json(&json!({"op": op, "matched": found.matched, "affected": affected}));
+    } else {
+        println!("{op}: {affected} messages affected");
+    }
+    Ok(())
+}
+
+fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<(), tonic::Status> {
+    use tern_model::stats::{Counts, Window};
+    let mut all = Window::default();
+    let mut rows: std::collections::BTreeMap<String, Counts> = std::collections::BTreeMap::new();
+    for n in &r.nodes {
+        let w: Window = bincode::deserialize(&n.window)
+            .map_err(|e| tonic::Status::internal(format!("node {}: bad stats: {e}", n.node)))?;
+        match by {
+            StatsBy::Node => {
+                rows.insert(format!("node {}", n.node), w.total());
+            }
+            StatsBy::Domain | StatsBy::Site => {
+                let source = if by == StatsBy::Domain {
+                    &w.by_domain
+                } else {
+                    &w.by_relay
+                };
+                for (k, c) in source {
+                    let e = rows.entry(k.clone()).or_default();
+                    e.delivered += c.delivered;
+                    e.deferred += c.deferred;
+                    e.bounced += c.bounced;
+                }
+            }
+        }
+        all.merge(w);
+    }
+    let total = all.total();
+    let minutes = (since as f64 / 60.0).max(1.0);
+    let (p50, p90, p99) = (all.percentile(50.0), all.percentile(90.0), all.percentile(99.0));
+    let mut reasons: Vec<_> = all.reasons.iter().collect();
+    reasons.sort_by_key(|r| std::cmp::Reverse(r.1.count));
+    reasons.truncate(10);
+    if json {
+        print_json(&json!({
+            "since_secs": since,
+            "total": {"delivered": total.delivered, "deferred": total.deferred, "bounced": total.bounced},
+            "per_minute": {
+                "delivered": total.delivered as f64 / minutes,
+                "deferred": total.deferred as f64 / minutes,
+                "bounced": total.bounced as f64 / minutes,
+            },
+            "time_in_queue_secs": {"p50": p50, "p90": p90, "p99": p99},
+            "rows": rows.iter().map(|(k, c)| json!({
+                "key": k, "delivered": c.delivered, "deferred": c.deferred, "bounced": c.bounced,
+            })).collect::<Vec<_>>(),
+            "top_reasons": reasons.iter().map(|((kind, code), r)| json!({
+                "kind": kind, "code": code, "count": r.count, "last_reply": r.last_reply,
+            })).collect::<Vec<_>>(),
+            "unreachable_nodes": r.unreachable,
+        }));
+        return Ok(());
+    }
+    println!(
+        "last {}: {} delivered ({:.1}/min), {} deferred ({:.1}/min), {} bounced ({:.1}/min)",
+        age(since),
+        total.delivered,
+        total.delivered as f64 / minutes,
+        total.deferred,
+        total.deferred as f64 / minutes,
+        total.bounced,
+        total.bounced as f64 / minutes
+    );
+    let secs = |p: Option<u32>| p.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into());
+    println!("time in queue: p50 {}, p90 {}, p99 {}", secs(p50), secs(p90), secs(p99));
+    if !r.unreachable.is_empty() {
+        println!("(no answer from nodes {:?})", r.unreachable);
+    }
+    println!();
+    let key = match by {
+        StatsBy::Domain => "DOMAIN",
+        StatsBy::Site => "SITE",
+        StatsBy::Node => "NODE",
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(k, c)| {
+            vec![
+                k.clone(),
+                c.delivered.to_string(),
+                c.deferred.to_string(),
+                c.bounced.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&[key, "DELIVERED", "DEFERRED", "BOUNCED"], &table);
+    if !reasons.is_empty() {
+        println!();
+        let table: Vec<Vec<String>> = reasons
+            .iter()
+            .map(|((kind, code), r)| vec![kind.clone(), code.clone(), r.count.to_string(), r.last_reply.clone()])
+            .collect();
+        print_table(&["OUTCOME", "CODE", "COUNT", "LAST REPLY"], &table);
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! `ternctl`: the Tern admin CLI. Talks gRPC to any node's AdminService.
+//! Tables for people, `-o json` for scripts.
+//!
+//! Exit codes: 0 success, 1 the request failed (node unreachable, server
+//! error), 2 usage error, 3 not found, 4 not permitted (no or a wrong
+//! credential, or a role that does not allow the command).
+//!
+//! Operator credentials: a client certificate (`--tls-cert`, `--tls-key`)
+//! or a token (`--token-file FILE`, or the environment variable
+//! `TERN_TOKEN`), sent as `authorization: Bearer <token>`.
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap): flags, commands, arguments.
+//! - [`connect`]: the channel to a node: TLS, the operator token.
+//! - [`commands`]: the commands that ask a node, and their output.
+//! - [`output`]: tables for people, JSON for scripts.
+//! - [`cert`], [`token`], [`dkim`]: offline commands (no node is contacted).
+//!
+//! Depends on the proto, model, pki and config crates only: never on the
+//! node's runtime (openraft, sled, actix, mail-auth).
+
+mod cert;
+mod cli;
+mod commands;
+mod connect;
+mod dkim;
+mod output;
+mod token;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use cli::{Args, Command, Output};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Command::Dkim(cmd) = &args.command {
+        return dkim::command(cmd, args.output == Output::Json);
+    }
+    if let Command::Cert(cmd) = &args.command {
+        return cert::command(cmd, args.output == Output::Json);
+    }
+    if let Command::Token(cmd) = &args.command {
+        return token::command(cmd, args.output == Output::Json);
+    }
+    let token = match connect::read_token(args.token_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ternctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if token.is_some() && args.tls_ca.is_none() && !connect::endpoint_is_loopback(&args.endpoint) {
+        eprintln!(
+            "ternctl: warning: sending a token over plaintext gRPC to {}; anyone on the path can read it (use --tls-ca)",
+            args.endpoint
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ternctl: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(commands::run(args, token)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(status) => {
+            eprintln!("ternctl: {}", status.message());
+            match status.code() {
+                tonic::Code::NotFound => ExitCode::from(3),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => ExitCode::from(4),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
