@@ -124,3 +124,49 @@ pub async fn connect(args: &Args, token: Option<String>) -> Result<Client, tonic
         AdminServiceClient::with_interceptor(channel, Bearer(bearer)).max_decoding_message_size(256 * 1024 * 1024);
     Ok(client)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_endpoints() {
+        for e in [
+            "127.0.0.1:7070",
+            "localhost:7070",
+            "http://[::1]:7070",
+            "https://127.0.0.2:1/x",
+            "LOCALHOST",
+        ] {
+            assert!(endpoint_is_loopback(e), "{e}");
+        }
+        for e in [
+            "10.0.0.1:7070",
+            "node1:7070",
+            "https://tern.example:443",
+            "[2001:db8::1]:7070",
+        ] {
+            assert!(!endpoint_is_loopback(e), "{e}");
+        }
+    }
+
+    #[test]
+    fn token_file_first_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret \nsecond line\n").unwrap();
+        assert_eq!(read_token(Some(&path)).unwrap().as_deref(), Some("s3cret"));
+        std::fs::write(&path, "\nsecond line\n").unwrap();
+        assert!(matches!(read_token(Some(&path)), Err(TokenError::Empty { .. })));
+        std::fs::write(&path, "two words\n").unwrap();
+        assert!(matches!(read_token(Some(&path)), Err(TokenError::NotPrintable)));
+        let missing = dir.path().join("missing");
+        let e = read_token(Some(&missing)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("--token-file {}: ", missing.display())),
+            "{e}"
+        );
+    }
+}

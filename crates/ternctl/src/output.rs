@@ -196,3 +196,19 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         line(row.iter().map(String::as_str).collect());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_formatters() {
+        assert_eq!(age(119), "119s");
+        assert_eq!(age(120), "2m");
+        assert_eq!(age(7200), "2h");
+        assert_eq!(sender(""), "<>");
+        assert_eq!(opt_node(0), "none");
+        assert_eq!(opt_node(3), "3");
+        assert_eq!(time(0), "1970-01-01 00:00:00 UTC");
+    }
+}
