@@ -11,13 +11,15 @@
 
 use std::fs;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
+
+pub use crate::ports::free_port;
 
 /// How long a peer may take to start answering.
 const START_DEADLINE: Duration = Duration::from_secs(15);
@@ -45,23 +47,9 @@ fn is_root() -> bool {
     fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Polls `cond` until it is true or `deadline` passes.
-pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + deadline;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Polls `cond` until it is true (true) or `deadline` passes (false).
+fn wait_until(deadline: Duration, cond: impl FnMut() -> bool) -> bool {
+    crate::wait_until(deadline, "a test peer", cond).is_ok()
 }
 
 /// A running peer process with its scratch directory.
