@@ -9,18 +9,24 @@
 //!   member of a cluster): start with a config file (or none), wait for
 //!   `ready`, read the `listening` lines, kill / stop / pause / resume,
 //!   logs, and `ternctl` calls bounded in time.
+//! - [`config`]: config files for a cluster member and a single node.
 //! - [`pki`]: a test cluster's certificates, made with `ternctl cert`.
 //! - [`peers`]: real SMTP/LMTP peers (`smtp-sink`, `aiosmtpd`, Dovecot) and
 //!   a throwaway certificate authority (openssl).
 //! - [`dns`]: a `dnsmasq` DNS server and a SERVFAIL server.
+//! - [`smtp`]: a blocking SMTP client and reply reader.
+//! - [`sink`]: `smtp-sink` dumping messages to files, for end-to-end tests.
 //! - [`ports`]: free loopback ports, and ports that refuse connections.
 //! - [`wait`]: `wait_until` / `wait_for` with deadlines.
 //! - [`bin()`]: where a workspace binary is.
 
+pub mod config;
 pub mod dns;
 pub mod peers;
 pub mod pki;
 pub mod ports;
+pub mod sink;
+pub mod smtp;
 pub mod ternd;
 pub mod wait;
 
@@ -48,9 +54,9 @@ pub enum Error {
         path: PathBuf,
         env_var: String,
     },
-    #[error("ternd {label} exited before ready: {status}\n{logs}")]
+    #[error("{name} exited before ready: {status}\n{logs}")]
     ExitedBeforeReady {
-        label: String,
+        name: String,
         status: std::process::ExitStatus,
         logs: String,
     },

@@ -38,9 +38,10 @@ pub struct Ternd {
     cwd: Option<PathBuf>,
     /// Environment for the next [`Ternd::start`] (besides `RUST_LOG`).
     pub env: Vec<(String, String)>,
-    /// Names the process in errors and, when `log_prefix`, its log lines.
-    label: String,
-    log_prefix: bool,
+    /// Names the process in errors (`ternd`, `ternd n1`).
+    name: String,
+    /// `[TAG#START] ` before each log line, when set.
+    log_tag: Option<String>,
     child: Option<Child>,
     state: State,
     stdout: Arc<Mutex<Vec<String>>>,
@@ -73,8 +74,8 @@ impl Ternd {
             config,
             cwd,
             env: Vec::new(),
-            label: String::new(),
-            log_prefix: false,
+            name: "ternd".to_owned(),
+            log_tag: None,
             child: None,
             state: State::Down,
             stdout: Arc::default(),
@@ -85,11 +86,11 @@ impl Ternd {
         }
     }
 
-    /// Names the process `label` in errors; with `log_prefix`, each log line
-    /// gets `[LABEL#START] ` (several nodes' logs side by side).
-    pub fn labelled(mut self, label: &str, log_prefix: bool) -> Ternd {
-        self.label = label.to_owned();
-        self.log_prefix = log_prefix;
+    /// Names the process `ternd TAG` in errors; with `log_prefix`, each log
+    /// line gets `[TAG#START] ` (several nodes' logs side by side).
+    pub fn labelled(mut self, tag: &str, log_prefix: bool) -> Ternd {
+        self.name = format!("ternd {tag}");
+        self.log_tag = log_prefix.then(|| tag.to_owned());
         self
     }
 
@@ -100,15 +101,14 @@ impl Ternd {
     /// Starts the process (again, same config and data) without waiting.
     pub fn start(&mut self) -> Result<()> {
         if self.child.is_some() {
-            return Err(Error::Failed(format!("ternd {} is already running", self.label)));
+            return Err(Error::Failed(format!("{} is already running", self.name)));
         }
         lock(&self.stdout).clear();
         self.listening.clear();
         self.starts += 1;
-        let prefix = if self.log_prefix {
-            format!("[{}#{}] ", self.label, self.starts)
-        } else {
-            String::new()
+        let prefix = match &self.log_tag {
+            Some(tag) => format!("[{tag}#{}] ", self.starts),
+            None => String::new(),
         };
         let mut cmd = Command::new(&self.binary);
         match (&self.config, &self.cwd) {
@@ -151,13 +151,13 @@ impl Ternd {
         let end = Instant::now() + deadline;
         loop {
             let Some(c) = self.child.as_mut() else {
-                return Err(Error::Failed(format!("ternd {} is not running", self.label)));
+                return Err(Error::Failed(format!("{} is not running", self.name)));
             };
             if let Ok(Some(status)) = c.try_wait() {
                 self.child = None;
                 self.state = State::Down;
                 return Err(Error::ExitedBeforeReady {
-                    label: self.label.clone(),
+                    name: self.name.clone(),
                     status,
                     logs: self.logs(),
                 });
@@ -176,8 +176,8 @@ impl Ternd {
             }
             if Instant::now() >= end {
                 return Err(Error::Failed(format!(
-                    "ternd {} not ready after {deadline:?}\n{}",
-                    self.label,
+                    "{} not ready after {deadline:?}\n{}",
+                    self.name,
                     self.logs()
                 )));
             }
@@ -217,7 +217,7 @@ impl Ternd {
     pub fn signal(&self, sig: &str) -> Result<()> {
         let pid = self
             .pid()
-            .ok_or_else(|| Error::Failed(format!("ternd {} is not running", self.label)))?;
+            .ok_or_else(|| Error::Failed(format!("{} is not running", self.name)))?;
         let st = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(pid.to_string())
@@ -270,8 +270,8 @@ impl Ternd {
             None => {
                 self.kill();
                 Err(Error::Failed(format!(
-                    "ternd {} did not exit within {deadline:?} after SIG{sig}\n{}",
-                    self.label,
+                    "{} did not exit within {deadline:?} after SIG{sig}\n{}",
+                    self.name,
                     self.logs()
                 )))
             }
@@ -308,12 +308,8 @@ impl Drop for Ternd {
         }
         self.kill();
         if self.print_logs_on_panic && std::thread::panicking() {
-            let label = if self.label.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", self.label)
-            };
-            eprintln!("---- ternd{label} log ----\n{}\n---- end ternd{label} log ----", self.logs());
+            let name = &self.name;
+            eprintln!("---- {name} log ----\n{}\n---- end {name} log ----", self.logs());
         }
     }
 }
