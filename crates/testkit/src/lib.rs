@@ -124,3 +124,17 @@ fn profile_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     target.join("debug")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_names_its_path_and_variable() {
+        let e = try_bin("tern-no-such-binary").expect_err("missing");
+        let text = e.to_string();
+        assert!(matches!(e, Error::MissingBinary { .. }), "{e:?}");
+        assert!(text.contains("TERN_NO_SUCH_BINARY"), "{text}");
+        assert!(text.contains("tern-no-such-binary"), "{text}");
+    }
+}

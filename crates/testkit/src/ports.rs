@@ -56,3 +56,28 @@ pub fn closed_port() -> ClosedPort {
     }
     panic!("no loopback port could be reserved")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_bindable() {
+        let (a, b) = (free_port(), free_port());
+        assert_ne!(a, b);
+        for port in [a, b] {
+            assert!((20000..32000).contains(&port), "{port}");
+            TcpListener::bind(("127.0.0.1", port)).expect("bindable");
+        }
+        let dns = free_udp_tcp_port();
+        UdpSocket::bind(("127.0.0.1", dns)).expect("UDP bindable");
+        TcpListener::bind(("127.0.0.1", dns)).expect("TCP bindable");
+    }
+
+    #[test]
+    fn a_closed_port_refuses_connections() {
+        let closed = closed_port();
+        let refused = std::net::TcpStream::connect(("127.0.0.1", closed.port)).expect_err("refused");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+}

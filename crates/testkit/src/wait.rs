@@ -31,3 +31,27 @@ pub fn wait_for(deadline: Duration, what: &str, cond: impl FnMut() -> bool) {
         panic!("{e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_that_holds_returns_at_once() {
+        let took = wait_until(Duration::from_secs(5), "true", || true).expect("no timeout");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+
+    #[test]
+    fn a_condition_that_never_holds_times_out_naming_it() {
+        let mut polls = 0;
+        let e = wait_until(Duration::from_millis(100), "the impossible", || {
+            polls += 1;
+            false
+        })
+        .expect_err("timeout");
+        assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+        assert!(e.to_string().contains("the impossible"), "{e}");
+        assert!(polls >= 2, "polled {polls} times");
+    }
+}
