@@ -11,11 +11,11 @@
 //!   logs, and `ternctl` calls bounded in time.
 //! - [`config`]: config files for a cluster member and a single node.
 //! - [`pki`]: a test cluster's certificates, made with `ternctl cert`.
-//! - [`peers`]: real SMTP/LMTP peers (`smtp-sink`, `aiosmtpd`, Dovecot) and
+//! - [`peers`]: real SMTP/LMTP peers (`smtp-sink` dumping each message to
+//!   a file, `aiosmtpd`, Dovecot) and
 //!   a throwaway certificate authority (openssl).
 //! - [`dns`]: a `dnsmasq` DNS server and a SERVFAIL server.
 //! - [`smtp`]: a blocking SMTP client and reply reader.
-//! - [`sink`]: `smtp-sink` dumping messages to files, for end-to-end tests.
 //! - [`ports`]: free loopback ports, and ports that refuse connections.
 //! - [`wait`]: `wait_until` / `wait_for` with deadlines.
 //! - [`bin()`]: where a workspace binary is.
@@ -25,7 +25,6 @@ pub mod dns;
 pub mod peers;
 pub mod pki;
 pub mod ports;
-pub mod sink;
 pub mod smtp;
 pub mod ternd;
 pub mod wait;

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tern_testkit::config::SingleNode;
-pub use tern_testkit::sink::SmtpSink;
+pub use tern_testkit::peers::SmtpSink;
 pub use tern_testkit::smtp::{body, Client};
 use tern_testkit::ternd::Ternd;
 pub use tern_testkit::{closed_port, free_port, wait_for};
