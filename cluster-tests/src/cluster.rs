@@ -96,7 +96,7 @@ pub struct Cluster {
     partitioned: Vec<u64>,
     targets: Targets,
     /// The cluster's certificates (None with `plaintext`).
-    pub pki: Option<crate::pki::TestPki>,
+    pub pki: Option<tern_testkit::pki::TestPki>,
 }
 
 impl Cluster {
@@ -109,13 +109,13 @@ impl Cluster {
         let sink = Sink::start(&sink_args)?;
         let mut grpc = BTreeMap::new();
         for id in 1..=options.max_nodes {
-            grpc.insert(id, format!("127.0.0.1:{}", crate::free_port()?).parse()?);
+            grpc.insert(id, format!("127.0.0.1:{}", tern_testkit::free_port()).parse()?);
         }
         let mesh = Mesh::start(&grpc)?;
         let pki = if options.plaintext {
             None
         } else {
-            Some(crate::pki::TestPki::new(&crate::ternctl_path()?).context("the cluster's certificates")?)
+            Some(tern_testkit::pki::TestPki::with_workspace_ternctl().context("the cluster's certificates")?)
         };
         let mut cluster = Cluster {
             pki,
@@ -473,7 +473,7 @@ impl Cluster {
     /// Don't print node logs on drop (the caller handles them).
     pub fn quiet_logs(&mut self) {
         for n in self.nodes.values_mut() {
-            n.print_logs_on_panic = false;
+            n.print_logs_on_panic(false);
         }
     }
 }

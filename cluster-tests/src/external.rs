@@ -132,7 +132,7 @@ fn discover_smtp(pid: u32, except: u16) -> Option<SocketAddr> {
         let s = TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
         let mut r = std::io::BufReader::new(s);
-        let greeting = crate::load::read_reply(&mut r).ok()?;
+        let greeting = tern_testkit::smtp::read_reply(&mut r).ok()?;
         greeting.starts_with("220").then_some(a)
     })
 }
@@ -199,7 +199,7 @@ impl External {
             smtp.len(),
             grpc.len()
         );
-        let ternctl = crate::ternctl_path()?;
+        let ternctl = tern_testkit::try_bin("ternctl")?;
         std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
         let mut nodes = BTreeMap::new();
         let mut members = 0;
@@ -359,7 +359,7 @@ impl crate::target::Target for External {
         n.state = State::Down;
         let port = n.grpc.port();
         // Until the kernel has closed its sockets (a restart binds the same port).
-        crate::wait_until(Duration::from_secs(10), "the killed node's port to close", || {
+        tern_testkit::wait_until(Duration::from_secs(10), "the killed node's port to close", || {
             pid_listening_on(port).is_none()
         })?;
         self.sync_targets();
@@ -389,7 +389,7 @@ impl crate::target::Target for External {
         let (pid, grpc, fixed) = (n.pid, n.grpc, n.fixed_smtp);
         let ternctl = self.ternctl.clone();
         let mut smtp = None;
-        crate::wait_until(Duration::from_secs(90), &format!("node {id} serving again"), || {
+        tern_testkit::wait_until(Duration::from_secs(90), &format!("node {id} serving again"), || {
             if !fixed && smtp.is_none() {
                 smtp = discover_smtp(pid, grpc.port());
             }

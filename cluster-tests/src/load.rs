@@ -5,7 +5,7 @@
 //! connection / timeout (unknown: it may or may not be delivered).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -272,27 +272,6 @@ fn session(index: usize, sh: &Shared) {
     }
 }
 
-/// Reads one (possibly multi-line) SMTP reply from `r`, its lines joined
-/// by '\n'; shared by the load generator and node's end-to-end tests.
-pub fn read_reply(r: &mut impl BufRead) -> std::io::Result<String> {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        let done = line.len() < 4 || line.as_bytes()[3] != b'-';
-        all.push_str(line.trim_end_matches(['\r', '\n']));
-        if done {
-            return Ok(all);
-        }
-        all.push('\n');
-    }
-}
-
 /// A small blocking SMTP client.
 pub struct Client {
     stream: BufReader<TcpStream>,
@@ -321,7 +300,7 @@ impl Client {
 
     /// Reads one (possibly multi-line) reply, lines joined by '\n'.
     pub fn read_reply(&mut self) -> std::io::Result<String> {
-        read_reply(&mut self.stream)
+        tern_testkit::smtp::read_reply(&mut self.stream)
     }
 
     pub fn command(&mut self, line: &str) -> std::io::Result<String> {

@@ -59,7 +59,7 @@ impl Sink {
     /// Starts smtp-sink on a free loopback port; `args` are extra smtp-sink
     /// options (e.g. `["-w", "1"]`: wait a second before answering DATA).
     pub fn start(args: &[&str]) -> anyhow::Result<Sink> {
-        let port = crate::free_port()?;
+        let port = tern_testkit::free_port();
         Sink::start_at(format!("127.0.0.1:{port}").parse()?, args)
     }
 
@@ -112,7 +112,7 @@ impl Sink {
             .context("starting smtp-sink (Postfix; put /usr/sbin in PATH or install postfix)")?;
         self.child = Some(child);
         let addr = self.addr;
-        crate::wait_until(Duration::from_secs(10), "smtp-sink listening", || {
+        tern_testkit::wait_until(Duration::from_secs(10), "smtp-sink listening", || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         })?;
         Ok(())

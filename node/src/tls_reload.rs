@@ -275,7 +275,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::delivery::testpeers::TestCa;
+    use tern_testkit::peers::TestCa;
 
     fn copy(from: &(PathBuf, PathBuf), to: &(PathBuf, PathBuf)) {
         // Written beside, then renamed in, as deployment tools do.

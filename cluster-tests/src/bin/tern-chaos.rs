@@ -533,7 +533,7 @@ fn measure_faulty(
     }
     if !rec.led.is_empty() {
         let led = rec.led.clone();
-        cluster_tests::wait_until(Duration::from_secs(20), "new leaders", || {
+        tern_testkit::wait_until(Duration::from_secs(20), "new leaders", || {
             cluster
                 .leaders()
                 .is_ok_and(|l| led.iter().all(|s| l.get(s).is_some_and(|x| *x != node && *x != 0)))

@@ -42,9 +42,7 @@ fn chaos() -> Command {
 #[test]
 fn chaos_against_existing_cluster() {
     let _s = serial();
-    let sink: SocketAddr = format!("127.0.0.1:{}", cluster_tests::free_port().unwrap())
-        .parse()
-        .unwrap();
+    let sink: SocketAddr = format!("127.0.0.1:{}", tern_testkit::free_port()).parse().unwrap();
     let c = cluster(
         3,
         Options {

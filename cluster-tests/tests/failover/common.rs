@@ -16,9 +16,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// A cluster of `n` nodes with `shards` shards; panics with a clear message
 /// when a binary is missing.
 pub fn cluster(n: u64, options: Options) -> Cluster {
-    if let Err(e) = cluster_tests::ternd_path().and(cluster_tests::ternctl_path()) {
-        panic!("{e:#}");
-    }
+    tern_testkit::bin("ternd");
+    tern_testkit::bin("ternctl");
     let t = Instant::now();
     let c = Cluster::start(n, options).unwrap_or_else(|e| panic!("starting a {n}-node cluster: {e:#}"));
     eprintln!("cluster of {n} formed in {:.1?}", t.elapsed());
@@ -55,7 +54,7 @@ pub fn start_load(c: &Cluster, config: LoadConfig) -> Load {
 
 /// Waits until the load has `n` acknowledged messages (bounded).
 pub fn wait_acked(load: &Load, n: usize) {
-    cluster_tests::wait_until(Duration::from_secs(60), &format!("{n} acknowledged"), || {
+    tern_testkit::wait_until(Duration::from_secs(60), &format!("{n} acknowledged"), || {
         load.acked() >= n
     })
     .unwrap();
@@ -130,7 +129,7 @@ pub fn assert_converged(name: &str, c: &Cluster, deadline: Duration) {
 pub fn wait_balanced(c: &Cluster) {
     let nodes = c.members().len().max(1);
     let share = (c.options.shards as usize).div_ceil(nodes);
-    cluster_tests::wait_until(Duration::from_secs(60), "shard leaders spread", || {
+    tern_testkit::wait_until(Duration::from_secs(60), "shard leaders spread", || {
         c.leaders().is_ok_and(|l| {
             let mut counts = std::collections::BTreeMap::<u64, usize>::new();
             for x in l.values() {
@@ -154,7 +153,7 @@ pub fn busiest_leader(c: &Cluster) -> u64 {
 
 /// Waits until no shard in `shards` is led by `old` (or by nobody); how long.
 pub fn wait_new_leaders(c: &Cluster, shards: &[u64], old: u64, deadline: Duration) -> Duration {
-    cluster_tests::wait_until(deadline, &format!("new leaders for {shards:?} (was {old})"), || {
+    tern_testkit::wait_until(deadline, &format!("new leaders for {shards:?} (was {old})"), || {
         c.leaders()
             .map(|l| shards.iter().all(|s| l.get(s).is_some_and(|x| *x != old && *x != 0)))
             .unwrap_or(false)
@@ -174,7 +173,7 @@ pub struct Stall {
 impl Stall {
     pub fn start() -> Stall {
         use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind(("127.0.0.1", cluster_tests::free_port().unwrap())).unwrap();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", tern_testkit::free_port())).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -32,7 +32,7 @@ fn failover_time_to_first_delivery() {
     for id in [1, 2] {
         ternctl_ok(&c, 1, &["node", "drain", &id.to_string()]);
     }
-    cluster_tests::wait_until(Duration::from_secs(90), "node 3 leads every shard", || {
+    tern_testkit::wait_until(Duration::from_secs(90), "node 3 leads every shard", || {
         c.leaders().is_ok_and(|l| l.values().all(|x| *x == victim))
     })
     .unwrap();
@@ -50,7 +50,7 @@ fn failover_time_to_first_delivery() {
     let ids = report.acked_ids();
     // Node 3 tried (and deferred) before the kill: its messages are pending.
     let before = stall.accepted();
-    cluster_tests::wait_until(Duration::from_secs(20), "node 3 attempts a delivery", || {
+    tern_testkit::wait_until(Duration::from_secs(20), "node 3 attempts a delivery", || {
         stall.accepted() > before
     })
     .unwrap();
@@ -68,7 +68,7 @@ fn failover_time_to_first_delivery() {
     for id in [1, 2] {
         ternctl_ok(&c, 1, &["node", "undrain", &id.to_string()]);
     }
-    let first = cluster_tests::wait_until(Duration::from_secs(30), "a first delivery after the kill", || {
+    let first = tern_testkit::wait_until(Duration::from_secs(30), "a first delivery after the kill", || {
         c.sink.deliveries().iter().any(|d| ids.contains(&d.message_id))
     })
     .unwrap();

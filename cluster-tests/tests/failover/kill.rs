@@ -19,7 +19,7 @@ fn kill_follower() {
     let via = (1..=3).find(|id| *id != victim).unwrap();
     let v = victim.to_string();
     ternctl_ok(&c, via, &["node", "drain", &v]);
-    cluster_tests::wait_until(Duration::from_secs(60), "the victim leads no shard", || {
+    tern_testkit::wait_until(Duration::from_secs(60), "the victim leads no shard", || {
         c.leaders().is_ok_and(|l| l.values().all(|x| *x != victim && *x != 0))
     })
     .unwrap();
@@ -77,7 +77,7 @@ fn kill_control_leader() {
     let victim = c.control_leader().unwrap();
     let at = Instant::now();
     c.kill(victim).unwrap();
-    let elected = cluster_tests::wait_until(Duration::from_secs(20), "a new control leader", || {
+    let elected = tern_testkit::wait_until(Duration::from_secs(20), "a new control leader", || {
         c.control_leader().is_ok_and(|l| l != victim && l != 0)
     })
     .unwrap();

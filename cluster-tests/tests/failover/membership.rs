@@ -79,7 +79,7 @@ fn added_node_accepts_mail() {
     c.add_node(4).unwrap();
     let smtp = c.node(4).unwrap().smtp.unwrap();
     let mut last = None;
-    let ok = cluster_tests::wait_until(Duration::from_secs(30), "node 4 acknowledges a message", || {
+    let ok = tern_testkit::wait_until(Duration::from_secs(30), "node 4 acknowledges a message", || {
         let o = cluster_tests::load::send_one(smtp, "via-4@probe.tern.test", Duration::from_secs(10));
         let acked = matches!(o, cluster_tests::load::Outcome::Acked(_));
         last = Some(o);

@@ -86,7 +86,7 @@ fn partition_leader_minority_never_acks() {
         Duration::from_secs(15),
     );
     assert!(matches!(healed, Outcome::Acked(_)), "after healing: {healed:?}");
-    cluster_tests::wait_until(Duration::from_secs(30), "delivery after healing", || {
+    tern_testkit::wait_until(Duration::from_secs(30), "delivery after healing", || {
         !c.sink.deliveries_of("healed@probe.tern.test").is_empty()
     })
     .unwrap();

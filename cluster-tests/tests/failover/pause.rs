@@ -46,7 +46,7 @@ fn pause_leader_steps_down() {
     std::thread::sleep(frozen_for);
     let resumed_at = Instant::now();
     c.resume(victim).unwrap();
-    let stepped_down = cluster_tests::wait_until(Duration::from_secs(20), "resumed node steps down", || {
+    let stepped_down = tern_testkit::wait_until(Duration::from_secs(20), "resumed node steps down", || {
         c.shards_on(victim)
             .is_ok_and(|l| l.iter().all(|s| s.leader != victim && s.leader != 0))
     })

@@ -21,9 +21,7 @@ fn powerfs_ready() -> bool {
         eprintln!("SKIPPED: /dev/fuse is missing (set TERN_REQUIRE_PEERS=1 to make this an error)");
         return false;
     }
-    if let Err(e) = cluster_tests::powerfs_path() {
-        panic!("{e:#}");
-    }
+    tern_testkit::bin("tern-powerfs");
     true
 }
 
@@ -138,7 +136,7 @@ fn single_node_loop(name: &str, rounds: usize) -> (usize, cluster_tests::check::
     for round in 1..=rounds {
         // Mail flows between cuts: wait for some new acknowledgements.
         let before = load.acked();
-        cluster_tests::wait_until(
+        tern_testkit::wait_until(
             Duration::from_secs(60),
             &format!("round {round}: new acknowledgements"),
             || load.acked() >= before + 20,
@@ -338,7 +336,7 @@ fn power_cut_keeps_a_message_with_1000_recipients() {
     let counters = c.power_cut(1, false).unwrap_or_else(|e| panic!("power cut: {e:#}"));
     eprintln!("power_cut_keeps_a_message_with_1000_recipients: {counters}");
     let mut shown = serde_json::Value::Null;
-    let found = cluster_tests::wait_until(Duration::from_secs(30), "queue show", || {
+    let found = tern_testkit::wait_until(Duration::from_secs(30), "queue show", || {
         match c
             .node(1)
             .unwrap()

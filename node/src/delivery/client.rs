@@ -1070,7 +1070,7 @@ pub fn verification_failure(e: &std::io::Error) -> Option<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::delivery::testpeers::{self, Aiosmtpd, Dovecot, SmtpSink};
+    use tern_testkit::peers::{self as testpeers, Aiosmtpd, Dovecot, SmtpSink};
     use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::net::TcpListener;
 

@@ -11,10 +11,15 @@ pub mod fence;
 pub mod local;
 pub mod resolve;
 pub mod site;
+/// Test fixtures now in `tern-testkit`, kept at their old paths for unit tests.
 #[cfg(test)]
-pub mod testdns;
+pub mod testdns {
+    pub use tern_testkit::dns::*;
+}
 #[cfg(test)]
-pub mod testpeers;
+pub mod testpeers {
+    pub use tern_testkit::peers::*;
+}
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use crate::testpeers::TestCa;
+use tern_testkit::peers::TestCa;
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 

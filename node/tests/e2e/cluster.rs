@@ -1057,7 +1057,7 @@ fn queue_bounce_during_delivery_gives_one_outcome_per_message() {
     }
     // Transactions under way: smtp-sink creates the dump file at MAIL FROM.
     wait_for(Duration::from_secs(30), "deliveries in flight", || {
-        std::fs::read_dir(sink.dir.path()).map(|d| d.count()).unwrap_or(0) >= 2
+        std::fs::read_dir(sink.dumps_dir()).map(|d| d.count()).unwrap_or(0) >= 2
     });
     let out = n3.ternctl(&["queue", "bounce", "--sender", "a@tern.test"]);
     assert!(

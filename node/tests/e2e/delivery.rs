@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::testdns::DnsServer;
+use tern_testkit::dns::DnsServer;
 
 fn queue_len(node: &Node) -> u64 {
     node.ternctl_json(&["queue", "summary"])["messages"].as_u64().unwrap()

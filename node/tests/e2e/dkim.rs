@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use crate::harness::*;
-use crate::testdns::DnsServer;
-use crate::testpeers::{Aiosmtpd, ExactSink};
+use tern_testkit::dns::DnsServer;
+use tern_testkit::peers::{Aiosmtpd, ExactSink};
 
 /// Verifies each message file's DKIM signatures with dkimpy; prints a JSON
 /// list (per file) of lists (per DKIM-Signature, top first) of
@@ -68,7 +68,7 @@ fn dkimpy_available() -> bool {
 }
 
 fn generate(args: &[&str]) -> Output {
-    Command::new(TERNCTL)
+    Command::new(ternctl_bin())
         .args(["dkim", "generate"])
         .args(args)
         .output()
@@ -293,7 +293,7 @@ fn ternd_refuses_to_start_with_an_unusable_key_and_names_the_file() {
         ),
     )
     .unwrap();
-    let out = Command::new(TERND).arg("--config").arg(&config).output().unwrap();
+    let out = Command::new(ternd_bin()).arg("--config").arg(&config).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(

@@ -1,42 +1,28 @@
-//! Test harness: runs a real `ternd` process in a temp dir on loopback
-//! ports, waits for its `ready` line, keeps its logs (printed when a test
-//! fails), and kills it on drop. Also a minimal SMTP client for load.
+//! The end-to-end tests' view of the test kit: a single [`Node`] with a
+//! config written from TOML snippets and a panicking API, built on
+//! `tern_testkit::ternd::Ternd` (the one process harness), plus the kit's
+//! SMTP client, sink, ports and waits re-exported for the topic files.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
 
-pub const TERND: &str = env!("CARGO_BIN_EXE_ternd");
-/// `ternctl` is the `ternctl` package's binary: it sits next to `ternd` in
-/// the target directory (env `TERNCTL` overrides). Building it is not this
-/// package's job: `cargo build --workspace --all-targets` (or `cargo build
-/// -p ternctl`) first; a missing binary panics saying so.
-pub const TERNCTL: &Ternctl = &Ternctl;
+use tern_testkit::config::SingleNode;
+pub use tern_testkit::peers::SmtpSink;
+pub use tern_testkit::smtp::{body, Client};
+use tern_testkit::ternd::Ternd;
+pub use tern_testkit::{closed_port, free_port, wait_for};
 
-pub struct Ternctl;
+/// The `ternd` binary of this build (see `tern_testkit::bin`).
+pub fn ternd_bin() -> PathBuf {
+    tern_testkit::bin("ternd")
+}
 
-impl AsRef<std::ffi::OsStr> for Ternctl {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-        PATH.get_or_init(|| {
-            let path = std::env::var_os("TERNCTL").map(PathBuf::from).unwrap_or_else(|| {
-                std::path::Path::new(TERND)
-                    .with_file_name("ternctl")
-                    .with_extension(std::env::consts::EXE_EXTENSION)
-            });
-            assert!(
-                path.is_file(),
-                "ternctl not found at {}: build it first (`cargo build -p ternctl`, or \
-                 `cargo build --workspace --all-targets`), or set TERNCTL",
-                path.display()
-            );
-            path
-        })
-        .as_os_str()
-    }
+/// The `ternctl` binary of this build.
+pub fn ternctl_bin() -> PathBuf {
+    tern_testkit::bin("ternctl")
 }
 
 /// Multi-node tests run one at a time: several clusters at once on two
@@ -44,33 +30,6 @@ impl AsRef<std::ffi::OsStr> for Ternctl {
 pub fn cluster_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A free loopback TCP port for a listener that binds it later (below the
-/// ephemeral range; see `cluster_tests::free_port`).
-pub fn free_port() -> u16 {
-    cluster_tests::free_port().expect("a free port in 20000..32000")
-}
-
-/// A loopback port where connections are refused for as long as this lives:
-/// bound (without SO_REUSEADDR) but not listening, so no other process on
-/// the machine can start listening on it mid-test. A port that is merely
-/// free may be taken by another test run's listener that accepts and never
-/// greets, and delivery then waits out the 5-minute greeting timeout.
-pub struct ClosedPort {
-    pub port: u16,
-    _socket: tokio::net::TcpSocket,
-}
-
-pub fn closed_port() -> ClosedPort {
-    for _ in 0..100 {
-        let port = free_port();
-        let socket = tokio::net::TcpSocket::new_v4().expect("TCP socket");
-        if socket.bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
-            return ClosedPort { port, _socket: socket };
-        }
-    }
-    panic!("no loopback port could be reserved")
 }
 
 /// Config that keeps accepted mail in the queue: delivery goes to a
@@ -84,9 +43,9 @@ pub fn hold_mail() -> String {
 }
 
 /// The test process's cluster certificates, made once with `ternctl cert`.
-pub fn test_pki() -> &'static cluster_tests::pki::TestPki {
-    static PKI: std::sync::OnceLock<cluster_tests::pki::TestPki> = std::sync::OnceLock::new();
-    PKI.get_or_init(|| cluster_tests::pki::TestPki::new(std::path::Path::new(TERNCTL)).expect("ternctl cert"))
+pub fn test_pki() -> &'static tern_testkit::pki::TestPki {
+    static PKI: std::sync::OnceLock<tern_testkit::pki::TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| tern_testkit::pki::TestPki::with_workspace_ternctl().expect("ternctl cert"))
 }
 
 /// `[cluster]` TLS lines for node `id` with its certificate from [`test_pki`]
@@ -95,22 +54,14 @@ pub fn cluster_tls(id: u64) -> String {
     test_pki().cluster_toml(id).expect("node certificate")
 }
 
-/// Polls `cond` until it holds or `deadline` passes.
-pub fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long a start may take to print `ready`.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
 
 pub struct Node {
+    /// The process; declared first so it is killed before its directory goes.
+    ternd: Ternd,
     /// Keeps the node's directory alive for the test's duration.
-    _dir: tempfile::TempDir,
-    pub config: PathBuf,
-    child: Option<Child>,
-    stdout: Arc<Mutex<Vec<String>>>,
-    logs: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
     pub smtp: SocketAddr,
     /// `[listen] submission` (STARTTLS + AUTH), when configured.
     pub submission: SocketAddr,
@@ -153,17 +104,17 @@ impl Node {
     /// As [`Node::start_node`], with `listen` added to the `[listen]` table
     /// (e.g. `submission = ["127.0.0.1:0"]`).
     pub fn start_with_listen(id: u64, bootstrap: bool, listen: &str, extra: &str) -> Node {
-        Self::start_full(id, bootstrap, "", listen, extra)
+        Self::start_in(id, bootstrap, None, "", listen, extra)
     }
 
     /// A bootstrapping single node with `node_keys` added to its `[node]` table.
     pub fn start_with_node_keys(node_keys: &str, extra: &str) -> Node {
-        Self::start_full(1, true, node_keys, "", extra)
+        Self::start_in(1, true, None, node_keys, "", extra)
     }
 
     /// As [`Node::start_node`], with `node_keys` added to its `[node]` table.
     pub fn start_node_with_keys(id: u64, bootstrap: bool, node_keys: &str, extra: &str) -> Node {
-        Self::start_full(id, bootstrap, node_keys, "", extra)
+        Self::start_in(id, bootstrap, None, node_keys, "", extra)
     }
 
     /// As [`Node::start_node_with_keys`], with `data_dir` as the node's data
@@ -178,10 +129,6 @@ impl Node {
         Self::start_in(id, bootstrap, Some(data_dir), node_keys, "", extra)
     }
 
-    fn start_full(id: u64, bootstrap: bool, node_keys: &str, listen: &str, extra: &str) -> Node {
-        Self::start_in(id, bootstrap, None, node_keys, listen, extra)
-    }
-
     fn start_in(
         id: u64,
         bootstrap: bool,
@@ -191,19 +138,17 @@ impl Node {
         extra: &str,
     ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let grpc = free_port();
         let config = dir.path().join("tern.toml");
         let data = data_dir.map_or_else(|| dir.path().join("data"), std::path::Path::to_owned);
-        // `listen` may name its own gRPC address (e.g. a wildcard one).
-        let grpc = if listen.contains("grpc =") {
-            String::new()
-        } else {
-            format!("grpc = \"127.0.0.1:{grpc}\"\n")
-        };
-        let toml = format!(
-            "[node]\nid = {id}\nhostname = \"mx{id}.tern.test\"\ndata_dir = \"{}\"\n{node_keys}\n\n[listen]\nsmtp = [\"127.0.0.1:0\"]\n{grpc}http = \"127.0.0.1:0\"\n{listen}\n\n[cluster]\nbootstrap = {bootstrap}\n\n{extra}\n",
-            data.display()
-        );
+        let toml = SingleNode {
+            id,
+            bootstrap,
+            grpc_port: free_port(),
+            node_keys,
+            listen,
+            extra,
+        }
+        .to_toml(&data);
         std::fs::write(&config, toml).expect("write config");
         Self::spawned(dir, config)
     }
@@ -222,12 +167,15 @@ impl Node {
     /// A node in `dir` run with `config` (empty: no arguments, in `dir`), started.
     fn spawned(dir: tempfile::TempDir, config: PathBuf) -> Node {
         let unset: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let ternd = if config.as_os_str().is_empty() {
+            Ternd::embedded_default(dir.path())
+        } else {
+            Ternd::with_config(&config)
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         let mut node = Node {
-            _dir: dir,
-            config,
-            child: None,
-            stdout: Arc::default(),
-            logs: Arc::default(),
+            ternd,
+            dir,
             smtp: unset,
             submission: unset,
             submissions: unset,
@@ -242,153 +190,72 @@ impl Node {
 
     /// The node's own directory (the working directory of an embedded-default node).
     pub fn dir(&self) -> &std::path::Path {
-        self._dir.path()
+        self.dir.path()
     }
 
     /// Starts the process (again) and waits for `ready`.
     pub fn spawn(&mut self) {
-        self.stdout.lock().expect("lock").clear();
-        let mut cmd = Command::new(TERND);
-        if self.config.as_os_str().is_empty() {
-            cmd.current_dir(self._dir.path());
-        } else {
-            cmd.arg("--config").arg(&self.config);
-        }
-        let mut child = cmd
-            .env("RUST_LOG", "info,openraft=warn")
-            .envs(self.ternd_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ternd");
-        let out = child.stdout.take().expect("stdout");
-        let err = child.stderr.take().expect("stderr");
-        let (lines, logs) = (Arc::clone(&self.stdout), Arc::clone(&self.logs));
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                lines.lock().expect("lock").push(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                logs.lock().expect("lock").push(line);
-            }
-        });
-        self.child = Some(child);
-        let stdout = Arc::clone(&self.stdout);
-        let mut exited = None;
-        wait_for(Duration::from_secs(60), "ternd ready", || {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    exited = Some(status);
-                    return true;
-                }
-            }
-            stdout.lock().expect("lock").iter().any(|l| l == "ready")
-        });
-        if let Some(status) = exited {
-            panic!("ternd exited before ready: {status}\n{}", self.logs());
-        }
-        for line in self.stdout.lock().expect("lock").iter() {
-            if let Some(rest) = line.strip_prefix("listening ") {
-                let (kind, addr) = rest.split_once('=').expect("listening line");
-                let addr: SocketAddr = addr.parse().expect("listening addr");
-                match kind {
-                    "smtp" => self.smtp = addr,
-                    "submission" => self.submission = addr,
-                    "submissions" => self.submissions = addr,
-                    "grpc" => self.grpc = addr,
-                    "http" => self.http = addr,
-                    _ => {}
-                }
+        self.ternd.env.clone_from(&self.ternd_env);
+        self.ternd.start().unwrap_or_else(|e| panic!("spawn ternd: {e}"));
+        self.ternd.wait_ready(READY_DEADLINE).unwrap_or_else(|e| panic!("{e}"));
+        let t = &self.ternd;
+        for (kind, field) in [
+            ("smtp", &mut self.smtp),
+            ("submission", &mut self.submission),
+            ("submissions", &mut self.submissions),
+            ("grpc", &mut self.grpc),
+            ("http", &mut self.http),
+        ] {
+            if let Some(addr) = t.listening(kind) {
+                *field = addr;
             }
         }
     }
 
     /// Whether the process has exited (as a supervisor would notice).
     pub fn exited(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => !matches!(c.try_wait(), Ok(None)),
-            None => true,
-        }
+        self.ternd.exited()
     }
 
     /// The running ternd's process id (e.g. to read /proc/PID/status).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.ternd.pid()
     }
 
     pub fn stdout_lines(&self) -> Vec<String> {
-        self.stdout.lock().expect("lock").clone()
+        self.ternd.stdout_lines()
     }
 
     pub fn logs(&self) -> String {
-        self.logs.lock().expect("lock").join("\n")
+        self.ternd.logs()
     }
 
     /// SIGKILL, as a crash or power loss would.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.ternd.kill();
     }
 
     /// Waits (bounded) for the process to exit by itself; `None` if it is
     /// still running at `deadline` (it is left running).
     pub fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + deadline;
-        while Instant::now() < end {
-            let c = self.child.as_mut()?;
-            if let Some(status) = c.try_wait().expect("wait") {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.ternd.wait_exit(deadline)
     }
 
     /// Sends a signal (STOP, CONT, ...) without waiting.
     pub fn send_signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        assert!(ok.success(), "kill -{signal} {pid}");
+        self.ternd.signal(signal).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Sends a signal and waits (bounded) for the process to exit.
     pub fn signal_and_wait(&mut self, signal: &str, deadline: Duration) -> ExitStatus {
-        let mut c = self.child.take().expect("running");
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(c.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-        let end = Instant::now() + deadline;
-        loop {
-            if let Some(status) = c.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > end {
-                let _ = c.kill();
-                panic!(
-                    "ternd did not exit within {deadline:?} after SIG{signal}\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.ternd
+            .signal_and_wait(signal, deadline)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs ternctl against this node.
     pub fn ternctl(&self, args: &[&str]) -> Output {
-        Command::new(TERNCTL)
+        Command::new(ternctl_bin())
             .arg("--endpoint")
             .arg(self.grpc.to_string())
             .args(args)
@@ -422,16 +289,6 @@ impl Node {
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("---- ternd log ----\n{}\n---- end ternd log ----", self.logs());
-        }
-    }
-}
-
-/// A small blocking SMTP client, enough to drive load and check replies.
 /// Asserts that every message in `acked` (queue ids from 250 replies) is
 /// queued on `node`; `what` names the moment in the failure. Returns the
 /// queued ids.
@@ -449,69 +306,6 @@ pub fn assert_all_queued(
         acked.len()
     );
     queued
-}
-
-pub struct Client {
-    stream: BufReader<TcpStream>,
-}
-
-impl Client {
-    pub fn connect(addr: SocketAddr) -> std::io::Result<Client> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut c = Client {
-            stream: BufReader::new(stream),
-        };
-        let greeting = c.read_reply()?;
-        if !greeting.starts_with("220") {
-            return Err(std::io::Error::other(format!("greeting: {greeting}")));
-        }
-        Ok(c)
-    }
-
-    /// Reads one (possibly multi-line) reply, returned with its lines joined by '\n'.
-    pub fn read_reply(&mut self) -> std::io::Result<String> {
-        cluster_tests::load::read_reply(&mut self.stream)
-    }
-
-    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.get_mut().write_all(bytes)
-    }
-
-    pub fn command(&mut self, line: &str) -> std::io::Result<String> {
-        self.send_raw(format!("{line}\r\n").as_bytes())?;
-        self.read_reply()
-    }
-
-    /// One whole transaction; returns the queue id from the final 250.
-    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> std::io::Result<String> {
-        let expect = |reply: String, code: &str| {
-            if reply.starts_with(code) {
-                Ok(reply)
-            } else {
-                Err(std::io::Error::other(reply))
-            }
-        };
-        expect(self.command(&format!("MAIL FROM:<{from}>"))?, "250")?;
-        for rcpt in to {
-            expect(self.command(&format!("RCPT TO:<{rcpt}>"))?, "250")?;
-        }
-        expect(self.command("DATA")?, "354")?;
-        self.send_raw(body.as_bytes())?;
-        let reply = expect(self.command(".")?, "250")?;
-        reply
-            .rsplit(' ')
-            .next()
-            .map(str::to_owned)
-            .ok_or_else(|| std::io::Error::other("no queue id"))
-    }
-
-    /// Reads whatever the server sends until it closes the connection.
-    pub fn read_to_end(&mut self) -> String {
-        let mut s = String::new();
-        let _ = self.stream.read_to_string(&mut s);
-        s
-    }
 }
 
 /// A self-signed certificate and key for `cn`, made with the openssl CLI
@@ -532,93 +326,10 @@ pub fn self_signed_cert(dir: &std::path::Path, cn: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-/// A message body with a unique Message-ID.
-pub fn body(id: &str, size: usize) -> String {
-    let mut b = format!(
-        "From: <sender@tern.test>\r\nTo: <rcpt@example.test>\r\nSubject: test {id}\r\nMessage-ID: <{id}@tern.test>\r\n\r\n"
-    );
-    while b.len() < size {
-        b.push_str("The quick brown fox jumps over the lazy dog 0123456789.\r\n");
-    }
-    b
-}
-
-/// Postfix's smtp-sink on a free loopback port, dumping each message to a
-/// file; stopped on drop.
-pub struct SmtpSink {
-    pub addr: SocketAddr,
-    pub dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl SmtpSink {
-    /// `extra` are smtp-sink options such as `["-f", "RCPT"]` (5xx at RCPT).
-    pub fn start(extra: &[&str]) -> SmtpSink {
-        Self::start_on(free_port(), extra)
-    }
-
-    pub fn start_on(port: u16, extra: &[&str]) -> SmtpSink {
-        let dir = tempfile::tempdir().expect("tempdir");
-        // smtp-sink drops to `nobody`, which must be able to write the dumps.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let child = Command::new("smtp-sink")
-            .args(["-u", "nobody", "-d"])
-            .arg(format!("{}/%M.", dir.path().display()))
-            .args(extra)
-            .arg(addr.to_string())
-            .arg("100")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("smtp-sink is installed by cluster-tests/run-all.sh");
-        wait_for(Duration::from_secs(10), "smtp-sink listening", || {
-            TcpStream::connect(addr).is_ok()
-        });
-        SmtpSink { addr, dir, child }
-    }
-
-    /// Every message dumped so far (envelope lines, then the message).
-    ///
-    /// smtp-sink creates a dump file when the transaction starts and writes
-    /// it as data arrives, so a file still being written (empty, or changed
-    /// in the last 200 ms) is waited for, up to 5 s, before anything is read.
-    pub fn messages(&self) -> Vec<String> {
-        let settled = |e: &std::fs::DirEntry| {
-            e.metadata().is_ok_and(|m| {
-                m.len() > 0
-                    && m.modified()
-                        .is_ok_and(|t| t.elapsed().unwrap_or_default() >= Duration::from_millis(200))
-            })
-        };
-        let end = Instant::now() + Duration::from_secs(5);
-        loop {
-            let entries: Vec<_> = std::fs::read_dir(self.dir.path())
-                .map(|d| d.flatten().collect())
-                .unwrap_or_default();
-            if entries.iter().all(settled) || Instant::now() >= end {
-                return entries
-                    .iter()
-                    .filter_map(|e| std::fs::read(e.path()).ok())
-                    .map(|text| String::from_utf8_lossy(&text).into_owned())
-                    .collect();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for SmtpSink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `ternd hash-password` with the password on stdin.
 pub fn hash_password(password: &str) -> String {
     use std::io::Write as _;
-    let mut child = Command::new(TERND)
+    let mut child = Command::new(ternd_bin())
         .arg("hash-password")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

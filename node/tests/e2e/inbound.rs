@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use crate::testdns::{DnsServer, ServfailServer};
+use tern_testkit::dns::{DnsServer, ServfailServer};
 
 const SENDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/dkim_send.py");
 

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use crate::harness::{body, hold_mail, wait_for, Client, Node, TERND};
+use crate::harness::{body, hold_mail, ternd_bin, wait_for, Client, Node};
 use crate::metrics::{scrape, sum};
 
 /// A blocking connection to `addr` from the local address `source`
@@ -34,7 +34,7 @@ fn connect_from(source: IpAddr, addr: SocketAddr) -> BufReader<TcpStream> {
 }
 
 fn read_reply(r: &mut BufReader<TcpStream>) -> String {
-    cluster_tests::load::read_reply(r).unwrap_or_else(|e| format!("<{e}>"))
+    tern_testkit::smtp::read_reply(r).unwrap_or_else(|e| format!("<{e}>"))
 }
 
 fn command(r: &mut BufReader<TcpStream>, line: &str) -> String {
@@ -414,7 +414,7 @@ fn resource_limit_config_errors_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tern.toml");
         std::fs::write(&path, toml).unwrap();
-        let out = Command::new(TERND).arg("--config").arg(&path).output().unwrap();
+        let out = Command::new(ternd_bin()).arg("--config").arg(&path).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{toml}: ternd started");
         assert!(stderr.contains(needle), "{toml}: {stderr}");

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::testpeers::Dovecot;
+use tern_testkit::peers::Dovecot;
 
 #[test]
 fn dovecot_lmtp_delivery_and_rcpt_time_verification() {

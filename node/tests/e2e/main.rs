@@ -1,5 +1,6 @@
 //! End-to-end tests against real `ternd` processes and real SMTP peers.
-//! One test binary (faster to link) with a file per topic.
+//! One test binary (faster to link) with a file per topic; the plumbing
+//! (process harness, peers, DNS, ports, waits) comes from `tern-testkit`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -22,10 +23,4 @@ mod peers;
 mod smtp;
 mod spf_suite;
 mod submission;
-#[path = "../../src/delivery/testdns.rs"]
-#[allow(dead_code)]
-mod testdns;
-#[path = "../../src/delivery/testpeers.rs"]
-#[allow(dead_code)]
-mod testpeers;
 mod webhook;

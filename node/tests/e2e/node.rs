@@ -58,7 +58,7 @@ fn no_arguments_runs_the_embedded_default() {
     assert!(node.dir().join("tern-data").is_dir());
 
     let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(TERNCTL).args(args).output().unwrap();
+        let out = std::process::Command::new(ternctl_bin()).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "ternctl {args:?}: {}",
@@ -95,7 +95,7 @@ fn ternctl_exit_codes_mean_something() {
     let missing = node.ternctl(&["queue", "show", "NOSUCHID"]);
     assert_eq!(missing.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NOSUCHID"));
-    let unreachable = std::process::Command::new(TERNCTL)
+    let unreachable = std::process::Command::new(ternctl_bin())
         .args(["--endpoint", &format!("127.0.0.1:{}", free_port()), "status"])
         .output()
         .unwrap();
@@ -109,7 +109,7 @@ fn unknown_config_key_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[policy]\nmax_recipents = 500\n").unwrap();
-    let out = std::process::Command::new(TERND)
+    let out = std::process::Command::new(ternd_bin())
         .arg("--config")
         .arg(&config)
         .output()

@@ -13,7 +13,7 @@ const NOT_PERMITTED: i32 = 4;
 /// ternctl against `node` with exactly the environment `env` adds (no
 /// TERN_TOKEN or TERN_TLS_* from the test's own environment).
 fn ctl(node: &Node, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(TERNCTL);
+    let mut cmd = Command::new(ternctl_bin());
     for var in ["TERN_TOKEN", "TERN_TLS_CA", "TERN_TLS_CERT", "TERN_TLS_KEY"] {
         cmd.env_remove(var);
     }
@@ -102,7 +102,7 @@ fn tokens_authenticate_and_roles_limit_what_each_may_do() {
         ));
     }
     // `ternctl token new` makes a token and the entry to paste.
-    let made = Command::new(TERNCTL)
+    let made = Command::new(ternctl_bin())
         .args(["token", "new", "--name", "dash", "--role", "viewer", "-o", "json"])
         .output()
         .expect("ternctl token new");
@@ -275,7 +275,7 @@ fn client_certificates_carry_roles_and_a_node_certificate_is_not_an_operator_cre
         vec!["cert", "client", "--dir", &d, "--name", "vera", "--role", "viewer"],
         vec!["cert", "client", "--dir", &d, "--name", "root", "--role", "admin"],
     ] {
-        let out = Command::new(TERNCTL).args(&args).output().expect("ternctl cert");
+        let out = Command::new(ternctl_bin()).args(&args).output().expect("ternctl cert");
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     }
     let node = Node::start(&format!(
@@ -386,7 +386,7 @@ fn a_non_loopback_node_without_credentials_refuses_every_operator_call() {
     }
     // A token is no credential here either (the node has none configured);
     // sent in plaintext to a non-loopback address, ternctl warns.
-    let out = Command::new(TERNCTL)
+    let out = Command::new(ternctl_bin())
         .args(["--endpoint", &format!("0.0.0.0:{port}"), "status"])
         .env("TERN_TOKEN", "guess")
         .output()
@@ -480,7 +480,7 @@ fn a_change_run_on_another_node_under_cluster_tls_names_the_certificate() {
         vec!["cert", "client", "--dir", &d, "--name", "root", "--role", "admin"],
         vec!["cert", "client", "--dir", &d, "--name", "olga", "--role", "operator"],
     ] {
-        let out = Command::new(TERNCTL).args(&args).output().expect("ternctl cert");
+        let out = Command::new(ternctl_bin()).args(&args).output().expect("ternctl cert");
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     }
     let extra = |id: u64| {

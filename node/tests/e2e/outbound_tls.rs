@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::testdns::DnsServer;
-use crate::testpeers::{Aiosmtpd, TestCa};
+use tern_testkit::dns::DnsServer;
+use tern_testkit::peers::{Aiosmtpd, TestCa};
 
 /// A node whose mail for `domain` goes to the MX `mx` (127.0.0.1) on `port`,
 /// with JSON event lines; `extra` is appended to its config.
@@ -245,7 +245,7 @@ fn bad_tls_policy_is_a_config_error_naming_the_key() {
             format!("[node]\ndata_dir = \"{}\"\n\n{toml}", dir.path().join("data").display()),
         )
         .unwrap();
-        let out = std::process::Command::new(TERND)
+        let out = std::process::Command::new(ternd_bin())
             .arg("--config")
             .arg(&path)
             .output()

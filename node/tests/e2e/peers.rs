@@ -291,7 +291,7 @@ fn plaintext_grpc_on_a_public_address_needs_insecure() {
         std::fs::write(&path, toml).unwrap();
         path
     };
-    let refused = Command::new(TERND)
+    let refused = Command::new(ternd_bin())
         .arg("--config")
         .arg(config(false))
         .stdin(Stdio::null())
@@ -356,7 +356,7 @@ fn file_serial(cert: &std::path::Path) -> String {
 fn replaced_node_certificates_are_served_without_a_restart() {
     let _serial = cluster_lock();
     // This test's own CA: it rewrites its nodes' certificate files.
-    let pki = cluster_tests::pki::TestPki::new(std::path::Path::new(TERNCTL)).unwrap();
+    let pki = tern_testkit::pki::TestPki::with_workspace_ternctl().unwrap();
     let node_dir = tempfile::tempdir().unwrap();
     let sink = SmtpSink::start(&[]);
     let nodes: Vec<Node> = (1..=3)
@@ -410,7 +410,7 @@ fn replaced_node_certificates_are_served_without_a_restart() {
         std::fs::copy(pki.path(f), again.path().join(f)).unwrap();
     }
     for id in 1..=3u64 {
-        let out = Command::new(TERNCTL)
+        let out = Command::new(ternctl_bin())
             .args(["cert", "node", "--dir"])
             .arg(again.path())
             .args(["--id", &id.to_string(), "--host", "127.0.0.1"])

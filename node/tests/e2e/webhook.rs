@@ -124,7 +124,7 @@ fn of_message<'a>(events: &'a [Value], id: &str, event: &str) -> Vec<&'a Value> 
 
 #[test]
 fn webhooks_post_event_lines_retry_filter_and_flush_at_stop() {
-    if !crate::testpeers::require("python3") {
+    if !tern_testkit::peers::require("python3") {
         return;
     }
     let sink = SmtpSink::start(&[]);

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::Context;
+use crate::{Error, Result};
 
 pub struct TestPki {
     dir: tempfile::TempDir,
@@ -17,9 +17,9 @@ pub const HARNESS_CLIENT: &str = "harness";
 
 impl TestPki {
     /// A new CA and the harness's admin client certificate, made with `ternctl`.
-    pub fn new(ternctl: &Path) -> anyhow::Result<TestPki> {
+    pub fn new(ternctl: &Path) -> Result<TestPki> {
         let pki = TestPki {
-            dir: tempfile::tempdir().context("PKI temp dir")?,
+            dir: tempfile::tempdir().map_err(Error::io("PKI temp dir"))?,
             ternctl: ternctl.to_owned(),
         };
         pki.cert(&["init-ca", "--name", "Tern test CA", "--days", "2"])?;
@@ -27,19 +27,27 @@ impl TestPki {
         Ok(pki)
     }
 
-    fn cert(&self, args: &[&str]) -> anyhow::Result<()> {
-        let (sub, rest) = args.split_first().context("cert subcommand")?;
+    /// As [`TestPki::new`], with the workspace's `ternctl` ([`crate::bin`]).
+    pub fn with_workspace_ternctl() -> Result<TestPki> {
+        TestPki::new(&crate::try_bin("ternctl")?)
+    }
+
+    fn cert(&self, args: &[&str]) -> Result<()> {
+        let (sub, rest) = args
+            .split_first()
+            .ok_or_else(|| Error::Failed("no cert subcommand".into()))?;
         let out = Command::new(&self.ternctl)
             .args(["cert", sub, "--dir"])
             .arg(self.dir.path())
             .args(rest)
             .output()
-            .context("running ternctl cert")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "ternctl cert {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .map_err(Error::io("running ternctl cert"))?;
+        if !out.status.success() {
+            return Err(Error::Failed(format!(
+                "ternctl cert {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
         Ok(())
     }
 
@@ -52,7 +60,7 @@ impl TestPki {
     }
 
     /// Issues a certificate for node `id` (once; later calls reuse it).
-    pub fn issue_node(&self, id: u64) -> anyhow::Result<()> {
+    pub fn issue_node(&self, id: u64) -> Result<()> {
         if !self.path(&format!("node-{id}.crt")).exists() {
             let id = id.to_string();
             self.cert(&[
@@ -71,7 +79,7 @@ impl TestPki {
     }
 
     /// Issues another client certificate (e.g. a viewer), returning (cert, key).
-    pub fn issue_client(&self, name: &str, role: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    pub fn issue_client(&self, name: &str, role: &str) -> Result<(PathBuf, PathBuf)> {
         self.cert(&["client", "--name", name, "--role", role, "--days", "2"])?;
         Ok((
             self.path(&format!("client-{name}.crt")),
@@ -80,7 +88,7 @@ impl TestPki {
     }
 
     /// `[cluster]` lines for node `id` (its certificate issued if needed).
-    pub fn cluster_toml(&self, id: u64) -> anyhow::Result<String> {
+    pub fn cluster_toml(&self, id: u64) -> Result<String> {
         self.issue_node(id)?;
         Ok(format!(
             "tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n",

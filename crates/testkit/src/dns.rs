@@ -18,7 +18,7 @@
 
 use std::fs;
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ impl DnsServer {
         let mut last_log = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir for dnsmasq");
-            let port = free_port();
+            let port = crate::free_udp_tcp_port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let conf = dir.path().join("dnsmasq.conf");
             let log = dir.path().join("dnsmasq.log");
@@ -118,17 +118,6 @@ impl Drop for DnsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A port free on loopback for both UDP and TCP right now.
-fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind UDP on loopback");
-        let port = udp.local_addr().expect("local addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
     }
 }
 

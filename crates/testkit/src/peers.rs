@@ -11,13 +11,15 @@
 
 use std::fs;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+pub use crate::ports::free_port;
 
 /// How long a peer may take to start answering.
 const START_DEADLINE: Duration = Duration::from_secs(15);
@@ -45,23 +47,9 @@ fn is_root() -> bool {
     fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Polls `cond` until it is true or `deadline` passes.
-pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + deadline;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Polls `cond` until it is true (true) or `deadline` passes (false).
+fn wait_until(deadline: Duration, cond: impl FnMut() -> bool) -> bool {
+    crate::wait_until(deadline, "a test peer", cond).is_ok()
 }
 
 /// A running peer process with its scratch directory.
@@ -194,30 +182,44 @@ pub fn files_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Postfix `smtp-sink` with extra `args` (e.g. `-L`, `-N`, `-p`, `-r RCPT`),
-/// dumping each transaction to a file in `dumps()`.
+/// Postfix `smtp-sink` with extra `args` (e.g. `-L`, `-N`, `-p`, `-r RCPT`,
+/// `-f RCPT`: 5xx at RCPT), dumping each transaction to a file in
+/// [`SmtpSink::dumps_dir`] (envelope lines, then the message).
 pub struct SmtpSink {
     pub peer: Peer,
+    /// Where it listens (`peer.addr`).
+    pub addr: SocketAddr,
 }
 
 pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 
 impl SmtpSink {
+    /// On a free port.
     pub fn start(args: &[&str]) -> SmtpSink {
+        Self::start_at(None, args)
+    }
+
+    /// On `port` (e.g. one a node's route already names).
+    pub fn start_on(port: u16, args: &[&str]) -> SmtpSink {
+        Self::start_at(Some(port), args)
+    }
+
+    fn start_at(port: Option<u16>, args: &[&str]) -> SmtpSink {
         let dir = open_dir();
         let dumps = dir.path().join("dumps");
         fs::create_dir(&dumps).unwrap();
         fs::set_permissions(&dumps, fs::Permissions::from_mode(0o777)).unwrap();
-        let peer = Peer::spawn(dir, false, |port, dir| {
+        let pick = || SocketAddr::from(([127, 0, 0, 1], port.unwrap_or_else(free_port)));
+        let peer = Peer::spawn_at(dir, false, pick, |addr, dir| {
             let mut c = Command::new(SMTP_SINK);
             if is_root() {
                 c.args(["-u", "nobody"]);
             }
             c.arg("-d").arg(dir.join("dumps/%M."));
-            c.args(args).arg(format!("127.0.0.1:{port}")).arg("100");
+            c.args(args).arg(addr.to_string()).arg("100");
             c
         });
-        SmtpSink { peer }
+        SmtpSink { addr: peer.addr, peer }
     }
 
     pub fn dumps_dir(&self) -> PathBuf {
@@ -233,6 +235,35 @@ impl SmtpSink {
             .iter()
             .map(|p| String::from_utf8_lossy(&fs::read(p).unwrap()).into_owned())
             .collect()
+    }
+
+    /// Every message dumped so far.
+    ///
+    /// smtp-sink creates a dump file when the transaction starts and writes
+    /// it as data arrives, so a file still being written (empty, or changed
+    /// in the last 200 ms) is waited for, up to 5 s, before anything is read.
+    pub fn messages(&self) -> Vec<String> {
+        let settled = |e: &fs::DirEntry| {
+            e.metadata().is_ok_and(|m| {
+                m.len() > 0
+                    && m.modified()
+                        .is_ok_and(|t| t.elapsed().unwrap_or_default() >= Duration::from_millis(200))
+            })
+        };
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let entries: Vec<_> = fs::read_dir(self.dumps_dir())
+                .map(|d| d.flatten().collect())
+                .unwrap_or_default();
+            if entries.iter().all(settled) || Instant::now() >= end {
+                return entries
+                    .iter()
+                    .filter_map(|e| fs::read(e.path()).ok())
+                    .map(|text| String::from_utf8_lossy(&text).into_owned())
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
