@@ -10,6 +10,7 @@ pub mod handover;
 pub mod lease;
 pub use tern_model::record as message;
 pub mod ops;
+pub mod outcome;
 pub mod schedule;
 pub mod shard;
 pub mod stats;
