@@ -178,7 +178,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         metrics: Arc::clone(&metrics),
         stats: Arc::new(crate::queue::stats::Stats::default()),
         clock: Arc::new(crate::queue::schedule::SystemClock),
-        batchers: Arc::default(),
+        batchers: Arc::new(crate::queue::batch::Batchers::new(metrics.restarts.clone())),
     });
     if config.cluster_tls.is_none() && !config.listen_grpc.ip().is_loopback() {
         // Only reachable with `[cluster] insecure = true` (config validation).
