@@ -13,6 +13,7 @@ use actix::prelude::*;
 use openraft::metrics::RaftServerMetrics;
 use openraft::ServerState;
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
+use tokio_stream::StreamExt as _;
 
 use super::lease::Lease;
 use super::message::{MessageRecord, RcptStatus};
@@ -192,10 +193,9 @@ impl QueueShard {
                 let attempts = delivery.attempt(Arc::clone(&message), Some(fence)).await;
                 (message, attempts)
             };
-            ctx.spawn(
-                fut.into_actor(self)
-                    .map(|(message, attempts), act, _| act.on_attempt(&message, attempts)),
-            );
+            ctx.spawn(fut.into_actor(self).map(|(message, attempts), act, ctx| {
+                <Self as Handler<AttemptFinished>>::handle(act, AttemptFinished { message, attempts }, ctx)
+            }));
         }
     }
 
@@ -406,34 +406,74 @@ fn log_event(event: &str, record: &MessageRecord, a: &RcptAttempt, reply: &str, 
     );
 }
 
+/// What drives a shard actor, as typed messages. Its own sources deliver
+/// them in-context (the state machine's apply events and the Raft server
+/// metrics as streams, the tick as a timer, delivery attempts as futures it
+/// spawned); anyone holding its `Addr` may send them too, through the
+/// bounded mailbox ([`SHARD_MAILBOX`]) with `send().await`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Applied(pub SmEvent);
+
+/// The group's vote, state, leader or membership changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeadershipChanged(pub RaftServerMetrics<NodeId, openraft::BasicNode>);
+
+/// The scheduler tick: retry a failed take-over, flush outcomes, dispatch due mail.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Tick;
+
+/// One delivery attempt of a message ended with these per-recipient results.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttemptFinished {
+    pub message: Arc<LoadedMessage>,
+    pub attempts: Vec<RcptAttempt>,
+}
+
+/// Messages waiting in a shard actor's mailbox at most.
+pub const SHARD_MAILBOX: usize = 1024;
+
 impl Actor for QueueShard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(1024);
+        ctx.set_mailbox_capacity(SHARD_MAILBOX);
         if let Some(rx) = self.events.take() {
-            ctx.add_stream(UnboundedReceiverStream::new(rx));
+            ctx.add_stream(UnboundedReceiverStream::new(rx).map(Applied));
         }
         // Server metrics change only with vote, state, leader or membership;
         // the full metrics change with every append, commit and apply.
-        ctx.add_stream(WatchStream::new(self.group.raft.server_metrics()));
+        ctx.add_stream(WatchStream::new(self.group.raft.server_metrics()).map(LeadershipChanged));
         ctx.run_interval(self.settings.tick, |act, ctx| {
-            // A take-over that failed (no quorum yet: the whole cluster
-            // restarting) is tried again; the server metrics need not change.
-            if act.leader_term.is_none() && act.loading_term.is_none() {
-                let m = act.group.raft.server_metrics().borrow().clone();
-                if m.state == ServerState::Leader {
-                    act.on_metrics(&m, ctx);
-                }
-            }
-            act.flush(ctx);
-            act.confirm_then_dispatch(ctx);
+            <Self as Handler<Tick>>::handle(act, Tick, ctx)
         });
     }
 }
 
-impl StreamHandler<SmEvent> for QueueShard {
-    fn handle(&mut self, event: SmEvent, _: &mut Context<Self>) {
+impl Handler<Tick> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
+        // A take-over that failed (no quorum yet: the whole cluster
+        // restarting) is tried again; the server metrics need not change.
+        if self.leader_term.is_none() && self.loading_term.is_none() {
+            let m = self.group.raft.server_metrics().borrow().clone();
+            if m.state == ServerState::Leader {
+                self.on_metrics(&m, ctx);
+            }
+        }
+        self.flush(ctx);
+        self.confirm_then_dispatch(ctx);
+    }
+}
+
+impl Handler<Applied> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, Applied(event): Applied, _: &mut Context<Self>) {
         if self.leader_term.is_none() && self.loading_term.is_none() {
             return;
         }
@@ -442,13 +482,35 @@ impl StreamHandler<SmEvent> for QueueShard {
             SmEvent::Removed { id } => self.schedule.remove(&id),
         }
     }
+}
+
+impl Handler<LeadershipChanged> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, LeadershipChanged(m): LeadershipChanged, ctx: &mut Context<Self>) {
+        self.on_metrics(&m, ctx);
+    }
+}
+
+impl Handler<AttemptFinished> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, done: AttemptFinished, _: &mut Context<Self>) {
+        self.on_attempt(&done.message, done.attempts);
+    }
+}
+
+impl StreamHandler<Applied> for QueueShard {
+    fn handle(&mut self, event: Applied, ctx: &mut Context<Self>) {
+        <Self as Handler<Applied>>::handle(self, event, ctx);
+    }
 
     fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
-impl StreamHandler<RaftServerMetrics<NodeId, openraft::BasicNode>> for QueueShard {
-    fn handle(&mut self, m: RaftServerMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
-        self.on_metrics(&m, ctx);
+impl StreamHandler<LeadershipChanged> for QueueShard {
+    fn handle(&mut self, m: LeadershipChanged, ctx: &mut Context<Self>) {
+        <Self as Handler<LeadershipChanged>>::handle(self, m, ctx);
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
