@@ -14,8 +14,8 @@ use tern_proto::peer::peer_service_server::PeerServiceServer;
 use tern_proto::raft::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 
-use crate::admin::cluster::Cluster;
 use crate::admin::Admin;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::metrics::Metrics;
@@ -178,7 +178,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         metrics: Arc::clone(&metrics),
         stats: Arc::new(crate::queue::stats::Stats::default()),
         clock: Arc::new(crate::queue::schedule::SystemClock),
-        batchers: Arc::default(),
+        batchers: Arc::new(crate::queue::batch::Batchers::new(metrics.restarts.clone())),
     });
     if config.cluster_tls.is_none() && !config.listen_grpc.ip().is_loopback() {
         // Only reachable with `[cluster] insecure = true` (config validation).
@@ -442,7 +442,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         Arc::clone(&groups),
         Arc::clone(&ids),
         Arc::clone(&delivery),
-        Arc::clone(&cluster),
+        cluster.peers(),
         Arc::clone(&host.settings.batchers),
         Arc::clone(durability.space()),
     ));

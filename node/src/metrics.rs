@@ -523,6 +523,8 @@ pub struct DeliveryMetrics {
     connections: Family<TlsLabel, Counter>,
     tls_yes: Counter,
     tls_no: Counter,
+    /// Site actors started again after they died (shared with [`Metrics::restarts`]).
+    restarts: Restarts,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -546,11 +548,17 @@ impl Default for DeliveryMetrics {
             connections,
             tls_yes,
             tls_no,
+            restarts: Restarts::default(),
         }
     }
 }
 
 impl DeliveryMetrics {
+    /// A site actor died and was started again.
+    pub fn actor_restarted(&self, actor: &'static str) {
+        self.restarts.inc(actor);
+    }
+
     /// One site transaction (connecting first if needed) took `seconds`;
     /// `ok` unless no connection could be made or it broke.
     pub fn attempt(&self, seconds: f64, ok: bool) {
@@ -757,6 +765,8 @@ pub struct Metrics {
     pub peer_refused: PeerRefusals,
     raft: RaftGauges,
     scrape: ScrapeGauges,
+    /// `tern_actor_restarts_total{actor}` (see [`Restarts`]).
+    pub restarts: Restarts,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -776,7 +786,11 @@ impl Metrics {
         let mut registry = Registry::default();
         let smtp = SmtpMetrics::default();
         let queue = QueueMetrics::default();
-        let delivery = DeliveryMetrics::default();
+        let restarts = Restarts::default();
+        let delivery = DeliveryMetrics {
+            restarts: restarts.clone(),
+            ..DeliveryMetrics::default()
+        };
         let storage = StorageMetrics::default();
         let webhook = WebhookMetrics::default();
         let admin = AdminMetrics::default();
@@ -792,6 +806,11 @@ impl Metrics {
         admin.register(&mut registry);
         let peer_refused = PeerRefusals::default();
         let r = &mut registry;
+        r.register(
+            "tern_actor_restarts",
+            "Actors and owned tasks (site actors, queue writers) started again after they died",
+            restarts.0.clone(),
+        );
         r.register(
             "tern_peer_refused",
             "Peer RPCs (Raft, forwarding, elections, gathering) refused, by reason",
@@ -855,6 +874,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            restarts,
             peer_refused,
             disk,
             tls_reload_errors,
@@ -1092,5 +1112,23 @@ mod tests {
         assert!(usage[1].1 >= 10_000, "{usage:?}");
         assert_eq!(usage[0].1, 0);
         assert!(usage[3].1 >= 4096, "{usage:?}");
+    }
+}
+
+// ---- Supervision: actors and owned tasks started again after they died ----
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActorLabel {
+    actor: &'static str,
+}
+
+/// `tern_actor_restarts_total{actor}`: a site actor or a queue writer that
+/// died (a panic, an unexpected stop) and was started again.
+#[derive(Clone, Debug, Default)]
+pub struct Restarts(Family<ActorLabel, Counter>);
+
+impl Restarts {
+    pub fn inc(&self, actor: &'static str) {
+        self.0.get_or_create(&ActorLabel { actor }).inc();
     }
 }

@@ -15,7 +15,7 @@ use tern_proto::admin::*;
 
 pub mod audit;
 pub mod authz;
-pub mod cluster;
+pub use crate::cluster;
 use crate::pki::Role;
 use tonic::{Request, Response, Status};
 
@@ -154,10 +154,11 @@ impl Admin {
                 .map_err(|e| Status::unavailable(format!("write to group {} failed: {e}", group.id)))
         } else {
             self.cluster
+                .peers
                 .operate(group, &op)
                 .await
                 .map(|_| ())
-                .map_err(Status::unavailable)
+                .map_err(|e| Status::unavailable(e.to_string()))
         }
     }
 
@@ -189,9 +190,10 @@ impl Admin {
             );
             return self
                 .cluster
+                .peers
                 .operate(group, &crate::peer::Operation::Bounce { ids })
                 .await
-                .map_err(Status::unavailable);
+                .map_err(|e| Status::unavailable(e.to_string()));
         }
         // Everything committed before is applied here before we read.
         group
@@ -336,7 +338,11 @@ impl Admin {
                 "node {id} is already a member with another address; ids are never reused"
             )));
         }
-        let role = self.cluster.add_member(id, addr).await.map_err(Status::unavailable)?;
+        let role = self
+            .cluster
+            .add_member(id, addr)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(MemberAddReply { role: role.into() })
     }
 
@@ -344,22 +350,26 @@ impl Admin {
     /// itself, the control leadership moves first and the new leader removes it.
     pub(crate) async fn remove_member_here(&self, id: NodeId, force: bool) -> Result<(), Status> {
         if id == self.node_id {
-            self.cluster.move_control_leader().await.map_err(Status::unavailable)?;
+            self.cluster
+                .move_control_leader()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
             let control = self
                 .control_elsewhere()?
                 .ok_or_else(|| Status::unavailable("the control leadership did not move"))?;
             return self
                 .cluster
+                .peers
                 .operate_status(&control, &crate::peer::Operation::MemberRemove { id, force })
                 .await
                 .map(|_| ());
         }
         // Asked now: a control leader elected moments ago has no pings yet.
-        let reachable = self.cluster.ping_all(&self.cluster.nodes()).await;
+        let reachable = self.cluster.peers.ping_all(&self.cluster.nodes()).await;
         self.cluster
             .remove_member(id, force, &reachable)
             .await
-            .map_err(Status::failed_precondition)
+            .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 
     /// Queue summary of the shards this node hosts (only those in `only`
@@ -526,7 +536,7 @@ impl AdminService for Admin {
             None => QueueSummaryReply::default(),
         };
         let asks = assigned.into_iter().map(|(node, only)| {
-            let client = nodes.get(&node).map(|addr| self.cluster.peer(node, addr));
+            let client = nodes.get(&node).map(|addr| self.cluster.peers.peer(node, addr));
             async move {
                 let answer = async {
                     let mut client = client?.ok()?;
@@ -642,7 +652,7 @@ impl AdminService for Admin {
                     id: req.id,
                     addr: req.addr,
                 };
-                let reply = self.cluster.operate_status(&control, &op).await?;
+                let reply = self.cluster.peers.operate_status(&control, &op).await?;
                 return Ok(Response::new(MemberAddReply { role: reply.detail }));
             }
             self.add_member_here(req.id, &req.addr).await.map(Response::new)
@@ -659,8 +669,8 @@ impl AdminService for Admin {
             .ok_or_else(|| Status::unavailable("no control group here"))?;
         if control.leader() != Some(self.node_id) {
             // Reachability and lag are known to the control-group leader.
-            if let Some((leader, addr)) = self.cluster.leader_addr(&control) {
-                let mut client = self.cluster.peer(leader, &addr)?;
+            if let Some((leader, addr)) = self.cluster.peers.leader_addr(&control) {
+                let mut client = self.cluster.peers.peer(leader, &addr)?;
                 if let Ok(reply) = client.members(tern_proto::peer::MembersRequest {}).await {
                     return Ok(reply);
                 }
@@ -696,7 +706,7 @@ impl AdminService for Admin {
             self.cluster
                 .move_leader(req.shard, req.node)
                 .await
-                .map_err(Status::unavailable)?;
+                .map_err(|e| Status::unavailable(e.to_string()))?;
             Ok(Response::new(MoveLeaderReply {}))
         }
         .await;
@@ -719,7 +729,7 @@ impl AdminService for Admin {
                     id: req.id,
                     force: req.force,
                 };
-                self.cluster.operate_status(&control, &op).await?;
+                self.cluster.peers.operate_status(&control, &op).await?;
                 return Ok(Response::new(MemberRemoveReply {}));
             }
             self.remove_member_here(req.id, req.force).await?;
@@ -931,7 +941,7 @@ impl AdminService for Admin {
             if id == self.node_id {
                 continue;
             }
-            let answer = match self.cluster.peer(id, &addr) {
+            let answer = match self.cluster.peers.peer(id, &addr) {
                 Ok(mut c) => c
                     .local_stats(tern_proto::peer::LocalStatsRequest {
                         since_secs: req.since_secs,
@@ -963,7 +973,7 @@ impl Admin {
         let reachable = if m.current_leader == Some(self.node_id) {
             self.cluster.reachable()
         } else {
-            self.cluster.ping_all(&self.cluster.nodes()).await
+            self.cluster.peers.ping_all(&self.cluster.nodes()).await
         };
         let placement = self.cluster.placement();
         let mut led: BTreeMap<NodeId, u64> = BTreeMap::new();

@@ -22,8 +22,9 @@ pub mod testpeers {
 }
 pub mod tls;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
 
@@ -93,7 +94,8 @@ pub struct Delivery {
     client: ClientConfig,
     /// `[[tls_policy]]`: the TLS policy per recipient domain.
     tls: tls::OutboundTls,
-    sites: Mutex<HashMap<String, Addr<SiteActor>>>,
+    /// The site actors (each stops after [`site::SITE_IDLE`] idle).
+    sites: site::Sites,
     metrics: DeliveryMetrics,
     /// The control group's state (domain suspensions), once it is open.
     control: std::sync::OnceLock<sled::Tree>,
@@ -131,7 +133,7 @@ impl Delivery {
             resolver,
             client,
             tls,
-            sites: Mutex::new(HashMap::new()),
+            sites: site::Sites::default(),
             metrics,
             control: std::sync::OnceLock::new(),
         }))
@@ -256,15 +258,25 @@ impl Delivery {
         Err(last)
     }
 
-    fn site(&self, key: &str) -> Addr<SiteActor> {
+    /// The actor of site `key`, started when there is none (first mail,
+    /// or it stopped idle) or started again when it died; one more job
+    /// counted as on its way to it (see [`site::SiteHandle::incoming`]).
+    fn site(&self, key: &str) -> site::SiteHandle {
         let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(addr) = sites.get(key) {
-            if addr.connected() {
-                return addr.clone();
+        if let Some(handle) = sites.get(key) {
+            if handle.addr.connected() {
+                handle.incoming.fetch_add(1, Ordering::SeqCst);
+                return handle.clone();
             }
+            // An idle actor leaves the map before it stops: this one died.
+            tracing::warn!(site = %key, "site actor stopped unexpectedly; started again");
+            self.metrics.actor_restarted("site");
         }
+        let incoming = Arc::new(AtomicUsize::new(1));
         let actor = SiteActor::new(
             key.to_owned(),
+            Arc::clone(&self.sites),
+            Arc::clone(&incoming),
             self.client.clone(),
             self.config.max_connections_per_site,
             self.config.messages_per_connection,
@@ -273,8 +285,9 @@ impl Delivery {
         );
         // Site actors live on the system arbiter; their I/O runs on the runtime's workers.
         let addr = SiteActor::start_in_arbiter(&actix::System::current().arbiter().clone(), |_| actor);
-        sites.insert(key.to_owned(), addr.clone());
-        addr
+        let handle = site::SiteHandle { addr, incoming };
+        sites.insert(key.to_owned(), handle.clone());
+        handle
     }
 
     /// One delivery attempt for every pending recipient of a message.
@@ -352,8 +365,9 @@ impl Delivery {
                         fence: fence.clone(),
                         reply: tx,
                     };
-                    let addr = self.site(&plan.key);
-                    if addr.send(site::Submit(job)).await.is_err() {
+                    let site = self.site(&plan.key);
+                    if site.addr.send(site::Submit(job)).await.is_err() {
+                        site.incoming.fetch_sub(1, Ordering::SeqCst);
                         results.extend(deferred_all(
                             &rcpts,
                             "451 4.3.0 delivery agent unavailable",

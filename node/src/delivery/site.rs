@@ -9,9 +9,10 @@
 //! QUIT per message), then quits and ends. At most
 //! `max_connections_per_site` workers run at once, waiting ones included.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::dev::MessageResponse;
 use actix::prelude::*;
@@ -34,8 +35,34 @@ pub struct Job {
     pub reply: tokio::sync::oneshot::Sender<Vec<RcptAttempt>>,
 }
 
+/// A site actor with no job queued, no worker and nothing submitted for
+/// this long stops; delivery starts a new one when mail for the site comes
+/// (a config-free constant: an idle actor costs little, but sites are many).
+pub const SITE_IDLE: Duration = Duration::from_secs(300);
+/// How often an actor looks whether it has been idle for [`SITE_IDLE`].
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
+/// The live site actors by site key, shared by delivery (which starts them)
+/// and the actors (which leave it when they stop idle).
+pub type Sites = Arc<Mutex<HashMap<String, SiteHandle>>>;
+
+/// How delivery reaches one site actor.
+#[derive(Clone)]
+pub struct SiteHandle {
+    pub addr: Addr<SiteActor>,
+    /// Jobs handed out for this actor and not received by it yet: taken
+    /// under the [`Sites`] lock, so an actor that finds none there, and
+    /// leaves the map under that lock, is sent nothing more.
+    pub incoming: Arc<AtomicUsize>,
+}
+
 pub struct SiteActor {
     key: String,
+    /// Where this actor is registered (it leaves when it stops idle).
+    sites: Sites,
+    incoming: Arc<AtomicUsize>,
+    /// When it last had a job or a worker.
+    busy_at: Instant,
     client: ClientConfig,
     max_workers: usize,
     per_connection: usize,
@@ -50,8 +77,11 @@ pub struct SiteActor {
 }
 
 impl SiteActor {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         key: String,
+        sites: Sites,
+        incoming: Arc<AtomicUsize>,
         client: ClientConfig,
         max_workers: usize,
         per_connection: usize,
@@ -60,6 +90,9 @@ impl SiteActor {
     ) -> SiteActor {
         SiteActor {
             key,
+            sites,
+            incoming,
+            busy_at: Instant::now(),
             client,
             max_workers,
             per_connection,
@@ -78,6 +111,28 @@ impl Actor for SiteActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(4096);
+        ctx.run_interval(IDLE_CHECK, |act, ctx| {
+            if act.workers > 0 || !act.queue.is_empty() {
+                act.busy_at = Instant::now();
+                return;
+            }
+            if act.busy_at.elapsed() < SITE_IDLE {
+                return;
+            }
+            let mut sites = act.sites.lock().unwrap_or_else(|p| p.into_inner());
+            if act.incoming.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            if sites
+                .get(&act.key)
+                .is_some_and(|h| Arc::ptr_eq(&h.incoming, &act.incoming))
+            {
+                sites.remove(&act.key);
+            }
+            drop(sites);
+            tracing::debug!(site = %act.key, "site actor idle; stopped");
+            ctx.stop();
+        });
     }
 }
 
@@ -122,6 +177,8 @@ impl Handler<Submit> for SiteActor {
     type Result = ();
 
     fn handle(&mut self, Submit(mut job): Submit, ctx: &mut Context<Self>) {
+        self.incoming.fetch_sub(1, Ordering::SeqCst);
+        self.busy_at = Instant::now();
         // A worker waiting with an open connection takes it at once.
         while let Some((_, tx)) = self.waiting.pop() {
             match tx.send(job) {

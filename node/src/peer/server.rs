@@ -96,9 +96,10 @@ impl PeerService for PeerServer {
             // From a node without a replica: one more hop, to the leader.
             self.admin
                 .cluster
+                .peers
                 .forward_enqueue(&group, &message)
                 .await
-                .map_err(Status::unavailable)?;
+                .map_err(|e| Status::unavailable(e.to_string()))?;
             return Ok(Response::new(EnqueueReply {}));
         }
         tracing::debug!(shard = group.id, from = ?sender, msg_id = %message.record.id, "forwarded enqueue");
@@ -177,7 +178,7 @@ impl PeerService for PeerServer {
         let ElectRequest { group_id, step_aside } = request.into_inner();
         let g = self.group(group_id)?;
         if step_aside {
-            crate::admin::cluster::step_aside_for(&g).await;
+            crate::cluster::step_aside_for(&g).await;
             return Ok(Response::new(ElectReply {}));
         }
         if self.admin.space.is_full() {

@@ -55,20 +55,32 @@ impl Work {
 struct Pending {
     raft: Raft,
     work: Work,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), WriteError>>,
 }
 
-struct Batcher {
-    tx: mpsc::UnboundedSender<Pending>,
+/// Writes waiting for one shard's writer at most. Far above what the
+/// sessions and the shard actor have outstanding (a batch takes 64); when
+/// it is full, writers wait for room (backpressure), nothing is dropped.
+pub const WRITER_INBOX: usize = 4096;
+
+/// The handle of one shard's writer task: its bounded inbox and its load.
+/// The task is owned by [`Batchers`]: it ends when the handle is replaced
+/// or dropped (its inbox closes), and a writer that died (a panic) is
+/// started again on the next write, with a warning and a count.
+struct Writer {
+    tx: mpsc::Sender<Pending>,
     /// Messages submitted and not answered yet (queued or in flight).
     load: Arc<AtomicUsize>,
     in_flight: usize,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// One batcher task per shard this node has written to.
+/// One writer task per shard this node has written to.
 #[derive(Default)]
 pub struct Batchers {
-    shards: Mutex<HashMap<GroupId, Batcher>>,
+    shards: Mutex<HashMap<GroupId, Writer>>,
+    /// Counts writers started again after they died.
+    restarts: crate::metrics::Restarts,
 }
 
 impl Batchers {
@@ -78,9 +90,17 @@ impl Batchers {
         shards.get(&shard).map_or(0, |b| b.load.load(Ordering::Relaxed))
     }
 
+    /// Batchers that count restarted writers in `restarts`.
+    pub fn new(restarts: crate::metrics::Restarts) -> Batchers {
+        Batchers {
+            shards: Mutex::default(),
+            restarts,
+        }
+    }
+
     /// Writes `message` to `shard` (led here) with whatever else is waiting;
     /// Ok once the entry is applied, i.e. committed on a majority.
-    pub async fn write(&self, shard: &GroupHandle, message: NewMessage) -> Result<(), String> {
+    pub async fn write(&self, shard: &GroupHandle, message: NewMessage) -> Result<(), WriteError> {
         self.submit(shard, Work::Message(message)).await
     }
 
@@ -91,66 +111,88 @@ impl Batchers {
         shard: &GroupHandle,
         updates: Vec<OutcomeUpdate>,
         bounces: Vec<NewMessage>,
-    ) -> Result<(), String> {
+    ) -> Result<(), WriteError> {
         self.submit(shard, Work::Outcomes { updates, bounces }).await
     }
 
-    async fn submit(&self, shard: &GroupHandle, work: Work) -> Result<(), String> {
+    /// The inbox and load of `shard`'s writer, started (again) when there
+    /// is none, the replica count changed, or the last one died.
+    fn writer(&self, shard: &GroupHandle) -> (mpsc::Sender<Pending>, Arc<AtomicUsize>) {
+        let mut shards = self.shards.lock().expect("batchers lock");
+        let in_flight = if shard.replicated() {
+            IN_FLIGHT_REPLICATED
+        } else {
+            IN_FLIGHT_SINGLE
+        };
+        let writer = shards.entry(shard.id).or_insert_with(|| Writer::start(in_flight));
+        if writer.in_flight != in_flight {
+            // Replicas added or removed: a new task (the old one ends
+            // once it has written what it holds).
+            *writer = Writer::start(in_flight);
+        } else if writer.task.is_finished() {
+            // Its inbox is open while the handle lives: it ended by a panic.
+            tracing::warn!(shard = shard.id, "queue writer died; started again");
+            self.restarts.inc("queue_writer");
+            *writer = Writer::start(in_flight);
+        }
+        (writer.tx.clone(), Arc::clone(&writer.load))
+    }
+
+    async fn submit(&self, shard: &GroupHandle, work: Work) -> Result<(), WriteError> {
         let (done, answer) = oneshot::channel();
         let pending = Pending {
             raft: shard.raft.clone(),
             work,
             done,
         };
-        let load = {
-            let mut shards = self.shards.lock().expect("batchers lock");
-            let in_flight = if shard.replicated() {
-                IN_FLIGHT_REPLICATED
-            } else {
-                IN_FLIGHT_SINGLE
-            };
-            let batcher = shards.entry(shard.id).or_insert_with(|| Batcher::start(in_flight));
-            if batcher.in_flight != in_flight {
-                // Replicas added or removed: a new task (the old one ends
-                // once it has written what it holds).
-                *batcher = Batcher::start(in_flight);
+        let (tx, load) = self.writer(shard);
+        load.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            if let Err(mpsc::error::SendError(p)) = tx.send(pending).await {
+                // Task gone (runtime shutting down, or it died): once more.
+                let (tx, _) = self.writer(shard);
+                tx.send(p).await.map_err(|_| WriteError::Stopped)?;
             }
-            let pending = match batcher.tx.send(pending) {
-                Ok(()) => None,
-                Err(mpsc::error::SendError(p)) => Some(p), // task gone (runtime shutting down)
-            };
-            if let Some(p) = pending {
-                *batcher = Batcher::start(in_flight);
-                if batcher.tx.send(p).is_err() {
-                    return Err("queue writer stopped".into());
-                }
+            match tokio::time::timeout(WRITE_TIMEOUT, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(WriteError::Stopped),
+                Err(_) => Err(WriteError::Timeout(WRITE_TIMEOUT)),
             }
-            batcher.load.fetch_add(1, Ordering::Relaxed);
-            Arc::clone(&batcher.load)
-        };
-        let result = match tokio::time::timeout(WRITE_TIMEOUT, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("queue writer stopped".into()),
-            Err(_) => Err(format!("not committed within {WRITE_TIMEOUT:?}")),
-        };
+        }
+        .await;
         load.fetch_sub(1, Ordering::Relaxed);
         result
     }
 }
 
-impl Batcher {
-    fn start(in_flight: usize) -> Batcher {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, in_flight));
-        Batcher {
+/// Why a queue write did not commit. The entry may or may not commit
+/// later: the client must not be told 250.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    #[error("queue writer stopped")]
+    Stopped,
+    #[error("not committed within {0:?}")]
+    Timeout(std::time::Duration),
+    /// Raft refused or failed the write (not the leader any more, shutting down).
+    #[error("{0}")]
+    Raft(String),
+}
+
+impl Writer {
+    fn start(in_flight: usize) -> Writer {
+        let (tx, rx) = mpsc::channel(WRITER_INBOX);
+        let task = tokio::spawn(run(rx, in_flight));
+        Writer {
             tx,
             load: Arc::default(),
             in_flight,
+            task,
         }
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Pending>, in_flight: usize) {
+async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize) {
     let permits = Arc::new(Semaphore::new(in_flight));
     while let Some(first) = rx.recv().await {
         // Wait for a free slot before collecting: what arrives meanwhile
@@ -175,8 +217,8 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Pending>, in_flight: usize) {
             let request = request_of(works);
             let result = match tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(request)).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("not committed within {WRITE_TIMEOUT:?}")),
+                Ok(Err(e)) => Err(WriteError::Raft(e.to_string())),
+                Err(_) => Err(WriteError::Timeout(WRITE_TIMEOUT)),
             };
             for done in dones {
                 let _ = done.send(result.clone());

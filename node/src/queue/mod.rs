@@ -10,6 +10,7 @@ pub mod handover;
 pub mod lease;
 pub use tern_model::record as message;
 pub mod ops;
+pub mod outcome;
 pub mod schedule;
 pub mod shard;
 pub mod stats;
@@ -69,7 +70,7 @@ pub struct QueueFront {
     /// For RCPT-time verification of local recipients.
     delivery: Arc<crate::delivery::Delivery>,
     /// For forwarding to a shard leader on another node.
-    cluster: Arc<crate::admin::cluster::Cluster>,
+    peers: Arc<crate::cluster::Peers>,
     /// Free space of the data directory: no new mail while the disk is full.
     space: Arc<crate::storage::space::DiskSpace>,
 }
@@ -80,7 +81,7 @@ impl QueueFront {
         groups: Arc<Groups>,
         ids: Arc<IdGen>,
         delivery: Arc<crate::delivery::Delivery>,
-        cluster: Arc<crate::admin::cluster::Cluster>,
+        peers: Arc<crate::cluster::Peers>,
         batchers: Arc<batch::Batchers>,
         space: Arc<crate::storage::space::DiskSpace>,
     ) -> QueueFront {
@@ -89,7 +90,7 @@ impl QueueFront {
             groups,
             ids,
             delivery,
-            cluster,
+            peers,
             next_shard: AtomicUsize::new(0),
             batchers,
             space,
@@ -137,7 +138,7 @@ impl QueueFront {
         let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).collect();
         if with_leader.is_empty() {
             // No replica here at all (more nodes than replicas): via any replica.
-            return match self.cluster.forward_enqueue_anywhere(turn, &message).await {
+            return match self.peers.forward_enqueue_anywhere(turn, &message).await {
                 Ok(shard) => {
                     received.log(&id, shard, true);
                     Ok(())
@@ -151,7 +152,7 @@ impl QueueFront {
             };
         }
         let shard = with_leader[turn % with_leader.len()];
-        match self.cluster.forward_enqueue(shard, &message).await {
+        match self.peers.forward_enqueue(shard, &message).await {
             Ok(()) => {
                 received.log(&id, shard.id, true);
                 Ok(())

@@ -13,19 +13,21 @@ use actix::prelude::*;
 use openraft::metrics::RaftServerMetrics;
 use openraft::ServerState;
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
+use tokio_stream::StreamExt as _;
 
 use super::lease::Lease;
 use super::message::{MessageRecord, RcptStatus};
+use super::outcome;
 use super::schedule::{Clock, RetryPolicy, Schedule};
 use super::IdGen;
-use crate::delivery::fence::{Fence, FENCED_REPLY};
-use crate::delivery::{Delivery, LoadedMessage, RcptAttempt, RcptOutcome};
+use crate::delivery::fence::Fence;
+use crate::delivery::{Delivery, LoadedMessage, RcptAttempt};
 use crate::dsn;
 
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::Metrics;
 use crate::raft::groups::GroupHandle;
 use crate::raft::state_machine::SmEvent;
-use crate::raft::{NewMessage, NodeId, OutcomeUpdate, RcptResult};
+use crate::raft::{NewMessage, NodeId, OutcomeUpdate};
 
 /// Most messages of one shard in delivery at once (bounds memory).
 const MAX_IN_FLIGHT: usize = 2000;
@@ -191,125 +193,54 @@ impl QueueShard {
                 let attempts = delivery.attempt(Arc::clone(&message), Some(fence)).await;
                 (message, attempts)
             };
-            ctx.spawn(
-                fut.into_actor(self)
-                    .map(|(message, attempts), act, _| act.on_attempt(&message, attempts)),
-            );
+            ctx.spawn(fut.into_actor(self).map(|(message, attempts), act, ctx| {
+                <Self as Handler<AttemptFinished>>::handle(act, AttemptFinished { message, attempts }, ctx)
+            }));
         }
     }
 
-    /// Turns one attempt's results into an outcome update (and bounces).
-    fn on_attempt(&mut self, message: &LoadedMessage, mut attempts: Vec<RcptAttempt>) {
+    /// Turns one attempt's results into an outcome update (and bounces):
+    /// decided by [`outcome::decide`], the effects (metrics, stats, the
+    /// event log, the reports) made here.
+    fn on_attempt(&mut self, message: &LoadedMessage, attempts: Vec<RcptAttempt>) {
         let now = self.now();
         let record = &message.record;
-        // Transactions abandoned by the fence have no outcome: whoever leads
-        // the shard now delivers those recipients.
-        let before = attempts.len();
-        attempts.retain(|a| !matches!(&a.outcome, RcptOutcome::Deferred { reply } if reply == FENCED_REPLY));
-        if attempts.is_empty() && before > 0 {
-            self.group.handover.release(&record.id);
-            if self.leader_term.is_some() {
-                self.schedule.insert(&record.id, now + 1);
+        let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        let rules = outcome::Rules {
+            retry: &self.settings.retry,
+            delay_notice_after: self.settings.delay_notice_after,
+        };
+        let decision = match outcome::decide(record, attempts, now, jitter, rules) {
+            outcome::Verdict::Fenced => {
+                self.group.handover.release(&record.id);
+                if self.leader_term.is_some() {
+                    self.schedule.insert(&record.id, now + 1);
+                }
+                return;
             }
-            return;
-        }
-        let expired = self.settings.retry.expired(record.received_at, now);
-        let mut results = Vec::new();
-        let mut failed = Vec::new();
-        let mut delivered = Vec::new();
-        let mut deferred = Vec::new();
-        for a in &attempts {
-            let (status, reply, outcome) = judge(&a.outcome, expired, self.settings.retry.max_age);
-            let domain = record
-                .envelope
-                .recipients
-                .get(a.index)
-                .map(|r| crate::envelope::Envelope::domain_of(&r.address))
-                .unwrap_or_default();
-            self.settings.metrics.queue.recipient(outcome, &domain);
-            let event = match outcome {
-                Outcome::Expired => "expired",
-                _ => status.as_str(),
-            };
-            log_event(event, record, a, &reply, record.attempts + 1, now);
+            outcome::Verdict::Decided(decision) => decision,
+        };
+        for j in &decision.judged {
+            self.settings.metrics.queue.recipient(j.outcome, &j.domain);
+            log_event(j.event, record, &j.attempt, &j.reply, record.attempts + 1, now);
             self.settings.stats.record(
                 now,
-                &domain,
-                a.remote_host.as_deref().unwrap_or(""),
-                match status {
+                &j.domain,
+                j.attempt.remote_host.as_deref().unwrap_or(""),
+                match j.status {
                     RcptStatus::Delivered => super::stats::Outcome::Delivered,
                     RcptStatus::Failed => super::stats::Outcome::Bounced,
                     _ => super::stats::Outcome::Deferred,
                 },
-                &reply,
+                &j.reply,
                 now - record.received_at,
             );
-            match status {
-                RcptStatus::Failed => failed.push((a, reply.clone(), expired)),
-                RcptStatus::Delivered => delivered.push(a),
-                _ => deferred.push((a, reply.clone())),
-            }
-            results.push(RcptResult {
-                index: a.index as u32,
-                status,
-                reply,
-            });
         }
-        let attempts_made = record.attempts + 1;
-        let jitter = rand::random::<f64>() * 2.0 - 1.0;
-        let next_attempt = self.settings.retry.next_attempt(attempts_made, now, jitter);
-        let mut delay_notified = record.delay_notified;
         let mut bounces = Vec::new();
-
-        // Bounces (RFC 3464): one per message and kind, to the reverse-path.
-        let failure_rcpts: Vec<_> = failed
-            .iter()
-            .filter(|(a, _, _)| notify_wanted(record, a.index, dsn::DsnKind::Failure))
-            .map(|(a, reply, expired)| report(record, a, dsn::Action::Failed, reply, now, None, *expired))
-            .collect();
-        self.queue_dsn(&mut bounces, message, dsn::DsnKind::Failure, failure_rcpts, now);
-        let success_rcpts: Vec<_> = delivered
-            .iter()
-            .filter(|a| !a.dsn_relayed && notify_wanted(record, a.index, dsn::DsnKind::Success))
-            .map(|a| {
-                let reply = match &a.outcome {
-                    crate::delivery::RcptOutcome::Delivered { reply } => reply.clone(),
-                    _ => String::new(),
-                };
-                // RFC 3461 6.2.3: handed to an MTA without DSN is "relayed".
-                let action = if a.final_delivery {
-                    dsn::Action::Delivered
-                } else {
-                    dsn::Action::Relayed
-                };
-                report(record, a, action, &reply, now, None, false)
-            })
-            .collect();
-        self.queue_dsn(&mut bounces, message, dsn::DsnKind::Success, success_rcpts, now);
-        if let Some(after) = self.settings.delay_notice_after {
-            if !delay_notified && now - record.received_at >= after.as_secs() as i64 {
-                let until = record.received_at + self.settings.retry.max_age.as_secs() as i64;
-                let delay_rcpts: Vec<_> = deferred
-                    .iter()
-                    .filter(|(a, _)| notify_wanted(record, a.index, dsn::DsnKind::Delay))
-                    .map(|(a, reply)| report(record, a, dsn::Action::Delayed, reply, now, Some(until), false))
-                    .collect();
-                if !delay_rcpts.is_empty() {
-                    delay_notified = true;
-                }
-                self.queue_dsn(&mut bounces, message, dsn::DsnKind::Delay, delay_rcpts, now);
-            }
+        for (kind, rcpts) in decision.reports {
+            self.queue_dsn(&mut bounces, message, kind, rcpts, now);
         }
-        self.pending.push((
-            OutcomeUpdate {
-                id: record.id.clone(),
-                results,
-                attempts: attempts_made,
-                next_attempt,
-                delay_notified,
-            },
-            bounces,
-        ));
+        self.pending.push((decision.update, bounces));
     }
 
     fn queue_dsn(
@@ -435,21 +366,6 @@ impl QueueShard {
     }
 }
 
-/// What one recipient's attempt means for the queue: a deferral of a
-/// message past `max_age` becomes a failure (an expiry).
-fn judge(outcome: &RcptOutcome, expired: bool, max_age: Duration) -> (RcptStatus, String, Outcome) {
-    match outcome {
-        RcptOutcome::Delivered { reply } => (RcptStatus::Delivered, reply.clone(), Outcome::Delivered),
-        RcptOutcome::Failed { reply } => (RcptStatus::Failed, reply.clone(), Outcome::Failed),
-        RcptOutcome::Deferred { reply } if expired => (
-            RcptStatus::Failed,
-            format!("{reply} (gave up: message older than {}s)", max_age.as_secs()),
-            Outcome::Expired,
-        ),
-        RcptOutcome::Deferred { reply } => (RcptStatus::Deferred, reply.clone(), Outcome::Deferred),
-    }
-}
-
 /// The oldest `max` outcomes and exactly the reports they cause.
 fn take_batch(
     pending: &mut Vec<(OutcomeUpdate, Vec<NewMessage>)>,
@@ -463,43 +379,6 @@ fn take_batch(
         bounces.extend(reports);
     }
     (updates, bounces)
-}
-
-/// NOTIFY semantics for one recipient (RFC 3461 §4.1).
-fn notify_wanted(record: &MessageRecord, index: usize, kind: dsn::DsnKind) -> bool {
-    record
-        .envelope
-        .recipients
-        .get(index)
-        .is_some_and(|r| dsn::should_notify(&record.envelope.reverse_path, kind, &r.notify))
-}
-
-fn report(
-    record: &MessageRecord,
-    a: &RcptAttempt,
-    action: dsn::Action,
-    reply: &str,
-    now: i64,
-    will_retry_until: Option<i64>,
-    expired: bool,
-) -> dsn::RecipientReport {
-    let rcpt = record.envelope.recipients.get(a.index);
-    // An expiry after repeated 4xx reports the last 4.x.x status (as Postfix does); ours is 4.4.7.
-    let status = if expired && !reply.starts_with('4') {
-        "4.4.7".to_owned()
-    } else {
-        dsn::status_from_reply(reply, action)
-    };
-    dsn::RecipientReport {
-        address: rcpt.map(|r| r.address.clone()).unwrap_or_default(),
-        orcpt: rcpt.and_then(|r| r.orcpt.clone()),
-        action,
-        status,
-        diagnostic: (!reply.is_empty()).then(|| reply.to_owned()),
-        remote_mta: a.remote_host.clone(),
-        last_attempt: Some(now),
-        will_retry_until,
-    }
 }
 
 /// One structured line per delivery event (docs/events.md).
@@ -527,34 +406,74 @@ fn log_event(event: &str, record: &MessageRecord, a: &RcptAttempt, reply: &str, 
     );
 }
 
+/// What drives a shard actor, as typed messages. Its own sources deliver
+/// them in-context (the state machine's apply events and the Raft server
+/// metrics as streams, the tick as a timer, delivery attempts as futures it
+/// spawned); anyone holding its `Addr` may send them too, through the
+/// bounded mailbox ([`SHARD_MAILBOX`]) with `send().await`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Applied(pub SmEvent);
+
+/// The group's vote, state, leader or membership changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeadershipChanged(pub RaftServerMetrics<NodeId, openraft::BasicNode>);
+
+/// The scheduler tick: retry a failed take-over, flush outcomes, dispatch due mail.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Tick;
+
+/// One delivery attempt of a message ended with these per-recipient results.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttemptFinished {
+    pub message: Arc<LoadedMessage>,
+    pub attempts: Vec<RcptAttempt>,
+}
+
+/// Messages waiting in a shard actor's mailbox at most.
+pub const SHARD_MAILBOX: usize = 1024;
+
 impl Actor for QueueShard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(1024);
+        ctx.set_mailbox_capacity(SHARD_MAILBOX);
         if let Some(rx) = self.events.take() {
-            ctx.add_stream(UnboundedReceiverStream::new(rx));
+            ctx.add_stream(UnboundedReceiverStream::new(rx).map(Applied));
         }
         // Server metrics change only with vote, state, leader or membership;
         // the full metrics change with every append, commit and apply.
-        ctx.add_stream(WatchStream::new(self.group.raft.server_metrics()));
+        ctx.add_stream(WatchStream::new(self.group.raft.server_metrics()).map(LeadershipChanged));
         ctx.run_interval(self.settings.tick, |act, ctx| {
-            // A take-over that failed (no quorum yet: the whole cluster
-            // restarting) is tried again; the server metrics need not change.
-            if act.leader_term.is_none() && act.loading_term.is_none() {
-                let m = act.group.raft.server_metrics().borrow().clone();
-                if m.state == ServerState::Leader {
-                    act.on_metrics(&m, ctx);
-                }
-            }
-            act.flush(ctx);
-            act.confirm_then_dispatch(ctx);
+            <Self as Handler<Tick>>::handle(act, Tick, ctx)
         });
     }
 }
 
-impl StreamHandler<SmEvent> for QueueShard {
-    fn handle(&mut self, event: SmEvent, _: &mut Context<Self>) {
+impl Handler<Tick> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
+        // A take-over that failed (no quorum yet: the whole cluster
+        // restarting) is tried again; the server metrics need not change.
+        if self.leader_term.is_none() && self.loading_term.is_none() {
+            let m = self.group.raft.server_metrics().borrow().clone();
+            if m.state == ServerState::Leader {
+                self.on_metrics(&m, ctx);
+            }
+        }
+        self.flush(ctx);
+        self.confirm_then_dispatch(ctx);
+    }
+}
+
+impl Handler<Applied> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, Applied(event): Applied, _: &mut Context<Self>) {
         if self.leader_term.is_none() && self.loading_term.is_none() {
             return;
         }
@@ -563,13 +482,35 @@ impl StreamHandler<SmEvent> for QueueShard {
             SmEvent::Removed { id } => self.schedule.remove(&id),
         }
     }
+}
+
+impl Handler<LeadershipChanged> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, LeadershipChanged(m): LeadershipChanged, ctx: &mut Context<Self>) {
+        self.on_metrics(&m, ctx);
+    }
+}
+
+impl Handler<AttemptFinished> for QueueShard {
+    type Result = ();
+
+    fn handle(&mut self, done: AttemptFinished, _: &mut Context<Self>) {
+        self.on_attempt(&done.message, done.attempts);
+    }
+}
+
+impl StreamHandler<Applied> for QueueShard {
+    fn handle(&mut self, event: Applied, ctx: &mut Context<Self>) {
+        <Self as Handler<Applied>>::handle(self, event, ctx);
+    }
 
     fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
-impl StreamHandler<RaftServerMetrics<NodeId, openraft::BasicNode>> for QueueShard {
-    fn handle(&mut self, m: RaftServerMetrics<NodeId, openraft::BasicNode>, ctx: &mut Context<Self>) {
-        self.on_metrics(&m, ctx);
+impl StreamHandler<LeadershipChanged> for QueueShard {
+    fn handle(&mut self, m: LeadershipChanged, ctx: &mut Context<Self>) {
+        <Self as Handler<LeadershipChanged>>::handle(self, m, ctx);
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
@@ -580,7 +521,6 @@ impl StreamHandler<RaftServerMetrics<NodeId, openraft::BasicNode>> for QueueShar
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::schedule::TokioClock;
 
     fn pending(n: usize) -> Vec<(OutcomeUpdate, Vec<NewMessage>)> {
         (0..n)
@@ -611,66 +551,6 @@ mod tests {
                 (update, reports)
             })
             .collect()
-    }
-
-    /// Defer -> retry -> expire of one message through the shard's schedule,
-    /// retry policy and outcome rule, on tokio's paused clock: attempts come
-    /// at the scheduled delays (jitter within ±10%) and the first deferral
-    /// after `max_age` is an expiry.
-    #[tokio::test(start_paused = true)]
-    async fn deferred_mail_is_retried_on_schedule_then_expires() {
-        const TICK: Duration = Duration::from_secs(5);
-        let clock = TokioClock {
-            epoch: 1_800_000_000,
-            start: tokio::time::Instant::now(),
-        };
-        let retry = RetryPolicy {
-            schedule: vec![Duration::from_secs(60), Duration::from_secs(300)],
-            max_age: Duration::from_secs(1200),
-        };
-        let received_at = clock.now();
-        let mut schedule = Schedule::default();
-        schedule.insert("m", received_at);
-        let mut tried_at = Vec::new();
-        let mut last = None;
-        // Bounded: 2000 ticks of 5 s is far past max_age.
-        for step in 0..2000u32 {
-            for id in schedule.pop_due(clock.now(), 10) {
-                let now = clock.now();
-                tried_at.push(now - received_at);
-                let peer_says = RcptOutcome::Deferred {
-                    reply: "451 4.3.0 try later".into(),
-                };
-                let (status, reply, outcome) = judge(&peer_says, retry.expired(received_at, now), retry.max_age);
-                if status == RcptStatus::Deferred {
-                    // Alternate the jitter's extremes.
-                    let jitter = if step % 2 == 0 { 1.0 } else { -1.0 };
-                    schedule.insert(&id, retry.next_attempt(tried_at.len() as u32, now, jitter));
-                } else {
-                    last = Some((status, reply, outcome));
-                }
-            }
-            if last.is_some() {
-                break;
-            }
-            tokio::time::advance(TICK).await;
-        }
-        let (status, reply, outcome) = last.expect("the message expired");
-        assert_eq!(status, RcptStatus::Failed);
-        assert!(matches!(outcome, Outcome::Expired));
-        assert_eq!(reply, "451 4.3.0 try later (gave up: message older than 1200s)");
-        assert!(schedule.is_empty());
-        // First try at once, then 60 s ±10%, then 300 s ±10% each (a tick late at most).
-        assert_eq!(tried_at[0], 0);
-        let gaps: Vec<i64> = tried_at.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!((54..=66 + 5).contains(&gaps[0]), "{tried_at:?}");
-        for g in &gaps[1..] {
-            assert!((270..=330 + 5).contains(g), "{tried_at:?}");
-        }
-        // Only the last attempt is past max_age; the one before was not.
-        let n = tried_at.len();
-        assert!(tried_at[n - 1] >= 1200 && tried_at[n - 2] < 1200, "{tried_at:?}");
-        assert!((5..=6).contains(&n), "{tried_at:?}");
     }
 
     #[test]

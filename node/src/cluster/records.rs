@@ -1,0 +1,62 @@
+//! What the cluster reads from this node's replica of the control group:
+//! members (node id -> gRPC address), removed and drained nodes, and shard
+//! placement (shard -> desired replicas). Read-only; the control group's
+//! apply rules write these keys.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::raft::groups::Groups;
+use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
+use crate::raft::{GroupId, NodeId, CONTROL_GROUP};
+
+/// Node id -> gRPC address, from this node's replica of the control group.
+pub fn nodes(groups: &Groups) -> BTreeMap<NodeId, String> {
+    let mut out = BTreeMap::new();
+    if let Some(control) = groups.get(CONTROL_GROUP) {
+        for (k, v) in control.sm.tree().scan_prefix(NODE_PREFIX).flatten() {
+            if let Ok(id) = <[u8; 8]>::try_from(&k[NODE_PREFIX.len()..]) {
+                out.insert(u64::from_be_bytes(id), String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Ids of removed nodes (never to be reused).
+pub fn removed(groups: &Groups) -> BTreeSet<NodeId> {
+    node_set(groups, REMOVED_PREFIX)
+}
+
+/// Nodes marked drained (they lead no shard).
+pub fn drained(groups: &Groups) -> BTreeSet<NodeId> {
+    node_set(groups, DRAIN_PREFIX)
+}
+
+/// Node ids recorded in the control state under `prefix` (big-endian keys).
+fn node_set(groups: &Groups, prefix: &[u8]) -> BTreeSet<NodeId> {
+    let mut out = BTreeSet::new();
+    if let Some(control) = groups.get(CONTROL_GROUP) {
+        for (k, _) in control.sm.tree().scan_prefix(prefix).flatten() {
+            if let Ok(id) = <[u8; 8]>::try_from(&k[prefix.len()..]) {
+                out.insert(u64::from_be_bytes(id));
+            }
+        }
+    }
+    out
+}
+
+/// Shard -> desired replicas.
+pub fn placement(groups: &Groups) -> BTreeMap<GroupId, Vec<NodeId>> {
+    let mut out = BTreeMap::new();
+    if let Some(control) = groups.get(CONTROL_GROUP) {
+        for (k, v) in control.sm.tree().scan_prefix(PLACEMENT_PREFIX).flatten() {
+            if let (Ok(id), Ok(replicas)) = (
+                <[u8; 8]>::try_from(&k[PLACEMENT_PREFIX.len()..]),
+                bincode::deserialize::<Vec<NodeId>>(&v),
+            ) {
+                out.insert(u64::from_be_bytes(id), replicas);
+            }
+        }
+    }
+    out
+}
