@@ -26,8 +26,8 @@ use crate::raft::groups::Groups;
 use crate::raft::host::GroupHost;
 use crate::raft::network::MAX_GRPC_MESSAGE;
 use crate::raft::service::RaftServer;
+use crate::raft::Durability;
 use crate::raft::{Request, CONTROL_GROUP};
-use crate::storage::Durability;
 
 const LOCAL_INITIALIZED: &[u8] = b"initialized";
 /// Largest HTTP/2 frame peers may send to this node's gRPC server.

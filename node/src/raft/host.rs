@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::queue::shard::{QueueShard, ShardSettings};
 use crate::queue::IdGen;
-use crate::storage::Durability;
+use crate::raft::Durability;
 
 /// Highest group id a peer may create here.
 const MAX_GROUP: GroupId = 4096;

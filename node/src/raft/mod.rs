@@ -36,6 +36,19 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// The node's storage with openraft's append completion as its flush
+/// callback.
+pub type Durability = tern_store::Durability<LogFlushed>;
+
+/// openraft's "the append is on disk" callback, handed to the group commit.
+pub struct LogFlushed(pub openraft::storage::LogFlushed<TypeConfig>);
+
+impl tern_store::Flushed for LogFlushed {
+    fn flushed(self, result: Result<(), tern_store::FlushError>) {
+        self.0.log_io_completed(result.map_err(std::io::Error::other));
+    }
+}
+
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type LogId = openraft::LogId<NodeId>;

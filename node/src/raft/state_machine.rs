@@ -24,8 +24,8 @@ use super::{
     TypeConfig,
 };
 use crate::queue::message::MessageRecord;
+use crate::raft::Durability;
 use crate::storage::wal::{Kind, Wal};
-use crate::storage::Durability;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
@@ -702,7 +702,7 @@ impl StateMachine {
             .filter_map(|r| r.body.as_ref())
             .any(|loc| !self.wal.is_durable(loc));
         let mut written = if unsynced {
-            self.durability.flush().await
+            self.durability.flush().await.map_err(|e| e.to_string())
         } else {
             Ok(())
         };

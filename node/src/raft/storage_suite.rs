@@ -14,7 +14,7 @@ use super::log_store::LogStore;
 use super::state_machine::StateMachine;
 use super::{Body, Request, StorageError, TypeConfig};
 use crate::queue::message::MessageRecord;
-use crate::storage::Durability;
+use crate::raft::Durability;
 
 struct Builder;
 
