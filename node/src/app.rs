@@ -212,6 +212,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             ids: Arc::clone(&ids),
             actors: Default::default(),
         }),
+        Arc::new(Rules),
         cluster_tls.clone(),
     ));
     let mut group_ids = host.recorded()?;
@@ -232,7 +233,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let checkpointer = host.spawn_checkpointer(std::time::Duration::from_secs(1));
     let groups = Arc::clone(&host.groups);
     if let Some(control) = groups.get(CONTROL_GROUP) {
-        delivery.set_control(control.sm.tree());
+        delivery.set_control(crate::cluster::control::ControlState::new(control.sm.tree()));
     }
     let cluster = Arc::new(Cluster::new(
         config.node_id,
@@ -569,5 +570,28 @@ impl GroupHooks for ShardActors {
 
     fn shutdown(&self) {
         self.actors.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// The node's rules for every group's requests: the queue shard's, then the
+/// control group's (each group gets only its own kinds of request).
+pub struct Rules;
+
+impl crate::raft::apply::Apply for Rules {
+    fn apply(
+        &self,
+        ctx: &mut crate::raft::apply::ApplyCtx<'_>,
+        request: Request,
+    ) -> Result<crate::raft::Response, crate::raft::StorageError> {
+        let request = match crate::queue::apply::apply(ctx, request)? {
+            Ok(response) => return Ok(response),
+            Err(request) => request,
+        };
+        match crate::cluster::control::apply(ctx, request)? {
+            Ok(response) => Ok(response),
+            Err(request) => Err(crate::raft::apply::write_error(&format_args!(
+                "no rule applies {request:?}"
+            ))),
+        }
     }
 }

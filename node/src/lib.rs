@@ -9,6 +9,7 @@
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
 //! - [`raft`]: openraft types, sled log store, state machine, gRPC transport.
 //! - [`storage`]: the write-ahead log (Raft logs and bodies), the sled database of the state machines and the group-commit flusher.
+//! - [`cluster`]: the control group's rules and state.
 //! - [`admin`]: the gRPC admin service used by `ternctl`.
 //! - [`http`]: health endpoints and Prometheus metrics.
 //! - [`metrics`]: the metrics registry and the counters the parts share.
@@ -20,6 +21,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod disk_guard;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use super::apply::Apply;
 use super::groups::{GroupHandle, Groups};
 use super::log_store::LogStore;
 use super::network::{Network, Peers};
@@ -60,6 +61,8 @@ pub struct GroupHost {
     pub groups: Arc<Groups>,
     pub local: sled::Tree,
     hooks: Arc<dyn GroupHooks>,
+    /// What every group's requests mean.
+    rules: Arc<dyn Apply>,
     /// Serialises group creation.
     creating: tokio::sync::Mutex<()>,
 }
@@ -71,6 +74,7 @@ impl GroupHost {
         raft_config: Arc<openraft::Config>,
         local: sled::Tree,
         hooks: Arc<dyn GroupHooks>,
+        rules: Arc<dyn Apply>,
         tls: Option<super::tls::ClusterTls>,
     ) -> GroupHost {
         let peer_addresses = settings.peer_addresses.clone();
@@ -82,6 +86,7 @@ impl GroupHost {
             groups: Arc::new(Groups::default()),
             local,
             hooks,
+            rules,
             creating: tokio::sync::Mutex::new(()),
         }
     }
@@ -118,7 +123,7 @@ impl GroupHost {
         }
         self.record(id).await?;
         let mut log = LogStore::open(Arc::clone(&self.durability), id)?;
-        let mut sm = StateMachine::open(Arc::clone(&self.durability), id).await?;
+        let mut sm = StateMachine::open(Arc::clone(&self.durability), id, Arc::clone(&self.rules)).await?;
         log.set_purge_floor(sm.purge_floor());
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let events_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));

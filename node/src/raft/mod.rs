@@ -9,6 +9,7 @@
 // would only add conversions.
 #![allow(clippy::result_large_err)]
 
+pub mod apply;
 pub mod gate;
 pub mod groups;
 pub mod host;

@@ -37,7 +37,9 @@ async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachine) {
 
 async fn open_with(durability: Arc<Durability>) -> (LogStore, StateMachine) {
     let log = LogStore::open(Arc::clone(&durability), 1).unwrap();
-    let sm = StateMachine::open(Arc::clone(&durability), 1).await.unwrap();
+    let sm = StateMachine::open(Arc::clone(&durability), 1, Arc::new(crate::app::Rules))
+        .await
+        .unwrap();
     durability.wal().enable_reclaim();
     (log, sm)
 }
