@@ -32,6 +32,8 @@
 //! - [`failpoint`]: crash points armed by tests through the environment.
 //! - [`metrics`]: the flusher's prometheus-client metrics.
 //! - [`error`]: [`OpenError`] and [`FlushError`].
+//! - [`seam`]: [`Store`], the trait the Raft log store and state machines
+//!   need, implemented here by [`Durability`].
 //!
 //! No Raft here: the Raft crate hands its flush callback in through
 //! [`Flushed`].
@@ -39,6 +41,7 @@
 pub mod error;
 pub mod failpoint;
 pub mod metrics;
+pub mod seam;
 pub mod space;
 pub mod wal;
 
@@ -48,6 +51,8 @@ use std::sync::{mpsc, Arc, Mutex};
 
 pub use error::{FlushError, OpenError};
 pub use metrics::StorageMetrics;
+pub use seam::Store;
+pub use tern_model::BodyLoc;
 
 /// Exit code of a node stopped by a failed fsync (sysexits' EX_IOERR).
 pub const EXIT_STORAGE_FAILURE: i32 = 74;
