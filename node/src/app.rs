@@ -521,7 +521,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     checkpointer.abort();
     // A clean stop re-applies nothing at the next start.
     host.checkpoint_all().await;
-    durability.flush_all().await.map_err(anyhow::Error::msg)?;
+    durability.flush_all().await?;
     webhooks.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -106,7 +106,7 @@ impl GroupHost {
             ids.sort_unstable();
             self.local.insert(LOCAL_GROUPS, bincode::serialize(&ids)?)?;
             // A hosted group must be opened (and its bodies counted) at every start.
-            self.durability.flush_all().await.map_err(anyhow::Error::msg)?;
+            self.durability.flush_all().await?;
         }
         Ok(())
     }

@@ -497,7 +497,7 @@ impl StateMachine {
             batches += 1;
             if batch.messages > 0 {
                 // 1. The bodies are on disk before anything points at them.
-                self.durability.flush().await.map_err(anyhow::Error::msg)?;
+                self.durability.flush().await?;
             }
             messages += batch.messages;
             let tree = self.tree.clone();
@@ -516,7 +516,7 @@ impl StateMachine {
             .insert(MEMBERSHIP, bincode::serialize(&meta.last_membership)?)?;
         self.tree.insert(APPLIED, bincode::serialize(&meta.last_log_id)?)?;
         // 2. The state, durable.
-        self.durability.flush_all().await.map_err(anyhow::Error::msg)?;
+        self.durability.flush_all().await?;
         {
             let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
             self.tree.insert(CHECKPOINT, bincode::serialize(&meta.last_log_id)?)?;
@@ -528,7 +528,7 @@ impl StateMachine {
             u.applied_written = meta.last_log_id;
         }
         // 3. The checkpoint, durable.
-        self.durability.flush_state().await.map_err(anyhow::Error::msg)?;
+        self.durability.flush_state().await?;
         self.checkpoint_durable(meta.last_log_id);
         // 4. Nothing to finish at the next open.
         std::fs::remove_file(redo).with_context(|| format!("removing {}", redo.display()))?;
