@@ -1,6 +1,9 @@
 //! Raft wiring: openraft type configuration, the requests every group
-//! replicates, the sled log store, the state machines, the gRPC network and
-//! the router that maps a group id to its local `Raft`.
+//! replicates, the sled log store, the state machine mechanics (which call
+//! an [`apply::Apply`] for what a request means: the node's queue and
+//! control rules), the gRPC network and the router that maps a group id to
+//! its local `Raft`. Groups are opened by [`host::GroupHost`], which tells
+//! the node through [`host::GroupHooks`].
 //!
 //! Group 0 is the control group (membership, shard placement); groups
 //! 1..=S are queue shards.
