@@ -20,14 +20,14 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::metrics::Metrics;
 use crate::queue::schedule::RetryPolicy;
-use crate::queue::shard::ShardSettings;
+use crate::queue::shard::{QueueShard, ShardSettings};
 use crate::queue::{IdGen, QueueFront};
 use crate::raft::groups::Groups;
-use crate::raft::host::GroupHost;
+use crate::raft::host::{GroupEvents, GroupHooks, GroupHost, HostSettings};
 use crate::raft::network::MAX_GRPC_MESSAGE;
 use crate::raft::service::RaftServer;
+use crate::raft::Durability;
 use crate::raft::{Request, CONTROL_GROUP};
-use crate::storage::Durability;
 
 const LOCAL_INITIALIZED: &[u8] = b"initialized";
 /// Largest HTTP/2 frame peers may send to this node's gRPC server.
@@ -195,14 +195,24 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         .transpose()
         .context("cluster TLS")?;
     let host = Arc::new(GroupHost::new(
-        Arc::clone(&config),
+        HostSettings {
+            node_id: config.node_id,
+            shards: config.shards,
+            log_keep_bytes: config.log_keep_bytes,
+            peer_addresses: config.peer_addresses.clone(),
+        },
         Arc::clone(&durability),
         crate::raft::raft_config()?,
         local.clone(),
-        actix::System::current().arbiter().clone(),
-        Arc::clone(&delivery),
-        settings,
-        Arc::clone(&ids),
+        Arc::new(ShardActors {
+            handover_timeout: config.handover_timeout,
+            arbiter: actix::System::current().arbiter().clone(),
+            delivery: Arc::clone(&delivery),
+            settings: Arc::clone(&settings),
+            ids: Arc::clone(&ids),
+            actors: Default::default(),
+        }),
+        Arc::new(Rules),
         cluster_tls.clone(),
     ));
     let mut group_ids = host.recorded()?;
@@ -223,7 +233,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let checkpointer = host.spawn_checkpointer(std::time::Duration::from_secs(1));
     let groups = Arc::clone(&host.groups);
     if let Some(control) = groups.get(CONTROL_GROUP) {
-        delivery.set_control(control.sm.tree());
+        delivery.set_control(crate::cluster::control::ControlState::new(control.sm.tree()));
     }
     let cluster = Arc::new(Cluster::new(
         config.node_id,
@@ -291,7 +301,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             groups: Arc::clone(&groups),
             cluster: Arc::clone(&cluster),
             ids: Arc::clone(&ids),
-            stats: Arc::clone(&host.settings.stats),
+            stats: Arc::clone(&settings.stats),
             space: Arc::clone(&space),
             authz: Arc::new(crate::admin::authz::Authz::new(
                 config.admin_tokens.clone(),
@@ -443,7 +453,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         Arc::clone(&ids),
         Arc::clone(&delivery),
         cluster.peers(),
-        Arc::clone(&host.settings.batchers),
+        Arc::clone(&settings.batchers),
         Arc::clone(durability.space()),
     ));
     let mut smtp_tasks = Vec::new();
@@ -511,8 +521,77 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     checkpointer.abort();
     // A clean stop re-applies nothing at the next start.
     host.checkpoint_all().await;
-    durability.flush_all().await.map_err(anyhow::Error::msg)?;
+    durability.flush_all().await?;
     webhooks.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts one `QueueShard` actor per local shard replica as its group opens
+/// (it delivers while this node leads); the control group gets none.
+struct ShardActors {
+    handover_timeout: Duration,
+    /// The actix arbiter shard actors run on (the system arbiter).
+    arbiter: actix::ArbiterHandle,
+    delivery: Arc<Delivery>,
+    settings: Arc<ShardSettings>,
+    ids: Arc<IdGen>,
+    actors: std::sync::Mutex<Vec<actix::Addr<QueueShard>>>,
+}
+
+impl GroupHooks for ShardActors {
+    fn handover(&self, _group: crate::raft::GroupId) -> Arc<crate::queue::handover::HandOver> {
+        Arc::new(crate::queue::handover::HandOver::new(
+            self.handover_timeout,
+            self.settings.metrics.queue.handovers.clone(),
+            self.settings.metrics.queue.handover_timeouts.clone(),
+        ))
+    }
+
+    fn leader_changes(&self, group: crate::raft::GroupId) -> prometheus_client::metrics::counter::Counter {
+        self.settings.metrics.leader_changes(group)
+    }
+
+    fn opened(&self, group: &crate::raft::groups::GroupHandle, events: GroupEvents) {
+        if group.id == CONTROL_GROUP {
+            return;
+        }
+        let actor = QueueShard::new(
+            group.clone(),
+            Arc::clone(&self.settings),
+            Arc::clone(&self.delivery),
+            Arc::clone(&self.ids),
+            events.rx,
+            events.wanted,
+        );
+        let addr = <QueueShard as actix::Actor>::start_in_arbiter(&self.arbiter, move |_| actor);
+        self.actors.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
+    }
+
+    fn shutdown(&self) {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// The node's rules for every group's requests: the queue shard's, then the
+/// control group's (each group gets only its own kinds of request).
+pub struct Rules;
+
+impl crate::raft::apply::Apply for Rules {
+    fn apply(
+        &self,
+        ctx: &mut crate::raft::apply::ApplyCtx<'_>,
+        request: Request,
+    ) -> Result<crate::raft::Response, crate::raft::StorageError> {
+        let request = match crate::queue::apply::apply(ctx, request)? {
+            Ok(response) => return Ok(response),
+            Err(request) => request,
+        };
+        match crate::cluster::control::apply(ctx, request)? {
+            Ok(response) => Ok(response),
+            Err(request) => Err(crate::raft::apply::write_error(&format_args!(
+                "no rule applies {request:?}"
+            ))),
+        }
+    }
 }

@@ -8,7 +8,8 @@
 //! - [`delivery`]: routing, MX resolution, delivery actors, SMTP/LMTP client.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
 //! - [`raft`]: openraft types, sled log store, state machine, gRPC transport.
-//! - [`storage`]: the write-ahead log (Raft logs and bodies), the sled database of the state machines and the group-commit flusher.
+//! - [`storage`]: (the crate `tern-store`) the write-ahead log (Raft logs and bodies), the sled database of the state machines and the group-commit flusher.
+//! - [`cluster`]: the control group's rules and state.
 //! - [`admin`]: the gRPC admin service used by `ternctl`.
 //! - [`http`]: health endpoints and Prometheus metrics.
 //! - [`metrics`]: the metrics registry and the counters the parts share.

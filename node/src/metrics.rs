@@ -25,8 +25,38 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::raft::groups::Groups;
-use crate::raft::NodeId;
+/// One group's values read at scrape time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupSample {
+    pub group: u64,
+    pub term: u64,
+    /// This node leads the group.
+    pub leading: bool,
+    pub last_log_index: u64,
+    pub last_applied: u64,
+    pub purged_index: u64,
+    /// A queue shard's messages and the oldest one's arrival (unix
+    /// seconds); `None` for the control group.
+    pub queue: Option<(u64, Option<i64>)>,
+}
+
+/// Whatever hosts Raft groups, read at scrape time: the Raft layer
+/// implements it, so that metrics (a leaf) names no Raft type.
+pub trait GroupGauges {
+    /// Calls `each` with every hosted group's values, as seen by `node`.
+    fn sample(&self, node: u64, each: &mut dyn FnMut(GroupSample));
+}
+
+impl<T: GroupGauges + ?Sized> GroupGauges for Arc<T> {
+    fn sample(&self, node: u64, each: &mut dyn FnMut(GroupSample)) {
+        (**self).sample(node, each)
+    }
+}
+
+/// No groups (tests).
+impl GroupGauges for () {
+    fn sample(&self, _: u64, _: &mut dyn FnMut(GroupSample)) {}
+}
 
 /// Content type of [`Metrics::encode`]'s output (OpenMetrics text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -592,56 +622,8 @@ impl DeliveryMetrics {
     }
 }
 
-/// The group-commit flusher's metrics.
-#[derive(Clone, Debug)]
-pub struct StorageMetrics {
-    fsync_seconds: Histogram,
-    batch_size: Histogram,
-    sync_failures: Counter,
-}
-
-impl Default for StorageMetrics {
-    fn default() -> Self {
-        StorageMetrics {
-            // 50 µs .. 3.3 s.
-            fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 17)),
-            // 1 .. 4096 completions.
-            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
-            sync_failures: Counter::default(),
-        }
-    }
-}
-
-impl StorageMetrics {
-    /// One durable flush of `batch` waiting completions took `seconds`.
-    pub fn commit(&self, seconds: f64, batch: usize) {
-        self.fsync_seconds.observe(seconds);
-        self.batch_size.observe(batch as f64);
-    }
-
-    /// An fsync of the log or the state failed (fail-stop follows).
-    pub fn sync_failed(&self) {
-        self.sync_failures.inc();
-    }
-
-    fn register(&self, r: &mut Registry) {
-        r.register(
-            "tern_storage_fsync_failures",
-            "Failed fsyncs of the write-ahead log or the state database (a node stops at the first)",
-            self.sync_failures.clone(),
-        );
-        r.register(
-            "tern_storage_fsync_duration_seconds",
-            "Time of one group commit (fdatasync of the write-ahead log; sled flush and fdatasync too when a snapshot or reclaim asks)",
-            self.fsync_seconds.clone(),
-        );
-        r.register(
-            "tern_storage_commit_batch_size",
-            "Completions (log appends and other waiters) made durable by one group commit",
-            self.batch_size.clone(),
-        );
-    }
-}
+/// The group-commit flusher's metrics (they live with the flusher, in tern-store).
+pub use tern_store::StorageMetrics;
 
 /// The webhooks' metrics, labelled by URL: the configured list, so bounded.
 #[derive(Clone, Debug, Default)]
@@ -897,7 +879,7 @@ impl Metrics {
     /// Reads the scrape-time values from `groups` and `data_dir`, then
     /// returns every metric in OpenMetrics text. Blocking (sled and file
     /// system reads): call it off the async workers.
-    pub fn encode(&self, node: NodeId, groups: &Groups, data_dir: &Path) -> String {
+    pub fn encode(&self, node: u64, groups: &impl GroupGauges, data_dir: &Path) -> String {
         self.collect(node, groups, data_dir);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -906,40 +888,26 @@ impl Metrics {
         out
     }
 
-    fn collect(&self, node: NodeId, groups: &Groups, data_dir: &Path) {
+    fn collect(&self, node: u64, groups: &impl GroupGauges, data_dir: &Path) {
         let now = chrono::Utc::now().timestamp();
-        for g in groups.all() {
-            let label = GroupLabel { group: g.id };
-            {
-                let m = g.raft.metrics();
-                let m = m.borrow();
-                let leading = m.current_leader == Some(node) && m.state == openraft::ServerState::Leader;
-                self.raft.term.get_or_create(&label).set(m.current_term as i64);
-                self.raft.is_leader.get_or_create(&label).set(i64::from(leading));
-                self.raft
-                    .last_log_index
-                    .get_or_create(&label)
-                    .set(m.last_log_index.unwrap_or(0) as i64);
-                self.raft
-                    .last_applied
-                    .get_or_create(&label)
-                    .set(m.last_applied.map_or(0, |l| l.index) as i64);
-                self.raft
-                    .purged_index
-                    .get_or_create(&label)
-                    .set(m.purged.map_or(0, |l| l.index) as i64);
-            }
-            if g.id == crate::raft::CONTROL_GROUP {
-                continue;
-            }
-            let shard = ShardLabel { shard: g.id };
-            self.scrape
-                .queue_messages
-                .get_or_create(&shard)
-                .set(g.sm.message_count() as i64);
-            let oldest = g.sm.oldest_received_at().map_or(0, |at| (now - at).max(0));
+        groups.sample(node, &mut |g| {
+            let label = GroupLabel { group: g.group };
+            self.raft.term.get_or_create(&label).set(g.term as i64);
+            self.raft.is_leader.get_or_create(&label).set(i64::from(g.leading));
+            self.raft
+                .last_log_index
+                .get_or_create(&label)
+                .set(g.last_log_index as i64);
+            self.raft.last_applied.get_or_create(&label).set(g.last_applied as i64);
+            self.raft.purged_index.get_or_create(&label).set(g.purged_index as i64);
+            let Some((messages, oldest_received_at)) = g.queue else {
+                return;
+            };
+            let shard = ShardLabel { shard: g.group };
+            self.scrape.queue_messages.get_or_create(&shard).set(messages as i64);
+            let oldest = oldest_received_at.map_or(0, |at| (now - at).max(0));
             self.scrape.oldest_age.get_or_create(&shard).set(oldest);
-        }
+        });
         for (part, bytes) in disk_usage(data_dir) {
             self.scrape
                 .disk_bytes
@@ -1025,7 +993,7 @@ mod tests {
 
     fn encoded(m: &Metrics) -> String {
         let dir = tempfile::tempdir().unwrap();
-        m.encode(1, &Groups::default(), dir.path())
+        m.encode(1, &(), dir.path())
     }
 
     #[test]

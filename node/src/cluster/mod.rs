@@ -8,6 +8,7 @@
 //! with add_learner (blocking until caught up) then change_membership.
 //!
 //! # Layout
+//! - [`control`]: the control group's rules (what its requests do) and its typed state.
 //! - [`records`]: what the control group's replica here says (members, placement, drained, removed).
 //! - [`placement`]: pure placement rules (control voters, the next replica move, drain targets), tested.
 //! - [`reconcile`]: the controller loop (placement, rebalancing, shard membership changes).
@@ -19,6 +20,7 @@
 //!
 //! The admin service calls into this module; nothing here names `admin`.
 
+pub mod control;
 pub mod leader;
 pub mod membership;
 pub mod peers;

@@ -98,20 +98,18 @@ pub struct Delivery {
     sites: site::Sites,
     metrics: DeliveryMetrics,
     /// The control group's state (domain suspensions), once it is open.
-    control: std::sync::OnceLock<sled::Tree>,
+    control: std::sync::OnceLock<crate::cluster::control::ControlState>,
 }
 
 impl Delivery {
     /// Gives delivery the control group's state, for domain suspensions.
-    pub fn set_control(&self, tree: sled::Tree) {
-        let _ = self.control.set(tree);
+    pub fn set_control(&self, control: crate::cluster::control::ControlState) {
+        let _ = self.control.set(control);
     }
 
     /// `Some(reply)` when an operator suspended deliveries to `domain`.
     fn suspended(&self, domain: &str, now: i64) -> Option<String> {
-        let key = [crate::raft::state_machine::SUSPEND_PREFIX, domain.as_bytes()].concat();
-        let v = self.control.get()?.get(key).ok()??;
-        let (until, reason): (i64, String) = bincode::deserialize(&v).ok()?;
+        let crate::cluster::control::Suspension { until, reason } = self.control.get()?.suspension(domain)?;
         (until > now).then(|| format!("451 4.7.0 deliveries to {domain} suspended by the administrator: {reason}"))
     }
 

@@ -5,6 +5,7 @@
 //! Delivery scheduling (the QueueShard actor) plugs in on the leader side
 //! of each shard and reads the same records.
 
+pub mod apply;
 pub mod batch;
 pub mod handover;
 pub mod lease;

@@ -1,70 +1,93 @@
 //! Opens the Raft groups this node hosts, and creates a group on demand
 //! when a peer first replicates it here (a new replica placed on this node),
-//! starting the shard's QueueShard actor with it.
+//! telling the node through [`GroupHooks`] (which starts the shard's queue
+//! actor: the node's business, not Raft's).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use super::apply::Apply;
 use super::groups::{GroupHandle, Groups};
 use super::log_store::LogStore;
 use super::network::{Network, Peers};
 use super::state_machine::StateMachine;
-use super::{GroupId, Raft, CONTROL_GROUP};
-use crate::config::Config;
-use crate::delivery::Delivery;
-use crate::queue::shard::{QueueShard, ShardSettings};
-use crate::queue::IdGen;
-use crate::storage::Durability;
+use super::{GroupId, NodeId, Raft};
+use crate::raft::Durability;
 
 /// Highest group id a peer may create here.
 const MAX_GROUP: GroupId = 4096;
 const LOCAL_GROUPS: &[u8] = b"groups";
 
+/// The apply events of one group's state machine, for whoever acts on them.
+pub struct GroupEvents {
+    pub rx: tokio::sync::mpsc::UnboundedReceiver<super::state_machine::SmEvent>,
+    /// Set by the receiver while it wants events.
+    pub wanted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the node does with the groups a [`GroupHost`] opens; called once per
+/// group open (not on the message path). The node's implementation starts a
+/// shard's queue actor.
+pub trait GroupHooks: Send + Sync + 'static {
+    /// The hand-over state of the group `group` about to open.
+    fn handover(&self, group: GroupId) -> Arc<crate::queue::handover::HandOver>;
+    /// Counter of the leader changes seen in `group`.
+    fn leader_changes(&self, group: GroupId) -> prometheus_client::metrics::counter::Counter;
+    /// `group` is open (not yet listed in [`GroupHost::groups`]); `events` are
+    /// its state machine's apply events.
+    fn opened(&self, group: &GroupHandle, events: GroupEvents);
+    /// The node is shutting down: drop what `opened` started.
+    fn shutdown(&self);
+}
+
+/// What a [`GroupHost`] needs of the node's configuration.
+#[derive(Clone, Debug)]
+pub struct HostSettings {
+    pub node_id: NodeId,
+    /// Shard groups 1..=shards.
+    pub shards: u32,
+    /// `node.log_keep_mb`: write-ahead log a group's Raft log may hold.
+    pub log_keep_bytes: u64,
+    /// Peers' gRPC addresses known from the configuration.
+    pub peer_addresses: std::collections::BTreeMap<NodeId, String>,
+}
+
 pub struct GroupHost {
-    pub config: Arc<Config>,
+    pub settings: HostSettings,
     pub durability: Arc<Durability>,
     pub peers: Arc<Peers>,
     pub raft_config: Arc<openraft::Config>,
     pub groups: Arc<Groups>,
     pub local: sled::Tree,
-    /// The actix arbiter shard actors run on (the system arbiter).
-    pub arbiter: actix::ArbiterHandle,
-    pub delivery: Arc<Delivery>,
-    pub settings: Arc<ShardSettings>,
-    pub ids: Arc<IdGen>,
+    hooks: Arc<dyn GroupHooks>,
+    /// What every group's requests mean.
+    rules: Arc<dyn Apply>,
     /// Serialises group creation.
     creating: tokio::sync::Mutex<()>,
-    actors: Mutex<Vec<actix::Addr<QueueShard>>>,
 }
 
 impl GroupHost {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        config: Arc<Config>,
+        settings: HostSettings,
         durability: Arc<Durability>,
         raft_config: Arc<openraft::Config>,
         local: sled::Tree,
-        arbiter: actix::ArbiterHandle,
-        delivery: Arc<Delivery>,
-        settings: Arc<ShardSettings>,
-        ids: Arc<IdGen>,
+        hooks: Arc<dyn GroupHooks>,
+        rules: Arc<dyn Apply>,
         tls: Option<super::tls::ClusterTls>,
     ) -> GroupHost {
-        let peer_addresses = config.peer_addresses.clone();
+        let peer_addresses = settings.peer_addresses.clone();
         GroupHost {
-            config,
+            settings,
             durability,
             peers: Arc::new(Peers::new(tls, peer_addresses)),
             raft_config,
             groups: Arc::new(Groups::default()),
             local,
-            arbiter,
-            delivery,
-            settings,
-            ids,
+            hooks,
+            rules,
             creating: tokio::sync::Mutex::new(()),
-            actors: Mutex::new(Vec::new()),
         }
     }
 
@@ -83,7 +106,7 @@ impl GroupHost {
             ids.sort_unstable();
             self.local.insert(LOCAL_GROUPS, bincode::serialize(&ids)?)?;
             // A hosted group must be opened (and its bodies counted) at every start.
-            self.durability.flush_all().await.map_err(anyhow::Error::msg)?;
+            self.durability.flush_all().await?;
         }
         Ok(())
     }
@@ -100,7 +123,7 @@ impl GroupHost {
         }
         self.record(id).await?;
         let mut log = LogStore::open(Arc::clone(&self.durability), id)?;
-        let mut sm = StateMachine::open(Arc::clone(&self.durability), id).await?;
+        let mut sm = StateMachine::open(Arc::clone(&self.durability), id, Arc::clone(&self.rules)).await?;
         log.set_purge_floor(sm.purge_floor());
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let events_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -110,7 +133,7 @@ impl GroupHost {
             peers: Arc::clone(&self.peers),
         };
         let raft = Raft::new(
-            self.config.node_id,
+            self.settings.node_id,
             Arc::clone(&self.raft_config),
             network,
             log,
@@ -118,26 +141,16 @@ impl GroupHost {
         )
         .await
         .with_context(|| format!("starting raft group {id}"))?;
-        watch_leader_changes(&raft, self.settings.metrics.leader_changes(id));
-        let handover = Arc::new(crate::queue::handover::HandOver::new(
-            self.config.handover_timeout,
-            self.settings.metrics.queue.handovers.clone(),
-            self.settings.metrics.queue.handover_timeouts.clone(),
-        ));
+        watch_leader_changes(&raft, self.hooks.leader_changes(id));
+        let handover = self.hooks.handover(id);
         let handle = GroupHandle { id, raft, sm, handover };
-        if id != CONTROL_GROUP {
-            // One QueueShard actor per local shard replica: it delivers while this node leads.
-            let actor = QueueShard::new(
-                handle.clone(),
-                Arc::clone(&self.settings),
-                Arc::clone(&self.delivery),
-                Arc::clone(&self.ids),
-                events_rx,
-                events_wanted,
-            );
-            let addr = <QueueShard as actix::Actor>::start_in_arbiter(&self.arbiter, move |_| actor);
-            self.actors.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
-        }
+        self.hooks.opened(
+            &handle,
+            GroupEvents {
+                rx: events_rx,
+                wanted: events_wanted,
+            },
+        );
         self.groups.insert(handle.clone());
         tracing::debug!(group = id, "raft group open");
         Ok(handle)
@@ -211,7 +224,7 @@ impl GroupHost {
     /// segments for good: gigabytes of log for an empty queue.
     pub async fn purge_for_log_space(&self) {
         let wal = self.durability.wal();
-        let keep = usize::try_from(self.config.log_keep_bytes / wal.segment_bytes().max(1))
+        let keep = usize::try_from(self.settings.log_keep_bytes / wal.segment_bytes().max(1))
             .unwrap_or(usize::MAX)
             .max(1);
         let (pins, held) = wal.log_pins(keep);
@@ -267,7 +280,7 @@ impl GroupHost {
 
     /// Stops every group's Raft (shutdown).
     pub async fn shutdown(&self) {
-        self.actors.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.hooks.shutdown();
         for g in self.groups.all() {
             if let Err(e) = g.raft.shutdown().await {
                 tracing::warn!(group = g.id, error = %e, "raft shutdown");

@@ -14,8 +14,8 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReade
 
 use super::state_machine::PurgeFloor;
 use super::{io_err, Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
+use crate::raft::Durability;
 use crate::storage::wal::{BodyLoc, GroupIndex, Kind, Wal};
-use crate::storage::Durability;
 
 /// Body bytes of the entries appended last that are kept in memory.
 const RECENT_BYTES: usize = 512 << 10;
@@ -361,7 +361,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 state.remember(entry, bodies);
             }
         }
-        self.durability.flush_then(callback);
+        self.durability.flush_then(crate::raft::LogFlushed(callback));
         Ok(())
     }
 

@@ -1,6 +1,9 @@
 //! Raft wiring: openraft type configuration, the requests every group
-//! replicates, the sled log store, the state machines, the gRPC network and
-//! the router that maps a group id to its local `Raft`.
+//! replicates, the sled log store, the state machine mechanics (which call
+//! an [`apply::Apply`] for what a request means: the node's queue and
+//! control rules), the gRPC network and the router that maps a group id to
+//! its local `Raft`. Groups are opened by [`host::GroupHost`], which tells
+//! the node through [`host::GroupHooks`].
 //!
 //! Group 0 is the control group (membership, shard placement); groups
 //! 1..=S are queue shards.
@@ -9,6 +12,7 @@
 // would only add conversions.
 #![allow(clippy::result_large_err)]
 
+pub mod apply;
 pub mod gate;
 pub mod groups;
 pub mod host;
@@ -35,6 +39,19 @@ openraft::declare_raft_types!(
         SnapshotData = snapshot::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// The node's storage with openraft's append completion as its flush
+/// callback.
+pub type Durability = tern_store::Durability<LogFlushed>;
+
+/// openraft's "the append is on disk" callback, handed to the group commit.
+pub struct LogFlushed(pub openraft::storage::LogFlushed<TypeConfig>);
+
+impl tern_store::Flushed for LogFlushed {
+    fn flushed(self, result: Result<(), tern_store::FlushError>) {
+        self.0.log_io_completed(result.map_err(std::io::Error::other));
+    }
+}
 
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type Entry = openraft::Entry<TypeConfig>;

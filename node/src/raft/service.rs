@@ -42,8 +42,8 @@ impl RaftServer {
     /// Whether this node may create `group`: a queue shard of this cluster
     /// whose placement, in the local control replica, names this node.
     fn placed_here(&self, group: u64) -> Result<(), Status> {
-        let me = self.host.config.node_id;
-        let shards = u64::from(self.host.config.shards);
+        let me = self.host.settings.node_id;
+        let shards = u64::from(self.host.settings.shards);
         let refuse = |status: Status| self.gate.refuse("group_not_placed", status);
         if group == CONTROL_GROUP {
             // Opened at every start: only missing while this node stops.

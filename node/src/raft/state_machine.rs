@@ -18,14 +18,12 @@ use openraft::{
     EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
 };
 
+use super::apply::{Apply, ApplyCtx};
 use super::snapshot::{self, Frame, SnapshotFile};
-use super::{
-    io_err, Body, Entry, GroupId, LogId, NodeId, OutcomeUpdate, QueueAction, Request, Response, StorageError,
-    TypeConfig,
-};
+use super::{io_err, Entry, GroupId, LogId, NodeId, Response, StorageError, TypeConfig};
 use crate::queue::message::MessageRecord;
+use crate::raft::Durability;
 use crate::storage::wal::{Kind, Wal};
-use crate::storage::Durability;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
@@ -77,6 +75,8 @@ pub struct StateMachine {
     unwritten: Arc<std::sync::Mutex<Unwritten>>,
     /// One write-back (or snapshot install) at a time.
     writing_back: Arc<tokio::sync::Mutex<()>>,
+    /// What the group's requests mean (the node's queue and control rules).
+    rules: Arc<dyn Apply>,
     /// Tests: an install fails (as a crash would stop it) after this many batches.
     #[cfg(test)]
     pub(crate) crash_install_after: Option<usize>,
@@ -168,7 +168,11 @@ struct InstallBatch {
 type SnapshotReader = snapshot::Reader<std::io::BufReader<std::fs::File>>;
 
 impl StateMachine {
-    pub async fn open(durability: Arc<Durability>, group: GroupId) -> anyhow::Result<StateMachine> {
+    pub async fn open(
+        durability: Arc<Durability>,
+        group: GroupId,
+        rules: Arc<dyn Apply>,
+    ) -> anyhow::Result<StateMachine> {
         use anyhow::Context as _;
         let tree = durability.db().open_tree(format!("g{group}/sm"))?;
         // Snapshot files of earlier versions: snapshots are made on demand now.
@@ -185,6 +189,7 @@ impl StateMachine {
             messages: Arc::new(AtomicI64::new(0)),
             unwritten: Arc::default(),
             writing_back: Arc::default(),
+            rules,
             #[cfg(test)]
             crash_install_after: None,
         };
@@ -238,6 +243,18 @@ impl StateMachine {
     }
 
     /// Where message bodies are read from.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    pub(super) fn wal_ref(&self) -> &Wal {
+        &self.wal
+    }
+
+    pub(super) fn tree_ref(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     pub fn wal(&self) -> Arc<Wal> {
         Arc::clone(&self.wal)
     }
@@ -330,101 +347,6 @@ impl StateMachine {
     }
 
     /// A message record as of the entries applied so far in this run.
-    fn load(
-        &self,
-        staged: &BTreeMap<String, Option<MessageRecord>>,
-        id: &str,
-    ) -> Result<Option<MessageRecord>, StorageError> {
-        if let Some(r) = staged.get(id) {
-            return Ok(r.clone());
-        }
-        self.message(id)
-    }
-
-    /// Applies one message's outcome update. A recipient already final
-    /// (delivered, or failed and reported) keeps its state: outcomes decided
-    /// on a stale view, or replayed, never turn a delivery into a bounce or
-    /// the reverse. With `only_if_changed` (a bounce) a record that the
-    /// update does not change is left as it is. True when a recipient changed.
-    fn stage_outcome(
-        &self,
-        staged: &mut BTreeMap<String, Option<MessageRecord>>,
-        events: &mut Vec<SmEvent>,
-        added: &mut i64,
-        update: OutcomeUpdate,
-        only_if_changed: bool,
-    ) -> Result<bool, StorageError> {
-        let Some(mut record) = self.load(staged, &update.id)? else {
-            return Ok(false); // already final and removed: a replay
-        };
-        let mut changed = false;
-        for r in &update.results {
-            if let Some(state) = record.rcpt_state.get_mut(r.index as usize) {
-                if state.status.is_final() {
-                    continue;
-                }
-                changed |= state.status != r.status;
-                state.status = r.status;
-                state.last_reply.clone_from(&r.reply);
-            }
-        }
-        if only_if_changed && !changed {
-            return Ok(false);
-        }
-        record.attempts = update.attempts;
-        record.next_attempt = update.next_attempt;
-        record.delay_notified = update.delay_notified;
-        if record.rcpt_state.iter().all(|s| s.status.is_final()) {
-            if let Some(loc) = record.body {
-                self.wal.release(loc.segment);
-            }
-            events.push(SmEvent::Removed { id: update.id.clone() });
-            staged.insert(update.id, None);
-            *added -= 1;
-        } else {
-            // A message held meanwhile stays out of the schedule.
-            events.push(if record.held {
-                SmEvent::Removed { id: update.id.clone() }
-            } else {
-                SmEvent::Scheduled {
-                    id: update.id.clone(),
-                    due: record.next_attempt,
-                }
-            });
-            staged.insert(update.id, Some(record));
-        }
-        Ok(changed)
-    }
-
-    /// Stages a new message unless its id exists (a retried proposal is a no-op).
-    fn stage_new(
-        &self,
-        staged: &mut BTreeMap<String, Option<MessageRecord>>,
-        events: &mut Vec<SmEvent>,
-        mut record: Box<MessageRecord>,
-        body: Body,
-    ) -> Result<bool, StorageError> {
-        let err = |e: &dyn std::fmt::Display| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
-        if staged.contains_key(&record.id) || self.message(&record.id)?.is_some() {
-            return Ok(false);
-        }
-        let loc = match body.loc {
-            Some(loc) => loc,
-            None => self
-                .wal
-                .write_one(Kind::Body, self.group, &body.bytes)
-                .map_err(|e| err(&e))?,
-        };
-        self.wal.retain(loc.segment);
-        record.body = Some(loc);
-        events.push(SmEvent::Scheduled {
-            id: record.id.clone(),
-            due: record.next_attempt,
-        });
-        staged.insert(record.id.clone(), Some(*record));
-        Ok(true)
-    }
-
     /// Writes the tree (written back up to `meta`'s applied id) to a new
     /// snapshot file, message by message with its body read from the log:
     /// memory use is one record and one body, whatever the queue's size.
@@ -575,7 +497,7 @@ impl StateMachine {
             batches += 1;
             if batch.messages > 0 {
                 // 1. The bodies are on disk before anything points at them.
-                self.durability.flush().await.map_err(anyhow::Error::msg)?;
+                self.durability.flush().await?;
             }
             messages += batch.messages;
             let tree = self.tree.clone();
@@ -594,7 +516,7 @@ impl StateMachine {
             .insert(MEMBERSHIP, bincode::serialize(&meta.last_membership)?)?;
         self.tree.insert(APPLIED, bincode::serialize(&meta.last_log_id)?)?;
         // 2. The state, durable.
-        self.durability.flush_all().await.map_err(anyhow::Error::msg)?;
+        self.durability.flush_all().await?;
         {
             let mut mark = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
             self.tree.insert(CHECKPOINT, bincode::serialize(&meta.last_log_id)?)?;
@@ -606,7 +528,7 @@ impl StateMachine {
             u.applied_written = meta.last_log_id;
         }
         // 3. The checkpoint, durable.
-        self.durability.flush_state().await.map_err(anyhow::Error::msg)?;
+        self.durability.flush_state().await?;
         self.checkpoint_durable(meta.last_log_id);
         // 4. Nothing to finish at the next open.
         std::fs::remove_file(redo).with_context(|| format!("removing {}", redo.display()))?;
@@ -645,14 +567,14 @@ impl StateMachine {
 
 /// Writes of one apply, made one key at a time in order (see `apply`).
 #[derive(Default)]
-struct Writes(Vec<(sled::IVec, Option<sled::IVec>)>);
+pub(super) struct Writes(Vec<(sled::IVec, Option<sled::IVec>)>);
 
 impl Writes {
-    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+    pub(super) fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
         self.0.push((key.into(), Some(value.into())));
     }
 
-    fn remove(&mut self, key: impl Into<sled::IVec>) {
+    pub(super) fn remove(&mut self, key: impl Into<sled::IVec>) {
         self.0.push((key.into(), None));
     }
 
@@ -702,7 +624,7 @@ impl StateMachine {
             .filter_map(|r| r.body.as_ref())
             .any(|loc| !self.wal.is_durable(loc));
         let mut written = if unsynced {
-            self.durability.flush().await
+            self.durability.flush().await.map_err(|e| e.to_string())
         } else {
             Ok(())
         };
@@ -877,116 +799,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     batch.insert(MEMBERSHIP, bincode::serialize(&stored).map_err(|e| err(&e))?);
                     Response { changed: true }
                 }
-                EntryPayload::Normal(Request::Enqueue { record, body }) => {
-                    let changed = self.stage_new(&mut staged, &mut events, record, body)?;
-                    added += i64::from(changed);
-                    Response { changed }
-                }
-                EntryPayload::Normal(Request::EnqueueMany { messages }) => {
-                    let mut changed = false;
-                    for m in messages {
-                        let new = self.stage_new(&mut staged, &mut events, m.record, m.body)?;
-                        added += i64::from(new);
-                        changed |= new;
-                    }
-                    Response { changed }
-                }
-                EntryPayload::Normal(Request::Outcomes { updates, bounces }) => {
-                    for update in updates {
-                        self.stage_outcome(&mut staged, &mut events, &mut added, update, false)?;
-                    }
-                    for b in bounces {
-                        added += i64::from(self.stage_new(&mut staged, &mut events, b.record, b.body)?);
-                    }
-                    Response { changed: true }
-                }
-                EntryPayload::Normal(Request::Bounce { updates, reports }) => {
-                    let mut changed = false;
-                    let mut reports = reports.into_iter();
-                    for update in updates {
-                        let report = reports.next().flatten();
-                        // A report only for recipients this entry really failed.
-                        if self.stage_outcome(&mut staged, &mut events, &mut added, update, true)? {
-                            changed = true;
-                            if let Some(r) = report {
-                                added += i64::from(self.stage_new(&mut staged, &mut events, r.record, r.body)?);
-                            }
-                        }
-                    }
-                    Response { changed }
-                }
-                EntryPayload::Normal(Request::SetNode { id, addr }) => {
-                    // A removed id stays removed (checked before the write too).
-                    let removed = self
-                        .tree
-                        .contains_key([REMOVED_PREFIX, &id.to_be_bytes()].concat())
-                        .map_err(|e| err(&e))?;
-                    if !removed {
-                        batch.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
-                    }
-                    Response { changed: !removed }
-                }
-                EntryPayload::Normal(Request::QueueOp { action, ids }) => {
-                    for id in ids {
-                        let Some(mut record) = self.load(&staged, &id)? else {
-                            continue;
-                        };
-                        match action {
-                            QueueAction::Hold => {
-                                record.held = true;
-                                events.push(SmEvent::Removed { id: id.clone() });
-                            }
-                            QueueAction::Release | QueueAction::Retry => {
-                                if action == QueueAction::Release {
-                                    record.held = false;
-                                }
-                                record.next_attempt = 0;
-                                if !record.held {
-                                    events.push(SmEvent::Scheduled { id: id.clone(), due: 0 });
-                                }
-                            }
-                            QueueAction::Delete => {
-                                if let Some(loc) = record.body {
-                                    self.wal.release(loc.segment);
-                                }
-                                events.push(SmEvent::Removed { id: id.clone() });
-                                staged.insert(id, None);
-                                added -= 1;
-                                continue;
-                            }
-                        }
-                        staged.insert(id, Some(record));
-                    }
-                    Response { changed: true }
-                }
-                EntryPayload::Normal(Request::SuspendDomain { domain, until, reason }) => {
-                    let key = [SUSPEND_PREFIX, domain.as_bytes()].concat();
-                    if until == 0 {
-                        batch.remove(key);
-                    } else {
-                        batch.insert(key, bincode::serialize(&(until, reason)).map_err(|e| err(&e))?);
-                    }
-                    Response { changed: true }
-                }
-                EntryPayload::Normal(Request::RemoveNode { id }) => {
-                    batch.remove([NODE_PREFIX, &id.to_be_bytes()].concat());
-                    batch.remove([DRAIN_PREFIX, &id.to_be_bytes()].concat());
-                    batch.insert([REMOVED_PREFIX, &id.to_be_bytes()].concat(), vec![1u8]);
-                    Response { changed: true }
-                }
-                EntryPayload::Normal(Request::SetDrain { id, drained }) => {
-                    let key = [DRAIN_PREFIX, &id.to_be_bytes()].concat();
-                    if drained {
-                        batch.insert(key, vec![1u8]);
-                    } else {
-                        batch.remove(key);
-                    }
-                    Response { changed: true }
-                }
-                EntryPayload::Normal(Request::SetShardReplicas { shard, replicas }) => {
-                    let value = bincode::serialize(&replicas).map_err(|e| err(&e))?;
-                    batch.insert([PLACEMENT_PREFIX, &shard.to_be_bytes()].concat(), value);
-                    Response { changed: true }
+                EntryPayload::Normal(request) => {
+                    let mut ctx = ApplyCtx {
+                        sm: self,
+                        staged: &mut staged,
+                        events: &mut events,
+                        added: &mut added,
+                        batch: &mut batch,
+                    };
+                    self.rules.apply(&mut ctx, request)?
                 }
             };
             responses.push(response);

@@ -14,7 +14,7 @@ use super::log_store::LogStore;
 use super::state_machine::StateMachine;
 use super::{Body, Request, StorageError, TypeConfig};
 use crate::queue::message::MessageRecord;
-use crate::storage::Durability;
+use crate::raft::Durability;
 
 struct Builder;
 
@@ -37,7 +37,9 @@ async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachine) {
 
 async fn open_with(durability: Arc<Durability>) -> (LogStore, StateMachine) {
     let log = LogStore::open(Arc::clone(&durability), 1).unwrap();
-    let sm = StateMachine::open(Arc::clone(&durability), 1).await.unwrap();
+    let sm = StateMachine::open(Arc::clone(&durability), 1, Arc::new(crate::app::Rules))
+        .await
+        .unwrap();
     durability.wal().enable_reclaim();
     (log, sm)
 }

@@ -43,6 +43,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::error::OpenError;
+
 pub use tern_model::defaults::LOG_SEGMENT_BYTES as SEGMENT_BYTES;
 /// Segments kept for reuse instead of being deleted.
 pub const MAX_SPARES: usize = 2;
@@ -346,12 +348,12 @@ impl Batch {
 
 impl Wal {
     /// Opens the log in `dir`, replaying every segment, and starts a new one.
-    pub fn open(dir: &Path, segment_bytes: u64) -> anyhow::Result<Wal> {
-        use anyhow::Context as _;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Wal, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|e| OpenError::io("creating", dir, e))?;
         let mut segments = Vec::new();
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name();
+        let listing = |e| OpenError::io("listing", dir, e);
+        for entry in std::fs::read_dir(dir).map_err(listing)? {
+            let name = entry.map_err(listing)?.file_name();
             let name = name.to_string_lossy();
             if let Some(hex) = name.strip_suffix(".seg") {
                 if let Ok(n) = u64::from_str_radix(hex, 16) {
@@ -361,13 +363,13 @@ impl Wal {
         }
         segments.sort_unstable();
         let mut spares = Vec::new();
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
+        for entry in std::fs::read_dir(dir).map_err(listing)? {
+            let path = entry.map_err(listing)?.path();
             if path.extension().is_some_and(|e| e == "spare") {
                 if spares.len() < MAX_SPARES {
                     spares.push(path);
                 } else {
-                    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                    std::fs::remove_file(&path).map_err(|e| OpenError::io("removing", &path, e))?;
                 }
             }
         }
@@ -382,9 +384,8 @@ impl Wal {
             // read here is relied on (a follower's ack, a purge).
             File::open(&path)
                 .and_then(|f| f.sync_all())
-                .with_context(|| format!("syncing {}", path.display()))?;
-            let replay =
-                replay_segment(&path, seq, &mut state).with_context(|| format!("replaying {}", path.display()))?;
+                .map_err(|e| OpenError::io("syncing", &path, e))?;
+            let replay = replay_segment(&path, seq, &mut state).map_err(|e| OpenError::io("replaying", &path, e))?;
             if replay.legacy {
                 legacy.insert(seq);
             }
@@ -404,14 +405,15 @@ impl Wal {
                 let file = OpenOptions::new()
                     .write(true)
                     .open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
+                    .map_err(|e| OpenError::io("opening", &path, e))?;
                 file.set_len(good_len)
                     .and_then(|()| file.sync_all())
-                    .with_context(|| format!("truncating {}", path.display()))?;
+                    .map_err(|e| OpenError::io("truncating", &path, e))?;
             }
         }
         let seq = last + 1;
-        let active = new_segment(dir, seq, &mut spares, segment_bytes)?;
+        let active = new_segment(dir, seq, &mut spares, segment_bytes)
+            .map_err(|e| OpenError::io("starting a segment in", dir, e))?;
         let open = HashMap::from([(seq, Arc::clone(&active.file))]);
         let mut known: std::collections::BTreeSet<u64> = segments.into_iter().filter(|s| *s <= last).collect();
         known.insert(seq);
@@ -440,7 +442,8 @@ impl Wal {
         };
         {
             let mut inner = wal.lock();
-            wal.write_marks(&mut inner)?;
+            wal.write_marks(&mut inner)
+                .map_err(|e| OpenError::io("writing the marks in", dir, e))?;
         }
         Ok(wal)
     }
@@ -660,7 +663,7 @@ impl Wal {
 
     /// Segments that can go, forgotten here; [`Wal::retire`] each once the
     /// changes that freed them are on disk.
-    pub(super) fn take_reclaimable(&self) -> Vec<u64> {
+    pub(crate) fn take_reclaimable(&self) -> Vec<u64> {
         let mut inner = self.lock();
         if !inner.reclaim_enabled || !std::mem::take(&mut inner.changed) {
             return Vec::new();
@@ -691,7 +694,7 @@ impl Wal {
     /// Keeps a reclaimed segment's file as a spare for a later segment, or
     /// deletes it when there are spares enough (and always in the first
     /// format, whose records a later segment could not tell from its own).
-    pub(super) fn retire(&self, seq: u64) -> std::io::Result<()> {
+    pub(crate) fn retire(&self, seq: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, seq);
         let mut inner = self.lock();
         if inner.legacy.remove(&seq) || inner.spares.len() >= MAX_SPARES {
@@ -1037,7 +1040,9 @@ mod tests {
         let Err(err) = Wal::open(dir.path(), 64) else {
             panic!("a damaged log opened");
         };
-        let damaged = err.downcast_ref::<Damaged>().expect("a Damaged error");
+        let OpenError::Damaged(damaged) = &err else {
+            panic!("not a Damaged error: {err}");
+        };
         assert_eq!(damaged.path, seg);
         assert!(err.to_string().contains("data directory"), "{err}");
         assert_eq!(files_ending(dir.path(), ".corrupt"), 0, "nothing renamed or cut");

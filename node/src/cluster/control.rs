@@ -1,0 +1,91 @@
+//! The control group's rules and state: what `SetNode`, `RemoveNode`,
+//! `SetDrain`, `SuspendDomain` and `SetShardReplicas` change in group 0's
+//! tree (applied by the Raft state machine through
+//! [`crate::raft::apply::Apply`]), and [`ControlState`], a typed read of it.
+//!
+//! Keys (in the control group's state machine tree): `n/<node id>` a node's
+//! gRPC address, `r/<node id>` a removed node, `d/<node id>` a drained
+//! node, `p/<shard>` a shard's replica set, `s/<domain>` a suspension
+//! `(until, reason)`. Node ids and shards big-endian.
+
+// Rules answer in openraft's StorageError, as the state machine does
+// (raft/mod.rs): boxing it would only add conversions.
+#![allow(clippy::result_large_err)]
+
+use crate::raft::apply::{write_error, ApplyCtx};
+use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX, SUSPEND_PREFIX};
+use crate::raft::{Request, Response, StorageError};
+
+/// Applies a control request; gives `request` back when it is not one.
+pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response, Request>, StorageError> {
+    Ok(Ok(match request {
+        Request::SetNode { id, addr } => {
+            // A removed id stays removed (checked before the write too).
+            let removed = ctx.contains_key(&[REMOVED_PREFIX, &id.to_be_bytes()].concat())?;
+            if !removed {
+                ctx.insert([NODE_PREFIX, &id.to_be_bytes()].concat(), addr.into_bytes());
+            }
+            Response { changed: !removed }
+        }
+        Request::SuspendDomain { domain, until, reason } => {
+            let key = [SUSPEND_PREFIX, domain.as_bytes()].concat();
+            if until == 0 {
+                ctx.remove(key);
+            } else {
+                ctx.insert(key, bincode::serialize(&(until, reason)).map_err(|e| write_error(&e))?);
+            }
+            Response { changed: true }
+        }
+        Request::RemoveNode { id } => {
+            ctx.remove([NODE_PREFIX, &id.to_be_bytes()].concat());
+            ctx.remove([DRAIN_PREFIX, &id.to_be_bytes()].concat());
+            ctx.insert([REMOVED_PREFIX, &id.to_be_bytes()].concat(), vec![1u8]);
+            Response { changed: true }
+        }
+        Request::SetDrain { id, drained } => {
+            let key = [DRAIN_PREFIX, &id.to_be_bytes()].concat();
+            if drained {
+                ctx.insert(key, vec![1u8]);
+            } else {
+                ctx.remove(key);
+            }
+            Response { changed: true }
+        }
+        Request::SetShardReplicas { shard, replicas } => {
+            let value = bincode::serialize(&replicas).map_err(|e| write_error(&e))?;
+            ctx.insert([PLACEMENT_PREFIX, &shard.to_be_bytes()].concat(), value);
+            Response { changed: true }
+        }
+        other => return Ok(Err(other)),
+    }))
+}
+
+/// A typed read of the control group's state (as applied on this node).
+#[derive(Clone)]
+pub struct ControlState {
+    tree: sled::Tree,
+}
+
+/// An operator's suspension of deliveries to a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Suspension {
+    /// Unix seconds it lasts until.
+    pub until: i64,
+    pub reason: String,
+}
+
+impl ControlState {
+    /// The state in the control group's state machine tree.
+    pub fn new(tree: sled::Tree) -> ControlState {
+        ControlState { tree }
+    }
+
+    /// The suspension of `domain`, if one was set (it may have expired);
+    /// `None` too when it cannot be read.
+    pub fn suspension(&self, domain: &str) -> Option<Suspension> {
+        let key = [SUSPEND_PREFIX, domain.as_bytes()].concat();
+        let v = self.tree.get(key).ok()??;
+        let (until, reason): (i64, String) = bincode::deserialize(&v).ok()?;
+        Some(Suspension { until, reason })
+    }
+}

@@ -1,0 +1,94 @@
+//! The seam between Raft's state machine mechanics and the rules of what a
+//! request means: [`StateMachine`](super::state_machine::StateMachine)
+//! stages, writes back, checkpoints and snapshots; an [`Apply`] (the node's
+//! queue and control rules) decides what each replicated [`Request`] changes,
+//! through an [`ApplyCtx`].
+
+use std::collections::BTreeMap;
+
+use openraft::{ErrorSubject, ErrorVerb};
+
+use super::state_machine::{SmEvent, StateMachine, Writes};
+use super::{io_err, GroupId, Request, Response, StorageError};
+use crate::queue::message::MessageRecord;
+use crate::storage::wal::Wal;
+
+/// The rules of a group's requests: called once per applied entry, in log
+/// order, with the changes of the run of entries being applied so far.
+/// Every request must be idempotent (the log is re-applied from the last
+/// checkpoint after a crash).
+pub trait Apply: Send + Sync + 'static {
+    fn apply(&self, ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Response, StorageError>;
+}
+
+/// What applying one request may read and change: message records (staged
+/// in memory, written back at the next checkpoint), other keys of the
+/// group's tree (written when the run of entries ends), apply events for
+/// the shard's scheduler, and the count of queued messages.
+pub struct ApplyCtx<'a> {
+    pub(super) sm: &'a StateMachine,
+    pub(super) staged: &'a mut BTreeMap<String, Option<MessageRecord>>,
+    pub(super) events: &'a mut Vec<SmEvent>,
+    pub(super) added: &'a mut i64,
+    pub(super) batch: &'a mut Writes,
+}
+
+impl ApplyCtx<'_> {
+    /// The group applying.
+    pub fn group(&self) -> GroupId {
+        self.sm.group()
+    }
+
+    /// The node's write-ahead log (bodies: written, retained, released).
+    pub fn wal(&self) -> &Wal {
+        self.sm.wal_ref()
+    }
+
+    /// A message record as this run has left it (`None`: absent or removed).
+    pub fn message(&self, id: &str) -> Result<Option<MessageRecord>, StorageError> {
+        if let Some(r) = self.staged.get(id) {
+            return Ok(r.clone());
+        }
+        self.sm.message(id)
+    }
+
+    /// Whether `id` was staged by this run (even as a removal) or is stored.
+    pub fn knows_message(&self, id: &str) -> Result<bool, StorageError> {
+        Ok(self.staged.contains_key(id) || self.sm.message(id)?.is_some())
+    }
+
+    /// Stages a message record (`None` removes it).
+    pub fn stage(&mut self, id: String, record: Option<MessageRecord>) {
+        self.staged.insert(id, record);
+    }
+
+    /// An event for the shard's scheduler, sent once the run is applied.
+    pub fn event(&mut self, event: SmEvent) {
+        self.events.push(event);
+    }
+
+    /// Messages added (or, negative, removed) in the group.
+    pub fn count(&mut self, delta: i64) {
+        *self.added += delta;
+    }
+
+    /// Whether the tree holds `key` (as written before this run).
+    pub fn contains_key(&self, key: &[u8]) -> Result<bool, StorageError> {
+        self.sm.tree_ref().contains_key(key).map_err(|e| write_error(&e))
+    }
+
+    /// Sets `key` when the run ends.
+    pub fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.batch.insert(key, value);
+    }
+
+    /// Removes `key` when the run ends.
+    pub fn remove(&mut self, key: impl Into<sled::IVec>) {
+        self.batch.remove(key);
+    }
+}
+
+/// A failure to apply, as openraft's storage error.
+pub fn write_error(e: &dyn std::fmt::Display) -> StorageError {
+    io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+}
