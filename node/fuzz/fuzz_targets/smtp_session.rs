@@ -1,10 +1,10 @@
 //! Drives a whole session with arbitrary client bytes split into reads at
-//! fuzzer-chosen points (checks in tern_node::smtp::fuzzing, which a unit
+//! fuzzer-chosen points (checks in tern_smtp::fuzzing, which a unit
 //! test also runs over the committed corpus).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    tern_node::smtp::fuzzing::session(data);
+    tern_smtp::fuzzing::session(data);
 });

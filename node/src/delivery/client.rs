@@ -3,7 +3,7 @@
 //! transactions in a row.
 //!
 //! The protocol details (reply parsing, capabilities, command building,
-//! dot-stuffing) live in [`super::client_proto`]; this module owns the
+//! dot-stuffing) live in [`tern_smtp::client`]; this module owns the
 //! socket, the RFC 5321 4.5.3.2 timeouts, STARTTLS via tokio-rustls, and
 //! the order of commands: PIPELINING (RFC 2920) for MAIL and RCPT, DATA or
 //! a single `BDAT LAST` chunk (RFC 3030), and LMTP's per-recipient replies
@@ -43,14 +43,12 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-pub use super::client_proto::RcptOutcome;
-use super::client_proto::{self as proto, Capabilities, MailParams, MalformedReply, Reply, ReplyReader};
 use crate::envelope::Notify;
 pub use crate::envelope::{BodyType, Ret};
+pub use tern_smtp::client::RcptOutcome;
+use tern_smtp::client::{self as proto, Capabilities, MailParams, MalformedReply, Reply, ReplyReader};
+use tern_smtp::transaction::{Cmd, RcptSpec, Transaction};
 
-/// Commands per pipelined write. Bounded so that neither side can block on a
-/// full socket buffer while the other is still writing (RFC 2920 3.5).
-const PIPELINE_BATCH: usize = 100;
 /// Size of each content write; each gets `data_block_timeout`.
 const WRITE_BLOCK: usize = 64 * 1024;
 /// How long QUIT may take.
@@ -352,13 +350,6 @@ impl fmt::Debug for Connection {
     }
 }
 
-/// Which command a pipelined reply belongs to.
-#[derive(Clone, Copy)]
-enum Cmd {
-    Mail,
-    Rcpt(usize),
-}
-
 impl Connection {
     /// Connects, reads the greeting, says EHLO (HELO after a 5xx EHLO) or
     /// LHLO, and runs STARTTLS according to `tls`.
@@ -589,40 +580,25 @@ impl Connection {
             ret: if dsn { msg.ret } else { None },
             envid: if dsn { msg.envid } else { None },
         };
-        // `None` = accepted at RCPT, waiting for the content's reply.
-        let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
-        let mut cmds = vec![(Cmd::Mail, proto::mail_from(msg.reverse_path, &params))];
-        for (i, r) in msg.recipients.iter().enumerate() {
-            if proto::valid_path(&r.address) {
-                cmds.push((
-                    Cmd::Rcpt(i),
-                    proto::rcpt_to(&r.address, &r.notify, r.orcpt.as_deref(), dsn),
-                ));
-            } else {
-                let reply = Reply::synthetic(553, "5.1.3", "Invalid recipient address syntax");
-                outcomes[i] = Some(RcptOutcome::from_reply(&reply));
+        let rcpts: Vec<RcptSpec<'_>> = msg
+            .recipients
+            .iter()
+            .map(|r| RcptSpec {
+                address: &r.address,
+                notify: &r.notify,
+                orcpt: r.orcpt.as_deref(),
+            })
+            .collect();
+        let mut tx = Transaction::new(msg.reverse_path, &params, &rcpts, dsn, self.protocol == Protocol::Lmtp);
+        self.envelope(&mut tx).await?;
+        if !tx.mail_refused() {
+            self.needs_rset = true;
+        }
+        if let Some(outcomes) = tx.after_envelope() {
+            if !tx.mail_refused() {
+                debug!(peer = %self.peer, "no recipient accepted");
             }
-        }
-        let mut replies = vec![None; n];
-        if let Some(mail) = self.envelope(&cmds, &mut replies).await? {
-            // MAIL refused: that reply is everybody's.
-            let o = RcptOutcome::from_reply(&mail);
-            return Ok(result(
-                outcomes.into_iter().map(|x| x.unwrap_or_else(|| o.clone())).collect(),
-            ));
-        }
-        for (slot, reply) in outcomes.iter_mut().zip(replies) {
-            match reply {
-                Some(r) if !r.is_positive() => *slot = Some(RcptOutcome::from_reply(&r)),
-                // Accepted: the outcome comes with the content's reply.
-                _ => {}
-            }
-        }
-        self.needs_rset = true;
-        let accepted: Vec<usize> = (0..n).filter(|&i| outcomes[i].is_none()).collect();
-        if accepted.is_empty() {
-            debug!(peer = %self.peer, "no recipient accepted");
-            return Ok(result(outcomes.into_iter().flatten().collect()));
+            return Ok(result(outcomes));
         }
 
         // The last byte of data (or the final ".") is held back until the
@@ -643,11 +619,7 @@ impl Connection {
             let reply = self.command(b"DATA\r\n", self.config.data_init_timeout, "DATA").await?;
             if reply.code != 354 {
                 debug!(peer = %self.peer, reply = %reply, "DATA refused");
-                let o = RcptOutcome::from_reply(&reply);
-                for &i in &accepted {
-                    outcomes[i] = Some(o.clone());
-                }
-                return Ok(result(outcomes.into_iter().flatten().collect()));
+                return Ok(result(tx.data_refused(&reply)));
             }
             let stuffed = proto::dot_stuff(msg.body);
             let (content, end) = stuffed.split_at(stuffed.len().saturating_sub(3));
@@ -657,42 +629,27 @@ impl Connection {
         }
 
         // After the content: one reply (SMTP) or one per accepted recipient (LMTP).
-        let replies = if self.protocol == Protocol::Lmtp {
-            accepted.len()
-        } else {
-            1
-        };
         let stage = if chunking { "end of BDAT" } else { "end of DATA" };
-        let mut all_ok = true;
-        for k in 0..replies {
+        for _ in 0..tx.content_replies() {
             let reply = match self.read_reply(self.config.data_term_timeout, stage).await {
                 Ok(r) if r.code == 421 => Err(self.closing(&r)),
                 other => other,
             };
-            let reply = match reply {
-                Ok(r) => r,
-                // LMTP failed midway: deliveries so far stand, the rest is deferred.
-                Err(e) if k > 0 => {
-                    warn!(peer = %self.peer, error = %e, answered = k, "LMTP failed after partial replies");
-                    let deferred = RcptOutcome::Deferred { reply: e.to_string() };
-                    let outcomes = outcomes.into_iter().map(|o| o.unwrap_or_else(|| deferred.clone()));
-                    return Ok(result(outcomes.collect()));
-                }
-                Err(e) => return Err(e),
-            };
-            all_ok &= reply.is_positive();
-            let o = RcptOutcome::from_reply(&reply);
-            if self.protocol == Protocol::Lmtp {
-                outcomes[accepted[k]] = Some(o);
-            } else {
-                for &i in &accepted {
-                    outcomes[i] = Some(o.clone());
-                }
+            match reply {
+                Ok(r) => tx.content_reply(&r),
+                Err(e) => match tx.content_failed(&e.to_string()) {
+                    // LMTP failed midway: deliveries so far stand, the rest is deferred.
+                    Some(outcomes) => {
+                        warn!(peer = %self.peer, error = %e, answered = tx.answered(), "LMTP failed after partial replies");
+                        return Ok(result(outcomes));
+                    }
+                    None => return Err(e),
+                },
             }
         }
+        let (outcomes, all_ok) = tx.finish();
         // A refused transaction may leave state behind at some servers.
         self.needs_rset = !all_ok;
-        let outcomes: Vec<RcptOutcome> = outcomes.into_iter().flatten().collect();
         debug!(
             peer = %self.peer,
             rcpts = n,
@@ -733,16 +690,22 @@ impl Connection {
             smtputf8: utf8,
             ..MailParams::default()
         };
-        let cmds = [
-            (Cmd::Mail, proto::mail_from(reverse_path, &params)),
-            (Cmd::Rcpt(0), proto::rcpt_to(rcpt, &Notify::default(), None, false)),
-        ];
-        let mut reply = [None];
-        if let Some(mail) = self.envelope(&cmds, &mut reply).await? {
-            return Ok(RcptOutcome::from_reply(&mail));
+        let notify = Notify::default();
+        let spec = RcptSpec {
+            address: rcpt,
+            notify: &notify,
+            orcpt: None,
+        };
+        let mut tx = Transaction::new(reverse_path, &params, &[spec], false, false);
+        let reply = self.envelope(&mut tx).await?;
+        if tx.mail_refused() {
+            // MAIL refused: its reply is the answer.
+            if let Some(outcome) = tx.after_envelope().and_then(|o| o.into_iter().next()) {
+                return Ok(outcome);
+            }
         }
         self.needs_rset = true;
-        let [Some(reply)] = reply else {
+        let Some(reply) = reply else {
             return Err(SessionError::Protocol(format!("no RCPT reply from {}", self.peer)));
         };
         let outcome = RcptOutcome::from_reply(&reply);
@@ -853,52 +816,38 @@ impl Connection {
         None
     }
 
-    /// Sends MAIL and RCPTs (pipelined in batches if offered, else one by
-    /// one) and stores each RCPT reply in `replies`. Returns the MAIL reply
-    /// if MAIL was refused (the RCPT replies are then meaningless).
-    async fn envelope(
-        &mut self,
-        cmds: &[(Cmd, Vec<u8>)],
-        replies: &mut [Option<Reply>],
-    ) -> Result<Option<Reply>, SessionError> {
-        let batch = if self.caps.has("PIPELINING") { PIPELINE_BATCH } else { 1 };
+    /// Sends the envelope commands (in batches when the peer pipelines)
+    /// and hands their replies to `tx`; stops after the batch in which MAIL
+    /// was refused. A `421` ends the session. Returns the last RCPT reply
+    /// (the answer a verification wants).
+    async fn envelope(&mut self, tx: &mut Transaction) -> Result<Option<Reply>, SessionError> {
+        let cmds = tx.take_envelope();
         let limit = self.config.command_timeout;
-        let mut mail_refused = None;
-        for group in cmds.chunks(batch) {
+        let mut last_rcpt = None;
+        for group in cmds.chunks(Transaction::batch(self.caps.has("PIPELINING"))) {
             let out: Vec<u8> = group.iter().flat_map(|(_, c)| c.iter().copied()).collect();
             self.write(&out, limit, "MAIL/RCPT").await?;
-            for (cmd, _) in group {
-                let stage = match cmd {
-                    Cmd::Mail => "MAIL",
-                    Cmd::Rcpt(_) => "RCPT",
-                };
-                let reply = self.read_reply(limit, stage).await?;
+            for &(cmd, _) in group {
+                let reply = self.read_reply(limit, cmd.stage()).await?;
                 if reply.code == 421 {
                     return Err(self.closing(&reply));
                 }
-                match cmd {
-                    Cmd::Mail if !reply.is_positive() => {
-                        debug!(peer = %self.peer, reply = %reply, "MAIL refused");
-                        mail_refused = Some(reply);
-                    }
-                    Cmd::Mail => {}
-                    // Pipelined RCPTs after a refused MAIL get 503s: ignore.
-                    Cmd::Rcpt(_) if mail_refused.is_some() => {}
-                    Cmd::Rcpt(i) => {
-                        if !reply.is_positive() {
-                            debug!(peer = %self.peer, rcpt = i, reply = %reply, "RCPT refused");
-                        }
-                        if let Some(slot) = replies.get_mut(*i) {
-                            *slot = Some(reply);
-                        }
+                if !reply.is_positive() && !tx.mail_refused() {
+                    match cmd {
+                        Cmd::Mail => debug!(peer = %self.peer, reply = %reply, "MAIL refused"),
+                        Cmd::Rcpt(i) => debug!(peer = %self.peer, rcpt = i, reply = %reply, "RCPT refused"),
                     }
                 }
+                tx.envelope_reply(cmd, &reply);
+                if let Cmd::Rcpt(_) = cmd {
+                    last_rcpt = Some(reply);
+                }
             }
-            if mail_refused.is_some() {
-                return Ok(mail_refused);
+            if tx.mail_refused() {
+                break;
             }
         }
-        Ok(None)
+        Ok(last_rcpt)
     }
 
     /// RSET if an earlier transaction was left open.
@@ -1011,11 +960,11 @@ impl Connection {
     /// A 421 (RFC 5321 3.8): the server is closing the connection.
     fn closing(&mut self, reply: &Reply) -> SessionError {
         self.broken = true;
-        SessionError::ServiceClosing(format!("{} said: {}", self.peer, reply.text()))
+        SessionError::ServiceClosing(format!("{} said: {}", self.peer, reply.one_line()))
     }
 
     fn refused(&self, stage: &str, reply: &Reply) -> String {
-        format!("{} refused {stage}: {}", self.peer, reply.text())
+        format!("{} refused {stage}: {}", self.peer, reply.one_line())
     }
 
     fn check_usable(&self) -> Result<(), SessionError> {

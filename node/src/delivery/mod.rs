@@ -6,7 +6,7 @@
 //! gets one [`RcptAttempt`] per pending recipient back.
 
 pub mod client;
-pub mod client_proto;
+pub use tern_smtp::client as client_proto;
 pub mod fence;
 pub mod local;
 pub mod resolve;

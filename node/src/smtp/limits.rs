@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::metrics::SmtpMetrics;
+/// A share of the [`MemoryBudget`], given back on drop.
+pub use tern_smtp::Reservation;
 
 /// The key a client address is limited under: an IPv4 address (also when
 /// seen as `::ffff:a.b.c.d`), or an IPv6 address's /64, since one IPv6
@@ -176,13 +178,11 @@ impl MemoryBudget {
 
     /// Reserves `bytes`, or `None` when the budget cannot cover them.
     pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
-        let mut r = Reservation {
-            budget: Arc::clone(self),
-            bytes: 0,
-        };
-        r.grow_to(bytes).then_some(r)
+        Reservation::try_new(Arc::clone(self) as Arc<dyn tern_smtp::MemoryBudget>, bytes)
     }
+}
 
+impl tern_smtp::MemoryBudget for MemoryBudget {
     fn take(&self, bytes: u64) -> bool {
         let ok = self
             .used
@@ -199,41 +199,6 @@ impl MemoryBudget {
     fn give(&self, bytes: u64) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
         self.metrics.memory_reserved(-(bytes as i64));
-    }
-}
-
-/// A share of the [`MemoryBudget`], given back on drop.
-#[derive(Debug)]
-pub struct Reservation {
-    budget: Arc<MemoryBudget>,
-    bytes: u64,
-}
-
-impl Reservation {
-    /// Makes the reservation at least `total` bytes; false (and unchanged)
-    /// when the budget cannot cover the difference.
-    pub fn grow_to(&mut self, total: u64) -> bool {
-        if total <= self.bytes {
-            return true;
-        }
-        let more = total - self.bytes;
-        if !self.budget.take(more) {
-            return false;
-        }
-        self.bytes = total;
-        true
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.bytes > 0 {
-            self.budget.give(self.bytes);
-        }
     }
 }
 

@@ -4,23 +4,17 @@
 //! message to an [`Enqueuer`], answering `250` only once the message is
 //! durably queued.
 //!
-//! Layout: [`command`] parses command lines, [`reply`] formats replies,
-//! [`data`] decodes DATA content (dot-unstuffing, smuggling protection),
-//! [`sasl`] decodes AUTH exchanges, [`proxy`] parses PROXY protocol
-//! headers, [`limits`] holds the node-wide per-address, rate and memory
-//! limits, [`session`] is the sans-IO protocol state machine, and [`server`]
-//! owns the sockets, timeouts, TLS, resource limits and shutdown.
+//! Layout: the protocol itself (commands, replies, DATA decoding, SASL,
+//! PROXY headers and the sans-IO session) is the `tern-smtp` crate,
+//! re-exported here under its old paths; [`limits`] holds the node-wide
+//! per-address, rate and memory limits, [`proxy`] reads a PROXY header off a
+//! socket, and [`server`] owns the sockets, timeouts, TLS, resource limits
+//! and shutdown, and turns its settings into the session's.
 
-pub mod command;
-pub mod data;
-#[doc(hidden)]
-pub mod fuzzing;
+pub use tern_smtp::{command, data, fuzzing, reply, sasl, session};
 pub mod limits;
 pub mod proxy;
-pub mod reply;
-pub mod sasl;
 pub mod server;
-pub mod session;
 
 pub use reply::Reply;
 pub use server::{serve, EnqueueError, Enqueuer, RelayPolicy, SmtpConfig, TlsInfo};

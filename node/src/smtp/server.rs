@@ -3,10 +3,8 @@
 //! tokio-rustls, AUTH checks, and graceful shutdown.
 
 use std::future::Future;
-
-use super::reply::Reply;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +19,13 @@ use tracing::{debug, info, warn};
 
 use super::limits::{ConnectionRate, IpLimiter, MemoryBudget};
 use super::proxy::{self, ProxyHeader};
-use super::session::{Output, Session};
 use crate::envelope::Envelope;
 use crate::metrics::{Limit, SmtpMetrics};
 use crate::submission::{AuthVerdict, Authenticator};
+use tern_smtp::session::{Output, Session};
+use tern_smtp::{LimitObserver, Reply, SessionConfig};
 
-pub use super::session::TlsInfo;
+pub use tern_smtp::{EnqueueError, RelayPolicy, TlsInfo};
 
 /// How long running sessions get to finish after shutdown was requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -101,6 +100,42 @@ impl SmtpConfig {
     fn per_ip_max(&self) -> usize {
         self.per_ip.max()
     }
+
+    /// The protocol part, which every session of the listener shares.
+    pub fn session(&self) -> SessionConfig {
+        SessionConfig {
+            hostname: self.hostname.clone(),
+            max_message_size: self.max_message_size,
+            max_recipients: self.max_recipients,
+            command_timeout: self.command_timeout,
+            data_timeout: self.data_timeout,
+            max_errors: self.max_errors,
+            relay: self.relay.clone(),
+            starttls: self.tls.is_some(),
+            verify_recipients: self.verify_recipients,
+            submission: self.auth.is_some(),
+            max_junk_commands: self.max_junk_commands,
+            memory: Arc::clone(&self.memory) as Arc<dyn tern_smtp::MemoryBudget>,
+            limits: Arc::new(self.metrics.clone()),
+        }
+    }
+}
+
+impl LimitObserver for SmtpMetrics {
+    fn limited(&self, limit: tern_smtp::Limit) {
+        SmtpMetrics::limited(self, limit.into());
+    }
+}
+
+impl From<tern_smtp::Limit> for Limit {
+    fn from(limit: tern_smtp::Limit) -> Limit {
+        match limit {
+            tern_smtp::Limit::SessionTime => Limit::SessionTime,
+            tern_smtp::Limit::DataRate => Limit::DataRate,
+            tern_smtp::Limit::JunkCommands => Limit::JunkCommands,
+            tern_smtp::Limit::MemoryBudget => Limit::MemoryBudget,
+        }
+    }
 }
 
 impl Default for SmtpConfig {
@@ -130,48 +165,6 @@ impl Default for SmtpConfig {
             proxy_from: Vec::new(),
         }
     }
-}
-
-/// Which recipients we accept: our own domains, domains we relay for, or
-/// anything from trusted networks.
-#[derive(Clone, Debug, Default)]
-pub struct RelayPolicy {
-    pub local_domains: Vec<String>,
-    pub relay_domains: Vec<String>,
-    pub relay_networks: Vec<ipnet::IpNet>,
-}
-
-impl RelayPolicy {
-    /// True if `domain` is one we are the final destination for.
-    pub fn is_local(&self, domain: &str) -> bool {
-        self.local_domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
-    }
-
-    /// True if mail for `rcpt_domain` from `client_ip` may be accepted.
-    pub fn allows(&self, client_ip: IpAddr, rcpt_domain: &str) -> bool {
-        let ours = self
-            .local_domains
-            .iter()
-            .chain(&self.relay_domains)
-            .any(|d| d.eq_ignore_ascii_case(rcpt_domain));
-        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = client_ip.to_canonical();
-        ours || self.relay_networks.iter().any(|n| n.contains(&ip))
-    }
-}
-
-/// Why a message could not be queued.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum EnqueueError {
-    /// Answered `451 4.3.0 <text>`; the client retries later.
-    #[error("temporary enqueue failure: {0}")]
-    Temporary(String),
-    /// Answered `554 5.3.0 <text>`.
-    #[error("permanent enqueue failure: {0}")]
-    Permanent(String),
-    /// Refused by a message check (DMARC, policy) with this exact reply.
-    #[error("rejected: {0:?}")]
-    Rejected(Reply),
 }
 
 /// Where accepted messages go (the replicated queue).
@@ -211,6 +204,7 @@ pub async fn serve<E: Enqueuer>(
 ) -> io::Result<()> {
     let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let acceptor = config.tls.clone().map(TlsAcceptor::from);
+    let session_config = Arc::new(config.session());
     let mut sessions = JoinSet::new();
     let mut stop = shutdown.clone();
     info!(addr = ?listener.local_addr().ok(), "smtp listening");
@@ -240,11 +234,12 @@ pub async fn serve<E: Enqueuer>(
         };
         let open = config.metrics.session_started();
         let config = config.clone();
+        let session_config = session_config.clone();
         let enqueuer = enqueuer.clone();
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         sessions.spawn(async move {
-            handle_connection(stream, peer, config, enqueuer, acceptor, shutdown).await;
+            handle_connection(stream, peer, config, session_config, enqueuer, acceptor, shutdown).await;
             drop(open);
             drop(permit);
         });
@@ -398,6 +393,7 @@ async fn handle_connection<E: Enqueuer>(
     mut stream: TcpStream,
     peer: SocketAddr,
     config: Arc<SmtpConfig>,
+    session_config: Arc<SessionConfig>,
     enqueuer: Arc<E>,
     acceptor: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
@@ -422,7 +418,7 @@ async fn handle_connection<E: Enqueuer>(
         return refuse(stream, &config, "Too many connections from your address").await;
     };
     let ids = enqueuer.clone();
-    let mut session = Session::new(config.clone(), peer, false, Box::new(move || ids.next_id()));
+    let mut session = Session::new(session_config, peer, false, Box::new(move || ids.next_id()));
     let write_limit = config.command_timeout;
     let mut conn = Conn::Plain(stream);
     if config.implicit_tls {
@@ -561,7 +557,7 @@ async fn handle_connection<E: Enqueuer>(
                     Some(auth) => auth.authenticate(peer.ip(), mechanism, username, password).await,
                     None => AuthVerdict::Unavailable,
                 };
-                session.auth_result(verdict);
+                session.auth_result(verdict.into());
             }
             Output::StartTls => {
                 if let Err(e) = flush(&mut conn, &mut out, write_limit).await {

@@ -37,6 +37,26 @@ pub enum AuthVerdict {
     Unavailable,
 }
 
+impl tern_smtp::Senders for Ownership {
+    fn owns(&self, address: &str) -> bool {
+        Ownership::owns(self, address)
+    }
+}
+
+impl From<AuthVerdict> for tern_smtp::AuthVerdict {
+    fn from(verdict: AuthVerdict) -> Self {
+        match verdict {
+            AuthVerdict::Ok(user) => tern_smtp::AuthVerdict::Ok(tern_smtp::AuthUser {
+                name: user.name,
+                senders: user.senders,
+            }),
+            AuthVerdict::Invalid => tern_smtp::AuthVerdict::Invalid,
+            AuthVerdict::RateLimited => tern_smtp::AuthVerdict::RateLimited,
+            AuthVerdict::Unavailable => tern_smtp::AuthVerdict::Unavailable,
+        }
+    }
+}
+
 /// Checks credentials for the submission listeners (shared by all of them).
 pub struct Authenticator {
     store: Arc<UserStore>,

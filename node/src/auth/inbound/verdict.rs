@@ -191,9 +191,9 @@ mod tests {
         findings(SpfResult::Fail, DmarcOutcome::Fail, Some(policy), pct)
     }
 
-    fn code(v: &Verdict) -> Option<(u16, &'static str)> {
+    fn code(v: &Verdict) -> Option<(u16, &str)> {
         match v {
-            Verdict::Reject(r) | Verdict::Defer(r) => Some((r.code, r.enhanced.unwrap_or(""))),
+            Verdict::Reject(r) | Verdict::Defer(r) => Some((r.code, r.enhanced.as_deref().unwrap_or(""))),
             _ => None,
         }
     }

@@ -1,14 +1,21 @@
 //! SMTP replies: a three-digit code, an optional enhanced status code
-//! (RFC 2034 / RFC 3463) and one or more text lines.
+//! (RFC 2034 / RFC 3463) and one or more text lines. One type for both
+//! sides: the server session makes them and writes them ([`Reply::write_to`]),
+//! the delivery client reads them from a peer
+//! ([`ReplyReader`](crate::client::ReplyReader)) and reports them
+//! ([`Reply::one_line`]).
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// One SMTP reply, possibly multi-line (RFC 5321 4.2.1).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
-    /// Enhanced status code such as `2.1.0`, repeated on every line.
-    pub enhanced: Option<&'static str>,
+    /// Enhanced status code such as `2.1.0`: written on every line, read
+    /// from the first. Ours are static strings; a peer's are parsed.
+    pub enhanced: Option<Cow<'static, str>>,
+    /// Text of each line, without code, separator and enhanced code.
     pub lines: Vec<String>,
 }
 
@@ -17,7 +24,17 @@ impl Reply {
     pub fn new(code: u16, enhanced: &'static str, text: impl Into<String>) -> Self {
         Reply {
             code,
-            enhanced: Some(enhanced),
+            enhanced: Some(Cow::Borrowed(enhanced)),
+            lines: vec![text.into()],
+        }
+    }
+
+    /// A reply the delivery client makes up itself in place of the peer's
+    /// (e.g. SMTPUTF8 unsupported by the peer).
+    pub fn synthetic(code: u16, enhanced: &str, text: impl Into<String>) -> Self {
+        Reply {
+            code,
+            enhanced: Some(Cow::Owned(enhanced.to_string())),
             lines: vec![text.into()],
         }
     }
@@ -45,9 +62,29 @@ impl Reply {
         self.code >= 400
     }
 
-    /// All text lines joined by a space, for logs.
+    /// 2xx replies.
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    /// All text lines joined by a space, without code or enhanced code.
     pub fn text(&self) -> String {
         self.lines.join(" ")
+    }
+
+    /// The one-line form used in delivery outcomes and logs:
+    /// `550 5.1.1 <x>: user unknown`, non-empty lines joined with a space.
+    pub fn one_line(&self) -> String {
+        let mut s = self.code.to_string();
+        if let Some(e) = &self.enhanced {
+            s.push(' ');
+            s.push_str(e);
+        }
+        for line in self.lines.iter().filter(|l| !l.is_empty()) {
+            s.push(' ');
+            s.push_str(line);
+        }
+        s
     }
 
     /// Appends the wire form, every line terminated by CRLF.
@@ -57,7 +94,7 @@ impl Reply {
             let text = self.lines.get(i).map(String::as_str).unwrap_or("");
             let sep = if i + 1 < n { '-' } else { ' ' };
             let mut line = format!("{:03}{}", self.code, sep);
-            if let Some(e) = self.enhanced {
+            if let Some(e) = &self.enhanced {
                 line.push_str(e);
                 if !text.is_empty() {
                     line.push(' ');
@@ -85,11 +122,10 @@ impl Reply {
 }
 
 impl fmt::Display for Reply {
-    /// The wire form without the final CRLF (for logs and tests).
+    /// [`Reply::one_line`]; for a one-line reply of ours, its wire form
+    /// without CRLF.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let bytes = self.to_bytes();
-        let s = String::from_utf8_lossy(&bytes);
-        f.write_str(s.trim_end_matches("\r\n"))
+        f.write_str(&self.one_line())
     }
 }
 
@@ -111,7 +147,7 @@ mod tests {
         assert_eq!(r.to_bytes(), b"250-mx\r\n250-PIPELINING\r\n250 DSN\r\n");
         let r = Reply {
             code: 550,
-            enhanced: Some("5.1.1"),
+            enhanced: Some("5.1.1".into()),
             lines: vec!["a".into(), "b".into()],
         };
         assert_eq!(r.to_bytes(), b"550-5.1.1 a\r\n550 5.1.1 b\r\n");

@@ -3,12 +3,13 @@
 //! ESMTP parameters (SIZE, BODY, SMTPUTF8, DSN of RFC 3461), encoding DATA
 //! content, and classifying replies into per-recipient outcomes.
 //!
-//! Nothing here touches a socket; [`super::client`] drives it.
+//! Nothing here touches a socket; the node's delivery client drives it.
 
 use std::collections::HashMap;
-use std::fmt;
 
 use bytes::BytesMut;
+
+pub use crate::reply::Reply;
 
 use crate::envelope::{BodyType, Notify, Ret};
 
@@ -17,52 +18,6 @@ use crate::envelope::{BodyType, Notify, Ret};
 pub const MAX_REPLY_LINE: usize = 4096;
 /// Most lines in one (multi-line) reply; EHLO replies are the longest.
 pub const MAX_REPLY_LINES: usize = 100;
-
-/// One reply received from the server.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    /// Enhanced status code (RFC 3463) of the first line, e.g. `5.1.1`.
-    pub enhanced: Option<String>,
-    /// Text of each line, without code, separator and enhanced code.
-    pub lines: Vec<String>,
-}
-
-impl Reply {
-    /// A reply we make up ourselves (e.g. SMTPUTF8 unsupported by the peer).
-    pub fn synthetic(code: u16, enhanced: &str, text: impl Into<String>) -> Self {
-        Reply {
-            code,
-            enhanced: Some(enhanced.to_string()),
-            lines: vec![text.into()],
-        }
-    }
-
-    pub fn is_positive(&self) -> bool {
-        (200..300).contains(&self.code)
-    }
-
-    /// The one-line form used in outcomes and logs:
-    /// `550 5.1.1 <x>: user unknown`, lines joined with a space.
-    pub fn text(&self) -> String {
-        let mut s = self.code.to_string();
-        if let Some(e) = &self.enhanced {
-            s.push(' ');
-            s.push_str(e);
-        }
-        for line in self.lines.iter().filter(|l| !l.is_empty()) {
-            s.push(' ');
-            s.push_str(line);
-        }
-        s
-    }
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text())
-    }
-}
 
 /// The server sent something that is not an SMTP reply.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -127,7 +82,7 @@ impl ReplyReader {
                 let (code, lines) = self.partial.take().unwrap_or_default();
                 return Ok(Some(Reply {
                     code,
-                    enhanced: self.enhanced.take(),
+                    enhanced: self.enhanced.take().map(std::borrow::Cow::Owned),
                     lines,
                 }));
             }
@@ -383,7 +338,7 @@ impl RcptOutcome {
     /// 2xx → Delivered, 5xx → Failed, anything else (4xx and the codes
     /// that make no sense here) → Deferred.
     pub fn from_reply(reply: &Reply) -> Self {
-        let text = reply.text();
+        let text = reply.one_line();
         match reply.code / 100 {
             2 => RcptOutcome::Delivered { reply: text },
             5 => RcptOutcome::Failed { reply: text },
@@ -430,23 +385,26 @@ mod tests {
         let r: Vec<Reply> = got.into_iter().map(Result::unwrap).collect();
         assert_eq!(r.len(), 3);
         assert_eq!(r[0].code, 220);
-        assert_eq!(r[0].text(), "220 mx.test ESMTP");
+        assert_eq!(r[0].one_line(), "220 mx.test ESMTP");
         assert_eq!(r[1].lines, vec!["mx", "PIPELINING", "DSN"]);
         assert_eq!(r[2].enhanced.as_deref(), Some("5.1.1"));
-        assert_eq!(r[2].text(), "550 5.1.1 <x>: user unknown");
+        assert_eq!(r[2].one_line(), "550 5.1.1 <x>: user unknown");
     }
 
     #[test]
     fn multiline_enhanced_joined_once() {
         let r = read_all(b"550-5.7.1 Rejected\r\n550-5.7.1 see\r\n550 5.7.1 https://x\r\n");
         let r = r[0].clone().unwrap();
-        assert_eq!(r.text(), "550 5.7.1 Rejected see https://x");
+        assert_eq!(r.one_line(), "550 5.7.1 Rejected see https://x");
         // The enhanced code must match the reply class to count as one.
         let r = read_all(b"451 5.1.1 odd\r\n")[0].clone().unwrap();
         assert_eq!(r.enhanced, None);
-        assert_eq!(r.text(), "451 5.1.1 odd");
+        assert_eq!(r.one_line(), "451 5.1.1 odd");
         let r = read_all(b"250 2.0.0\r\n")[0].clone().unwrap();
-        assert_eq!((r.enhanced.as_deref(), r.text().as_str()), (Some("2.0.0"), "250 2.0.0"));
+        assert_eq!(
+            (r.enhanced.as_deref(), r.one_line().as_str()),
+            (Some("2.0.0"), "250 2.0.0")
+        );
     }
 
     #[test]
@@ -456,7 +414,7 @@ mod tests {
         assert_eq!(r.next(&mut buf).unwrap(), None);
         buf.extend_from_slice(b"0 b\n250\r\n");
         assert_eq!(r.next(&mut buf).unwrap().unwrap().lines, vec!["a", "b"]);
-        assert_eq!(r.next(&mut buf).unwrap().unwrap().text(), "250");
+        assert_eq!(r.next(&mut buf).unwrap().unwrap().one_line(), "250");
         assert!(buf.is_empty());
     }
 
@@ -478,7 +436,7 @@ mod tests {
         }
         // Non-UTF-8 text is fine; control characters are blanked.
         let r = read_all(b"550 5.1.1 caf\xe9\x07 x\r\n")[0].clone().unwrap();
-        assert_eq!(r.text(), "550 5.1.1 caf\u{fffd}  x");
+        assert_eq!(r.one_line(), "550 5.1.1 caf\u{fffd}  x");
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! Everything here is a pure function over bytes so it can be fuzzed; the
 //! session decides what is allowed in which state.
 
-use super::reply::Reply;
 use crate::envelope::{BodyType, Notify, Ret};
+use crate::reply::Reply;
 
 /// Maximum reverse-/forward-path length including the angle brackets
 /// (RFC 5321 4.5.3.1.3).

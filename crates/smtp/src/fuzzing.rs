@@ -1,5 +1,5 @@
 //! The checks the cargo-fuzz targets (node/fuzz) run on each input. They live
-//! in the library so that the workspace build compiles them and the unit test
+//! in this library so that the workspace build compiles them and the unit test
 //! below replays the committed corpus in every test run; the fuzz targets are
 //! thin wrappers, and a crash the fuzzer finds becomes a corpus file here.
 
@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::command;
-use super::session::{Output, Session, MAX_COMMAND_LINE};
-use super::{RelayPolicy, SmtpConfig};
+use crate::command;
+use crate::policy::{RelayPolicy, SessionConfig};
+use crate::session::{Output, Session, MAX_COMMAND_LINE};
 
 /// The command-line parser must never panic, and whatever it rejects must map
 /// to a well-formed, single-line error reply.
@@ -38,7 +38,7 @@ pub fn session(data: &[u8]) -> usize {
         return 0;
     };
     let chunk = usize::from(chunk) + 1;
-    let config = Arc::new(SmtpConfig {
+    let config = Arc::new(SessionConfig {
         hostname: "mx.fuzz".into(),
         max_message_size: 4096,
         max_recipients: 100,
@@ -48,7 +48,7 @@ pub fn session(data: &[u8]) -> usize {
             relay_domains: vec![],
             relay_networks: vec![],
         },
-        ..SmtpConfig::default()
+        ..SessionConfig::default()
     });
     let peer: SocketAddr = ([192, 0, 2, 1], 25).into();
     let mut n = 0u64;
@@ -108,7 +108,7 @@ pub fn session(data: &[u8]) -> usize {
 /// [`proxy::MAX_HEADER`], and a parsed header must lie within the input;
 /// parsing any prefix of the input must agree (incomplete, or the same).
 pub fn proxy_header(data: &[u8]) {
-    use super::proxy::{self, Parsed};
+    use crate::proxy::{self, Parsed};
     let whole = proxy::parse(data);
     if let Ok(Parsed::Done(_, n)) = &whole {
         assert!(*n <= data.len() && *n <= proxy::MAX_HEADER);
@@ -146,7 +146,7 @@ mod tests {
 
     fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/corpus")
+            .join("../../node/fuzz/corpus")
             .join(target);
         let mut files: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()

@@ -12,21 +12,61 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 
-use super::command::{self, Command, MailFrom, RcptTo};
-use super::data::{DataDecoder, DataOutcome};
-use super::limits::Reservation;
-use super::reply::Reply;
-use super::sasl::{self, Password};
-use super::server::{EnqueueError, SmtpConfig};
+use crate::command::{self, Command, MailFrom, RcptTo};
+use crate::data::{DataDecoder, DataOutcome};
 use crate::envelope::{BodyType, Envelope, Recipient};
-use crate::metrics::Limit;
-use crate::submission::{AuthUser, AuthVerdict};
+use crate::policy::{Limit, Reservation, SessionConfig};
+use crate::reply::Reply;
+use crate::sasl::{self, Password};
 
 /// Maximum command line length including CRLF (RFC 5321 4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
 /// Memory reserved at DATA when the client declared no (or a smaller) SIZE;
 /// the reservation grows with the content.
 pub const INITIAL_RESERVATION: u64 = 64 * 1024;
+
+/// Why a message could not be queued (the driver's answer to
+/// [`Output::Enqueue`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    /// Answered `451 4.3.0 <text>`; the client retries later.
+    #[error("temporary enqueue failure: {0}")]
+    Temporary(String),
+    /// Answered `554 5.3.0 <text>`.
+    #[error("permanent enqueue failure: {0}")]
+    Permanent(String),
+    /// Refused by a message check (DMARC, policy) with this exact reply.
+    #[error("rejected: {0:?}")]
+    Rejected(Reply),
+}
+
+/// The sender addresses an authenticated user may use in MAIL FROM.
+pub trait Senders: Send + Sync + std::fmt::Debug {
+    /// True if `address` (a reverse-path without brackets) is the user's.
+    fn owns(&self, address: &str) -> bool;
+}
+
+/// A user who has authenticated, as the session keeps it.
+#[derive(Clone, Debug)]
+pub struct AuthUser {
+    /// The name as the credential store spells it (recorded in the envelope).
+    pub name: String,
+    pub senders: Arc<dyn Senders>,
+}
+
+/// The driver's answer to [`Output::Authenticate`].
+#[derive(Clone, Debug)]
+pub enum AuthVerdict {
+    /// `235 2.7.0`: the session is now this user's.
+    Ok(AuthUser),
+    /// `535 5.7.8`: wrong user name or password.
+    Invalid,
+    /// `454 4.7.0`: too many recent failures; the password was not checked.
+    RateLimited,
+    /// `454 4.7.0`: the check could not be run.
+    Unavailable,
+}
 
 /// TLS parameters of the connection, for the Received header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,7 +154,7 @@ struct Transaction {
 
 /// One SMTP session.
 pub struct Session {
-    config: Arc<SmtpConfig>,
+    config: Arc<SessionConfig>,
     peer: SocketAddr,
     next_id: Box<dyn FnMut() -> String + Send>,
     tls_active: bool,
@@ -145,7 +185,7 @@ impl Session {
     /// `next_id` yields queue ids (the driver wraps `Enqueuer::next_id`).
     /// `tls_active` is true for implicit-TLS listeners.
     pub fn new(
-        config: Arc<SmtpConfig>,
+        config: Arc<SessionConfig>,
         peer: SocketAddr,
         tls_active: bool,
         next_id: Box<dyn FnMut() -> String + Send>,
@@ -196,7 +236,7 @@ impl Session {
     /// The reply when `max_session_secs` ran out; the session is closed afterwards.
     pub fn session_time_reply(&mut self) -> Reply {
         self.phase = Phase::Closed;
-        self.config.metrics.limited(Limit::SessionTime);
+        self.config.limits.limited(Limit::SessionTime);
         Reply::new(
             421,
             "4.4.2",
@@ -208,7 +248,7 @@ impl Session {
     /// session is closed afterwards.
     pub fn data_rate_reply(&mut self) -> Reply {
         self.phase = Phase::Closed;
-        self.config.metrics.limited(Limit::DataRate);
+        self.config.limits.limited(Limit::DataRate);
         Reply::new(
             421,
             "4.4.2",
@@ -248,7 +288,7 @@ impl Session {
     }
 
     /// Sets (or clears) the reply that refuses new transactions
-    /// ([`Enqueuer::refusal`](super::Enqueuer::refusal)); the driver calls
+    /// (the node asks its queue); the driver calls
     /// this before each [`Session::next`]. A refusal is flow control: it does
     /// not count towards `max_errors`.
     pub fn set_refusal(&mut self, refusal: Option<Reply>) {
@@ -465,13 +505,12 @@ impl Session {
                 Ok(declared) => {
                     let max = self.config.max_message_size;
                     let declared = declared.min(max);
-                    let Some(reservation) = self
-                        .config
-                        .memory
-                        .try_reserve(declared.max(INITIAL_RESERVATION).min(max))
-                    else {
+                    let Some(reservation) = Reservation::try_new(
+                        Arc::clone(&self.config.memory),
+                        declared.max(INITIAL_RESERVATION).min(max),
+                    ) else {
                         // Flow control: the transaction stays, DATA may be retried.
-                        self.config.metrics.limited(Limit::MemoryBudget);
+                        self.config.limits.limited(Limit::MemoryBudget);
                         return self.reply(insufficient_storage());
                     };
                     if let Some(tx) = self.tx.as_mut() {
@@ -556,11 +595,11 @@ impl Session {
 
     /// A submission listener: AUTH offered under TLS and required for MAIL.
     fn submission(&self) -> bool {
-        self.config.auth.is_some()
+        self.config.submission
     }
 
     fn starttls_offered(&self) -> bool {
-        self.config.tls.is_some() && !self.tls_active
+        self.config.starttls && !self.tls_active
     }
 
     fn starttls(&mut self) {
@@ -797,7 +836,7 @@ impl Session {
         if self.junk <= self.config.max_junk_commands {
             return false;
         }
-        self.config.metrics.limited(Limit::JunkCommands);
+        self.config.limits.limited(Limit::JunkCommands);
         self.reply(Reply::new(
             421,
             "4.7.0",
@@ -811,7 +850,7 @@ impl Session {
     /// Reserves memory for a BDAT chunk of `size` octets on top of what
     /// the transaction holds, and makes room for it.
     fn bdat_reserve(&mut self, size: u64) -> Result<(), Reply> {
-        let budget = std::sync::Arc::clone(&self.config.memory);
+        let budget = &self.config.memory;
         let Some(tx) = self.tx.as_mut() else {
             return Ok(());
         };
@@ -821,7 +860,7 @@ impl Session {
         let total = (buf.len() as u64).saturating_add(size);
         let reserved = match tx.reservation.as_mut() {
             Some(r) => r.grow_to(total),
-            None => match budget.try_reserve(total) {
+            None => match Reservation::try_new(Arc::clone(budget), total) {
                 Some(r) => {
                     tx.reservation = Some(r);
                     true
@@ -830,7 +869,7 @@ impl Session {
             },
         };
         if !reserved {
-            self.config.metrics.limited(Limit::MemoryBudget);
+            self.config.limits.limited(Limit::MemoryBudget);
             return Err(insufficient_storage());
         }
         // Reserved and within max_message_size (bdat_check), so it may be allocated.
@@ -884,7 +923,7 @@ impl Session {
         } else if out.over_budget {
             // Flow control, not a client error: the client retries later.
             self.tx = None;
-            self.config.metrics.limited(Limit::MemoryBudget);
+            self.config.limits.limited(Limit::MemoryBudget);
             return self.reply(insufficient_storage());
         } else if out.line_too_long {
             // RFC 5321 4.5.3.1.6 limits text lines to 1000 octets; X.6.0
@@ -987,19 +1026,66 @@ fn bad_base64() -> Reply {
 mod tests {
     use super::*;
     use crate::envelope::{Notify, Ret};
-    use crate::smtp::server::RelayPolicy;
-    use crate::submission::{Authenticator, Owned, Ownership, UserStore};
+    use crate::policy::{MemoryBudget, RelayPolicy};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The test user's addresses: alice@example.test and the domain team.test
+    /// (domains without regard to case, the local part exactly).
+    #[derive(Debug)]
+    struct AliceOwns;
+
+    impl Senders for AliceOwns {
+        fn owns(&self, address: &str) -> bool {
+            let Some((local, domain)) = address.rsplit_once('@') else {
+                return false;
+            };
+            let domain = domain.trim_end_matches('.');
+            (local == "alice" && domain.eq_ignore_ascii_case("example.test"))
+                || domain.eq_ignore_ascii_case("team.test")
+        }
+    }
+
+    /// A bounded budget that tells how much is taken.
+    #[derive(Debug)]
+    struct TestBudget {
+        capacity: u64,
+        used: AtomicU64,
+    }
+
+    impl TestBudget {
+        fn used(&self) -> u64 {
+            self.used.load(Ordering::Acquire)
+        }
+
+        fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+            Reservation::try_new(Arc::clone(self) as Arc<dyn MemoryBudget>, bytes)
+        }
+    }
+
+    impl MemoryBudget for TestBudget {
+        fn take(&self, bytes: u64) -> bool {
+            self.used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    used.checked_add(bytes).filter(|&total| total <= self.capacity)
+                })
+                .is_ok()
+        }
+
+        fn give(&self, bytes: u64) {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
     use base64::Engine as _;
 
-    fn config() -> SmtpConfig {
-        SmtpConfig {
+    fn config() -> SessionConfig {
+        SessionConfig {
             hostname: "mx.test".into(),
             relay: RelayPolicy {
                 local_domains: vec!["example.test".into()],
                 relay_domains: vec!["relay.test".into()],
                 relay_networks: vec![],
             },
-            ..SmtpConfig::default()
+            ..SessionConfig::default()
         }
     }
 
@@ -1015,7 +1101,7 @@ mod tests {
     }
 
     impl H {
-        fn new(cfg: SmtpConfig) -> Self {
+        fn new(cfg: SessionConfig) -> Self {
             let mut n = 0;
             let ids = Box::new(move || {
                 n += 1;
@@ -1077,10 +1163,7 @@ mod tests {
                         let verdict = match (username.as_str(), password.as_bytes()) {
                             ("alice@example.test", b"secret") => AuthVerdict::Ok(AuthUser {
                                 name: username,
-                                senders: Arc::new(Ownership::new(vec![
-                                    Owned::parse("alice@example.test").unwrap(),
-                                    Owned::parse("@team.test").unwrap(),
-                                ])),
+                                senders: Arc::new(AliceOwns),
                             }),
                             ("limited", _) => AuthVerdict::RateLimited,
                             _ => AuthVerdict::Invalid,
@@ -1210,7 +1293,7 @@ mod tests {
 
     #[test]
     fn sequence_and_syntax_errors() {
-        let mut h = H::new(SmtpConfig {
+        let mut h = H::new(SessionConfig {
             max_errors: 100,
             ..config()
         });
@@ -1363,7 +1446,7 @@ mod tests {
     #[test]
     fn a_refusal_answers_new_transactions_and_lifts() {
         let full = || Reply::new(452, "4.3.1", "Insufficient system storage");
-        let mut h = H::new(SmtpConfig {
+        let mut h = H::new(SessionConfig {
             max_errors: 2,
             ..config()
         });
@@ -1407,7 +1490,7 @@ mod tests {
 
     #[test]
     fn recipient_limit() {
-        let mut h = H::new(SmtpConfig {
+        let mut h = H::new(SessionConfig {
             max_recipients: 100,
             max_errors: 2,
             ..config()
@@ -1432,7 +1515,7 @@ mod tests {
 
     #[test]
     fn size_limits() {
-        let mut h = H::new(SmtpConfig {
+        let mut h = H::new(SessionConfig {
             max_message_size: 100,
             ..config()
         });
@@ -1481,7 +1564,7 @@ mod tests {
 
     #[test]
     fn bdat_errors_consume_octets() {
-        let mut h = H::new(SmtpConfig {
+        let mut h = H::new(SessionConfig {
             max_message_size: 20,
             ..config()
         });
@@ -1620,7 +1703,7 @@ mod tests {
 
     #[test]
     fn too_many_errors_closes() {
-        let mut h = H::new(SmtpConfig {
+        let mut h = H::new(SessionConfig {
             max_errors: 3,
             ..config()
         });
@@ -1654,14 +1737,7 @@ mod tests {
     #[test]
     fn starttls_discards_pipelined_input_and_resets() {
         let mut cfg = config();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        // A config without a certificate is enough for the sans-IO session.
-        let tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
-        cfg.tls = Some(Arc::new(tls));
+        cfg.starttls = true;
         let mut h = H::new(cfg);
         assert!(h.send("EHLO c.test\r\n").contains("250-STARTTLS\r\n"));
         h.send("MAIL FROM:<a@c.test>\r\n");
@@ -1739,27 +1815,10 @@ mod tests {
         base64::engine::general_purpose::STANDARD.encode(s)
     }
 
-    /// A rustls config without a certificate: enough for the sans-IO session.
-    fn tls_config() -> Arc<rustls::ServerConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
-        Arc::new(tls)
-    }
-
-    fn submission_config() -> SmtpConfig {
-        let store = UserStore::from_text("").unwrap();
-        SmtpConfig {
-            tls: Some(tls_config()),
-            auth: Some(Arc::new(Authenticator::new(
-                store,
-                5,
-                Duration::from_secs(60),
-                Default::default(),
-            ))),
+    fn submission_config() -> SessionConfig {
+        SessionConfig {
+            starttls: true,
+            submission: true,
             max_errors: 100,
             ..config()
         }
@@ -1808,8 +1867,8 @@ mod tests {
         );
         assert_eq!(h.send("MAIL FROM:<>\r\n"), "530 5.7.0 Authentication required\r\n");
         // The MX listener neither offers nor accepts AUTH.
-        let mut mx = H::new(SmtpConfig {
-            tls: Some(tls_config()),
+        let mut mx = H::new(SessionConfig {
+            starttls: true,
             ..config()
         });
         mx.send("EHLO c.test\r\nSTARTTLS\r\n");
@@ -1981,7 +2040,7 @@ mod tests {
 
     #[test]
     fn junk_commands_are_bounded_between_messages() {
-        let mut h = H::new(SmtpConfig {
+        let mut h = H::new(SessionConfig {
             max_junk_commands: 4,
             ..config()
         });
@@ -2001,10 +2060,13 @@ mod tests {
         assert!(h.closed);
     }
 
-    fn budgeted(bytes: u64) -> (H, Arc<crate::smtp::limits::MemoryBudget>) {
-        let memory = crate::smtp::limits::MemoryBudget::new(bytes, crate::metrics::SmtpMetrics::default());
-        let h = H::new(SmtpConfig {
-            memory: Arc::clone(&memory),
+    fn budgeted(bytes: u64) -> (H, Arc<TestBudget>) {
+        let memory = Arc::new(TestBudget {
+            capacity: bytes,
+            used: AtomicU64::new(0),
+        });
+        let h = H::new(SessionConfig {
+            memory: Arc::clone(&memory) as Arc<dyn MemoryBudget>,
             max_message_size: 1 << 20,
             ..config()
         });
