@@ -435,7 +435,7 @@ pub(crate) fn each_rcpt(rcpts: &[usize], outcome: &RcptOutcome, message_id: &str
 
 /// `host:port` (IP literal or name, looked up with the `[dns]` resolver) into endpoints.
 async fn route_endpoints(resolver: &MxResolver, hop: &str, default_port: u16) -> Result<Vec<Endpoint>, String> {
-    let (host, port) = resolve::parse_host_port(hop, default_port)?;
+    let (host, port) = resolve::parse_host_port(hop, default_port).map_err(|e| e.to_string())?;
     let addrs = resolver
         .host_addresses(&host)
         .await
