@@ -332,7 +332,17 @@ pub enum RcptOutcome {
     Deferred { reply: String },
     /// Permanent failure: bounce.
     Failed { reply: String },
+    /// Abandoned before the end of data because the caller's fence said no
+    /// (the sender may no longer deliver this message); the next hop
+    /// discards the unfinished data. Says nothing about the next hop: the
+    /// caller records no outcome and leaves the recipient to whoever may
+    /// deliver it now.
+    Fenced,
 }
+
+/// The text shown for [`RcptOutcome::Fenced`] (in logs and wherever a
+/// reply line is wanted); never recorded as a recipient's reply.
+pub const FENCED_REPLY: &str = "451 4.3.0 shard leadership not confirmed; delivery left to the current leader";
 
 impl RcptOutcome {
     /// 2xx → Delivered, 5xx → Failed, anything else (4xx and the codes
@@ -349,6 +359,7 @@ impl RcptOutcome {
     pub fn reply(&self) -> &str {
         match self {
             RcptOutcome::Delivered { reply } | RcptOutcome::Deferred { reply } | RcptOutcome::Failed { reply } => reply,
+            RcptOutcome::Fenced => FENCED_REPLY,
         }
     }
 

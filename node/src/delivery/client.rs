@@ -303,8 +303,8 @@ pub enum SessionError {
     Unusable(String),
     /// The fence said no before the end of data; the connection was dropped
     /// so the peer discards the message.
-    #[error("{0}")]
-    Fenced(String),
+    #[error("{}", super::fence::FENCED_REPLY)]
+    Fenced,
 }
 
 impl SessionError {
@@ -667,7 +667,7 @@ impl Connection {
             Some(f) if !f.holds().await => {
                 self.broken = true;
                 info!(peer = %self.peer, "leadership not confirmed before the end of data; transaction abandoned");
-                Err(SessionError::Fenced(super::fence::FENCED_REPLY.to_owned()))
+                Err(SessionError::Fenced)
             }
             _ => Ok(()),
         }
@@ -1778,10 +1778,7 @@ mod tests {
                 ..message(&to, BODY)
             };
             let e = tokio::time::timeout(DEADLINE, c.send(&msg)).await.unwrap().unwrap_err();
-            assert!(
-                matches!(&e, SessionError::Fenced(r) if r == super::super::fence::FENCED_REPLY),
-                "{e:?}"
-            );
+            assert!(matches!(&e, SessionError::Fenced), "{e:?}");
             assert_eq!(fence.asked.load(std::sync::atomic::Ordering::SeqCst), 1);
             assert!(!c.is_usable());
             drop(c);

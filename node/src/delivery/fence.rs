@@ -7,9 +7,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
-/// The reply given to recipients whose transaction was abandoned by the
-/// fence; the queue records no outcome for them.
-pub const FENCED_REPLY: &str = "451 4.3.0 shard leadership not confirmed; delivery left to the current leader";
+/// The text of a fenced outcome; the fenced outcome itself is
+/// [`RcptOutcome::Fenced`](super::RcptOutcome::Fenced), for which the
+/// queue records nothing.
+pub use tern_smtp::client::FENCED_REPLY;
 
 /// Says whether delivery may complete now.
 pub trait Fence: Send + Sync + std::fmt::Debug {

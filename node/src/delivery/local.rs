@@ -7,7 +7,7 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use super::fence::{Fence, FENCED_REPLY};
+use super::fence::Fence;
 use super::{LoadedMessage, RcptAttempt, RcptOutcome};
 
 /// The Maildir of a recipient from the template (`{domain}`, `{user}`).
@@ -102,9 +102,7 @@ pub async fn deliver_maildir(
                 Err(outcome) => outcome,
                 Ok((tmp, _)) if !held => {
                     let _ = std::fs::remove_file(&tmp);
-                    RcptOutcome::Deferred {
-                        reply: FENCED_REPLY.to_owned(),
-                    }
+                    RcptOutcome::Fenced
                 }
                 Ok((tmp, new)) => match publish(&tmp, &new) {
                     Ok(()) => RcptOutcome::Delivered {
@@ -180,7 +178,7 @@ mod tests {
         let box_dir = dir.path().join("example.test/bob");
         let count = |sub: &str| std::fs::read_dir(box_dir.join(sub)).map(|d| d.count()).unwrap_or(0);
         let fenced = deliver_maildir(&template, &message, &[0], "<m@x>", Some(&Deposed)).await;
-        assert!(matches!(&fenced[0].outcome, RcptOutcome::Deferred { reply } if reply == FENCED_REPLY));
+        assert!(matches!(&fenced[0].outcome, RcptOutcome::Fenced));
         assert_eq!((count("new"), count("tmp")), (0, 0));
         let done = deliver_maildir(&template, &message, &[0], "<m@x>", None).await;
         assert!(matches!(&done[0].outcome, RcptOutcome::Delivered { .. }));

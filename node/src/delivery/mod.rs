@@ -247,6 +247,7 @@ impl Delivery {
                     return match verdict {
                         Ok(RcptOutcome::Delivered { .. }) => Ok(()),
                         Ok(RcptOutcome::Failed { reply } | RcptOutcome::Deferred { reply }) => Err(reply),
+                        Ok(fenced @ RcptOutcome::Fenced) => Err(fenced.reply().to_owned()),
                         Err(e) => Err(format!("451 4.4.2 {e}")),
                     };
                 }
@@ -406,13 +407,22 @@ fn unroutable(reply: String) -> Plan {
 }
 
 pub(crate) fn deferred_all(rcpts: &[usize], reply: &str, message_id: &str) -> Vec<RcptAttempt> {
+    each_rcpt(
+        rcpts,
+        &RcptOutcome::Deferred {
+            reply: reply.to_owned(),
+        },
+        message_id,
+    )
+}
+
+/// `outcome` for each of `rcpts`, with no next hop to name.
+pub(crate) fn each_rcpt(rcpts: &[usize], outcome: &RcptOutcome, message_id: &str) -> Vec<RcptAttempt> {
     rcpts
         .iter()
         .map(|&index| RcptAttempt {
             index,
-            outcome: RcptOutcome::Deferred {
-                reply: reply.to_owned(),
-            },
+            outcome: outcome.clone(),
             remote_host: None,
             remote_ip: None,
             tls: None,
@@ -425,7 +435,7 @@ pub(crate) fn deferred_all(rcpts: &[usize], reply: &str, message_id: &str) -> Ve
 
 /// `host:port` (IP literal or name, looked up with the `[dns]` resolver) into endpoints.
 async fn route_endpoints(resolver: &MxResolver, hop: &str, default_port: u16) -> Result<Vec<Endpoint>, String> {
-    let (host, port) = resolve::parse_host_port(hop, default_port)?;
+    let (host, port) = resolve::parse_host_port(hop, default_port).map_err(|e| e.to_string())?;
     let addrs = resolver
         .host_addresses(&host)
         .await

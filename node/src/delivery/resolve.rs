@@ -613,24 +613,29 @@ fn address_literal(literal: &str) -> Result<Site, ResolveError> {
 /// `1.2.3.4`, `1.2.3.4:port` (a bare IPv6 address without brackets is also
 /// accepted, without a port). The host comes back lowercase, without
 /// brackets or a trailing dot.
-pub fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+pub fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), BadHostPort> {
     let s = s.trim();
+    let bad = |problem| BadHostPort {
+        input: s.to_owned(),
+        problem,
+    };
     let parse_port = |p: &str| {
         p.parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("invalid port in {s:?}"))
+            .ok_or_else(|| bad(HostPortProblem::Port))
     };
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']').ok_or_else(|| format!("unclosed '[' in {s:?}"))?;
-        v6.parse::<Ipv6Addr>()
-            .map_err(|_| format!("invalid IPv6 address in {s:?}"))?;
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| bad(HostPortProblem::UnclosedBracket))?;
+        v6.parse::<Ipv6Addr>().map_err(|_| bad(HostPortProblem::Ipv6))?;
         let port = match after {
             "" => default_port,
             _ => parse_port(
                 after
                     .strip_prefix(':')
-                    .ok_or_else(|| format!("junk after ']' in {s:?}"))?,
+                    .ok_or_else(|| bad(HostPortProblem::AfterBracket))?,
             )?,
         };
         (v6.to_owned(), port)
@@ -656,9 +661,34 @@ pub fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), Stri
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !valid {
-        return Err(format!("invalid host in {s:?}"));
+        return Err(bad(HostPortProblem::Host));
     }
     Ok((host, port))
+}
+
+/// A route target [`parse_host_port`] cannot use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{problem} in {input:?}")]
+pub struct BadHostPort {
+    /// The target as written (trimmed).
+    pub input: String,
+    pub problem: HostPortProblem,
+}
+
+/// What is wrong with a route target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostPortProblem {
+    #[error("invalid port")]
+    Port,
+    #[error("unclosed '['")]
+    UnclosedBracket,
+    #[error("invalid IPv6 address")]
+    Ipv6,
+    #[error("junk after ']'")]
+    AfterBracket,
+    #[error("invalid host")]
+    Host,
 }
 
 #[cfg(test)]

@@ -19,7 +19,9 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::client::{ConnectError, Connection, OutMessage, OutRecipient, SessionError};
-use super::{deferred_all, ClientConfig, Endpoint, LoadedMessage, Protocol, RcptAttempt, TlsPolicy};
+use super::{
+    deferred_all, each_rcpt, ClientConfig, Endpoint, LoadedMessage, Protocol, RcptAttempt, RcptOutcome, TlsPolicy,
+};
 use crate::metrics::DeliveryMetrics;
 
 /// Recipients of one message that go to this site, in one transaction.
@@ -311,7 +313,7 @@ impl Worker {
             }
             let _ = job.reply.send(match result {
                 Ok(r) => r,
-                Err(reply) => deferred_all(&job.rcpts, &reply, &job.message_id),
+                Err(outcome) => each_rcpt(&job.rcpts, &outcome, &job.message_id),
             });
         }
         if let Some(c) = conn {
@@ -340,8 +342,9 @@ async fn connect(job: &Job, client: &ClientConfig) -> Result<Connection, String>
     Err(last)
 }
 
-/// One transaction for the job's recipients; `Err` means the connection broke.
-async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt>, String> {
+/// One transaction for the job's recipients; `Err` means the connection
+/// broke (or the fence abandoned it), with the outcome of every recipient.
+async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt>, RcptOutcome> {
     let envelope = &job.message.record.envelope;
     let recipients: Vec<OutRecipient> = job
         .rcpts
@@ -364,8 +367,10 @@ async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt
         fence: job.fence.as_deref(),
     };
     let result = conn.send(&message).await.map_err(|e| match e {
-        SessionError::Fenced(reply) => reply,
-        e => format!("451 4.4.2 {}: {e}", conn.remote_host()),
+        SessionError::Fenced => RcptOutcome::Fenced,
+        e => RcptOutcome::Deferred {
+            reply: format!("451 4.4.2 {}: {e}", conn.remote_host()),
+        },
     })?;
     let host = conn.remote_host().to_owned();
     let ip = conn.remote_ip().map(|ip| ip.to_string());

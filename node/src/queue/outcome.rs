@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use super::message::{MessageRecord, RcptStatus};
 use super::schedule::RetryPolicy;
-use crate::delivery::fence::FENCED_REPLY;
 use crate::delivery::{RcptAttempt, RcptOutcome};
 use crate::dsn;
 use crate::metrics::Outcome;
@@ -69,7 +68,7 @@ pub fn decide(
 ) -> Verdict {
     // Transactions abandoned by the fence have no outcome.
     let before = attempts.len();
-    attempts.retain(|a| !matches!(&a.outcome, RcptOutcome::Deferred { reply } if reply == FENCED_REPLY));
+    attempts.retain(|a| !matches!(a.outcome, RcptOutcome::Fenced));
     if attempts.is_empty() && before > 0 {
         return Verdict::Fenced;
     }
@@ -185,6 +184,9 @@ pub fn judge(outcome: &RcptOutcome, expired: bool, max_age: Duration) -> (RcptSt
             Outcome::Expired,
         ),
         RcptOutcome::Deferred { reply } => (RcptStatus::Deferred, reply.clone(), Outcome::Deferred),
+        // `decide` drops fenced attempts before judging; judged alone, one
+        // is a deferral that leaves the recipient to the current leader.
+        RcptOutcome::Fenced => (RcptStatus::Deferred, outcome.reply().to_owned(), Outcome::Deferred),
     }
 }
 
@@ -491,14 +493,7 @@ mod tests {
     #[test]
     fn fenced_transactions_record_no_outcome() {
         let retry = retry();
-        let fenced = || {
-            attempt(
-                0,
-                RcptOutcome::Deferred {
-                    reply: FENCED_REPLY.into(),
-                },
-            )
-        };
+        let fenced = || attempt(0, RcptOutcome::Fenced);
         assert!(matches!(
             decide(&record(1, 10), vec![fenced()], NOW, 0.0, rules(&retry, None)),
             Verdict::Fenced

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-pub use users::{hash_password, AuthUser, Owned, Ownership, UserStore};
+pub use users::{hash_password, AuthUser, LineError, LineProblem, Owned, Ownership, UserStore, UsersFileError};
 
 use crate::metrics::{AuthResult, SmtpMetrics};
 use crate::smtp::sasl::Password;

@@ -15,6 +15,42 @@ use std::time::{Duration, Instant, SystemTime};
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
 
+/// A line of the users file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("line {line}: {problem}")]
+pub struct LineError {
+    /// 1-based.
+    pub line: usize,
+    pub problem: LineProblem,
+}
+
+/// What is wrong with a line of the users file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LineProblem {
+    #[error("expected username:hash[:addresses], with a user name")]
+    NoUserName,
+    #[error("bad password hash: {0}")]
+    BadHash(argon2::password_hash::Error),
+    /// A PHC string of another algorithm (bcrypt, scrypt...).
+    #[error("{0} hashes are not supported; make one with `ternd hash-password`")]
+    UnsupportedHash(String),
+    #[error(transparent)]
+    NotOwnable(#[from] tern_config::owned::NotOwnable),
+    #[error("user {0} is listed twice")]
+    Duplicate(String),
+}
+
+/// The users file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UsersFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Invalid { path: PathBuf, source: LineError },
+}
+
 /// How often, at most, the file's modification time is looked at.
 const RECHECK: Duration = Duration::from_secs(1);
 
@@ -72,10 +108,11 @@ pub struct Users {
 impl Users {
     /// Parses the file's text; `senders` (`[auth] senders`, keyed by
     /// lower-cased user name) adds owned addresses. Errors name the line.
-    pub fn parse(text: &str, senders: &BTreeMap<String, Vec<Owned>>) -> Result<Users, String> {
+    pub fn parse(text: &str, senders: &BTreeMap<String, Vec<Owned>>) -> Result<Users, LineError> {
         let mut by_name = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let n = i + 1;
+            let at = |problem| LineError { line: n, problem };
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -84,16 +121,11 @@ impl Users {
             let name = fields.next().unwrap_or_default().trim();
             let hash = fields.next().unwrap_or_default().trim();
             if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(format!(
-                    "line {n}: expected username:hash[:addresses], with a user name"
-                ));
+                return Err(at(LineProblem::NoUserName));
             }
-            let parsed = PasswordHash::new(hash).map_err(|e| format!("line {n}: bad password hash: {e}"))?;
+            let parsed = PasswordHash::new(hash).map_err(|e| at(LineProblem::BadHash(e)))?;
             if !["argon2id", "argon2i", "argon2d"].contains(&parsed.algorithm.as_str()) {
-                return Err(format!(
-                    "line {n}: {} hashes are not supported; make one with `ternd hash-password`",
-                    parsed.algorithm
-                ));
+                return Err(at(LineProblem::UnsupportedHash(parsed.algorithm.to_string())));
             }
             let mut owned = Vec::new();
             if name.contains('@') {
@@ -101,7 +133,7 @@ impl Users {
             }
             for item in fields.next().unwrap_or_default().split(',').map(str::trim) {
                 if !item.is_empty() {
-                    owned.push(Owned::parse(item).map_err(|e| format!("line {n}: {e}"))?);
+                    owned.push(Owned::parse(item).map_err(|e| at(e.into()))?);
                 }
             }
             let key = name.to_ascii_lowercase();
@@ -112,7 +144,7 @@ impl Users {
                 senders: Arc::new(Ownership(owned)),
             };
             if by_name.insert(key, entry).is_some() {
-                return Err(format!("line {n}: user {name} is listed twice"));
+                return Err(at(LineProblem::Duplicate(name.to_string())));
             }
         }
         Ok(Users { by_name })
@@ -173,14 +205,16 @@ fn stamp(path: &Path) -> std::io::Result<(SystemTime, u64)> {
 
 impl UserStore {
     /// Reads the file; an unreadable or invalid file is an error.
-    pub fn load(path: &Path, senders: BTreeMap<String, Vec<Owned>>) -> Result<UserStore, String> {
-        let read = |path: &Path| -> Result<_, String> {
-            let stamp = stamp(path).map_err(|e| e.to_string())?;
-            let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-            Ok((stamp, text))
-        };
-        let (stamp, text) = read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let users = Users::parse(&text, &senders).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path, senders: BTreeMap<String, Vec<Owned>>) -> Result<UserStore, UsersFileError> {
+        let read = |path: &Path| -> std::io::Result<_> { Ok((stamp(path)?, std::fs::read_to_string(path)?)) };
+        let (stamp, text) = read(path).map_err(|source| UsersFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let users = Users::parse(&text, &senders).map_err(|source| UsersFileError::Invalid {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(UserStore {
             path: Some(path.to_owned()),
             senders,
@@ -193,7 +227,7 @@ impl UserStore {
     }
 
     /// Users from text, never re-read (tests).
-    pub fn from_text(text: &str) -> Result<UserStore, String> {
+    pub fn from_text(text: &str) -> Result<UserStore, LineError> {
         Ok(UserStore {
             path: None,
             senders: BTreeMap::new(),
@@ -232,8 +266,8 @@ impl UserStore {
         }
         state.stamp = Some(now);
         let parsed = std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| Users::parse(&text, &self.senders));
+            .map_err(|e| -> Box<dyn std::error::Error> { e.into() })
+            .and_then(|text| Ok(Users::parse(&text, &self.senders)?));
         match parsed {
             Ok(users) => {
                 tracing::info!(path = %path.display(), users = users.len(), "users file reloaded");
@@ -319,16 +353,18 @@ mod tests {
                 "line 1",
             ),
         ] {
-            let err = Users::parse(bad, &BTreeMap::new()).map(|_| ()).unwrap_err();
+            let err = Users::parse(bad, &BTreeMap::new()).map(|_| ()).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
         let err = Users::parse(&format!("# x\na:{h}:nodomain\n"), &BTreeMap::new())
             .map(|_| ())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("line 2:"), "{err}");
         let err = Users::parse(&format!("a:{h}\nA:{h}\n"), &BTreeMap::new())
             .map(|_| ())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("twice"), "{err}");
     }
 

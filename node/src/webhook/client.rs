@@ -69,7 +69,7 @@ impl Poster {
     }
 
     /// POSTs `body` (a JSON array); Ok for a 2xx answer within the timeout.
-    pub fn post(&self, body: Bytes) -> impl Future<Output = Result<(), String>> + Send + 'static {
+    pub fn post(&self, body: Bytes) -> impl Future<Output = Result<(), PostError>> + Send + 'static {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.url.clone();
@@ -83,21 +83,36 @@ impl Poster {
         let (client, timeout) = (self.client.clone(), self.timeout);
         async move {
             let exchange = async {
-                let answer = client.request(request).await.map_err(|e| chain(&e))?;
+                let answer = client.request(request).await.map_err(PostError::Transport)?;
                 let status = answer.status();
                 // Read the (bounded) answer, so that the connection can be reused.
                 let _ = Limited::new(answer.into_body(), MAX_ANSWER).collect().await;
                 if status.is_success() {
                     Ok(())
                 } else {
-                    Err(format!("HTTP {status}"))
+                    Err(PostError::Status(status))
                 }
             };
             tokio::time::timeout(timeout, exchange)
                 .await
-                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+                .unwrap_or_else(|_| Err(PostError::Timeout(timeout)))
         }
     }
+}
+
+/// Why a post failed (the batch is retried whatever the reason).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PostError {
+    /// Connecting, TLS or the exchange itself failed; shown with its causes.
+    #[error("{}", chain(.0))]
+    Transport(hyper_util::client::legacy::Error),
+    /// The endpoint answered with a status other than 2xx.
+    #[error("HTTP {0}")]
+    Status(hyper::StatusCode),
+    /// No whole answer within the webhook's timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// An error with its causes ("client error (Connect): tcp connect error: Connection refused").

@@ -240,7 +240,7 @@ impl Webhooks {
     }
 }
 
-type Post = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+type Post = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), client::PostError>> + Send>>;
 
 /// One webhook: moves lines from the hand-off buffer into the batcher,
 /// posts a batch when one is due, one at a time, and retries failures.
@@ -301,14 +301,14 @@ async fn run(
             poster.post(batch.body).await?;
             counters.posted.inc_by(batcher.delivered() as u64);
         }
-        Ok::<(), String>(())
+        Ok::<(), client::PostError>(())
     };
     let outcome = tokio::time::timeout(FINAL_FLUSH, flush).await;
     counters.queued.set(batcher.len() as i64);
     if !batcher.is_empty() {
         counters.dropped_shutdown.inc_by(batcher.len() as u64);
         let error = match outcome {
-            Ok(Err(e)) => e,
+            Ok(Err(e)) => e.to_string(),
             _ => format!("not posted within {FINAL_FLUSH:?}"),
         };
         tracing::warn!(url = %url, %error, lost = batcher.len(), "webhook: events not posted at shutdown");
