@@ -22,6 +22,8 @@ pub mod network;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;
+#[cfg(test)]
+mod storage_suite;
 pub mod tls;
 
 pub use tern_model::request::{Body, NewMessage, OutcomeUpdate, QueueAction, RcptResult, Request, Response};
