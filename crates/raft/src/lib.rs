@@ -1,12 +1,31 @@
-//! Raft wiring: openraft type configuration, the requests every group
-//! replicates, the sled log store, the state machine mechanics (which call
-//! an [`apply::Apply`] for what a request means: the node's queue and
-//! control rules), the gRPC network and the router that maps a group id to
-//! its local `Raft`. Groups are opened by [`host::GroupHost`], which tells
-//! the node through [`host::GroupHooks`].
+//! tern-raft: Tern's multi-group Raft plumbing. openraft type configuration
+//! (the replicated [`Request`] is `tern_model::request::Request`), the log
+//! store over tern-store's write-ahead log, snapshot files, the state machine
+//! mechanics (which call an [`apply::Apply`] for what a request means: the
+//! node's queue and control rules), the gRPC network and service, the router
+//! that maps a group id to its local `Raft`, the peer gate and cluster TLS.
+//! Groups are opened by [`host::GroupHost`], which tells the node through
+//! [`host::GroupHooks`].
 //!
 //! Group 0 is the control group (membership, shard placement); groups
-//! 1..=S are queue shards.
+//! 1..=S are queue shards. The control group's keys are the node's schema:
+//! the gate reads them through [`gate::PeerDirectory`].
+//!
+//! # Layout
+//!
+//! - this file: [`TypeConfig`], [`Durability`] (tern-store with openraft's
+//!   flush callback), [`raft_config`], type aliases.
+//! - [`apply`]: the [`apply::Apply`] seam and [`apply::ApplyCtx`].
+//! - [`state_machine`]: staging, write-back, checkpoints, snapshot build and
+//!   install; [`state_machine::SmEvent`]s for the shard's scheduler.
+//! - [`log_store`]: openraft's log storage over the write-ahead log (bodies
+//!   sideloaded).
+//! - [`snapshot`]: the snapshot file format.
+//! - [`network`] / [`service`]: the Raft gRPC client and server.
+//! - [`groups`] / [`host`]: the group router and the host that opens groups.
+//! - [`handover`]: claims of in-flight work for a planned leader hand-over.
+//! - [`gate`]: who may make peer RPCs ([`gate::PeerRefusals`] counts refusals).
+//! - [`tls`]: cluster mTLS material, reloadable.
 
 // openraft's StorageError is what its storage traits return; boxing it here
 // would only add conversions.
