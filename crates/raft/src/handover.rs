@@ -1,6 +1,6 @@
 //! Planned hand-over of a shard's leadership without duplicate deliveries.
 //!
-//! The shard leader's [`super::shard::QueueShard`] claims a message here for
+//! The shard leader (the node's queue shard actor) claims a message here for
 //! as long as its delivery (or an administrator's bounce) is under way and
 //! its outcome is not committed through Raft. A planned hand-over (move
 //! leader, drain, balancer, replica move, member remove, SIGTERM) first

@@ -82,7 +82,7 @@ pub type StorageError = openraft::StorageError<NodeId>;
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 3 * 1024 * 1024;
 
 /// Raft timing suited to many groups per node (ARCHITECTURE.md).
-pub fn raft_config() -> anyhow::Result<std::sync::Arc<openraft::Config>> {
+pub fn raft_config() -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
     let config = openraft::Config {
         cluster_name: "tern".into(),
         heartbeat_interval: 200,
