@@ -286,6 +286,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         let gate = Arc::new(crate::raft::gate::PeerGate::new(
             cluster_tls.is_some(),
             Arc::clone(&groups),
+            Arc::new(crate::cluster::control::Directory),
             metrics.peer_refused.clone(),
         ));
         let raft_svc = RaftServiceServer::new(RaftServer {

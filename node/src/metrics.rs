@@ -157,27 +157,9 @@ impl ByClass {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PeerReasonLabel {
-    reason: &'static str,
-}
-
-/// Peer RPCs refused (`tern_peer_refused_total{reason}`): a caller without
-/// a node certificate, with an operator's, of a node that is not a member,
-/// claiming another node's id, or asking for a group not placed here.
-#[derive(Clone, Debug, Default)]
-pub struct PeerRefusals(Family<PeerReasonLabel, Counter>);
-
-impl PeerRefusals {
-    pub fn inc(&self, reason: &'static str) {
-        self.0.get_or_create(&PeerReasonLabel { reason }).inc();
-    }
-
-    /// How many were refused for `reason` (tests).
-    pub fn get(&self, reason: &'static str) -> u64 {
-        self.0.get_or_create(&PeerReasonLabel { reason }).get()
-    }
-}
+/// Peer RPCs refused (`tern_peer_refused_total{reason}`), counted by the
+/// peer gate of `tern-raft`.
+pub use tern_raft::gate::PeerRefusals;
 
 /// How an SMTP AUTH attempt ended (`tern_smtp_auth_total{result}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,8 +13,43 @@
 #![allow(clippy::result_large_err)]
 
 use crate::raft::apply::{write_error, ApplyCtx};
-use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX, SUSPEND_PREFIX};
-use crate::raft::{Request, Response, StorageError};
+use crate::raft::gate::{Membership, PeerDirectory};
+use crate::raft::{GroupId, NodeId, Request, Response, StorageError};
+
+pub const NODE_PREFIX: &[u8] = b"n/";
+pub const PLACEMENT_PREFIX: &[u8] = b"p/";
+pub const DRAIN_PREFIX: &[u8] = b"d/";
+pub const SUSPEND_PREFIX: &[u8] = b"s/";
+/// Tombstones of removed node ids (ids are never reused).
+pub const REMOVED_PREFIX: &[u8] = b"r/";
+
+/// The peer gate's reading of the control group's keys.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Directory;
+
+impl PeerDirectory for Directory {
+    fn membership(&self, tree: &sled::Tree, id: NodeId) -> Membership {
+        let key = |prefix: &[u8]| [prefix, &id.to_be_bytes()].concat();
+        if tree.get(key(NODE_PREFIX)).ok().flatten().is_some() {
+            return Membership::Member;
+        }
+        if tree.get(key(REMOVED_PREFIX)).ok().flatten().is_some() {
+            return Membership::Removed;
+        }
+        if tree.scan_prefix(NODE_PREFIX).next().is_none() {
+            return Membership::NotJoined;
+        }
+        Membership::Unknown
+    }
+
+    fn placement(&self, tree: &sled::Tree, group: GroupId) -> Vec<NodeId> {
+        let key = [PLACEMENT_PREFIX, &group.to_be_bytes()].concat();
+        match tree.get(&key) {
+            Ok(Some(v)) => bincode::deserialize(&v).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+}
 
 /// Applies a control request; gives `request` back when it is not one.
 pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response, Request>, StorageError> {

@@ -1,94 +1,40 @@
-//! Raft wiring: openraft type configuration, the requests every group
-//! replicates, the sled log store, the state machine mechanics (which call
-//! an [`apply::Apply`] for what a request means: the node's queue and
-//! control rules), the gRPC network and the router that maps a group id to
-//! its local `Raft`. Groups are opened by [`host::GroupHost`], which tells
-//! the node through [`host::GroupHooks`].
-//!
-//! Group 0 is the control group (membership, shard placement); groups
-//! 1..=S are queue shards.
+//! Raft lives in the crate `tern-raft`; this module keeps the old paths
+//! (`crate::raft::groups`, `crate::raft::state_machine`, ...) working, and
+//! holds what ties it to the node: the `/metrics` gauges of the groups, the
+//! storage suite over the node's rules, and the control group's key
+//! prefixes at their old path.
 
-// openraft's StorageError is what its storage traits return; boxing it here
-// would only add conversions.
-#![allow(clippy::result_large_err)]
+pub use tern_raft::*;
 
-pub mod apply;
-pub mod gate;
-pub mod groups;
-pub mod host;
-pub mod log_store;
-pub mod network;
-pub mod service;
-pub mod snapshot;
-pub mod state_machine;
+pub mod state_machine {
+    pub use crate::cluster::control::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX, SUSPEND_PREFIX};
+    pub use tern_raft::state_machine::*;
+}
+
 #[cfg(test)]
 mod storage_suite;
-pub mod tls;
 
-pub use tern_model::request::{Body, NewMessage, OutcomeUpdate, QueueAction, RcptResult, Request, Response};
-pub use tern_model::{GroupId, NodeId, CONTROL_GROUP};
-
-openraft::declare_raft_types!(
-    /// Tern's Raft type configuration, shared by every group.
-    pub TypeConfig:
-        D = Request,
-        R = Response,
-        NodeId = NodeId,
-        Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = snapshot::SnapshotFile,
-        AsyncRuntime = openraft::TokioRuntime,
-);
-
-/// The node's storage with openraft's append completion as its flush
-/// callback.
-pub type Durability = tern_store::Durability<LogFlushed>;
-
-/// openraft's "the append is on disk" callback, handed to the group commit.
-pub struct LogFlushed(pub openraft::storage::LogFlushed<TypeConfig>);
-
-impl tern_store::Flushed for LogFlushed {
-    fn flushed(self, result: Result<(), tern_store::FlushError>) {
-        self.0.log_io_completed(result.map_err(std::io::Error::other));
+/// The per-group values `/metrics` reads at scrape time.
+impl crate::metrics::GroupGauges for groups::Groups {
+    fn sample(&self, node: u64, each: &mut dyn FnMut(crate::metrics::GroupSample)) {
+        for g in self.all() {
+            let mut sample = {
+                let m = g.raft.metrics();
+                let m = m.borrow();
+                crate::metrics::GroupSample {
+                    group: g.id,
+                    term: m.current_term,
+                    leading: m.current_leader == Some(node) && m.state == openraft::ServerState::Leader,
+                    last_log_index: m.last_log_index.unwrap_or(0),
+                    last_applied: m.last_applied.map_or(0, |l| l.index),
+                    purged_index: m.purged.map_or(0, |l| l.index),
+                    queue: None,
+                }
+            };
+            if g.id != CONTROL_GROUP {
+                sample.queue = Some((g.sm.message_count(), g.sm.oldest_received_at()));
+            }
+            each(sample);
+        }
     }
-}
-
-pub type Raft = openraft::Raft<TypeConfig>;
-pub type Entry = openraft::Entry<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type StorageError = openraft::StorageError<NodeId>;
-
-/// Bytes of snapshot per InstallSnapshot RPC.
-pub const SNAPSHOT_CHUNK_BYTES: u64 = 3 * 1024 * 1024;
-
-/// Raft timing suited to many groups per node (ARCHITECTURE.md).
-pub fn raft_config() -> anyhow::Result<std::sync::Arc<openraft::Config>> {
-    let config = openraft::Config {
-        cluster_name: "tern".into(),
-        heartbeat_interval: 200,
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
-        max_payload_entries: 256,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
-        // Snapshots travel in chunks of this size (well under the gRPC
-        // message limit, network::MAX_GRPC_MESSAGE).
-        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
-        // Per chunk, and the last chunk's RPC lasts the follower's whole
-        // install (bodies written and synced in batches): at openraft's
-        // 200 ms a large snapshot timed out and was rebuilt and resent. Not
-        // longer: a hung RPC to a partitioned peer holds its catch-up.
-        install_snapshot_timeout: 60_000,
-        ..Default::default()
-    };
-    Ok(std::sync::Arc::new(config.validate()?))
-}
-
-/// Storage error helpers: every sled/io failure becomes an openraft StorageError.
-pub(crate) fn io_err(
-    subject: openraft::ErrorSubject<NodeId>,
-    verb: openraft::ErrorVerb,
-    e: impl std::fmt::Display,
-) -> StorageError {
-    openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
 }

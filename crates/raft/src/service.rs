@@ -14,9 +14,8 @@ use tonic::{Request, Response, Status};
 
 use super::gate::PeerGate;
 use super::host::GroupHost;
-use super::state_machine::PLACEMENT_PREFIX;
 use super::{NodeId, Raft, CONTROL_GROUP};
-use crate::metrics::PeerRefusals;
+use crate::gate::PeerRefusals;
 
 pub struct RaftServer {
     pub host: Arc<GroupHost>,
@@ -59,11 +58,7 @@ impl RaftServer {
             .groups
             .get(CONTROL_GROUP)
             .ok_or_else(|| Status::unavailable("the control group is not open here"))?;
-        let key = [PLACEMENT_PREFIX, &group.to_be_bytes()].concat();
-        let replicas: Vec<NodeId> = match control.sm.tree().get(&key) {
-            Ok(Some(v)) => bincode::deserialize(&v).unwrap_or_default(),
-            _ => Vec::new(),
-        };
+        let replicas: Vec<NodeId> = self.gate.placement(&control.sm.tree(), group);
         if replicas.contains(&me) {
             return Ok(());
         }

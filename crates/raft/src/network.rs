@@ -291,7 +291,21 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::storage_suite::enqueue_entry;
+    use crate::{Body, Request};
+
+    fn enqueue_entry(index: u64, id: &str, body: &[u8]) -> crate::Entry {
+        let record = tern_model::record::MessageRecord::new(id.into(), Default::default(), body.len() as u64, 0);
+        crate::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(Request::Enqueue {
+                record: Box::new(record),
+                body: Body {
+                    bytes: body.to_vec(),
+                    loc: None,
+                },
+            }),
+        }
+    }
 
     #[test]
     fn only_a_fresh_commit_only_request_is_answered_from_the_last_success() {

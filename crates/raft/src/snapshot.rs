@@ -35,7 +35,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::{GroupId, NodeId};
-use crate::queue::message::MessageRecord;
+use tern_model::record::MessageRecord;
 
 pub type Meta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 

@@ -21,9 +21,9 @@ use openraft::{
 use super::apply::{Apply, ApplyCtx};
 use super::snapshot::{self, Frame, SnapshotFile};
 use super::{io_err, Entry, GroupId, LogId, NodeId, Response, StorageError, TypeConfig};
-use crate::queue::message::MessageRecord;
-use crate::raft::Durability;
-use crate::storage::wal::{Kind, Wal};
+use crate::Durability;
+use tern_model::record::MessageRecord;
+use tern_store::wal::{Kind, Wal};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
@@ -33,12 +33,6 @@ const APPLIED: &[u8] = b"a";
 const CHECKPOINT: &[u8] = b"c";
 const MEMBERSHIP: &[u8] = b"b";
 pub const MESSAGE_PREFIX: &[u8] = b"m/";
-pub const NODE_PREFIX: &[u8] = b"n/";
-pub const PLACEMENT_PREFIX: &[u8] = b"p/";
-pub const DRAIN_PREFIX: &[u8] = b"d/";
-pub const SUSPEND_PREFIX: &[u8] = b"s/";
-/// Tombstones of removed node ids (ids are never reused).
-pub const REMOVED_PREFIX: &[u8] = b"r/";
 
 pub fn message_key(id: &str) -> Vec<u8> {
     [MESSAGE_PREFIX, id.as_bytes()].concat()
@@ -78,8 +72,9 @@ pub struct StateMachine {
     /// What the group's requests mean (the node's queue and control rules).
     rules: Arc<dyn Apply>,
     /// Tests: an install fails (as a crash would stop it) after this many batches.
-    #[cfg(test)]
-    pub(crate) crash_install_after: Option<usize>,
+    /// Tests: an install stops (as a crash would) after this many batches.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub crash_install_after: Option<usize>,
 }
 
 /// Message records applied since the last write-back, and the applied id.
@@ -190,7 +185,7 @@ impl StateMachine {
             unwritten: Arc::default(),
             writing_back: Arc::default(),
             rules,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "test-hooks"))]
             crash_install_after: None,
         };
         snapshot::remove_leftovers(sm.durability.data_dir(), group)
@@ -487,7 +482,7 @@ impl StateMachine {
         let mut messages = 0i64;
         let mut batches = 0usize;
         loop {
-            #[cfg(test)]
+            #[cfg(any(test, feature = "test-hooks"))]
             if self.crash_install_after == Some(batches) {
                 anyhow::bail!("test: install stopped after {batches} batches");
             }
@@ -532,7 +527,7 @@ impl StateMachine {
         self.checkpoint_durable(meta.last_log_id);
         // 4. Nothing to finish at the next open.
         std::fs::remove_file(redo).with_context(|| format!("removing {}", redo.display()))?;
-        crate::storage::sync_dir(&snapshot::dir(self.durability.data_dir()))?;
+        tern_store::sync_dir(&snapshot::dir(self.durability.data_dir()))?;
         self.messages.store(messages, Ordering::Relaxed);
         for (segment, n) in released {
             for _ in 0..n {
@@ -871,7 +866,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let moved = std::fs::File::open(&received)
                 .and_then(|f| f.sync_all())
                 .and_then(|()| std::fs::rename(&received, &named))
-                .and_then(|()| crate::storage::sync_dir(&snapshot::dir(&data_dir)));
+                .and_then(|()| tern_store::sync_dir(&snapshot::dir(&data_dir)));
             if moved.is_err() {
                 let _ = std::fs::remove_file(&received);
             }

@@ -13,7 +13,7 @@ use super::log_store::LogStore;
 use super::network::{Network, Peers};
 use super::state_machine::StateMachine;
 use super::{GroupId, NodeId, Raft};
-use crate::raft::Durability;
+use crate::Durability;
 
 /// Highest group id a peer may create here.
 const MAX_GROUP: GroupId = 4096;
@@ -31,7 +31,7 @@ pub struct GroupEvents {
 /// shard's queue actor.
 pub trait GroupHooks: Send + Sync + 'static {
     /// The hand-over state of the group `group` about to open.
-    fn handover(&self, group: GroupId) -> Arc<crate::queue::handover::HandOver>;
+    fn handover(&self, group: GroupId) -> Arc<crate::handover::HandOver>;
     /// Counter of the leader changes seen in `group`.
     fn leader_changes(&self, group: GroupId) -> prometheus_client::metrics::counter::Counter;
     /// `group` is open (not yet listed in [`GroupHost::groups`]); `events` are
@@ -270,7 +270,7 @@ impl GroupHost {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if !crate::storage::failpoint::is_armed("no-checkpointer") {
+                if !tern_store::failpoint::is_armed("no-checkpointer") {
                     host.checkpoint_all().await;
                 }
                 host.purge_for_log_space().await;

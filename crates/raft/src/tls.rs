@@ -31,8 +31,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::{Channel, Endpoint};
 
 use super::NodeId;
-use crate::config::ClusterTlsFiles;
-use crate::pki::CertIdentity;
+use tern_config::ClusterTlsFiles;
+use tern_pki::CertIdentity;
 
 /// How often the files' modification times are checked.
 pub const POLL: Duration = Duration::from_secs(2);
@@ -139,11 +139,7 @@ impl ClusterTls {
     /// dialled) use it. On error the old material stays in use.
     pub fn reload(&self) -> anyhow::Result<()> {
         let material = Material::load(&self.0.files)?;
-        let serial = material
-            .certs
-            .first()
-            .map(|c| crate::pki::serial(c))
-            .unwrap_or_default();
+        let serial = material.certs.first().map(|c| tern_pki::serial(c)).unwrap_or_default();
         *self.0.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(material);
         tracing::info!(cert = %self.0.files.cert.display(), serial = %serial, "cluster TLS reloaded");
         Ok(())
@@ -221,7 +217,7 @@ impl ServerCertVerifier for NodeVerifier {
         let verified = self
             .inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
-        match (crate::pki::identity(end_entity), self.expect) {
+        match (tern_pki::identity(end_entity), self.expect) {
             (Ok(Some(CertIdentity::Node(id))), Some(expect)) if id == expect => Ok(verified),
             (Ok(Some(CertIdentity::Node(_))), None) => Ok(verified),
             (named, expect) => {
@@ -363,9 +359,9 @@ pub fn incoming(
 mod tests {
     use super::*;
 
-    fn files(dir: &Path, ca: &crate::pki::Ca, id: NodeId) -> ClusterTlsFiles {
+    fn files(dir: &Path, ca: &tern_pki::Ca, id: NodeId) -> ClusterTlsFiles {
         let issued = ca.issue_node(id, &["127.0.0.1".into()], 1).unwrap();
-        let (cert, key) = crate::pki::write_pair(dir, &format!("node-{id}"), &issued).unwrap();
+        let (cert, key) = tern_pki::write_pair(dir, &format!("node-{id}"), &issued).unwrap();
         let ca_path = dir.join("ca.crt");
         if !ca_path.exists() {
             std::fs::write(&ca_path, ca.cert_pem()).unwrap();
@@ -374,7 +370,7 @@ mod tests {
             cert,
             key,
             ca: ca_path,
-            server_name: crate::pki::DEFAULT_SERVER_NAME.into(),
+            server_name: tern_pki::DEFAULT_SERVER_NAME.into(),
         }
     }
 
@@ -401,7 +397,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_reaches_only_the_node_it_dials() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::pki::Ca::generate("test CA", 1).unwrap();
+        let ca = tern_pki::Ca::generate("test CA", 1).unwrap();
         let n1 = ClusterTls::load(&files(dir.path(), &ca, 1)).unwrap();
         let n2 = ClusterTls::load(&files(dir.path(), &ca, 2)).unwrap();
         handshake(&n1, &n2, Some(1)).await.unwrap();
@@ -413,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn reload_serves_the_new_certificate_and_keeps_the_old_on_bad_files() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::pki::Ca::generate("test CA", 1).unwrap();
+        let ca = tern_pki::Ca::generate("test CA", 1).unwrap();
         let f = files(dir.path(), &ca, 1);
         let tls = ClusterTls::load(&f).unwrap();
         let first = tls.current().certs[0].clone();

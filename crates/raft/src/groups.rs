@@ -16,7 +16,7 @@ pub struct GroupHandle {
     pub sm: StateMachine,
     /// Deliveries in flight while this node leads, for a planned hand-over
     /// that must wait for their outcomes (queue shards; unused in group 0).
-    pub handover: std::sync::Arc<crate::queue::handover::HandOver>,
+    pub handover: std::sync::Arc<crate::handover::HandOver>,
 }
 
 impl GroupHandle {
@@ -122,29 +122,4 @@ pub fn matched_index(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>, nod
         .and_then(|r| r.get(&node).cloned().flatten())
         .map(|l| l.index)
         .unwrap_or(0)
-}
-
-/// The per-group values `/metrics` reads at scrape time.
-impl crate::metrics::GroupGauges for Groups {
-    fn sample(&self, node: u64, each: &mut dyn FnMut(crate::metrics::GroupSample)) {
-        for g in self.all() {
-            let mut sample = {
-                let m = g.raft.metrics();
-                let m = m.borrow();
-                crate::metrics::GroupSample {
-                    group: g.id,
-                    term: m.current_term,
-                    leading: m.current_leader == Some(node) && m.state == openraft::ServerState::Leader,
-                    last_log_index: m.last_log_index.unwrap_or(0),
-                    last_applied: m.last_applied.map_or(0, |l| l.index),
-                    purged_index: m.purged.map_or(0, |l| l.index),
-                    queue: None,
-                }
-            };
-            if g.id != super::CONTROL_GROUP {
-                sample.queue = Some((g.sm.message_count(), g.sm.oldest_received_at()));
-            }
-            each(sample);
-        }
-    }
 }

@@ -18,13 +18,48 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tonic::Status;
 
 use super::groups::Groups;
-use super::state_machine::{NODE_PREFIX, REMOVED_PREFIX};
-use super::{NodeId, CONTROL_GROUP};
-use crate::metrics::PeerRefusals;
-use crate::pki::{peer_identity, CertIdentity};
+use super::{GroupId, NodeId, CONTROL_GROUP};
+use tern_pki::{peer_identity, CertIdentity};
+
+/// The `reason` label of [`PeerRefusals`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerReasonLabel {
+    reason: &'static str,
+}
+
+/// Peer RPCs refused (`tern_peer_refused_total{reason}`, registered by the
+/// node's metrics): a caller without a node certificate, with an
+/// operator's, of a node that is not a member, claiming another node's id,
+/// or asking for a group not placed here.
+#[derive(Clone, Debug, Default)]
+pub struct PeerRefusals(pub Family<PeerReasonLabel, Counter>);
+
+impl PeerRefusals {
+    pub fn inc(&self, reason: &'static str) {
+        self.0.get_or_create(&PeerReasonLabel { reason }).inc();
+    }
+
+    /// How many were refused for `reason` (tests).
+    pub fn get(&self, reason: &'static str) -> u64 {
+        self.0.get_or_create(&PeerReasonLabel { reason }).get()
+    }
+}
+
+/// What the gate and the Raft service read in the control group's replica
+/// (`control`: its state machine's tree). The keys are the control group's
+/// schema, which the node owns; it implements this over them.
+pub trait PeerDirectory: Send + Sync + 'static {
+    /// What the replica says of node `id`.
+    fn membership(&self, control: &sled::Tree, id: NodeId) -> Membership;
+    /// The nodes the placement of `group` names (empty: none or unreadable).
+    fn placement(&self, control: &sled::Tree, group: GroupId) -> Vec<NodeId>;
+}
 
 /// At most one warning per this interval (the rest are logged at debug).
 const WARN_EVERY: Duration = Duration::from_secs(1);
@@ -33,15 +68,17 @@ pub struct PeerGate {
     /// Cluster TLS is on: callers have certificates to check.
     tls: bool,
     groups: Arc<Groups>,
+    directory: Arc<dyn PeerDirectory>,
     pub refused: PeerRefusals,
     last_warning: Mutex<Option<Instant>>,
 }
 
 impl PeerGate {
-    pub fn new(tls: bool, groups: Arc<Groups>, refused: PeerRefusals) -> PeerGate {
+    pub fn new(tls: bool, groups: Arc<Groups>, directory: Arc<dyn PeerDirectory>, refused: PeerRefusals) -> PeerGate {
         PeerGate {
             tls,
             groups,
+            directory,
             refused,
             last_warning: Mutex::new(None),
         }
@@ -118,18 +155,12 @@ impl PeerGate {
         let Some(control) = self.groups.get(CONTROL_GROUP) else {
             return Membership::NotJoined;
         };
-        let tree = control.sm.tree();
-        let key = |prefix: &[u8]| [prefix, &id.to_be_bytes()].concat();
-        if tree.get(key(NODE_PREFIX)).ok().flatten().is_some() {
-            return Membership::Member;
-        }
-        if tree.get(key(REMOVED_PREFIX)).ok().flatten().is_some() {
-            return Membership::Removed;
-        }
-        if tree.scan_prefix(NODE_PREFIX).next().is_none() {
-            return Membership::NotJoined;
-        }
-        Membership::Unknown
+        self.directory.membership(&control.sm.tree(), id)
+    }
+
+    /// The nodes the control replica `control` places `group` on.
+    pub fn placement(&self, control: &sled::Tree, group: GroupId) -> Vec<NodeId> {
+        self.directory.placement(control, group)
     }
 
     pub fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -146,7 +177,9 @@ impl PeerGate {
     }
 }
 
-enum Membership {
+/// A node as this node's control replica knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
     Member,
     Removed,
     /// Not in this node's control replica (maybe not applied yet).

@@ -10,8 +10,8 @@ use openraft::{ErrorSubject, ErrorVerb};
 
 use super::state_machine::{SmEvent, StateMachine, Writes};
 use super::{io_err, GroupId, Request, Response, StorageError};
-use crate::queue::message::MessageRecord;
-use crate::storage::wal::Wal;
+use tern_model::record::MessageRecord;
+use tern_store::wal::Wal;
 
 /// The rules of a group's requests: called once per applied entry, in log
 /// order, with the changes of the run of entries being applied so far.

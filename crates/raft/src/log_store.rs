@@ -1,5 +1,5 @@
 //! The Raft log of one group, in the node's write-ahead log (see
-//! [`crate::storage::wal`]): each entry is a record, each body it carries a
+//! [`tern_store::wal`]): each entry is a record, each body it carries a
 //! record of its own written in the same `pwrite` ("sideloading": the
 //! state machine keeps the body's location instead of a second copy).
 //! The index from log index to record is kept in memory, rebuilt by replay.
@@ -14,8 +14,8 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReade
 
 use super::state_machine::PurgeFloor;
 use super::{io_err, Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
-use crate::raft::Durability;
-use crate::storage::wal::{BodyLoc, GroupIndex, Kind, Wal};
+use crate::Durability;
+use tern_store::wal::{BodyLoc, GroupIndex, Kind, Wal};
 
 /// Body bytes of the entries appended last that are kept in memory.
 const RECENT_BYTES: usize = 512 << 10;
@@ -361,7 +361,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 state.remember(entry, bodies);
             }
         }
-        self.durability.flush_then(crate::raft::LogFlushed(callback));
+        self.durability.flush_then(crate::LogFlushed(callback));
         Ok(())
     }
 
@@ -419,9 +419,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // The checkpointer reclaims the segments this frees.
         self.wal.log_purged(self.group, log_id.index);
-        if crate::storage::failpoint::is_armed("abort-after-purge") {
+        if tern_store::failpoint::is_armed("abort-after-purge") {
             let _ = self.durability.flush().await;
-            crate::storage::failpoint::abort("abort-after-purge");
+            tern_store::failpoint::abort("abort-after-purge");
         }
         Ok(())
     }
