@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::admin::cluster::Cluster;
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::raft::groups::{matched_index, GroupHandle, Groups};
 use crate::raft::{GroupId, NodeId};

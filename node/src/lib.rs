@@ -1,22 +1,28 @@
 //! Tern node: an SMTP server in front of a Raft-replicated, sharded queue.
 //!
 //! # Layout
-//! - [`config`]: TOML into a validated [`config::Config`].
-//! - [`smtp`]: the SMTP server (sans-IO session, codec, listener).
+//! The protocol, data, storage and Raft layers are crates below this one
+//! (docs/design.md, "Layers and crates"); this crate is the node's runtime.
+//! - [`app`]: the composition root: config -> storage -> Raft groups ->
+//!   listeners, and the hooks that tie the crates to the node's rules.
+//! - [`smtp`]: the SMTP listener (limits, PROXY, TLS) driving `tern-smtp`'s session.
 //! - [`submission`]: SMTP AUTH credentials for the submission listeners.
-//! - [`queue`]: message records and the accept side of the queue.
-//! - [`delivery`]: routing, MX resolution, delivery actors, SMTP/LMTP client.
-//! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
-//! - [`raft`]: openraft types, sled log store, state machine, gRPC transport.
-//! - [`storage`]: (the crate `tern-store`) the write-ahead log (Raft logs and bodies), the sled database of the state machines and the group-commit flusher.
-//! - [`cluster`]: the control group's rules and state.
-//! - [`admin`]: the gRPC admin service used by `ternctl`.
-//! - [`http`]: health endpoints and Prometheus metrics.
-//! - [`metrics`]: the metrics registry and the counters the parts share.
 //! - [`auth`]: message checks and signing before queueing (SPF, DKIM, DMARC, ARC).
+//! - [`queue`]: the accept side, the shard actor, the outcome decision, the
+//!   queue's Raft rules (`queue/apply.rs`), the shard writers.
+//! - [`delivery`]: routing, MX resolution, site actors, the SMTP/LMTP client.
+//! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
+//! - [`cluster`]: the control group's rules and the cluster controller
+//!   (placement, reconciliation, leader moves, peer calls and forwarding).
+//! - [`peer`]: the `PeerService` server (node-to-node calls other than Raft).
+//! - [`admin`]: the gRPC AdminService used by `ternctl` (authorisation, audit).
+//! - [`http`]: health endpoints and Prometheus metrics.
+//! - [`metrics`]: the metrics registry and the counters the parts share (a leaf).
 //! - [`webhook`]: event log lines POSTed to HTTP endpoints (`[[webhook]]`).
 //! - [`tls_reload`]: TLS certificates that follow their files (and SIGHUP).
-//! - [`app`]: wiring of all of the above into a running node.
+//! - [`raft`], [`storage`], [`config`], [`pki`], [`envelope`]: the crates
+//!   `tern-raft`, `tern-store`, `tern-config`, `tern-pki` and `tern-model`'s
+//!   envelope under the names the node's modules use.
 
 pub mod admin;
 pub mod app;

@@ -9,11 +9,13 @@
 //! - [`request`]: what a group replicates (the Raft log's entries) and answers.
 //! - [`stats`]: delivery analytics windows, mergeable across nodes.
 //! - [`events`]: the names of event log lines.
+//! - [`peer`]: operations one node asks another to write, and peer payload framing.
 //! - [`defaults`]: storage sizes the configuration and the storage code share.
 
 pub mod defaults;
 pub mod envelope;
 pub mod events;
+pub mod peer;
 pub mod record;
 pub mod request;
 pub mod stats;

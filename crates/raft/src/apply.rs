@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use openraft::{ErrorSubject, ErrorVerb};
 
-use super::state_machine::{SmEvent, StateMachine, Writes};
 use super::{io_err, GroupId, Request, Response, StorageError};
 use tern_model::record::MessageRecord;
 use tern_store::wal::Wal;
@@ -26,7 +25,7 @@ pub trait Apply: Send + Sync + 'static {
 /// group's tree (written when the run of entries ends), apply events for
 /// the shard's scheduler, and the count of queued messages.
 pub struct ApplyCtx<'a> {
-    pub(super) sm: &'a StateMachine,
+    pub(super) sm: &'a dyn Records,
     pub(super) staged: &'a mut BTreeMap<String, Option<MessageRecord>>,
     pub(super) events: &'a mut Vec<SmEvent>,
     pub(super) added: &'a mut i64,
@@ -41,7 +40,7 @@ impl ApplyCtx<'_> {
 
     /// The node's write-ahead log (bodies: written, retained, released).
     pub fn wal(&self) -> &Wal {
-        self.sm.wal_ref()
+        self.sm.wal()
     }
 
     /// A message record as this run has left it (`None`: absent or removed).
@@ -74,7 +73,7 @@ impl ApplyCtx<'_> {
 
     /// Whether the tree holds `key` (as written before this run).
     pub fn contains_key(&self, key: &[u8]) -> Result<bool, StorageError> {
-        self.sm.tree_ref().contains_key(key).map_err(|e| write_error(&e))
+        self.sm.tree().contains_key(key).map_err(|e| write_error(&e))
     }
 
     /// Sets `key` when the run ends.
@@ -85,6 +84,49 @@ impl ApplyCtx<'_> {
     /// Removes `key` when the run ends.
     pub fn remove(&mut self, key: impl Into<sled::IVec>) {
         self.batch.remove(key);
+    }
+}
+
+/// What the context reads of the state machine applying (implemented by
+/// [`StateMachine`](super::state_machine::StateMachine)): the records as
+/// written back, the group's tree and the node's log.
+pub(crate) trait Records: Sync {
+    fn group(&self) -> GroupId;
+    fn wal(&self) -> &Wal;
+    fn tree(&self) -> &sled::Tree;
+    fn message(&self, id: &str) -> Result<Option<MessageRecord>, StorageError>;
+}
+
+/// What applying entries changed, for the shard's scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SmEvent {
+    /// A message is pending, due at unix seconds `due` (0: now).
+    Scheduled { id: String, due: i64 },
+    /// A message is final and gone from the queue.
+    Removed { id: String },
+}
+
+/// Writes of one apply, made one key at a time in order (see `apply`).
+#[derive(Default)]
+pub struct Writes(Vec<(sled::IVec, Option<sled::IVec>)>);
+
+impl Writes {
+    pub(crate) fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.0.push((key.into(), Some(value.into())));
+    }
+
+    pub(crate) fn remove(&mut self, key: impl Into<sled::IVec>) {
+        self.0.push((key.into(), None));
+    }
+
+    pub(crate) fn write(self, tree: &sled::Tree) -> sled::Result<()> {
+        for (k, v) in self.0 {
+            match v {
+                Some(v) => tree.insert(k, v)?,
+                None => tree.remove(k)?,
+            };
+        }
+        Ok(())
     }
 }
 

@@ -18,7 +18,8 @@ use openraft::{
     EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
 };
 
-use super::apply::{Apply, ApplyCtx};
+pub use super::apply::SmEvent;
+use super::apply::{Apply, ApplyCtx, Records, Writes};
 use super::snapshot::{self, Frame, SnapshotFile};
 use super::{io_err, Entry, GroupId, LogId, NodeId, Response, StorageError, TypeConfig};
 use crate::Durability;
@@ -136,15 +137,6 @@ impl PurgeFloor {
     }
 }
 
-/// What applying entries changed, for the shard's scheduler.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SmEvent {
-    /// A message is pending, due at unix seconds `due` (0: now).
-    Scheduled { id: String, due: i64 },
-    /// A message is final and gone from the queue.
-    Removed { id: String },
-}
-
 /// Body bytes written to the log in one batch while installing a snapshot:
 /// what the install holds in memory at a time.
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
@@ -240,14 +232,6 @@ impl StateMachine {
     /// Where message bodies are read from.
     pub fn group(&self) -> GroupId {
         self.group
-    }
-
-    pub(super) fn wal_ref(&self) -> &Wal {
-        &self.wal
-    }
-
-    pub(super) fn tree_ref(&self) -> &sled::Tree {
-        &self.tree
     }
 
     pub fn wal(&self) -> Arc<Wal> {
@@ -557,30 +541,6 @@ impl StateMachine {
             last_membership: membership,
             snapshot_id,
         }
-    }
-}
-
-/// Writes of one apply, made one key at a time in order (see `apply`).
-#[derive(Default)]
-pub(super) struct Writes(Vec<(sled::IVec, Option<sled::IVec>)>);
-
-impl Writes {
-    pub(super) fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
-        self.0.push((key.into(), Some(value.into())));
-    }
-
-    pub(super) fn remove(&mut self, key: impl Into<sled::IVec>) {
-        self.0.push((key.into(), None));
-    }
-
-    fn write(self, tree: &sled::Tree) -> sled::Result<()> {
-        for (k, v) in self.0 {
-            match v {
-                Some(v) => tree.insert(k, v)?,
-                None => tree.remove(k)?,
-            };
-        }
-        Ok(())
     }
 }
 
@@ -919,5 +879,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::new(SnapshotFile::unnamed(file)),
         }))
+    }
+}
+
+impl Records for StateMachine {
+    fn group(&self) -> GroupId {
+        self.group
+    }
+
+    fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    fn message(&self, id: &str) -> Result<Option<MessageRecord>, StorageError> {
+        StateMachine::message(self, id)
     }
 }

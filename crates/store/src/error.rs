@@ -3,8 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::wal::Damaged;
-
 /// The node's storage could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -72,4 +70,17 @@ pub enum FlushError {
     /// The blocking task that flushed the state panicked or was cancelled.
     #[error("sled flush: {0}")]
     Task(String),
+}
+
+/// A record that fails its checksum before the end of the log.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "write-ahead log segment {} is damaged at offset {offset} and later segments exist; \
+     this node's log cannot be trusted. Remove this node's data directory and add the node \
+     back as a new member (docs/operations.md, \"A damaged write-ahead log\")",
+    path.display()
+)]
+pub struct Damaged {
+    pub path: PathBuf,
+    pub offset: u64,
 }

@@ -241,18 +241,7 @@ pub struct Wal {
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
-/// A record that fails its checksum before the end of the log.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "write-ahead log segment {} is damaged at offset {offset} and later segments exist; \
-     this node's log cannot be trusted. Remove this node's data directory and add the node \
-     back as a new member (docs/operations.md, \"A damaged write-ahead log\")",
-    path.display()
-)]
-pub struct Damaged {
-    pub path: PathBuf,
-    pub offset: u64,
-}
+pub use crate::error::Damaged;
 
 /// An fsync of the log failed earlier: nothing written since the last good
 /// sync may ever count as durable.

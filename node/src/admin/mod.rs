@@ -19,9 +19,9 @@ pub use crate::cluster;
 use crate::pki::Role;
 use tonic::{Request, Response, Status};
 
+use crate::cluster::control::NODE_PREFIX;
 use crate::queue::message::MessageRecord;
 use crate::raft::groups::{GroupHandle, Groups};
-use crate::raft::state_machine::NODE_PREFIX;
 use crate::raft::{NodeId, CONTROL_GROUP};
 
 pub struct Admin {
@@ -141,7 +141,7 @@ fn notify_text(n: &crate::envelope::Notify) -> String {
 impl Admin {
     /// Writes through a group's leader: here if this node leads it, else
     /// passed to the leader as a typed peer operation.
-    async fn write(&self, group: &GroupHandle, op: crate::peer::Operation) -> Result<(), Status> {
+    async fn write(&self, group: &GroupHandle, op: tern_model::peer::Operation) -> Result<(), Status> {
         if group.leader() == Some(self.node_id) {
             let request = op
                 .into_request()
@@ -191,7 +191,7 @@ impl Admin {
             return self
                 .cluster
                 .peers
-                .operate(group, &crate::peer::Operation::Bounce { ids })
+                .operate(group, &tern_model::peer::Operation::Bounce { ids })
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()));
         }
@@ -273,11 +273,10 @@ impl Admin {
         control
             .sm
             .tree()
-            .scan_prefix(crate::raft::state_machine::SUSPEND_PREFIX)
+            .scan_prefix(crate::cluster::control::SUSPEND_PREFIX)
             .flatten()
             .filter_map(|(k, v)| {
-                let domain =
-                    String::from_utf8_lossy(&k[crate::raft::state_machine::SUSPEND_PREFIX.len()..]).into_owned();
+                let domain = String::from_utf8_lossy(&k[crate::cluster::control::SUSPEND_PREFIX.len()..]).into_owned();
                 let (until, reason): (i64, String) = bincode::deserialize(&v).ok()?;
                 (until > now).then_some(DomainSuspension { domain, until, reason })
             })
@@ -293,8 +292,8 @@ impl Admin {
             .cluster
             .control()
             .ok_or_else(|| Status::unavailable("no control group here"))?;
-        let key = [crate::raft::state_machine::SUSPEND_PREFIX, domain.as_bytes()].concat();
-        self.write(&control, crate::peer::Operation::Suspend { domain, until, reason })
+        let key = [crate::cluster::control::SUSPEND_PREFIX, domain.as_bytes()].concat();
+        self.write(&control, tern_model::peer::Operation::Suspend { domain, until, reason })
             .await?;
         // A write forwarded to the control leader is applied here only when
         // the next append brings the commit index: wait for it (bounded), or
@@ -360,7 +359,7 @@ impl Admin {
             return self
                 .cluster
                 .peers
-                .operate_status(&control, &crate::peer::Operation::MemberRemove { id, force })
+                .operate_status(&control, &tern_model::peer::Operation::MemberRemove { id, force })
                 .await
                 .map(|_| ());
         }
@@ -648,7 +647,7 @@ impl AdminService for Admin {
                 return Err(Status::invalid_argument("need --id (at least 1) and --addr HOST:PORT"));
             }
             if let Some(control) = self.control_elsewhere()? {
-                let op = crate::peer::Operation::MemberAdd {
+                let op = tern_model::peer::Operation::MemberAdd {
                     id: req.id,
                     addr: req.addr,
                 };
@@ -725,7 +724,7 @@ impl AdminService for Admin {
         let req = request.into_inner();
         let result = async {
             if let Some(control) = self.control_elsewhere()? {
-                let op = crate::peer::Operation::MemberRemove {
+                let op = tern_model::peer::Operation::MemberRemove {
                     id: req.id,
                     force: req.force,
                 };
@@ -761,7 +760,7 @@ impl AdminService for Admin {
                 .ok_or_else(|| Status::unavailable("no control group here"))?;
             self.write(
                 &control,
-                crate::peer::Operation::Drain {
+                tern_model::peer::Operation::Drain {
                     node: req.id,
                     drained: req.drained,
                 },
@@ -858,7 +857,7 @@ impl AdminService for Admin {
                     continue;
                 };
                 for chunk in recs.chunks(OP_BATCH) {
-                    let op = crate::peer::Operation::Queue {
+                    let op = tern_model::peer::Operation::Queue {
                         action,
                         ids: chunk.iter().map(|r| r.id.clone()).collect(),
                     };

@@ -8,7 +8,7 @@ pub mod inbound;
 
 use crate::config::Config;
 use crate::envelope::Envelope;
-use crate::smtp::reply::Reply;
+use tern_smtp::reply::Reply;
 
 /// The per-message checks and signing of one node (shared by all listeners).
 #[derive(Debug, Default)]

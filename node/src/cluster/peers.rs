@@ -14,9 +14,9 @@ use tern_proto::peer::peer_service_client::PeerServiceClient;
 use tonic::transport::Channel;
 
 use super::{records, ClusterError};
-use crate::peer::Operation;
 use crate::raft::groups::{GroupHandle, Groups};
 use crate::raft::{GroupId, NewMessage, NodeId};
+use tern_model::peer::Operation;
 
 /// Pause before a forwarded enqueue is retried (lets a new leader be known).
 const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(300);
@@ -24,10 +24,13 @@ const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// A forward that failed on the way (transport) or because the leader
 /// changed; not one the leader timed out on (the client has waited enough).
 fn retryable(status: &tonic::Status) -> bool {
+    let timed_out = status.metadata().contains_key(tern_model::peer::WRITE_TIMED_OUT)
+        // A peer of the previous release says it only in the text.
+        || status.message().ends_with(" timed out");
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    ) && !status.message().contains("timed out")
+    ) && !timed_out
 }
 
 fn op_name(op: &Operation) -> &'static str {
@@ -169,7 +172,7 @@ impl Peers {
         message: &NewMessage,
         hop: bool,
     ) -> Result<(), tonic::Status> {
-        let payload = crate::peer::encode(message).map_err(tonic::Status::internal)?;
+        let payload = tern_model::peer::encode(message).map_err(tonic::Status::internal)?;
         let mut client = self.peer(node, addr)?;
         client
             .enqueue(tern_proto::peer::EnqueueRequest {
@@ -224,7 +227,7 @@ impl Peers {
         let (leader, addr) = self
             .leader_addr(group)
             .ok_or_else(|| tonic::Status::unavailable(format!("group {} has no known leader; try again", group.id)))?;
-        let payload = crate::peer::encode(op).map_err(tonic::Status::internal)?;
+        let payload = tern_model::peer::encode(op).map_err(tonic::Status::internal)?;
         let mut client = self.peer(leader, &addr)?;
         client
             .operation(tern_proto::peer::OperationRequest {
@@ -249,5 +252,16 @@ mod tests {
         assert!(!retryable(&tonic::Status::unavailable("write to group 3 timed out")));
         assert!(!retryable(&tonic::Status::not_found("group 3 not hosted here")));
         assert!(!retryable(&tonic::Status::invalid_argument("bad request")));
+    }
+
+    #[test]
+    fn a_write_the_leader_gave_up_waiting_for_is_not_retried_whatever_its_text() {
+        let mut status = tonic::Status::unavailable("write to group 3: no answer in time");
+        assert!(retryable(&status));
+        status.metadata_mut().insert(
+            tern_model::peer::WRITE_TIMED_OUT,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        assert!(!retryable(&status));
     }
 }

@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::control::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
 use crate::raft::groups::Groups;
-use crate::raft::state_machine::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
 use crate::raft::{GroupId, NodeId, CONTROL_GROUP};
 
 /// Node id -> gRPC address, from this node's replica of the control group.

@@ -160,7 +160,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let template = format!("{}/{{domain}}/{{user}}", dir.path().display());
         let message = std::sync::Arc::new(LoadedMessage {
-            record: crate::queue::message::MessageRecord::new(
+            record: tern_model::record::MessageRecord::new(
                 "m".into(),
                 crate::envelope::Envelope {
                     recipients: vec![crate::envelope::Recipient {

@@ -36,7 +36,7 @@ use site::{Job, SiteActor};
 use crate::config::{Config, LocalDelivery};
 use crate::envelope::Envelope;
 use crate::metrics::DeliveryMetrics;
-use crate::queue::message::MessageRecord;
+use tern_model::record::MessageRecord;
 
 /// A due message with its body, shared by the site actors delivering it.
 pub struct LoadedMessage {

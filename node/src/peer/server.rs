@@ -47,7 +47,16 @@ impl PeerServer {
         match tokio::time::timeout(crate::queue::WRITE_TIMEOUT, group.raft.client_write(request)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(Status::unavailable(format!("write to group {} failed: {e}", group.id))),
-            Err(_) => Err(Status::unavailable(format!("write to group {} timed out", group.id))),
+            Err(_) => {
+                // Same code and text as before (older peers read the text);
+                // the metadata says it to peers of this release.
+                let mut status = Status::unavailable(format!("write to group {} timed out", group.id));
+                status.metadata_mut().insert(
+                    tern_model::peer::WRITE_TIMED_OUT,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                Err(status)
+            }
         }
     }
 }

@@ -6,6 +6,8 @@
 //! of each shard and reads the same records.
 
 pub mod apply;
+#[cfg(test)]
+mod apply_suite;
 pub mod batch;
 pub mod handover;
 pub mod lease;

@@ -1,18 +1,9 @@
-//! Raft lives in the crate `tern-raft`; this module keeps the old paths
-//! (`crate::raft::groups`, `crate::raft::state_machine`, ...) working, and
-//! holds what ties it to the node: the `/metrics` gauges of the groups, the
-//! storage suite over the node's rules, and the control group's key
-//! prefixes at their old path.
+//! Raft lives in the crate `tern-raft`; this module names it for the node
+//! (`crate::raft::groups`, ...) and holds the `/metrics` gauges of the
+//! groups (the queue's rules over the state machine are tested in
+//! `queue/apply_suite.rs`).
 
 pub use tern_raft::*;
-
-pub mod state_machine {
-    pub use crate::cluster::control::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX, SUSPEND_PREFIX};
-    pub use tern_raft::state_machine::*;
-}
-
-#[cfg(test)]
-mod storage_suite;
 
 /// The per-group values `/metrics` reads at scrape time.
 impl crate::metrics::GroupGauges for groups::Groups {

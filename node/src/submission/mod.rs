@@ -20,8 +20,8 @@ use tracing::{info, warn};
 pub use users::{hash_password, AuthUser, LineError, LineProblem, Owned, Ownership, UserStore, UsersFileError};
 
 use crate::metrics::{AuthResult, SmtpMetrics};
-use crate::smtp::sasl::Password;
 use limiter::FailureLimiter;
+use tern_smtp::sasl::Password;
 
 /// The answer to one authentication attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -40,7 +40,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::envelope::Envelope;
-use crate::smtp::reply::Reply;
+use tern_smtp::reply::Reply;
 use verdict::{DmarcFinding, DmarcOutcome, Findings, Pct, Rules, Verdict};
 
 /// DNS answers hickory keeps between messages (TTLs honoured); mail-auth's

@@ -7,7 +7,7 @@ use mail_auth::dmarc::Policy;
 use mail_auth::SpfResult;
 
 use crate::config::{DmarcPolicyMode, SpfFailAction};
-use crate::smtp::reply::Reply;
+use tern_smtp::reply::Reply;
 
 /// What the checks found, as far as the decision is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
 use openraft::{Entry, EntryPayload, LogId, RaftLogReader};
 
-use super::log_store::LogStore;
-use super::state_machine::StateMachine;
-use super::{Body, Request, TypeConfig};
 use crate::queue::message::MessageRecord;
+use crate::raft::log_store::LogStore;
+use crate::raft::state_machine::StateMachine;
 use crate::raft::Durability;
+use crate::raft::{Body, Request, TypeConfig};
 
 async fn open(dir: &std::path::Path) -> (LogStore, StateMachine) {
     open_with(Durability::open(dir).unwrap()).await
@@ -35,7 +35,7 @@ async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachine) {
 
 async fn open_with(durability: Arc<Durability>) -> (LogStore, StateMachine) {
     let log = LogStore::open(Arc::clone(&durability), 1).unwrap();
-    let sm = StateMachine::open(Arc::clone(&durability), 1, Arc::new(crate::app::Rules))
+    let sm = StateMachine::open(Arc::clone(&durability), 1, Arc::new(QueueRules))
         .await
         .unwrap();
     durability.wal().enable_reclaim();
@@ -277,7 +277,7 @@ async fn open_rolls_back_to_the_last_checkpoint() {
 /// until a write-back puts them in the tree; removals too.
 #[tokio::test]
 async fn applied_records_are_written_back_in_one_go() {
-    use super::state_machine::MESSAGE_PREFIX;
+    use crate::raft::state_machine::MESSAGE_PREFIX;
 
     let dir = tempfile::tempdir().unwrap();
     let (mut log, mut sm) = open(dir.path()).await;
@@ -302,7 +302,7 @@ async fn applied_records_are_written_back_in_one_go() {
     let delete_a = Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 4),
         payload: EntryPayload::Normal(Request::QueueOp {
-            action: super::QueueAction::Delete,
+            action: crate::raft::QueueAction::Delete,
             ids: vec!["A".into()],
         }),
     };
@@ -573,7 +573,7 @@ async fn send_in_chunks(
     chunk: usize,
 ) -> (
     openraft::SnapshotMeta<u64, openraft::BasicNode>,
-    Box<super::snapshot::SnapshotFile>,
+    Box<crate::raft::snapshot::SnapshotFile>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
     let mut received = follower.begin_receiving_snapshot().await.unwrap();
@@ -696,7 +696,7 @@ async fn an_install_cut_short_is_finished_at_the_next_open() {
 /// inserted, by a subscriber of the tree.
 #[tokio::test]
 async fn an_installed_record_never_points_at_an_unsynced_body() {
-    use super::state_machine::{decode_message, MESSAGE_PREFIX};
+    use crate::raft::state_machine::{decode_message, MESSAGE_PREFIX};
     let leader_dir = tempfile::tempdir().unwrap();
     let (_log, _leader, snapshot) = leader_with_queue(leader_dir.path(), 60, 200 * 1024).await;
     let follower_dir = tempfile::tempdir().unwrap();
@@ -725,4 +725,22 @@ async fn an_installed_record_never_points_at_an_unsynced_body() {
         unsynced.is_empty(),
         "records in the tree before their bodies were synced: {unsynced:?}"
     );
+}
+
+/// The queue shard's rules alone (what a shard group applies).
+struct QueueRules;
+
+impl crate::raft::apply::Apply for QueueRules {
+    fn apply(
+        &self,
+        ctx: &mut crate::raft::apply::ApplyCtx<'_>,
+        request: crate::raft::Request,
+    ) -> Result<crate::raft::Response, crate::raft::StorageError> {
+        match super::apply::apply(ctx, request)? {
+            Ok(response) => Ok(response),
+            Err(request) => Err(crate::raft::apply::write_error(&format_args!(
+                "not a queue request: {request:?}"
+            ))),
+        }
+    }
 }
