@@ -673,7 +673,7 @@ impl Connection {
         }
     }
 
-    /// MAIL FROM:<reverse_path>, RCPT TO:<rcpt>, RSET: does the next hop
+    /// `MAIL FROM:<reverse_path>`, `RCPT TO:<rcpt>`, `RSET`: does the next hop
     /// accept this recipient right now? (LMTP verification at RCPT time.)
     pub async fn verify_recipient(&mut self, reverse_path: &str, rcpt: &str) -> Result<RcptOutcome, SessionError> {
         self.check_usable()?;
