@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use openraft::{ErrorSubject, ErrorVerb};
 
-use super::{io_err, GroupId, Request, Response, StorageError};
+use super::{io_err, Body, GroupId, Request, Response, StorageError};
 use tern_model::record::MessageRecord;
-use tern_store::wal::Wal;
+use tern_store::wal::{Kind, Wal};
 
 /// The rules of a group's requests: called once per applied entry, in log
 /// order, with the changes of the run of entries being applied so far.
@@ -54,6 +54,30 @@ impl ApplyCtx<'_> {
     /// Whether `id` was staged by this run (even as a removal) or is stored.
     pub fn knows_message(&self, id: &str) -> Result<bool, StorageError> {
         Ok(self.staged.contains_key(id) || self.sm.message(id)?.is_some())
+    }
+
+    /// Stages a new message with its body unless its id exists (a retried
+    /// proposal is a no-op): the body the log store sideloaded is reused,
+    /// else written once to the log here. True when it was new.
+    pub fn stage_new(&mut self, mut record: Box<MessageRecord>, body: Body) -> Result<bool, StorageError> {
+        if self.knows_message(&record.id)? {
+            return Ok(false);
+        }
+        let loc = match body.loc {
+            Some(loc) => loc,
+            None => self
+                .wal()
+                .write_one(Kind::Body, self.group(), &body.bytes)
+                .map_err(|e| write_error(&e))?,
+        };
+        self.wal().retain(loc.segment);
+        record.body = Some(loc);
+        self.event(SmEvent::Scheduled {
+            id: record.id.clone(),
+            due: record.next_attempt,
+        });
+        self.stage(record.id.clone(), Some(*record));
+        Ok(true)
     }
 
     /// Stages a message record (`None` removes it).

@@ -43,6 +43,8 @@ pub mod snapshot;
 pub mod state_machine;
 #[cfg(test)]
 mod storage_suite;
+#[cfg(any(test, feature = "test-hooks"))]
+pub mod testing;
 pub mod tls;
 
 pub use tern_model::request::{Body, NewMessage, OutcomeUpdate, QueueAction, RcptResult, Request, Response};

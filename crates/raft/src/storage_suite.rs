@@ -12,13 +12,12 @@ use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{Entry, EntryPayload, LogId, RaftLogReader};
 
-use super::apply::{write_error, Apply, ApplyCtx};
+use super::apply::{Apply, ApplyCtx};
 use super::log_store::LogStore;
-use super::state_machine::{SmEvent, StateMachine};
+use super::state_machine::StateMachine;
 use super::{Body, Request, Response, StorageError, TypeConfig};
 use crate::Durability;
 use tern_model::record::MessageRecord;
-use tern_store::wal::Kind;
 
 /// Queues what `Enqueue` carries (as the node's queue rules do: the body
 /// sideloaded once, the record staged, the message counted); every other
@@ -27,57 +26,27 @@ struct EnqueueOnly;
 
 impl Apply for EnqueueOnly {
     fn apply(&self, ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Response, StorageError> {
-        let Request::Enqueue { mut record, body } = request else {
+        let Request::Enqueue { record, body } = request else {
             return Ok(Response { changed: false });
         };
-        if ctx.knows_message(&record.id)? {
-            return Ok(Response { changed: false });
-        }
-        let loc = match body.loc {
-            Some(loc) => loc,
-            None => ctx
-                .wal()
-                .write_one(Kind::Body, ctx.group(), &body.bytes)
-                .map_err(|e| write_error(&e))?,
-        };
-        ctx.wal().retain(loc.segment);
-        record.body = Some(loc);
-        ctx.event(SmEvent::Scheduled {
-            id: record.id.clone(),
-            due: record.next_attempt,
-        });
-        ctx.stage(record.id.clone(), Some(*record));
-        ctx.count(1);
-        Ok(Response { changed: true })
+        let changed = ctx.stage_new(record, body)?;
+        ctx.count(i64::from(changed));
+        Ok(Response { changed })
     }
 }
 
 struct Builder;
 
 async fn open(dir: &std::path::Path) -> (LogStore, StateMachine) {
-    open_with(Durability::open(dir).unwrap()).await
+    crate::testing::open(dir, Arc::new(EnqueueOnly)).await
 }
 
-/// Opens again what the last test step dropped: sled's and the flusher's
-/// threads release the database lock shortly after the drop.
 async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachine) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Durability::open(dir) {
-            Ok(d) => break open_with(d).await,
-            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:#}"),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::testing::reopen(dir, Arc::new(EnqueueOnly)).await
 }
 
 async fn open_with(durability: Arc<Durability>) -> (LogStore, StateMachine) {
-    let log = LogStore::open(Arc::clone(&durability), 1).unwrap();
-    let sm = StateMachine::open(Arc::clone(&durability), 1, Arc::new(EnqueueOnly))
-        .await
-        .unwrap();
-    durability.wal().enable_reclaim();
-    (log, sm)
+    crate::testing::open_with(durability, Arc::new(EnqueueOnly)).await
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {

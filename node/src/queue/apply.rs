@@ -6,24 +6,22 @@
 // (raft/mod.rs): boxing it would only add conversions.
 #![allow(clippy::result_large_err)]
 
-use crate::queue::message::MessageRecord;
-use crate::raft::apply::{write_error, ApplyCtx};
+use crate::raft::apply::ApplyCtx;
 use crate::raft::state_machine::SmEvent;
-use crate::raft::{Body, OutcomeUpdate, QueueAction, Request, Response, StorageError};
-use crate::storage::wal::Kind;
+use crate::raft::{OutcomeUpdate, QueueAction, Request, Response, StorageError};
 
 /// Applies a queue request; gives `request` back when it is not one.
 pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response, Request>, StorageError> {
     Ok(Ok(match request {
         Request::Enqueue { record, body } => {
-            let changed = stage_new(ctx, record, body)?;
+            let changed = ctx.stage_new(record, body)?;
             ctx.count(i64::from(changed));
             Response { changed }
         }
         Request::EnqueueMany { messages } => {
             let mut changed = false;
             for m in messages {
-                let new = stage_new(ctx, m.record, m.body)?;
+                let new = ctx.stage_new(m.record, m.body)?;
                 ctx.count(i64::from(new));
                 changed |= new;
             }
@@ -34,7 +32,7 @@ pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response
                 stage_outcome(ctx, update, false)?;
             }
             for b in bounces {
-                let new = stage_new(ctx, b.record, b.body)?;
+                let new = ctx.stage_new(b.record, b.body)?;
                 ctx.count(i64::from(new));
             }
             Response { changed: true }
@@ -48,7 +46,7 @@ pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response
                 if stage_outcome(ctx, update, true)? {
                     changed = true;
                     if let Some(r) = report {
-                        let new = stage_new(ctx, r.record, r.body)?;
+                        let new = ctx.stage_new(r.record, r.body)?;
                         ctx.count(i64::from(new));
                     }
                 }
@@ -138,26 +136,4 @@ fn stage_outcome(ctx: &mut ApplyCtx<'_>, update: OutcomeUpdate, only_if_changed:
         ctx.stage(update.id, Some(record));
     }
     Ok(changed)
-}
-
-/// Stages a new message unless its id exists (a retried proposal is a no-op).
-fn stage_new(ctx: &mut ApplyCtx<'_>, mut record: Box<MessageRecord>, body: Body) -> Result<bool, StorageError> {
-    if ctx.knows_message(&record.id)? {
-        return Ok(false);
-    }
-    let loc = match body.loc {
-        Some(loc) => loc,
-        None => ctx
-            .wal()
-            .write_one(Kind::Body, ctx.group(), &body.bytes)
-            .map_err(|e| write_error(&e))?,
-    };
-    ctx.wal().retain(loc.segment);
-    record.body = Some(loc);
-    ctx.event(SmEvent::Scheduled {
-        id: record.id.clone(),
-        due: record.next_attempt,
-    });
-    ctx.stage(record.id.clone(), Some(*record));
-    Ok(true)
 }

@@ -17,29 +17,15 @@ use crate::raft::Durability;
 use crate::raft::{Body, Request, TypeConfig};
 
 async fn open(dir: &std::path::Path) -> (LogStore, StateMachine) {
-    open_with(Durability::open(dir).unwrap()).await
+    crate::raft::testing::open(dir, Arc::new(QueueRules)).await
 }
 
-/// Opens again what the last test step dropped: sled's and the flusher's
-/// threads release the database lock shortly after the drop.
 async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachine) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Durability::open(dir) {
-            Ok(d) => break open_with(d).await,
-            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:#}"),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::raft::testing::reopen(dir, Arc::new(QueueRules)).await
 }
 
 async fn open_with(durability: Arc<Durability>) -> (LogStore, StateMachine) {
-    let log = LogStore::open(Arc::clone(&durability), 1).unwrap();
-    let sm = StateMachine::open(Arc::clone(&durability), 1, Arc::new(QueueRules))
-        .await
-        .unwrap();
-    durability.wal().enable_reclaim();
-    (log, sm)
+    crate::raft::testing::open_with(durability, Arc::new(QueueRules)).await
 }
 
 pub(crate) fn enqueue_entry(index: u64, id: &str, body: &[u8]) -> Entry<TypeConfig> {
