@@ -243,6 +243,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         config.peer_addresses.clone(),
         config.dead_node_after,
     ));
+    delivery.set_writer(cluster.control_writer());
 
     // Listeners first, so that a port conflict fails fast and loudly.
     let mut smtp_listeners = Vec::new();

@@ -10,6 +10,7 @@
 //! - [`stats`]: delivery analytics windows, mergeable across nodes.
 //! - [`events`]: the names of event log lines.
 //! - [`peer`]: operations one node asks another to write, and peer payload framing.
+//! - [`shaping`]: automatic shaping actions and the suppression list (control group).
 //! - [`defaults`]: storage sizes the configuration and the storage code share.
 
 pub mod defaults;
@@ -18,6 +19,7 @@ pub mod events;
 pub mod peer;
 pub mod record;
 pub mod request;
+pub mod shaping;
 pub mod stats;
 
 use serde::{Deserialize, Serialize};

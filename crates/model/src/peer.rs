@@ -23,6 +23,18 @@ pub enum Operation {
     MemberAdd { id: NodeId, addr: String },
     /// `ternctl member remove`, run by the control leader (control group).
     MemberRemove { id: NodeId, force: bool },
+    /// An automatic shaping action decided by a `[[backoff]]` rule on the
+    /// node that saw the reply (control group; `None` lifts it).
+    ShapingAction {
+        key: String,
+        action: Option<crate::shaping::AutoAction>,
+    },
+    /// Recipients added to the suppression list (control group).
+    Suppress { entries: Vec<crate::shaping::Suppression> },
+    /// Recipients removed from the suppression list (control group).
+    Unsuppress {
+        entries: Vec<crate::shaping::SuppressionKey>,
+    },
 }
 
 /// gRPC metadata key a peer sets on a write it gave up waiting for: the
@@ -46,8 +58,25 @@ impl Operation {
                 }
                 (group != CONTROL_GROUP, "a queue shard")
             }
+            Operation::Suppress { entries } if entries.len() > crate::shaping::MAX_SUPPRESSIONS_PER_WRITE => {
+                return Err(format!(
+                    "{} suppressions in one operation (at most {})",
+                    entries.len(),
+                    crate::shaping::MAX_SUPPRESSIONS_PER_WRITE
+                ));
+            }
+            Operation::Unsuppress { entries } if entries.len() > crate::shaping::MAX_SUPPRESSIONS_PER_WRITE => {
+                return Err(format!(
+                    "{} suppressions in one operation (at most {})",
+                    entries.len(),
+                    crate::shaping::MAX_SUPPRESSIONS_PER_WRITE
+                ));
+            }
             Operation::Drain { .. }
             | Operation::Suspend { .. }
+            | Operation::ShapingAction { .. }
+            | Operation::Suppress { .. }
+            | Operation::Unsuppress { .. }
             | Operation::MemberAdd { .. }
             | Operation::MemberRemove { .. } => (group == CONTROL_GROUP, "the control group (0)"),
         };
@@ -66,6 +95,9 @@ impl Operation {
             Operation::Queue { action, ids } => Some(Request::QueueOp { action, ids }),
             Operation::Drain { node, drained } => Some(Request::SetDrain { id: node, drained }),
             Operation::Suspend { domain, until, reason } => Some(Request::SuspendDomain { domain, until, reason }),
+            Operation::ShapingAction { key, action } => Some(Request::SetShapingAction { key, action }),
+            Operation::Suppress { entries } => Some(Request::Suppress { entries }),
+            Operation::Unsuppress { entries } => Some(Request::Unsuppress { entries }),
             Operation::Bounce { .. } | Operation::MemberAdd { .. } | Operation::MemberRemove { .. } => None,
         }
     }

@@ -65,6 +65,19 @@ pub enum Request {
         updates: Vec<OutcomeUpdate>,
         reports: Vec<Option<NewMessage>>,
     },
+    /// Control group: an automatic shaping action for a shaping scope
+    /// (`None` lifts it before it expires).
+    SetShapingAction {
+        key: String,
+        action: Option<crate::shaping::AutoAction>,
+    },
+    /// Control group: recipients added to the suppression list (an entry
+    /// already there is replaced).
+    Suppress { entries: Vec<crate::shaping::Suppression> },
+    /// Control group: recipients removed from the suppression list.
+    Unsuppress {
+        entries: Vec<crate::shaping::SuppressionKey>,
+    },
 }
 
 /// What `ternctl queue hold|release|delete|retry` does to a message.
@@ -121,7 +134,10 @@ impl Request {
             | Request::RemoveNode { .. }
             | Request::SetDrain { .. }
             | Request::QueueOp { .. }
-            | Request::SuspendDomain { .. } => Vec::new(),
+            | Request::SuspendDomain { .. }
+            | Request::SetShapingAction { .. }
+            | Request::Suppress { .. }
+            | Request::Unsuppress { .. } => Vec::new(),
         }
     }
 }

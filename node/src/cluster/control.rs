@@ -1,12 +1,15 @@
 //! The control group's rules and state: what `SetNode`, `RemoveNode`,
-//! `SetDrain`, `SuspendDomain` and `SetShardReplicas` change in group 0's
+//! `SetDrain`, `SuspendDomain`, `SetShardReplicas`, `SetShapingAction`,
+//! `Suppress` and `Unsuppress` change in group 0's
 //! tree (applied by the Raft state machine through
 //! [`crate::raft::apply::Apply`]), and [`ControlState`], a typed read of it.
 //!
 //! Keys (in the control group's state machine tree): `n/<node id>` a node's
 //! gRPC address, `r/<node id>` a removed node, `d/<node id>` a drained
 //! node, `p/<shard>` a shard's replica set, `s/<domain>` a suspension
-//! `(until, reason)`. Node ids and shards big-endian.
+//! `(until, reason)`, `a/<shaping key>` an automatic shaping action,
+//! `x/<scope>\0<address>` a suppression (scope empty: global). Node ids
+//! and shards big-endian.
 
 // Rules answer in openraft's StorageError, as the state machine does
 // (raft/mod.rs): boxing it would only add conversions.
@@ -15,6 +18,7 @@
 use crate::raft::apply::{write_error, ApplyCtx};
 use crate::raft::gate::{Membership, PeerDirectory};
 use crate::raft::{GroupId, NodeId, Request, Response, StorageError};
+use tern_model::shaping::{AutoAction, Suppression, SuppressionKey};
 
 pub const NODE_PREFIX: &[u8] = b"n/";
 pub const PLACEMENT_PREFIX: &[u8] = b"p/";
@@ -22,6 +26,18 @@ pub const DRAIN_PREFIX: &[u8] = b"d/";
 pub const SUSPEND_PREFIX: &[u8] = b"s/";
 /// Tombstones of removed node ids (ids are never reused).
 pub const REMOVED_PREFIX: &[u8] = b"r/";
+pub const ACTION_PREFIX: &[u8] = b"a/";
+pub const SUPPRESS_PREFIX: &[u8] = b"x/";
+
+/// The key of a suppression entry: `x/<scope>\0<address>`.
+pub fn suppression_key(scope: &str, address: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(SUPPRESS_PREFIX.len() + scope.len() + 1 + address.len());
+    key.extend_from_slice(SUPPRESS_PREFIX);
+    key.extend_from_slice(scope.as_bytes());
+    key.push(0);
+    key.extend_from_slice(address.as_bytes());
+    key
+}
 
 /// The peer gate's reading of the control group's keys.
 #[derive(Clone, Copy, Debug, Default)]
@@ -91,6 +107,27 @@ pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response
             ctx.insert([PLACEMENT_PREFIX, &shard.to_be_bytes()].concat(), value);
             Response { changed: true }
         }
+        Request::SetShapingAction { key, action } => {
+            let key = [ACTION_PREFIX, key.as_bytes()].concat();
+            match action {
+                Some(action) => ctx.insert(key, bincode::serialize(&action).map_err(|e| write_error(&e))?),
+                None => ctx.remove(key),
+            }
+            Response { changed: true }
+        }
+        Request::Suppress { entries } => {
+            for entry in entries {
+                let key = suppression_key(&entry.scope, &entry.address);
+                ctx.insert(key, bincode::serialize(&entry).map_err(|e| write_error(&e))?);
+            }
+            Response { changed: true }
+        }
+        Request::Unsuppress { entries } => {
+            for entry in entries {
+                ctx.remove(suppression_key(&entry.scope, &entry.address));
+            }
+            Response { changed: true }
+        }
         other => return Ok(Err(other)),
     }))
 }
@@ -122,5 +159,61 @@ impl ControlState {
         let v = self.tree.get(key).ok()??;
         let (until, reason): (i64, String) = bincode::deserialize(&v).ok()?;
         Some(Suspension { until, reason })
+    }
+
+    /// The automatic shaping action recorded for `key`, if any (it may
+    /// have expired: see [`AutoAction::in_force`]).
+    pub fn action(&self, key: &str) -> Option<AutoAction> {
+        let v = self.tree.get([ACTION_PREFIX, key.as_bytes()].concat()).ok()??;
+        bincode::deserialize(&v).ok()
+    }
+
+    /// Every automatic shaping action in force at `now`, by key.
+    pub fn actions(&self, now: i64) -> Vec<(String, AutoAction)> {
+        self.tree
+            .scan_prefix(ACTION_PREFIX)
+            .flatten()
+            .filter_map(|(k, v)| {
+                let key = String::from_utf8_lossy(&k[ACTION_PREFIX.len()..]).into_owned();
+                let action: AutoAction = bincode::deserialize(&v).ok()?;
+                action.in_force(now).then_some((key, action))
+            })
+            .collect()
+    }
+
+    /// The suppression in force at `now` for mail from a sender of
+    /// `sender_domain` to `address` (lowercased): the global list first,
+    /// then the sender domain's own.
+    pub fn suppressed(&self, sender_domain: &str, address: &str, now: i64) -> Option<Suppression> {
+        ["", sender_domain]
+            .iter()
+            .filter_map(|scope| self.suppression(scope, address))
+            .find(|s| s.in_force(now))
+    }
+
+    /// The entry for `address` in `scope` (in force or not).
+    pub fn suppression(&self, scope: &str, address: &str) -> Option<Suppression> {
+        let v = self.tree.get(suppression_key(scope, address)).ok()??;
+        bincode::deserialize(&v).ok()
+    }
+
+    /// Up to `limit` entries in key order (scope, then address) after the
+    /// entry `after` (exclusive; `None` from the start), expired ones included.
+    pub fn suppressions(&self, after: Option<&SuppressionKey>, limit: usize) -> Vec<Suppression> {
+        let start = match after {
+            Some(k) => {
+                let mut key = suppression_key(&k.scope, &k.address);
+                key.push(0);
+                key
+            }
+            None => SUPPRESS_PREFIX.to_vec(),
+        };
+        self.tree
+            .range(start..)
+            .flatten()
+            .take_while(|(k, _)| k.starts_with(SUPPRESS_PREFIX))
+            .filter_map(|(_, v)| bincode::deserialize(&v).ok())
+            .take(limit)
+            .collect()
     }
 }

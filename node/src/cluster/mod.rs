@@ -171,4 +171,70 @@ impl Cluster {
     pub fn placement(&self) -> BTreeMap<GroupId, Vec<NodeId>> {
         records::placement(&self.groups)
     }
+
+    /// A handle that writes to the control group from any part of the node.
+    pub fn control_writer(&self) -> ControlWriter {
+        ControlWriter {
+            node_id: self.node_id,
+            groups: Arc::clone(&self.groups),
+            peers: Arc::clone(&self.peers),
+        }
+    }
+}
+
+/// Writes control-group records (automatic shaping actions, suppressions)
+/// from delivery and the queue: on this node when it leads the control
+/// group, else through the leader as a peer [`tern_model::peer::Operation`].
+#[derive(Clone)]
+pub struct ControlWriter {
+    node_id: NodeId,
+    groups: Arc<Groups>,
+    peers: Arc<Peers>,
+}
+
+impl ControlWriter {
+    /// Writes `op` to the control group; `Ok` once committed (by the
+    /// leader; this node's replica may apply it a moment later).
+    pub async fn write(&self, op: tern_model::peer::Operation) -> Result<(), ClusterError> {
+        let control = self.groups.get(CONTROL_GROUP).ok_or(ClusterError::ControlNotHosted)?;
+        op.fits(CONTROL_GROUP).map_err(ClusterError::Refused)?;
+        if control.leader() == Some(self.node_id) {
+            let request = op
+                .into_request()
+                .ok_or_else(|| ClusterError::Refused("not a control-group record".into()))?;
+            control.raft.client_write(request).await.map_err(ClusterError::raft)?;
+            Ok(())
+        } else {
+            self.peers.operate(&control, &op).await.map(|_| ())
+        }
+    }
+
+    /// This node's share of the cluster's delivery: the shards it leads
+    /// and the shards in all. Mail is spread over shards by message, so a
+    /// node leading `led` of `shards` shards holds about `led / shards` of
+    /// the queued mail for every destination; cluster-wide limits are
+    /// divided in that proportion.
+    pub fn share(&self) -> Share {
+        records::share(&self.groups, self.node_id)
+    }
+}
+
+/// This node's part of the cluster's delivery (see [`ControlWriter::share`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Queue shards this node leads now.
+    pub led: usize,
+    /// Queue shards in the cluster (placed, or hosted here before placement is known).
+    pub shards: usize,
+}
+
+impl Share {
+    /// `led / shards`, 1 when nothing is known (a single node).
+    pub fn fraction(self) -> f64 {
+        if self.shards == 0 {
+            1.0
+        } else {
+            self.led as f64 / self.shards as f64
+        }
+    }
 }

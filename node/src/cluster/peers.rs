@@ -41,6 +41,9 @@ fn op_name(op: &Operation) -> &'static str {
         Operation::Suspend { .. } => "domain suspension",
         Operation::MemberAdd { .. } => "member add",
         Operation::MemberRemove { .. } => "member remove",
+        Operation::ShapingAction { .. } => "shaping action",
+        Operation::Suppress { .. } => "suppression add",
+        Operation::Unsuppress { .. } => "suppression remove",
     }
 }
 

@@ -60,3 +60,13 @@ pub fn placement(groups: &Groups) -> BTreeMap<GroupId, Vec<NodeId>> {
     }
     out
 }
+
+/// The queue shards `node` leads, of all queue shards (placement from the
+/// control group, or the groups hosted here before it is known).
+pub fn share(groups: &Groups, node: NodeId) -> super::Share {
+    let placed = placement(groups);
+    let hosted = groups.shards();
+    let led = hosted.iter().filter(|h| h.leader() == Some(node)).count();
+    let shards = placed.len().max(hosted.len());
+    super::Share { led, shards }
+}

@@ -135,6 +135,8 @@ pub async fn deliver_maildir(
             dsn_relayed: false,
             final_delivery: true,
             message_id: message_id.to_owned(),
+            not_before: None,
+            scope: None,
         })
         .collect()
 }

@@ -62,6 +62,14 @@ pub struct RcptAttempt {
     pub final_delivery: bool,
     /// The message's Message-ID header, for the event log.
     pub message_id: String,
+    /// Not attempted: held back by shaping (a rate, a suspension) until
+    /// this time (unix seconds). The outcome is a deferral whose reply says
+    /// why; the queue leaves the recipient's state and the attempt count as
+    /// they were and tries again then (see `queue::outcome::decide`).
+    pub not_before: Option<i64>,
+    /// The shaping scope the attempt went to (e.g. `mx:.google.com`), for
+    /// backoff rules and analytics; `None` for local delivery and routing failures.
+    pub scope: Option<String>,
 }
 
 /// How to reach the recipients of one destination.
@@ -99,12 +107,29 @@ pub struct Delivery {
     metrics: DeliveryMetrics,
     /// The control group's state (domain suspensions), once it is open.
     control: std::sync::OnceLock<crate::cluster::control::ControlState>,
+    /// Writes to the control group (automatic shaping actions, suppressions).
+    writer: std::sync::OnceLock<crate::cluster::ControlWriter>,
 }
 
 impl Delivery {
     /// Gives delivery the control group's state, for domain suspensions.
     pub fn set_control(&self, control: crate::cluster::control::ControlState) {
         let _ = self.control.set(control);
+    }
+
+    /// Gives delivery its way to write control-group records.
+    pub fn set_writer(&self, writer: crate::cluster::ControlWriter) {
+        let _ = self.writer.set(writer);
+    }
+
+    /// The control group's state, once it is open.
+    pub fn control(&self) -> Option<&crate::cluster::control::ControlState> {
+        self.control.get()
+    }
+
+    /// The control-group writer, once the cluster is up.
+    pub fn writer(&self) -> Option<&crate::cluster::ControlWriter> {
+        self.writer.get()
     }
 
     /// `Some(reply)` when an operator suspended deliveries to `domain`.
@@ -134,6 +159,7 @@ impl Delivery {
             sites: site::Sites::default(),
             metrics,
             control: std::sync::OnceLock::new(),
+            writer: std::sync::OnceLock::new(),
         }))
     }
 
@@ -329,7 +355,7 @@ impl Delivery {
         }
         let mut waits = Vec::new();
         let mut results = Vec::new();
-        for (_, (plan, rcpts)) in by_site {
+        for (key, (plan, rcpts)) in by_site {
             match plan.target {
                 Target::Unroutable { reply } => {
                     results.extend(rcpts.into_iter().map(|index| RcptAttempt {
@@ -341,6 +367,8 @@ impl Delivery {
                         dsn_relayed: false,
                         final_delivery: false,
                         message_id: message_id.clone(),
+                        not_before: None,
+                        scope: None,
                     }));
                 }
                 Target::Maildir(template) => {
@@ -374,19 +402,31 @@ impl Delivery {
                         ));
                         continue;
                     }
-                    waits.push((rcpts, rx));
+                    waits.push((rcpts, rx, key));
                 }
             }
         }
-        for (rcpts, rx) in waits {
+        for (rcpts, rx, site_key) in waits {
             match rx.await {
-                Ok(r) => results.extend(r),
+                Ok(mut r) => {
+                    for a in &mut r {
+                        let domain = Envelope::domain_of(&message.record.envelope.recipients[a.index].address);
+                        a.scope = Some(scope_for(&domain, &site_key));
+                    }
+                    results.extend(r)
+                }
                 Err(_) => results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id)),
             }
         }
         results.sort_by_key(|a| a.index);
         results
     }
+}
+
+/// The shaping scope of mail to `domain` through the site `site_key`:
+/// `domain:<domain>` (shaping rules refine it, e.g. to `mx:.google.com`).
+fn scope_for(domain: &str, _site_key: &str) -> String {
+    format!("domain:{domain}")
 }
 
 /// 2xx delivered, 5xx failed, anything else deferred.
@@ -429,6 +469,8 @@ pub(crate) fn each_rcpt(rcpts: &[usize], outcome: &RcptOutcome, message_id: &str
             dsn_relayed: false,
             final_delivery: false,
             message_id: message_id.to_owned(),
+            not_before: None,
+            scope: None,
         })
         .collect()
 }

@@ -388,6 +388,8 @@ async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt
             dsn_relayed: result.dsn_relayed,
             final_delivery: job.protocol == Protocol::Lmtp,
             message_id: job.message_id.clone(),
+            not_before: None,
+            scope: None,
         })
         .collect())
 }

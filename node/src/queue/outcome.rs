@@ -73,6 +73,34 @@ pub fn decide(
         return Verdict::Fenced;
     }
     let expired = rules.retry.expired(record.received_at, now);
+    // Recipients shaping held back were not attempted: their state and the
+    // attempt count stay, and they come back when shaping allows (past the
+    // message's max age they are judged, and expire, like a deferral).
+    let mut held_until: Option<i64> = None;
+    if !expired {
+        attempts.retain(|a| match a.not_before {
+            Some(t) => {
+                held_until = Some(held_until.map_or(t, |h| h.min(t)));
+                false
+            }
+            None => true,
+        });
+    }
+    if attempts.is_empty() {
+        if let Some(until) = held_until {
+            return Verdict::Decided(Decision {
+                update: OutcomeUpdate {
+                    id: record.id.clone(),
+                    results: Vec::new(),
+                    attempts: record.attempts,
+                    next_attempt: until.max(now),
+                    delay_notified: record.delay_notified,
+                },
+                judged: Vec::new(),
+                reports: Vec::new(),
+            });
+        }
+    }
     let mut results = Vec::with_capacity(attempts.len());
     let mut judged = Vec::with_capacity(attempts.len());
     for a in attempts {
@@ -102,7 +130,10 @@ pub fn decide(
         });
     }
     let attempts_made = record.attempts + 1;
-    let next_attempt = rules.retry.next_attempt(attempts_made, now, jitter);
+    let mut next_attempt = rules.retry.next_attempt(attempts_made, now, jitter);
+    if let Some(until) = held_until {
+        next_attempt = next_attempt.min(until.max(now));
+    }
     let mut delay_notified = record.delay_notified;
     let mut reports = Vec::with_capacity(3);
 
@@ -276,6 +307,8 @@ mod tests {
             dsn_relayed: false,
             final_delivery: false,
             message_id: String::new(),
+            not_before: None,
+            scope: None,
         }
     }
 
@@ -324,6 +357,57 @@ mod tests {
 
     fn statuses(d: &Decision) -> Vec<RcptStatus> {
         d.update.results.iter().map(|r| r.status).collect()
+    }
+
+    fn held(index: usize, until: i64) -> RcptAttempt {
+        let mut a = attempt(
+            index,
+            RcptOutcome::Deferred {
+                reply: "451 4.7.0 held by shaping".into(),
+            },
+        );
+        a.not_before = Some(until);
+        a
+    }
+
+    #[test]
+    fn a_recipient_held_by_shaping_is_not_an_attempt() {
+        let r = retry();
+        let rec = record(1, 30);
+        let d = decided(decide(&rec, vec![held(0, NOW + 42)], NOW, 0.0, rules(&r, Some(1))));
+        assert!(d.update.results.is_empty(), "{:?}", d.update.results);
+        assert_eq!(d.update.attempts, rec.attempts);
+        assert_eq!(d.update.next_attempt, NOW + 42);
+        assert!(d.judged.is_empty() && staged(&d).is_empty());
+    }
+
+    #[test]
+    fn held_and_attempted_recipients_share_one_attempt_and_the_earlier_time() {
+        let r = retry();
+        let rec = record(2, 30);
+        let d = decided(decide(
+            &rec,
+            vec![deferred(0), held(1, NOW + 5)],
+            NOW,
+            0.0,
+            rules(&r, None),
+        ));
+        assert_eq!(statuses(&d), [RcptStatus::Deferred]);
+        assert_eq!(d.update.attempts, rec.attempts + 1);
+        assert_eq!(
+            d.update.next_attempt,
+            NOW + 5,
+            "the held one comes back before the retry"
+        );
+    }
+
+    #[test]
+    fn a_held_recipient_past_the_max_age_expires() {
+        let r = retry();
+        let rec = record(1, 1300);
+        let d = decided(decide(&rec, vec![held(0, NOW + 5)], NOW, 0.0, rules(&r, None)));
+        assert_eq!(statuses(&d), [RcptStatus::Failed]);
+        assert_eq!(d.judged[0].event, "expired");
     }
 
     #[test]
