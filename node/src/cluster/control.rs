@@ -217,3 +217,124 @@ impl ControlState {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
+    use openraft::{Entry, EntryPayload, LogId, RaftLogReader};
+    use std::sync::Arc;
+
+    use super::*;
+    use tern_model::shaping::ActionKind;
+
+    fn entry(index: u64, request: Request) -> Entry<crate::raft::TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(request),
+        }
+    }
+
+    fn suppression(scope: &str, address: &str, expires: i64) -> Suppression {
+        Suppression {
+            scope: scope.into(),
+            address: address.into(),
+            class: "invalid_recipient".into(),
+            reason: "550 5.1.1 no such user".into(),
+            added: 100,
+            expires,
+        }
+    }
+
+    /// Actions and suppressions written through the control group read back
+    /// typed, survive a restart (the state machine's tree), expire by reading
+    /// and are removed again.
+    #[tokio::test]
+    async fn shaping_actions_and_suppressions_round_trip_through_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, mut sm) = crate::raft::testing::open(dir.path(), Arc::new(crate::app::Rules)).await;
+        let action = AutoAction {
+            kind: ActionKind::Throttle {
+                count: 10,
+                per_secs: 60,
+            },
+            since: 100,
+            until: 400,
+            rule: "backoff[0]".into(),
+            reason: "421 4.7.28 slow down".into(),
+            node: 2,
+        };
+        let requests = vec![
+            Request::SetShapingAction {
+                key: "mx:.google.com".into(),
+                action: Some(action.clone()),
+            },
+            Request::Suppress {
+                entries: vec![
+                    suppression("", "gone@example.test", 0),
+                    suppression("sender.test", "tenant@example.test", 0),
+                    suppression("", "lapsed@example.test", 150),
+                ],
+            },
+        ];
+        let entries: Vec<_> = requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| entry(i as u64 + 1, r))
+            .collect();
+        log.blocking_append(entries).await.unwrap();
+        let read = log.try_get_log_entries(1..3).await.unwrap();
+        sm.apply(read).await.unwrap();
+
+        let state = ControlState::new(sm.tree());
+        assert_eq!(state.action("mx:.google.com"), Some(action.clone()));
+        assert_eq!(state.actions(200).len(), 1);
+        assert!(state.actions(400).is_empty(), "expired at its until");
+        assert!(
+            state.suppressed("other.test", "gone@example.test", 200).is_some(),
+            "global"
+        );
+        assert!(state.suppressed("sender.test", "tenant@example.test", 200).is_some());
+        assert!(
+            state.suppressed("other.test", "tenant@example.test", 200).is_none(),
+            "a tenant's list is its own"
+        );
+        assert!(state.suppressed("", "lapsed@example.test", 120).is_some());
+        assert!(state.suppressed("", "lapsed@example.test", 151).is_none(), "expired");
+        let all = state.suppressions(None, 10);
+        assert_eq!(all.len(), 3);
+        let page = state.suppressions(
+            Some(&SuppressionKey {
+                scope: all[0].scope.clone(),
+                address: all[0].address.clone(),
+            }),
+            10,
+        );
+        assert_eq!(page, all[1..].to_vec(), "paging resumes after the given entry");
+
+        let lift = vec![
+            entry(
+                3,
+                Request::SetShapingAction {
+                    key: "mx:.google.com".into(),
+                    action: None,
+                },
+            ),
+            entry(
+                4,
+                Request::Unsuppress {
+                    entries: vec![SuppressionKey {
+                        scope: String::new(),
+                        address: "gone@example.test".into(),
+                    }],
+                },
+            ),
+        ];
+        log.blocking_append(lift).await.unwrap();
+        let read = log.try_get_log_entries(3..5).await.unwrap();
+        sm.apply(read).await.unwrap();
+        assert_eq!(state.action("mx:.google.com"), None);
+        assert!(state.suppression("", "gone@example.test").is_none());
+        assert_eq!(state.suppressions(None, 10).len(), 2);
+    }
+}
