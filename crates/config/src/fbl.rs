@@ -74,7 +74,7 @@ impl FblConfig {
         }
         let address = address.trim().trim_matches(['<', '>']).to_ascii_lowercase();
         let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.'));
-        self.addresses.iter().any(|a| *a == address) || domain.is_some_and(|d| self.domains.iter().any(|x| x == d))
+        self.addresses.contains(&address) || domain.is_some_and(|d| self.domains.iter().any(|x| x == d))
     }
 }
 
@@ -173,6 +173,8 @@ pub(super) fn validate(raw: RawFbl, accepted_domains: &[&String]) -> Result<FblC
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use crate::{Config, ConfigError};
 
     use super::FblScope;
@@ -227,7 +229,10 @@ mod tests {
         assert_eq!(key_of(parse("addresses = [\"fbl@\"]\n")), "fbl.addresses");
         // A domain nobody may send to from outside.
         let r = parse("addresses = [\"fbl@other.test\"]\n");
-        assert!(r.as_ref().unwrap_err().to_string().contains("policy.local_domains"), "{r:?}");
+        assert!(
+            r.as_ref().unwrap_err().to_string().contains("policy.local_domains"),
+            "{r:?}"
+        );
         assert_eq!(key_of(r), "fbl.addresses");
         assert_eq!(key_of(parse("scope = \"tenant\"\n")), "fbl.scope");
         assert_eq!(key_of(parse("expire_after = \"soon\"\n")), "fbl.expire_after");
