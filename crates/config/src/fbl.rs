@@ -17,6 +17,7 @@ pub(super) struct RawFbl {
     scope: Option<String>,
     expire_after: Option<String>,
     suppress_types: Option<Vec<String>>,
+    reporters: Option<Vec<String>>,
 }
 
 /// Where a complaint's suppression entry goes.
@@ -46,6 +47,9 @@ pub struct FblConfig {
     /// Feedback types that suppress the recipient (lowercase); other
     /// reports are only logged.
     pub suppress_types: Vec<String>,
+    /// Domains (lowercase) whose reports are trusted: the report's From
+    /// must be in one of them or a subdomain; empty: every reporter.
+    pub reporters: Vec<String>,
 }
 
 impl Default for FblConfig {
@@ -57,6 +61,7 @@ impl Default for FblConfig {
             scope: FblScope::Global,
             expire_after: None,
             suppress_types: vec!["abuse".into(), "fraud".into()],
+            reporters: Vec::new(),
         }
     }
 }
@@ -65,6 +70,24 @@ impl FblConfig {
     /// Whether any address or domain is configured.
     pub fn enabled(&self) -> bool {
         !self.addresses.is_empty() || !self.domains.is_empty()
+    }
+
+    /// Whether a report whose From address is `from` may be acted on.
+    pub fn trusts(&self, from: &str) -> bool {
+        if self.reporters.is_empty() {
+            return true;
+        }
+        let domain = from
+            .rsplit_once('@')
+            .map_or("", |(_, d)| d)
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        self.reporters.iter().any(|r| {
+            domain == *r
+                || (domain.len() > r.len()
+                    && domain.ends_with(r.as_str())
+                    && domain[..domain.len() - r.len()].ends_with('.'))
+        })
     }
 
     /// Whether mail to `address` (as the client wrote it) is a feedback report.
@@ -168,6 +191,16 @@ pub(super) fn validate(raw: RawFbl, accepted_domains: &[&String]) -> Result<FblC
         }
         config.suppress_types = lowered;
     }
+    for r in raw.reporters.unwrap_or_default() {
+        let domain = r.trim().trim_end_matches('.').to_ascii_lowercase();
+        if !is_domain(&domain) {
+            return Err(ConfigError::Invalid {
+                key: "fbl.reporters",
+                reason: format!("{r:?} is not a domain"),
+            });
+        }
+        config.reporters.push(domain);
+    }
     Ok(config)
 }
 
@@ -201,6 +234,21 @@ mod tests {
         assert_eq!(c.fbl.expire_after, None);
         assert!(!c.fbl.keep);
         assert_eq!(c.fbl.suppress_types, ["abuse", "fraud"]);
+        assert!(c.fbl.reporters.is_empty());
+        assert!(c.fbl.trusts("anyone@anywhere.test"));
+    }
+
+    #[test]
+    fn reporters_are_domains_and_their_subdomains() {
+        let c = parse("reporters = [\"Yahoo.example\", \"aol.example.\"]\n").unwrap();
+        assert_eq!(c.fbl.reporters, ["yahoo.example", "aol.example"]);
+        assert!(c.fbl.trusts("feedback@yahoo.example"));
+        assert!(c.fbl.trusts("feedback@arf.mail.YAHOO.example"));
+        assert!(c.fbl.trusts("scomp@aol.example"));
+        assert!(!c.fbl.trusts("feedback@notyahoo.example"));
+        assert!(!c.fbl.trusts("feedback@yahoo.example.evil.test"));
+        assert!(!c.fbl.trusts(""));
+        assert_eq!(key_of(parse("reporters = [\"not a domain\"]\n")), "fbl.reporters");
     }
 
     #[test]

@@ -106,6 +106,11 @@ impl Fbl {
                 return Ok(());
             }
         };
+        if !self.config.trusts(&report.reporter) {
+            self.metrics.count("untrusted");
+            tracing::warn!(report_id = %id, reporter = %report.reporter, client_ip = %envelope.client_ip, "feedback report from a reporter not in fbl.reporters, dropped");
+            return Ok(());
+        }
         let now = chrono::Utc::now().timestamp();
         let Some(rcpt) = report.recipient().map(str::to_owned) else {
             self.metrics.count("no_recipient");
@@ -248,12 +253,12 @@ impl FblMetrics {
     }
 
     pub fn register(&self, r: &mut Registry) {
-        for result in ["complaint", "malformed", "no_recipient", "failed"] {
+        for result in ["complaint", "malformed", "no_recipient", "untrusted", "failed"] {
             let _ = self.reports.get_or_create(&ResultLabel { result });
         }
         r.register(
             "tern_fbl_reports",
-            "Feedback-loop reports received, by result (complaint, malformed, no_recipient, failed: not recorded, answered 451)",
+            "Feedback-loop reports received, by result (complaint, malformed, no_recipient, untrusted: reporter not in fbl.reporters, failed: not recorded, answered 451)",
             self.reports.clone(),
         );
         r.register_collector(Box::new(SuppressionGauge {

@@ -176,7 +176,9 @@ fn unusable_reports_are_answered_250_and_counted() {
     let node = Node::start(&format!(
         "[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n{}",
         sink.addr,
-        fbl_config("scope = \"sender\"\nexpire_after = \"30d\"\n")
+        fbl_config(
+            "scope = \"sender\"\nexpire_after = \"30d\"\nreporters = [\"mail.example\", \"aol.example\", \"isp.example\"]\n"
+        )
     ));
     // Not ARF at all (a forwarded message with a note): 250, counted, nothing suppressed.
     let reply = send_report(&node, &["fbl@tern.test"], &sample("malformed.eml"));
@@ -216,6 +218,14 @@ fn unusable_reports_are_answered_250_and_counted() {
     let dumps = sink.wait_dumps(1);
     assert!(dumps[0].contains("X-Rcpt-Args: <archive@example.test>"), "{}", dumps[0]);
     assert!(!dumps[0].contains("X-Rcpt-Args: <fbl@tern.test>"), "{}", dumps[0]);
+    assert_eq!(metric(&node, "tern_suppressions{class=\"complaint\"}"), 2.0);
+
+    // A well-formed report from a reporter not in fbl.reporters: 250, counted, not acted on.
+    assert!(send_report(&node, &["fbl@tern.test"], &sample("microsoft-jmrp.eml")).starts_with("250"));
+    wait_for(Duration::from_secs(10), "the untrusted report counted", || {
+        metric(&node, "tern_fbl_reports_total{result=\"untrusted\"}") == 1.0
+    });
+    assert!(complaints(&node).iter().all(|e| e["rcpt"] != "someone@outlook.example"));
     assert_eq!(metric(&node, "tern_suppressions{class=\"complaint\"}"), 2.0);
     assert!(!node.logs().contains("panicked"), "{}", node.logs());
 }
