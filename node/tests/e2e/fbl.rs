@@ -231,6 +231,30 @@ fn unusable_reports_are_answered_250_and_counted() {
 }
 
 #[test]
+fn keep_delivers_the_report_after_recording_it() {
+    let maildirs = tempfile::tempdir().unwrap();
+    let node = Node::start(&format!(
+        "{}\n[local]\nmaildir = \"{}/{{domain}}/{{user}}\"\n",
+        fbl_config("keep = true\n"),
+        maildirs.path().display()
+    ));
+    let reply = send_report(&node, &["fbl@tern.test"], &sample("yahoo.eml"));
+    assert!(reply.starts_with("250"), "{reply}");
+    complaint(&node, "complainer@yahoo.example", "added");
+    // The abuse desk's mailbox gets the report itself.
+    let new = maildirs.path().join("tern.test/fbl/new");
+    let mut files = Vec::new();
+    wait_for(Duration::from_secs(30), "the report in the fbl mailbox", || {
+        files = std::fs::read_dir(&new)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        !files.is_empty()
+    });
+    let kept = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(kept.contains("Feedback-Type: abuse"), "{kept}");
+}
+
+#[test]
 fn a_report_to_one_node_suppresses_on_every_node() {
     let _serial = crate::harness::cluster_lock();
     let extra = format!("{}{}", hold_mail(), fbl_config(""));
@@ -259,4 +283,13 @@ fn a_report_to_one_node_suppresses_on_every_node() {
     // Node 3 already holds the entry: the same report there writes nothing.
     assert!(send_report(&n3, &["fbl@tern.test"], &sample("microsoft-jmrp.eml")).starts_with("250"));
     complaint(&n3, "someone@outlook.example", "existing");
+
+    // Without a majority the suppression cannot be committed: 451, so the provider sends it again.
+    let (mut n1, mut n3) = (n1, n3);
+    n1.kill();
+    n3.kill();
+    let reply = send_report(&n2, &["fbl@tern.test"], &sample("redacted-to.eml"));
+    assert!(reply.starts_with("451"), "{reply}");
+    assert_eq!(metric(&n2, "tern_fbl_reports_total{result=\"failed\"}"), 1.0);
+    assert!(complaints(&n2).iter().all(|e| e["rcpt"] != "reader@mail.example"));
 }
