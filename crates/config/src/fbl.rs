@@ -239,6 +239,18 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let doc = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        let section = &doc[doc.find("## `[fbl]`").unwrap()..];
+        let start = section.find("```\n").unwrap() + 4;
+        let end = start + section[start..].find("```").unwrap();
+        let c = Config::from_toml(&section[start..end]).unwrap();
+        assert_eq!(c.fbl.addresses, ["fbl@example.com"]);
+        assert_eq!(c.fbl.scope, FblScope::Sender);
+    }
+
+    #[test]
     fn reporters_are_domains_and_their_subdomains() {
         let c = parse("reporters = [\"Yahoo.example\", \"aol.example.\"]\n").unwrap();
         assert_eq!(c.fbl.reporters, ["yahoo.example", "aol.example"]);
