@@ -234,6 +234,9 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let groups = Arc::clone(&host.groups);
     if let Some(control) = groups.get(CONTROL_GROUP) {
         delivery.set_control(crate::cluster::control::ControlState::new(control.sm.tree()));
+        metrics
+            .fbl
+            .set_control(crate::cluster::control::ControlState::new(control.sm.tree()));
     }
     let cluster = Arc::new(Cluster::new(
         config.node_id,
@@ -449,15 +452,25 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             ..(*smtp_config).clone()
         })
     };
-    let front = Arc::new(QueueFront::new(
-        config.node_id,
-        Arc::clone(&groups),
-        Arc::clone(&ids),
-        Arc::clone(&delivery),
-        cluster.peers(),
-        Arc::clone(&settings.batchers),
-        Arc::clone(durability.space()),
-    ));
+    let front = Arc::new(
+        QueueFront::new(
+            config.node_id,
+            Arc::clone(&groups),
+            Arc::clone(&ids),
+            Arc::clone(&delivery),
+            cluster.peers(),
+            Arc::clone(&settings.batchers),
+            Arc::clone(durability.space()),
+        )
+        .with_fbl(config.fbl.enabled().then(|| {
+            crate::fbl::Fbl::new(
+                config.fbl.clone(),
+                config.node_id,
+                Arc::clone(&delivery),
+                metrics.fbl.clone(),
+            )
+        })),
+    );
     let mut smtp_tasks = Vec::new();
     for listener in smtp_listeners {
         smtp_tasks.push(tokio::spawn(crate::smtp::serve(

@@ -32,6 +32,7 @@ pub mod config;
 pub mod delivery;
 pub mod disk_guard;
 pub mod dsn;
+pub mod fbl;
 pub use tern_model::envelope;
 pub mod http;
 pub mod lifecycle;

@@ -731,6 +731,8 @@ pub struct Metrics {
     scrape: ScrapeGauges,
     /// `tern_actor_restarts_total{actor}` (see [`Restarts`]).
     pub restarts: Restarts,
+    /// `tern_fbl_reports_total{result}`, `tern_suppressions{class}`.
+    pub fbl: crate::fbl::FblMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -768,6 +770,8 @@ impl Metrics {
         storage.register(&mut registry);
         webhook.register(&mut registry);
         admin.register(&mut registry);
+        let fbl = crate::fbl::FblMetrics::default();
+        fbl.register(&mut registry);
         let peer_refused = PeerRefusals::default();
         let r = &mut registry;
         r.register(
@@ -838,6 +842,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            fbl,
             restarts,
             peer_refused,
             disk,

@@ -12,6 +12,7 @@
 //! - [`owned`]: the sender addresses an SMTP AUTH user may use (`[auth] senders`).
 //! - [`secret`]: argon2 password hashes (users file, `[[admin_token]]`).
 //! - [`keygen`]: new DKIM key pairs (`ternctl dkim generate`).
+//! - [`fbl`]: `[fbl]`, the addresses that receive feedback-loop reports.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,11 +22,13 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod dkim;
+pub mod fbl;
 pub mod keygen;
 pub mod owned;
 pub mod secret;
 pub mod tls_policy;
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
+pub use fbl::{FblConfig, FblScope};
 pub use owned::{NotOwnable, Owned};
 pub use secret::hash_password;
 pub use tls_policy::{TlsLevel, TlsPolicies, TlsPolicyEntry};
@@ -79,6 +82,8 @@ struct RawConfig {
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
     #[serde(default)]
     admin_token: Vec<RawAdminToken>,
+    #[serde(default)]
+    fbl: fbl::RawFbl,
 }
 
 #[derive(Debug, Deserialize)]
@@ -609,6 +614,8 @@ pub struct Config {
     pub inbound: InboundConfig,
     /// `[[admin_token]]`: operator bearer tokens.
     pub admin_tokens: Vec<AdminToken>,
+    /// `[fbl]`: feedback-loop report addresses and what a complaint does.
+    pub fbl: FblConfig,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -934,7 +941,11 @@ impl Config {
             },
             timeout: secs(raw.inbound.timeout_secs, 20, "inbound.timeout_secs")?,
         };
+        let local_domains = lower(raw.policy.local_domains);
+        let relay_domains = lower(raw.policy.relay_domains);
+        let fbl = fbl::validate(raw.fbl, &local_domains.iter().chain(&relay_domains).collect::<Vec<_>>())?;
         Ok(Config {
+            fbl,
             webhooks,
             dkim: dkim::validate(raw.dkim)?,
             inbound,
@@ -1012,8 +1023,8 @@ impl Config {
             shards,
             replicas,
             relay_networks,
-            local_domains: lower(raw.policy.local_domains),
-            relay_domains: lower(raw.policy.relay_domains),
+            local_domains,
+            relay_domains,
             max_message_size,
             max_recipients,
             max_connections: within(

@@ -76,6 +76,8 @@ pub struct QueueFront {
     peers: Arc<crate::cluster::Peers>,
     /// Free space of the data directory: no new mail while the disk is full.
     space: Arc<crate::storage::space::DiskSpace>,
+    /// `[fbl]`: feedback reports are taken here, before queueing.
+    fbl: Option<crate::fbl::Fbl>,
 }
 
 impl QueueFront {
@@ -97,16 +99,35 @@ impl QueueFront {
             next_shard: AtomicUsize::new(0),
             batchers,
             space,
+            fbl: None,
         }
+    }
+
+    /// Takes feedback reports sent to the `[fbl]` addresses (see [`crate::fbl`]).
+    pub fn with_fbl(mut self, fbl: Option<crate::fbl::Fbl>) -> QueueFront {
+        self.fbl = fbl;
+        self
     }
 
     /// Writes a message to a shard this node leads (no forwarding hop), or
     /// else forwards it to a shard leader elsewhere; Ok once applied, which
     /// in a cluster means committed on a majority of the shard's replicas.
-    pub async fn submit(&self, id: String, envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
+    pub async fn submit(&self, id: String, mut envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
         if let Some(reply) = self.refusal() {
             // The disk filled during the transaction.
             return Err(EnqueueError::Rejected(reply));
+        }
+        if let Some(fbl) = &self.fbl {
+            if envelope.recipients.iter().any(|r| fbl.is_report_address(&r.address)) {
+                fbl.receive(&id, &envelope, &body).await?;
+                if !fbl.keep() {
+                    // Consumed: only the message's other recipients are queued.
+                    envelope.recipients.retain(|r| !fbl.is_report_address(&r.address));
+                    if envelope.recipients.is_empty() {
+                        return Ok(());
+                    }
+                }
+            }
         }
         let shards = self.groups.shards();
         let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
@@ -213,7 +234,15 @@ impl Enqueuer for QueueFront {
 
     fn verify_recipient(&self, address: String) -> impl std::future::Future<Output = Result<(), Reply>> + Send {
         let delivery = Arc::clone(&self.delivery);
+        // Report addresses need no mailbox: the node takes their mail itself.
+        let report_address = self
+            .fbl
+            .as_ref()
+            .is_some_and(|f| f.is_report_address(&address) && !f.keep());
         async move {
+            if report_address {
+                return Ok(());
+            }
             match delivery.verify_local(&address).await {
                 Ok(()) => Ok(()),
                 // The MDA's own words, under our codes: 550 5.1.1 unknown, 450 4.1.1 unsure.

@@ -10,6 +10,7 @@ mod delivery;
 mod disk_full;
 mod dkim;
 mod durability;
+mod fbl;
 mod harness;
 mod inbound;
 mod limits;
