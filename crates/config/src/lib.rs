@@ -20,11 +20,13 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod bounce;
 pub mod dkim;
 pub mod keygen;
 pub mod owned;
 pub mod secret;
 pub mod tls_policy;
+pub use bounce::{ClassRule, SuppressionConfig, SuppressionScope};
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
 pub use owned::{NotOwnable, Owned};
 pub use secret::hash_password;
@@ -79,6 +81,10 @@ struct RawConfig {
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
     #[serde(default)]
     admin_token: Vec<RawAdminToken>,
+    #[serde(default)]
+    bounce_class: Vec<bounce::RawBounceClass>,
+    #[serde(default)]
+    suppression: bounce::RawSuppression,
 }
 
 #[derive(Debug, Deserialize)]
@@ -609,6 +615,11 @@ pub struct Config {
     pub inbound: InboundConfig,
     /// `[[admin_token]]`: operator bearer tokens.
     pub admin_tokens: Vec<AdminToken>,
+    /// `[[bounce_class]]`: the operator's classification rules (checked
+    /// before the shipped table).
+    pub bounce_classes: Vec<ClassRule>,
+    /// `[suppression]`: automatic additions to the suppression list.
+    pub suppression: SuppressionConfig,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -978,6 +989,8 @@ impl Config {
                 }
                 s => Duration::from_secs(s),
             },
+            bounce_classes: bounce::class_rules(raw.bounce_class)?,
+            suppression: bounce::suppression(raw.suppression)?,
             tls_policies: tls_policy::validate(raw.tls_policy, lower(raw.delivery.require_tls_domains))?,
             tls_ca_file: raw.delivery.tls_ca_file,
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),

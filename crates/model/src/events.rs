@@ -8,5 +8,6 @@ pub const EVENT_TYPES: &[&str] = &[
     "failed",
     "expired",
     "bounced",
+    "suppressed",
     "admin",
 ];
