@@ -23,4 +23,5 @@ mod peers;
 mod smtp;
 mod spf_suite;
 mod submission;
+mod suppression;
 mod webhook;
