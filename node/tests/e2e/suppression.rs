@@ -182,6 +182,14 @@ fn ternctl_manages_the_list_and_expired_entries_are_not_enforced() {
     assert_eq!(rcpts(&sink, "tenant@example.test"), 1, "{}", sink.peer.log());
     assert!(has_event(&node, "suppressed", "stop@example.test"));
     assert!(!sink.messages().iter().any(|m| m.contains("<list-2@tern.test>")));
+    // Counted by class: two suppressed recipients (one per message).
+    let (_, metrics) = crate::metrics::get_metrics(node.http, None);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("tern_delivery_failures_total{")
+            && l.contains("class=\"suppressed\"")
+            && l.ends_with(" 2")),
+        "{metrics}"
+    );
 
     // Export, remove, import the export: the same list.
     let export = dir.path().join("out.csv");
@@ -208,4 +216,9 @@ fn ternctl_manages_the_list_and_expired_entries_are_not_enforced() {
     assert!(err.contains("line 2: address"), "{err}");
     let out = node.ternctl(&["suppression", "add", "no-at-sign"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not a recipient address"));
+    // Changes are audited.
+    assert!(node
+        .logs()
+        .lines()
+        .any(|l| l.contains("event=\"admin\"") && l.contains("suppression remove")));
 }
