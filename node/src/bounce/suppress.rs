@@ -10,7 +10,9 @@
 //!   into few Raft writes (not one per bounce). Its queue is bounded: when
 //!   it is full an entry is dropped and counted
 //!   (`tern_suppressions_total{result="dropped"}`); the next bounce of the
-//!   same recipient offers it again.
+//!   same recipient offers it again. The same task, on the node that
+//!   leads the control group, removes expired entries every hour (readers
+//!   ignore them meanwhile).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,6 +22,7 @@ use tern_model::shaping::{Suppression, SuppressionKey, MAX_SUPPRESSIONS_PER_WRIT
 use tokio::sync::mpsc;
 
 use super::Class;
+use crate::cluster::control::ControlState;
 use crate::cluster::{ClusterError, ControlWriter};
 use crate::config::{SuppressionConfig, SuppressionScope};
 use crate::metrics::DeliveryMetrics;
@@ -28,6 +31,8 @@ use crate::metrics::DeliveryMetrics;
 const QUEUE: usize = 10_000;
 /// How long the task waits for more entries before writing a batch.
 const LINGER: Duration = Duration::from_millis(200);
+/// How often the control leader removes expired entries.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Normalises an entry as the list keys it: address and scope lowercase,
 /// surrounding angle brackets and spaces removed.
@@ -113,9 +118,15 @@ pub struct AutoSuppress {
 impl AutoSuppress {
     /// Starts the writing task (on the current runtime); it ends when the
     /// last handle is dropped.
-    pub fn start(config: SuppressionConfig, writer: ControlWriter, metrics: DeliveryMetrics) -> AutoSuppress {
+    /// `control` (this node's replica) is read to purge expired entries.
+    pub fn start(
+        config: SuppressionConfig,
+        writer: ControlWriter,
+        control: Option<ControlState>,
+        metrics: DeliveryMetrics,
+    ) -> AutoSuppress {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(rx, writer, metrics.clone()));
+        tokio::spawn(run(rx, writer, control, metrics.clone()));
         AutoSuppress { config, tx, metrics }
     }
 
@@ -163,9 +174,27 @@ impl AutoSuppress {
 }
 
 /// Collects entries for up to [`LINGER`] after the first, keeps the last
-/// of each recipient, and writes them in one operation.
-async fn run(mut rx: mpsc::Receiver<Suppression>, writer: ControlWriter, metrics: DeliveryMetrics) {
-    while let Some(first) = rx.recv().await {
+/// of each recipient, and writes them in one operation; every
+/// [`PURGE_EVERY`], on the control leader, removes expired entries.
+async fn run(
+    mut rx: mpsc::Receiver<Suppression>,
+    writer: ControlWriter,
+    control: Option<ControlState>,
+    metrics: DeliveryMetrics,
+) {
+    let mut purge = tokio::time::interval_at(tokio::time::Instant::now() + PURGE_EVERY, PURGE_EVERY);
+    purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            first = rx.recv() => first,
+            _ = purge.tick() => {
+                if let Some(control) = control.as_ref().filter(|_| writer.leads_control()) {
+                    purge_expired(&writer, control).await;
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
         let mut batch: BTreeMap<(String, String), Suppression> = BTreeMap::new();
         batch.insert((first.scope.clone(), first.address.clone()), first);
         let deadline = tokio::time::Instant::now() + LINGER;
@@ -186,6 +215,41 @@ async fn run(mut rx: mpsc::Receiver<Suppression>, writer: ControlWriter, metrics
                 tracing::warn!(error = %e, entries = n, "automatic suppressions not written");
             }
         }
+    }
+}
+
+/// The keys of entries expired at `now`, reading the list a page at a time.
+pub fn expired(control: &ControlState, now: i64) -> Vec<SuppressionKey> {
+    let mut out = Vec::new();
+    let mut after: Option<SuppressionKey> = None;
+    loop {
+        let page = control.suppressions(after.as_ref(), MAX_SUPPRESSIONS_PER_WRITE);
+        let Some(last) = page.last() else { break };
+        after = Some(SuppressionKey {
+            scope: last.scope.clone(),
+            address: last.address.clone(),
+        });
+        let full = page.len() == MAX_SUPPRESSIONS_PER_WRITE;
+        out.extend(page.into_iter().filter(|e| !e.in_force(now)).map(|e| SuppressionKey {
+            scope: e.scope,
+            address: e.address,
+        }));
+        if !full {
+            break;
+        }
+    }
+    out
+}
+
+async fn purge_expired(writer: &ControlWriter, control: &ControlState) {
+    let keys = expired(control, chrono::Utc::now().timestamp());
+    if keys.is_empty() {
+        return;
+    }
+    let n = keys.len();
+    match unsuppress(writer, keys).await {
+        Ok(_) => tracing::info!(entries = n, "expired suppressions removed"),
+        Err(e) => tracing::warn!(error = %e, entries = n, "expired suppressions not removed"),
     }
 }
 
@@ -219,6 +283,38 @@ mod tests {
         assert_eq!((e.scope.as_str(), e.expires), ("shop.test", now + 60));
         config.enabled = false;
         assert!(AutoSuppress::entry_for(&config, "a@b", "c@d", Class::Inactive, "550", now).is_none());
+    }
+
+    #[test]
+    fn expired_entries_are_found_across_pages() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("control").unwrap();
+        let now = 1_800_000_000;
+        let n = MAX_SUPPRESSIONS_PER_WRITE + 3;
+        for i in 0..n {
+            let e = Suppression {
+                scope: if i % 2 == 0 { String::new() } else { "shop.test".into() },
+                address: format!("u{i:05}@x.test"),
+                class: "manual".into(),
+                reason: String::new(),
+                added: 1,
+                // Every third one has lapsed; the rest never lapse or later.
+                expires: match i % 3 {
+                    0 => now - 1,
+                    1 => 0,
+                    _ => now + 60,
+                },
+            };
+            tree.insert(
+                crate::cluster::control::suppression_key(&e.scope, &e.address),
+                bincode::serialize(&e).unwrap(),
+            )
+            .unwrap();
+        }
+        let control = ControlState::new(tree);
+        let keys = expired(&control, now);
+        assert_eq!(keys.len(), n.div_ceil(3));
+        assert!(keys.iter().all(|k| k.address[1..6].parse::<usize>().unwrap() % 3 == 0));
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Delivery {
             let _ = self.auto_suppress.set(crate::bounce::suppress::AutoSuppress::start(
                 self.config.suppression.clone(),
                 writer.clone(),
+                self.control.get().cloned(),
                 self.metrics.clone(),
             ));
         }
@@ -387,22 +388,22 @@ impl Delivery {
         let now = chrono::Utc::now().timestamp();
         // Suppressed recipients are not attempted: they fail here, without a connection.
         let mut results = Vec::new();
-        let reverse_path = &message.record.envelope.reverse_path;
-        let pending: Vec<usize> = pending
-            .into_iter()
-            .filter(|&i| {
-                let address = &message.record.envelope.recipients[i].address;
-                let Some(reply) = self.suppressed(reverse_path, address, now) else {
-                    return true;
-                };
-                let mut a = each_rcpt(&[i], &RcptOutcome::Failed { reply }, &message_id);
-                for a in &mut a {
-                    a.suppressed = true;
-                }
-                results.extend(a);
-                false
-            })
-            .collect();
+        let mut attempted = Vec::with_capacity(pending.len());
+        for i in pending {
+            let address = &message.record.envelope.recipients[i].address;
+            match self.suppressed(&message.record.envelope.reverse_path, address, now) {
+                Some(reply) => results.extend(
+                    each_rcpt(&[i], &RcptOutcome::Failed { reply }, &message_id)
+                        .into_iter()
+                        .map(|mut a| {
+                            a.suppressed = true;
+                            a
+                        }),
+                ),
+                None => attempted.push(i),
+            }
+        }
+        let pending = attempted;
         // Recipients by destination site (domains sharing MXes share a site).
         let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for &i in &pending {
