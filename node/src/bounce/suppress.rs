@@ -145,7 +145,11 @@ impl AutoSuppress {
         }
         let scope = match config.scope {
             SuppressionScope::Global => String::new(),
-            SuppressionScope::Sender => crate::envelope::Envelope::domain_of(reverse_path),
+            // A null reverse-path (a bounce) has no tenant: no entry.
+            SuppressionScope::Sender => match crate::envelope::Envelope::domain_of(reverse_path) {
+                d if d.is_empty() => return None,
+                d => d,
+            },
         };
         let reason: String = reply.chars().filter(|c| !c.is_control()).take(300).collect();
         Some(normalise(Suppression {
@@ -281,6 +285,7 @@ mod tests {
         config.expire_after = Some(Duration::from_secs(60));
         let e = AutoSuppress::entry_for(&config, "news@Shop.test", "c@d", Class::Inactive, "550", now).unwrap();
         assert_eq!((e.scope.as_str(), e.expires), ("shop.test", now + 60));
+        assert!(AutoSuppress::entry_for(&config, "", "c@d", Class::Inactive, "550", now).is_none());
         config.enabled = false;
         assert!(AutoSuppress::entry_for(&config, "a@b", "c@d", Class::Inactive, "550", now).is_none());
     }
