@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod bounce;
 pub mod cluster;
 pub mod config;
 pub mod delivery;

@@ -93,6 +93,14 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// A failure's bounce class (a fixed set: tern-model's `bounce::Class`)
+/// and the recipient outcome (`deferred`, `failed`, `expired`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    class: &'static str,
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabel {
     pub group: u64,
@@ -455,6 +463,8 @@ pub struct QueueMetrics {
     /// Domains that have their own label (at most [`MAX_DESTINATIONS`]).
     destinations: Arc<Mutex<HashSet<String>>>,
     dsns: Family<KindLabel, Counter>,
+    /// Failed, deferred and expired recipients by bounce class.
+    failures: Family<FailureLabels, Counter>,
     /// Planned hand-overs of a shard this node led, and those that went on
     /// with deliveries still in flight (docs/operations.md).
     pub handovers: Counter,
@@ -469,6 +479,16 @@ impl QueueMetrics {
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.as_str(),
                 destination,
+            })
+            .inc();
+    }
+
+    /// A recipient failed, was deferred or expired with a reply of `class`.
+    pub fn failure(&self, class: tern_model::bounce::Class, outcome: Outcome) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                class: class.as_str(),
+                outcome: outcome.as_str(),
             })
             .inc();
     }
@@ -508,6 +528,11 @@ impl QueueMetrics {
             self.recipients.clone(),
         );
         r.register(
+            "tern_delivery_failures",
+            "Recipients deferred, failed or expired, by bounce class (docs/deliverability.md)",
+            self.failures.clone(),
+        );
+        r.register(
             "tern_dsn_generated",
             "Delivery status notifications queued, by kind",
             self.dsns.clone(),
@@ -537,6 +562,9 @@ pub struct DeliveryMetrics {
     tls_no: Counter,
     /// Site actors started again after they died (shared with [`Metrics::restarts`]).
     restarts: Restarts,
+    /// Automatic suppression entries: `added`, `dropped` (queue full),
+    /// `write_failed`.
+    suppressions: Family<ResultLabel, Counter>,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -561,6 +589,7 @@ impl Default for DeliveryMetrics {
             tls_yes,
             tls_no,
             restarts: Restarts::default(),
+            suppressions: Family::default(),
         }
     }
 }
@@ -569,6 +598,12 @@ impl DeliveryMetrics {
     /// A site actor died and was started again.
     pub fn actor_restarted(&self, actor: &'static str) {
         self.restarts.inc(actor);
+    }
+
+    /// `n` automatic suppression entries had `result` (`added`,
+    /// `dropped`, `write_failed`).
+    pub fn suppression(&self, result: &'static str, n: u64) {
+        self.suppressions.get_or_create(&ResultLabel { result }).inc_by(n);
     }
 
     /// One site transaction (connecting first if needed) took `seconds`;
@@ -600,6 +635,11 @@ impl DeliveryMetrics {
             "tern_delivery_connections",
             "Outbound SMTP/LMTP connections made, by whether TLS is in use",
             self.connections.clone(),
+        );
+        r.register(
+            "tern_suppressions",
+            "Automatic suppression-list entries after hard bounces: added, dropped (queue full), write_failed",
+            self.suppressions.clone(),
         );
     }
 }

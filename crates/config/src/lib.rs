@@ -21,12 +21,14 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod bounce;
 pub mod dkim;
 pub mod fbl;
 pub mod keygen;
 pub mod owned;
 pub mod secret;
 pub mod tls_policy;
+pub use bounce::{ClassRule, SuppressionConfig, SuppressionScope};
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
 pub use fbl::{FblConfig, FblScope};
 pub use owned::{NotOwnable, Owned};
@@ -84,6 +86,10 @@ struct RawConfig {
     admin_token: Vec<RawAdminToken>,
     #[serde(default)]
     fbl: fbl::RawFbl,
+    #[serde(default)]
+    bounce_class: Vec<bounce::RawBounceClass>,
+    #[serde(default)]
+    suppression: bounce::RawSuppression,
 }
 
 #[derive(Debug, Deserialize)]
@@ -616,6 +622,11 @@ pub struct Config {
     pub admin_tokens: Vec<AdminToken>,
     /// `[fbl]`: feedback-loop report addresses and what a complaint does.
     pub fbl: FblConfig,
+    /// `[[bounce_class]]`: the operator's classification rules (checked
+    /// before the shipped table).
+    pub bounce_classes: Vec<ClassRule>,
+    /// `[suppression]`: automatic additions to the suppression list.
+    pub suppression: SuppressionConfig,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -989,6 +1000,8 @@ impl Config {
                 }
                 s => Duration::from_secs(s),
             },
+            bounce_classes: bounce::class_rules(raw.bounce_class)?,
+            suppression: bounce::suppression(raw.suppression)?,
             tls_policies: tls_policy::validate(raw.tls_policy, lower(raw.delivery.require_tls_domains))?,
             tls_ca_file: raw.delivery.tls_ca_file,
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),

@@ -8,6 +8,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "failed",
     "expired",
     "bounced",
+    "suppressed",
     "admin",
     "complaint",
 ];

@@ -11,8 +11,10 @@
 //! - [`events`]: the names of event log lines.
 //! - [`peer`]: operations one node asks another to write, and peer payload framing.
 //! - [`shaping`]: automatic shaping actions and the suppression list (control group).
+//! - [`bounce`]: bounce classes.
 //! - [`defaults`]: storage sizes the configuration and the storage code share.
 
+pub mod bounce;
 pub mod defaults;
 pub mod envelope;
 pub mod events;

@@ -61,6 +61,9 @@ pub enum Command {
     /// Destination domains: suspend and resume deliveries.
     #[command(subcommand)]
     Domain(DomainCommand),
+    /// The cluster's suppression list: recipients no mail is attempted to.
+    #[command(subcommand)]
+    Suppression(SuppressionCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -204,6 +207,52 @@ pub struct Selection {
 /// `30s`, `5m`, `2h`, `5d` (or bare seconds) as seconds.
 pub fn parse_age(s: &str) -> Result<u64, tern_config::DurationError> {
     tern_config::parse_duration(s).map(|d| d.as_secs())
+}
+
+#[derive(Subcommand)]
+pub enum SuppressionCommand {
+    /// Add (or replace) a recipient on the global list or a sender domain's.
+    Add {
+        address: String,
+        /// The sender domain whose list it goes on; the global list if absent.
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, default_value = "manual")]
+        class: String,
+        /// Lapses after this long (30d, 12h); never if absent.
+        #[arg(long, value_parser = parse_age)]
+        expires: Option<u64>,
+    },
+    /// Remove a recipient from the global list or a sender domain's.
+    Remove {
+        address: String,
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// Entries in force (every list, or one with --scope; "" is the global one).
+    List {
+        #[arg(long)]
+        scope: Option<String>,
+        /// Entries shown at most (up to 5000; export has no limit).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Include entries that have expired.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Add the entries of a CSV file (address,scope,class,reason,added,expires).
+    Import { file: std::path::PathBuf },
+    /// Write the list as CSV to FILE (or standard output).
+    Export {
+        file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        scope: Option<String>,
+        /// Include entries that have expired.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -117,6 +117,7 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                 .into_inner();
             print_stats(&r, by, since, json)?;
         }
+        Command::Suppression(cmd) => crate::suppression::run(&mut client, cmd, json).await?,
         Command::Domain(cmd) => {
             let reply = match cmd {
                 DomainCommand::Suspend {
@@ -361,7 +362,7 @@ fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<()
     let mut all = Window::default();
     let mut rows: std::collections::BTreeMap<String, Counts> = std::collections::BTreeMap::new();
     for n in &r.nodes {
-        let w: Window = bincode::deserialize(&n.window)
+        let w = Window::decode(&n.window)
             .map_err(|e| tonic::Status::internal(format!("node {}: bad stats: {e}", n.node)))?;
         match by {
             StatsBy::Node => {
@@ -401,6 +402,9 @@ fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<()
             "time_in_queue_secs": {"p50": p50, "p90": p90, "p99": p99},
             "rows": rows.iter().map(|(k, c)| json!({
                 "key": k, "delivered": c.delivered, "deferred": c.deferred, "bounced": c.bounced,
+            })).collect::<Vec<_>>(),
+            "by_class": all.by_class.iter().map(|(k, c)| json!({
+                "class": k, "deferred": c.deferred, "bounced": c.bounced,
             })).collect::<Vec<_>>(),
             "top_reasons": reasons.iter().map(|((kind, code), r)| json!({
                 "kind": kind, "code": code, "count": r.count, "last_reply": r.last_reply,
@@ -442,6 +446,15 @@ fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<()
         })
         .collect();
     print_table(&[key, "DELIVERED", "DEFERRED", "BOUNCED"], &table);
+    if !all.by_class.is_empty() {
+        println!();
+        let table: Vec<Vec<String>> = all
+            .by_class
+            .iter()
+            .map(|(k, c)| vec![k.clone(), c.deferred.to_string(), c.bounced.to_string()])
+            .collect();
+        print_table(&["CLASS", "DEFERRED", "BOUNCED"], &table);
+    }
     if !reasons.is_empty() {
         println!();
         let table: Vec<Vec<String>> = reasons

@@ -14,6 +14,7 @@
 //! - [`connect`]: the channel to a node: TLS, the operator token.
 //! - [`commands`]: the commands that ask a node, and their output.
 //! - [`output`]: tables for people, JSON for scripts.
+//! - [`suppression`]: the suppression-list commands and their CSV form.
 //! - [`cert`], [`token`], [`dkim`]: offline commands (no node is contacted).
 //!
 //! Depends on the proto, model, pki and config crates only: never on the
@@ -25,6 +26,7 @@ mod commands;
 mod connect;
 mod dkim;
 mod output;
+mod suppression;
 mod token;
 
 use std::process::ExitCode;

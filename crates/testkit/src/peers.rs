@@ -522,6 +522,82 @@ impl ExactSink {
     }
 }
 
+/// `aiosmtpd` refusing some recipients as Postfix does for an unknown
+/// user (`550 5.1.1 <a@b>: Recipient address rejected: User unknown in
+/// virtual mailbox table`), accepting the others, and recording every
+/// RCPT it was sent. Check [`Aiosmtpd::available`] first.
+pub struct RefusingSink {
+    pub peer: Peer,
+}
+
+const REFUSING_SINK_HANDLER: &str = r#"import os
+
+class Handler:
+    def __init__(self, directory, refused):
+        self.directory = directory
+        self.refused = {a.lower() for a in refused.split(",") if a}
+        self.count = 0
+
+    @classmethod
+    def from_cli(cls, parser, *args):
+        return cls(args[0], args[1])
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with open(os.path.join(self.directory, "rcpts.log"), "a") as f:
+            f.write(address + "\n")
+        if address.lower() in self.refused:
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown in virtual mailbox table" % address
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.count += 1
+        tmp = os.path.join(self.directory, "msg-%04d.tmp" % self.count)
+        with open(tmp, "wb") as f:
+            f.write(envelope.original_content)
+        os.rename(tmp, os.path.join(self.directory, "msg-%04d.eml" % self.count))
+        return "250 2.0.0 kept"
+"#;
+
+impl RefusingSink {
+    pub fn start(refused: &[&str]) -> RefusingSink {
+        let dir = open_dir();
+        fs::write(dir.path().join("refusingsink.py"), REFUSING_SINK_HANDLER).unwrap();
+        fs::create_dir(dir.path().join("messages")).unwrap();
+        let refused = refused.join(",");
+        let peer = Peer::spawn(dir, false, |port, dir| {
+            let mut c = Command::new("python3");
+            c.env("PYTHONPATH", dir)
+                .args(["-m", "aiosmtpd", "-n", "-l"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-c", "refusingsink.Handler"])
+                .arg(dir.join("messages"))
+                .arg(&refused);
+            c
+        });
+        RefusingSink { peer }
+    }
+
+    /// Every RCPT address it was sent, in order.
+    pub fn rcpts(&self) -> Vec<String> {
+        fs::read_to_string(self.peer.dir.path().join("messages/rcpts.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The messages it accepted so far.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let dir = self.peer.dir.path().join("messages");
+        files_in(&dir)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .filter_map(|p| fs::read(p).ok())
+            .collect()
+    }
+}
+
 /// A private Dovecot LMTP instance on 127.0.0.1 and on the Unix socket
 /// `socket()`. `users` (full addresses) exist; others get `550 5.1.1`.
 /// Needs root (it delivers as the `mail` user).

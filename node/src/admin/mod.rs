@@ -15,6 +15,7 @@ use tern_proto::admin::*;
 
 pub mod audit;
 pub mod authz;
+pub mod suppression;
 pub use crate::cluster;
 use crate::pki::Role;
 use tonic::{Request, Response, Status};
@@ -311,6 +312,18 @@ impl Admin {
         Ok(Response::new(DomainReply {
             suspended: self.suspensions(now),
         }))
+    }
+
+    /// The suppression list's replica here and its writer.
+    fn suppression_access(&self) -> Result<(crate::cluster::control::ControlState, cluster::ControlWriter), Status> {
+        let control = self
+            .cluster
+            .control()
+            .ok_or_else(|| Status::unavailable("no control group here"))?;
+        Ok((
+            crate::cluster::control::ControlState::new(control.sm.tree()),
+            self.cluster.control_writer(),
+        ))
     }
 
     /// The control group when its leader is another node (membership
@@ -917,6 +930,82 @@ impl AdminService for Admin {
         Ok(Response::new(DomainReply {
             suspended: self.suspensions(now),
         }))
+    }
+
+    async fn suppression_add(
+        &self,
+        request: Request<SuppressionAddRequest>,
+    ) -> Result<Response<SuppressionChangeReply>, Status> {
+        let r = request.get_ref();
+        let selection = match r.entries.as_slice() {
+            [one] => format!("address={} scope={:?} class={}", one.address, one.scope, one.class),
+            many => format!("{} entries", many.len()),
+        };
+        let audit = self
+            .authz
+            .check_change(&request, Role::Operator, "suppression add", selection)
+            .await?;
+        let result = async {
+            let now = chrono::Utc::now().timestamp();
+            let entries = suppression::validate_entries(request.into_inner().entries, now)?;
+            let (control, writer) = self.suppression_access()?;
+            let last = entries.last().cloned();
+            let n = crate::bounce::suppress::suppress(&writer, entries)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if let Some(last) = last {
+                suppression::wait_applied(|| control.suppression(&last.scope, &last.address).as_ref() == Some(&last))
+                    .await;
+            }
+            Ok(Response::new(SuppressionChangeReply { affected: n as u64 }))
+        }
+        .await;
+        audit.finish(result, |r| r.get_ref().affected)
+    }
+
+    async fn suppression_remove(
+        &self,
+        request: Request<SuppressionRemoveRequest>,
+    ) -> Result<Response<SuppressionChangeReply>, Status> {
+        let r = request.get_ref();
+        let selection = match r.keys.as_slice() {
+            [one] => format!("address={} scope={:?}", one.address, one.scope),
+            many => format!("{} entries", many.len()),
+        };
+        let audit = self
+            .authz
+            .check_change(&request, Role::Operator, "suppression remove", selection)
+            .await?;
+        let result = async {
+            let keys = suppression::validate_keys(request.into_inner().keys)?;
+            let (control, writer) = self.suppression_access()?;
+            let present = keys
+                .iter()
+                .filter(|k| control.suppression(&k.scope, &k.address).is_some())
+                .count();
+            let last = keys.last().cloned();
+            crate::bounce::suppress::unsuppress(&writer, keys)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if let Some(last) = last {
+                suppression::wait_applied(|| control.suppression(&last.scope, &last.address).is_none()).await;
+            }
+            Ok(Response::new(SuppressionChangeReply {
+                affected: present as u64,
+            }))
+        }
+        .await;
+        audit.finish(result, |r| r.get_ref().affected)
+    }
+
+    async fn suppression_list(
+        &self,
+        request: Request<SuppressionListRequest>,
+    ) -> Result<Response<SuppressionListReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
+        let (control, _) = self.suppression_access()?;
+        let now = chrono::Utc::now().timestamp();
+        Ok(Response::new(suppression::list(&control, request.get_ref(), now)))
     }
 
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {

@@ -209,6 +209,13 @@ impl ControlWriter {
         }
     }
 
+    /// Whether this node leads the control group now.
+    pub fn leads_control(&self) -> bool {
+        self.groups
+            .get(CONTROL_GROUP)
+            .is_some_and(|c| c.leader() == Some(self.node_id))
+    }
+
     /// This node's share of the cluster's delivery: the shards it leads
     /// and the shards in all. Mail is spread over shards by message, so a
     /// node leading `led` of `shards` shards holds about `led / shards` of

@@ -70,6 +70,9 @@ pub struct RcptAttempt {
     /// The shaping scope the attempt went to (e.g. `mx:.google.com`), for
     /// backoff rules and analytics; `None` for local delivery and routing failures.
     pub scope: Option<String>,
+    /// Not attempted: the recipient is on the suppression list (the
+    /// outcome is the failure that says so; the event is `suppressed`).
+    pub suppressed: bool,
 }
 
 /// How to reach the recipients of one destination.
@@ -109,6 +112,10 @@ pub struct Delivery {
     control: std::sync::OnceLock<crate::cluster::control::ControlState>,
     /// Writes to the control group (automatic shaping actions, suppressions).
     writer: std::sync::OnceLock<crate::cluster::ControlWriter>,
+    /// `[[bounce_class]]` and the shipped table: the class of a failure.
+    classifier: crate::bounce::Classifier,
+    /// Automatic suppressions after hard bounces, once the writer is set.
+    auto_suppress: std::sync::OnceLock<crate::bounce::suppress::AutoSuppress>,
 }
 
 impl Delivery {
@@ -117,9 +124,54 @@ impl Delivery {
         let _ = self.control.set(control);
     }
 
-    /// Gives delivery its way to write control-group records.
+    /// Gives delivery its way to write control-group records (and starts
+    /// the task that writes automatic suppressions: call on the runtime).
     pub fn set_writer(&self, writer: crate::cluster::ControlWriter) {
+        if self.auto_suppress.get().is_none() {
+            let _ = self.auto_suppress.set(crate::bounce::suppress::AutoSuppress::start(
+                self.config.suppression.clone(),
+                writer.clone(),
+                self.control.get().cloned(),
+                self.metrics.clone(),
+            ));
+        }
         let _ = self.writer.set(writer);
+    }
+
+    /// The bounce classifier (`[[bounce_class]]` first, then the shipped table).
+    pub fn classifier(&self) -> &crate::bounce::Classifier {
+        &self.classifier
+    }
+
+    /// After a permanent failure of class `class`: adds the recipient to
+    /// the suppression list when `[suppression]` asks for it and it is not
+    /// there yet (asynchronously, batched; see [`crate::bounce::suppress`]).
+    pub fn hard_bounce(&self, reverse_path: &str, recipient: &str, class: crate::bounce::Class, reply: &str, now: i64) {
+        let Some(auto) = self.auto_suppress.get() else { return };
+        let Some(entry) =
+            crate::bounce::suppress::AutoSuppress::entry_for(auto.config(), reverse_path, recipient, class, reply, now)
+        else {
+            return;
+        };
+        let known = self
+            .control
+            .get()
+            .and_then(|c| c.suppression(&entry.scope, &entry.address))
+            .is_some_and(|s| s.in_force(now));
+        if !known {
+            auto.offer(entry);
+        }
+    }
+
+    /// `Some(reply)` when `recipient` is on the global suppression list or
+    /// on the list of the sender's domain.
+    fn suppressed(&self, reverse_path: &str, recipient: &str, now: i64) -> Option<String> {
+        let control = self.control.get()?;
+        let address = crate::bounce::suppress::normalise_address(recipient);
+        let sender_domain = Envelope::domain_of(reverse_path);
+        control
+            .suppressed(&sender_domain, &address, now)
+            .map(|entry| crate::bounce::suppress::reply(&entry))
     }
 
     /// The control group's state, once it is open.
@@ -152,7 +204,6 @@ impl Delivery {
         };
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
         Ok(Arc::new(Delivery {
-            config,
             resolver,
             client,
             tls,
@@ -160,6 +211,9 @@ impl Delivery {
             metrics,
             control: std::sync::OnceLock::new(),
             writer: std::sync::OnceLock::new(),
+            classifier: crate::bounce::Classifier::new(config.bounce_classes.clone()),
+            auto_suppress: std::sync::OnceLock::new(),
+            config,
         }))
     }
 
@@ -331,6 +385,25 @@ impl Delivery {
             .filter(|(_, s)| !s.status.is_final())
             .map(|(i, _)| i)
             .collect();
+        let now = chrono::Utc::now().timestamp();
+        // Suppressed recipients are not attempted: they fail here, without a connection.
+        let mut results = Vec::new();
+        let mut attempted = Vec::with_capacity(pending.len());
+        for i in pending {
+            let address = &message.record.envelope.recipients[i].address;
+            match self.suppressed(&message.record.envelope.reverse_path, address, now) {
+                Some(reply) => results.extend(
+                    each_rcpt(&[i], &RcptOutcome::Failed { reply }, &message_id)
+                        .into_iter()
+                        .map(|mut a| {
+                            a.suppressed = true;
+                            a
+                        }),
+                ),
+                None => attempted.push(i),
+            }
+        }
+        let pending = attempted;
         // Recipients by destination site (domains sharing MXes share a site).
         let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for &i in &pending {
@@ -338,7 +411,6 @@ impl Delivery {
             by_domain.entry(Envelope::domain_of(address)).or_default().push(i);
         }
         let mut by_site: BTreeMap<String, (Plan, Vec<usize>)> = BTreeMap::new();
-        let now = chrono::Utc::now().timestamp();
         for (domain, rcpts) in by_domain {
             let plan = match self.suspended(&domain, now) {
                 Some(reply) => Plan {
@@ -354,7 +426,6 @@ impl Delivery {
                 .extend(rcpts);
         }
         let mut waits = Vec::new();
-        let mut results = Vec::new();
         for (key, (plan, rcpts)) in by_site {
             match plan.target {
                 Target::Unroutable { reply } => {
@@ -369,6 +440,7 @@ impl Delivery {
                         message_id: message_id.clone(),
                         not_before: None,
                         scope: None,
+                        suppressed: false,
                     }));
                 }
                 Target::Maildir(template) => {
@@ -471,6 +543,7 @@ pub(crate) fn each_rcpt(rcpts: &[usize], outcome: &RcptOutcome, message_id: &str
             message_id: message_id.to_owned(),
             not_before: None,
             scope: None,
+            suppressed: false,
         })
         .collect()
 }

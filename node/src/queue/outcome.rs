@@ -20,6 +20,8 @@ pub struct Rules<'a> {
     pub retry: &'a RetryPolicy,
     /// `[delivery] delay_notice_after`: when a deferred recipient gets a delay report.
     pub delay_notice_after: Option<Duration>,
+    /// The class of each failure and deferral (`[[bounce_class]]` first).
+    pub classifier: &'a crate::bounce::Classifier,
 }
 
 /// What the queue does with one attempt.
@@ -55,6 +57,8 @@ pub struct Judged {
     pub domain: String,
     /// The event name in the log (docs/events.md).
     pub event: &'static str,
+    /// The bounce class of a failure, deferral or expiry; `None` when delivered.
+    pub class: Option<crate::bounce::Class>,
 }
 
 /// Decides what `attempts` (one attempt of `record`'s recipients, at
@@ -113,7 +117,13 @@ pub fn decide(
             .unwrap_or_default();
         let event = match outcome {
             Outcome::Expired => "expired",
+            Outcome::Failed if a.suppressed => "suppressed",
             _ => status.as_str(),
+        };
+        let class = match status {
+            RcptStatus::Delivered => None,
+            _ if a.suppressed => Some(crate::bounce::Class::Suppressed),
+            _ => Some(rules.classifier.classify(&reply)),
         };
         results.push(RcptResult {
             index: a.index as u32,
@@ -127,6 +137,7 @@ pub fn decide(
             outcome,
             domain,
             event,
+            class,
         });
     }
     let attempts_made = record.attempts + 1;
@@ -142,6 +153,7 @@ pub fn decide(
         .iter()
         .filter(|j| j.status == RcptStatus::Failed)
         .filter(|j| notify_wanted(record, j.attempt.index, dsn::DsnKind::Failure))
+        .filter(|j| !j.attempt.suppressed || failure_notify_given(record, j.attempt.index))
         .map(|j| report(record, &j.attempt, dsn::Action::Failed, &j.reply, now, None, expired))
         .collect();
     reports.push((dsn::DsnKind::Failure, failure_rcpts));
@@ -221,6 +233,17 @@ pub fn judge(outcome: &RcptOutcome, expired: bool, max_age: Duration) -> (RcptSt
     }
 }
 
+/// The sender asked for failure reports of this recipient explicitly
+/// (`NOTIFY=FAILURE`): a suppressed recipient is reported only then, since
+/// the sender of a list that keeps mailing it ignores bounces anyway.
+fn failure_notify_given(record: &MessageRecord, index: usize) -> bool {
+    record
+        .envelope
+        .recipients
+        .get(index)
+        .is_some_and(|r| r.notify.given && r.notify.failure)
+}
+
 /// NOTIFY semantics for one recipient (RFC 3461 §4.1).
 fn notify_wanted(record: &MessageRecord, index: usize, kind: dsn::DsnKind) -> bool {
     record
@@ -274,10 +297,14 @@ mod tests {
         }
     }
 
+    static CLASSIFIER: std::sync::LazyLock<crate::bounce::Classifier> =
+        std::sync::LazyLock::new(crate::bounce::Classifier::default);
+
     fn rules(retry: &RetryPolicy, delay_after: Option<u64>) -> Rules<'_> {
         Rules {
             retry,
             delay_notice_after: delay_after.map(Duration::from_secs),
+            classifier: &CLASSIFIER,
         }
     }
 
@@ -309,6 +336,7 @@ mod tests {
             message_id: String::new(),
             not_before: None,
             scope: None,
+            suppressed: false,
         }
     }
 
@@ -489,6 +517,56 @@ mod tests {
         bounce.envelope.reverse_path.clear();
         let d = decided(decide(&bounce, vec![failed(0)], NOW, 0.0, rules(&retry, None)));
         assert!(staged(&d).is_empty());
+    }
+
+    #[test]
+    fn failures_and_deferrals_carry_their_class() {
+        let retry = retry();
+        let d = decided(decide(
+            &record(3, 10),
+            vec![failed(0), deferred(1), delivered(2)],
+            NOW,
+            0.0,
+            rules(&retry, None),
+        ));
+        let classes: Vec<_> = d.judged.iter().map(|j| j.class).collect();
+        use crate::bounce::Class;
+        assert_eq!(classes, [Some(Class::InvalidRecipient), Some(Class::Other), None]);
+    }
+
+    #[test]
+    fn a_suppressed_recipient_is_a_suppressed_event_reported_only_on_explicit_notify() {
+        let retry = retry();
+        let suppressed = || {
+            let mut a = attempt(
+                0,
+                RcptOutcome::Failed {
+                    reply: "550 5.7.1 recipient suppressed (invalid_recipient since 2026-12-07): x".into(),
+                },
+            );
+            a.suppressed = true;
+            a
+        };
+        let d = decided(decide(
+            &record(1, 10),
+            vec![suppressed()],
+            NOW,
+            0.0,
+            rules(&retry, None),
+        ));
+        assert_eq!(statuses(&d), [RcptStatus::Failed]);
+        assert_eq!(d.judged[0].event, "suppressed");
+        assert_eq!(d.judged[0].class, Some(crate::bounce::Class::Suppressed));
+        assert!(staged(&d).is_empty(), "no report unless NOTIFY=FAILURE was given");
+        let mut asked = record(1, 10);
+        asked.envelope.recipients[0].notify = Notify {
+            given: true,
+            failure: true,
+            ..Notify::default()
+        };
+        let d = decided(decide(&asked, vec![suppressed()], NOW, 0.0, rules(&retry, None)));
+        assert_eq!(staged(&d), [(dsn::DsnKind::Failure, 1)]);
+        assert_eq!(d.reports[0].1[0].status, "5.7.1");
     }
 
     #[test]

@@ -209,6 +209,7 @@ impl QueueShard {
         let rules = outcome::Rules {
             retry: &self.settings.retry,
             delay_notice_after: self.settings.delay_notice_after,
+            classifier: self.delivery.classifier(),
         };
         let decision = match outcome::decide(record, attempts, now, jitter, rules) {
             outcome::Verdict::Fenced => {
@@ -222,7 +223,17 @@ impl QueueShard {
         };
         for j in &decision.judged {
             self.settings.metrics.queue.recipient(j.outcome, &j.domain);
-            log_event(j.event, record, &j.attempt, &j.reply, record.attempts + 1, now);
+            let class = j.class.map(|c| c.as_str()).unwrap_or("");
+            if let Some(c) = j.class {
+                self.settings.metrics.queue.failure(c, j.outcome);
+                if j.outcome == crate::metrics::Outcome::Failed && !j.attempt.suppressed {
+                    if let Some(rcpt) = record.envelope.recipients.get(j.attempt.index) {
+                        self.delivery
+                            .hard_bounce(&record.envelope.reverse_path, &rcpt.address, c, &j.reply, now);
+                    }
+                }
+            }
+            log_event(j.event, record, &j.attempt, &j.reply, class, record.attempts + 1, now);
             self.settings.stats.record(
                 now,
                 &j.domain,
@@ -233,6 +244,7 @@ impl QueueShard {
                     _ => super::stats::Outcome::Deferred,
                 },
                 &j.reply,
+                class,
                 now - record.received_at,
             );
         }
@@ -382,7 +394,8 @@ fn take_batch(
 }
 
 /// One structured line per delivery event (docs/events.md).
-fn log_event(event: &str, record: &MessageRecord, a: &RcptAttempt, reply: &str, attempt: u32, now: i64) {
+/// `class` is the bounce class of a failure or deferral (empty when delivered).
+fn log_event(event: &str, record: &MessageRecord, a: &RcptAttempt, reply: &str, class: &str, attempt: u32, now: i64) {
     let rcpt = record
         .envelope
         .recipients
@@ -402,6 +415,7 @@ fn log_event(event: &str, record: &MessageRecord, a: &RcptAttempt, reply: &str, 
         attempt,
         delay_secs = now - record.received_at,
         reply,
+        class,
         "delivery"
     );
 }

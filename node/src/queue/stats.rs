@@ -45,7 +45,19 @@ fn reason_key(reply: &str) -> String {
 }
 
 impl Stats {
-    pub fn record(&self, now: i64, domain: &str, relay: &str, outcome: Outcome, reply: &str, time_in_queue: i64) {
+    /// One recipient's outcome; `class` is the bounce class of a deferral
+    /// or bounce (`""` when delivered).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        now: i64,
+        domain: &str,
+        relay: &str,
+        outcome: Outcome,
+        reply: &str,
+        class: &str,
+        time_in_queue: i64,
+    ) {
         let minute = now - now.rem_euclid(60);
         let mut minutes = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
         if minutes.back().is_none_or(|m| m.at != minute) {
@@ -81,6 +93,10 @@ impl Stats {
             Outcome::Bounced => Some("bounced"),
             Outcome::Delivered => None,
         };
+        if kind.is_some() && !class.is_empty() {
+            // Classes are a fixed set: no folding needed.
+            counts(m.window.by_class.entry(class.to_owned()).or_default());
+        }
         if let Some(kind) = kind {
             if m.window.reasons.len() < KEYS_PER_MINUTE {
                 let r = m
@@ -120,9 +136,9 @@ mod tests {
     fn counts_reasons_and_percentiles_over_a_window() {
         let s = Stats::default();
         let t = 1_000_000;
-        s.record(t - 7200, "old.test", "mx", Outcome::Delivered, "250 ok", 1);
+        s.record(t - 7200, "old.test", "mx", Outcome::Delivered, "250 ok", "", 1);
         for i in 0..10 {
-            s.record(t, "a.test", "mx.a.test", Outcome::Delivered, "250 2.0.0 ok", i);
+            s.record(t, "a.test", "mx.a.test", Outcome::Delivered, "250 2.0.0 ok", "", i);
         }
         s.record(
             t,
@@ -130,6 +146,7 @@ mod tests {
             "mx.a.test",
             Outcome::Deferred,
             "451 4.4.1 connect failed: x",
+            "routing",
             0,
         );
         s.record(
@@ -138,9 +155,18 @@ mod tests {
             "mx.b.test",
             Outcome::Deferred,
             "451 4.4.1 connect failed: y",
+            "routing",
             0,
         );
-        s.record(t, "b.test", "mx.b.test", Outcome::Bounced, "550 5.1.1 no such user", 30);
+        s.record(
+            t,
+            "b.test",
+            "mx.b.test",
+            Outcome::Bounced,
+            "550 5.1.1 no such user",
+            "invalid_recipient",
+            30,
+        );
         let mut w = s.window(t, 3600);
         assert_eq!(
             w.total(),
@@ -151,6 +177,8 @@ mod tests {
             }
         );
         assert_eq!(w.by_domain["b.test"].bounced, 1);
+        assert_eq!(w.by_class["routing"].deferred, 2);
+        assert_eq!(w.by_class["invalid_recipient"].bounced, 1);
         let r = &w.reasons[&("deferred".to_owned(), "451 4.4.1".to_owned())];
         assert_eq!((r.count, r.last_reply.as_str()), (2, "451 4.4.1 connect failed: y"));
         assert_eq!(w.percentile(0.0), Some(0));

@@ -315,7 +315,7 @@ fn control_group_leader_kill_keeps_mail_flowing() {
 }
 
 /// Three joined nodes with every shard on three voters.
-fn three_node_cluster(extra: &str) -> (Node, Node, Node) {
+pub(crate) fn three_node_cluster(extra: &str) -> (Node, Node, Node) {
     let n1 = Node::cluster_node(1, true, extra);
     let n2 = Node::cluster_node(2, false, extra);
     let n3 = Node::cluster_node(3, false, extra);

@@ -24,4 +24,5 @@ mod peers;
 mod smtp;
 mod spf_suite;
 mod submission;
+mod suppression;
 mod webhook;

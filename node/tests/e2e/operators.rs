@@ -162,6 +162,28 @@ fn tokens_authenticate_and_roles_limit_what_each_may_do() {
         &["look", "viewer", "operator"],
     );
     assert!(queued(&node, &viewer, &id), "a refused delete left the message queued");
+    // The suppression list: the viewer reads it, the operator changes it.
+    assert_refused(
+        &ctl(&node, &viewer, &["suppression", "add", "x@example.test"]),
+        "viewer suppression add",
+        &["look", "needs role operator"],
+    );
+    assert_ok(
+        &ctl(&node, &viewer, &["suppression", "list"]),
+        "viewer suppression list",
+    );
+    assert_ok(
+        &ctl(&node, &viewer, &["suppression", "export"]),
+        "viewer suppression export",
+    );
+    assert_ok(
+        &operator(&["suppression", "add", "x@example.test"]),
+        "operator suppression add",
+    );
+    assert_ok(
+        &operator(&["suppression", "remove", "x@example.test"]),
+        "operator suppression remove",
+    );
     assert_refused(
         &ctl(&node, &viewer, &["queue", "show", &id, "--body"]),
         "viewer queue show --body",
