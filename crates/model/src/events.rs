@@ -9,4 +9,5 @@ pub const EVENT_TYPES: &[&str] = &[
     "expired",
     "bounced",
     "admin",
+    "shaping",
 ];

@@ -109,6 +109,8 @@ pub struct Delivery {
     control: std::sync::OnceLock<crate::cluster::control::ControlState>,
     /// Writes to the control group (automatic shaping actions, suppressions).
     writer: std::sync::OnceLock<crate::cluster::ControlWriter>,
+    /// `[[backoff]]`: actions from remote replies, and their effect.
+    backoff: crate::backoff::Backoff,
 }
 
 impl Delivery {
@@ -151,7 +153,9 @@ impl Delivery {
             ..ClientConfig::default()
         };
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
+        let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
         Ok(Arc::new(Delivery {
+            backoff,
             config,
             resolver,
             client,
@@ -338,6 +342,7 @@ impl Delivery {
             by_domain.entry(Envelope::domain_of(address)).or_default().push(i);
         }
         let mut by_site: BTreeMap<String, (Plan, Vec<usize>)> = BTreeMap::new();
+        let mut results = Vec::new();
         let now = chrono::Utc::now().timestamp();
         for (domain, rcpts) in by_domain {
             let plan = match self.suspended(&domain, now) {
@@ -347,6 +352,14 @@ impl Delivery {
                 },
                 None => self.plan(&domain).await,
             };
+            // Automatic actions are kept per shaping scope, known once planned.
+            if matches!(plan.target, Target::Remote { .. }) {
+                let scope = scope_for(&domain, &plan.key);
+                if let Some(held) = self.backoff.held(self.control(), &scope, None, now) {
+                    results.extend(held_attempts(&rcpts, held, &scope, &message_id, &self.metrics));
+                    continue;
+                }
+            }
             by_site
                 .entry(plan.key.clone())
                 .or_insert_with(|| (plan, Vec::new()))
@@ -354,7 +367,6 @@ impl Delivery {
                 .extend(rcpts);
         }
         let mut waits = Vec::new();
-        let mut results = Vec::new();
         for (key, (plan, rcpts)) in by_site {
             match plan.target {
                 Target::Unroutable { reply } => {
@@ -413,6 +425,7 @@ impl Delivery {
                         let domain = Envelope::domain_of(&message.record.envelope.recipients[a.index].address);
                         a.scope = Some(scope_for(&domain, &site_key));
                     }
+                    self.backoff.observe(&r, self.control(), self.writer());
                     results.extend(r)
                 }
                 Err(_) => results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id)),
@@ -427,6 +440,29 @@ impl Delivery {
 /// `domain:<domain>` (shaping rules refine it, e.g. to `mx:.google.com`).
 fn scope_for(domain: &str, _site_key: &str) -> String {
     format!("domain:{domain}")
+}
+
+/// The attempts of recipients an automatic action keeps from `scope`.
+fn held_attempts(
+    rcpts: &[usize],
+    held: crate::backoff::Held,
+    scope: &str,
+    message_id: &str,
+    metrics: &DeliveryMetrics,
+) -> Vec<RcptAttempt> {
+    let (outcome, not_before, action) = match held {
+        crate::backoff::Held::Until { not_before, reply } => {
+            (RcptOutcome::Deferred { reply }, Some(not_before), "suspend")
+        }
+        crate::backoff::Held::Bounced { reply } => (RcptOutcome::Failed { reply }, None, "bounce"),
+    };
+    metrics.backoff_recipients(action, rcpts.len() as u64);
+    let mut attempts = each_rcpt(rcpts, &outcome, message_id);
+    for a in &mut attempts {
+        a.not_before = not_before;
+        a.scope = Some(scope.to_owned());
+    }
+    attempts
 }
 
 /// 2xx delivered, 5xx failed, anything else deferred.
