@@ -153,7 +153,7 @@ impl Backoff {
                 since: now,
                 until: now.saturating_add(i64::try_from(rule.duration.as_secs()).unwrap_or(i64::MAX / 2)),
                 rule: rule.name.clone(),
-                reason: cut(reply, MAX_REASON),
+                reason: cut(rules::remote_reply(reply), MAX_REASON),
                 node: self.node,
             };
             if let Some(current) = control.and_then(|c| c.action(&key)) {

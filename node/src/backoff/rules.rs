@@ -4,6 +4,9 @@
 //!
 //! Replies arrive in their one-line form (`421 4.7.28 Our system has ...`,
 //! multi-line replies joined by spaces), as delivery outcomes carry them.
+//! A reply that ended the session (a 421, or a refused greeting, EHLO or
+//! MAIL) comes wrapped in our own (`451 4.4.2 mx.example.net said: 421
+//! 4.7.28 ...`): rules see the remote reply inside.
 
 use crate::config::BackoffRule;
 
@@ -52,8 +55,23 @@ fn enhanced_matches(want: &str, got: &str) -> bool {
     })
 }
 
-/// Whether `rule` matches the one-line `reply`.
+/// The remote server's reply in one of ours: the text after the first
+/// `": "` that starts a reply (`said: 421 ...`, `refused MAIL: 421 ...`);
+/// else the reply itself.
+pub fn remote_reply(reply: &str) -> &str {
+    reply
+        .match_indices(": ")
+        .map(|(i, _)| &reply[i + 2..])
+        .find(|tail| {
+            let b = tail.as_bytes();
+            b.len() >= 3 && b[..3].iter().all(u8::is_ascii_digit) && matches!(b.get(3), None | Some(b' ' | b'-'))
+        })
+        .unwrap_or(reply)
+}
+
+/// Whether `rule` matches the one-line `reply` (or the remote reply it wraps).
 pub fn matches(rule: &BackoffRule, reply: &str) -> bool {
+    let reply = remote_reply(reply);
     let Some(head) = head(reply) else {
         return false;
     };
@@ -115,6 +133,19 @@ mod tests {
         assert_eq!(fired(MS_4_7_650).as_deref(), Some("default:microsoft-ip-rate-limited"));
         assert_eq!(fired(MS_4_7_500).as_deref(), Some("default:microsoft-server-busy"));
         assert_eq!(fired(MS_RP_001).as_deref(), Some("default:microsoft-rp-limits"));
+    }
+
+    #[test]
+    fn a_reply_that_closed_the_session_is_matched_inside_ours() {
+        let wrapped = format!("451 4.4.2 mx.google.com: 127.0.0.1[127.0.0.1] said: {GMAIL_421}");
+        assert_eq!(remote_reply(&wrapped), GMAIL_421);
+        assert_eq!(fired(&wrapped).as_deref(), Some("default:gmail-rate-limited"));
+        let refused = format!("451 4.4.2 mx.yahoo.test:25 refused MAIL: {YAHOO_TSS04}");
+        assert_eq!(fired(&refused).as_deref(), Some("default:yahoo-tss04"));
+        assert_eq!(
+            remote_reply("451 4.4.1 127.0.0.1:25: connection refused"),
+            "451 4.4.1 127.0.0.1:25: connection refused"
+        );
     }
 
     #[test]
