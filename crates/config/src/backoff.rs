@@ -338,6 +338,7 @@ pub fn defaults() -> Vec<BackoffRule> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::Config;
 

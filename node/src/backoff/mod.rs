@@ -322,6 +322,7 @@ pub async fn watch(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn action(kind: ActionKind, since: i64, until: i64) -> AutoAction {

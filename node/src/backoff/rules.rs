@@ -94,6 +94,7 @@ pub fn first_match<'a>(rules: &'a [BackoffRule], reply: &str) -> Option<&'a Back
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::{BackoffAction, Config};
 
