@@ -61,6 +61,9 @@ pub enum Command {
     /// Destination domains: suspend and resume deliveries.
     #[command(subcommand)]
     Domain(DomainCommand),
+    /// Delivery shaping: automatic actions ([[backoff]]).
+    #[command(subcommand)]
+    Shaping(ShapingCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -221,6 +224,15 @@ pub enum DomainCommand {
     Resume { domain: String },
     /// Suspended domains.
     List,
+}
+
+#[derive(Subcommand)]
+pub enum ShapingCommand {
+    /// Lift an automatic action (suspend, throttle, bounce) before it runs out.
+    Clear {
+        /// Its scope, as the shaping event names it (domain:example.com, mx:.google.com).
+        scope: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -245,7 +245,8 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
-fn action_name(kind: &ActionKind) -> &'static str {
+/// `suspend`, `throttle` or `bounce`.
+pub fn action_name(kind: &ActionKind) -> &'static str {
     match kind {
         ActionKind::Suspend => "suspend",
         ActionKind::Throttle { .. } => "throttle",

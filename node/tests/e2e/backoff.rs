@@ -306,3 +306,44 @@ fn a_bounce_rule_fails_the_queued_mail_of_the_destination() {
     assert_eq!(seen[0].code, "421");
     assert_eq!(metric(&node, "tern_backoff_recipients_total{action=\"bounce\"}"), 2.0);
 }
+
+/// An operator lifts an action early: `ternctl shaping clear SCOPE` (an
+/// audited change), then `queue retry` sends what it held back.
+#[test]
+fn an_operator_lifts_an_action_early() {
+    if !Aiosmtpd::available() {
+        return;
+    }
+    let peer = ThrottlingPeer::start(1, &GMAIL_421);
+    let node = Node::start(&format!(
+        "[log]\nformat = \"json\"\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n",
+        peer.addr
+    ));
+    send(&node, "a@tern.test", "b@example.test", "lift-1");
+    wait_for(Duration::from_secs(30), "the shipped Gmail rule's suspension", || {
+        metric(&node, "tern_shaping_actions{action=\"suspend\"}") == 1.0
+    });
+    let recorded = shaping_events(&node);
+    assert_eq!(recorded[0]["rule"], "default:gmail-rate-limited", "{recorded:?}");
+    wait_for(Duration::from_secs(30), "the message held back", || {
+        metric(&node, "tern_backoff_recipients_total{action=\"suspend\"}") >= 1.0
+    });
+
+    let out = node.ternctl(&["shaping", "clear", "domain:nowhere.test"]);
+    assert_eq!(out.status.code(), Some(3), "no such action: {out:?}");
+    let out = node.ternctl(&["-o", "json", "shaping", "clear", "domain:example.test"]);
+    assert!(out.status.success(), "{out:?}");
+    let lifted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(lifted["action"], "suspend", "{lifted}");
+    assert_eq!(lifted["rule"], "default:gmail-rate-limited", "{lifted}");
+    wait_for(Duration::from_secs(10), "the lifted event", || {
+        shaping_events(&node).iter().any(|e| e["state"] == "lifted")
+    });
+    assert_eq!(metric(&node, "tern_shaping_actions{action=\"suspend\"}"), 0.0);
+
+    let out = node.ternctl(&["queue", "retry", "--domain", "example.test"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(Duration::from_secs(30), "the held message delivered", || {
+        peer.delivered().contains_key("lift-1@tern.test")
+    });
+}
