@@ -36,7 +36,6 @@ use tern_model::shaping::{ActionKind, AutoAction};
 use crate::cluster::control::ControlState;
 use crate::cluster::ControlWriter;
 use crate::config::{BackoffAction, BackoffRule, BackoffScope};
-use crate::delivery::{RcptAttempt, RcptOutcome};
 use crate::metrics::DeliveryMetrics;
 use crate::raft::NodeId;
 
@@ -121,11 +120,17 @@ impl Backoff {
         }
     }
 
-    /// Feeds the outcomes of one attempt to the rules: an outcome whose
-    /// reply matches one records an action for its scope, written in the
-    /// background. Held-back outcomes (`not_before`) are ours, not the
-    /// remote's, and are skipped.
-    pub fn observe(&self, attempts: &[RcptAttempt], control: Option<&ControlState>, writer: Option<&ControlWriter>) {
+    /// Feeds the replies of one attempt to the rules, each with the
+    /// shaping scope it came from: a reply that matches one records an
+    /// action for its scope, written in the background. The caller passes
+    /// remote replies only (not the ones of recipients held back by shaping,
+    /// which are ours).
+    pub fn observe<'a>(
+        &self,
+        replies: impl IntoIterator<Item = (&'a str, &'a str)>,
+        control: Option<&ControlState>,
+        writer: Option<&ControlWriter>,
+    ) {
         if self.rules.is_empty() {
             return;
         }
@@ -133,16 +138,7 @@ impl Backoff {
             return;
         };
         let now = chrono::Utc::now().timestamp();
-        for a in attempts {
-            if a.not_before.is_some() {
-                continue;
-            }
-            let (RcptOutcome::Deferred { reply } | RcptOutcome::Failed { reply }) = &a.outcome else {
-                continue;
-            };
-            let Some(scope) = a.scope.as_deref() else {
-                continue;
-            };
+        for (reply, scope) in replies {
             let Some(rule) = rules::first_match(&self.rules, reply) else {
                 continue;
             };

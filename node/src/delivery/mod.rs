@@ -425,7 +425,13 @@ impl Delivery {
                         let domain = Envelope::domain_of(&message.record.envelope.recipients[a.index].address);
                         a.scope = Some(scope_for(&domain, &site_key));
                     }
-                    self.backoff.observe(&r, self.control(), self.writer());
+                    let replies = r.iter().filter(|a| a.not_before.is_none()).filter_map(|a| {
+                        let (RcptOutcome::Deferred { reply } | RcptOutcome::Failed { reply }) = &a.outcome else {
+                            return None;
+                        };
+                        Some((reply.as_str(), a.scope.as_deref()?))
+                    });
+                    self.backoff.observe(replies, self.control(), self.writer());
                     results.extend(r)
                 }
                 Err(_) => results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id)),
