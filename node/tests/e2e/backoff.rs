@@ -307,15 +307,16 @@ fn a_bounce_rule_fails_the_queued_mail_of_the_destination() {
     assert_eq!(metric(&node, "tern_backoff_recipients_total{action=\"bounce\"}"), 2.0);
 }
 
-/// An operator lifts an action early: `ternctl shaping clear SCOPE` (an
-/// audited change), then `queue retry` sends what it held back.
+/// An action survives a restart; an operator lifts it early with
+/// `ternctl shaping clear SCOPE` (an audited change), then `queue retry`
+/// sends what it held back.
 #[test]
-fn an_operator_lifts_an_action_early() {
+fn an_action_survives_a_restart_and_an_operator_lifts_it_early() {
     if !Aiosmtpd::available() {
         return;
     }
     let peer = ThrottlingPeer::start(1, &GMAIL_421);
-    let node = Node::start(&format!(
+    let mut node = Node::start(&format!(
         "[log]\nformat = \"json\"\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n",
         peer.addr
     ));
@@ -328,6 +329,18 @@ fn an_operator_lifts_an_action_early() {
     wait_for(Duration::from_secs(30), "the message held back", || {
         metric(&node, "tern_backoff_recipients_total{action=\"suspend\"}") >= 1.0
     });
+
+    let status = node.signal_and_wait("TERM", Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0));
+    node.spawn();
+    wait_for(Duration::from_secs(30), "the suspension after the restart", || {
+        metric(&node, "tern_shaping_actions{action=\"suspend\"}") == 1.0
+    });
+    send(&node, "a@tern.test", "c@example.test", "lift-2");
+    wait_for(Duration::from_secs(30), "the new message held back", || {
+        metric(&node, "tern_backoff_recipients_total{action=\"suspend\"}") >= 1.0
+    });
+    assert_eq!(peer.seen().len(), 1, "only the first RCPT reached the peer");
 
     let out = node.ternctl(&["shaping", "clear", "domain:nowhere.test"]);
     assert_eq!(out.status.code(), Some(3), "no such action: {out:?}");
@@ -343,7 +356,8 @@ fn an_operator_lifts_an_action_early() {
 
     let out = node.ternctl(&["queue", "retry", "--domain", "example.test"]);
     assert!(out.status.success(), "{out:?}");
-    wait_for(Duration::from_secs(30), "the held message delivered", || {
-        peer.delivered().contains_key("lift-1@tern.test")
+    wait_for(Duration::from_secs(30), "the held messages delivered", || {
+        let d = peer.delivered();
+        d.contains_key("lift-1@tern.test") && d.contains_key("lift-2@tern.test")
     });
 }
