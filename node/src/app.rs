@@ -489,6 +489,14 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         )));
     }
     let controller = tokio::spawn(Arc::clone(&cluster).run(stop_rx.clone()));
+    if let Some(control) = delivery.control() {
+        tokio::spawn(crate::backoff::watch(
+            control.clone(),
+            config.node_id,
+            metrics.delivery.clone(),
+            stop_rx.clone(),
+        ));
+    }
     if let Some(watcher) = &cert_watcher {
         watcher.watch(CERT_POLL_INTERVAL, stop_rx.clone());
     }

@@ -10,6 +10,8 @@
 //! - [`auth`]: message checks and signing before queueing (SPF, DKIM, DMARC, ARC).
 //! - [`queue`]: the accept side, the shard actor, the outcome decision, the
 //!   queue's Raft rules (`queue/apply.rs`), the shard writers.
+//! - [`backoff`]: `[[backoff]]` rules turning remote replies into automatic
+//!   shaping actions held in the control group, and their effect on delivery.
 //! - [`delivery`]: routing, MX resolution, site actors, the SMTP/LMTP client.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
 //! - [`cluster`]: the control group's rules and the cluster controller
@@ -27,6 +29,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod bounce;
 pub mod cluster;
 pub mod config;

@@ -565,6 +565,19 @@ pub struct DeliveryMetrics {
     /// Automatic suppression entries: `added`, `dropped` (queue full),
     /// `write_failed`.
     suppressions: Family<ResultLabel, Counter>,
+    /// `tern_shaping_actions{action}`: automatic actions in force in this
+    /// node's replica of the control group.
+    shaping_actions: Family<ActionLabel, Gauge>,
+    /// `tern_shaping_actions_recorded_total`: actions this node recorded.
+    shaping_recorded: Counter,
+    /// `tern_backoff_recipients_total{action}`: recipients held back or
+    /// bounced by an action in force, on this node.
+    backoff_recipients: Family<ActionLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -590,6 +603,9 @@ impl Default for DeliveryMetrics {
             tls_no,
             restarts: Restarts::default(),
             suppressions: Family::default(),
+            shaping_actions: Family::default(),
+            shaping_recorded: Counter::default(),
+            backoff_recipients: Family::default(),
         }
     }
 }
@@ -616,6 +632,23 @@ impl DeliveryMetrics {
         }
     }
 
+    /// The automatic shaping actions in force, by kind.
+    pub fn shaping_actions(&self, suspend: i64, throttle: i64, bounce: i64) {
+        for (action, n) in [("suspend", suspend), ("throttle", throttle), ("bounce", bounce)] {
+            self.shaping_actions.get_or_create(&ActionLabel { action }).set(n);
+        }
+    }
+
+    /// This node recorded an automatic shaping action.
+    pub fn shaping_action_recorded(&self) {
+        self.shaping_recorded.inc();
+    }
+
+    /// `n` recipients held back (`suspend`) or bounced (`bounce`) by an action.
+    pub fn backoff_recipients(&self, action: &'static str, n: u64) {
+        self.backoff_recipients.get_or_create(&ActionLabel { action }).inc_by(n);
+    }
+
     /// A new outbound connection, with or without TLS.
     pub fn connection(&self, tls: bool) {
         if tls {
@@ -637,9 +670,24 @@ impl DeliveryMetrics {
             self.connections.clone(),
         );
         r.register(
-            "tern_suppressions",
+            "tern_suppression_writes",
             "Automatic suppression-list entries after hard bounces: added, dropped (queue full), write_failed",
             self.suppressions.clone(),
+        );
+        r.register(
+            "tern_shaping_actions",
+            "Automatic shaping actions ([[backoff]]) in force in this node's replica of the control group, by action",
+            self.shaping_actions.clone(),
+        );
+        r.register(
+            "tern_shaping_actions_recorded",
+            "Automatic shaping actions this node recorded in the control group (a remote reply matched a [[backoff]] rule)",
+            self.shaping_recorded.clone(),
+        );
+        r.register(
+            "tern_backoff_recipients",
+            "Recipients not attempted because an automatic action was in force for their destination, by action (suspend: held back; bounce: failed)",
+            self.backoff_recipients.clone(),
         );
     }
 }

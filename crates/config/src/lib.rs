@@ -9,6 +9,7 @@
 //! - this file: [`Config`] and its parts, [`ConfigError`], [`parse_duration`].
 //! - [`dkim`]: `[[dkim]]` entries (what to sign, with which key file).
 //! - [`tls_policy`]: `[[tls_policy]]`, outbound TLS levels per domain.
+//! - [`backoff`]: `[[backoff]]`, automatic actions from remote replies, and the shipped defaults.
 //! - [`owned`]: the sender addresses an SMTP AUTH user may use (`[auth] senders`).
 //! - [`secret`]: argon2 password hashes (users file, `[[admin_token]]`).
 //! - [`keygen`]: new DKIM key pairs (`ternctl dkim generate`).
@@ -21,6 +22,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod backoff;
 pub mod bounce;
 pub mod dkim;
 pub mod fbl;
@@ -28,6 +30,7 @@ pub mod keygen;
 pub mod owned;
 pub mod secret;
 pub mod tls_policy;
+pub use backoff::{BackoffAction, BackoffRule, BackoffScope, CodeMatch};
 pub use bounce::{ClassRule, SuppressionConfig, SuppressionScope};
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
 pub use fbl::{FblConfig, FblScope};
@@ -82,6 +85,8 @@ struct RawConfig {
     dkim: Vec<dkim::RawDkim>,
     #[serde(default)]
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
+    #[serde(default)]
+    backoff: Vec<backoff::RawBackoff>,
     #[serde(default)]
     admin_token: Vec<RawAdminToken>,
     #[serde(default)]
@@ -143,6 +148,7 @@ struct RawDelivery {
     helo_name: Option<String>,
     connect_timeout_secs: Option<u64>,
     scheduler_tick_ms: Option<u64>,
+    backoff_defaults: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -605,6 +611,9 @@ pub struct Config {
     /// `[[tls_policy]]` and `[delivery] require_tls_domains`: outbound TLS
     /// level per recipient domain.
     pub tls_policies: TlsPolicies,
+    /// `[[backoff]]` rules, then the shipped defaults unless
+    /// `[delivery] backoff_defaults = false`: first match wins.
+    pub backoff: Vec<BackoffRule>,
     /// `[delivery] tls_ca_file`: PEM roots trusted for `verify` besides the
     /// system's.
     pub tls_ca_file: Option<PathBuf>,
@@ -1003,6 +1012,7 @@ impl Config {
             bounce_classes: bounce::class_rules(raw.bounce_class)?,
             suppression: bounce::suppression(raw.suppression)?,
             tls_policies: tls_policy::validate(raw.tls_policy, lower(raw.delivery.require_tls_domains))?,
+            backoff: backoff::validate(raw.backoff, raw.delivery.backoff_defaults.unwrap_or(true))?,
             tls_ca_file: raw.delivery.tls_ca_file,
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
             connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,

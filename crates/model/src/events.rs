@@ -11,4 +11,5 @@ pub const EVENT_TYPES: &[&str] = &[
     "suppressed",
     "admin",
     "complaint",
+    "shaping",
 ];

@@ -64,6 +64,9 @@ pub enum Command {
     /// The cluster's suppression list: recipients no mail is attempted to.
     #[command(subcommand)]
     Suppression(SuppressionCommand),
+    /// Delivery shaping: automatic actions ([[backoff]]).
+    #[command(subcommand)]
+    Shaping(ShapingCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -270,6 +273,15 @@ pub enum DomainCommand {
     Resume { domain: String },
     /// Suspended domains.
     List,
+}
+
+#[derive(Subcommand)]
+pub enum ShapingCommand {
+    /// Lift an automatic action (suspend, throttle, bounce) before it runs out.
+    Clear {
+        /// Its scope, as the shaping event names it (domain:example.com, mx:.google.com).
+        scope: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -5,7 +5,8 @@ use serde_json::json;
 use tern_proto::admin::*;
 
 use crate::cli::{
-    Args, Command, DomainCommand, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShardCommand, StatsBy,
+    Args, Command, DomainCommand, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShapingCommand,
+    ShardCommand, StatsBy,
 };
 use crate::connect::{connect, Client};
 use crate::output::*;
@@ -118,6 +119,26 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
             print_stats(&r, by, since, json)?;
         }
         Command::Suppression(cmd) => crate::suppression::run(&mut client, cmd, json).await?,
+        Command::Shaping(ShapingCommand::Clear { scope }) => {
+            let r = client.shaping_clear(ShapingClearRequest { scope }).await?.into_inner();
+            if json {
+                print_json(&json!({
+                    "scope": r.scope,
+                    "action": r.action,
+                    "until": r.until,
+                    "rule": r.rule,
+                    "reason": r.reason,
+                }));
+            } else {
+                println!(
+                    "lifted {} of {} (rule {}, would have run until {})",
+                    r.action,
+                    r.scope,
+                    r.rule,
+                    time(r.until)
+                );
+            }
+        }
         Command::Domain(cmd) => {
             let reply = match cmd {
                 DomainCommand::Suspend {

@@ -924,6 +924,51 @@ impl AdminService for Admin {
         audit.finish(result, |_| 0)
     }
 
+    async fn shaping_clear(
+        &self,
+        request: Request<ShapingClearRequest>,
+    ) -> Result<Response<ShapingClearReply>, Status> {
+        let selection = format!("scope={}", request.get_ref().scope);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Operator, "shaping clear", selection)
+            .await?;
+        let scope = request.into_inner().scope.trim().to_owned();
+        let result = async {
+            if scope.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give the action's scope, as its shaping event names it (domain:example.com, mx:.google.com)",
+                ));
+            }
+            let control = self
+                .cluster
+                .control()
+                .ok_or_else(|| Status::unavailable("no control group here"))?;
+            let state = crate::cluster::control::ControlState::new(control.sm.tree());
+            let now = chrono::Utc::now().timestamp();
+            let Some(action) = state.action(&scope).filter(|a| a.in_force(now)) else {
+                return Err(Status::not_found(format!("no automatic action in force for {scope}")));
+            };
+            self.write(
+                &control,
+                tern_model::peer::Operation::ShapingAction {
+                    key: scope.clone(),
+                    action: None,
+                },
+            )
+            .await?;
+            Ok(Response::new(ShapingClearReply {
+                scope,
+                action: crate::backoff::action_name(&action.kind).to_owned(),
+                until: action.until,
+                rule: action.rule,
+                reason: action.reason,
+            }))
+        }
+        .await;
+        audit.finish(result, |_| 0)
+    }
+
     async fn domain_list(&self, request: Request<DomainListRequest>) -> Result<Response<DomainReply>, Status> {
         self.authz.check(&request, Role::Viewer).await?;
         let now = chrono::Utc::now().timestamp();

@@ -9,7 +9,7 @@
 //!   shard actors offer entries without waiting; one task coalesces them
 //!   into few Raft writes (not one per bounce). Its queue is bounded: when
 //!   it is full an entry is dropped and counted
-//!   (`tern_suppressions_total{result="dropped"}`); the next bounce of the
+//!   (`tern_suppression_writes_total{result="dropped"}`); the next bounce of the
 //!   same recipient offers it again. The same task, on the node that
 //!   leads the control group, removes expired entries every hour (readers
 //!   ignore them meanwhile).

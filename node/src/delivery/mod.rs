@@ -116,6 +116,8 @@ pub struct Delivery {
     classifier: crate::bounce::Classifier,
     /// Automatic suppressions after hard bounces, once the writer is set.
     auto_suppress: std::sync::OnceLock<crate::bounce::suppress::AutoSuppress>,
+    /// `[[backoff]]`: actions from remote replies, and their effect.
+    backoff: crate::backoff::Backoff,
 }
 
 impl Delivery {
@@ -203,7 +205,9 @@ impl Delivery {
             ..ClientConfig::default()
         };
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
+        let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
         Ok(Arc::new(Delivery {
+            backoff,
             resolver,
             client,
             tls,
@@ -419,6 +423,14 @@ impl Delivery {
                 },
                 None => self.plan(&domain).await,
             };
+            // Automatic actions are kept per shaping scope, known once planned.
+            if matches!(plan.target, Target::Remote { .. }) {
+                let scope = scope_for(&domain, &plan.key);
+                if let Some(held) = self.backoff.held(self.control(), &scope, None, now) {
+                    results.extend(held_attempts(&rcpts, held, &scope, &message_id, &self.metrics));
+                    continue;
+                }
+            }
             by_site
                 .entry(plan.key.clone())
                 .or_insert_with(|| (plan, Vec::new()))
@@ -485,6 +497,13 @@ impl Delivery {
                         let domain = Envelope::domain_of(&message.record.envelope.recipients[a.index].address);
                         a.scope = Some(scope_for(&domain, &site_key));
                     }
+                    let replies = r.iter().filter(|a| a.not_before.is_none()).filter_map(|a| {
+                        let (RcptOutcome::Deferred { reply } | RcptOutcome::Failed { reply }) = &a.outcome else {
+                            return None;
+                        };
+                        Some((reply.as_str(), a.scope.as_deref()?))
+                    });
+                    self.backoff.observe(replies, self.control(), self.writer());
                     results.extend(r)
                 }
                 Err(_) => results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id)),
@@ -499,6 +518,29 @@ impl Delivery {
 /// `domain:<domain>` (shaping rules refine it, e.g. to `mx:.google.com`).
 fn scope_for(domain: &str, _site_key: &str) -> String {
     format!("domain:{domain}")
+}
+
+/// The attempts of recipients an automatic action keeps from `scope`.
+fn held_attempts(
+    rcpts: &[usize],
+    held: crate::backoff::Held,
+    scope: &str,
+    message_id: &str,
+    metrics: &DeliveryMetrics,
+) -> Vec<RcptAttempt> {
+    let (outcome, not_before, action) = match held {
+        crate::backoff::Held::Until { not_before, reply } => {
+            (RcptOutcome::Deferred { reply }, Some(not_before), "suspend")
+        }
+        crate::backoff::Held::Bounced { reply } => (RcptOutcome::Failed { reply }, None, "bounce"),
+    };
+    metrics.backoff_recipients(action, rcpts.len() as u64);
+    let mut attempts = each_rcpt(rcpts, &outcome, message_id);
+    for a in &mut attempts {
+        a.not_before = not_before;
+        a.scope = Some(scope.to_owned());
+    }
+    attempts
 }
 
 /// 2xx delivered, 5xx failed, anything else deferred.

@@ -47,7 +47,7 @@ const HANDOFF: usize = 1024;
 
 /// Event types as bits, in [`EVENT_TYPES`] order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct EventSet(u8);
+struct EventSet(u32);
 
 impl EventSet {
     fn of(names: &[String]) -> EventSet {
