@@ -9,6 +9,7 @@
 //! - this file: [`Config`] and its parts, [`ConfigError`], [`parse_duration`].
 //! - [`dkim`]: `[[dkim]]` entries (what to sign, with which key file).
 //! - [`tls_policy`]: `[[tls_policy]]`, outbound TLS levels per domain.
+//! - [`egress`]: `[[source]]`, `[[pool]]`, `[[pool_rule]]`: egress addresses, pools, warm-up.
 //! - [`owned`]: the sender addresses an SMTP AUTH user may use (`[auth] senders`).
 //! - [`secret`]: argon2 password hashes (users file, `[[admin_token]]`).
 //! - [`keygen`]: new DKIM key pairs (`ternctl dkim generate`).
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod dkim;
+pub mod egress;
 pub mod keygen;
 pub mod owned;
 pub mod secret;
@@ -77,6 +79,12 @@ struct RawConfig {
     dkim: Vec<dkim::RawDkim>,
     #[serde(default)]
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
+    #[serde(default)]
+    source: Vec<egress::RawSource>,
+    #[serde(default)]
+    pool: Vec<egress::RawPool>,
+    #[serde(default)]
+    pool_rule: Vec<egress::RawPoolRule>,
     #[serde(default)]
     admin_token: Vec<RawAdminToken>,
 }
@@ -598,6 +606,8 @@ pub struct Config {
     /// system's.
     pub tls_ca_file: Option<PathBuf>,
     pub helo_name: String,
+    /// `[[source]]`, `[[pool]]`, `[[pool_rule]]`: egress addresses and warm-up.
+    pub egress: egress::Egress,
     pub connect_timeout: Duration,
     pub scheduler_tick: Duration,
     pub local_delivery: LocalDelivery,
@@ -981,6 +991,7 @@ impl Config {
             tls_policies: tls_policy::validate(raw.tls_policy, lower(raw.delivery.require_tls_domains))?,
             tls_ca_file: raw.delivery.tls_ca_file,
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
+            egress: egress::validate(raw.source, raw.pool, raw.pool_rule)?,
             connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,
             scheduler_tick: Duration::from_millis(within(
                 "delivery.scheduler_tick_ms",
