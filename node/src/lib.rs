@@ -12,6 +12,7 @@
 //!   queue's Raft rules (`queue/apply.rs`), the shard writers.
 //! - [`delivery`]: routing, MX resolution, site actors, the SMTP/LMTP client.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
+//! - [`egress`]: egress sources, pools and warm-up (which address mail leaves from).
 //! - [`cluster`]: the control group's rules and the cluster controller
 //!   (placement, reconciliation, leader moves, peer calls and forwarding).
 //! - [`peer`]: the `PeerService` server (node-to-node calls other than Raft).
@@ -32,6 +33,7 @@ pub mod config;
 pub mod delivery;
 pub mod disk_guard;
 pub mod dsn;
+pub mod egress;
 pub use tern_model::envelope;
 pub mod http;
 pub mod lifecycle;

@@ -137,6 +137,7 @@ pub async fn deliver_maildir(
             message_id: message_id.to_owned(),
             not_before: None,
             scope: None,
+            source: None,
         })
         .collect()
 }

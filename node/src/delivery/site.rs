@@ -390,6 +390,7 @@ async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt
             message_id: job.message_id.clone(),
             not_before: None,
             scope: None,
+            source: None,
         })
         .collect())
 }

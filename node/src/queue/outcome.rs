@@ -309,6 +309,7 @@ mod tests {
             message_id: String::new(),
             not_before: None,
             scope: None,
+            source: None,
         }
     }
 
