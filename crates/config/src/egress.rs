@@ -450,6 +450,13 @@ mod tests {
             let e = egress(toml).unwrap_err();
             assert!(e.starts_with(&format!("invalid value for {key}:")), "{toml}: {e}");
         }
+        // DKIM may not sign the header delivery removes.
+        let e = egress(
+            "[[dkim]]\ndomain = \"x.test\"\nselector = \"s\"\nalgorithm = \"rsa-sha256\"\nprivate_key = \"/k\"\n\
+             headers = [\"From\", \"x-tern-pool\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("invalid value for dkim.headers:") && e.contains("cannot be signed"), "{e}");
         assert!(egress("[[pool]]\nname = \"p\"\nsources = [\"a\"]\nbogus = 1\n")
             .unwrap_err()
             .contains("bogus"));
