@@ -61,6 +61,9 @@ pub enum Command {
     /// Destination domains: suspend and resume deliveries.
     #[command(subcommand)]
     Domain(DomainCommand),
+    /// Egress pools: sources, weights and warm-up progress.
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -221,6 +224,12 @@ pub enum DomainCommand {
     Resume { domain: String },
     /// Suspended domains.
     List,
+}
+
+#[derive(Subcommand)]
+pub enum PoolCommand {
+    /// Each pool's sources, weights, and warm-up day, cap and use per destination scope.
+    Show,
 }
 
 #[derive(Subcommand)]

@@ -117,6 +117,7 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                 .into_inner();
             print_stats(&r, by, since, json)?;
         }
+        Command::Pool(crate::cli::PoolCommand::Show) => crate::pool::show(&mut client, json).await?,
         Command::Domain(cmd) => {
             let reply = match cmd {
                 DomainCommand::Suspend {

@@ -262,6 +262,50 @@ pub struct PoolStatus {
     pub sources: Vec<SourceStatus>,
 }
 
+impl PoolStatus {
+    /// As `ternctl pool show` receives it.
+    pub fn into_proto(self) -> tern_proto::admin::PoolInfo {
+        use tern_proto::admin::{PoolInfo, PoolScopeUse, PoolSource};
+        PoolInfo {
+            name: self.name,
+            sources: self
+                .sources
+                .into_iter()
+                .map(|s| {
+                    let mut source = PoolSource {
+                        name: s.name,
+                        address: s.address.to_string(),
+                        ehlo: s.ehlo,
+                        weight: s.weight,
+                        ..PoolSource::default()
+                    };
+                    if let Some(w) = s.warmup {
+                        source.warmup = true;
+                        source.warmup_start = date(w.start_day);
+                        source.day = w.day;
+                        source.days = w.days as u64;
+                        source.cap = w.cap;
+                        source.node_cap = w.node_cap;
+                        source.used = w
+                            .used
+                            .into_iter()
+                            .map(|(scope, used)| PoolScopeUse { scope, used })
+                            .collect();
+                    }
+                    source
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Days since 1970-01-01 as `YYYY-MM-DD`.
+fn date(day: i64) -> String {
+    chrono::DateTime::from_timestamp(day.saturating_mul(DAY), 0)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourceStatus {
     pub name: String,
