@@ -140,7 +140,10 @@ fn header_names(key: &'static str, names: Vec<String>) -> Result<Vec<String>, Co
         }
         // Delivery removes it before sending: a signature over it would break.
         if name.eq_ignore_ascii_case(crate::egress::POOL_HEADER) {
-            return Err(invalid(key, format!("{name} is removed before sending and cannot be signed")));
+            return Err(invalid(
+                key,
+                format!("{name} is removed before sending and cannot be signed"),
+            ));
         }
         out.push(name);
     }

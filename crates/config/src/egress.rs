@@ -215,7 +215,10 @@ fn warmup(raw: Option<RawWarmup>, key: &'static str) -> Result<Option<Warmup>, C
     let start_day = parse_date(&raw.start)
         .ok_or_else(|| invalid(key, format!("start {:?} is not a date (YYYY-MM-DD)", raw.start)))?;
     if raw.schedule.is_empty() {
-        return Err(invalid(key, "schedule is empty (give messages per day for day 1, 2, ...)".into()));
+        return Err(invalid(
+            key,
+            "schedule is empty (give messages per day for day 1, 2, ...)".into(),
+        ));
     }
     Ok(Some(Warmup {
         start_day,
@@ -253,7 +256,10 @@ pub(super) fn validate(
         }
         let ehlo = match s.ehlo.map(|e| e.trim().to_owned()) {
             Some(e) if e.is_empty() || e.contains(|c: char| c.is_whitespace() || c.is_control()) => {
-                return Err(invalid("source.ehlo", format!("{e:?} of source {} is not a host name", s.name)))
+                return Err(invalid(
+                    "source.ehlo",
+                    format!("{e:?} of source {} is not a host name", s.name),
+                ))
             }
             other => other,
         };
@@ -284,12 +290,19 @@ pub(super) fn validate(
                 // An IPv6 literal is not a source name; names have no ':'.
                 Some((n, w)) => (
                     n.trim(),
-                    w.trim().parse::<u32>().ok().filter(|w| (1..=1000).contains(w)).ok_or_else(|| {
-                        invalid(
-                            "pool.sources",
-                            format!("{entry:?} in pool {}: the weight must be a whole number 1 to 1000", p.name),
-                        )
-                    })?,
+                    w.trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|w| (1..=1000).contains(w))
+                        .ok_or_else(|| {
+                            invalid(
+                                "pool.sources",
+                                format!(
+                                    "{entry:?} in pool {}: the weight must be a whole number 1 to 1000",
+                                    p.name
+                                ),
+                            )
+                        })?,
                 ),
                 None => (entry.trim(), 1),
             };
@@ -385,8 +398,9 @@ mod tests {
         assert_eq!(e.choose(Some("nosuch"), "other.test", None, &mut unknown), Pool(0));
         assert_eq!(unknown, Some("nosuch"));
         // No default pool: unmatched mail goes as without pools.
-        let e = egress("[[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\n[[pool]]\nname = \"x\"\nsources = [\"a\"]\n")
-            .unwrap();
+        let e =
+            egress("[[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\n[[pool]]\nname = \"x\"\nsources = [\"a\"]\n")
+                .unwrap();
         assert_eq!(e.choose(None, "other.test", None, &mut None), super::PoolChoice::None);
     }
 
@@ -456,7 +470,10 @@ mod tests {
              headers = [\"From\", \"x-tern-pool\"]\n",
         )
         .unwrap_err();
-        assert!(e.starts_with("invalid value for dkim.headers:") && e.contains("cannot be signed"), "{e}");
+        assert!(
+            e.starts_with("invalid value for dkim.headers:") && e.contains("cannot be signed"),
+            "{e}"
+        );
         assert!(egress("[[pool]]\nname = \"p\"\nsources = [\"a\"]\nbogus = 1\n")
             .unwrap_err()
             .contains("bogus"));

@@ -77,6 +77,9 @@ fn print(r: &PoolShowReply) {
             ]);
         }
     }
-    print_table(&["POOL", "SOURCE", "ADDRESS", "EHLO", "WEIGHT", "WARM-UP", "SENT TODAY"], &rows);
+    print_table(
+        &["POOL", "SOURCE", "ADDRESS", "EHLO", "WEIGHT", "WARM-UP", "SENT TODAY"],
+        &rows,
+    );
     println!("node {} (share {:.2}); warm-up counts are this node's", r.node, r.share);
 }

@@ -511,7 +511,10 @@ impl Delivery {
         endpoints: &[Endpoint],
         message_id: &str,
         now: i64,
-    ) -> (Vec<(Vec<usize>, Vec<Endpoint>, Option<crate::egress::Choice>)>, Vec<RcptAttempt>) {
+    ) -> (
+        Vec<(Vec<usize>, Vec<Endpoint>, Option<crate::egress::Choice>)>,
+        Vec<RcptAttempt>,
+    ) {
         let mut by_scope: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for i in rcpts {
             let domain = Envelope::domain_of(&message.record.envelope.recipients[i].address);
@@ -535,11 +538,15 @@ impl Delivery {
                         crate::egress::NoSource::Capped { until, reply } => (reply, Some(until)),
                         crate::egress::NoSource::Unreachable { reply } => (reply, None),
                     };
-                    held.extend(deferred_all(&rcpts, &reply, message_id).into_iter().map(|a| RcptAttempt {
-                        not_before: until,
-                        scope: Some(scope.clone()),
-                        ..a
-                    }));
+                    held.extend(
+                        deferred_all(&rcpts, &reply, message_id)
+                            .into_iter()
+                            .map(|a| RcptAttempt {
+                                not_before: until,
+                                scope: Some(scope.clone()),
+                                ..a
+                            }),
+                    );
                 }
             }
         }

@@ -100,9 +100,15 @@ impl Egress {
     pub fn pool_for(&self, msg_id: &str, body: &[u8], sender_domain: &str, auth_user: Option<&str>) -> PoolChoice {
         let header = crate::delivery::header_value(body, POOL_HEADER);
         let mut unknown = None;
-        let choice = self.config.choose(header.as_deref(), sender_domain, auth_user, &mut unknown);
+        let choice = self
+            .config
+            .choose(header.as_deref(), sender_domain, auth_user, &mut unknown);
         if let Some(name) = unknown {
-            tracing::warn!(msg_id, pool = name, "{POOL_HEADER} names no [[pool]]; using the rules or the default pool");
+            tracing::warn!(
+                msg_id,
+                pool = name,
+                "{POOL_HEADER} names no [[pool]]; using the rules or the default pool"
+            );
         }
         choice
     }
@@ -497,7 +503,10 @@ mod tests {
         // a: the pool's cap 2; b: its own cap 1.
         assert_eq!(names, ["a", "a", "b"]);
         let held = e.choose(0, scope, &v4(), 10, || 1.0).unwrap_err();
-        assert!(matches!(&held, NoSource::Capped { until: DAY, reply } if reply.contains("warm-up")), "{held:?}");
+        assert!(
+            matches!(&held, NoSource::Capped { until: DAY, reply } if reply.contains("warm-up")),
+            "{held:?}"
+        );
         // Another scope has its own budget.
         assert!(e.choose(0, "domain:y.test", &v4(), 10, || 1.0).is_ok());
         // An attempt that delivered nothing gives its count back.
@@ -517,7 +526,10 @@ mod tests {
         // Half the shards: half the cap, rounded up.
         let status = e.status(day2, 1.0);
         let a = status[0].sources[0].warmup.as_ref().unwrap();
-        assert_eq!((a.day, a.cap, a.used.clone()), (2, Some(3), vec![(scope.to_owned(), 3)]));
+        assert_eq!(
+            (a.day, a.cap, a.used.clone()),
+            (2, Some(3), vec![(scope.to_owned(), 3)])
+        );
         assert_eq!(status[0].sources[1].warmup.as_ref().unwrap().cap, None);
         assert_eq!(node_cap(3, 0.5), 2);
         assert_eq!(node_cap(5, 1.0), 5);
