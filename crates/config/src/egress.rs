@@ -23,6 +23,7 @@ pub(super) struct RawSource {
     name: String,
     address: String,
     ehlo: Option<String>,
+    max_connections: Option<usize>,
     warmup: Option<RawWarmup>,
 }
 
@@ -57,6 +58,9 @@ pub struct Source {
     pub address: IpAddr,
     /// The EHLO name said from this address; `None`: `[delivery] helo_name`.
     pub ehlo: Option<String>,
+    /// Concurrent connections from it per destination site; `None`:
+    /// `[delivery] max_connections_per_site`.
+    pub max_connections: Option<usize>,
     /// Its own warm-up schedule; overrides its pool's.
     pub warmup: Option<Warmup>,
 }
@@ -263,7 +267,14 @@ pub(super) fn validate(
             }
             other => other,
         };
+        if s.max_connections.is_some_and(|n| !(1..=10_000).contains(&n)) {
+            return Err(invalid(
+                "source.max_connections",
+                format!("source {}: must be 1 to 10000", s.name),
+            ));
+        }
         sources.push(Source {
+            max_connections: s.max_connections,
             warmup: warmup(s.warmup, "source.warmup")?,
             name: s.name,
             address,
@@ -358,7 +369,7 @@ mod tests {
     const MIN: &str = "[node]\nid = 1\n";
 
     const TWO: &str = "[[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\nehlo = \"a.example.test\"\n\
-        [[source]]\nname = \"b\"\naddress = \"::1\"\n\
+        [[source]]\nname = \"b\"\naddress = \"::1\"\nmax_connections = 4\n\
         [[pool]]\nname = \"default\"\nsources = [\"a:3\", \"b\"]\n\
         [[pool]]\nname = \"bulk\"\nsources = [\"b\"]\nwarmup = { start = \"2026-12-01\", schedule = [5, 10] }\n\
         [[pool_rule]]\npool = \"bulk\"\nsender_domain = \"News.Example.test\"\n\
@@ -376,6 +387,7 @@ mod tests {
         assert_eq!(e.sources.len(), 2);
         assert_eq!(e.sources[0].ehlo.as_deref(), Some("a.example.test"));
         assert_eq!(e.sources[1].address, "::1".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!((e.sources[0].max_connections, e.sources[1].max_connections), (None, Some(4)));
         assert_eq!(e.pools[0].members, vec![(0, 3), (1, 1)]);
         let w = e.pools[1].warmup.as_ref().unwrap();
         assert_eq!(w.start_day, super::parse_date("2026-12-01").unwrap());
@@ -432,6 +444,7 @@ mod tests {
                 "source.name",
             ),
             ("[[source]]\nname = \"a\"\naddress = \"0.0.0.0\"\n", "source.address"),
+            ("[[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\nmax_connections = 0\n", "source.max_connections"),
             ("[[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\nehlo = \"a b\"\n", "source.ehlo"),
             ("[[pool]]\nname = \"p\"\nsources = [\"x\"]\n", "pool.sources"),
             ("[[pool]]\nname = \"p\"\nsources = []\n", "pool.sources"),

@@ -303,7 +303,9 @@ impl Delivery {
     /// The actor of site `key`, started when there is none (first mail,
     /// or it stopped idle) or started again when it died; one more job
     /// counted as on its way to it (see [`site::SiteHandle::incoming`]).
-    fn site(&self, key: &str, client: &ClientConfig) -> site::SiteHandle {
+    /// `client` and `max_connections`: the egress source's, if any (an
+    /// actor keyed by site and source), else the node's.
+    fn site(&self, key: &str, client: &ClientConfig, max_connections: usize) -> site::SiteHandle {
         let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = sites.get(key) {
             if handle.addr.connected() {
@@ -320,7 +322,7 @@ impl Delivery {
             Arc::clone(&self.sites),
             Arc::clone(&incoming),
             client.clone(),
-            self.config.max_connections_per_site,
+            max_connections,
             self.config.messages_per_connection,
             self.config.connection_idle,
             self.metrics.clone(),
@@ -429,10 +431,14 @@ impl Delivery {
                         };
                         // A source has its own site actor (its own connections, its address and EHLO name).
                         let site = match (&choice, &self.egress) {
-                            (Some(c), Some(egress)) => {
-                                self.site(&format!("{key}|source:{}", c.name), egress.client(c.source))
-                            }
-                            _ => self.site(&key, &self.client),
+                            (Some(c), Some(egress)) => self.site(
+                                &format!("{key}|source:{}", c.name),
+                                egress.client(c.source),
+                                egress.config().sources[c.source]
+                                    .max_connections
+                                    .unwrap_or(self.config.max_connections_per_site),
+                            ),
+                            _ => self.site(&key, &self.client, self.config.max_connections_per_site),
                         };
                         if site.addr.send(site::Submit(job)).await.is_err() {
                             site.incoming.fetch_sub(1, Ordering::SeqCst);
