@@ -387,7 +387,10 @@ mod tests {
         assert_eq!(e.sources.len(), 2);
         assert_eq!(e.sources[0].ehlo.as_deref(), Some("a.example.test"));
         assert_eq!(e.sources[1].address, "::1".parse::<std::net::IpAddr>().unwrap());
-        assert_eq!((e.sources[0].max_connections, e.sources[1].max_connections), (None, Some(4)));
+        assert_eq!(
+            (e.sources[0].max_connections, e.sources[1].max_connections),
+            (None, Some(4))
+        );
         assert_eq!(e.pools[0].members, vec![(0, 3), (1, 1)]);
         let w = e.pools[1].warmup.as_ref().unwrap();
         assert_eq!(w.start_day, super::parse_date("2026-12-01").unwrap());

@@ -271,7 +271,10 @@ fn the_pool_header_and_rules_pick_a_pool_and_the_header_is_not_sent() {
     assert_eq!(peer_of("by-rule"), "127.0.0.3");
     // A header naming no pool: the default pool, with a warning.
     assert_eq!(peer_of("unknown"), "127.0.0.2");
-    assert!(node.logs().contains("names no [[pool]]"), "{}", node.logs());
+    // The node's output is read by another thread: wait for the line.
+    wait_for(Duration::from_secs(10), "the unknown-pool warning", || {
+        node.logs().contains("names no [[pool]]")
+    });
 }
 
 #[test]
