@@ -327,3 +327,67 @@ fn warmup_caps_a_source_and_holds_the_rest_without_counting_attempts() {
         "{table}"
     );
 }
+
+/// DKIM signs at acceptance, delivery removes `X-Tern-Pool` afterwards: the
+/// signature must not cover it, so dkimpy still verifies what the peer got.
+#[test]
+fn a_dkim_signature_survives_the_removal_of_the_pool_header() {
+    use crate::dkim::{dkimpy_available, generate, verify};
+    if !dkimpy_available() {
+        return;
+    }
+    let Some(sink) = RecordingSink::start("127.0.0.1") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ed.pem");
+    let out = generate(&[
+        "--domain",
+        "example.test",
+        "--selector",
+        "ed",
+        "--algorithm",
+        "ed25519",
+        "--out",
+        key.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dns = tern_testkit::dns::DnsServer::start(&format!(
+        "txt-record=ed._domainkey.example.test,\"{}\"\n",
+        generated["txt_value"].as_str().unwrap()
+    ));
+    let node = Node::start(&format!(
+        "[[dkim]]\ndomain = \"example.test\"\nselector = \"ed\"\nalgorithm = \"ed25519-sha256\"\nprivate_key = \"{}\"\n\n\
+         [[route]]\ndomain = \"*\"\nto = \"{}\"\n\n{TWO_SOURCES}\
+         [[pool]]\nname = \"default\"\nsources = [\"two\"]\n\n[[pool]]\nname = \"bulk\"\nsources = [\"three\"]\n",
+        key.display(),
+        sink.addr
+    ));
+    let mut c = Client::connect(node.smtp).unwrap();
+    c.command("EHLO sender.test").unwrap();
+    c.send_mail(
+        "someone@example.test",
+        &["rcpt@elsewhere.test"],
+        "From: someone@example.test\r\nTo: rcpt@elsewhere.test\r\nX-Tern-Pool: bulk\r\nSubject: pooled\r\n\
+         Message-ID: <pooled-dkim@example.test>\r\n\r\nHello.\r\n",
+    )
+    .unwrap();
+    let messages = sink.wait_messages(1, Duration::from_secs(60));
+    assert_eq!(messages[0]["peer"], "127.0.0.3", "the header's pool");
+    let data = messages[0]["data"].as_str().unwrap();
+    assert!(
+        data.starts_with("DKIM-Signature: ") && !data.contains("X-Tern-Pool"),
+        "{data}"
+    );
+    let file = dir.path().join("received.eml");
+    std::fs::write(&file, data).unwrap();
+    let (verdicts, notes) = verify(&dns, &[&file]);
+    assert_eq!(
+        verdicts[0],
+        serde_json::json!([{"a": "ed25519-sha256", "s": "ed", "d": "example.test", "pass": true}]),
+        "{notes}\n{data}"
+    );
+}
