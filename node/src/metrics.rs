@@ -83,6 +83,12 @@ struct KindLabel {
     kind: &'static str,
 }
 
+/// An egress `[[source]]` or `[[pool]]` name: configured, so bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabel {
+    name: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TlsLabel {
     tls: &'static str,
@@ -537,6 +543,10 @@ pub struct DeliveryMetrics {
     tls_no: Counter,
     /// Site actors started again after they died (shared with [`Metrics::restarts`]).
     restarts: Restarts,
+    /// Messages handed to each egress source (per destination scope).
+    egress_messages: Family<EgressLabel, Counter>,
+    /// Recipients held back because every source of a pool was at its warm-up cap.
+    warmup_held: Family<EgressLabel, Counter>,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -561,6 +571,8 @@ impl Default for DeliveryMetrics {
             tls_yes,
             tls_no,
             restarts: Restarts::default(),
+            egress_messages: Family::default(),
+            warmup_held: Family::default(),
         }
     }
 }
@@ -579,6 +591,22 @@ impl DeliveryMetrics {
         } else {
             self.attempt_error.observe(seconds);
         }
+    }
+
+    /// A message to one destination scope handed to egress source `source`.
+    pub fn egress_message(&self, source: &str) {
+        self.egress_messages
+            .get_or_create(&EgressLabel {
+                name: source.to_owned(),
+            })
+            .inc();
+    }
+
+    /// `recipients` held back by pool `pool`'s warm-up caps.
+    pub fn warmup_held(&self, pool: &str, recipients: usize) {
+        self.warmup_held
+            .get_or_create(&EgressLabel { name: pool.to_owned() })
+            .inc_by(recipients as u64);
     }
 
     /// A new outbound connection, with or without TLS.
@@ -600,6 +628,16 @@ impl DeliveryMetrics {
             "tern_delivery_connections",
             "Outbound SMTP/LMTP connections made, by whether TLS is in use",
             self.connections.clone(),
+        );
+        r.register(
+            "tern_egress_messages",
+            "Messages (per destination scope) handed to each egress source",
+            self.egress_messages.clone(),
+        );
+        r.register(
+            "tern_egress_warmup_held",
+            "Recipients held back until the next UTC day because every source of the pool was at its warm-up cap",
+            self.warmup_held.clone(),
         );
     }
 }

@@ -531,6 +531,7 @@ impl Delivery {
         for (scope, rcpts) in by_scope {
             match egress.choose(pool, &scope, endpoints, now, || self.share_fraction()) {
                 Ok(choice) => {
+                    self.metrics.egress_message(&choice.name);
                     let family = egress.config().sources[choice.source].address.is_ipv4();
                     let reachable = endpoints
                         .iter()
@@ -541,7 +542,10 @@ impl Delivery {
                 }
                 Err(no) => {
                     let (reply, until) = match no {
-                        crate::egress::NoSource::Capped { until, reply } => (reply, Some(until)),
+                        crate::egress::NoSource::Capped { until, reply } => {
+                            self.metrics.warmup_held(&egress.config().pools[pool].name, rcpts.len());
+                            (reply, Some(until))
+                        }
                         crate::egress::NoSource::Unreachable { reply } => (reply, None),
                     };
                     held.extend(

@@ -199,6 +199,10 @@ fn a_pool_spreads_mail_over_its_sources_by_weight_with_their_ehlo_names() {
     assert_eq!(pool["sources"][0]["weight"], 3);
     assert_eq!(pool["sources"][1]["ehlo"], "mx1.tern.test");
     assert!(pool["sources"][0]["warmup"].is_null(), "{shown}");
+    let samples = crate::metrics::scrape(&node);
+    let sent = |source: &str| crate::metrics::sum(&samples, "tern_egress_messages_total", &[("name", source)]);
+    assert_eq!(sent("two") as usize, two.len());
+    assert_eq!(sent("three") as usize, three.len());
 }
 
 #[test]
@@ -321,6 +325,10 @@ fn warmup_caps_a_source_and_holds_the_rest_without_counting_attempts() {
     assert_eq!(warmup["node_cap"], 5, "{shown}");
     assert_eq!(warmup["used"][0]["scope"], "domain:example.test", "{shown}");
     assert_eq!(warmup["used"][0]["used"], 5, "{shown}");
+    let samples = crate::metrics::scrape(&node);
+    let metric = |name: &str, label: &str| crate::metrics::sum(&samples, name, &[("name", label)]);
+    assert_eq!(metric("tern_egress_messages_total", "two"), 5.0);
+    assert!(metric("tern_egress_warmup_held_total", "default") >= 7.0);
     let table = String::from_utf8(node.ternctl(&["pool", "show"]).stdout).unwrap();
     assert!(
         table.contains("day 1/2: 5/day") && table.contains("domain:example.test 5"),
