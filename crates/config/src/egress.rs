@@ -133,8 +133,9 @@ impl Egress {
         self.pools.is_empty()
     }
 
+    /// The pool named `name` (case-insensitive).
     pub fn pool(&self, name: &str) -> Option<usize> {
-        self.pools.iter().position(|p| p.name == name)
+        self.pools.iter().position(|p| p.name.eq_ignore_ascii_case(name))
     }
 
     /// The pool of a message: the one its `X-Tern-Pool` header names (when
@@ -148,7 +149,7 @@ impl Egress {
         unknown: &mut Option<&'h str>,
     ) -> PoolChoice {
         if let Some(name) = header.map(str::trim).filter(|n| !n.is_empty()) {
-            match self.pools.iter().position(|p| p.name.eq_ignore_ascii_case(name)) {
+            match self.pool(name) {
                 Some(i) => return PoolChoice::Pool(i),
                 None => *unknown = Some(name),
             }
@@ -341,7 +342,7 @@ pub(super) fn validate(
     for r in raw_rules {
         let pool = pools
             .iter()
-            .position(|p| p.name == r.pool)
+            .position(|p| p.name.eq_ignore_ascii_case(&r.pool))
             .ok_or_else(|| invalid("pool_rule.pool", format!("{:?} is not a [[pool]]", r.pool)))?;
         if r.sender_domain.is_none() && r.auth_user.is_none() {
             return Err(invalid(
