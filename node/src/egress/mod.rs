@@ -357,7 +357,7 @@ fn used_today(counted: &HashMap<(usize, String), (i64, u64)>, source: usize, sco
 
 /// Smooth weighted round-robin over the `eligible` members: each gains its
 /// weight, the largest current weight wins and pays the total back.
-/// Panics never: at least one member must be eligible (else 0 is returned).
+/// Callers pass at least one eligible member; with none it returns 0.
 fn smooth_weighted(current: &mut [i64], weights: &[u32], eligible: &[bool]) -> usize {
     let mut total = 0i64;
     let mut best: Option<usize> = None;
