@@ -1090,6 +1090,28 @@ mod tests {
         }
     }
 
+    /// An egress source's address is bound before connecting; one of the
+    /// other family is refused with a reason, not tried.
+    #[tokio::test]
+    async fn a_source_address_is_bound_before_connecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conn, accepted) = tokio::join!(
+            tokio::time::timeout(DEADLINE, tcp_connect(addr, Some("127.0.0.2".parse().unwrap()))),
+            tokio::time::timeout(DEADLINE, listener.accept()),
+        );
+        let conn = conn.unwrap().unwrap();
+        let (_, peer) = accepted.unwrap().unwrap();
+        assert_eq!(peer.ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(conn.local_addr().unwrap().ip(), peer.ip());
+        let e = tcp_connect(addr, Some("::1".parse().unwrap())).await.unwrap_err();
+        assert!(e.to_string().contains("other address family"), "{e}");
+        let e = tcp_connect(addr, Some("192.0.2.77".parse().unwrap()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("bind source address 192.0.2.77"), "{e}");
+    }
+
     const BODY: &[u8] = b"From: sender@tern.test\r\nSubject: test\r\n\r\nHello.\r\n";
 
     async fn connect(ep: &Endpoint, protocol: Protocol, tls: TlsPolicy) -> Result<Connection, ConnectError> {
