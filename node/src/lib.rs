@@ -14,6 +14,7 @@
 //!   shaping actions held in the control group, and their effect on delivery.
 //! - [`delivery`]: routing, MX resolution, site actors, the SMTP/LMTP client.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
+//! - [`egress`]: egress sources, pools and warm-up (which address mail leaves from).
 //! - [`cluster`]: the control group's rules and the cluster controller
 //!   (placement, reconciliation, leader moves, peer calls and forwarding).
 //! - [`peer`]: the `PeerService` server (node-to-node calls other than Raft).
@@ -36,6 +37,7 @@ pub mod config;
 pub mod delivery;
 pub mod disk_guard;
 pub mod dsn;
+pub mod egress;
 pub mod fbl;
 pub use tern_model::envelope;
 pub mod http;

@@ -83,6 +83,12 @@ struct KindLabel {
     kind: &'static str,
 }
 
+/// An egress `[[source]]` or `[[pool]]` name: configured, so bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabel {
+    name: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TlsLabel {
     tls: &'static str,
@@ -562,6 +568,10 @@ pub struct DeliveryMetrics {
     tls_no: Counter,
     /// Site actors started again after they died (shared with [`Metrics::restarts`]).
     restarts: Restarts,
+    /// Messages handed to each egress source (per destination scope).
+    egress_messages: Family<EgressLabel, Counter>,
+    /// Recipients held back because every source of a pool was at its warm-up cap.
+    warmup_held: Family<EgressLabel, Counter>,
     /// Automatic suppression entries: `added`, `dropped` (queue full),
     /// `write_failed`.
     suppressions: Family<ResultLabel, Counter>,
@@ -606,6 +616,8 @@ impl Default for DeliveryMetrics {
             shaping_actions: Family::default(),
             shaping_recorded: Counter::default(),
             backoff_recipients: Family::default(),
+            egress_messages: Family::default(),
+            warmup_held: Family::default(),
         }
     }
 }
@@ -649,6 +661,22 @@ impl DeliveryMetrics {
         self.backoff_recipients.get_or_create(&ActionLabel { action }).inc_by(n);
     }
 
+    /// A message to one destination scope handed to egress source `source`.
+    pub fn egress_message(&self, source: &str) {
+        self.egress_messages
+            .get_or_create(&EgressLabel {
+                name: source.to_owned(),
+            })
+            .inc();
+    }
+
+    /// `recipients` held back by pool `pool`'s warm-up caps.
+    pub fn warmup_held(&self, pool: &str, recipients: usize) {
+        self.warmup_held
+            .get_or_create(&EgressLabel { name: pool.to_owned() })
+            .inc_by(recipients as u64);
+    }
+
     /// A new outbound connection, with or without TLS.
     pub fn connection(&self, tls: bool) {
         if tls {
@@ -688,6 +716,16 @@ impl DeliveryMetrics {
             "tern_backoff_recipients",
             "Recipients not attempted because an automatic action was in force for their destination, by action (suspend: held back; bounce: failed)",
             self.backoff_recipients.clone(),
+        );
+        r.register(
+            "tern_egress_messages",
+            "Messages (per destination scope) handed to each egress source",
+            self.egress_messages.clone(),
+        );
+        r.register(
+            "tern_egress_warmup_held",
+            "Recipients held back until the next UTC day because every source of the pool was at its warm-up cap",
+            self.warmup_held.clone(),
         );
     }
 }

@@ -138,6 +138,13 @@ fn header_names(key: &'static str, names: Vec<String>) -> Result<Vec<String>, Co
         if out.iter().any(|h| h.eq_ignore_ascii_case(&name)) {
             return Err(invalid(key, format!("{name} is listed twice")));
         }
+        // Delivery removes it before sending: a signature over it would break.
+        if name.eq_ignore_ascii_case(crate::egress::POOL_HEADER) {
+            return Err(invalid(
+                key,
+                format!("{name} is removed before sending and cannot be signed"),
+            ));
+        }
         out.push(name);
     }
     Ok(out)

@@ -10,6 +10,7 @@
 //! - [`dkim`]: `[[dkim]]` entries (what to sign, with which key file).
 //! - [`tls_policy`]: `[[tls_policy]]`, outbound TLS levels per domain.
 //! - [`backoff`]: `[[backoff]]`, automatic actions from remote replies, and the shipped defaults.
+//! - [`egress`]: `[[source]]`, `[[pool]]`, `[[pool_rule]]`: egress addresses, pools, warm-up.
 //! - [`owned`]: the sender addresses an SMTP AUTH user may use (`[auth] senders`).
 //! - [`secret`]: argon2 password hashes (users file, `[[admin_token]]`).
 //! - [`keygen`]: new DKIM key pairs (`ternctl dkim generate`).
@@ -25,6 +26,7 @@ use serde::Deserialize;
 pub mod backoff;
 pub mod bounce;
 pub mod dkim;
+pub mod egress;
 pub mod fbl;
 pub mod keygen;
 pub mod owned;
@@ -87,6 +89,11 @@ struct RawConfig {
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
     #[serde(default)]
     backoff: Vec<backoff::RawBackoff>,
+    source: Vec<egress::RawSource>,
+    #[serde(default)]
+    pool: Vec<egress::RawPool>,
+    #[serde(default)]
+    pool_rule: Vec<egress::RawPoolRule>,
     #[serde(default)]
     admin_token: Vec<RawAdminToken>,
     #[serde(default)]
@@ -618,6 +625,8 @@ pub struct Config {
     /// system's.
     pub tls_ca_file: Option<PathBuf>,
     pub helo_name: String,
+    /// `[[source]]`, `[[pool]]`, `[[pool_rule]]`: egress addresses and warm-up.
+    pub egress: egress::Egress,
     pub connect_timeout: Duration,
     pub scheduler_tick: Duration,
     pub local_delivery: LocalDelivery,
@@ -1015,6 +1024,7 @@ impl Config {
             backoff: backoff::validate(raw.backoff, raw.delivery.backoff_defaults.unwrap_or(true))?,
             tls_ca_file: raw.delivery.tls_ca_file,
             helo_name: raw.delivery.helo_name.unwrap_or_else(|| hostname.clone()),
+            egress: egress::validate(raw.source, raw.pool, raw.pool_rule)?,
             connect_timeout: secs(raw.delivery.connect_timeout_secs, 30, "delivery.connect_timeout_secs")?,
             scheduler_tick: Duration::from_millis(within(
                 "delivery.scheduler_tick_ms",

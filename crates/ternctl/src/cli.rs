@@ -67,6 +67,9 @@ pub enum Command {
     /// Delivery shaping: automatic actions ([[backoff]]).
     #[command(subcommand)]
     Shaping(ShapingCommand),
+    /// Egress pools: sources, weights and warm-up progress.
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -282,6 +285,12 @@ pub enum ShapingCommand {
         /// Its scope, as the shaping event names it (domain:example.com, mx:.google.com).
         scope: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum PoolCommand {
+    /// Each pool's sources, weights, and warm-up day, cap and use per destination scope.
+    Show,
 }
 
 #[derive(Subcommand)]

@@ -139,6 +139,7 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                 );
             }
         }
+        Command::Pool(crate::cli::PoolCommand::Show) => crate::pool::show(&mut client, json).await?,
         Command::Domain(cmd) => {
             let reply = match cmd {
                 DomainCommand::Suspend {

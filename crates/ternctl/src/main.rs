@@ -13,6 +13,7 @@
 //! - [`cli`]: the command line (clap): flags, commands, arguments.
 //! - [`connect`]: the channel to a node: TLS, the operator token.
 //! - [`commands`]: the commands that ask a node, and their output.
+//! - [`pool`]: `pool show` (egress pools and warm-up progress).
 //! - [`output`]: tables for people, JSON for scripts.
 //! - [`suppression`]: the suppression-list commands and their CSV form.
 //! - [`cert`], [`token`], [`dkim`]: offline commands (no node is contacted).
@@ -26,6 +27,7 @@ mod commands;
 mod connect;
 mod dkim;
 mod output;
+mod pool;
 mod suppression;
 mod token;
 

@@ -38,6 +38,8 @@ pub struct Admin {
     pub space: Arc<crate::storage::space::DiskSpace>,
     /// Who may call what (operator roles); see authz.rs.
     pub authz: Arc<authz::Authz>,
+    /// Egress pools and warm-up progress (`ternctl pool show`); `None` without pools.
+    pub egress: crate::egress::SharedEgress,
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -1051,6 +1053,18 @@ impl AdminService for Admin {
         let (control, _) = self.suppression_access()?;
         let now = chrono::Utc::now().timestamp();
         Ok(Response::new(suppression::list(&control, request.get_ref(), now)))
+    }
+
+    async fn pool_show(&self, request: Request<PoolShowRequest>) -> Result<Response<PoolShowReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
+        let now = chrono::Utc::now().timestamp();
+        let share = crate::cluster::records::share(&self.groups, self.node_id).fraction();
+        let pools = self.egress.as_ref().map_or_else(Vec::new, |e| e.status(now, share));
+        Ok(Response::new(PoolShowReply {
+            node: self.node_id,
+            share,
+            pools: pools.into_iter().map(crate::egress::PoolStatus::into_proto).collect(),
+        }))
     }
 
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {

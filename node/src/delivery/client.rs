@@ -147,8 +147,11 @@ impl fmt::Display for Endpoint {
 /// Client settings; the timeouts are those of RFC 5321 4.5.3.2.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// Our name in EHLO/LHLO.
+    /// Our name in EHLO/LHLO (an egress source's `ehlo`, else `helo_name`).
     pub helo_name: String,
+    /// The egress source's local address to bind before connecting
+    /// (`[[source]] address`); `None`: the system picks it.
+    pub bind: Option<IpAddr>,
     pub connect_timeout: Duration,
     /// Waiting for the 220 banner.
     pub greeting_timeout: Duration,
@@ -167,6 +170,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             helo_name: "localhost".to_string(),
+            bind: None,
             connect_timeout: Duration::from_secs(30),
             greeting_timeout: Duration::from_secs(300),
             command_timeout: Duration::from_secs(300),
@@ -317,6 +321,28 @@ impl SessionError {
     }
 }
 
+/// A TCP connection to `addr`, from `bind` (port chosen by the system) when
+/// given: an egress source's address, which must be of `addr`'s family.
+async fn tcp_connect(addr: std::net::SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = bind else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match (local, addr) {
+        (IpAddr::V4(_), std::net::SocketAddr::V4(_)) => tokio::net::TcpSocket::new_v4()?,
+        (IpAddr::V6(_), std::net::SocketAddr::V6(_)) => tokio::net::TcpSocket::new_v6()?,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("source address {local} cannot reach {addr} (other address family)"),
+            ))
+        }
+    };
+    socket
+        .bind(std::net::SocketAddr::new(local, 0))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("bind source address {local}: {e}")))?;
+    socket.connect(addr).await
+}
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -363,7 +389,7 @@ impl Connection {
         let temp = |what: String| ConnectError::Temporary(what);
         let (io, host, ip): (Box<dyn Io>, String, Option<IpAddr>) = match endpoint {
             Endpoint::Tcp { host, addr } => {
-                let s = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))
+                let s = tokio::time::timeout(config.connect_timeout, tcp_connect(*addr, config.bind))
                     .await
                     .map_err(|_| temp(format!("connect to {peer}: timed out")))?
                     .map_err(|e| temp(format!("connect to {peer}: {e}")))?;
@@ -1062,6 +1088,28 @@ mod tests {
             body,
             fence: None,
         }
+    }
+
+    /// An egress source's address is bound before connecting; one of the
+    /// other family is refused with a reason, not tried.
+    #[tokio::test]
+    async fn a_source_address_is_bound_before_connecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conn, accepted) = tokio::join!(
+            tokio::time::timeout(DEADLINE, tcp_connect(addr, Some("127.0.0.2".parse().unwrap()))),
+            tokio::time::timeout(DEADLINE, listener.accept()),
+        );
+        let conn = conn.unwrap().unwrap();
+        let (_, peer) = accepted.unwrap().unwrap();
+        assert_eq!(peer.ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(conn.local_addr().unwrap().ip(), peer.ip());
+        let e = tcp_connect(addr, Some("::1".parse().unwrap())).await.unwrap_err();
+        assert!(e.to_string().contains("other address family"), "{e}");
+        let e = tcp_connect(addr, Some("192.0.2.77".parse().unwrap()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("bind source address 192.0.2.77"), "{e}");
     }
 
     const BODY: &[u8] = b"From: sender@tern.test\r\nSubject: test\r\n\r\nHello.\r\n";

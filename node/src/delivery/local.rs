@@ -138,6 +138,7 @@ pub async fn deliver_maildir(
             not_before: None,
             scope: None,
             suppressed: false,
+            source: None,
         })
         .collect()
 }

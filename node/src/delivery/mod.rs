@@ -73,6 +73,9 @@ pub struct RcptAttempt {
     /// Not attempted: the recipient is on the suppression list (the
     /// outcome is the failure that says so; the event is `suppressed`).
     pub suppressed: bool,
+    /// The egress source (`[[source]] name`) the attempt left from; `None`
+    /// without pools, for local delivery and routing failures.
+    pub source: Option<String>,
 }
 
 /// How to reach the recipients of one destination.
@@ -118,6 +121,8 @@ pub struct Delivery {
     auto_suppress: std::sync::OnceLock<crate::bounce::suppress::AutoSuppress>,
     /// `[[backoff]]`: actions from remote replies, and their effect.
     backoff: crate::backoff::Backoff,
+    /// `[[pool]]`s and their sources; `None` without pools.
+    egress: crate::egress::SharedEgress,
 }
 
 impl Delivery {
@@ -176,6 +181,16 @@ impl Delivery {
             .map(|entry| crate::bounce::suppress::reply(&entry))
     }
 
+    /// The egress pools, when `[[pool]]`s are configured.
+    pub fn egress(&self) -> Option<&Arc<crate::egress::Egress>> {
+        self.egress.as_ref()
+    }
+
+    /// This node's fraction of the cluster's delivery (1 before the cluster is up).
+    pub fn share_fraction(&self) -> f64 {
+        self.writer.get().map_or(1.0, |w| w.share().fraction())
+    }
+
     /// The control group's state, once it is open.
     pub fn control(&self) -> Option<&crate::cluster::control::ControlState> {
         self.control.get()
@@ -206,8 +221,10 @@ impl Delivery {
         };
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
         let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
+        let egress = crate::egress::Egress::new(&config.egress, &client).map(Arc::new);
         Ok(Arc::new(Delivery {
             backoff,
+            egress,
             resolver,
             client,
             tls,
@@ -344,7 +361,9 @@ impl Delivery {
     /// The actor of site `key`, started when there is none (first mail,
     /// or it stopped idle) or started again when it died; one more job
     /// counted as on its way to it (see [`site::SiteHandle::incoming`]).
-    fn site(&self, key: &str) -> site::SiteHandle {
+    /// `client` and `max_connections`: the egress source's, if any (an
+    /// actor keyed by site and source), else the node's.
+    fn site(&self, key: &str, client: &ClientConfig, max_connections: usize) -> site::SiteHandle {
         let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = sites.get(key) {
             if handle.addr.connected() {
@@ -360,8 +379,8 @@ impl Delivery {
             key.to_owned(),
             Arc::clone(&self.sites),
             Arc::clone(&incoming),
-            self.client.clone(),
-            self.config.max_connections_per_site,
+            client.clone(),
+            max_connections,
             self.config.messages_per_connection,
             self.config.connection_idle,
             self.metrics.clone(),
@@ -381,6 +400,7 @@ impl Delivery {
         fence: Option<Arc<dyn fence::Fence>>,
     ) -> Vec<RcptAttempt> {
         let message_id = header_value(&message.body, "message-id").unwrap_or_default();
+        let (message, pool) = self.egress_of(message);
         let pending: Vec<usize> = message
             .record
             .rcpt_state
@@ -453,6 +473,7 @@ impl Delivery {
                         not_before: None,
                         scope: None,
                         suppressed: false,
+                        source: None,
                     }));
                 }
                 Target::Maildir(template) => {
@@ -465,32 +486,60 @@ impl Delivery {
                     protocol,
                     tls,
                 } => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let job = Job {
-                        message: Arc::clone(&message),
-                        rcpts: rcpts.clone(),
-                        endpoints,
-                        protocol,
-                        tls,
-                        message_id: message_id.clone(),
-                        fence: fence.clone(),
-                        reply: tx,
+                    let egress = match (&self.egress, pool) {
+                        (Some(egress), Some(pool)) if protocol == Protocol::Smtp && !key.starts_with("local:") => {
+                            Some((egress, pool))
+                        }
+                        _ => None,
                     };
-                    let site = self.site(&plan.key);
-                    if site.addr.send(site::Submit(job)).await.is_err() {
-                        site.incoming.fetch_sub(1, Ordering::SeqCst);
-                        results.extend(deferred_all(
-                            &rcpts,
-                            "451 4.3.0 delivery agent unavailable",
-                            &message_id,
-                        ));
-                        continue;
+                    let sends = match egress {
+                        None => vec![(rcpts, endpoints, None)],
+                        Some((egress, pool)) => {
+                            let (sends, held) =
+                                self.choose_sources(egress, pool, &message, &key, rcpts, &endpoints, &message_id, now);
+                            results.extend(held);
+                            sends
+                        }
+                    };
+                    for (rcpts, endpoints, choice) in sends {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let job = Job {
+                            message: Arc::clone(&message),
+                            rcpts: rcpts.clone(),
+                            endpoints,
+                            protocol,
+                            tls: tls.clone(),
+                            message_id: message_id.clone(),
+                            fence: fence.clone(),
+                            reply: tx,
+                        };
+                        // A source has its own site actor (its own connections, its address and EHLO name).
+                        let site = match (&choice, &self.egress) {
+                            (Some(c), Some(egress)) => self.site(
+                                &format!("{key}|source:{}", c.name),
+                                egress.client(c.source),
+                                egress.config().sources[c.source]
+                                    .max_connections
+                                    .unwrap_or(self.config.max_connections_per_site),
+                            ),
+                            _ => self.site(&key, &self.client, self.config.max_connections_per_site),
+                        };
+                        if site.addr.send(site::Submit(job)).await.is_err() {
+                            site.incoming.fetch_sub(1, Ordering::SeqCst);
+                            self.settle_source(choice, &mut []);
+                            results.extend(deferred_all(
+                                &rcpts,
+                                "451 4.3.0 delivery agent unavailable",
+                                &message_id,
+                            ));
+                            continue;
+                        }
+                        waits.push((rcpts, rx, key.clone(), choice));
                     }
-                    waits.push((rcpts, rx, key));
                 }
             }
         }
-        for (rcpts, rx, site_key) in waits {
+        for (rcpts, rx, site_key, choice) in waits {
             match rx.await {
                 Ok(mut r) => {
                     for a in &mut r {
@@ -504,13 +553,122 @@ impl Delivery {
                         Some((reply.as_str(), a.scope.as_deref()?))
                     });
                     self.backoff.observe(replies, self.control(), self.writer());
+                    self.settle_source(choice, &mut r);
                     results.extend(r)
                 }
-                Err(_) => results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id)),
+                Err(_) => {
+                    self.settle_source(choice, &mut []);
+                    results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id))
+                }
             }
         }
         results.sort_by_key(|a| a.index);
         results
+    }
+}
+
+impl Delivery {
+    /// With pools: the message as sent (without its `X-Tern-Pool` header)
+    /// and its pool; without pools the message as it is and no pool.
+    fn egress_of(&self, message: Arc<LoadedMessage>) -> (Arc<LoadedMessage>, Option<usize>) {
+        let Some(egress) = &self.egress else {
+            return (message, None);
+        };
+        let envelope = &message.record.envelope;
+        let pool = match egress.pool_for(
+            &message.record.id,
+            &message.body,
+            &Envelope::domain_of(&envelope.reverse_path),
+            envelope.auth_user.as_deref(),
+        ) {
+            crate::config::egress::PoolChoice::Pool(p) => Some(p),
+            crate::config::egress::PoolChoice::None => None,
+        };
+        let message = match crate::egress::strip_pool_header(&message.body) {
+            Some(body) => Arc::new(LoadedMessage {
+                record: message.record.clone(),
+                body,
+            }),
+            None => message,
+        };
+        (message, pool)
+    }
+
+    /// A source of `pool` per destination scope of the site's recipients,
+    /// with the endpoints it can reach; recipients held back by warm-up (or
+    /// that no source can reach) come back as attempts.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn choose_sources(
+        &self,
+        egress: &crate::egress::Egress,
+        pool: usize,
+        message: &LoadedMessage,
+        site_key: &str,
+        rcpts: Vec<usize>,
+        endpoints: &[Endpoint],
+        message_id: &str,
+        now: i64,
+    ) -> (
+        Vec<(Vec<usize>, Vec<Endpoint>, Option<crate::egress::Choice>)>,
+        Vec<RcptAttempt>,
+    ) {
+        let mut by_scope: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for i in rcpts {
+            let domain = Envelope::domain_of(&message.record.envelope.recipients[i].address);
+            by_scope.entry(scope_for(&domain, site_key)).or_default().push(i);
+        }
+        let mut sends = Vec::new();
+        let mut held = Vec::new();
+        for (scope, rcpts) in by_scope {
+            match egress.choose(pool, &scope, endpoints, now, || self.share_fraction()) {
+                Ok(choice) => {
+                    self.metrics.egress_message(&choice.name);
+                    let family = egress.config().sources[choice.source].address.is_ipv4();
+                    let reachable = endpoints
+                        .iter()
+                        .filter(|e| matches!(e, Endpoint::Tcp { addr, .. } if addr.is_ipv4() == family))
+                        .cloned()
+                        .collect();
+                    sends.push((rcpts, reachable, Some(choice)));
+                }
+                Err(no) => {
+                    let (reply, until) = match no {
+                        crate::egress::NoSource::Capped { until, reply } => {
+                            self.metrics.warmup_held(&egress.config().pools[pool].name, rcpts.len());
+                            (reply, Some(until))
+                        }
+                        crate::egress::NoSource::Unreachable { reply } => (reply, None),
+                    };
+                    held.extend(
+                        deferred_all(&rcpts, &reply, message_id)
+                            .into_iter()
+                            .map(|a| RcptAttempt {
+                                not_before: until,
+                                scope: Some(scope.clone()),
+                                ..a
+                            }),
+                    );
+                }
+            }
+        }
+        (sends, held)
+    }
+
+    /// Names the source in the attempts, and gives a warm-up count back
+    /// when nothing was delivered.
+    fn settle_source(&self, choice: Option<crate::egress::Choice>, attempts: &mut [RcptAttempt]) {
+        let (Some(choice), Some(egress)) = (choice, &self.egress) else {
+            return;
+        };
+        let delivered = attempts
+            .iter()
+            .any(|a| matches!(a.outcome, RcptOutcome::Delivered { .. }));
+        for a in attempts.iter_mut() {
+            a.source = Some(choice.name.clone());
+        }
+        if let (false, Some(counted)) = (delivered, choice.counted) {
+            egress.give_back(counted);
+        }
     }
 }
 
@@ -586,6 +744,7 @@ pub(crate) fn each_rcpt(rcpts: &[usize], outcome: &RcptOutcome, message_id: &str
             not_before: None,
             scope: None,
             suppressed: false,
+            source: None,
         })
         .collect()
 }

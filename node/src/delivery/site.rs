@@ -391,6 +391,7 @@ async fn transaction(conn: &mut Connection, job: &Job) -> Result<Vec<RcptAttempt
             not_before: None,
             scope: None,
             suppressed: false,
+            source: None,
         })
         .collect())
 }

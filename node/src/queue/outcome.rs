@@ -337,6 +337,7 @@ mod tests {
             not_before: None,
             scope: None,
             suppressed: false,
+            source: None,
         }
     }
 

@@ -50,7 +50,7 @@ print(json.dumps(out))
 
 /// dkimpy with dnspython and PyNaCl (for Ed25519); false to skip, a
 /// failure under `TERN_REQUIRE_PEERS=1`.
-fn dkimpy_available() -> bool {
+pub(crate) fn dkimpy_available() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import dkim, dns.resolver, nacl"])
         .stdout(Stdio::null())
@@ -67,7 +67,7 @@ fn dkimpy_available() -> bool {
     ok
 }
 
-fn generate(args: &[&str]) -> Output {
+pub(crate) fn generate(args: &[&str]) -> Output {
     Command::new(ternctl_bin())
         .args(["dkim", "generate"])
         .args(args)
@@ -76,7 +76,7 @@ fn generate(args: &[&str]) -> Output {
 }
 
 /// dkimpy's verdicts for each file (see [`VERIFY`]) and its notes on failures.
-fn verify(dns: &DnsServer, files: &[&Path]) -> (serde_json::Value, String) {
+pub(crate) fn verify(dns: &DnsServer, files: &[&Path]) -> (serde_json::Value, String) {
     let out = Command::new("python3")
         .args(["-c", VERIFY, &dns.addr.port().to_string()])
         .args(files)

@@ -22,6 +22,7 @@ mod operators;
 mod ops;
 mod outbound_tls;
 mod peers;
+mod pools;
 mod smtp;
 mod spf_suite;
 mod submission;
