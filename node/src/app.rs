@@ -311,6 +311,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
                 config.listen_grpc,
                 metrics.admin.clone(),
             )),
+            delivery: Arc::clone(&delivery),
         });
         let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
             admin: Arc::clone(&admin),

@@ -537,6 +537,13 @@ pub struct DeliveryMetrics {
     tls_no: Counter,
     /// Site actors started again after they died (shared with [`Metrics::restarts`]).
     restarts: Restarts,
+    /// Recipients held back by shaping, by rule scope (`other` for the rest).
+    shaping_held: Family<ScopeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabel {
+    scope: String,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -561,6 +568,7 @@ impl Default for DeliveryMetrics {
             tls_yes,
             tls_no,
             restarts: Restarts::default(),
+            shaping_held: Family::default(),
         }
     }
 }
@@ -579,6 +587,16 @@ impl DeliveryMetrics {
         } else {
             self.attempt_error.observe(seconds);
         }
+    }
+
+    /// `n` recipients held back by shaping in `scope` (a rule's scope, or
+    /// `other`: the label stays bounded by the configured rules).
+    pub fn shaping_held(&self, scope: &str, n: usize) {
+        self.shaping_held
+            .get_or_create(&ScopeLabel {
+                scope: scope.to_owned(),
+            })
+            .inc_by(n as u64);
     }
 
     /// A new outbound connection, with or without TLS.
@@ -600,6 +618,11 @@ impl DeliveryMetrics {
             "tern_delivery_connections",
             "Outbound SMTP/LMTP connections made, by whether TLS is in use",
             self.connections.clone(),
+        );
+        r.register(
+            "tern_shaping_held",
+            "Recipients not attempted because their destination had no shaping slot free, by scope",
+            self.shaping_held.clone(),
         );
     }
 }

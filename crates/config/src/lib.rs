@@ -9,6 +9,7 @@
 //! - this file: [`Config`] and its parts, [`ConfigError`], [`parse_duration`].
 //! - [`dkim`]: `[[dkim]]` entries (what to sign, with which key file).
 //! - [`tls_policy`]: `[[tls_policy]]`, outbound TLS levels per domain.
+//! - [`shaping`]: `[[shaping]]`, delivery limits per destination.
 //! - [`owned`]: the sender addresses an SMTP AUTH user may use (`[auth] senders`).
 //! - [`secret`]: argon2 password hashes (users file, `[[admin_token]]`).
 //! - [`keygen`]: new DKIM key pairs (`ternctl dkim generate`).
@@ -24,6 +25,7 @@ pub mod dkim;
 pub mod keygen;
 pub mod owned;
 pub mod secret;
+pub mod shaping;
 pub mod tls_policy;
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
 pub use owned::{NotOwnable, Owned};
@@ -79,6 +81,8 @@ struct RawConfig {
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
     #[serde(default)]
     admin_token: Vec<RawAdminToken>,
+    #[serde(default)]
+    shaping: Vec<shaping::RawShaping>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -609,6 +613,8 @@ pub struct Config {
     pub inbound: InboundConfig,
     /// `[[admin_token]]`: operator bearer tokens.
     pub admin_tokens: Vec<AdminToken>,
+    /// `[[shaping]]` after the built-in grouping rules.
+    pub shaping: shaping::ShapingRules,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -1000,6 +1006,7 @@ impl Config {
             min_free_bytes: min_free_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             admin_tokens: admin_tokens(raw.admin_token)?,
+            shaping: shaping::validate(raw.shaping)?,
             listen_smtp,
             listen_submission,
             listen_submissions,

@@ -61,6 +61,9 @@ pub enum Command {
     /// Destination domains: suspend and resume deliveries.
     #[command(subcommand)]
     Domain(DomainCommand),
+    /// Per-destination shaping: matching rules, limits, shares, actions.
+    #[command(subcommand)]
+    Shaping(ShapingCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -204,6 +207,13 @@ pub struct Selection {
 /// `30s`, `5m`, `2h`, `5d` (or bare seconds) as seconds.
 pub fn parse_age(s: &str) -> Result<u64, tern_config::DurationError> {
     tern_config::parse_duration(s).map(|d| d.as_secs())
+}
+
+#[derive(Subcommand)]
+pub enum ShapingCommand {
+    /// The rules matching DOMAIN (in order), the effective limits, each
+    /// node's share and any automatic action in force.
+    Show { domain: String },
 }
 
 #[derive(Subcommand)]

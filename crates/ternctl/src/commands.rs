@@ -5,7 +5,8 @@ use serde_json::json;
 use tern_proto::admin::*;
 
 use crate::cli::{
-    Args, Command, DomainCommand, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShardCommand, StatsBy,
+    Args, Command, DomainCommand, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShapingCommand,
+    ShardCommand, StatsBy,
 };
 use crate::connect::{connect, Client};
 use crate::output::*;
@@ -116,6 +117,14 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                 .await?
                 .into_inner();
             print_stats(&r, by, since, json)?;
+        }
+        Command::Shaping(ShapingCommand::Show { domain }) => {
+            let r = client.shaping_show(ShapingShowRequest { domain }).await?.into_inner();
+            if json {
+                print_json(&crate::shaping::to_json(&r));
+            } else {
+                crate::shaping::print(&r);
+            }
         }
         Command::Domain(cmd) => {
             let reply = match cmd {

@@ -25,6 +25,7 @@ mod commands;
 mod connect;
 mod dkim;
 mod output;
+mod shaping;
 mod token;
 
 use std::process::ExitCode;

@@ -37,6 +37,8 @@ pub struct Admin {
     pub space: Arc<crate::storage::space::DiskSpace>,
     /// Who may call what (operator roles); see authz.rs.
     pub authz: Arc<authz::Authz>,
+    /// Delivery, for `shaping show` (next hops, rules, this node's limiters).
+    pub delivery: Arc<crate::delivery::Delivery>,
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -917,6 +919,27 @@ impl AdminService for Admin {
         Ok(Response::new(DomainReply {
             suspended: self.suspensions(now),
         }))
+    }
+
+    async fn shaping_show(&self, request: Request<ShapingShowRequest>) -> Result<Response<ShapingShowReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
+        let domain = request
+            .into_inner()
+            .domain
+            .trim()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if domain.is_empty()
+            || domain.len() > 253
+            || !domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(Status::invalid_argument(format!("{domain:?} is not a domain name")));
+        }
+        Ok(Response::new(
+            crate::shaping::show::show(&self.delivery, &self.groups, self.node_id, &domain).await,
+        ))
     }
 
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {

@@ -109,6 +109,8 @@ pub struct Delivery {
     control: std::sync::OnceLock<crate::cluster::control::ControlState>,
     /// Writes to the control group (automatic shaping actions, suppressions).
     writer: std::sync::OnceLock<crate::cluster::ControlWriter>,
+    /// `[[shaping]]`: scopes and cluster-wide limits per destination.
+    shaper: Arc<crate::shaping::Shaper>,
 }
 
 impl Delivery {
@@ -119,7 +121,13 @@ impl Delivery {
 
     /// Gives delivery its way to write control-group records.
     pub fn set_writer(&self, writer: crate::cluster::ControlWriter) {
+        self.shaper.set_writer(writer.clone());
         let _ = self.writer.set(writer);
+    }
+
+    /// The shaping state (rules, this node's share, limiters).
+    pub fn shaper(&self) -> &Arc<crate::shaping::Shaper> {
+        &self.shaper
     }
 
     /// The control group's state, once it is open.
@@ -152,7 +160,6 @@ impl Delivery {
         };
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
         Ok(Arc::new(Delivery {
-            config,
             resolver,
             client,
             tls,
@@ -160,6 +167,8 @@ impl Delivery {
             metrics,
             control: std::sync::OnceLock::new(),
             writer: std::sync::OnceLock::new(),
+            shaper: Arc::new(crate::shaping::Shaper::new(config.shaping.clone())),
+            config,
         }))
     }
 
@@ -252,6 +261,28 @@ impl Delivery {
         }
     }
 
+    /// The host names mail for `domain` goes to (MX or route hosts), for
+    /// shaping rules; `Err` says why there are none.
+    pub async fn next_hops(&self, domain: &str) -> Result<Vec<String>, String> {
+        match self.plan(domain).await.target {
+            Target::Remote { endpoints, .. } => {
+                let mut hosts: Vec<String> = Vec::new();
+                for e in endpoints {
+                    let name = match e {
+                        Endpoint::Tcp { host, .. } => host,
+                        Endpoint::Unix(path) => path.display().to_string(),
+                    };
+                    if !hosts.contains(&name) {
+                        hosts.push(name);
+                    }
+                }
+                Ok(hosts)
+            }
+            Target::Maildir(_) => Err("local delivery (Maildir)".into()),
+            Target::Unroutable { reply } => Err(reply),
+        }
+    }
+
     /// Asks the local MDA (LMTP `RCPT` probe) whether a recipient exists.
     /// `Ok` when it does or cannot be checked (Maildir); `Err` carries the
     /// reply line to give at RCPT time.
@@ -337,7 +368,9 @@ impl Delivery {
             let address = &message.record.envelope.recipients[i].address;
             by_domain.entry(Envelope::domain_of(address)).or_default().push(i);
         }
-        let mut by_site: BTreeMap<String, (Plan, Vec<usize>)> = BTreeMap::new();
+        let mut by_site: BTreeMap<String, (Plan, Vec<usize>, Option<crate::shaping::Destination>)> = BTreeMap::new();
+        // The shaping scope of each recipient sent to a remote site.
+        let mut scopes: Vec<Option<String>> = vec![None; message.record.envelope.recipients.len()];
         let now = chrono::Utc::now().timestamp();
         for (domain, rcpts) in by_domain {
             let plan = match self.suspended(&domain, now) {
@@ -347,15 +380,64 @@ impl Delivery {
                 },
                 None => self.plan(&domain).await,
             };
+            let mut key = plan.key.clone();
+            let mut shaped = None;
+            if let Target::Remote { endpoints, .. } = &plan.target {
+                let hosts: Vec<&str> = endpoints
+                    .iter()
+                    .filter_map(|e| match e {
+                        Endpoint::Tcp { host, .. } => Some(host.as_str()),
+                        Endpoint::Unix(_) => None,
+                    })
+                    .collect();
+                let dest = self.shaper.classify(&domain, &hosts, None);
+                for &i in &rcpts {
+                    scopes[i] = Some(dest.scope.clone());
+                }
+                let throttled = self
+                    .control
+                    .get()
+                    .and_then(|c| c.action(&dest.scope))
+                    .is_some_and(|a| a.in_force(now));
+                if throttled || !dest.limits.is_empty() {
+                    // Its own site actor: the scope's connection limits apply to it.
+                    key = format!("{key}#{}", dest.scope);
+                    shaped = Some(dest);
+                }
+            }
             by_site
-                .entry(plan.key.clone())
-                .or_insert_with(|| (plan, Vec::new()))
+                .entry(key)
+                .or_insert_with(|| (plan, Vec::new(), shaped))
                 .1
                 .extend(rcpts);
         }
         let mut waits = Vec::new();
         let mut results = Vec::new();
-        for (key, (plan, rcpts)) in by_site {
+        for (key, (plan, rcpts, shaped)) in by_site {
+            let mut conn_limits = None;
+            if let Some(dest) = &shaped {
+                let action = self.control.get().and_then(|c| c.action(&dest.scope));
+                if let crate::shaping::Admission::Hold { until, reply } =
+                    self.shaper.admit(dest, &message.record.id, action.as_ref())
+                {
+                    self.metrics
+                        .shaping_held(if dest.ruled { &dest.scope } else { "other" }, rcpts.len());
+                    results.extend(rcpts.into_iter().map(|index| RcptAttempt {
+                        index,
+                        outcome: RcptOutcome::Deferred { reply: reply.clone() },
+                        remote_host: None,
+                        remote_ip: None,
+                        tls: None,
+                        dsn_relayed: false,
+                        final_delivery: false,
+                        message_id: message_id.clone(),
+                        not_before: Some(until),
+                        scope: Some(dest.scope.clone()),
+                    }));
+                    continue;
+                }
+                conn_limits = self.shaper.connections(dest);
+            }
             match plan.target {
                 Target::Unroutable { reply } => {
                     results.extend(rcpts.into_iter().map(|index| RcptAttempt {
@@ -390,9 +472,10 @@ impl Delivery {
                         tls,
                         message_id: message_id.clone(),
                         fence: fence.clone(),
+                        conn: conn_limits,
                         reply: tx,
                     };
-                    let site = self.site(&plan.key);
+                    let site = self.site(&key);
                     if site.addr.send(site::Submit(job)).await.is_err() {
                         site.incoming.fetch_sub(1, Ordering::SeqCst);
                         results.extend(deferred_all(
@@ -402,16 +485,17 @@ impl Delivery {
                         ));
                         continue;
                     }
-                    waits.push((rcpts, rx, key));
+                    waits.push((rcpts, rx));
                 }
             }
         }
-        for (rcpts, rx, site_key) in waits {
+        for (rcpts, rx) in waits {
             match rx.await {
                 Ok(mut r) => {
                     for a in &mut r {
-                        let domain = Envelope::domain_of(&message.record.envelope.recipients[a.index].address);
-                        a.scope = Some(scope_for(&domain, &site_key));
+                        if a.scope.is_none() {
+                            a.scope = scopes.get(a.index).cloned().flatten();
+                        }
                     }
                     results.extend(r)
                 }
@@ -421,12 +505,6 @@ impl Delivery {
         results.sort_by_key(|a| a.index);
         results
     }
-}
-
-/// The shaping scope of mail to `domain` through the site `site_key`:
-/// `domain:<domain>` (shaping rules refine it, e.g. to `mx:.google.com`).
-fn scope_for(domain: &str, _site_key: &str) -> String {
-    format!("domain:{domain}")
 }
 
 /// 2xx delivered, 5xx failed, anything else deferred.

@@ -34,6 +34,9 @@ pub struct Job {
     pub message_id: String,
     /// Asked before the end of data (shard leadership).
     pub fence: Option<Arc<dyn super::fence::Fence>>,
+    /// This node's part of the scope's `[[shaping]]` connection limits
+    /// (`None`: the `[delivery]` per-site defaults).
+    pub conn: Option<crate::shaping::ConnLimits>,
     pub reply: tokio::sync::oneshot::Sender<Vec<RcptAttempt>>,
 }
 
@@ -67,6 +70,8 @@ pub struct SiteActor {
     busy_at: Instant,
     client: ClientConfig,
     max_workers: usize,
+    /// `[delivery] max_connections_per_site`: the cap when no shaping rule sets one.
+    default_workers: usize,
     per_connection: usize,
     idle: Duration,
     queue: VecDeque<Job>,
@@ -97,6 +102,7 @@ impl SiteActor {
             busy_at: Instant::now(),
             client,
             max_workers,
+            default_workers: max_workers,
             per_connection,
             idle,
             queue: VecDeque::new(),
@@ -181,6 +187,10 @@ impl Handler<Submit> for SiteActor {
     fn handle(&mut self, Submit(mut job): Submit, ctx: &mut Context<Self>) {
         self.incoming.fetch_sub(1, Ordering::SeqCst);
         self.busy_at = Instant::now();
+        // This node's share of the scope's connections follows leadership.
+        if let Some(max) = job.conn.as_ref().and_then(|c| c.max_connections) {
+            self.max_workers = max.min(self.default_workers);
+        }
         // A worker waiting with an open connection takes it at once.
         while let Some((_, tx)) = self.waiting.pop() {
             match tx.send(job) {
@@ -280,7 +290,12 @@ impl Worker {
         let mut sent = 0;
         while let Some(job) = self.next_job(&mut conn).await {
             let started = std::time::Instant::now();
-            if sent >= self.per_connection {
+            let per_connection = job
+                .conn
+                .as_ref()
+                .and_then(|c| c.messages_per_connection)
+                .unwrap_or(self.per_connection);
+            if sent >= per_connection {
                 if let Some(c) = conn.take() {
                     c.quit().await;
                 }
@@ -290,6 +305,10 @@ impl Worker {
                 conn = None;
             }
             if conn.is_none() {
+                // `connection_rate`: wait for this node's next connection slot.
+                if let Some(pacer) = job.conn.as_ref().and_then(|c| c.pacer.as_ref()) {
+                    tokio::time::sleep(pacer.reserve()).await;
+                }
                 match connect(&job, &self.client).await {
                     Ok(c) => {
                         self.metrics.connection(c.tls_active());
