@@ -20,6 +20,7 @@ mod operators;
 mod ops;
 mod outbound_tls;
 mod peers;
+mod shaping;
 mod smtp;
 mod spf_suite;
 mod submission;
