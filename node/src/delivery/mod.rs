@@ -417,8 +417,11 @@ impl Delivery {
             let mut conn_limits = None;
             if let Some(dest) = &shaped {
                 let action = self.control.get().and_then(|c| c.action(&dest.scope));
+                // Reserved per message and domain: a message's domains may
+                // share a scope but go out in separate transactions.
+                let reservation = format!("{}/{}", message.record.id, dest.domain);
                 if let crate::shaping::Admission::Hold { until, reply } =
-                    self.shaper.admit(dest, &message.record.id, action.as_ref())
+                    self.shaper.admit(dest, &reservation, action.as_ref())
                 {
                     self.metrics
                         .shaping_held(if dest.ruled { &dest.scope } else { "other" }, rcpts.len());

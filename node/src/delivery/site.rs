@@ -44,6 +44,9 @@ pub struct Job {
 /// this long stops; delivery starts a new one when mail for the site comes
 /// (a config-free constant: an idle actor costs little, but sites are many).
 pub const SITE_IDLE: Duration = Duration::from_secs(300);
+/// Longest a worker waits for a `connection_rate` slot with a job in hand;
+/// a later slot holds the message until then instead.
+const CONNECTION_SLOT_WAIT: Duration = Duration::from_secs(5);
 /// How often an actor looks whether it has been idle for [`SITE_IDLE`].
 const IDLE_CHECK: Duration = Duration::from_secs(30);
 
@@ -305,9 +308,21 @@ impl Worker {
                 conn = None;
             }
             if conn.is_none() {
-                // `connection_rate`: wait for this node's next connection slot.
+                // `connection_rate`: wait for this node's next connection
+                // slot if it is near, else hold the message until then.
                 if let Some(pacer) = job.conn.as_ref().and_then(|c| c.pacer.as_ref()) {
-                    tokio::time::sleep(pacer.reserve()).await;
+                    match pacer.reserve_within(CONNECTION_SLOT_WAIT) {
+                        Ok(wait) => tokio::time::sleep(wait).await,
+                        Err(slot) => {
+                            let reply = format!("451 4.7.0 held by shaping: connection_rate {}", pacer.rate());
+                            let mut held = deferred_all(&job.rcpts, &reply, &job.message_id);
+                            for a in &mut held {
+                                a.not_before = Some(slot);
+                            }
+                            let _ = job.reply.send(held);
+                            continue;
+                        }
+                    }
                 }
                 match connect(&job, &self.client).await {
                     Ok(c) => {

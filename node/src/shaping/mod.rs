@@ -78,16 +78,28 @@ pub struct ConnLimits {
 /// Spaces new connections of one scope on this node.
 pub struct ConnPacer {
     bucket: Mutex<(Gcra, Pace)>,
+    rate: Rate,
 }
 
 impl ConnPacer {
-    /// Reserves the next connection slot; how long to wait for it.
-    pub fn reserve(&self) -> Duration {
+    /// Reserves the next connection slot when it comes within `max`: how
+    /// long to wait for it. `Err(slot)`: not that soon (nothing reserved);
+    /// the unix time of the next slot, for holding the message until then.
+    pub fn reserve_within(&self, max: Duration) -> Result<Duration, i64> {
         let now = unix_now();
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let pace = b.1;
-        let at = b.0.reserve(now, pace);
-        Duration::from_secs_f64((at - now).max(0.0))
+        let at = b.0.earliest(now, pace);
+        if at - now > max.as_secs_f64() {
+            return Err(at.ceil() as i64);
+        }
+        b.0.take(at, pace);
+        Ok(Duration::from_secs_f64((at - now).max(0.0)))
+    }
+
+    /// The cluster-wide rate this pacer holds its share of.
+    pub fn rate(&self) -> Rate {
+        self.rate
     }
 }
 
@@ -282,9 +294,13 @@ impl Shaper {
             let pace = Pace::share_of(r, fraction, min);
             let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
             let state = scopes.entry(dest.scope.clone()).or_default();
+            if state.pacer.as_ref().is_some_and(|p| p.rate != r) {
+                state.pacer = None;
+            }
             let pacer = state.pacer.get_or_insert_with(|| {
                 Arc::new(ConnPacer {
                     bucket: Mutex::new((Gcra::default(), pace)),
+                    rate: r,
                 })
             });
             pacer.bucket.lock().unwrap_or_else(|p| p.into_inner()).1 = pace;
@@ -451,6 +467,18 @@ mod tests {
         let c = s.connections(&s.classify("x.test", &[], None)).unwrap();
         assert_eq!((c.max_connections, c.messages_per_connection), (Some(4), Some(7)));
         assert!(c.pacer.is_none());
+        // connection_rate: a near slot is waited for, a far one is not taken.
+        let s = shaper("[[shaping]]\nconnection_rate = \"1/min\"\n");
+        let pacer = s.connections(&s.classify("x.test", &[], None)).unwrap().pacer.unwrap();
+        assert!(pacer.reserve_within(Duration::from_secs(5)).unwrap() < Duration::from_millis(10));
+        let later = pacer.reserve_within(Duration::from_secs(5)).unwrap_err();
+        let now = unix_now() as i64;
+        assert!((now + 58..=now + 61).contains(&later), "{later} vs {now}");
+        assert_eq!(
+            pacer.reserve_within(Duration::from_secs(5)).unwrap_err(),
+            later,
+            "nothing was taken"
+        );
         let plain = Shaper::new(ShapingRules::default());
         assert!(plain.connections(&plain.classify("x.test", &[], None)).is_none());
     }
