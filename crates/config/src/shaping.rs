@@ -521,6 +521,22 @@ mod tests {
         assert!(e.to_string().contains("rates"), "{e}");
     }
 
+    /// The example in docs/deliverability.md parses and merges as it says.
+    #[test]
+    fn the_documented_example_is_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let doc = std::fs::read_to_string(root.join("docs/deliverability.md")).unwrap();
+        let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + doc[start..].find("```").unwrap();
+        let c = crate::Config::from_toml(&doc[start..end]).unwrap();
+        let m = c.shaping.matching("gmail.com", &["gmail-smtp-in.l.google.com"], None);
+        let names: Vec<&str> = m.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["builtin:google", "shaping[0]", "google"]);
+        assert_eq!(m.limits.messages_per_connection, Some(100));
+        assert_eq!(m.limits.max_connections, Some(10));
+        assert_eq!(m.limits.rate.unwrap().to_string(), "3600/h");
+    }
+
     #[test]
     fn builtin_rules_group_providers_without_limits() {
         let r = ShapingRules::default();
