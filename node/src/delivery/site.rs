@@ -72,9 +72,9 @@ pub struct SiteActor {
     /// When it last had a job or a worker.
     busy_at: Instant,
     client: ClientConfig,
+    /// `[delivery] max_connections_per_site`, or this node's part of a
+    /// `[[shaping]]` rule's `max_connections` (from the latest job).
     max_workers: usize,
-    /// `[delivery] max_connections_per_site`: the cap when no shaping rule sets one.
-    default_workers: usize,
     per_connection: usize,
     idle: Duration,
     queue: VecDeque<Job>,
@@ -105,7 +105,6 @@ impl SiteActor {
             busy_at: Instant::now(),
             client,
             max_workers,
-            default_workers: max_workers,
             per_connection,
             idle,
             queue: VecDeque::new(),
@@ -192,7 +191,7 @@ impl Handler<Submit> for SiteActor {
         self.busy_at = Instant::now();
         // This node's share of the scope's connections follows leadership.
         if let Some(max) = job.conn.as_ref().and_then(|c| c.max_connections) {
-            self.max_workers = max.min(self.default_workers);
+            self.max_workers = max;
         }
         // A worker waiting with an open connection takes it at once.
         while let Some((_, tx)) = self.waiting.pop() {

@@ -193,4 +193,9 @@ fn an_mx_suffix_rule_puts_two_domains_in_one_budget() {
             .chain(&b)
             .all(|t| got.iter().any(|m| m.contains(&format!("<{t}@tern.test>"))))
     });
+    // Holding shows in the metrics under the rule's scope (at least the
+    // eight messages beyond the first two slots were held once).
+    let samples = crate::metrics::scrape(&node);
+    let held = crate::metrics::sum(&samples, "tern_shaping_held_total", &[("scope", "mx:.prov.test")]);
+    assert!(held >= 8.0, "held {held}");
 }
