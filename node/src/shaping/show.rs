@@ -85,7 +85,13 @@ pub async fn show(delivery: &Delivery, groups: &Groups, node_id: NodeId, domain:
         .into_iter()
         .map(|id| {
             let led = hosted.iter().filter(|h| h.leader() == Some(id)).count() as u64;
-            let fraction = if shards == 0 { 1.0 } else { led as f64 / shards as f64 };
+            // No shard known yet: this node counts as delivering everything
+            // (as its limiters do), the others as nothing.
+            let (led, shards, fraction) = match shards {
+                0 if id == node_id => (1, 1, 1.0),
+                0 => (0, 1, 0.0),
+                _ => (led, shards, led as f64 / shards as f64),
+            };
             pb::ShapingNodeShare {
                 node_id: id,
                 shards_led: led,
