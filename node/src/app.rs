@@ -315,6 +315,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
                 metrics.admin.clone(),
             )),
             egress: delivery.egress().cloned(),
+            delivery: Arc::clone(&delivery),
         });
         let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
             admin: Arc::clone(&admin),

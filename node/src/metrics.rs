@@ -568,6 +568,8 @@ pub struct DeliveryMetrics {
     tls_no: Counter,
     /// Site actors started again after they died (shared with [`Metrics::restarts`]).
     restarts: Restarts,
+    /// Recipients held back by shaping, by rule scope (`other` for the rest).
+    shaping_held: Family<ScopeLabel, Counter>,
     /// Messages handed to each egress source (per destination scope).
     egress_messages: Family<EgressLabel, Counter>,
     /// Recipients held back because every source of a pool was at its warm-up cap.
@@ -588,6 +590,11 @@ pub struct DeliveryMetrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabel {
     action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabel {
+    scope: String,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -618,6 +625,7 @@ impl Default for DeliveryMetrics {
             backoff_recipients: Family::default(),
             egress_messages: Family::default(),
             warmup_held: Family::default(),
+            shaping_held: Family::default(),
         }
     }
 }
@@ -677,6 +685,16 @@ impl DeliveryMetrics {
             .inc_by(recipients as u64);
     }
 
+    /// `n` recipients held back by shaping in `scope` (a rule's scope, or
+    /// `other`: the label stays bounded by the configured rules).
+    pub fn shaping_held(&self, scope: &str, n: usize) {
+        self.shaping_held
+            .get_or_create(&ScopeLabel {
+                scope: scope.to_owned(),
+            })
+            .inc_by(n as u64);
+    }
+
     /// A new outbound connection, with or without TLS.
     pub fn connection(&self, tls: bool) {
         if tls {
@@ -726,6 +744,11 @@ impl DeliveryMetrics {
             "tern_egress_warmup_held",
             "Recipients held back until the next UTC day because every source of the pool was at its warm-up cap",
             self.warmup_held.clone(),
+        );
+        r.register(
+            "tern_shaping_held",
+            "Recipients not attempted because their destination had no shaping slot free, by scope",
+            self.shaping_held.clone(),
         );
     }
 }

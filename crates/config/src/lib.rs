@@ -11,6 +11,7 @@
 //! - [`tls_policy`]: `[[tls_policy]]`, outbound TLS levels per domain.
 //! - [`backoff`]: `[[backoff]]`, automatic actions from remote replies, and the shipped defaults.
 //! - [`egress`]: `[[source]]`, `[[pool]]`, `[[pool_rule]]`: egress addresses, pools, warm-up.
+//! - [`shaping`]: `[[shaping]]`, delivery limits per destination.
 //! - [`owned`]: the sender addresses an SMTP AUTH user may use (`[auth] senders`).
 //! - [`secret`]: argon2 password hashes (users file, `[[admin_token]]`).
 //! - [`keygen`]: new DKIM key pairs (`ternctl dkim generate`).
@@ -31,6 +32,7 @@ pub mod fbl;
 pub mod keygen;
 pub mod owned;
 pub mod secret;
+pub mod shaping;
 pub mod tls_policy;
 pub use backoff::{BackoffAction, BackoffRule, BackoffScope, CodeMatch};
 pub use bounce::{ClassRule, SuppressionConfig, SuppressionScope};
@@ -102,6 +104,8 @@ struct RawConfig {
     bounce_class: Vec<bounce::RawBounceClass>,
     #[serde(default)]
     suppression: bounce::RawSuppression,
+    #[serde(default)]
+    shaping: Vec<shaping::RawShaping>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -645,6 +649,8 @@ pub struct Config {
     pub bounce_classes: Vec<ClassRule>,
     /// `[suppression]`: automatic additions to the suppression list.
     pub suppression: SuppressionConfig,
+    /// `[[shaping]]` after the built-in grouping rules.
+    pub shaping: shaping::ShapingRules,
 }
 
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
@@ -1044,6 +1050,7 @@ impl Config {
             min_free_bytes: min_free_mb << 20,
             advertise_grpc: raw.cluster.advertise_grpc.unwrap_or_else(|| listen_grpc.to_string()),
             admin_tokens: admin_tokens(raw.admin_token)?,
+            shaping: shaping::validate(raw.shaping)?,
             listen_smtp,
             listen_submission,
             listen_submissions,

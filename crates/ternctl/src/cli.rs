@@ -64,7 +64,7 @@ pub enum Command {
     /// The cluster's suppression list: recipients no mail is attempted to.
     #[command(subcommand)]
     Suppression(SuppressionCommand),
-    /// Delivery shaping: automatic actions ([[backoff]]).
+    /// Per-destination shaping: matching rules, limits, shares, automatic actions.
     #[command(subcommand)]
     Shaping(ShapingCommand),
     /// Egress pools: sources, weights and warm-up progress.
@@ -280,6 +280,9 @@ pub enum DomainCommand {
 
 #[derive(Subcommand)]
 pub enum ShapingCommand {
+    /// The rules matching DOMAIN (in order), the effective limits, each
+    /// node's share and any automatic action in force.
+    Show { domain: String },
     /// Lift an automatic action (suspend, throttle, bounce) before it runs out.
     Clear {
         /// Its scope, as the shaping event names it (domain:example.com, mx:.google.com).

@@ -140,6 +140,14 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
             }
         }
         Command::Pool(crate::cli::PoolCommand::Show) => crate::pool::show(&mut client, json).await?,
+        Command::Shaping(ShapingCommand::Show { domain }) => {
+            let r = client.shaping_show(ShapingShowRequest { domain }).await?.into_inner();
+            if json {
+                print_json(&crate::shaping::to_json(&r));
+            } else {
+                crate::shaping::print(&r);
+            }
+        }
         Command::Domain(cmd) => {
             let reply = match cmd {
                 DomainCommand::Suspend {

@@ -28,6 +28,7 @@ mod connect;
 mod dkim;
 mod output;
 mod pool;
+mod shaping;
 mod suppression;
 mod token;
 

@@ -40,6 +40,8 @@ pub struct Admin {
     pub authz: Arc<authz::Authz>,
     /// Egress pools and warm-up progress (`ternctl pool show`); `None` without pools.
     pub egress: crate::egress::SharedEgress,
+    /// Delivery, for `shaping show` (next hops, rules, this node's limiters).
+    pub delivery: Arc<crate::delivery::Delivery>,
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -1065,6 +1067,27 @@ impl AdminService for Admin {
             share,
             pools: pools.into_iter().map(crate::egress::PoolStatus::into_proto).collect(),
         }))
+    }
+
+    async fn shaping_show(&self, request: Request<ShapingShowRequest>) -> Result<Response<ShapingShowReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
+        let domain = request
+            .into_inner()
+            .domain
+            .trim()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if domain.is_empty()
+            || domain.len() > 253
+            || !domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(Status::invalid_argument(format!("{domain:?} is not a domain name")));
+        }
+        Ok(Response::new(
+            crate::shaping::show::show(&self.delivery, &self.groups, self.node_id, &domain).await,
+        ))
     }
 
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {

@@ -123,6 +123,8 @@ pub struct Delivery {
     backoff: crate::backoff::Backoff,
     /// `[[pool]]`s and their sources; `None` without pools.
     egress: crate::egress::SharedEgress,
+    /// `[[shaping]]`: scopes and cluster-wide limits per destination.
+    shaper: Arc<crate::shaping::Shaper>,
 }
 
 impl Delivery {
@@ -142,7 +144,13 @@ impl Delivery {
                 self.metrics.clone(),
             ));
         }
+        self.shaper.set_writer(writer.clone());
         let _ = self.writer.set(writer);
+    }
+
+    /// The shaping state (rules, this node's share, limiters).
+    pub fn shaper(&self) -> &Arc<crate::shaping::Shaper> {
+        &self.shaper
     }
 
     /// The bounce classifier (`[[bounce_class]]` first, then the shipped table).
@@ -234,6 +242,7 @@ impl Delivery {
             writer: std::sync::OnceLock::new(),
             classifier: crate::bounce::Classifier::new(config.bounce_classes.clone()),
             auto_suppress: std::sync::OnceLock::new(),
+            shaper: Arc::new(crate::shaping::Shaper::new(config.shaping.clone())),
             config,
         }))
     }
@@ -324,6 +333,28 @@ impl Delivery {
                 };
                 unroutable(format!("{code} {status} {domain}: {text}"))
             }
+        }
+    }
+
+    /// The host names mail for `domain` goes to (MX or route hosts), for
+    /// shaping rules; `Err` says why there are none.
+    pub async fn next_hops(&self, domain: &str) -> Result<Vec<String>, String> {
+        match self.plan(domain).await.target {
+            Target::Remote { endpoints, .. } => {
+                let mut hosts: Vec<String> = Vec::new();
+                for e in endpoints {
+                    let name = match e {
+                        Endpoint::Tcp { host, .. } => host,
+                        Endpoint::Unix(path) => path.display().to_string(),
+                    };
+                    if !hosts.contains(&name) {
+                        hosts.push(name);
+                    }
+                }
+                Ok(hosts)
+            }
+            Target::Maildir(_) => Err("local delivery (Maildir)".into()),
+            Target::Unroutable { reply } => Err(reply),
         }
     }
 
@@ -434,7 +465,9 @@ impl Delivery {
             let address = &message.record.envelope.recipients[i].address;
             by_domain.entry(Envelope::domain_of(address)).or_default().push(i);
         }
-        let mut by_site: BTreeMap<String, (Plan, Vec<usize>)> = BTreeMap::new();
+        let mut by_site: BTreeMap<String, (Plan, Vec<usize>, Option<crate::shaping::Destination>)> = BTreeMap::new();
+        // The shaping scope of each recipient sent to a remote site.
+        let mut scopes: Vec<Option<String>> = vec![None; message.record.envelope.recipients.len()];
         for (domain, rcpts) in by_domain {
             let plan = match self.suspended(&domain, now) {
                 Some(reply) => Plan {
@@ -443,22 +476,68 @@ impl Delivery {
                 },
                 None => self.plan(&domain).await,
             };
-            // Automatic actions are kept per shaping scope, known once planned.
-            if matches!(plan.target, Target::Remote { .. }) {
-                let scope = scope_for(&domain, &plan.key);
-                if let Some(held) = self.backoff.held(self.control(), &scope, None, now) {
-                    results.extend(held_attempts(&rcpts, held, &scope, &message_id, &self.metrics));
+            let mut key = plan.key.clone();
+            let mut shaped = None;
+            if let Target::Remote { endpoints, .. } = &plan.target {
+                let hosts: Vec<&str> = endpoints
+                    .iter()
+                    .filter_map(|e| match e {
+                        Endpoint::Tcp { host, .. } => Some(host.as_str()),
+                        Endpoint::Unix(_) => None,
+                    })
+                    .collect();
+                let dest = self.shaper.classify(&domain, &hosts, None);
+                // Automatic actions are kept per shaping scope, known once planned.
+                if let Some(held) = self.backoff.held(self.control(), &dest.scope, None, now) {
+                    results.extend(held_attempts(&rcpts, held, &dest.scope, &message_id, &self.metrics));
                     continue;
+                }
+                for &i in &rcpts {
+                    scopes[i] = Some(dest.scope.clone());
+                }
+                let throttled = self
+                    .control
+                    .get()
+                    .and_then(|c| c.action(&dest.scope))
+                    .is_some_and(|a| a.in_force(now));
+                if throttled || !dest.limits.is_empty() {
+                    // Its own site actor: the scope's connection limits apply to it.
+                    key = format!("{key}#{}", dest.scope);
+                    shaped = Some(dest);
                 }
             }
             by_site
-                .entry(plan.key.clone())
-                .or_insert_with(|| (plan, Vec::new()))
+                .entry(key)
+                .or_insert_with(|| (plan, Vec::new(), shaped))
                 .1
                 .extend(rcpts);
         }
         let mut waits = Vec::new();
-        for (key, (plan, rcpts)) in by_site {
+        for (key, (plan, rcpts, shaped)) in by_site {
+            let mut conn_limits = None;
+            if let Some(dest) = &shaped {
+                let action = self.control.get().and_then(|c| c.action(&dest.scope));
+                // Reserved per message and domain: a message's domains may
+                // share a scope but go out in separate transactions.
+                let reservation = format!("{}/{}", message.record.id, dest.domain);
+                if let crate::shaping::Admission::Hold { until, reply } =
+                    self.shaper.admit(dest, &reservation, action.as_ref())
+                {
+                    self.metrics
+                        .shaping_held(if dest.ruled { &dest.scope } else { "other" }, rcpts.len());
+                    results.extend(
+                        deferred_all(&rcpts, &reply, &message_id)
+                            .into_iter()
+                            .map(|a| RcptAttempt {
+                                not_before: Some(until),
+                                scope: Some(dest.scope.clone()),
+                                ..a
+                            }),
+                    );
+                    continue;
+                }
+                conn_limits = self.shaper.connections(dest);
+            }
             match plan.target {
                 Target::Unroutable { reply } => {
                     results.extend(rcpts.into_iter().map(|index| RcptAttempt {
@@ -495,8 +574,16 @@ impl Delivery {
                     let sends = match egress {
                         None => vec![(rcpts, endpoints, None)],
                         Some((egress, pool)) => {
-                            let (sends, held) =
-                                self.choose_sources(egress, pool, &message, &key, rcpts, &endpoints, &message_id, now);
+                            let (sends, held) = self.choose_sources(
+                                egress,
+                                pool,
+                                &message,
+                                &scopes,
+                                rcpts,
+                                &endpoints,
+                                &message_id,
+                                now,
+                            );
                             results.extend(held);
                             sends
                         }
@@ -511,6 +598,7 @@ impl Delivery {
                             tls: tls.clone(),
                             message_id: message_id.clone(),
                             fence: fence.clone(),
+                            conn: conn_limits.clone(),
                             reply: tx,
                         };
                         // A source has its own site actor (its own connections, its address and EHLO name).
@@ -534,17 +622,18 @@ impl Delivery {
                             ));
                             continue;
                         }
-                        waits.push((rcpts, rx, key.clone(), choice));
+                        waits.push((rcpts, rx, choice));
                     }
                 }
             }
         }
-        for (rcpts, rx, site_key, choice) in waits {
+        for (rcpts, rx, choice) in waits {
             match rx.await {
                 Ok(mut r) => {
                     for a in &mut r {
-                        let domain = Envelope::domain_of(&message.record.envelope.recipients[a.index].address);
-                        a.scope = Some(scope_for(&domain, &site_key));
+                        if a.scope.is_none() {
+                            a.scope = scopes.get(a.index).cloned().flatten();
+                        }
                     }
                     let replies = r.iter().filter(|a| a.not_before.is_none()).filter_map(|a| {
                         let (RcptOutcome::Deferred { reply } | RcptOutcome::Failed { reply }) = &a.outcome else {
@@ -603,7 +692,7 @@ impl Delivery {
         egress: &crate::egress::Egress,
         pool: usize,
         message: &LoadedMessage,
-        site_key: &str,
+        scopes: &[Option<String>],
         rcpts: Vec<usize>,
         endpoints: &[Endpoint],
         message_id: &str,
@@ -614,8 +703,14 @@ impl Delivery {
     ) {
         let mut by_scope: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for i in rcpts {
-            let domain = Envelope::domain_of(&message.record.envelope.recipients[i].address);
-            by_scope.entry(scope_for(&domain, site_key)).or_default().push(i);
+            let scope = match scopes.get(i).cloned().flatten() {
+                Some(scope) => scope,
+                None => format!(
+                    "domain:{}",
+                    Envelope::domain_of(&message.record.envelope.recipients[i].address)
+                ),
+            };
+            by_scope.entry(scope).or_default().push(i);
         }
         let mut sends = Vec::new();
         let mut held = Vec::new();
@@ -670,12 +765,6 @@ impl Delivery {
             egress.give_back(counted);
         }
     }
-}
-
-/// The shaping scope of mail to `domain` through the site `site_key`:
-/// `domain:<domain>` (shaping rules refine it, e.g. to `mx:.google.com`).
-fn scope_for(domain: &str, _site_key: &str) -> String {
-    format!("domain:{domain}")
 }
 
 /// The attempts of recipients an automatic action keeps from `scope`.

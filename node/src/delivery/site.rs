@@ -34,6 +34,9 @@ pub struct Job {
     pub message_id: String,
     /// Asked before the end of data (shard leadership).
     pub fence: Option<Arc<dyn super::fence::Fence>>,
+    /// This node's part of the scope's `[[shaping]]` connection limits
+    /// (`None`: the `[delivery]` per-site defaults).
+    pub conn: Option<crate::shaping::ConnLimits>,
     pub reply: tokio::sync::oneshot::Sender<Vec<RcptAttempt>>,
 }
 
@@ -41,6 +44,9 @@ pub struct Job {
 /// this long stops; delivery starts a new one when mail for the site comes
 /// (a config-free constant: an idle actor costs little, but sites are many).
 pub const SITE_IDLE: Duration = Duration::from_secs(300);
+/// Longest a worker waits for a `connection_rate` slot with a job in hand;
+/// a later slot holds the message until then instead.
+const CONNECTION_SLOT_WAIT: Duration = Duration::from_secs(5);
 /// How often an actor looks whether it has been idle for [`SITE_IDLE`].
 const IDLE_CHECK: Duration = Duration::from_secs(30);
 
@@ -66,6 +72,8 @@ pub struct SiteActor {
     /// When it last had a job or a worker.
     busy_at: Instant,
     client: ClientConfig,
+    /// `[delivery] max_connections_per_site`, or this node's part of a
+    /// `[[shaping]]` rule's `max_connections` (from the latest job).
     max_workers: usize,
     per_connection: usize,
     idle: Duration,
@@ -181,6 +189,10 @@ impl Handler<Submit> for SiteActor {
     fn handle(&mut self, Submit(mut job): Submit, ctx: &mut Context<Self>) {
         self.incoming.fetch_sub(1, Ordering::SeqCst);
         self.busy_at = Instant::now();
+        // This node's share of the scope's connections follows leadership.
+        if let Some(max) = job.conn.as_ref().and_then(|c| c.max_connections) {
+            self.max_workers = max;
+        }
         // A worker waiting with an open connection takes it at once.
         while let Some((_, tx)) = self.waiting.pop() {
             match tx.send(job) {
@@ -280,7 +292,12 @@ impl Worker {
         let mut sent = 0;
         while let Some(job) = self.next_job(&mut conn).await {
             let started = std::time::Instant::now();
-            if sent >= self.per_connection {
+            let per_connection = job
+                .conn
+                .as_ref()
+                .and_then(|c| c.messages_per_connection)
+                .unwrap_or(self.per_connection);
+            if sent >= per_connection {
                 if let Some(c) = conn.take() {
                     c.quit().await;
                 }
@@ -290,6 +307,22 @@ impl Worker {
                 conn = None;
             }
             if conn.is_none() {
+                // `connection_rate`: wait for this node's next connection
+                // slot if it is near, else hold the message until then.
+                if let Some(pacer) = job.conn.as_ref().and_then(|c| c.pacer.as_ref()) {
+                    match pacer.reserve_within(CONNECTION_SLOT_WAIT) {
+                        Ok(wait) => tokio::time::sleep(wait).await,
+                        Err(slot) => {
+                            let reply = format!("451 4.7.0 held by shaping: connection_rate {}", pacer.rate());
+                            let mut held = deferred_all(&job.rcpts, &reply, &job.message_id);
+                            for a in &mut held {
+                                a.not_before = Some(slot);
+                            }
+                            let _ = job.reply.send(held);
+                            continue;
+                        }
+                    }
+                }
                 match connect(&job, &self.client).await {
                     Ok(c) => {
                         self.metrics.connection(c.tls_active());

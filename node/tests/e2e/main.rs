@@ -23,6 +23,7 @@ mod ops;
 mod outbound_tls;
 mod peers;
 mod pools;
+mod shaping;
 mod smtp;
 mod spf_suite;
 mod submission;

@@ -156,6 +156,10 @@ fn tokens_authenticate_and_roles_limit_what_each_may_do() {
     assert_ok(&ctl(&node, &viewer, &["status"]), "viewer status");
     assert!(queued(&node, &viewer, &id));
     assert_ok(&ctl(&node, &viewer, &["queue", "show", &id]), "viewer queue show");
+    assert_ok(
+        &ctl(&node, &viewer, &["shaping", "show", "example.test"]),
+        "viewer shaping show",
+    );
     assert_refused(
         &ctl(&node, &viewer, &["queue", "delete", &id]),
         "viewer queue delete",
@@ -400,6 +404,7 @@ fn a_non_loopback_node_without_credentials_refuses_every_operator_call() {
         vec!["queue", "show", &id],
         vec!["member", "list"],
         vec!["domain", "list"],
+        vec!["shaping", "show", "example.test"],
         vec!["stats"],
         vec!["queue", "delete", &id],
         vec!["member", "add", "--id", "2", "--addr", "127.0.0.1:9"],
