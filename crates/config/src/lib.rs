@@ -91,6 +91,7 @@ struct RawConfig {
     tls_policy: Vec<tls_policy::RawTlsPolicy>,
     #[serde(default)]
     backoff: Vec<backoff::RawBackoff>,
+    #[serde(default)]
     source: Vec<egress::RawSource>,
     #[serde(default)]
     pool: Vec<egress::RawPool>,

@@ -526,6 +526,7 @@ mod tests {
     fn the_documented_example_is_valid() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let doc = std::fs::read_to_string(root.join("docs/deliverability.md")).unwrap();
+        let doc = &doc[doc.find("\n## Shaping\n").unwrap()..];
         let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
         let end = start + doc[start..].find("```").unwrap();
         let c = crate::Config::from_toml(&doc[start..end]).unwrap();
@@ -535,6 +536,30 @@ mod tests {
         assert_eq!(m.limits.messages_per_connection, Some(100));
         assert_eq!(m.limits.max_connections, Some(10));
         assert_eq!(m.limits.rate.unwrap().to_string(), "3600/h");
+    }
+
+    /// The bulk sender's setup at the top of docs/deliverability.md is a
+    /// valid configuration and means what the text under it says.
+    #[test]
+    fn the_bulk_sender_example_is_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let doc = std::fs::read_to_string(root.join("docs/deliverability.md")).unwrap();
+        let doc = &doc[doc.find("\n## A bulk sender's setup\n").unwrap()..];
+        let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + doc[start..].find("```").unwrap();
+        let c = crate::Config::from_toml(&doc[start..end]).unwrap();
+        let m = c.shaping.matching("gmail.com", &["gmail-smtp-in.l.google.com"], None);
+        assert_eq!(m.limits.rate.unwrap().to_string(), "6000/h");
+        assert_eq!(m.limits.max_connections, Some(20));
+        assert_eq!(m.limits.messages_per_connection, Some(100));
+        assert_eq!(c.egress.sources.len(), 4);
+        assert_eq!(c.egress.pools.len(), 2);
+        assert_eq!(c.backoff[0].name, "slow-down");
+        assert_eq!(
+            c.suppression.expire_after,
+            Some(std::time::Duration::from_secs(180 * 86400))
+        );
+        assert_eq!(c.fbl.addresses, ["fbl@example.com"]);
     }
 
     #[test]
