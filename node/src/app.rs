@@ -234,9 +234,10 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let groups = Arc::clone(&host.groups);
     if let Some(control) = groups.get(CONTROL_GROUP) {
         delivery.set_control(crate::cluster::control::ControlState::new(control.sm.tree()));
-        metrics
-            .fbl
-            .set_control(crate::cluster::control::ControlState::new(control.sm.tree()));
+        let state = crate::cluster::control::ControlState::new(control.sm.tree());
+        metrics.fbl.set_counter(Box::new(move || {
+            crate::bounce::suppress::count_by_class(&state, chrono::Utc::now().timestamp())
+        }));
     }
     let cluster = Arc::new(Cluster::new(
         config.node_id,

@@ -12,9 +12,12 @@
 //!   queue's Raft rules (`queue/apply.rs`), the shard writers.
 //! - [`backoff`]: `[[backoff]]` rules turning remote replies into automatic
 //!   shaping actions held in the control group, and their effect on delivery.
-//! - [`delivery`]: routing, MX resolution, site actors, the SMTP/LMTP client.
+//! - [`delivery`]: routing, MX resolution, site actors, the SMTP/LMTP client,
+//!   egress sources, pools and warm-up (`delivery/egress.rs`).
+//! - [`shaping`]: `[[shaping]]` rules and the cluster-wide rate and connection limits.
+//! - [`bounce`]: bounce classes and the suppression list (checks, automatic additions).
+//! - [`fbl`]: feedback-loop (ARF) reports taken at `[fbl]` addresses.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
-//! - [`egress`]: egress sources, pools and warm-up (which address mail leaves from).
 //! - [`cluster`]: the control group's rules and the cluster controller
 //!   (placement, reconciliation, leader moves, peer calls and forwarding).
 //! - [`peer`]: the `PeerService` server (node-to-node calls other than Raft).
@@ -37,7 +40,6 @@ pub mod config;
 pub mod delivery;
 pub mod disk_guard;
 pub mod dsn;
-pub mod egress;
 pub mod fbl;
 pub use tern_model::envelope;
 pub mod http;

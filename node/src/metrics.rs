@@ -881,7 +881,7 @@ pub struct Metrics {
     /// `tern_actor_restarts_total{actor}` (see [`Restarts`]).
     pub restarts: Restarts,
     /// `tern_fbl_reports_total{result}`, `tern_suppressions{class}`.
-    pub fbl: crate::fbl::FblMetrics,
+    pub fbl: FblMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -919,7 +919,7 @@ impl Metrics {
         storage.register(&mut registry);
         webhook.register(&mut registry);
         admin.register(&mut registry);
-        let fbl = crate::fbl::FblMetrics::default();
+        let fbl = FblMetrics::default();
         fbl.register(&mut registry);
         let peer_refused = PeerRefusals::default();
         let r = &mut registry;
@@ -1234,5 +1234,109 @@ pub struct Restarts(Family<ActorLabel, Counter>);
 impl Restarts {
     pub fn inc(&self, actor: &'static str) {
         self.0.get_or_create(&ActorLabel { actor }).inc();
+    }
+}
+
+/// Counts the suppression list's entries in force by class (given once the
+/// control group is open; the metrics do not read it themselves).
+pub type SuppressionCounter = Box<dyn Fn() -> std::collections::BTreeMap<String, i64> + Send + Sync>;
+
+/// `tern_fbl_reports_total{result}` and the `tern_suppressions{class}` gauge.
+#[derive(Clone, Default)]
+pub struct FblMetrics {
+    reports: Family<ResultLabel, Counter>,
+    counter: Arc<std::sync::OnceLock<SuppressionCounter>>,
+}
+
+impl std::fmt::Debug for FblMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FblMetrics").finish_non_exhaustive()
+    }
+}
+
+impl FblMetrics {
+    /// One feedback report had `result`.
+    pub fn count(&self, result: &'static str) {
+        self.reports.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Gives the suppression gauge its way to count the list.
+    pub fn set_counter(&self, counter: SuppressionCounter) {
+        let _ = self.counter.set(counter);
+    }
+
+    pub fn register(&self, r: &mut Registry) {
+        for result in ["complaint", "malformed", "no_recipient", "untrusted", "failed"] {
+            let _ = self.reports.get_or_create(&ResultLabel { result });
+        }
+        r.register(
+            "tern_fbl_reports",
+            "Feedback-loop reports received, by result (complaint, malformed, no_recipient, untrusted: reporter not in fbl.reporters, failed: not recorded, answered 451)",
+            self.reports.clone(),
+        );
+        r.register_collector(Box::new(SuppressionGauge {
+            counter: Arc::clone(&self.counter),
+            cache: std::sync::Mutex::new(None),
+        }));
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SuppressionClassLabel {
+    class: String,
+}
+
+/// How long one count of a long suppression list serves scrapes: counting
+/// walks the whole list, which may hold millions of entries.
+const SUPPRESSION_COUNT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// A count that took less than this is not kept (a short list is counted
+/// at every scrape, exactly).
+const SUPPRESSION_COUNT_CHEAP: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Counts kept from a long count: when, and the counts.
+type CountCache = Option<(std::time::Instant, std::collections::BTreeMap<String, i64>)>;
+
+/// Entries of the suppression list in force, by class, counted from this
+/// node's replica of the control group (a long list at most once a minute).
+struct SuppressionGauge {
+    counter: Arc<std::sync::OnceLock<SuppressionCounter>>,
+    cache: std::sync::Mutex<CountCache>,
+}
+
+impl std::fmt::Debug for SuppressionGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SuppressionGauge").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for SuppressionGauge {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let Some(counter) = self.counter.get() else {
+            return Ok(());
+        };
+        let counts = {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.as_ref() {
+                Some((at, counts)) if at.elapsed() < SUPPRESSION_COUNT_TTL => counts.clone(),
+                _ => {
+                    let started = std::time::Instant::now();
+                    let counts = counter();
+                    *cache = (started.elapsed() >= SUPPRESSION_COUNT_CHEAP).then(|| (started, counts.clone()));
+                    counts
+                }
+            }
+        };
+        let family = Family::<SuppressionClassLabel, Gauge>::default();
+        for (class, n) in counts {
+            family.get_or_create(&SuppressionClassLabel { class }).set(n);
+        }
+        let metric = encoder.encode_descriptor(
+            "tern_suppressions",
+            "Entries of the suppression list in force, by class, in this node's replica of the control group (counted at most once a minute)",
+            None,
+            family.metric_type(),
+        )?;
+        family.encode(metric)
     }
 }

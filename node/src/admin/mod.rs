@@ -15,6 +15,7 @@ use tern_proto::admin::*;
 
 pub mod audit;
 pub mod authz;
+pub mod shaping;
 pub mod suppression;
 pub use crate::cluster;
 use crate::pki::Role;
@@ -39,7 +40,7 @@ pub struct Admin {
     /// Who may call what (operator roles); see authz.rs.
     pub authz: Arc<authz::Authz>,
     /// Egress pools and warm-up progress (`ternctl pool show`); `None` without pools.
-    pub egress: crate::egress::SharedEgress,
+    pub egress: crate::delivery::egress::SharedEgress,
     /// Delivery, for `shaping show` (next hops, rules, this node's limiters).
     pub delivery: Arc<crate::delivery::Delivery>,
 }
@@ -1065,7 +1066,10 @@ impl AdminService for Admin {
         Ok(Response::new(PoolShowReply {
             node: self.node_id,
             share,
-            pools: pools.into_iter().map(crate::egress::PoolStatus::into_proto).collect(),
+            pools: pools
+                .into_iter()
+                .map(crate::delivery::egress::PoolStatus::into_proto)
+                .collect(),
         }))
     }
 
@@ -1086,7 +1090,7 @@ impl AdminService for Admin {
             return Err(Status::invalid_argument(format!("{domain:?} is not a domain name")));
         }
         Ok(Response::new(
-            crate::shaping::show::show(&self.delivery, &self.groups, self.node_id, &domain).await,
+            shaping::show(&self.delivery, &self.groups, self.node_id, &domain).await,
         ))
     }
 

@@ -34,7 +34,7 @@ use tern_model::peer::Operation;
 use tern_model::shaping::{ActionKind, AutoAction};
 
 use crate::cluster::control::ControlState;
-use crate::cluster::ControlWriter;
+use crate::cluster::writer::ControlWriter;
 use crate::config::{BackoffAction, BackoffRule, BackoffScope};
 use crate::metrics::DeliveryMetrics;
 use crate::raft::NodeId;
@@ -127,7 +127,7 @@ impl Backoff {
     /// which are ours).
     pub fn observe<'a>(
         &self,
-        replies: impl IntoIterator<Item = (&'a str, &'a str)>,
+        replies: impl IntoIterator<Item = (&'a str, &'a str, Option<&'a str>)>,
         control: Option<&ControlState>,
         writer: Option<&ControlWriter>,
     ) {
@@ -138,12 +138,12 @@ impl Backoff {
             return;
         };
         let now = chrono::Utc::now().timestamp();
-        for (reply, scope) in replies {
+        for (reply, scope, source) in replies {
             let Some(rule) = rules::first_match(&self.rules, reply) else {
                 continue;
             };
-            // Attempts name no egress source yet: source-scoped rules act on the destination.
-            let key = Self::key(rule.scope, scope, None);
+            // Without egress pools an attempt names no source: source-scoped rules act on the destination.
+            let key = Self::key(rule.scope, scope, source);
             let action = AutoAction {
                 kind: kind_of(rule.action),
                 since: now,

@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 
 use super::Class;
 use crate::cluster::control::ControlState;
-use crate::cluster::{ClusterError, ControlWriter};
+use crate::cluster::error::ClusterError;
+use crate::cluster::writer::ControlWriter;
 use crate::config::{SuppressionConfig, SuppressionScope};
 use crate::metrics::DeliveryMetrics;
 
@@ -255,6 +256,32 @@ async fn purge_expired(writer: &ControlWriter, control: &ControlState) {
         Ok(_) => tracing::info!(entries = n, "expired suppressions removed"),
         Err(e) => tracing::warn!(error = %e, entries = n, "expired suppressions not removed"),
     }
+}
+
+/// Entries read per page while counting.
+const COUNT_PAGE: usize = 10_000;
+
+/// Entries of the suppression list in force at `now`, by class, in this
+/// node's replica of the control group (a walk over the whole list).
+pub fn count_by_class(control: &ControlState, now: i64) -> std::collections::BTreeMap<String, i64> {
+    let mut counts = std::collections::BTreeMap::new();
+    let mut after: Option<SuppressionKey> = None;
+    loop {
+        let page = control.suppressions(after.as_ref(), COUNT_PAGE);
+        for s in page.iter().filter(|s| s.in_force(now)) {
+            *counts.entry(s.class.clone()).or_default() += 1;
+        }
+        match page.last() {
+            Some(last) if page.len() == COUNT_PAGE => {
+                after = Some(SuppressionKey {
+                    scope: last.scope.clone(),
+                    address: last.address.clone(),
+                })
+            }
+            _ => break,
+        }
+    }
+    counts
 }
 
 #[cfg(test)]

@@ -7,7 +7,10 @@
 
 pub mod client;
 pub use tern_smtp::client as client_proto;
+pub mod egress;
 pub mod fence;
+pub mod headers;
+pub use headers::header_value;
 pub mod local;
 pub mod resolve;
 pub mod site;
@@ -114,7 +117,7 @@ pub struct Delivery {
     /// The control group's state (domain suspensions), once it is open.
     control: std::sync::OnceLock<crate::cluster::control::ControlState>,
     /// Writes to the control group (automatic shaping actions, suppressions).
-    writer: std::sync::OnceLock<crate::cluster::ControlWriter>,
+    writer: std::sync::OnceLock<crate::cluster::writer::ControlWriter>,
     /// `[[bounce_class]]` and the shipped table: the class of a failure.
     classifier: crate::bounce::Classifier,
     /// Automatic suppressions after hard bounces, once the writer is set.
@@ -122,7 +125,7 @@ pub struct Delivery {
     /// `[[backoff]]`: actions from remote replies, and their effect.
     backoff: crate::backoff::Backoff,
     /// `[[pool]]`s and their sources; `None` without pools.
-    egress: crate::egress::SharedEgress,
+    egress: crate::delivery::egress::SharedEgress,
     /// `[[shaping]]`: scopes and cluster-wide limits per destination.
     shaper: Arc<crate::shaping::Shaper>,
 }
@@ -135,7 +138,7 @@ impl Delivery {
 
     /// Gives delivery its way to write control-group records (and starts
     /// the task that writes automatic suppressions: call on the runtime).
-    pub fn set_writer(&self, writer: crate::cluster::ControlWriter) {
+    pub fn set_writer(&self, writer: crate::cluster::writer::ControlWriter) {
         if self.auto_suppress.get().is_none() {
             let _ = self.auto_suppress.set(crate::bounce::suppress::AutoSuppress::start(
                 self.config.suppression.clone(),
@@ -190,7 +193,7 @@ impl Delivery {
     }
 
     /// The egress pools, when `[[pool]]`s are configured.
-    pub fn egress(&self) -> Option<&Arc<crate::egress::Egress>> {
+    pub fn egress(&self) -> Option<&Arc<crate::delivery::egress::Egress>> {
         self.egress.as_ref()
     }
 
@@ -205,7 +208,7 @@ impl Delivery {
     }
 
     /// The control-group writer, once the cluster is up.
-    pub fn writer(&self) -> Option<&crate::cluster::ControlWriter> {
+    pub fn writer(&self) -> Option<&crate::cluster::writer::ControlWriter> {
         self.writer.get()
     }
 
@@ -229,7 +232,7 @@ impl Delivery {
         };
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
         let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
-        let egress = crate::egress::Egress::new(&config.egress, &client).map(Arc::new);
+        let egress = crate::delivery::egress::Egress::new(&config.egress, &client).map(Arc::new);
         Ok(Arc::new(Delivery {
             backoff,
             egress,
@@ -635,14 +638,14 @@ impl Delivery {
                             a.scope = scopes.get(a.index).cloned().flatten();
                         }
                     }
+                    self.settle_source(choice, &mut r);
                     let replies = r.iter().filter(|a| a.not_before.is_none()).filter_map(|a| {
                         let (RcptOutcome::Deferred { reply } | RcptOutcome::Failed { reply }) = &a.outcome else {
                             return None;
                         };
-                        Some((reply.as_str(), a.scope.as_deref()?))
+                        Some((reply.as_str(), a.scope.as_deref()?, a.source.as_deref()))
                     });
                     self.backoff.observe(replies, self.control(), self.writer());
-                    self.settle_source(choice, &mut r);
                     results.extend(r)
                 }
                 Err(_) => {
@@ -673,7 +676,7 @@ impl Delivery {
             crate::config::egress::PoolChoice::Pool(p) => Some(p),
             crate::config::egress::PoolChoice::None => None,
         };
-        let message = match crate::egress::strip_pool_header(&message.body) {
+        let message = match crate::delivery::egress::strip_pool_header(&message.body) {
             Some(body) => Arc::new(LoadedMessage {
                 record: message.record.clone(),
                 body,
@@ -689,7 +692,7 @@ impl Delivery {
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn choose_sources(
         &self,
-        egress: &crate::egress::Egress,
+        egress: &crate::delivery::egress::Egress,
         pool: usize,
         message: &LoadedMessage,
         scopes: &[Option<String>],
@@ -698,7 +701,7 @@ impl Delivery {
         message_id: &str,
         now: i64,
     ) -> (
-        Vec<(Vec<usize>, Vec<Endpoint>, Option<crate::egress::Choice>)>,
+        Vec<(Vec<usize>, Vec<Endpoint>, Option<crate::delivery::egress::Choice>)>,
         Vec<RcptAttempt>,
     ) {
         let mut by_scope: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -715,7 +718,18 @@ impl Delivery {
         let mut sends = Vec::new();
         let mut held = Vec::new();
         for (scope, rcpts) in by_scope {
-            match egress.choose(pool, &scope, endpoints, now, || self.share_fraction()) {
+            // Sources an automatic action (scope = "source") keeps from this scope.
+            let suspended: Vec<(&str, crate::backoff::Held)> = egress.config().pools[pool]
+                .members
+                .iter()
+                .map(|&(source, _)| egress.config().sources[source].name.as_str())
+                .filter_map(|name| {
+                    let key = format!("{name}|{scope}");
+                    self.backoff.held(self.control(), &key, None, now).map(|h| (name, h))
+                })
+                .collect();
+            let skip = |name: &str| suspended.iter().any(|(n, _)| *n == name);
+            match egress.choose_except(pool, &scope, endpoints, now, || self.share_fraction(), &skip) {
                 Ok(choice) => {
                     self.metrics.egress_message(&choice.name);
                     let family = egress.config().sources[choice.source].address.is_ipv4();
@@ -728,11 +742,22 @@ impl Delivery {
                 }
                 Err(no) => {
                     let (reply, until) = match no {
-                        crate::egress::NoSource::Capped { until, reply } => {
+                        crate::delivery::egress::NoSource::Capped { until, reply } => {
                             self.metrics.warmup_held(&egress.config().pools[pool].name, rcpts.len());
                             (reply, Some(until))
                         }
-                        crate::egress::NoSource::Unreachable { reply } => (reply, None),
+                        crate::delivery::egress::NoSource::Unreachable { .. } if !suspended.is_empty() => {
+                            // Every reachable source is suspended for this scope: wait for the first to end.
+                            let first = suspended.into_iter().map(|(_, h)| h).min_by_key(|h| match h {
+                                crate::backoff::Held::Until { not_before, .. } => *not_before,
+                                crate::backoff::Held::Bounced { .. } => i64::MIN,
+                            });
+                            if let Some(h) = first {
+                                held.extend(held_attempts(&rcpts, h, &scope, message_id, &self.metrics));
+                            }
+                            continue;
+                        }
+                        crate::delivery::egress::NoSource::Unreachable { reply } => (reply, None),
                     };
                     held.extend(
                         deferred_all(&rcpts, &reply, message_id)
@@ -751,7 +776,7 @@ impl Delivery {
 
     /// Names the source in the attempts, and gives a warm-up count back
     /// when nothing was delivered.
-    fn settle_source(&self, choice: Option<crate::egress::Choice>, attempts: &mut [RcptAttempt]) {
+    fn settle_source(&self, choice: Option<crate::delivery::egress::Choice>, attempts: &mut [RcptAttempt]) {
         let (Some(choice), Some(egress)) = (choice, &self.egress) else {
             return;
         };
@@ -867,31 +892,6 @@ async fn lmtp_endpoint(resolver: &MxResolver, spec: &str) -> Result<Endpoint, St
         .into_iter()
         .next()
         .ok_or_else(|| format!("{spec}: no address"))
-}
-
-/// First value of a header field in the message's header section.
-pub fn header_value(message: &[u8], name: &str) -> Option<String> {
-    let end = message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 2)
-        .unwrap_or(message.len());
-    let text = String::from_utf8_lossy(&message[..end]);
-    let mut lines = text.split("\r\n").peekable();
-    while let Some(line) = lines.next() {
-        if let Some((field, value)) = line.split_once(':') {
-            if field.eq_ignore_ascii_case(name) {
-                let mut v = value.trim().to_owned();
-                while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
-                    v.push(' ');
-                    v.push_str(next.trim());
-                    lines.next();
-                }
-                return Some(v.trim_matches(['<', '>']).to_owned());
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]

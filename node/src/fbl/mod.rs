@@ -17,24 +17,17 @@
 
 pub mod arf;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tern_model::peer::Operation;
 use tern_model::shaping::Suppression;
 
-use crate::cluster::control::ControlState;
-use crate::cluster::{ClusterError, ControlWriter};
+use crate::cluster::error::ClusterError;
+use crate::cluster::writer::ControlWriter;
 use crate::config::{FblConfig, FblScope};
 use crate::envelope::Envelope;
 use crate::raft::NodeId;
-use crate::smtp::EnqueueError;
+use tern_smtp::EnqueueError;
 
 /// The suppression class of a complaint.
 pub const COMPLAINT_CLASS: &str = "complaint";
@@ -48,7 +41,7 @@ pub struct Fbl {
     node: NodeId,
     /// The control group's state and writer, once the cluster is up.
     delivery: Arc<crate::delivery::Delivery>,
-    metrics: FblMetrics,
+    metrics: crate::metrics::FblMetrics,
 }
 
 /// What became of a report's complaint (the event's `suppression` field).
@@ -76,7 +69,12 @@ impl Suppressed {
 }
 
 impl Fbl {
-    pub fn new(config: FblConfig, node: NodeId, delivery: Arc<crate::delivery::Delivery>, metrics: FblMetrics) -> Fbl {
+    pub fn new(
+        config: FblConfig,
+        node: NodeId,
+        delivery: Arc<crate::delivery::Delivery>,
+        metrics: crate::metrics::FblMetrics,
+    ) -> Fbl {
         Fbl {
             config,
             node,
@@ -216,105 +214,5 @@ pub async fn record_complaint(writer: &ControlWriter, entry: Suppression) -> Res
     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(result) => result,
         Err(_) => Err(ClusterError::Refused("the control group did not commit in time".into())),
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassLabel {
-    class: String,
-}
-
-/// `tern_fbl_reports_total{result}` and the `tern_suppressions{class}` gauge.
-#[derive(Clone, Default)]
-pub struct FblMetrics {
-    reports: Family<ResultLabel, Counter>,
-    control: Arc<OnceLock<ControlState>>,
-}
-
-impl std::fmt::Debug for FblMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FblMetrics").finish_non_exhaustive()
-    }
-}
-
-impl FblMetrics {
-    fn count(&self, result: &'static str) {
-        self.reports.get_or_create(&ResultLabel { result }).inc();
-    }
-
-    /// Gives the suppression gauge the control group's state to count.
-    pub fn set_control(&self, control: ControlState) {
-        let _ = self.control.set(control);
-    }
-
-    pub fn register(&self, r: &mut Registry) {
-        for result in ["complaint", "malformed", "no_recipient", "untrusted", "failed"] {
-            let _ = self.reports.get_or_create(&ResultLabel { result });
-        }
-        r.register(
-            "tern_fbl_reports",
-            "Feedback-loop reports received, by result (complaint, malformed, no_recipient, untrusted: reporter not in fbl.reporters, failed: not recorded, answered 451)",
-            self.reports.clone(),
-        );
-        r.register_collector(Box::new(SuppressionGauge {
-            control: Arc::clone(&self.control),
-        }));
-    }
-}
-
-/// Entries of the suppression list in force, by class, counted from this
-/// node's replica of the control group when scraped.
-struct SuppressionGauge {
-    control: Arc<OnceLock<ControlState>>,
-}
-
-impl std::fmt::Debug for SuppressionGauge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SuppressionGauge").finish_non_exhaustive()
-    }
-}
-
-/// Entries read per page while counting.
-const COUNT_PAGE: usize = 10_000;
-
-impl Collector for SuppressionGauge {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(control) = self.control.get() else {
-            return Ok(());
-        };
-        let now = chrono::Utc::now().timestamp();
-        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
-        let mut after: Option<tern_model::shaping::SuppressionKey> = None;
-        loop {
-            let page = control.suppressions(after.as_ref(), COUNT_PAGE);
-            for s in page.iter().filter(|s| s.in_force(now)) {
-                *counts.entry(s.class.clone()).or_default() += 1;
-            }
-            match page.last() {
-                Some(last) if page.len() == COUNT_PAGE => {
-                    after = Some(tern_model::shaping::SuppressionKey {
-                        scope: last.scope.clone(),
-                        address: last.address.clone(),
-                    })
-                }
-                _ => break,
-            }
-        }
-        let family = Family::<ClassLabel, Gauge>::default();
-        for (class, n) in counts {
-            family.get_or_create(&ClassLabel { class }).set(n);
-        }
-        let metric = encoder.encode_descriptor(
-            "tern_suppressions",
-            "Entries of the suppression list in force, by class, in this node's replica of the control group",
-            None,
-            family.metric_type(),
-        )?;
-        family.encode(metric)
     }
 }

@@ -21,7 +21,6 @@
 //! match and one string for the scope: no lock, no allocation beyond that.
 
 pub mod limiter;
-pub mod show;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,7 +29,7 @@ use std::time::{Duration, Instant};
 use tern_config::shaping::{Rate, ShapingLimits, ShapingRules};
 use tern_model::shaping::{ActionKind, AutoAction};
 
-use crate::cluster::{ControlWriter, Share};
+use crate::cluster::writer::{ControlWriter, Share};
 use limiter::{Gcra, Pace};
 
 /// How often this node's share is read again from the cluster.

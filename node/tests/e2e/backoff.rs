@@ -36,10 +36,17 @@ struct Seen {
     what: String,
     arg: String,
     code: String,
+    /// The client address the peer saw.
+    client: String,
 }
 
 impl ThrottlingPeer {
     fn start(throttled: usize, reply: &[&str]) -> ThrottlingPeer {
+        Self::start_for(throttled, reply, None)
+    }
+
+    /// As [`ThrottlingPeer::start`], throttling only RCPTs from `only`.
+    fn start_for(throttled: usize, reply: &[&str], only: Option<&str>) -> ThrottlingPeer {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/backoff_peer.py");
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("peer.log");
@@ -51,6 +58,7 @@ impl ThrottlingPeer {
                 .arg(&log)
                 .arg(throttled.to_string())
                 .args(reply)
+                .env("BACKOFF_PEER_ONLY", only.unwrap_or(""))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
@@ -93,6 +101,7 @@ impl ThrottlingPeer {
                     what: f.next()?.to_owned(),
                     arg: f.next()?.to_owned(),
                     code: f.next().unwrap_or("").to_owned(),
+                    client: f.next().unwrap_or("").to_owned(),
                 })
             })
             .collect()
@@ -360,4 +369,59 @@ fn an_action_survives_a_restart_and_an_operator_lifts_it_early() {
         let d = peer.delivered();
         d.contains_key("lift-1@tern.test") && d.contains_key("lift-2@tern.test")
     });
+}
+
+/// A `scope = "source"` rule with egress pools: the throttle reply given to
+/// one source (127.0.0.2) suspends that source for the destination only;
+/// the pool's other source (127.0.0.3) carries the mail meanwhile.
+#[test]
+fn a_source_scoped_action_moves_mail_to_the_pools_other_source() {
+    if !Aiosmtpd::available() {
+        return;
+    }
+    let peer = ThrottlingPeer::start_for(1, &GMAIL_421, Some("127.0.0.2"));
+    let extra = format!(
+        "[log]\nformat = \"json\"\n\n[[route]]\ndomain = \"*\"\nto = \"{}\"\n\n[delivery]\nretry_schedule = [\"1s\"]\n\n\
+         [[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\n\n[[source]]\nname = \"b\"\naddress = \"127.0.0.3\"\n\n\
+         [[pool]]\nname = \"default\"\nsources = [\"a\", \"b\"]\n\n\
+         [[backoff]]\nname = \"per-ip\"\ncode = \"421\"\nenhanced = \"4.7.28\"\naction = \"suspend\"\n\
+         duration = \"10m\"\nscope = \"source\"\n",
+        peer.addr
+    );
+    let node = Node::start(&extra);
+    send(&node, "a@tern.test", "b@example.test", "first");
+    send(&node, "a@tern.test", "b@example.test", "second");
+    wait_for(Duration::from_secs(30), "the 421 to source a", || {
+        peer.seen().iter().any(|s| s.what == "rcpt" && s.code == "421")
+    });
+    wait_for(Duration::from_secs(30), "the action recorded", || {
+        shaping_events(&node).iter().any(|e| e["state"] == "recorded")
+    });
+    let event = shaping_events(&node).remove(0);
+    assert_eq!(event["scope"], "a|domain:example.test", "{event}");
+    let recorded = unix_now();
+    for i in 0..8 {
+        send(&node, "a@tern.test", "b@example.test", &format!("after-{i}"));
+    }
+    wait_for(Duration::from_secs(60), "all 10 messages at the peer", || {
+        peer.delivered().len() == 10
+    });
+    let seen = peer.seen();
+    let throttled: Vec<&Seen> = seen.iter().filter(|s| s.code == "421").collect();
+    assert!(throttled.iter().all(|s| s.client == "127.0.0.2"), "{throttled:?}");
+    let from_a_after: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.at > recorded + 0.5 && s.client == "127.0.0.2")
+        .collect();
+    assert!(
+        from_a_after.is_empty(),
+        "source a was used while suspended for the destination: {from_a_after:?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|s| s.what == "data" && s.client == "127.0.0.3")
+            .count()
+            >= 8,
+        "source b carried the mail: {seen:?}"
+    );
 }

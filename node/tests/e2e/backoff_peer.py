@@ -5,7 +5,12 @@ in the log file: `<unix time> rcpt <address> <code>` or
 `<unix time> data <Message-ID>`.
 
 usage: backoff_peer.py PORT LOG N REPLY-LINE...
+
+With BACKOFF_PEER_ONLY=ADDR only RCPTs from client address ADDR are
+throttled. Each log line ends with the client's address.
 """
+
+import os
 
 import re
 import sys
@@ -31,17 +36,19 @@ class Throttling:
         self.left = throttled
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.left > 0:
+        client = session.peer[0]
+        only = os.environ.get("BACKOFF_PEER_ONLY")
+        if self.left > 0 and (not only or only == client):
             self.left -= 1
-            log.write(f"{time.time():.3f} rcpt {address} {reply_lines[0][:3]}\n")
+            log.write(f"{time.time():.3f} rcpt {address} {reply_lines[0][:3]} {client}\n")
             return reply()
-        log.write(f"{time.time():.3f} rcpt {address} 250\n")
+        log.write(f"{time.time():.3f} rcpt {address} 250 {client}\n")
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         m = re.search(rb"(?im)^message-id:\s*<([^>]*)>", envelope.content or b"")
-        log.write(f"{time.time():.3f} data {m.group(1).decode() if m else '-'}\n")
+        log.write(f"{time.time():.3f} data {m.group(1).decode() if m else '-'} 250 {session.peer[0]}\n")
         return "250 2.0.0 OK"
 
 

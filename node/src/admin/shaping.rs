@@ -8,10 +8,10 @@ use tern_config::shaping::{Rate, ShapingLimits, ShapingRule};
 use tern_model::shaping::{ActionKind, AutoAction};
 use tern_proto::admin as pb;
 
-use super::{node_connections, Shaper};
 use crate::delivery::Delivery;
 use crate::raft::groups::Groups;
 use crate::raft::NodeId;
+use crate::shaping::{node_connections, Shaper};
 
 fn rate_text(r: Option<Rate>) -> String {
     r.map(|r| r.to_string()).unwrap_or_default()

@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use super::client::{ClientConfig, Endpoint};
 use crate::config::egress::{Egress as EgressConfig, PoolChoice, POOL_HEADER};
-use crate::delivery::{ClientConfig, Endpoint};
 
 const DAY: i64 = 86_400;
 /// Counters of past days are dropped once the map holds this many.
@@ -98,7 +98,7 @@ impl Egress {
     /// The pool of a message (see the module doc); a header naming no pool
     /// is logged and ignored.
     pub fn pool_for(&self, msg_id: &str, body: &[u8], sender_domain: &str, auth_user: Option<&str>) -> PoolChoice {
-        let header = crate::delivery::header_value(body, POOL_HEADER);
+        let header = super::headers::header_value(body, POOL_HEADER);
         let mut unknown = None;
         let choice = self
             .config
@@ -124,6 +124,21 @@ impl Egress {
         now: i64,
         share: impl FnOnce() -> f64,
     ) -> Result<Choice, NoSource> {
+        self.choose_except(pool, scope, endpoints, now, share, &|_| false)
+    }
+
+    /// As [`Egress::choose`], never choosing a source `skip` names (one an
+    /// automatic action suspends for this scope); `Unreachable` when every
+    /// source is skipped or of the wrong address family.
+    pub fn choose_except(
+        &self,
+        pool: usize,
+        scope: &str,
+        endpoints: &[Endpoint],
+        now: i64,
+        share: impl FnOnce() -> f64,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<Choice, NoSource> {
         let Some(p) = self.config.pools.get(pool) else {
             return Err(NoSource::Unreachable {
                 reply: "451 4.3.0 no such egress pool".into(),
@@ -137,7 +152,11 @@ impl Egress {
                 Endpoint::Unix(_) => false,
             })
         };
-        let mut eligible: Vec<bool> = p.members.iter().map(|&(s, _)| reachable(s)).collect();
+        let mut eligible: Vec<bool> = p
+            .members
+            .iter()
+            .map(|&(s, _)| reachable(s) && !skip(&self.config.sources[s].name))
+            .collect();
         if !eligible.iter().any(|&e| e) {
             return Err(NoSource::Unreachable {
                 reply: format!(
@@ -454,6 +473,21 @@ mod tests {
         [[source]]\nname = \"b\"\naddress = \"127.0.0.3\"\n\
         [[source]]\nname = \"six\"\naddress = \"::1\"\n\
         [[pool]]\nname = \"default\"\nsources = [\"a:3\", \"b:1\", \"six\"]\n";
+
+    #[test]
+    fn a_skipped_source_is_never_chosen_and_skipping_all_is_unreachable() {
+        let e = egress(POOL);
+        for _ in 0..8 {
+            let c = e
+                .choose_except(0, "domain:x.test", &v4(), 0, || 1.0, &|n: &str| n == "a")
+                .unwrap();
+            assert_ne!(c.name, "a");
+        }
+        assert!(matches!(
+            e.choose_except(0, "domain:x.test", &v4(), 0, || 1.0, &|_: &str| true),
+            Err(NoSource::Unreachable { .. })
+        ));
+    }
 
     #[test]
     fn weighted_choice_follows_the_weights_and_interleaves() {
