@@ -592,6 +592,42 @@ impl Delivery {
                         }
                     };
                     for (rcpts, endpoints, choice) in sends {
+                        // `[[shaping]]` rules naming the chosen source: their own budget.
+                        let mut conn_limits = conn_limits.clone();
+                        if let (Some(c), true, Some(&first)) = (&choice, self.shaper.has_source_rules(), rcpts.first())
+                        {
+                            let hosts: Vec<&str> = endpoints
+                                .iter()
+                                .filter_map(|e| match e {
+                                    Endpoint::Tcp { host, .. } => Some(host.as_str()),
+                                    Endpoint::Unix(_) => None,
+                                })
+                                .collect();
+                            let domain = Envelope::domain_of(&message.record.envelope.recipients[first].address);
+                            let dest = self.shaper.classify(&domain, &hosts, None);
+                            if let Some(by_source) = self.shaper.for_source(&dest, &hosts, &c.name) {
+                                let action = self.control.get().and_then(|ctl| ctl.action(&by_source.scope));
+                                let reservation = format!("{}/{}/{}", message.record.id, domain, c.name);
+                                if let crate::shaping::Admission::Hold { until, reply } =
+                                    self.shaper.admit(&by_source, &reservation, action.as_ref())
+                                {
+                                    self.metrics.shaping_held(&format!("source:{}", c.name), rcpts.len());
+                                    let scope = by_source.scope.clone();
+                                    self.settle_source(choice, &mut []);
+                                    results.extend(deferred_all(&rcpts, &reply, &message_id).into_iter().map(|a| {
+                                        RcptAttempt {
+                                            not_before: Some(until),
+                                            scope: Some(scope.clone()),
+                                            ..a
+                                        }
+                                    }));
+                                    continue;
+                                }
+                                if let Some(limits) = self.shaper.connections(&by_source) {
+                                    conn_limits = Some(limits);
+                                }
+                            }
+                        }
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         let job = Job {
                             message: Arc::clone(&message),

@@ -117,6 +117,8 @@ struct ScopeState {
 /// The node's shaping state.
 pub struct Shaper {
     rules: ShapingRules,
+    /// Some rule names an egress source (checked once per chosen source).
+    source_rules: bool,
     writer: OnceLock<ControlWriter>,
     share: Mutex<Option<(Instant, Share)>>,
     scopes: Mutex<HashMap<String, ScopeState>>,
@@ -142,6 +144,7 @@ fn unix_now() -> f64 {
 impl Shaper {
     pub fn new(rules: ShapingRules) -> Shaper {
         Shaper {
+            source_rules: rules.rules.iter().any(|r| r.source.is_some()),
             rules,
             writer: OnceLock::new(),
             share: Mutex::new(None),
@@ -156,6 +159,11 @@ impl Shaper {
 
     pub fn rules(&self) -> &ShapingRules {
         &self.rules
+    }
+
+    /// Whether some `[[shaping]]` rule names an egress source.
+    pub fn has_source_rules(&self) -> bool {
+        self.source_rules
     }
 
     /// This node's share, read at most once per [`SHARE_REFRESH`]; the whole
@@ -193,6 +201,28 @@ impl Shaper {
             limits: m.limits,
             ruled,
         }
+    }
+
+    /// The limits of the rules that name `source`, for mail to `dest`
+    /// (already classified without a source) leaving from that source, as
+    /// their own scope `<source>|<scope>`; `None` when no such rule limits
+    /// it. Only source rules count here: a destination's own limits are
+    /// held once, in its destination scope, whatever the source.
+    pub fn for_source(&self, dest: &Destination, hosts: &[&str], source: &str) -> Option<Destination> {
+        let limits = self
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.source.is_some() && r.matches(&dest.domain, hosts, Some(source)))
+            .fold(tern_config::shaping::ShapingLimits::default(), |l, r| {
+                l.merged(&r.limits)
+            });
+        (!limits.is_empty()).then(|| Destination {
+            scope: format!("{source}|{}", dest.scope),
+            domain: dest.domain.clone(),
+            limits,
+            ruled: false,
+        })
     }
 
     /// The message rate in force for `dest`: the rule's, lowered by a

@@ -199,3 +199,29 @@ fn an_mx_suffix_rule_puts_two_domains_in_one_budget() {
     let held = crate::metrics::sum(&samples, "tern_shaping_held_total", &[("scope", "mx:.prov.test")]);
     assert!(held >= 8.0, "held {held}");
 }
+
+/// A rule naming an egress source limits what leaves from that source (its
+/// own budget, `<source>|<scope>`), on top of the destination's limits.
+#[test]
+fn a_source_rule_limits_mail_from_that_source() {
+    let sink = SmtpSink::start(&[]);
+    let node = Node::start(&format!(
+        "[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{}\"\n\n\
+         [[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\n\n\
+         [[pool]]\nname = \"default\"\nsources = [\"a\"]\n\n\
+         [[shaping]]\nname = \"slow-ip\"\nsource = \"a\"\nrate = \"60/min\"\n",
+        sink.addr.port()
+    ));
+    let tags: Vec<String> = (0..6).map(|i| format!("src-{i}")).collect();
+    let t0 = Instant::now();
+    send_many(&node, "rcpt@example.test", &tags);
+    // 1/s with a burst of one message; 0.5 for the sampling.
+    watch_rate(&sink, t0, tags.len(), 1.0, 1.5, Duration::from_secs(60));
+    wait_for(Duration::from_secs(10), "the hold counted", || {
+        let (_, body) = crate::metrics::get_metrics(node.http, None);
+        body.lines().any(|l| {
+            l.starts_with("tern_shaping_held_total{scope=\"source:a\"}")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) >= 1.0
+        })
+    });
+}
