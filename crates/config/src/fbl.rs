@@ -101,19 +101,6 @@ impl FblConfig {
     }
 }
 
-/// A domain name: labels of letters, digits, `-` and `_`.
-fn is_domain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
 /// Validates `[fbl]`; every address's domain must be one the node accepts
 /// mail for from anyone (`policy.local_domains` or `policy.relay_domains`),
 /// else no provider could deliver a report to it.
@@ -129,7 +116,7 @@ pub(super) fn validate(raw: RawFbl, accepted_domains: &[&String]) -> Result<FblC
             reason: format!("{entry:?} is neither an address (fbl@example.com) nor a domain (@fbl.example.com)"),
         })?;
         let domain = domain.trim_end_matches('.');
-        if !is_domain(domain) || local.contains(char::is_whitespace) || local.contains(['<', '>', '@']) {
+        if !crate::is_domain_name(domain) || local.contains(char::is_whitespace) || local.contains(['<', '>', '@']) {
             return Err(ConfigError::Invalid {
                 key: "fbl.addresses",
                 reason: format!("{entry:?} is neither an address (fbl@example.com) nor a domain (@fbl.example.com)"),
@@ -193,7 +180,7 @@ pub(super) fn validate(raw: RawFbl, accepted_domains: &[&String]) -> Result<FblC
     }
     for r in raw.reporters.unwrap_or_default() {
         let domain = r.trim().trim_end_matches('.').to_ascii_lowercase();
-        if !is_domain(&domain) {
+        if !crate::is_domain_name(&domain) {
             return Err(ConfigError::Invalid {
                 key: "fbl.reporters",
                 reason: format!("{r:?} is not a domain"),

@@ -654,6 +654,20 @@ pub struct Config {
     pub shaping: shaping::ShapingRules,
 }
 
+/// A domain name as config keys take it: dot-separated labels of ASCII
+/// letters, digits, `-` and `_` (1-63 bytes each, 253 in all).
+pub fn is_domain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 pub const DEFAULT_SMTP: &str = "127.0.0.1:2525";
 pub const DEFAULT_GRPC: &str = "127.0.0.1:7070";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";

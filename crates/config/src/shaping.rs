@@ -237,18 +237,6 @@ impl ShapingRules {
     }
 }
 
-fn is_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
 /// Validates `[[shaping]]`; errors name the key and the rule.
 pub(super) fn validate(raw: Vec<RawShaping>) -> Result<ShapingRules, ConfigError> {
     let mut rules = builtin();
@@ -280,7 +268,7 @@ pub(super) fn validate(raw: Vec<RawShaping>) -> Result<ShapingRules, ConfigError
                     Some(rest) => format!(".{rest}"),
                     None => d,
                 };
-                if !is_name(d.strip_prefix('.').unwrap_or(&d)) {
+                if !crate::is_domain_name(d.strip_prefix('.').unwrap_or(&d)) {
                     return Err(invalid(
                         "shaping.domain",
                         format!(
@@ -297,7 +285,7 @@ pub(super) fn validate(raw: Vec<RawShaping>) -> Result<ShapingRules, ConfigError
             Some(s) => {
                 let t = s.trim().trim_end_matches('.').to_ascii_lowercase();
                 let bare = t.strip_prefix("*.").or_else(|| t.strip_prefix('.')).unwrap_or(&t);
-                if !is_name(bare) || !bare.contains('.') {
+                if !crate::is_domain_name(bare) || !bare.contains('.') {
                     return Err(invalid(
                         "shaping.mx_suffix",
                         format!("{s:?} is not a host name suffix like .google.com"),

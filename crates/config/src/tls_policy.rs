@@ -96,17 +96,9 @@ fn normalise(name: &str) -> String {
     }
 }
 
+/// A domain, or `.domain` for its subdomains.
 fn is_domain(name: &str) -> bool {
-    let bare = name.strip_prefix('.').unwrap_or(name);
-    !bare.is_empty()
-        && bare.len() <= 253
-        && bare.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+    crate::is_domain_name(name.strip_prefix('.').unwrap_or(name))
 }
 
 pub(super) fn validate(raw: Vec<RawTlsPolicy>, require_tls_domains: Vec<String>) -> Result<TlsPolicies, ConfigError> {
