@@ -31,6 +31,7 @@
 //!   envelope under the names the node's modules use.
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod backoff;

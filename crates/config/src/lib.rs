@@ -16,6 +16,7 @@
 //! - [`secret`]: argon2 password hashes (users file, `[[admin_token]]`).
 //! - [`keygen`]: new DKIM key pairs (`ternctl dkim generate`).
 //! - [`fbl`]: `[fbl]`, the addresses that receive feedback-loop reports.
+//! - [`api`]: `[api]`, the sending API's limits.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod api;
 pub mod backoff;
 pub mod bounce;
 pub mod dkim;
@@ -34,6 +36,7 @@ pub mod owned;
 pub mod secret;
 pub mod shaping;
 pub mod tls_policy;
+pub use api::ApiConfig;
 pub use backoff::{BackoffAction, BackoffRule, BackoffScope, CodeMatch};
 pub use bounce::{ClassRule, SuppressionConfig, SuppressionScope};
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
@@ -101,6 +104,8 @@ struct RawConfig {
     admin_token: Vec<RawAdminToken>,
     #[serde(default)]
     fbl: fbl::RawFbl,
+    #[serde(default)]
+    api: api::RawApi,
     #[serde(default)]
     bounce_class: Vec<bounce::RawBounceClass>,
     #[serde(default)]
@@ -645,6 +650,8 @@ pub struct Config {
     pub admin_tokens: Vec<AdminToken>,
     /// `[fbl]`: feedback-loop report addresses and what a complaint does.
     pub fbl: FblConfig,
+    /// `[api]`: the sending API (`/api/v1/`) on the HTTP listener.
+    pub api: ApiConfig,
     /// `[[bounce_class]]`: the operator's classification rules (checked
     /// before the shipped table).
     pub bounce_classes: Vec<ClassRule>,
@@ -994,8 +1001,10 @@ impl Config {
         let local_domains = lower(raw.policy.local_domains);
         let relay_domains = lower(raw.policy.relay_domains);
         let fbl = fbl::validate(raw.fbl, &local_domains.iter().chain(&relay_domains).collect::<Vec<_>>())?;
+        let api = api::validate(raw.api, max_age)?;
         Ok(Config {
             fbl,
+            api,
             webhooks,
             dkim: dkim::validate(raw.dkim)?,
             inbound,

@@ -12,8 +12,10 @@
 //! - [`peer`]: operations one node asks another to write, and peer payload framing.
 //! - [`shaping`]: automatic shaping actions and the suppression list (control group).
 //! - [`bounce`]: bounce classes.
+//! - [`api`]: the sending API's keys, templates and batches, and the durable event outbox.
 //! - [`defaults`]: storage sizes the configuration and the storage code share.
 
+pub mod api;
 pub mod bounce;
 pub mod defaults;
 pub mod envelope;

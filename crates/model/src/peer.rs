@@ -35,6 +35,18 @@ pub enum Operation {
     Unsuppress {
         entries: Vec<crate::shaping::SuppressionKey>,
     },
+    /// `ternctl apikey create` (control group).
+    ApiKey { key: crate::api::ApiKey },
+    /// `ternctl apikey revoke` (control group).
+    RevokeApiKey { id: String, at: i64 },
+    /// `PUT`/`DELETE /api/v1/templates/NAME` (control group).
+    Template {
+        tenant: String,
+        name: String,
+        template: Option<crate::api::StoredTemplate>,
+    },
+    /// An API call's batch record (control group).
+    Batch { batch: Box<crate::api::Batch> },
 }
 
 /// gRPC metadata key a peer sets on a write it gave up waiting for: the
@@ -65,6 +77,16 @@ impl Operation {
                     crate::shaping::MAX_SUPPRESSIONS_PER_WRITE
                 ));
             }
+            Operation::Batch { batch } => {
+                if batch.messages.len() > crate::api::MAX_BATCH_MESSAGES {
+                    return Err(format!(
+                        "{} messages in one batch (at most {})",
+                        batch.messages.len(),
+                        crate::api::MAX_BATCH_MESSAGES
+                    ));
+                }
+                (group == CONTROL_GROUP, "the control group (0)")
+            }
             Operation::Unsuppress { entries } if entries.len() > crate::shaping::MAX_SUPPRESSIONS_PER_WRITE => {
                 return Err(format!(
                     "{} suppressions in one operation (at most {})",
@@ -77,6 +99,9 @@ impl Operation {
             | Operation::ShapingAction { .. }
             | Operation::Suppress { .. }
             | Operation::Unsuppress { .. }
+            | Operation::ApiKey { .. }
+            | Operation::RevokeApiKey { .. }
+            | Operation::Template { .. }
             | Operation::MemberAdd { .. }
             | Operation::MemberRemove { .. } => (group == CONTROL_GROUP, "the control group (0)"),
         };
@@ -98,6 +123,10 @@ impl Operation {
             Operation::ShapingAction { key, action } => Some(Request::SetShapingAction { key, action }),
             Operation::Suppress { entries } => Some(Request::Suppress { entries }),
             Operation::Unsuppress { entries } => Some(Request::Unsuppress { entries }),
+            Operation::ApiKey { key } => Some(Request::PutApiKey { key }),
+            Operation::RevokeApiKey { id, at } => Some(Request::RevokeApiKey { id, at }),
+            Operation::Template { tenant, name, template } => Some(Request::PutTemplate { tenant, name, template }),
+            Operation::Batch { batch } => Some(Request::PutBatch { batch }),
             Operation::Bounce { .. } | Operation::MemberAdd { .. } | Operation::MemberRemove { .. } => None,
         }
     }

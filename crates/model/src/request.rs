@@ -78,6 +78,33 @@ pub enum Request {
     Unsuppress {
         entries: Vec<crate::shaping::SuppressionKey>,
     },
+    /// Control group: an API key created or replaced (by id).
+    PutApiKey { key: crate::api::ApiKey },
+    /// Control group: an API key revoked at unix seconds `at`.
+    RevokeApiKey { id: String, at: i64 },
+    /// Control group: a stored template of a tenant (`None` deletes it).
+    PutTemplate {
+        tenant: String,
+        name: String,
+        template: Option<crate::api::StoredTemplate>,
+    },
+    /// Control group: an API call's batch record. With an idempotency key
+    /// that another batch of the tenant already holds, nothing changes
+    /// (`changed` false): the caller answers with that batch's ids.
+    PutBatch { batch: Box<crate::api::Batch> },
+    /// Any group, proposed by its leader: webhook `endpoint` has taken the
+    /// group's outbox events up to key `upto` (inclusive); `dead` keys are
+    /// moved to the endpoint's dead letters; outbox keys up to `trim`
+    /// (inclusive, the lowest cursor of all endpoints) are removed.
+    EventsAck {
+        endpoint: String,
+        upto: String,
+        dead: Vec<String>,
+        trim: String,
+    },
+    /// Queue shard, proposed by its leader: final-status records of API
+    /// messages (`f/<queue id>`) with ids sorting before `before` are removed.
+    PurgeFinal { before: String },
 }
 
 /// What `ternctl queue hold|release|delete|retry` does to a message.
@@ -137,7 +164,13 @@ impl Request {
             | Request::SuspendDomain { .. }
             | Request::SetShapingAction { .. }
             | Request::Suppress { .. }
-            | Request::Unsuppress { .. } => Vec::new(),
+            | Request::Unsuppress { .. }
+            | Request::PutApiKey { .. }
+            | Request::RevokeApiKey { .. }
+            | Request::PutTemplate { .. }
+            | Request::PutBatch { .. }
+            | Request::EventsAck { .. }
+            | Request::PurgeFinal { .. } => Vec::new(),
         }
     }
 }

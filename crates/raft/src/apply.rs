@@ -30,12 +30,20 @@ pub struct ApplyCtx<'a> {
     pub(super) events: &'a mut Vec<SmEvent>,
     pub(super) added: &'a mut i64,
     pub(super) batch: &'a mut Writes,
+    /// Log index of the entry being applied.
+    pub(super) index: u64,
 }
 
 impl ApplyCtx<'_> {
     /// The group applying.
     pub fn group(&self) -> GroupId {
         self.sm.group()
+    }
+
+    /// Log index of the entry being applied: the same on every replica,
+    /// so keys derived from it (the event outbox's) are too.
+    pub fn index(&self) -> u64 {
+        self.index
     }
 
     /// The node's write-ahead log (bodies: written, retained, released).
@@ -98,6 +106,17 @@ impl ApplyCtx<'_> {
     /// Whether the tree holds `key` (as written before this run).
     pub fn contains_key(&self, key: &[u8]) -> Result<bool, StorageError> {
         self.sm.tree().contains_key(key).map_err(|e| write_error(&e))
+    }
+
+    /// The value of `key` as written before this run (changes this run
+    /// staged with [`ApplyCtx::insert`] are not seen).
+    pub fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StorageError> {
+        self.sm.tree().get(key).map_err(|e| write_error(&e))
+    }
+
+    /// Keys with `prefix` as written before this run, in order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> sled::Iter {
+        self.sm.tree().scan_prefix(prefix)
     }
 
     /// Sets `key` when the run ends.

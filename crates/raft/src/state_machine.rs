@@ -761,6 +761,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         events: &mut events,
                         added: &mut added,
                         batch: &mut batch,
+                        index: entry.log_id.index,
                     };
                     self.rules.apply(&mut ctx, request)?
                 }

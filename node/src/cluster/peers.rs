@@ -44,6 +44,10 @@ fn op_name(op: &Operation) -> &'static str {
         Operation::ShapingAction { .. } => "shaping action",
         Operation::Suppress { .. } => "suppression add",
         Operation::Unsuppress { .. } => "suppression remove",
+        Operation::ApiKey { .. } => "api key",
+        Operation::RevokeApiKey { .. } => "api key revoke",
+        Operation::Template { .. } => "template",
+        Operation::Batch { .. } => "api batch",
     }
 }
 
