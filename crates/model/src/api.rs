@@ -91,11 +91,11 @@ pub struct Batch {
     /// body is refused (422) rather than answered with the first ids.
     #[serde(with = "serde_bytes")]
     pub request_hash: Vec<u8>,
-    /// Queue ids and the shard each was written to, in request order.
+    /// Queue ids and the shard each is written to, in request order. The
+    /// record is written before the messages: an idempotent retry writes
+    /// them again by id, which the shards ignore for ids they hold or have
+    /// finished (`f/<id>`).
     pub messages: Vec<(String, GroupId)>,
-    /// Every message committed (false while the API node is writing them:
-    /// a retry of an unfinished batch writes the missing ones, by id).
-    pub complete: bool,
     /// Tags and metadata of the request, echoed in its webhook events.
     pub tags: Vec<String>,
     pub metadata: std::collections::BTreeMap<String, String>,
