@@ -40,7 +40,12 @@ pub struct RcptView {
 const PRECEDENCE: [&str; 4] = ["held", "scheduled", "deferred", "queued"];
 
 /// The message `id` in a shard hosted here, with that shard.
-pub fn lookup(groups: &Groups, id: &str, now: i64) -> Option<(GroupId, MessageStatus)> {
+pub fn lookup(groups: &Groups, id: &str) -> Option<(GroupId, MessageStatus)> {
+    lookup_at(groups, id, chrono::Utc::now().timestamp())
+}
+
+/// [`lookup`] at unix seconds `now`.
+pub fn lookup_at(groups: &Groups, id: &str, now: i64) -> Option<(GroupId, MessageStatus)> {
     let shards = groups.shards();
     // The queue first on every shard: a final status is only read once
     // the message is gone from all of them.
