@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
+use base64::Engine;
 use serde::Deserialize;
 
 use super::mime::{self, Mailbox, Part};
@@ -566,11 +567,190 @@ fn render(c: &Compiled, req: &SendRequest, m: &Addressing<'_>, max: u64) -> Resu
     Ok(Content { subject, text, html })
 }
 
+/// `POST /api/v1/messages/raw`: a whole RFC 5322 message and its envelope.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequest {
+    /// Envelope reverse-path (a bare address).
+    pub from: String,
+    /// Envelope recipients (bare addresses).
+    pub to: Vec<String>,
+    /// The message as text; bare LF is turned into CRLF.
+    pub message: Option<String>,
+    /// The message as base64 (for 8-bit content that is not UTF-8).
+    pub message_base64: Option<String>,
+    /// RFC 3339 time or unix seconds.
+    pub send_at: Option<serde_json::Value>,
+    /// Also accepted as the `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    pub campaign: Option<String>,
+}
+
+/// The message a raw request stands for: its header section must be
+/// well-formed and hold a From; Message-ID and Date are added when missing.
+pub fn compose_raw(req: &RawRequest, ctx: &ComposeCtx) -> Result<Composed, Problem> {
+    mime::check_address(&req.from, "/from")?;
+    if req.to.is_empty() {
+        return Err(Problem::invalid("/to", "at least one recipient is needed"));
+    }
+    if req.to.len() > ctx.max_recipients {
+        return Err(Problem::invalid(
+            "/to",
+            format!(
+                "{} recipients: at most {} per call ([api] max_recipients)",
+                req.to.len(),
+                ctx.max_recipients
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut recipients = Vec::with_capacity(req.to.len());
+    for (i, rcpt) in req.to.iter().enumerate() {
+        mime::check_address(rcpt, &format!("/to/{i}"))?;
+        if seen.insert(rcpt.to_lowercase()) {
+            recipients.push(rcpt.clone());
+        }
+    }
+    check_labels(&req.tags, &req.metadata, req.campaign.as_deref())?;
+    if let Some(key) = &req.idempotency_key {
+        check_idempotency_key(key, "/idempotency_key")?;
+    }
+    let (bytes, field) = match (&req.message, &req.message_base64) {
+        (Some(text), None) => (std::borrow::Cow::Borrowed(text.as_bytes()), "/message"),
+        (None, Some(b64)) => {
+            let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(&compact)
+                .map_err(|e| Problem::invalid("/message_base64", format!("not valid base64: {e}")))?;
+            (std::borrow::Cow::Owned(decoded), "/message_base64")
+        }
+        (Some(_), Some(_)) => {
+            return Err(Problem::invalid(
+                "/message_base64",
+                "give `message` or `message_base64`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(Problem::invalid(
+                "/message",
+                "`message` or `message_base64` is required",
+            ))
+        }
+    };
+    let limit = |len: usize| {
+        if len as u64 > ctx.max_message_size {
+            Err(too_large(
+                format!(
+                    "the message is {len} bytes, more than the largest message ({} bytes)",
+                    ctx.max_message_size
+                ),
+                field,
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    limit(bytes.len())?;
+    let body = crlf(&bytes);
+    let names = header_names(&body, field)?;
+    let has = |name: &str| names.iter().any(|n| n.eq_ignore_ascii_case(name));
+    if !has("From") {
+        return Err(Problem::invalid(field, "the header section has no From"));
+    }
+    let parsed = mail_parser::MessageParser::default()
+        .parse_headers(&body[..])
+        .ok_or_else(|| Problem::invalid(field, "the header section does not parse"))?;
+    if parsed
+        .from()
+        .and_then(|a| a.first())
+        .and_then(|a| a.address())
+        .is_none()
+    {
+        return Err(Problem::invalid(field, "the From header holds no address"));
+    }
+    let mut added = Vec::new();
+    if !has("Message-ID") {
+        added.extend_from_slice(format!("Message-ID: <{}>\r\n", mime::message_id(&ctx.hostname)).as_bytes());
+    }
+    if !has("Date") {
+        let date = mail_builder::headers::date::Date::new(ctx.now).to_rfc822();
+        added.extend_from_slice(format!("Date: {date}\r\n").as_bytes());
+    }
+    let body = if added.is_empty() {
+        body.into_owned()
+    } else {
+        added.extend_from_slice(&body);
+        added
+    };
+    limit(body.len())?;
+    Ok(Composed {
+        reverse_path: req.from.clone(),
+        recipients,
+        body,
+        not_before: send_at(req.send_at.as_ref(), ctx)?.unwrap_or(0),
+    })
+}
+
+/// `bytes` with every bare LF turned into CRLF.
+fn crlf(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let bare = bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'));
+    if !bare {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32);
+    let mut prev = 0u8;
+    for &b in bytes {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The field names of the header section (up to the first empty line),
+/// checking that every line is a `name: value` field (ftext name) or the
+/// folded continuation of one.
+fn header_names(body: &[u8], field: &str) -> Result<Vec<String>, Problem> {
+    let mut names = Vec::new();
+    for (n, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return Ok(names);
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            if names.is_empty() {
+                return Err(Problem::invalid(field, "the message starts with a folded line"));
+            }
+            continue;
+        }
+        let name = line
+            .iter()
+            .position(|&b| b == b':')
+            .map(|colon| &line[..colon])
+            .filter(|name| !name.is_empty() && name.iter().all(|b| matches!(b, b'!'..=b'9' | b';'..=b'~')))
+            .ok_or_else(|| {
+                let shown: String = String::from_utf8_lossy(line).chars().take(60).collect();
+                Problem::invalid(field, format!("header line {} is not `Name: value`: `{shown}`", n + 1))
+            })?;
+        names.push(String::from_utf8_lossy(name).into_owned());
+    }
+    // No empty line: the whole message is its header section.
+    Ok(names)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use base64::Engine;
     use mail_parser::{MessageParser, MimeHeaders};
 
     fn ctx() -> ComposeCtx {
@@ -881,5 +1061,82 @@ mod tests {
         );
         let times: Vec<i64> = compose(&req, None, &c).unwrap().iter().map(|m| m.not_before).collect();
         assert_eq!(times, [c.now + 100, c.now + 120, c.now + 140]);
+    }
+
+    fn raw(json: serde_json::Value) -> Result<Composed, Problem> {
+        compose_raw(&serde_json::from_value(json).expect("raw shape"), &ctx())
+    }
+
+    #[test]
+    fn raw_is_normalised_and_completed() {
+        let m = raw(
+            serde_json::json!({"from": "a@example.org", "to": ["b@example.net", "B@example.net", "c@example.net"],
+            "message": "From: Ann <a@example.org>\nTo: b@example.net\nSubject: raw\n\nline 1\nline 2\n"}),
+        )
+        .unwrap();
+        assert_eq!(m.reverse_path, "a@example.org");
+        assert_eq!(m.recipients, ["b@example.net", "c@example.net"]);
+        assert!(!m.body.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'), "CRLF only");
+        let parsed = MessageParser::default().parse(&m.body).unwrap();
+        assert_eq!(parsed.subject(), Some("raw"));
+        assert!(parsed.message_id().unwrap().ends_with("@mta.example.org"));
+        assert_eq!(parsed.date().map(|d| d.to_timestamp()), Some(1_800_000_000));
+        assert_eq!(parsed.body_text(0).as_deref(), Some("line 1\r\nline 2\r\n"));
+
+        // Present Message-ID and Date are kept, CRLF input untouched.
+        let text = "From: a@example.org\r\nMessage-ID: <x@y>\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\nhi\r\n";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(text);
+        let m = raw(
+            serde_json::json!({"from": "a@example.org", "to": ["b@example.net"], "message_base64": b64,
+            "send_at": 1_800_000_600}),
+        )
+        .unwrap();
+        assert_eq!(m.body, text.as_bytes());
+        assert_eq!(m.not_before, 1_800_000_600);
+    }
+
+    #[test]
+    fn raw_refusals() {
+        let field = |json: serde_json::Value| {
+            let p = raw(json).unwrap_err();
+            (p.status, p.field.unwrap_or_default(), p.detail)
+        };
+        let ok = "From: a@example.org\r\n\r\nx";
+        assert_eq!(
+            field(serde_json::json!({"from": "a@example.org", "to": [], "message": ok})).1,
+            "/to"
+        );
+        assert_eq!(
+            field(serde_json::json!({"from": "a@example.org", "to": ["x y@z.org"], "message": ok})).1,
+            "/to/0"
+        );
+        assert_eq!(
+            field(serde_json::json!({"from": "<a@example.org>", "to": ["b@example.net"], "message": ok})).1,
+            "/from"
+        );
+        assert_eq!(
+            field(serde_json::json!({"from": "a@example.org", "to": ["b@example.net"]})).1,
+            "/message"
+        );
+        assert_eq!(
+            field(serde_json::json!({"from": "a@example.org", "to": ["b@example.net"], "message": ok, "message_base64": "eA=="})).1,
+            "/message_base64"
+        );
+        let (_, f, detail) = field(
+            serde_json::json!({"from": "a@example.org", "to": ["b@example.net"], "message": "Subject: x\r\n\r\nbody"}),
+        );
+        assert_eq!(f, "/message");
+        assert!(detail.contains("From"), "{detail}");
+        let (_, _, detail) = field(serde_json::json!({"from": "a@example.org", "to": ["b@example.net"],
+            "message": "From: a@example.org\r\nthis is not a header\r\n\r\nbody"}));
+        assert!(detail.contains("line 2"), "{detail}");
+        assert_eq!(
+            field(serde_json::json!({"from": "a@example.org", "to": ["b@example.net"], "message_base64": "***"})).1,
+            "/message_base64"
+        );
+        let big = format!("From: a@example.org\r\n\r\n{}", "x".repeat(1 << 20));
+        let (status, f, _) =
+            field(serde_json::json!({"from": "a@example.org", "to": ["b@example.net"], "message": big}));
+        assert_eq!((status, f.as_str()), (413, "/message"));
     }
 }
