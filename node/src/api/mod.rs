@@ -6,4 +6,5 @@
 pub mod compose;
 pub mod keys;
 pub mod problem;
+pub mod purge;
 pub mod status;
