@@ -8,5 +8,6 @@ pub mod compose;
 pub mod keys;
 pub mod mime;
 pub mod problem;
+pub mod purge;
 pub mod status;
 pub mod template;
