@@ -95,7 +95,7 @@ pub struct ComposeCtx {
     /// Unix seconds now.
     pub now: i64,
     pub max_recipients: usize,
-    /// Largest message (`[smtp] max_message_size`).
+    /// Largest message (`[policy] max_message_size`).
     pub max_message_size: u64,
     pub max_schedule_ahead: std::time::Duration,
 }

@@ -310,6 +310,26 @@ mod tests {
         assert!(c.render(Part::Subject, &vars, 1 << 20, "r", "/v").is_err());
     }
 
+    /// The constructs docs/api.md shows work under strict undefined.
+    #[test]
+    fn documented_constructs() {
+        let c = compile(
+            "{{ name | default('friend') }} {{ title | title }} {{ total | round(2) }} {% if vip is defined %}VIP{% endif %}",
+            None,
+            Some("{{ markup | safe }} {{ markup }}"),
+        );
+        let vars =
+            Value::from_serialize(serde_json::json!({"title": "dr who", "total": 3.14159, "markup": "<b>x</b>"}));
+        assert_eq!(
+            c.render(Part::Subject, &vars, 1000, "r", "/v").unwrap(),
+            "friend Dr Who 3.14 "
+        );
+        assert_eq!(
+            c.render(Part::Html, &vars, 1000, "r", "/v").unwrap(),
+            "<b>x</b> &lt;b&gt;x&lt;&#x2f;b&gt;"
+        );
+    }
+
     #[test]
     fn names() {
         assert!(check_name("welcome-v2.en_US").is_ok());
