@@ -105,6 +105,8 @@ pub async fn create(
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     wait_applied(|| control.api_key(&id).is_some()).await;
+    // The audit event names the request; this names the key it made.
+    tracing::info!(key_id = %id, name = %new.record.name, tenant = %new.record.tenant, "api key created");
     Ok(ApiKeyCreateReply {
         key: new.secret,
         info: Some(to_proto(&new.record)),

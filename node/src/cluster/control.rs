@@ -1,6 +1,7 @@
 //! The control group's rules and state: what `SetNode`, `RemoveNode`,
 //! `SetDrain`, `SuspendDomain`, `SetShardReplicas`, `SetShapingAction`,
-//! `Suppress` and `Unsuppress` change in group 0's
+//! `Suppress`, `Unsuppress` and the sending API's `PutApiKey`,
+//! `RevokeApiKey`, `PutTemplate`, `PutBatch`, `PurgeBatches` change in group 0's
 //! tree (applied by the Raft state machine through
 //! [`crate::raft::apply::Apply`]), and [`ControlState`], a typed read of it.
 //!

@@ -156,13 +156,15 @@ fn is_api_message(record: &MessageRecord) -> bool {
 }
 
 /// `stage_new`, except for an API message that already left the queue: an
-/// idempotent retry after its delivery must not send it twice.
+/// idempotent retry after its delivery must not send it twice. (One that
+/// left in this same run is still staged, as removed, and `stage_new` skips
+/// it: so the tree without this run's writes is enough, and cheap.)
 fn stage_new_unless_final(
     ctx: &mut ApplyCtx<'_>,
     record: Box<MessageRecord>,
     body: Body,
 ) -> Result<bool, StorageError> {
-    if is_api_message(&record) && ctx.get_latest(&final_key(&record.id))?.is_some() {
+    if is_api_message(&record) && ctx.contains_key(&final_key(&record.id))? {
         return Ok(false);
     }
     ctx.stage_new(record, body)

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod apikey;
 mod backoff;
 mod cert_reload;
 mod cluster;
