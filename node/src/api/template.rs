@@ -318,11 +318,10 @@ mod tests {
             None,
             Some("{{ markup | safe }} {{ markup }}"),
         );
-        let vars =
-            Value::from_serialize(serde_json::json!({"title": "dr who", "total": 3.14159, "markup": "<b>x</b>"}));
+        let vars = Value::from_serialize(serde_json::json!({"title": "dr who", "total": 19.987, "markup": "<b>x</b>"}));
         assert_eq!(
             c.render(Part::Subject, &vars, 1000, "r", "/v").unwrap(),
-            "friend Dr Who 3.14 "
+            "friend Dr Who 19.99 "
         );
         assert_eq!(
             c.render(Part::Html, &vars, 1000, "r", "/v").unwrap(),
