@@ -884,6 +884,62 @@ mod tests {
         assert_ne!(p0.message_id(), p1.message_id());
     }
 
+    /// Whatever the content, the message is CRLF-only, 7-bit, with lines
+    /// of at most 998 octets (RFC 5322 2.1.1), and reads back the same.
+    #[test]
+    fn wire_safe_for_any_content() {
+        let long = "word ".repeat(1000) + &"x".repeat(3000);
+        for text in [
+            "a\nb\n",
+            "a\r\nb",
+            "Grüße\naus\nKöln",
+            long.as_str(),
+            "tab\there  \n.\n",
+            "\u{1F600} emoji",
+        ] {
+            let m = one(
+                serde_json::json!({"from": "a@example.org", "to": ["b@example.net"], "subject": text.lines().next().unwrap_or("s"),
+                "text": text, "html": format!("<p>{text}</p>")}),
+            );
+            assert!(m.body.is_ascii(), "{text:?}");
+            assert!(
+                !m.body.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'),
+                "bare LF for {text:?}"
+            );
+            assert!(
+                m.body.split(|&b| b == b'\n').all(|l| l.len() <= 1000),
+                "long line for {text:?}"
+            );
+            let parsed = MessageParser::default().parse(&m.body).unwrap();
+            let crlf = |s: &str| s.replace("\r\n", "\n");
+            assert_eq!(
+                crlf(&parsed.body_text(0).unwrap()).trim_end(),
+                crlf(text).trim_end(),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn thousand_recipients() {
+        let recipients: Vec<_> = (0..1000)
+            .map(|i| serde_json::json!({"to": format!("user{i}@example.net"), "variables": {"name": format!("User {i}")}}))
+            .collect();
+        let req = request(
+            serde_json::json!({"from": "a@example.org", "subject": "Hi {{ name }}", "text": "Dear {{ name }}",
+            "html": "<p>Dear {{ name }}</p>", "recipients": recipients}),
+        );
+        let started = std::time::Instant::now();
+        let v = compose(&req, None, &ctx()).unwrap();
+        eprintln!("1000 messages composed in {:?}", started.elapsed());
+        assert_eq!(v.len(), 1000);
+        for (i, m) in v.iter().enumerate().step_by(97) {
+            assert_eq!(m.recipients, [format!("user{i}@example.net")]);
+            let parsed = MessageParser::default().parse(&m.body).unwrap();
+            assert_eq!(parsed.subject(), Some(format!("Hi User {i}").as_str()));
+        }
+    }
+
     #[test]
     fn literal_text_is_not_a_template() {
         let m = one(
