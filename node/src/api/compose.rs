@@ -921,6 +921,27 @@ mod tests {
     }
 
     #[test]
+    fn non_ascii_names_and_header_values() {
+        let m = one(
+            serde_json::json!({"from": "Jürgen Müller <j@example.org>", "to": ["Zoë <z@example.net>"],
+            "subject": "s", "text": "t", "headers": {"X-Note": "für dich"},
+            "attachments": [{"filename": "Übersicht 2027.pdf", "content_type": "application/pdf", "content": "JVBERg=="}]}),
+        );
+        assert!(m.body.is_ascii());
+        let parsed = MessageParser::default().parse(&m.body).unwrap();
+        assert_eq!(parsed.from().unwrap().first().unwrap().name(), Some("Jürgen Müller"));
+        assert_eq!(parsed.to().unwrap().first().unwrap().name(), Some("Zoë"));
+        // RFC 2047 (mail-parser leaves unknown fields undecoded).
+        assert_eq!(
+            parsed.header("X-Note").and_then(|h| h.as_text()),
+            Some("=?utf-8?B?ZsO8ciBkaWNo?=")
+        );
+        let a = parsed.attachments().next().unwrap();
+        assert_eq!(a.attachment_name(), Some("Übersicht 2027.pdf"));
+        assert_eq!(a.contents(), b"%PDF");
+    }
+
+    #[test]
     fn thousand_recipients() {
         let recipients: Vec<_> = (0..1000)
             .map(|i| serde_json::json!({"to": format!("user{i}@example.net"), "variables": {"name": format!("User {i}")}}))
