@@ -421,11 +421,18 @@ fn envelope(m: &Addressing<'_>) -> Vec<String> {
         .collect()
 }
 
-fn no_newlines(subject: &str, field: &str) -> Result<(), Problem> {
-    if subject.contains(['\r', '\n']) {
-        return Err(Problem::invalid(field, "the subject contains CR or LF"));
+/// Why `value` cannot be the `part` of a message: a subject is one header
+/// line (no CR, LF or other control characters: no header injection); no
+/// part may hold NUL, which no mail may carry.
+fn unfit(part: template::Part, value: &str) -> Option<&'static str> {
+    match part {
+        template::Part::Subject if value.contains(['\r', '\n']) => Some("the subject contains CR or LF"),
+        template::Part::Subject if value.chars().any(|c| c.is_control() && c != '\t') => {
+            Some("the subject contains a control character")
+        }
+        _ if value.contains('\0') => Some("it contains a NUL character"),
+        _ => None,
     }
-    Ok(())
 }
 
 /// The messages `req` stands for; `stored` is the template `req.template`
@@ -489,7 +496,15 @@ pub fn compose(req: &SendRequest, stored: Option<&StoredTemplate>, ctx: &Compose
             format!("{}/{}", src.base, part.name())
         })?)
     } else {
-        no_newlines(subject, "/subject")?;
+        for (part, value) in [
+            (template::Part::Subject, Some(subject)),
+            (template::Part::Text, src.text),
+            (template::Part::Html, src.html),
+        ] {
+            if let Some(why) = value.and_then(|v| unfit(part, v)) {
+                return Err(Problem::invalid(&format!("/{}", part.name()), why));
+            }
+        }
         None
     };
 
@@ -551,20 +566,24 @@ fn render(c: &Compiled, req: &SendRequest, m: &Addressing<'_>, max: u64) -> Resu
         }
     }
     let vars = minijinja::Value::from_serialize(&vars);
-    let subject = c.render(template::Part::Subject, &vars, max, &m.who, &m.vars_field)?;
-    no_newlines(&subject, &m.vars_field)
-        .map_err(|p| Problem::invalid(&m.vars_field, format!("{}: {}", m.who, p.detail)))?;
-    let text = if c.has(template::Part::Text) {
-        Some(c.render(template::Part::Text, &vars, max, &m.who, &m.vars_field)?)
-    } else {
-        None
+    let one = |part: template::Part| -> Result<Option<String>, Problem> {
+        if !c.has(part) {
+            return Ok(None);
+        }
+        let out = c.render(part, &vars, max, &m.who, &m.vars_field)?;
+        match unfit(part, &out) {
+            Some(why) => Err(Problem::invalid(
+                &m.vars_field,
+                format!("{}: rendered `{}`: {why}", m.who, part.name()),
+            )),
+            None => Ok(Some(out)),
+        }
     };
-    let html = if c.has(template::Part::Html) {
-        Some(c.render(template::Part::Html, &vars, max, &m.who, &m.vars_field)?)
-    } else {
-        None
-    };
-    Ok(Content { subject, text, html })
+    Ok(Content {
+        subject: one(template::Part::Subject)?.unwrap_or_default(),
+        text: one(template::Part::Text)?,
+        html: one(template::Part::Html)?,
+    })
 }
 
 /// `POST /api/v1/messages/raw`: a whole RFC 5322 message and its envelope.
@@ -941,6 +960,78 @@ mod tests {
         assert_eq!(a.contents(), b"%PDF");
     }
 
+    /// Random hostile strings in every field: never a panic, and whatever
+    /// is accepted is wire-safe with no header line the request did not ask for.
+    #[test]
+    fn hostile_fields_never_panic_or_inject() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+        let atoms = [
+            "a",
+            "@",
+            "example.org",
+            "<",
+            ">",
+            "\r",
+            "\n",
+            "\r\n",
+            " ",
+            "\"",
+            "\\",
+            ":",
+            ";",
+            ",",
+            "=?utf-8?q?x?=",
+            "ü",
+            "\u{0}",
+            "\t",
+            "{{",
+            "}}",
+            "Bcc: v@evil.test",
+            ".",
+            "-",
+            "/",
+            "~",
+        ];
+        let word = |rng: &mut rand::rngs::StdRng| -> String {
+            let n = rng.gen_range(0..8);
+            (0..n).map(|_| atoms[rng.gen_range(0..atoms.len())]).collect()
+        };
+        let mut accepted = 0;
+        for _ in 0..3000 {
+            let pick =
+                |rng: &mut rand::rngs::StdRng, w: String, ok: &str| if rng.gen_bool(0.75) { ok.to_owned() } else { w };
+            let w: Vec<String> = (0..8).map(|_| word(&mut rng)).collect();
+            let json = serde_json::json!({
+                "from": pick(&mut rng, w[0].clone(), "a@example.org"),
+                "to": [pick(&mut rng, w[1].clone(), "b@example.net")],
+                "subject": pick(&mut rng, w[2].clone(), "Hi"),
+                "text": pick(&mut rng, w[3].clone(), "Hello"),
+                "headers": {pick(&mut rng, w[4].clone(), "X-Ok"): pick(&mut rng, w[5].clone(), "v")},
+                "attachments": [{"filename": pick(&mut rng, w[6].clone(), "f.txt"), "content": "eA==",
+                                 "content_type": pick(&mut rng, w[7].clone(), "text/plain")}],
+            });
+            let Ok(req) = serde_json::from_value::<SendRequest>(json) else {
+                continue;
+            };
+            let Ok(v) = compose(&req, None, &ctx()) else { continue };
+            accepted += 1;
+            let m = &v[0];
+            assert!(m.body.is_ascii() && !m.body.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'));
+            assert!(!m.body.contains(&0), "{:?} {}", req, String::from_utf8_lossy(&m.body));
+            let head_end = m.body.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let head = String::from_utf8_lossy(&m.body[..head_end]);
+            let fields: Vec<&str> = head.split("\r\n").filter(|l| !l.starts_with([' ', '\t'])).collect();
+            assert!(!head.to_ascii_lowercase().contains("\r\nbcc:"), "{head}");
+            // From, Subject, Date, Message-ID, To, the extra header, MIME-Version, Content-Type.
+            assert_eq!(fields.len(), 8, "{head}");
+        }
+        assert!(
+            accepted > 100,
+            "{accepted} accepted: the generator is too hostile to test acceptance"
+        );
+    }
+
     #[test]
     fn thousand_recipients() {
         let recipients: Vec<_> = (0..1000)
@@ -1045,6 +1136,8 @@ mod tests {
         assert_eq!(with("to", serde_json::json!([])).1, "/to");
         assert_eq!(with("cc", serde_json::json!(["x@y.org\r\nBcc: z@y.org"])).1, "/cc/0");
         assert_eq!(with("subject", "Hi\r\nBcc: z@y.org".into()).1, "/subject");
+        assert_eq!(with("subject", "Hi\u{7}".into()).1, "/subject");
+        assert_eq!(with("text", "a\u{0}b".into()).1, "/text");
         assert_eq!(
             with("headers", serde_json::json!({"X-Foo": "a\r\nBcc: z@y.org"})).1,
             "/headers/X-Foo"
