@@ -694,3 +694,21 @@ fn keys_scopes_tenants_limits_and_scheduled_cancel_answer_as_documented() {
     assert_eq!(delivered_with(&sink, "gone2@example.net"), 0);
     api.assert_contract();
 }
+
+#[test]
+fn a_node_with_the_api_disabled_serves_nothing_under_api() {
+    let node = Node::start("[api]\nenabled = false\n");
+    for path in ["/api/v1/openapi.json", "/api/v1/messages/x"] {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{}{path}", node.http))
+            .output()
+            .expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "404", "{path}");
+    }
+    let health = Command::new("curl")
+        .args(["-sS", &format!("http://{}/healthz", node.http)])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "ok\n");
+}
