@@ -492,6 +492,13 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         )));
     }
     let controller = tokio::spawn(Arc::clone(&cluster).run(stop_rx.clone()));
+    let purge = crate::api::purge::run(
+        Arc::clone(&groups),
+        config.node_id,
+        config.api.status_retention,
+        stop_rx.clone(),
+    );
+    tokio::spawn(purge);
     if let Some(control) = delivery.control() {
         tokio::spawn(crate::backoff::watch(
             control.clone(),

@@ -4,4 +4,7 @@
 //! I/O), `problem.rs` (RFC 9457 errors).
 
 pub mod compose;
+pub mod keys;
 pub mod problem;
+pub mod purge;
+pub mod status;
