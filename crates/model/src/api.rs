@@ -179,6 +179,8 @@ pub struct FinalStatus {
     /// (`delivered`, `failed`, `cancelled`), last reply.
     pub rcpts: Vec<(String, String, String)>,
     pub batch: Option<String>,
+    /// Delivery attempts made.
+    pub attempts: u32,
     /// Unix seconds when it became final.
     pub at: i64,
 }

@@ -105,6 +105,9 @@ pub enum Request {
     /// Queue shard, proposed by its leader: final-status records of API
     /// messages (`f/<queue id>`) with ids sorting before `before` are removed.
     PurgeFinal { before: String },
+    /// Control group, proposed by its leader: batch records created before
+    /// unix seconds `before` and their idempotency keys are removed.
+    PurgeBatches { before: i64 },
 }
 
 /// What `ternctl queue hold|release|delete|retry` does to a message.
@@ -170,7 +173,8 @@ impl Request {
             | Request::PutTemplate { .. }
             | Request::PutBatch { .. }
             | Request::EventsAck { .. }
-            | Request::PurgeFinal { .. } => Vec::new(),
+            | Request::PurgeFinal { .. }
+            | Request::PurgeBatches { .. } => Vec::new(),
         }
     }
 }

@@ -114,6 +114,16 @@ impl ApplyCtx<'_> {
         self.sm.tree().get(key).map_err(|e| write_error(&e))
     }
 
+    /// The value of `key` with this run's own writes seen (a check-then-write
+    /// rule, e.g. one idempotency key per batch, must see an earlier entry
+    /// of the same run).
+    pub fn get_latest(&self, key: &[u8]) -> Result<Option<sled::IVec>, StorageError> {
+        match self.batch.latest(key) {
+            Some(value) => Ok(value.cloned()),
+            None => self.get(key),
+        }
+    }
+
     /// Keys with `prefix` as written before this run, in order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> sled::Iter {
         self.sm.tree().scan_prefix(prefix)
@@ -160,6 +170,11 @@ impl Writes {
 
     pub(crate) fn remove(&mut self, key: impl Into<sled::IVec>) {
         self.0.push((key.into(), None));
+    }
+
+    /// This run's last write of `key`: `Some(None)` removed, `None` untouched.
+    fn latest(&self, key: &[u8]) -> Option<Option<&sled::IVec>> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_ref())
     }
 
     pub(crate) fn write(self, tree: &sled::Tree) -> sled::Result<()> {

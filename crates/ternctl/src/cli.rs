@@ -67,6 +67,9 @@ pub enum Command {
     /// Per-destination shaping: matching rules, limits, shares, automatic actions.
     #[command(subcommand)]
     Shaping(ShapingCommand),
+    /// Keys of the sending API (/api/v1): create, list, revoke.
+    #[command(subcommand)]
+    Apikey(ApiKeyCommand),
     /// Egress pools: sources, weights and warm-up progress.
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -213,6 +216,32 @@ pub struct Selection {
 /// `30s`, `5m`, `2h`, `5d` (or bare seconds) as seconds.
 pub fn parse_age(s: &str) -> Result<u64, tern_config::DurationError> {
     tern_config::parse_duration(s).map(|d| d.as_secs())
+}
+
+#[derive(Subcommand)]
+pub enum ApiKeyCommand {
+    /// Make a key and print it once (it is not stored, only its hash).
+    Create {
+        /// Unique among live keys (1-64 of A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+        /// send, templates:read or templates:write (repeat for more; all three if absent).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// The tenant its messages, templates and events belong to (default tenant if absent).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// Messages per second it may send (0: no limit of its own).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// Every key, live and revoked (never the secret).
+    List,
+    /// Revoke a key by its name or id (it stops working at once).
+    Revoke {
+        /// The live key's name, or a key's id.
+        key: String,
+    },
 }
 
 #[derive(Subcommand)]

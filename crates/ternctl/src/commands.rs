@@ -119,6 +119,7 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
             print_stats(&r, by, since, json)?;
         }
         Command::Suppression(cmd) => crate::suppression::run(&mut client, cmd, json).await?,
+        Command::Apikey(cmd) => crate::apikey::run(&mut client, cmd, json).await?,
         Command::Shaping(ShapingCommand::Clear { scope }) => {
             let r = client.shaping_clear(ShapingClearRequest { scope }).await?.into_inner();
             if json {

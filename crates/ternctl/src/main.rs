@@ -16,11 +16,13 @@
 //! - [`pool`]: `pool show` (egress pools and warm-up progress).
 //! - [`output`]: tables for people, JSON for scripts.
 //! - [`suppression`]: the suppression-list commands and their CSV form.
+//! - [`apikey`]: the sending API's keys.
 //! - [`cert`], [`token`], [`dkim`]: offline commands (no node is contacted).
 //!
 //! Depends on the proto, model, pki and config crates only: never on the
 //! node's runtime (openraft, sled, actix, mail-auth).
 
+mod apikey;
 mod cert;
 mod cli;
 mod commands;

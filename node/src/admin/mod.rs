@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tern_proto::admin::admin_service_server::AdminService;
 use tern_proto::admin::*;
 
+pub mod apikey;
 pub mod audit;
 pub mod authz;
 pub mod shaping;
@@ -1071,6 +1072,52 @@ impl AdminService for Admin {
                 .map(crate::delivery::egress::PoolStatus::into_proto)
                 .collect(),
         }))
+    }
+
+    async fn api_key_create(
+        &self,
+        request: Request<ApiKeyCreateRequest>,
+    ) -> Result<Response<ApiKeyCreateReply>, Status> {
+        let selection = apikey::create_selection(request.get_ref());
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "apikey create", selection)
+            .await?;
+        let result = async {
+            let (control, writer) = self.suppression_access()?;
+            let now = chrono::Utc::now().timestamp();
+            apikey::create(&control, &writer, request.into_inner(), now)
+                .await
+                .map(Response::new)
+        }
+        .await;
+        audit.finish(result, |_| 1)
+    }
+
+    async fn api_key_list(&self, request: Request<ApiKeyListRequest>) -> Result<Response<ApiKeyListReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
+        let (control, _) = self.suppression_access()?;
+        Ok(Response::new(apikey::list(&control)))
+    }
+
+    async fn api_key_revoke(
+        &self,
+        request: Request<ApiKeyRevokeRequest>,
+    ) -> Result<Response<ApiKeyRevokeReply>, Status> {
+        let selection = format!("key={}", request.get_ref().key);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "apikey revoke", selection)
+            .await?;
+        let result = async {
+            let (control, writer) = self.suppression_access()?;
+            let now = chrono::Utc::now().timestamp();
+            apikey::revoke(&control, &writer, request.into_inner(), now)
+                .await
+                .map(Response::new)
+        }
+        .await;
+        audit.finish(result, |_| 1)
     }
 
     async fn shaping_show(&self, request: Request<ShapingShowRequest>) -> Result<Response<ShapingShowReply>, Status> {

@@ -1,27 +1,34 @@
 //! The queue shard's rules: what `Enqueue`, `EnqueueMany`, `Outcomes`,
 //! `Bounce` and `QueueOp` change in a shard group's state, applied by the
 //! Raft state machine through [`crate::raft::apply::Apply`].
+//!
+//! An API message (envid `b_...`, auth user `apikey:...`) leaves a final
+//! status `f/<id>` behind when it leaves the queue, so that its status can
+//! still be read and an idempotent retry does not queue it again;
+//! `PurgeFinal` removes old ones.
 
 // Rules answer in openraft's StorageError, as the state machine does
 // (raft/mod.rs): boxing it would only add conversions.
 #![allow(clippy::result_large_err)]
 
-use crate::raft::apply::ApplyCtx;
+use crate::raft::apply::{write_error, ApplyCtx};
 use crate::raft::state_machine::SmEvent;
-use crate::raft::{OutcomeUpdate, QueueAction, Request, Response, StorageError};
+use crate::raft::{Body, OutcomeUpdate, QueueAction, Request, Response, StorageError};
+use tern_model::api::{final_key, FinalStatus};
+use tern_model::record::MessageRecord;
 
 /// Applies a queue request; gives `request` back when it is not one.
 pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response, Request>, StorageError> {
     Ok(Ok(match request {
         Request::Enqueue { record, body } => {
-            let changed = ctx.stage_new(record, body)?;
+            let changed = stage_new_unless_final(ctx, record, body)?;
             ctx.count(i64::from(changed));
             Response { changed }
         }
         Request::EnqueueMany { messages } => {
             let mut changed = false;
             for m in messages {
-                let new = ctx.stage_new(m.record, m.body)?;
+                let new = stage_new_unless_final(ctx, m.record, m.body)?;
                 ctx.count(i64::from(new));
                 changed |= new;
             }
@@ -73,6 +80,7 @@ pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response
                         }
                     }
                     QueueAction::Delete => {
+                        record_final(ctx, &record)?;
                         if let Some(loc) = record.body {
                             ctx.wal().release(loc.segment);
                         }
@@ -86,6 +94,7 @@ pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response
             }
             Response { changed: true }
         }
+        Request::PurgeFinal { before } => purge_final(ctx, &before)?,
         other => return Ok(Err(other)),
     }))
 }
@@ -117,6 +126,7 @@ fn stage_outcome(ctx: &mut ApplyCtx<'_>, update: OutcomeUpdate, only_if_changed:
     record.next_attempt = update.next_attempt;
     record.delay_notified = update.delay_notified;
     if record.rcpt_state.iter().all(|s| s.status.is_final()) {
+        record_final(ctx, &record)?;
         if let Some(loc) = record.body {
             ctx.wal().release(loc.segment);
         }
@@ -136,4 +146,74 @@ fn stage_outcome(ctx: &mut ApplyCtx<'_>, update: OutcomeUpdate, only_if_changed:
         ctx.stage(update.id, Some(record));
     }
     Ok(changed)
+}
+
+/// Sent through the API: its envelope names its batch and key.
+fn is_api_message(record: &MessageRecord) -> bool {
+    let env = &record.envelope;
+    env.envid.as_deref().is_some_and(|e| e.starts_with("b_"))
+        && env.auth_user.as_deref().is_some_and(|u| u.starts_with("apikey:"))
+}
+
+/// `stage_new`, except for an API message that already left the queue: an
+/// idempotent retry after its delivery must not send it twice.
+fn stage_new_unless_final(
+    ctx: &mut ApplyCtx<'_>,
+    record: Box<MessageRecord>,
+    body: Body,
+) -> Result<bool, StorageError> {
+    if is_api_message(&record) && ctx.get_latest(&final_key(&record.id))?.is_some() {
+        return Ok(false);
+    }
+    ctx.stage_new(record, body)
+}
+
+/// Writes the final status of an API message leaving the queue; recipients
+/// not final yet (a delete) are `cancelled`.
+fn record_final(ctx: &mut ApplyCtx<'_>, record: &MessageRecord) -> Result<(), StorageError> {
+    if !is_api_message(record) {
+        return Ok(());
+    }
+    let rcpts = record
+        .envelope
+        .recipients
+        .iter()
+        .zip(&record.rcpt_state)
+        .map(|(r, s)| {
+            let state = if s.status.is_final() {
+                s.status.as_str()
+            } else {
+                "cancelled"
+            };
+            (r.address.clone(), state.to_owned(), s.last_reply.clone())
+        })
+        .collect();
+    let status = FinalStatus {
+        rcpts,
+        batch: record.envelope.envid.clone(),
+        attempts: record.attempts,
+        at: chrono::Utc::now().timestamp(),
+    };
+    let value = bincode::serialize(&status).map_err(|e| write_error(&e))?;
+    ctx.insert(final_key(&record.id), value);
+    Ok(())
+}
+
+/// Removes final statuses of ids sorting before `before` (ids start with
+/// their time, so: older ones).
+fn purge_final(ctx: &mut ApplyCtx<'_>, before: &str) -> Result<Response, StorageError> {
+    let end = final_key(before);
+    let mut old = Vec::new();
+    for item in ctx.scan_prefix(b"f/") {
+        let (k, _) = item.map_err(|e| write_error(&e))?;
+        if k.as_ref() >= end.as_slice() {
+            break;
+        }
+        old.push(k);
+    }
+    let changed = !old.is_empty();
+    for k in old {
+        ctx.remove(k);
+    }
+    Ok(Response { changed })
 }

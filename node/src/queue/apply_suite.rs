@@ -713,6 +713,138 @@ async fn an_installed_record_never_points_at_an_unsynced_body() {
     );
 }
 
+/// An API message leaves its final status (`f/<id>`) when it leaves the
+/// queue, delivered or deleted (what was pending: cancelled); an idempotent
+/// retry of it afterwards queues nothing; other mail leaves none; and
+/// `PurgeFinal` removes the statuses of older ids.
+#[tokio::test]
+async fn api_messages_leave_a_final_status_and_are_not_queued_again() {
+    use crate::envelope::{Envelope, Recipient};
+    use crate::queue::message::RcptStatus;
+    use crate::raft::{OutcomeUpdate, QueueAction, RcptResult};
+    use tern_model::api::{final_key, FinalStatus};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path()).await;
+    let rcpt = |address: &str| Recipient {
+        address: address.into(),
+        notify: Default::default(),
+        orcpt: None,
+    };
+    let api = Envelope {
+        reverse_path: "app@example.org".into(),
+        recipients: vec![rcpt("a@example.net"), rcpt("b@example.net")],
+        envid: Some("b_batch1".into()),
+        auth_user: Some("apikey:ci".into()),
+        helo: "api".into(),
+        ..Envelope::default()
+    };
+    // The same shape from SMTP: an ENVID and an AUTH user, but not a key.
+    let smtp = Envelope {
+        auth_user: Some("alice".into()),
+        ..api.clone()
+    };
+    let enqueue = |index: u64, id: &str, envelope: &Envelope| {
+        let mut e = enqueue_entry(index, id, b"Subject: x\r\n\r\nx\r\n");
+        if let EntryPayload::Normal(Request::Enqueue { record, .. }) = &mut e.payload {
+            record.envelope = envelope.clone();
+            record.rcpt_state = vec![Default::default(); envelope.recipients.len()];
+        }
+        e
+    };
+    let normal = |index: u64, request: Request| Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(request),
+    };
+    let result = |index: u32, status: RcptStatus, reply: &str| RcptResult {
+        index,
+        status,
+        reply: reply.into(),
+    };
+    let entries = vec![
+        enqueue(1, "0001-A", &api),
+        enqueue(2, "0001-S", &smtp),
+        enqueue(3, "0002-C", &api),
+        normal(
+            4,
+            Request::Outcomes {
+                updates: ["0001-A", "0001-S"]
+                    .into_iter()
+                    .map(|id| OutcomeUpdate {
+                        id: id.into(),
+                        results: vec![
+                            result(0, RcptStatus::Delivered, "250 ok"),
+                            result(1, RcptStatus::Failed, "550 5.1.1 no such user"),
+                        ],
+                        attempts: 1,
+                        next_attempt: 0,
+                        delay_notified: false,
+                    })
+                    .collect(),
+                bounces: Vec::new(),
+            },
+        ),
+        normal(
+            5,
+            Request::Outcomes {
+                updates: vec![OutcomeUpdate {
+                    id: "0002-C".into(),
+                    results: vec![result(1, RcptStatus::Deferred, "451 later")],
+                    attempts: 1,
+                    next_attempt: 9_999_999_999,
+                    delay_notified: false,
+                }],
+                bounces: Vec::new(),
+            },
+        ),
+        normal(
+            6,
+            Request::QueueOp {
+                action: QueueAction::Delete,
+                ids: vec!["0002-C".into()],
+            },
+        ),
+        // The client's retry of the call, in the same run and in a later one.
+        enqueue(7, "0001-A", &api),
+    ];
+    log.blocking_append(entries).await.unwrap();
+    let responses = sm.apply(log.try_get_log_entries(1..8).await.unwrap()).await.unwrap();
+    assert!(!responses[6].changed, "a retry in the run that finished it");
+    log.blocking_append([enqueue(8, "0001-A", &api)]).await.unwrap();
+    let responses = sm.apply(log.try_get_log_entries(8..9).await.unwrap()).await.unwrap();
+    assert!(!responses[0].changed, "a retry after it was delivered queues nothing");
+    assert_eq!(sm.message_count(), 0);
+    assert!(sm.message("0001-A").unwrap().is_none());
+
+    let tree = sm.tree();
+    let status = |id: &str| -> Option<FinalStatus> {
+        let v = tree.get(final_key(id)).unwrap()?;
+        Some(bincode::deserialize(&v).unwrap())
+    };
+    let a = status("0001-A").unwrap();
+    assert_eq!(
+        a.rcpts,
+        [
+            ("a@example.net".into(), "delivered".into(), "250 ok".into()),
+            ("b@example.net".into(), "failed".into(), "550 5.1.1 no such user".into()),
+        ]
+    );
+    assert_eq!(a.batch.as_deref(), Some("b_batch1"));
+    assert_eq!(a.attempts, 1);
+    let c = status("0002-C").unwrap();
+    let states: Vec<&str> = c.rcpts.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(states, ["cancelled", "cancelled"], "deleted before any delivery");
+    assert!(status("0001-S").is_none(), "mail not sent through the API leaves none");
+
+    log.blocking_append([normal(9, Request::PurgeFinal { before: "0002".into() })])
+        .await
+        .unwrap();
+    let responses = sm.apply(log.try_get_log_entries(9..10).await.unwrap()).await.unwrap();
+    assert!(responses[0].changed);
+    assert!(status("0001-A").is_none(), "older than the purge's id");
+    assert!(status("0002-C").is_some());
+}
+
 /// The queue shard's rules alone (what a shard group applies).
 struct QueueRules;
 

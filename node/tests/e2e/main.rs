@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod api;
 mod backoff;
 mod cert_reload;
 mod cluster;
