@@ -421,11 +421,18 @@ fn envelope(m: &Addressing<'_>) -> Vec<String> {
         .collect()
 }
 
-fn no_newlines(subject: &str, field: &str) -> Result<(), Problem> {
-    if subject.contains(['\r', '\n']) {
-        return Err(Problem::invalid(field, "the subject contains CR or LF"));
+/// Why `value` cannot be the `part` of a message: a subject is one header
+/// line (no CR, LF or other control characters: no header injection); no
+/// part may hold NUL, which no mail may carry.
+fn unfit(part: template::Part, value: &str) -> Option<&'static str> {
+    match part {
+        template::Part::Subject if value.contains(['\r', '\n']) => Some("the subject contains CR or LF"),
+        template::Part::Subject if value.chars().any(|c| c.is_control() && c != '\t') => {
+            Some("the subject contains a control character")
+        }
+        _ if value.contains('\0') => Some("it contains a NUL character"),
+        _ => None,
     }
-    Ok(())
 }
 
 /// The messages `req` stands for; `stored` is the template `req.template`
@@ -489,7 +496,15 @@ pub fn compose(req: &SendRequest, stored: Option<&StoredTemplate>, ctx: &Compose
             format!("{}/{}", src.base, part.name())
         })?)
     } else {
-        no_newlines(subject, "/subject")?;
+        for (part, value) in [
+            (template::Part::Subject, Some(subject)),
+            (template::Part::Text, src.text),
+            (template::Part::Html, src.html),
+        ] {
+            if let Some(why) = value.and_then(|v| unfit(part, v)) {
+                return Err(Problem::invalid(&format!("/{}", part.name()), why));
+            }
+        }
         None
     };
 
@@ -551,20 +566,24 @@ fn render(c: &Compiled, req: &SendRequest, m: &Addressing<'_>, max: u64) -> Resu
         }
     }
     let vars = minijinja::Value::from_serialize(&vars);
-    let subject = c.render(template::Part::Subject, &vars, max, &m.who, &m.vars_field)?;
-    no_newlines(&subject, &m.vars_field)
-        .map_err(|p| Problem::invalid(&m.vars_field, format!("{}: {}", m.who, p.detail)))?;
-    let text = if c.has(template::Part::Text) {
-        Some(c.render(template::Part::Text, &vars, max, &m.who, &m.vars_field)?)
-    } else {
-        None
+    let one = |part: template::Part| -> Result<Option<String>, Problem> {
+        if !c.has(part) {
+            return Ok(None);
+        }
+        let out = c.render(part, &vars, max, &m.who, &m.vars_field)?;
+        match unfit(part, &out) {
+            Some(why) => Err(Problem::invalid(
+                &m.vars_field,
+                format!("{}: rendered `{}`: {why}", m.who, part.name()),
+            )),
+            None => Ok(Some(out)),
+        }
     };
-    let html = if c.has(template::Part::Html) {
-        Some(c.render(template::Part::Html, &vars, max, &m.who, &m.vars_field)?)
-    } else {
-        None
-    };
-    Ok(Content { subject, text, html })
+    Ok(Content {
+        subject: one(template::Part::Subject)?.unwrap_or_default(),
+        text: one(template::Part::Text)?,
+        html: one(template::Part::Html)?,
+    })
 }
 
 /// `POST /api/v1/messages/raw`: a whole RFC 5322 message and its envelope.
@@ -884,6 +903,155 @@ mod tests {
         assert_ne!(p0.message_id(), p1.message_id());
     }
 
+    /// Whatever the content, the message is CRLF-only, 7-bit, with lines
+    /// of at most 998 octets (RFC 5322 2.1.1), and reads back the same.
+    #[test]
+    fn wire_safe_for_any_content() {
+        let long = "word ".repeat(1000) + &"x".repeat(3000);
+        for text in [
+            "a\nb\n",
+            "a\r\nb",
+            "Grüße\naus\nKöln",
+            long.as_str(),
+            "tab\there  \n.\n",
+            "\u{1F600} emoji",
+        ] {
+            let m = one(
+                serde_json::json!({"from": "a@example.org", "to": ["b@example.net"], "subject": text.lines().next().unwrap_or("s"),
+                "text": text, "html": format!("<p>{text}</p>")}),
+            );
+            assert!(m.body.is_ascii(), "{text:?}");
+            assert!(
+                !m.body.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'),
+                "bare LF for {text:?}"
+            );
+            assert!(
+                m.body.split(|&b| b == b'\n').all(|l| l.len() <= 1000),
+                "long line for {text:?}"
+            );
+            let parsed = MessageParser::default().parse(&m.body).unwrap();
+            let crlf = |s: &str| s.replace("\r\n", "\n");
+            assert_eq!(
+                crlf(&parsed.body_text(0).unwrap()).trim_end(),
+                crlf(text).trim_end(),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_ascii_names_and_header_values() {
+        let m = one(
+            serde_json::json!({"from": "Jürgen Müller <j@example.org>", "to": ["Zoë <z@example.net>"],
+            "subject": "s", "text": "t", "headers": {"X-Note": "für dich"},
+            "attachments": [{"filename": "Übersicht 2027.pdf", "content_type": "application/pdf", "content": "JVBERg=="}]}),
+        );
+        assert!(m.body.is_ascii());
+        let parsed = MessageParser::default().parse(&m.body).unwrap();
+        assert_eq!(parsed.from().unwrap().first().unwrap().name(), Some("Jürgen Müller"));
+        assert_eq!(parsed.to().unwrap().first().unwrap().name(), Some("Zoë"));
+        // RFC 2047 (mail-parser leaves unknown fields undecoded).
+        assert_eq!(
+            parsed.header("X-Note").and_then(|h| h.as_text()),
+            Some("=?utf-8?B?ZsO8ciBkaWNo?=")
+        );
+        let a = parsed.attachments().next().unwrap();
+        assert_eq!(a.attachment_name(), Some("Übersicht 2027.pdf"));
+        assert_eq!(a.contents(), b"%PDF");
+    }
+
+    /// Random hostile strings in every field: never a panic, and whatever
+    /// is accepted is wire-safe with no header line the request did not ask for.
+    #[test]
+    fn hostile_fields_never_panic_or_inject() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+        let atoms = [
+            "a",
+            "@",
+            "example.org",
+            "<",
+            ">",
+            "\r",
+            "\n",
+            "\r\n",
+            " ",
+            "\"",
+            "\\",
+            ":",
+            ";",
+            ",",
+            "=?utf-8?q?x?=",
+            "ü",
+            "\u{0}",
+            "\t",
+            "{{",
+            "}}",
+            "Bcc: v@evil.test",
+            ".",
+            "-",
+            "/",
+            "~",
+        ];
+        let word = |rng: &mut rand::rngs::StdRng| -> String {
+            let n = rng.gen_range(0..8);
+            (0..n).map(|_| atoms[rng.gen_range(0..atoms.len())]).collect()
+        };
+        let mut accepted = 0;
+        for _ in 0..3000 {
+            let pick =
+                |rng: &mut rand::rngs::StdRng, w: String, ok: &str| if rng.gen_bool(0.75) { ok.to_owned() } else { w };
+            let w: Vec<String> = (0..8).map(|_| word(&mut rng)).collect();
+            let json = serde_json::json!({
+                "from": pick(&mut rng, w[0].clone(), "a@example.org"),
+                "to": [pick(&mut rng, w[1].clone(), "b@example.net")],
+                "subject": pick(&mut rng, w[2].clone(), "Hi"),
+                "text": pick(&mut rng, w[3].clone(), "Hello"),
+                "headers": {pick(&mut rng, w[4].clone(), "X-Ok"): pick(&mut rng, w[5].clone(), "v")},
+                "attachments": [{"filename": pick(&mut rng, w[6].clone(), "f.txt"), "content": "eA==",
+                                 "content_type": pick(&mut rng, w[7].clone(), "text/plain")}],
+            });
+            let Ok(req) = serde_json::from_value::<SendRequest>(json) else {
+                continue;
+            };
+            let Ok(v) = compose(&req, None, &ctx()) else { continue };
+            accepted += 1;
+            let m = &v[0];
+            assert!(m.body.is_ascii() && !m.body.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'));
+            assert!(!m.body.contains(&0), "{:?} {}", req, String::from_utf8_lossy(&m.body));
+            let head_end = m.body.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let head = String::from_utf8_lossy(&m.body[..head_end]);
+            let fields: Vec<&str> = head.split("\r\n").filter(|l| !l.starts_with([' ', '\t'])).collect();
+            assert!(!head.to_ascii_lowercase().contains("\r\nbcc:"), "{head}");
+            // From, Subject, Date, Message-ID, To, the extra header, MIME-Version, Content-Type.
+            assert_eq!(fields.len(), 8, "{head}");
+        }
+        assert!(
+            accepted > 100,
+            "{accepted} accepted: the generator is too hostile to test acceptance"
+        );
+    }
+
+    #[test]
+    fn thousand_recipients() {
+        let recipients: Vec<_> = (0..1000)
+            .map(|i| serde_json::json!({"to": format!("user{i}@example.net"), "variables": {"name": format!("User {i}")}}))
+            .collect();
+        let req = request(
+            serde_json::json!({"from": "a@example.org", "subject": "Hi {{ name }}", "text": "Dear {{ name }}",
+            "html": "<p>Dear {{ name }}</p>", "recipients": recipients}),
+        );
+        let started = std::time::Instant::now();
+        let v = compose(&req, None, &ctx()).unwrap();
+        eprintln!("1000 messages composed in {:?}", started.elapsed());
+        assert_eq!(v.len(), 1000);
+        for (i, m) in v.iter().enumerate().step_by(97) {
+            assert_eq!(m.recipients, [format!("user{i}@example.net")]);
+            let parsed = MessageParser::default().parse(&m.body).unwrap();
+            assert_eq!(parsed.subject(), Some(format!("Hi User {i}").as_str()));
+        }
+    }
+
     #[test]
     fn literal_text_is_not_a_template() {
         let m = one(
@@ -968,6 +1136,8 @@ mod tests {
         assert_eq!(with("to", serde_json::json!([])).1, "/to");
         assert_eq!(with("cc", serde_json::json!(["x@y.org\r\nBcc: z@y.org"])).1, "/cc/0");
         assert_eq!(with("subject", "Hi\r\nBcc: z@y.org".into()).1, "/subject");
+        assert_eq!(with("subject", "Hi\u{7}".into()).1, "/subject");
+        assert_eq!(with("text", "a\u{0}b".into()).1, "/text");
         assert_eq!(
             with("headers", serde_json::json!({"X-Foo": "a\r\nBcc: z@y.org"})).1,
             "/headers/X-Foo"

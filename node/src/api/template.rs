@@ -14,6 +14,10 @@ use tern_model::api::StoredTemplate;
 /// Instructions one render may run: a loop over a few thousand items fits,
 /// an endless one stops.
 pub const FUEL: u64 = 500_000;
+/// Instructions all renders of one call may run together: a 10,000-message
+/// batch of ordinary templates needs a few million; this stops a template
+/// just under `FUEL` from costing 10,000 times that.
+pub const CALL_FUEL: u64 = 50_000_000;
 /// Nesting of includes, macros and blocks.
 const RECURSION_LIMIT: usize = 64;
 
@@ -40,6 +44,10 @@ pub struct Compiled {
     env: Environment<'static>,
     has_text: bool,
     has_html: bool,
+    /// Fuel the renders of this call have used so far.
+    spent: std::cell::Cell<u64>,
+    /// Blamed when the call's renders run out of `CALL_FUEL`.
+    budget_field: String,
 }
 
 impl std::fmt::Debug for Compiled {
@@ -85,6 +93,8 @@ impl Compiled {
             env,
             has_text: text.is_some(),
             has_html: html.is_some(),
+            spent: std::cell::Cell::new(0),
+            budget_field: field(Part::Subject),
         })
     }
 
@@ -108,7 +118,21 @@ impl Compiled {
             buf: Vec::new(),
             max: max_bytes,
         };
-        if let Err(e) = template.render_captured_to(vars, &mut out) {
+        let result = template.render_captured_to(vars, &mut out);
+        if let Ok(captured) = &result {
+            let used = captured.state().fuel_levels().map_or(0, |(consumed, _)| consumed);
+            self.spent.set(self.spent.get().saturating_add(used));
+            if self.spent.get() > CALL_FUEL {
+                return Err(Problem::invalid(
+                    &self.budget_field,
+                    format!(
+                        "{who}: the templates of this call ran more than {CALL_FUEL} instructions in all; \
+                         send fewer recipients per call or simpler templates"
+                    ),
+                ));
+            }
+        }
+        if let Err(e) = result {
             if out.buf.len() as u64 >= max_bytes || e.kind() == ErrorKind::WriteFailure {
                 return Err(too_large(part, who, max_bytes));
             }
@@ -305,6 +329,19 @@ mod tests {
         let c = compile("{% for i in range(10000) %}{{ 'x' * 10000 }}{% endfor %}", None, None);
         let e = c.render(Part::Subject, &vars, 1 << 20, "r", "/v").unwrap_err();
         assert_eq!(e.status, 413, "{e}");
+        // Just under the fuel of one render, many times: the call's budget.
+        let c = compile("{% for i in range(100000) %}{% endfor %}", None, None);
+        let mut n = 0;
+        let e = loop {
+            n += 1;
+            assert!(n < 10_000, "no call budget");
+            if let Err(e) = c.render(Part::Subject, &vars, 1 << 20, "r", "/v") {
+                break e;
+            }
+        };
+        assert!(e.detail.contains("in all"), "{e}");
+        assert_eq!(e.field.as_deref(), Some("/subject"));
+        assert!(n > 50, "{n} renders before the budget ran out");
         // Self-recursion: the recursion limit.
         let c = compile("{% include 'subject' %}", None, None);
         assert!(c.render(Part::Subject, &vars, 1 << 20, "r", "/v").is_err());
@@ -318,11 +355,10 @@ mod tests {
             None,
             Some("{{ markup | safe }} {{ markup }}"),
         );
-        let vars =
-            Value::from_serialize(serde_json::json!({"title": "dr who", "total": 3.14159, "markup": "<b>x</b>"}));
+        let vars = Value::from_serialize(serde_json::json!({"title": "dr who", "total": 19.987, "markup": "<b>x</b>"}));
         assert_eq!(
             c.render(Part::Subject, &vars, 1000, "r", "/v").unwrap(),
-            "friend Dr Who 3.14 "
+            "friend Dr Who 19.99 "
         );
         assert_eq!(
             c.render(Part::Html, &vars, 1000, "r", "/v").unwrap(),
