@@ -367,6 +367,8 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     };
     // Reloads the cluster certificate when its files change, or on SIGHUP.
     let _tls_watch = cluster_tls.as_ref().map(|tls| tls.watch(stop_rx.clone()));
+    // Set once the queue front exists; the API answers 503 until then.
+    let api_handle: crate::api::ApiHandle = Arc::default();
     let http = {
         let mut stop = stop_rx.clone();
         let router = crate::http::router(
@@ -375,9 +377,12 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             Arc::clone(&metrics),
             config.data_dir.clone(),
             Arc::clone(&space),
+            config.api.enabled.then(|| Arc::clone(&api_handle)),
         );
         tokio::spawn(async move {
-            axum::serve(http_listener, router)
+            // The API records each caller's address in its messages' envelope.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(http_listener, service)
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
@@ -423,8 +428,9 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         tls,
         verify_recipients: config.verify_recipients,
         metrics: metrics.smtp.clone(),
-        pipeline,
+        pipeline: Arc::clone(&pipeline),
         auth: None,
+        future_release: None,
         implicit_tls: false,
         max_session: config.smtp_limits.max_session,
         min_data_rate: config.smtp_limits.min_data_rate,
@@ -451,6 +457,8 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let submission_config = |implicit_tls: bool| {
         Arc::new(crate::smtp::SmtpConfig {
             auth: authenticator.clone(),
+            // RFC 4865: the API's scheduling limit serves SMTP clients too.
+            future_release: Some(config.api.max_schedule_ahead),
             implicit_tls,
             ..(*smtp_config).clone()
         })
@@ -474,6 +482,22 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             )
         })),
     );
+    if let Some(control) = groups.get(CONTROL_GROUP) {
+        let _ = api_handle.set(Arc::new(crate::api::ApiState {
+            config: config.api.clone(),
+            node_id: config.node_id,
+            hostname: config.hostname.clone(),
+            max_message_size: config.max_message_size,
+            groups: Arc::clone(&groups),
+            control: crate::cluster::control::ControlState::new(control.sm.tree()),
+            writer: cluster.control_writer(),
+            peers: cluster.peers(),
+            front: Arc::clone(&front),
+            pipeline: Arc::clone(&pipeline),
+            metrics: Arc::clone(&metrics),
+            limits: crate::api::limits::Limits::new(config.api.max_in_flight_requests, config.api.max_in_flight_bytes),
+        }));
+    }
     let mut smtp_tasks = Vec::new();
     for listener in smtp_listeners {
         smtp_tasks.push(tokio::spawn(crate::smtp::serve(

@@ -876,6 +876,8 @@ pub struct Metrics {
     /// did not load (the previous certificate stays).
     pub tls_reload_errors: Counter,
     pub peer_refused: PeerRefusals,
+    /// `tern_api_requests_total`, `tern_api_messages_total` (the sending API).
+    pub api: ApiMetrics,
     raft: RaftGauges,
     scrape: ScrapeGauges,
     /// `tern_actor_restarts_total{actor}` (see [`Restarts`]).
@@ -922,6 +924,8 @@ impl Metrics {
         let fbl = FblMetrics::default();
         fbl.register(&mut registry);
         let peer_refused = PeerRefusals::default();
+        let api = ApiMetrics::default();
+        api.register(&mut registry);
         let r = &mut registry;
         r.register(
             "tern_actor_restarts",
@@ -991,6 +995,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            api,
             fbl,
             restarts,
             peer_refused,
@@ -1338,5 +1343,47 @@ impl prometheus_client::collector::Collector for SuppressionGauge {
             family.metric_type(),
         )?;
         family.encode(metric)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiRequestLabels {
+    endpoint: String,
+    status: u16,
+}
+
+/// The sending API (`/api/v1/`): calls by route and answer, and messages queued.
+#[derive(Clone, Debug, Default)]
+pub struct ApiMetrics {
+    requests: Family<ApiRequestLabels, Counter>,
+    messages: Counter,
+}
+
+impl ApiMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "tern_api_requests",
+            "Calls of the sending API, by route template (e.g. /api/v1/messages/{id}) and HTTP status",
+            self.requests.clone(),
+        );
+        registry.register(
+            "tern_api_messages",
+            "Messages queued through the sending API (an idempotent replay counts none)",
+            self.messages.clone(),
+        );
+    }
+
+    /// One answered call; `endpoint` is the route template, never the raw path.
+    pub fn request(&self, endpoint: &str, status: u16) {
+        self.requests
+            .get_or_create(&ApiRequestLabels {
+                endpoint: endpoint.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn messages(&self, n: u64) {
+        self.messages.inc_by(n);
     }
 }

@@ -2,7 +2,8 @@
 //! the disk is not full, the control group has a leader and this node
 //! leads a queue shard) and
 //! `/metrics` (Prometheus: OpenMetrics text when asked for, else the
-//! classic text format; docs/metrics.md).
+//! classic text format; docs/metrics.md), and the sending API under
+//! `/api/v1/` when `[api] enabled` (crate::api).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,8 +34,9 @@ pub fn router(
     metrics: Arc<Metrics>,
     data_dir: PathBuf,
     space: Arc<DiskSpace>,
+    api: Option<crate::api::ApiHandle>,
 ) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
@@ -44,7 +46,11 @@ pub fn router(
             metrics,
             data_dir: Arc::new(data_dir),
             space,
-        })
+        });
+    match api {
+        Some(handle) => router.merge(crate::api::router(handle)),
+        None => router,
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, std::borrow::Cow<'static, str>) {

@@ -112,7 +112,20 @@ impl QueueFront {
     /// Writes a message to a shard this node leads (no forwarding hop), or
     /// else forwards it to a shard leader elsewhere; Ok once applied, which
     /// in a cluster means committed on a majority of the shard's replicas.
-    pub async fn submit(&self, id: String, mut envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
+    pub async fn submit(&self, id: String, envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
+        self.submit_at(id, envelope, body, 0).await
+    }
+
+    /// [`QueueFront::submit`] for a message the shard must not deliver
+    /// before `not_before` (unix seconds, 0 = now): it becomes the record's
+    /// `next_attempt`, which is replicated, so a new shard leader keeps the hold.
+    pub async fn submit_at(
+        &self,
+        id: String,
+        mut envelope: Envelope,
+        body: Vec<u8>,
+        not_before: i64,
+    ) -> Result<(), EnqueueError> {
         if let Some(reply) = self.refusal() {
             // The disk filled during the transaction.
             return Err(EnqueueError::Rejected(reply));
@@ -133,7 +146,8 @@ impl QueueFront {
         let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
         let received_at = chrono::Utc::now().timestamp();
         let received = Received::of(&envelope, &body);
-        let record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
+        let mut record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
+        record.next_attempt = not_before.max(0);
         let turn = self.next_shard.fetch_add(1, Ordering::Relaxed);
         if !led.is_empty() {
             let shard = self.pick(&led, turn);
@@ -214,6 +228,154 @@ impl QueueFront {
     }
 }
 
+/// Most messages in one `EnqueueMany` entry of an API batch.
+const BATCH_CHUNK_MESSAGES: usize = 500;
+/// Most body bytes in one `EnqueueMany` entry of an API batch (a chunk
+/// holds at least one message whatever its size).
+const BATCH_CHUNK_BYTES: usize = 4 << 20;
+/// Entries of one API batch in flight to one led shard at once.
+const BATCH_CHUNKS_IN_FLIGHT: usize = 4;
+/// Messages of one API batch forwarded to other nodes at once.
+const BATCH_FORWARDS_IN_FLIGHT: usize = 16;
+
+/// Why a batch of API messages was not (entirely) written; the caller
+/// answers 503 and the client retries with the same ids.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchWriteError {
+    #[error("the disk is full")]
+    DiskFull,
+    #[error("no queue shard has a leader")]
+    NoShard,
+    #[error("writing to shard {shard}: {reason}")]
+    Write {
+        shard: crate::raft::GroupId,
+        reason: String,
+    },
+}
+
+impl QueueFront {
+    /// The shard for each of `n` new messages: the shards this node leads
+    /// in turn (no forwarding hop), else the shards with a leader elsewhere,
+    /// else (no replica here) the placed shards, reached through a replica.
+    pub fn choose_shards(&self, n: usize) -> Result<Vec<crate::raft::GroupId>, BatchWriteError> {
+        if self.space.is_full() {
+            return Err(BatchWriteError::DiskFull);
+        }
+        let shards = self.groups.shards();
+        let led: Vec<_> = shards
+            .iter()
+            .filter(|g| g.leader() == Some(self.node))
+            .map(|g| g.id)
+            .collect();
+        let candidates = if !led.is_empty() {
+            led
+        } else {
+            let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).map(|g| g.id).collect();
+            if with_leader.is_empty() {
+                crate::cluster::records::placement(&self.groups).into_keys().collect()
+            } else {
+                with_leader
+            }
+        };
+        if candidates.is_empty() {
+            return Err(BatchWriteError::NoShard);
+        }
+        let turn = self.next_shard.fetch_add(n, Ordering::Relaxed);
+        Ok((0..n).map(|i| candidates[(turn + i) % candidates.len()]).collect())
+    }
+
+    /// Writes the messages of one API call, each to the shard chosen for
+    /// it: `EnqueueMany` entries of at most 500 messages / 4 MiB, several in
+    /// flight, on shards led here; one forward per message to a leader
+    /// elsewhere. Ok once every message is committed. Writing the same ids
+    /// again (a retry) is harmless: shards ignore ids they hold or finished.
+    pub async fn write_batch(&self, messages: Vec<(crate::raft::GroupId, NewMessage)>) -> Result<(), BatchWriteError> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        if self.space.is_full() {
+            return Err(BatchWriteError::DiskFull);
+        }
+        let mut by_shard: std::collections::BTreeMap<crate::raft::GroupId, Vec<NewMessage>> = Default::default();
+        for (shard, message) in messages {
+            by_shard.entry(shard).or_default().push(message);
+        }
+        let mut local_chunks = Vec::new();
+        let mut forwards = Vec::new();
+        for (shard, messages) in by_shard {
+            match self.groups.get(shard) {
+                Some(g) if g.leader() == Some(self.node) => {
+                    for chunk in chunks(messages) {
+                        local_chunks.push((g.clone(), chunk));
+                    }
+                }
+                handle => forwards.extend(messages.into_iter().map(|m| (shard, handle.clone(), m))),
+            }
+        }
+        let local = futures::stream::iter(local_chunks)
+            .map(|(g, chunk)| async move {
+                let write = g
+                    .raft
+                    .client_write(crate::raft::Request::EnqueueMany { messages: chunk });
+                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(BatchWriteError::Write {
+                        shard: g.id,
+                        reason: e.to_string(),
+                    }),
+                    Err(_) => Err(BatchWriteError::Write {
+                        shard: g.id,
+                        reason: "no commit in time".into(),
+                    }),
+                }
+            })
+            .buffer_unordered(BATCH_CHUNKS_IN_FLIGHT)
+            .try_collect::<()>();
+        let placement: Vec<crate::raft::GroupId> =
+            crate::cluster::records::placement(&self.groups).into_keys().collect();
+        let remote = futures::stream::iter(forwards)
+            .map(|(shard, handle, message)| {
+                let placement = &placement;
+                async move {
+                    let result = match &handle {
+                        Some(g) => self.peers.forward_enqueue(g, &message).await,
+                        // No replica here: through a replica of that shard
+                        // (forward_enqueue_anywhere picks placement[turn]).
+                        None => match placement.iter().position(|&s| s == shard) {
+                            Some(turn) => self.peers.forward_enqueue_anywhere(turn, &message).await.map(|_| ()),
+                            None => Err(crate::cluster::ClusterError::NoPlacement),
+                        },
+                    };
+                    result.map_err(|e| BatchWriteError::Write {
+                        shard,
+                        reason: e.to_string(),
+                    })
+                }
+            })
+            .buffer_unordered(BATCH_FORWARDS_IN_FLIGHT)
+            .try_collect::<()>();
+        futures::try_join!(local, remote).map(|_| ())
+    }
+}
+
+/// Splits one shard's messages into `EnqueueMany` entries.
+fn chunks(messages: Vec<NewMessage>) -> Vec<Vec<NewMessage>> {
+    let mut out: Vec<Vec<NewMessage>> = Vec::new();
+    let mut bytes = 0;
+    for m in messages {
+        let size = m.body.bytes.len();
+        match out.last_mut() {
+            Some(last) if last.len() < BATCH_CHUNK_MESSAGES && bytes + size <= BATCH_CHUNK_BYTES => {
+                bytes += size;
+                last.push(m);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![m]);
+            }
+        }
+    }
+    out
+}
+
 impl Enqueuer for QueueFront {
     fn next_id(&self) -> String {
         self.ids.next()
@@ -226,6 +388,16 @@ impl Enqueuer for QueueFront {
         body: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<(), EnqueueError>> + Send {
         self.submit(id, envelope, body)
+    }
+
+    fn enqueue_at(
+        &self,
+        id: String,
+        envelope: Envelope,
+        body: Vec<u8>,
+        not_before: i64,
+    ) -> impl std::future::Future<Output = Result<(), EnqueueError>> + Send {
+        self.submit_at(id, envelope, body, not_before)
     }
 
     fn refusal(&self) -> Option<Reply> {
@@ -308,6 +480,29 @@ impl Received {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(size: usize) -> NewMessage {
+        NewMessage {
+            record: Box::new(MessageRecord::new("x".into(), Envelope::default(), size as u64, 0)),
+            body: Body {
+                bytes: vec![b'a'; size],
+                loc: None,
+            },
+        }
+    }
+
+    #[test]
+    fn batch_chunks_hold_at_most_500_messages_or_4_mib() {
+        let sizes: Vec<usize> = chunks((0..1201).map(|_| message(10)).collect())
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(sizes, vec![500, 500, 201]);
+        let big = chunks((0..5).map(|_| message(1_500_000)).collect());
+        assert_eq!(big.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 1]);
+        // A message larger than a chunk still gets one of its own.
+        assert_eq!(chunks(vec![message(5 << 20), message(1)]).len(), 2);
+    }
 
     #[test]
     fn ids_are_unique_and_fixed_width() {

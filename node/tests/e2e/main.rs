@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod api;
 mod apikey;
 mod backoff;
 mod cert_reload;
@@ -13,6 +14,7 @@ mod disk_full;
 mod dkim;
 mod durability;
 mod fbl;
+mod future_release;
 mod harness;
 mod inbound;
 mod limits;
