@@ -39,6 +39,9 @@ pub struct Options {
     pub power_fs: bool,
     /// Extra `key = value` lines for every node's `[node]` section.
     pub node_toml: String,
+    /// Extra lines for every node's `[listen]` section (e.g. a submission
+    /// listener; read its address with [`Node::listening`](crate::process::Node::listening)).
+    pub listen_toml: String,
     /// Cluster gRPC without TLS. By default every node gets a certificate
     /// from `ternctl cert` (one CA per cluster) and ternctl an admin client
     /// certificate, as a secured production cluster has.
@@ -58,6 +61,7 @@ impl Default for Options {
             node_routes: BTreeMap::new(),
             power_fs: false,
             node_toml: String::new(),
+            listen_toml: String::new(),
             plaintext: false,
         }
     }
@@ -162,6 +166,7 @@ impl Cluster {
             retry_schedule: self.options.retry_schedule.clone(),
             extra: self.options.extra_toml.clone(),
             node_extra: self.options.node_toml.clone(),
+            listen_extra: self.options.listen_toml.clone(),
             cluster_tls: match &self.pki {
                 Some(pki) => pki.cluster_toml(id)?,
                 None => String::new(),

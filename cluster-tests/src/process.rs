@@ -114,6 +114,12 @@ impl Node {
         Ok(())
     }
 
+    /// The address of a `listening KIND=` line of the current run (e.g.
+    /// `submission`); `None` before `ready` or when not configured.
+    pub fn listening(&self, kind: &str) -> Option<SocketAddr> {
+        self.ternd.listening(kind)
+    }
+
     /// SIGKILL, as a crash or power loss would (waits for the exit).
     pub fn kill(&mut self) {
         self.ternd.kill();

@@ -430,6 +430,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         metrics: metrics.smtp.clone(),
         pipeline: Arc::clone(&pipeline),
         auth: None,
+        future_release: None,
         implicit_tls: false,
         max_session: config.smtp_limits.max_session,
         min_data_rate: config.smtp_limits.min_data_rate,
@@ -456,6 +457,8 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     let submission_config = |implicit_tls: bool| {
         Arc::new(crate::smtp::SmtpConfig {
             auth: authenticator.clone(),
+            // RFC 4865: the API's scheduling limit serves SMTP clients too.
+            future_release: Some(config.api.max_schedule_ahead),
             implicit_tls,
             ..(*smtp_config).clone()
         })

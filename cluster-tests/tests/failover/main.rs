@@ -15,3 +15,4 @@ mod pause;
 mod planned;
 mod power_cut;
 mod restart;
+mod scheduled;

@@ -1,12 +1,14 @@
 //! Parser for one SMTP command line (RFC 5321 4.1) with the ESMTP parameters
 //! we support: SIZE (RFC 1870), BODY (RFC 6152, RFC 3030), SMTPUTF8
-//! (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), and the AUTH command
-//! (RFC 4954; the `AUTH=` parameter of MAIL is accepted and ignored).
+//! (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), HOLDFOR/HOLDUNTIL
+//! (RFC 4865), and the AUTH command (RFC 4954; the `AUTH=` parameter of
+//! MAIL is accepted and ignored).
 //!
 //! Everything here is a pure function over bytes so it can be fuzzed; the
 //! session decides what is allowed in which state.
 
 use crate::envelope::{BodyType, Notify, Ret};
+use crate::future_release::{self, Hold};
 use crate::reply::Reply;
 
 /// Maximum reverse-/forward-path length including the angle brackets
@@ -52,6 +54,9 @@ pub struct MailFrom {
     pub smtputf8: bool,
     pub ret: Option<Ret>,
     pub envid: Option<String>,
+    /// `HOLDFOR=` or `HOLDUNTIL=` (RFC 4865); the session decides whether
+    /// this listener allows it.
+    pub hold: Option<Hold>,
 }
 
 /// `RCPT TO:<forward-path> [params]`.
@@ -89,6 +94,9 @@ pub enum ParseError {
     /// A parameter we do not implement.
     #[error("unsupported parameter {0}")]
     UnknownParam(String),
+    /// Two parameters that exclude each other (HOLDFOR and HOLDUNTIL).
+    #[error("parameters {0} and {1} exclude each other")]
+    Exclusive(&'static str, &'static str),
 }
 
 impl ParseError {
@@ -114,6 +122,9 @@ impl ParseError {
             ParseError::LocalPartTooLong { sender } => Reply::new(501, addr_code(*sender), "Local part too long"),
             ParseError::BadParam(p) => Reply::new(501, "5.5.4", format!("Bad {p} parameter syntax")),
             ParseError::UnknownParam(p) => Reply::new(555, "5.5.4", format!("Unsupported option: {p}")),
+            ParseError::Exclusive(a, b) => {
+                Reply::new(501, "5.5.4", format!("Invalid parameters: {a} and {b} together"))
+            }
         }
     }
 }
@@ -234,6 +245,19 @@ fn parse_mail(rest: &str) -> Result<MailFrom, ParseError> {
                     return Err(bad());
                 }
                 mail.envid = Some(decoded);
+            }
+            "HOLDFOR" | "HOLDUNTIL" => {
+                // RFC 4865 4: one hold parameter, never both.
+                if mail.hold.is_some() {
+                    return Err(ParseError::Exclusive("HOLDFOR", "HOLDUNTIL"));
+                }
+                let v = value.ok_or_else(bad)?;
+                let hold = if key == "HOLDFOR" {
+                    future_release::parse_holdfor(v)
+                } else {
+                    future_release::parse_holduntil(v)
+                };
+                mail.hold = Some(hold.ok_or_else(bad)?);
             }
             // RFC 4954: without AUTH advertised, accepted and ignored.
             "AUTH" => {}
@@ -666,6 +690,45 @@ mod tests {
         assert_eq!(
             ParseError::UnknownParam("FOO".into()).reply().to_string(),
             "555 5.5.4 Unsupported option: FOO"
+        );
+    }
+
+    #[test]
+    fn hold_params() {
+        assert_eq!(mail("MAIL FROM:<a@b.example> HOLDFOR=8").hold, Some(Hold::For(8)));
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example> holduntil=2026-12-07T09:00:00Z").hold,
+            Some(Hold::Until(1_796_634_000))
+        );
+        assert_eq!(mail("MAIL FROM:<a@b.example>").hold, None);
+        assert_eq!(
+            p("MAIL FROM:<> HOLDFOR=8 HOLDUNTIL=2026-12-07T09:00:00Z"),
+            Err(ParseError::Exclusive("HOLDFOR", "HOLDUNTIL"))
+        );
+        assert_eq!(
+            p("MAIL FROM:<> HOLDUNTIL=2026-12-07T09:00:00Z HOLDFOR=8")
+                .unwrap_err()
+                .reply()
+                .to_string(),
+            "501 5.5.4 Invalid parameters: HOLDFOR and HOLDUNTIL together"
+        );
+        for bad in [
+            "HOLDFOR",
+            "HOLDFOR=",
+            "HOLDFOR=1234567890",
+            "HOLDFOR=-1",
+            "HOLDUNTIL=2026-12-07",
+        ] {
+            let key = bad.split('=').next().unwrap_or_default();
+            assert_eq!(
+                p(&format!("MAIL FROM:<> {bad}")),
+                Err(ParseError::BadParam(key.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            ParseError::BadParam("HOLDFOR".into()).reply().to_string(),
+            "501 5.5.4 Bad HOLDFOR parameter syntax"
         );
     }
 

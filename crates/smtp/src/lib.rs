@@ -9,6 +9,8 @@
 //! - [`command`]: parses server-side command lines (RFC 5321, ESMTP parameters).
 //! - [`data`]: decodes DATA content (dot-unstuffing, smuggling protection).
 //! - [`sasl`]: decodes AUTH PLAIN and LOGIN exchanges.
+//! - [`future_release`]: HOLDFOR/HOLDUNTIL and the FUTURERELEASE keyword
+//!   (RFC 4865) of submission listeners.
 //! - [`proxy`]: parses PROXY protocol v1/v2 headers.
 //! - [`policy`]: what the node tells a session: its settings, the relay
 //!   policy, and the memory-budget and limit hooks the node implements.
@@ -22,6 +24,7 @@
 pub mod client;
 pub mod command;
 pub mod data;
+pub mod future_release;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod policy;

@@ -34,6 +34,11 @@ pub struct SessionConfig {
     /// A submission listener (RFC 6409): AUTH is offered once TLS is active
     /// and required before MAIL; authenticated users may relay.
     pub submission: bool,
+    /// On submission listeners: how far ahead HOLDFOR/HOLDUNTIL may hold a
+    /// message (RFC 4865, advertised as `FUTURERELEASE`); `None`: not offered.
+    pub future_release: Option<Duration>,
+    /// The current time in unix seconds (a fixed one in tests).
+    pub clock: fn() -> i64,
     /// NOOP, RSET, VRFY, HELP, HELO and EHLO allowed between two queued
     /// messages; beyond it `421 4.7.0` and close.
     pub max_junk_commands: u32,
@@ -56,11 +61,18 @@ impl Default for SessionConfig {
             starttls: false,
             verify_recipients: false,
             submission: false,
+            future_release: None,
+            clock: unix_now,
             max_junk_commands: 100,
             memory: Arc::new(Unlimited),
             limits: Arc::new(Unobserved),
         }
     }
+}
+
+/// The system clock in unix seconds, [`SessionConfig::clock`]'s default.
+pub fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
 }
 
 /// Which recipients we accept: our own domains, domains we relay for, or

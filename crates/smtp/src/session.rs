@@ -15,6 +15,7 @@ use bytes::{Buf, BytesMut};
 use crate::command::{self, Command, MailFrom, RcptTo};
 use crate::data::{DataDecoder, DataOutcome};
 use crate::envelope::{BodyType, Envelope, Recipient};
+use crate::future_release::{self, Hold};
 use crate::policy::{Limit, Reservation, SessionConfig};
 use crate::reply::Reply;
 use crate::sasl::{self, Password};
@@ -90,6 +91,9 @@ pub enum Output {
         id: String,
         envelope: Envelope,
         body: Vec<u8>,
+        /// Deliver no earlier than this (unix seconds): the client asked
+        /// for a future release (RFC 4865 HOLDFOR/HOLDUNTIL).
+        release_at: Option<i64>,
     },
     /// Flush replies and run the TLS handshake, then call
     /// [`Session::tls_started`]. The session has already discarded any input
@@ -150,6 +154,8 @@ struct Transaction {
     /// The memory budget's share covering the content buffered for this
     /// transaction (DATA or BDAT); given back when the transaction ends.
     reservation: Option<Reservation>,
+    /// The release time from HOLDFOR/HOLDUNTIL, fixed at MAIL.
+    release_at: Option<i64>,
 }
 
 /// One SMTP session.
@@ -580,6 +586,9 @@ impl Session {
         if self.submission() && self.tls_active {
             lines.push(format!("AUTH {}", sasl::MECHANISMS));
         }
+        if let Some(max) = self.future_release() {
+            lines.push(future_release::ehlo_keyword((self.config.clock)(), max.as_secs()));
+        }
         for ext in [
             "ENHANCEDSTATUSCODES",
             "8BITMIME",
@@ -596,6 +605,11 @@ impl Session {
     /// A submission listener: AUTH offered under TLS and required for MAIL.
     fn submission(&self) -> bool {
         self.config.submission
+    }
+
+    /// How far ahead a message may be held: only submission listeners offer it.
+    fn future_release(&self) -> Option<Duration> {
+        self.config.future_release.filter(|_| self.submission())
     }
 
     fn starttls_offered(&self) -> bool {
@@ -750,6 +764,22 @@ impl Session {
                 return Reply::new(553, "5.7.1", format!("Sender address not owned by user {}", user.name));
             }
         }
+        let release_at = match (m.hold, self.future_release()) {
+            (None, _) => None,
+            // Not advertised here: as unknown as any other parameter.
+            (Some(hold), None) => {
+                let name = if matches!(hold, Hold::For(_)) {
+                    "HOLDFOR"
+                } else {
+                    "HOLDUNTIL"
+                };
+                return Reply::new(555, "5.5.4", format!("Unsupported option: {name}"));
+            }
+            (Some(hold), Some(max)) => match future_release::release_time(hold, (self.config.clock)(), max.as_secs()) {
+                Ok(at) => Some(at),
+                Err(reply) => return reply,
+            },
+        };
         let envelope = Envelope {
             reverse_path: m.address,
             recipients: Vec::new(),
@@ -766,6 +796,7 @@ impl Session {
             envelope,
             bdat: None,
             reservation: None,
+            release_at,
         });
         Reply::new(250, "2.1.0", "Sender ok")
     }
@@ -984,6 +1015,7 @@ impl Session {
             id,
             envelope: tx.envelope,
             body,
+            release_at: tx.release_at,
         });
     }
 
@@ -1093,6 +1125,8 @@ mod tests {
         s: Session,
         input: BytesMut,
         queued: Vec<(String, Envelope, Vec<u8>)>,
+        /// The release time of each queued message, in order.
+        releases: Vec<Option<i64>>,
         next_result: Option<EnqueueError>,
         tls_starts: usize,
         closed: bool,
@@ -1112,6 +1146,7 @@ mod tests {
                 s: Session::new(Arc::new(cfg), peer, false, ids),
                 input: BytesMut::new(),
                 queued: Vec::new(),
+                releases: Vec::new(),
                 next_result: None,
                 tls_starts: 0,
                 closed: false,
@@ -1135,8 +1170,14 @@ mod tests {
                         self.closed = true;
                         break;
                     }
-                    Output::Enqueue { id, envelope, body } => {
+                    Output::Enqueue {
+                        id,
+                        envelope,
+                        body,
+                        release_at,
+                    } => {
                         self.queued.push((id, envelope, body));
+                        self.releases.push(release_at);
                         let res = match self.next_result.take() {
                             Some(e) => Err(e),
                             None => Ok(()),
@@ -2158,5 +2199,124 @@ mod tests {
         assert_eq!(h.send("BDAT 5 LAST\r\nhello"), "250 2.0.0 Ok: queued as Q1\r\n");
         assert!(h.body(0).ends_with("hello"));
         assert_eq!(memory.used(), 0);
+    }
+
+    /// 2026-12-07T09:00:00Z, the fixed clock of the future-release tests.
+    fn fixed_now() -> i64 {
+        1_796_634_000
+    }
+
+    fn future_release_config() -> SessionConfig {
+        SessionConfig {
+            future_release: Some(Duration::from_secs(3600)),
+            clock: fixed_now,
+            ..submission_config()
+        }
+    }
+
+    /// A submission session with FUTURERELEASE, after STARTTLS, EHLO and AUTH.
+    fn future_release_session() -> H {
+        let mut h = H::new(future_release_config());
+        h.send("EHLO c.test\r\nSTARTTLS\r\n");
+        h.send("EHLO c.test\r\n");
+        assert_eq!(
+            h.send(format!("AUTH PLAIN {}\r\n", b64(ALICE_PLAIN))),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        h
+    }
+
+    #[test]
+    fn futurerelease_is_advertised_on_submission_listeners_only() {
+        let mut h = H::new(future_release_config());
+        let ehlo = h.send("EHLO c.test\r\n");
+        assert!(
+            ehlo.contains("250-FUTURERELEASE 3600 2026-12-07T10:00:00Z\r\n"),
+            "{ehlo}"
+        );
+        h.send("STARTTLS\r\n");
+        let ehlo = h.send("EHLO c.test\r\n");
+        assert!(
+            ehlo.contains("250-FUTURERELEASE 3600 2026-12-07T10:00:00Z\r\n"),
+            "{ehlo}"
+        );
+        // The MX listener: neither advertised nor accepted, even if configured.
+        let mut mx = H::new(SessionConfig {
+            submission: false,
+            ..future_release_config()
+        });
+        assert!(!mx.send("EHLO c.test\r\n").contains("FUTURERELEASE"));
+        assert_eq!(
+            mx.send("MAIL FROM:<a@client.test> HOLDFOR=8\r\n"),
+            "555 5.5.4 Unsupported option: HOLDFOR\r\n"
+        );
+        // A submission listener without the option configured.
+        let mut plain = H::submission();
+        assert!(!plain.send("EHLO c.test\r\n").contains("FUTURERELEASE"));
+    }
+
+    #[test]
+    fn holdfor_and_holduntil_set_the_release_time() {
+        let mut h = future_release_session();
+        let r =
+            h.send("MAIL FROM:<alice@example.test> HOLDFOR=8\r\nRCPT TO:<bob@elsewhere.test>\r\nDATA\r\nhi\r\n.\r\n");
+        assert_eq!(
+            r,
+            "250 2.1.0 Sender ok\r\n250 2.1.5 Recipient ok\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n\
+             250 2.0.0 Ok: queued as Q1\r\n"
+        );
+        let r = h.send(
+            "MAIL FROM:<alice@example.test> HOLDUNTIL=2026-12-07T09:30:00Z\r\nRCPT TO:<bob@elsewhere.test>\r\n\
+             BDAT 2 LAST\r\nhi",
+        );
+        assert!(r.ends_with("250 2.0.0 Ok: queued as Q2\r\n"), "{r}");
+        // A time already past is released at once; no hold is no release time.
+        h.send("MAIL FROM:<alice@example.test> HOLDUNTIL=2026-12-07T08:00:00Z\r\nRCPT TO:<b@x.test>\r\nDATA\r\nhi\r\n.\r\n");
+        h.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\nhi\r\n.\r\n");
+        let now = fixed_now();
+        assert_eq!(h.releases, [Some(now + 8), Some(now + 1800), Some(now), None]);
+    }
+
+    #[test]
+    fn hold_errors_get_the_rfc_4865_replies() {
+        let mut h = future_release_session();
+        for (mail, reply) in [
+            (
+                "MAIL FROM:<alice@example.test> HOLDFOR=3601",
+                "554 5.7.0 Requested release time exceeds the maximum (3600 seconds, until 2026-12-07T10:00:00Z)",
+            ),
+            (
+                "MAIL FROM:<alice@example.test> HOLDUNTIL=2026-12-07T10:00:01Z",
+                "554 5.7.0 Requested release time exceeds the maximum (3600 seconds, until 2026-12-07T10:00:00Z)",
+            ),
+            (
+                "MAIL FROM:<alice@example.test> HOLDFOR=8 HOLDUNTIL=2026-12-07T09:30:00Z",
+                "501 5.5.4 Invalid parameters: HOLDFOR and HOLDUNTIL together",
+            ),
+            (
+                "MAIL FROM:<alice@example.test> HOLDFOR=soon",
+                "501 5.5.4 Bad HOLDFOR parameter syntax",
+            ),
+            (
+                "MAIL FROM:<alice@example.test> HOLDUNTIL=2026-12-07",
+                "501 5.5.4 Bad HOLDUNTIL parameter syntax",
+            ),
+        ] {
+            assert_eq!(h.send(format!("{mail}\r\n")), format!("{reply}\r\n"), "{mail}");
+        }
+        // No transaction was started by any of them.
+        assert_eq!(
+            h.send("RCPT TO:<b@x.test>\r\n"),
+            "503 5.5.1 Error: need MAIL command\r\n"
+        );
+        // Without AUTH, the submission listener refuses MAIL first (RFC 4954).
+        let mut anon = H::new(future_release_config());
+        anon.send("EHLO c.test\r\nSTARTTLS\r\n");
+        anon.send("EHLO c.test\r\n");
+        assert_eq!(
+            anon.send("MAIL FROM:<alice@example.test> HOLDFOR=8\r\n"),
+            "530 5.7.0 Authentication required\r\n"
+        );
+        assert!(h.queued.is_empty() && anon.queued.is_empty());
     }
 }

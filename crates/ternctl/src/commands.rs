@@ -287,6 +287,7 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                     "truncated": r.truncated,
                 }));
             } else {
+                let now = chrono::Utc::now().timestamp();
                 let rows: Vec<Vec<String>> = r
                     .messages
                     .iter()
@@ -299,11 +300,14 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                             m.size.to_string(),
                             time(m.received_at),
                             m.attempts.to_string(),
+                            message_state(m, now).into(),
                         ]
                     })
                     .collect();
                 print_table(
-                    &["ID", "SHARD", "SENDER", "RCPTS", "SIZE", "RECEIVED", "ATTEMPTS"],
+                    &[
+                        "ID", "SHARD", "SENDER", "RCPTS", "SIZE", "RECEIVED", "ATTEMPTS", "STATE",
+                    ],
                     &rows,
                 );
                 if r.truncated {

@@ -54,7 +54,23 @@ pub fn message_json(m: &MessageInfo) -> serde_json::Value {
         "helo": m.helo,
         "client_ip": m.client_ip,
         "held": m.held,
+        "state": message_state(m, chrono::Utc::now().timestamp()),
     })
+}
+
+/// The message's state as the API names it: `held`, `scheduled` (never
+/// tried, due later: `send_at` or RFC 4865 HOLDFOR/HOLDUNTIL), `deferred`
+/// (tried before) or `queued`.
+pub fn message_state(m: &MessageInfo, now: i64) -> &'static str {
+    if m.held {
+        "held"
+    } else if m.attempts == 0 && m.next_attempt > now {
+        "scheduled"
+    } else if m.attempts > 0 {
+        "deferred"
+    } else {
+        "queued"
+    }
 }
 
 pub fn print_status(s: &StatusReply) {
@@ -108,6 +124,7 @@ pub fn print_message(m: &MessageInfo) {
         ("size", format!("{} bytes", m.size)),
         ("received", time(m.received_at)),
         ("attempts", m.attempts.to_string()),
+        ("state", message_state(m, chrono::Utc::now().timestamp()).into()),
         (
             "next attempt",
             if m.next_attempt == 0 {
@@ -210,5 +227,21 @@ mod tests {
         assert_eq!(opt_node(0), "none");
         assert_eq!(opt_node(3), "3");
         assert_eq!(time(0), "1970-01-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn message_state_names_scheduled_mail() {
+        let now = 1_000;
+        let m = |attempts, next_attempt, held| MessageInfo {
+            attempts,
+            next_attempt,
+            held,
+            ..MessageInfo::default()
+        };
+        assert_eq!(message_state(&m(0, 0, false), now), "queued");
+        assert_eq!(message_state(&m(0, now + 8, false), now), "scheduled");
+        assert_eq!(message_state(&m(0, now, false), now), "queued");
+        assert_eq!(message_state(&m(2, now + 300, false), now), "deferred");
+        assert_eq!(message_state(&m(0, now + 8, true), now), "held");
     }
 }

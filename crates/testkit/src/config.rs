@@ -24,6 +24,8 @@ pub struct NodeConfig {
     pub extra: String,
     /// Extra `key = value` lines for the `[node]` section (e.g. `log_segment_mb = 1`).
     pub node_extra: String,
+    /// Extra `[listen]` lines (e.g. `submission = ["127.0.0.1:0"]`).
+    pub listen_extra: String,
     /// `[cluster]` TLS lines (`tls_cert`, `tls_key`, `tls_ca`), empty for plaintext.
     pub cluster_tls: String,
     /// Environment for this node's ternctl calls (`TERN_TLS_*`: the harness's admin client certificate).
@@ -44,7 +46,7 @@ impl NodeConfig {
         let retry: Vec<String> = self.retry_schedule.iter().map(|r| format!("\"{r}\"")).collect();
         format!(
             "[node]\nid = {id}\nhostname = \"{host}\"\ndata_dir = \"{data}\"\n{node_extra}\n\n\
-             [listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"{grpc}\"\nhttp = \"127.0.0.1:0\"\n\n\
+             [listen]\nsmtp = [\"127.0.0.1:0\"]\ngrpc = \"{grpc}\"\nhttp = \"127.0.0.1:0\"\n{listen_extra}\n\n\
              [cluster]\nbootstrap = {bootstrap}\nshards = {shards}\nadvertise_grpc = \"{grpc}\"\n\
              peer_addresses = {{ {peers} }}\n{cluster_tls}\n\
              [delivery]\nretry_schedule = [{retry}]\n\n\
@@ -60,6 +62,7 @@ impl NodeConfig {
             route = self.route_to,
             extra = self.extra,
             node_extra = self.node_extra,
+            listen_extra = self.listen_extra,
             cluster_tls = self.cluster_tls,
         )
     }

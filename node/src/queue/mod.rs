@@ -112,7 +112,20 @@ impl QueueFront {
     /// Writes a message to a shard this node leads (no forwarding hop), or
     /// else forwards it to a shard leader elsewhere; Ok once applied, which
     /// in a cluster means committed on a majority of the shard's replicas.
-    pub async fn submit(&self, id: String, mut envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
+    pub async fn submit(&self, id: String, envelope: Envelope, body: Vec<u8>) -> Result<(), EnqueueError> {
+        self.submit_at(id, envelope, body, 0).await
+    }
+
+    /// [`QueueFront::submit`] for a message the shard must not deliver
+    /// before `not_before` (unix seconds, 0 = now): it becomes the record's
+    /// `next_attempt`, which is replicated, so a new shard leader keeps the hold.
+    pub async fn submit_at(
+        &self,
+        id: String,
+        mut envelope: Envelope,
+        body: Vec<u8>,
+        not_before: i64,
+    ) -> Result<(), EnqueueError> {
         if let Some(reply) = self.refusal() {
             // The disk filled during the transaction.
             return Err(EnqueueError::Rejected(reply));
@@ -133,7 +146,8 @@ impl QueueFront {
         let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
         let received_at = chrono::Utc::now().timestamp();
         let received = Received::of(&envelope, &body);
-        let record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
+        let mut record = MessageRecord::new(id.clone(), envelope, body.len() as u64, received_at);
+        record.next_attempt = not_before.max(0);
         let turn = self.next_shard.fetch_add(1, Ordering::Relaxed);
         if !led.is_empty() {
             let shard = self.pick(&led, turn);
@@ -374,6 +388,16 @@ impl Enqueuer for QueueFront {
         body: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<(), EnqueueError>> + Send {
         self.submit(id, envelope, body)
+    }
+
+    fn enqueue_at(
+        &self,
+        id: String,
+        envelope: Envelope,
+        body: Vec<u8>,
+        not_before: i64,
+    ) -> impl std::future::Future<Output = Result<(), EnqueueError>> + Send {
+        self.submit_at(id, envelope, body, not_before)
     }
 
     fn refusal(&self) -> Option<Reply> {

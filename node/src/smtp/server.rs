@@ -70,6 +70,9 @@ pub struct SmtpConfig {
     /// `Some` on submission listeners (RFC 6409): AUTH is offered once TLS
     /// is active and required before MAIL; authenticated users may relay.
     pub auth: Option<Arc<Authenticator>>,
+    /// How far ahead a submitted message may be held (RFC 4865
+    /// FUTURERELEASE, `[api] max_schedule_ahead`); used only with `auth`.
+    pub future_release: Option<Duration>,
     /// TLS handshake right after accept (port 465, RFC 8314), before the
     /// greeting; needs `tls`.
     pub implicit_tls: bool,
@@ -114,6 +117,8 @@ impl SmtpConfig {
             starttls: self.tls.is_some(),
             verify_recipients: self.verify_recipients,
             submission: self.auth.is_some(),
+            future_release: self.future_release,
+            clock: tern_smtp::policy::unix_now,
             max_junk_commands: self.max_junk_commands,
             memory: Arc::clone(&self.memory) as Arc<dyn tern_smtp::MemoryBudget>,
             limits: Arc::new(self.metrics.clone()),
@@ -154,6 +159,7 @@ impl Default for SmtpConfig {
             metrics: SmtpMetrics::default(),
             pipeline: Arc::default(),
             auth: None,
+            future_release: None,
             implicit_tls: false,
             max_session: Duration::from_secs(600),
             min_data_rate: 1024,
@@ -178,6 +184,19 @@ pub trait Enqueuer: Send + Sync + 'static {
         envelope: Envelope,
         body: Vec<u8>,
     ) -> impl Future<Output = Result<(), EnqueueError>> + Send;
+    /// Like [`Enqueuer::enqueue`], for a message to deliver no earlier than
+    /// `not_before` (unix seconds; RFC 4865 future release). A queue that
+    /// cannot hold mail refuses rather than deliver early.
+    fn enqueue_at(
+        &self,
+        id: String,
+        envelope: Envelope,
+        body: Vec<u8>,
+        not_before: i64,
+    ) -> impl Future<Output = Result<(), EnqueueError>> + Send {
+        let _ = (id, envelope, body, not_before);
+        async { Err(EnqueueError::Permanent("future release is not supported here".into())) }
+    }
     /// Whether a local recipient exists (only asked when
     /// `verify_recipients` is on): `Err` carries the RCPT reply, e.g.
     /// `550 5.1.1` for an unknown user or `450 4.1.1` when unsure.
@@ -514,7 +533,12 @@ async fn handle_connection<E: Enqueuer>(
                     },
                 }
             }
-            Output::Enqueue { id, envelope, body } => {
+            Output::Enqueue {
+                id,
+                envelope,
+                body,
+                release_at,
+            } => {
                 let data_ended = std::time::Instant::now();
                 if let Err(e) = flush(&mut conn, &mut out, write_limit).await {
                     debug!(peer = %peer, error = %e, "smtp write failed");
@@ -523,14 +547,15 @@ async fn handle_connection<E: Enqueuer>(
                 let from = envelope.reverse_path.clone();
                 let rcpts = envelope.recipients.len();
                 let size = body.len();
-                let result = match config.pipeline.process(&envelope, body).await {
-                    Ok(body) => enqueuer.enqueue(id.clone(), envelope, body).await,
-                    Err(reply) => Err(EnqueueError::Rejected(reply)),
+                let result = match (config.pipeline.process(&envelope, body).await, release_at) {
+                    (Ok(body), None) => enqueuer.enqueue(id.clone(), envelope, body).await,
+                    (Ok(body), Some(at)) => enqueuer.enqueue_at(id.clone(), envelope, body, at).await,
+                    (Err(reply), _) => Err(EnqueueError::Rejected(reply)),
                 };
                 match &result {
                     Ok(()) => {
                         metrics.message_received(size);
-                        info!(peer = %peer, id = %id, from = %from, rcpts, size, "queued")
+                        info!(peer = %peer, id = %id, from = %from, rcpts, size, release_at, "queued")
                     }
                     Err(e) => warn!(peer = %peer, id = %id, error = %e, "enqueue failed"),
                 }

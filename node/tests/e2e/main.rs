@@ -14,6 +14,7 @@ mod disk_full;
 mod dkim;
 mod durability;
 mod fbl;
+mod future_release;
 mod harness;
 mod inbound;
 mod limits;

@@ -10,20 +10,20 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-const ALICE_PASSWORD: &str = "correct horse battery";
+pub(crate) const ALICE_PASSWORD: &str = "correct horse battery";
 const BOB_PASSWORD: &str = "b0b's pass:word";
 
 /// A node with both submission listeners, a users file, and every
 /// non-local domain routed to a smtp-sink. Loopback is not a relay network,
 /// so only authentication lets mail for `far.test` through.
-struct Msa {
-    node: Node,
-    sink: SmtpSink,
+pub(crate) struct Msa {
+    pub(crate) node: Node,
+    pub(crate) sink: SmtpSink,
     _dir: tempfile::TempDir,
 }
 
 impl Msa {
-    fn start(max_failures: u32) -> Msa {
+    pub(crate) fn start(max_failures: u32) -> Msa {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = self_signed_cert(dir.path(), "mx1.tern.test");
         let users = dir.path().join("users");
