@@ -612,6 +612,40 @@ fn keys_scopes_tenants_limits_and_scheduled_cancel_answer_as_documented() {
     let retry: u64 = second.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!((1..=2).contains(&retry), "{retry}");
 
+    // A raw message with its envelope.
+    let raw = api.post(
+        "/api/v1/messages/raw",
+        "/api/v1/messages/raw",
+        &key,
+        &json!({"from": "a@example.test", "to": ["raw@example.net"],
+                "message": "From: a@example.test\nTo: raw@example.net\nSubject: raw\n\nHello raw\n"}),
+        &[],
+    );
+    assert_eq!(raw.status, 200, "{:?}", raw.body);
+    assert_eq!(ids(&raw).len(), 1);
+
+    // Two first calls with the same key at once: one batch, one message.
+    let racing = json!({"from": "a@example.test", "to": ["race@example.net"], "subject": "race", "text": "Hello race"});
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "60", "-H", &format!("Authorization: Bearer {key}")])
+                .args(["-H", "Content-Type: application/json", "-H", "Idempotency-Key: race-1"])
+                .args(["--data-binary", &racing.to_string()])
+                .arg(format!("http://{}/api/v1/messages", node.http))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|child| serde_json::from_slice::<Value>(&child.wait_with_output().unwrap().stdout).unwrap())
+        .collect();
+    assert_eq!(racers[0]["batch_id"], racers[1]["batch_id"], "{racers:?}");
+    assert_eq!(racers[0]["ids"], racers[1]["ids"]);
+    let replays = racers.iter().filter(|r| r["idempotent_replay"] == json!(true)).count();
+    assert_eq!(replays, 1, "{racers:?}");
+
     // Scheduled: two batches for the same time; one is cancelled before it.
     let send_at = chrono::Utc::now().timestamp() + 20;
     let scheduled = |to: &[&str], text: &str| {
@@ -650,7 +684,31 @@ fn keys_scopes_tenants_limits_and_scheduled_cancel_answer_as_documented() {
         delivered_with(&sink, "kept@example.net") >= 1
     });
     assert!(chrono::Utc::now().timestamp() >= send_at, "delivered before send_at");
+    assert_eq!(delivered_with(&sink, "Hello raw"), 1);
+    assert_eq!(
+        delivered_with(&sink, "Hello race"),
+        1,
+        "the racing calls queued one message"
+    );
     assert_eq!(delivered_with(&sink, "gone1@example.net"), 0);
     assert_eq!(delivered_with(&sink, "gone2@example.net"), 0);
     api.assert_contract();
+}
+
+#[test]
+fn a_node_with_the_api_disabled_serves_nothing_under_api() {
+    let node = Node::start("[api]\nenabled = false\n");
+    for path in ["/api/v1/openapi.json", "/api/v1/messages/x"] {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{}{path}", node.http))
+            .output()
+            .expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "404", "{path}");
+    }
+    let health = Command::new("curl")
+        .args(["-sS", &format!("http://{}/healthz", node.http)])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "ok\n");
 }
