@@ -29,3 +29,4 @@ mod spf_suite;
 mod submission;
 mod suppression;
 mod webhook;
+mod webhook_durable;
