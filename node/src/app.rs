@@ -321,6 +321,10 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             )),
             egress: delivery.egress().cloned(),
             delivery: Arc::clone(&delivery),
+            webhooks: (
+                config.webhooks.iter().map(|w| w.name.clone()).collect(),
+                outbox_status.clone(),
+            ),
         });
         let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
             admin: Arc::clone(&admin),

@@ -128,6 +128,11 @@ fn durable_events_survive_a_receiver_and_a_node_killed() {
             .all(|i| msgs.iter().any(|m| m.contains(&format!("<dur-{i}@tern.test>"))))
     });
 
+    // Every outcome (DSNs included) committed: the kill below tests the
+    // events, not redelivery after a crash.
+    wait_for(Duration::from_secs(90), "an empty queue", || {
+        nodes[0].ternctl_json(&["queue", "summary"])["messages"] == 0
+    });
     // SIGKILL a node that leads a shard: its outboxes are posted by the new leaders.
     let leader = shards(&nodes[0])[0]["leader"].as_u64().unwrap();
     assert!((1..=3).contains(&leader));
@@ -194,4 +199,17 @@ fn durable_events_survive_a_receiver_and_a_node_killed() {
         .filter(|e| e["type"] == "delivered" && !sent.contains(&e["msg_id"].as_str().unwrap().to_owned()))
         .count();
     assert_eq!(dsns, 20);
+
+    // `ternctl webhook status`: nothing left pending in any group, no dead letters.
+    let alive = &nodes[leader as usize % 3];
+    let mut status = Value::Null;
+    wait_for(Duration::from_secs(30), "an empty backlog", || {
+        status = alive.ternctl_json(&["webhook", "status", "--dead"]);
+        let groups = status["groups"].as_array().unwrap();
+        groups.len() == 5
+            && groups
+                .iter()
+                .all(|g| g["endpoint"] == "crm" && g["pending"] == 0 && g["dead"] == 0)
+    });
+    assert_eq!(status["dead_letters"], serde_json::json!([]), "{status}");
 }
