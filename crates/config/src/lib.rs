@@ -1683,12 +1683,43 @@ mod tests {
                 "content-type",
             ),
             ("url = \"http://x.test/\"\nretries = 3", "retries"),
+            ("url = \"http://x.test/\"\nname = \"a b\"", "webhook.name"),
+            ("url = \"http://x.test/\"\nsecret = \"s3cret\"", "whsec_"),
+            ("url = \"http://x.test/\"\nsecret = \"whsec_c2hvcnQ=\"", "24 to 64"),
+            ("url = \"http://x.test/\"\nretry_for = \"0s\"", "retry_for"),
         ] {
             let err = Config::from_toml(&format!("[[webhook]]\n{toml}\n"))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{toml}: {err}");
         }
+    }
+
+    /// The durable events' keys: a stable default name, a decoded secret
+    /// that Debug does not show, a tenant, retry_for; names are unique.
+    #[test]
+    fn webhook_outbox_keys() {
+        let c = Config::from_toml("[[webhook]]\nurl = \"https://hooks.example.test:8443/t/x?k=1\"\n").unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!(w.name, "hooks.example.test_8443_t_x");
+        assert_eq!((w.secret.clone(), w.tenant.clone()), (None, None));
+        assert_eq!(w.retry_for, Duration::from_secs(3 * 86400));
+        let c = Config::from_toml(
+            "[[webhook]]\nurl = \"http://x.test/\"\nname = \"crm\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\ntenant = \"acme\"\nretry_for = \"1d\"\n",
+        )
+        .unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!(w.name, "crm");
+        assert_eq!(w.secret.as_ref().map(|s| s.0.len()), Some(24));
+        assert!(!format!("{w:?}").contains("MfKQ"), "{w:?}");
+        assert_eq!(w.tenant.as_deref(), Some("acme"));
+        assert_eq!(w.retry_for, Duration::from_secs(86400));
+        let err = Config::from_toml(
+            "[[webhook]]\nurl = \"http://x.test/a\"\nname = \"n\"\n\n[[webhook]]\nurl = \"http://x.test/b\"\nname = \"n\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("names two webhooks"), "{err}");
     }
 
     /// The shipped example and the one in the configuration reference parse.
