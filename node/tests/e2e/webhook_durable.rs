@@ -151,9 +151,41 @@ fn durable_events_survive_a_receiver_and_a_node_killed() {
             .count();
         of("received", &ok) && of("received", &bad) && of("delivered", &ok) && of("bounced", &bad) && dsns >= 20
     };
-    wait_for(Duration::from_secs(180), "every event after the restart", || {
-        expected(&unique(&out))
-    });
+    let end = std::time::Instant::now() + Duration::from_secs(120);
+    while !expected(&unique(&out)) {
+        if std::time::Instant::now() > end {
+            let events = unique(&out);
+            let missing: Vec<String> = ok
+                .iter()
+                .map(|id| ("delivered", id))
+                .chain(ok.iter().chain(&bad).map(|id| ("received", id)))
+                .chain(bad.iter().map(|id| ("bounced", id)))
+                .filter(|(kind, id)| {
+                    !events
+                        .values()
+                        .any(|e| e["type"] == *kind && e["msg_id"] == id.as_str())
+                })
+                .map(|(kind, id)| format!("{kind} {id}"))
+                .collect();
+            let alive = &nodes[leader as usize % 3];
+            let status = alive.ternctl_json(&["webhook", "status"]);
+            let logs: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| {
+                    n.logs()
+                        .lines()
+                        .filter(|l| l.contains("webhook"))
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            panic!(
+                "missing {missing:?}\nleader killed {leader}\nstatus {status}\nlogs {}",
+                logs.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let events = unique(&out);
     let all = posts(&out);
