@@ -93,11 +93,19 @@ fn durable_events_survive_a_receiver_and_a_node_killed() {
     let out = dir.path().join("posts.jsonl");
     let mut receiver = Receiver::start(&out, 0);
     let port = receiver.port;
+    // An endpoint nobody listens on: its events become dead letters after retry_for.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let extra = format!(
         "shards = 4\n\n[[route]]\ndomain = \"bounce.test\"\nto = \"{bad}\"\n\n\
          [[route]]\ndomain = \"*\"\nto = \"{ok}\"\n\n\
          [[webhook]]\nurl = \"http://127.0.0.1:{port}/events\"\nname = \"crm\"\nsecret = \"{SECRET}\"\n\
-         events = [\"received\", \"delivered\", \"bounced\", \"deferred\"]\n",
+         events = [\"received\", \"delivered\", \"bounced\", \"deferred\"]\n\n\
+         [[webhook]]\nurl = \"http://127.0.0.1:{gone}/events\"\nname = \"gone\"\nsecret = \"{SECRET}\"\n\
+         events = [\"bounced\"]\nretry_for = \"3s\"\n",
         bad = refusing.addr,
         ok = sink.addr,
     );
@@ -151,7 +159,8 @@ fn durable_events_survive_a_receiver_and_a_node_killed() {
             .count();
         of("received", &ok) && of("received", &bad) && of("delivered", &ok) && of("bounced", &bad) && dsns >= 20
     };
-    let end = std::time::Instant::now() + Duration::from_secs(120);
+    // The receiver was down for at most a few minutes: backoff is below that.
+    let end = std::time::Instant::now() + Duration::from_secs(300);
     while !expected(&unique(&out)) {
         if std::time::Instant::now() > end {
             let events = unique(&out);
@@ -235,13 +244,33 @@ fn durable_events_survive_a_receiver_and_a_node_killed() {
     // `ternctl webhook status`: nothing left pending in any group, no dead letters.
     let alive = &nodes[leader as usize % 3];
     let mut status = Value::Null;
-    wait_for(Duration::from_secs(30), "an empty backlog", || {
+    // For the dead endpoint: each bounce a dead letter once retry_for passed.
+    wait_for(Duration::from_secs(90), "empty backlogs", || {
         status = alive.ternctl_json(&["webhook", "status", "--dead"]);
         let groups = status["groups"].as_array().unwrap();
-        groups.len() == 5
-            && groups
-                .iter()
-                .all(|g| g["endpoint"] == "crm" && g["pending"] == 0 && g["dead"] == 0)
+        let dead: u64 = groups
+            .iter()
+            .filter(|g| g["endpoint"] == "gone")
+            .map(|g| g["dead"].as_u64().unwrap())
+            .sum();
+        groups.len() == 10 && groups.iter().all(|g| g["pending"] == 0) && dead == 20
     });
-    assert_eq!(status["dead_letters"], serde_json::json!([]), "{status}");
+    let groups = status["groups"].as_array().unwrap();
+    assert!(
+        groups.iter().filter(|g| g["endpoint"] == "crm").all(|g| g["dead"] == 0),
+        "{status}"
+    );
+    let letters = status["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 20, "{status}");
+    let mut ids: Vec<&str> = letters.iter().map(|d| d["msg_id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    let mut wanted: Vec<&str> = bad.iter().map(String::as_str).collect();
+    wanted.sort_unstable();
+    assert_eq!(ids, wanted);
+    assert!(
+        letters
+            .iter()
+            .all(|d| d["endpoint"] == "gone" && d["type"] == "bounced"),
+        "{status}"
+    );
 }
