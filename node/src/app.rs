@@ -146,6 +146,8 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
+    // What the outbox's dispatch tasks saw, for `ternctl webhook status`.
+    let outbox_status = crate::outbox::dispatch::Status::default();
     let (tls, cert_watcher) = tls_config(&config, metrics.tls_reload_errors.clone())?.unzip();
     // Before anything can emit events (recovered shards deliver at once).
     let webhooks = crate::webhook::start(&config.webhooks, &events, &metrics.webhook).context("webhooks")?;
@@ -212,7 +214,9 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             ids: Arc::clone(&ids),
             actors: Default::default(),
         }),
-        Arc::new(Rules),
+        Arc::new(Rules {
+            outbox: !config.webhooks.is_empty(),
+        }),
         cluster_tls.clone(),
     ));
     let mut group_ids = host.recorded()?;
@@ -317,6 +321,10 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             )),
             egress: delivery.egress().cloned(),
             delivery: Arc::clone(&delivery),
+            webhooks: (
+                config.webhooks.iter().map(|w| w.name.clone()).collect(),
+                outbox_status.clone(),
+            ),
         });
         let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
             admin: Arc::clone(&admin),
@@ -523,6 +531,16 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         stop_rx.clone(),
     );
     tokio::spawn(purge);
+    let outbox = crate::outbox::dispatch::start(
+        config.node_id,
+        &config.webhooks,
+        Arc::clone(&groups),
+        crate::bounce::Classifier::new(config.bounce_classes.clone()),
+        metrics.webhook.clone(),
+        outbox_status.clone(),
+        stop_rx.clone(),
+    )
+    .context("webhook outbox")?;
     if let Some(control) = delivery.control() {
         tokio::spawn(crate::backoff::watch(
             control.clone(),
@@ -567,6 +585,9 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         }
     }
     let _ = controller.await;
+    if let Some(outbox) = outbox {
+        let _ = outbox.await;
+    }
     // A planned stop sends nothing twice: every shard led here is handed
     // over once its in-flight outcomes are committed.
     let still = cluster.hand_over_all(std::time::Duration::from_secs(5)).await;
@@ -631,11 +652,48 @@ impl GroupHooks for ShardActors {
 }
 
 /// The node's rules for every group's requests: the queue shard's, then the
-/// control group's (each group gets only its own kinds of request).
-pub struct Rules;
+/// control group's (each group gets only its own kinds of request), and the
+/// durable events' outbox of every group.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rules {
+    /// Write the events of what entries change to the group's outbox
+    /// (`[[webhook]]` configured; every node must have the same set).
+    pub outbox: bool,
+}
 
 impl crate::raft::apply::Apply for Rules {
     fn apply(
+        &self,
+        ctx: &mut crate::raft::apply::ApplyCtx<'_>,
+        request: Request,
+    ) -> Result<crate::raft::Response, crate::raft::StorageError> {
+        if let Request::EventsAck {
+            endpoint,
+            upto,
+            dead,
+            trim,
+        } = &request
+        {
+            crate::outbox::produce::ack(ctx, endpoint, upto, dead, trim)?;
+            return Ok(crate::raft::Response { changed: true });
+        }
+        let events = if self.outbox {
+            Some(crate::outbox::produce::Pending::before(ctx, &request)?)
+        } else {
+            None
+        };
+        let response = self.apply_rules(ctx, request)?;
+        if let Some(events) = events {
+            events.write(ctx)?;
+        }
+        Ok(response)
+    }
+}
+
+impl Rules {
+    // StorageError as the trait answers (see queue/apply.rs).
+    #[allow(clippy::result_large_err)]
+    fn apply_rules(
         &self,
         ctx: &mut crate::raft::apply::ApplyCtx<'_>,
         request: Request,

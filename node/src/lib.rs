@@ -24,6 +24,8 @@
 //! - [`admin`]: the gRPC AdminService used by `ternctl` (authorisation, audit).
 //! - [`http`]: health endpoints and Prometheus metrics.
 //! - [`metrics`]: the metrics registry and the counters the parts share (a leaf).
+//! - [`outbox`]: durable webhook events: produced in every group's apply,
+//!   posted signed by the group's leader, acknowledged through Raft.
 //! - [`webhook`]: event log lines POSTed to HTTP endpoints (`[[webhook]]`).
 //! - [`tls_reload`]: TLS certificates that follow their files (and SIGHUP).
 //! - [`raft`], [`storage`], [`config`], [`pki`], [`envelope`]: the crates
@@ -46,6 +48,7 @@ pub use tern_model::envelope;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod outbox;
 pub mod peer;
 pub use tern_pki as pki;
 pub mod queue;

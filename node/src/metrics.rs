@@ -763,6 +763,21 @@ pub struct WebhookMetrics {
     dropped: Family<DropLabels, Counter>,
     failures: Family<UrlLabel, Counter>,
     queued: Family<UrlLabel, Gauge>,
+    /// Durable events not yet taken, by endpoint name and group (set by the group's leader).
+    outbox_pending: Family<EndpointGroupLabels, Gauge>,
+    /// Durable events moved to dead letters, by endpoint name.
+    dead_letters: Family<EndpointLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointGroupLabels {
+    endpoint: String,
+    group: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
 }
 
 /// One webhook's counters, looked up once when its task starts.
@@ -805,7 +820,36 @@ impl WebhookMetrics {
         }
     }
 
+    /// `tern_webhook_outbox_pending{endpoint, group}`.
+    pub fn outbox_pending(&self, endpoint: &str, group: u64) -> Gauge {
+        self.outbox_pending
+            .get_or_create(&EndpointGroupLabels {
+                endpoint: endpoint.to_owned(),
+                group,
+            })
+            .clone()
+    }
+
+    /// `tern_webhook_dead_letters_total{endpoint}`.
+    pub fn dead_letters(&self, endpoint: &str) -> Counter {
+        self.dead_letters
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.to_owned(),
+            })
+            .clone()
+    }
+
     fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_webhook_outbox_pending",
+            "Durable events in a group's outbox a webhook endpoint has not taken yet (counted by the group's leader every 5 s)",
+            self.outbox_pending.clone(),
+        );
+        r.register(
+            "tern_webhook_dead_letters",
+            "Durable events a webhook endpoint did not take within its retry_for, kept as dead letters",
+            self.dead_letters.clone(),
+        );
         r.register(
             "tern_webhook_events_posted",
             "Events posted to a webhook (in batches it answered with 2xx)",

@@ -132,6 +132,10 @@ struct RawWebhook {
     max_queue: Option<usize>,
     timeout: Option<String>,
     headers: Option<std::collections::BTreeMap<String, String>>,
+    name: Option<String>,
+    secret: Option<String>,
+    tenant: Option<String>,
+    retry_for: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -235,6 +239,52 @@ pub struct Webhook {
     /// Extra request headers (e.g. Authorization); values are marked
     /// sensitive, so that Debug output does not show them.
     pub headers: http::HeaderMap,
+    /// The endpoint's name in the outbox (cursor `oc/<name>`, dead letters,
+    /// `ternctl webhook status`); default derived from the URL.
+    pub name: String,
+    /// `whsec_<base64>`: the key POSTs are signed with (Standard Webhooks);
+    /// `None`: unsigned.
+    pub secret: Option<WebhookSecret>,
+    /// Only this tenant's message events (API messages of its keys); `None`: all.
+    pub tenant: Option<String>,
+    /// How long a message event is retried before it is dead-lettered.
+    pub retry_for: Duration,
+}
+
+/// A webhook signing key (the bytes after `whsec_`, base64-decoded); Debug
+/// does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(pub Vec<u8>);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(..)")
+    }
+}
+
+/// The default name of a webhook: its URL without scheme and query, with
+/// characters other than `[A-Za-z0-9._-]` as `_` (stable while the URL is).
+pub fn webhook_name_of(url: &http::Uri) -> String {
+    let text = format!("{}{}", url.authority().map_or("", |a| a.as_str()), url.path());
+    let mut name: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.truncate(64);
+    name
+}
+
+fn is_webhook_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Where mail for `local_domains` goes.
@@ -974,6 +1024,17 @@ impl Config {
             }
         };
         let webhooks = raw.webhook.into_iter().map(webhook).collect::<Result<Vec<_>, _>>()?;
+        // Names key the outbox cursors: two endpoints sharing one would share a cursor.
+        if let Some(dup) = webhooks
+            .iter()
+            .enumerate()
+            .find(|(i, w)| webhooks[..*i].iter().any(|o| o.name == w.name))
+        {
+            return Err(ConfigError::Invalid {
+                key: "webhook.name",
+                reason: format!("{:?} names two webhooks (give each its own name)", dup.1.name),
+            });
+        }
         let inbound = InboundConfig {
             enabled: raw.inbound.enabled.unwrap_or(true),
             dmarc_policy: match raw.inbound.dmarc_policy.as_deref() {
@@ -1280,6 +1341,35 @@ fn webhook(raw: RawWebhook) -> Result<Webhook, ConfigError> {
         value.set_sensitive(true);
         headers.insert(name, value);
     }
+    let name = raw.name.unwrap_or_else(|| webhook_name_of(&url));
+    if !is_webhook_name(&name) {
+        return Err(ConfigError::Invalid {
+            key: "webhook.name",
+            reason: format!("{name:?}: 1 to 64 characters of A-Z a-z 0-9 . _ -"),
+        });
+    }
+    let secret = match raw.secret {
+        None => None,
+        Some(s) => {
+            use base64::Engine as _;
+            let bytes = s
+                .strip_prefix("whsec_")
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .filter(|b| (24..=64).contains(&b.len()))
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "webhook.secret",
+                    reason: "must be whsec_ and the standard base64 of 24 to 64 random bytes".into(),
+                })?;
+            Some(WebhookSecret(bytes))
+        }
+    };
+    let retry_for = parse_duration(raw.retry_for.as_deref().unwrap_or("3d")).map_err(invalid("webhook.retry_for"))?;
+    if retry_for < Duration::from_secs(1) {
+        return Err(ConfigError::Invalid {
+            key: "webhook.retry_for",
+            reason: "must be at least 1s".into(),
+        });
+    }
     Ok(Webhook {
         url,
         events,
@@ -1288,6 +1378,10 @@ fn webhook(raw: RawWebhook) -> Result<Webhook, ConfigError> {
         max_queue,
         timeout,
         headers,
+        name,
+        secret,
+        tenant: raw.tenant,
+        retry_for,
     })
 }
 
@@ -1589,12 +1683,43 @@ mod tests {
                 "content-type",
             ),
             ("url = \"http://x.test/\"\nretries = 3", "retries"),
+            ("url = \"http://x.test/\"\nname = \"a b\"", "webhook.name"),
+            ("url = \"http://x.test/\"\nsecret = \"s3cret\"", "whsec_"),
+            ("url = \"http://x.test/\"\nsecret = \"whsec_c2hvcnQ=\"", "24 to 64"),
+            ("url = \"http://x.test/\"\nretry_for = \"0s\"", "retry_for"),
         ] {
             let err = Config::from_toml(&format!("[[webhook]]\n{toml}\n"))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{toml}: {err}");
         }
+    }
+
+    /// The durable events' keys: a stable default name, a decoded secret
+    /// that Debug does not show, a tenant, retry_for; names are unique.
+    #[test]
+    fn webhook_outbox_keys() {
+        let c = Config::from_toml("[[webhook]]\nurl = \"https://hooks.example.test:8443/t/x?k=1\"\n").unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!(w.name, "hooks.example.test_8443_t_x");
+        assert_eq!((w.secret.clone(), w.tenant.clone()), (None, None));
+        assert_eq!(w.retry_for, Duration::from_secs(3 * 86400));
+        let c = Config::from_toml(
+            "[[webhook]]\nurl = \"http://x.test/\"\nname = \"crm\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\ntenant = \"acme\"\nretry_for = \"1d\"\n",
+        )
+        .unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!(w.name, "crm");
+        assert_eq!(w.secret.as_ref().map(|s| s.0.len()), Some(24));
+        assert!(!format!("{w:?}").contains("MfKQ"), "{w:?}");
+        assert_eq!(w.tenant.as_deref(), Some("acme"));
+        assert_eq!(w.retry_for, Duration::from_secs(86400));
+        let err = Config::from_toml(
+            "[[webhook]]\nurl = \"http://x.test/a\"\nname = \"n\"\n\n[[webhook]]\nurl = \"http://x.test/b\"\nname = \"n\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("names two webhooks"), "{err}");
     }
 
     /// The shipped example and the one in the configuration reference parse.

@@ -12,4 +12,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "admin",
     "complaint",
     "shaping",
+    // The sending API's (durable webhook events only).
+    "queued",
+    "cancelled",
 ];

@@ -73,6 +73,9 @@ pub enum Command {
     /// Egress pools: sources, weights and warm-up progress.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Durable webhook events: backlog, errors and dead letters per endpoint.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -316,6 +319,20 @@ pub enum ShapingCommand {
     Clear {
         /// Its scope, as the shaping event names it (domain:example.com, mx:.google.com).
         scope: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum WebhookCommand {
+    /// Per endpoint and group hosted by the node asked: pending events, the
+    /// oldest one's age, the last error, dead letters.
+    Status {
+        /// List the dead-lettered events too (id, type, msg_id, age).
+        #[arg(long)]
+        dead: bool,
+        /// Most dead letters listed.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
 }
 

@@ -141,6 +141,9 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
             }
         }
         Command::Pool(crate::cli::PoolCommand::Show) => crate::pool::show(&mut client, json).await?,
+        Command::Webhook(crate::cli::WebhookCommand::Status { dead, limit }) => {
+            crate::webhook::status(&mut client, dead, limit, json).await?
+        }
         Command::Shaping(ShapingCommand::Show { domain }) => {
             let r = client.shaping_show(ShapingShowRequest { domain }).await?.into_inner();
             if json {

@@ -14,6 +14,7 @@
 //! - [`connect`]: the channel to a node: TLS, the operator token.
 //! - [`commands`]: the commands that ask a node, and their output.
 //! - [`pool`]: `pool show` (egress pools and warm-up progress).
+//! - [`webhook`]: `webhook status` (durable events' backlog and dead letters).
 //! - [`output`]: tables for people, JSON for scripts.
 //! - [`suppression`]: the suppression-list commands and their CSV form.
 //! - [`apikey`]: the sending API's keys.
@@ -33,6 +34,7 @@ mod pool;
 mod shaping;
 mod suppression;
 mod token;
+mod webhook;
 
 use std::process::ExitCode;
 

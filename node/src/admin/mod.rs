@@ -18,6 +18,7 @@ pub mod audit;
 pub mod authz;
 pub mod shaping;
 pub mod suppression;
+pub mod webhook;
 pub use crate::cluster;
 use crate::pki::Role;
 use tonic::{Request, Response, Status};
@@ -44,6 +45,8 @@ pub struct Admin {
     pub egress: crate::delivery::egress::SharedEgress,
     /// Delivery, for `shaping show` (next hops, rules, this node's limiters).
     pub delivery: Arc<crate::delivery::Delivery>,
+    /// `[[webhook]]` names and what the outbox dispatch saw (`webhook status`).
+    pub webhooks: (Vec<String>, crate::outbox::dispatch::Status),
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -1118,6 +1121,17 @@ impl AdminService for Admin {
         }
         .await;
         audit.finish(result, |_| 1)
+    }
+
+    async fn webhook_status(
+        &self,
+        request: Request<WebhookStatusRequest>,
+    ) -> Result<Response<WebhookStatusReply>, Status> {
+        self.authz.check(&request, Role::Viewer).await?;
+        let (names, seen) = &self.webhooks;
+        let mut reply = webhook::status(&self.groups, names, seen, request.get_ref());
+        reply.answered_by = self.node_id;
+        Ok(Response::new(reply))
     }
 
     async fn shaping_show(&self, request: Request<ShapingShowRequest>) -> Result<Response<ShapingShowReply>, Status> {

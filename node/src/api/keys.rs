@@ -157,7 +157,7 @@ mod tests {
     #[tokio::test]
     async fn keys_verify_until_revoked() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, mut sm) = crate::raft::testing::open(dir.path(), Arc::new(crate::app::Rules)).await;
+        let (mut log, mut sm) = crate::raft::testing::open(dir.path(), Arc::new(crate::app::Rules::default())).await;
         let k = generate("ci", vec![Scope::Send, Scope::TemplatesRead], "acme", 0, 100);
         let entry = |index: u64, request: Request| Entry::<crate::raft::TypeConfig> {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),

@@ -416,7 +416,7 @@ mod tests {
     #[tokio::test]
     async fn shaping_actions_and_suppressions_round_trip_through_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, mut sm) = crate::raft::testing::open(dir.path(), Arc::new(crate::app::Rules)).await;
+        let (mut log, mut sm) = crate::raft::testing::open(dir.path(), Arc::new(crate::app::Rules::default())).await;
         let action = AutoAction {
             kind: ActionKind::Throttle {
                 count: 10,
@@ -522,7 +522,7 @@ mod tests {
     #[tokio::test]
     async fn api_records_round_trip_through_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, mut sm) = crate::raft::testing::open(dir.path(), Arc::new(crate::app::Rules)).await;
+        let (mut log, mut sm) = crate::raft::testing::open(dir.path(), Arc::new(crate::app::Rules::default())).await;
         let key = ApiKey {
             id: "0123456789abcdef".into(),
             name: "ci".into(),

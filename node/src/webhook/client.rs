@@ -70,6 +70,15 @@ impl Poster {
 
     /// POSTs `body` (a JSON array); Ok for a 2xx answer within the timeout.
     pub fn post(&self, body: Bytes) -> impl Future<Output = Result<(), PostError>> + Send + 'static {
+        self.post_with(body, HeaderMap::new())
+    }
+
+    /// [`Poster::post`] with headers of this request only (the signature's).
+    pub fn post_with(
+        &self,
+        body: Bytes,
+        extra: HeaderMap,
+    ) -> impl Future<Output = Result<(), PostError>> + Send + 'static {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.url.clone();
@@ -80,6 +89,7 @@ impl Poster {
             HeaderValue::from_static(concat!("tern/", env!("CARGO_PKG_VERSION"))),
         );
         headers.extend(self.headers.clone());
+        headers.extend(extra);
         let (client, timeout) = (self.client.clone(), self.timeout);
         async move {
             let exchange = async {

@@ -1,5 +1,7 @@
 //! Webhooks (`[[webhook]]`): event log lines POSTed to HTTP endpoints as
-//! JSON arrays.
+//! JSON arrays, for the node's own events ([`TAP_TYPES`]: `admin`,
+//! `shaping`). Message events (received, delivered, bounced, ...) come from
+//! the groups' durable outboxes instead (`crate::outbox`), never from here.
 //!
 //! The events are the `tern::event` log lines of docs/events.md. An
 //! [`EventTap`] is a tracing layer that formats each of them with the same
@@ -38,6 +40,10 @@ pub const EVENT_TARGET: &str = "tern::event";
 
 pub use tern_model::events::EVENT_TYPES;
 
+/// The event types this tap posts; the others are message events, posted
+/// from the outbox (exactly once per event id, not once per node's log).
+pub const TAP_TYPES: &[&str] = &["admin", "shaping"];
+
 /// How long a stopping node tries to post what its webhooks still hold.
 pub const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
@@ -52,6 +58,16 @@ struct EventSet(u32);
 impl EventSet {
     fn of(names: &[String]) -> EventSet {
         EventSet(names.iter().filter_map(|n| index(n)).fold(0, |bits, i| bits | (1 << i)))
+    }
+
+    /// The types of `names` the tap posts.
+    fn tapped(names: &[String]) -> EventSet {
+        let names: Vec<String> = names
+            .iter()
+            .filter(|n| TAP_TYPES.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        EventSet::of(&names)
     }
 
     fn contains(self, i: usize) -> bool {
@@ -213,7 +229,7 @@ pub fn start(hooks: &[Webhook], tap: &EventTap, metrics: &WebhookMetrics) -> any
                 counters.clone(),
             )));
             inlets.push(Inlet {
-                events: EventSet::of(&hook.events),
+                events: EventSet::tapped(&hook.events),
                 tx,
                 counters,
             });

@@ -32,3 +32,4 @@ mod spf_suite;
 mod submission;
 mod suppression;
 mod webhook;
+mod webhook_durable;

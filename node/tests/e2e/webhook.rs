@@ -1,7 +1,8 @@
 //! `[[webhook]]` end to end: a real HTTP receiver (Python's http.server)
-//! on loopback records every POST; ternd posts the event log lines of a
-//! message it delivers to smtp-sink, retries after 500s, honours the
-//! event filter and posts what it holds when stopped.
+//! on loopback records every POST; ternd posts the durable events of a
+//! message it delivers to smtp-sink (from the shard's outbox), retries
+//! after 500s with the same batch and honours the event filter.
+//! (webhook_durable.rs: signatures, a receiver and a node killed.)
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -118,12 +119,12 @@ impl Drop for Receiver {
 fn of_message<'a>(events: &'a [Value], id: &str, event: &str) -> Vec<&'a Value> {
     events
         .iter()
-        .filter(|e| e["fields"]["msg_id"] == id && e["fields"]["event"] == event)
+        .filter(|e| e["msg_id"] == id && e["type"] == event)
         .collect()
 }
 
 #[test]
-fn webhooks_post_event_lines_retry_filter_and_flush_at_stop() {
+fn webhooks_post_durable_events_retry_and_filter() {
     if !tern_testkit::peers::require("python3") {
         return;
     }
@@ -176,34 +177,18 @@ fn webhooks_post_event_lines_retry_filter_and_flush_at_stop() {
         assert_eq!(p.authorization.as_deref(), Some("Bearer hook-s3cret"));
     }
 
-    // The posted objects are the JSON log lines (the timestamp aside: each
-    // formatter takes its own).
+    // The posted objects are the durable events (docs/events.md).
     let events = all.accepted_events();
-    let received = &of_message(&events, &id, "received")[0]["fields"];
-    assert_eq!(received["message_id"], "hooked-1@tern.test", "{received}");
+    let received = of_message(&events, &id, "received")[0].clone();
     assert_eq!(received["from"], "a@tern.test", "{received}");
-    assert_eq!(received["rcpts"], 1, "{received}");
-    assert!(received["size"].as_u64().unwrap() >= 300, "{received}");
+    assert_eq!(received["version"], 1, "{received}");
+    assert!(received["recipient"].is_null(), "{received}");
+    assert!(received["id"].as_str().unwrap().starts_with("evt_"), "{received}");
     let delivered = of_message(&events, &id, "delivered")[0].clone();
-    assert_eq!(delivered["target"], "tern::event");
-    assert_eq!(delivered["fields"]["rcpt"], "r@example.test");
-    assert!(
-        delivered["fields"]["reply"].as_str().unwrap().starts_with("250"),
-        "{delivered}"
-    );
-    let logged: Vec<Value> = node
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["fields"]["event"] == "delivered" && l["fields"]["msg_id"] == id.as_str())
-        .collect();
-    assert_eq!(logged.len(), 1, "{}", node.logs());
-    let without_time = |v: &Value| {
-        let mut v = v.clone();
-        v.as_object_mut().unwrap().remove("timestamp");
-        v
-    };
-    assert_eq!(without_time(&delivered), without_time(&logged[0]));
+    assert_eq!(delivered["recipient"], "r@example.test");
+    assert!(delivered["reply"].as_str().unwrap().starts_with("250"), "{delivered}");
+    assert_eq!(delivered["attempts"], 1, "{delivered}");
+    assert_eq!(delivered["shard"], received["shard"], "{delivered}");
 
     let all_label = format!("url=\"{}\"", all.url("/all"));
     let posted = |metrics: &str| {
@@ -226,15 +211,14 @@ fn webhooks_post_event_lines_retry_filter_and_flush_at_stop() {
         assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
     }
 
-    // The filtered webhook holds its delivered event (flush_interval 1h)
-    // until the node stops, then gets it and nothing else.
-    assert!(delivered_only.posts().is_empty());
+    // The filtered webhook gets the delivered event and nothing else.
+    wait_for(Duration::from_secs(30), "the filtered webhook's event", || {
+        !delivered_only.accepted_events().is_empty()
+    });
+    let events = delivered_only.accepted_events();
+    assert!(events.iter().all(|e| e["type"] == "delivered"), "{events:?}");
+    assert_eq!(of_message(&events, &id, "delivered").len(), 1, "{events:?}");
+    assert!(delivered_only.posts().iter().all(|p| p.authorization.is_none()));
     let status = node.signal_and_wait("TERM", Duration::from_secs(20));
     assert!(status.success(), "{status}");
-    let posts = delivered_only.posts();
-    assert_eq!(posts.len(), 1, "{posts:?}");
-    let events = posts[0].events();
-    assert!(events.iter().all(|e| e["fields"]["event"] == "delivered"), "{events:?}");
-    assert_eq!(of_message(&events, &id, "delivered").len(), 1, "{events:?}");
-    assert_eq!(posts[0].authorization, None);
 }
