@@ -35,6 +35,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(600);
 const POLL: Duration = Duration::from_millis(200);
 /// Most outbox records one read looks at (filtered-out ones included).
 const SCAN_LIMIT: usize = 5_000;
+/// How long an event waits for its API batch's record to reach this
+/// node's replica of the control group (then it is posted without it).
+const BATCH_WAIT_MS: i64 = 60_000;
+
 /// How often the pending gauge is counted (a scan of the outbox).
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// Batch records remembered per task (tenant, tags... of recent batches).
@@ -213,7 +217,13 @@ async fn run(shared: Arc<Shared>, group: GroupHandle, endpoint: usize, mut stop:
         let batch = match prepared.take() {
             Some(b) => b,
             None => {
-                let Some(b) = read(&shared, &tree, group.id, ep, &cursor, &mut batches) else {
+                // Only entries whose apply has returned: an apply writes its
+                // run's outbox keys one by one, and a scan running beside it
+                // could see a later key before an earlier one and move the
+                // cursor past the earlier (openraft publishes last_applied
+                // once the apply is done).
+                let applied = group.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+                let Some(b) = read(&shared, &tree, group.id, ep, &cursor, applied, &mut batches) else {
                     continue;
                 };
                 b
@@ -333,24 +343,39 @@ fn read(
     group: GroupId,
     ep: &Endpoint,
     cursor: &[u8],
+    applied: u64,
     batches: &mut HashMap<String, Option<BatchInfo>>,
 ) -> Option<Prepared> {
     let mut upto = None;
     let mut events = Vec::new();
     let mut rendered = Vec::new();
+    let now = chrono::Utc::now().timestamp_millis();
     for (key, value) in after(tree, cursor).take(SCAN_LIMIT) {
-        upto = Some(key.to_vec());
         let Some((index, n)) = parse_outbox_key(&key) else {
+            upto = Some(key.to_vec());
             continue;
         };
+        if index > applied {
+            break; // its entry's apply may still be writing the run's keys
+        }
         let Ok(event) = bincode::deserialize::<OutboxEvent>(&value) else {
             tracing::warn!(group, key = %String::from_utf8_lossy(&key), "unreadable outbox record skipped");
+            upto = Some(key.to_vec());
             continue;
         };
         if !ep.kinds.contains(&event.kind) {
+            upto = Some(key.to_vec());
             continue;
         }
         let info = event.batch.as_ref().and_then(|b| batch_info(shared, batches, b));
+        if event.batch.is_some() && info.is_none() && now - event.at < BATCH_WAIT_MS {
+            // The batch record is written before its messages, but this
+            // node's replica of the control group may not have applied it
+            // yet: wait for it rather than post without tenant and tags
+            // (or skip it for a tenant's endpoint).
+            break;
+        }
+        upto = Some(key.to_vec());
         if let Some(tenant) = &ep.hook.tenant {
             if info.as_ref().map(|i| &i.tenant) != Some(tenant) {
                 continue;
