@@ -35,8 +35,9 @@ pub struct ApiConfig {
     /// Bytes of request bodies held at once on this node, default 512 MiB;
     /// more: 429 with Retry-After.
     pub max_in_flight_bytes: u64,
-    /// Latest `send_at` accepted, from now (default 72h); it must stay
-    /// below `[queue] max_age`, which counts from acceptance.
+    /// Latest `send_at` (and SMTP FUTURERELEASE) accepted, from now
+    /// (default 72h, or half of `[delivery] max_age` when that is not longer);
+    /// it must stay below `max_age`, which counts from acceptance.
     pub max_schedule_ahead: Duration,
     /// How long the status of a finished API message and its batch record
     /// are kept for `GET` (default 7d).
@@ -74,7 +75,17 @@ pub(super) fn validate(raw: RawApi, max_age: Duration) -> Result<ApiConfig, Conf
         max_recipients: raw.max_recipients.unwrap_or(d.max_recipients),
         max_in_flight_requests: raw.max_in_flight_requests.unwrap_or(d.max_in_flight_requests),
         max_in_flight_bytes: raw.max_in_flight_bytes.unwrap_or(d.max_in_flight_bytes),
-        max_schedule_ahead: duration(raw.max_schedule_ahead, d.max_schedule_ahead, "api.max_schedule_ahead")?,
+        // Unset: 72h, or half of a max_age not above it (a short max_age alone
+        // must not make an existing config invalid).
+        max_schedule_ahead: duration(
+            raw.max_schedule_ahead,
+            if d.max_schedule_ahead < max_age {
+                d.max_schedule_ahead
+            } else {
+                max_age / 2
+            },
+            "api.max_schedule_ahead",
+        )?,
         status_retention: duration(raw.status_retention, d.status_retention, "api.status_retention")?,
     };
     if config.max_recipients == 0 || config.max_recipients > tern_model::api::MAX_BATCH_MESSAGES {
@@ -105,4 +116,25 @@ pub(super) fn validate(raw: RawApi, max_age: Duration) -> Result<ApiConfig, Conf
         });
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_limit_follows_a_short_max_age_unless_set() {
+        let d = |h: u64| Duration::from_secs(h * 3600);
+        assert_eq!(validate(RawApi::default(), d(120)).unwrap().max_schedule_ahead, d(72));
+        assert_eq!(
+            validate(RawApi::default(), Duration::from_secs(3)).unwrap().max_schedule_ahead,
+            Duration::from_millis(1500)
+        );
+        let raw = RawApi {
+            max_schedule_ahead: Some("5d".into()),
+            ..RawApi::default()
+        };
+        let e = validate(raw, d(120)).unwrap_err().to_string();
+        assert!(e.contains("api.max_schedule_ahead"), "{e}");
+    }
 }
