@@ -127,7 +127,9 @@ mod tests {
         let d = |h: u64| Duration::from_secs(h * 3600);
         assert_eq!(validate(RawApi::default(), d(120)).unwrap().max_schedule_ahead, d(72));
         assert_eq!(
-            validate(RawApi::default(), Duration::from_secs(3)).unwrap().max_schedule_ahead,
+            validate(RawApi::default(), Duration::from_secs(3))
+                .unwrap()
+                .max_schedule_ahead,
             Duration::from_millis(1500)
         );
         let raw = RawApi {
