@@ -119,6 +119,7 @@ pub(super) fn validate(raw: RawApi, max_age: Duration) -> Result<ApiConfig, Conf
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

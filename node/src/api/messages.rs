@@ -12,8 +12,8 @@ use tern_model::api::{Batch, Scope};
 use tern_model::peer::Operation;
 
 use super::auth::{authenticate, Caller};
+use super::extract::{json, Api};
 use super::problem::Problem;
-use super::routes::{json, Api};
 use super::status::MessageStatus;
 use super::{not_found, unavailable, ApiResult, ApiState};
 use crate::raft::{GroupId, QueueAction, Request};
@@ -128,7 +128,7 @@ pub async fn cancel_batch(Api(state): Api, Path(id): Path<String>, headers: Head
         (pending, already_final)
     })
     .await
-    .map_err(|e| super::routes::internal(&format!("reading the batch's messages: {e}")))?;
+    .map_err(|e| super::extract::internal(&format!("reading the batch's messages: {e}")))?;
     let mut cancelled = 0;
     for (shard, ids) in pending {
         for chunk in ids.chunks(DELETE_CHUNK) {

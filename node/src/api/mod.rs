@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod compose;
+pub mod extract;
 pub mod keys;
 pub mod limits;
 pub mod messages;

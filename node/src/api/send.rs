@@ -19,8 +19,8 @@ use tern_model::peer::Operation;
 
 use super::auth::{authenticate, Caller};
 use super::compose::{self, ComposeCtx, Composed, RawRequest, SendRequest, TemplateRef};
+use super::extract::{decode, internal, json, read_json_body, Api};
 use super::problem::Problem;
-use super::routes::{decode, internal, json, read_json_body, Api};
 use super::{unavailable, ApiResult, ApiState};
 use crate::envelope::{BodyType, Envelope, Notify, Recipient};
 use crate::raft::{Body, GroupId, NewMessage};

@@ -10,8 +10,8 @@ use tern_model::api::{Scope, StoredTemplate};
 use tern_model::peer::Operation;
 
 use super::auth::authenticate;
+use super::extract::{decode, json, read_json_body, Api};
 use super::problem::Problem;
-use super::routes::{decode, json, read_json_body, Api};
 use super::{not_found, unavailable, ApiResult, ApiState};
 
 /// Longest template name.
