@@ -12,10 +12,10 @@ use tern_model::peer::Operation;
 use super::auth::authenticate;
 use super::extract::{decode, json, read_json_body, Api};
 use super::problem::Problem;
+use super::template::check_name;
 use super::{not_found, unavailable, ApiResult, ApiState};
 
 /// Longest template name.
-const MAX_NAME: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,23 +114,6 @@ async fn write(state: &ApiState, tenant: &str, name: &str, template: Option<Stor
         })
         .await
         .map_err(|e| unavailable(format!("writing the template: {e}")))
-}
-
-/// Names: 1 to 64 of `[A-Za-z0-9._-]`.
-fn check_name(name: &str) -> Result<(), Problem> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Problem::invalid(
-            "",
-            format!("a template name is 1 to {MAX_NAME} of A-Z a-z 0-9 . _ -, not {name:?}"),
-        ))
-    }
 }
 
 #[cfg(test)]
