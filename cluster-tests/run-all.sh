@@ -12,6 +12,8 @@ perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
 command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
+# The sending API's end-to-end tests call it with curl.
+command -v curl >/dev/null || need+=(curl)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-core dovecot-lmtpd)
 # tern-powerfs mounts through fusermount3 (power-cut tests; needs /dev/fuse).
 command -v fusermount3 >/dev/null || need+=(fuse3)
