@@ -53,6 +53,7 @@ pub mod peer;
 pub use tern_pki as pki;
 pub mod queue;
 pub mod raft;
+pub mod reports;
 pub mod shaping;
 pub mod smtp;
 pub mod storage;

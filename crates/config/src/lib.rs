@@ -26,22 +26,34 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod api;
+pub mod arc;
 pub mod backoff;
 pub mod bounce;
+pub mod dane;
 pub mod dkim;
+pub mod dnsbl;
 pub mod egress;
 pub mod fbl;
+pub mod filter;
 pub mod keygen;
+pub mod mta_sts;
 pub mod owned;
+pub mod reports;
 pub mod secret;
 pub mod shaping;
 pub mod tls_policy;
 pub use api::ApiConfig;
+pub use arc::ArcConfig;
 pub use backoff::{BackoffAction, BackoffRule, BackoffScope, CodeMatch};
 pub use bounce::{ClassRule, SuppressionConfig, SuppressionScope};
+pub use dane::DaneConfig;
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
+pub use dnsbl::{DnsblConfig, GreylistConfig};
 pub use fbl::{FblConfig, FblScope};
+pub use filter::{FilterConfig, FilterKind, OnError};
+pub use mta_sts::MtaStsConfig;
 pub use owned::{NotOwnable, Owned};
+pub use reports::{DmarcReportsConfig, TlsRptConfig};
 pub use secret::hash_password;
 pub use tls_policy::{TlsLevel, TlsPolicies, TlsPolicyEntry};
 
@@ -106,6 +118,22 @@ struct RawConfig {
     fbl: fbl::RawFbl,
     #[serde(default)]
     api: api::RawApi,
+    #[serde(default)]
+    mta_sts: mta_sts::RawMtaSts,
+    #[serde(default)]
+    dane: dane::RawDane,
+    #[serde(default)]
+    tls_rpt: reports::RawTlsRpt,
+    #[serde(default)]
+    dmarc_reports: reports::RawDmarcReports,
+    #[serde(default)]
+    filter: Vec<filter::RawFilter>,
+    #[serde(default)]
+    dnsbl: dnsbl::RawDnsbl,
+    #[serde(default)]
+    greylist: dnsbl::RawGreylist,
+    #[serde(default)]
+    arc: arc::RawArc,
     #[serde(default)]
     bounce_class: Vec<bounce::RawBounceClass>,
     #[serde(default)]
@@ -702,6 +730,22 @@ pub struct Config {
     pub fbl: FblConfig,
     /// `[api]`: the sending API (`/api/v1/`) on the HTTP listener.
     pub api: ApiConfig,
+    /// `[mta_sts]`: MTA-STS policies of recipient domains.
+    pub mta_sts: MtaStsConfig,
+    /// `[dane]`: DANE (TLSA) for MX hosts.
+    pub dane: DaneConfig,
+    /// `[tls_rpt]`: TLS-RPT recording and reports.
+    pub tls_rpt: TlsRptConfig,
+    /// `[dmarc_reports]`: DMARC aggregate reports.
+    pub dmarc_reports: DmarcReportsConfig,
+    /// `[[filter]]`: content filters at the end of DATA, in order.
+    pub filters: Vec<FilterConfig>,
+    /// `[dnsbl]`: DNS block lists.
+    pub dnsbl: DnsblConfig,
+    /// `[greylist]`: greylisting.
+    pub greylist: GreylistConfig,
+    /// `[arc]`: ARC sealing of forwarded mail.
+    pub arc: ArcConfig,
     /// `[[bounce_class]]`: the operator's classification rules (checked
     /// before the shipped table).
     pub bounce_classes: Vec<ClassRule>,
@@ -1064,6 +1108,14 @@ impl Config {
         let fbl = fbl::validate(raw.fbl, &local_domains.iter().chain(&relay_domains).collect::<Vec<_>>())?;
         let api = api::validate(raw.api, max_age)?;
         Ok(Config {
+            mta_sts: mta_sts::validate(raw.mta_sts)?,
+            dane: dane::validate(raw.dane)?,
+            tls_rpt: reports::validate_tls_rpt(raw.tls_rpt)?,
+            dmarc_reports: reports::validate_dmarc(raw.dmarc_reports)?,
+            filters: filter::validate(raw.filter)?,
+            dnsbl: dnsbl::validate_dnsbl(raw.dnsbl)?,
+            greylist: dnsbl::validate_greylist(raw.greylist)?,
+            arc: arc::validate(raw.arc)?,
             fbl,
             api,
             webhooks,

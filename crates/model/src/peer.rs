@@ -47,6 +47,17 @@ pub enum Operation {
     },
     /// An API call's batch record (control group).
     Batch { batch: Box<crate::api::Batch> },
+    /// Cluster-shared records of a feature (control group).
+    PutShared {
+        space: String,
+        entries: Vec<(String, Vec<u8>)>,
+    },
+    /// Cluster-shared records removed (control group).
+    DeleteShared {
+        space: String,
+        keys: Vec<String>,
+        prefixes: Vec<String>,
+    },
 }
 
 /// gRPC metadata key a peer sets on a write it gave up waiting for: the
@@ -94,6 +105,35 @@ impl Operation {
                     crate::shaping::MAX_SUPPRESSIONS_PER_WRITE
                 ));
             }
+            Operation::PutShared { space, entries } => {
+                let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if entries.len() > crate::request::MAX_SHARED_PER_WRITE
+                    || bytes > crate::request::MAX_SHARED_BYTES_PER_WRITE
+                    || space.is_empty()
+                    || space.contains('\0')
+                {
+                    return Err(format!(
+                        "{} shared records of {bytes} bytes in space {space:?} (at most {} records, {} bytes)",
+                        entries.len(),
+                        crate::request::MAX_SHARED_PER_WRITE,
+                        crate::request::MAX_SHARED_BYTES_PER_WRITE
+                    ));
+                }
+                (group == CONTROL_GROUP, "the control group (0)")
+            }
+            Operation::DeleteShared { space, keys, prefixes } => {
+                if keys.len() + prefixes.len() > crate::request::MAX_SHARED_PER_WRITE
+                    || space.is_empty()
+                    || space.contains('\0')
+                {
+                    return Err(format!(
+                        "{} shared keys in space {space:?} (at most {})",
+                        keys.len() + prefixes.len(),
+                        crate::request::MAX_SHARED_PER_WRITE
+                    ));
+                }
+                (group == CONTROL_GROUP, "the control group (0)")
+            }
             Operation::Drain { .. }
             | Operation::Suspend { .. }
             | Operation::ShapingAction { .. }
@@ -127,6 +167,8 @@ impl Operation {
             Operation::RevokeApiKey { id, at } => Some(Request::RevokeApiKey { id, at }),
             Operation::Template { tenant, name, template } => Some(Request::PutTemplate { tenant, name, template }),
             Operation::Batch { batch } => Some(Request::PutBatch { batch }),
+            Operation::PutShared { space, entries } => Some(Request::PutShared { space, entries }),
+            Operation::DeleteShared { space, keys, prefixes } => Some(Request::DeleteShared { space, keys, prefixes }),
             Operation::Bounce { .. } | Operation::MemberAdd { .. } | Operation::MemberRemove { .. } => None,
         }
     }

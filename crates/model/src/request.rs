@@ -108,7 +108,25 @@ pub enum Request {
     /// Control group, proposed by its leader: batch records created before
     /// unix seconds `before` and their idempotency keys are removed.
     PurgeBatches { before: i64 },
+    /// Control group: small cluster-shared records of a feature (`space`,
+    /// e.g. `greylist`, `report`): each `(key, value)` inserted or replaced.
+    PutShared {
+        space: String,
+        entries: Vec<(String, Vec<u8>)>,
+    },
+    /// Control group: shared records of `space` removed: each of `keys`, and
+    /// every key starting with one of `prefixes`.
+    DeleteShared {
+        space: String,
+        keys: Vec<String>,
+        prefixes: Vec<String>,
+    },
 }
+
+/// Most entries (keys plus prefixes) one `PutShared`/`DeleteShared` carries.
+pub const MAX_SHARED_PER_WRITE: usize = 5_000;
+/// Most bytes of values one `PutShared` carries.
+pub const MAX_SHARED_BYTES_PER_WRITE: usize = 4 << 20;
 
 /// What `ternctl queue hold|release|delete|retry` does to a message.
 /// (`bounce` is written as an outcome with its report.)
@@ -174,7 +192,9 @@ impl Request {
             | Request::PutBatch { .. }
             | Request::EventsAck { .. }
             | Request::PurgeFinal { .. }
-            | Request::PurgeBatches { .. } => Vec::new(),
+            | Request::PurgeBatches { .. }
+            | Request::PutShared { .. }
+            | Request::DeleteShared { .. } => Vec::new(),
         }
     }
 }

@@ -121,7 +121,11 @@ impl Ternd {
             (None, None) => {}
         }
         let mut child = cmd
-            .env("RUST_LOG", "info,openraft=warn")
+            // TERN_TEST_RUST_LOG: more logging for a diagnosis run.
+            .env(
+                "RUST_LOG",
+                std::env::var("TERN_TEST_RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

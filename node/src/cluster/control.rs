@@ -36,6 +36,12 @@ pub const API_KEY_PREFIX: &[u8] = b"k/";
 pub const TEMPLATE_PREFIX: &[u8] = b"t/";
 pub const BATCH_PREFIX: &[u8] = b"b/";
 pub const IDEMPOTENCY_PREFIX: &[u8] = b"i/";
+/// `c/<space>\0<key>`: cluster-shared records of a feature (`PutShared`).
+pub const SHARED_PREFIX: &[u8] = b"c/";
+
+pub fn shared_key(space: &str, key: &str) -> Vec<u8> {
+    pair_key(SHARED_PREFIX, space, key)
+}
 
 /// `<prefix><a>\0<b>`: the tenant-scoped keys (a tenant holds no NUL).
 fn pair_key(prefix: &[u8], a: &str, b: &str) -> Vec<u8> {
@@ -189,6 +195,29 @@ pub fn apply(ctx: &mut ApplyCtx<'_>, request: Request) -> Result<Result<Response
         }
         Request::PutBatch { batch } => put_batch(ctx, &batch)?,
         Request::PurgeBatches { before } => purge_batches(ctx, before)?,
+        Request::PutShared { space, entries } => {
+            for (key, value) in entries {
+                ctx.insert(shared_key(&space, &key), value);
+            }
+            Response { changed: true }
+        }
+        // A prefix sees the records of earlier runs (not a `PutShared` of
+        // this same run): features delete what they wrote well before.
+        Request::DeleteShared { space, keys, prefixes } => {
+            for key in keys {
+                ctx.remove(shared_key(&space, &key));
+            }
+            for prefix in prefixes {
+                let mut doomed = Vec::new();
+                for item in ctx.scan_prefix(&shared_key(&space, &prefix)) {
+                    doomed.push(item.map_err(|e| write_error(&e))?.0);
+                }
+                for k in doomed {
+                    ctx.remove(k);
+                }
+            }
+            Response { changed: true }
+        }
         other => return Ok(Err(other)),
     }))
 }
@@ -367,6 +396,23 @@ impl ControlState {
                 let name = std::str::from_utf8(k.get(prefix.len()..)?).ok()?.to_owned();
                 Some((name, bincode::deserialize(&v).ok()?))
             })
+            .collect()
+    }
+
+    /// The shared record `key` of `space` (`PutShared`).
+    pub fn shared(&self, space: &str, key: &str) -> Option<Vec<u8>> {
+        self.tree.get(shared_key(space, key)).ok().flatten().map(|v| v.to_vec())
+    }
+
+    /// The shared records of `space` whose keys start with `prefix`, in key
+    /// order, at most `limit` of them.
+    pub fn shared_scan(&self, space: &str, prefix: &str, limit: usize) -> Vec<(String, Vec<u8>)> {
+        let base = shared_key(space, "");
+        self.tree
+            .scan_prefix(shared_key(space, prefix))
+            .flatten()
+            .filter_map(|(k, v)| Some((std::str::from_utf8(k.get(base.len()..)?).ok()?.to_owned(), v.to_vec())))
+            .take(limit)
             .collect()
     }
 

@@ -48,6 +48,8 @@ fn op_name(op: &Operation) -> &'static str {
         Operation::RevokeApiKey { .. } => "api key revoke",
         Operation::Template { .. } => "template",
         Operation::Batch { .. } => "api batch",
+        Operation::PutShared { .. } => "shared records",
+        Operation::DeleteShared { .. } => "shared records removal",
     }
 }
 

@@ -128,6 +128,8 @@ pub struct Delivery {
     egress: crate::delivery::egress::SharedEgress,
     /// `[[shaping]]`: scopes and cluster-wide limits per destination.
     shaper: Arc<crate::shaping::Shaper>,
+    /// Outcomes of TLS under MTA-STS/DANE policies, for TLS-RPT.
+    tls_reports: Arc<crate::reports::tls::TlsRecorder>,
 }
 
 impl Delivery {
@@ -192,6 +194,11 @@ impl Delivery {
             .map(|entry| crate::bounce::suppress::reply(&entry))
     }
 
+    /// Where TLS outcomes under a policy are counted (TLS-RPT).
+    pub fn tls_reports(&self) -> &Arc<crate::reports::tls::TlsRecorder> {
+        &self.tls_reports
+    }
+
     /// The egress pools, when `[[pool]]`s are configured.
     pub fn egress(&self) -> Option<&Arc<crate::delivery::egress::Egress>> {
         self.egress.as_ref()
@@ -234,6 +241,7 @@ impl Delivery {
         let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
         let egress = crate::delivery::egress::Egress::new(&config.egress, &client).map(Arc::new);
         Ok(Arc::new(Delivery {
+            tls_reports: Arc::default(),
             backoff,
             egress,
             resolver,

@@ -199,7 +199,7 @@ async fn run(shared: Arc<Shared>, group: GroupHandle, endpoint: usize, mut stop:
     let mut failures: u32 = 0;
     let mut wait = Duration::ZERO;
     let mut gauge_at = tokio::time::Instant::now() - GAUGE_EVERY;
-    tracing::debug!(group = group.id, endpoint = %name, "webhook dispatch started");
+    tracing::debug!(group = group.id, endpoint = %name, cursor = %String::from_utf8_lossy(&cursor), "webhook dispatch started");
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -260,6 +260,14 @@ async fn run(shared: Arc<Shared>, group: GroupHandle, endpoint: usize, mut stop:
             Ok(()) => {
                 failures = 0;
                 let n = batch.events.len() as u64;
+                tracing::debug!(
+                    group = group.id,
+                    endpoint = %name,
+                    id = %batch.id,
+                    upto = %String::from_utf8_lossy(&batch.upto),
+                    events = n,
+                    "webhook posted"
+                );
                 if ack(&shared, &group, name, &batch.upto, Vec::new()).await {
                     counters.posted.inc_by(n);
                     shared.status.update(group.id, name, |s| {

@@ -221,6 +221,7 @@ impl Pending {
             event.at = at;
             let n = u32::try_from(n).map_err(|e| write_error(&e))?;
             let value = bincode::serialize(&event).map_err(|e| write_error(&e))?;
+            tracing::debug!(group = ctx.group(), index, n, kind = event.kind.as_str(), msg = %event.msg_id, "outbox event");
             ctx.insert(outbox_key(index, n), value);
         }
         Ok(())
@@ -238,6 +239,7 @@ pub fn ack(
     trim: &str,
 ) -> Result<(), StorageError> {
     let group = ctx.group();
+    tracing::debug!(group, endpoint, upto, trim, dead = dead.len(), "outbox ack applied");
     for key in dead {
         let Some((index, n)) = parse_outbox_key(key.as_bytes()) else {
             continue;

@@ -183,7 +183,13 @@ fn durable_events_survive_a_receiver_and_a_node_killed() {
                 .flat_map(|n| {
                     n.logs()
                         .lines()
-                        .filter(|l| l.contains("webhook"))
+                        .filter(|l| {
+                            l.contains("webhook")
+                                || l.contains("outbox ack")
+                                || missing
+                                    .iter()
+                                    .any(|m| m.split(' ').nth(1).is_some_and(|id| l.contains(id)))
+                        })
                         .map(str::to_owned)
                         .collect::<Vec<_>>()
                 })
