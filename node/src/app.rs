@@ -180,7 +180,11 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         metrics: Arc::clone(&metrics),
         stats: Arc::new(crate::queue::stats::Stats::default()),
         clock: Arc::new(crate::queue::schedule::SystemClock),
-        batchers: Arc::new(crate::queue::batch::Batchers::new(metrics.restarts.clone())),
+        // The event outbox tells new mail from bounces by entry kind.
+        batchers: Arc::new(crate::queue::batch::Batchers::new(
+            metrics.restarts.clone(),
+            config.webhooks.is_empty(),
+        )),
     });
     if config.cluster_tls.is_none() && !config.listen_grpc.ip().is_loopback() {
         // Only reachable with `[cluster] insecure = true` (config validation).

@@ -74,6 +74,8 @@ impl Pending {
         match request {
             Request::Enqueue { record, .. } => p.received(ctx, std::iter::once(&**record))?,
             Request::EnqueueMany { messages } => p.received(ctx, messages.iter().map(|m| &*m.record))?,
+            // Its new messages are bounces (no event): with the outbox on,
+            // the queue's batcher keeps new mail out of `Outcomes` entries.
             Request::Outcomes { updates, .. } => p.outcomes(ctx, updates, false)?,
             Request::Bounce { updates, .. } => p.outcomes(ctx, updates, true)?,
             Request::QueueOp {

@@ -7,7 +7,10 @@
 //!
 //! The shard leader's delivery outcomes (from the QueueShard actor) take the
 //! same path: outcomes and the messages accepted meanwhile go as one
-//! `Outcomes` entry, its new messages after the bounces.
+//! `Outcomes` entry, its new messages after the bounces. Not with the
+//! durable event outbox (`[[webhook]]`): it must tell new mail (a `received`
+//! event) from the bounces (none), and an `Outcomes` entry does not say
+//! which is which, so there a batch holds new mail or outcomes, not both.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -81,6 +84,8 @@ pub struct Batchers {
     shards: Mutex<HashMap<GroupId, Writer>>,
     /// Counts writers started again after they died.
     restarts: crate::metrics::Restarts,
+    /// New mail may share an `Outcomes` entry (not with the event outbox).
+    mix: bool,
 }
 
 impl Batchers {
@@ -90,11 +95,14 @@ impl Batchers {
         shards.get(&shard).map_or(0, |b| b.load.load(Ordering::Relaxed))
     }
 
-    /// Batchers that count restarted writers in `restarts`.
-    pub fn new(restarts: crate::metrics::Restarts) -> Batchers {
+    /// Batchers that count restarted writers in `restarts`; `mix`: new
+    /// mail may go in the same entry as delivery outcomes (false when the
+    /// event outbox is on, see the module docs).
+    pub fn new(restarts: crate::metrics::Restarts, mix: bool) -> Batchers {
         Batchers {
             shards: Mutex::default(),
             restarts,
+            mix,
         }
     }
 
@@ -124,16 +132,17 @@ impl Batchers {
         } else {
             IN_FLIGHT_SINGLE
         };
-        let writer = shards.entry(shard.id).or_insert_with(|| Writer::start(in_flight));
+        let mix = self.mix;
+        let writer = shards.entry(shard.id).or_insert_with(|| Writer::start(in_flight, mix));
         if writer.in_flight != in_flight {
             // Replicas added or removed: a new task (the old one ends
             // once it has written what it holds).
-            *writer = Writer::start(in_flight);
+            *writer = Writer::start(in_flight, mix);
         } else if writer.task.is_finished() {
             // Its inbox is open while the handle lives: it ended by a panic.
             tracing::warn!(shard = shard.id, "queue writer died; started again");
             self.restarts.inc("queue_writer");
-            *writer = Writer::start(in_flight);
+            *writer = Writer::start(in_flight, mix);
         }
         (writer.tx.clone(), Arc::clone(&writer.load))
     }
@@ -180,9 +189,9 @@ pub enum WriteError {
 }
 
 impl Writer {
-    fn start(in_flight: usize) -> Writer {
+    fn start(in_flight: usize, mix: bool) -> Writer {
         let (tx, rx) = mpsc::channel(WRITER_INBOX);
-        let task = tokio::spawn(run(rx, in_flight));
+        let task = tokio::spawn(run(rx, in_flight, mix));
         Writer {
             tx,
             load: Arc::default(),
@@ -192,9 +201,26 @@ impl Writer {
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize) {
+/// Whether `next` may join a batch that starts with `first`.
+fn joins(mix: bool, first: &Work, next: &Work) -> bool {
+    mix || matches!(
+        (first, next),
+        (Work::Message(_), Work::Message(_)) | (Work::Outcomes { .. }, Work::Outcomes { .. })
+    )
+}
+
+async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize, mix: bool) {
     let permits = Arc::new(Semaphore::new(in_flight));
-    while let Some(first) = rx.recv().await {
+    // A write of the other kind that ended the last batch: the next one's first.
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         // Wait for a free slot before collecting: what arrives meanwhile
         // joins this batch.
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
@@ -205,9 +231,13 @@ async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize) {
         let mut batch = vec![first];
         while batch.len() < MAX_MESSAGES && bytes < MAX_BYTES {
             match rx.try_recv() {
-                Ok(p) => {
+                Ok(p) if joins(mix, &batch[0].work, &p.work) => {
                     bytes += p.work.body_bytes();
                     batch.push(p);
+                }
+                Ok(p) => {
+                    carry = Some(p);
+                    break;
                 }
                 Err(_) => break,
             }
@@ -308,6 +338,14 @@ mod tests {
             Request::EnqueueMany { messages } => assert_eq!(ids(&messages), ["A", "B"]),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn without_mixing_new_mail_and_outcomes_go_in_separate_batches() {
+        let (m, o) = (message("A"), outcome("OLD", None));
+        assert!(joins(true, &m, &o) && joins(true, &o, &m));
+        assert!(!joins(false, &m, &o) && !joins(false, &o, &m));
+        assert!(joins(false, &m, &message("B")) && joins(false, &o, &outcome("OLD2", None)));
     }
 
     #[test]

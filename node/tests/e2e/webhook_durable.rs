@@ -76,10 +76,21 @@ fn unique(out: &std::path::Path) -> BTreeMap<String, Value> {
         .collect()
 }
 
+/// Sends one message; a 4xx (a shard's leadership moving just after the
+/// cluster formed) is retried as a client would, for at most 30 s.
 fn send(node: &Node, rcpt: &str, tag: &str) -> String {
-    let mut c = Client::connect(node.smtp).unwrap();
-    c.command("EHLO t.test").unwrap();
-    c.send_mail("a@tern.test", &[rcpt], &body(tag, 300)).unwrap()
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = Client::connect(node.smtp).unwrap();
+        c.command("EHLO t.test").unwrap();
+        match c.send_mail("a@tern.test", &[rcpt], &body(tag, 300)) {
+            Ok(id) => return id,
+            Err(e) if e.to_string().starts_with('4') && std::time::Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("sending {tag}: {e}"),
+        }
+    }
 }
 
 #[test]
