@@ -297,8 +297,9 @@ impl Dane {
 }
 
 fn fnv(data: &[u8]) -> u64 {
-    data.iter()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// The certificate did not match the host's TLSA records.
@@ -378,14 +379,15 @@ impl DaneVerifier {
                         if roots.add(ta.clone()).is_err() {
                             continue;
                         }
-                        let Ok(v) = WebPkiServerVerifier::builder_with_provider(
-                            Arc::new(roots),
-                            Arc::clone(&self.provider),
-                        )
-                        .build() else {
+                        let Ok(v) =
+                            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&self.provider))
+                                .build()
+                        else {
                             continue;
                         };
-                        if v.verify_server_cert(end_entity, intermediates, server_name, &[], now).is_ok() {
+                        if v.verify_server_cert(end_entity, intermediates, server_name, &[], now)
+                            .is_ok()
+                        {
                             return true;
                         }
                     }
@@ -431,9 +433,9 @@ impl ServerCertVerifier for DaneVerifier {
             &texts,
             Some((FailureType::ValidationFailure, TlsaMismatch.to_string())),
         );
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
-            Arc::new(TlsaMismatch),
-        ))))
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(TlsaMismatch)),
+        )))
     }
 
     fn verify_tls12_signature(

@@ -17,7 +17,6 @@ use tern_testkit::peers::{Aiosmtpd, TestCa};
 /// A running knotd; killed when dropped.
 struct Knot {
     port: u16,
-    conf: PathBuf,
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -69,18 +68,23 @@ impl Knot {
             ),
         )
         .unwrap();
-        fs::write(d.join("unsigned.test.zone"), format!("$ORIGIN unsigned.test.\n{soa}{unsigned}")).unwrap();
+        fs::write(
+            d.join("unsigned.test.zone"),
+            format!("$ORIGIN unsigned.test.\n{soa}{unsigned}"),
+        )
+        .unwrap();
         fs::write(d.join("bogus.test.zone"), format!("$ORIGIN bogus.test.\n{soa}{bogus}")).unwrap();
         fs::create_dir(d.join("db")).unwrap();
+        let log = fs::File::create(d.join("knotd.log")).unwrap();
         let child = Command::new("knotd")
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(d.join("knotd.log")).unwrap())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("knotd (apt-get install knot)");
-        let knot = Knot { port, conf, child, dir };
+        let knot = Knot { port, child, dir };
         knot.wait_signed("test.");
         knot.wait_signed("bogus.test.");
         knot
@@ -90,18 +94,10 @@ impl Knot {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let out = Command::new("kdig")
-                .args([
-                    "@127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "+dnssec",
-                    "+short",
-                    zone,
-                    "SOA",
-                ])
+                .args(["@127.0.0.1", "-p", &self.port.to_string(), "+dnssec", zone, "SOA"])
                 .output()
                 .unwrap();
-            if String::from_utf8_lossy(&out.stdout).contains("RRSIG") {
+            if String::from_utf8_lossy(&out.stdout).contains("\tRRSIG\t") {
                 return;
             }
             assert!(
@@ -113,17 +109,22 @@ impl Knot {
         }
     }
 
-    /// The KSK of `test.` as a trust anchor file (DNSKEY, zone-file format).
+    /// Every DNSKEY of `test.` (KSK and ZSK, as served) as a trust anchor
+    /// file: hickory asks for the DS of a zone unless all its keys are
+    /// anchors, and knot has no parent to answer that.
     fn trust_anchor(&self) -> PathBuf {
-        let conf = self.conf.display().to_string();
-        let key = sh(&format!("keymgr -c {conf} test. dnskey"), self.dir.path());
-        let line = key
+        let out = sh(
+            &format!("kdig @127.0.0.1 -p {} test. DNSKEY", self.port),
+            self.dir.path(),
+        );
+        let keys: Vec<String> = out
             .lines()
-            .find(|l| l.contains("DNSKEY 257"))
-            .unwrap_or_else(|| panic!("no KSK in {key}"))
-            .replacen(" DNSKEY", " IN DNSKEY", 1);
+            .filter(|l| l.contains("\tDNSKEY\t"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(keys.len(), 2, "{out}");
         let path = self.dir.path().join("anchor.keys");
-        fs::write(&path, format!("{line}\n")).unwrap();
+        fs::write(&path, keys.join("\n") + "\n").unwrap();
         path
     }
 }
@@ -142,7 +143,10 @@ fn tlsa_311(cert: &Path, dir: &Path) -> String {
 
 /// `TLSA 2 0 1` of a CA: SHA-256 of its whole certificate.
 fn tlsa_201(cert: &Path, dir: &Path) -> String {
-    let hex = sh(&format!("openssl x509 -in {} -outform DER | sha256sum", cert.display()), dir);
+    let hex = sh(
+        &format!("openssl x509 -in {} -outform DER | sha256sum", cert.display()),
+        dir,
+    );
     format!("2 0 1 {}", &hex[..64])
 }
 
@@ -174,11 +178,7 @@ fn dane_delivers_on_matching_tlsa_and_defers_on_mismatch_bogus_or_missing() {
     let (cert, key) = ca.issue("mx", &names);
     // The chain file holds the CA too, as DANE-TA needs (RFC 7672 §3.2.1).
     let chain = cert.with_file_name("chain.pem");
-    fs::write(
-        &chain,
-        [fs::read(&cert).unwrap(), fs::read(&ca.cert).unwrap()].concat(),
-    )
-    .unwrap();
+    fs::write(&chain, [fs::read(&cert).unwrap(), fs::read(&ca.cert).unwrap()].concat()).unwrap();
     let peer = Aiosmtpd::start_with_cert(&chain, &key);
     let tmp = tempfile::tempdir().unwrap();
     let ee = tlsa_311(&cert, tmp.path());
@@ -232,7 +232,8 @@ fn dane_delivers_on_matching_tlsa_and_defers_on_mismatch_bogus_or_missing() {
     let got = peer.wait_messages(delivered.len());
     for (_, tag) in &delivered {
         assert!(
-            got.iter().any(|m| String::from_utf8_lossy(m).contains(&format!("{tag}@tern.test"))),
+            got.iter()
+                .any(|m| String::from_utf8_lossy(m).contains(&format!("{tag}@tern.test"))),
             "{tag} not delivered"
         );
     }
