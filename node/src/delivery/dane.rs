@@ -139,7 +139,7 @@ impl Dane {
                         data.push(rdata.clone());
                     }
                 }
-                if proofs.iter().any(|p| *p == Proof::Bogus) {
+                if proofs.contains(&Proof::Bogus) {
                     Answer::Bogus(format!("{fqdn} {rtype}: DNSSEC signature does not validate"))
                 } else if proofs.is_empty() {
                     Answer::Missing
@@ -196,7 +196,8 @@ impl Dane {
                 self.record(domain, None, &[], Some((FailureType::DnssecInvalid, why.clone())));
                 return defer(why);
             }
-            Answer::Failed(why) if required => return defer(why),
+            // A failed validating lookup is no proof of insecurity: defer.
+            Answer::Failed(why) => return defer(why),
             other => {
                 let why = format!("MX RRset of {domain} is not DNSSEC-secure ({other:?})");
                 if required {
@@ -210,9 +211,17 @@ impl Dane {
         let mut plain: Vec<String> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
         for host in hosts {
-            if !self.host_secure(host).await {
-                plain.push(host.clone());
-                continue;
+            match self.host_secure(host).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    plain.push(host.clone());
+                    continue;
+                }
+                Err(why) => {
+                    self.record(domain, Some(host), &[], Some((FailureType::DnssecInvalid, why.clone())));
+                    errors.push(why);
+                    continue;
+                }
             }
             match self.lookup(&format!("_25._tcp.{host}"), RecordType::TLSA).await {
                 Answer::Secure(data) => {
@@ -285,13 +294,17 @@ impl Dane {
         }
     }
 
-    /// Whether the host's address records are DNSSEC-secure (RFC 7672 §2.2.2).
-    async fn host_secure(&self, host: &str) -> bool {
-        let a = self.lookup(host, RecordType::A).await;
-        match a {
-            Answer::Secure(_) => true,
-            Answer::Missing => matches!(self.lookup(host, RecordType::AAAA).await, Answer::Secure(_)),
-            _ => false,
+    /// Whether the host's address records are DNSSEC-secure (RFC 7672
+    /// §2.2.2); `Err` when bogus or the lookup failed (the host is not used).
+    async fn host_secure(&self, host: &str) -> Result<bool, String> {
+        let answer = match self.lookup(host, RecordType::A).await {
+            Answer::Missing => self.lookup(host, RecordType::AAAA).await,
+            a => a,
+        };
+        match answer {
+            Answer::Secure(_) => Ok(true),
+            Answer::Missing | Answer::Insecure => Ok(false),
+            Answer::Bogus(why) | Answer::Failed(why) => Err(why),
         }
     }
 }
