@@ -40,3 +40,31 @@ pub(super) fn validate(raw: RawDane) -> Result<DaneConfig, ConfigError> {
         trust_anchor: raw.trust_anchor,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use crate::{Config, ConfigError};
+
+    #[test]
+    fn defaults_keys_and_errors() {
+        let c = Config::from_toml("").unwrap();
+        assert!(!c.dane.enabled);
+        assert!(c.dane.trust_anchor.is_none());
+        let c = Config::from_toml("[dane]\nenabled = true\ntrust_anchor = \"/etc/tern/anchor.keys\"\n").unwrap();
+        assert!(c.dane.enabled);
+        assert_eq!(
+            c.dane.trust_anchor.as_deref(),
+            Some(std::path::Path::new("/etc/tern/anchor.keys"))
+        );
+        match Config::from_toml("[dane]\ntrust_anchor = \"\"\n") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "dane.trust_anchor"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Config::from_toml("[dane]\nanchor = \"x\"\n"),
+            Err(ConfigError::Parse(_))
+        ));
+    }
+}
