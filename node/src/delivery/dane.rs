@@ -518,3 +518,101 @@ pub async fn for_site(
         Decision::Defer { reply } => Err(reply),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn sha(alg: &'static ring::digest::Algorithm, data: &[u8]) -> Vec<u8> {
+        ring::digest::digest(alg, data).as_ref().to_vec()
+    }
+
+    #[test]
+    fn dane_ee_matches_every_selector_and_matching_type() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["mx.example.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = cert.der().to_vec();
+        let spki = key.public_key_der();
+        let ok = [
+            TLSA::new(
+                CertUsage::DaneEe,
+                Selector::Spki,
+                Matching::Sha256,
+                sha(&ring::digest::SHA256, &spki),
+            ),
+            TLSA::new(
+                CertUsage::DaneEe,
+                Selector::Spki,
+                Matching::Sha512,
+                sha(&ring::digest::SHA512, &spki),
+            ),
+            TLSA::new(CertUsage::DaneEe, Selector::Spki, Matching::Raw, spki.clone()),
+            TLSA::new(
+                CertUsage::DaneEe,
+                Selector::Full,
+                Matching::Sha256,
+                sha(&ring::digest::SHA256, &der),
+            ),
+            TLSA::new(CertUsage::DaneEe, Selector::Full, Matching::Raw, der.clone()),
+        ];
+        for r in &ok {
+            assert!(usable(r) && matches(r, &der), "{r}");
+        }
+        // Another key, or a hash of the wrong part, does not match.
+        let other = rcgen::KeyPair::generate().unwrap().public_key_der();
+        let wrong = [
+            TLSA::new(
+                CertUsage::DaneEe,
+                Selector::Spki,
+                Matching::Sha256,
+                sha(&ring::digest::SHA256, &other),
+            ),
+            TLSA::new(
+                CertUsage::DaneEe,
+                Selector::Full,
+                Matching::Sha256,
+                sha(&ring::digest::SHA256, &spki),
+            ),
+            TLSA::new(CertUsage::DaneEe, Selector::Spki, Matching::Sha256, Vec::new()),
+        ];
+        for r in &wrong {
+            assert!(!matches(r, &der), "{r}");
+        }
+        // PKIX usages and unknown parameters are unusable for SMTP (RFC 7672 §3.1).
+        for r in [
+            TLSA::new(
+                CertUsage::PkixEe,
+                Selector::Spki,
+                Matching::Sha256,
+                sha(&ring::digest::SHA256, &spki),
+            ),
+            TLSA::new(CertUsage::PkixTa, Selector::Spki, Matching::Sha256, Vec::new()),
+            TLSA::new(CertUsage::DaneEe, Selector::Unassigned(7), Matching::Sha256, Vec::new()),
+            TLSA::new(CertUsage::DaneEe, Selector::Spki, Matching::Unassigned(9), Vec::new()),
+        ] {
+            assert!(!usable(&r), "{r}");
+        }
+        // A hostile certificate that does not parse matches no SPKI record.
+        assert!(!matches(&ok[0], b"not a certificate"));
+    }
+
+    #[test]
+    fn tlsa_mismatch_defers_with_4_7_5() {
+        let ep = super::super::Endpoint::Tcp {
+            host: "mx.example.test".into(),
+            addr: "127.0.0.1:25".parse().unwrap(),
+        };
+        let reply = deferral(
+            &ep,
+            &format!("TLS verification failed for mx.example.test: {TlsaMismatch}"),
+        )
+        .unwrap();
+        assert!(reply.starts_with("451 4.7.5 mx.example.test[127.0.0.1]: "), "{reply}");
+        assert!(deferral(&ep, "connect to x: refused").is_none());
+    }
+}
