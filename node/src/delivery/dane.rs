@@ -398,8 +398,11 @@ impl DaneVerifier {
                         else {
                             continue;
                         };
-                        if v.verify_server_cert(end_entity, intermediates, server_name, &[], now)
-                            .is_ok()
+                        // Reference identifiers: the MX host, then the next-hop domain (RFC 7672 §3.2.2).
+                        let domain = ServerName::try_from(self.domain.as_str()).ok();
+                        if std::iter::once(server_name)
+                            .chain(domain.as_ref())
+                            .any(|name| v.verify_server_cert(end_entity, intermediates, name, &[], now).is_ok())
                         {
                             return true;
                         }

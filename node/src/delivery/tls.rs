@@ -301,6 +301,27 @@ mod tests {
     }
 
     #[test]
+    fn dane_levels_and_the_dane_default() {
+        let toml = "[[tls_policy]]\ndomain = \"d.test\"\nlevel = \"dane\"\n\n\
+                    [[tls_policy]]\ndomain = \"strict.test\"\nlevel = \"dane-only\"\n\n\
+                    [[tls_policy]]\ndomain = \"plain.test\"\nlevel = \"may\"\n";
+        let o = outbound(toml);
+        assert!(o.uses_dane());
+        assert_eq!(o.dane_level("d.test"), Some(false));
+        assert_eq!(o.dane_level("strict.test"), Some(true));
+        assert_eq!(o.dane_level("other.test"), None);
+        // Without DANE: `dane` is `may`, `dane-only` is `encrypt`.
+        assert_eq!(o.policy_for("d.test"), TlsPolicy::Opportunistic);
+        assert_eq!(o.policy_for("strict.test"), TlsPolicy::Required);
+        // `[dane] enabled`: domains without a policy are at `dane`; an explicit `may` stays.
+        let o = outbound(toml).with_dane_default(true);
+        assert_eq!(o.dane_level("other.test"), Some(false));
+        assert_eq!(o.dane_level("plain.test"), None);
+        assert!(!outbound("").uses_dane());
+        assert!(outbound("").with_dane_default(true).uses_dane());
+    }
+
+    #[test]
     fn unreadable_or_empty_ca_file_is_an_error_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
