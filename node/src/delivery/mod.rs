@@ -243,14 +243,15 @@ impl Delivery {
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?
             .with_dane_default(config.dane.enabled);
         let tls_reports: Arc<crate::reports::tls::TlsRecorder> = Arc::default();
-        let dane = match tls.uses_dane() {
-            true => Some(dane::Dane::new(
+        let dane = if tls.uses_dane() {
+            Some(dane::Dane::new(
                 &config.dns_nameservers,
                 config.dns_timeout,
                 config.dane.trust_anchor.as_deref(),
                 Arc::clone(&tls_reports),
-            )?),
-            false => None,
+            )?)
+        } else {
+            None
         };
         let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
         let egress = crate::delivery::egress::Egress::new(&config.egress, &client).map(Arc::new);
