@@ -14,6 +14,9 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
 # The sending API's end-to-end tests call it with curl.
 command -v curl >/dev/null || need+=(curl)
+# DANE tests: knot serves a DNSSEC-signed zone (knotd, keymgr); kdig waits for it.
+command -v knotd >/dev/null || [ -x /usr/sbin/knotd ] || need+=(knot)
+command -v kdig >/dev/null || need+=(knot-dnsutils)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-core dovecot-lmtpd)
 # tern-powerfs mounts through fusermount3 (power-cut tests; needs /dev/fuse).
 command -v fusermount3 >/dev/null || need+=(fuse3)

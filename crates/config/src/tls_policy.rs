@@ -1,5 +1,6 @@
 //! `[[tls_policy]]`: outbound TLS per recipient domain, with Postfix's
-//! security levels (`none`, `may`, `encrypt`, `verify`), validated here;
+//! security levels (`none`, `may`, `encrypt`, `verify`, `dane`,
+//! `dane-only`), validated here;
 //! [`TlsPolicies::level_for`] answers which entry applies to a domain.
 
 use serde::Deserialize;
@@ -25,6 +26,11 @@ pub enum TlsLevel {
     Encrypt,
     /// TLS required; chain to a trusted root and an expected name.
     Verify,
+    /// DANE (RFC 7672) when the MX host has DNSSEC-secure usable TLSA
+    /// records, else `may`.
+    Dane,
+    /// DANE required: no secure usable TLSA records, no mail (deferred).
+    DaneOnly,
 }
 
 /// One `[[tls_policy]]` entry.
@@ -60,18 +66,28 @@ impl TlsPolicies {
     /// `require_tls_domains`, then the longest matching `.suffix` entry,
     /// else `may`.
     pub fn level_for(&self, domain: &str) -> Resolved<'_> {
+        self.configured(domain).unwrap_or(Resolved {
+            level: TlsLevel::May,
+            names: &[],
+        })
+    }
+
+    /// Like [`TlsPolicies::level_for`], `None` when no entry (nor
+    /// `require_tls_domains`) names the domain, so that callers can pick
+    /// their own default (`dane` with `[dane] enabled`).
+    pub fn configured(&self, domain: &str) -> Option<Resolved<'_>> {
         let domain = domain.trim_end_matches('.');
         if let Some(e) = self.entries.iter().find(|e| e.domain == domain) {
-            return Resolved {
+            return Some(Resolved {
                 level: e.level,
                 names: &e.names,
-            };
+            });
         }
         if self.require_tls_domains.iter().any(|d| d == domain) {
-            return Resolved {
+            return Some(Resolved {
                 level: TlsLevel::Verify,
                 names: &[],
-            };
+            });
         }
         self.entries
             .iter()
@@ -80,10 +96,6 @@ impl TlsPolicies {
             .map(|e| Resolved {
                 level: e.level,
                 names: &e.names,
-            })
-            .unwrap_or(Resolved {
-                level: TlsLevel::May,
-                names: &[],
             })
     }
 }
@@ -122,10 +134,12 @@ pub(super) fn validate(raw: Vec<RawTlsPolicy>, require_tls_domains: Vec<String>)
             "may" => TlsLevel::May,
             "encrypt" => TlsLevel::Encrypt,
             "verify" => TlsLevel::Verify,
+            "dane" => TlsLevel::Dane,
+            "dane-only" => TlsLevel::DaneOnly,
             other => {
                 return Err(ConfigError::Invalid {
                     key: "tls_policy.level",
-                    reason: format!("{other:?} (for {domain}) is not none, may, encrypt or verify"),
+                    reason: format!("{other:?} (for {domain}) is not none, may, encrypt, verify, dane or dane-only"),
                 })
             }
         };
@@ -199,6 +213,14 @@ level = "none"
 [[tls_policy]]
 domain = "both.test"
 level = "may"
+
+[[tls_policy]]
+domain = "dane.test"
+level = "dane"
+
+[[tls_policy]]
+domain = ".strict.test"
+level = "dane-only"
 "#,
         )
         .unwrap();
@@ -215,6 +237,11 @@ level = "may"
         assert!(p.level_for("bank.test").names.is_empty());
         assert_eq!(level("both.test"), TlsLevel::May);
         assert_eq!(level("other.test"), TlsLevel::May);
+        assert_eq!(level("dane.test"), TlsLevel::Dane);
+        assert_eq!(level("mx.strict.test"), TlsLevel::DaneOnly);
+        // No entry: `configured` leaves the default to the caller.
+        assert!(p.configured("other.test").is_none());
+        assert_eq!(p.configured("both.test").map(|r| r.level), Some(TlsLevel::May));
     }
 
     #[test]

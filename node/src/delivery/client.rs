@@ -1035,6 +1035,9 @@ pub fn verification_failure(e: &std::io::Error) -> Option<String> {
             CertificateError::Other(o) if matches!(o.0.downcast_ref(), Some(webpki::Error::CaUsedAsEndEntity)) => {
                 "self-signed certificate (a CA certificate presented as the server's)"
             }
+            CertificateError::Other(o) if o.0.downcast_ref::<super::dane::TlsaMismatch>().is_some() => {
+                return Some(super::dane::TlsaMismatch.to_string())
+            }
             other => return Some(format!("certificate rejected: {other}")),
         }
         .to_string(),

@@ -6,6 +6,7 @@
 //! gets one [`RcptAttempt`] per pending recipient back.
 
 pub mod client;
+pub mod dane;
 pub use tern_smtp::client as client_proto;
 pub mod egress;
 pub mod fence;
@@ -130,6 +131,8 @@ pub struct Delivery {
     shaper: Arc<crate::shaping::Shaper>,
     /// Outcomes of TLS under MTA-STS/DANE policies, for TLS-RPT.
     tls_reports: Arc<crate::reports::tls::TlsRecorder>,
+    /// DANE (RFC 7672), when a destination can be at a DANE level.
+    dane: Option<dane::Dane>,
 }
 
 impl Delivery {
@@ -237,11 +240,24 @@ impl Delivery {
             connect_timeout: config.connect_timeout,
             ..ClientConfig::default()
         };
-        let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
+        let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?
+            .with_dane_default(config.dane.enabled);
+        let tls_reports: Arc<crate::reports::tls::TlsRecorder> = Arc::default();
+        let dane = if tls.uses_dane() {
+            Some(dane::Dane::new(
+                &config.dns_nameservers,
+                config.dns_timeout,
+                config.dane.trust_anchor.as_deref(),
+                Arc::clone(&tls_reports),
+            )?)
+        } else {
+            None
+        };
         let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
         let egress = crate::delivery::egress::Egress::new(&config.egress, &client).map(Arc::new);
         Ok(Arc::new(Delivery {
-            tls_reports: Arc::default(),
+            tls_reports,
+            dane,
             backoff,
             egress,
             resolver,
@@ -315,10 +331,17 @@ impl Delivery {
         }
         match self.resolver.resolve_site(domain).await {
             Ok(site) => {
+                let dane_level = self.tls.dane_level(domain);
+                let (tls, keep) = match dane::for_site(self.dane.as_ref(), dane_level, domain, &site, tls).await {
+                    Ok(v) => v,
+                    Err(reply) => return unroutable(reply),
+                };
+                let tls_tag = tls.tag();
                 let port = self.config.smtp_port;
                 let endpoints = site
                     .hosts
                     .iter()
+                    .filter(|h| keep.as_ref().is_none_or(|k| k.contains(&h.name)))
                     .flat_map(|h| {
                         h.addrs.iter().map(move |ip| Endpoint::Tcp {
                             host: h.name.clone(),

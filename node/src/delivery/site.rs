@@ -369,7 +369,10 @@ async fn connect(job: &Job, client: &ClientConfig) -> Result<Connection, String>
                     Err(e) => last = format!("451 4.4.1 {endpoint}: {e}"),
                 }
             }
-            Err(e) => last = format!("451 4.4.1 {endpoint}: {e}"),
+            Err(e) => {
+                let e = e.to_string();
+                last = super::dane::deferral(endpoint, &e).unwrap_or_else(|| format!("451 4.4.1 {endpoint}: {e}"));
+            }
         }
     }
     Err(last)

@@ -35,6 +35,8 @@ pub struct OutboundTls {
     verify_host: TlsPolicy,
     /// `verify` with a policy's `names`, in the order of its entries.
     verify_named: Vec<(Vec<String>, TlsPolicy)>,
+    /// `[dane] enabled`: destinations without a policy are at level `dane`.
+    dane_default: bool,
 }
 
 impl OutboundTls {
@@ -80,15 +82,47 @@ impl OutboundTls {
             policies: policies.clone(),
             verify_host: make(Vec::new())?,
             verify_named,
+            dane_default: false,
         })
     }
 
-    /// The policy for mail to recipient `domain` (lowercase).
+    /// `[dane] enabled`: the default level becomes `dane` instead of `may`.
+    pub fn with_dane_default(mut self, on: bool) -> OutboundTls {
+        self.dane_default = on;
+        self
+    }
+
+    /// `Some(required)` when `domain` is at level `dane` (`false`) or
+    /// `dane-only` (`true`).
+    pub fn dane_level(&self, domain: &str) -> Option<bool> {
+        match self.policies.configured(domain).map(|r| r.level) {
+            Some(TlsLevel::Dane) => Some(false),
+            Some(TlsLevel::DaneOnly) => Some(true),
+            None if self.dane_default => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether any destination can be at a DANE level.
+    pub fn uses_dane(&self) -> bool {
+        self.dane_default
+            || self
+                .policies
+                .entries
+                .iter()
+                .any(|e| matches!(e.level, TlsLevel::Dane | TlsLevel::DaneOnly))
+    }
+
+    /// The policy for mail to recipient `domain` (lowercase). For the DANE
+    /// levels, the policy when DANE does not apply ([`super::dane`]
+    /// decides per MX host): `dane` is `may`; `dane-only` is `encrypt` (a
+    /// route's hosts; MX destinations without DANE are deferred).
     pub fn policy_for(&self, domain: &str) -> TlsPolicy {
         let resolved = self.policies.level_for(domain);
         match resolved.level {
             TlsLevel::None => TlsPolicy::Disabled,
-            TlsLevel::May => TlsPolicy::Opportunistic,
+            TlsLevel::May | TlsLevel::Dane => TlsPolicy::Opportunistic,
+            TlsLevel::DaneOnly => TlsPolicy::Required,
             TlsLevel::Encrypt => TlsPolicy::Required,
             TlsLevel::Verify if resolved.names.is_empty() => self.verify_host.clone(),
             TlsLevel::Verify => self
@@ -264,6 +298,27 @@ mod tests {
                 .map(|d| o.policy_for(d).tag())
                 .collect();
         assert_eq!(tags.len(), 5, "{tags:?}");
+    }
+
+    #[test]
+    fn dane_levels_and_the_dane_default() {
+        let toml = "[[tls_policy]]\ndomain = \"d.test\"\nlevel = \"dane\"\n\n\
+                    [[tls_policy]]\ndomain = \"strict.test\"\nlevel = \"dane-only\"\n\n\
+                    [[tls_policy]]\ndomain = \"plain.test\"\nlevel = \"may\"\n";
+        let o = outbound(toml);
+        assert!(o.uses_dane());
+        assert_eq!(o.dane_level("d.test"), Some(false));
+        assert_eq!(o.dane_level("strict.test"), Some(true));
+        assert_eq!(o.dane_level("other.test"), None);
+        // Without DANE: `dane` is `may`, `dane-only` is `encrypt`.
+        assert_eq!(o.policy_for("d.test"), TlsPolicy::Opportunistic);
+        assert_eq!(o.policy_for("strict.test"), TlsPolicy::Required);
+        // `[dane] enabled`: domains without a policy are at `dane`; an explicit `may` stays.
+        let o = outbound(toml).with_dane_default(true);
+        assert_eq!(o.dane_level("other.test"), Some(false));
+        assert_eq!(o.dane_level("plain.test"), None);
+        assert!(!outbound("").uses_dane());
+        assert!(outbound("").with_dane_default(true).uses_dane());
     }
 
     #[test]

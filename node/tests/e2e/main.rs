@@ -9,6 +9,7 @@ mod apikey;
 mod backoff;
 mod cert_reload;
 mod cluster;
+mod dane;
 mod delivery;
 mod disk_full;
 mod dkim;
