@@ -1,0 +1,217 @@
+//! The message as filters see and change it: the header fields split out
+//! (name, raw value with its folding) and the body, and the edits filters
+//! ask for (add, insert, change or remove a field; replace the body),
+//! applied before the next filter runs.
+//!
+//! Values coming from a filter are normalised to CRLF folding with a
+//! leading white space on every continuation line, so that no filter can
+//! end the header early or smuggle a bare CR or LF into the queued bytes.
+
+/// One change a filter asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// A field after the existing ones.
+    Append { name: String, value: String },
+    /// A field at `index` (0 = the top).
+    Insert { index: usize, name: String, value: String },
+    /// The `index`-th (1-based) field named `name` gets `value`; `None`
+    /// removes it. Nothing happens when there is no such field.
+    Change {
+        name: String,
+        index: usize,
+        value: Option<String>,
+    },
+    /// Every field named `name` goes.
+    Remove { name: String },
+    /// The body (after the blank line) becomes these bytes.
+    ReplaceBody(Vec<u8>),
+}
+
+/// A message cut into header fields and body.
+#[derive(Debug)]
+pub struct Parsed {
+    /// Each field: its name and its value as on the wire after the colon
+    /// (leading space and CRLF folding kept, no final CRLF).
+    pub fields: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Parsed {
+    /// Splits `message` at the first empty line. Lines before it that are
+    /// not fields (no colon) are kept as fields with an empty value and the
+    /// whole line as name, so that the bytes survive a round trip.
+    pub fn new(message: &[u8]) -> Parsed {
+        let (head, body) = match find(message, b"\r\n\r\n") {
+            Some(i) => (&message[..i + 2], message[i + 4..].to_vec()),
+            None if message.starts_with(b"\r\n") => (&message[..0], message[2..].to_vec()),
+            None => (message, Vec::new()),
+        };
+        let head = String::from_utf8_lossy(head);
+        let mut fields: Vec<(String, String)> = Vec::new();
+        for line in head.split_terminator("\r\n") {
+            match (line.starts_with([' ', '\t']), fields.last_mut()) {
+                (true, Some((_, value))) => {
+                    value.push_str("\r\n");
+                    value.push_str(line);
+                }
+                _ => match line.split_once(':') {
+                    Some((name, value)) => fields.push((name.to_owned(), value.to_owned())),
+                    None => fields.push((line.to_owned(), String::new())),
+                },
+            }
+        }
+        Parsed { fields, body }
+    }
+
+    /// The message bytes again.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 64 * self.fields.len() + 2);
+        for (name, value) in &self.fields {
+            out.extend_from_slice(name.as_bytes());
+            if !value.is_empty() || !name.contains(' ') {
+                out.push(b':');
+            }
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Applies `edits` in order; edits with a bad field name are skipped
+    /// (and counted in the result) rather than written.
+    pub fn apply(&mut self, edits: Vec<Edit>) -> usize {
+        let mut skipped = 0;
+        for edit in edits {
+            match edit {
+                Edit::Append { name, value } if valid_name(&name) => self.fields.push((name, fold(&value))),
+                Edit::Insert { index, name, value } if valid_name(&name) => {
+                    let index = index.min(self.fields.len());
+                    self.fields.insert(index, (name, fold(&value)));
+                }
+                Edit::Change { name, index, value } if valid_name(&name) => {
+                    let position = self
+                        .fields
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (n, _))| n.eq_ignore_ascii_case(&name))
+                        .nth(index.saturating_sub(1))
+                        .map(|(i, _)| i);
+                    match (position, value) {
+                        (Some(i), Some(value)) => self.fields[i].1 = fold(&value),
+                        (Some(i), None) => {
+                            self.fields.remove(i);
+                        }
+                        (None, _) => {}
+                    }
+                }
+                Edit::Remove { name } => self.fields.retain(|(n, _)| !n.eq_ignore_ascii_case(&name)),
+                Edit::ReplaceBody(body) => self.body = body,
+                _ => skipped += 1,
+            }
+        }
+        skipped
+    }
+
+    /// The first field named `name`, unfolded and trimmed.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.replace("\r\n", "").trim().to_owned())
+    }
+}
+
+/// RFC 5322 field name: printable ASCII without colon, 1 to 200 octets.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 200 && name.bytes().all(|b| (33..=126).contains(&b) && b != b':')
+}
+
+/// A value from a filter as wire text: one leading space, CRLF line ends,
+/// continuation lines starting with white space, no empty lines, no NUL.
+pub fn fold(value: &str) -> String {
+    let value = value.replace('\0', "");
+    let mut out = String::with_capacity(value.len() + 2);
+    let mut lines = value
+        .split(['\n', '\r'])
+        .map(|l| l.trim_end())
+        .filter(|l| !l.trim().is_empty());
+    if let Some(first) = lines.next() {
+        out.push(' ');
+        out.push_str(first.trim_start());
+    }
+    for line in lines {
+        out.push_str("\r\n");
+        if !line.starts_with([' ', '\t']) {
+            out.push('\t');
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memmem::find(haystack, needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESSAGE: &[u8] = b"Received: from x\r\n\tby y\r\nSubject: hi\r\nX-Spam: yes\r\n\r\nbody\r\n";
+
+    #[test]
+    fn round_trip_keeps_bytes() {
+        assert_eq!(Parsed::new(MESSAGE).to_bytes(), MESSAGE);
+        let parsed = Parsed::new(MESSAGE);
+        assert_eq!(parsed.fields.len(), 3);
+        assert_eq!(parsed.fields[0].1, " from x\r\n\tby y");
+        assert_eq!(parsed.get("subject").as_deref(), Some("hi"));
+    }
+
+    #[test]
+    fn edits_apply_in_order() {
+        let mut parsed = Parsed::new(MESSAGE);
+        let skipped = parsed.apply(vec![
+            Edit::Remove { name: "x-spam".into() },
+            Edit::Append {
+                name: "X-Score".into(),
+                value: "1.5".into(),
+            },
+            Edit::Insert {
+                index: 0,
+                name: "X-Top".into(),
+                value: "a\nb".into(),
+            },
+            Edit::Change {
+                name: "Subject".into(),
+                index: 1,
+                value: Some("*** SPAM *** hi".into()),
+            },
+            Edit::Append {
+                name: "Bad Name".into(),
+                value: "x".into(),
+            },
+            Edit::ReplaceBody(b"new\r\n".to_vec()),
+        ]);
+        assert_eq!(skipped, 1);
+        assert_eq!(
+            String::from_utf8(parsed.to_bytes()).unwrap(),
+            "X-Top: a\r\n\tb\r\nReceived: from x\r\n\tby y\r\nSubject: *** SPAM *** hi\r\nX-Score: 1.5\r\n\r\nnew\r\n"
+        );
+    }
+
+    #[test]
+    fn filter_values_cannot_end_the_header() {
+        assert_eq!(fold("a\r\n\r\nInjected: 1\r\n"), " a\r\n\tInjected: 1");
+        assert_eq!(fold("x\ry\0"), " x\r\n\ty");
+    }
+
+    #[test]
+    fn message_without_body() {
+        let parsed = Parsed::new(b"Subject: x\r\n");
+        assert_eq!(parsed.fields.len(), 1);
+        assert!(parsed.body.is_empty());
+    }
+}
