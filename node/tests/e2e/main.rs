@@ -14,6 +14,7 @@ mod disk_full;
 mod dkim;
 mod durability;
 mod fbl;
+mod filters;
 mod future_release;
 mod harness;
 mod inbound;
