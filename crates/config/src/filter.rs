@@ -149,3 +149,80 @@ pub(super) fn validate(raw: Vec<RawFilter>) -> Result<Vec<FilterConfig>, ConfigE
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<Vec<FilterConfig>, ConfigError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            filter: Vec<RawFilter>,
+        }
+        let raw: Raw = toml::from_str(toml_text).expect("toml");
+        validate(raw.filter)
+    }
+
+    #[test]
+    fn defaults_and_keys() {
+        let f = parse("[[filter]]\nkind = \"clamd\"\naddress = \"127.0.0.1:3310\"\n").unwrap();
+        assert_eq!(
+            f,
+            vec![FilterConfig {
+                kind: FilterKind::Clamd,
+                address: "127.0.0.1:3310".into(),
+                timeout: Duration::from_secs(30),
+                on_error: OnError::Tempfail,
+                name: "clamd".into(),
+                apply_to: ApplyTo::Untrusted,
+                max_size: DEFAULT_MAX_SIZE,
+                password: None,
+            }]
+        );
+        let f = parse(
+            "[[filter]]\nkind = \"rspamd\"\naddress = \"h:11333\"\ntimeout = \"5s\"\non_error = \"accept\"\n\
+             name = \"spam\"\napply_to = \"all\"\nmax_size = 1000\npassword = \"q\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                f[0].timeout,
+                f[0].on_error,
+                f[0].name.as_str(),
+                f[0].apply_to,
+                f[0].max_size
+            ),
+            (Duration::from_secs(5), OnError::Accept, "spam", ApplyTo::All, 1000)
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("kind = \"spamd\"\naddress = \"h:1\"", "filter.kind"),
+            (
+                "kind = \"milter\"\naddress = \"h:1\"\non_error = \"drop\"",
+                "filter.on_error",
+            ),
+            (
+                "kind = \"milter\"\naddress = \"h:1\"\napply_to = \"some\"",
+                "filter.apply_to",
+            ),
+            ("kind = \"milter\"\naddress = \" \"", "filter.address"),
+            (
+                "kind = \"milter\"\naddress = \"h:1\"\ntimeout = \"0s\"",
+                "filter.timeout",
+            ),
+            ("kind = \"milter\"\naddress = \"h:1\"\nmax_size = 0", "filter.max_size"),
+            (
+                "kind = \"clamd\"\naddress = \"h:1\"\npassword = \"x\"",
+                "filter.password",
+            ),
+        ] {
+            match parse(&format!("[[filter]]\n{text}\n")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+}

@@ -15,7 +15,8 @@ pub enum Edit {
     /// A field at `index` (0 = the top).
     Insert { index: usize, name: String, value: String },
     /// The `index`-th (1-based) field named `name` gets `value`; `None`
-    /// removes it. Nothing happens when there is no such field.
+    /// removes it. Without such a field, a value is appended (Sendmail's
+    /// `smfi_chgheader` does the same).
     Change {
         name: String,
         index: usize,
@@ -103,7 +104,9 @@ impl Parsed {
                         (Some(i), None) => {
                             self.fields.remove(i);
                         }
-                        (None, _) => {}
+                        // As Sendmail: changing a field that is not there adds it.
+                        (None, Some(value)) => self.fields.push((name, fold(&value))),
+                        (None, None) => {}
                     }
                 }
                 Edit::Remove { name } => self.fields.retain(|(n, _)| !n.eq_ignore_ascii_case(&name)),
@@ -200,6 +203,17 @@ mod tests {
             String::from_utf8(parsed.to_bytes()).unwrap(),
             "X-Top: a\r\n\tb\r\nReceived: from x\r\n\tby y\r\nSubject: *** SPAM *** hi\r\nX-Score: 1.5\r\n\r\nnew\r\n"
         );
+    }
+
+    #[test]
+    fn changing_a_missing_field_adds_it() {
+        let mut parsed = Parsed::new(MESSAGE);
+        parsed.apply(vec![Edit::Change {
+            name: "X-Spam-Flag".into(),
+            index: 1,
+            value: Some("YES".into()),
+        }]);
+        assert_eq!(parsed.get("x-spam-flag").as_deref(), Some("YES"));
     }
 
     #[test]

@@ -70,10 +70,8 @@ pub async fn check(
         .header(CONTENT_TYPE, "message/rfc822");
     let mut add = |name: &'static str, value: &str| {
         // Envelope text holds no CR/LF; anything else odd is left out.
-        if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
-            request
-                .headers_mut()
-                .map(|h| h.append(HeaderName::from_static(name), value));
+        if let (Ok(value), Some(headers)) = (HeaderValue::from_bytes(value.as_bytes()), request.headers_mut()) {
+            headers.append(HeaderName::from_static(name), value);
         }
     };
     if let Some(ip) = context.client_ip {

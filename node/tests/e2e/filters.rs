@@ -41,11 +41,7 @@ impl Daemon {
             .stderr(out)
             .spawn()
             .unwrap();
-        Daemon {
-            child,
-            _dir: dir,
-            log,
-        }
+        Daemon { child, _dir: dir, log }
     }
 
     fn log(&self) -> String {
@@ -104,7 +100,9 @@ fn start_clamd() -> (Daemon, SocketAddr) {
     )
     .unwrap();
     let mut command = Command::new("clamd");
-    command.arg("--foreground").arg(format!("--config-file={}", config.display()));
+    command
+        .arg("--foreground")
+        .arg(format!("--config-file={}", config.display()));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut daemon = Daemon::spawn(command, dir);
     daemon.wait_ready(Duration::from_secs(60), "clamd", || ping(addr, b"zPING\0", b"PONG"));
@@ -204,6 +202,8 @@ fn mx(maildirs: &Path, filters: &str) -> Node {
 /// One transaction to bob@example.test; the reply to the end of data.
 fn send(node: &Node, message: &str) -> String {
     let mut client = Client::connect(node.smtp).unwrap();
+    let ehlo = client.command("EHLO client.sender.test").unwrap();
+    assert!(ehlo.starts_with("250"), "{ehlo}");
     match client.send_mail("alice@sender.test", &["bob@example.test"], message) {
         Ok(id) => format!("250 {id}"),
         Err(e) => e.to_string(),
@@ -235,7 +235,9 @@ fn with_eicar_attachment() -> String {
 fn delivered(maildirs: &Path, user: &str, n: usize) -> Vec<String> {
     let new = maildirs.join("example.test").join(user).join("new");
     let count = || std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0);
-    wait_for(Duration::from_secs(30), &format!("{n} messages for {user}"), || count() >= n);
+    wait_for(Duration::from_secs(30), &format!("{n} messages for {user}"), || {
+        count() >= n
+    });
     let mut out: Vec<String> = std::fs::read_dir(&new)
         .unwrap()
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
@@ -341,7 +343,11 @@ fn rspamd_http_and_milter_verdicts() {
         &format!("[[filter]]\nkind = \"rspamd\"\naddress = \"{http}\"\ntimeout = \"20s\"\n"),
     );
     let reply = send(&node, &plain("spam", &gtube('X')));
-    assert!(reply.starts_with("550 5.7.1 Gtube pattern"), "{reply}\n{}", rspamd.log());
+    assert!(
+        reply.starts_with("550 5.7.1 Gtube pattern"),
+        "{reply}\n{}",
+        rspamd.log()
+    );
     assert!(node.queued_ids().is_empty());
     let reply = send(&node, &plain("subject", &gtube('Z')));
     assert!(reply.starts_with("250"), "{reply}");
@@ -349,8 +355,14 @@ fn rspamd_http_and_milter_verdicts() {
     assert!(reply.starts_with("250"), "{reply}");
     let bob = delivered(maildirs.path(), "bob", 2);
     let rewritten = bob.iter().find(|m| m.contains("Message-ID: <subject@")).unwrap();
-    assert!(rewritten.contains("\r\nSubject: *** SPAM *** subject\r\n"), "{rewritten}");
-    assert!(rewritten.contains("\r\nX-Spam-Action: rewrite subject\r\n"), "{rewritten}");
+    assert!(
+        rewritten.contains("\r\nSubject: *** SPAM *** subject\r\n"),
+        "{rewritten}"
+    );
+    assert!(
+        rewritten.contains("\r\nX-Spam-Action: rewrite subject\r\n"),
+        "{rewritten}"
+    );
     assert!(rewritten.contains("\r\nX-Spam: Yes\r\n"), "{rewritten}");
     let clean = bob.iter().find(|m| m.contains("Message-ID: <clean@")).unwrap();
     assert!(clean.contains("\r\nX-Spam-Action: "), "{clean}");
