@@ -151,6 +151,7 @@ pub(super) fn validate(raw: Vec<RawFilter>) -> Result<Vec<FilterConfig>, ConfigE
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

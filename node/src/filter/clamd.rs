@@ -60,6 +60,7 @@ fn verdict(answer: &str) -> Result<Answer, FilterError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

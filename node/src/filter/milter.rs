@@ -416,6 +416,7 @@ fn protocol(what: &str) -> FilterError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -200,6 +200,7 @@ fn header_values(value: &serde_json::Value) -> Vec<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
