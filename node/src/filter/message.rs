@@ -28,36 +28,69 @@ pub enum Edit {
     ReplaceBody(Vec<u8>),
 }
 
+/// One header field as received: raw bytes, so that 8-bit header text
+/// survives edits of other fields untouched.
+#[derive(Debug)]
+pub struct Field {
+    pub name: Vec<u8>,
+    /// After the colon: leading space and CRLF folding kept, no final CRLF.
+    pub value: Vec<u8>,
+    /// False for a line that is not a field (no colon), kept as it was.
+    colon: bool,
+}
+
+impl Field {
+    fn new(name: &str, value: String) -> Field {
+        Field {
+            name: name.as_bytes().to_vec(),
+            value: value.into_bytes(),
+            colon: true,
+        }
+    }
+
+    fn is(&self, name: &str) -> bool {
+        self.colon && self.name.eq_ignore_ascii_case(name.as_bytes())
+    }
+}
+
 /// A message cut into header fields and body.
 #[derive(Debug)]
 pub struct Parsed {
-    /// Each field: its name and its value as on the wire after the colon
-    /// (leading space and CRLF folding kept, no final CRLF).
-    pub fields: Vec<(String, String)>,
+    pub fields: Vec<Field>,
     pub body: Vec<u8>,
 }
 
 impl Parsed {
-    /// Splits `message` at the first empty line. Lines before it that are
-    /// not fields (no colon) are kept as fields with an empty value and the
-    /// whole line as name, so that the bytes survive a round trip.
+    /// Splits `message` at the first empty line.
     pub fn new(message: &[u8]) -> Parsed {
         let (head, body) = match find(message, b"\r\n\r\n") {
             Some(i) => (&message[..i + 2], message[i + 4..].to_vec()),
             None if message.starts_with(b"\r\n") => (&message[..0], message[2..].to_vec()),
             None => (message, Vec::new()),
         };
-        let head = String::from_utf8_lossy(head);
-        let mut fields: Vec<(String, String)> = Vec::new();
-        for line in head.split_terminator("\r\n") {
-            match (line.starts_with([' ', '\t']), fields.last_mut()) {
-                (true, Some((_, value))) => {
-                    value.push_str("\r\n");
-                    value.push_str(line);
+        let mut fields: Vec<Field> = Vec::new();
+        let mut lines: Vec<&[u8]> = head.split(|&b| b == b'\n').collect();
+        if lines.last().is_some_and(|l| l.is_empty()) {
+            lines.pop();
+        }
+        for line in lines {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            match (line.starts_with(b" ") || line.starts_with(b"\t"), fields.last_mut()) {
+                (true, Some(field)) => {
+                    field.value.extend_from_slice(b"\r\n");
+                    field.value.extend_from_slice(line);
                 }
-                _ => match line.split_once(':') {
-                    Some((name, value)) => fields.push((name.to_owned(), value.to_owned())),
-                    None => fields.push((line.to_owned(), String::new())),
+                _ => match memchr::memchr(b':', line) {
+                    Some(i) => fields.push(Field {
+                        name: line[..i].to_vec(),
+                        value: line[i + 1..].to_vec(),
+                        colon: true,
+                    }),
+                    None => fields.push(Field {
+                        name: line.to_vec(),
+                        value: Vec::new(),
+                        colon: false,
+                    }),
                 },
             }
         }
@@ -66,13 +99,13 @@ impl Parsed {
 
     /// The message bytes again.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + 64 * self.fields.len() + 2);
-        for (name, value) in &self.fields {
-            out.extend_from_slice(name.as_bytes());
-            if !value.is_empty() || !name.contains(' ') {
+        let mut out = Vec::with_capacity(self.body.len() + 80 * self.fields.len() + 2);
+        for field in &self.fields {
+            out.extend_from_slice(&field.name);
+            if field.colon {
                 out.push(b':');
             }
-            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(&field.value);
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
@@ -86,30 +119,30 @@ impl Parsed {
         let mut skipped = 0;
         for edit in edits {
             match edit {
-                Edit::Append { name, value } if valid_name(&name) => self.fields.push((name, fold(&value))),
+                Edit::Append { name, value } if valid_name(&name) => self.fields.push(Field::new(&name, fold(&value))),
                 Edit::Insert { index, name, value } if valid_name(&name) => {
                     let index = index.min(self.fields.len());
-                    self.fields.insert(index, (name, fold(&value)));
+                    self.fields.insert(index, Field::new(&name, fold(&value)));
                 }
                 Edit::Change { name, index, value } if valid_name(&name) => {
                     let position = self
                         .fields
                         .iter()
                         .enumerate()
-                        .filter(|(_, (n, _))| n.eq_ignore_ascii_case(&name))
+                        .filter(|(_, f)| f.is(&name))
                         .nth(index.saturating_sub(1))
                         .map(|(i, _)| i);
                     match (position, value) {
-                        (Some(i), Some(value)) => self.fields[i].1 = fold(&value),
+                        (Some(i), Some(value)) => self.fields[i].value = fold(&value).into_bytes(),
                         (Some(i), None) => {
                             self.fields.remove(i);
                         }
                         // As Sendmail: changing a field that is not there adds it.
-                        (None, Some(value)) => self.fields.push((name, fold(&value))),
+                        (None, Some(value)) => self.fields.push(Field::new(&name, fold(&value))),
                         (None, None) => {}
                     }
                 }
-                Edit::Remove { name } => self.fields.retain(|(n, _)| !n.eq_ignore_ascii_case(&name)),
+                Edit::Remove { name } => self.fields.retain(|f| !f.is(&name)),
                 Edit::ReplaceBody(body) => self.body = body,
                 _ => skipped += 1,
             }
@@ -121,8 +154,8 @@ impl Parsed {
     pub fn get(&self, name: &str) -> Option<String> {
         self.fields
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.replace("\r\n", "").trim().to_owned())
+            .find(|f| f.is(name))
+            .map(|f| String::from_utf8_lossy(&f.value).replace("\r\n", "").trim().to_owned())
     }
 }
 
@@ -170,7 +203,7 @@ mod tests {
         assert_eq!(Parsed::new(MESSAGE).to_bytes(), MESSAGE);
         let parsed = Parsed::new(MESSAGE);
         assert_eq!(parsed.fields.len(), 3);
-        assert_eq!(parsed.fields[0].1, " from x\r\n\tby y");
+        assert_eq!(parsed.fields[0].value, b" from x\r\n\tby y");
         assert_eq!(parsed.get("subject").as_deref(), Some("hi"));
     }
 
@@ -221,6 +254,21 @@ mod tests {
     fn filter_values_cannot_end_the_header() {
         assert_eq!(fold("a\r\n\r\nInjected: 1\r\n"), " a\r\n\tInjected: 1");
         assert_eq!(fold("x\ry\0"), " x\r\n\ty");
+    }
+
+    #[test]
+    fn eight_bit_and_odd_lines_survive_edits() {
+        let message = b"From foo\r\nSubject: \xe9t\xe9\r\n\r\nb\r\n";
+        let mut parsed = Parsed::new(message);
+        assert_eq!(parsed.to_bytes(), message);
+        parsed.apply(vec![Edit::Append {
+            name: "X-A".into(),
+            value: "1".into(),
+        }]);
+        assert_eq!(
+            parsed.to_bytes(),
+            b"From foo\r\nSubject: \xe9t\xe9\r\nX-A: 1\r\n\r\nb\r\n"
+        );
     }
 
     #[test]

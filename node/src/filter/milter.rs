@@ -159,12 +159,13 @@ async fn conversation(conn: &mut Box<dyn Io>, context: &Context<'_>, message: &[
     }
     let parsed = Parsed::new(message);
     if !skipped(SMFIP_NOHDRS) {
-        for (name, value) in &parsed.fields {
+        for field in &parsed.fields {
             let mut data = Vec::new();
-            cstr(&mut data, name);
+            cbytes(&mut data, &field.name);
             // Sendmail's form: one leading space dropped, LF line ends.
-            let value = value.strip_prefix(' ').unwrap_or(value).replace("\r\n", "\n");
-            cstr(&mut data, &value);
+            let value = field.value.strip_prefix(b" ").unwrap_or(&field.value);
+            let value: Vec<u8> = value.iter().copied().filter(|&b| b != b'\r').collect();
+            cbytes(&mut data, &value);
             if let Step::Done(v) = step(conn, b'L', &data, skipped(SMFIP_NR_HDR)).await? {
                 return Ok(done(v, Vec::new()));
             }
@@ -366,7 +367,11 @@ fn ip_text(ip: IpAddr) -> String {
 }
 
 fn cstr(out: &mut Vec<u8>, s: &str) {
-    out.extend(s.bytes().filter(|&b| b != 0));
+    cbytes(out, s.as_bytes());
+}
+
+fn cbytes(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend(s.iter().copied().filter(|&b| b != 0));
     out.push(0);
 }
 
