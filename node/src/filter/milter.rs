@@ -59,6 +59,8 @@ const CHUNK: usize = 65_535;
 const MAX_PACKET: usize = 1024 * 1024;
 /// Modifications read at end of message before we call the milter broken.
 const MAX_MODIFICATIONS: usize = 10_000;
+/// Largest replacement body a milter may send (SMFIR_REPLBODY packets).
+const MAX_NEW_BODY: usize = 64 * 1024 * 1024;
 
 /// One milter response packet.
 struct Packet {
@@ -234,7 +236,11 @@ async fn end_of_message(conn: &mut Box<dyn Io>, actions: u32) -> Result<Answer, 
             b'b' => {
                 allowed(SMFIF_CHGBODY)?;
                 // Several packets make one new body.
-                new_body.get_or_insert_with(Vec::new).extend_from_slice(&packet.data);
+                let body = new_body.get_or_insert_with(Vec::new);
+                if body.len() + packet.data.len() > MAX_NEW_BODY {
+                    return Err(protocol("replacement body over 64 MiB"));
+                }
+                body.extend_from_slice(&packet.data);
             }
             b'q' => {
                 allowed(SMFIF_QUARANTINE)?;
