@@ -20,6 +20,9 @@ command -v kdig >/dev/null || need+=(knot-dnsutils)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-core dovecot-lmtpd)
 # tern-powerfs mounts through fusermount3 (power-cut tests; needs /dev/fuse).
 command -v fusermount3 >/dev/null || need+=(fuse3)
+# Content filters (node/tests/e2e/filters.rs): rspamd (HTTP and milter) and clamd.
+command -v rspamd >/dev/null || need+=(rspamd)
+[ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

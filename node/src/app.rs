@@ -142,10 +142,14 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         .map_err(anyhow::Error::msg)
         .context("auth.users_file")?;
     // Before anything is bound: a bad DKIM key file stops the start.
-    let pipeline = Arc::new(crate::auth::Pipeline::new(&config)?);
+    let mut pipeline = crate::auth::Pipeline::new(&config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
+    if let Some(filters) = pipeline.filters.as_mut() {
+        filters.set_metrics(metrics.filters.clone());
+    }
+    let pipeline = Arc::new(pipeline);
     // What the outbox's dispatch tasks saw, for `ternctl webhook status`.
     let outbox_status = crate::outbox::dispatch::Status::default();
     let (tls, cert_watcher) = tls_config(&config, metrics.tls_reload_errors.clone())?.unzip();

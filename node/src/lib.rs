@@ -44,6 +44,7 @@ pub mod delivery;
 pub mod disk_guard;
 pub mod dsn;
 pub mod fbl;
+pub mod filter;
 pub use tern_model::envelope;
 pub mod http;
 pub mod lifecycle;

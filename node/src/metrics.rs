@@ -906,6 +906,35 @@ struct ScrapeGauges {
     disk_bytes: Family<PartLabel, Gauge>,
 }
 
+/// `tern_filter_verdicts_total{filter, verdict}`.
+#[derive(Clone, Debug, Default)]
+pub struct FilterMetrics(Family<FilterLabels, Counter>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FilterLabels {
+    filter: String,
+    verdict: &'static str,
+}
+
+impl FilterMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_filter_verdicts",
+            "Messages asked of a content filter, by filter name and verdict (accept, reject, tempfail, discard, error, skipped)",
+            self.0.clone(),
+        );
+    }
+
+    pub fn count(&self, filter: &str, verdict: &'static str) {
+        self.0
+            .get_or_create(&FilterLabels {
+                filter: filter.to_owned(),
+                verdict,
+            })
+            .inc();
+    }
+}
+
 /// The node's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -928,6 +957,8 @@ pub struct Metrics {
     pub restarts: Restarts,
     /// `tern_fbl_reports_total{result}`, `tern_suppressions{class}`.
     pub fbl: FblMetrics,
+    /// `tern_filter_verdicts_total{filter, verdict}` (content filters).
+    pub filters: FilterMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -967,6 +998,8 @@ impl Metrics {
         admin.register(&mut registry);
         let fbl = FblMetrics::default();
         fbl.register(&mut registry);
+        let filters = FilterMetrics::default();
+        filters.register(&mut registry);
         let peer_refused = PeerRefusals::default();
         let api = ApiMetrics::default();
         api.register(&mut registry);
@@ -1041,6 +1074,7 @@ impl Metrics {
             registry,
             api,
             fbl,
+            filters,
             restarts,
             peer_refused,
             disk,

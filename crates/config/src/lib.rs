@@ -50,7 +50,7 @@ pub use dane::DaneConfig;
 pub use dkim::{Canonicalization, DkimAlgorithm, DkimKeyConfig, RSA_MAX_BITS, RSA_MIN_BITS};
 pub use dnsbl::{DnsblConfig, GreylistConfig};
 pub use fbl::{FblConfig, FblScope};
-pub use filter::{FilterConfig, FilterKind, OnError};
+pub use filter::{ApplyTo, FilterConfig, FilterKind, OnError};
 pub use mta_sts::MtaStsConfig;
 pub use owned::{NotOwnable, Owned};
 pub use reports::{DmarcReportsConfig, TlsRptConfig};

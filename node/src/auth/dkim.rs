@@ -641,6 +641,7 @@ mod tests {
         let pipeline = crate::auth::Pipeline {
             dkim: Some(s),
             inbound: None,
+            ..Default::default()
         };
         let out = pipeline
             .process(&envelope("127.0.0.1", None), body.clone())

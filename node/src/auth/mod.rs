@@ -17,6 +17,8 @@ pub struct Pipeline {
     pub dkim: Option<dkim::Signer>,
     /// Checks of mail from untrusted clients; `None` when `[inbound] enabled = false`.
     pub inbound: Option<inbound::Checker>,
+    /// `[[filter]]` content filters; `None` without any.
+    pub filters: Option<crate::filter::Filters>,
 }
 
 impl Pipeline {
@@ -25,6 +27,7 @@ impl Pipeline {
         Ok(Pipeline {
             dkim: dkim::Signer::new(&config.dkim, &config.relay_networks)?,
             inbound: inbound::Checker::from_config(config)?,
+            filters: crate::filter::Filters::new(config)?,
         })
     }
 
@@ -34,6 +37,10 @@ impl Pipeline {
     pub async fn process(&self, envelope: &Envelope, body: Vec<u8>) -> Result<Vec<u8>, Reply> {
         let body = match &self.inbound {
             Some(checker) => checker.check(envelope, body).await?,
+            None => body,
+        };
+        let body = match &self.filters {
+            Some(filters) => filters.run(envelope, body).await?,
             None => body,
         };
         // Signing comes last: it covers the message exactly as queued.

@@ -15,6 +15,7 @@ mod disk_full;
 mod dkim;
 mod durability;
 mod fbl;
+mod filters;
 mod future_release;
 mod harness;
 mod inbound;
