@@ -1464,12 +1464,16 @@ impl ScreenMetrics {
 
     /// `zone` listed a client.
     pub fn dnsbl_listed(&self, zone: &str) {
-        self.dnsbl_listed.get_or_create(&ZoneLabel { zone: zone.to_owned() }).inc();
+        self.dnsbl_listed
+            .get_or_create(&ZoneLabel { zone: zone.to_owned() })
+            .inc();
     }
 
     /// A recipient was refused with `zone` among the lists naming the client.
     pub fn dnsbl_rejection(&self, zone: &str) {
-        self.dnsbl_rejections.get_or_create(&ZoneLabel { zone: zone.to_owned() }).inc();
+        self.dnsbl_rejections
+            .get_or_create(&ZoneLabel { zone: zone.to_owned() })
+            .inc();
     }
 
     /// One greylisting decision (new, early, passed, known, unavailable) or a dropped write.

@@ -157,16 +157,22 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 
 fn validate_zone(raw: RawZone) -> Result<DnsblZone, ConfigError> {
     let zone = raw.zone.trim().trim_end_matches('.').to_ascii_lowercase();
-    let labels_ok = zone
-        .split('.')
-        .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    let labels_ok = zone.split('.').all(|l| {
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
     // Room for the 64 characters of an IPv6 nibble name within 253.
     if zone.is_empty() || zone.len() > 180 || !labels_ok {
-        return Err(invalid("dnsbl.zones.zone", format!("{:?} is not a DNS zone name", raw.zone)));
+        return Err(invalid(
+            "dnsbl.zones.zone",
+            format!("{:?} is not a DNS zone name", raw.zone),
+        ));
     }
     let codes = raw.codes.unwrap_or_default();
     if codes.len() > MAX_DNSBL_CODES {
-        return Err(invalid("dnsbl.zones.codes", format!("{zone}: at most {MAX_DNSBL_CODES} codes")));
+        return Err(invalid(
+            "dnsbl.zones.codes",
+            format!("{zone}: at most {MAX_DNSBL_CODES} codes"),
+        ));
     }
     let codes = codes
         .iter()

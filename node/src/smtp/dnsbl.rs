@@ -28,9 +28,9 @@ use hickory_resolver::TokioResolver;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::metrics::ScreenMetrics;
 use crate::config::dnsbl::{DnsblZone, ZoneAction};
 use crate::config::DnsblConfig;
+use crate::metrics::ScreenMetrics;
 
 /// Client addresses whose verdict is cached, at most.
 const CACHE_MAX: usize = 50_000;
@@ -73,7 +73,9 @@ pub struct Dnsbl {
 
 impl std::fmt::Debug for Dnsbl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dnsbl").field("zones", &self.config.zones.len()).finish_non_exhaustive()
+        f.debug_struct("Dnsbl")
+            .field("zones", &self.config.zones.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -105,11 +107,7 @@ fn hex_digit(n: u8) -> char {
 
 impl Dnsbl {
     /// A resolver on `nameservers` (the system's when empty).
-    pub fn new(
-        config: DnsblConfig,
-        nameservers: &[SocketAddr],
-        metrics: ScreenMetrics,
-    ) -> anyhow::Result<Dnsbl> {
+    pub fn new(config: DnsblConfig, nameservers: &[SocketAddr], metrics: ScreenMetrics) -> anyhow::Result<Dnsbl> {
         let (resolver_config, mut opts) = if nameservers.is_empty() {
             hickory_resolver::system_conf::read_system_conf()
                 .map_err(|e| anyhow::anyhow!("dnsbl: cannot read system resolver configuration: {e}"))?
@@ -202,8 +200,11 @@ impl Dnsbl {
             }
         }
         verdict.reject |= verdict.score >= self.config.reject_score;
-        self.metrics
-            .dnsbl_lookup(if verdict.listed_by.is_empty() { "clean" } else { "listed" });
+        self.metrics.dnsbl_lookup(if verdict.listed_by.is_empty() {
+            "clean"
+        } else {
+            "listed"
+        });
         debug!(client = %ip, listed_by = ?verdict.listed_by, score = verdict.score, reject = verdict.reject, "dnsbl verdict");
         if complete && until > now {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -148,7 +148,9 @@ pub struct Greylist {
 
 impl std::fmt::Debug for Greylist {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Greylist").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Greylist")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
