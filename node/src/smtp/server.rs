@@ -440,7 +440,12 @@ async fn handle_connection<E: Enqueuer>(
         info!(peer = %peer, limit = config.per_ip_max(), "smtp connection refused: too many connections from this address");
         return refuse(stream, &config, "Too many connections from your address").await;
     };
-    let mut screen = config.screen.as_ref().map(|s| s.client(peer.ip()));
+    // Submission sessions authenticate and are never screened: no lookup.
+    let mut screen = config
+        .screen
+        .as_ref()
+        .filter(|_| config.auth.is_none())
+        .map(|s| s.client(peer.ip()));
     let ids = enqueuer.clone();
     let mut session = Session::new(session_config, peer, false, Box::new(move || ids.next_id()));
     let write_limit = config.command_timeout;
