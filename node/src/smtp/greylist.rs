@@ -389,6 +389,59 @@ mod tests {
     }
 
     #[test]
+    fn the_purge_finds_expired_and_unreadable_records_only() {
+        let c = config();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("control").unwrap();
+        let now = 100 * 86_400_000;
+        let records = [
+            (
+                "00aa",
+                Record {
+                    first: now - 1000,
+                    ..Record::default()
+                },
+            ),
+            (
+                "7fbb",
+                Record {
+                    first: now - ms(c.retry_window) - 1,
+                    ..Record::default()
+                },
+            ),
+            (
+                "ffcc",
+                Record {
+                    first: 1,
+                    passed: 2,
+                    last: now - 1000,
+                },
+            ),
+            (
+                "ffdd",
+                Record {
+                    first: 1,
+                    passed: 2,
+                    last: 3,
+                },
+            ),
+        ];
+        for (key, r) in records {
+            let key = crate::cluster::control::shared_key(SPACE, key);
+            tree.insert(key, serde_json::to_vec(&r).unwrap()).unwrap();
+        }
+        tree.insert(crate::cluster::control::shared_key(SPACE, "80ee"), b"{".to_vec())
+            .unwrap();
+        // Another space is not touched.
+        tree.insert(crate::cluster::control::shared_key("other", "7fbb"), b"{".to_vec())
+            .unwrap();
+        let control = ControlState::new(tree);
+        let mut keys = expired(&control, &c, now);
+        keys.sort();
+        assert_eq!(keys, ["7fbb", "80ee", "ffdd"]);
+    }
+
+    #[test]
     fn keys_cover_the_client_network_and_are_bounded() {
         let c = config();
         let a = triplet_key(&c, "192.0.2.1".parse().unwrap(), "A@x.test", "b@y.test");
