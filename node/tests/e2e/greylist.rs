@@ -86,4 +86,8 @@ fn a_retry_after_the_delay_passes_on_another_node() {
     let reply = attempt(&n3, "mallory@sender.test", "bob@example.test");
     assert!(greylisted(&reply), "{reply}");
     assert_eq!(metric(&n3, "tern_greylist_total{outcome=\"new\"}"), 1.0);
+    // Postmaster is never greylisted.
+    let reply = attempt(&n3, "mallory@sender.test", "postmaster@example.test");
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(metric(&n3, "tern_greylist_total{outcome=\"new\"}"), 1.0);
 }
