@@ -1476,7 +1476,7 @@ impl ScreenMetrics {
             .inc();
     }
 
-    /// One greylisting decision (new, early, passed, known, unavailable) or a dropped write.
+    /// One greylisting decision (new, early, limited, passed, known, unavailable) or a dropped write.
     pub fn greylist(&self, outcome: &'static str) {
         self.greylist.get_or_create(&OutcomeLabel { outcome }).inc();
     }
@@ -1499,7 +1499,7 @@ impl ScreenMetrics {
         );
         r.register(
             "tern_greylist",
-            "Greylisting decisions by outcome (new and early: 451 4.7.1; passed, known, unavailable: accepted; dropped: a triplet write that did not fit the queue)",
+            "Greylisting decisions by outcome (new, early, limited: 451 4.7.1; passed, known, unavailable: accepted; dropped: a triplet write that did not fit the queue)",
             self.greylist.clone(),
         );
     }

@@ -45,6 +45,7 @@ pub(super) struct RawGreylist {
     exempt: Option<Vec<IpNet>>,
     ipv4_prefix: Option<u8>,
     ipv6_prefix: Option<u8>,
+    max_new_per_hour: Option<u32>,
 }
 
 /// What a listing in a zone does.
@@ -122,6 +123,10 @@ pub struct GreylistConfig {
     /// neighbouring addresses of one pool).
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// New triplets recorded per client network and hour on one node;
+    /// beyond it they are refused without a record, so one client cannot
+    /// fill the cluster's state.
+    pub max_new_per_hour: u32,
 }
 
 impl Default for GreylistConfig {
@@ -134,6 +139,7 @@ impl Default for GreylistConfig {
             exempt: Vec::new(),
             ipv4_prefix: 24,
             ipv6_prefix: 64,
+            max_new_per_hour: 1000,
         }
     }
 }
@@ -259,6 +265,7 @@ pub(super) fn validate_greylist(raw: RawGreylist) -> Result<GreylistConfig, Conf
         exempt: raw.exempt.unwrap_or_default(),
         ipv4_prefix,
         ipv6_prefix,
+        max_new_per_hour: raw.max_new_per_hour.unwrap_or(d.max_new_per_hour).max(1),
     })
 }
 

@@ -98,6 +98,9 @@ pub enum Outcome {
     Known,
     /// The control group is not readable here: accepted (fail open).
     Unavailable,
+    /// New, but the client network had `max_new_per_hour` new triplets
+    /// already: refused and not recorded.
+    Limited,
 }
 
 impl Outcome {
@@ -108,6 +111,7 @@ impl Outcome {
             Outcome::Passed => "passed",
             Outcome::Known => "known",
             Outcome::Unavailable => "unavailable",
+            Outcome::Limited => "limited",
         }
     }
 
@@ -117,15 +121,20 @@ impl Outcome {
     }
 }
 
-/// The key of a triplet (see the module docs).
-pub fn triplet_key(config: &GreylistConfig, client: IpAddr, sender: &str, recipient: &str) -> String {
+/// The client's network: its address cut to the configured prefix.
+fn network(config: &GreylistConfig, client: IpAddr) -> IpAddr {
     let client = client.to_canonical();
     let prefix = if client.is_ipv4() {
         config.ipv4_prefix
     } else {
         config.ipv6_prefix
     };
-    let network = IpNet::new(client, prefix).map_or(client, |n| n.network());
+    IpNet::new(client, prefix).map_or(client, |n| n.network())
+}
+
+/// The key of a triplet (see the module docs).
+pub fn triplet_key(config: &GreylistConfig, client: IpAddr, sender: &str, recipient: &str) -> String {
+    let network = network(config, client);
     let mut input = Vec::with_capacity(64 + sender.len() + recipient.len());
     input.extend_from_slice(network.to_string().as_bytes());
     input.push(0);
@@ -143,6 +152,8 @@ pub struct Greylist {
     tx: mpsc::Sender<(String, Record)>,
     /// This node's writes not yet certainly applied to its replica.
     overlay: Mutex<HashMap<String, (Instant, Record)>>,
+    /// New triplets per client network in the current hour, on this node.
+    new_per_network: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     metrics: ScreenMetrics,
 }
 
@@ -172,6 +183,7 @@ impl Greylist {
             control,
             tx,
             overlay: Mutex::new(HashMap::new()),
+            new_per_network: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -207,12 +219,35 @@ impl Greylist {
             (Some(s), Some(l)) => Some(if l.newest() > s.newest() { l } else { s }),
             (s, l) => s.or(l),
         };
-        let (outcome, write) = decide(&self.config, record, now);
+        let (mut outcome, mut write) = decide(&self.config, record, now);
+        if outcome == Outcome::New && !self.may_record_new(client) {
+            (outcome, write) = (Outcome::Limited, None);
+        }
         if let Some(write) = write {
             self.put(key, write);
         }
         debug!(client = %client, sender, recipient, outcome = outcome.label(), "greylist");
         self.counted(outcome)
+    }
+
+    /// Counts a new triplet of `client`'s network; false past `max_new_per_hour`.
+    fn may_record_new(&self, client: IpAddr) -> bool {
+        const HOUR: Duration = Duration::from_secs(3600);
+        let network = network(&self.config, client);
+        let mut counts = self.new_per_network.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.len() >= OVERLAY_MAX && !counts.contains_key(&network) {
+            counts.retain(|_, (start, _)| start.elapsed() < HOUR);
+            if counts.len() >= OVERLAY_MAX {
+                // Too many networks at once: an attack; record nothing new.
+                return false;
+            }
+        }
+        let entry = counts.entry(network).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= HOUR {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        entry.1 <= self.config.max_new_per_hour
     }
 
     fn counted(&self, outcome: Outcome) -> Outcome {
@@ -439,6 +474,32 @@ mod tests {
         let mut keys = expired(&control, &c, now);
         keys.sort();
         assert_eq!(keys, ["7fbb", "80ee", "ffdd"]);
+    }
+
+    #[tokio::test]
+    async fn one_network_records_at_most_max_new_per_hour_triplets() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let control = ControlState::new(db.open_tree("control").unwrap());
+        let c = GreylistConfig {
+            max_new_per_hour: 2,
+            ..config()
+        };
+        let g = Greylist::start(c, Some(control), None, ScreenMetrics::default());
+        let now = 1_000_000_000;
+        let outcomes: Vec<Outcome> = ["a", "b", "c"]
+            .iter()
+            .map(|r| g.check("192.0.2.1".parse().unwrap(), "s@x.test", r, now))
+            .collect();
+        assert_eq!(outcomes, [Outcome::New, Outcome::New, Outcome::Limited]);
+        // The recorded ones are known (early) on retry; another network is not limited.
+        assert_eq!(
+            g.check("192.0.2.9".parse().unwrap(), "s@x.test", "a", now + 1000),
+            Outcome::Early(299)
+        );
+        assert_eq!(
+            g.check("198.51.100.1".parse().unwrap(), "s@x.test", "a", now),
+            Outcome::New
+        );
     }
 
     #[test]
