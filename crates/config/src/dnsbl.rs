@@ -305,6 +305,20 @@ mod tests {
         assert!(zone(&format!("zones = [{}]", many.join(","))).is_err());
     }
 
+    /// The example in docs/dnsbl.md parses as a whole configuration.
+    #[test]
+    fn documented_example_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/dnsbl.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let example = &doc[doc.find("## Example").unwrap()..];
+        let start = example.find("```\n").unwrap() + 4;
+        let end = start + example[start..].find("```").unwrap();
+        let c = crate::Config::from_toml(&example[start..end]).unwrap();
+        assert_eq!(c.dnsbl.zones.len(), 3);
+        assert_eq!(c.dnsbl.zones[0].action, ZoneAction::Reject);
+        assert!(c.greylist.enabled);
+    }
+
     #[test]
     fn greylist_windows_are_checked() {
         let g = |t: &str| validate_greylist(toml::from_str(t).unwrap());
