@@ -460,6 +460,12 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             .map(|(count, per)| crate::smtp::limits::ConnectionRate::new(count, per)),
         memory: crate::smtp::limits::MemoryBudget::new(config.smtp_limits.memory_budget_bytes, metrics.smtp.clone()),
         proxy_from: config.smtp_limits.proxy_protocol_from.clone(),
+        screen: crate::smtp::screen::Screen::from_config(
+            &config,
+            delivery.control().cloned(),
+            delivery.writer().cloned(),
+            metrics.screen.clone(),
+        )?,
     });
     let authenticator = users.map(|store| {
         Arc::new(crate::submission::Authenticator::new(

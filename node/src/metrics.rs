@@ -959,6 +959,8 @@ pub struct Metrics {
     pub fbl: FblMetrics,
     /// `tern_filter_verdicts_total{filter, verdict}` (content filters).
     pub filters: FilterMetrics,
+    /// `tern_dnsbl_*_total`, `tern_greylist_total{outcome}`.
+    pub screen: ScreenMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -1000,6 +1002,8 @@ impl Metrics {
         fbl.register(&mut registry);
         let filters = FilterMetrics::default();
         filters.register(&mut registry);
+        let screen = ScreenMetrics::default();
+        screen.register(&mut registry);
         let peer_refused = PeerRefusals::default();
         let api = ApiMetrics::default();
         api.register(&mut registry);
@@ -1075,6 +1079,7 @@ impl Metrics {
             api,
             fbl,
             filters,
+            screen,
             restarts,
             peer_refused,
             disk,
@@ -1463,5 +1468,73 @@ impl ApiMetrics {
 
     pub fn messages(&self, n: u64) {
         self.messages.inc_by(n);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ZoneLabel {
+    zone: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// RCPT-time screening (`smtp::screen`): DNS block lists and greylisting.
+#[derive(Clone, Debug, Default)]
+pub struct ScreenMetrics {
+    dnsbl_lookups: Family<ResultLabel, Counter>,
+    dnsbl_listed: Family<ZoneLabel, Counter>,
+    dnsbl_rejections: Family<ZoneLabel, Counter>,
+    greylist: Family<OutcomeLabel, Counter>,
+}
+
+impl ScreenMetrics {
+    /// One client check (clean, listed, cached) or one zone that failed or timed out.
+    pub fn dnsbl_lookup(&self, result: &'static str) {
+        self.dnsbl_lookups.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// `zone` listed a client.
+    pub fn dnsbl_listed(&self, zone: &str) {
+        self.dnsbl_listed
+            .get_or_create(&ZoneLabel { zone: zone.to_owned() })
+            .inc();
+    }
+
+    /// A recipient was refused with `zone` among the lists naming the client.
+    pub fn dnsbl_rejection(&self, zone: &str) {
+        self.dnsbl_rejections
+            .get_or_create(&ZoneLabel { zone: zone.to_owned() })
+            .inc();
+    }
+
+    /// One greylisting decision (new, early, limited, passed, known, unavailable) or a dropped write.
+    pub fn greylist(&self, outcome: &'static str) {
+        self.greylist.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_dnsbl_lookups",
+            "DNS block list checks of client addresses, by result (clean, listed, cached; failed and timeout count zones that did not answer: the check fails open)",
+            self.dnsbl_lookups.clone(),
+        );
+        r.register(
+            "tern_dnsbl_listed",
+            "Client addresses found on a DNS block list, by zone",
+            self.dnsbl_listed.clone(),
+        );
+        r.register(
+            "tern_dnsbl_rejections",
+            "Recipients refused (554 5.7.1) because the client is on DNS block lists, by zone",
+            self.dnsbl_rejections.clone(),
+        );
+        r.register(
+            "tern_greylist",
+            "Greylisting decisions by outcome (new, early, limited: 451 4.7.1; passed, known, unavailable: accepted; dropped: a triplet write that did not fit the queue)",
+            self.greylist.clone(),
+        );
     }
 }

@@ -79,7 +79,9 @@ pub fn session(data: &[u8]) -> usize {
                 Output::NeedInput => break,
                 Output::Close => break 'outer,
                 Output::StartTls => unreachable!("STARTTLS is not offered without TLS config"),
-                Output::Verify { .. } => unreachable!("verify_recipients is off"),
+                Output::Verify { .. } | Output::Screen { .. } => {
+                    unreachable!("verify_recipients and screen_recipients are off")
+                }
                 Output::Authenticate { .. } => unreachable!("AUTH is refused on an MX listener"),
                 Output::Enqueue { envelope, body, .. } => {
                     assert!(!envelope.recipients.is_empty());

@@ -31,6 +31,10 @@ pub struct SessionConfig {
     /// about recipients in local domains at RCPT time, so unknown users get
     /// 550 now instead of a bounce later.
     pub verify_recipients: bool,
+    /// Ask the driver ([`Output::Screen`](crate::session::Output::Screen))
+    /// about every recipient of an unauthenticated client (DNS block lists,
+    /// greylisting); postmaster is never screened.
+    pub screen_recipients: bool,
     /// A submission listener (RFC 6409): AUTH is offered once TLS is active
     /// and required before MAIL; authenticated users may relay.
     pub submission: bool,
@@ -60,6 +64,7 @@ impl Default for SessionConfig {
             relay: RelayPolicy::default(),
             starttls: false,
             verify_recipients: false,
+            screen_recipients: false,
             submission: false,
             future_release: None,
             clock: unix_now,

@@ -102,6 +102,14 @@ pub enum Output {
     /// Ask whether a local recipient exists, then pass the answer to
     /// [`Session::verify_result`] (`verify_recipients`).
     Verify { address: String },
+    /// Screen a recipient of an unauthenticated client (DNS block lists,
+    /// greylisting; `screen_recipients`), verifying it first when `verify`
+    /// is set, then pass the verdict to [`Session::verify_result`].
+    Screen {
+        reverse_path: String,
+        address: String,
+        verify: bool,
+    },
     /// Check these credentials (SMTP AUTH), then pass the verdict to
     /// [`Session::auth_result`] before calling [`Session::next`] again.
     Authenticate {
@@ -835,7 +843,17 @@ impl Session {
             notify: r.notify,
             orcpt: r.orcpt,
         };
-        if self.config.verify_recipients && !local_postmaster && self.config.relay.is_local(&domain) {
+        let verify = self.config.verify_recipients && !local_postmaster && self.config.relay.is_local(&domain);
+        if self.config.screen_recipients && !local_postmaster && self.auth.is_none() {
+            self.pending.push_back(Output::Screen {
+                reverse_path: tx.envelope.reverse_path.clone(),
+                address: recipient.address.clone(),
+                verify,
+            });
+            self.verifying = Some(recipient);
+            return None;
+        }
+        if verify {
             // Stop here until the driver has the verdict; pipelined input waits.
             self.pending.push_back(Output::Verify {
                 address: recipient.address.clone(),
@@ -847,7 +865,7 @@ impl Session {
         Some(Reply::new(250, "2.1.5", "Recipient ok"))
     }
 
-    /// The verdict on the recipient of the last [`Output::Verify`].
+    /// The verdict on the recipient of the last [`Output::Verify`] or [`Output::Screen`].
     pub fn verify_result(&mut self, verdict: Result<(), Reply>) {
         let Some(recipient) = self.verifying.take() else { return };
         match (verdict, &mut self.tx) {
@@ -1188,6 +1206,22 @@ mod tests {
                         // The test "MDA" knows everyone but `unknown@`.
                         let verdict = if address.starts_with("unknown@") {
                             Err(Reply::new(550, "5.1.1", format!("<{address}>: User unknown")))
+                        } else {
+                            Ok(())
+                        };
+                        self.s.verify_result(verdict);
+                    }
+                    Output::Screen {
+                        reverse_path,
+                        address,
+                        verify,
+                    } => {
+                        // The test screen greylists mail from `new@`; it
+                        // verifies first, as the driver does.
+                        let verdict = if verify && address.starts_with("unknown@") {
+                            Err(Reply::new(550, "5.1.1", format!("<{address}>: User unknown")))
+                        } else if reverse_path.starts_with("new@") {
+                            Err(Reply::new(451, "4.7.1", "Greylisted"))
                         } else {
                             Ok(())
                         };
@@ -1850,6 +1884,22 @@ mod tests {
         let (_, envelope, _) = h.queued.last().unwrap();
         let rcpts: Vec<_> = envelope.recipients.iter().map(|r| r.address.as_str()).collect();
         assert_eq!(rcpts, ["bob@example.test", "r@relay.test"]);
+    }
+
+    #[test]
+    fn screened_recipients_wait_for_the_verdict_and_postmaster_is_never_screened() {
+        let mut cfg = config();
+        cfg.verify_recipients = true;
+        cfg.screen_recipients = true;
+        let mut h = H::new(cfg);
+        h.send("EHLO c\r\n");
+        let replies = h.send(
+            "MAIL FROM:<new@x.test>\r\nRCPT TO:<bob@example.test>\r\nRCPT TO:<postmaster>\r\nRSET\r\nMAIL FROM:<old@x.test>\r\nRCPT TO:<unknown@example.test>\r\nRCPT TO:<bob@example.test>\r\n",
+        );
+        assert_eq!(
+            replies,
+            "250 2.1.0 Sender ok\r\n451 4.7.1 Greylisted\r\n250 2.1.5 Recipient ok\r\n250 2.0.0 Ok\r\n250 2.1.0 Sender ok\r\n550 5.1.1 <unknown@example.test>: User unknown\r\n250 2.1.5 Recipient ok\r\n"
+        );
     }
 
     fn b64(s: &str) -> String {

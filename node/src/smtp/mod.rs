@@ -12,8 +12,11 @@
 //! and shutdown, and turns its settings into the session's.
 
 pub use tern_smtp::{command, data, fuzzing, reply, sasl, session};
+pub mod dnsbl;
+pub mod greylist;
 pub mod limits;
 pub mod proxy;
+pub mod screen;
 pub mod server;
 
 pub use reply::Reply;

@@ -96,6 +96,8 @@ pub struct SmtpConfig {
     /// Trusted proxies: a connection from one must start with a PROXY
     /// header, whose client address then stands for the TCP peer.
     pub proxy_from: Vec<ipnet::IpNet>,
+    /// DNS block lists and greylisting at RCPT time; `None`: off.
+    pub screen: Option<Arc<super::screen::Screen>>,
 }
 
 impl SmtpConfig {
@@ -116,6 +118,7 @@ impl SmtpConfig {
             relay: self.relay.clone(),
             starttls: self.tls.is_some(),
             verify_recipients: self.verify_recipients,
+            screen_recipients: self.screen.is_some(),
             submission: self.auth.is_some(),
             future_release: self.future_release,
             clock: tern_smtp::policy::unix_now,
@@ -169,6 +172,7 @@ impl Default for SmtpConfig {
             connection_rate: None,
             memory: MemoryBudget::new(512 << 20, SmtpMetrics::default()),
             proxy_from: Vec::new(),
+            screen: None,
         }
     }
 }
@@ -436,6 +440,12 @@ async fn handle_connection<E: Enqueuer>(
         info!(peer = %peer, limit = config.per_ip_max(), "smtp connection refused: too many connections from this address");
         return refuse(stream, &config, "Too many connections from your address").await;
     };
+    // Submission sessions authenticate and are never screened: no lookup.
+    let mut screen = config
+        .screen
+        .as_ref()
+        .filter(|_| config.auth.is_none())
+        .map(|s| s.client(peer.ip()));
     let ids = enqueuer.clone();
     let mut session = Session::new(session_config, peer, false, Box::new(move || ids.next_id()));
     let write_limit = config.command_timeout;
@@ -571,6 +581,21 @@ async fn handle_connection<E: Enqueuer>(
             }
             Output::Verify { address } => {
                 let verdict = enqueuer.verify_recipient(address).await;
+                session.verify_result(verdict);
+            }
+            Output::Screen {
+                reverse_path,
+                address,
+                verify,
+            } => {
+                let verify = verify.then(|| enqueuer.verify_recipient(address.clone()));
+                let verdict = match screen.as_mut() {
+                    Some(s) => s.recipient(&reverse_path, &address, verify).await,
+                    None => match verify {
+                        Some(v) => v.await,
+                        None => Ok(()),
+                    },
+                };
                 session.verify_result(verdict);
             }
             Output::Authenticate {
