@@ -60,6 +60,7 @@ pub async fn check_host(resolver: &TokioResolver, params: &Params<'_>, domain: &
         receiver: params.receiver.to_owned(),
         lookups: 0,
         voids: 0,
+        ptr_macro: None,
     };
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let (result, explanation) = eval.check(domain.clone(), true).await;
@@ -101,6 +102,8 @@ struct Eval<'a> {
     receiver: String,
     lookups: u32,
     voids: u32,
+    /// `%{p}`, once looked up: (domain it was chosen for, name).
+    ptr_macro: Option<(String, String)>,
 }
 
 type Boxed<'b, T> = Pin<Box<dyn Future<Output = T> + Send + 'b>>;
@@ -146,7 +149,7 @@ impl Eval<'_> {
         }
         if let Some(target) = &record.redirect {
             self.count_lookup()?;
-            let target = self.target(domain, target)?;
+            let target = self.target(domain, target).await?;
             return match self.check(target, want_exp).await {
                 (SpfResult::None, _) => Err(SpfResult::PermError),
                 r => Ok(r),
@@ -168,7 +171,7 @@ impl Eval<'_> {
             }),
             Mechanism::Include(spec) => {
                 self.count_lookup()?;
-                let target = self.target(domain, spec)?;
+                let target = self.target(domain, spec).await?;
                 match self.check(target, false).await.0 {
                     SpfResult::Pass => Ok(true),
                     SpfResult::Fail | SpfResult::SoftFail | SpfResult::Neutral => Ok(false),
@@ -178,13 +181,13 @@ impl Eval<'_> {
             }
             Mechanism::A(spec, c4, c6) => {
                 self.count_lookup()?;
-                let target = self.optional_target(domain, spec.as_deref())?;
+                let target = self.optional_target(domain, spec.as_deref()).await?;
                 let addrs = self.addresses(&target, true).await?;
                 Ok(addrs.iter().any(|a| self.in_cidr(*a, *c4, *c6)))
             }
             Mechanism::Mx(spec, c4, c6) => {
                 self.count_lookup()?;
-                let target = self.optional_target(domain, spec.as_deref())?;
+                let target = self.optional_target(domain, spec.as_deref()).await?;
                 let answers = self.query(&target, RecordType::MX, true).await?;
                 let exchanges: Vec<String> = answers
                     .iter()
@@ -206,13 +209,13 @@ impl Eval<'_> {
             }
             Mechanism::Ptr(spec) => {
                 self.count_lookup()?;
-                let target = self.optional_target(domain, spec.as_deref())?;
-                let names = self.validated_names().await?;
+                let target = self.optional_target(domain, spec.as_deref()).await?;
+                let names = self.validated_names(true).await?;
                 Ok(names.iter().any(|n| is_within(n, &target)))
             }
             Mechanism::Exists(spec) => {
                 self.count_lookup()?;
-                let target = self.target(domain, spec)?;
+                let target = self.target(domain, spec).await?;
                 // Always an A query, whatever the client's family (RFC 7208 5.7).
                 let answers = self.query(&target, RecordType::A, true).await?;
                 Ok(answers.iter().any(|r| matches!(r, RData::A(_))))
@@ -238,14 +241,15 @@ impl Eval<'_> {
 
     /// The expanded target name of a mechanism (RFC 7208 4.8), lowercase,
     /// without a trailing dot, truncated from the left to 253 octets.
-    fn target(&self, domain: &str, spec: &str) -> Result<String, Halt> {
+    async fn target(&mut self, domain: &str, spec: &str) -> Result<String, Halt> {
+        self.prepare_ptr_macro(domain, spec).await?;
         let expanded = self.expand(domain, spec, false)?;
         Ok(truncate_name(expanded.trim_end_matches('.')).to_ascii_lowercase())
     }
 
-    fn optional_target(&self, domain: &str, spec: Option<&str>) -> Result<String, Halt> {
+    async fn optional_target(&mut self, domain: &str, spec: Option<&str>) -> Result<String, Halt> {
         match spec {
-            Some(spec) => self.target(domain, spec),
+            Some(spec) => self.target(domain, spec).await,
             None => Ok(domain.to_owned()),
         }
     }
@@ -291,9 +295,9 @@ impl Eval<'_> {
 
     /// The client's PTR names whose addresses include the client (at most
     /// 10 tried); DNS errors here only mean fewer names (RFC 7208 5.5).
-    async fn validated_names(&mut self) -> Result<Vec<String>, Halt> {
+    async fn validated_names(&mut self, void_counts: bool) -> Result<Vec<String>, Halt> {
         let reverse = reverse_name(self.ip);
-        let names: Vec<String> = match self.query(&reverse, RecordType::PTR, true).await {
+        let names: Vec<String> = match self.query(&reverse, RecordType::PTR, void_counts).await {
             Ok(answers) => answers
                 .iter()
                 .filter_map(|r| match r {
@@ -318,7 +322,7 @@ impl Eval<'_> {
     /// A query's answers of type `rtype` (CNAMEs followed by the resolver);
     /// empty for NXDOMAIN, no data, or a name that cannot be queried.
     async fn query(&mut self, name: &str, rtype: RecordType, void_counts: bool) -> Result<Vec<RData>, Halt> {
-        let answers = match queryable(name).then(|| Name::from_str_relaxed(format!("{name}."))) {
+        let answers = match queryable(name).then(|| fqdn(name)) {
             Some(Ok(fqdn)) => match self.dns.lookup(fqdn, rtype).await {
                 Ok(lookup) => lookup
                     .answers()
@@ -341,9 +345,28 @@ impl Eval<'_> {
         Ok(answers)
     }
 
+    /// Looks up `%{p}` when `spec` uses it (RFC 7208 7.3): a validated
+    /// name equal to `domain`, else one within it, else any, else "unknown".
+    async fn prepare_ptr_macro(&mut self, domain: &str, spec: &str) -> Result<(), Halt> {
+        let uses_p = spec.contains("%{p") || spec.contains("%{P");
+        if !uses_p || self.ptr_macro.as_ref().is_some_and(|(d, _)| d == domain) {
+            return Ok(());
+        }
+        let names = self.validated_names(false).await?;
+        let name = names
+            .iter()
+            .find(|n| n.eq_ignore_ascii_case(domain))
+            .or_else(|| names.iter().find(|n| is_within(n, domain)))
+            .or_else(|| names.first())
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned());
+        self.ptr_macro = Some((domain.to_owned(), name));
+        Ok(())
+    }
+
     /// The `exp=` text for a fail; `None` when it cannot be had.
     async fn explanation(&mut self, domain: &str, spec: &str) -> Option<String> {
-        let target = self.target(domain, spec).ok()?;
+        let target = self.target(domain, spec).await.ok()?;
         let answers = self.query(&target, RecordType::TXT, false).await.ok()?;
         let mut texts = answers.into_iter().filter_map(|r| match r {
             RData::TXT(txt) => Some(txt.txt_data.iter().flat_map(|s| s.iter().copied()).collect::<Vec<u8>>()),
@@ -395,9 +418,10 @@ impl Eval<'_> {
             'o' => self.sender_domain.clone(),
             'd' => domain.to_owned(),
             'i' => dotted_ip(self.ip),
-            // The validated name costs lookups and is discouraged (RFC 7208
-            // 7.3); Tern does not look it up.
-            'p' => "unknown".to_owned(),
+            'p' => match &self.ptr_macro {
+                Some((d, name)) if d == domain => name.clone(),
+                _ => "unknown".to_owned(),
+            },
             'v' => match self.ip {
                 IpAddr::V4(_) => "in-addr".to_owned(),
                 IpAddr::V6(_) => "ip6".to_owned(),
@@ -650,6 +674,15 @@ fn truncate_name(name: &str) -> &str {
         }
     }
     name
+}
+
+/// The query name: raw labels, since a domain-spec may hold any visible
+/// character (`:`, `/`, `%`; RFC 7208 7.1) and the zone may have them.
+fn fqdn(name: &str) -> Result<Name, ()> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let mut n = Name::from_labels(name.split('.').map(str::as_bytes)).map_err(|_| ())?;
+    n.set_fqdn(true);
+    Ok(n)
 }
 
 fn name_text(name: &Name) -> String {
