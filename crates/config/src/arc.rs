@@ -66,19 +66,31 @@ pub(super) fn validate(raw: RawArc) -> Result<ArcConfig, ConfigError> {
     let name_ok = |s: &str| {
         !s.is_empty()
             && s.len() <= 253
-            && s.split('.')
-                .all(|l| (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+            && s.split('.').all(|l| {
+                (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
     };
     if enabled && !name_ok(&domain) {
-        return Err(invalid("arc.domain", format!("{domain:?} is not a domain name (required when enabled)")));
+        return Err(invalid(
+            "arc.domain",
+            format!("{domain:?} is not a domain name (required when enabled)"),
+        ));
     }
     if enabled && !name_ok(&selector) {
-        return Err(invalid("arc.selector", format!("{selector:?} is not a DNS label (required when enabled)")));
+        return Err(invalid(
+            "arc.selector",
+            format!("{selector:?} is not a DNS label (required when enabled)"),
+        ));
     }
     // RFC 8617 5.1.1: rsa-sha256 is the only algorithm ARC defines.
     match raw.algorithm.as_deref().map(str::trim) {
         None | Some("rsa-sha256") => {}
-        Some(other) => return Err(invalid("arc.algorithm", format!("{other:?}: ARC defines only rsa-sha256"))),
+        Some(other) => {
+            return Err(invalid(
+                "arc.algorithm",
+                format!("{other:?}: ARC defines only rsa-sha256"),
+            ))
+        }
     }
     let seal = match raw.seal.as_deref().map(str::trim) {
         None | Some("relayed") => ArcSealScope::Relayed,
@@ -86,7 +98,10 @@ pub(super) fn validate(raw: RawArc) -> Result<ArcConfig, ConfigError> {
         Some(other) => return Err(invalid("arc.seal", format!("{other:?} is not \"relayed\" or \"all\""))),
     };
     let authserv_id = raw.authserv_id.map(|s| s.trim().to_owned());
-    if authserv_id.as_deref().is_some_and(|s| s.is_empty() || s.contains([';', ' ', '\r', '\n'])) {
+    if authserv_id
+        .as_deref()
+        .is_some_and(|s| s.is_empty() || s.contains([';', ' ', '\r', '\n']))
+    {
         return Err(invalid("arc.authserv_id", "must be a non-empty token (a host name)"));
     }
     Ok(ArcConfig {
@@ -112,8 +127,14 @@ mod tests {
     #[test]
     fn defaults_and_errors() {
         assert_eq!(validate(raw("")).unwrap(), ArcConfig::default());
-        let c = validate(raw("enabled = true\ndomain = \"Example.COM.\"\nselector = \"arc1\"\nseal = \"all\"")).unwrap();
-        assert_eq!((c.domain.as_str(), c.seal, c.key_file), ("example.com", ArcSealScope::All, None));
+        let c = validate(raw(
+            "enabled = true\ndomain = \"Example.COM.\"\nselector = \"arc1\"\nseal = \"all\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.domain.as_str(), c.seal, c.key_file),
+            ("example.com", ArcSealScope::All, None)
+        );
         assert!(validate(raw("enabled = true\nselector = \"arc1\"")).is_err());
         assert!(validate(raw("enabled = true\ndomain = \"x.test\"")).is_err());
         assert!(validate(raw("algorithm = \"ed25519-sha256\"")).is_err());

@@ -479,8 +479,8 @@ fn parse(text: &str) -> Result<Record, ()> {
         let name_len = term
             .find(|c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)))
             .unwrap_or(term.len());
-        let is_modifier = term[name_len..].starts_with('=')
-            && term.as_bytes().first().is_some_and(u8::is_ascii_alphabetic);
+        let is_modifier =
+            term[name_len..].starts_with('=') && term.as_bytes().first().is_some_and(u8::is_ascii_alphabetic);
         if is_modifier {
             let (name, value) = (term[..name_len].to_ascii_lowercase(), &term[name_len + 1..]);
             match name.as_str() {
@@ -488,7 +488,11 @@ fn parse(text: &str) -> Result<Record, ()> {
                     if !valid_domain_spec(value) {
                         return Err(());
                     }
-                    let slot = if name == "redirect" { &mut record.redirect } else { &mut record.exp };
+                    let slot = if name == "redirect" {
+                        &mut record.redirect
+                    } else {
+                        &mut record.exp
+                    };
                     if slot.replace(value.to_owned()).is_some() {
                         return Err(());
                     }
@@ -685,9 +689,13 @@ fn fqdn(name: &str) -> Result<Name, ()> {
     Ok(n)
 }
 
+/// A name from an answer as its raw labels (no escaping of `:` and the like).
 fn name_text(name: &Name) -> String {
-    let text = name.to_ascii().to_ascii_lowercase();
-    text.trim_end_matches('.').to_owned()
+    let labels: Vec<String> = name
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
+        .collect();
+    labels.join(".")
 }
 
 fn is_within(name: &str, domain: &str) -> bool {

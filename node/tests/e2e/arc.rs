@@ -38,7 +38,14 @@ fn peers_available() -> bool {
 fn rsa_key(dir: &Path, name: &str) -> (PathBuf, String) {
     let key = dir.join(format!("{name}.pem"));
     let out = Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
         .arg(&key)
         .output()
         .unwrap();
@@ -123,14 +130,23 @@ fn arc_seals_verify_with_dkimpy() {
     assert_eq!(arc_sets(&text), 1, "{text}");
     assert!(text.contains("i=1; a=rsa-sha256") || text.contains("i=1;"), "{text}");
     assert!(text.contains("cv=none"), "{text}");
-    assert!(text.contains("ARC-Authentication-Results: i=1; mx1.tern.test"), "{text}");
+    assert!(
+        text.contains("ARC-Authentication-Results: i=1; mx1.tern.test"),
+        "{text}"
+    );
     let dns_addr = dns.addr.to_string();
     let verdict = helper(&["verify", first.to_str().unwrap(), &dns_addr]);
     assert!(verdict.starts_with("cv=pass sets=1"), "{verdict}\n{text}");
 
     // Second hop: the sealed message comes in again (a forwarder passing
     // it on); our verification passes the chain and adds set 2.
-    let reply = helper(&["resend", first.to_str().unwrap(), &node.smtp.to_string(), "alice@sender.test", "carol@example.test"]);
+    let reply = helper(&[
+        "resend",
+        first.to_str().unwrap(),
+        &node.smtp.to_string(),
+        "alice@sender.test",
+        "carol@example.test",
+    ]);
     assert!(reply.starts_with("250"), "{reply}");
     let second = delivered(maildirs.path(), "carol", 1).remove(0);
     let text = std::fs::read_to_string(&second).unwrap();

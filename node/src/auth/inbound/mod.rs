@@ -195,17 +195,19 @@ impl Checker {
             return Ok(None);
         }
         let authenticator = authenticator(&config.dns_nameservers, config.dns_timeout)?;
-        Ok(Some(Checker::new(
-            authenticator,
-            config.hostname.clone(),
-            config.relay_networks.clone(),
-            Rules {
-                dmarc_policy: config.inbound.dmarc_policy,
-                spf_fail: config.inbound.spf_fail,
-            },
-            config.inbound.timeout,
-        )
-        .with_arc_sealer(super::arc::Sealer::from_config(config)?)))
+        Ok(Some(
+            Checker::new(
+                authenticator,
+                config.hostname.clone(),
+                config.relay_networks.clone(),
+                Rules {
+                    dmarc_policy: config.inbound.dmarc_policy,
+                    spf_fail: config.inbound.spf_fail,
+                },
+                config.inbound.timeout,
+            )
+            .with_arc_sealer(super::arc::Sealer::from_config(config)?),
+        ))
     }
 
     /// Seals forwarded mail with `sealer` (only before the checker is shared).
