@@ -17,7 +17,7 @@ use mail_auth::{ArcOutput, AuthenticatedMessage, AuthenticationResults, DkimResu
 use tracing::{debug, warn};
 
 use crate::config::{ArcSealScope, Canonicalization, Config, DkimAlgorithm, DkimKeyConfig};
-use crate::envelope::{Envelope, Recipient};
+use crate::envelope::Envelope;
 
 /// Header fields the ARC-Message-Signature covers (as for DKIM: those a
 /// forwarder keeps; Authentication-Results and Received are not signed).
@@ -108,13 +108,7 @@ impl Sealer {
     /// Whether this message gets a seal: `seal = "all"`, or it has a
     /// recipient outside `local_domains` (it leaves the cluster again).
     pub fn wants(&self, envelope: &Envelope) -> bool {
-        match self.scope {
-            ArcSealScope::All => true,
-            ArcSealScope::Relayed => envelope.recipients.iter().any(|r: &Recipient| {
-                let domain = Envelope::domain_of(&r.address);
-                !self.local_domains.iter().any(|d| *d == domain)
-            }),
-        }
+        wanted(self.scope, &self.local_domains, envelope)
     }
 
     /// The ARC set (ARC-Seal, ARC-Message-Signature,
@@ -141,5 +135,49 @@ impl Sealer {
                 None
             }
         }
+    }
+}
+
+fn wanted(scope: ArcSealScope, local_domains: &[String], envelope: &Envelope) -> bool {
+    match scope {
+        ArcSealScope::All => true,
+        ArcSealScope::Relayed => envelope
+            .recipients
+            .iter()
+            .any(|r| !local_domains.contains(&Envelope::domain_of(&r.address))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Recipient;
+
+    #[test]
+    fn relayed_mail_is_sealed_local_mail_is_not() {
+        let local = vec!["example.test".to_owned()];
+        let envelope = |rcpts: &[&str]| Envelope {
+            recipients: rcpts
+                .iter()
+                .map(|a| Recipient {
+                    address: (*a).to_owned(),
+                    notify: Default::default(),
+                    orcpt: None,
+                })
+                .collect(),
+            ..Envelope::default()
+        };
+        let relayed = ArcSealScope::Relayed;
+        assert!(!wanted(
+            relayed,
+            &local,
+            &envelope(&["bob@example.test", "carol@EXAMPLE.test"])
+        ));
+        assert!(wanted(
+            relayed,
+            &local,
+            &envelope(&["bob@example.test", "fwd@elsewhere.test"])
+        ));
+        assert!(wanted(ArcSealScope::All, &local, &envelope(&["bob@example.test"])));
     }
 }
