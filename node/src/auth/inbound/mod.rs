@@ -549,6 +549,8 @@ txt-record=sample.test,"v=spf1 -all"
 txt-record=_dmarc.sample.test,"v=DMARC1; p=reject; pct=0"
 txt-record=_dmarc.sp.test,"v=DMARC1; p=reject; sp=none"
 txt-record=_dmarc.sp2.test,"v=DMARC1; p=none; sp=reject"
+txt-record=broken.test,"v=spf1 a:mail.broken.123 -all"
+txt-record=_dmarc.broken.test,"v=DMARC1; p=reject"
 "#;
 
     const ENFORCE: Rules = Rules {
@@ -663,6 +665,13 @@ txt-record=_dmarc.sp2.test,"v=DMARC1; p=none; sp=reject"
             .await
             .unwrap_err();
         assert_eq!(err.text(), "Message rejected: DMARC policy of news.sp2.test");
+        // A broken SPF record is a permanent error: p=reject refuses with
+        // 550 (not a 451 that would make the sender retry for days).
+        let err = c
+            .check(&envelope("x@broken.test"), message("x@broken.test"))
+            .await
+            .unwrap_err();
+        assert_eq!((err.code, err.enhanced.as_deref()), (550, Some("5.7.1")), "{err:?}");
         // The null sender is checked with the HELO identity.
         let top = added(&c.check(&envelope(""), message("a@sender.test")).await.unwrap());
         assert!(
