@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::harness::*;
 use tern_testkit::dns::DnsServer;
+use tern_testkit::peers::ExactSink;
 
 const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/arc_check.py");
 const SENDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/dkim_send.py");
@@ -155,4 +156,57 @@ fn arc_seals_verify_with_dkimpy() {
     assert!(text.contains("cv=pass"), "{text}");
     let verdict = helper(&["verify", second.to_str().unwrap(), &dns_addr]);
     assert!(verdict.starts_with("cv=pass sets=2"), "{verdict}\n{text}");
+}
+
+/// The default `seal = "relayed"`: mail relayed onward (for
+/// `relay_domains`) is sealed, mail delivered locally is not; the key is
+/// lent by the `[[dkim]]` entry with the same domain and selector.
+#[test]
+fn arc_seals_relayed_mail_only() {
+    if !peers_available() {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let (key, record) = rsa_key(keys.path(), "arc1._domainkey.tern.test");
+    let dns = DnsServer::start(&format!(
+        "txt-record=sender.test,\"v=spf1 ip4:127.0.0.1 -all\"\n\
+         txt-record=_dmarc.sender.test,\"v=DMARC1; p=reject\"\n\
+         {record}\n"
+    ));
+    let sink = ExactSink::start();
+    let maildirs = tempfile::tempdir().unwrap();
+    let node = Node::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n\n[policy]\nrelay_networks = []\nlocal_domains = [\"example.test\"]\n\
+         relay_domains = [\"relay.test\"]\n\n[local]\nmaildir = \"{}/{{domain}}/{{user}}\"\n\n\
+         [[dkim]]\ndomain = \"tern.test\"\nselector = \"arc1\"\nalgorithm = \"rsa-sha256\"\nprivate_key = \"{}\"\n\n\
+         [[route]]\ndomain = \"relay.test\"\nto = \"{}\"\n\n\
+         [arc]\nenabled = true\ndomain = \"tern.test\"\nselector = \"arc1\"\n",
+        dns.addr,
+        maildirs.path().display(),
+        key.display(),
+        sink.peer.addr
+    ));
+    for rcpt in ["bob@example.test", "fwd@relay.test"] {
+        let out = Command::new("python3")
+            .arg(SENDER)
+            .args(["--server", &node.smtp.to_string()])
+            .args(["--mail-from", "alice@sender.test", "--rcpt", rcpt])
+            .args(["--from-header", "alice@sender.test"])
+            .output()
+            .unwrap();
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(reply.starts_with("250"), "{rcpt}: {reply}");
+    }
+    let local = delivered(maildirs.path(), "bob", 1).remove(0);
+    let text = std::fs::read_to_string(&local).unwrap();
+    assert_eq!(arc_sets(&text), 0, "local delivery is not sealed:\n{text}");
+    assert!(text.contains("Authentication-Results: mx1.tern.test;"), "{text}");
+
+    let relayed = sink.wait_messages(1).remove(0);
+    let path = keys.path().join("relayed.eml");
+    std::fs::write(&path, &relayed).unwrap();
+    let text = String::from_utf8_lossy(&relayed);
+    assert_eq!(arc_sets(&text), 1, "{text}");
+    let verdict = helper(&["verify", path.to_str().unwrap(), &dns.addr.to_string()]);
+    assert!(verdict.starts_with("cv=pass sets=1"), "{verdict}\n{text}");
 }
