@@ -310,6 +310,7 @@ impl Inner {
             dmarc = %s.dmarc,
             from_domain = %report.findings.dmarc.domain,
             iprev = %s.iprev,
+            arc_sealed = report.arc_set.is_some(),
             verdict = %verdict_word(&verdict),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "inbound checks"
