@@ -43,7 +43,7 @@ pub mod secret;
 pub mod shaping;
 pub mod tls_policy;
 pub use api::ApiConfig;
-pub use arc::ArcConfig;
+pub use arc::{ArcConfig, ArcSealScope};
 pub use backoff::{BackoffAction, BackoffRule, BackoffScope, CodeMatch};
 pub use bounce::{ClassRule, SuppressionConfig, SuppressionScope};
 pub use dane::DaneConfig;

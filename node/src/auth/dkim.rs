@@ -244,7 +244,7 @@ fn signer_for(entry: &DkimKeyConfig, key: DkimKey) -> DkimSigner<DkimKey, Done> 
 
 /// Reads the PEM key of `entry` and checks it fits its algorithm; returns
 /// the key and its size in bits.
-fn load_key(entry: &DkimKeyConfig) -> Result<(DkimKey, usize), KeyError> {
+pub(crate) fn load_key(entry: &DkimKeyConfig) -> Result<(DkimKey, usize), KeyError> {
     let fail = |reason: String| KeyError {
         file: entry.private_key.clone(),
         domain: entry.domain.clone(),

@@ -3,8 +3,10 @@
 //! `Authentication-Results` header, and DKIM signing of outbound mail, so
 //! every replica stores the same final bytes.
 
+pub mod arc;
 pub mod dkim;
 pub mod inbound;
+pub mod spf;
 
 use crate::config::Config;
 use crate::envelope::Envelope;

@@ -6,6 +6,7 @@
 
 mod api;
 mod apikey;
+mod arc;
 mod backoff;
 mod cert_reload;
 mod cluster;

@@ -159,7 +159,9 @@ def respond(zone, data):
     reply = request.reply(ra=1, aa=1)
     q = request.q
     try:
-        rcode, answers = lookup(zone, str(q.qname), QTYPE.get(q.qtype))
+        # Raw labels: str() escapes spaces and the like (the suite has such names).
+        qname = ".".join(label.decode("utf-8", "replace") for label in q.qname.label)
+        rcode, answers = lookup(zone, qname, QTYPE.get(q.qtype))
     except Timeout:
         if DEBUG:
             print("%s %s: no answer" % (q.qname, QTYPE.get(q.qtype)), file=sys.stderr)

@@ -30,14 +30,14 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::{Dmarc, Policy};
 use mail_auth::hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use mail_auth::hickory_resolver::proto::rr::RData;
-use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcOutput, DmarcResult, IprevResult,
-    MessageAuthenticator, Parameters, ReceivedSpf, SpfOutput, SpfResult,
+    MessageAuthenticator, ReceivedSpf, SpfOutput, SpfResult,
 };
 use rand::Rng as _;
 use tracing::{info, warn};
 
+use super::spf;
 use crate::config::Config;
 use crate::envelope::Envelope;
 use tern_smtp::reply::Reply;
@@ -82,8 +82,14 @@ pub async fn spf_helo(auth: &MessageAuthenticator, ip: IpAddr, helo: &str, hostn
     if !is_spf_domain(helo) {
         return SpfOutput::new(helo.to_owned()).with_result(SpfResult::None);
     }
-    auth.check_host(Parameters::new(SpfParameters::verify_ehlo(ip, helo, hostname)))
-        .await
+    let sender = format!("postmaster@{helo}");
+    let params = spf::Params {
+        ip,
+        helo,
+        sender: &sender,
+        receiver: hostname,
+    };
+    spf::check_host(auth.resolver(), &params, helo).await
 }
 
 /// The SPF result of the envelope: the MAIL FROM identity (RFC 7208 2.4),
@@ -103,10 +109,13 @@ pub async fn spf_envelope(
     if !is_spf_domain(domain) {
         return SpfOutput::new(domain.to_owned()).with_result(SpfResult::None);
     }
-    auth.check_host(Parameters::new(SpfParameters::verify_mail_from(
-        ip, helo, hostname, mail_from,
-    )))
-    .await
+    let params = spf::Params {
+        ip,
+        helo,
+        sender: mail_from,
+        receiver: hostname,
+    };
+    spf::check_host(auth.resolver(), &params, domain).await
 }
 
 /// RFC 7208 4.3: a malformed domain (empty or over-long label, not
@@ -135,6 +144,8 @@ struct Inner {
     relay_networks: Vec<ipnet::IpNet>,
     rules: Rules,
     timeout: Duration,
+    /// ARC sealing of forwarded mail (`[arc]`), see [`super::arc`].
+    arc: Option<super::arc::Sealer>,
 }
 
 impl std::fmt::Debug for Checker {
@@ -152,6 +163,8 @@ struct Identity {
     ip: IpAddr,
     helo: String,
     mail_from: String,
+    /// Add an ARC set (the sealer is on and the message is forwarded).
+    seal: bool,
 }
 
 /// The results of one check, before the decision.
@@ -161,6 +174,8 @@ struct Report {
     fields: String,
     /// One word per method, for the log line.
     summary: Summary,
+    /// Our ARC set, CRLF-terminated, when the message is sealed.
+    arc_set: Option<String>,
 }
 
 #[derive(Default)]
@@ -180,16 +195,27 @@ impl Checker {
             return Ok(None);
         }
         let authenticator = authenticator(&config.dns_nameservers, config.dns_timeout)?;
-        Ok(Some(Checker::new(
-            authenticator,
-            config.hostname.clone(),
-            config.relay_networks.clone(),
-            Rules {
-                dmarc_policy: config.inbound.dmarc_policy,
-                spf_fail: config.inbound.spf_fail,
-            },
-            config.inbound.timeout,
-        )))
+        Ok(Some(
+            Checker::new(
+                authenticator,
+                config.hostname.clone(),
+                config.relay_networks.clone(),
+                Rules {
+                    dmarc_policy: config.inbound.dmarc_policy,
+                    spf_fail: config.inbound.spf_fail,
+                },
+                config.inbound.timeout,
+            )
+            .with_arc_sealer(super::arc::Sealer::from_config(config)?),
+        ))
+    }
+
+    /// Seals forwarded mail with `sealer` (only before the checker is shared).
+    pub fn with_arc_sealer(mut self, sealer: Option<super::arc::Sealer>) -> Checker {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.arc = sealer;
+        }
+        self
     }
 
     pub fn new(
@@ -206,6 +232,7 @@ impl Checker {
                 relay_networks,
                 rules,
                 timeout,
+                arc: None,
             }),
         }
     }
@@ -234,6 +261,7 @@ impl Checker {
             ip,
             helo: envelope.helo.clone(),
             mail_from: envelope.reverse_path.clone(),
+            seal: self.inner.arc.as_ref().is_some_and(|a| a.wants(envelope)),
         };
         let inner = Arc::clone(&self.inner);
         let handle = tokio::runtime::Handle::current();
@@ -266,6 +294,7 @@ impl Inner {
                 dmarc: "timeout".into(),
                 ..Summary::default()
             },
+            arc_set: None,
         });
         let sample = rand::thread_rng().gen_range(0..100u8);
         let verdict = verdict::decide(self.rules, &report.findings, sample);
@@ -281,11 +310,14 @@ impl Inner {
             dmarc = %s.dmarc,
             from_domain = %report.findings.dmarc.domain,
             iprev = %s.iprev,
+            arc_sealed = report.arc_set.is_some(),
             verdict = %verdict_word(&verdict),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "inbound checks"
         );
-        let mut top = report.fields;
+        // The ARC set goes on top: it seals the results below it.
+        let mut top = report.arc_set.unwrap_or_default();
+        top.push_str(&report.fields);
         match verdict {
             Verdict::Reject(reply) | Verdict::Defer(reply) => return Err(reply),
             Verdict::Quarantine => top.push_str("X-Tern-Quarantine: dmarc\r\n"),
@@ -345,6 +377,22 @@ impl Inner {
         }
         results.push_str(&tail(AuthenticationResults::new(host).with_iprev_result(&iprev, ip)));
         let received_spf = ReceivedSpf::new(envelope_spf, ip, helo, mail_from, host).to_header();
+        let arc_set = match (&self.arc, id.seal) {
+            (Some(sealer), true) => {
+                // The same results, for ARC-Authentication-Results.
+                let mut aar = AuthenticationResults::new(&sealer.authserv_id).with_spf_ehlo_result(&helo_spf, ip, helo);
+                if let Some(spf) = &mail_from_spf {
+                    aar = aar.with_spf_mailfrom_result(spf, ip, mail_from, helo);
+                }
+                let aar = aar
+                    .with_dkim_results(&dkim, message.from())
+                    .with_arc_result(&arc, ip)
+                    .with_dmarc_result(&dmarc)
+                    .with_iprev_result(&iprev, ip);
+                sealer.seal(&message, &aar, &arc)
+            }
+            _ => None,
+        };
 
         Report {
             findings: Findings {
@@ -363,6 +411,7 @@ impl Inner {
                 dmarc: dmarc_word(&dmarc.result()).into(),
                 iprev: iprev_word(iprev.result()).into(),
             },
+            arc_set,
         }
     }
 
@@ -501,6 +550,8 @@ txt-record=sample.test,"v=spf1 -all"
 txt-record=_dmarc.sample.test,"v=DMARC1; p=reject; pct=0"
 txt-record=_dmarc.sp.test,"v=DMARC1; p=reject; sp=none"
 txt-record=_dmarc.sp2.test,"v=DMARC1; p=none; sp=reject"
+txt-record=broken.test,"v=spf1 a:mail.broken.123 -all"
+txt-record=_dmarc.broken.test,"v=DMARC1; p=reject"
 "#;
 
     const ENFORCE: Rules = Rules {
@@ -615,6 +666,13 @@ txt-record=_dmarc.sp2.test,"v=DMARC1; p=none; sp=reject"
             .await
             .unwrap_err();
         assert_eq!(err.text(), "Message rejected: DMARC policy of news.sp2.test");
+        // A broken SPF record is a permanent error: p=reject refuses with
+        // 550 (not a 451 that would make the sender retry for days).
+        let err = c
+            .check(&envelope("x@broken.test"), message("x@broken.test"))
+            .await
+            .unwrap_err();
+        assert_eq!((err.code, err.enhanced.as_deref()), (550, Some("5.7.1")), "{err:?}");
         // The null sender is checked with the HELO identity.
         let top = added(&c.check(&envelope(""), message("a@sender.test")).await.unwrap());
         assert!(
