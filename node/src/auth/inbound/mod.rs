@@ -135,6 +135,8 @@ struct Inner {
     relay_networks: Vec<ipnet::IpNet>,
     rules: Rules,
     timeout: Duration,
+    /// DMARC aggregate reports: each evaluation is counted here.
+    dmarc_reports: std::sync::OnceLock<Arc<crate::reports::dmarc::DmarcRecorder>>,
 }
 
 impl std::fmt::Debug for Checker {
@@ -161,6 +163,8 @@ struct Report {
     fields: String,
     /// One word per method, for the log line.
     summary: Summary,
+    /// For DMARC aggregate reports (disposition set once decided).
+    dmarc_evaluation: Option<crate::reports::dmarc::Evaluation>,
 }
 
 #[derive(Default)]
@@ -206,8 +210,14 @@ impl Checker {
                 relay_networks,
                 rules,
                 timeout,
+                dmarc_reports: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Counts every DMARC evaluation in `recorder` (`[dmarc_reports]`).
+    pub fn record_dmarc(&self, recorder: Arc<crate::reports::dmarc::DmarcRecorder>) {
+        let _ = self.inner.dmarc_reports.set(recorder);
     }
 
     /// The client address to check, or `None` for trusted mail: an
@@ -266,6 +276,7 @@ impl Inner {
                 dmarc: "timeout".into(),
                 ..Summary::default()
             },
+            dmarc_evaluation: None,
         });
         let sample = rand::thread_rng().gen_range(0..100u8);
         let verdict = verdict::decide(self.rules, &report.findings, sample);
@@ -285,6 +296,17 @@ impl Inner {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "inbound checks"
         );
+        if let (Some(recorder), Some(mut e)) = (self.dmarc_reports.get(), report.dmarc_evaluation) {
+            e.row.disposition = match verdict {
+                Verdict::Reject(_) => "reject",
+                Verdict::Quarantine => "quarantine",
+                _ => "none",
+            }
+            .into();
+            if !matches!(verdict, Verdict::Defer(_)) {
+                recorder.record(e);
+            }
+        }
         let mut top = report.fields;
         match verdict {
             Verdict::Reject(reply) | Verdict::Defer(reply) => return Err(reply),
@@ -345,6 +367,13 @@ impl Inner {
         }
         results.push_str(&tail(AuthenticationResults::new(host).with_iprev_result(&iprev, ip)));
         let received_spf = ReceivedSpf::new(envelope_spf, ip, helo, mail_from, host).to_header();
+        let pct = match finding.pct {
+            Pct::Known(n) => n,
+            Pct::Unknown => 100,
+        };
+        let dmarc_evaluation = self.dmarc_reports.get().and_then(|_| {
+            crate::reports::dmarc::evaluation(ip, mail_from, helo, envelope_spf, &dkim, &dmarc, "none", pct)
+        });
 
         Report {
             findings: Findings {
@@ -363,6 +392,7 @@ impl Inner {
                 dmarc: dmarc_word(&dmarc.result()).into(),
                 iprev: iprev_word(iprev.result()).into(),
             },
+            dmarc_evaluation,
         }
     }
 
