@@ -190,3 +190,75 @@ fn tls_rpt_and_dmarc_aggregate_reports_validate_and_are_signed() {
         "unverified.test's report is not sent"
     );
 }
+
+/// Three nodes each deliver a message to remote.test: the TLS-RPT counts
+/// of all three reach the reports once, through the control group's
+/// leader, whatever node delivered them.
+#[test]
+fn three_nodes_send_each_tls_rpt_period_once() {
+    if !Aiosmtpd::available() || !crate::dkim::dkimpy_available() || !schema_checkers_available() {
+        return;
+    }
+    let _lock = cluster_lock();
+    let dns = DnsServer::start("txt-record=_smtp._tls.remote.test,\"v=TLSRPTv1; rua=mailto:tlsrpt@reports.test\"\n");
+    let sink = ExactSink::start();
+    let extra = format!(
+        "[dns]\nnameservers = [\"{dns}\"]\n\n\
+         [policy]\nrelay_networks = [\"127.0.0.2/32\"]\n\n\
+         [[route]]\ndomain = \"remote.test\"\nto = \"{sink}\"\n\n\
+         [[route]]\ndomain = \"reports.test\"\nto = \"{sink}\"\n\n\
+         [tls_rpt]\nenabled = true\ninterval = \"5s\"\ngrace = \"2s\"\norg_name = \"Tern Test\"\n\
+         from = \"reports@tern.test\"\n",
+        dns = dns.addr,
+        sink = sink.peer.addr,
+    );
+    let (n1, n2, n3) = crate::cluster::three_node_cluster(&extra);
+    for node in [&n1, &n2, &n3] {
+        let out = swaks(node, "127.0.0.2", "someone@tern.test", "rcpt@remote.test");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let messages_dir = sink.peer.dir.path().join("messages");
+    let counted = || -> (u64, Vec<String>) {
+        let reports: Vec<PathBuf> = files_in(&messages_dir)
+            .into_iter()
+            .filter(|p| std::fs::read_to_string(p).unwrap_or_default().contains("Report-ID"))
+            .collect();
+        if reports.is_empty() {
+            return (0, Vec::new());
+        }
+        let out = Command::new("python3")
+            .arg(CHECK)
+            .arg(dns.addr.port().to_string())
+            .args(&reports)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let checked: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let sessions = checked
+            .iter()
+            .flat_map(|c| c["report"]["policies"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["summary"]["total-failure-session-count"].as_u64().unwrap_or(0))
+            .sum();
+        let ids = checked
+            .iter()
+            .map(|c| c["report"]["report-id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        (sessions, ids)
+    };
+    wait_for(Duration::from_secs(60), "reports covering the three sessions", || {
+        counted().0 >= 3
+    });
+    // One more session, in a later period: once its report is in, the
+    // earlier periods' passes are over, and none was sent twice.
+    let out = swaks(&n2, "127.0.0.2", "someone@tern.test", "rcpt@remote.test");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    wait_for(Duration::from_secs(60), "the later session's report", || {
+        counted().0 >= 4
+    });
+    let (sessions, mut ids) = counted();
+    assert_eq!(sessions, 4, "{}", n1.logs());
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "a period reported twice: {ids:?}");
+}
