@@ -110,7 +110,7 @@ fn tls_rpt_and_dmarc_aggregate_reports_validate_and_are_signed() {
     });
     let reports: Vec<PathBuf> = files_in(&messages_dir)
         .into_iter()
-        .filter(|p| std::fs::read_to_string(p).unwrap_or_default().contains("Report-ID"))
+        .filter(|p| std::fs::read_to_string(p).unwrap_or_default().contains("reports@tern.test"))
         .collect();
     assert_eq!(reports.len(), 2, "{}", node.logs());
 
@@ -133,7 +133,7 @@ fn tls_rpt_and_dmarc_aggregate_reports_validate_and_are_signed() {
     let tls = find(".json.gz");
     assert_eq!(tls["schema_valid"], true);
     assert_eq!(tls["dkim"], true, "{tls}");
-    assert_eq!(tls["to"], "tlsrpt@reports.test");
+    assert_eq!(tls["to"], "<tlsrpt@reports.test>");
     assert_eq!(tls["content_type"], "multipart/report");
     assert_eq!(tls["report_type"], "tlsrpt");
     assert_eq!(tls["attachment_type"], "application/tlsrpt+gzip");
@@ -165,7 +165,7 @@ fn tls_rpt_and_dmarc_aggregate_reports_validate_and_are_signed() {
     let dmarc = find(".xml.gz");
     assert_eq!(dmarc["schema_valid"], true);
     assert_eq!(dmarc["dkim"], true, "{dmarc}");
-    assert_eq!(dmarc["to"], "dmarc@reports.test");
+    assert_eq!(dmarc["to"], "<dmarc@reports.test>");
     assert_eq!(dmarc["attachment_type"], "application/gzip");
     let filename = dmarc["filename"].as_str().unwrap();
     assert!(filename.starts_with("tern.test!sender.test!"), "{filename}");
@@ -221,7 +221,7 @@ fn three_nodes_send_each_tls_rpt_period_once() {
     let counted = || -> (u64, Vec<String>) {
         let reports: Vec<PathBuf> = files_in(&messages_dir)
             .into_iter()
-            .filter(|p| std::fs::read_to_string(p).unwrap_or_default().contains("Report-ID"))
+            .filter(|p| std::fs::read_to_string(p).unwrap_or_default().contains("reports@tern.test"))
             .collect();
         if reports.is_empty() {
             return (0, Vec::new());

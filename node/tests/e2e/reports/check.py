@@ -6,6 +6,7 @@ Prints one JSON object per message file in argv[2:]."""
 import email, gzip, json, os, sys
 import dkim, dns.resolver, jsonschema, xmlschema
 import xml.etree.ElementTree as ET
+from email.header import decode_header, make_header
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 resolver = dns.resolver.Resolver(configure=False)
@@ -30,7 +31,7 @@ for path in sys.argv[2:]:
     raw = open(path, "rb").read()
     msg = email.message_from_bytes(raw)
     result = {
-        "subject": msg["Subject"],
+        "subject": " ".join(str(make_header(decode_header(msg["Subject"]))).split()),
         "from": msg["From"],
         "to": msg["To"],
         "content_type": msg.get_content_type(),
