@@ -176,10 +176,13 @@ pub struct DomainTally {
     pub rows: Vec<(Row, u64)>,
 }
 
+/// The latest policy of a domain and the count of each row.
+type DomainCounts = (Published, HashMap<Row, u64>);
+
 /// Counts of evaluations per From domain, shared by every check of the node.
 #[derive(Debug, Default)]
 pub struct DmarcRecorder {
-    counts: Mutex<HashMap<String, (Published, HashMap<Row, u64>)>>,
+    counts: Mutex<HashMap<String, DomainCounts>>,
 }
 
 impl DmarcRecorder {

@@ -110,7 +110,11 @@ fn tls_rpt_and_dmarc_aggregate_reports_validate_and_are_signed() {
     });
     let reports: Vec<PathBuf> = files_in(&messages_dir)
         .into_iter()
-        .filter(|p| std::fs::read_to_string(p).unwrap_or_default().contains("reports@tern.test"))
+        .filter(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .contains("reports@tern.test")
+        })
         .collect();
     assert_eq!(reports.len(), 2, "{}", node.logs());
 
@@ -221,7 +225,11 @@ fn three_nodes_send_each_tls_rpt_period_once() {
     let counted = || -> (u64, Vec<String>) {
         let reports: Vec<PathBuf> = files_in(&messages_dir)
             .into_iter()
-            .filter(|p| std::fs::read_to_string(p).unwrap_or_default().contains("reports@tern.test"))
+            .filter(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .contains("reports@tern.test")
+            })
             .collect();
         if reports.is_empty() {
             return (0, Vec::new());
