@@ -170,3 +170,44 @@ pub(super) fn validate_dmarc(raw: RawDmarcReports) -> Result<DmarcReportsConfig,
         grace: duration(raw.grace, d.grace, "dmarc_reports.grace")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    #[test]
+    fn defaults_required_keys_and_durations() {
+        let c = Config::from_toml("").expect("empty config");
+        assert!(!c.tls_rpt.enabled && !c.dmarc_reports.enabled);
+        assert_eq!(c.tls_rpt.interval.as_secs(), 86_400);
+        assert_eq!(c.dmarc_reports.grace.as_secs(), 300);
+
+        let c = Config::from_toml(
+            "[tls_rpt]\nenabled = true\ninterval = \"4s\"\norg_name = \"Org\"\nfrom = \"r@example.com\"\n",
+        )
+        .expect("valid [tls_rpt]");
+        assert_eq!(c.tls_rpt.interval.as_secs(), 4);
+        assert_eq!(c.tls_rpt.contact_info, "r@example.com");
+        assert_eq!(c.tls_rpt.max_reports, 1_000);
+
+        for (toml, key) in [
+            (
+                "[tls_rpt]\nenabled = true\nfrom = \"r@example.com\"\n",
+                "tls_rpt.org_name",
+            ),
+            (
+                "[dmarc_reports]\nenabled = true\norg_name = \"O\"\n",
+                "dmarc_reports.from",
+            ),
+            (
+                "[dmarc_reports]\nenabled = true\norg_name = \"O\"\nfrom = \"nodomain\"\n",
+                "dmarc_reports.from",
+            ),
+            ("[dmarc_reports]\ninterval = \"0s\"\n", "dmarc_reports.interval"),
+            ("[tls_rpt]\ngrace = \"soon\"\n", "tls_rpt.grace"),
+        ] {
+            let e = Config::from_toml(toml).expect_err(toml).to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+    }
+}
