@@ -29,7 +29,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -c "import aiosmtpd, flufl.bounce, prometheus_client, dkim, dns.resolver, nacl, dnslib, yaml, jsonschema" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client dkimpy dnspython pynacl dnslib pyyaml jsonschema
+python3 -c "import aiosmtpd, flufl.bounce, prometheus_client, dkim, dns.resolver, nacl, dnslib, yaml, jsonschema, xmlschema" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client dkimpy dnspython pynacl dnslib pyyaml jsonschema xmlschema
 # The OpenSPF RFC 7208 test suite ships in pyspf's source distribution (not
 # its wheel); kept under target/ so reruns do not fetch it again.
 spf_suite=target/spf-suite/rfc7208-tests.yml

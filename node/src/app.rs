@@ -143,6 +143,10 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         .context("auth.users_file")?;
     // Before anything is bound: a bad DKIM key file stops the start.
     let mut pipeline = crate::auth::Pipeline::new(&config)?;
+    let dmarc_reports = Arc::new(crate::reports::dmarc::DmarcRecorder::default());
+    if let (true, Some(checker)) = (config.dmarc_reports.enabled, &pipeline.inbound) {
+        checker.record_dmarc(Arc::clone(&dmarc_reports));
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
@@ -537,6 +541,16 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             stop_rx.clone(),
         )));
     }
+    crate::reports::start(
+        &config,
+        &delivery,
+        dmarc_reports,
+        &pipeline,
+        Arc::clone(&front),
+        Arc::clone(&ids),
+        stop_rx.clone(),
+    )
+    .context("reports")?;
     let controller = tokio::spawn(Arc::clone(&cluster).run(stop_rx.clone()));
     let purge = crate::api::purge::run(
         Arc::clone(&groups),

@@ -692,14 +692,17 @@ impl Delivery {
                             ));
                             continue;
                         }
-                        waits.push((rcpts, rx, choice));
+                        waits.push((rcpts, rx, choice, tls == TlsPolicy::Opportunistic));
                     }
                 }
             }
         }
-        for (rcpts, rx, choice) in waits {
+        for (rcpts, rx, choice, no_policy) in waits {
             match rx.await {
                 Ok(mut r) => {
+                    if no_policy && self.config.tls_rpt.enabled {
+                        crate::reports::tls::record_no_policy(&self.tls_reports, &message.record.envelope, &r);
+                    }
                     for a in &mut r {
                         if a.scope.is_none() {
                             a.scope = scopes.get(a.index).cloned().flatten();

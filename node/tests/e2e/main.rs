@@ -31,6 +31,7 @@ mod ops;
 mod outbound_tls;
 mod peers;
 mod pools;
+mod reports;
 mod shaping;
 mod smtp;
 mod spf_suite;

@@ -146,6 +146,8 @@ struct Inner {
     timeout: Duration,
     /// ARC sealing of forwarded mail (`[arc]`), see [`super::arc`].
     arc: Option<super::arc::Sealer>,
+    /// DMARC aggregate reports: each evaluation is counted here.
+    dmarc_reports: std::sync::OnceLock<Arc<crate::reports::dmarc::DmarcRecorder>>,
 }
 
 impl std::fmt::Debug for Checker {
@@ -176,6 +178,8 @@ struct Report {
     summary: Summary,
     /// Our ARC set, CRLF-terminated, when the message is sealed.
     arc_set: Option<String>,
+    /// For DMARC aggregate reports (disposition set once decided).
+    dmarc_evaluation: Option<crate::reports::dmarc::Evaluation>,
 }
 
 #[derive(Default)]
@@ -233,8 +237,14 @@ impl Checker {
                 rules,
                 timeout,
                 arc: None,
+                dmarc_reports: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Counts every DMARC evaluation in `recorder` (`[dmarc_reports]`).
+    pub fn record_dmarc(&self, recorder: Arc<crate::reports::dmarc::DmarcRecorder>) {
+        let _ = self.inner.dmarc_reports.set(recorder);
     }
 
     /// The client address to check, or `None` for trusted mail: an
@@ -295,6 +305,7 @@ impl Inner {
                 ..Summary::default()
             },
             arc_set: None,
+            dmarc_evaluation: None,
         });
         let sample = rand::thread_rng().gen_range(0..100u8);
         let verdict = verdict::decide(self.rules, &report.findings, sample);
@@ -315,6 +326,17 @@ impl Inner {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "inbound checks"
         );
+        if let (Some(recorder), Some(mut e)) = (self.dmarc_reports.get(), report.dmarc_evaluation) {
+            e.row.disposition = match verdict {
+                Verdict::Reject(_) => "reject",
+                Verdict::Quarantine => "quarantine",
+                _ => "none",
+            }
+            .into();
+            if !matches!(verdict, Verdict::Defer(_)) {
+                recorder.record(e);
+            }
+        }
         // The ARC set goes on top: it seals the results below it.
         let mut top = report.arc_set.unwrap_or_default();
         top.push_str(&report.fields);
@@ -393,6 +415,13 @@ impl Inner {
             }
             _ => None,
         };
+        let pct = match finding.pct {
+            Pct::Known(n) => n,
+            Pct::Unknown => 100,
+        };
+        let dmarc_evaluation = self.dmarc_reports.get().and_then(|_| {
+            crate::reports::dmarc::evaluation(ip, mail_from, helo, envelope_spf, &dkim, &dmarc, "none", pct)
+        });
 
         Report {
             findings: Findings {
@@ -412,6 +441,7 @@ impl Inner {
                 iprev: iprev_word(iprev.result()).into(),
             },
             arc_set,
+            dmarc_evaluation,
         }
     }
 
