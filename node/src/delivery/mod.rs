@@ -12,6 +12,7 @@ pub mod fence;
 pub mod headers;
 pub use headers::header_value;
 pub mod local;
+pub mod mta_sts;
 pub mod resolve;
 pub mod site;
 /// Test fixtures now in `tern-testkit`, kept at their old paths for unit tests.
@@ -97,6 +98,8 @@ pub enum Target {
         endpoints: Vec<Endpoint>,
         protocol: Protocol,
         tls: TlsPolicy,
+        /// The MTA-STS policy in force, checked and recorded per connection.
+        sts: Option<Arc<mta_sts::Applied>>,
     },
     /// A Maildir per user from this template.
     Maildir(String),
@@ -130,6 +133,8 @@ pub struct Delivery {
     shaper: Arc<crate::shaping::Shaper>,
     /// Outcomes of TLS under MTA-STS/DANE policies, for TLS-RPT.
     tls_reports: Arc<crate::reports::tls::TlsRecorder>,
+    /// `[mta_sts]`: policies of recipient domains, when enabled.
+    mta_sts: Option<mta_sts::MtaSts>,
 }
 
 impl Delivery {
@@ -240,8 +245,19 @@ impl Delivery {
         let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?;
         let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
         let egress = crate::delivery::egress::Egress::new(&config.egress, &client).map(Arc::new);
+        let tls_reports: Arc<crate::reports::tls::TlsRecorder> = Arc::default();
+        let mta_sts = match config.mta_sts.enabled {
+            true => Some(mta_sts::MtaSts::new(
+                config.mta_sts.clone(),
+                resolver.clone(),
+                tls::roots(config.tls_ca_file.as_deref())?,
+                Arc::clone(&tls_reports),
+            )?),
+            false => None,
+        };
         Ok(Arc::new(Delivery {
-            tls_reports: Arc::default(),
+            tls_reports,
+            mta_sts,
             backoff,
             egress,
             resolver,
@@ -273,6 +289,7 @@ impl Delivery {
                             endpoints: vec![endpoint],
                             protocol: Protocol::Lmtp,
                             tls: TlsPolicy::Disabled,
+                            sts: None,
                         },
                     },
                     Err(e) => unroutable(format!("451 4.3.0 local delivery agent {spec}: {e}")),
@@ -310,11 +327,22 @@ impl Delivery {
                     endpoints,
                     protocol: if route.lmtp { Protocol::Lmtp } else { Protocol::Smtp },
                     tls,
+                    sts: None,
                 },
             };
         }
         match self.resolver.resolve_site(domain).await {
-            Ok(site) => {
+            Ok(mut site) => {
+                let (tls, tls_tag, sts) = match &self.mta_sts {
+                    None => (tls, tls_tag, None),
+                    Some(sts) => match sts.decide(domain, &self.config.tls_policies, &mut site.hosts).await {
+                        mta_sts::Decision::None => (tls, tls_tag, None),
+                        mta_sts::Decision::Refuse(reply) => return unroutable(reply),
+                        mta_sts::Decision::Apply(a) => {
+                            (self.tls.verify_host(), format!("{}={domain}", a.tag()), Some(a))
+                        }
+                    },
+                };
                 let port = self.config.smtp_port;
                 let endpoints = site
                     .hosts
@@ -332,6 +360,7 @@ impl Delivery {
                         endpoints,
                         protocol: Protocol::Smtp,
                         tls,
+                        sts,
                     },
                 }
             }
@@ -575,6 +604,7 @@ impl Delivery {
                     endpoints,
                     protocol,
                     tls,
+                    sts,
                 } => {
                     let egress = match (&self.egress, pool) {
                         (Some(egress), Some(pool)) if protocol == Protocol::Smtp && !key.starts_with("local:") => {
@@ -643,6 +673,7 @@ impl Delivery {
                             endpoints,
                             protocol,
                             tls: tls.clone(),
+                            sts: sts.clone(),
                             message_id: message_id.clone(),
                             fence: fence.clone(),
                             conn: conn_limits.clone(),

@@ -83,6 +83,11 @@ impl OutboundTls {
         })
     }
 
+    /// `verify` with the host name connected to (MTA-STS `enforce`).
+    pub fn verify_host(&self) -> TlsPolicy {
+        self.verify_host.clone()
+    }
+
     /// The policy for mail to recipient `domain` (lowercase).
     pub fn policy_for(&self, domain: &str) -> TlsPolicy {
         let resolved = self.policies.level_for(domain);
@@ -101,7 +106,8 @@ impl OutboundTls {
     }
 }
 
-fn roots(ca_file: Option<&std::path::Path>) -> anyhow::Result<RootCertStore> {
+/// The system's roots and `tls_ca_file` (also trusted for MTA-STS policy hosts).
+pub(super) fn roots(ca_file: Option<&std::path::Path>) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
