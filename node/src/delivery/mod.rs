@@ -280,6 +280,12 @@ impl Delivery {
 
     /// Where mail for `domain` goes: a route, the local MDA, or its MX hosts.
     pub async fn plan(&self, domain: &str) -> Plan {
+        self.plan_with(domain, true).await
+    }
+
+    /// [`Delivery::plan`]; `recipient_policies: false` leaves MTA-STS out
+    /// (a message with `TLS-Required: No`, RFC 8689 5).
+    async fn plan_with(&self, domain: &str, recipient_policies: bool) -> Plan {
         if self.is_local(domain) {
             return match &self.config.local_delivery {
                 LocalDelivery::Lmtp(spec) => match lmtp_endpoint(&self.resolver, spec).await {
@@ -333,7 +339,7 @@ impl Delivery {
         }
         match self.resolver.resolve_site(domain).await {
             Ok(mut site) => {
-                let (tls, tls_tag, sts) = match &self.mta_sts {
+                let (tls, tls_tag, sts) = match self.mta_sts.as_ref().filter(|_| recipient_policies) {
                     None => (tls, tls_tag, None),
                     Some(sts) => match sts.decide(domain, &self.config.tls_policies, &mut site.hosts).await {
                         mta_sts::Decision::None => (tls, tls_tag, None),
@@ -508,13 +514,14 @@ impl Delivery {
         let mut by_site: BTreeMap<String, (Plan, Vec<usize>, Option<crate::shaping::Destination>)> = BTreeMap::new();
         // The shaping scope of each recipient sent to a remote site.
         let mut scopes: Vec<Option<String>> = vec![None; message.record.envelope.recipients.len()];
+        let recipient_policies = !mta_sts::tls_optional(&message.body);
         for (domain, rcpts) in by_domain {
             let plan = match self.suspended(&domain, now) {
                 Some(reply) => Plan {
                     key: format!("suspended:{domain}"),
                     target: Target::Unroutable { reply },
                 },
-                None => self.plan(&domain).await,
+                None => self.plan_with(&domain, recipient_policies).await,
             };
             let mut key = plan.key.clone();
             let mut shaped = None;

@@ -632,6 +632,13 @@ impl MtaSts {
     }
 }
 
+/// The message asks, with `TLS-Required: No` (RFC 8689 5), that recipient
+/// domains' TLS policies (MTA-STS) be ignored for it; the operator's own
+/// `[[tls_policy]]` still applies.
+pub fn tls_optional(message: &[u8]) -> bool {
+    super::header_value(message, "tls-required").is_some_and(|v| v.trim().eq_ignore_ascii_case("no"))
+}
+
 /// Whether `[[tls_policy]]` or `require_tls_domains` names `domain`.
 pub fn has_explicit_policy(policies: &TlsPolicies, domain: &str) -> bool {
     policies.require_tls_domains.iter().any(|d| d == domain)
@@ -678,6 +685,13 @@ mod tests {
         ] {
             assert!(Policy::parse("x", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tls_required_no_is_read_from_the_header() {
+        assert!(tls_optional(b"Subject: x\r\nTLS-Required:  No \r\n\r\nbody\r\n"));
+        assert!(!tls_optional(b"Subject: x\r\n\r\nTLS-Required: No\r\n"));
+        assert!(!tls_optional(b"TLS-Required: Yes\r\n\r\n"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod inbound;
 mod limits;
 mod local;
 mod metrics;
+mod mta_sts;
 mod node;
 mod operators;
 mod ops;
