@@ -13,6 +13,7 @@ pub mod headers;
 pub use headers::header_value;
 pub mod local;
 pub mod mta_sts;
+pub mod requiretls;
 pub mod resolve;
 pub mod site;
 /// Test fixtures now in `tern-testkit`, kept at their old paths for unit tests.
@@ -514,7 +515,9 @@ impl Delivery {
         let mut by_site: BTreeMap<String, (Plan, Vec<usize>, Option<crate::shaping::Destination>)> = BTreeMap::new();
         // The shaping scope of each recipient sent to a remote site.
         let mut scopes: Vec<Option<String>> = vec![None; message.record.envelope.recipients.len()];
-        let recipient_policies = !mta_sts::tls_optional(&message.body);
+        let require_tls = requiretls::required(&message.body);
+        // RFC 8689 4.1: with REQUIRETLS, a TLS-Required header field is ignored.
+        let recipient_policies = require_tls || !mta_sts::tls_optional(&message.body);
         for (domain, rcpts) in by_domain {
             let plan = match self.suspended(&domain, now) {
                 Some(reply) => Plan {
@@ -522,6 +525,10 @@ impl Delivery {
                     target: Target::Unroutable { reply },
                 },
                 None => self.plan_with(&domain, recipient_policies).await,
+            };
+            let plan = match require_tls {
+                true => requiretls::harden(plan, &self.tls),
+                false => plan,
             };
             let mut key = plan.key.clone();
             let mut shaped = None;

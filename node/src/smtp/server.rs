@@ -118,6 +118,8 @@ impl SmtpConfig {
             verify_recipients: self.verify_recipients,
             submission: self.auth.is_some(),
             future_release: self.future_release,
+            // Offered whenever TLS is active (docs/security.md, "REQUIRETLS").
+            requiretls: true,
             clock: tern_smtp::policy::unix_now,
             max_junk_commands: self.max_junk_commands,
             memory: Arc::clone(&self.memory) as Arc<dyn tern_smtp::MemoryBudget>,

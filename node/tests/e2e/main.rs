@@ -27,6 +27,7 @@ mod ops;
 mod outbound_tls;
 mod peers;
 mod pools;
+mod requiretls;
 mod shaping;
 mod smtp;
 mod spf_suite;
