@@ -668,9 +668,13 @@ mod tests {
         assert!(!p.matches("a.b.example.net"), "a wildcard is one label");
         assert!(!p.matches("example.net"));
         assert!(!p.matches("mx2.example.com"));
-        assert!(Policy::parse("x", "version: STSv1\nmode: testing\nmax_age: 99999999999\nmx: a.b\n").is_ok());
+        assert!(Policy::parse("x", "version: STSv1\nmode: testing\nmax_age: 9999999999\nmx: a.b\n").is_ok());
+        assert!(
+            Policy::parse("x", "version: STSv1\nmode: testing\nmax_age: 99999999999\nmx: a.b\n").is_err(),
+            "1*10DIGIT"
+        );
         assert_eq!(
-            Policy::parse("x", "version: STSv1\nmode: none\nmax_age: 86400000000\n")
+            Policy::parse("x", "version: STSv1\nmode: none\nmax_age: 8640000000\n")
                 .unwrap()
                 .max_age,
             Duration::from_secs(MAX_AGE_LIMIT)
