@@ -90,3 +90,58 @@ pub(super) fn validate(raw: RawMtaSts) -> Result<MtaStsConfig, ConfigError> {
         policy_port,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_bounds() {
+        let d = validate(RawMtaSts::default()).unwrap();
+        assert_eq!(d, MtaStsConfig::default());
+        assert_eq!((d.policy_port, d.max_policy_size), (443, 65_536));
+        let raw = RawMtaSts {
+            enabled: Some(true),
+            fetch_timeout: Some("30s".into()),
+            policy_port: Some(8443),
+            ..RawMtaSts::default()
+        };
+        let c = validate(raw).unwrap();
+        assert!(c.enabled);
+        assert_eq!((c.fetch_timeout, c.policy_port), (Duration::from_secs(30), 8443));
+        for (raw, key) in [
+            (
+                RawMtaSts {
+                    fetch_timeout: Some("0s".into()),
+                    ..RawMtaSts::default()
+                },
+                "mta_sts.fetch_timeout",
+            ),
+            (
+                RawMtaSts {
+                    max_policy_size: Some(10),
+                    ..RawMtaSts::default()
+                },
+                "mta_sts.max_policy_size",
+            ),
+            (
+                RawMtaSts {
+                    cache_size: Some(0),
+                    ..RawMtaSts::default()
+                },
+                "mta_sts.cache_size",
+            ),
+            (
+                RawMtaSts {
+                    policy_port: Some(0),
+                    ..RawMtaSts::default()
+                },
+                "mta_sts.policy_port",
+            ),
+        ] {
+            let e = validate(raw).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+}
