@@ -208,6 +208,8 @@ pub struct MailParams<'a> {
     /// DSN parameters (only when the peer offers DSN).
     pub ret: Option<Ret>,
     pub envid: Option<&'a str>,
+    /// `REQUIRETLS` (RFC 8689), only to a peer that offers it.
+    pub requiretls: bool,
 }
 
 pub fn ehlo(name: &str, lmtp: bool) -> Vec<u8> {
@@ -241,6 +243,9 @@ pub fn mail_from(reverse_path: &str, p: &MailParams<'_>) -> Vec<u8> {
     if let Some(envid) = p.envid.filter(|e| !e.is_empty()) {
         s.push_str(" ENVID=");
         s.push_str(&xtext_encode(envid));
+    }
+    if p.requiretls {
+        s.push_str(" REQUIRETLS");
     }
     s.push_str("\r\n");
     s.into_bytes()
@@ -506,10 +511,11 @@ mod tests {
             smtputf8: true,
             ret: Some(Ret::Hdrs),
             envid: Some("id+1 x"),
+            requiretls: true,
         };
         assert_eq!(
             String::from_utf8(mail_from("a@b.test", &p)).unwrap(),
-            "MAIL FROM:<a@b.test> SIZE=1234 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=id+2B1+20x\r\n"
+            "MAIL FROM:<a@b.test> SIZE=1234 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=id+2B1+20x REQUIRETLS\r\n"
         );
         let n = Notify {
             given: true,

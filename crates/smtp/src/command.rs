@@ -57,6 +57,9 @@ pub struct MailFrom {
     /// `HOLDFOR=` or `HOLDUNTIL=` (RFC 4865); the session decides whether
     /// this listener allows it.
     pub hold: Option<Hold>,
+    /// `REQUIRETLS` (RFC 8689): relay only over verified TLS to hosts that
+    /// offer REQUIRETLS; the session decides whether it is offered here.
+    pub requiretls: bool,
 }
 
 /// `RCPT TO:<forward-path> [params]`.
@@ -258,6 +261,12 @@ fn parse_mail(rest: &str) -> Result<MailFrom, ParseError> {
                     future_release::parse_holduntil(v)
                 };
                 mail.hold = Some(hold.ok_or_else(bad)?);
+            }
+            "REQUIRETLS" => {
+                if value.is_some() {
+                    return Err(bad());
+                }
+                mail.requiretls = true;
             }
             // RFC 4954: without AUTH advertised, accepted and ignored.
             "AUTH" => {}

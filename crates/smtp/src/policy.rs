@@ -41,6 +41,9 @@ pub struct SessionConfig {
     /// On submission listeners: how far ahead HOLDFOR/HOLDUNTIL may hold a
     /// message (RFC 4865, advertised as `FUTURERELEASE`); `None`: not offered.
     pub future_release: Option<Duration>,
+    /// Offer REQUIRETLS (RFC 8689) once TLS is active; the flag is kept in
+    /// the Received header this session adds (`(REQUIRETLS)`).
+    pub requiretls: bool,
     /// The current time in unix seconds (a fixed one in tests).
     pub clock: fn() -> i64,
     /// NOOP, RSET, VRFY, HELP, HELO and EHLO allowed between two queued
@@ -67,6 +70,7 @@ impl Default for SessionConfig {
             screen_recipients: false,
             submission: false,
             future_release: None,
+            requiretls: false,
             clock: unix_now,
             max_junk_commands: 100,
             memory: Arc::new(Unlimited),

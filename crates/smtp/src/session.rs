@@ -164,6 +164,8 @@ struct Transaction {
     reservation: Option<Reservation>,
     /// The release time from HOLDFOR/HOLDUNTIL, fixed at MAIL.
     release_at: Option<i64>,
+    /// MAIL carried REQUIRETLS (recorded in the Received header).
+    requiretls: bool,
 }
 
 /// One SMTP session.
@@ -597,6 +599,9 @@ impl Session {
         if let Some(max) = self.future_release() {
             lines.push(future_release::ehlo_keyword((self.config.clock)(), max.as_secs()));
         }
+        if self.requiretls_offered() {
+            lines.push("REQUIRETLS".to_string());
+        }
         for ext in [
             "ENHANCEDSTATUSCODES",
             "8BITMIME",
@@ -618,6 +623,11 @@ impl Session {
     /// How far ahead a message may be held: only submission listeners offer it.
     fn future_release(&self) -> Option<Duration> {
         self.config.future_release.filter(|_| self.submission())
+    }
+
+    /// RFC 8689 2: only offered under TLS.
+    fn requiretls_offered(&self) -> bool {
+        self.config.requiretls && self.tls_active
     }
 
     fn starttls_offered(&self) -> bool {
@@ -772,6 +782,10 @@ impl Session {
                 return Reply::new(553, "5.7.1", format!("Sender address not owned by user {}", user.name));
             }
         }
+        if m.requiretls && !self.requiretls_offered() {
+            // Not advertised in this session (no TLS yet, or not offered at all).
+            return Reply::new(555, "5.5.4", "Unsupported option: REQUIRETLS");
+        }
         let release_at = match (m.hold, self.future_release()) {
             (None, _) => None,
             // Not advertised here: as unknown as any other parameter.
@@ -805,6 +819,7 @@ impl Session {
             bdat: None,
             reservation: None,
             release_at,
+            requiretls: m.requiretls,
         });
         Reply::new(250, "2.1.0", "Sender ok")
     }
@@ -1021,7 +1036,7 @@ impl Session {
             return self.error(Reply::new(503, "5.5.1", "Error: no transaction"));
         };
         let id = (self.next_id)();
-        let received = self.received_header(&id, &tx.envelope);
+        let received = self.received_header(&id, &tx.envelope, tx.requiretls);
         let mut body = Vec::with_capacity(received.len() + content.len());
         body.extend_from_slice(received.as_bytes());
         body.extend_from_slice(&content);
@@ -1038,7 +1053,8 @@ impl Session {
     }
 
     /// RFC 5321 4.4 trace header; protocol words per RFC 3848.
-    fn received_header(&self, id: &str, env: &Envelope) -> String {
+    /// `requiretls`: the marker delivery reads back ([`REQUIRETLS_MARK`]).
+    fn received_header(&self, id: &str, env: &Envelope, requiretls: bool) -> String {
         let esmtp = self.helo.as_ref().is_some_and(|(_, e)| *e);
         let with = match (esmtp, self.tls_active, self.auth.is_some()) {
             (true, true, true) => "ESMTPSA",
@@ -1054,6 +1070,10 @@ impl Session {
         if let Some(t) = &self.tls {
             h.push_str(&format!("\r\n\t(using {} with cipher {})", t.version, t.cipher));
         }
+        if requiretls {
+            h.push_str("\r\n\t");
+            h.push_str(REQUIRETLS_MARK);
+        }
         if let [only] = env.recipients.as_slice() {
             h.push_str(&format!("\r\n\tfor <{}>", only.address));
         }
@@ -1061,6 +1081,12 @@ impl Session {
         h
     }
 }
+
+/// Comment in the Received header a session adds for a message sent with
+/// `MAIL ... REQUIRETLS`: the flag travels with the message (through the
+/// Raft log and queue records unchanged) and delivery reads it back from
+/// the topmost Received header, which is always this node's own.
+pub const REQUIRETLS_MARK: &str = "(REQUIRETLS)";
 
 /// The answer to DATA or BDAT when the memory budget cannot hold the message.
 fn insufficient_storage() -> Reply {
@@ -2368,5 +2394,49 @@ mod tests {
             "530 5.7.0 Authentication required\r\n"
         );
         assert!(h.queued.is_empty() && anon.queued.is_empty());
+    }
+
+    #[test]
+    fn requiretls_is_offered_and_accepted_under_tls_only_and_marked_in_received() {
+        let cfg = || SessionConfig {
+            starttls: true,
+            requiretls: true,
+            ..config()
+        };
+        let mut h = H::new(cfg());
+        assert!(!h.send("EHLO c.test\r\n").contains("REQUIRETLS"));
+        assert_eq!(
+            h.send("MAIL FROM:<a@client.test> REQUIRETLS\r\n"),
+            "555 5.5.4 Unsupported option: REQUIRETLS\r\n"
+        );
+        h.send("STARTTLS\r\n");
+        assert!(h.send("EHLO c.test\r\n").contains("250-REQUIRETLS\r\n"));
+        assert_eq!(
+            h.send("MAIL FROM:<a@client.test> REQUIRETLS=yes\r\n"),
+            "501 5.5.4 Bad REQUIRETLS parameter syntax\r\n"
+        );
+        h.send("MAIL FROM:<a@client.test> REQUIRETLS\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+        assert_eq!(h.send("hi\r\n.\r\n"), "250 2.0.0 Ok: queued as Q1\r\n");
+        let received = h.body(0).split("\r\n\r\n").next().unwrap().to_owned();
+        let first = received.split("\r\nhi").next().unwrap();
+        assert!(
+            first.starts_with("Received: ") && first.contains("\r\n\t(REQUIRETLS)"),
+            "{first}"
+        );
+        // Without the parameter, no mark.
+        h.send("MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+        h.send("hi\r\n.\r\n");
+        assert!(!h.body(1).contains("REQUIRETLS"));
+        // Not configured: never offered, even under TLS.
+        let mut off = H::new(SessionConfig {
+            requiretls: false,
+            ..cfg()
+        });
+        off.send("EHLO c.test\r\nSTARTTLS\r\n");
+        assert!(!off.send("EHLO c.test\r\n").contains("REQUIRETLS"));
+        assert_eq!(
+            off.send("MAIL FROM:<a@client.test> REQUIRETLS\r\n"),
+            "555 5.5.4 Unsupported option: REQUIRETLS\r\n"
+        );
     }
 }

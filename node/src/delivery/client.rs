@@ -605,6 +605,7 @@ impl Connection {
             smtputf8: msg.smtputf8,
             ret: if dsn { msg.ret } else { None },
             envid: if dsn { msg.envid } else { None },
+            requiretls: self.protocol == Protocol::Smtp && super::requiretls::required(msg.body),
         };
         let rcpts: Vec<RcptSpec<'_>> = msg
             .recipients
@@ -796,6 +797,13 @@ impl Connection {
 
     /// Replies for which we do not even start a transaction.
     fn refuse_locally(&self, msg: &OutMessage<'_>) -> Option<Reply> {
+        // LMTP is final delivery: REQUIRETLS governs relaying only.
+        if self.protocol == Protocol::Smtp
+            && super::requiretls::required(msg.body)
+            && !(self.tls.is_some() && self.caps.has("REQUIRETLS"))
+        {
+            return Some(super::requiretls::unsupported(&self.peer));
+        }
         if msg.smtputf8 && !self.caps.has("SMTPUTF8") {
             return Some(Reply::synthetic(
                 553,

@@ -13,6 +13,8 @@ pub mod fence;
 pub mod headers;
 pub use headers::header_value;
 pub mod local;
+pub mod mta_sts;
+pub mod requiretls;
 pub mod resolve;
 pub mod site;
 /// Test fixtures now in `tern-testkit`, kept at their old paths for unit tests.
@@ -98,6 +100,8 @@ pub enum Target {
         endpoints: Vec<Endpoint>,
         protocol: Protocol,
         tls: TlsPolicy,
+        /// The MTA-STS policy in force, checked and recorded per connection.
+        sts: Option<Arc<mta_sts::Applied>>,
     },
     /// A Maildir per user from this template.
     Maildir(String),
@@ -133,6 +137,8 @@ pub struct Delivery {
     tls_reports: Arc<crate::reports::tls::TlsRecorder>,
     /// DANE (RFC 7672), when a destination can be at a DANE level.
     dane: Option<dane::Dane>,
+    /// `[mta_sts]`: policies of recipient domains, when enabled.
+    mta_sts: Option<mta_sts::MtaSts>,
 }
 
 impl Delivery {
@@ -255,9 +261,19 @@ impl Delivery {
         };
         let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
         let egress = crate::delivery::egress::Egress::new(&config.egress, &client).map(Arc::new);
+        let mta_sts = match config.mta_sts.enabled {
+            true => Some(mta_sts::MtaSts::new(
+                config.mta_sts.clone(),
+                resolver.clone(),
+                tls::roots(config.tls_ca_file.as_deref())?,
+                Arc::clone(&tls_reports),
+            )?),
+            false => None,
+        };
         Ok(Arc::new(Delivery {
             tls_reports,
             dane,
+            mta_sts,
             backoff,
             egress,
             resolver,
@@ -280,6 +296,12 @@ impl Delivery {
 
     /// Where mail for `domain` goes: a route, the local MDA, or its MX hosts.
     pub async fn plan(&self, domain: &str) -> Plan {
+        self.plan_with(domain, true).await
+    }
+
+    /// [`Delivery::plan`]; `recipient_policies: false` leaves MTA-STS out
+    /// (a message with `TLS-Required: No`, RFC 8689 5).
+    async fn plan_with(&self, domain: &str, recipient_policies: bool) -> Plan {
         if self.is_local(domain) {
             return match &self.config.local_delivery {
                 LocalDelivery::Lmtp(spec) => match lmtp_endpoint(&self.resolver, spec).await {
@@ -289,6 +311,7 @@ impl Delivery {
                             endpoints: vec![endpoint],
                             protocol: Protocol::Lmtp,
                             tls: TlsPolicy::Disabled,
+                            sts: None,
                         },
                     },
                     Err(e) => unroutable(format!("451 4.3.0 local delivery agent {spec}: {e}")),
@@ -326,17 +349,35 @@ impl Delivery {
                     endpoints,
                     protocol: if route.lmtp { Protocol::Lmtp } else { Protocol::Smtp },
                     tls,
+                    sts: None,
                 },
             };
         }
         match self.resolver.resolve_site(domain).await {
-            Ok(site) => {
+            Ok(mut site) => {
                 let dane_level = self.tls.dane_level(domain);
                 let (tls, keep) = match dane::for_site(self.dane.as_ref(), dane_level, domain, &site, tls).await {
                     Ok(v) => v,
                     Err(reply) => return unroutable(reply),
                 };
-                let tls_tag = tls.tag();
+                // DANE, where it applies, wins over MTA-STS (RFC 8461 2).
+                let sts_applies = recipient_policies && keep.is_none();
+                let (tls, tls_tag, sts) = match self.mta_sts.as_ref().filter(|_| sts_applies) {
+                    None => {
+                        let tag = tls.tag();
+                        (tls, tag, None)
+                    }
+                    Some(sts) => match sts.decide(domain, &self.config.tls_policies, &mut site.hosts).await {
+                        mta_sts::Decision::None => {
+                            let tag = tls.tag();
+                            (tls, tag, None)
+                        }
+                        mta_sts::Decision::Refuse(reply) => return unroutable(reply),
+                        mta_sts::Decision::Apply(a) => {
+                            (self.tls.verify_host(), format!("{}={domain}", a.tag()), Some(a))
+                        }
+                    },
+                };
                 let port = self.config.smtp_port;
                 let endpoints = site
                     .hosts
@@ -355,6 +396,7 @@ impl Delivery {
                         endpoints,
                         protocol: Protocol::Smtp,
                         tls,
+                        sts,
                     },
                 }
             }
@@ -502,13 +544,20 @@ impl Delivery {
         let mut by_site: BTreeMap<String, (Plan, Vec<usize>, Option<crate::shaping::Destination>)> = BTreeMap::new();
         // The shaping scope of each recipient sent to a remote site.
         let mut scopes: Vec<Option<String>> = vec![None; message.record.envelope.recipients.len()];
+        let require_tls = requiretls::required(&message.body);
+        // RFC 8689 4.1: with REQUIRETLS, a TLS-Required header field is ignored.
+        let recipient_policies = require_tls || !mta_sts::tls_optional(&message.body);
         for (domain, rcpts) in by_domain {
             let plan = match self.suspended(&domain, now) {
                 Some(reply) => Plan {
                     key: format!("suspended:{domain}"),
                     target: Target::Unroutable { reply },
                 },
-                None => self.plan(&domain).await,
+                None => self.plan_with(&domain, recipient_policies).await,
+            };
+            let plan = match require_tls {
+                true => requiretls::harden(plan, &self.tls),
+                false => plan,
             };
             let mut key = plan.key.clone();
             let mut shaped = None;
@@ -598,6 +647,7 @@ impl Delivery {
                     endpoints,
                     protocol,
                     tls,
+                    sts,
                 } => {
                     let egress = match (&self.egress, pool) {
                         (Some(egress), Some(pool)) if protocol == Protocol::Smtp && !key.starts_with("local:") => {
@@ -666,6 +716,7 @@ impl Delivery {
                             endpoints,
                             protocol,
                             tls: tls.clone(),
+                            sts: sts.clone(),
                             message_id: message_id.clone(),
                             fence: fence.clone(),
                             conn: conn_limits.clone(),

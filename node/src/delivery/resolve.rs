@@ -511,6 +511,30 @@ impl MxResolver {
         })
     }
 
+    /// The TXT strings at `name` (each record's strings joined): `Ok(None)`
+    /// when the name has none or does not exist, `Err` on a temporary failure.
+    pub async fn txt(&self, name: &str) -> Result<Option<Vec<String>>, ResolveError> {
+        let fq = fqdn(&normalize_domain(name)).ok_or_else(|| ResolveError::NoSuchDomain(name.to_owned()))?;
+        match classify(self.inner.dns.lookup(fq, RecordType::TXT).await) {
+            Answer::Found(lookup) => Ok(Some(
+                lookup
+                    .iter()
+                    .filter_map(|r| match r {
+                        RData::TXT(txt) => Some(
+                            txt.txt_data()
+                                .iter()
+                                .map(|part| String::from_utf8_lossy(part))
+                                .collect::<String>(),
+                        ),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            Answer::NoData | Answer::NxDomain => Ok(None),
+            Answer::Failed(why) => Err(ResolveError::Temporary(format!("TXT lookup for {name}: {why}"))),
+        }
+    }
+
     /// A and/or AAAA for one name, queried concurrently, in `ip_order`.
     async fn host_addrs(&self, name: Name) -> HostAddrs {
         let families = self.inner.ip_order.families();

@@ -31,6 +31,8 @@ pub struct Job {
     pub endpoints: Vec<Endpoint>,
     pub protocol: Protocol,
     pub tls: TlsPolicy,
+    /// The MTA-STS policy in force, if any (checks and records each connection).
+    pub sts: Option<Arc<super::mta_sts::Applied>>,
     pub message_id: String,
     /// Asked before the end of data (shard leadership).
     pub fence: Option<Arc<dyn super::fence::Fence>>,
@@ -360,7 +362,11 @@ impl Worker {
 async fn connect(job: &Job, client: &ClientConfig) -> Result<Connection, String> {
     let mut last = String::from("451 4.4.1 no address to connect to");
     for endpoint in &job.endpoints {
-        match Connection::connect(endpoint, job.protocol, job.tls.clone(), client).await {
+        let connected = match &job.sts {
+            Some(sts) => sts.connect(endpoint, job.protocol, job.tls.clone(), client).await,
+            None => Connection::connect(endpoint, job.protocol, job.tls.clone(), client).await,
+        };
+        match connected {
             Ok(c) => return Ok(c),
             Err(ConnectError::TlsFailed(e)) if job.tls == TlsPolicy::Opportunistic => {
                 tracing::info!(endpoint = %endpoint, error = %e, "STARTTLS failed; retrying without TLS");

@@ -113,6 +113,11 @@ impl OutboundTls {
                 .any(|e| matches!(e.level, TlsLevel::Dane | TlsLevel::DaneOnly))
     }
 
+    /// `verify` with the host name connected to (MTA-STS `enforce`).
+    pub fn verify_host(&self) -> TlsPolicy {
+        self.verify_host.clone()
+    }
+
     /// The policy for mail to recipient `domain` (lowercase). For the DANE
     /// levels, the policy when DANE does not apply ([`super::dane`]
     /// decides per MX host): `dane` is `may`; `dane-only` is `encrypt` (a
@@ -135,7 +140,8 @@ impl OutboundTls {
     }
 }
 
-fn roots(ca_file: Option<&std::path::Path>) -> anyhow::Result<RootCertStore> {
+/// The system's roots and `tls_ca_file` (also trusted for MTA-STS policy hosts).
+pub(super) fn roots(ca_file: Option<&std::path::Path>) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {

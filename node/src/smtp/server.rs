@@ -121,6 +121,8 @@ impl SmtpConfig {
             screen_recipients: self.screen.is_some(),
             submission: self.auth.is_some(),
             future_release: self.future_release,
+            // Offered whenever TLS is active (docs/security.md, "REQUIRETLS").
+            requiretls: true,
             clock: tern_smtp::policy::unix_now,
             max_junk_commands: self.max_junk_commands,
             memory: Arc::clone(&self.memory) as Arc<dyn tern_smtp::MemoryBudget>,
