@@ -20,6 +20,8 @@ use tern_model::peer::Operation;
 
 /// Pause before a forwarded enqueue is retried (lets a new leader be known).
 const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// Longest a forwarded enqueue is retried while its shard elects a leader.
+const FORWARD_RETRY_WINDOW: Duration = Duration::from_secs(5);
 
 /// A forward that failed on the way (transport) or because the leader
 /// changed; not one the leader timed out on (the client has waited enough).
@@ -155,18 +157,26 @@ impl Peers {
     /// queue id: if the first attempt did commit, the state machine ignores
     /// the second while the message is still queued, so no duplicate.
     pub async fn forward_enqueue(&self, group: &GroupHandle, message: &NewMessage) -> Result<(), ClusterError> {
-        let (leader, addr) = self.leader_addr(group).ok_or(ClusterError::NoLeader)?;
-        match self.enqueue_status(leader, &addr, group.id, message, true).await {
-            Ok(()) => Ok(()),
-            Err(status) if retryable(&status) => {
-                tracing::info!(group = group.id, error = %status.message(), "forwarded enqueue retried once");
+        // An election (a leader that stepped down, a placement change) takes
+        // one election timeout or a few under load: the client is kept
+        // waiting that long rather than told 451 at once.
+        let deadline = tokio::time::Instant::now() + FORWARD_RETRY_WINDOW;
+        loop {
+            let Some((leader, addr)) = self.leader_addr(group) else {
+                if tokio::time::Instant::now() + FORWARD_RETRY_PAUSE > deadline {
+                    return Err(ClusterError::NoLeader);
+                }
                 tokio::time::sleep(FORWARD_RETRY_PAUSE).await;
-                let (leader, addr) = self.leader_addr(group).ok_or(ClusterError::NoLeader)?;
-                self.enqueue_status(leader, &addr, group.id, message, true)
-                    .await
-                    .map_err(|e| ClusterError::forward(&addr, &e))
+                continue;
+            };
+            match self.enqueue_status(leader, &addr, group.id, message, true).await {
+                Ok(()) => return Ok(()),
+                Err(status) if retryable(&status) && tokio::time::Instant::now() + FORWARD_RETRY_PAUSE <= deadline => {
+                    tracing::info!(group = group.id, error = %status.message(), "forwarded enqueue retried");
+                    tokio::time::sleep(FORWARD_RETRY_PAUSE).await;
+                }
+                Err(status) => return Err(ClusterError::forward(&addr, &status)),
             }
-            Err(status) => Err(ClusterError::forward(&addr, &status)),
         }
     }
 

@@ -183,9 +183,13 @@ pub enum WriteError {
     Stopped,
     #[error("not committed within {0:?}")]
     Timeout(std::time::Duration),
-    /// Raft refused or failed the write (not the leader any more, shutting down).
+    /// Raft refused or failed the write (shutting down, storage error).
     #[error("{0}")]
     Raft(String),
+    /// This node was not the leader: nothing was appended, so the message
+    /// may go to another shard without risk of a duplicate.
+    #[error("not the shard's leader")]
+    NotLeader,
 }
 
 impl Writer {
@@ -247,6 +251,9 @@ async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize, mix: bool) {
             let request = request_of(works);
             let result = match tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(request)).await {
                 Ok(Ok(_)) => Ok(()),
+                Ok(Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(
+                    _,
+                )))) => Err(WriteError::NotLeader),
                 Ok(Err(e)) => Err(WriteError::Raft(e.to_string())),
                 Err(_) => Err(WriteError::Timeout(WRITE_TIMEOUT)),
             };

@@ -157,28 +157,48 @@ impl QueueFront {
             };
             // The shard may have lost its leader or its majority mid-write: the
             // entry may or may not commit, so the client must retry (never 250).
-            return match self.batchers.write(shard, message).await {
+            match self.batchers.write(shard, message.clone()).await {
                 Ok(()) => {
                     received.log(&id, shard.id, false);
-                    Ok(())
+                    return Ok(());
+                }
+                // Leadership moved before the entry was appended (an election,
+                // a leader hand-over): nothing was written, so the message
+                // goes to a shard's current leader below instead of a 451.
+                Err(batch::WriteError::NotLeader) => {
+                    tracing::info!(msg_id = %id, shard = shard.id, "no longer the shard's leader: forwarding");
+                    return self.forward(&id, &received, turn, message).await;
                 }
                 Err(failure) => {
                     tracing::warn!(msg_id = %id, shard = shard.id, error = %failure, "enqueue failed");
-                    Err(EnqueueError::Temporary("queue write failed, try again later".into()))
+                    return Err(EnqueueError::Temporary("queue write failed, try again later".into()));
                 }
-            };
+            }
         }
         let message = NewMessage {
             record: Box::new(record),
             body: Body { bytes: body, loc: None },
         };
+        self.forward(&id, &received, turn, message).await
+    }
+
+    /// Sends a new message to the leader of a shard this node replicates,
+    /// or through any replica when it holds none.
+    async fn forward(
+        &self,
+        id: &str,
+        received: &Received,
+        turn: usize,
+        message: NewMessage,
+    ) -> Result<(), EnqueueError> {
+        let shards = self.groups.shards();
         // No shard led here: forward to the leader of one we replicate.
         let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).collect();
         if with_leader.is_empty() {
             // No replica here at all (more nodes than replicas): via any replica.
             return match self.peers.forward_enqueue_anywhere(turn, &message).await {
                 Ok(shard) => {
-                    received.log(&id, shard, true);
+                    received.log(id, shard, true);
                     Ok(())
                 }
                 Err(e) => {
@@ -192,7 +212,7 @@ impl QueueFront {
         let shard = with_leader[turn % with_leader.len()];
         match self.peers.forward_enqueue(shard, &message).await {
             Ok(()) => {
-                received.log(&id, shard.id, true);
+                received.log(id, shard.id, true);
                 Ok(())
             }
             Err(e) => {
