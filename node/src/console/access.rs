@@ -216,7 +216,13 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for ok in ["localhost:8080", "127.0.0.1:8080", "127.0.0.2", "[::1]:8080", "LOCALHOST"] {
+        for ok in [
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "127.0.0.2",
+            "[::1]:8080",
+            "LOCALHOST",
+        ] {
             assert!(loopback_host(&headers(&[("host", ok)])), "{ok}");
         }
         for bad in ["evil.example:8080", "10.0.0.1:8080", "[2001:db8::1]:80", ""] {

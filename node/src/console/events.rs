@@ -31,9 +31,8 @@ impl RecentEvents {
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
-        self.clone().with_filter(
-            tracing_subscriber::filter::Targets::new().with_target(EVENT_TARGET, tracing::Level::INFO),
-        )
+        self.clone()
+            .with_filter(tracing_subscriber::filter::Targets::new().with_target(EVENT_TARGET, tracing::Level::INFO))
     }
 
     /// The kept events, newest first.

@@ -284,7 +284,12 @@ async fn action_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: 
 /// Suspends delivery to a domain (operator).
 pub async fn suspend(State(console): Shared, call: Call, headers: HeaderMap, body: Body) -> ApiResult {
     let body: SuspendBody = action_body(&headers, body).await?;
-    call.require_token("domain suspend", &format!("domain={}", body.domain))?;
+    // The selection as the AdminService's audit writes it.
+    let selection = format!(
+        "domain={} duration={}s reason={:?}",
+        body.domain, body.duration_secs, body.reason
+    );
+    call.require_token("domain suspend", &selection)?;
     let reply = console
         .admin
         .domain_suspend(call.request(DomainSuspendRequest {

@@ -103,7 +103,10 @@ pub fn router(console: Arc<Console>) -> Router {
             "/console/console.js",
             get(|| asset(CONSOLE_JS, "text/javascript; charset=utf-8")),
         )
-        .route("/console/console.css", get(|| asset(CONSOLE_CSS, "text/css; charset=utf-8")))
+        .route(
+            "/console/console.css",
+            get(|| asset(CONSOLE_CSS, "text/css; charset=utf-8")),
+        )
         .route("/console/api/whoami", get(handlers::whoami))
         .route("/console/api/overview", get(handlers::overview))
         .route("/console/api/queue", get(handlers::queue))

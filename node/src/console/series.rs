@@ -54,8 +54,11 @@ pub fn series(windows: &[Window]) -> Series {
     let Some(widest) = windows.last() else {
         return Series::default();
     };
-    let mut top: Vec<(&(String, String), &crate::queue::stats::Reason)> =
-        widest.reasons.iter().filter(|((kind, _), _)| kind == "deferred").collect();
+    let mut top: Vec<(&(String, String), &crate::queue::stats::Reason)> = widest
+        .reasons
+        .iter()
+        .filter(|((kind, _), _)| kind == "deferred")
+        .collect();
     top.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0)));
     top.truncate(TOP_REASONS);
     let reasons = top
@@ -95,8 +98,24 @@ mod tests {
         }
         stats.record(now - 120, "a.test", "mx", Outcome::Delivered, "250 ok", "", 5);
         stats.record(now, "a.test", "mx", Outcome::Deferred, reply, "routing", 0);
-        stats.record(now, "b.test", "mx", Outcome::Deferred, "421 4.7.0 slow down", "throttled", 0);
-        stats.record(now, "b.test", "mx", Outcome::Bounced, "550 5.1.1 no", "invalid_recipient", 0);
+        stats.record(
+            now,
+            "b.test",
+            "mx",
+            Outcome::Deferred,
+            "421 4.7.0 slow down",
+            "throttled",
+            0,
+        );
+        stats.record(
+            now,
+            "b.test",
+            "mx",
+            Outcome::Bounced,
+            "550 5.1.1 no",
+            "invalid_recipient",
+            0,
+        );
         let windows: Vec<Window> = (1..=5).map(|k| stats.window(now, 60 * k)).collect();
         let s = series(&windows);
         let ago: Vec<u32> = s.points.iter().map(|p| p.minutes_ago).collect();

@@ -48,7 +48,11 @@ fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -
         cmd.args(["--data-binary", b]);
     }
     let out = cmd.output().expect("curl is installed by cluster-tests/run-all.sh");
-    assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -124,8 +128,12 @@ fn console_shows_the_cluster_in_a_browser_and_suspends_a_domain() {
     let mut c = Client::connect(n1.smtp).unwrap();
     c.command("EHLO console.test").unwrap();
     for i in 0..3 {
-        c.send_mail("a@tern.test", &[&format!("r{i}@{DEFERRED}")], &body(&format!("console-{i}"), 300))
-            .unwrap();
+        c.send_mail(
+            "a@tern.test",
+            &[&format!("r{i}@{DEFERRED}")],
+            &body(&format!("console-{i}"), 300),
+        )
+        .unwrap();
     }
     // Delivery to a closed port: each message deferred once (next try in an hour).
     wait_for(Duration::from_secs(30), "three deferred messages", || {
@@ -191,7 +199,10 @@ fn console_shows_the_cluster_in_a_browser_and_suspends_a_domain() {
         audited.is_some()
     });
     let audited = audited.unwrap();
-    assert_eq!((audited["who"].as_str(), audited["how"].as_str()), (Some("ops"), Some("token")));
+    assert_eq!(
+        (audited["who"].as_str(), audited["how"].as_str()),
+        (Some("ops"), Some("token"))
+    );
     assert!(audited["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{audited}");
     assert!(
         rows(after, "events")
@@ -204,7 +215,8 @@ fn console_shows_the_cluster_in_a_browser_and_suspends_a_domain() {
     let page = http("GET", &format!("{base}/console"), &[], None);
     assert_eq!(page.status, 200);
     assert!(
-        page.headers.contains("content-security-policy: default-src 'none'; script-src 'self';"),
+        page.headers
+            .contains("content-security-policy: default-src 'none'; script-src 'self';"),
         "{}",
         page.headers
     );
@@ -212,17 +224,23 @@ fn console_shows_the_cluster_in_a_browser_and_suspends_a_domain() {
 
     // Access rules on the loopback listener.
     let bearer = |t: &str| format!("Bearer {t}");
-    let suspend = format!("{{\"domain\":\"other.test\"}}");
-    let anonymous = act(&base, "domains/suspend", &suspend, &[]);
+    let suspend = "{\"domain\":\"other.test\"}";
+    let anonymous = act(&base, "domains/suspend", suspend, &[]);
     assert_eq!(anonymous.status, 401, "{}", anonymous.body);
     assert!(anonymous.headers.contains("www-authenticate: bearer"));
-    let viewer = act(&base, "domains/suspend", &suspend, &[("authorization", &bearer(VIEWER))]);
+    let viewer = act(&base, "domains/suspend", suspend, &[("authorization", &bearer(VIEWER))]);
     assert_eq!(viewer.status, 403, "{}", viewer.body);
-    assert!(viewer.json()["detail"].as_str().unwrap().contains("viewer"), "{}", viewer.body);
+    assert!(
+        viewer.json()["detail"].as_str().unwrap().contains("viewer"),
+        "{}",
+        viewer.body
+    );
     wait_for(Duration::from_secs(5), "the refusals audited", || {
         let refused: Vec<_> = admin_events(&n1)
             .into_iter()
-            .filter(|e| e["result"] == "refused" && e["selection"] == "domain=other.test")
+            .filter(|e| {
+                e["result"] == "refused" && e["selection"].as_str().unwrap_or("").starts_with("domain=other.test ")
+            })
             .map(|e| e["who"].as_str().unwrap_or("").to_owned())
             .collect();
         refused.contains(&"unauthenticated".to_owned()) && refused.contains(&"look".to_owned())
@@ -232,13 +250,13 @@ fn console_shows_the_cluster_in_a_browser_and_suspends_a_domain() {
         "POST",
         &format!("{base}/console/api/domains/suspend"),
         &[("content-type", "application/json"), ("authorization", &operator)],
-        Some(&suspend),
+        Some(suspend),
     );
     assert_eq!(no_mark.status, 403, "no X-Tern-Console: {}", no_mark.body);
     let foreign = act(
         &base,
         "domains/suspend",
-        &suspend,
+        suspend,
         &[("authorization", &operator), ("origin", "http://evil.example")],
     );
     assert_eq!(foreign.status, 403, "foreign Origin: {}", foreign.body);
@@ -248,7 +266,11 @@ fn console_shows_the_cluster_in_a_browser_and_suspends_a_domain() {
         &[("host", "evil.example")],
         None,
     );
-    assert_eq!(rebound.status, 401, "anonymous read under a foreign Host: {}", rebound.body);
+    assert_eq!(
+        rebound.status, 401,
+        "anonymous read under a foreign Host: {}",
+        rebound.body
+    );
     let retry = act(
         &base,
         "queue/retry",
@@ -300,7 +322,12 @@ fn console_off_loopback_needs_a_token() {
     let read = http("GET", &overview, &[("authorization", &viewer)], None);
     assert_eq!(read.status, 200, "{}", read.body);
     assert_eq!(read.json()["members"][0]["id"], 1, "{}", read.body);
-    let who = http("GET", &format!("{base}/console/api/whoami"), &[("authorization", &viewer)], None);
+    let who = http(
+        "GET",
+        &format!("{base}/console/api/whoami"),
+        &[("authorization", &viewer)],
+        None,
+    );
     assert_eq!(who.json()["can_act"], false, "{}", who.body);
     let wrong = http("GET", &overview, &[("authorization", "Bearer not-a-token")], None);
     assert_eq!(wrong.status, 401, "{}", wrong.body);
