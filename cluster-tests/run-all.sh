@@ -23,13 +23,15 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 # Content filters (node/tests/e2e/filters.rs): rspamd (HTTP and milter) and clamd.
 command -v rspamd >/dev/null || need+=(rspamd)
 [ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
+# The web console's browser test (node/tests/e2e/console.rs): headless Chromium.
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -c "import aiosmtpd, flufl.bounce, prometheus_client, dkim, dns.resolver, nacl, dnslib, yaml, jsonschema, xmlschema" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client dkimpy dnspython pynacl dnslib pyyaml jsonschema xmlschema
+python3 -c "import aiosmtpd, flufl.bounce, prometheus_client, dkim, dns.resolver, nacl, dnslib, yaml, jsonschema, xmlschema, websockets" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client dkimpy dnspython pynacl dnslib pyyaml jsonschema xmlschema websockets
 # The OpenSPF RFC 7208 test suite ships in pyspf's source distribution (not
 # its wheel); kept under target/ so reruns do not fetch it again.
 spf_suite=target/spf-suite/rfc7208-tests.yml

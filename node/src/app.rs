@@ -126,12 +126,22 @@ async fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> anyho
 /// Runs a node until SIGTERM/SIGINT, without webhooks: event lines reach
 /// them only through a tap installed in the tracing subscriber.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    run_with_events(config, crate::webhook::EventTap::default()).await
+    run_with_events(
+        config,
+        crate::webhook::EventTap::default(),
+        crate::console::RecentEvents::default(),
+    )
+    .await
 }
 
 /// Runs a node until SIGTERM/SIGINT; `events` is the tap whose layer the
-/// caller installed in its tracing subscriber, for `[[webhook]]`.
-pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -> anyhow::Result<()> {
+/// caller installed in its tracing subscriber, for `[[webhook]]`; `recent`
+/// is the console's ring of audit events (its layer installed likewise).
+pub async fn run_with_events(
+    config: Config,
+    events: crate::webhook::EventTap,
+    recent: crate::console::RecentEvents,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let users = config
         .smtp_auth
@@ -302,6 +312,8 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     );
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::watch::channel(false);
 
+    // Made with the admin service, which it calls as its callers.
+    let console;
     let grpc = {
         // Peer RPCs (Raft and PeerService) are admitted by one gate.
         let gate = Arc::new(crate::raft::gate::PeerGate::new(
@@ -338,6 +350,12 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
                 outbox_status.clone(),
             ),
         });
+        console = Arc::new(crate::console::Console::new(
+            Arc::clone(&admin),
+            config.listen_http,
+            !config.admin_tokens.is_empty(),
+            recent,
+        ));
         let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
             admin: Arc::clone(&admin),
             gate,
@@ -398,6 +416,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
             config.data_dir.clone(),
             Arc::clone(&space),
             config.api.enabled.then(|| Arc::clone(&api_handle)),
+            console,
         );
         tokio::spawn(async move {
             // The API records each caller's address in its messages' envelope.

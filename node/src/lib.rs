@@ -23,6 +23,7 @@
 //! - [`peer`]: the `PeerService` server (node-to-node calls other than Raft).
 //! - [`admin`]: the gRPC AdminService used by `ternctl` (authorisation, audit).
 //! - [`http`]: health endpoints and Prometheus metrics.
+//! - [`console`]: the web console on the HTTP listener (`/console`).
 //! - [`metrics`]: the metrics registry and the counters the parts share (a leaf).
 //! - [`outbox`]: durable webhook events: produced in every group's apply,
 //!   posted signed by the group's leader, acknowledged through Raft.
@@ -40,6 +41,7 @@ pub mod backoff;
 pub mod bounce;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod disk_guard;
 pub mod dsn;

@@ -70,9 +70,12 @@ fn main() -> anyhow::Result<()> {
     // Webhooks get event lines from their own layer, whatever RUST_LOG says.
     let events = tern_node::webhook::EventTap::default();
     let tap = (!config.webhooks.is_empty()).then(|| events.layer());
+    // The console's recent audit events, whatever RUST_LOG says.
+    let recent = tern_node::console::RecentEvents::default();
     tracing_subscriber::registry()
         .with(log.with_filter(filter))
         .with(tap)
+        .with(recent.layer())
         .init();
     // actix runs on the same multi-thread tokio runtime as Raft and tonic.
     // Nodes sharing a machine each take a few threads (node.worker_threads):
@@ -86,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         }
         rt.enable_all().build().expect("cannot start the tokio runtime")
     });
-    if let Err(e) = system.block_on(tern_node::app::run_with_events(config, events)) {
+    if let Err(e) = system.block_on(tern_node::app::run_with_events(config, events, recent)) {
         // Exit now: dropping the runtime would wait for tasks stuck on a
         // failed group's storage. The supervisor restarts the node.
         eprintln!("Error: {e:?}");

@@ -2,8 +2,9 @@
 //! the disk is not full, the control group has a leader and this node
 //! leads a queue shard) and
 //! `/metrics` (Prometheus: OpenMetrics text when asked for, else the
-//! classic text format; docs/metrics.md), and the sending API under
-//! `/api/v1/` when `[api] enabled` (crate::api).
+//! classic text format; docs/metrics.md), the sending API under
+//! `/api/v1/` when `[api] enabled` (crate::api), and the web console under
+//! `/console` (crate::console).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub fn router(
     data_dir: PathBuf,
     space: Arc<DiskSpace>,
     api: Option<crate::api::ApiHandle>,
+    console: Arc<crate::console::Console>,
 ) -> Router {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -47,6 +49,7 @@ pub fn router(
             data_dir: Arc::new(data_dir),
             space,
         });
+    let router = router.merge(crate::console::router(console));
     match api {
         Some(handle) => router.merge(crate::api::router(handle)),
         None => router,
