@@ -162,20 +162,21 @@ mod tests {
     /// workspace's `target/debug`.
     #[test]
     fn the_running_executables_directory_comes_first() {
-        let own = std::env::current_exe().unwrap().parent().unwrap().to_owned();
+        let exe = std::env::current_exe().expect("current exe");
+        let own = exe.parent().expect("exe dir");
         let dirs = search_dirs();
         assert_eq!(dirs[0], own, "{dirs:?}");
         assert!(dirs.iter().any(|d| d.ends_with("debug")), "{dirs:?}");
         assert!(dirs.iter().any(|d| d.ends_with("release")), "{dirs:?}");
 
-        let beside = tempfile::tempdir().unwrap();
-        let fallback = tempfile::tempdir().unwrap();
+        let beside = tempfile::tempdir().expect("tempdir");
+        let fallback = tempfile::tempdir().expect("tempdir");
         let dirs = [beside.path().to_owned(), fallback.path().to_owned()];
-        std::fs::write(fallback.path().join("ternd"), b"").unwrap();
-        let found = locate("ternd", &dirs, "TERND".into()).unwrap();
+        std::fs::write(fallback.path().join("ternd"), b"").expect("write");
+        let found = locate("ternd", &dirs, "TERND".into()).expect("found in the fallback");
         assert_eq!(found, fallback.path().join("ternd"));
-        std::fs::write(beside.path().join("ternd"), b"").unwrap();
-        let found = locate("ternd", &dirs, "TERND".into()).unwrap();
+        std::fs::write(beside.path().join("ternd"), b"").expect("write");
+        let found = locate("ternd", &dirs, "TERND".into()).expect("found beside");
         assert_eq!(found, beside.path().join("ternd"));
     }
 
