@@ -43,10 +43,40 @@ fn announce(line: &str) {
     let _ = out.flush();
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for {what} on {addr}"))
+async fn bind(addr: SocketAddr, what: &str, v4_ports: &[u16]) -> anyhow::Result<TcpListener> {
+    listener(addr, v4_ports.contains(&addr.port())).with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// Ports (not 0) of the IPv4 listen addresses, for [`listener`].
+fn ipv4_ports(config: &Config) -> Vec<u16> {
+    let all = config
+        .listen_smtp
+        .iter()
+        .chain(&config.listen_submission)
+        .chain(&config.listen_submissions)
+        .chain([&config.listen_grpc, &config.listen_http]);
+    all.filter(|a| a.is_ipv4() && a.port() != 0)
+        .map(SocketAddr::port)
+        .collect()
+}
+
+/// A listening socket as `TcpListener::bind` makes one (SO_REUSEADDR,
+/// backlog 1024). An IPv6 one whose port an IPv4 listener also takes is
+/// IPv6-only: on Linux's default (`net.ipv6.bindv6only = 0`) `[::]:25`
+/// takes IPv4 too, and `smtp = ["0.0.0.0:25", "[::]:25"]` failed with
+/// "address in use". Alone, `[::]:25` keeps the system's default (IPv4 as
+/// well, on Linux), as before.
+fn listener(addr: SocketAddr, only_v6: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && only_v6 {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// How often the SMTP listeners' certificate files are checked for changes.
@@ -276,9 +306,10 @@ pub async fn run_with_events(
     delivery.set_writer(cluster.control_writer());
 
     // Listeners first, so that a port conflict fails fast and loudly.
+    let v4_ports = ipv4_ports(&config);
     let mut smtp_listeners = Vec::new();
     for &addr in &config.listen_smtp {
-        let l = bind(addr, "smtp").await?;
+        let l = bind(addr, "smtp", &v4_ports).await?;
         announce(&format!("listening smtp={}", l.local_addr()?));
         smtp_listeners.push(l);
     }
@@ -288,14 +319,14 @@ pub async fn run_with_events(
         ("submissions", &config.listen_submissions, true),
     ] {
         for &addr in addrs {
-            let l = bind(addr, kind).await?;
+            let l = bind(addr, kind, &v4_ports).await?;
             announce(&format!("listening {kind}={}", l.local_addr()?));
             submission_listeners.push((l, implicit_tls));
         }
     }
-    let grpc_listener = bind(config.listen_grpc, "grpc").await?;
+    let grpc_listener = bind(config.listen_grpc, "grpc", &v4_ports).await?;
     announce(&format!("listening grpc={}", grpc_listener.local_addr()?));
-    let http_listener = bind(config.listen_http, "http").await?;
+    let http_listener = bind(config.listen_http, "http", &v4_ports).await?;
     announce(&format!("listening http={}", http_listener.local_addr()?));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

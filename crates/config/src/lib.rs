@@ -775,10 +775,23 @@ pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 36_700_160;
 pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
 
+/// `node.data_dir` when not set (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = "tern-data";
+/// The embedded default's only local domain (RFC 6761: `localhost` names
+/// this machine), so that a newcomer's first message lands somewhere to
+/// look at: `tern-data/maildir/localhost/<user>/new/`.
+pub const DEFAULT_LOCAL_DOMAIN: &str = "localhost";
+
 impl Config {
-    /// The embedded default: a single-node cluster bootstrapped on first start.
+    /// The embedded default: a single-node cluster bootstrapped on first
+    /// start, delivering mail for `localhost` to Maildirs under the data
+    /// dir. Local delivery opens no relay: mail to other domains still
+    /// needs a client in `relay_networks` (loopback), as with a file.
     pub fn embedded_default() -> Result<Config, ConfigError> {
-        Self::from_raw(RawConfig::default(), true)
+        let mut raw = RawConfig::default();
+        raw.policy.local_domains = Some(vec![DEFAULT_LOCAL_DOMAIN.to_owned()]);
+        raw.local.maildir = Some(format!("{DEFAULT_DATA_DIR}/maildir/{{domain}}/{{user}}"));
+        Self::from_raw(raw, true)
     }
 
     /// Reads and validates a TOML file.
@@ -1179,7 +1192,7 @@ impl Config {
             log_format,
             node_id,
             hostname,
-            data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from("tern-data")),
+            data_dir: raw.node.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             state_cache_bytes: state_cache_mb << 20,
             worker_threads,
             log_segment_bytes: log_segment_mb << 20,
@@ -1450,6 +1463,22 @@ fn default_hostname() -> String {
 mod tests {
     use super::*;
     use std::net::IpAddr;
+
+    #[test]
+    fn embedded_default_delivers_localhost_to_a_maildir_under_the_data_dir() {
+        let c = Config::embedded_default().unwrap();
+        assert_eq!(c.local_domains, vec!["localhost"]);
+        assert!(c.relay_domains.is_empty());
+        assert_eq!(
+            c.local_delivery,
+            LocalDelivery::Maildir("tern-data/maildir/{domain}/{user}".into())
+        );
+        assert_eq!(c.data_dir, PathBuf::from("tern-data"));
+        // A config file keeps its own defaults: no local domain, no Maildir.
+        let file = Config::from_toml("").unwrap();
+        assert!(file.local_domains.is_empty());
+        assert_eq!(file.local_delivery, LocalDelivery::None);
+    }
 
     #[test]
     fn embedded_default_is_single_node_bootstrap() {

@@ -47,10 +47,11 @@ pub enum Error {
     },
     #[error("timed out after {deadline:?} waiting for {what}")]
     Timeout { what: String, deadline: Duration },
-    #[error("{name} not found at {path} (build it first, e.g. `cargo build --workspace --bins`, or set {env_var})")]
+    #[error("{name} not found (looked in: {searched}); build it first, e.g. `cargo build --release --bins` (or `cargo build --bins` for debug), or set {env_var} to its path")]
     MissingBinary {
         name: String,
-        path: PathBuf,
+        /// The paths looked at, in order.
+        searched: String,
         env_var: String,
     },
     #[error("{name} exited before ready: {status}\n{logs}")]
@@ -83,50 +84,101 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Path of a workspace binary: the environment variable named after it
 /// (`TERND`, `TERNCTL`, `TERN_POWERFS`: upper case, `-` as `_`) if set,
-/// else the directory of the running test binary's profile (a test binary
-/// runs from `target/<profile>/deps/`), else `CARGO_TARGET_DIR` (at run
-/// time) or the workspace's `target/`, profile `debug`. Building it is the
-/// caller's job.
+/// else the first of these that holds it:
+/// 1. the running executable's own directory (`tern-chaos` run from
+///    `target/release/` finds `target/release/ternd`, as does an install
+///    that puts them side by side),
+/// 2. the profile directory of a test binary (it runs from
+///    `target/<profile>/deps/`),
+/// 3. `CARGO_TARGET_DIR` (at run time) or the workspace's `target/`, profile
+///    `debug`, then `release`.
+///
+/// Building it is the caller's job; the error names every place looked at.
 pub fn try_bin(name: &str) -> Result<PathBuf> {
     let env_var = name.to_uppercase().replace('-', "_");
-    let path = match std::env::var_os(&env_var) {
-        Some(p) => PathBuf::from(p),
-        None => profile_dir().join(name),
-    };
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::MissingBinary {
+    if let Some(path) = std::env::var_os(&env_var) {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Error::MissingBinary {
+                name: name.to_owned(),
+                searched: path.display().to_string(),
+                env_var,
+            })
+        };
+    }
+    locate(name, &search_dirs(), env_var)
+}
+
+/// The first of `dirs` holding a file `name`.
+fn locate(name: &str, dirs: &[PathBuf], env_var: String) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = dirs.iter().map(|d| d.join(name)).collect();
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(path) => Ok(path.clone()),
+        None => Err(Error::MissingBinary {
             name: name.to_owned(),
-            path,
+            searched: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             env_var,
-        })
+        }),
     }
 }
 
-/// `target/<profile>` of the running executable when it sits in one
-/// (`.../deps/` for test binaries, the profile dir for binaries), else the
-/// workspace's `target/debug`.
-fn profile_dir() -> PathBuf {
+/// Where [`try_bin`] looks, in order, without duplicates.
+fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
     if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
-        let dir = if dir.ends_with("deps") {
-            dir.parent().map(PathBuf::from).unwrap_or(dir)
-        } else {
-            dir
-        };
-        if dir.join("ternd").is_file() || dir.join("ternctl").is_file() {
-            return dir;
+        if dir.ends_with("deps") {
+            if let Some(profile) = dir.parent() {
+                dirs.push(profile.to_owned());
+            }
         }
+        dirs.insert(0, dir);
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    target.join("debug")
+    dirs.push(target.join("debug"));
+    dirs.push(target.join("release"));
+    let mut unique: Vec<PathBuf> = Vec::new();
+    for d in dirs {
+        if !unique.contains(&d) {
+            unique.push(d);
+        }
+    }
+    unique
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `cargo run --release -p cluster-tests --bin tern-chaos` runs from
+    /// `target/release/`: the binaries beside it come first, before the
+    /// workspace's `target/debug`.
+    #[test]
+    fn the_running_executables_directory_comes_first() {
+        let exe = std::env::current_exe().expect("current exe");
+        let own = exe.parent().expect("exe dir");
+        let dirs = search_dirs();
+        assert_eq!(dirs[0], own, "{dirs:?}");
+        assert!(dirs.iter().any(|d| d.ends_with("debug")), "{dirs:?}");
+        assert!(dirs.iter().any(|d| d.ends_with("release")), "{dirs:?}");
+
+        let beside = tempfile::tempdir().expect("tempdir");
+        let fallback = tempfile::tempdir().expect("tempdir");
+        let dirs = [beside.path().to_owned(), fallback.path().to_owned()];
+        std::fs::write(fallback.path().join("ternd"), b"").expect("write");
+        let found = locate("ternd", &dirs, "TERND".into()).expect("found in the fallback");
+        assert_eq!(found, fallback.path().join("ternd"));
+        std::fs::write(beside.path().join("ternd"), b"").expect("write");
+        let found = locate("ternd", &dirs, "TERND".into()).expect("found beside");
+        assert_eq!(found, beside.path().join("ternd"));
+    }
 
     #[test]
     fn a_missing_binary_names_its_path_and_variable() {

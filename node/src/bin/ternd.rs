@@ -12,7 +12,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Tern MTA node. Without --config it runs a single-node cluster on the
 /// embedded default (SMTP 127.0.0.1:2525, gRPC 127.0.0.1:7070, HTTP
-/// 127.0.0.1:8080, data in ./tern-data).
+/// 127.0.0.1:8080, data in ./tern-data, mail for localhost delivered to
+/// ./tern-data/maildir/localhost/USER/).
 #[derive(Parser)]
 #[command(name = "ternd", version)]
 struct Args {

@@ -34,8 +34,9 @@ fn prints_listeners_then_ready_and_ternctl_sees_one_node_cluster() {
 
 /// `ternd` with no arguments, as README.md tells a newcomer: the embedded
 /// default listeners, data in ./tern-data, a bootstrapped one-node cluster
-/// that ternctl reaches on its default endpoint; mail is queued and shown in
-/// ternctl's tables; SIGTERM exits 0.
+/// that ternctl reaches on its default endpoint; README's first message
+/// (swaks to you@localhost) lands in the Maildir README names; mail for
+/// elsewhere is queued and shown in ternctl's tables; SIGTERM exits 0.
 #[test]
 fn no_arguments_runs_the_embedded_default() {
     let defaults = ["127.0.0.1:2525", "127.0.0.1:7070", "127.0.0.1:8080"];
@@ -69,6 +70,35 @@ fn no_arguments_runs_the_embedded_default() {
     let status: serde_json::Value = serde_json::from_str(&ctl(&["status", "-o", "json"])).unwrap();
     assert_eq!(status["node_id"], 1);
     assert_eq!(status["shards"].as_array().unwrap().len(), 16);
+
+    // README's first step, as written there; the message is delivered to
+    // the Maildir README tells the reader to look in.
+    let swaks = std::process::Command::new("swaks")
+        .args([
+            "--server",
+            "127.0.0.1:2525",
+            "--from",
+            "you@example.test",
+            "--to",
+            "you@localhost",
+        ])
+        .output()
+        .expect("swaks is installed by cluster-tests/run-all.sh");
+    assert!(swaks.status.success(), "{}", String::from_utf8_lossy(&swaks.stdout));
+    let new = node.dir().join("tern-data/maildir/localhost/you/new");
+    let delivered = || {
+        std::fs::read_dir(&new)
+            .map(|d| d.flatten().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(20), "README's message in the Maildir", || {
+        delivered().len() == 1
+    });
+    let text = std::fs::read_to_string(delivered()[0].path()).unwrap();
+    assert!(
+        text.contains("From: you@example.test") && text.contains("To: you@localhost"),
+        "{text}"
+    );
 
     // Mail for a domain that cannot be resolved here stays queued (deferred).
     let mut c = Client::connect(node.smtp).unwrap();
@@ -129,4 +159,57 @@ fn sigterm_exits_zero_and_restart_keeps_the_cluster() {
     assert_eq!(status["shards"].as_array().unwrap().len(), 16);
     let status = node.signal_and_wait("INT", Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
+}
+
+/// docs/configuration.md's dual-stack example, `smtp = ["0.0.0.0:P",
+/// "[::]:P"]`: both bind on Linux's default `bindv6only = 0` (that IPv6
+/// listener is IPv6-only), and each takes mail, over IPv4 and IPv6. HTTP on
+/// `[::]:H` alone keeps the system's dual stack: it answers on both.
+#[test]
+fn ipv4_and_ipv6_wildcards_share_a_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let http = free_port();
+    let config = dir.path().join("tern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = 1\nhostname = \"mx1.tern.test\"\ndata_dir = \"{data}\"\n\n\
+             [listen]\nsmtp = [\"0.0.0.0:{port}\", \"[::]:{port}\"]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"[::]:{http}\"\n\n\
+             [cluster]\nbootstrap = true\n\n{hold}",
+            data = dir.path().join("data").display(),
+            grpc = free_port(),
+            hold = hold_mail(),
+        ),
+    )
+    .unwrap();
+    let node = Node::start_config(config);
+    let lines = node.stdout_lines();
+    for line in [
+        format!("listening smtp=0.0.0.0:{port}"),
+        format!("listening smtp=[::]:{port}"),
+    ] {
+        assert!(lines.contains(&line), "no {line:?} in {lines:?}");
+    }
+    for (client, to) in [("127.0.0.1", "v4@example.test"), ("[::1]", "v6@example.test")] {
+        let addr: std::net::SocketAddr = format!("{client}:{port}").parse().unwrap();
+        let mut c = Client::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        assert!(c.command("EHLO dual.test").unwrap().starts_with("250"));
+        c.send_mail("alice@tern.test", &[to], &body("dual", 100))
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
+    }
+    let summary = node.ternctl_json(&["queue", "summary"]);
+    assert_eq!(summary["messages"], 2, "{summary}");
+    for client in ["127.0.0.1", "[::1]"] {
+        let addr: std::net::SocketAddr = format!("{client}:{http}").parse().unwrap();
+        let mut c = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut c, b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply).unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+            "{addr}: {reply}"
+        );
+    }
 }

@@ -364,18 +364,13 @@ fn smtp_source_burst_is_all_queued() {
     let summary = node.ternctl_json(&["queue", "summary"]);
     assert_eq!(summary["messages"], 300);
     assert_eq!(summary["domains"]["example.test"], 300);
-    // Group commit: ten concurrent sessions share fsyncs, so 300 messages
-    // took fewer fsyncs than messages, several appends in an average one.
+    // Every message went through the write-ahead log's commit (how many
+    // share an fsync is a timing figure: bench/run reports it as
+    // `group_commit`, bench/README.md).
     let after = scrape(&node);
     let delta = |name: &str| sum(&after, name, &[]) - sum(&before, name, &[]);
-    let fsyncs = delta("tern_storage_commit_batch_size_count");
     let completions = delta("tern_storage_commit_batch_size_sum");
-    println!("{fsyncs} group commits for {completions} completions (300 messages)");
     assert!(completions >= 300.0, "{completions}");
-    assert!(
-        fsyncs < 300.0 && completions / fsyncs > 1.2,
-        "{fsyncs} fsyncs, {completions} completions"
-    );
 }
 
 #[test]
