@@ -741,3 +741,140 @@ fn compose_cluster_delivers_a_message_once_after_its_shard_leader_stops() -> Res
     compose.finished = true;
     Ok(())
 }
+
+/// The `tern.toml` of deploy/kubernetes/configmap.yaml (the block under `tern.toml: |`).
+fn configmap_template() -> Result<String> {
+    let raw = std::fs::read_to_string(repo().join("deploy/kubernetes/configmap.yaml"))?;
+    let mut lines = raw.lines().skip_while(|l| l.trim() != "tern.toml: |").skip(1);
+    let mut toml = String::new();
+    for line in lines.by_ref() {
+        if !line.is_empty() && !line.starts_with("    ") {
+            break;
+        }
+        toml.push_str(line.strip_prefix("    ").unwrap_or(line));
+        toml.push('\n');
+    }
+    ensure!(toml.contains("[node]"), "no tern.toml block in configmap.yaml");
+    Ok(toml)
+}
+
+/// A container removed (with its volumes) when dropped.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = run_bounded(
+            Command::new("docker").args(["rm", "-f", "-v", &self.0]),
+            Duration::from_secs(60),
+        );
+    }
+}
+
+#[test]
+fn kubernetes_config_template_runs_as_pod_tern_0() -> Result<()> {
+    if !have("docker", &["info"]) {
+        return Ok(());
+    }
+    let _lock = DOCKER.lock().unwrap_or_else(|e| e.into_inner());
+    prepare_image()?;
+    // The ConfigMap and the Secret as the pod mounts them, certificates from
+    // `ternctl cert` named as deploy/kubernetes/README.md makes them.
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&config)?;
+    std::fs::write(config.join("tern.toml"), configmap_template()?)?;
+    let ternctl = tern_testkit::try_bin("ternctl")?;
+    for args in [
+        vec!["init-ca"],
+        vec![
+            "node",
+            "--id",
+            "1",
+            "--host",
+            "tern-0.tern-peers.tern.svc.cluster.local",
+        ],
+    ] {
+        run_ok(
+            Command::new(&ternctl)
+                .arg("cert")
+                .arg(args[0])
+                .arg("--dir")
+                .arg(&tls)
+                .args(&args[1..]),
+            Duration::from_secs(30),
+        )?;
+    }
+    std::fs::remove_file(tls.join("ca.key"))?;
+    // The pod's fsGroup makes the Secret readable by uid 10001.
+    for path in [dir.path().to_owned(), config.clone(), tls.clone()]
+        .into_iter()
+        .chain(
+            std::fs::read_dir(&tls)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<Vec<_>>>()?,
+        )
+        .chain([config.join("tern.toml")])
+    {
+        std::os::unix::fs::chown(&path, Some(10001), Some(10001))?;
+    }
+
+    let name = format!("tern-test-k8s-{}", std::process::id());
+    let container = Container(name.clone());
+    // As the StatefulSet runs it: read-only root, no capabilities.
+    run_ok(
+        Command::new("docker")
+            .args(["run", "-d", "--name", &name, "--hostname", "tern-0"])
+            .args([
+                "--read-only",
+                "--cap-drop",
+                "ALL",
+                "--security-opt",
+                "no-new-privileges",
+            ])
+            .args(["-e", "POD_NAME=tern-0"])
+            .args(["-e", "TERN_PEER_DOMAIN=tern-peers.tern.svc.cluster.local"])
+            .args(["-e", "TERN_CONFIG_TEMPLATE=/etc/tern/config/tern.toml"])
+            .arg("-v")
+            .arg(format!("{}:/etc/tern/config:ro", config.display()))
+            .arg("-v")
+            .arg(format!("{}:/etc/tern/tls:ro", tls.display()))
+            .args([TEST_IMAGE, "ternd", "--config", "/var/lib/tern/tern.toml"]),
+        Duration::from_secs(60),
+    )?;
+    // Ready: it bootstrapped as node 1 and leads the queue shards.
+    let ready = poll(Duration::from_secs(60), "/readyz of pod tern-0", || {
+        let out = run_bounded(
+            Command::new("docker").args(["exec", &name, "curl", "-fsS", "http://127.0.0.1:8080/readyz"]),
+            Duration::from_secs(20),
+        )?;
+        if !out.status.success() {
+            let state = run_bounded(
+                Command::new("docker").args(["inspect", "-f", "{{.State.Running}}", &name]),
+                Duration::from_secs(20),
+            )?;
+            if String::from_utf8_lossy(&state.stdout).trim() != "true" {
+                let logs = run_bounded(Command::new("docker").args(["logs", &name]), Duration::from_secs(20))?;
+                bail!("tern-0 exited:\n{}", text(&logs));
+            }
+        }
+        Ok(out.status.success().then_some(()))
+    });
+    if let Err(e) = ready {
+        let logs = run_bounded(Command::new("docker").args(["logs", &name]), Duration::from_secs(20))?;
+        bail!("{e:#}\n{}", text(&logs));
+    }
+    let out = run_ok(
+        Command::new("docker").args(["exec", &name, "cat", "/var/lib/tern/tern.toml"]),
+        Duration::from_secs(20),
+    )?;
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    assert!(rendered.contains("id = 1\n"), "{rendered}");
+    assert!(rendered.contains("bootstrap = true\n"), "{rendered}");
+    assert!(
+        rendered.contains("advertise_grpc = \"tern-0.tern-peers.tern.svc.cluster.local:7070\""),
+        "{rendered}"
+    );
+    drop(container);
+    Ok(())
+}
