@@ -737,6 +737,15 @@ fn compose_cluster_delivers_a_message_once_after_its_shard_leader_stops() -> Res
         Ok((summary["messages"].as_u64() == Some(0)).then_some(()))
     })?;
     assert_eq!(count(&compose)?, 1, "the message was not delivered exactly once");
+
+    // The stopped node comes back from its volume and leads shards again.
+    let restart = Instant::now();
+    compose.run(&["start", &format!("tern{leader}")], Duration::from_secs(120))?;
+    poll(Duration::from_secs(120), &format!("tern{leader} healthy again"), || {
+        let health = compose.inspect(&format!("tern{leader}"), "{{.State.Health.Status}}")?;
+        Ok((health == "healthy").then_some(()))
+    })?;
+    eprintln!("tern{leader} healthy {:.1?} after its restart", restart.elapsed());
     eprintln!("compose test took {:.1?}", started.elapsed());
     compose.finished = true;
     Ok(())
