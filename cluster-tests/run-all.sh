@@ -25,6 +25,12 @@ command -v rspamd >/dev/null || need+=(rspamd)
 [ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
 # The web console's browser test (node/tests/e2e/console.rs): headless Chromium.
 command -v chromium >/dev/null || need+=(chromium)
+# deploy/ (cluster-tests/tests/deploy.rs): promtool checks and unit-tests the alert
+# rules; docker-compose runs the compose cluster; debootstrap makes the local base
+# image once (no container registry here), kept as tern-test-base:bookworm.
+command -v promtool >/dev/null || need+=(prometheus)
+command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -32,6 +38,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 python3 -c "import aiosmtpd, flufl.bounce, prometheus_client, dkim, dns.resolver, nacl, dnslib, yaml, jsonschema, xmlschema, websockets" 2>/dev/null || pip install -q aiosmtpd flufl.bounce prometheus_client dkimpy dnspython pynacl dnslib pyyaml jsonschema xmlschema websockets
+# deploy/kubernetes is validated offline against the API schema this package ships.
+command -v kubernetes-validate >/dev/null || pip install -q kubernetes-validate
 # The OpenSPF RFC 7208 test suite ships in pyspf's source distribution (not
 # its wheel); kept under target/ so reruns do not fetch it again.
 spf_suite=target/spf-suite/rfc7208-tests.yml
