@@ -132,6 +132,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Runs a node until SIGTERM/SIGINT; `events` is the tap whose layer the
 /// caller installed in its tracing subscriber, for `[[webhook]]`.
 pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -> anyhow::Result<()> {
+    run_from(config, events, None).await
+}
+
+/// [`run_with_events`] for a config read from `path`, which SIGHUP and
+/// `ternctl config reload` read again (`crate::reload`).
+pub async fn run_from(
+    config: Config,
+    events: crate::webhook::EventTap,
+    path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let users = config
         .smtp_auth
@@ -301,6 +311,9 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         .run(stop_rx.clone()),
     );
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::watch::channel(false);
+    // Set once the listeners' settings exist; `config reload` answers
+    // `unavailable` until then.
+    let reloader: Arc<std::sync::OnceLock<Arc<crate::reload::Reloader>>> = Arc::default();
 
     let grpc = {
         // Peer RPCs (Raft and PeerService) are admitted by one gate.
@@ -337,6 +350,7 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
                 config.webhooks.iter().map(|w| w.name.clone()).collect(),
                 outbox_status.clone(),
             ),
+            reload: Arc::clone(&reloader),
         });
         let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
             admin: Arc::clone(&admin),
@@ -525,18 +539,24 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
         }));
     }
     let mut smtp_tasks = Vec::new();
+    // Each listener's settings, swapped by a config reload.
+    let mut listener_configs = Vec::new();
     for listener in smtp_listeners {
-        smtp_tasks.push(tokio::spawn(crate::smtp::serve(
+        let swap = Arc::new(arc_swap::ArcSwap::new(Arc::clone(&smtp_config)));
+        listener_configs.push(Arc::clone(&swap));
+        smtp_tasks.push(tokio::spawn(crate::smtp::serve_reloadable(
             listener,
-            Arc::clone(&smtp_config),
+            swap,
             Arc::clone(&front),
             stop_rx.clone(),
         )));
     }
     for (listener, implicit_tls) in submission_listeners {
-        smtp_tasks.push(tokio::spawn(crate::smtp::serve(
+        let swap = Arc::new(arc_swap::ArcSwap::new(submission_config(implicit_tls)));
+        listener_configs.push(Arc::clone(&swap));
+        smtp_tasks.push(tokio::spawn(crate::smtp::serve_reloadable(
             listener,
-            submission_config(implicit_tls),
+            swap,
             Arc::clone(&front),
             stop_rx.clone(),
         )));
@@ -580,8 +600,22 @@ pub async fn run_with_events(config: Config, events: crate::webhook::EventTap) -
     if let Some(watcher) = &cert_watcher {
         watcher.watch(CERT_POLL_INTERVAL, stop_rx.clone());
     }
-    // Installed even without certificates: SIGHUP never stops the node.
-    crate::tls_reload::reload_on_sighup(cert_watcher.into_iter().collect(), stop_rx.clone())
+    metrics.reload.loaded();
+    let reloader = reloader.get_or_init(|| {
+        Arc::new(crate::reload::Reloader {
+            path,
+            running: std::sync::Mutex::new(Arc::clone(&config)),
+            delivery: Arc::clone(&delivery),
+            pipeline: Arc::clone(&pipeline),
+            listeners: listener_configs,
+            certificates: cert_watcher.into_iter().collect(),
+            cluster_tls: cluster_tls.clone(),
+            metrics: metrics.reload.clone(),
+        })
+    });
+    // Installed even without a config file: SIGHUP never stops the node.
+    Arc::clone(reloader)
+        .on_sighup(stop_rx.clone())
         .context("SIGHUP handler")?;
     announce("ready");
     tracing::info!(node = config.node_id, hostname = %config.hostname, "ready");

@@ -32,6 +32,7 @@ mod ops;
 mod outbound_tls;
 mod peers;
 mod pools;
+mod reload;
 mod reports;
 mod requiretls;
 mod shaping;
