@@ -164,7 +164,10 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
         (o.min_data_rate != n.min_data_rate, "smtp.min_data_rate"),
         (o.tls_handshake != n.tls_handshake, "smtp.tls_handshake_secs"),
         (o.max_junk_commands != n.max_junk_commands, "smtp.max_junk_commands"),
-        (o.proxy_protocol_from != n.proxy_protocol_from, "smtp.proxy_protocol_from"),
+        (
+            o.proxy_protocol_from != n.proxy_protocol_from,
+            "smtp.proxy_protocol_from",
+        ),
     ] {
         if changed {
             diff.applied.push(key);
@@ -387,10 +390,16 @@ mod tests {
         let file = dir.path().join("tern.toml");
         for (text, key) in [
             (
-                format!("[[dkim]]\ndomain = \"a.test\"\nselector = \"s\"\nprivate_key = \"{}\"\n", missing.display()),
+                format!(
+                    "[[dkim]]\ndomain = \"a.test\"\nselector = \"s\"\nprivate_key = \"{}\"\n",
+                    missing.display()
+                ),
                 "dkim",
             ),
-            (format!("[tls]\ncert = \"{0}\"\nkey = \"{0}\"\n", missing.display()), "tls.cert / tls.key"),
+            (
+                format!("[tls]\ncert = \"{0}\"\nkey = \"{0}\"\n", missing.display()),
+                "tls.cert / tls.key",
+            ),
         ] {
             std::fs::write(&file, text).unwrap();
             let e = format!("{:#}", check_file(&file).unwrap_err());

@@ -36,7 +36,13 @@ pub async fn reload(args: &Args, token: Option<String>, all: bool, json: bool) -
     let members = client.member_list(MemberListRequest {}).await?.into_inner().members;
     let mut rows = Vec::with_capacity(members.len());
     for (i, m) in members.iter().enumerate() {
-        eprintln!("ternctl: reloading node {} at {} ({}/{})", m.id, m.addr, i + 1, members.len());
+        eprintln!(
+            "ternctl: reloading node {} at {} ({}/{})",
+            m.id,
+            m.addr,
+            i + 1,
+            members.len()
+        );
         let result = match connect_to(args, &m.addr, token.clone()).await {
             Ok(mut c) => c
                 .config_reload(ConfigReloadRequest {})

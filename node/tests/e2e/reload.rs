@@ -106,8 +106,12 @@ fn send_range(session: Session, s: usize, range: std::ops::Range<usize>) -> Sess
     let (mut c, mut ids) = session?;
     for n in range {
         let id = format!("s{s}-m{n}");
-        c.send_mail("sender@tern.test", &[&format!("rcpt{s}@example.test")], &body(&id, 2000))
-            .map_err(|e| format!("session {s} message {n}: {e}"))?;
+        c.send_mail(
+            "sender@tern.test",
+            &[&format!("rcpt{s}@example.test")],
+            &body(&id, 2000),
+        )
+        .map_err(|e| format!("session {s} message {n}: {e}"))?;
         ids.push(id);
     }
     Ok((c, ids))
@@ -169,7 +173,10 @@ fn reload_under_load_moves_a_route_a_dkim_key_and_the_certificate() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(row["ok"], true, "{row}");
     let applied = names(&row, "applied");
-    assert!(applied.contains(&"route".to_owned()) && applied.contains(&"dkim".to_owned()), "{row}");
+    assert!(
+        applied.contains(&"route".to_owned()) && applied.contains(&"dkim".to_owned()),
+        "{row}"
+    );
     assert!(names(&row, "restart_needed").is_empty(), "{row}");
     reloaded.wait();
 
@@ -194,15 +201,30 @@ fn reload_under_load_moves_a_route_a_dkim_key_and_the_certificate() {
     });
     let (a, b) = (at(&sink_a), at(&sink_b));
     for id in &sent {
-        assert_eq!(count_id(&a, id) + count_id(&b, id), 1, "{id} at A {}, at B {}", count_id(&a, id), count_id(&b, id));
+        assert_eq!(
+            count_id(&a, id) + count_id(&b, id),
+            1,
+            "{id} at A {}, at B {}",
+            count_id(&a, id),
+            count_id(&b, id)
+        );
     }
     assert_eq!(a.len() + b.len(), sent.len());
     // Mail queued after the reload took the new route and the new key.
-    let after: Vec<&String> = sent.iter().filter(|id| *id == "fresh" || id.ends_with(&format!("-m{}", BEFORE + DURING))).collect();
+    let after: Vec<&String> = sent
+        .iter()
+        .filter(|id| *id == "fresh" || id.ends_with(&format!("-m{}", BEFORE + DURING)))
+        .collect();
     for id in after {
         let tag = format!("<{id}@tern.test>");
-        let dump = b.iter().find(|d| d.contains(&tag)).unwrap_or_else(|| panic!("{id} not at sink B"));
-        assert!(dump.contains("s=s2;") && !dump.contains("s=s1;"), "{id} not signed with s2: {dump}");
+        let dump = b
+            .iter()
+            .find(|d| d.contains(&tag))
+            .unwrap_or_else(|| panic!("{id} not at sink B"));
+        assert!(
+            dump.contains("s=s2;") && !dump.contains("s=s1;"),
+            "{id} not signed with s2: {dump}"
+        );
     }
     assert!(reload_total(&node, "ok") >= 1.0);
 }
@@ -212,7 +234,11 @@ fn an_invalid_file_keeps_the_running_config_and_names_the_key() {
     let (sink_a, sink_b) = (SmtpSink::start(&[]), SmtpSink::start(&[]));
     let node = Node::start(&route(sink_a.addr));
     // A new route, and a value out of range.
-    edit(&node, &route(sink_a.addr), &format!("{}\n[policy]\nmax_recipients = 0\n", route(sink_b.addr)));
+    edit(
+        &node,
+        &route(sink_a.addr),
+        &format!("{}\n[policy]\nmax_recipients = 0\n", route(sink_b.addr)),
+    );
 
     let (out, _) = reload(&node);
     assert!(!out.status.success());
@@ -220,16 +246,19 @@ fn an_invalid_file_keeps_the_running_config_and_names_the_key() {
     assert!(err.contains("policy.max_recipients"), "{err}");
 
     node.send_signal("HUP");
-    wait_for(Duration::from_secs(10), "the SIGHUP reload failed and was logged", || {
-        node.logs().matches("configuration reload failed").count() >= 2
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the SIGHUP reload failed and was logged",
+        || node.logs().matches("configuration reload failed").count() >= 2,
+    );
     assert!(node.logs().contains("policy.max_recipients"), "{}", node.logs());
     assert_eq!(reload_total(&node, "error"), 2.0);
 
     // Still the old route.
     let mut c = Client::connect(node.smtp).unwrap();
     assert!(c.command("EHLO x.test").unwrap().starts_with("250"));
-    c.send_mail("sender@tern.test", &["r@example.test"], &body("kept", 500)).unwrap();
+    c.send_mail("sender@tern.test", &["r@example.test"], &body("kept", 500))
+        .unwrap();
     assert_eq!(sink_a.wait_dumps(1).len(), 1);
     assert!(at(&sink_b).is_empty());
 }
@@ -243,23 +272,38 @@ fn a_restart_only_key_is_named_and_keeps_its_running_value() {
 
     let (out, row) = reload(&node);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(names(&row, "restart_needed"), ["node.hostname"], "{row}");
+    // delivery.helo_name defaults to the host name, so it changed too.
+    assert_eq!(
+        names(&row, "restart_needed"),
+        ["node.hostname", "delivery.helo_name"],
+        "{row}"
+    );
     assert_eq!(names(&row, "applied"), ["route"], "{row}");
     let table = node.ternctl(&["config", "reload"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("node.hostname"));
-    assert!(node.logs().contains("restart needed for: node.hostname"), "{}", node.logs());
+    assert!(
+        node.logs()
+            .contains("restart needed for: node.hostname, delivery.helo_name"),
+        "{}",
+        node.logs()
+    );
 
     // The running hostname stays; the route moved.
     let mut c = Client::connect(node.smtp).unwrap();
     let ehlo = c.command("EHLO x.test").unwrap();
     assert!(ehlo.contains("mx1.tern.test"), "{ehlo}");
-    c.send_mail("sender@tern.test", &["r@example.test"], &body("moved", 500)).unwrap();
+    c.send_mail("sender@tern.test", &["r@example.test"], &body("moved", 500))
+        .unwrap();
     assert_eq!(sink_b.wait_dumps(1).len(), 1);
     assert!(at(&sink_a).is_empty());
 }
 
 fn check_config(path: &Path) -> std::process::Output {
-    Command::new(ternd_bin()).arg("check-config").arg(path).output().unwrap()
+    Command::new(ternd_bin())
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -267,10 +311,20 @@ fn check_config_accepts_a_valid_file_and_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tern.toml");
     let dkim = dkim_key(dir.path(), "ok");
-    std::fs::write(&file, format!("[node]\nid = 3\ndata_dir = \"{}\"\n\n{dkim}", dir.path().join("data").display())).unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "[node]\nid = 3\ndata_dir = \"{}\"\n\n{dkim}",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
     let out = check_config(&file);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}: ok", file.display()));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}: ok", file.display())
+    );
     assert!(!dir.path().join("data").exists(), "check-config started something");
 
     for (text, key) in [
