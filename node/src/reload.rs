@@ -391,7 +391,7 @@ mod tests {
         for (text, key) in [
             (
                 format!(
-                    "[[dkim]]\ndomain = \"a.test\"\nselector = \"s\"\nprivate_key = \"{}\"\n",
+                    "[[dkim]]\ndomain = \"a.test\"\nselector = \"s\"\nalgorithm = \"ed25519-sha256\"\nprivate_key = \"{}\"\n",
                     missing.display()
                 ),
                 "dkim",
