@@ -172,6 +172,17 @@ pub async fn run_with_events(
     events: crate::webhook::EventTap,
     recent: crate::console::RecentEvents,
 ) -> anyhow::Result<()> {
+    run_from(config, events, recent, None).await
+}
+
+/// [`run_with_events`] for a config read from `path`, which SIGHUP and
+/// `ternctl config reload` read again (`crate::reload`).
+pub async fn run_from(
+    config: Config,
+    events: crate::webhook::EventTap,
+    recent: crate::console::RecentEvents,
+    path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let users = config
         .smtp_auth
@@ -342,6 +353,9 @@ pub async fn run_with_events(
         .run(stop_rx.clone()),
     );
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::watch::channel(false);
+    // Set once the listeners' settings exist; `config reload` answers
+    // `unavailable` until then.
+    let reloader: Arc<std::sync::OnceLock<Arc<crate::reload::Reloader>>> = Arc::default();
 
     // Made with the admin service, which it calls as its callers.
     let console;
@@ -380,6 +394,7 @@ pub async fn run_with_events(
                 config.webhooks.iter().map(|w| w.name.clone()).collect(),
                 outbox_status.clone(),
             ),
+            reload: Arc::clone(&reloader),
         });
         console = Arc::new(crate::console::Console::new(
             Arc::clone(&admin),
@@ -575,18 +590,24 @@ pub async fn run_with_events(
         }));
     }
     let mut smtp_tasks = Vec::new();
+    // Each listener's settings, swapped by a config reload.
+    let mut listener_configs = Vec::new();
     for listener in smtp_listeners {
-        smtp_tasks.push(tokio::spawn(crate::smtp::serve(
+        let swap = Arc::new(arc_swap::ArcSwap::new(Arc::clone(&smtp_config)));
+        listener_configs.push(Arc::clone(&swap));
+        smtp_tasks.push(tokio::spawn(crate::smtp::serve_reloadable(
             listener,
-            Arc::clone(&smtp_config),
+            swap,
             Arc::clone(&front),
             stop_rx.clone(),
         )));
     }
     for (listener, implicit_tls) in submission_listeners {
-        smtp_tasks.push(tokio::spawn(crate::smtp::serve(
+        let swap = Arc::new(arc_swap::ArcSwap::new(submission_config(implicit_tls)));
+        listener_configs.push(Arc::clone(&swap));
+        smtp_tasks.push(tokio::spawn(crate::smtp::serve_reloadable(
             listener,
-            submission_config(implicit_tls),
+            swap,
             Arc::clone(&front),
             stop_rx.clone(),
         )));
@@ -630,8 +651,22 @@ pub async fn run_with_events(
     if let Some(watcher) = &cert_watcher {
         watcher.watch(CERT_POLL_INTERVAL, stop_rx.clone());
     }
-    // Installed even without certificates: SIGHUP never stops the node.
-    crate::tls_reload::reload_on_sighup(cert_watcher.into_iter().collect(), stop_rx.clone())
+    metrics.reload.loaded();
+    let reloader = reloader.get_or_init(|| {
+        Arc::new(crate::reload::Reloader {
+            path,
+            running: std::sync::Mutex::new(Arc::clone(&config)),
+            delivery: Arc::clone(&delivery),
+            pipeline: Arc::clone(&pipeline),
+            listeners: listener_configs,
+            certificates: cert_watcher.into_iter().collect(),
+            cluster_tls: cluster_tls.clone(),
+            metrics: metrics.reload.clone(),
+        })
+    });
+    // Installed even without a config file: SIGHUP never stops the node.
+    Arc::clone(reloader)
+        .on_sighup(stop_rx.clone())
         .context("SIGHUP handler")?;
     announce("ready");
     tracing::info!(node = config.node_id, hostname = %config.hostname, "ready");

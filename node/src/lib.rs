@@ -29,6 +29,7 @@
 //!   posted signed by the group's leader, acknowledged through Raft.
 //! - [`webhook`]: event log lines POSTed to HTTP endpoints (`[[webhook]]`).
 //! - [`tls_reload`]: TLS certificates that follow their files (and SIGHUP).
+//! - [`reload`]: configuration reload (SIGHUP, `ternctl config reload`) and `ternd check-config`.
 //! - [`raft`], [`storage`], [`config`], [`pki`], [`envelope`]: the crates
 //!   `tern-raft`, `tern-store`, `tern-config`, `tern-pki` and `tern-model`'s
 //!   envelope under the names the node's modules use.
@@ -56,6 +57,7 @@ pub mod peer;
 pub use tern_pki as pki;
 pub mod queue;
 pub mod raft;
+pub mod reload;
 pub mod reports;
 pub mod shaping;
 pub mod smtp;

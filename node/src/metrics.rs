@@ -213,6 +213,54 @@ pub enum AdminAuthResult {
     Denied,
 }
 
+/// Configuration reloads (SIGHUP, `ternctl config reload`).
+#[derive(Clone, Debug)]
+pub struct ReloadMetrics {
+    /// `tern_config_reload_total{result="ok|error"}`.
+    total: FixedCounters<ResultLabel, 2>,
+    /// `tern_config_last_reload_success_timestamp_seconds`: set at start too,
+    /// so a file changed after it and never loaded shows.
+    last_success: Gauge,
+}
+
+impl Default for ReloadMetrics {
+    fn default() -> Self {
+        ReloadMetrics {
+            total: FixedCounters::new(["ok", "error"].map(|result| ResultLabel { result })),
+            last_success: Gauge::default(),
+        }
+    }
+}
+
+impl ReloadMetrics {
+    /// The configuration in force was (re)loaded now.
+    pub fn loaded(&self) {
+        self.last_success.set(chrono::Utc::now().timestamp());
+    }
+
+    pub fn succeeded(&self) {
+        self.total.counters[0].inc();
+        self.loaded();
+    }
+
+    pub fn failed(&self) {
+        self.total.counters[1].inc();
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tern_config_reload",
+            "Configuration reloads (SIGHUP or ternctl config reload), by result; an error keeps the running configuration",
+            self.total.family.clone(),
+        );
+        r.register(
+            "tern_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load (start or reload)",
+            self.last_success.clone(),
+        );
+    }
+}
+
 /// The admin service's metrics.
 #[derive(Clone, Debug)]
 pub struct AdminMetrics {
@@ -961,6 +1009,8 @@ pub struct Metrics {
     pub filters: FilterMetrics,
     /// `tern_dnsbl_*_total`, `tern_greylist_total{outcome}`.
     pub screen: ScreenMetrics,
+    /// `tern_config_reload_total{result}`, `tern_config_last_reload_success_timestamp_seconds`.
+    pub reload: ReloadMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -1004,6 +1054,8 @@ impl Metrics {
         filters.register(&mut registry);
         let screen = ScreenMetrics::default();
         screen.register(&mut registry);
+        let reload = ReloadMetrics::default();
+        reload.register(&mut registry);
         let peer_refused = PeerRefusals::default();
         let api = ApiMetrics::default();
         api.register(&mut registry);
@@ -1076,6 +1128,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            reload,
             api,
             fbl,
             filters,

@@ -76,6 +76,9 @@ pub enum Command {
     /// Durable webhook events: backlog, errors and dead letters per endpoint.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// The nodes' configuration file: reload it without a restart.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Delivery analytics across the cluster: outcomes, rates, top reasons, time in queue.
     Stats {
         /// Rows by recipient domain, by site (relay host) or by node.
@@ -319,6 +322,18 @@ pub enum ShapingCommand {
     Clear {
         /// Its scope, as the shaping event names it (domain:example.com, mx:.google.com).
         scope: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Read the config file again and apply what changed; keys that need a
+    /// restart are named and keep their running value (docs/operations.md).
+    /// Exit 1 when a node's reload failed (its running config stays).
+    Reload {
+        /// Every cluster member, one after the other, not only the node at --endpoint.
+        #[arg(long)]
+        all: bool,
     },
 }
 

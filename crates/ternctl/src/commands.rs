@@ -13,6 +13,9 @@ use crate::output::*;
 
 /// Runs a command against the node at `args.endpoint`.
 pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status> {
+    if let Command::Config(crate::cli::ConfigCommand::Reload { all }) = args.command {
+        return crate::config::reload(&args, token, all, args.output == Output::Json).await;
+    }
     let mut client = connect(&args, token).await?;
     let json = args.output == Output::Json;
     match args.command {
@@ -106,8 +109,8 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
         Command::Queue(QueueCommand::Delete(sel)) => queue_op(&mut client, "delete", sel, json).await?,
         Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
         Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
-        // Handled offline in main.
-        Command::Dkim(_) | Command::Cert(_) | Command::Token(_) => {}
+        // Handled offline in main (config reload: above, it may ask every member).
+        Command::Dkim(_) | Command::Cert(_) | Command::Token(_) | Command::Config(_) => {}
         Command::Stats { by, since } => {
             let r = client
                 .stats(StatsRequest {

@@ -85,14 +85,19 @@ pub fn endpoint_is_loopback(endpoint: &str) -> bool {
 /// Connects to `args.endpoint` (TLS when `--tls-ca` is given) with `token`
 /// as the bearer credential.
 pub async fn connect(args: &Args, token: Option<String>) -> Result<Client, tonic::Status> {
+    connect_to(args, &args.endpoint, token).await
+}
+
+/// [`connect`] to `address` (e.g. another member's) with `args`' TLS settings.
+pub async fn connect_to(args: &Args, address: &str, token: Option<String>) -> Result<Client, tonic::Status> {
     let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
-    let endpoint = if args.endpoint.contains("://") {
-        args.endpoint.clone()
+    let endpoint = if address.contains("://") {
+        address.to_owned()
     } else {
-        format!("{scheme}://{}", args.endpoint)
+        format!("{scheme}://{address}")
     };
     let mut endpoint = tonic::transport::Endpoint::from_shared(endpoint)
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint {}: {e}", args.endpoint)))?;
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint {address}: {e}")))?;
     if let Some(ca) = &args.tls_ca {
         let read =
             |p: &Path| std::fs::read(p).map_err(|e| tonic::Status::invalid_argument(format!("{}: {e}", p.display())));
@@ -111,7 +116,7 @@ pub async fn connect(args: &Args, token: Option<String>) -> Result<Client, tonic
         .timeout(std::time::Duration::from_secs(60))
         .connect()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {e}", args.endpoint)))?;
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {address}: {e}")))?;
     let bearer: Option<tonic::metadata::AsciiMetadataValue> = match token {
         Some(t) => Some(
             format!("Bearer {t}")

@@ -15,6 +15,7 @@
 //! - [`commands`]: the commands that ask a node, and their output.
 //! - [`pool`]: `pool show` (egress pools and warm-up progress).
 //! - [`webhook`]: `webhook status` (durable events' backlog and dead letters).
+//! - [`config`]: `config reload [--all]` (the nodes read their config file again).
 //! - [`output`]: tables for people, JSON for scripts.
 //! - [`suppression`]: the suppression-list commands and their CSV form.
 //! - [`apikey`]: the sending API's keys.
@@ -27,6 +28,7 @@ mod apikey;
 mod cert;
 mod cli;
 mod commands;
+mod config;
 mod connect;
 mod dkim;
 mod output;

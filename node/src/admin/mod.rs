@@ -47,6 +47,8 @@ pub struct Admin {
     pub delivery: Arc<crate::delivery::Delivery>,
     /// `[[webhook]]` names and what the outbox dispatch saw (`webhook status`).
     pub webhooks: (Vec<String>, crate::outbox::dispatch::Status),
+    /// The node's config reload (`ternctl config reload`), once the listeners exist.
+    pub reload: Arc<std::sync::OnceLock<Arc<crate::reload::Reloader>>>,
 }
 
 /// The reply every recipient gets from `ternctl queue bounce`.
@@ -1121,6 +1123,39 @@ impl AdminService for Admin {
         }
         .await;
         audit.finish(result, |_| 1)
+    }
+
+    async fn config_reload(
+        &self,
+        request: Request<ConfigReloadRequest>,
+    ) -> Result<Response<ConfigReloadReply>, Status> {
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "config reload", String::new())
+            .await?;
+        let result = async {
+            let reloader = self
+                .reload
+                .get()
+                .cloned()
+                .ok_or_else(|| Status::unavailable("the node is still starting; try again"))?;
+            // File reads and key parsing: off the async workers.
+            let outcome = tokio::task::spawn_blocking(move || reloader.reload(crate::reload::Trigger::Admin))
+                .await
+                .map_err(|e| Status::internal(format!("reload task: {e}")))?;
+            match outcome {
+                Ok(o) => Ok(Response::new(ConfigReloadReply {
+                    node_id: self.node_id,
+                    path: o.path.display().to_string(),
+                    applied: o.diff.applied.iter().map(|k| (*k).to_owned()).collect(),
+                    restart_needed: o.diff.restart_needed.iter().map(|k| (*k).to_owned()).collect(),
+                })),
+                Err(e @ crate::reload::ReloadError::NoFile) => Err(Status::failed_precondition(e.to_string())),
+                Err(e) => Err(Status::invalid_argument(format!("node {}: {e}", self.node_id))),
+            }
+        }
+        .await;
+        audit.finish(result, |_| 0)
     }
 
     async fn webhook_status(

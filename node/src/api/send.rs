@@ -266,7 +266,7 @@ async fn write_messages(
     let pipeline = &state.pipeline;
     let signed: Vec<(Envelope, Vec<u8>, i64)> = futures::stream::iter(envelopes)
         .map(|(envelope, c)| async move {
-            let body = match &pipeline.dkim {
+            let body = match pipeline.dkim.load_full() {
                 Some(signer) => signer.sign(&envelope, c.body).await,
                 None => c.body,
             };

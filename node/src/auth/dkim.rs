@@ -639,7 +639,7 @@ mod tests {
         assert_eq!(s.sign(&envelope("127.0.0.1", None), other.clone()).await, other);
         // Through the pipeline as the SMTP server calls it.
         let pipeline = crate::auth::Pipeline {
-            dkim: Some(s),
+            dkim: Arc::new(arc_swap::ArcSwapOption::from_pointee(s)),
             inbound: None,
             ..Default::default()
         };

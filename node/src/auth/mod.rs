@@ -8,15 +8,23 @@ pub mod dkim;
 pub mod inbound;
 pub mod spf;
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+
 use crate::config::Config;
 use crate::envelope::Envelope;
 use tern_smtp::reply::Reply;
 
+/// The DKIM signer in force, swapped whole by a reload.
+pub type DkimSlot = Arc<ArcSwapOption<dkim::Signer>>;
+
 /// The per-message checks and signing of one node (shared by all listeners).
 #[derive(Debug, Default)]
 pub struct Pipeline {
-    /// DKIM signing of outbound mail; `None` without `[[dkim]]` entries.
-    pub dkim: Option<dkim::Signer>,
+    /// DKIM signing of outbound mail; empty without `[[dkim]]` entries.
+    /// A config reload swaps it (`crate::reload`); the reports sender shares it.
+    pub dkim: DkimSlot,
     /// Checks of mail from untrusted clients; `None` when `[inbound] enabled = false`.
     pub inbound: Option<inbound::Checker>,
     /// `[[filter]]` content filters; `None` without any.
@@ -27,7 +35,9 @@ impl Pipeline {
     /// The pipeline `config` asks for; DKIM key files are read and checked here.
     pub fn new(config: &Config) -> anyhow::Result<Pipeline> {
         Ok(Pipeline {
-            dkim: dkim::Signer::new(&config.dkim, &config.relay_networks)?,
+            dkim: Arc::new(ArcSwapOption::from(
+                dkim::Signer::new(&config.dkim, &config.relay_networks)?.map(Arc::new),
+            )),
             inbound: inbound::Checker::from_config(config)?,
             filters: crate::filter::Filters::new(config)?,
         })
@@ -46,7 +56,7 @@ impl Pipeline {
             None => body,
         };
         // Signing comes last: it covers the message exactly as queued.
-        let body = match &self.dkim {
+        let body = match self.dkim.load_full() {
             Some(signer) => signer.sign(envelope, body).await,
             None => body,
         };

@@ -32,6 +32,13 @@ enum Cmd {
     /// Read a password (one line) from stdin and print its argon2id hash,
     /// for the `[auth] users_file` (see docs/smtp.md).
     HashPassword,
+    /// Check a config file without starting anything (like `nginx -t`): the
+    /// TOML, every value, and the files it names (DKIM keys, certificates,
+    /// users file). Prints "FILE: ok" (exit 0) or the error naming the key (exit 1).
+    CheckConfig {
+        /// The TOML configuration file.
+        file: PathBuf,
+    },
 }
 
 /// `ternd hash-password`: the line's end (LF or CRLF) is not part of the password.
@@ -46,10 +53,26 @@ fn hash_password() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+/// `ternd check-config FILE`.
+fn check_config(file: &std::path::Path) -> std::process::ExitCode {
+    match tern_node::reload::check_file(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e:#}", file.display());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
-    if let Some(Cmd::HashPassword) = args.command {
-        return hash_password();
+    match &args.command {
+        Some(Cmd::HashPassword) => return hash_password().map(|()| std::process::ExitCode::SUCCESS),
+        Some(Cmd::CheckConfig { file }) => return Ok(check_config(file)),
+        None => {}
     }
     let config = match &args.config {
         Some(path) => tern_node::config::Config::from_file(path)?,
@@ -90,11 +113,11 @@ fn main() -> anyhow::Result<()> {
         }
         rt.enable_all().build().expect("cannot start the tokio runtime")
     });
-    if let Err(e) = system.block_on(tern_node::app::run_with_events(config, events, recent)) {
+    if let Err(e) = system.block_on(tern_node::app::run_from(config, events, recent, args.config.clone())) {
         // Exit now: dropping the runtime would wait for tasks stuck on a
         // failed group's storage. The supervisor restarts the node.
         eprintln!("Error: {e:?}");
         std::process::exit(1);
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -83,6 +83,8 @@ impl Console {
             egress: admin.egress.clone(),
             delivery: Arc::clone(&admin.delivery),
             webhooks: admin.webhooks.clone(),
+            // The anonymous reader can never reload the configuration.
+            reload: Arc::default(),
         });
         Console {
             admin,

@@ -111,7 +111,9 @@ pub enum Target {
 
 /// The delivery service: routing, site actors, client settings.
 pub struct Delivery {
-    config: Arc<Config>,
+    /// The configuration in force: a reload swaps it (`crate::reload`);
+    /// each attempt plans with the one it read first.
+    config: arc_swap::ArcSwap<Config>,
     resolver: MxResolver,
     client: ClientConfig,
     /// `[[tls_policy]]`: the TLS policy per recipient domain.
@@ -152,7 +154,7 @@ impl Delivery {
     pub fn set_writer(&self, writer: crate::cluster::writer::ControlWriter) {
         if self.auto_suppress.get().is_none() {
             let _ = self.auto_suppress.set(crate::bounce::suppress::AutoSuppress::start(
-                self.config.suppression.clone(),
+                self.config.load().suppression.clone(),
                 writer.clone(),
                 self.control.get().cloned(),
                 self.metrics.clone(),
@@ -286,12 +288,18 @@ impl Delivery {
             classifier: crate::bounce::Classifier::new(config.bounce_classes.clone()),
             auto_suppress: std::sync::OnceLock::new(),
             shaper: Arc::new(crate::shaping::Shaper::new(config.shaping.clone())),
-            config,
+            config: arc_swap::ArcSwap::new(config),
         }))
     }
 
-    fn is_local(&self, domain: &str) -> bool {
-        self.config.local_domains.iter().any(|d| d == domain)
+    /// Routes, local domains and delivery settings after a config reload:
+    /// delivery attempts planned from now on use them.
+    pub fn set_config(&self, config: Arc<Config>) {
+        self.config.store(config);
+    }
+
+    fn is_local(config: &Config, domain: &str) -> bool {
+        config.local_domains.iter().any(|d| d == domain)
     }
 
     /// Where mail for `domain` goes: a route, the local MDA, or its MX hosts.
@@ -302,8 +310,9 @@ impl Delivery {
     /// [`Delivery::plan`]; `recipient_policies: false` leaves MTA-STS out
     /// (a message with `TLS-Required: No`, RFC 8689 5).
     async fn plan_with(&self, domain: &str, recipient_policies: bool) -> Plan {
-        if self.is_local(domain) {
-            return match &self.config.local_delivery {
+        let config = self.config.load_full();
+        if Self::is_local(&config, domain) {
+            return match &config.local_delivery {
                 LocalDelivery::Lmtp(spec) => match lmtp_endpoint(&self.resolver, spec).await {
                     Ok(endpoint) => Plan {
                         key: format!("local:{spec}"),
@@ -325,17 +334,16 @@ impl Delivery {
         }
         let tls = self.tls.policy_for(domain);
         let tls_tag = tls.tag();
-        let route = self
-            .config
+        let route = config
             .routes
             .iter()
             .find(|r| r.domain == domain)
-            .or_else(|| self.config.routes.iter().find(|r| r.domain == "*"));
+            .or_else(|| config.routes.iter().find(|r| r.domain == "*"));
         if let Some(route) = route {
             let mut endpoints = Vec::new();
             let mut errors = Vec::new();
             for hop in &route.to {
-                match route_endpoints(&self.resolver, hop, self.config.smtp_port).await {
+                match route_endpoints(&self.resolver, hop, config.smtp_port).await {
                     Ok(mut e) => endpoints.append(&mut e),
                     Err(e) => errors.push(e),
                 }
@@ -367,7 +375,7 @@ impl Delivery {
                         let tag = tls.tag();
                         (tls, tag, None)
                     }
-                    Some(sts) => match sts.decide(domain, &self.config.tls_policies, &mut site.hosts).await {
+                    Some(sts) => match sts.decide(domain, &config.tls_policies, &mut site.hosts).await {
                         mta_sts::Decision::None => {
                             let tag = tls.tag();
                             (tls, tag, None)
@@ -378,7 +386,7 @@ impl Delivery {
                         }
                     },
                 };
-                let port = self.config.smtp_port;
+                let port = config.smtp_port;
                 let endpoints = site
                     .hosts
                     .iter()
@@ -482,14 +490,15 @@ impl Delivery {
             self.metrics.actor_restarted("site");
         }
         let incoming = Arc::new(AtomicUsize::new(1));
+        let config = self.config.load();
         let actor = SiteActor::new(
             key.to_owned(),
             Arc::clone(&self.sites),
             Arc::clone(&incoming),
             client.clone(),
             max_connections,
-            self.config.messages_per_connection,
-            self.config.connection_idle,
+            config.messages_per_connection,
+            config.connection_idle,
             self.metrics.clone(),
         );
         // Site actors live on the system arbiter; their I/O runs on the runtime's workers.
@@ -729,9 +738,9 @@ impl Delivery {
                                 egress.client(c.source),
                                 egress.config().sources[c.source]
                                     .max_connections
-                                    .unwrap_or(self.config.max_connections_per_site),
+                                    .unwrap_or(self.config.load().max_connections_per_site),
                             ),
-                            _ => self.site(&key, &self.client, self.config.max_connections_per_site),
+                            _ => self.site(&key, &self.client, self.config.load().max_connections_per_site),
                         };
                         if site.addr.send(site::Submit(job)).await.is_err() {
                             site.incoming.fetch_sub(1, Ordering::SeqCst);
@@ -751,7 +760,7 @@ impl Delivery {
         for (rcpts, rx, choice, no_policy) in waits {
             match rx.await {
                 Ok(mut r) => {
-                    if no_policy && self.config.tls_rpt.enabled {
+                    if no_policy && self.config.load().tls_rpt.enabled {
                         crate::reports::tls::record_no_policy(&self.tls_reports, &message.record.envelope, &r);
                     }
                     for a in &mut r {

@@ -18,7 +18,6 @@ use mail_builder::mime::{BodyPart, MimePart};
 use mail_builder::MessageBuilder;
 use tern_model::envelope::{BodyType, Envelope, Notify, Recipient};
 
-use crate::auth::dkim::Signer;
 use crate::queue::{IdGen, QueueFront};
 
 /// How long an HTTPS report destination has to answer.
@@ -30,7 +29,8 @@ const REPORTS_USER: &str = "tern-reports";
 /// What a report needs to go out.
 pub struct Sender {
     pub dns: MessageAuthenticator,
-    pub signer: Option<Signer>,
+    /// The node's DKIM signer in force (swapped by a config reload).
+    pub signer: crate::auth::DkimSlot,
     pub front: Arc<QueueFront>,
     pub ids: Arc<IdGen>,
     pub hostname: String,
@@ -144,7 +144,7 @@ impl Sender {
             client_ip: "127.0.0.1".into(),
             auth_user: Some(REPORTS_USER.into()),
         };
-        let message = match &self.signer {
+        let message = match self.signer.load_full() {
             Some(signer) => signer.sign(&envelope, message).await,
             None => message,
         };

@@ -20,4 +20,4 @@ pub mod screen;
 pub mod server;
 
 pub use reply::Reply;
-pub use server::{serve, EnqueueError, Enqueuer, RelayPolicy, SmtpConfig, TlsInfo};
+pub use server::{serve, serve_reloadable, EnqueueError, Enqueuer, RelayPolicy, SmtpConfig, TlsInfo};

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -101,6 +102,27 @@ pub struct SmtpConfig {
 }
 
 impl SmtpConfig {
+    /// Takes the settings of `config` that a reload changes for new
+    /// sessions (docs/operations.md, "Reloading the configuration"); the
+    /// listener's TLS, AUTH, permits and shared counters stay.
+    pub fn apply(&mut self, config: &crate::config::Config) {
+        self.max_recipients = config.max_recipients;
+        self.command_timeout = config.command_timeout;
+        self.data_timeout = config.data_timeout;
+        self.max_errors = config.max_errors;
+        self.relay = RelayPolicy {
+            local_domains: config.local_domains.clone(),
+            relay_domains: config.relay_domains.clone(),
+            relay_networks: config.relay_networks.clone(),
+        };
+        self.verify_recipients = config.verify_recipients;
+        self.max_session = config.smtp_limits.max_session;
+        self.min_data_rate = config.smtp_limits.min_data_rate;
+        self.tls_handshake = config.smtp_limits.tls_handshake;
+        self.max_junk_commands = config.smtp_limits.max_junk_commands;
+        self.proxy_from.clone_from(&config.smtp_limits.proxy_protocol_from);
+    }
+
     /// `max_connections_per_ip`, for logs.
     fn per_ip_max(&self) -> usize {
         self.per_ip.max()
@@ -227,9 +249,22 @@ pub async fn serve<E: Enqueuer>(
     enqueuer: Arc<E>,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    serve_reloadable(listener, Arc::new(ArcSwap::new(config)), enqueuer, shutdown).await
+}
+
+/// [`serve`] with settings a config reload may swap: each connection gets
+/// those in force when it is accepted and keeps them to its end.
+/// `max_connections` is the first config's (the listener's permits).
+pub async fn serve_reloadable<E: Enqueuer>(
+    listener: TcpListener,
+    swap: Arc<ArcSwap<SmtpConfig>>,
+    enqueuer: Arc<E>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut config = swap.load_full();
     let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let acceptor = config.tls.clone().map(TlsAcceptor::from);
-    let session_config = Arc::new(config.session());
+    let mut acceptor = config.tls.clone().map(TlsAcceptor::from);
+    let mut session_config = Arc::new(config.session());
     let mut sessions = JoinSet::new();
     let mut stop = shutdown.clone();
     info!(addr = ?listener.local_addr().ok(), "smtp listening");
@@ -257,6 +292,12 @@ pub async fn serve<E: Enqueuer>(
                 }
             },
         };
+        let now = swap.load_full();
+        if !Arc::ptr_eq(&now, &config) {
+            config = now;
+            acceptor = config.tls.clone().map(TlsAcceptor::from);
+            session_config = Arc::new(config.session());
+        }
         let open = config.metrics.session_started();
         let config = config.clone();
         let session_config = session_config.clone();

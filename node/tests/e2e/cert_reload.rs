@@ -67,14 +67,14 @@ fn starttls(addr: SocketAddr, ca: &Path) -> (Tls, Vec<u8>) {
 }
 
 /// The certificate a new session is served.
-fn served(addr: SocketAddr, ca: &Path) -> Vec<u8> {
+pub(crate) fn served(addr: SocketAddr, ca: &Path) -> Vec<u8> {
     let (mut tls, cert) = starttls(addr, ca);
     command(&mut tls, "QUIT");
     cert
 }
 
 /// DER of the first certificate in a PEM file.
-fn der(pem: &Path) -> rustls::pki_types::CertificateDer<'static> {
+pub(crate) fn der(pem: &Path) -> rustls::pki_types::CertificateDer<'static> {
     let text = std::fs::read(pem).unwrap();
     let first = rustls_pemfile::certs(&mut text.as_slice()).next().unwrap().unwrap();
     first
@@ -93,7 +93,7 @@ fn rewrite_unnoticed(from: &Path, to: &Path) {
 }
 
 /// Replaces `to` by a renamed new file (new inode), as deployment tools do.
-fn replace(from: &Path, to: &Path) {
+pub(crate) fn replace(from: &Path, to: &Path) {
     let mut text = std::fs::read(from).unwrap();
     text.resize(PADDED, b'\n');
     let tmp = to.with_extension("new");

@@ -33,6 +33,7 @@ mod ops;
 mod outbound_tls;
 mod peers;
 mod pools;
+mod reload;
 mod reports;
 mod requiretls;
 mod shaping;

@@ -1,0 +1,411 @@
+//! Configuration reload: SIGHUP and `ternctl config reload` read the file
+//! `ternd` was started with again and swap, without a restart, the parts
+//! that can change while mail flows (docs/operations.md, "Reloading the
+//! configuration"); `ternd check-config FILE` runs the same checks offline.
+//!
+//! # Rules
+//! - All or nothing: the new file is parsed and validated, and every file it
+//!   names (DKIM keys, certificates, the users file, CA files) is read and
+//!   parsed, before anything is swapped. Any error keeps the running
+//!   configuration; the error names the key.
+//! - Keys that need a restart (listen addresses, node id, data_dir, shards,
+//!   ...; see [`compare`]) keep their running value when changed; the reply
+//!   and the log name them (`restart needed for: listen.smtp, node.id`).
+//! - Swaps are atomic (arc-swap): an SMTP session keeps the settings it was
+//!   accepted with; sessions accepted and deliveries planned after the swap
+//!   get the new ones. Certificates: new handshakes. DKIM: messages whose
+//!   DATA ends after the swap.
+//! - One reload at a time; each is counted in `tern_config_reload_total{result}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+
+/// The key groups a reload changed, and the restart-only keys it did not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Reloadable keys whose value changed: applied.
+    pub applied: Vec<&'static str>,
+    /// Keys that need a restart whose value changed: the running value stays.
+    pub restart_needed: Vec<&'static str>,
+}
+
+fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+    // Config values have no PartialEq; their Debug form is deterministic (no hash maps).
+    format!("{a:?}") != format!("{b:?}")
+}
+
+/// Compares every key of `old` (running) and `new` (the file): the config
+/// to run (new values, except restart-only keys, which keep old ones) and
+/// what changed. A new `Config` field fails to compile here until it is
+/// classified.
+macro_rules! classify {
+    ($old:ident, $new:ident, $merged:ident, $diff:ident;
+     restart: [$($rf:ident => $rk:literal),* $(,)?];
+     live: [$($lf:ident => $lk:literal),* $(,)?];
+     parts: [$($pf:ident),* $(,)?]) => {{
+        let Config { $($rf: _,)* $($lf: _,)* $($pf: _,)* } = $new;
+        $(
+            if differs(&$old.$rf, &$new.$rf) {
+                $diff.restart_needed.push($rk);
+                $merged.$rf = $old.$rf.clone();
+            }
+        )*
+        $(
+            if differs(&$old.$lf, &$new.$lf) && !$diff.applied.contains(&$lk) {
+                $diff.applied.push($lk);
+            }
+        )*
+    }};
+}
+
+/// See [`classify`]: the configuration to run after a reload, and the diff.
+pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
+    let mut merged = new.clone();
+    let mut diff = Diff::default();
+    classify!(old, new, merged, diff;
+        restart: [
+            node_id => "node.id",
+            hostname => "node.hostname",
+            data_dir => "node.data_dir",
+            state_cache_bytes => "node.state_cache_mb",
+            worker_threads => "node.worker_threads",
+            log_segment_bytes => "node.log_segment_mb",
+            log_keep_bytes => "node.log_keep_mb",
+            min_free_bytes => "node.min_free_mb",
+            listen_smtp => "listen.smtp",
+            listen_submission => "listen.submission",
+            listen_submissions => "listen.submissions",
+            listen_grpc => "listen.grpc",
+            listen_http => "listen.http",
+            smtp_auth => "auth",
+            advertise_grpc => "cluster.advertise_grpc",
+            cluster_tls => "cluster.tls_cert/tls_key/tls_ca/tls_server_name",
+            cluster_insecure => "cluster.insecure",
+            peer_addresses => "cluster.peer_addresses",
+            dead_node_after => "cluster.dead_node_after_secs",
+            handover_timeout => "cluster.handover_timeout_secs",
+            bootstrap => "cluster.bootstrap",
+            shards => "cluster.shards",
+            replicas => "cluster.replicas",
+            tls_cert => "tls.cert",
+            tls_key => "tls.key",
+            max_message_size => "policy.max_message_size",
+            max_connections => "smtp.max_connections",
+            dns_nameservers => "dns.nameservers",
+            dns_timeout => "dns.timeout_secs",
+            retry_schedule => "delivery.retry_schedule",
+            max_age => "delivery.max_age",
+            delay_notice_after => "delivery.delay_notice_after",
+            scheduler_tick => "delivery.scheduler_tick_ms",
+            tls_policies => "tls_policy/delivery.require_tls_domains",
+            tls_ca_file => "delivery.tls_ca_file",
+            backoff => "backoff/delivery.backoff_defaults",
+            helo_name => "delivery.helo_name",
+            connect_timeout => "delivery.connect_timeout_secs",
+            egress => "source/pool/pool_rule",
+            log_format => "log.format",
+            webhooks => "webhook",
+            inbound => "inbound",
+            admin_tokens => "admin_token",
+            fbl => "fbl",
+            api => "api",
+            mta_sts => "mta_sts",
+            dane => "dane",
+            tls_rpt => "tls_rpt",
+            dmarc_reports => "dmarc_reports",
+            filters => "filter",
+            dnsbl => "dnsbl",
+            greylist => "greylist",
+            arc => "arc",
+            bounce_classes => "bounce_class",
+            suppression => "suppression",
+            shaping => "shaping",
+        ];
+        live: [
+            routes => "route",
+            dkim => "dkim",
+            relay_networks => "policy.relay_networks",
+            local_domains => "policy.local_domains",
+            relay_domains => "policy.relay_domains",
+            max_recipients => "policy.max_recipients",
+            command_timeout => "smtp.command_timeout_secs",
+            data_timeout => "smtp.data_timeout_secs",
+            max_errors => "smtp.max_errors",
+            smtp_port => "delivery.smtp_port",
+            max_connections_per_site => "delivery.max_connections_per_site",
+            messages_per_connection => "delivery.messages_per_connection",
+            connection_idle => "delivery.connection_idle_secs",
+            local_delivery => "local.lmtp/maildir",
+            verify_recipients => "local.verify_recipients",
+        ];
+        parts: [smtp_limits]
+    );
+    // `[smtp]` limits: the shared counters' sizes need a restart, the rest applies.
+    let (o, n) = (&old.smtp_limits, &new.smtp_limits);
+    if o.max_connections_per_ip != n.max_connections_per_ip {
+        diff.restart_needed.push("smtp.max_connections_per_ip");
+        merged.smtp_limits.max_connections_per_ip = o.max_connections_per_ip;
+    }
+    if o.max_connection_rate_per_ip != n.max_connection_rate_per_ip {
+        diff.restart_needed.push("smtp.max_connection_rate_per_ip");
+        merged.smtp_limits.max_connection_rate_per_ip = o.max_connection_rate_per_ip;
+    }
+    if o.memory_budget_bytes != n.memory_budget_bytes {
+        diff.restart_needed.push("smtp.memory_budget_mb");
+        merged.smtp_limits.memory_budget_bytes = o.memory_budget_bytes;
+    }
+    for (changed, key) in [
+        (o.max_session != n.max_session, "smtp.max_session_secs"),
+        (o.min_data_rate != n.min_data_rate, "smtp.min_data_rate"),
+        (o.tls_handshake != n.tls_handshake, "smtp.tls_handshake_secs"),
+        (o.max_junk_commands != n.max_junk_commands, "smtp.max_junk_commands"),
+        (
+            o.proxy_protocol_from != n.proxy_protocol_from,
+            "smtp.proxy_protocol_from",
+        ),
+    ] {
+        if changed {
+            diff.applied.push(key);
+        }
+    }
+    (merged, diff)
+}
+
+/// Reads and checks `path` as `ternd check-config` does: the TOML and its
+/// values, then every file it names. The error names the key.
+pub fn check_file(path: &Path) -> anyhow::Result<Config> {
+    let config = Config::from_file(path)?;
+    check_files(&config)?;
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        crate::tls_reload::CertWatcher::new(cert, key).context("tls.cert / tls.key")?;
+    }
+    Ok(config)
+}
+
+/// Reads and parses the files `config` names, as a start would, except the
+/// listener certificate (a reload loads that last, through its watcher, so
+/// that a bad pair is counted in `tern_tls_reload_errors_total`).
+fn check_files(config: &Config) -> anyhow::Result<()> {
+    crate::auth::dkim::Signer::new(&config.dkim, &config.relay_networks).context("dkim")?;
+    if let Some(files) = &config.cluster_tls {
+        crate::raft::tls::ClusterTls::load(files).context("cluster.tls_cert / tls_key / tls_ca")?;
+    }
+    if let Some(users) = &config.smtp_auth.users_file {
+        crate::submission::UserStore::load(users, config.smtp_auth.senders.clone())
+            .map_err(anyhow::Error::msg)
+            .context("auth.users_file")?;
+    }
+    crate::delivery::tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())
+        .context("delivery.tls_ca_file")?;
+    Ok(())
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    #[error("ternd runs on the embedded default (no --config): there is no file to reload")]
+    NoFile,
+    #[error("{path}: {reason}; the running configuration stays")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// What a successful reload did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub path: PathBuf,
+    pub diff: Diff,
+}
+
+/// Who asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Admin,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::Admin => "ternctl",
+        }
+    }
+}
+
+/// The running node's swappable parts, and the config in force.
+pub struct Reloader {
+    /// The file `ternd` was started with; `None` on the embedded default.
+    pub path: Option<PathBuf>,
+    /// The configuration in force (restart-only keys as started).
+    pub running: Mutex<Arc<Config>>,
+    pub delivery: Arc<crate::delivery::Delivery>,
+    pub pipeline: Arc<crate::auth::Pipeline>,
+    /// One per SMTP and submission listener.
+    pub listeners: Vec<Arc<ArcSwap<crate::smtp::SmtpConfig>>>,
+    pub certificates: Vec<crate::tls_reload::CertWatcher>,
+    pub cluster_tls: Option<crate::raft::tls::ClusterTls>,
+    pub metrics: crate::metrics::ReloadMetrics,
+}
+
+impl Reloader {
+    /// Reads the file again and applies it (see the module's rules); logged and counted.
+    pub fn reload(&self, trigger: Trigger) -> Result<Outcome, ReloadError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.try_reload(&mut running, trigger);
+        match &result {
+            Ok(outcome) => {
+                self.metrics.succeeded();
+                tracing::info!(
+                    trigger = trigger.as_str(),
+                    path = %outcome.path.display(),
+                    applied = %outcome.diff.applied.join(", "),
+                    "configuration reloaded"
+                );
+                if !outcome.diff.restart_needed.is_empty() {
+                    tracing::warn!(
+                        trigger = trigger.as_str(),
+                        "restart needed for: {}; the running values stay until then",
+                        outcome.diff.restart_needed.join(", ")
+                    );
+                }
+            }
+            Err(e) => {
+                self.metrics.failed();
+                tracing::error!(trigger = trigger.as_str(), error = %e, "configuration reload failed");
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self, running: &mut Arc<Config>, trigger: Trigger) -> Result<Outcome, ReloadError> {
+        let path = self.path.clone().ok_or(ReloadError::NoFile)?;
+        let invalid = |reason: String| ReloadError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let new = Config::from_file(&path).map_err(|e| invalid(e.to_string()))?;
+        let (merged, diff) = compare(running, &new);
+        // Everything that can fail, before anything is swapped.
+        // (check_files loaded the cluster TLS files, so their reload below should not fail.)
+        check_files(&merged).map_err(|e| invalid(format!("{e:#}")))?;
+        let signer = crate::auth::dkim::Signer::new(&merged.dkim, &merged.relay_networks)
+            .map_err(|e| invalid(format!("dkim: {e}")))?;
+        // Certificates last: a pair that loads is served at once.
+        for watcher in &self.certificates {
+            watcher
+                .reload_now()
+                .map_err(|e| invalid(format!("tls.cert / tls.key: {e}")))?;
+        }
+        // On SIGHUP the cluster certificate's own watcher reloads it.
+        if let Some(tls) = self.cluster_tls.as_ref().filter(|_| trigger == Trigger::Admin) {
+            if let Err(e) = tls.reload() {
+                tracing::warn!(error = %format!("{e:#}"), "cluster TLS not reloaded; the previous certificate stays in use");
+            }
+        }
+        let merged = Arc::new(merged);
+        self.pipeline.dkim.store(signer.map(Arc::new));
+        if let Some(checker) = &self.pipeline.inbound {
+            checker.set_relay_networks(merged.relay_networks.clone());
+        }
+        self.delivery.set_config(Arc::clone(&merged));
+        for listener in &self.listeners {
+            let mut smtp = (*listener.load_full()).clone();
+            smtp.apply(&merged);
+            listener.store(Arc::new(smtp));
+        }
+        *running = merged;
+        Ok(Outcome { path, diff })
+    }
+
+    /// A task that reloads on SIGHUP until `stop` turns true.
+    pub fn on_sighup(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = hup.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        let me = Arc::clone(&self);
+                        // File reads and key parsing: off the async workers.
+                        let _ = tokio::task::spawn_blocking(move || me.reload(Trigger::Signal)).await;
+                    }
+                    r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+                }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(text).unwrap()
+    }
+
+    #[test]
+    fn restart_only_keys_keep_their_running_value_and_the_rest_applies() {
+        let old = config(
+            "[node]\nid = 1\n[listen]\nsmtp = [\"127.0.0.1:2525\"]\n[smtp]\nmax_errors = 5\nmax_connections_per_ip = 10\n\
+             [[route]]\ndomain = \"a.test\"\nto = \"127.0.0.1:25\"\n",
+        );
+        let new = config(
+            "[node]\nid = 2\n[listen]\nsmtp = [\"127.0.0.1:2526\"]\n[smtp]\nmax_errors = 7\nmax_connections_per_ip = 20\n\
+             [[route]]\ndomain = \"a.test\"\nto = \"127.0.0.1:26\"\n",
+        );
+        let (merged, diff) = compare(&old, &new);
+        assert_eq!(
+            diff.restart_needed,
+            ["node.id", "listen.smtp", "smtp.max_connections_per_ip"]
+        );
+        assert_eq!(diff.applied, ["route", "smtp.max_errors"]);
+        assert_eq!(merged.node_id, 1);
+        assert_eq!(merged.listen_smtp, old.listen_smtp);
+        assert_eq!(merged.smtp_limits.max_connections_per_ip, 10);
+        assert_eq!(merged.max_errors, 7);
+        assert_eq!(merged.routes, new.routes);
+
+        // The same file again: nothing changed.
+        assert_eq!(compare(&old, &old).1, Diff::default());
+    }
+
+    #[test]
+    fn check_file_names_the_key_of_a_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let file = dir.path().join("tern.toml");
+        for (text, key) in [
+            (
+                format!(
+                    "[[dkim]]\ndomain = \"a.test\"\nselector = \"s\"\nalgorithm = \"ed25519-sha256\"\nprivate_key = \"{}\"\n",
+                    missing.display()
+                ),
+                "dkim",
+            ),
+            (
+                format!("[tls]\ncert = \"{0}\"\nkey = \"{0}\"\n", missing.display()),
+                "tls.cert / tls.key",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = format!("{:#}", check_file(&file).unwrap_err());
+            assert!(e.starts_with(key), "{e}");
+        }
+        std::fs::write(&file, "[node]\nid = 2\n").unwrap();
+        assert_eq!(check_file(&file).unwrap().node_id, 2);
+    }
+}
