@@ -82,17 +82,26 @@ pub fn endpoint_is_loopback(endpoint: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Connects to `args.endpoint` (TLS when `--tls-ca` is given) with `token`
-/// as the bearer credential.
-pub async fn connect(args: &Args, token: Option<String>) -> Result<Client, tonic::Status> {
+/// How long one call may take unless the command says otherwise.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Connects to `address` (one of `--endpoints`; TLS when `--tls-ca` is
+/// given) with `token` as the bearer credential; each call may take up to
+/// `call_timeout`.
+pub async fn connect(
+    args: &Args,
+    address: &str,
+    token: Option<String>,
+    call_timeout: std::time::Duration,
+) -> Result<Client, tonic::Status> {
     let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
-    let endpoint = if args.endpoint.contains("://") {
-        args.endpoint.clone()
+    let endpoint = if address.contains("://") {
+        address.to_owned()
     } else {
-        format!("{scheme}://{}", args.endpoint)
+        format!("{scheme}://{address}")
     };
     let mut endpoint = tonic::transport::Endpoint::from_shared(endpoint)
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint {}: {e}", args.endpoint)))?;
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint {address}: {e}")))?;
     if let Some(ca) = &args.tls_ca {
         let read =
             |p: &Path| std::fs::read(p).map_err(|e| tonic::Status::invalid_argument(format!("{}: {e}", p.display())));
@@ -108,10 +117,10 @@ pub async fn connect(args: &Args, token: Option<String>) -> Result<Client, tonic
     }
     let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(60))
+        .timeout(call_timeout)
         .connect()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {e}", args.endpoint)))?;
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {address}: {e}")))?;
     let bearer: Option<tonic::metadata::AsciiMetadataValue> = match token {
         Some(t) => Some(
             format!("Bearer {t}")
