@@ -123,17 +123,21 @@ const BOOTSTRAP_PEER_CHECK: Duration = Duration::from_secs(2);
 /// same identity would split the mail between two clusters that never
 /// agree. Peers that do not answer are not evidence either way.
 async fn refuse_second_cluster(config: &Config, cluster: &Cluster) -> anyhow::Result<()> {
-    let asks = config.peer_addresses.iter().filter(|(id, _)| **id != config.node_id).map(|(id, addr)| {
-        let client = cluster.peers.peer(*id, addr);
-        async move {
-            let mut client = client.ok()?;
-            let ask = client.local_status(tern_proto::peer::LocalStatusRequest {});
-            match tokio::time::timeout(BOOTSTRAP_PEER_CHECK, ask).await {
-                Ok(Ok(r)) => Some((addr.clone(), r.into_inner())),
-                _ => None,
+    let asks = config
+        .peer_addresses
+        .iter()
+        .filter(|(id, _)| **id != config.node_id)
+        .map(|(id, addr)| {
+            let client = cluster.peers.peer(*id, addr);
+            async move {
+                let mut client = client.ok()?;
+                let ask = client.local_status(tern_proto::peer::LocalStatusRequest {});
+                match tokio::time::timeout(BOOTSTRAP_PEER_CHECK, ask).await {
+                    Ok(Ok(r)) => Some((addr.clone(), r.into_inner())),
+                    _ => None,
+                }
             }
-        }
-    });
+        });
     for (addr, status) in futures::future::join_all(asks).await.into_iter().flatten() {
         if status.members.is_empty() {
             continue;

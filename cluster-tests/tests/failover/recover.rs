@@ -68,7 +68,10 @@ fn recover_a_survivor_after_losing_the_majority() {
     let ternd = tern_testkit::bin("ternd");
     let run = |extra: &[&str]| {
         let mut cmd = std::process::Command::new(&ternd);
-        cmd.arg("--config").arg(&config).args(["recover", "--keep-members", "1"]).args(extra);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["recover", "--keep-members", "1"])
+            .args(extra);
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
@@ -79,7 +82,10 @@ fn recover_a_survivor_after_losing_the_majority() {
         text
     };
     let dry = run(&[]);
-    assert!(dry.contains("would rewrite control group") && dry.contains("dry run"), "{dry}");
+    assert!(
+        dry.contains("would rewrite control group") && dry.contains("dry run"),
+        "{dry}"
+    );
     let done = run(&["--yes"]);
     eprintln!("ternd recover:\n{done}");
     assert!(done.contains("rewrote control group"), "{done}");

@@ -15,7 +15,6 @@ pub struct Args {
         global = true,
         env = "TERN_ENDPOINT",
         value_delimiter = ',',
-        num_args = 1..,
         default_value = "127.0.0.1:7070"
     )]
     pub endpoints: Vec<String>,
@@ -465,4 +464,55 @@ pub enum QueueCommand {
         #[arg(long)]
         body: bool,
     },
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn endpoints_split_and_repeat_and_ids_are_positional_or_flags() {
+        let a =
+            Args::try_parse_from(["ternctl", "-e", "a:1,b:2", "--endpoint", "c:3", "member", "remove", "3"]).unwrap();
+        assert_eq!(a.endpoints, ["a:1", "b:2", "c:3"]);
+        assert!(matches!(
+            a.command,
+            Command::Member(MemberCommand::Remove {
+                id: Some(3),
+                id_flag: None,
+                ..
+            })
+        ));
+        let a = Args::try_parse_from(["ternctl", "member", "remove", "--id", "4"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Member(MemberCommand::Remove {
+                id: None,
+                id_flag: Some(4),
+                ..
+            })
+        ));
+        assert!(Args::try_parse_from(["ternctl", "member", "remove"]).is_err());
+        assert!(Args::try_parse_from(["ternctl", "member", "remove", "3", "--id", "3"]).is_err());
+        let a = Args::try_parse_from(["ternctl", "member", "add", "5", "--addr", "h:1"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Member(MemberCommand::Add { id: Some(5), .. })
+        ));
+        assert!(Args::try_parse_from(["ternctl", "queue", "hold", "--state", "stuck"]).is_err());
+        let a =
+            Args::try_parse_from(["ternctl", "queue", "delete", "--state", "held", "--reply-class", "4xx"]).unwrap();
+        let Command::Queue(QueueCommand::Delete(sel)) = a.command else {
+            panic!("not a delete")
+        };
+        assert_eq!(sel.filters.state.as_deref(), Some("held"));
+        assert!(!sel.filters.is_empty() && sel.ids.is_empty());
+    }
 }

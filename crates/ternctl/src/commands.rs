@@ -5,8 +5,8 @@ use serde_json::json;
 use tern_proto::admin::*;
 
 use crate::cli::{
-    Args, Command, DomainCommand, Filters, MemberCommand, NodeCommand, Output, QueueCommand, Selection,
-    ShapingCommand, ShardCommand, StatsBy,
+    Args, Command, DomainCommand, Filters, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShapingCommand,
+    ShardCommand, StatsBy,
 };
 use crate::connect::{connect, Client};
 use crate::output::*;
@@ -15,6 +15,8 @@ use crate::output::*;
 const PAGE: u32 = 5000;
 /// Ids per queue operation request.
 const OP_BATCH: usize = 2000;
+/// Times one batch is sent again after UNAVAILABLE (a leader change).
+const OP_RETRIES: u32 = 10;
 
 /// Runs a command against the node at `endpoint`.
 pub async fn run(args: &Args, endpoint: &str, token: Option<String>) -> Result<(), tonic::Status> {
@@ -400,7 +402,9 @@ async fn list_all(
         let want = if limit == 0 {
             PAGE
         } else {
-            u32::try_from(limit.saturating_sub(messages.len() as u64)).unwrap_or(PAGE).min(PAGE)
+            u32::try_from(limit.saturating_sub(messages.len() as u64))
+                .unwrap_or(PAGE)
+                .min(PAGE)
         };
         let r = client
             .queue_list(list_request(filters, ids, after, want, ids_only))
@@ -459,15 +463,26 @@ async fn queue_op(client: &mut Client, op: &str, sel: Selection, json: bool) -> 
     let mut affected = 0;
     for (shard, ids) in by_shard {
         for batch in ids.chunks(OP_BATCH) {
-            let reply = client
-                .queue_op(QueueOpRequest {
-                    op: op.into(),
-                    ids: batch.to_vec(),
-                    shard,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
+            let request = QueueOpRequest {
+                op: op.into(),
+                ids: batch.to_vec(),
+                shard,
+                ..Default::default()
+            };
+            // A shard changing leader answers UNAVAILABLE for a moment:
+            // the batch is tried again (bounded) rather than the whole command.
+            let mut tries = 0;
+            let reply = loop {
+                match client.queue_op(request.clone()).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(e) if e.code() == tonic::Code::Unavailable && tries < OP_RETRIES => {
+                        tries += 1;
+                        eprintln!("{op}: shard {shard}: {}; trying again", e.message());
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             affected += reply.affected;
             done += batch.len();
             if total > OP_BATCH {

@@ -96,11 +96,7 @@ fn main() -> ExitCode {
         match runtime.block_on(commands::run(&args, endpoint, token.clone())) {
             Ok(()) => return ExitCode::SUCCESS,
             Err(status) if status.code() == tonic::Code::Unavailable && i + 1 < endpoints.len() => {
-                eprintln!(
-                    "ternctl: {endpoint}: {}; trying {}",
-                    status.message(),
-                    endpoints[i + 1]
-                );
+                eprintln!("ternctl: {endpoint}: {}; trying {}", status.message(), endpoints[i + 1]);
             }
             Err(status) => return exit_code(&status),
         }

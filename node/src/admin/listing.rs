@@ -130,10 +130,9 @@ impl Admin {
         let mut cursors: Vec<Cursor<'_>> = groups
             .iter()
             .map(|g| {
-                let it = g
-                    .sm
-                    .messages_after(&req.after)
-                    .filter(move |r| r.as_ref().map_or(true, |r| select.matches(r, now)));
+                let it =
+                    g.sm.messages_after(&req.after)
+                        .filter(move |r| r.as_ref().map_or(true, |r| select.matches(r, now)));
                 let it: Box<dyn Iterator<Item = anyhow::Result<MessageRecord>> + '_> = Box::new(it);
                 (g.id, it)
             })
@@ -207,9 +206,11 @@ impl Admin {
         }
         let nodes = self.cluster.nodes();
         let asks = by_node.into_iter().map(|(node, only)| {
-            let client = nodes
-                .get(&node)
-                .map(|addr| self.cluster.peers.peer(node, &self.cluster.peers.dial(node, addr.clone())));
+            let client = nodes.get(&node).map(|addr| {
+                self.cluster
+                    .peers
+                    .peer(node, &self.cluster.peers.dial(node, addr.clone()))
+            });
             let ask = QueueListRequest {
                 shards: only.iter().copied().collect(),
                 local_only: true,
@@ -261,7 +262,10 @@ impl Admin {
     pub(crate) async fn show_elsewhere(&self, req: &QueueShowRequest) -> Result<Option<QueueShowReply>, Status> {
         let nodes = self.cluster.nodes();
         let asks = nodes.iter().filter(|(id, _)| **id != self.node_id).map(|(id, addr)| {
-            let client = self.cluster.peers.peer(*id, &self.cluster.peers.dial(*id, addr.clone()));
+            let client = self
+                .cluster
+                .peers
+                .peer(*id, &self.cluster.peers.dial(*id, addr.clone()));
             let ask = QueueShowRequest {
                 local_only: true,
                 ..req.clone()
@@ -317,7 +321,9 @@ impl Admin {
             return Ok(n);
         }
         if shard == crate::raft::CONTROL_GROUP {
-            return Err(Status::invalid_argument("shard 0 is the control group, not a queue shard"));
+            return Err(Status::invalid_argument(
+                "shard 0 is the control group, not a queue shard",
+            ));
         }
         let op = match action {
             Some(action) => Operation::Queue { action, ids },
@@ -332,15 +338,26 @@ impl Admin {
         let mut last = Status::unavailable(format!("no replica of shard {shard} answered"));
         for node in replicas {
             let Some(addr) = nodes.get(&node) else { continue };
-            let mut client = self.cluster.peers.peer(node, &self.cluster.peers.dial(node, addr.clone()))?;
+            let mut client = self
+                .cluster
+                .peers
+                .peer(node, &self.cluster.peers.dial(node, addr.clone()))?;
             let ask = client.operation(tern_proto::peer::OperationRequest {
                 group_id: shard,
                 operation: payload.clone(),
             });
             match ask.await {
                 Ok(r) => return Ok(r.into_inner().affected),
-                // Not the leader, or unreachable: the next replica.
-                Err(e) if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => last = e,
+                // Not the leader, unreachable, or not (yet, or any more)
+                // hosting it as placement says: the next replica.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::NotFound
+                    ) =>
+                {
+                    last = e
+                }
                 Err(e) => return Err(e),
             }
         }

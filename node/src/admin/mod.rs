@@ -376,19 +376,22 @@ impl Admin {
     /// give one node two ids. With cluster TLS its certificate must name
     /// `id` as well.
     async fn check_identity(&self, id: NodeId, addr: &str) -> Result<(), Status> {
-        let mut client = self.cluster.peers.peer(id, &self.cluster.peers.dial(id, addr.to_owned()))?;
+        let mut client = self
+            .cluster
+            .peers
+            .peer(id, &self.cluster.peers.dial(id, addr.to_owned()))?;
         let ping = client.ping(tern_proto::peer::PingRequest {});
         let answer = match tokio::time::timeout(PEER_QUERY_TIMEOUT, ping).await {
             Ok(Ok(r)) => r.into_inner().node_id,
             Ok(Err(e)) => {
                 return Err(Status::failed_precondition(format!(
-                    "cannot check the node at {addr} is node {id}: {}; start it (without bootstrap) first",
+                    "cannot check that the node at {addr} is node {id}: {}",
                     e.message()
                 )))
             }
             Err(_) => {
                 return Err(Status::failed_precondition(format!(
-                    "cannot check the node at {addr} is node {id}: no answer within {PEER_QUERY_TIMEOUT:?}; start it (without bootstrap) first"
+                    "cannot check that the node at {addr} is node {id}: no answer within {PEER_QUERY_TIMEOUT:?}; start it (without bootstrap) first"
                 )))
             }
         };
@@ -816,9 +819,15 @@ impl AdminService for Admin {
         };
         let mut selection = audit::queue_selection(&r.ids, &r.domain, &r.sender, r.older_than_secs);
         for (k, v) in [
-            ("newer_than", (r.newer_than_secs > 0).then(|| format!("{}s", r.newer_than_secs))),
+            (
+                "newer_than",
+                (r.newer_than_secs > 0).then(|| format!("{}s", r.newer_than_secs)),
+            ),
             ("state", (!r.state.is_empty()).then(|| r.state.clone())),
-            ("reply_class", (!r.reply_class.is_empty()).then(|| r.reply_class.clone())),
+            (
+                "reply_class",
+                (!r.reply_class.is_empty()).then(|| r.reply_class.clone()),
+            ),
             ("shard", (r.shard > 0).then(|| r.shard.to_string())),
         ] {
             if let Some(v) = v {

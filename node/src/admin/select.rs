@@ -88,7 +88,11 @@ impl Selection {
         };
         let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
         Ok(Selection {
-            ids: ids.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
+            ids: ids
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
             domain: domain.trim().trim_end_matches('.').to_ascii_lowercase(),
             sender: sender.trim().to_ascii_lowercase(),
             older_than: secs(older_than_secs),
@@ -128,11 +132,9 @@ impl Selection {
             && (self.older_than == 0 || now.saturating_sub(r.received_at) >= self.older_than)
             && (self.newer_than == 0 || now.saturating_sub(r.received_at) < self.newer_than)
             && self.state.is_none_or(|s| State::of(r, now) == s)
-            && self.reply_class.is_none_or(|c| {
-                r.rcpt_state
-                    .iter()
-                    .any(|s| s.last_reply.as_bytes().first() == Some(&c))
-            })
+            && self
+                .reply_class
+                .is_none_or(|c| r.rcpt_state.iter().any(|s| s.last_reply.as_bytes().first() == Some(&c)))
     }
 }
 

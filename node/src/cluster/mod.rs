@@ -29,8 +29,8 @@ pub mod membership;
 pub mod peers;
 pub mod placement;
 pub mod reconcile;
-pub mod recover;
 pub mod records;
+pub mod recover;
 pub mod status;
 pub mod writer;
 
