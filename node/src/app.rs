@@ -144,6 +144,54 @@ async fn bootstrap(config: &Config, groups: &Groups, local: &sled::Tree) -> anyh
     Ok(())
 }
 
+/// How long a bootstrapping node waits for each configured peer's answer.
+const BOOTSTRAP_PEER_CHECK: Duration = Duration::from_secs(2);
+
+/// Refuses to bootstrap a new cluster when a peer from `[cluster]
+/// peer_addresses` already belongs to one: this node's data directory was
+/// lost (or it was pointed at a new one) and a second cluster under the
+/// same identity would split the mail between two clusters that never
+/// agree. Peers that do not answer are not evidence either way.
+async fn refuse_second_cluster(config: &Config, cluster: &Cluster) -> anyhow::Result<()> {
+    let asks = config
+        .peer_addresses
+        .iter()
+        .filter(|(id, _)| **id != config.node_id)
+        .map(|(id, addr)| {
+            let client = cluster.peers.peer(*id, addr);
+            async move {
+                let mut client = client.ok()?;
+                let ask = client.local_status(tern_proto::peer::LocalStatusRequest {});
+                match tokio::time::timeout(BOOTSTRAP_PEER_CHECK, ask).await {
+                    Ok(Ok(r)) => Some((addr.clone(), r.into_inner())),
+                    _ => None,
+                }
+            }
+        });
+    for (addr, status) in futures::future::join_all(asks).await.into_iter().flatten() {
+        if status.members.is_empty() {
+            continue;
+        }
+        let members: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+        tracing::error!(
+            node = config.node_id,
+            peer = status.node_id,
+            %addr,
+            ?members,
+            "refusing to bootstrap: a peer already belongs to a cluster"
+        );
+        anyhow::bail!(
+            "refusing to bootstrap a new cluster: [cluster] bootstrap = true and the data directory {} is empty, \
+             but peer node {} at {addr} already belongs to a cluster with members {members:?}. If this node lost \
+             its data, do not bootstrap: set bootstrap = false, give it a new [node] id and add it with \
+             `ternctl member add` (remove the old id with `ternctl member remove`); see docs/operations.md",
+            config.data_dir.display(),
+            status.node_id
+        );
+    }
+    Ok(())
+}
+
 async fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
     let end = Instant::now() + deadline;
     while !cond() {
@@ -283,6 +331,8 @@ pub async fn run_from(
         cluster_tls.clone(),
     ));
     let mut group_ids = host.recorded()?;
+    // An empty data directory: a new node, or one that lost its data.
+    let fresh = group_ids.is_empty();
     if group_ids.is_empty() {
         // A new node: the bootstrap node hosts every group; others start
         // with the control group and get shard replicas when placed.
@@ -476,6 +526,9 @@ pub async fn run_from(
     };
 
     if config.bootstrap && !initialized {
+        if fresh {
+            refuse_second_cluster(&config, &cluster).await?;
+        }
         bootstrap(&config, &groups, &local).await?;
     } else {
         // A restarted single-voter group need not wait out an election timeout.

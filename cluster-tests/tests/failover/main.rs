@@ -14,5 +14,6 @@ mod partition;
 mod pause;
 mod planned;
 mod power_cut;
+mod recover;
 mod restart;
 mod scheduled;

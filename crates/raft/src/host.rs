@@ -53,6 +53,15 @@ pub struct HostSettings {
     pub peer_addresses: std::collections::BTreeMap<NodeId, String>,
 }
 
+/// The groups recorded as hosted in the node's `local` tree (also read
+/// offline, by `ternd recover`).
+pub fn recorded_groups(local: &sled::Tree) -> anyhow::Result<Vec<GroupId>> {
+    Ok(match local.get(LOCAL_GROUPS)? {
+        Some(v) => bincode::deserialize(&v).context("reading hosted groups")?,
+        None => Vec::new(),
+    })
+}
+
 pub struct GroupHost {
     pub settings: HostSettings,
     pub durability: Arc<Durability>,
@@ -93,10 +102,7 @@ impl GroupHost {
 
     /// Groups recorded as hosted here.
     pub fn recorded(&self) -> anyhow::Result<Vec<GroupId>> {
-        Ok(match self.local.get(LOCAL_GROUPS)? {
-            Some(v) => bincode::deserialize(&v).context("reading hosted groups")?,
-            None => Vec::new(),
-        })
+        recorded_groups(&self.local)
     }
 
     async fn record(&self, id: GroupId) -> anyhow::Result<()> {

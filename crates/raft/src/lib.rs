@@ -23,6 +23,7 @@
 //! - [`snapshot`]: the snapshot file format.
 //! - [`network`] / [`service`]: the Raft gRPC client and server.
 //! - [`groups`] / [`host`]: the group router and the host that opens groups.
+//! - [`recover`]: unsafe recovery of a group whose majority is lost for good.
 //! - [`handover`]: claims of in-flight work for a planned leader hand-over.
 //! - [`gate`]: who may make peer RPCs ([`gate::PeerRefusals`] counts refusals).
 //! - [`tls`]: cluster mTLS material, reloadable.
@@ -38,6 +39,7 @@ pub mod handover;
 pub mod host;
 pub mod log_store;
 pub mod network;
+pub mod recover;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;

@@ -253,8 +253,28 @@ impl StateMachine {
     /// Every queued message, in id (arrival) order, as applied on this
     /// replica: the tree's records with the unwritten changes over them.
     pub fn messages(&self) -> impl Iterator<Item = anyhow::Result<MessageRecord>> {
-        let mut unwritten = self.lock_unwritten().all().into_iter().peekable();
-        let mut tree = self.tree.scan_prefix(MESSAGE_PREFIX).peekable();
+        self.messages_after("")
+    }
+
+    /// As [`StateMachine::messages`], from the first id after `after`
+    /// (exclusive; "" for all): a page of a long listing starts where the
+    /// last one ended instead of scanning the queue from its start.
+    pub fn messages_after(&self, after: &str) -> impl Iterator<Item = anyhow::Result<MessageRecord>> {
+        let mut unwritten = self.lock_unwritten().all();
+        if !after.is_empty() {
+            unwritten = unwritten.split_off(&format!("{after}\0"));
+        }
+        let mut unwritten = unwritten.into_iter().peekable();
+        let start = if after.is_empty() {
+            MESSAGE_PREFIX.to_vec()
+        } else {
+            [message_key(after).as_slice(), &[0u8]].concat()
+        };
+        let mut tree = self
+            .tree
+            .range(start..)
+            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(MESSAGE_PREFIX)))
+            .peekable();
         std::iter::from_fn(move || loop {
             let tree_key = match tree.peek() {
                 Some(Ok((k, _))) => Some(k.clone()),

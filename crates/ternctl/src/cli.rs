@@ -5,15 +5,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Parser)]
 #[command(name = "ternctl", version, about = "Administer a Tern cluster")]
 pub struct Args {
-    /// gRPC address of any node.
+    /// gRPC addresses of nodes, comma-separated: the first that answers is
+    /// used (the next is tried when one cannot be reached or answers
+    /// UNAVAILABLE). `--endpoint` is the same flag.
     #[arg(
-        long,
+        long = "endpoints",
+        visible_alias = "endpoint",
         short = 'e',
         global = true,
         env = "TERN_ENDPOINT",
+        value_delimiter = ',',
         default_value = "127.0.0.1:7070"
     )]
-    pub endpoint: String,
+    pub endpoints: Vec<String>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     pub output: Output,
@@ -42,7 +46,7 @@ pub enum Output {
     Json,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum Command {
     /// Node id, cluster members, shards with leader and replicas, queued messages.
     Status,
@@ -97,9 +101,15 @@ pub enum Command {
     /// Operator tokens (offline: no node is contacted).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print a shell completion script (offline), e.g.
+    /// `ternctl completion bash > /etc/bash_completion.d/ternctl`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum TokenCommand {
     /// Print a new random token and an [[admin_token]] entry with its hash.
     New {
@@ -112,7 +122,7 @@ pub enum TokenCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum CertCommand {
     /// Make the cluster CA: DIR/ca.crt and DIR/ca.key (keep ca.key off the nodes).
     InitCa {
@@ -154,7 +164,7 @@ pub enum CertCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum DkimCommand {
     /// Make a key pair: writes the private key (PKCS#8 PEM, mode 0600) and
     /// prints the [[dkim]] config entry and the DNS TXT record to publish.
@@ -192,28 +202,64 @@ pub enum StatsBy {
     Node,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum NodeCommand {
     /// Move every shard leadership off node ID (before maintenance).
-    Drain { id: u64 },
+    Drain {
+        id: u64,
+        /// Wait until the node leads no shard, showing progress on stderr.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (exit 1).
+        #[arg(long, value_parser = parse_age, default_value = "5m")]
+        timeout: u64,
+    },
     /// Let node ID lead shards again.
     Undrain { id: u64 },
 }
 
-/// Which messages a queue operation acts on.
-#[derive(clap::Args)]
-pub struct Selection {
-    /// Queue ids.
-    pub ids: Vec<String>,
+/// The filters shared by `queue list` and the queue operations; every one
+/// given must match.
+#[derive(clap::Args, Clone, Default)]
+pub struct Filters {
     /// Messages with a pending recipient in this domain.
     #[arg(long)]
     pub domain: Option<String>,
     /// Messages from this sender (an address, or @domain).
     #[arg(long)]
     pub sender: Option<String>,
-    /// Messages older than this (30s, 5m, 2h, 5d).
+    /// Messages received more than this long ago (30s, 5m, 2h, 5d).
     #[arg(long, value_parser = parse_age)]
     pub older_than: Option<u64>,
+    /// Messages received less than this long ago.
+    #[arg(long, value_parser = parse_age)]
+    pub newer_than: Option<u64>,
+    /// held, deferred (tried before), scheduled (due later, never tried) or queued (due now).
+    #[arg(long, value_parser = ["held", "deferred", "scheduled", "queued"])]
+    pub state: Option<String>,
+    /// 4xx or 5xx: a recipient's last reply is of this class.
+    #[arg(long, value_parser = ["4xx", "5xx"])]
+    pub reply_class: Option<String>,
+}
+
+impl Filters {
+    pub fn is_empty(&self) -> bool {
+        self.domain.is_none()
+            && self.sender.is_none()
+            && self.older_than.is_none()
+            && self.newer_than.is_none()
+            && self.state.is_none()
+            && self.reply_class.is_none()
+    }
+}
+
+/// Which messages a queue operation acts on (cluster-wide).
+#[derive(clap::Args, Clone)]
+pub struct Selection {
+    /// Queue ids.
+    pub ids: Vec<String>,
+    #[command(flatten)]
+    pub filters: Filters,
     /// Only show what would be affected.
     #[arg(long)]
     pub dry_run: bool,
@@ -224,7 +270,7 @@ pub fn parse_age(s: &str) -> Result<u64, tern_config::DurationError> {
     tern_config::parse_duration(s).map(|d| d.as_secs())
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum ApiKeyCommand {
     /// Make a key and print it once (it is not stored, only its hash).
     Create {
@@ -250,7 +296,7 @@ pub enum ApiKeyCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum SuppressionCommand {
     /// Add (or replace) a recipient on the global list or a sender domain's.
     Add {
@@ -296,7 +342,7 @@ pub enum SuppressionCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum DomainCommand {
     /// Stop deliveries to a domain cluster-wide (mail is still accepted).
     Suspend {
@@ -313,7 +359,7 @@ pub enum DomainCommand {
     List,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum ShapingCommand {
     /// The rules matching DOMAIN (in order), the effective limits, each
     /// node's share and any automatic action in force.
@@ -325,7 +371,7 @@ pub enum ShapingCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum ConfigCommand {
     /// Read the config file again and apply what changed; keys that need a
     /// restart are named and keep their running value (docs/operations.md).
@@ -337,7 +383,7 @@ pub enum ConfigCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum WebhookCommand {
     /// Per endpoint and group hosted by the node asked: pending events, the
     /// oldest one's age, the last error, dead letters.
@@ -351,36 +397,46 @@ pub enum WebhookCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum PoolCommand {
     /// Each pool's sources, weights, and warm-up day, cap and use per destination scope.
     Show,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum MemberCommand {
-    /// Add a node (started without bootstrap) to the cluster.
+    /// Add node ID (started without bootstrap) to the cluster; the node at
+    /// --addr must answer as node ID.
     Add {
         /// The new node's id (its [node] id; never reused).
-        #[arg(long)]
-        id: u64,
+        #[arg(value_name = "ID", required_unless_present = "id_flag")]
+        id: Option<u64>,
+        /// The same as ID (older form).
+        #[arg(long = "id", hide = true, conflicts_with = "id")]
+        id_flag: Option<u64>,
         /// The new node's gRPC address, as other nodes reach it.
         #[arg(long)]
         addr: String,
     },
     /// Members with role, reachability, lag, shards led and replicas held.
     List,
-    /// Remove a node: its replicas move elsewhere first.
+    /// Remove node ID: its replicas move elsewhere first (progress on stderr).
     Remove {
-        #[arg(long)]
-        id: u64,
+        #[arg(value_name = "ID", required_unless_present = "id_flag")]
+        id: Option<u64>,
+        /// The same as ID (older form).
+        #[arg(long = "id", hide = true, conflicts_with = "id")]
+        id_flag: Option<u64>,
         /// Remove even if a shard is left without a reachable majority.
         #[arg(long)]
         force: bool,
+        /// Give up waiting after this long (exit 1).
+        #[arg(long, value_parser = parse_age, default_value = "5m")]
+        timeout: u64,
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum ShardCommand {
     /// Shards with leader, replicas, applied index and queued messages,
     /// gathered from every member (each shard as its leader reports it).
@@ -394,18 +450,17 @@ pub enum ShardCommand {
     MoveLeader { shard: u64, node: u64 },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum QueueCommand {
     /// Messages queued, per recipient domain.
     Summary,
-    /// List queued messages.
+    /// List queued messages, cluster-wide, in arrival order.
     List {
-        /// Only messages with a pending recipient in this domain.
-        #[arg(long)]
-        domain: Option<String>,
-        /// At most this many messages.
+        #[command(flatten)]
+        filters: Filters,
+        /// At most this many messages (0: every one; fetched in pages).
         #[arg(long, default_value_t = 1000)]
-        limit: u32,
+        limit: u64,
     },
     /// Keep messages queued without delivering them.
     Hold(Selection),
@@ -424,4 +479,55 @@ pub enum QueueCommand {
         #[arg(long)]
         body: bool,
     },
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn endpoints_split_and_repeat_and_ids_are_positional_or_flags() {
+        let a =
+            Args::try_parse_from(["ternctl", "-e", "a:1,b:2", "--endpoint", "c:3", "member", "remove", "3"]).unwrap();
+        assert_eq!(a.endpoints, ["a:1", "b:2", "c:3"]);
+        assert!(matches!(
+            a.command,
+            Command::Member(MemberCommand::Remove {
+                id: Some(3),
+                id_flag: None,
+                ..
+            })
+        ));
+        let a = Args::try_parse_from(["ternctl", "member", "remove", "--id", "4"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Member(MemberCommand::Remove {
+                id: None,
+                id_flag: Some(4),
+                ..
+            })
+        ));
+        assert!(Args::try_parse_from(["ternctl", "member", "remove"]).is_err());
+        assert!(Args::try_parse_from(["ternctl", "member", "remove", "3", "--id", "3"]).is_err());
+        let a = Args::try_parse_from(["ternctl", "member", "add", "5", "--addr", "h:1"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Member(MemberCommand::Add { id: Some(5), .. })
+        ));
+        assert!(Args::try_parse_from(["ternctl", "queue", "hold", "--state", "stuck"]).is_err());
+        let a =
+            Args::try_parse_from(["ternctl", "queue", "delete", "--state", "held", "--reply-class", "4xx"]).unwrap();
+        let Command::Queue(QueueCommand::Delete(sel)) = a.command else {
+            panic!("not a delete")
+        };
+        assert_eq!(sel.filters.state.as_deref(), Some("held"));
+        assert!(!sel.filters.is_empty() && sel.ids.is_empty());
+    }
 }

@@ -5,20 +5,34 @@ use serde_json::json;
 use tern_proto::admin::*;
 
 use crate::cli::{
-    Args, Command, DomainCommand, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShapingCommand,
+    Args, Command, DomainCommand, Filters, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShapingCommand,
     ShardCommand, StatsBy,
 };
 use crate::connect::{connect, Client};
 use crate::output::*;
 
-/// Runs a command against the node at `args.endpoint`.
-pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status> {
-    if let Command::Config(crate::cli::ConfigCommand::Reload { all }) = args.command {
-        return crate::config::reload(&args, token, all, args.output == Output::Json).await;
+/// Messages per page when listing a whole selection.
+const PAGE: u32 = 5000;
+/// Ids per queue operation request.
+const OP_BATCH: usize = 2000;
+/// Times one batch is sent again after UNAVAILABLE (a leader change).
+const OP_RETRIES: u32 = 10;
+
+/// Runs a command against the node at `endpoint`.
+pub async fn run(args: &Args, endpoint: &str, token: Option<String>) -> Result<(), tonic::Status> {
+    let call_timeout = match &args.command {
+        // One call that lasts until the replicas have moved.
+        Command::Member(MemberCommand::Remove { timeout, .. }) => {
+            crate::connect::CALL_TIMEOUT.max(std::time::Duration::from_secs(timeout.saturating_add(10)))
+        }
+        _ => crate::connect::CALL_TIMEOUT,
+    };
+    if let Command::Config(crate::cli::ConfigCommand::Reload { all }) = &args.command {
+        return crate::config::reload(args, endpoint, token, *all, args.output == Output::Json).await;
     }
-    let mut client = connect(&args, token).await?;
+    let mut client = connect(args, endpoint, token, call_timeout).await?;
     let json = args.output == Output::Json;
-    match args.command {
+    match args.command.clone() {
         Command::Status => {
             let s = client.status(StatusRequest { local_only: false }).await?.into_inner();
             warn_unreachable(&s.unreachable);
@@ -28,7 +42,8 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                 print_status(&s);
             }
         }
-        Command::Member(MemberCommand::Add { id, addr }) => {
+        Command::Member(MemberCommand::Add { id, id_flag, addr }) => {
+            let id = id.or(id_flag).unwrap_or_default();
             let r = client
                 .member_add(MemberAddRequest { id, addr: addr.clone() })
                 .await?
@@ -82,8 +97,14 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                 );
             }
         }
-        Command::Member(MemberCommand::Remove { id, force }) => {
-            client.member_remove(MemberRemoveRequest { id, force }).await?;
+        Command::Member(MemberCommand::Remove {
+            id,
+            id_flag,
+            force,
+            timeout,
+        }) => {
+            let id = id.or(id_flag).unwrap_or_default();
+            member_remove(&mut client, id, force, timeout).await?;
             if json {
                 print_json(&json!({"id": id, "removed": true}));
             } else {
@@ -91,13 +112,18 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
             }
         }
         Command::Node(cmd) => {
-            let (id, drained) = match cmd {
-                NodeCommand::Drain { id } => (id, true),
-                NodeCommand::Undrain { id } => (id, false),
+            let (id, drained, wait) = match cmd {
+                NodeCommand::Drain { id, wait, timeout } => (id, true, wait.then_some(timeout)),
+                NodeCommand::Undrain { id } => (id, false, None),
             };
             client.drain(DrainRequest { id, drained }).await?;
+            if let Some(timeout) = wait {
+                wait_drained(&mut client, id, timeout).await?;
+            }
             if json {
                 print_json(&json!({"id": id, "drained": drained}));
+            } else if wait.is_some() {
+                println!("node {id} drained: it leads no shard");
             } else if drained {
                 println!("node {id} drained: its shard leaderships move to other replicas");
             } else {
@@ -110,7 +136,7 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
         Command::Queue(QueueCommand::Bounce(sel)) => queue_op(&mut client, "bounce", sel, json).await?,
         Command::Queue(QueueCommand::Retry(sel)) => queue_op(&mut client, "retry", sel, json).await?,
         // Handled offline in main (config reload: above, it may ask every member).
-        Command::Dkim(_) | Command::Cert(_) | Command::Token(_) | Command::Config(_) => {}
+        Command::Dkim(_) | Command::Cert(_) | Command::Token(_) | Command::Config(_) | Command::Completion { .. } => {}
         Command::Stats { by, since } => {
             let r = client
                 .stats(StatsRequest {
@@ -279,23 +305,16 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                 }
             }
         }
-        Command::Queue(QueueCommand::List { domain, limit }) => {
-            let r = client
-                .queue_list(QueueListRequest {
-                    domain: domain.unwrap_or_default(),
-                    limit,
-                })
-                .await?
-                .into_inner();
+        Command::Queue(QueueCommand::List { filters, limit }) => {
+            let (messages, more) = list_all(&mut client, &filters, &[], limit, false, "queue list").await?;
             if json {
                 print_json(&json!({
-                    "messages": r.messages.iter().map(message_json).collect::<Vec<_>>(),
-                    "truncated": r.truncated,
+                    "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+                    "truncated": more,
                 }));
             } else {
                 let now = chrono::Utc::now().timestamp();
-                let rows: Vec<Vec<String>> = r
-                    .messages
+                let rows: Vec<Vec<String>> = messages
                     .iter()
                     .map(|m| {
                         vec![
@@ -316,14 +335,18 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
                     ],
                     &rows,
                 );
-                if r.truncated {
-                    println!("(more messages match; raise --limit)");
+                if more {
+                    println!("(more messages match; raise --limit, or --limit 0 for all)");
                 }
             }
         }
         Command::Queue(QueueCommand::Show { id, body }) => {
             let r = client
-                .queue_show(QueueShowRequest { id, with_body: body })
+                .queue_show(QueueShowRequest {
+                    id,
+                    with_body: body,
+                    local_only: false,
+                })
                 .await?
                 .into_inner();
             let m = r.message.ok_or_else(|| tonic::Status::not_found("no such message"))?;
@@ -346,56 +369,194 @@ pub async fn run(args: Args, token: Option<String>) -> Result<(), tonic::Status>
     Ok(())
 }
 
-/// Finds the selected messages (a dry run on the server), then applies the
-/// operation in batches, showing progress on stderr.
-async fn queue_op(client: &mut Client, op: &str, sel: Selection, json: bool) -> Result<(), tonic::Status> {
-    const BATCH: usize = 200;
-    let found = client
-        .queue_op(QueueOpRequest {
-            op: op.into(),
-            ids: sel.ids,
-            domain: sel.domain.unwrap_or_default(),
-            sender: sel.sender.unwrap_or_default(),
-            older_than_secs: sel.older_than.unwrap_or(0),
-            dry_run: true,
-            on_leader: false,
-        })
-        .await?
-        .into_inner();
-    if sel.dry_run {
-        if json {
-            print_json(&json!({"op": op, "dry_run": true, "matched": found.matched, "ids": found.ids}));
+fn list_request(filters: &Filters, ids: &[String], after: String, limit: u32, ids_only: bool) -> QueueListRequest {
+    QueueListRequest {
+        domain: filters.domain.clone().unwrap_or_default(),
+        limit,
+        sender: filters.sender.clone().unwrap_or_default(),
+        older_than_secs: filters.older_than.unwrap_or(0),
+        newer_than_secs: filters.newer_than.unwrap_or(0),
+        state: filters.state.clone().unwrap_or_default(),
+        reply_class: filters.reply_class.clone().unwrap_or_default(),
+        ids: ids.to_vec(),
+        after,
+        local_only: false,
+        shards: Vec::new(),
+        ids_only,
+    }
+}
+
+/// The selected messages of the whole cluster, in arrival order, page by
+/// page (`limit` 0: all of them), with progress on stderr past one page;
+/// and whether more matched than `limit`. Members that did not answer and
+/// shards nobody could read are warned about once.
+async fn list_all(
+    client: &mut Client,
+    filters: &Filters,
+    ids: &[String],
+    limit: u64,
+    ids_only: bool,
+    what: &str,
+) -> Result<(Vec<MessageInfo>, bool), tonic::Status> {
+    let mut messages: Vec<MessageInfo> = Vec::new();
+    let mut after = String::new();
+    let mut warned = false;
+    loop {
+        let want = if limit == 0 {
+            PAGE
         } else {
-            println!("{op}: {} messages would be affected (dry run)", found.matched);
-            for id in &found.ids {
+            u32::try_from(limit.saturating_sub(messages.len() as u64))
+                .unwrap_or(PAGE)
+                .min(PAGE)
+        };
+        let r = client
+            .queue_list(list_request(filters, ids, after, want, ids_only))
+            .await?
+            .into_inner();
+        if !warned {
+            warn_unreachable(&r.unreachable);
+            if !r.missing_shards.is_empty() {
+                eprintln!(
+                    "warning: shards {:?} could not be read (no replica answered): their messages are not included",
+                    r.missing_shards
+                );
+            }
+            warned = true;
+        }
+        messages.extend(r.messages);
+        if !r.truncated || r.next.is_empty() {
+            return Ok((messages, false));
+        }
+        if limit != 0 && messages.len() as u64 >= limit {
+            return Ok((messages, true));
+        }
+        eprintln!("{what}: {} selected so far", messages.len());
+        after = r.next;
+    }
+}
+
+/// Selects the messages (every page, cluster-wide), then applies the
+/// operation to each shard's messages in batches, through the shard's
+/// leader, showing progress on stderr.
+async fn queue_op(client: &mut Client, op: &str, sel: Selection, json: bool) -> Result<(), tonic::Status> {
+    if sel.ids.is_empty() && sel.filters.is_empty() {
+        return Err(tonic::Status::invalid_argument(
+            "give message ids, or at least one of --domain, --sender, --older-than, --newer-than, --state, --reply-class",
+        ));
+    }
+    let (found, _) = list_all(client, &sel.filters, &sel.ids, 0, true, op).await?;
+    let total = found.len();
+    if sel.dry_run {
+        let ids: Vec<&str> = found.iter().map(|m| m.id.as_str()).collect();
+        if json {
+            print_json(&json!({"op": op, "dry_run": true, "matched": total, "ids": ids}));
+        } else {
+            println!("{op}: {total} messages would be affected (dry run)");
+            for id in ids {
                 println!("{id}");
             }
         }
         return Ok(());
     }
-    let total = found.ids.len();
+    let mut by_shard: std::collections::BTreeMap<u64, Vec<String>> = std::collections::BTreeMap::new();
+    for m in found {
+        by_shard.entry(m.shard).or_default().push(m.id);
+    }
+    let mut done = 0;
     let mut affected = 0;
-    for (i, batch) in found.ids.chunks(BATCH).enumerate() {
-        let reply = client
-            .queue_op(QueueOpRequest {
+    for (shard, ids) in by_shard {
+        for batch in ids.chunks(OP_BATCH) {
+            let request = QueueOpRequest {
                 op: op.into(),
                 ids: batch.to_vec(),
-                dry_run: false,
+                shard,
                 ..Default::default()
-            })
-            .await?
-            .into_inner();
-        affected += reply.affected;
-        if total > BATCH {
-            eprintln!("{op}: {}/{total}", ((i + 1) * BATCH).min(total));
+            };
+            // A shard changing leader answers UNAVAILABLE for a moment:
+            // the batch is tried again (bounded) rather than the whole command.
+            let mut tries = 0;
+            let reply = loop {
+                match client.queue_op(request.clone()).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(e) if e.code() == tonic::Code::Unavailable && tries < OP_RETRIES => {
+                        tries += 1;
+                        eprintln!("{op}: shard {shard}: {}; trying again", e.message());
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            affected += reply.affected;
+            done += batch.len();
+            if total > OP_BATCH {
+                eprintln!("{op}: {done}/{total}");
+            }
         }
     }
     if json {
-        print_json(&json!({"op": op, "matched": found.matched, "affected": affected}));
+        print_json(&json!({"op": op, "matched": total, "affected": affected}));
     } else {
         println!("{op}: {affected} messages affected");
     }
     Ok(())
+}
+
+/// `member remove`: the call lasts until the node's replicas have moved;
+/// meanwhile how many shards still have a replica on it, on stderr.
+async fn member_remove(client: &mut Client, id: u64, force: bool, timeout: u64) -> Result<(), tonic::Status> {
+    let mut watch = client.clone();
+    let remove = client.member_remove(MemberRemoveRequest { id, force });
+    tokio::pin!(remove);
+    let deadline = tokio::time::sleep(std::time::Duration::from_secs(timeout));
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut last = None;
+    loop {
+        tokio::select! {
+            done = &mut remove => {
+                done?;
+                return Ok(());
+            }
+            _ = &mut deadline => {
+                return Err(tonic::Status::deadline_exceeded(format!(
+                    "member remove {id}: not done within {}; it may still finish (see `ternctl member list`)",
+                    age(timeout)
+                )));
+            }
+            _ = tick.tick() => {
+                let Ok(s) = watch.status(StatusRequest { local_only: false }).await else { continue };
+                let left = s.into_inner().shards.iter().filter(|sh| sh.replicas.contains(&id) || sh.voters.contains(&id)).count();
+                if last != Some(left) {
+                    eprintln!("member remove {id}: {left} shards still have a replica on it");
+                    last = Some(left);
+                }
+            }
+        }
+    }
+}
+
+/// `node drain --wait`: until node `id` leads no shard, with progress on stderr.
+async fn wait_drained(client: &mut Client, id: u64, timeout: u64) -> Result<(), tonic::Status> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    let mut last = None;
+    loop {
+        let s = client.status(StatusRequest { local_only: false }).await?.into_inner();
+        let led = s.shards.iter().filter(|sh| sh.leader == id).count();
+        if last != Some(led) {
+            eprintln!("node drain {id}: leads {led} shards");
+            last = Some(led);
+        }
+        if led == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(tonic::Status::deadline_exceeded(format!(
+                "node drain {id}: still leads {led} shards after {}",
+                age(timeout)
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<(), tonic::Status> {

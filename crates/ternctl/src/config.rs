@@ -7,7 +7,7 @@ use serde_json::json;
 use tern_proto::admin::{ConfigReloadReply, ConfigReloadRequest, MemberListRequest};
 
 use crate::cli::Args;
-use crate::connect::{connect, connect_to};
+use crate::connect::{connect, CALL_TIMEOUT};
 use crate::output::{print_json, print_table};
 
 /// One node's answer.
@@ -18,15 +18,21 @@ struct Row {
     result: Result<ConfigReloadReply, tonic::Status>,
 }
 
-pub async fn reload(args: &Args, token: Option<String>, all: bool, json: bool) -> Result<(), tonic::Status> {
-    let mut client = connect(args, token.clone()).await?;
+pub async fn reload(
+    args: &Args,
+    endpoint: &str,
+    token: Option<String>,
+    all: bool,
+    json: bool,
+) -> Result<(), tonic::Status> {
+    let mut client = connect(args, endpoint, token.clone(), CALL_TIMEOUT).await?;
     if !all {
         // One node: its error (naming the key) is the command's error.
         let reply = client.config_reload(ConfigReloadRequest {}).await?.into_inner();
         print(
             &[Row {
                 node: Some(reply.node_id),
-                endpoint: args.endpoint.clone(),
+                endpoint: endpoint.to_owned(),
                 result: Ok(reply),
             }],
             json,
@@ -43,7 +49,7 @@ pub async fn reload(args: &Args, token: Option<String>, all: bool, json: bool) -
             i + 1,
             members.len()
         );
-        let result = match connect_to(args, &m.addr, token.clone()).await {
+        let result = match connect(args, &m.addr, token.clone(), CALL_TIMEOUT).await {
             Ok(mut c) => c
                 .config_reload(ConfigReloadRequest {})
                 .await

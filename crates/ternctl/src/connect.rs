@@ -82,14 +82,18 @@ pub fn endpoint_is_loopback(endpoint: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Connects to `args.endpoint` (TLS when `--tls-ca` is given) with `token`
-/// as the bearer credential.
-pub async fn connect(args: &Args, token: Option<String>) -> Result<Client, tonic::Status> {
-    connect_to(args, &args.endpoint, token).await
-}
+/// How long one call may take unless the command says otherwise.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// [`connect`] to `address` (e.g. another member's) with `args`' TLS settings.
-pub async fn connect_to(args: &Args, address: &str, token: Option<String>) -> Result<Client, tonic::Status> {
+/// Connects to `address` (one of `--endpoints`; TLS when `--tls-ca` is
+/// given) with `token` as the bearer credential; each call may take up to
+/// `call_timeout`.
+pub async fn connect(
+    args: &Args,
+    address: &str,
+    token: Option<String>,
+    call_timeout: std::time::Duration,
+) -> Result<Client, tonic::Status> {
     let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
     let endpoint = if address.contains("://") {
         address.to_owned()
@@ -113,7 +117,7 @@ pub async fn connect_to(args: &Args, address: &str, token: Option<String>) -> Re
     }
     let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(60))
+        .timeout(call_timeout)
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {address}: {e}")))?;

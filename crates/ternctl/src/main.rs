@@ -1,9 +1,14 @@
 //! `ternctl`: the Tern admin CLI. Talks gRPC to any node's AdminService.
 //! Tables for people, `-o json` for scripts.
 //!
-//! Exit codes: 0 success, 1 the request failed (node unreachable, server
-//! error), 2 usage error, 3 not found, 4 not permitted (no or a wrong
-//! credential, or a role that does not allow the command).
+//! Exit codes: 0 success, 1 the request failed (no node reachable, server
+//! error, a wait that timed out), 2 usage error, 3 not found, 4 not
+//! permitted (no or a wrong credential, or a role that does not allow the
+//! command).
+//!
+//! `--endpoints a,b,c`: the command runs against the first node that
+//! answers; a node that cannot be reached or answers UNAVAILABLE passes the
+//! command to the next.
 //!
 //! Operator credentials: a client certificate (`--tls-cert`, `--tls-key`)
 //! or a token (`--token-file FILE`, or the environment variable
@@ -55,6 +60,11 @@ fn main() -> ExitCode {
     if let Command::Token(cmd) = &args.command {
         return token::command(cmd, args.output == Output::Json);
     }
+    if let Command::Completion { shell } = &args.command {
+        let mut command = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut command, "ternctl", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let token = match connect::read_token(args.token_file.as_deref()) {
         Ok(t) => t,
         Err(e) => {
@@ -62,11 +72,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if token.is_some() && args.tls_ca.is_none() && !connect::endpoint_is_loopback(&args.endpoint) {
-        eprintln!(
-            "ternctl: warning: sending a token over plaintext gRPC to {}; anyone on the path can read it (use --tls-ca)",
-            args.endpoint
-        );
+    if token.is_some() && args.tls_ca.is_none() {
+        for endpoint in args.endpoints.iter().filter(|e| !connect::endpoint_is_loopback(e)) {
+            eprintln!(
+                "ternctl: warning: sending a token over plaintext gRPC to {endpoint}; anyone on the path can read it (use --tls-ca)"
+            );
+        }
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -75,15 +86,32 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(commands::run(args, token)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(status) => {
-            eprintln!("ternctl: {}", status.message());
-            match status.code() {
-                tonic::Code::NotFound => ExitCode::from(3),
-                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => ExitCode::from(4),
-                _ => ExitCode::from(1),
+    // Failover: the whole command again on the next endpoint when a node
+    // cannot be reached or answers UNAVAILABLE (every command is safe to
+    // repeat: operations re-select what is still queued).
+    let endpoints: Vec<&String> = args.endpoints.iter().filter(|e| !e.trim().is_empty()).collect();
+    if endpoints.is_empty() {
+        eprintln!("ternctl: --endpoints is empty");
+        return ExitCode::from(2);
+    }
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        match runtime.block_on(commands::run(&args, endpoint, token.clone())) {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(status) if status.code() == tonic::Code::Unavailable && i + 1 < endpoints.len() => {
+                eprintln!("ternctl: {endpoint}: {}; trying {}", status.message(), endpoints[i + 1]);
             }
+            Err(status) => return exit_code(&status),
         }
+    }
+    ExitCode::from(1)
+}
+
+/// The exit code for a failed request, as the crate doc lists them.
+fn exit_code(status: &tonic::Status) -> ExitCode {
+    eprintln!("ternctl: {}", status.message());
+    match status.code() {
+        tonic::Code::NotFound => ExitCode::from(3),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => ExitCode::from(4),
+        _ => ExitCode::from(1),
     }
 }

@@ -1,11 +1,13 @@
 //! The gRPC AdminService spoken by `ternctl`: node and cluster status and
 //! read-only queue queries (summary, list, show).
 //!
-//! `status` (shard list) and `queue summary` are cluster-wide: the node asked
-//! gathers every member's part (`local_only` requests between nodes, bounded)
-//! and names the members that did not answer. `queue list`, `queue show` and
-//! queue operations read the shards this node hosts. Membership operations
-//! run on the control-group leader (forwarded there).
+//! `status` (shard list), `queue summary`, `queue list` and `queue show`
+//! are cluster-wide: the node asked gathers every member's part
+//! (`local_only` requests between nodes, bounded) and names the members
+//! that did not answer. A queue operation on ids of one shard (`shard` set,
+//! what ternctl sends) is written to that shard's leader wherever it is;
+//! one by filters alone acts on the shards this node hosts (listing.rs).
+//! Membership operations run on the control-group leader (forwarded there).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use tern_proto::admin::*;
 pub mod apikey;
 pub mod audit;
 pub mod authz;
+pub mod listing;
+pub mod select;
 pub mod shaping;
 pub mod suppression;
 pub mod webhook;
@@ -58,7 +62,6 @@ const BOUNCE_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30
 /// Messages per Raft write for queue operations.
 const OP_BATCH: usize = 500;
 
-const DEFAULT_LIST_LIMIT: usize = 1000;
 /// How long the node asked waits for each other member's part of a
 /// cluster-wide query before reporting it unreachable.
 const PEER_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -361,12 +364,45 @@ impl Admin {
                 "node {id} is already a member with another address; ids are never reused"
             )));
         }
+        self.check_identity(id, addr).await?;
         let role = self
             .cluster
             .add_member(id, addr)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(MemberAddReply { role: role.into() })
+    }
+
+    /// The node at `addr` must say it is node `id` (its `[node] id`): a
+    /// typo in either would otherwise make a member no node answers for, or
+    /// give one node two ids. With cluster TLS its certificate must name
+    /// `id` as well.
+    async fn check_identity(&self, id: NodeId, addr: &str) -> Result<(), Status> {
+        let mut client = self
+            .cluster
+            .peers
+            .peer(id, &self.cluster.peers.dial(id, addr.to_owned()))?;
+        let ping = client.ping(tern_proto::peer::PingRequest {});
+        let answer = match tokio::time::timeout(PEER_QUERY_TIMEOUT, ping).await {
+            Ok(Ok(r)) => r.into_inner().node_id,
+            Ok(Err(e)) => {
+                return Err(Status::failed_precondition(format!(
+                    "cannot check that the node at {addr} is node {id}: {}",
+                    e.message()
+                )))
+            }
+            Err(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "cannot check that the node at {addr} is node {id}: no answer within {PEER_QUERY_TIMEOUT:?}; start it (without bootstrap) first"
+                )))
+            }
+        };
+        if answer != id {
+            return Err(Status::failed_precondition(format!(
+                "the node at {addr} is node {answer} (its [node] id), not node {id}"
+            )));
+        }
+        Ok(())
     }
 
     /// `member remove` on the control leader (this node); when it removes
@@ -457,6 +493,23 @@ impl Admin {
         Ok(reply)
     }
 
+    /// Message `id` as this node's replicas have it (`message` absent: not here).
+    pub(crate) fn local_show(&self, id: &str, with_body: bool) -> Result<QueueShowReply, Status> {
+        for g in self.groups.shards() {
+            if let Some(record) = g.sm.message(id).map_err(internal)? {
+                let body = match (&record.body, with_body) {
+                    (Some(loc), true) => g.sm.wal().read(loc).map_err(internal)?,
+                    _ => Vec::new(),
+                };
+                return Ok(QueueShowReply {
+                    message: Some(message_info(g.id, &record)),
+                    body,
+                });
+            }
+        }
+        Ok(QueueShowReply::default())
+    }
+
     /// This node's own view: members and the shards it hosts.
     pub(crate) fn local_status(&self) -> Result<StatusReply, Status> {
         let (members, control_leader) = self.members()?;
@@ -533,27 +586,12 @@ impl AdminService for Admin {
         }
         // Each shard is counted once, by its leader when that answers (the
         // freshest copy), else by this node or another replica.
-        let (rows, mut unreachable) = self.cluster.all_shards().await;
-        let local: BTreeSet<u64> = self.groups.shards().iter().map(|g| g.id).collect();
+        let listing::Assignment {
+            by_node: mut assigned,
+            mut missing,
+            mut unreachable,
+        } = self.assign_shards().await;
         let nodes = self.cluster.nodes();
-        let up = |n: &u64| *n != 0 && nodes.contains_key(n) && !unreachable.contains(n);
-        let mut assigned: BTreeMap<NodeId, BTreeSet<u64>> = BTreeMap::new();
-        let mut missing = Vec::new();
-        for (shard, row) in &rows {
-            let holder = if up(&row.leader) && (row.leader != self.node_id || local.contains(shard)) {
-                Some(row.leader)
-            } else if local.contains(shard) {
-                Some(self.node_id)
-            } else {
-                row.voters.iter().copied().find(|v| *v != self.node_id && up(v))
-            };
-            match holder {
-                Some(n) => {
-                    assigned.entry(n).or_default().insert(*shard);
-                }
-                None => missing.push(*shard),
-            }
-        }
         let mut reply = match assigned.remove(&self.node_id) {
             Some(only) => self.local_summary(&only)?,
             None => QueueSummaryReply::default(),
@@ -595,32 +633,10 @@ impl AdminService for Admin {
     async fn queue_list(&self, request: Request<QueueListRequest>) -> Result<Response<QueueListReply>, Status> {
         self.authz.check(&request, Role::Viewer).await?;
         let req = request.into_inner();
-        let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
-        let limit = if req.limit == 0 {
-            DEFAULT_LIST_LIMIT
-        } else {
-            req.limit as usize
-        };
-        let mut reply = QueueListReply::default();
-        'shards: for g in self.groups.shards() {
-            for record in records(&g) {
-                let record = record?;
-                if !domain.is_empty()
-                    && !record
-                        .pending_recipients()
-                        .any(|r| crate::envelope::Envelope::domain_of(&r.address) == domain)
-                {
-                    continue;
-                }
-                if reply.messages.len() == limit {
-                    reply.truncated = true;
-                    break 'shards;
-                }
-                reply.messages.push(message_info(g.id, &record));
-            }
+        if req.local_only {
+            return self.local_list(&req).map(Response::new);
         }
-        reply.messages.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(Response::new(reply))
+        self.cluster_list(req).await.map(Response::new)
     }
 
     async fn queue_show(&self, request: Request<QueueShowRequest>) -> Result<Response<QueueShowReply>, Status> {
@@ -636,21 +652,18 @@ impl AdminService for Admin {
             self.authz.check(&request, Role::Viewer).await?;
             None
         };
-        let QueueShowRequest { id, with_body } = request.into_inner();
+        let req = request.into_inner();
         let result = async {
-            for g in self.groups.shards() {
-                if let Some(record) = g.sm.message(&id).map_err(internal)? {
-                    let body = match (&record.body, with_body) {
-                        (Some(loc), true) => g.sm.wal().read(loc).map_err(internal)?,
-                        _ => Vec::new(),
-                    };
-                    return Ok(Response::new(QueueShowReply {
-                        message: Some(message_info(g.id, &record)),
-                        body,
-                    }));
+            let here = self.local_show(&req.id, req.with_body)?;
+            if here.message.is_some() {
+                return Ok(Response::new(here));
+            }
+            if !req.local_only {
+                if let Some(found) = self.show_elsewhere(&req).await? {
+                    return Ok(Response::new(found));
                 }
             }
-            Err(Status::not_found(format!("no queued message with id {id}")))
+            Err(Status::not_found(format!("no queued message with id {}", req.id)))
         }
         .await;
         match audit {
@@ -807,6 +820,22 @@ impl AdminService for Admin {
             _ => "queue (unknown operation)",
         };
         let mut selection = audit::queue_selection(&r.ids, &r.domain, &r.sender, r.older_than_secs);
+        for (k, v) in [
+            (
+                "newer_than",
+                (r.newer_than_secs > 0).then(|| format!("{}s", r.newer_than_secs)),
+            ),
+            ("state", (!r.state.is_empty()).then(|| r.state.clone())),
+            (
+                "reply_class",
+                (!r.reply_class.is_empty()).then(|| r.reply_class.clone()),
+            ),
+            ("shard", (r.shard > 0).then(|| r.shard.to_string())),
+        ] {
+            if let Some(v) = v {
+                selection.push_str(&format!(" {k}={v}"));
+            }
+        }
         if r.dry_run {
             selection.push_str(" dry_run");
         }
@@ -825,27 +854,34 @@ impl AdminService for Admin {
                 "bounce" => None,
                 other => return Err(Status::invalid_argument(format!("unknown queue operation {other:?}"))),
             };
-            if req.ids.is_empty() && req.domain.is_empty() && req.sender.is_empty() && req.older_than_secs == 0 {
+            let select = select::Selection::new(
+                &req.ids,
+                &req.domain,
+                &req.sender,
+                req.older_than_secs,
+                req.newer_than_secs,
+                &req.state,
+                &req.reply_class,
+            )?;
+            if select.is_empty() {
                 return Err(Status::invalid_argument(
-                    "give message ids, or at least one of --domain, --sender, --older-than",
+                    "give message ids, or at least one of --domain, --sender, --older-than, --newer-than, --state, --reply-class",
                 ));
             }
+            if req.shard != 0 && !req.dry_run {
+                if req.ids.is_empty() {
+                    return Err(Status::invalid_argument("an operation on a shard needs its message ids"));
+                }
+                let affected = self.op_on_shard(req.shard, action, req.ids, req.on_leader).await?;
+                tracing::info!(op = %req.op, shard = req.shard, affected, "queue operation");
+                return Ok(Response::new(QueueOpReply {
+                    matched: affected,
+                    affected,
+                    ids: Vec::new(),
+                }));
+            }
             let now = chrono::Utc::now().timestamp();
-            let ids: std::collections::HashSet<&str> = req.ids.iter().map(String::as_str).collect();
-            let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
-            let sender = req.sender.trim().to_ascii_lowercase();
-            let matches = |r: &MessageRecord| {
-                (ids.is_empty() || ids.contains(r.id.as_str()))
-                    && (domain.is_empty()
-                        || r.pending_recipients()
-                            .any(|rc| crate::envelope::Envelope::domain_of(&rc.address) == domain))
-                    && (sender.is_empty()
-                        || match sender.strip_prefix('@') {
-                            Some(d) => crate::envelope::Envelope::domain_of(&r.envelope.reverse_path) == d,
-                            None => r.envelope.reverse_path.eq_ignore_ascii_case(&sender),
-                        })
-                    && (req.older_than_secs == 0 || now - r.received_at >= req.older_than_secs as i64)
-            };
+            let matches = |r: &MessageRecord| select.matches(r, now);
             let mut selected: Vec<(GroupHandle, Vec<MessageRecord>)> = Vec::new();
             let mut matched = 0u64;
             for g in self.groups.shards() {

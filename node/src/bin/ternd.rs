@@ -39,6 +39,61 @@ enum Cmd {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// Unsafe recovery after a majority of nodes is lost for good: rewrite
+    /// this node's groups (node stopped) so that the kept members form the
+    /// cluster. Messages whose shard had no replica on a kept member are
+    /// lost. Without --yes only says what it would do. See
+    /// docs/operations.md, "Unsafe recovery".
+    Recover {
+        /// The surviving node ids that stay members (this node among them), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        keep_members: Vec<u64>,
+        /// Write the changes (without it: a dry run).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `ternd recover`: prints what it changed (or would change) and the shards lost.
+fn recover(config: &tern_node::config::Config, keep: &[u64], yes: bool) -> anyhow::Result<()> {
+    let keep: std::collections::BTreeSet<u64> = keep.iter().copied().collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(tern_node::cluster::recover::recover(config, &keep, !yes))?;
+    let verb = if yes { "rewrote" } else { "would rewrite" };
+    for (g, queued) in &report.groups {
+        let what = if g.group == 0 {
+            "control group".to_owned()
+        } else {
+            format!("shard {} ({queued} queued messages)", g.group)
+        };
+        println!(
+            "{verb} {what}: voters {:?} (learners {:?}) -> {:?} at log index {}",
+            g.old_voters, g.old_learners, g.new_voters, g.log_id.index
+        );
+    }
+    for g in &report.untouched {
+        println!("left group {g} alone: no kept member is in its membership");
+    }
+    if !report.removed.is_empty() {
+        println!("lost members removed from the cluster: {:?}", report.removed);
+    }
+    if report.lost_shards.is_empty() {
+        println!("no shard lost: every shard had a replica on a kept member");
+    } else {
+        println!(
+            "LOST shards {:?}: no replica on a kept member; their queued messages cannot be recovered",
+            report.lost_shards
+        );
+    }
+    if yes {
+        println!("done: start the kept nodes normally (ternd --config FILE)");
+    } else {
+        println!("dry run: nothing written; run again with --yes to apply");
+    }
+    Ok(())
 }
 
 /// `ternd hash-password`: the line's end (LF or CRLF) is not part of the password.
@@ -72,12 +127,15 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     match &args.command {
         Some(Cmd::HashPassword) => return hash_password().map(|()| std::process::ExitCode::SUCCESS),
         Some(Cmd::CheckConfig { file }) => return Ok(check_config(file)),
-        None => {}
+        Some(Cmd::Recover { .. }) | None => {}
     }
     let config = match &args.config {
         Some(path) => tern_node::config::Config::from_file(path)?,
         None => tern_node::config::Config::embedded_default()?,
     };
+    if let Some(Cmd::Recover { keep_members, yes }) = &args.command {
+        return recover(&config, keep_members, *yes).map(|()| std::process::ExitCode::SUCCESS);
+    }
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;

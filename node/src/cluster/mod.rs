@@ -17,6 +17,7 @@
 //! - [`peers`]: channels and clients to other nodes, forwarded enqueues and operations
 //!   (the only part the SMTP write path uses).
 //! - [`status`]: member liveness (pings) and shard status gathered from every member.
+//! - [`recover`]: `ternd recover`, unsafe recovery after a majority is lost for good.
 //! - [`writer`]: control-group writes from delivery and the queue, and this node's delivery share.
 //!
 //! The admin service calls into this module; nothing here names `admin`.
@@ -29,6 +30,7 @@ pub mod peers;
 pub mod placement;
 pub mod reconcile;
 pub mod records;
+pub mod recover;
 pub mod status;
 pub mod writer;
 

@@ -101,7 +101,7 @@ impl Peers {
     }
 
     /// Where to dial a node: its `peer_addresses` override, else `advertised`.
-    pub(super) fn dial(&self, node: NodeId, advertised: String) -> String {
+    pub fn dial(&self, node: NodeId, advertised: String) -> String {
         self.overrides.get(&node).cloned().unwrap_or(advertised)
     }
 

@@ -1,6 +1,6 @@
 //! HTTP listener: `/healthz` (process alive), `/readyz` (can accept mail:
-//! the disk is not full, the control group has a leader and this node
-//! leads a queue shard) and
+//! the disk is not full, the control group has a leader and a queue shard
+//! this node writes to has a leader, here or on a node it forwards to) and
 //! `/metrics` (Prometheus: OpenMetrics text when asked for, else the
 //! classic text format; docs/metrics.md), the sending API under
 //! `/api/v1/` when `[api] enabled` (crate::api), and the web console under
@@ -64,12 +64,22 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, std::borrow::Cow
         );
     }
     let control = state.groups.get(CONTROL_GROUP).and_then(|g| g.leader()).is_some();
-    let leads_shard = state.groups.shards().iter().any(|g| g.leader() == Some(state.node_id));
-    match (control, leads_shard) {
+    match (control, can_queue(&state.groups)) {
         (true, true) => (StatusCode::OK, "ready\n".into()),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no control-group leader\n".into()),
         (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "no writable queue shard\n".into()),
     }
+}
+
+/// Mail accepted here can be written: a shard hosted here has a leader
+/// (this node, or one it forwards to), or, hosting none (more nodes than
+/// replicas), shards are placed on other members that it forwards to.
+fn can_queue(groups: &Groups) -> bool {
+    let hosted = groups.shards();
+    if hosted.is_empty() {
+        return !crate::cluster::records::placement(groups).is_empty();
+    }
+    hosted.iter().any(|g| g.leader().is_some())
 }
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), else the

@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use tern_proto::admin::{MemberListReply, NodeStats, QueueSummaryReply, StatsReply, StatusReply};
+use tern_proto::admin::{
+    MemberListReply, NodeStats, QueueListReply, QueueListRequest, QueueShowReply, QueueShowRequest, QueueSummaryReply,
+    StatsReply, StatusReply,
+};
 use tern_proto::peer::peer_service_server::PeerService;
 use tern_proto::peer::*;
 use tonic::{Request, Response, Status};
@@ -248,5 +251,16 @@ impl PeerService for PeerServer {
             }],
             unreachable: Vec::new(),
         }))
+    }
+
+    async fn local_queue_list(&self, request: Request<QueueListRequest>) -> Result<Response<QueueListReply>, Status> {
+        self.gate.admit(&request, "LocalQueueList", None)?;
+        self.admin.local_list(request.get_ref()).map(Response::new)
+    }
+
+    async fn local_queue_show(&self, request: Request<QueueShowRequest>) -> Result<Response<QueueShowReply>, Status> {
+        self.gate.admit(&request, "LocalQueueShow", None)?;
+        let req = request.into_inner();
+        self.admin.local_show(&req.id, req.with_body).map(Response::new)
     }
 }

@@ -10,6 +10,7 @@ mod arc;
 mod backoff;
 mod cert_reload;
 mod cluster;
+mod cluster_ops;
 mod console;
 mod dane;
 mod delivery;
