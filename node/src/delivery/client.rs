@@ -1043,8 +1043,8 @@ pub fn verification_failure(e: &std::io::Error) -> Option<String> {
             CertificateError::Other(o) if matches!(o.0.downcast_ref(), Some(webpki::Error::CaUsedAsEndEntity)) => {
                 "self-signed certificate (a CA certificate presented as the server's)"
             }
-            CertificateError::Other(o) if o.0.downcast_ref::<super::dane::TlsaMismatch>().is_some() => {
-                return Some(super::dane::TlsaMismatch.to_string())
+            CertificateError::Other(o) if o.0.downcast_ref::<TlsaMismatch>().is_some() => {
+                return Some(TlsaMismatch.to_string())
             }
             other => return Some(format!("certificate rejected: {other}")),
         }
@@ -1971,3 +1971,15 @@ mod tests {
         let _ = check;
     }
 }
+
+/// The certificate did not match the host's TLSA records.
+#[derive(Debug)]
+pub struct TlsaMismatch;
+
+impl std::fmt::Display for TlsaMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("certificate matches no TLSA record (DANE)")
+    }
+}
+
+impl std::error::Error for TlsaMismatch {}

@@ -315,17 +315,7 @@ fn fnv(data: &[u8]) -> u64 {
     })
 }
 
-/// The certificate did not match the host's TLSA records.
-#[derive(Debug)]
-pub struct TlsaMismatch;
-
-impl std::fmt::Display for TlsaMismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("certificate matches no TLSA record (DANE)")
-    }
-}
-
-impl std::error::Error for TlsaMismatch {}
+pub use super::client::TlsaMismatch;
 
 /// For site.rs: a connection error under DANE is a `451 4.7.5`.
 pub fn deferral(endpoint: &super::Endpoint, error: &str) -> Option<String> {

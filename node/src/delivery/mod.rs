@@ -565,7 +565,7 @@ impl Delivery {
                 None => self.plan_with(&domain, recipient_policies).await,
             };
             let plan = match require_tls {
-                true => requiretls::harden(plan, &self.tls),
+                true => harden_for_requiretls(plan, &self.tls),
                 false => plan,
             };
             let mut key = plan.key.clone();
@@ -761,7 +761,7 @@ impl Delivery {
             match rx.await {
                 Ok(mut r) => {
                     if no_policy && self.config.load().tls_rpt.enabled {
-                        crate::reports::tls::record_no_policy(&self.tls_reports, &message.record.envelope, &r);
+                        record_no_policy(&self.tls_reports, &message.record.envelope, &r);
                     }
                     for a in &mut r {
                         if a.scope.is_none() {
@@ -1022,6 +1022,65 @@ async fn lmtp_endpoint(resolver: &MxResolver, spec: &str) -> Result<Endpoint, St
         .into_iter()
         .next()
         .ok_or_else(|| format!("{spec}: no address"))
+}
+
+/// A plan for a REQUIRETLS message: SMTP relays need verified TLS (the
+/// host name, unless the domain's `verify` policy names others), and never
+/// share connections with other mail. MTA-STS `testing` is dropped: its
+/// fallback to unverified TLS is not allowed here.
+fn harden_for_requiretls(mut plan: Plan, tls: &tls::OutboundTls) -> Plan {
+    if let Target::Remote {
+        protocol: Protocol::Smtp,
+        tls: policy,
+        sts,
+        ..
+    } = &mut plan.target
+    {
+        if !matches!(policy, TlsPolicy::Verify(_)) {
+            *policy = tls.verify_host();
+        }
+        if sts.as_ref().is_some_and(|a| !a.requires_verified_tls()) {
+            *sts = None;
+        }
+        plan.key.push_str("+requiretls");
+    }
+    plan
+}
+
+/// Records a `no-policy-found` outcome per recipient domain of one
+/// transaction with opportunistic TLS (neither MTA-STS nor DANE applied):
+/// success when the session used TLS, `starttls-not-supported` when it
+/// went out in clear. Attempts that reached no server are not sessions.
+fn record_no_policy(
+    recorder: &crate::reports::tls::TlsRecorder,
+    envelope: &crate::envelope::Envelope,
+    attempts: &[RcptAttempt],
+) {
+    use crate::reports::tls as tls_report;
+    let mut seen: Vec<String> = Vec::new();
+    for a in attempts {
+        let Some(host) = &a.remote_host else { continue };
+        let Some(rcpt) = envelope.recipients.get(a.index) else {
+            continue;
+        };
+        let domain = crate::envelope::Envelope::domain_of(&rcpt.address);
+        if domain.is_empty() || seen.contains(&domain) {
+            continue;
+        }
+        seen.push(domain.clone());
+        let failure = a.tls.is_none().then(|| tls_report::Failure {
+            result_type: tls_report::FailureType::StarttlsNotSupported,
+            sending_mta_ip: None,
+            receiving_mx_hostname: Some(host.clone()),
+            receiving_ip: a.remote_ip.as_deref().and_then(|ip| ip.parse().ok()),
+            reason: "STARTTLS not offered".into(),
+        });
+        recorder.record(tls_report::TlsOutcome {
+            policy_domain: domain,
+            policy: tls_report::PolicyKind::NoPolicyFound,
+            failure,
+        });
+    }
 }
 
 #[cfg(test)]

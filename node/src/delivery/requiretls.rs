@@ -10,9 +10,6 @@
 use tern_smtp::reply::Reply;
 use tern_smtp::session::REQUIRETLS_MARK;
 
-use super::tls::OutboundTls;
-use super::{Plan, Protocol, Target, TlsPolicy};
-
 /// The message's topmost header field is a Received header with the mark.
 pub fn required(message: &[u8]) -> bool {
     let head = &message[..message.len().min(4096)];
@@ -34,29 +31,6 @@ pub fn required(message: &[u8]) -> bool {
     field
         .windows(REQUIRETLS_MARK.len())
         .any(|w| w == REQUIRETLS_MARK.as_bytes())
-}
-
-/// A plan for a REQUIRETLS message: SMTP relays need verified TLS (the
-/// host name, unless the domain's `verify` policy names others), and never
-/// share connections with other mail. MTA-STS `testing` is dropped: its
-/// fallback to unverified TLS is not allowed here.
-pub fn harden(mut plan: Plan, tls: &OutboundTls) -> Plan {
-    if let Target::Remote {
-        protocol: Protocol::Smtp,
-        tls: policy,
-        sts,
-        ..
-    } = &mut plan.target
-    {
-        if !matches!(policy, TlsPolicy::Verify(_)) {
-            *policy = tls.verify_host();
-        }
-        if sts.as_ref().is_some_and(|a| !a.requires_verified_tls()) {
-            *sts = None;
-        }
-        plan.key.push_str("+requiretls");
-    }
-    plan
 }
 
 /// The permanent failure when the next hop does not offer REQUIRETLS.

@@ -137,38 +137,3 @@ impl TlsRecorder {
         std::mem::take(&mut *self.counts.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
-
-/// Records a `no-policy-found` outcome per recipient domain of one
-/// transaction with opportunistic TLS (neither MTA-STS nor DANE applied):
-/// success when the session used TLS, `starttls-not-supported` when it
-/// went out in clear. Attempts that reached no server are not sessions.
-pub fn record_no_policy(
-    recorder: &TlsRecorder,
-    envelope: &crate::envelope::Envelope,
-    attempts: &[crate::delivery::RcptAttempt],
-) {
-    let mut seen: Vec<String> = Vec::new();
-    for a in attempts {
-        let Some(host) = &a.remote_host else { continue };
-        let Some(rcpt) = envelope.recipients.get(a.index) else {
-            continue;
-        };
-        let domain = crate::envelope::Envelope::domain_of(&rcpt.address);
-        if domain.is_empty() || seen.contains(&domain) {
-            continue;
-        }
-        seen.push(domain.clone());
-        let failure = a.tls.is_none().then(|| Failure {
-            result_type: FailureType::StarttlsNotSupported,
-            sending_mta_ip: None,
-            receiving_mx_hostname: Some(host.clone()),
-            receiving_ip: a.remote_ip.as_deref().and_then(|ip| ip.parse().ok()),
-            reason: "STARTTLS not offered".into(),
-        });
-        recorder.record(TlsOutcome {
-            policy_domain: domain,
-            policy: PolicyKind::NoPolicyFound,
-            failure,
-        });
-    }
-}
