@@ -4,7 +4,8 @@
 //! Exit codes: 0 success, 1 the request failed (no node reachable, server
 //! error, a wait that timed out), 2 usage error, 3 not found, 4 not
 //! permitted (no or a wrong credential, or a role that does not allow the
-//! command).
+//! command). A closed stdout (`ternctl queue list | head`) ends ternctl
+//! quietly with 141, as a Unix tool killed by SIGPIPE, never a panic.
 //!
 //! `--endpoints a,b,c`: the command runs against the first node that
 //! answers; a node that cannot be reached or answers UNAVAILABLE passes the
@@ -28,6 +29,31 @@
 //!
 //! Depends on the proto, model, pki and config crates only: never on the
 //! node's runtime (openraft, sled, actix, mail-auth).
+
+/// Every `println!` below goes through [`stdout_line`]: std's panics when
+/// the reader of a pipe has gone.
+macro_rules! println {
+    () => {
+        $crate::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout; a closed pipe ends the process (status 141,
+/// as SIGPIPE would), another write error is reported and exits 1.
+fn stdout_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("ternctl: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 mod apikey;
 mod cert;

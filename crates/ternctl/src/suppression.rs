@@ -159,7 +159,7 @@ pub async fn run(client: &mut Client, cmd: SuppressionCommand, json: bool) -> Re
                         eprintln!("export: {count} entries to {}", path.display());
                     }
                 }
-                None => print!("{out}"),
+                None => print_raw(&out),
             }
         }
     }
@@ -395,6 +395,20 @@ pub fn parse_csv(text: &str) -> Result<Vec<SuppressionEntry>, CsvError> {
             })
         })
         .collect()
+}
+
+/// `print!` of a whole CSV document; a closed pipe ends the process as
+/// [`crate::stdout_line`] does.
+fn print_raw(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("ternctl: writing to stdout: {e}");
+        std::process::exit(1);
+    }
 }
 
 #[cfg(test)]

@@ -135,6 +135,19 @@ fn ternctl_exit_codes_mean_something() {
     assert_eq!(unreachable.status.code(), Some(1));
     let usage = node.ternctl(&["frobnicate"]);
     assert_eq!(usage.status.code(), Some(2));
+    // `ternctl status | head -0`: the reader is gone before ternctl writes
+    // (it asks the node first); it ends as a SIGPIPE'd tool does, no panic.
+    let mut piped = std::process::Command::new(ternctl_bin())
+        .args(["--endpoint", &node.grpc.to_string(), "status"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(piped.stdout.take());
+    let out = piped.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
