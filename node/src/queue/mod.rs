@@ -157,7 +157,10 @@ impl QueueFront {
             };
             // The shard may have lost its leader or its majority mid-write: the
             // entry may or may not commit, so the client must retry (never 250).
-            match self.batchers.write(shard, message.clone()).await {
+            // A copy to forward if leadership moves; a single-replica shard
+            // (one node, the benchmark's case) keeps its leader, so no copy.
+            let spare = shard.replicated().then(|| message.clone());
+            match self.batchers.write(shard, message).await {
                 Ok(()) => {
                     received.log(&id, shard.id, false);
                     return Ok(());
@@ -165,7 +168,7 @@ impl QueueFront {
                 // Leadership moved before the entry was appended (an election,
                 // a leader hand-over): nothing was written, so the message
                 // goes to a shard's current leader below instead of a 451.
-                Err(batch::WriteError::NotLeader) => {
+                Err(batch::WriteError::NotLeader) if let Some(message) = spare => {
                     tracing::info!(msg_id = %id, shard = shard.id, "no longer the shard's leader: forwarding");
                     return self.forward(&id, &received, turn, message).await;
                 }
