@@ -292,6 +292,7 @@ pub async fn run_from(
             metrics.restarts.clone(),
             config.webhooks.is_empty(),
         )),
+        peers: std::sync::OnceLock::new(),
     });
     if config.cluster_tls.is_none() && !config.listen_grpc.ip().is_loopback() {
         // Only reachable with `[cluster] insecure = true` (config validation).
@@ -365,6 +366,7 @@ pub async fn run_from(
         config.dead_node_after,
     ));
     delivery.set_writer(cluster.control_writer());
+    let _ = settings.peers.set(cluster.peers());
 
     // Listeners first, so that a port conflict fails fast and loudly.
     let v4_ports = ipv4_ports(&config);

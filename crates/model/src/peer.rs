@@ -58,6 +58,15 @@ pub enum Operation {
         keys: Vec<String>,
         prefixes: Vec<String>,
     },
+    /// Delivery outcomes (and the reports they cause) that a shard's former
+    /// leader decided and could not write because it lost leadership in
+    /// between: passed to the new leader so that what was delivered is not
+    /// delivered again. Replay-safe: a final recipient keeps its state.
+    /// (Added last: bincode numbers variants by position.)
+    Outcomes {
+        updates: Vec<crate::request::OutcomeUpdate>,
+        bounces: Vec<crate::request::NewMessage>,
+    },
 }
 
 /// gRPC metadata key a peer sets on a write it gave up waiting for: the
@@ -72,6 +81,15 @@ impl Operation {
     /// to queue shards, drains and suspensions to the control group.
     pub fn fits(&self, group: GroupId) -> Result<(), String> {
         let (ok, wants) = match self {
+            Operation::Outcomes { updates, bounces } => {
+                if updates.len() + bounces.len() > MAX_OPERATION_IDS {
+                    return Err(format!(
+                        "{} outcomes in one operation (at most {MAX_OPERATION_IDS})",
+                        updates.len() + bounces.len()
+                    ));
+                }
+                (group != CONTROL_GROUP, "a queue shard")
+            }
             Operation::Queue { ids, .. } | Operation::Bounce { ids } => {
                 if ids.len() > MAX_OPERATION_IDS {
                     return Err(format!(
@@ -169,6 +187,7 @@ impl Operation {
             Operation::Batch { batch } => Some(Request::PutBatch { batch }),
             Operation::PutShared { space, entries } => Some(Request::PutShared { space, entries }),
             Operation::DeleteShared { space, keys, prefixes } => Some(Request::DeleteShared { space, keys, prefixes }),
+            Operation::Outcomes { updates, bounces } => Some(Request::Outcomes { updates, bounces }),
             Operation::Bounce { .. } | Operation::MemberAdd { .. } | Operation::MemberRemove { .. } => None,
         }
     }
@@ -199,6 +218,36 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_of_a_former_leader_go_to_queue_shards_as_an_outcomes_entry() {
+        let update = crate::request::OutcomeUpdate {
+            id: "m1".into(),
+            results: vec![],
+            attempts: 1,
+            next_attempt: 0,
+            delay_notified: false,
+        };
+        let op = Operation::Outcomes {
+            updates: vec![update.clone()],
+            bounces: vec![],
+        };
+        assert!(op.fits(3).is_ok());
+        assert!(op.fits(CONTROL_GROUP).is_err());
+        let back: Operation = decode_strict(&encode(&op).unwrap()).unwrap();
+        assert_eq!(
+            back.into_request(),
+            Some(Request::Outcomes {
+                updates: vec![update.clone()],
+                bounces: vec![]
+            })
+        );
+        let many = Operation::Outcomes {
+            updates: vec![update; MAX_OPERATION_IDS + 1],
+            bounces: vec![],
+        };
+        assert!(many.fits(3).is_err());
+    }
 
     #[test]
     fn operations_fit_their_groups_only() {

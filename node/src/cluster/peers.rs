@@ -52,6 +52,7 @@ fn op_name(op: &Operation) -> &'static str {
         Operation::Batch { .. } => "api batch",
         Operation::PutShared { .. } => "shared records",
         Operation::DeleteShared { .. } => "shared records removal",
+        Operation::Outcomes { .. } => "delivery outcomes",
     }
 }
 

@@ -136,7 +136,15 @@ impl PeerService for PeerServer {
                 return Err(Status::not_found(format!("node {node} is not a member")));
             }
         }
-        tracing::info!(group = group.id, from = ?sender, operation = ?op, "operation from a peer");
+        if let Operation::Outcomes { updates, bounces } = &op {
+            for b in bounces {
+                check_message(b).map_err(|e| Status::invalid_argument(format!("Operation: {e}")))?;
+            }
+            // Not the operation itself: the reports carry whole messages.
+            tracing::info!(group = group.id, from = ?sender, outcomes = updates.len(), reports = bounces.len(), "outcomes from the shard's former leader");
+        } else {
+            tracing::info!(group = group.id, from = ?sender, operation = ?op, "operation from a peer");
+        }
         if let Operation::Bounce { ids } = op {
             let now = chrono::Utc::now().timestamp();
             let affected = self.admin.bounce_on_leader(&group, ids, true, now).await?;

@@ -33,6 +33,10 @@ use crate::raft::{NewMessage, NodeId, OutcomeUpdate};
 const MAX_IN_FLIGHT: usize = 2000;
 /// Most outcomes in one Raft write.
 const MAX_BATCH: usize = 512;
+/// How long outcomes this node could not write (it lost leadership
+/// between the delivery and the write) wait for the shard's next leader.
+/// After that the messages are delivered again, as before this existed.
+const ORPHAN_TTL: Duration = Duration::from_secs(30);
 
 /// Settings the shard actors share.
 pub struct ShardSettings {
@@ -50,6 +54,17 @@ pub struct ShardSettings {
     /// The per-shard write batchers, shared with the SMTP side
     /// ([`super::QueueFront`]): outcomes ride in the same entries as new mail.
     pub batchers: Arc<super::batch::Batchers>,
+    /// Passes outcomes this node decided but could no longer write to the
+    /// shard's new leader; set once the cluster side is up.
+    pub peers: std::sync::OnceLock<Arc<crate::cluster::peers::Peers>>,
+}
+
+/// Outcomes (with their reports) that a write refused because this node
+/// had stopped leading: for the next leader, which may be this node again.
+struct Orphans {
+    batches: Vec<(Vec<OutcomeUpdate>, Vec<NewMessage>)>,
+    /// Unix seconds of the first refused write; dropped after [`ORPHAN_TTL`].
+    since: i64,
 }
 
 pub struct QueueShard {
@@ -73,6 +88,9 @@ pub struct QueueShard {
     /// dispatch and before the end of every delivery's data.
     lease: Arc<Lease>,
     confirming: bool,
+    /// See [`Orphans`]; shared with the take-over task, which writes them first.
+    orphans: Arc<std::sync::Mutex<Option<Orphans>>>,
+    forwarding: bool,
 }
 
 impl QueueShard {
@@ -113,6 +131,8 @@ impl QueueShard {
             writing: false,
             lease,
             confirming: false,
+            orphans: Arc::default(),
+            forwarding: false,
         }
     }
 
@@ -289,12 +309,29 @@ impl QueueShard {
         let group = self.group.clone();
         let batchers = Arc::clone(&self.settings.batchers);
         self.writing = true;
+        // Kept in case leadership moved before the write: the next leader
+        // needs them (a single-replica shard keeps its leader: no copy).
+        let spare = self.group.replicated().then(|| (updates.clone(), bounces.clone()));
         let fut = async move { batchers.write_outcomes(&group, updates, bounces).await };
-        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
             act.writing = false;
             let retry_at = act.now() + 5;
             for id in &ids {
                 act.group.handover.release(id);
+            }
+            if let (Err(super::batch::WriteError::NotLeader), Some(batch)) = (&result, spare) {
+                // Delivered (or failed) here, not recorded: without this the
+                // new leader delivers the same messages again.
+                tracing::info!(shard = act.group.id, n = ids.len(), "outcome write refused: no longer the leader; passing the outcomes to the next one");
+                let now = act.now();
+                act.orphans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(Orphans { batches: Vec::new(), since: now })
+                    .batches
+                    .push(batch);
+                act.rehome(ctx);
+                return;
             }
             if let Err(e) = result {
                 tracing::warn!(shard = act.group.id, error = %e, n = ids.len(), "outcome write failed; will retry delivery");
@@ -304,6 +341,79 @@ impl QueueShard {
                     }
                 }
             }
+        }));
+    }
+
+    /// Passes orphaned outcomes to the shard's leader on another node, once
+    /// one is known; drops them after [`ORPHAN_TTL`]. When this node leads
+    /// again, its take-over writes them before it loads the queue.
+    fn rehome(&mut self, ctx: &mut Context<Self>) {
+        if self.forwarding {
+            return;
+        }
+        let now = self.now();
+        let batches = {
+            let mut slot = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(o) = slot.as_ref() else { return };
+            if now - o.since > ORPHAN_TTL.as_secs() as i64 {
+                let n: usize = o.batches.iter().map(|b| b.0.len()).sum();
+                tracing::warn!(
+                    shard = self.group.id,
+                    n,
+                    "no leader took the outcomes in time; those messages will be delivered again"
+                );
+                *slot = None;
+                return;
+            }
+            let leader = self.group.raft.metrics().borrow().current_leader;
+            match leader {
+                Some(l) if l != self.settings.node => {}
+                _ => return, // none yet, or this node: its take-over writes them
+            }
+            if self.settings.peers.get().is_none() {
+                return;
+            }
+            slot.take().map(|o| o.batches).unwrap_or_default()
+        };
+        let Some(peers) = self.settings.peers.get().cloned() else {
+            return;
+        };
+        self.forwarding = true;
+        let group = self.group.clone();
+        let fut = async move {
+            let mut failed = Vec::new();
+            for (updates, bounces) in batches {
+                let n = updates.len();
+                let op = tern_model::peer::Operation::Outcomes { updates, bounces };
+                match peers.operate(&group, &op).await {
+                    Ok(_) => tracing::info!(shard = group.id, n, "outcomes written through the new leader"),
+                    Err(e) => {
+                        tracing::warn!(shard = group.id, n, error = %e, "outcomes not passed to the new leader; trying again");
+                        if let tern_model::peer::Operation::Outcomes { updates, bounces } = op {
+                            failed.push((updates, bounces));
+                        }
+                    }
+                }
+            }
+            failed
+        };
+        ctx.spawn(fut.into_actor(self).map(move |failed, act, ctx| {
+            act.forwarding = false;
+            if failed.is_empty() {
+                return;
+            }
+            let now = act.now();
+            act.orphans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(Orphans {
+                    batches: Vec::new(),
+                    since: now,
+                })
+                .batches
+                .extend(failed);
+            // Again shortly (bounded by ORPHAN_TTL), not only on the next metrics change.
+            ctx.run_later(Duration::from_millis(300), |act, ctx| act.rehome(ctx));
         }));
     }
 
@@ -318,6 +428,7 @@ impl QueueShard {
             self.events_wanted.store(false, Ordering::SeqCst);
             self.schedule.clear();
             self.lease.revoke();
+            self.rehome(ctx);
             return;
         }
         if self.leader_term == Some(current_term) || self.loading_term == Some(current_term) {
@@ -328,7 +439,21 @@ impl QueueShard {
         self.events_wanted.store(true, Ordering::SeqCst);
         let term = current_term;
         let group = self.group.clone();
+        let orphans = Arc::clone(&self.orphans);
+        let batchers = Arc::clone(&self.settings.batchers);
         let fut = async move {
+            // Outcomes this node decided as the previous leader first, so
+            // that the load below does not schedule what was delivered.
+            let taken = orphans.lock().unwrap_or_else(|p| p.into_inner()).take();
+            for (updates, bounces) in taken.map(|o| o.batches).unwrap_or_default() {
+                let n = updates.len();
+                match batchers.write_outcomes(&group, updates, bounces).await {
+                    Ok(()) => tracing::info!(shard = group.id, n, "outcomes of the previous term written"),
+                    Err(e) => {
+                        tracing::warn!(shard = group.id, n, error = %e, "outcomes of the previous term not written; those messages will be delivered again")
+                    }
+                }
+            }
             // One quorum round per leadership, not per message.
             group.raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
             let mut due = Vec::new();

@@ -262,6 +262,79 @@ fn peer_rpcs_are_refused_unless_from_a_member_speaking_for_itself() {
     wait_for(Duration::from_secs(30), "delivery after the refusals", || {
         sink.messages().iter().any(|m| m.contains("<peers-2@tern.test>"))
     });
+    // A former shard leader's outcomes (it delivered, then lost leadership
+    // before writing that down) reach the new leader as an operation: the
+    // message leaves the queue and is not delivered again. Not to the
+    // control group, and a report must be a well-formed new message.
+    n1.ternctl_json(&["domain", "suspend", "held.test", "--duration", "1h", "--reason", "test"]);
+    for n in [&n1, &n2] {
+        wait_for(Duration::from_secs(10), "the suspension on every node", || {
+            n.ternctl_json(&["domain", "list"])
+                .as_array()
+                .is_some_and(|d| d.len() == 1)
+        });
+    }
+    let held_id = c
+        .send_mail("a@tern.test", &["r@held.test"], &body("peers-3", 300))
+        .unwrap();
+    let shown = n1.ternctl_json(&["queue", "show", &held_id]);
+    let shard = shown["shard"].as_u64().unwrap();
+    let leader = n1
+        .ternctl_json(&["shard", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|sh| sh["shard"] == shard)
+        .map(|sh| sh["leader"].as_u64().unwrap())
+        .unwrap();
+    let (to, from) = if leader == 1 { (&n1, 2) } else { (&n2, 1) };
+    let delivered = tern_node::peer::Operation::Outcomes {
+        updates: vec![tern_node::raft::OutcomeUpdate {
+            id: held_id.clone(),
+            results: vec![tern_node::raft::RcptResult {
+                index: 0,
+                status: tern_node::queue::message::RcptStatus::Delivered,
+                reply: "250 2.0.0 delivered by the former leader".into(),
+            }],
+            attempts: 1,
+            next_attempt: 0,
+            delay_notified: false,
+        }],
+        bounces: vec![],
+    };
+    rt.block_on(async {
+        let mut peer = PeerServiceClient::new(channel(to, node_identity(from)).await);
+        assert_refused(
+            "outcomes written to the control group",
+            peer.operation(tern_proto::peer::OperationRequest {
+                group_id: 0,
+                operation: bincode::serialize(&delivered).unwrap(),
+            })
+            .await,
+            tonic::Code::InvalidArgument,
+            &["a queue shard", "not to group 0"],
+        );
+        peer.operation(tern_proto::peer::OperationRequest {
+            group_id: shard,
+            operation: bincode::serialize(&delivered).unwrap(),
+        })
+        .await
+        .unwrap();
+    });
+    wait_for(Duration::from_secs(10), "the message recorded as delivered", || {
+        n1.ternctl(&["queue", "show", &held_id]).status.code() == Some(3)
+    });
+    n1.ternctl_json(&["domain", "resume", "held.test"]);
+    let after = c
+        .send_mail("a@tern.test", &["r@held.test"], &body("peers-4", 300))
+        .unwrap();
+    wait_for(Duration::from_secs(30), "delivery after the resume", || {
+        sink.messages().iter().any(|m| m.contains("<peers-4@tern.test>"))
+    });
+    assert!(
+        !sink.messages().iter().any(|m| m.contains("<peers-3@tern.test>")),
+        "the message recorded as delivered was delivered again ({after})"
+    );
     // An operator's `member add` through a node that does not lead the
     // control group reaches the leader as a peer operation; node 3 then
     // takes the replicas placed on it (groups created where placed).
