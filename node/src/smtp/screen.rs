@@ -46,19 +46,46 @@ impl Screen {
         writer: Option<ControlWriter>,
         metrics: ScreenMetrics,
     ) -> anyhow::Result<Option<Arc<Screen>>> {
-        let dnsbl = if config.dnsbl.active() {
-            Some(Arc::new(Dnsbl::new(
+        Screen::rebuild(config, None, control, writer, metrics)
+    }
+
+    /// [`Screen::from_config`] after a config reload: the block-list
+    /// resolver (and its cache) and the greylist (its writing task and
+    /// pending writes) of `previous` are kept when their section did not
+    /// change. Triplets live in the control group, so a new greylist
+    /// knows every one the old one wrote.
+    pub fn rebuild(
+        config: &Config,
+        previous: Option<&Screen>,
+        control: Option<ControlState>,
+        writer: Option<ControlWriter>,
+        metrics: ScreenMetrics,
+    ) -> anyhow::Result<Option<Arc<Screen>>> {
+        let kept_dnsbl = previous
+            .and_then(|p| p.dnsbl.as_ref())
+            .filter(|d| *d.config() == config.dnsbl);
+        let dnsbl = match kept_dnsbl {
+            _ if !config.dnsbl.active() => None,
+            Some(d) => Some(Arc::clone(d)),
+            None => Some(Arc::new(Dnsbl::new(
                 config.dnsbl.clone(),
                 &config.dns_nameservers,
                 metrics.clone(),
-            )?))
-        } else {
-            None
+            )?)),
         };
-        let greylist = config
-            .greylist
-            .enabled
-            .then(|| Greylist::start(config.greylist.clone(), control, writer, metrics.clone()));
+        let kept_greylist = previous
+            .and_then(|p| p.greylist.as_ref())
+            .filter(|g| *g.config() == config.greylist);
+        let greylist = match kept_greylist {
+            _ if !config.greylist.enabled => None,
+            Some(g) => Some(Arc::clone(g)),
+            None => Some(Greylist::start(
+                config.greylist.clone(),
+                control,
+                writer,
+                metrics.clone(),
+            )),
+        };
         if dnsbl.is_none() && greylist.is_none() {
             return Ok(None);
         }

@@ -195,10 +195,23 @@ struct Summary {
 impl Checker {
     /// The checker `[inbound]` asks for, or `None` when it is disabled.
     pub fn from_config(config: &Config) -> anyhow::Result<Option<Checker>> {
+        Checker::from_config_reusing(config, None)
+    }
+
+    /// [`Checker::from_config`], asking DNS through `resolver` when given (a
+    /// reload keeps the running checker's resolver and its cache; `[dns]`
+    /// needs a restart anyway).
+    pub fn from_config_reusing(
+        config: &Config,
+        resolver: Option<MessageAuthenticator>,
+    ) -> anyhow::Result<Option<Checker>> {
         if !config.inbound.enabled {
             return Ok(None);
         }
-        let authenticator = authenticator(&config.dns_nameservers, config.dns_timeout)?;
+        let authenticator = match resolver {
+            Some(resolver) => resolver,
+            None => authenticator(&config.dns_nameservers, config.dns_timeout)?,
+        };
         Ok(Some(
             Checker::new(
                 authenticator,
@@ -240,6 +253,11 @@ impl Checker {
                 dmarc_reports: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// The DNS resolver of the checks, for [`Checker::from_config_reusing`].
+    pub fn resolver(&self) -> MessageAuthenticator {
+        self.inner.authenticator.clone()
     }
 
     /// Counts every DMARC evaluation in `recorder` (`[dmarc_reports]`).
