@@ -189,7 +189,9 @@ fn webhook_secrets(hooks: &[crate::config::Webhook]) -> Vec<Vec<&[u8]>> {
         .iter()
         .map(|h| {
             let secret = h.secret.as_ref().map_or(&[][..], |s| s.0.as_slice());
-            std::iter::once(secret).chain(h.headers.values().map(|v| v.as_bytes())).collect()
+            std::iter::once(secret)
+                .chain(h.headers.values().map(|v| v.as_bytes()))
+                .collect()
         })
         .collect()
 }

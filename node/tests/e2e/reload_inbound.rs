@@ -29,7 +29,7 @@ fn token(name: &str, secret: &str) -> String {
 
 fn webhook(url: &str) -> String {
     // A fixed name: the endpoint's cursor in the outbox survives the new URL.
-    format!("[[webhook]]\nname = \"events\"\nurl = \"{url}\"\nflush_interval = \"100ms\"\n")
+    format!("[[webhook]]\nname = \"events\"\nurl = \"{url}\"\n")
 }
 
 /// Queues one message from the clean client; its queue id.
