@@ -204,3 +204,47 @@ fn greylisted(address: &str, secs: u64) -> Reply {
         format!("<{address}>: Greylisted, please try again in {secs} seconds"),
     )
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(&format!("[dns]\nnameservers = [\"127.0.0.1:53\"]\n{text}")).unwrap()
+    }
+
+    fn rebuild(config: &Config, previous: Option<&Screen>) -> Option<Arc<Screen>> {
+        Screen::rebuild(config, previous, None, None, ScreenMetrics::default()).unwrap()
+    }
+
+    /// A reload keeps an unchanged section's block-list resolver and
+    /// greylist (their caches and pending writes), and builds a changed one anew.
+    #[tokio::test]
+    async fn a_rebuild_keeps_unchanged_parts() {
+        let dnsbl = "[dnsbl]\nenabled = true\nzones = [{ zone = \"bl.test\" }]\n";
+        let greylist = "[greylist]\nenabled = true\n";
+        let first = rebuild(&config(&format!("{dnsbl}{greylist}")), None).unwrap();
+        let same = rebuild(&config(&format!("{dnsbl}{greylist}")), Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(first.dnsbl.as_ref().unwrap(), same.dnsbl.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            first.greylist.as_ref().unwrap(),
+            same.greylist.as_ref().unwrap()
+        ));
+
+        let other_zone = dnsbl.replace("bl.test", "other.test");
+        let changed = rebuild(&config(&format!("{other_zone}{greylist}")), Some(&same)).unwrap();
+        assert!(!Arc::ptr_eq(
+            same.dnsbl.as_ref().unwrap(),
+            changed.dnsbl.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            same.greylist.as_ref().unwrap(),
+            changed.greylist.as_ref().unwrap()
+        ));
+
+        let no_greylist = rebuild(&config(&other_zone), Some(&changed)).unwrap();
+        assert!(no_greylist.greylist.is_none() && no_greylist.dnsbl.is_some());
+        assert!(rebuild(&config(""), Some(&no_greylist)).is_none());
+    }
+}

@@ -144,6 +144,13 @@ fn a_reload_adds_a_block_list_swaps_admin_tokens_and_moves_a_webhook() {
     let at_b = hook_b.accepted_events();
     assert!(of_message(&at_b, &first, "delivered").is_empty(), "{at_b:?}");
     assert_eq!(sink.wait_dumps(2).len(), 2);
+    // The node's own events (the tap) follow too: the reload's audit event.
+    wait_for(Duration::from_secs(30), "the reload's admin event at B", || {
+        hook_b
+            .accepted_events()
+            .iter()
+            .any(|e| e["fields"]["event"] == "admin" && e["fields"]["action"] == "config reload")
+    });
 
     // A file that cannot be used changes nothing and names the key.
     node.ternctl_env = vec![("TERN_TOKEN".into(), NEW_TOKEN.into())];

@@ -140,8 +140,9 @@ struct Inner {
     authenticator: MessageAuthenticator,
     /// Our authserv-id (`[node] hostname`).
     hostname: String,
-    /// Clients in these networks are trusted and not checked (swapped by a reload).
-    relay_networks: arc_swap::ArcSwap<Vec<ipnet::IpNet>>,
+    /// Clients in these networks are trusted and not checked (a reload
+    /// builds a new checker).
+    relay_networks: Vec<ipnet::IpNet>,
     rules: Rules,
     timeout: Duration,
     /// ARC sealing of forwarded mail (`[arc]`), see [`super::arc`].
@@ -246,7 +247,7 @@ impl Checker {
             inner: Arc::new(Inner {
                 authenticator,
                 hostname,
-                relay_networks: arc_swap::ArcSwap::from_pointee(relay_networks),
+                relay_networks,
                 rules,
                 timeout,
                 arc: None,
@@ -276,12 +277,7 @@ impl Checker {
             return None;
         };
         let ip = ip.to_canonical();
-        (!self.inner.relay_networks.load().iter().any(|n| n.contains(&ip))).then_some(ip)
-    }
-
-    /// `[policy] relay_networks` after a config reload.
-    pub fn set_relay_networks(&self, networks: Vec<ipnet::IpNet>) {
-        self.inner.relay_networks.store(Arc::new(networks));
+        (!self.inner.relay_networks.iter().any(|n| n.contains(&ip))).then_some(ip)
     }
 
     /// Checks an untrusted message: the bytes to queue (with our header
