@@ -721,6 +721,8 @@ pub async fn run_from(
             webhooks: Arc::clone(&webhooks),
             outbox: Arc::clone(&outbox),
             outbox_switch: outbox_switch.clone(),
+            front: Arc::clone(&front),
+            fbl_metrics: metrics.fbl.clone(),
         })
     });
     // Installed even without a config file: SIGHUP never stops the node.

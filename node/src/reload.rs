@@ -112,7 +112,6 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             connect_timeout => "delivery.connect_timeout_secs",
             egress => "source/pool/pool_rule",
             log_format => "log.format",
-            fbl => "fbl",
             api => "api",
             mta_sts => "mta_sts",
             dane => "dane",
@@ -145,6 +144,7 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             greylist => "greylist",
             admin_tokens => "admin_token",
             webhooks => "webhook",
+            fbl => "fbl",
         ];
         parts: [smtp_limits]
     );
@@ -295,6 +295,9 @@ pub struct Reloader {
     pub webhooks: Arc<crate::webhook::Webhooks>,
     pub outbox: Arc<crate::outbox::dispatch::Dispatcher>,
     pub outbox_switch: crate::outbox::Switch,
+    /// Where `[fbl]` reports are taken, and what a rebuilt taker needs.
+    pub front: Arc<crate::queue::QueueFront>,
+    pub fbl_metrics: crate::metrics::FblMetrics,
 }
 
 /// What [`crate::smtp::screen::Screen::rebuild`] needs besides the config.
@@ -384,6 +387,16 @@ impl Reloader {
                 tracing::error!(error = %format!("{e:#}"), "webhook: outbox dispatch not replaced");
             }
         }
+        if diff.applied.contains(&"fbl") {
+            self.front.set_fbl(merged.fbl.enabled().then(|| {
+                crate::fbl::Fbl::new(
+                    merged.fbl.clone(),
+                    merged.node_id,
+                    Arc::clone(&self.delivery),
+                    self.fbl_metrics.clone(),
+                )
+            }));
+        }
         self.delivery.set_config(Arc::clone(&merged));
         for listener in &self.listeners {
             let mut smtp = (*listener.load_full()).clone();
@@ -463,13 +476,22 @@ mod tests {
         let old = config(&hook("c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldC1vbmU="));
         let new = config(&format!(
             "{}{token}[dnsbl]\nenabled = true\nzones = [{{ zone = \"bl.test\" }}]\n\
-             [greylist]\nenabled = true\n[inbound]\nenabled = false\n\
+             [greylist]\nenabled = true\n[inbound]\nenabled = false\n[fbl]\naddresses = [\"fbl@tern.test\"]\n\
+             [policy]\nlocal_domains = [\"tern.test\"]\n\
              [[filter]]\nname = \"r\"\nkind = \"rspamd\"\naddress = \"127.0.0.1:11333\"\n",
             hook("c2VjcmV0LXR3by1zZWNyZXQtdHdvLXNlY3JldC10d28tcw==")
         ));
         let (merged, diff) = compare(&old, &new);
         assert!(diff.restart_needed.is_empty(), "{diff:?}");
-        for key in ["inbound", "filter", "dnsbl", "greylist", "admin_token", "webhook"] {
+        for key in [
+            "inbound",
+            "filter",
+            "dnsbl",
+            "greylist",
+            "admin_token",
+            "webhook",
+            "fbl",
+        ] {
             assert!(diff.applied.contains(&key), "{key} not in {diff:?}");
         }
         assert_eq!(merged.admin_tokens, new.admin_tokens);
