@@ -165,3 +165,49 @@ fn a_reload_adds_a_block_list_swaps_admin_tokens_and_moves_a_webhook() {
     assert!(err.contains("[arc]"), "{err}");
     assert!(ctl(&node, &[("TERN_TOKEN", NEW_TOKEN)], &["status"]).status.success());
 }
+
+#[test]
+fn the_first_webhook_needs_no_restart() {
+    if !tern_testkit::peers::require("python3") {
+        return;
+    }
+    let sink = SmtpSink::start(&[]);
+    let hook = Receiver::start(0);
+    let route = format!("[[route]]\ndomain = \"example.test\"\nto = \"{}\"\n", sink.addr);
+    let node = Node::start(&route);
+    let mut c = Client::connect(node.smtp).unwrap();
+    assert!(c.command("EHLO hook.test").unwrap().starts_with("250"));
+    let unseen = c
+        .send_mail("a@tern.test", &["r@example.test"], &body("no-hook-yet", 300))
+        .unwrap();
+    assert_eq!(sink.wait_dumps(1).len(), 1);
+    // Its outcome applied (the message left the queue) before the reload.
+    wait_for(Duration::from_secs(30), "the first message final", || {
+        node.ternctl_json(&["queue", "list"])["messages"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+
+    edit(&node, &route, &format!("{route}\n{}", webhook(&hook.url("/first"))));
+    let out = node.ternctl(&["config", "reload", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["nodes"][0].clone();
+    assert_eq!(names(&row, "applied"), ["webhook"], "{row}");
+
+    // Message events (the outbox, now written) and the node's own (the tap).
+    let id = c
+        .send_mail("a@tern.test", &["r@example.test"], &body("hooked", 300))
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "events of a message sent after the reload",
+        || {
+            let events = hook.accepted_events();
+            !of_message(&events, &id, "received").is_empty()
+                && !of_message(&events, &id, "delivered").is_empty()
+                && events.iter().any(|e| e["fields"]["event"] == "admin")
+        },
+    );
+    // Mail from before the webhook left no events to post.
+    assert!(of_message(&hook.accepted_events(), &unseen, "delivered").is_empty());
+}
