@@ -241,23 +241,20 @@ pub async fn run_from(
         .map_err(anyhow::Error::msg)
         .context("auth.users_file")?;
     // Before anything is bound: a bad DKIM key file stops the start.
-    let mut pipeline = crate::auth::Pipeline::new(&config)?;
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Arc::new(crate::auth::Pipeline::new(&config, metrics.filters.clone())?);
     let dmarc_reports = Arc::new(crate::reports::dmarc::DmarcRecorder::default());
-    if let (true, Some(checker)) = (config.dmarc_reports.enabled, &pipeline.inbound) {
-        checker.record_dmarc(Arc::clone(&dmarc_reports));
+    if config.dmarc_reports.enabled {
+        pipeline.record_dmarc(Arc::clone(&dmarc_reports));
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    let metrics = Arc::new(Metrics::new());
-    if let Some(filters) = pipeline.filters.as_mut() {
-        filters.set_metrics(metrics.filters.clone());
-    }
-    let pipeline = Arc::new(pipeline);
     // What the outbox's dispatch tasks saw, for `ternctl webhook status`.
     let outbox_status = crate::outbox::dispatch::Status::default();
+    let webhook_names: crate::outbox::dispatch::Names = Arc::default();
     let (tls, cert_watcher) = tls_config(&config, metrics.tls_reload_errors.clone())?.unzip();
     // Before anything can emit events (recovered shards deliver at once).
-    let webhooks = crate::webhook::start(&config.webhooks, &events, &metrics.webhook).context("webhooks")?;
+    let webhooks = Arc::new(crate::webhook::start(&config.webhooks, &events, &metrics.webhook).context("webhooks")?);
     let durability = Durability::open_with(
         &config.data_dir,
         metrics.storage.clone(),
@@ -274,6 +271,8 @@ pub async fn run_from(
     let initialized = local.get(LOCAL_INITIALIZED)?.is_some();
 
     let ids = Arc::new(IdGen::new(config.node_id));
+    // The event outbox is written while webhooks exist; a reload flips it.
+    let outbox_switch = crate::outbox::Switch::new(!config.webhooks.is_empty());
     let delivery = Delivery::new(Arc::clone(&config), metrics.delivery.clone())?;
     let settings = Arc::new(ShardSettings {
         node: config.node_id,
@@ -290,7 +289,7 @@ pub async fn run_from(
         // The event outbox tells new mail from bounces by entry kind.
         batchers: Arc::new(crate::queue::batch::Batchers::new(
             metrics.restarts.clone(),
-            config.webhooks.is_empty(),
+            outbox_switch.clone(),
         )),
         peers: std::sync::OnceLock::new(),
     });
@@ -327,7 +326,7 @@ pub async fn run_from(
             actors: Default::default(),
         }),
         Arc::new(Rules {
-            outbox: !config.webhooks.is_empty(),
+            outbox: outbox_switch.clone(),
         }),
         cluster_tls.clone(),
     ));
@@ -411,6 +410,13 @@ pub async fn run_from(
 
     // Made with the admin service, which it calls as its callers.
     let console;
+    // Operators' credentials; a reload swaps the tokens.
+    let authz = Arc::new(crate::admin::authz::Authz::new(
+        config.admin_tokens.clone(),
+        config.cluster_tls.is_some(),
+        config.listen_grpc,
+        metrics.admin.clone(),
+    ));
     let grpc = {
         // Peer RPCs (Raft and PeerService) are admitted by one gate.
         let gate = Arc::new(crate::raft::gate::PeerGate::new(
@@ -434,24 +440,15 @@ pub async fn run_from(
             ids: Arc::clone(&ids),
             stats: Arc::clone(&settings.stats),
             space: Arc::clone(&space),
-            authz: Arc::new(crate::admin::authz::Authz::new(
-                config.admin_tokens.clone(),
-                config.cluster_tls.is_some(),
-                config.listen_grpc,
-                metrics.admin.clone(),
-            )),
+            authz: Arc::clone(&authz),
             egress: delivery.egress().cloned(),
             delivery: Arc::clone(&delivery),
-            webhooks: (
-                config.webhooks.iter().map(|w| w.name.clone()).collect(),
-                outbox_status.clone(),
-            ),
+            webhooks: (Arc::clone(&webhook_names), outbox_status.clone()),
             reload: Arc::clone(&reloader),
         });
         console = Arc::new(crate::console::Console::new(
             Arc::clone(&admin),
             config.listen_http,
-            !config.admin_tokens.is_empty(),
             recent,
         ));
         let peer_svc = PeerServiceServer::new(crate::peer::server::PeerServer {
@@ -685,16 +682,16 @@ pub async fn run_from(
         stop_rx.clone(),
     );
     tokio::spawn(purge);
-    let outbox = crate::outbox::dispatch::start(
+    let outbox = Arc::new(crate::outbox::dispatch::Dispatcher::new(
         config.node_id,
-        &config.webhooks,
         Arc::clone(&groups),
         crate::bounce::Classifier::new(config.bounce_classes.clone()),
         metrics.webhook.clone(),
         outbox_status.clone(),
+        webhook_names,
         stop_rx.clone(),
-    )
-    .context("webhook outbox")?;
+    ));
+    outbox.set(&config.webhooks).context("webhook outbox")?;
     if let Some(control) = delivery.control() {
         tokio::spawn(crate::backoff::watch(
             control.clone(),
@@ -717,6 +714,17 @@ pub async fn run_from(
             certificates: cert_watcher.into_iter().collect(),
             cluster_tls: cluster_tls.clone(),
             metrics: metrics.reload.clone(),
+            screen: crate::reload::ScreenParts {
+                control: delivery.control().cloned(),
+                writer: delivery.writer().cloned(),
+                metrics: metrics.screen.clone(),
+            },
+            authz: Arc::clone(&authz),
+            webhooks: Arc::clone(&webhooks),
+            outbox: Arc::clone(&outbox),
+            outbox_switch: outbox_switch.clone(),
+            front: Arc::clone(&front),
+            fbl_metrics: metrics.fbl.clone(),
         })
     });
     // Installed even without a config file: SIGHUP never stops the node.
@@ -753,9 +761,7 @@ pub async fn run_from(
         }
     }
     let _ = controller.await;
-    if let Some(outbox) = outbox {
-        let _ = outbox.await;
-    }
+    outbox.join().await;
     // A planned stop sends nothing twice: every shard led here is handed
     // over once its in-flight outcomes are committed.
     let still = cluster.hand_over_all(std::time::Duration::from_secs(5)).await;
@@ -822,11 +828,11 @@ impl GroupHooks for ShardActors {
 /// The node's rules for every group's requests: the queue shard's, then the
 /// control group's (each group gets only its own kinds of request), and the
 /// durable events' outbox of every group.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Rules {
     /// Write the events of what entries change to the group's outbox
     /// (`[[webhook]]` configured; every node must have the same set).
-    pub outbox: bool,
+    pub outbox: crate::outbox::Switch,
 }
 
 impl crate::raft::apply::Apply for Rules {
@@ -845,7 +851,7 @@ impl crate::raft::apply::Apply for Rules {
             crate::outbox::produce::ack(ctx, endpoint, upto, dead, trim)?;
             return Ok(crate::raft::Response { changed: true });
         }
-        let events = if self.outbox {
+        let events = if self.outbox.is_on() {
             Some(crate::outbox::produce::Pending::before(ctx, &request)?)
         } else {
             None

@@ -13,8 +13,11 @@
 //!   and the log name them (`restart needed for: listen.smtp, node.id`).
 //! - Swaps are atomic (arc-swap): an SMTP session keeps the settings it was
 //!   accepted with; sessions accepted and deliveries planned after the swap
-//!   get the new ones. Certificates: new handshakes. DKIM: messages whose
-//!   DATA ends after the swap.
+//!   get the new ones. Certificates: new handshakes. DKIM, inbound checks,
+//!   ARC and filters: messages whose DATA ends after the swap. Block lists
+//!   and greylisting: new sessions. Operator tokens: the next call.
+//!   Webhooks: new tasks (the old ones post what they hold, then stop),
+//!   and the outbox is written while any webhook exists.
 //! - One reload at a time; each is counted in `tern_config_reload_total{result}`.
 
 use std::path::{Path, PathBuf};
@@ -109,19 +112,11 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             connect_timeout => "delivery.connect_timeout_secs",
             egress => "source/pool/pool_rule",
             log_format => "log.format",
-            webhooks => "webhook",
-            inbound => "inbound",
-            admin_tokens => "admin_token",
-            fbl => "fbl",
             api => "api",
             mta_sts => "mta_sts",
             dane => "dane",
             tls_rpt => "tls_rpt",
             dmarc_reports => "dmarc_reports",
-            filters => "filter",
-            dnsbl => "dnsbl",
-            greylist => "greylist",
-            arc => "arc",
             bounce_classes => "bounce_class",
             suppression => "suppression",
             shaping => "shaping",
@@ -142,9 +137,21 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             connection_idle => "delivery.connection_idle_secs",
             local_delivery => "local.lmtp/maildir",
             verify_recipients => "local.verify_recipients",
+            inbound => "inbound",
+            arc => "arc",
+            filters => "filter",
+            dnsbl => "dnsbl",
+            greylist => "greylist",
+            admin_tokens => "admin_token",
+            webhooks => "webhook",
+            fbl => "fbl",
         ];
         parts: [smtp_limits]
     );
+    // Debug hides webhook secrets and header values: compare them too.
+    if webhook_secrets(&old.webhooks) != webhook_secrets(&new.webhooks) && !diff.applied.contains(&"webhook") {
+        diff.applied.push("webhook");
+    }
     // `[smtp]` limits: the shared counters' sizes need a restart, the rest applies.
     let (o, n) = (&old.smtp_limits, &new.smtp_limits);
     if o.max_connections_per_ip != n.max_connections_per_ip {
@@ -176,6 +183,19 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
     (merged, diff)
 }
 
+/// What Debug does not show of each webhook: its secret and header values.
+fn webhook_secrets(hooks: &[crate::config::Webhook]) -> Vec<Vec<&[u8]>> {
+    hooks
+        .iter()
+        .map(|h| {
+            let secret = h.secret.as_ref().map_or(&[][..], |s| s.0.as_slice());
+            std::iter::once(secret)
+                .chain(h.headers.values().map(|v| v.as_bytes()))
+                .collect()
+        })
+        .collect()
+}
+
 /// Reads and checks `path` as `ternd check-config` does: the TOML and its
 /// values, then every file it names. The error names the key.
 pub fn check_file(path: &Path) -> anyhow::Result<Config> {
@@ -192,6 +212,21 @@ pub fn check_file(path: &Path) -> anyhow::Result<Config> {
 /// that a bad pair is counted in `tern_tls_reload_errors_total`).
 fn check_files(config: &Config) -> anyhow::Result<()> {
     crate::auth::dkim::Signer::new(&config.dkim, &config.relay_networks).context("dkim")?;
+    // As a start: the sealer's key is read only when the checks run.
+    if config.inbound.enabled {
+        crate::auth::arc::Sealer::from_config(config)?;
+    }
+    crate::filter::Filters::new(config)?;
+    if config.dnsbl.active() {
+        crate::smtp::dnsbl::Dnsbl::new(
+            config.dnsbl.clone(),
+            &config.dns_nameservers,
+            crate::metrics::ScreenMetrics::default(),
+        )?;
+    }
+    if !config.webhooks.is_empty() {
+        crate::webhook::client::tls_config().context("webhook")?;
+    }
     if let Some(files) = &config.cluster_tls {
         crate::raft::tls::ClusterTls::load(files).context("cluster.tls_cert / tls_key / tls_ca")?;
     }
@@ -251,6 +286,25 @@ pub struct Reloader {
     pub certificates: Vec<crate::tls_reload::CertWatcher>,
     pub cluster_tls: Option<crate::raft::tls::ClusterTls>,
     pub metrics: crate::metrics::ReloadMetrics,
+    /// What a rebuilt `[dnsbl]` / `[greylist]` screen needs.
+    pub screen: ScreenParts,
+    /// Operators' tokens (`[[admin_token]]`).
+    pub authz: Arc<crate::admin::authz::Authz>,
+    /// `[[webhook]]`: the node events' tasks, the outbox's dispatch, and
+    /// whether applies write the outbox.
+    pub webhooks: Arc<crate::webhook::Webhooks>,
+    pub outbox: Arc<crate::outbox::dispatch::Dispatcher>,
+    pub outbox_switch: crate::outbox::Switch,
+    /// Where `[fbl]` reports are taken, and what a rebuilt taker needs.
+    pub front: Arc<crate::queue::QueueFront>,
+    pub fbl_metrics: crate::metrics::FblMetrics,
+}
+
+/// What [`crate::smtp::screen::Screen::rebuild`] needs besides the config.
+pub struct ScreenParts {
+    pub control: Option<crate::cluster::control::ControlState>,
+    pub writer: Option<crate::cluster::writer::ControlWriter>,
+    pub metrics: crate::metrics::ScreenMetrics,
 }
 
 impl Reloader {
@@ -294,8 +348,18 @@ impl Reloader {
         // Everything that can fail, before anything is swapped.
         // (check_files loaded the cluster TLS files, so their reload below should not fail.)
         check_files(&merged).map_err(|e| invalid(format!("{e:#}")))?;
-        let signer = crate::auth::dkim::Signer::new(&merged.dkim, &merged.relay_networks)
-            .map_err(|e| invalid(format!("dkim: {e}")))?;
+        let pipeline = self.pipeline.prepare(&merged).map_err(|e| invalid(format!("{e:#}")))?;
+        // Kept parts of the running screen, so no lookup cache or pending
+        // greylist write is lost; a new greylist starts its writer here.
+        let previous = self.listeners.first().and_then(|l| l.load().screen.clone());
+        let screen = crate::smtp::screen::Screen::rebuild(
+            &merged,
+            previous.as_deref(),
+            self.screen.control.clone(),
+            self.screen.writer.clone(),
+            self.screen.metrics.clone(),
+        )
+        .map_err(|e| invalid(format!("{e:#}")))?;
         // Certificates last: a pair that loads is served at once.
         for watcher in &self.certificates {
             watcher
@@ -309,14 +373,35 @@ impl Reloader {
             }
         }
         let merged = Arc::new(merged);
-        self.pipeline.dkim.store(signer.map(Arc::new));
-        if let Some(checker) = &self.pipeline.inbound {
-            checker.set_relay_networks(merged.relay_networks.clone());
+        self.pipeline.install(pipeline);
+        if diff.applied.contains(&"admin_token") {
+            self.authz.set_tokens(merged.admin_tokens.clone());
+        }
+        if diff.applied.contains(&"webhook") {
+            // check_files built the TLS client these need: they do not fail here.
+            self.outbox_switch.set(!merged.webhooks.is_empty());
+            if let Err(e) = self.webhooks.replace(&merged.webhooks) {
+                tracing::error!(error = %format!("{e:#}"), "webhook: node events not replaced");
+            }
+            if let Err(e) = self.outbox.set(&merged.webhooks) {
+                tracing::error!(error = %format!("{e:#}"), "webhook: outbox dispatch not replaced");
+            }
+        }
+        if diff.applied.contains(&"fbl") {
+            self.front.set_fbl(merged.fbl.enabled().then(|| {
+                crate::fbl::Fbl::new(
+                    merged.fbl.clone(),
+                    merged.node_id,
+                    Arc::clone(&self.delivery),
+                    self.fbl_metrics.clone(),
+                )
+            }));
         }
         self.delivery.set_config(Arc::clone(&merged));
         for listener in &self.listeners {
             let mut smtp = (*listener.load_full()).clone();
             smtp.apply(&merged);
+            smtp.screen.clone_from(&screen);
             listener.store(Arc::new(smtp));
         }
         *running = merged;
@@ -381,6 +466,39 @@ mod tests {
 
         // The same file again: nothing changed.
         assert_eq!(compare(&old, &old).1, Diff::default());
+    }
+
+    #[test]
+    fn inbound_keys_tokens_and_webhooks_apply_and_hidden_webhook_secrets_count() {
+        let hook = |secret: &str| format!("[[webhook]]\nurl = \"http://127.0.0.1:9/\"\nsecret = \"whsec_{secret}\"\n");
+        let token = "[[admin_token]]\nname = \"ops\"\nrole = \"operator\"\n\
+                     hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA\"\n";
+        let old = config(&hook("c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldC1vbmU="));
+        let new = config(&format!(
+            "{}{token}[dnsbl]\nenabled = true\nzones = [{{ zone = \"bl.test\" }}]\n\
+             [greylist]\nenabled = true\n[inbound]\nenabled = false\n[fbl]\naddresses = [\"fbl@tern.test\"]\n\
+             [policy]\nlocal_domains = [\"tern.test\"]\n\
+             [[filter]]\nname = \"r\"\nkind = \"rspamd\"\naddress = \"127.0.0.1:11333\"\n",
+            hook("c2VjcmV0LXR3by1zZWNyZXQtdHdvLXNlY3JldC10d28tcw==")
+        ));
+        let (merged, diff) = compare(&old, &new);
+        assert!(diff.restart_needed.is_empty(), "{diff:?}");
+        for key in [
+            "inbound",
+            "filter",
+            "dnsbl",
+            "greylist",
+            "admin_token",
+            "webhook",
+            "fbl",
+        ] {
+            assert!(diff.applied.contains(&key), "{key} not in {diff:?}");
+        }
+        assert_eq!(merged.admin_tokens, new.admin_tokens);
+        assert_eq!(merged.dnsbl, new.dnsbl);
+        // Only the secret differs (Debug hides it): still a change.
+        let (_, diff) = compare(&old, &config(&hook("c2VjcmV0LXR3by1zZWNyZXQtdHdvLXNlY3JldC10d28tcw==")));
+        assert_eq!(diff.applied, ["webhook"]);
     }
 
     #[test]

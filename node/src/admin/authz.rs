@@ -30,6 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
 use tokio::sync::Semaphore;
@@ -97,13 +98,23 @@ pub struct Refusal {
     pub status: Status,
 }
 
-/// The admin service's authentication and role checks.
-pub struct Authz {
+/// The `[[admin_token]]` entries in force, with what was learnt about them.
+struct Keys {
     tokens: Arc<[AdminToken]>,
     /// No operator credential configured and gRPC on loopback only.
     open: bool,
-    /// SHA-256 of a token that passed its check -> index in `tokens`.
+    /// SHA-256 of a token that passed its check -> index in `tokens`. It
+    /// goes with the tokens it indexes: a reload starts an empty one, so a
+    /// removed token is refused at once.
     cache: Mutex<HashMap<[u8; 32], usize>>,
+}
+
+/// The admin service's authentication and role checks.
+pub struct Authz {
+    /// Swapped whole by a config reload ([`Authz::set_tokens`]).
+    keys: ArcSwap<Keys>,
+    /// Whether the loopback default may apply (no cluster TLS, gRPC on loopback).
+    loopback_only: bool,
     checks: Arc<Semaphore>,
     failures: FailureLimiter,
     metrics: AdminMetrics,
@@ -111,20 +122,31 @@ pub struct Authz {
 
 impl Authz {
     pub fn new(tokens: Vec<AdminToken>, cluster_tls: bool, listen_grpc: SocketAddr, metrics: AdminMetrics) -> Authz {
-        let open = tokens.is_empty() && !cluster_tls && listen_grpc.ip().is_loopback();
+        let loopback_only = !cluster_tls && listen_grpc.ip().is_loopback();
         Authz {
-            tokens: tokens.into(),
-            open,
-            cache: Mutex::new(HashMap::new()),
+            keys: ArcSwap::from_pointee(Keys::new(tokens, loopback_only)),
+            loopback_only,
             checks: Arc::new(Semaphore::new(PARALLEL_CHECKS)),
             failures: FailureLimiter::new(MAX_FAILURES, FAILURE_WINDOW),
             metrics,
         }
     }
 
+    /// Puts `tokens` in force (a config reload): calls checked from now on
+    /// see only them; the first token configured closes the loopback
+    /// default, removing the last one opens it again.
+    pub fn set_tokens(&self, tokens: Vec<AdminToken>) {
+        self.keys.store(Arc::new(Keys::new(tokens, self.loopback_only)));
+    }
+
     /// True if every call is let through as [`LOOPBACK_NAME`].
     pub fn is_open(&self) -> bool {
-        self.open
+        self.keys.load().open
+    }
+
+    /// True if `[[admin_token]]` entries exist (a bearer token can be checked).
+    pub fn has_tokens(&self) -> bool {
+        !self.keys.load().tokens.is_empty()
     }
 
     /// The caller of `request` if its role is at least `need`.
@@ -195,12 +217,13 @@ impl Authz {
             }
             Ok(None) => {}
         }
+        let keys = self.keys.load_full();
         match bearer {
-            Some(value) if !self.tokens.is_empty() => self
-                .verify_token(value, peer)
+            Some(value) if !keys.tokens.is_empty() => self
+                .verify_token(&keys, value, peer)
                 .await
                 .map_err(|(result, status)| refuse(result, "unauthenticated".into(), "token", status)),
-            _ if self.open => Ok(Caller {
+            _ if keys.open => Ok(Caller {
                 name: LOOPBACK_NAME.into(),
                 role: Role::Admin,
                 how: How::LoopbackDefault,
@@ -218,6 +241,7 @@ impl Authz {
     /// Checks a bearer token against every `[[admin_token]]` hash.
     async fn verify_token(
         &self,
+        keys: &Keys,
         value: &AsciiMetadataValue,
         peer: Option<SocketAddr>,
     ) -> Result<Caller, (AdminAuthResult, Status)> {
@@ -237,7 +261,7 @@ impl Authz {
         let mut key = [0u8; 32];
         key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref());
         let caller = |i: usize| {
-            let token = &self.tokens[i];
+            let token = &keys.tokens[i];
             Caller {
                 name: token.name.clone(),
                 role: token.role,
@@ -245,7 +269,7 @@ impl Authz {
                 peer,
             }
         };
-        if let Some(&i) = lock(&self.cache).get(&key) {
+        if let Some(&i) = lock(&keys.cache).get(&key) {
             return Ok(caller(i));
         }
         let ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
@@ -260,7 +284,7 @@ impl Authz {
             .acquire_owned()
             .await
             .map_err(|e| (AdminAuthResult::Unauthenticated, Status::internal(e.to_string())))?;
-        let tokens = Arc::clone(&self.tokens);
+        let tokens = Arc::clone(&keys.tokens);
         let found = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             tokens.iter().position(|t| {
@@ -277,7 +301,7 @@ impl Authz {
         })?;
         match found {
             Some(i) => {
-                let mut cache = lock(&self.cache);
+                let mut cache = lock(&keys.cache);
                 if cache.len() >= CACHE_ENTRIES {
                     cache.clear();
                 }
@@ -291,6 +315,16 @@ impl Authz {
                     Status::unauthenticated("invalid token"),
                 ))
             }
+        }
+    }
+}
+
+impl Keys {
+    fn new(tokens: Vec<AdminToken>, loopback_only: bool) -> Keys {
+        Keys {
+            open: tokens.is_empty() && loopback_only,
+            tokens: tokens.into(),
+            cache: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -392,5 +426,32 @@ mod tests {
         assert!(e.message().contains("too many"), "{}", e.message());
         // A token verified before still passes (from the cache).
         a.check(&call(Some("Bearer op-secret")), Role::Viewer).await.unwrap();
+    }
+
+    /// A reload's tokens apply to the next call: a cached token that was
+    /// removed is refused, a new one works, and the loopback default
+    /// follows whether any token is left.
+    #[tokio::test]
+    async fn set_tokens_applies_to_the_next_call() {
+        let a = Authz::new(
+            vec![token("old", Role::Admin, b"old-secret")],
+            false,
+            LOOPBACK.parse().unwrap(),
+            AdminMetrics::default(),
+        );
+        a.check(&call(Some("Bearer old-secret")), Role::Admin).await.unwrap();
+        assert!(!a.is_open() && a.has_tokens());
+        a.set_tokens(vec![token("new", Role::Viewer, b"new-secret")]);
+        let e = a
+            .check(&call(Some("Bearer old-secret")), Role::Viewer)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let c = a.check(&call(Some("Bearer new-secret")), Role::Viewer).await.unwrap();
+        assert_eq!((c.name.as_str(), c.role), ("new", Role::Viewer));
+        a.set_tokens(Vec::new());
+        assert!(a.is_open() && !a.has_tokens());
+        let c = a.check(&call(None), Role::Admin).await.unwrap();
+        assert_eq!(c.how, How::LoopbackDefault);
     }
 }

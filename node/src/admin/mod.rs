@@ -50,7 +50,7 @@ pub struct Admin {
     /// Delivery, for `shaping show` (next hops, rules, this node's limiters).
     pub delivery: Arc<crate::delivery::Delivery>,
     /// `[[webhook]]` names and what the outbox dispatch saw (`webhook status`).
-    pub webhooks: (Vec<String>, crate::outbox::dispatch::Status),
+    pub webhooks: (crate::outbox::dispatch::Names, crate::outbox::dispatch::Status),
     /// The node's config reload (`ternctl config reload`), once the listeners exist.
     pub reload: Arc<std::sync::OnceLock<Arc<crate::reload::Reloader>>>,
 }
@@ -1200,7 +1200,8 @@ impl AdminService for Admin {
     ) -> Result<Response<WebhookStatusReply>, Status> {
         self.authz.check(&request, Role::Viewer).await?;
         let (names, seen) = &self.webhooks;
-        let mut reply = webhook::status(&self.groups, names, seen, request.get_ref());
+        let names = names.load_full();
+        let mut reply = webhook::status(&self.groups, &names, seen, request.get_ref());
         reply.answered_by = self.node_id;
         Ok(Response::new(reply))
     }

@@ -640,7 +640,6 @@ mod tests {
         // Through the pipeline as the SMTP server calls it.
         let pipeline = crate::auth::Pipeline {
             dkim: Arc::new(arc_swap::ArcSwapOption::from_pointee(s)),
-            inbound: None,
             ..Default::default()
         };
         let out = pipeline

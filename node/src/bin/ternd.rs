@@ -149,9 +149,11 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     } else {
         log.boxed()
     };
-    // Webhooks get event lines from their own layer, whatever RUST_LOG says.
+    // Webhooks get event lines from their own layer, whatever RUST_LOG says;
+    // always installed, as a reload may add the first webhook (it formats
+    // nothing while there is none).
     let events = tern_node::webhook::EventTap::default();
-    let tap = (!config.webhooks.is_empty()).then(|| events.layer());
+    let tap = events.layer();
     // The console's recent audit events, whatever RUST_LOG says.
     let recent = tern_node::console::RecentEvents::default();
     tracing_subscriber::registry()

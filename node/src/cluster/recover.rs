@@ -68,7 +68,7 @@ pub async fn recover(config: &Config, keep: &BTreeSet<NodeId>, dry_run: bool) ->
         config.data_dir.display()
     );
     let rules: Arc<dyn crate::raft::apply::Apply> = Arc::new(crate::app::Rules {
-        outbox: !config.webhooks.is_empty(),
+        outbox: crate::outbox::Switch::new(!config.webhooks.is_empty()),
     });
     let mut report = Report::default();
     for group in hosted {

@@ -39,7 +39,8 @@ impl FromRequestParts<std::sync::Arc<Console>> for Call {
 /// The caller of a request with `headers` from `peer`, or 401.
 pub fn identify(console: &Console, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<Call, ApiError> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
-        if !console.tokens {
+        // Read at each request: a reload may add or remove the tokens.
+        if !console.admin.authz.has_tokens() {
             return Err(unauthorized(
                 "this node has no [[admin_token]]: the console cannot check a token (configure one, \
                  see docs/console.md)",

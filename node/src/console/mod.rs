@@ -57,14 +57,12 @@ pub struct Console {
     pub(crate) reader: Arc<Admin>,
     /// The HTTP listener is on a loopback address.
     pub(crate) loopback: bool,
-    /// `[[admin_token]]` entries exist: a bearer token can be checked.
-    pub(crate) tokens: bool,
     pub(crate) events: RecentEvents,
 }
 
 impl Console {
     /// The console of `admin`, served on `listen_http`.
-    pub fn new(admin: Arc<Admin>, listen_http: SocketAddr, tokens: bool, events: RecentEvents) -> Console {
+    pub fn new(admin: Arc<Admin>, listen_http: SocketAddr, events: RecentEvents) -> Console {
         let open = crate::admin::authz::Authz::new(
             Vec::new(),
             false,
@@ -90,7 +88,6 @@ impl Console {
             admin,
             reader,
             loopback: listen_http.ip().is_loopback(),
-            tokens,
             events,
         }
     }

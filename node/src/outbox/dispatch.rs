@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderValue};
 use tern_model::api::{event_id, Batch, EventKind, OutboxEvent};
@@ -104,21 +105,107 @@ struct Shared {
     status: Status,
 }
 
-/// Starts the supervisor (none without webhooks). It ends with `stop`.
-pub fn start(
+/// The `[[webhook]]` names in force, for `ternctl webhook status`.
+pub type Names = Arc<ArcSwap<Vec<String>>>;
+
+/// How long a replaced supervisor may take to stop its tasks before the
+/// new one starts anyway (a task waits at most 10 s for an ack).
+const REPLACE_WAIT: Duration = Duration::from_secs(15);
+
+/// The node's outbox dispatch: one supervisor for the webhooks in force,
+/// replaced whole by a config reload.
+pub struct Dispatcher {
     node: NodeId,
-    hooks: &[Webhook],
     groups: Arc<Groups>,
     classifier: crate::bounce::Classifier,
     metrics: WebhookMetrics,
     status: Status,
+    names: Names,
+    /// The node's stop.
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<Option<JoinHandle<()>>> {
+    /// The supervisor of the webhooks in force.
+    current: Mutex<Option<Generation>>,
+}
+
+/// One supervisor and its own stop.
+struct Generation {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Dispatcher {
+    /// A dispatcher with no webhooks yet ([`Dispatcher::set`] starts them);
+    /// everything it runs ends with `stop`.
+    pub fn new(
+        node: NodeId,
+        groups: Arc<Groups>,
+        classifier: crate::bounce::Classifier,
+        metrics: WebhookMetrics,
+        status: Status,
+        names: Names,
+        stop: watch::Receiver<bool>,
+    ) -> Dispatcher {
+        Dispatcher {
+            node,
+            groups,
+            classifier,
+            metrics,
+            status,
+            names,
+            stop,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Dispatches to `hooks` from now on (call on the runtime). The old
+    /// supervisor stops first and is waited for, so that two tasks never
+    /// post a group's events to one endpoint at once; cursors are kept in
+    /// the groups by endpoint name, so a kept endpoint goes on where it
+    /// stopped (an event posted but not yet acknowledged is posted again).
+    pub fn set(&self, hooks: &[Webhook]) -> anyhow::Result<()> {
+        let endpoints = endpoints(hooks)?;
+        self.names
+            .store(Arc::new(hooks.iter().map(|h| h.name.clone()).collect()));
+        let shared = Arc::new(Shared {
+            node: self.node,
+            groups: Arc::clone(&self.groups),
+            endpoints,
+            classifier: self.classifier.clone(),
+            metrics: self.metrics.clone(),
+            status: self.status.clone(),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let node_stop = self.stop.clone();
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = current.take();
+        let task = tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.stop.send(true);
+                let _ = tokio::time::timeout(REPLACE_WAIT, previous.task).await;
+            }
+            if !shared.endpoints.is_empty() {
+                supervise(shared, stop_rx, node_stop).await;
+            }
+        });
+        *current = Some(Generation { stop: stop_tx, task });
+        Ok(())
+    }
+
+    /// Waits for the supervisor to end (after the node's stop).
+    pub async fn join(&self) {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(generation) = current {
+            let _ = generation.task.await;
+        }
+    }
+}
+
+fn endpoints(hooks: &[Webhook]) -> anyhow::Result<Vec<Endpoint>> {
     if hooks.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let tls = crate::webhook::client::tls_config()?;
-    let endpoints = hooks
+    Ok(hooks
         .iter()
         .map(|hook| {
             if hook.secret.is_none() {
@@ -130,20 +217,13 @@ pub fn start(
                 hook: hook.clone(),
             }
         })
-        .collect();
-    let shared = Arc::new(Shared {
-        node,
-        groups,
-        endpoints,
-        classifier,
-        metrics,
-        status,
-    });
-    Ok(Some(tokio::spawn(supervise(shared, stop))))
+        .collect())
 }
 
-/// Starts a task per (led group, endpoint) that has none running.
-async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Starts a task per (led group, endpoint) that has none running, until
+/// this supervisor is replaced (`replaced`) or the node stops.
+async fn supervise(shared: Arc<Shared>, mut replaced: watch::Receiver<bool>, mut node_stop: watch::Receiver<bool>) {
+    let (tasks_stop, stop) = watch::channel(false);
     let mut running: HashMap<(GroupId, usize), JoinHandle<()>> = HashMap::new();
     loop {
         running.retain(|_, task| !task.is_finished());
@@ -159,9 +239,11 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
-            _ = stop.wait_for(|s| *s) => break,
+            _ = replaced.wait_for(|s| *s) => break,
+            _ = node_stop.wait_for(|s| *s) => break,
         }
     }
+    let _ = tasks_stop.send(true);
     for (_, task) in running {
         let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }

@@ -18,8 +18,32 @@ pub mod produce;
 pub mod sign;
 pub mod status;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use serde_json::json;
 use tern_model::api::{Batch, EventKind, OutboxEvent};
+
+/// Whether this node's applies write events to the outbox (some
+/// `[[webhook]]` configured), shared by the apply rules and the batch
+/// writers; a config reload turns it on or off. Without webhooks nothing
+/// is written: no endpoint would ever acknowledge, and so trim, it.
+#[derive(Clone, Debug, Default)]
+pub struct Switch(Arc<AtomicBool>);
+
+impl Switch {
+    pub fn new(on: bool) -> Switch {
+        Switch(Arc::new(AtomicBool::new(on)))
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Relaxed);
+    }
+}
 
 pub const OUTBOX_PREFIX: &[u8] = b"o/";
 pub const CURSOR_PREFIX: &[u8] = b"oc/";

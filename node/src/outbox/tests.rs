@@ -84,9 +84,14 @@ fn kinds(events: &[(String, OutboxEvent)]) -> Vec<(EventKind, String, Option<Str
 }
 
 async fn open(dir: &std::path::Path, outbox: bool) -> StateMachine {
-    crate::raft::testing::open(dir, Arc::new(crate::app::Rules { outbox }))
-        .await
-        .1
+    crate::raft::testing::open(
+        dir,
+        Arc::new(crate::app::Rules {
+            outbox: crate::outbox::Switch::new(outbox),
+        }),
+    )
+    .await
+    .1
 }
 
 /// Every kind from the queue's requests, keyed by log index and position,

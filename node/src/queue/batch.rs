@@ -84,8 +84,8 @@ pub struct Batchers {
     shards: Mutex<HashMap<GroupId, Writer>>,
     /// Counts writers started again after they died.
     restarts: crate::metrics::Restarts,
-    /// New mail may share an `Outcomes` entry (not with the event outbox).
-    mix: bool,
+    /// New mail may share an `Outcomes` entry only while the event outbox is off.
+    outbox: crate::outbox::Switch,
 }
 
 impl Batchers {
@@ -95,14 +95,14 @@ impl Batchers {
         shards.get(&shard).map_or(0, |b| b.load.load(Ordering::Relaxed))
     }
 
-    /// Batchers that count restarted writers in `restarts`; `mix`: new
-    /// mail may go in the same entry as delivery outcomes (false when the
-    /// event outbox is on, see the module docs).
-    pub fn new(restarts: crate::metrics::Restarts, mix: bool) -> Batchers {
+    /// Batchers that count restarted writers in `restarts`; new mail may
+    /// go in the same entry as delivery outcomes while `outbox` is off (see
+    /// the module docs).
+    pub fn new(restarts: crate::metrics::Restarts, outbox: crate::outbox::Switch) -> Batchers {
         Batchers {
             shards: Mutex::default(),
             restarts,
-            mix,
+            outbox,
         }
     }
 
@@ -132,17 +132,19 @@ impl Batchers {
         } else {
             IN_FLIGHT_SINGLE
         };
-        let mix = self.mix;
-        let writer = shards.entry(shard.id).or_insert_with(|| Writer::start(in_flight, mix));
+        let outbox = &self.outbox;
+        let writer = shards
+            .entry(shard.id)
+            .or_insert_with(|| Writer::start(in_flight, outbox.clone()));
         if writer.in_flight != in_flight {
             // Replicas added or removed: a new task (the old one ends
             // once it has written what it holds).
-            *writer = Writer::start(in_flight, mix);
+            *writer = Writer::start(in_flight, outbox.clone());
         } else if writer.task.is_finished() {
             // Its inbox is open while the handle lives: it ended by a panic.
             tracing::warn!(shard = shard.id, "queue writer died; started again");
             self.restarts.inc("queue_writer");
-            *writer = Writer::start(in_flight, mix);
+            *writer = Writer::start(in_flight, outbox.clone());
         }
         (writer.tx.clone(), Arc::clone(&writer.load))
     }
@@ -193,9 +195,9 @@ pub enum WriteError {
 }
 
 impl Writer {
-    fn start(in_flight: usize, mix: bool) -> Writer {
+    fn start(in_flight: usize, outbox: crate::outbox::Switch) -> Writer {
         let (tx, rx) = mpsc::channel(WRITER_INBOX);
-        let task = tokio::spawn(run(rx, in_flight, mix));
+        let task = tokio::spawn(run(rx, in_flight, outbox));
         Writer {
             tx,
             load: Arc::default(),
@@ -213,7 +215,7 @@ fn joins(mix: bool, first: &Work, next: &Work) -> bool {
     )
 }
 
-async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize, mix: bool) {
+async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize, outbox: crate::outbox::Switch) {
     let permits = Arc::new(Semaphore::new(in_flight));
     // A write of the other kind that ended the last batch: the next one's first.
     let mut carry: Option<Pending> = None;
@@ -231,6 +233,8 @@ async fn run(mut rx: mpsc::Receiver<Pending>, in_flight: usize, mix: bool) {
             return;
         };
         let raft = first.raft.clone();
+        // Read per batch: a config reload may turn the outbox on or off.
+        let mix = !outbox.is_on();
         let mut bytes = first.work.body_bytes();
         let mut batch = vec![first];
         while batch.len() < MAX_MESSAGES && bytes < MAX_BYTES {

@@ -76,8 +76,9 @@ pub struct QueueFront {
     peers: Arc<crate::cluster::Peers>,
     /// Free space of the data directory: no new mail while the disk is full.
     space: Arc<crate::storage::space::DiskSpace>,
-    /// `[fbl]`: feedback reports are taken here, before queueing.
-    fbl: Option<crate::fbl::Fbl>,
+    /// `[fbl]`: feedback reports are taken here, before queueing (swapped
+    /// by a config reload).
+    fbl: arc_swap::ArcSwapOption<crate::fbl::Fbl>,
 }
 
 impl QueueFront {
@@ -99,14 +100,19 @@ impl QueueFront {
             next_shard: AtomicUsize::new(0),
             batchers,
             space,
-            fbl: None,
+            fbl: arc_swap::ArcSwapOption::empty(),
         }
     }
 
     /// Takes feedback reports sent to the `[fbl]` addresses (see [`crate::fbl`]).
-    pub fn with_fbl(mut self, fbl: Option<crate::fbl::Fbl>) -> QueueFront {
-        self.fbl = fbl;
+    pub fn with_fbl(self, fbl: Option<crate::fbl::Fbl>) -> QueueFront {
+        self.set_fbl(fbl);
         self
+    }
+
+    /// `[fbl]` after a config reload: messages whose DATA ends from now on.
+    pub fn set_fbl(&self, fbl: Option<crate::fbl::Fbl>) {
+        self.fbl.store(fbl.map(Arc::new));
     }
 
     /// Writes a message to a shard this node leads (no forwarding hop), or
@@ -130,7 +136,7 @@ impl QueueFront {
             // The disk filled during the transaction.
             return Err(EnqueueError::Rejected(reply));
         }
-        if let Some(fbl) = &self.fbl {
+        if let Some(fbl) = self.fbl.load_full() {
             if envelope.recipients.iter().any(|r| fbl.is_report_address(&r.address)) {
                 fbl.receive(&id, &envelope, &body).await?;
                 if !fbl.keep() {
@@ -432,7 +438,8 @@ impl Enqueuer for QueueFront {
         // Report addresses need no mailbox: the node takes their mail itself.
         let report_address = self
             .fbl
-            .as_ref()
+            .load()
+            .as_deref()
             .is_some_and(|f| f.is_report_address(&address) && !f.keep());
         async move {
             if report_address {

@@ -135,6 +135,11 @@ impl Dnsbl {
         })
     }
 
+    /// `[dnsbl]` as this screen was built with.
+    pub fn config(&self) -> &DnsblConfig {
+        &self.config
+    }
+
     /// Whether `ip` is never checked (`[dnsbl] exempt`).
     pub fn exempt(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();

@@ -189,6 +189,11 @@ impl Greylist {
     }
 
     /// `[greylist] delay`.
+    /// `[greylist]` as this greylist was started with.
+    pub fn config(&self) -> &GreylistConfig {
+        &self.config
+    }
+
     pub fn delay(&self) -> Duration {
         self.config.delay
     }

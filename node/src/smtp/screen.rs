@@ -46,19 +46,46 @@ impl Screen {
         writer: Option<ControlWriter>,
         metrics: ScreenMetrics,
     ) -> anyhow::Result<Option<Arc<Screen>>> {
-        let dnsbl = if config.dnsbl.active() {
-            Some(Arc::new(Dnsbl::new(
+        Screen::rebuild(config, None, control, writer, metrics)
+    }
+
+    /// [`Screen::from_config`] after a config reload: the block-list
+    /// resolver (and its cache) and the greylist (its writing task and
+    /// pending writes) of `previous` are kept when their section did not
+    /// change. Triplets live in the control group, so a new greylist
+    /// knows every one the old one wrote.
+    pub fn rebuild(
+        config: &Config,
+        previous: Option<&Screen>,
+        control: Option<ControlState>,
+        writer: Option<ControlWriter>,
+        metrics: ScreenMetrics,
+    ) -> anyhow::Result<Option<Arc<Screen>>> {
+        let kept_dnsbl = previous
+            .and_then(|p| p.dnsbl.as_ref())
+            .filter(|d| *d.config() == config.dnsbl);
+        let dnsbl = match kept_dnsbl {
+            _ if !config.dnsbl.active() => None,
+            Some(d) => Some(Arc::clone(d)),
+            None => Some(Arc::new(Dnsbl::new(
                 config.dnsbl.clone(),
                 &config.dns_nameservers,
                 metrics.clone(),
-            )?))
-        } else {
-            None
+            )?)),
         };
-        let greylist = config
-            .greylist
-            .enabled
-            .then(|| Greylist::start(config.greylist.clone(), control, writer, metrics.clone()));
+        let kept_greylist = previous
+            .and_then(|p| p.greylist.as_ref())
+            .filter(|g| *g.config() == config.greylist);
+        let greylist = match kept_greylist {
+            _ if !config.greylist.enabled => None,
+            Some(g) => Some(Arc::clone(g)),
+            None => Some(Greylist::start(
+                config.greylist.clone(),
+                control,
+                writer,
+                metrics.clone(),
+            )),
+        };
         if dnsbl.is_none() && greylist.is_none() {
             return Ok(None);
         }
@@ -176,4 +203,48 @@ fn greylisted(address: &str, secs: u64) -> Reply {
         "4.7.1",
         format!("<{address}>: Greylisted, please try again in {secs} seconds"),
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(&format!("[dns]\nnameservers = [\"127.0.0.1:53\"]\n{text}")).unwrap()
+    }
+
+    fn rebuild(config: &Config, previous: Option<&Screen>) -> Option<Arc<Screen>> {
+        Screen::rebuild(config, previous, None, None, ScreenMetrics::default()).unwrap()
+    }
+
+    /// A reload keeps an unchanged section's block-list resolver and
+    /// greylist (their caches and pending writes), and builds a changed one anew.
+    #[tokio::test]
+    async fn a_rebuild_keeps_unchanged_parts() {
+        let dnsbl = "[dnsbl]\nenabled = true\nzones = [{ zone = \"bl.test\" }]\n";
+        let greylist = "[greylist]\nenabled = true\n";
+        let first = rebuild(&config(&format!("{dnsbl}{greylist}")), None).unwrap();
+        let same = rebuild(&config(&format!("{dnsbl}{greylist}")), Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(first.dnsbl.as_ref().unwrap(), same.dnsbl.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            first.greylist.as_ref().unwrap(),
+            same.greylist.as_ref().unwrap()
+        ));
+
+        let other_zone = dnsbl.replace("bl.test", "other.test");
+        let changed = rebuild(&config(&format!("{other_zone}{greylist}")), Some(&same)).unwrap();
+        assert!(!Arc::ptr_eq(
+            same.dnsbl.as_ref().unwrap(),
+            changed.dnsbl.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            same.greylist.as_ref().unwrap(),
+            changed.greylist.as_ref().unwrap()
+        ));
+
+        let no_greylist = rebuild(&config(&other_zone), Some(&changed)).unwrap();
+        assert!(no_greylist.greylist.is_none() && no_greylist.dnsbl.is_some());
+        assert!(rebuild(&config(""), Some(&no_greylist)).is_none());
+    }
 }

@@ -20,9 +20,10 @@ pub mod client;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures::future::OptionFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -88,10 +89,11 @@ struct Inlet {
 
 /// Takes event log lines from tracing to the webhooks' tasks. Install
 /// [`EventTap::layer`] in the subscriber at start, before the webhooks
-/// exist; [`start`] connects them later.
+/// exist; [`start`] connects them later, a config reload replaces them.
+/// Without webhooks the layer formats nothing.
 #[derive(Clone, Default)]
 pub struct EventTap {
-    inlets: Arc<OnceLock<Vec<Inlet>>>,
+    inlets: Arc<ArcSwap<Vec<Inlet>>>,
     /// Whether [`EventTap::layer`] was called, to warn when webhooks are
     /// configured but nothing feeds them.
     layered: Arc<AtomicBool>,
@@ -106,16 +108,31 @@ impl EventTap {
         S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     {
         self.layered.store(true, Ordering::Relaxed);
+        let targets = tracing_subscriber::filter::Targets::new().with_target(EVENT_TARGET, tracing::Level::INFO);
+        let callsites = targets.clone();
+        let inlets = Arc::clone(&self.inlets);
+        // Asked per event line: while no webhook is configured (none yet,
+        // or a reload removed them all) the line is not even formatted.
+        let filter = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| {
+            targets.would_enable(meta.target(), meta.level()) && !inlets.load().is_empty()
+        })
+        .with_callsite_filter(move |meta| {
+            if callsites.would_enable(meta.target(), meta.level()) {
+                tracing::subscriber::Interest::sometimes()
+            } else {
+                tracing::subscriber::Interest::never()
+            }
+        });
         tracing_subscriber::fmt::layer()
             .json()
             .with_ansi(false)
             .with_writer(self.clone())
-            .with_filter(tracing_subscriber::filter::Targets::new().with_target(EVENT_TARGET, tracing::Level::INFO))
+            .with_filter(filter)
     }
 
     /// One formatted line (with its newline) to every webhook that wants its type.
     fn dispatch(&self, formatted: &[u8]) {
-        let Some(inlets) = self.inlets.get() else { return };
+        let inlets = self.inlets.load();
         let Ok(line) = std::str::from_utf8(formatted.strip_suffix(b"\n").unwrap_or(formatted)) else {
             return;
         };
@@ -190,8 +207,28 @@ impl Drop for TapWriter<'_> {
 
 /// The running webhook tasks.
 pub struct Webhooks {
+    tap: EventTap,
+    metrics: WebhookMetrics,
+    /// The tasks of the webhooks in force; a reload replaces them.
+    running: Mutex<Running>,
+}
+
+/// One set of webhook tasks and their stop.
+struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the tasks after one last attempt (bounded by [`FINAL_FLUSH`])
+    /// to post what they hold.
+    async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            // The task bounds its own flush; this bounds a task that hangs.
+            let _ = tokio::time::timeout(FINAL_FLUSH + Duration::from_secs(1), task).await;
+        }
+    }
 }
 
 /// The label of a webhook in metrics and logs: its URL without the query,
@@ -206,8 +243,22 @@ pub fn url_label(url: &hyper::Uri) -> String {
 }
 
 /// Starts one task per configured webhook and connects it to `tap`.
-/// Call it once; the tap keeps the first set.
+/// Call it once; [`Webhooks::replace`] changes the set later.
 pub fn start(hooks: &[Webhook], tap: &EventTap, metrics: &WebhookMetrics) -> anyhow::Result<Webhooks> {
+    if !hooks.is_empty() && !tap.layered.load(Ordering::Relaxed) {
+        tracing::warn!("webhooks are configured but no event tap is installed: they will get no events");
+    }
+    let (running, inlets) = spawn(hooks, metrics)?;
+    tap.inlets.store(Arc::new(inlets));
+    Ok(Webhooks {
+        tap: tap.clone(),
+        metrics: metrics.clone(),
+        running: Mutex::new(running),
+    })
+}
+
+/// A task per webhook in `hooks`, and the tap's ends of them.
+fn spawn(hooks: &[Webhook], metrics: &WebhookMetrics) -> anyhow::Result<(Running, Vec<Inlet>)> {
     let (stop, stop_rx) = watch::channel(false);
     let mut inlets = Vec::new();
     let mut tasks = Vec::new();
@@ -235,24 +286,32 @@ pub fn start(hooks: &[Webhook], tap: &EventTap, metrics: &WebhookMetrics) -> any
             });
         }
     }
-    if !hooks.is_empty() && !tap.layered.load(Ordering::Relaxed) {
-        tracing::warn!("webhooks are configured but no event tap is installed: they will get no events");
-    }
-    if tap.inlets.set(inlets).is_err() {
-        tracing::warn!("webhooks were started twice; the second set gets no events");
-    }
-    Ok(Webhooks { stop, tasks })
+    Ok((Running { stop, tasks }, inlets))
 }
 
 impl Webhooks {
+    /// Puts `hooks` in force (a config reload; call on the runtime): new
+    /// event lines go to their tasks at once; the old tasks post what they
+    /// hold, as at shutdown, in the background.
+    pub fn replace(&self, hooks: &[Webhook]) -> anyhow::Result<()> {
+        let (running, inlets) = spawn(hooks, &self.metrics)?;
+        self.tap.inlets.store(Arc::new(inlets));
+        let old = std::mem::replace(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()), running);
+        tokio::spawn(old.shutdown());
+        Ok(())
+    }
+
     /// Stops the tasks after one last attempt (bounded by [`FINAL_FLUSH`])
     /// to post what they hold.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks {
-            // The task bounds its own flush; this bounds a task that hangs.
-            let _ = tokio::time::timeout(FINAL_FLUSH + Duration::from_secs(1), task).await;
-        }
+    pub async fn shutdown(&self) {
+        self.tap.inlets.store(Arc::default());
+        let (stop, _) = watch::channel(false);
+        let idle = Running {
+            stop,
+            tasks: Vec::new(),
+        };
+        let running = std::mem::replace(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()), idle);
+        running.shutdown().await;
     }
 }
 
@@ -342,14 +401,11 @@ mod tests {
         let (tx, rx) = mpsc::channel(2);
         let counters = WebhookCounters::default();
         let names: Vec<String> = events.iter().map(|e| (*e).to_owned()).collect();
-        assert!(tap
-            .inlets
-            .set(vec![Inlet {
-                events: EventSet::of(&names),
-                tx,
-                counters: counters.clone(),
-            }])
-            .is_ok());
+        tap.inlets.store(Arc::new(vec![Inlet {
+            events: EventSet::of(&names),
+            tx,
+            counters: counters.clone(),
+        }]));
         (tap, rx, counters)
     }
 

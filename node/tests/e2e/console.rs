@@ -25,8 +25,8 @@ fn tokens() -> String {
 }
 
 /// One HTTP exchange made with curl.
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     /// Header lines, lowercased.
     headers: String,
     body: String,
@@ -38,7 +38,7 @@ impl Answer {
     }
 }
 
-fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Answer {
+pub(crate) fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Answer {
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "-i", "--max-time", "30", "-X", method, url]);
     for (k, v) in headers {

@@ -15,10 +15,10 @@ use crate::metrics::get_metrics;
 use tern_testkit::dns::{DnsServer, ServfailServer};
 
 /// A session from `client` (claimed by a PROXY v1 header), greeted.
-struct Session(BufReader<TcpStream>);
+pub(crate) struct Session(pub(crate) BufReader<TcpStream>);
 
 impl Session {
-    fn open(node: &Node, client: &str) -> Session {
+    pub(crate) fn open(node: &Node, client: &str) -> Session {
         let s = TcpStream::connect_timeout(&node.smtp, Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let (family, to) = if client.contains(':') {
@@ -38,13 +38,13 @@ impl Session {
         session
     }
 
-    fn cmd(&mut self, line: &str) -> String {
+    pub(crate) fn cmd(&mut self, line: &str) -> String {
         self.0.get_mut().write_all(format!("{line}\r\n").as_bytes()).unwrap();
         tern_testkit::smtp::read_reply(&mut self.0).unwrap()
     }
 
     /// The reply to RCPT TO:<rcpt> in a new transaction.
-    fn rcpt(&mut self, rcpt: &str) -> String {
+    pub(crate) fn rcpt(&mut self, rcpt: &str) -> String {
         assert!(self.cmd("RSET").starts_with("250"));
         assert!(self.cmd("MAIL FROM:<someone@sender.test>").starts_with("250"));
         self.cmd(&format!("RCPT TO:<{rcpt}>"))

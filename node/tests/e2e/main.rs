@@ -35,6 +35,7 @@ mod outbound_tls;
 mod peers;
 mod pools;
 mod reload;
+mod reload_inbound;
 mod reports;
 mod requiretls;
 mod shaping;

@@ -12,7 +12,7 @@ const NOT_PERMITTED: i32 = 4;
 
 /// ternctl against `node` with exactly the environment `env` adds (no
 /// TERN_TOKEN or TERN_TLS_* from the test's own environment).
-fn ctl(node: &Node, env: &[(&str, &str)], args: &[&str]) -> Output {
+pub(crate) fn ctl(node: &Node, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = Command::new(ternctl_bin());
     for var in ["TERN_TOKEN", "TERN_TLS_CA", "TERN_TLS_CERT", "TERN_TLS_KEY"] {
         cmd.env_remove(var);

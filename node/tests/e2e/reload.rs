@@ -23,7 +23,7 @@ fn config_path(node: &Node) -> PathBuf {
 }
 
 /// Rewrites the node's config file with `from` replaced by `to` (which must occur).
-fn edit(node: &Node, from: &str, to: &str) {
+pub(crate) fn edit(node: &Node, from: &str, to: &str) {
     let path = config_path(node);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains(from), "{from:?} not in {text}");
@@ -57,7 +57,7 @@ fn dkim_key(dir: &Path, selector: &str) -> String {
 }
 
 /// `ternctl config reload -o json` on `node`: the exit status and the node's row.
-fn reload(node: &Node) -> (std::process::Output, serde_json::Value) {
+pub(crate) fn reload(node: &Node) -> (std::process::Output, serde_json::Value) {
     let out = node.ternctl(&["config", "reload", "-o", "json"]);
     let v = serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .map(|v| v["nodes"][0].clone())
@@ -65,7 +65,7 @@ fn reload(node: &Node) -> (std::process::Output, serde_json::Value) {
     (out, v)
 }
 
-fn names(v: &serde_json::Value, key: &str) -> Vec<String> {
+pub(crate) fn names(v: &serde_json::Value, key: &str) -> Vec<String> {
     v[key]
         .as_array()
         .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())

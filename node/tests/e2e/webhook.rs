@@ -62,14 +62,14 @@ impl Post {
     }
 }
 
-struct Receiver {
+pub(crate) struct Receiver {
     port: u16,
     dir: tempfile::TempDir,
     child: Child,
 }
 
 impl Receiver {
-    fn start(fail_first: usize) -> Receiver {
+    pub(crate) fn start(fail_first: usize) -> Receiver {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new("python3")
             .arg("-c")
@@ -88,7 +88,7 @@ impl Receiver {
         Receiver { port, dir, child }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
@@ -100,7 +100,7 @@ impl Receiver {
     }
 
     /// Events of the posts answered 200.
-    fn accepted_events(&self) -> Vec<Value> {
+    pub(crate) fn accepted_events(&self) -> Vec<Value> {
         self.posts()
             .iter()
             .filter(|p| p.status == 200)
@@ -116,7 +116,7 @@ impl Drop for Receiver {
     }
 }
 
-fn of_message<'a>(events: &'a [Value], id: &str, event: &str) -> Vec<&'a Value> {
+pub(crate) fn of_message<'a>(events: &'a [Value], id: &str, event: &str) -> Vec<&'a Value> {
     events
         .iter()
         .filter(|e| e["msg_id"] == id && e["type"] == event)

@@ -140,8 +140,9 @@ struct Inner {
     authenticator: MessageAuthenticator,
     /// Our authserv-id (`[node] hostname`).
     hostname: String,
-    /// Clients in these networks are trusted and not checked (swapped by a reload).
-    relay_networks: arc_swap::ArcSwap<Vec<ipnet::IpNet>>,
+    /// Clients in these networks are trusted and not checked (a reload
+    /// builds a new checker).
+    relay_networks: Vec<ipnet::IpNet>,
     rules: Rules,
     timeout: Duration,
     /// ARC sealing of forwarded mail (`[arc]`), see [`super::arc`].
@@ -195,10 +196,23 @@ struct Summary {
 impl Checker {
     /// The checker `[inbound]` asks for, or `None` when it is disabled.
     pub fn from_config(config: &Config) -> anyhow::Result<Option<Checker>> {
+        Checker::from_config_reusing(config, None)
+    }
+
+    /// [`Checker::from_config`], asking DNS through `resolver` when given (a
+    /// reload keeps the running checker's resolver and its cache; `[dns]`
+    /// needs a restart anyway).
+    pub fn from_config_reusing(
+        config: &Config,
+        resolver: Option<MessageAuthenticator>,
+    ) -> anyhow::Result<Option<Checker>> {
         if !config.inbound.enabled {
             return Ok(None);
         }
-        let authenticator = authenticator(&config.dns_nameservers, config.dns_timeout)?;
+        let authenticator = match resolver {
+            Some(resolver) => resolver,
+            None => authenticator(&config.dns_nameservers, config.dns_timeout)?,
+        };
         Ok(Some(
             Checker::new(
                 authenticator,
@@ -233,13 +247,18 @@ impl Checker {
             inner: Arc::new(Inner {
                 authenticator,
                 hostname,
-                relay_networks: arc_swap::ArcSwap::from_pointee(relay_networks),
+                relay_networks,
                 rules,
                 timeout,
                 arc: None,
                 dmarc_reports: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// The DNS resolver of the checks, for [`Checker::from_config_reusing`].
+    pub fn resolver(&self) -> MessageAuthenticator {
+        self.inner.authenticator.clone()
     }
 
     /// Counts every DMARC evaluation in `recorder` (`[dmarc_reports]`).
@@ -258,12 +277,7 @@ impl Checker {
             return None;
         };
         let ip = ip.to_canonical();
-        (!self.inner.relay_networks.load().iter().any(|n| n.contains(&ip))).then_some(ip)
-    }
-
-    /// `[policy] relay_networks` after a config reload.
-    pub fn set_relay_networks(&self, networks: Vec<ipnet::IpNet>) {
-        self.inner.relay_networks.store(Arc::new(networks));
+        (!self.inner.relay_networks.iter().any(|n| n.contains(&ip))).then_some(ip)
     }
 
     /// Checks an untrusted message: the bytes to queue (with our header
