@@ -28,6 +28,13 @@ const MAX_MINUTES: u32 = 60;
 /// How long the stats gathering may take before the charts give up.
 const STATS_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Queue operations: messages per listing page, pages at most (10 million
+/// messages), ids per write, and tries of a write while a shard elects.
+const SELECTION_PAGE: u32 = 10_000;
+const MAX_SELECTION_PAGES: usize = 1_000;
+const OP_BATCH: usize = 2_000;
+const OP_RETRIES: u32 = 10;
+
 type Shared = State<Arc<Console>>;
 
 fn ok(value: &Value) -> ApiResult {
@@ -343,17 +350,70 @@ pub async fn queue_op(
         return Err(Problem::invalid("/domain", "give the destination domain").into());
     }
     call.require_token(action, &format!("domain={}", body.domain))?;
-    let reply = console
-        .admin
-        .queue_op(call.request(QueueOpRequest {
-            op,
-            domain: body.domain,
-            ..Default::default()
-        }))
-        .await
-        .map_err(from_status)?
-        .into_inner();
-    ok(&json!({ "matched": reply.matched, "affected": reply.affected }))
+    // Cluster-wide, as `ternctl queue hold --domain D` is: every page of the
+    // selection (each shard read on its leader), then each shard's messages
+    // in batches through its leader.
+    let admin = &console.admin;
+    let mut by_shard: std::collections::BTreeMap<u64, Vec<String>> = std::collections::BTreeMap::new();
+    let (mut unreachable, mut missing) = (Vec::new(), Vec::new());
+    let mut after = String::new();
+    for _ in 0..MAX_SELECTION_PAGES {
+        let page = admin
+            .queue_list(call.request(QueueListRequest {
+                domain: body.domain.clone(),
+                limit: SELECTION_PAGE,
+                after,
+                ids_only: true,
+                ..Default::default()
+            }))
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        unreachable.extend(page.unreachable);
+        missing.extend(page.missing_shards);
+        for m in page.messages {
+            by_shard.entry(m.shard).or_default().push(m.id);
+        }
+        if !page.truncated || page.next.is_empty() {
+            break;
+        }
+        after = page.next;
+    }
+    unreachable.sort_unstable();
+    unreachable.dedup();
+    missing.sort_unstable();
+    missing.dedup();
+    let matched: usize = by_shard.values().map(Vec::len).sum();
+    let mut affected = 0u64;
+    for (shard, ids) in by_shard {
+        for batch in ids.chunks(OP_BATCH) {
+            let request = QueueOpRequest {
+                op: op.clone(),
+                ids: batch.to_vec(),
+                shard,
+                ..Default::default()
+            };
+            // A shard changing leader answers UNAVAILABLE for a moment.
+            let mut tries = 0;
+            let reply = loop {
+                match admin.queue_op(call.request(request.clone())).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(e) if e.code() == tonic::Code::Unavailable && tries < OP_RETRIES => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(from_status(e)),
+                }
+            };
+            affected += reply.affected;
+        }
+    }
+    ok(&json!({
+        "matched": matched,
+        "affected": affected,
+        "unreachable": unreachable,
+        "missing_shards": missing,
+    }))
 }
 
 #[cfg(test)]

@@ -61,7 +61,8 @@ fn four_nodes_three_replicas_queue_ops_are_cluster_wide() {
     let _serial = cluster_lock();
     let closed = closed_port();
     let extra = format!(
-        "shards = 8\n\n[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
+        "shards = 8\n\n{}[[route]]\ndomain = \"*\"\nto = \"127.0.0.1:{}\"\n\n[delivery]\nretry_schedule = [\"1h\"]\n",
+        crate::console::tokens(),
         closed.port
     );
     let nodes: Vec<Node> = (1..=4).map(|id| Node::cluster_node(id, id == 1, &extra)).collect();
@@ -145,6 +146,31 @@ fn four_nodes_three_replicas_queue_ops_are_cluster_wide() {
         .expect("with 8 shards on 3 of 4 nodes some shard misses a node");
     let via = &nodes[far_node as usize - 1];
     assert_eq!(via.ternctl_json(&["queue", "show", &far_id])["id"], far_id.as_str());
+
+    // The console's queue actions through that node are cluster-wide too.
+    let far_domain = if a_ids.contains(&far_id) { "a.test" } else { "b.test" };
+    let console = |action: &str| {
+        let answer = crate::console::act(
+            &format!("http://{}", via.http),
+            &format!("queue/{action}"),
+            &format!("{{\"domain\":\"{far_domain}\"}}"),
+            &[("authorization", &format!("Bearer {}", crate::console::OPERATOR))],
+        );
+        assert_eq!(answer.status, 200, "console {action}: {}", answer.body);
+        answer.json()
+    };
+    let held = console("hold");
+    assert_eq!(
+        (&held["matched"], &held["affected"]),
+        (&json!(12), &json!(12)),
+        "{held}"
+    );
+    assert_eq!(
+        listed(&nodes[0].ternctl_json(&["queue", "list", "--state", "held"])).len(),
+        12
+    );
+    assert_eq!(console("release")["affected"], 12);
+    assert!(listed(&nodes[0].ternctl_json(&["queue", "list", "--state", "held"])).is_empty());
 
     // Operations through one node act on every shard, wherever its leader is.
     let held = via.ternctl_json(&["queue", "hold", "--domain", "a.test"]);

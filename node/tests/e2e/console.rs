@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-const OPERATOR: &str = "console-operator-secret";
+pub(crate) const OPERATOR: &str = "console-operator-secret";
 const VIEWER: &str = "console-viewer-secret";
 const DEFERRED: &str = "deferred.test";
 
-fn tokens() -> String {
+pub(crate) fn tokens() -> String {
     format!(
         "[[admin_token]]\nname = \"ops\"\nrole = \"operator\"\nhash = \"{}\"\n\n\
          [[admin_token]]\nname = \"look\"\nrole = \"viewer\"\nhash = \"{}\"\n\n",
@@ -29,11 +29,11 @@ pub(crate) struct Answer {
     pub(crate) status: u16,
     /// Header lines, lowercased.
     headers: String,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Answer {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
 }
@@ -64,7 +64,7 @@ pub(crate) fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Opti
 }
 
 /// An action as the page sends it, with `extra` headers.
-fn act(base: &str, path: &str, body: &str, extra: &[(&str, &str)]) -> Answer {
+pub(crate) fn act(base: &str, path: &str, body: &str, extra: &[(&str, &str)]) -> Answer {
     let mut headers = vec![("content-type", "application/json"), ("x-tern-console", "1")];
     headers.extend_from_slice(extra);
     http("POST", &format!("{base}/console/api/{path}"), &headers, Some(body))

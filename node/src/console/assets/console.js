@@ -234,7 +234,9 @@ async function act(action, domain, extra) {
   const path = { suspend: "domains/suspend", resume: "domains/resume" }[action] || "queue/" + action;
   try {
     const r = await api(path, body);
-    say(action + " " + domain + ": done" + (r.affected !== undefined ? " (" + r.affected + " messages)" : ""));
+    const partial = (r.unreachable && r.unreachable.length ? " — not reached: nodes " + r.unreachable.join(", ") : "") +
+      (r.missing_shards && r.missing_shards.length ? " — shards not read: " + r.missing_shards.join(", ") : "");
+    say(action + " " + domain + ": done" + (r.affected !== undefined ? " (" + r.affected + " messages)" : "") + partial, partial !== "");
   } catch (e) {
     say(action + " " + domain + " failed: " + e.message, true);
   }
