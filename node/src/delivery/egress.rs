@@ -38,8 +38,10 @@ pub struct Egress {
     clients: Vec<ClientConfig>,
     /// Smooth weighted round-robin state: per pool, per member, current weight.
     current: Mutex<Vec<Vec<i64>>>,
-    /// Messages counted today per (source, scope), with the unix day counted.
-    counted: Mutex<HashMap<(usize, String), (i64, u64)>>,
+    /// Messages counted today per (source name, scope), with the unix day
+    /// counted; shared with the `Egress` a config reload makes
+    /// ([`Egress::reconfigured`]), so warm-up goes on where it was.
+    counted: Arc<Mutex<HashMap<(String, String), (i64, u64)>>>,
 }
 
 /// A source chosen for one destination.
@@ -82,8 +84,37 @@ impl Egress {
             config: config.clone(),
             clients,
             current: Mutex::new(current),
-            counted: Mutex::new(HashMap::new()),
+            counted: Arc::default(),
         })
+    }
+
+    /// The egress of a reloaded `config`: today's warm-up counts carry
+    /// over by source name, and the round-robin position of each pool whose
+    /// members are the same. `None` when no `[[pool]]` is left.
+    pub fn reconfigured(&self, config: &EgressConfig, base: &ClientConfig) -> Option<Egress> {
+        let mut next = Egress::new(config, base)?;
+        next.counted = Arc::clone(&self.counted);
+        let old = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let members = |c: &EgressConfig, pool: usize| -> Vec<(String, u32)> {
+            c.pools[pool]
+                .members
+                .iter()
+                .map(|&(s, w)| (c.sources[s].name.clone(), w))
+                .collect()
+        };
+        let current = next.current.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (pool, p) in config.pools.iter().enumerate() {
+            let Some(was) = self.config.pools.iter().position(|o| o.name == p.name) else {
+                continue;
+            };
+            if members(&self.config, was) == members(config, pool) {
+                if let (Some(to), Some(from)) = (current.get_mut(pool), old.get(was)) {
+                    to.clone_from(from);
+                }
+            }
+        }
+        drop(old);
+        Some(next)
     }
 
     pub fn config(&self) -> &EgressConfig {
@@ -181,7 +212,7 @@ impl Egress {
             }
             let cap = node_cap(cap, fraction);
             caps[i] = Some(cap);
-            let used = used_today(&counted, source, scope, today);
+            let used = used_today(&counted, &self.config.sources[source].name, scope, today);
             if used >= cap {
                 eligible[i] = false;
             }
@@ -209,7 +240,9 @@ impl Egress {
             if counted.len() >= COUNTERS_PRUNE_AT {
                 counted.retain(|_, (day, _)| *day == today);
             }
-            let entry = counted.entry((source, scope.to_owned())).or_insert((today, 0));
+            let entry = counted
+                .entry((self.config.sources[source].name.clone(), scope.to_owned()))
+                .or_insert((today, 0));
             if entry.0 != today {
                 *entry = (today, 0);
             }
@@ -226,8 +259,11 @@ impl Egress {
     /// A counted message was not delivered after all.
     pub fn give_back(&self, counted: (usize, String, i64)) {
         let (source, scope, day) = counted;
+        let Some(name) = self.config.sources.get(source).map(|s| s.name.clone()) else {
+            return;
+        };
         let mut map = self.counted.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = map.get_mut(&(source, scope)) {
+        if let Some(entry) = map.get_mut(&(name, scope)) {
             if entry.0 == day {
                 entry.1 = entry.1.saturating_sub(1);
             }
@@ -253,7 +289,7 @@ impl Egress {
                             let cap = w.cap(today);
                             let mut used: Vec<(String, u64)> = counted
                                 .iter()
-                                .filter(|((src, _), (day, n))| *src == source && *day == today && *n > 0)
+                                .filter(|((src, _), (day, n))| *src == s.name && *day == today && *n > 0)
                                 .map(|((_, scope), (_, n))| (scope.clone(), *n))
                                 .collect();
                             used.sort();
@@ -367,9 +403,9 @@ fn node_cap(cap: u64, fraction: f64) -> u64 {
     (cap as f64 * fraction).ceil() as u64
 }
 
-fn used_today(counted: &HashMap<(usize, String), (i64, u64)>, source: usize, scope: &str, today: i64) -> u64 {
+fn used_today(counted: &HashMap<(String, String), (i64, u64)>, source: &str, scope: &str, today: i64) -> u64 {
     counted
-        .get(&(source, scope.to_owned()))
+        .get(&(source.to_owned(), scope.to_owned()))
         .filter(|(day, _)| *day == today)
         .map_or(0, |(_, n)| *n)
 }

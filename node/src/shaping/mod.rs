@@ -114,14 +114,17 @@ struct ScopeState {
     pacer: Option<Arc<ConnPacer>>,
 }
 
-/// The node's shaping state.
+/// The node's shaping state. The rules come from the config; the rest is
+/// runtime state that a reload of the rules keeps ([`Shaper::with_rules`]).
 pub struct Shaper {
     rules: ShapingRules,
     /// Some rule names an egress source (checked once per chosen source).
     source_rules: bool,
-    writer: OnceLock<ControlWriter>,
-    share: Mutex<Option<(Instant, Share)>>,
-    scopes: Mutex<HashMap<String, ScopeState>>,
+    writer: Arc<OnceLock<ControlWriter>>,
+    share: Arc<Mutex<Option<(Instant, Share)>>>,
+    /// Limiters and reservations per scope: a scope whose rule changed
+    /// keeps its slots; the new rate paces from the next message.
+    scopes: Arc<Mutex<HashMap<String, ScopeState>>>,
 }
 
 /// A share known with certainty (tests, or a node with no cluster yet).
@@ -146,9 +149,21 @@ impl Shaper {
         Shaper {
             source_rules: rules.rules.iter().any(|r| r.source.is_some()),
             rules,
-            writer: OnceLock::new(),
-            share: Mutex::new(None),
-            scopes: Mutex::new(HashMap::new()),
+            writer: Arc::default(),
+            share: Arc::default(),
+            scopes: Arc::default(),
+        }
+    }
+
+    /// New `rules` over the same limiters, reservations, share and writer
+    /// (a config reload: shaping goes on where it was).
+    pub fn with_rules(&self, rules: ShapingRules) -> Shaper {
+        Shaper {
+            source_rules: rules.rules.iter().any(|r| r.source.is_some()),
+            rules,
+            writer: Arc::clone(&self.writer),
+            share: Arc::clone(&self.share),
+            scopes: Arc::clone(&self.scopes),
         }
     }
 
