@@ -19,7 +19,6 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::metrics::Metrics;
-use crate::queue::schedule::RetryPolicy;
 use crate::queue::shard::{QueueShard, ShardSettings};
 use crate::queue::{IdGen, QueueFront};
 use crate::raft::groups::Groups;
@@ -278,11 +277,6 @@ pub async fn run_from(
     let settings = Arc::new(ShardSettings {
         node: config.node_id,
         hostname: config.hostname.clone(),
-        retry: RetryPolicy {
-            schedule: config.retry_schedule.clone(),
-            max_age: config.max_age,
-        },
-        delay_notice_after: config.delay_notice_after,
         tick: config.scheduler_tick,
         metrics: Arc::clone(&metrics),
         stats: Arc::new(crate::queue::stats::Stats::default()),
@@ -438,7 +432,6 @@ pub async fn run_from(
                 config.listen_grpc,
                 metrics.admin.clone(),
             )),
-            egress: delivery.egress().cloned(),
             delivery: Arc::clone(&delivery),
             webhooks: (
                 config.webhooks.iter().map(|w| w.name.clone()).collect(),
@@ -687,7 +680,7 @@ pub async fn run_from(
         config.node_id,
         &config.webhooks,
         Arc::clone(&groups),
-        crate::bounce::Classifier::new(config.bounce_classes.clone()),
+        delivery.classifier().clone(),
         metrics.webhook.clone(),
         outbox_status.clone(),
         stop_rx.clone(),

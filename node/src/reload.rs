@@ -98,33 +98,19 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             max_connections => "smtp.max_connections",
             dns_nameservers => "dns.nameservers",
             dns_timeout => "dns.timeout_secs",
-            retry_schedule => "delivery.retry_schedule",
-            max_age => "delivery.max_age",
-            delay_notice_after => "delivery.delay_notice_after",
             scheduler_tick => "delivery.scheduler_tick_ms",
-            tls_policies => "tls_policy/delivery.require_tls_domains",
-            tls_ca_file => "delivery.tls_ca_file",
-            backoff => "backoff/delivery.backoff_defaults",
-            helo_name => "delivery.helo_name",
-            connect_timeout => "delivery.connect_timeout_secs",
-            egress => "source/pool/pool_rule",
             log_format => "log.format",
             webhooks => "webhook",
             inbound => "inbound",
             admin_tokens => "admin_token",
             fbl => "fbl",
             api => "api",
-            mta_sts => "mta_sts",
-            dane => "dane",
             tls_rpt => "tls_rpt",
             dmarc_reports => "dmarc_reports",
             filters => "filter",
             dnsbl => "dnsbl",
             greylist => "greylist",
             arc => "arc",
-            bounce_classes => "bounce_class",
-            suppression => "suppression",
-            shaping => "shaping",
         ];
         live: [
             routes => "route",
@@ -142,9 +128,33 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             connection_idle => "delivery.connection_idle_secs",
             local_delivery => "local.lmtp/maildir",
             verify_recipients => "local.verify_recipients",
+            // Delivery (`Delivery::prepare`) and the queue's retry rules.
+            tls_policies => "tls_policy/delivery.require_tls_domains",
+            tls_ca_file => "delivery.tls_ca_file",
+            dane => "dane",
+            mta_sts => "mta_sts",
+            backoff => "backoff/delivery.backoff_defaults",
+            shaping => "shaping",
+            bounce_classes => "bounce_class",
+            suppression => "suppression",
+            egress => "source/pool/pool_rule",
+            connect_timeout => "delivery.connect_timeout_secs",
+            retry_schedule => "delivery.retry_schedule",
+            max_age => "delivery.max_age",
+            delay_notice_after => "delivery.delay_notice_after",
         ];
-        parts: [smtp_limits]
+        parts: [smtp_limits, helo_name]
     );
+    // `delivery.helo_name` defaults to `node.hostname`: one that follows a
+    // hostname change waits for the restart with it.
+    if old.helo_name != new.helo_name {
+        if old.hostname != new.hostname && new.helo_name == new.hostname {
+            diff.restart_needed.push("delivery.helo_name");
+            merged.helo_name = old.helo_name.clone();
+        } else {
+            diff.applied.push("delivery.helo_name");
+        }
+    }
     // `[smtp]` limits: the shared counters' sizes need a restart, the rest applies.
     let (o, n) = (&old.smtp_limits, &new.smtp_limits);
     if o.max_connections_per_ip != n.max_connections_per_ip {
@@ -200,8 +210,13 @@ fn check_files(config: &Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("auth.users_file")?;
     }
-    crate::delivery::tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())
-        .context("delivery.tls_ca_file")?;
+    let tls = crate::delivery::tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())
+        .context("delivery.tls_ca_file")?
+        .with_dane_default(config.dane.enabled);
+    // Read when DANE can apply, as a start does (the error names the key).
+    if let (true, Some(anchor)) = (tls.uses_dane(), &config.dane.trust_anchor) {
+        crate::delivery::dane::load_trust_anchor(anchor)?;
+    }
     Ok(())
 }
 
@@ -296,6 +311,11 @@ impl Reloader {
         check_files(&merged).map_err(|e| invalid(format!("{e:#}")))?;
         let signer = crate::auth::dkim::Signer::new(&merged.dkim, &merged.relay_networks)
             .map_err(|e| invalid(format!("dkim: {e}")))?;
+        let merged = Arc::new(merged);
+        let delivery = self
+            .delivery
+            .prepare(Arc::clone(&merged))
+            .map_err(|e| invalid(format!("{e:#}")))?;
         // Certificates last: a pair that loads is served at once.
         for watcher in &self.certificates {
             watcher
@@ -308,12 +328,11 @@ impl Reloader {
                 tracing::warn!(error = %format!("{e:#}"), "cluster TLS not reloaded; the previous certificate stays in use");
             }
         }
-        let merged = Arc::new(merged);
         self.pipeline.dkim.store(signer.map(Arc::new));
         if let Some(checker) = &self.pipeline.inbound {
             checker.set_relay_networks(merged.relay_networks.clone());
         }
-        self.delivery.set_config(Arc::clone(&merged));
+        self.delivery.install(delivery);
         for listener in &self.listeners {
             let mut smtp = (*listener.load_full()).clone();
             smtp.apply(&merged);
@@ -384,6 +403,37 @@ mod tests {
     }
 
     #[test]
+    fn delivery_keys_apply_and_a_defaulted_helo_name_waits_with_the_hostname() {
+        let old = config("[node]\nhostname = \"a.test\"\n");
+        let new = config(
+            "[node]\nhostname = \"b.test\"\n[delivery]\nretry_schedule = [\"1h\"]\nconnect_timeout_secs = 5\n\
+             [[tls_policy]]\ndomain = \"x.test\"\nlevel = \"encrypt\"\n\
+             [[shaping]]\ndomain = \"x.test\"\nrate = \"1/h\"\n",
+        );
+        let (merged, diff) = compare(&old, &new);
+        assert_eq!(diff.restart_needed, ["node.hostname", "delivery.helo_name"]);
+        assert_eq!(
+            diff.applied,
+            [
+                "tls_policy/delivery.require_tls_domains",
+                "shaping",
+                "delivery.connect_timeout_secs",
+                "delivery.retry_schedule"
+            ]
+        );
+        assert_eq!(merged.helo_name, "a.test");
+        assert_eq!(merged.retry_schedule, [std::time::Duration::from_secs(3600)]);
+        assert_eq!(merged.tls_policies, new.tls_policies);
+
+        // A helo_name of its own applies at once.
+        let new = config("[node]\nhostname = \"a.test\"\n[delivery]\nhelo_name = \"out.a.test\"\n");
+        let (merged, diff) = compare(&old, &new);
+        assert_eq!(diff.applied, ["delivery.helo_name"]);
+        assert!(diff.restart_needed.is_empty());
+        assert_eq!(merged.helo_name, "out.a.test");
+    }
+
+    #[test]
     fn check_file_names_the_key_of_a_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
@@ -399,6 +449,10 @@ mod tests {
             (
                 format!("[tls]\ncert = \"{0}\"\nkey = \"{0}\"\n", missing.display()),
                 "tls.cert / tls.key",
+            ),
+            (
+                format!("[dane]\nenabled = true\ntrust_anchor = \"{}\"\n", missing.display()),
+                "dane.trust_anchor",
             ),
         ] {
             std::fs::write(&file, text).unwrap();

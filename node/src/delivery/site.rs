@@ -40,6 +40,10 @@ pub struct Job {
     /// (`None`: the `[delivery]` per-site defaults).
     pub conn: Option<crate::shaping::ConnLimits>,
     pub reply: tokio::sync::oneshot::Sender<Vec<RcptAttempt>>,
+    /// The client settings (EHLO name, timeouts, an egress source's
+    /// address) of the configuration the job was planned with: a new
+    /// connection uses them; one already open keeps its own.
+    pub client: ClientConfig,
 }
 
 /// A site actor with no job queued, no worker and nothing submitted for
@@ -73,7 +77,6 @@ pub struct SiteActor {
     incoming: Arc<AtomicUsize>,
     /// When it last had a job or a worker.
     busy_at: Instant,
-    client: ClientConfig,
     /// `[delivery] max_connections_per_site`, or this node's part of a
     /// `[[shaping]]` rule's `max_connections` (from the latest job).
     max_workers: usize,
@@ -94,7 +97,6 @@ impl SiteActor {
         key: String,
         sites: Sites,
         incoming: Arc<AtomicUsize>,
-        client: ClientConfig,
         max_workers: usize,
         per_connection: usize,
         idle: Duration,
@@ -105,7 +107,6 @@ impl SiteActor {
             sites,
             incoming,
             busy_at: Instant::now(),
-            client,
             max_workers,
             per_connection,
             idle,
@@ -214,7 +215,6 @@ impl Handler<Submit> for SiteActor {
                 id: self.next_worker,
                 site: ctx.address(),
                 key: self.key.clone(),
-                client: self.client.clone(),
                 per_connection: self.per_connection,
                 idle: self.idle,
                 metrics: self.metrics.clone(),
@@ -259,7 +259,6 @@ struct Worker {
     id: u64,
     site: Addr<SiteActor>,
     key: String,
-    client: ClientConfig,
     per_connection: usize,
     idle: Duration,
     metrics: DeliveryMetrics,
@@ -325,7 +324,7 @@ impl Worker {
                         }
                     }
                 }
-                match connect(&job, &self.client).await {
+                match connect(&job, &job.client).await {
                     Ok(c) => {
                         self.metrics.connection(c.tls_active());
                         conn = Some(c);
