@@ -31,17 +31,20 @@ const DAY: i64 = 86_400;
 /// Counters of past days are dropped once the map holds this many.
 const COUNTERS_PRUNE_AT: usize = 10_000;
 
+/// Warm-up counts: (source name, scope) -> (unix day, messages).
+type Counted = HashMap<(String, String), (i64, u64)>;
+
 /// Pools, their sources' client settings, round-robin and warm-up state.
 pub struct Egress {
     config: EgressConfig,
     /// Per source: the base client settings with its bind address and EHLO name.
-    clients: Vec<ClientConfig>,
+    clients: Vec<Arc<ClientConfig>>,
     /// Smooth weighted round-robin state: per pool, per member, current weight.
     current: Mutex<Vec<Vec<i64>>>,
     /// Messages counted today per (source name, scope), with the unix day
     /// counted; shared with the `Egress` a config reload makes
     /// ([`Egress::reconfigured`]), so warm-up goes on where it was.
-    counted: Arc<Mutex<HashMap<(String, String), (i64, u64)>>>,
+    counted: Arc<Mutex<Counted>>,
 }
 
 /// A source chosen for one destination.
@@ -73,10 +76,12 @@ impl Egress {
         let clients = config
             .sources
             .iter()
-            .map(|s| ClientConfig {
-                helo_name: s.ehlo.clone().unwrap_or_else(|| base.helo_name.clone()),
-                bind: Some(s.address),
-                ..base.clone()
+            .map(|s| {
+                Arc::new(ClientConfig {
+                    helo_name: s.ehlo.clone().unwrap_or_else(|| base.helo_name.clone()),
+                    bind: Some(s.address),
+                    ..base.clone()
+                })
             })
             .collect();
         let current = config.pools.iter().map(|p| vec![0; p.members.len()]).collect();
@@ -122,7 +127,7 @@ impl Egress {
     }
 
     /// The client settings of source `source`.
-    pub fn client(&self, source: usize) -> &ClientConfig {
+    pub fn client(&self, source: usize) -> &Arc<ClientConfig> {
         &self.clients[source]
     }
 
@@ -403,7 +408,7 @@ fn node_cap(cap: u64, fraction: f64) -> u64 {
     (cap as f64 * fraction).ceil() as u64
 }
 
-fn used_today(counted: &HashMap<(String, String), (i64, u64)>, source: &str, scope: &str, today: i64) -> u64 {
+fn used_today(counted: &Counted, source: &str, scope: &str, today: i64) -> u64 {
     counted
         .get(&(source.to_owned(), scope.to_owned()))
         .filter(|(day, _)| *day == today)

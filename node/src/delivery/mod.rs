@@ -119,7 +119,7 @@ pub struct Snapshot {
     /// The configuration in force (restart-only keys as started).
     pub config: Arc<Config>,
     /// `helo_name`, `connect_timeout`.
-    client: ClientConfig,
+    client: Arc<ClientConfig>,
     /// `[[tls_policy]]`: the TLS policy per recipient domain.
     tls: tls::OutboundTls,
     /// DANE (RFC 7672), when a destination can be at a DANE level.
@@ -198,7 +198,7 @@ impl Snapshot {
             None => crate::shaping::Shaper::new(config.shaping.clone()),
         };
         Ok(Snapshot {
-            client,
+            client: Arc::new(client),
             tls,
             dane,
             mta_sts,
@@ -386,7 +386,7 @@ impl Delivery {
     /// false` leaves MTA-STS out (a message with `TLS-Required: No`, RFC 8689 5).
     async fn plan_with(&self, s: &Snapshot, domain: &str, recipient_policies: bool) -> Plan {
         let config = &s.config;
-        if Self::is_local(&config, domain) {
+        if Self::is_local(config, domain) {
             return match &config.local_delivery {
                 LocalDelivery::Lmtp(spec) => match lmtp_endpoint(&self.resolver, spec).await {
                     Ok(endpoint) => Plan {
@@ -527,7 +527,7 @@ impl Delivery {
             Target::Maildir(_) => return Ok(()),
             Target::Unroutable { reply } => return Err(reply),
         };
-        let client = self.now.load().client.clone();
+        let client = Arc::clone(&self.now.load().client);
         let mut last = String::from("451 4.4.1 no address to connect to");
         for endpoint in &endpoints {
             match client::Connection::connect(endpoint, protocol, TlsPolicy::Disabled, &client).await {
@@ -805,8 +805,8 @@ impl Delivery {
                             conn: conn_limits.clone(),
                             reply: tx,
                             client: match (&choice, &s.egress) {
-                                (Some(c), Some(egress)) => egress.client(c.source).clone(),
-                                _ => s.client.clone(),
+                                (Some(c), Some(egress)) => Arc::clone(egress.client(c.source)),
+                                _ => Arc::clone(&s.client),
                             },
                         };
                         // A source has its own site actor (its own connections, its address and EHLO name).

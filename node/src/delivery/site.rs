@@ -43,7 +43,7 @@ pub struct Job {
     /// The client settings (EHLO name, timeouts, an egress source's
     /// address) of the configuration the job was planned with: a new
     /// connection uses them; one already open keeps its own.
-    pub client: ClientConfig,
+    pub client: Arc<ClientConfig>,
 }
 
 /// A site actor with no job queued, no worker and nothing submitted for
