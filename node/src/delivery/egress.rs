@@ -611,6 +611,41 @@ mod tests {
         assert_eq!(node_cap(5, 0.0), 0);
     }
 
+    /// A reload that reorders the sources and adds one keeps today's
+    /// warm-up counts by source name, and a give-back to the old egress
+    /// still counts.
+    #[test]
+    fn a_reconfigured_egress_keeps_the_warmup_counts_by_source_name() {
+        let e = egress(
+            "[[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\n\
+             [[pool]]\nname = \"default\"\nsources = [\"a\"]\n\
+             warmup = { start = \"1970-01-01\", schedule = [2] }\n",
+        );
+        let scope = "domain:x.test";
+        let first = e.choose(0, scope, &v4(), 10, || 1.0).unwrap();
+        e.choose(0, scope, &v4(), 10, || 1.0).unwrap();
+        let c = Config::from_toml(
+            "[node]\nid = 1\n[[source]]\nname = \"new\"\naddress = \"127.0.0.4\"\n\
+             [[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\nehlo = \"a2.test\"\n\
+             [[pool]]\nname = \"default\"\nsources = [\"a\", \"new\"]\n\
+             warmup = { start = \"1970-01-01\", schedule = [2] }\n",
+        )
+        .unwrap();
+        let next = e.reconfigured(&c.egress, &ClientConfig::default()).unwrap();
+        assert_eq!(next.client(1).helo_name, "a2.test");
+        // a is at its cap: only the new source is left.
+        for _ in 0..2 {
+            assert_eq!(next.choose(0, scope, &v4(), 10, || 1.0).unwrap().name, "new");
+        }
+        assert!(next.choose(0, scope, &v4(), 10, || 1.0).is_err());
+        // The old egress's attempt delivered nothing: a gets a slot back.
+        e.give_back(first.counted.unwrap());
+        assert_eq!(next.choose(0, scope, &v4(), 10, || 1.0).unwrap().name, "a");
+        // No pools left: no egress.
+        let none = Config::from_toml("[node]\nid = 1\n").unwrap();
+        assert!(next.reconfigured(&none.egress, &ClientConfig::default()).is_none());
+    }
+
     #[test]
     fn pool_header_is_stripped_with_its_continuations() {
         let body = b"From: a@x.test\r\nX-Tern-Pool: bulk\r\n  more\r\nx-tern-pool : two\r\nSubject: s\r\n\r\nX-Tern-Pool: body\r\n";

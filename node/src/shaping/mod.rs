@@ -436,6 +436,37 @@ mod tests {
         ));
     }
 
+    /// New rules (a reload) over the same limiter: reserved slots stay
+    /// and the next message is paced by the new rate after the old slots.
+    #[test]
+    fn new_rules_keep_the_limiters_and_reservations() {
+        let s = shaper("[[shaping]]\ndomain = \"a.test\"\nrate = \"30/min\"\n");
+        let d = s.classify("a.test", &[], None);
+        let now = 10_000.0;
+        assert_eq!(s.admit_at(&d, "m0", d.limits.rate, None, 1.0, 1.0, now), Admission::Go);
+        assert!(matches!(
+            s.admit_at(&d, "m1", d.limits.rate, None, 1.0, 1.0, now),
+            Admission::Hold { until: 10_002, .. }
+        ));
+        let config = tern_config::Config::from_toml("[[shaping]]\ndomain = \"a.test\"\nrate = \"6/min\"\n").unwrap();
+        let next = s.with_rules(config.shaping);
+        let d = next.classify("a.test", &[], None);
+        assert_eq!(d.limits.rate, Some(Rate { count: 6, per_secs: 60 }));
+        // m1 keeps its slot; m2 waits its turn at the new pace after it.
+        assert!(matches!(
+            next.admit_at(&d, "m1", d.limits.rate, None, 1.0, 1.0, now),
+            Admission::Hold { until: 10_002, .. }
+        ));
+        match next.admit_at(&d, "m2", d.limits.rate, None, 1.0, 1.0, now) {
+            Admission::Hold { until, .. } => assert!(until > 10_002, "{until}"),
+            Admission::Go => panic!("m2 went"),
+        }
+        assert_eq!(
+            next.admit_at(&d, "m1", d.limits.rate, None, 1.0, 1.0, 10_002.0),
+            Admission::Go
+        );
+    }
+
     #[test]
     fn shares_divide_the_rate_and_a_throttle_lowers_it() {
         let s = shaper("[[shaping]]\ndomain = \"a.test\"\nrate = \"60/min\"\n");
