@@ -14,7 +14,10 @@
 //! - Swaps are atomic (arc-swap): an SMTP session keeps the settings it was
 //!   accepted with; sessions accepted and deliveries planned after the swap
 //!   get the new ones. Certificates: new handshakes. DKIM: messages whose
-//!   DATA ends after the swap.
+//!   DATA ends after the swap. Delivery: `Delivery::prepare` builds the new
+//!   TLS policies, pools, shaping and backoff rules with their runtime
+//!   state carried over (limiters, warm-up counts, MTA-STS cache); the
+//!   queue takes the retry rules from it for each outcome decided after.
 //! - One reload at a time; each is counted in `tern_config_reload_total{result}`.
 
 use std::path::{Path, PathBuf};
