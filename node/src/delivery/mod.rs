@@ -792,6 +792,12 @@ impl Delivery {
                                 }
                             }
                         }
+                        let max_connections = match (&choice, &s.egress) {
+                            (Some(c), Some(egress)) => egress.config().sources[c.source]
+                                .max_connections
+                                .unwrap_or(s.config.max_connections_per_site),
+                            _ => s.config.max_connections_per_site,
+                        };
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         let job = Job {
                             message: Arc::clone(&message),
@@ -808,17 +814,16 @@ impl Delivery {
                                 (Some(c), Some(egress)) => Arc::clone(egress.client(c.source)),
                                 _ => Arc::clone(&s.client),
                             },
+                            site: site::SiteLimits {
+                                max_connections,
+                                messages_per_connection: s.config.messages_per_connection,
+                                connection_idle: s.config.connection_idle,
+                            },
                         };
                         // A source has its own site actor (its own connections, its address and EHLO name).
-                        let site = match (&choice, &s.egress) {
-                            (Some(c), Some(egress)) => self.site(
-                                &s.config,
-                                &format!("{key}|source:{}", c.name),
-                                egress.config().sources[c.source]
-                                    .max_connections
-                                    .unwrap_or(s.config.max_connections_per_site),
-                            ),
-                            _ => self.site(&s.config, &key, s.config.max_connections_per_site),
+                        let site = match &choice {
+                            Some(c) => self.site(&s.config, &format!("{key}|source:{}", c.name), max_connections),
+                            None => self.site(&s.config, &key, max_connections),
                         };
                         if site.addr.send(site::Submit(job)).await.is_err() {
                             site.incoming.fetch_sub(1, Ordering::SeqCst);
