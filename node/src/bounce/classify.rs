@@ -280,5 +280,10 @@ mod tests {
         assert_eq!(c.classify(gmail), Class::Reputation);
         assert_eq!(class(gmail), Class::SpamBlock);
         assert_eq!(c.classify("550 5.1.1 unknown"), Class::InvalidRecipient);
+
+        // A reload sets the rules of every clone (the event outbox holds one).
+        let outbox = c.clone();
+        c.set_rules(Vec::new());
+        assert_eq!(outbox.classify(gmail), Class::SpamBlock);
     }
 }
