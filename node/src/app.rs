@@ -19,7 +19,6 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::metrics::Metrics;
-use crate::queue::schedule::RetryPolicy;
 use crate::queue::shard::{QueueShard, ShardSettings};
 use crate::queue::{IdGen, QueueFront};
 use crate::raft::groups::Groups;
@@ -277,11 +276,6 @@ pub async fn run_from(
     let settings = Arc::new(ShardSettings {
         node: config.node_id,
         hostname: config.hostname.clone(),
-        retry: RetryPolicy {
-            schedule: config.retry_schedule.clone(),
-            max_age: config.max_age,
-        },
-        delay_notice_after: config.delay_notice_after,
         tick: config.scheduler_tick,
         metrics: Arc::clone(&metrics),
         stats: Arc::new(crate::queue::stats::Stats::default()),
@@ -441,7 +435,6 @@ pub async fn run_from(
             stats: Arc::clone(&settings.stats),
             space: Arc::clone(&space),
             authz: Arc::clone(&authz),
-            egress: delivery.egress().cloned(),
             delivery: Arc::clone(&delivery),
             webhooks: (Arc::clone(&webhook_names), outbox_status.clone()),
             reload: Arc::clone(&reloader),
@@ -685,7 +678,7 @@ pub async fn run_from(
     let outbox = Arc::new(crate::outbox::dispatch::Dispatcher::new(
         config.node_id,
         Arc::clone(&groups),
-        crate::bounce::Classifier::new(config.bounce_classes.clone()),
+        delivery.classifier().clone(),
         metrics.webhook.clone(),
         outbox_status.clone(),
         webhook_names,

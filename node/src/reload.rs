@@ -17,7 +17,11 @@
 //!   ARC and filters: messages whose DATA ends after the swap. Block lists
 //!   and greylisting: new sessions. Operator tokens: the next call.
 //!   Webhooks: new tasks (the old ones post what they hold, then stop),
-//!   and the outbox is written while any webhook exists.
+//!   and the outbox is written while any webhook exists. Delivery:
+//!   `Delivery::prepare` builds the new TLS policies, pools, shaping and
+//!   backoff rules with their runtime state carried over (limiters,
+//!   warm-up counts, MTA-STS cache); the queue takes the retry rules from
+//!   it for each outcome decided after.
 //! - One reload at a time; each is counted in `tern_config_reload_total{result}`.
 
 use std::path::{Path, PathBuf};
@@ -101,25 +105,11 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             max_connections => "smtp.max_connections",
             dns_nameservers => "dns.nameservers",
             dns_timeout => "dns.timeout_secs",
-            retry_schedule => "delivery.retry_schedule",
-            max_age => "delivery.max_age",
-            delay_notice_after => "delivery.delay_notice_after",
             scheduler_tick => "delivery.scheduler_tick_ms",
-            tls_policies => "tls_policy/delivery.require_tls_domains",
-            tls_ca_file => "delivery.tls_ca_file",
-            backoff => "backoff/delivery.backoff_defaults",
-            helo_name => "delivery.helo_name",
-            connect_timeout => "delivery.connect_timeout_secs",
-            egress => "source/pool/pool_rule",
             log_format => "log.format",
             api => "api",
-            mta_sts => "mta_sts",
-            dane => "dane",
             tls_rpt => "tls_rpt",
             dmarc_reports => "dmarc_reports",
-            bounce_classes => "bounce_class",
-            suppression => "suppression",
-            shaping => "shaping",
         ];
         live: [
             routes => "route",
@@ -145,12 +135,36 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             admin_tokens => "admin_token",
             webhooks => "webhook",
             fbl => "fbl",
+            // Delivery (`Delivery::prepare`) and the queue's retry rules.
+            tls_policies => "tls_policy/delivery.require_tls_domains",
+            tls_ca_file => "delivery.tls_ca_file",
+            dane => "dane",
+            mta_sts => "mta_sts",
+            backoff => "backoff/delivery.backoff_defaults",
+            shaping => "shaping",
+            bounce_classes => "bounce_class",
+            suppression => "suppression",
+            egress => "source/pool/pool_rule",
+            connect_timeout => "delivery.connect_timeout_secs",
+            retry_schedule => "delivery.retry_schedule",
+            max_age => "delivery.max_age",
+            delay_notice_after => "delivery.delay_notice_after",
         ];
-        parts: [smtp_limits]
+        parts: [smtp_limits, helo_name]
     );
     // Debug hides webhook secrets and header values: compare them too.
     if webhook_secrets(&old.webhooks) != webhook_secrets(&new.webhooks) && !diff.applied.contains(&"webhook") {
         diff.applied.push("webhook");
+    }
+    // `delivery.helo_name` defaults to `node.hostname`: one that follows a
+    // hostname change waits for the restart with it.
+    if old.helo_name != new.helo_name {
+        if old.hostname != new.hostname && new.helo_name == new.hostname {
+            diff.restart_needed.push("delivery.helo_name");
+            merged.helo_name = old.helo_name.clone();
+        } else {
+            diff.applied.push("delivery.helo_name");
+        }
     }
     // `[smtp]` limits: the shared counters' sizes need a restart, the rest applies.
     let (o, n) = (&old.smtp_limits, &new.smtp_limits);
@@ -235,8 +249,13 @@ fn check_files(config: &Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("auth.users_file")?;
     }
-    crate::delivery::tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())
-        .context("delivery.tls_ca_file")?;
+    let tls = crate::delivery::tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())
+        .context("delivery.tls_ca_file")?
+        .with_dane_default(config.dane.enabled);
+    // Read when DANE can apply, as a start does (the error names the key).
+    if let (true, Some(anchor)) = (tls.uses_dane(), &config.dane.trust_anchor) {
+        crate::delivery::dane::load_trust_anchor(anchor)?;
+    }
     Ok(())
 }
 
@@ -360,6 +379,11 @@ impl Reloader {
             self.screen.metrics.clone(),
         )
         .map_err(|e| invalid(format!("{e:#}")))?;
+        let merged = Arc::new(merged);
+        let delivery = self
+            .delivery
+            .prepare(Arc::clone(&merged))
+            .map_err(|e| invalid(format!("{e:#}")))?;
         // Certificates last: a pair that loads is served at once.
         for watcher in &self.certificates {
             watcher
@@ -372,7 +396,6 @@ impl Reloader {
                 tracing::warn!(error = %format!("{e:#}"), "cluster TLS not reloaded; the previous certificate stays in use");
             }
         }
-        let merged = Arc::new(merged);
         self.pipeline.install(pipeline);
         if diff.applied.contains(&"admin_token") {
             self.authz.set_tokens(merged.admin_tokens.clone());
@@ -397,7 +420,7 @@ impl Reloader {
                 )
             }));
         }
-        self.delivery.set_config(Arc::clone(&merged));
+        self.delivery.install(delivery);
         for listener in &self.listeners {
             let mut smtp = (*listener.load_full()).clone();
             smtp.apply(&merged);
@@ -502,6 +525,37 @@ mod tests {
     }
 
     #[test]
+    fn delivery_keys_apply_and_a_defaulted_helo_name_waits_with_the_hostname() {
+        let old = config("[node]\nhostname = \"a.test\"\n");
+        let new = config(
+            "[node]\nhostname = \"b.test\"\n[delivery]\nretry_schedule = [\"1h\"]\nconnect_timeout_secs = 5\n\
+             [[tls_policy]]\ndomain = \"x.test\"\nlevel = \"encrypt\"\n\
+             [[shaping]]\ndomain = \"x.test\"\nrate = \"1/h\"\n",
+        );
+        let (merged, diff) = compare(&old, &new);
+        assert_eq!(diff.restart_needed, ["node.hostname", "delivery.helo_name"]);
+        assert_eq!(
+            diff.applied,
+            [
+                "tls_policy/delivery.require_tls_domains",
+                "shaping",
+                "delivery.connect_timeout_secs",
+                "delivery.retry_schedule"
+            ]
+        );
+        assert_eq!(merged.helo_name, "a.test");
+        assert_eq!(merged.retry_schedule, [std::time::Duration::from_secs(3600)]);
+        assert_eq!(merged.tls_policies, new.tls_policies);
+
+        // A helo_name of its own applies at once.
+        let new = config("[node]\nhostname = \"a.test\"\n[delivery]\nhelo_name = \"out.a.test\"\n");
+        let (merged, diff) = compare(&old, &new);
+        assert_eq!(diff.applied, ["delivery.helo_name"]);
+        assert!(diff.restart_needed.is_empty());
+        assert_eq!(merged.helo_name, "out.a.test");
+    }
+
+    #[test]
     fn check_file_names_the_key_of_a_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
@@ -517,6 +571,10 @@ mod tests {
             (
                 format!("[tls]\ncert = \"{0}\"\nkey = \"{0}\"\n", missing.display()),
                 "tls.cert / tls.key",
+            ),
+            (
+                format!("[dane]\nenabled = true\ntrust_anchor = \"{}\"\n", missing.display()),
+                "dane.trust_anchor",
             ),
         ] {
             std::fs::write(&file, text).unwrap();

@@ -45,8 +45,6 @@ pub struct Admin {
     pub space: Arc<crate::storage::space::DiskSpace>,
     /// Who may call what (operator roles); see authz.rs.
     pub authz: Arc<authz::Authz>,
-    /// Egress pools and warm-up progress (`ternctl pool show`); `None` without pools.
-    pub egress: crate::delivery::egress::SharedEgress,
     /// Delivery, for `shaping show` (next hops, rules, this node's limiters).
     pub delivery: Arc<crate::delivery::Delivery>,
     /// `[[webhook]]` names and what the outbox dispatch saw (`webhook status`).
@@ -1104,7 +1102,8 @@ impl AdminService for Admin {
         self.authz.check(&request, Role::Viewer).await?;
         let now = chrono::Utc::now().timestamp();
         let share = crate::cluster::records::share(&self.groups, self.node_id).fraction();
-        let pools = self.egress.as_ref().map_or_else(Vec::new, |e| e.status(now, share));
+        // The pools in force (a config reload may have changed them).
+        let pools = self.delivery.egress().map_or_else(Vec::new, |e| e.status(now, share));
         Ok(Response::new(PoolShowReply {
             node: self.node_id,
             share,

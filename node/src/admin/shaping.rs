@@ -4,6 +4,7 @@
 //! every node hosts every shard, so the view is complete; in larger clusters
 //! shards it does not host count for no node).
 
+use std::sync::Arc;
 use tern_config::shaping::{Rate, ShapingLimits, ShapingRule};
 use tern_model::shaping::{ActionKind, AutoAction};
 use tern_proto::admin as pb;
@@ -56,7 +57,7 @@ fn action(a: &AutoAction) -> pb::ShapingActionInfo {
 
 /// The reply for `domain` (lowercase, validated by the caller).
 pub async fn show(delivery: &Delivery, groups: &Groups, node_id: NodeId, domain: &str) -> pb::ShapingShowReply {
-    let shaper: &Shaper = delivery.shaper();
+    let shaper: Arc<Shaper> = delivery.shaper();
     let (hosts, note) = match delivery.next_hops(domain).await {
         Ok(h) => (h, String::new()),
         Err(e) => (Vec::new(), e),

@@ -53,8 +53,9 @@ const MAX_JITTER_SECS: i64 = 60;
 pub struct Backoff {
     rules: Arc<[BackoffRule]>,
     node: NodeId,
-    /// Key -> when this node last proposed an action for it.
-    proposed: Mutex<HashMap<String, Instant>>,
+    /// Key -> when this node last proposed an action for it (kept across
+    /// a reload of the rules: shared by [`Backoff::with_rules`]).
+    proposed: Arc<Mutex<HashMap<String, Instant>>>,
     metrics: DeliveryMetrics,
 }
 
@@ -72,8 +73,19 @@ impl Backoff {
         Backoff {
             rules: rules.into(),
             node,
-            proposed: Mutex::new(HashMap::new()),
+            proposed: Arc::default(),
             metrics,
+        }
+    }
+
+    /// The same node and proposal history under new `rules` (a config
+    /// reload); actions in force live in the control group and stay.
+    pub fn with_rules(&self, rules: &[BackoffRule]) -> Backoff {
+        Backoff {
+            rules: rules.into(),
+            node: self.node,
+            proposed: Arc::clone(&self.proposed),
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -5,7 +5,7 @@
 //! Tern's own replies, then enhanced codes); the first rule that matches
 //! decides, and a reply no rule matches is [`Class::Other`]. Pure: no I/O.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use tern_config::ClassRule;
 pub use tern_model::bounce::Class;
@@ -133,15 +133,24 @@ static SHIPPED_RULES: LazyLock<Vec<ClassRule>> = LazyLock::new(|| {
 });
 
 /// Classifies replies with the operator's rules, then the shipped table.
+/// Clones share the rules: [`Classifier::set_rules`] (a config reload)
+/// changes them for delivery and the event outbox at once.
 #[derive(Clone, Debug, Default)]
 pub struct Classifier {
-    rules: Vec<ClassRule>,
+    rules: Arc<arc_swap::ArcSwap<Vec<ClassRule>>>,
 }
 
 impl Classifier {
     /// A classifier that checks `rules` (`[[bounce_class]]`) first.
     pub fn new(rules: Vec<ClassRule>) -> Classifier {
-        Classifier { rules }
+        Classifier {
+            rules: Arc::new(arc_swap::ArcSwap::from_pointee(rules)),
+        }
+    }
+
+    /// Replaces the operator's rules, for this classifier and its clones.
+    pub fn set_rules(&self, rules: Vec<ClassRule>) {
+        self.rules.store(Arc::new(rules));
     }
 
     /// The class of a failure or deferral reply such as
@@ -149,6 +158,7 @@ impl Classifier {
     pub fn classify(&self, reply: &str) -> Class {
         let (code, enhanced) = codes(reply);
         self.rules
+            .load()
             .iter()
             .chain(SHIPPED_RULES.iter())
             .find(|r| r.matches(code, enhanced, reply))
@@ -270,5 +280,10 @@ mod tests {
         assert_eq!(c.classify(gmail), Class::Reputation);
         assert_eq!(class(gmail), Class::SpamBlock);
         assert_eq!(c.classify("550 5.1.1 unknown"), Class::InvalidRecipient);
+
+        // A reload sets the rules of every clone (the event outbox holds one).
+        let outbox = c.clone();
+        c.set_rules(Vec::new());
+        assert_eq!(outbox.classify(gmail), Class::SpamBlock);
     }
 }

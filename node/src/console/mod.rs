@@ -78,7 +78,6 @@ impl Console {
             stats: Arc::clone(&admin.stats),
             space: Arc::clone(&admin.space),
             authz: Arc::new(open),
-            egress: admin.egress.clone(),
             delivery: Arc::clone(&admin.delivery),
             webhooks: admin.webhooks.clone(),
             // The anonymous reader can never reload the configuration.

@@ -79,6 +79,19 @@ enum Answer {
     Failed(String),
 }
 
+/// Reads `[dane] trust_anchor`; the error names the key (also for
+/// `ternd check-config` and a reload, before anything is swapped).
+pub fn load_trust_anchor(path: &Path) -> anyhow::Result<TrustAnchors> {
+    let anchors =
+        TrustAnchors::from_file(path).map_err(|e| anyhow::anyhow!("dane.trust_anchor: {}: {e}", path.display()))?;
+    anyhow::ensure!(
+        !anchors.is_empty(),
+        "dane.trust_anchor: no DNSKEY record in {}",
+        path.display()
+    );
+    Ok(anchors)
+}
+
 impl Dane {
     /// A validating resolver asking `nameservers` (empty: the system's).
     /// `trust_anchor`: a file of DNSKEY records; `None`: the root keys.
@@ -103,16 +116,7 @@ impl Dane {
         opts.edns0 = true;
         opts.use_hosts_file = ResolveHosts::Never;
         let anchors = match trust_anchor {
-            Some(path) => {
-                let anchors = TrustAnchors::from_file(path)
-                    .map_err(|e| anyhow::anyhow!("dane.trust_anchor: {}: {e}", path.display()))?;
-                anyhow::ensure!(
-                    !anchors.is_empty(),
-                    "dane.trust_anchor: no DNSKEY record in {}",
-                    path.display()
-                );
-                anchors
-            }
+            Some(path) => load_trust_anchor(path)?,
             None => TrustAnchors::default(),
         };
         let dns = TokioResolver::builder_with_config(config, TokioConnectionProvider::default())

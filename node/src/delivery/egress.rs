@@ -31,15 +31,20 @@ const DAY: i64 = 86_400;
 /// Counters of past days are dropped once the map holds this many.
 const COUNTERS_PRUNE_AT: usize = 10_000;
 
+/// Warm-up counts: (source name, scope) -> (unix day, messages).
+type Counted = HashMap<(String, String), (i64, u64)>;
+
 /// Pools, their sources' client settings, round-robin and warm-up state.
 pub struct Egress {
     config: EgressConfig,
     /// Per source: the base client settings with its bind address and EHLO name.
-    clients: Vec<ClientConfig>,
+    clients: Vec<Arc<ClientConfig>>,
     /// Smooth weighted round-robin state: per pool, per member, current weight.
     current: Mutex<Vec<Vec<i64>>>,
-    /// Messages counted today per (source, scope), with the unix day counted.
-    counted: Mutex<HashMap<(usize, String), (i64, u64)>>,
+    /// Messages counted today per (source name, scope), with the unix day
+    /// counted; shared with the `Egress` a config reload makes
+    /// ([`Egress::reconfigured`]), so warm-up goes on where it was.
+    counted: Arc<Mutex<Counted>>,
 }
 
 /// A source chosen for one destination.
@@ -71,10 +76,12 @@ impl Egress {
         let clients = config
             .sources
             .iter()
-            .map(|s| ClientConfig {
-                helo_name: s.ehlo.clone().unwrap_or_else(|| base.helo_name.clone()),
-                bind: Some(s.address),
-                ..base.clone()
+            .map(|s| {
+                Arc::new(ClientConfig {
+                    helo_name: s.ehlo.clone().unwrap_or_else(|| base.helo_name.clone()),
+                    bind: Some(s.address),
+                    ..base.clone()
+                })
             })
             .collect();
         let current = config.pools.iter().map(|p| vec![0; p.members.len()]).collect();
@@ -82,8 +89,37 @@ impl Egress {
             config: config.clone(),
             clients,
             current: Mutex::new(current),
-            counted: Mutex::new(HashMap::new()),
+            counted: Arc::default(),
         })
+    }
+
+    /// The egress of a reloaded `config`: today's warm-up counts carry
+    /// over by source name, and the round-robin position of each pool whose
+    /// members are the same. `None` when no `[[pool]]` is left.
+    pub fn reconfigured(&self, config: &EgressConfig, base: &ClientConfig) -> Option<Egress> {
+        let mut next = Egress::new(config, base)?;
+        next.counted = Arc::clone(&self.counted);
+        let old = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let members = |c: &EgressConfig, pool: usize| -> Vec<(String, u32)> {
+            c.pools[pool]
+                .members
+                .iter()
+                .map(|&(s, w)| (c.sources[s].name.clone(), w))
+                .collect()
+        };
+        let current = next.current.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (pool, p) in config.pools.iter().enumerate() {
+            let Some(was) = self.config.pools.iter().position(|o| o.name == p.name) else {
+                continue;
+            };
+            if members(&self.config, was) == members(config, pool) {
+                if let (Some(to), Some(from)) = (current.get_mut(pool), old.get(was)) {
+                    to.clone_from(from);
+                }
+            }
+        }
+        drop(old);
+        Some(next)
     }
 
     pub fn config(&self) -> &EgressConfig {
@@ -91,7 +127,7 @@ impl Egress {
     }
 
     /// The client settings of source `source`.
-    pub fn client(&self, source: usize) -> &ClientConfig {
+    pub fn client(&self, source: usize) -> &Arc<ClientConfig> {
         &self.clients[source]
     }
 
@@ -181,7 +217,7 @@ impl Egress {
             }
             let cap = node_cap(cap, fraction);
             caps[i] = Some(cap);
-            let used = used_today(&counted, source, scope, today);
+            let used = used_today(&counted, &self.config.sources[source].name, scope, today);
             if used >= cap {
                 eligible[i] = false;
             }
@@ -209,7 +245,9 @@ impl Egress {
             if counted.len() >= COUNTERS_PRUNE_AT {
                 counted.retain(|_, (day, _)| *day == today);
             }
-            let entry = counted.entry((source, scope.to_owned())).or_insert((today, 0));
+            let entry = counted
+                .entry((self.config.sources[source].name.clone(), scope.to_owned()))
+                .or_insert((today, 0));
             if entry.0 != today {
                 *entry = (today, 0);
             }
@@ -226,8 +264,11 @@ impl Egress {
     /// A counted message was not delivered after all.
     pub fn give_back(&self, counted: (usize, String, i64)) {
         let (source, scope, day) = counted;
+        let Some(name) = self.config.sources.get(source).map(|s| s.name.clone()) else {
+            return;
+        };
         let mut map = self.counted.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = map.get_mut(&(source, scope)) {
+        if let Some(entry) = map.get_mut(&(name, scope)) {
             if entry.0 == day {
                 entry.1 = entry.1.saturating_sub(1);
             }
@@ -253,7 +294,7 @@ impl Egress {
                             let cap = w.cap(today);
                             let mut used: Vec<(String, u64)> = counted
                                 .iter()
-                                .filter(|((src, _), (day, n))| *src == source && *day == today && *n > 0)
+                                .filter(|((src, _), (day, n))| *src == s.name && *day == today && *n > 0)
                                 .map(|((_, scope), (_, n))| (scope.clone(), *n))
                                 .collect();
                             used.sort();
@@ -367,9 +408,9 @@ fn node_cap(cap: u64, fraction: f64) -> u64 {
     (cap as f64 * fraction).ceil() as u64
 }
 
-fn used_today(counted: &HashMap<(usize, String), (i64, u64)>, source: usize, scope: &str, today: i64) -> u64 {
+fn used_today(counted: &Counted, source: &str, scope: &str, today: i64) -> u64 {
     counted
-        .get(&(source, scope.to_owned()))
+        .get(&(source.to_owned(), scope.to_owned()))
         .filter(|(day, _)| *day == today)
         .map_or(0, |(_, n)| *n)
 }
@@ -568,6 +609,41 @@ mod tests {
         assert_eq!(node_cap(3, 0.5), 2);
         assert_eq!(node_cap(5, 1.0), 5);
         assert_eq!(node_cap(5, 0.0), 0);
+    }
+
+    /// A reload that reorders the sources and adds one keeps today's
+    /// warm-up counts by source name, and a give-back to the old egress
+    /// still counts.
+    #[test]
+    fn a_reconfigured_egress_keeps_the_warmup_counts_by_source_name() {
+        let e = egress(
+            "[[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\n\
+             [[pool]]\nname = \"default\"\nsources = [\"a\"]\n\
+             warmup = { start = \"1970-01-01\", schedule = [2] }\n",
+        );
+        let scope = "domain:x.test";
+        let first = e.choose(0, scope, &v4(), 10, || 1.0).unwrap();
+        e.choose(0, scope, &v4(), 10, || 1.0).unwrap();
+        let c = Config::from_toml(
+            "[node]\nid = 1\n[[source]]\nname = \"new\"\naddress = \"127.0.0.4\"\n\
+             [[source]]\nname = \"a\"\naddress = \"127.0.0.2\"\nehlo = \"a2.test\"\n\
+             [[pool]]\nname = \"default\"\nsources = [\"a\", \"new\"]\n\
+             warmup = { start = \"1970-01-01\", schedule = [2] }\n",
+        )
+        .unwrap();
+        let next = e.reconfigured(&c.egress, &ClientConfig::default()).unwrap();
+        assert_eq!(next.client(1).helo_name, "a2.test");
+        // a is at its cap: only the new source is left.
+        for _ in 0..2 {
+            assert_eq!(next.choose(0, scope, &v4(), 10, || 1.0).unwrap().name, "new");
+        }
+        assert!(next.choose(0, scope, &v4(), 10, || 1.0).is_err());
+        // The old egress's attempt delivered nothing: a gets a slot back.
+        e.give_back(first.counted.unwrap());
+        assert_eq!(next.choose(0, scope, &v4(), 10, || 1.0).unwrap().name, "a");
+        // No pools left: no egress.
+        let none = Config::from_toml("[node]\nid = 1\n").unwrap();
+        assert!(next.reconfigured(&none.egress, &ClientConfig::default()).is_none());
     }
 
     #[test]

@@ -109,15 +109,112 @@ pub enum Target {
     Unroutable { reply: String },
 }
 
-/// The delivery service: routing, site actors, client settings.
-pub struct Delivery {
-    /// The configuration in force: a reload swaps it (`crate::reload`);
-    /// each attempt plans with the one it read first.
-    config: arc_swap::ArcSwap<Config>,
-    resolver: MxResolver,
-    client: ClientConfig,
+/// What delivery derives from one configuration. A reload builds a new
+/// one ([`Delivery::prepare`], which may fail) and swaps it whole
+/// ([`Delivery::install`]); an attempt plans and sends with the one it
+/// read first. Runtime state (the MTA-STS cache, the DANE resolver,
+/// shaping limiters, warm-up counts, backoff proposals) is carried into
+/// the new one.
+pub struct Snapshot {
+    /// The configuration in force (restart-only keys as started).
+    pub config: Arc<Config>,
+    /// `helo_name`, `connect_timeout`.
+    client: Arc<ClientConfig>,
     /// `[[tls_policy]]`: the TLS policy per recipient domain.
     tls: tls::OutboundTls,
+    /// DANE (RFC 7672), when a destination can be at a DANE level.
+    dane: Option<Arc<dane::Dane>>,
+    /// `[mta_sts]`: policies of recipient domains, when enabled.
+    mta_sts: Option<mta_sts::MtaSts>,
+    /// `[[backoff]]`: actions from remote replies, and their effect.
+    backoff: Arc<crate::backoff::Backoff>,
+    /// `[[pool]]`s and their sources; `None` without pools.
+    egress: crate::delivery::egress::SharedEgress,
+    /// `[[shaping]]`: scopes and cluster-wide limits per destination.
+    shaper: Arc<crate::shaping::Shaper>,
+}
+
+impl Snapshot {
+    /// The settings of `config`; with `old` (a reload), what did not
+    /// change is kept and runtime state carried over.
+    fn build(
+        config: Arc<Config>,
+        old: Option<&Snapshot>,
+        resolver: &MxResolver,
+        reports: &Arc<crate::reports::tls::TlsRecorder>,
+        metrics: &DeliveryMetrics,
+    ) -> anyhow::Result<Snapshot> {
+        let client = ClientConfig {
+            helo_name: config.helo_name.clone(),
+            connect_timeout: config.connect_timeout,
+            ..ClientConfig::default()
+        };
+        let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?
+            .with_dane_default(config.dane.enabled);
+        // The validating resolver (and its cache) stays unless its trust anchor changed.
+        let kept_dane = old
+            .filter(|o| o.config.dane.trust_anchor == config.dane.trust_anchor)
+            .and_then(|o| o.dane.clone());
+        let dane = match (tls.uses_dane(), kept_dane) {
+            (false, _) => None,
+            (true, Some(kept)) => Some(kept),
+            (true, None) => Some(Arc::new(dane::Dane::new(
+                &config.dns_nameservers,
+                config.dns_timeout,
+                config.dane.trust_anchor.as_deref(),
+                Arc::clone(reports),
+            )?)),
+        };
+        let mta_sts = match (
+            config.mta_sts.enabled,
+            old.and_then(|o| o.mta_sts.as_ref().map(|m| (o, m))),
+        ) {
+            (false, _) => None,
+            (true, Some((o, kept)))
+                if o.config.mta_sts == config.mta_sts && o.config.tls_ca_file == config.tls_ca_file =>
+            {
+                Some(kept.clone())
+            }
+            (true, Some((_, kept))) => {
+                Some(kept.reconfigured(config.mta_sts.clone(), tls::roots(config.tls_ca_file.as_deref())?)?)
+            }
+            (true, None) => Some(mta_sts::MtaSts::new(
+                config.mta_sts.clone(),
+                resolver.clone(),
+                tls::roots(config.tls_ca_file.as_deref())?,
+                Arc::clone(reports),
+            )?),
+        };
+        let backoff = match old {
+            Some(o) => o.backoff.with_rules(&config.backoff),
+            None => crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone()),
+        };
+        let egress = match old.and_then(|o| o.egress.as_ref()) {
+            Some(e) => e.reconfigured(&config.egress, &client),
+            None => egress::Egress::new(&config.egress, &client),
+        };
+        let shaper = match old {
+            Some(o) => o.shaper.with_rules(config.shaping.clone()),
+            None => crate::shaping::Shaper::new(config.shaping.clone()),
+        };
+        Ok(Snapshot {
+            client: Arc::new(client),
+            tls,
+            dane,
+            mta_sts,
+            backoff: Arc::new(backoff),
+            egress: egress.map(Arc::new),
+            shaper: Arc::new(shaper),
+            config,
+        })
+    }
+}
+
+/// The delivery service: routing, site actors, client settings.
+pub struct Delivery {
+    /// The settings in force: a reload swaps them (`crate::reload`).
+    now: arc_swap::ArcSwap<Snapshot>,
+    resolver: MxResolver,
     /// The site actors (each stops after [`site::SITE_IDLE`] idle).
     sites: site::Sites,
     metrics: DeliveryMetrics,
@@ -125,22 +222,13 @@ pub struct Delivery {
     control: std::sync::OnceLock<crate::cluster::control::ControlState>,
     /// Writes to the control group (automatic shaping actions, suppressions).
     writer: std::sync::OnceLock<crate::cluster::writer::ControlWriter>,
-    /// `[[bounce_class]]` and the shipped table: the class of a failure.
+    /// `[[bounce_class]]` and the shipped table: the class of a failure
+    /// (shared with the event outbox; a reload sets its rules).
     classifier: crate::bounce::Classifier,
     /// Automatic suppressions after hard bounces, once the writer is set.
     auto_suppress: std::sync::OnceLock<crate::bounce::suppress::AutoSuppress>,
-    /// `[[backoff]]`: actions from remote replies, and their effect.
-    backoff: crate::backoff::Backoff,
-    /// `[[pool]]`s and their sources; `None` without pools.
-    egress: crate::delivery::egress::SharedEgress,
-    /// `[[shaping]]`: scopes and cluster-wide limits per destination.
-    shaper: Arc<crate::shaping::Shaper>,
     /// Outcomes of TLS under MTA-STS/DANE policies, for TLS-RPT.
     tls_reports: Arc<crate::reports::tls::TlsRecorder>,
-    /// DANE (RFC 7672), when a destination can be at a DANE level.
-    dane: Option<dane::Dane>,
-    /// `[mta_sts]`: policies of recipient domains, when enabled.
-    mta_sts: Option<mta_sts::MtaSts>,
 }
 
 impl Delivery {
@@ -154,19 +242,25 @@ impl Delivery {
     pub fn set_writer(&self, writer: crate::cluster::writer::ControlWriter) {
         if self.auto_suppress.get().is_none() {
             let _ = self.auto_suppress.set(crate::bounce::suppress::AutoSuppress::start(
-                self.config.load().suppression.clone(),
+                self.now.load().config.suppression.clone(),
                 writer.clone(),
                 self.control.get().cloned(),
                 self.metrics.clone(),
             ));
         }
-        self.shaper.set_writer(writer.clone());
+        // Shapers made by a reload share the writer with this one.
+        self.now.load().shaper.set_writer(writer.clone());
         let _ = self.writer.set(writer);
     }
 
     /// The shaping state (rules, this node's share, limiters).
-    pub fn shaper(&self) -> &Arc<crate::shaping::Shaper> {
-        &self.shaper
+    pub fn shaper(&self) -> Arc<crate::shaping::Shaper> {
+        Arc::clone(&self.now.load().shaper)
+    }
+
+    /// The configuration in force (the retry rules the queue applies, ...).
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.now.load().config)
     }
 
     /// The bounce classifier (`[[bounce_class]]` first, then the shipped table).
@@ -179,9 +273,15 @@ impl Delivery {
     /// there yet (asynchronously, batched; see [`crate::bounce::suppress`]).
     pub fn hard_bounce(&self, reverse_path: &str, recipient: &str, class: crate::bounce::Class, reply: &str, now: i64) {
         let Some(auto) = self.auto_suppress.get() else { return };
-        let Some(entry) =
-            crate::bounce::suppress::AutoSuppress::entry_for(auto.config(), reverse_path, recipient, class, reply, now)
-        else {
+        let config = self.config();
+        let Some(entry) = crate::bounce::suppress::AutoSuppress::entry_for(
+            &config.suppression,
+            reverse_path,
+            recipient,
+            class,
+            reply,
+            now,
+        ) else {
             return;
         };
         let known = self
@@ -211,8 +311,8 @@ impl Delivery {
     }
 
     /// The egress pools, when `[[pool]]`s are configured.
-    pub fn egress(&self) -> Option<&Arc<crate::delivery::egress::Egress>> {
-        self.egress.as_ref()
+    pub fn egress(&self) -> crate::delivery::egress::SharedEgress {
+        self.now.load().egress.clone()
     }
 
     /// This node's fraction of the cluster's delivery (1 before the cluster is up).
@@ -243,59 +343,34 @@ impl Delivery {
             ..ResolverConfig::default()
         })
         .map_err(|e| anyhow::anyhow!("DNS resolver: {e}"))?;
-        let client = ClientConfig {
-            helo_name: config.helo_name.clone(),
-            connect_timeout: config.connect_timeout,
-            ..ClientConfig::default()
-        };
-        let tls = tls::OutboundTls::new(&config.tls_policies, config.tls_ca_file.as_deref())?
-            .with_dane_default(config.dane.enabled);
         let tls_reports: Arc<crate::reports::tls::TlsRecorder> = Arc::default();
-        let dane = if tls.uses_dane() {
-            Some(dane::Dane::new(
-                &config.dns_nameservers,
-                config.dns_timeout,
-                config.dane.trust_anchor.as_deref(),
-                Arc::clone(&tls_reports),
-            )?)
-        } else {
-            None
-        };
-        let backoff = crate::backoff::Backoff::new(&config.backoff, config.node_id, metrics.clone());
-        let egress = crate::delivery::egress::Egress::new(&config.egress, &client).map(Arc::new);
-        let mta_sts = match config.mta_sts.enabled {
-            true => Some(mta_sts::MtaSts::new(
-                config.mta_sts.clone(),
-                resolver.clone(),
-                tls::roots(config.tls_ca_file.as_deref())?,
-                Arc::clone(&tls_reports),
-            )?),
-            false => None,
-        };
+        let now = Snapshot::build(config, None, &resolver, &tls_reports, &metrics)?;
         Ok(Arc::new(Delivery {
             tls_reports,
-            dane,
-            mta_sts,
-            backoff,
-            egress,
             resolver,
-            client,
-            tls,
             sites: site::Sites::default(),
             metrics,
             control: std::sync::OnceLock::new(),
             writer: std::sync::OnceLock::new(),
-            classifier: crate::bounce::Classifier::new(config.bounce_classes.clone()),
+            classifier: crate::bounce::Classifier::new(now.config.bounce_classes.clone()),
             auto_suppress: std::sync::OnceLock::new(),
-            shaper: Arc::new(crate::shaping::Shaper::new(config.shaping.clone())),
-            config: arc_swap::ArcSwap::new(config),
+            now: arc_swap::ArcSwap::from_pointee(now),
         }))
     }
 
-    /// Routes, local domains and delivery settings after a config reload:
-    /// delivery attempts planned from now on use them.
-    pub fn set_config(&self, config: Arc<Config>) {
-        self.config.store(config);
+    /// The settings of a reloaded `config`, built from the ones in force
+    /// (their runtime state carried over); nothing is swapped yet. Fails,
+    /// naming the key, where a start would (a CA file, a DANE trust anchor).
+    pub fn prepare(&self, config: Arc<Config>) -> anyhow::Result<Snapshot> {
+        let old = self.now.load_full();
+        Snapshot::build(config, Some(&old), &self.resolver, &self.tls_reports, &self.metrics)
+    }
+
+    /// Puts prepared settings in force: attempts planned from now on use
+    /// them; attempts under way finish with the ones they started with.
+    pub fn install(&self, next: Snapshot) {
+        self.classifier.set_rules(next.config.bounce_classes.clone());
+        self.now.store(Arc::new(next));
     }
 
     fn is_local(config: &Config, domain: &str) -> bool {
@@ -304,14 +379,14 @@ impl Delivery {
 
     /// Where mail for `domain` goes: a route, the local MDA, or its MX hosts.
     pub async fn plan(&self, domain: &str) -> Plan {
-        self.plan_with(domain, true).await
+        self.plan_with(&self.now.load_full(), domain, true).await
     }
 
-    /// [`Delivery::plan`]; `recipient_policies: false` leaves MTA-STS out
-    /// (a message with `TLS-Required: No`, RFC 8689 5).
-    async fn plan_with(&self, domain: &str, recipient_policies: bool) -> Plan {
-        let config = self.config.load_full();
-        if Self::is_local(&config, domain) {
+    /// [`Delivery::plan`] under the settings `s`; `recipient_policies:
+    /// false` leaves MTA-STS out (a message with `TLS-Required: No`, RFC 8689 5).
+    async fn plan_with(&self, s: &Snapshot, domain: &str, recipient_policies: bool) -> Plan {
+        let config = &s.config;
+        if Self::is_local(config, domain) {
             return match &config.local_delivery {
                 LocalDelivery::Lmtp(spec) => match lmtp_endpoint(&self.resolver, spec).await {
                     Ok(endpoint) => Plan {
@@ -332,7 +407,7 @@ impl Delivery {
                 LocalDelivery::None => unroutable("451 4.3.5 no local delivery agent configured ([local])".into()),
             };
         }
-        let tls = self.tls.policy_for(domain);
+        let tls = s.tls.policy_for(domain);
         let tls_tag = tls.tag();
         let route = config
             .routes
@@ -363,14 +438,14 @@ impl Delivery {
         }
         match self.resolver.resolve_site(domain).await {
             Ok(mut site) => {
-                let dane_level = self.tls.dane_level(domain);
-                let (tls, keep) = match dane::for_site(self.dane.as_ref(), dane_level, domain, &site, tls).await {
+                let dane_level = s.tls.dane_level(domain);
+                let (tls, keep) = match dane::for_site(s.dane.as_deref(), dane_level, domain, &site, tls).await {
                     Ok(v) => v,
                     Err(reply) => return unroutable(reply),
                 };
                 // DANE, where it applies, wins over MTA-STS (RFC 8461 2).
                 let sts_applies = recipient_policies && keep.is_none();
-                let (tls, tls_tag, sts) = match self.mta_sts.as_ref().filter(|_| sts_applies) {
+                let (tls, tls_tag, sts) = match s.mta_sts.as_ref().filter(|_| sts_applies) {
                     None => {
                         let tag = tls.tag();
                         (tls, tag, None)
@@ -381,9 +456,7 @@ impl Delivery {
                             (tls, tag, None)
                         }
                         mta_sts::Decision::Refuse(reply) => return unroutable(reply),
-                        mta_sts::Decision::Apply(a) => {
-                            (self.tls.verify_host(), format!("{}={domain}", a.tag()), Some(a))
-                        }
+                        mta_sts::Decision::Apply(a) => (s.tls.verify_host(), format!("{}={domain}", a.tag()), Some(a)),
                     },
                 };
                 let port = config.smtp_port;
@@ -454,9 +527,10 @@ impl Delivery {
             Target::Maildir(_) => return Ok(()),
             Target::Unroutable { reply } => return Err(reply),
         };
+        let client = Arc::clone(&self.now.load().client);
         let mut last = String::from("451 4.4.1 no address to connect to");
         for endpoint in &endpoints {
-            match client::Connection::connect(endpoint, protocol, TlsPolicy::Disabled, &self.client).await {
+            match client::Connection::connect(endpoint, protocol, TlsPolicy::Disabled, &client).await {
                 Ok(mut conn) => {
                     let verdict = conn.verify_recipient("", address).await;
                     conn.quit().await;
@@ -478,7 +552,7 @@ impl Delivery {
     /// counted as on its way to it (see [`site::SiteHandle::incoming`]).
     /// `client` and `max_connections`: the egress source's, if any (an
     /// actor keyed by site and source), else the node's.
-    fn site(&self, key: &str, client: &ClientConfig, max_connections: usize) -> site::SiteHandle {
+    fn site(&self, config: &Config, key: &str, max_connections: usize) -> site::SiteHandle {
         let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = sites.get(key) {
             if handle.addr.connected() {
@@ -490,12 +564,10 @@ impl Delivery {
             self.metrics.actor_restarted("site");
         }
         let incoming = Arc::new(AtomicUsize::new(1));
-        let config = self.config.load();
         let actor = SiteActor::new(
             key.to_owned(),
             Arc::clone(&self.sites),
             Arc::clone(&incoming),
-            client.clone(),
             max_connections,
             config.messages_per_connection,
             config.connection_idle,
@@ -516,7 +588,9 @@ impl Delivery {
         fence: Option<Arc<dyn fence::Fence>>,
     ) -> Vec<RcptAttempt> {
         let message_id = header_value(&message.body, "message-id").unwrap_or_default();
-        let (message, pool) = self.egress_of(message);
+        // One snapshot of the settings for the whole attempt.
+        let s = self.now.load_full();
+        let (message, pool) = self.egress_of(&s, message);
         let pending: Vec<usize> = message
             .record
             .rcpt_state
@@ -562,10 +636,10 @@ impl Delivery {
                     key: format!("suspended:{domain}"),
                     target: Target::Unroutable { reply },
                 },
-                None => self.plan_with(&domain, recipient_policies).await,
+                None => self.plan_with(&s, &domain, recipient_policies).await,
             };
             let plan = match require_tls {
-                true => harden_for_requiretls(plan, &self.tls),
+                true => harden_for_requiretls(plan, &s.tls),
                 false => plan,
             };
             let mut key = plan.key.clone();
@@ -578,9 +652,9 @@ impl Delivery {
                         Endpoint::Unix(_) => None,
                     })
                     .collect();
-                let dest = self.shaper.classify(&domain, &hosts, None);
+                let dest = s.shaper.classify(&domain, &hosts, None);
                 // Automatic actions are kept per shaping scope, known once planned.
-                if let Some(held) = self.backoff.held(self.control(), &dest.scope, None, now) {
+                if let Some(held) = s.backoff.held(self.control(), &dest.scope, None, now) {
                     results.extend(held_attempts(&rcpts, held, &dest.scope, &message_id, &self.metrics));
                     continue;
                 }
@@ -613,7 +687,7 @@ impl Delivery {
                 // share a scope but go out in separate transactions.
                 let reservation = format!("{}/{}", message.record.id, dest.domain);
                 if let crate::shaping::Admission::Hold { until, reply } =
-                    self.shaper.admit(dest, &reservation, action.as_ref())
+                    s.shaper.admit(dest, &reservation, action.as_ref())
                 {
                     self.metrics
                         .shaping_held(if dest.ruled { &dest.scope } else { "other" }, rcpts.len());
@@ -628,7 +702,7 @@ impl Delivery {
                     );
                     continue;
                 }
-                conn_limits = self.shaper.connections(dest);
+                conn_limits = s.shaper.connections(dest);
             }
             match plan.target {
                 Target::Unroutable { reply } => {
@@ -658,7 +732,7 @@ impl Delivery {
                     tls,
                     sts,
                 } => {
-                    let egress = match (&self.egress, pool) {
+                    let egress = match (&s.egress, pool) {
                         (Some(egress), Some(pool)) if protocol == Protocol::Smtp && !key.starts_with("local:") => {
                             Some((egress, pool))
                         }
@@ -668,6 +742,7 @@ impl Delivery {
                         None => vec![(rcpts, endpoints, None)],
                         Some((egress, pool)) => {
                             let (sends, held) = self.choose_sources(
+                                &s,
                                 egress,
                                 pool,
                                 &message,
@@ -684,8 +759,7 @@ impl Delivery {
                     for (rcpts, endpoints, choice) in sends {
                         // `[[shaping]]` rules naming the chosen source: their own budget.
                         let mut conn_limits = conn_limits.clone();
-                        if let (Some(c), true, Some(&first)) = (&choice, self.shaper.has_source_rules(), rcpts.first())
-                        {
+                        if let (Some(c), true, Some(&first)) = (&choice, s.shaper.has_source_rules(), rcpts.first()) {
                             let hosts: Vec<&str> = endpoints
                                 .iter()
                                 .filter_map(|e| match e {
@@ -694,16 +768,16 @@ impl Delivery {
                                 })
                                 .collect();
                             let domain = Envelope::domain_of(&message.record.envelope.recipients[first].address);
-                            let dest = self.shaper.classify(&domain, &hosts, None);
-                            if let Some(by_source) = self.shaper.for_source(&dest, &hosts, &c.name) {
+                            let dest = s.shaper.classify(&domain, &hosts, None);
+                            if let Some(by_source) = s.shaper.for_source(&dest, &hosts, &c.name) {
                                 let action = self.control.get().and_then(|ctl| ctl.action(&by_source.scope));
                                 let reservation = format!("{}/{}/{}", message.record.id, domain, c.name);
                                 if let crate::shaping::Admission::Hold { until, reply } =
-                                    self.shaper.admit(&by_source, &reservation, action.as_ref())
+                                    s.shaper.admit(&by_source, &reservation, action.as_ref())
                                 {
                                     self.metrics.shaping_held(&format!("source:{}", c.name), rcpts.len());
                                     let scope = by_source.scope.clone();
-                                    self.settle_source(choice, &mut []);
+                                    self.settle_source(&s, choice, &mut []);
                                     results.extend(deferred_all(&rcpts, &reply, &message_id).into_iter().map(|a| {
                                         RcptAttempt {
                                             not_before: Some(until),
@@ -713,11 +787,17 @@ impl Delivery {
                                     }));
                                     continue;
                                 }
-                                if let Some(limits) = self.shaper.connections(&by_source) {
+                                if let Some(limits) = s.shaper.connections(&by_source) {
                                     conn_limits = Some(limits);
                                 }
                             }
                         }
+                        let max_connections = match (&choice, &s.egress) {
+                            (Some(c), Some(egress)) => egress.config().sources[c.source]
+                                .max_connections
+                                .unwrap_or(s.config.max_connections_per_site),
+                            _ => s.config.max_connections_per_site,
+                        };
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         let job = Job {
                             message: Arc::clone(&message),
@@ -730,21 +810,24 @@ impl Delivery {
                             fence: fence.clone(),
                             conn: conn_limits.clone(),
                             reply: tx,
+                            client: match (&choice, &s.egress) {
+                                (Some(c), Some(egress)) => Arc::clone(egress.client(c.source)),
+                                _ => Arc::clone(&s.client),
+                            },
+                            site: site::SiteLimits {
+                                max_connections,
+                                messages_per_connection: s.config.messages_per_connection,
+                                connection_idle: s.config.connection_idle,
+                            },
                         };
                         // A source has its own site actor (its own connections, its address and EHLO name).
-                        let site = match (&choice, &self.egress) {
-                            (Some(c), Some(egress)) => self.site(
-                                &format!("{key}|source:{}", c.name),
-                                egress.client(c.source),
-                                egress.config().sources[c.source]
-                                    .max_connections
-                                    .unwrap_or(self.config.load().max_connections_per_site),
-                            ),
-                            _ => self.site(&key, &self.client, self.config.load().max_connections_per_site),
+                        let site = match &choice {
+                            Some(c) => self.site(&s.config, &format!("{key}|source:{}", c.name), max_connections),
+                            None => self.site(&s.config, &key, max_connections),
                         };
                         if site.addr.send(site::Submit(job)).await.is_err() {
                             site.incoming.fetch_sub(1, Ordering::SeqCst);
-                            self.settle_source(choice, &mut []);
+                            self.settle_source(&s, choice, &mut []);
                             results.extend(deferred_all(
                                 &rcpts,
                                 "451 4.3.0 delivery agent unavailable",
@@ -760,7 +843,7 @@ impl Delivery {
         for (rcpts, rx, choice, no_policy) in waits {
             match rx.await {
                 Ok(mut r) => {
-                    if no_policy && self.config.load().tls_rpt.enabled {
+                    if no_policy && s.config.tls_rpt.enabled {
                         record_no_policy(&self.tls_reports, &message.record.envelope, &r);
                     }
                     for a in &mut r {
@@ -768,18 +851,18 @@ impl Delivery {
                             a.scope = scopes.get(a.index).cloned().flatten();
                         }
                     }
-                    self.settle_source(choice, &mut r);
+                    self.settle_source(&s, choice, &mut r);
                     let replies = r.iter().filter(|a| a.not_before.is_none()).filter_map(|a| {
                         let (RcptOutcome::Deferred { reply } | RcptOutcome::Failed { reply }) = &a.outcome else {
                             return None;
                         };
                         Some((reply.as_str(), a.scope.as_deref()?, a.source.as_deref()))
                     });
-                    self.backoff.observe(replies, self.control(), self.writer());
+                    s.backoff.observe(replies, self.control(), self.writer());
                     results.extend(r)
                 }
                 Err(_) => {
-                    self.settle_source(choice, &mut []);
+                    self.settle_source(&s, choice, &mut []);
                     results.extend(deferred_all(&rcpts, "451 4.3.0 delivery interrupted", &message_id))
                 }
             }
@@ -792,8 +875,8 @@ impl Delivery {
 impl Delivery {
     /// With pools: the message as sent (without its `X-Tern-Pool` header)
     /// and its pool; without pools the message as it is and no pool.
-    fn egress_of(&self, message: Arc<LoadedMessage>) -> (Arc<LoadedMessage>, Option<usize>) {
-        let Some(egress) = &self.egress else {
+    fn egress_of(&self, s: &Snapshot, message: Arc<LoadedMessage>) -> (Arc<LoadedMessage>, Option<usize>) {
+        let Some(egress) = &s.egress else {
             return (message, None);
         };
         let envelope = &message.record.envelope;
@@ -822,6 +905,7 @@ impl Delivery {
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn choose_sources(
         &self,
+        s: &Snapshot,
         egress: &crate::delivery::egress::Egress,
         pool: usize,
         message: &LoadedMessage,
@@ -855,7 +939,7 @@ impl Delivery {
                 .map(|&(source, _)| egress.config().sources[source].name.as_str())
                 .filter_map(|name| {
                     let key = format!("{name}|{scope}");
-                    self.backoff.held(self.control(), &key, None, now).map(|h| (name, h))
+                    s.backoff.held(self.control(), &key, None, now).map(|h| (name, h))
                 })
                 .collect();
             let skip = |name: &str| suspended.iter().any(|(n, _)| *n == name);
@@ -906,8 +990,13 @@ impl Delivery {
 
     /// Names the source in the attempts, and gives a warm-up count back
     /// when nothing was delivered.
-    fn settle_source(&self, choice: Option<crate::delivery::egress::Choice>, attempts: &mut [RcptAttempt]) {
-        let (Some(choice), Some(egress)) = (choice, &self.egress) else {
+    fn settle_source(
+        &self,
+        s: &Snapshot,
+        choice: Option<crate::delivery::egress::Choice>,
+        attempts: &mut [RcptAttempt],
+    ) {
+        let (Some(choice), Some(egress)) = (choice, &s.egress) else {
             return;
         };
         let delivered = attempts

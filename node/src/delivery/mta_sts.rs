@@ -276,6 +276,7 @@ pub enum Decision {
     Refuse(String),
 }
 
+#[derive(Clone)]
 struct Entry {
     /// The last valid policy, and when it expires.
     policy: Option<(Arc<Policy>, Instant)>,
@@ -329,6 +330,37 @@ impl MtaSts {
                 refresher: OnceLock::new(),
             }),
         })
+    }
+
+    /// The same cache under a reloaded `[mta_sts]` or new trusted roots:
+    /// policies fetched stay in force until they expire (RFC 8461 5.1);
+    /// failed fetches are forgotten (they may have been the old roots').
+    pub fn reconfigured(&self, config: MtaStsConfig, roots: rustls::RootCertStore) -> anyhow::Result<MtaSts> {
+        let next = MtaSts::new(
+            config,
+            self.inner.resolver.clone(),
+            roots,
+            Arc::clone(&self.inner.recorder),
+        )?;
+        let kept: HashMap<String, Entry> = self
+            .inner
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, e)| e.policy.is_some())
+            .map(|(d, e)| {
+                (
+                    d.clone(),
+                    Entry {
+                        failed: None,
+                        ..e.clone()
+                    },
+                )
+            })
+            .collect();
+        *next.inner.cache.lock().unwrap_or_else(|p| p.into_inner()) = kept;
+        Ok(next)
     }
 
     /// Applies `domain`'s policy to its MX hosts (filtered in place under

@@ -40,6 +40,22 @@ pub struct Job {
     /// (`None`: the `[delivery]` per-site defaults).
     pub conn: Option<crate::shaping::ConnLimits>,
     pub reply: tokio::sync::oneshot::Sender<Vec<RcptAttempt>>,
+    /// The client settings (EHLO name, timeouts, an egress source's
+    /// address) of the configuration the job was planned with: a new
+    /// connection uses them; one already open keeps its own.
+    pub client: Arc<ClientConfig>,
+    /// The site's connection defaults in that configuration.
+    pub site: SiteLimits,
+}
+
+/// `[delivery] max_connections_per_site` (or an egress source's
+/// `max_connections`), `messages_per_connection`, `connection_idle_secs`:
+/// each job brings them, so a reload reaches site actors already running.
+#[derive(Clone, Copy, Debug)]
+pub struct SiteLimits {
+    pub max_connections: usize,
+    pub messages_per_connection: usize,
+    pub connection_idle: Duration,
 }
 
 /// A site actor with no job queued, no worker and nothing submitted for
@@ -73,7 +89,6 @@ pub struct SiteActor {
     incoming: Arc<AtomicUsize>,
     /// When it last had a job or a worker.
     busy_at: Instant,
-    client: ClientConfig,
     /// `[delivery] max_connections_per_site`, or this node's part of a
     /// `[[shaping]]` rule's `max_connections` (from the latest job).
     max_workers: usize,
@@ -94,7 +109,6 @@ impl SiteActor {
         key: String,
         sites: Sites,
         incoming: Arc<AtomicUsize>,
-        client: ClientConfig,
         max_workers: usize,
         per_connection: usize,
         idle: Duration,
@@ -105,7 +119,6 @@ impl SiteActor {
             sites,
             incoming,
             busy_at: Instant::now(),
-            client,
             max_workers,
             per_connection,
             idle,
@@ -163,7 +176,7 @@ struct Take {
 }
 
 enum Next {
-    Job(Job),
+    Job(Box<Job>),
     /// Nothing queued: the next job submitted comes here, unless the worker
     /// leaves first ([`Leave`]).
     Wait(oneshot::Receiver<Job>),
@@ -191,10 +204,15 @@ impl Handler<Submit> for SiteActor {
     fn handle(&mut self, Submit(mut job): Submit, ctx: &mut Context<Self>) {
         self.incoming.fetch_sub(1, Ordering::SeqCst);
         self.busy_at = Instant::now();
-        // This node's share of the scope's connections follows leadership.
-        if let Some(max) = job.conn.as_ref().and_then(|c| c.max_connections) {
-            self.max_workers = max;
-        }
+        // This node's share of the scope's connections follows leadership;
+        // the defaults follow the configuration the job was planned with.
+        self.max_workers = job
+            .conn
+            .as_ref()
+            .and_then(|c| c.max_connections)
+            .unwrap_or(job.site.max_connections);
+        self.per_connection = job.site.messages_per_connection;
+        self.idle = job.site.connection_idle;
         // A worker waiting with an open connection takes it at once.
         while let Some((_, tx)) = self.waiting.pop() {
             match tx.send(job) {
@@ -214,8 +232,6 @@ impl Handler<Submit> for SiteActor {
                 id: self.next_worker,
                 site: ctx.address(),
                 key: self.key.clone(),
-                client: self.client.clone(),
-                per_connection: self.per_connection,
                 idle: self.idle,
                 metrics: self.metrics.clone(),
             };
@@ -229,7 +245,7 @@ impl Handler<Take> for SiteActor {
 
     fn handle(&mut self, take: Take, _: &mut Context<Self>) -> Next {
         if let Some(job) = self.queue.pop_front() {
-            return Next::Job(job);
+            return Next::Job(Box::new(job));
         }
         // Decided here, in order with Submit, so no job is ever stranded.
         if take.wait && !self.idle.is_zero() {
@@ -259,8 +275,6 @@ struct Worker {
     id: u64,
     site: Addr<SiteActor>,
     key: String,
-    client: ClientConfig,
-    per_connection: usize,
     idle: Duration,
     metrics: DeliveryMetrics,
 }
@@ -271,7 +285,7 @@ impl Worker {
     async fn next_job(&self, conn: &mut Option<Connection>) -> Option<Job> {
         let wait = conn.as_ref().is_some_and(Connection::is_usable);
         let mut rx = match self.site.send(Take { worker: self.id, wait }).await {
-            Ok(Next::Job(job)) => return Some(job),
+            Ok(Next::Job(job)) => return Some(*job),
             Ok(Next::Wait(rx)) => rx,
             Ok(Next::Done) | Err(_) => return None,
         };
@@ -298,7 +312,7 @@ impl Worker {
                 .conn
                 .as_ref()
                 .and_then(|c| c.messages_per_connection)
-                .unwrap_or(self.per_connection);
+                .unwrap_or(job.site.messages_per_connection);
             if sent >= per_connection {
                 if let Some(c) = conn.take() {
                     c.quit().await;
@@ -325,7 +339,7 @@ impl Worker {
                         }
                     }
                 }
-                match connect(&job, &self.client).await {
+                match connect(&job, &job.client).await {
                     Ok(c) => {
                         self.metrics.connection(c.tls_active());
                         conn = Some(c);

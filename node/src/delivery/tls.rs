@@ -13,8 +13,8 @@
 //! - `names = [".example.com"]`: any SAN DNS name under `example.com`
 //!   (Postfix's `match=.example.com`), the chain then checked for that name.
 //!
-//! One rustls config is built per distinct policy at start, so a handshake
-//! costs no set-up.
+//! One rustls config is built per distinct policy at start (and again by a
+//! config reload), so a handshake costs no set-up.
 
 use std::sync::Arc;
 

@@ -42,8 +42,6 @@ const ORPHAN_TTL: Duration = Duration::from_secs(30);
 pub struct ShardSettings {
     pub node: NodeId,
     pub hostname: String,
-    pub retry: RetryPolicy,
-    pub delay_notice_after: Option<Duration>,
     pub tick: Duration,
     /// Outcome and DSN counters; Raft leader-change counters for the group host.
     pub metrics: Arc<Metrics>,
@@ -226,9 +224,16 @@ impl QueueShard {
         let now = self.now();
         let record = &message.record;
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        // The retry rules in force now (a config reload changes them):
+        // they set the next attempt of this one's deferrals.
+        let config = self.delivery.config();
+        let retry = RetryPolicy {
+            schedule: config.retry_schedule.clone(),
+            max_age: config.max_age,
+        };
         let rules = outcome::Rules {
-            retry: &self.settings.retry,
-            delay_notice_after: self.settings.delay_notice_after,
+            retry: &retry,
+            delay_notice_after: config.delay_notice_after,
             classifier: self.delivery.classifier(),
         };
         let decision = match outcome::decide(record, attempts, now, jitter, rules) {

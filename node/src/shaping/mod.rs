@@ -114,14 +114,17 @@ struct ScopeState {
     pacer: Option<Arc<ConnPacer>>,
 }
 
-/// The node's shaping state.
+/// The node's shaping state. The rules come from the config; the rest is
+/// runtime state that a reload of the rules keeps ([`Shaper::with_rules`]).
 pub struct Shaper {
     rules: ShapingRules,
     /// Some rule names an egress source (checked once per chosen source).
     source_rules: bool,
-    writer: OnceLock<ControlWriter>,
-    share: Mutex<Option<(Instant, Share)>>,
-    scopes: Mutex<HashMap<String, ScopeState>>,
+    writer: Arc<OnceLock<ControlWriter>>,
+    share: Arc<Mutex<Option<(Instant, Share)>>>,
+    /// Limiters and reservations per scope: a scope whose rule changed
+    /// keeps its slots; the new rate paces from the next message.
+    scopes: Arc<Mutex<HashMap<String, ScopeState>>>,
 }
 
 /// A share known with certainty (tests, or a node with no cluster yet).
@@ -146,9 +149,21 @@ impl Shaper {
         Shaper {
             source_rules: rules.rules.iter().any(|r| r.source.is_some()),
             rules,
-            writer: OnceLock::new(),
-            share: Mutex::new(None),
-            scopes: Mutex::new(HashMap::new()),
+            writer: Arc::default(),
+            share: Arc::default(),
+            scopes: Arc::default(),
+        }
+    }
+
+    /// New `rules` over the same limiters, reservations, share and writer
+    /// (a config reload: shaping goes on where it was).
+    pub fn with_rules(&self, rules: ShapingRules) -> Shaper {
+        Shaper {
+            source_rules: rules.rules.iter().any(|r| r.source.is_some()),
+            rules,
+            writer: Arc::clone(&self.writer),
+            share: Arc::clone(&self.share),
+            scopes: Arc::clone(&self.scopes),
         }
     }
 
@@ -419,6 +434,37 @@ mod tests {
             s.admit_at(&d, "m9", rate, None, 1.0, 1.0, 10_002.0),
             Admission::Hold { until: 10_008, .. }
         ));
+    }
+
+    /// New rules (a reload) over the same limiter: reserved slots stay
+    /// and the next message is paced by the new rate after the old slots.
+    #[test]
+    fn new_rules_keep_the_limiters_and_reservations() {
+        let s = shaper("[[shaping]]\ndomain = \"a.test\"\nrate = \"30/min\"\n");
+        let d = s.classify("a.test", &[], None);
+        let now = 10_000.0;
+        assert_eq!(s.admit_at(&d, "m0", d.limits.rate, None, 1.0, 1.0, now), Admission::Go);
+        assert!(matches!(
+            s.admit_at(&d, "m1", d.limits.rate, None, 1.0, 1.0, now),
+            Admission::Hold { until: 10_002, .. }
+        ));
+        let config = tern_config::Config::from_toml("[[shaping]]\ndomain = \"a.test\"\nrate = \"6/min\"\n").unwrap();
+        let next = s.with_rules(config.shaping);
+        let d = next.classify("a.test", &[], None);
+        assert_eq!(d.limits.rate, Some(Rate { count: 6, per_secs: 60 }));
+        // m1 keeps its slot; m2 waits its turn at the new pace after it.
+        assert!(matches!(
+            next.admit_at(&d, "m1", d.limits.rate, None, 1.0, 1.0, now),
+            Admission::Hold { until: 10_002, .. }
+        ));
+        match next.admit_at(&d, "m2", d.limits.rate, None, 1.0, 1.0, now) {
+            Admission::Hold { until, .. } => assert!(until > 10_002, "{until}"),
+            Admission::Go => panic!("m2 went"),
+        }
+        assert_eq!(
+            next.admit_at(&d, "m1", d.limits.rate, None, 1.0, 1.0, 10_002.0),
+            Admission::Go
+        );
     }
 
     #[test]

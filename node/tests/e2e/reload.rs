@@ -339,3 +339,115 @@ fn check_config_accepts_a_valid_file_and_names_the_bad_key() {
         assert!(err.contains(key), "{key} not named: {err}");
     }
 }
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// One message to `r@example.test`; its queue id.
+fn send_one(node: &Node, tag: &str) -> String {
+    let mut c = Client::connect(node.smtp).unwrap();
+    assert!(c.command("EHLO x.test").unwrap().starts_with("250"));
+    c.send_mail("sender@tern.test", &["r@example.test"], &body(tag, 500))
+        .unwrap()
+}
+
+/// A reload that must succeed, apply `keys` and need no restart.
+fn reload_applies(node: &Node, keys: &[&str]) {
+    let (out, row) = reload(node);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let applied = names(&row, "applied");
+    for key in keys {
+        assert!(applied.iter().any(|a| a == key), "{key} not applied: {row}");
+    }
+    assert!(names(&row, "restart_needed").is_empty(), "{row}");
+}
+
+/// Delivery rules change by reload while mail flows to a plaintext sink:
+/// a `[[tls_policy]]` that requires TLS turns deliveries into deferrals, a
+/// new `retry_schedule` sets the next retry time, a `[[shaping]]` rate
+/// holds the second message; at the end every message is at the sink once.
+#[test]
+fn reload_makes_tls_policy_retry_schedule_and_shaping_live() {
+    const TLS: &str = "\n[[tls_policy]]\ndomain = \"example.test\"\nlevel = \"encrypt\"\n";
+    const SHAPING: &str = "\n[[shaping]]\nname = \"slow\"\ndomain = \"example.test\"\nrate = \"1/h\"\n";
+    // smtp-sink offers no STARTTLS.
+    let sink = SmtpSink::start(&[]);
+    // `#rules`: where the test adds rules.
+    let node = Node::start(&format!(
+        "{}\n[delivery]\nretry_schedule = [\"1s\"]\n#rules\n",
+        route(sink.addr)
+    ));
+    let show = |id: &str| node.ternctl_json(&["queue", "show", id]);
+
+    send_one(&node, "before");
+    wait_for(Duration::from_secs(15), "the first message at the sink", || {
+        at(&sink).len() == 1
+    });
+
+    // TLS now required for example.test: the plaintext sink gets nothing,
+    // the message is deferred (and retried every second).
+    edit(&node, "#rules", &format!("#rules{TLS}"));
+    reload_applies(&node, &["tls_policy/delivery.require_tls_domains"]);
+    let tls_held = send_one(&node, "tls");
+    wait_for(Duration::from_secs(15), "two deferrals for want of TLS", || {
+        let m = show(&tls_held);
+        m["attempts"].as_u64().unwrap_or(0) >= 2
+            && m["recipients"][0]["last_reply"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("451") && r.contains("TLS required"))
+    });
+    assert_eq!(at(&sink).len(), 1);
+
+    // An hour between retries from the next deferral on (±10% jitter).
+    edit(&node, "retry_schedule = [\"1s\"]", "retry_schedule = [\"1h\"]");
+    reload_applies(&node, &["delivery.retry_schedule"]);
+    let t0 = unix_now();
+    wait_for(Duration::from_secs(10), "a retry time an hour away", || {
+        show(&tls_held)["next_attempt"].as_i64().unwrap_or(0) >= t0 + 3000
+    });
+    let next = show(&tls_held)["next_attempt"].as_i64().unwrap();
+    assert!(next <= unix_now() + 3960, "next attempt {next}, now {}", unix_now());
+
+    // No TLS policy any more, and one message an hour to example.test:
+    // the deferred message goes (the first slot), a new one is held.
+    edit(&node, TLS, SHAPING);
+    reload_applies(&node, &["tls_policy/delivery.require_tls_domains", "shaping"]);
+    assert!(node.ternctl(&["queue", "retry", &tls_held]).status.success());
+    wait_for(Duration::from_secs(15), "the deferred message at the sink", || {
+        count_id(&at(&sink), "tls") == 1
+    });
+    let shaped = send_one(&node, "shaped");
+    let held = || {
+        crate::metrics::sum(
+            &crate::metrics::scrape(&node),
+            "tern_shaping_held_total",
+            &[("scope", "domain:example.test")],
+        )
+    };
+    wait_for(Duration::from_secs(15), "the new message held by shaping", || {
+        held() >= 1.0
+    });
+    let m = show(&shaped);
+    assert!(m["next_attempt"].as_i64().unwrap() >= unix_now() + 3000, "{m}");
+    assert_eq!(at(&sink).len(), 2);
+
+    // The rate gone, the held message goes when asked.
+    edit(&node, SHAPING, "");
+    reload_applies(&node, &["shaping"]);
+    assert!(node.ternctl(&["queue", "retry", &shaped]).status.success());
+    wait_for(Duration::from_secs(15), "every message at the sink", || {
+        at(&sink).len() >= 3
+    });
+    let dumps = at(&sink);
+    for tag in ["before", "tls", "shaped"] {
+        assert_eq!(count_id(&dumps, tag), 1, "{tag}");
+    }
+    assert_eq!(dumps.len(), 3);
+    wait_for(Duration::from_secs(10), "an empty queue", || {
+        node.queued_ids().is_empty()
+    });
+}
