@@ -352,62 +352,77 @@ pub async fn queue_op(
     call.require_token(action, &format!("domain={}", body.domain))?;
     // Cluster-wide, as `ternctl queue hold --domain D` is: every page of the
     // selection (each shard read on its leader), then each shard's messages
-    // in batches through its leader.
+    // in batches through its leader (each batch audited too). The role is
+    // checked first: a selection that matches nothing is refused alike.
     let admin = &console.admin;
-    let mut by_shard: std::collections::BTreeMap<u64, Vec<String>> = std::collections::BTreeMap::new();
-    let (mut unreachable, mut missing) = (Vec::new(), Vec::new());
-    let mut after = String::new();
-    for _ in 0..MAX_SELECTION_PAGES {
-        let page = admin
-            .queue_list(call.request(QueueListRequest {
-                domain: body.domain.clone(),
-                limit: SELECTION_PAGE,
-                after,
-                ids_only: true,
-                ..Default::default()
-            }))
-            .await
-            .map_err(from_status)?
-            .into_inner();
-        unreachable.extend(page.unreachable);
-        missing.extend(page.missing_shards);
-        for m in page.messages {
-            by_shard.entry(m.shard).or_default().push(m.id);
+    let audit = admin
+        .authz
+        .check_change(
+            &call.request(()),
+            Role::Operator,
+            action,
+            format!("domain={} (console, cluster-wide)", body.domain),
+        )
+        .await
+        .map_err(from_status)?;
+    let result = async {
+        let mut by_shard: std::collections::BTreeMap<u64, Vec<String>> = std::collections::BTreeMap::new();
+        let (mut unreachable, mut missing) = (Vec::new(), Vec::new());
+        let mut after = String::new();
+        for _ in 0..MAX_SELECTION_PAGES {
+            let page = admin
+                .queue_list(call.request(QueueListRequest {
+                    domain: body.domain.clone(),
+                    limit: SELECTION_PAGE,
+                    after,
+                    ids_only: true,
+                    ..Default::default()
+                }))
+                .await?
+                .into_inner();
+            unreachable.extend(page.unreachable);
+            missing.extend(page.missing_shards);
+            for m in page.messages {
+                by_shard.entry(m.shard).or_default().push(m.id);
+            }
+            if !page.truncated || page.next.is_empty() {
+                break;
+            }
+            after = page.next;
         }
-        if !page.truncated || page.next.is_empty() {
-            break;
-        }
-        after = page.next;
-    }
-    unreachable.sort_unstable();
-    unreachable.dedup();
-    missing.sort_unstable();
-    missing.dedup();
-    let matched: usize = by_shard.values().map(Vec::len).sum();
-    let mut affected = 0u64;
-    for (shard, ids) in by_shard {
-        for batch in ids.chunks(OP_BATCH) {
-            let request = QueueOpRequest {
-                op: op.clone(),
-                ids: batch.to_vec(),
-                shard,
-                ..Default::default()
-            };
-            // A shard changing leader answers UNAVAILABLE for a moment.
-            let mut tries = 0;
-            let reply = loop {
-                match admin.queue_op(call.request(request.clone())).await {
-                    Ok(r) => break r.into_inner(),
-                    Err(e) if e.code() == tonic::Code::Unavailable && tries < OP_RETRIES => {
-                        tries += 1;
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+        unreachable.sort_unstable();
+        unreachable.dedup();
+        missing.sort_unstable();
+        missing.dedup();
+        let matched: usize = by_shard.values().map(Vec::len).sum();
+        let mut affected = 0u64;
+        for (shard, ids) in by_shard {
+            for batch in ids.chunks(OP_BATCH) {
+                let request = QueueOpRequest {
+                    op: op.clone(),
+                    ids: batch.to_vec(),
+                    shard,
+                    ..Default::default()
+                };
+                // A shard changing leader answers UNAVAILABLE for a moment.
+                let mut tries = 0;
+                let reply = loop {
+                    match admin.queue_op(call.request(request.clone())).await {
+                        Ok(r) => break r.into_inner(),
+                        Err(e) if e.code() == tonic::Code::Unavailable && tries < OP_RETRIES => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(from_status(e)),
-                }
-            };
-            affected += reply.affected;
+                };
+                affected += reply.affected;
+            }
         }
+        Ok((matched, affected, unreachable, missing))
     }
+    .await;
+    let (matched, affected, unreachable, missing) = audit.finish(result, |r| r.1).map_err(from_status)?;
     ok(&json!({
         "matched": matched,
         "affected": affected,

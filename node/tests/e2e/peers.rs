@@ -325,6 +325,13 @@ fn peer_rpcs_are_refused_unless_from_a_member_speaking_for_itself() {
         n1.ternctl(&["queue", "show", &held_id]).status.code() == Some(3)
     });
     n1.ternctl_json(&["domain", "resume", "held.test"]);
+    for n in [&n1, &n2] {
+        wait_for(Duration::from_secs(10), "the resume on every node", || {
+            n.ternctl_json(&["domain", "list"])
+                .as_array()
+                .is_some_and(|d| d.is_empty())
+        });
+    }
     let after = c
         .send_mail("a@tern.test", &["r@held.test"], &body("peers-4", 300))
         .unwrap();
