@@ -364,6 +364,7 @@ pub async fn run_from(
         config.peer_addresses.clone(),
         config.dead_node_after,
     ));
+    cluster.set_host(Arc::clone(&host));
     delivery.set_writer(cluster.control_writer());
 
     // Listeners first, so that a port conflict fails fast and loudly.

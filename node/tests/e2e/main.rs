@@ -38,6 +38,7 @@ mod reload;
 mod reports;
 mod requiretls;
 mod shaping;
+mod shards;
 mod smtp;
 mod spf_suite;
 mod submission;
