@@ -5,8 +5,8 @@ use serde_json::json;
 use tern_proto::admin::*;
 
 use crate::cli::{
-    Args, ClusterCommand, Command, DomainCommand, Filters, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShapingCommand,
-    ShardCommand, StatsBy,
+    Args, ClusterCommand, Command, DomainCommand, Filters, MemberCommand, NodeCommand, Output, QueueCommand, Selection,
+    ShapingCommand, ShardCommand, StatsBy,
 };
 use crate::connect::{connect, Client};
 use crate::output::*;
@@ -245,7 +245,10 @@ pub async fn run(args: &Args, endpoint: &str, token: Option<String>) -> Result<(
                 print_json(&json!({"added": reply.shards}));
             } else {
                 let ids: Vec<String> = reply.shards.iter().map(u64::to_string).collect();
-                println!("added shards {} (they take new mail once they have a leader)", ids.join(","));
+                println!(
+                    "added shards {} (they take new mail once they have a leader)",
+                    ids.join(",")
+                );
             }
         }
         Command::Shard(ShardCommand::Retire { shard }) => {

@@ -104,7 +104,12 @@ pub fn print_shards(s: &StatusReply) {
         .map(|sh| {
             vec![
                 sh.shard.to_string(),
-                if sh.state.is_empty() { "active" } else { sh.state.as_str() }.to_owned(),
+                if sh.state.is_empty() {
+                    "active"
+                } else {
+                    sh.state.as_str()
+                }
+                .to_owned(),
                 opt_node(sh.leader),
                 sh.replicas.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
                 sh.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
@@ -115,7 +120,9 @@ pub fn print_shards(s: &StatusReply) {
         })
         .collect();
     print_table(
-        &["SHARD", "STATE", "LEADER", "REPLICAS", "VOTERS", "TERM", "APPLIED", "QUEUED"],
+        &[
+            "SHARD", "STATE", "LEADER", "REPLICAS", "VOTERS", "TERM", "APPLIED", "QUEUED",
+        ],
         &shards,
     );
 }

@@ -746,11 +746,7 @@ impl AdminService for Admin {
             if let Some(control) = self.control_elsewhere()? {
                 let op = tern_model::peer::Operation::ShardAdd { count };
                 let reply = self.cluster.peers.operate_status(&control, &op).await?;
-                let shards = reply
-                    .detail
-                    .split(',')
-                    .filter_map(|s| s.parse().ok())
-                    .collect();
+                let shards = reply.detail.split(',').filter_map(|s| s.parse().ok()).collect();
                 return Ok(Response::new(ShardAddReply { shards }));
             }
             let shards = self.add_shards_here(count).await?;
@@ -807,9 +803,11 @@ impl AdminService for Admin {
                     req.key
                 )));
             }
-            let replicas: u32 = req.value.trim().parse().map_err(|_| {
-                Status::invalid_argument(format!("replicas: {:?} is not a number", req.value))
-            })?;
+            let replicas: u32 = req
+                .value
+                .trim()
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("replicas: {:?} is not a number", req.value)))?;
             cluster::shards::check_replicas(replicas, self.cluster.nodes().len()).map_err(Status::invalid_argument)?;
             let value = bincode::serialize(&replicas).map_err(|e| Status::internal(e.to_string()))?;
             let control = self

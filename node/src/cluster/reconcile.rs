@@ -212,7 +212,10 @@ impl Cluster {
             since: chrono::Utc::now().timestamp(),
         };
         let value = bincode::serialize(&record).map_err(|e| ClusterError::Refused(e.to_string()))?;
-        let entries = ids.iter().map(|id| (super::shards::state_key(*id), value.clone())).collect();
+        let entries = ids
+            .iter()
+            .map(|id| (super::shards::state_key(*id), value.clone()))
+            .collect();
         control
             .raft
             .client_write(Request::PutShared {
@@ -356,7 +359,11 @@ impl Cluster {
             }
             let outbox_empty = g.sm.tree().scan_prefix(crate::outbox::OUTBOX_PREFIX).next().is_none();
             if g.sm.message_count() > 0 || !outbox_empty {
-                tracing::warn!(shard = g.id, messages = g.sm.message_count(), "a retired shard still holds mail: kept open");
+                tracing::warn!(
+                    shard = g.id,
+                    messages = g.sm.message_count(),
+                    "a retired shard still holds mail: kept open"
+                );
                 continue;
             }
             if let Err(e) = host.close(g.id).await {

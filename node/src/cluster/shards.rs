@@ -197,7 +197,11 @@ mod tests {
     fn added_shards_continue_after_the_highest_id_ever_used() {
         let records = BTreeMap::from([(9, rec(ShardState::Retired))]);
         assert_eq!(next_shard_ids([1, 2, 3], &BTreeMap::new(), 2).unwrap(), [4, 5]);
-        assert_eq!(next_shard_ids([1, 2, 3], &records, 1).unwrap(), [10], "a retired id is not reused");
+        assert_eq!(
+            next_shard_ids([1, 2, 3], &records, 1).unwrap(),
+            [10],
+            "a retired id is not reused"
+        );
         assert!(next_shard_ids([1], &records, 0).is_err());
         assert!(next_shard_ids([1], &records, MAX_ADD + 1).is_err());
         assert!(next_shard_ids([MAX_SHARD - 1], &BTreeMap::new(), 2).is_err());
@@ -224,7 +228,9 @@ mod tests {
         records.insert(2, rec(ShardState::Retiring));
         assert!(!routable(&records, 2));
         assert!(routable(&records, 1));
-        assert!(check_retire(&placement, &records, 2).unwrap_err().contains("retiring already"));
+        assert!(check_retire(&placement, &records, 2)
+            .unwrap_err()
+            .contains("retiring already"));
         records.insert(3, rec(ShardState::Adding));
         let e = check_retire(&placement, &records, 1).unwrap_err();
         assert!(e.contains("last active shard"), "{e}");

@@ -22,7 +22,9 @@ fn three_nodes(extra: &str, shards_at_start: usize) -> Vec<Node> {
         let s = shards(&nodes[0]);
         s.len() == shards_at_start
             && s.iter().all(|sh| {
-                sh["voters"].as_array().unwrap().len() == 3 && sh["leader"].as_u64().unwrap() != 0 && sh["joint"] == false
+                sh["voters"].as_array().unwrap().len() == 3
+                    && sh["leader"].as_u64().unwrap() != 0
+                    && sh["joint"] == false
             })
     });
     nodes
@@ -55,7 +57,9 @@ fn send_batch(nodes: &[Node], prefix: &str, n: usize) -> BTreeMap<String, String
         let tag = format!("{prefix}-{i}");
         let mut c = Client::connect(nodes[i % nodes.len()].smtp).unwrap();
         c.command("EHLO grow.test").unwrap();
-        let id = c.send_mail("a@tern.test", &["b@example.test"], &body(&tag, 512)).unwrap();
+        let id = c
+            .send_mail("a@tern.test", &["b@example.test"], &body(&tag, 512))
+            .unwrap();
         out.insert(tag, id);
     }
     out
@@ -97,7 +101,8 @@ fn shards_added_and_retired_under_load_lose_and_duplicate_nothing() {
                 let tag = format!("load-{i}");
                 if let Ok(mut c) = Client::connect(addrs[i % addrs.len()]) {
                     if c.command("EHLO load.test").is_ok()
-                        && c.send_mail("a@tern.test", &["b@example.test"], &body(&tag, 512)).is_ok()
+                        && c.send_mail("a@tern.test", &["b@example.test"], &body(&tag, 512))
+                            .is_ok()
                     {
                         acked.lock().unwrap().push(tag);
                     }
@@ -111,17 +116,21 @@ fn shards_added_and_retired_under_load_lose_and_duplicate_nothing() {
     // shard add 2 through a node that may not lead the control group.
     let added = nodes[1].ternctl_json(&["shard", "add", "2"]);
     assert_eq!(added["added"], serde_json::json!([5, 6]), "{added}");
-    wait_for(Duration::from_secs(90), "shards 5 and 6 active, led, on 3 voters", || {
-        let s = by_id(&nodes[0]);
-        [5, 6].iter().all(|id| {
-            s.get(id).is_some_and(|sh| {
-                sh["state"] == "active"
-                    && sh["leader"].as_u64().unwrap() != 0
-                    && sh["voters"].as_array().unwrap().len() == 3
-                    && sh["joint"] == false
+    wait_for(
+        Duration::from_secs(90),
+        "shards 5 and 6 active, led, on 3 voters",
+        || {
+            let s = by_id(&nodes[0]);
+            [5, 6].iter().all(|id| {
+                s.get(id).is_some_and(|sh| {
+                    sh["state"] == "active"
+                        && sh["leader"].as_u64().unwrap() != 0
+                        && sh["voters"].as_array().unwrap().len() == 3
+                        && sh["joint"] == false
+                })
             })
-        })
-    });
+        },
+    );
     let placed = by_id(&nodes[2]);
     assert_eq!(placed.len(), 6, "{placed:?}");
 
@@ -163,14 +172,18 @@ fn shards_added_and_retired_under_load_lose_and_duplicate_nothing() {
     // The destination comes back: everything is delivered, then shard 1 goes.
     let out = nodes[0].ternctl(&["domain", "resume", "example.test"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for(Duration::from_secs(120), "shard 1 retired and closed on every node", || {
-        let s = by_id(&nodes[0]);
-        s.get(&1).is_some_and(|sh| sh["state"] == "retired")
-            && nodes.iter().all(|n| {
-                let local = n.ternctl_json(&["shard", "list", "--local"]);
-                local.as_array().unwrap().iter().all(|sh| sh["shard"] != 1)
-            })
-    });
+    wait_for(
+        Duration::from_secs(120),
+        "shard 1 retired and closed on every node",
+        || {
+            let s = by_id(&nodes[0]);
+            s.get(&1).is_some_and(|sh| sh["state"] == "retired")
+                && nodes.iter().all(|n| {
+                    let local = n.ternctl_json(&["shard", "list", "--local"]);
+                    local.as_array().unwrap().iter().all(|sh| sh["shard"] != 1)
+                })
+        },
+    );
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
 
@@ -188,7 +201,11 @@ fn shards_added_and_retired_under_load_lose_and_duplicate_nothing() {
     let got = sink_counts(&sink);
     let duplicated: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
     assert!(duplicated.is_empty(), "delivered more than once: {duplicated:?}");
-    assert_eq!(got.len(), expected.len(), "nothing but what was accepted reached the sink");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "nothing but what was accepted reached the sink"
+    );
 
     // A retired shard's id is not reused.
     let more = nodes[0].ternctl_json(&["shard", "add", "1"]);
@@ -235,7 +252,9 @@ fn replicas_follow_the_cluster_setting_down_and_up() {
 
     let out = nodes[2].ternctl(&["cluster", "set", "replicas", "3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for(Duration::from_secs(120), "every shard on 3 voters again", || on(3)(&nodes[0]));
+    wait_for(Duration::from_secs(120), "every shard on 3 voters again", || {
+        on(3)(&nodes[0])
+    });
     let tags = send_batch(&nodes, "three", 12);
     wait_for(Duration::from_secs(30), "mail delivered on 3 replicas", || {
         let got = sink_counts(&sink);
