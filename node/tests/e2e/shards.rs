@@ -261,3 +261,100 @@ fn replicas_follow_the_cluster_setting_down_and_up() {
         tags.keys().all(|t| got.contains_key(t))
     });
 }
+
+/// ternctl against `node` with `token` only (no credentials from the
+/// test's own environment).
+fn ctl_as(node: &Node, token: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(ternctl_bin());
+    for var in ["TERN_TOKEN", "TERN_TLS_CA", "TERN_TLS_CERT", "TERN_TLS_KEY"] {
+        cmd.env_remove(var);
+    }
+    cmd.arg("--endpoint")
+        .arg(node.grpc.to_string())
+        .args(args)
+        .env("TERN_TOKEN", token)
+        .output()
+        .expect("run ternctl")
+}
+
+/// The `admin` audit events in the node's JSON log.
+fn admin_events(node: &Node) -> Vec<serde_json::Value> {
+    node.logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "tern::event" && l["fields"]["event"] == "admin")
+        .map(|l| l["fields"].clone())
+        .collect()
+}
+
+/// Admin-only and audited, on a single node (the control leader itself):
+/// an operator is refused, an admin adds a shard that then takes mail
+/// placement, retires it once empty, and cannot ask for more replicas
+/// than members.
+#[test]
+fn shard_changes_are_admin_only_and_audited() {
+    let (admin, operator) = ("admin-5e1d2c3b4a", "operator-9f8e7d6c");
+    // Appended to the [cluster] section: its keys first.
+    let mut extra = "shards = 2\n\n[log]\nformat = \"json\"\n\n".to_owned();
+    for (name, role, secret) in [("boss", "admin", admin), ("ops", "operator", operator)] {
+        extra.push_str(&format!(
+            "[[admin_token]]\nname = \"{name}\"\nrole = \"{role}\"\nhash = \"{}\"\n\n",
+            hash_password(secret)
+        ));
+    }
+    let node = Node::start(&extra);
+
+    for args in [
+        &["shard", "add", "1"][..],
+        &["shard", "retire", "1"],
+        &["cluster", "set", "replicas", "1"],
+    ] {
+        let out = ctl_as(&node, operator, args);
+        assert_eq!(out.status.code(), Some(4), "{args:?} as operator: {out:?}");
+    }
+    let out = ctl_as(&node, admin, &["-o", "json", "shard", "add", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(added["added"], serde_json::json!([3]));
+    let list = |n: &Node| -> BTreeMap<u64, serde_json::Value> {
+        let out = ctl_as(n, admin, &["-o", "json", "shard", "list"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["shard"].as_u64().unwrap(), s.clone()))
+            .collect()
+    };
+    wait_for(Duration::from_secs(30), "shard 3 active and led", || {
+        list(&node)
+            .get(&3)
+            .is_some_and(|s| s["state"] == "active" && s["leader"] == 1)
+    });
+    let out = ctl_as(&node, admin, &["cluster", "set", "replicas", "2"]);
+    assert_eq!(out.status.code(), Some(1), "more replicas than members: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("number of members (1)"),
+        "{out:?}"
+    );
+
+    let out = ctl_as(&node, admin, &["shard", "retire", "3"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(Duration::from_secs(90), "shard 3 retired and closed", || {
+        list(&node).get(&3).is_some_and(|s| s["state"] == "retired") && {
+            let out = ctl_as(&node, admin, &["-o", "json", "shard", "list", "--local"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v.as_array().unwrap().iter().all(|s| s["shard"] != 3)
+        }
+    });
+
+    let events = admin_events(&node);
+    let find = |action: &str, who: &str, result: &str| {
+        events
+            .iter()
+            .any(|e| e["action"] == action && e["who"] == who && e["result"] == result)
+    };
+    assert!(find("shard add", "ops", "refused"), "{events:?}");
+    assert!(find("shard add", "boss", "ok"), "{events:?}");
+    assert!(find("shard retire", "boss", "ok"), "{events:?}");
+    assert!(find("cluster set", "boss", "failed"), "{events:?}");
+}
