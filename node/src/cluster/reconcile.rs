@@ -199,8 +199,8 @@ impl Cluster {
     }
 
     /// `ternctl shard add`, on the control leader: records the next `count`
-    /// shard ids as being added; [`Cluster::place_added`] places them. The
-    /// new ids.
+    /// shard ids as being added; the controller's `place_added` places
+    /// them. The new ids.
     pub async fn add_shards(&self, count: u32) -> Result<Vec<GroupId>, ClusterError> {
         let _one_at_a_time = self.adding.lock().await;
         let control = self.control().ok_or(ClusterError::NoControlGroup)?;
@@ -224,8 +224,9 @@ impl Cluster {
             })
             .await
             .map_err(ClusterError::raft)?;
+        // Placed by the controller's next tick (only that task places, so
+        // a shard never gets two first homes).
         tracing::info!(shards = ?ids, "shards added");
-        self.place_added().await?;
         Ok(ids)
     }
 
