@@ -12,7 +12,7 @@ use openraft::{BasicNode, ChangeMembers};
 
 use super::membership::CATCH_UP;
 use super::placement::{at_rest, rebalance_move};
-use super::shards::{first_home, shrink_step, ShardRecord, ShardState, RETIRE_GRACE_SECS, SPACE};
+use super::shards::{first_home, grow_step, shrink_step, ShardRecord, ShardState, RETIRE_GRACE_SECS, SPACE};
 use super::{Cluster, ClusterError};
 use crate::raft::groups::GroupHandle;
 use crate::raft::{GroupId, NodeId, Request};
@@ -84,6 +84,10 @@ impl Cluster {
         let placement = self.placement();
         let records = self.shard_records();
         let want = self.want_replicas().min(members.len());
+        // Once the operator set the count (`cluster set replicas`), shards
+        // grow one replica at a time, at rest (see `rebalance`); before,
+        // every short shard grows at once (bootstrap, joins) as it always did.
+        let grow_all = super::records::cluster_replicas(&self.groups).is_none();
         // Replicas per live node, to pick the least loaded.
         let mut load: BTreeMap<NodeId, usize> = members.iter().filter(|n| !dead.contains(n)).map(|n| (*n, 0)).collect();
         for replicas in placement.values() {
@@ -116,7 +120,7 @@ impl Cluster {
                     }
                 }
             }
-            while next.len() < want {
+            while grow_all && next.len() < want {
                 let Some(n) = pick(&load, &next) else { break };
                 next.push(n);
                 *load.entry(n).or_default() += 1;
@@ -160,11 +164,18 @@ impl Cluster {
             return Ok(false);
         }
         let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
-        // Fewer replicas wanted (`cluster set replicas`): one replica of one
-        // shard at a time, the cluster at rest in between.
+        // A shard being added stays where it is created until it is active.
+        let records = self.shard_records();
+        let placement: BTreeMap<GroupId, Vec<NodeId>> = placement
+            .into_iter()
+            .filter(|(shard, _)| records.get(shard).is_none_or(|r| r.state != ShardState::Adding))
+            .collect();
+        // Fewer or more replicas wanted (`cluster set replicas`): one replica
+        // of one shard at a time, the cluster at rest in between.
         let want = self.want_replicas().min(members.len());
-        if let Some((shard, next)) = shrink_step(&placement, &leaders, want) {
-            tracing::info!(shard, to = ?next, want, "dropping a replica");
+        let step = shrink_step(&placement, &leaders, want).or_else(|| grow_step(&placement, &members, want));
+        if let Some((shard, next)) = step {
+            tracing::info!(shard, to = ?next, want, "changing a shard's replica count");
             self.control()
                 .ok_or(ClusterError::NoControlGroup)?
                 .raft
@@ -269,11 +280,13 @@ impl Cluster {
         let placement = self.placement();
         let Some(host) = self.host.get() else { return };
         for (shard, record) in records {
-            if record.state != ShardState::Adding || placement.get(&shard) != Some(&vec![self.node_id]) {
+            if record.state != ShardState::Adding {
                 continue;
             }
+            let placed_here_alone = placement.get(&shard) == Some(&vec![self.node_id]);
             let group = match self.groups.get(shard) {
                 Some(g) => g,
+                None if !placed_here_alone => continue,
                 None => match host.ensure(shard).await {
                     Ok(g) => g,
                     Err(e) => {
@@ -295,6 +308,9 @@ impl Cluster {
                     Ok(()) => tracing::info!(shard, "added shard is active"),
                     Err(e) => tracing::debug!(shard, error = %e, "marking an added shard active"),
                 }
+                continue;
+            }
+            if !placed_here_alone {
                 continue;
             }
             let Some(addr) = self.nodes().get(&self.node_id).cloned() else {

@@ -166,6 +166,41 @@ pub fn shrink_step(
     None
 }
 
+/// One step up towards `want` replicas: the first shard holding fewer,
+/// with the member holding the fewest replicas (ties: lowest id) that it
+/// lacks added. None when every shard holds `want` (or no member can
+/// take one).
+pub fn grow_step(
+    placement: &BTreeMap<GroupId, Vec<NodeId>>,
+    members: &BTreeSet<NodeId>,
+    want: usize,
+) -> Option<(GroupId, Vec<NodeId>)> {
+    let mut load: BTreeMap<NodeId, usize> = members.iter().map(|n| (*n, 0)).collect();
+    for replicas in placement.values() {
+        for n in replicas {
+            if let Some(l) = load.get_mut(n) {
+                *l += 1;
+            }
+        }
+    }
+    for (shard, replicas) in placement {
+        if replicas.len() >= want {
+            continue;
+        }
+        let Some((&to, _)) = load
+            .iter()
+            .filter(|(n, _)| !replicas.contains(n))
+            .min_by_key(|(n, l)| (**l, **n))
+        else {
+            continue;
+        };
+        let mut next = replicas.clone();
+        next.push(to);
+        return Some((*shard, next));
+    }
+    None
+}
+
 /// The node a new shard starts on: the member holding the fewest replicas
 /// (ties: lowest id), not `dead`.
 pub fn first_home(
@@ -269,6 +304,24 @@ mod tests {
         // Down to one: the leader is the replica that stays.
         let (shard, next) = shrink_step(&placement, &leaders, 1).unwrap();
         assert_eq!(next, [leaders[&shard]]);
+    }
+
+    #[test]
+    fn growing_adds_one_replica_of_one_shard_on_the_least_loaded_member() {
+        let mut placement: BTreeMap<GroupId, Vec<NodeId>> =
+            BTreeMap::from([(1, vec![1, 2]), (2, vec![2, 3]), (3, vec![1, 3])]);
+        let members: BTreeSet<NodeId> = [1, 2, 3].into();
+        assert_eq!(grow_step(&placement, &members, 3), Some((1, vec![1, 2, 3])));
+        let mut steps = 0;
+        while let Some((shard, next)) = grow_step(&placement, &members, 3) {
+            placement.insert(shard, next);
+            steps += 1;
+            assert!(steps <= 3);
+        }
+        assert_eq!(steps, 3);
+        assert!(placement.values().all(|r| r.len() == 3));
+        // More wanted than members: nothing to add once every member holds it.
+        assert_eq!(grow_step(&placement, &members, 4), None);
     }
 
     #[test]
