@@ -358,6 +358,7 @@ pub async fn run_from(
         config.peer_addresses.clone(),
         config.dead_node_after,
     ));
+    cluster.set_host(Arc::clone(&host));
     delivery.set_writer(cluster.control_writer());
     let _ = settings.peers.set(cluster.peers());
 

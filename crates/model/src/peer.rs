@@ -67,6 +67,10 @@ pub enum Operation {
         updates: Vec<crate::request::OutcomeUpdate>,
         bounces: Vec<crate::request::NewMessage>,
     },
+    /// `ternctl shard add`, run by the control leader (control group): it
+    /// picks the next ids. (Appended: a node of an earlier release refuses
+    /// it as unreadable, which the operator sees.)
+    ShardAdd { count: u32 },
 }
 
 /// gRPC metadata key a peer sets on a write it gave up waiting for: the
@@ -161,7 +165,8 @@ impl Operation {
             | Operation::RevokeApiKey { .. }
             | Operation::Template { .. }
             | Operation::MemberAdd { .. }
-            | Operation::MemberRemove { .. } => (group == CONTROL_GROUP, "the control group (0)"),
+            | Operation::MemberRemove { .. }
+            | Operation::ShardAdd { .. } => (group == CONTROL_GROUP, "the control group (0)"),
         };
         if ok {
             Ok(())
@@ -188,7 +193,10 @@ impl Operation {
             Operation::PutShared { space, entries } => Some(Request::PutShared { space, entries }),
             Operation::DeleteShared { space, keys, prefixes } => Some(Request::DeleteShared { space, keys, prefixes }),
             Operation::Outcomes { updates, bounces } => Some(Request::Outcomes { updates, bounces }),
-            Operation::Bounce { .. } | Operation::MemberAdd { .. } | Operation::MemberRemove { .. } => None,
+            Operation::Bounce { .. }
+            | Operation::MemberAdd { .. }
+            | Operation::MemberRemove { .. }
+            | Operation::ShardAdd { .. } => None,
         }
     }
 }

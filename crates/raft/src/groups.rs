@@ -89,6 +89,11 @@ impl Groups {
             .insert(handle.id, handle);
     }
 
+    /// Takes a group out (it is being closed).
+    pub fn remove(&self, id: GroupId) -> Option<GroupHandle> {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).remove(&id)
+    }
+
     pub fn get(&self, id: GroupId) -> Option<GroupHandle> {
         self.map.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }

@@ -45,7 +45,8 @@ pub trait GroupHooks: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct HostSettings {
     pub node_id: NodeId,
-    /// Shard groups 1..=shards.
+    /// Shard groups 1..=shards at bootstrap (shards added later have a
+    /// placement in the control group).
     pub shards: u32,
     /// `node.log_keep_mb`: write-ahead log a group's Raft log may hold.
     pub log_keep_bytes: u64,
@@ -160,6 +161,27 @@ impl GroupHost {
         self.groups.insert(handle.clone());
         tracing::debug!(group = id, "raft group open");
         Ok(handle)
+    }
+
+    /// Closes the local replica of `id` for good (a retired shard): no longer
+    /// recorded as hosted, so it is not opened at the next start, and its
+    /// Raft stopped. Its log and state stay on disk, unread.
+    pub async fn close(&self, id: GroupId) -> anyhow::Result<()> {
+        let _guard = self.creating.lock().await;
+        let mut ids = self.recorded()?;
+        if ids.contains(&id) {
+            ids.retain(|g| *g != id);
+            self.local.insert(LOCAL_GROUPS, bincode::serialize(&ids)?)?;
+            self.durability.flush_all().await?;
+        }
+        if let Some(g) = self.groups.remove(id) {
+            g.raft
+                .shutdown()
+                .await
+                .with_context(|| format!("stopping raft group {id}"))?;
+        }
+        tracing::info!(group = id, "raft group closed");
+        Ok(())
     }
 
     /// Writes back every state machine's unwritten changes and checkpoints

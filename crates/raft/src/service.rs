@@ -48,17 +48,19 @@ impl RaftServer {
             // Opened at every start: only missing while this node stops.
             return Err(Status::unavailable("the control group is not open here"));
         }
-        if group > shards {
-            return Err(refuse(Status::not_found(format!(
-                "group {group} does not exist: this cluster has shards 1..={shards}"
-            ))));
-        }
         let control = self
             .host
             .groups
             .get(CONTROL_GROUP)
             .ok_or_else(|| Status::unavailable("the control group is not open here"))?;
         let replicas: Vec<NodeId> = self.gate.placement(&control.sm.tree(), group);
+        // Shards added online are above the bootstrap count: a placement
+        // record says they exist.
+        if group > shards && replicas.is_empty() {
+            return Err(refuse(Status::not_found(format!(
+                "group {group} does not exist: this cluster has shards 1..={shards} and no placement for it"
+            ))));
+        }
         if replicas.contains(&me) {
             return Ok(());
         }

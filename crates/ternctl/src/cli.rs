@@ -56,9 +56,12 @@ pub enum Command {
     /// Cluster membership.
     #[command(subcommand)]
     Member(MemberCommand),
-    /// Queue shards (Raft groups).
+    /// Queue shards (Raft groups): list, move a leader, add, retire.
     #[command(subcommand)]
     Shard(ShardCommand),
+    /// Cluster-wide settings.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Node maintenance.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -448,6 +451,31 @@ pub enum ShardCommand {
     },
     /// Make NODE (which holds a replica) the leader of SHARD.
     MoveLeader { shard: u64, node: u64 },
+    /// Add N shards to the running cluster (ids after the highest ever
+    /// used); each gets a leader, then its replicas, then new mail.
+    Add {
+        #[arg(value_name = "N")]
+        count: u32,
+    },
+    /// Stop placing new mail on SHARD; it keeps delivering its queue and its
+    /// group is removed once it holds nothing (`shard list` shows progress).
+    Retire {
+        #[arg(value_name = "SHARD")]
+        shard: u64,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+pub enum ClusterCommand {
+    /// Set a cluster-wide setting. `replicas R`: copies of every shard
+    /// (1 to the number of members); the controller moves shards there one
+    /// at a time.
+    Set {
+        #[arg(value_name = "KEY", value_parser = ["replicas"])]
+        key: String,
+        #[arg(value_name = "VALUE")]
+        value: String,
+    },
 }
 
 #[derive(Subcommand, Clone)]

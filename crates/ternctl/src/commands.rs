@@ -5,8 +5,8 @@ use serde_json::json;
 use tern_proto::admin::*;
 
 use crate::cli::{
-    Args, Command, DomainCommand, Filters, MemberCommand, NodeCommand, Output, QueueCommand, Selection, ShapingCommand,
-    ShardCommand, StatsBy,
+    Args, ClusterCommand, Command, DomainCommand, Filters, MemberCommand, NodeCommand, Output, QueueCommand, Selection,
+    ShapingCommand, ShardCommand, StatsBy,
 };
 use crate::connect::{connect, Client};
 use crate::output::*;
@@ -237,6 +237,39 @@ pub async fn run(args: &Args, endpoint: &str, token: Option<String>) -> Result<(
                 print_json(&json!({"shard": shard, "node": node, "requested": true}));
             } else {
                 println!("asked node {node} to take over shard {shard}");
+            }
+        }
+        Command::Shard(ShardCommand::Add { count }) => {
+            let reply = client.shard_add(ShardAddRequest { count }).await?.into_inner();
+            if json {
+                print_json(&json!({"added": reply.shards}));
+            } else {
+                let ids: Vec<String> = reply.shards.iter().map(u64::to_string).collect();
+                println!(
+                    "added shards {} (they take new mail once they have a leader)",
+                    ids.join(",")
+                );
+            }
+        }
+        Command::Shard(ShardCommand::Retire { shard }) => {
+            client.shard_retire(ShardRetireRequest { shard }).await?;
+            if json {
+                print_json(&json!({"shard": shard, "state": "retiring"}));
+            } else {
+                println!("shard {shard} is retiring: no new mail; it is removed once its queue is empty");
+            }
+        }
+        Command::Cluster(ClusterCommand::Set { key, value }) => {
+            client
+                .cluster_set(ClusterSetRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .await?;
+            if json {
+                print_json(&json!({"key": key, "value": value}));
+            } else {
+                println!("cluster {key} = {value}");
             }
         }
         Command::Queue(QueueCommand::Summary) => {

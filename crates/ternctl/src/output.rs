@@ -30,7 +30,9 @@ pub fn status_json(s: &StatusReply) -> serde_json::Value {
         "shards": s.shards.iter().map(|sh| json!({
             "shard": sh.shard, "leader": sh.leader, "replicas": sh.replicas, "voters": sh.voters, "joint": sh.joint, "term": sh.term,
             "applied_index": sh.applied_index, "queued_messages": sh.queued_messages,
+            "state": if sh.state.is_empty() { "active" } else { sh.state.as_str() },
         })).collect::<Vec<_>>(),
+        "replicas": s.replicas,
     })
 }
 
@@ -76,7 +78,8 @@ pub fn message_state(m: &MessageInfo, now: i64) -> &'static str {
 pub fn print_status(s: &StatusReply) {
     println!("node {} ({}), tern {}", s.node_id, s.hostname, s.version);
     println!("control-group leader: {}", opt_node(s.control_leader));
-    println!("queued messages: {}\n", s.queued_messages);
+    println!("queued messages: {}", s.queued_messages);
+    println!("replicas per shard: {}\n", s.replicas);
     let members: Vec<Vec<String>> = s
         .members
         .iter()
@@ -101,6 +104,12 @@ pub fn print_shards(s: &StatusReply) {
         .map(|sh| {
             vec![
                 sh.shard.to_string(),
+                if sh.state.is_empty() {
+                    "active"
+                } else {
+                    sh.state.as_str()
+                }
+                .to_owned(),
                 opt_node(sh.leader),
                 sh.replicas.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
                 sh.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
@@ -111,7 +120,9 @@ pub fn print_shards(s: &StatusReply) {
         })
         .collect();
     print_table(
-        &["SHARD", "LEADER", "REPLICAS", "VOTERS", "TERM", "APPLIED", "QUEUED"],
+        &[
+            "SHARD", "STATE", "LEADER", "REPLICAS", "VOTERS", "TERM", "APPLIED", "QUEUED",
+        ],
         &shards,
     );
 }

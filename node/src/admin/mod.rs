@@ -352,6 +352,14 @@ impl Admin {
         Ok(Some(control))
     }
 
+    /// `shard add` on the control leader (this node): the new shard ids.
+    pub(crate) async fn add_shards_here(&self, count: u32) -> Result<Vec<u64>, Status> {
+        self.cluster.add_shards(count).await.map_err(|e| match e {
+            cluster::ClusterError::Refused(m) => Status::invalid_argument(m),
+            other => Status::unavailable(other.to_string()),
+        })
+    }
+
     /// `member add` on the control leader (this node).
     pub(crate) async fn add_member_here(&self, id: NodeId, addr: &str) -> Result<MemberAddReply, Status> {
         if self.cluster.removed().contains(&id) {
@@ -521,6 +529,7 @@ impl Admin {
             control_leader,
             version: env!("CARGO_PKG_VERSION").into(),
             unreachable: Vec::new(),
+            replicas: self.cluster.want_replicas() as u32,
         })
     }
 
@@ -556,11 +565,20 @@ impl AdminService for Admin {
         let (shards, unreachable) = if request.into_inner().local_only {
             (self.cluster.local_shards(), Vec::new())
         } else {
-            let (merged, unreachable) = self.cluster.all_shards().await;
+            let (mut merged, unreachable) = self.cluster.all_shards().await;
+            // Retired shards are hosted nowhere: listed from their records.
+            for (shard, record) in self.cluster.shard_records() {
+                merged.entry(shard).or_insert_with(|| tern_proto::admin::ShardStatus {
+                    shard,
+                    state: record.state.as_str().into(),
+                    ..Default::default()
+                });
+            }
             (merged.into_values().collect(), unreachable)
         };
         let total = shards.iter().map(|s| s.queued_messages).sum();
         Ok(Response::new(StatusReply {
+            replicas: self.cluster.want_replicas() as u32,
             unreachable,
             node_id: self.node_id,
             hostname: self.hostname.clone(),
@@ -711,6 +729,101 @@ impl AdminService for Admin {
             }
         }
         self.members_here(&control).await.map(Response::new)
+    }
+
+    async fn shard_add(&self, request: Request<ShardAddRequest>) -> Result<Response<ShardAddReply>, Status> {
+        let selection = format!("count={}", request.get_ref().count);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "shard add", selection)
+            .await?;
+        let count = request.into_inner().count;
+        let result = async {
+            // Checked here too, so that a bad N never travels.
+            cluster::shards::next_shard_ids([], &Default::default(), count).map_err(Status::invalid_argument)?;
+            if let Some(control) = self.control_elsewhere()? {
+                let op = tern_model::peer::Operation::ShardAdd { count };
+                let reply = self.cluster.peers.operate_status(&control, &op).await?;
+                let shards = reply.detail.split(',').filter_map(|s| s.parse().ok()).collect();
+                return Ok(Response::new(ShardAddReply { shards }));
+            }
+            let shards = self.add_shards_here(count).await?;
+            Ok(Response::new(ShardAddReply { shards }))
+        }
+        .await;
+        audit.finish(result, |r| r.get_ref().shards.len() as u64)
+    }
+
+    async fn shard_retire(&self, request: Request<ShardRetireRequest>) -> Result<Response<ShardRetireReply>, Status> {
+        let selection = format!("shard={}", request.get_ref().shard);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "shard retire", selection)
+            .await?;
+        let shard = request.into_inner().shard;
+        let result = async {
+            cluster::shards::check_retire(&self.cluster.placement(), &self.cluster.shard_records(), shard)
+                .map_err(Status::failed_precondition)?;
+            let record = cluster::shards::ShardRecord {
+                state: cluster::shards::ShardState::Retiring,
+                since: chrono::Utc::now().timestamp(),
+            };
+            let value = bincode::serialize(&record).map_err(|e| Status::internal(e.to_string()))?;
+            let control = self
+                .cluster
+                .control()
+                .ok_or_else(|| Status::unavailable("no control group here"))?;
+            self.write(
+                &control,
+                tern_model::peer::Operation::PutShared {
+                    space: cluster::shards::SPACE.into(),
+                    entries: vec![(cluster::shards::state_key(shard), value)],
+                },
+            )
+            .await?;
+            Ok(Response::new(ShardRetireReply {}))
+        }
+        .await;
+        audit.finish(result, |_| 1)
+    }
+
+    async fn cluster_set(&self, request: Request<ClusterSetRequest>) -> Result<Response<ClusterSetReply>, Status> {
+        let selection = format!("{}={}", request.get_ref().key, request.get_ref().value);
+        let audit = self
+            .authz
+            .check_change(&request, Role::Admin, "cluster set", selection)
+            .await?;
+        let req = request.into_inner();
+        let result = async {
+            if req.key != "replicas" {
+                return Err(Status::invalid_argument(format!(
+                    "cluster set: unknown setting {:?} (settings: replicas)",
+                    req.key
+                )));
+            }
+            let replicas: u32 = req
+                .value
+                .trim()
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("replicas: {:?} is not a number", req.value)))?;
+            cluster::shards::check_replicas(replicas, self.cluster.nodes().len()).map_err(Status::invalid_argument)?;
+            let value = bincode::serialize(&replicas).map_err(|e| Status::internal(e.to_string()))?;
+            let control = self
+                .cluster
+                .control()
+                .ok_or_else(|| Status::unavailable("no control group here"))?;
+            self.write(
+                &control,
+                tern_model::peer::Operation::PutShared {
+                    space: cluster::shards::SPACE.into(),
+                    entries: vec![(cluster::shards::REPLICAS_KEY.into(), value)],
+                },
+            )
+            .await?;
+            Ok(Response::new(ClusterSetReply {}))
+        }
+        .await;
+        audit.finish(result, |_| 1)
     }
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderReply>, Status> {

@@ -17,6 +17,7 @@
 //! - [`peers`]: channels and clients to other nodes, forwarded enqueues and operations
 //!   (the only part the SMTP write path uses).
 //! - [`status`]: member liveness (pings) and shard status gathered from every member.
+//! - [`shards`]: shards added and retired online, the replica count: records and pure rules, tested.
 //! - [`recover`]: `ternd recover`, unsafe recovery after a majority is lost for good.
 //! - [`writer`]: control-group writes from delivery and the queue, and this node's delivery share.
 //!
@@ -31,6 +32,7 @@ pub mod placement;
 pub mod reconcile;
 pub mod records;
 pub mod recover;
+pub mod shards;
 pub mod status;
 pub mod writer;
 
@@ -55,8 +57,13 @@ use crate::raft::{GroupId, NodeId, CONTROL_GROUP};
 /// channels to peers live in [`Peers`].
 pub struct Cluster {
     pub node_id: NodeId,
-    /// Desired replicas per shard (capped by the number of nodes).
+    /// `[cluster] replicas`: desired replicas per shard (capped by the
+    /// number of nodes) until `ternctl cluster set replicas` records one.
     pub replicas: usize,
+    /// Opens and closes this node's groups (a shard added or retired online).
+    host: std::sync::OnceLock<Arc<crate::raft::host::GroupHost>>,
+    /// Serialises `shard add` on the control leader (ids come from a read).
+    adding: tokio::sync::Mutex<()>,
     pub groups: Arc<Groups>,
     /// Channels and clients to other nodes; forwarded writes.
     pub peers: Arc<Peers>,
@@ -85,10 +92,29 @@ impl Cluster {
             liveness: Mutex::new(status::Liveness::default()),
             reconciling: Mutex::new(reconcile::Reconciling::default()),
             drain_tries: Mutex::new(HashMap::new()),
+            host: std::sync::OnceLock::new(),
+            adding: tokio::sync::Mutex::new(()),
             node_id,
             replicas,
             groups,
         }
+    }
+
+    /// The group host, so that the controller can create a shard added
+    /// online and close a retired one (set once, at start).
+    pub fn set_host(&self, host: Arc<crate::raft::host::GroupHost>) {
+        let _ = self.host.set(host);
+    }
+
+    /// Desired replicas per shard: the cluster's setting, else this node's
+    /// `[cluster] replicas`.
+    pub fn want_replicas(&self) -> usize {
+        records::cluster_replicas(&self.groups).map_or(self.replicas, |r| r as usize)
+    }
+
+    /// Shards added, retiring or retired (a shard not listed is active).
+    pub fn shard_records(&self) -> BTreeMap<GroupId, shards::ShardRecord> {
+        records::shard_records(&self.groups)
     }
 
     /// The forwarding side, for the SMTP write path.

@@ -53,6 +53,7 @@ fn op_name(op: &Operation) -> &'static str {
         Operation::PutShared { .. } => "shared records",
         Operation::DeleteShared { .. } => "shared records removal",
         Operation::Outcomes { .. } => "delivery outcomes",
+        Operation::ShardAdd { .. } => "shard add",
     }
 }
 
@@ -208,7 +209,7 @@ impl Peers {
     /// sends its message to a replica of some shard, which passes it to
     /// that shard's leader.
     pub async fn forward_enqueue_anywhere(&self, turn: usize, message: &NewMessage) -> Result<GroupId, ClusterError> {
-        let placement: Vec<(GroupId, Vec<NodeId>)> = records::placement(&self.groups).into_iter().collect();
+        let placement = records::routable_placement(&self.groups);
         if placement.is_empty() {
             return Err(ClusterError::NoPlacement);
         }

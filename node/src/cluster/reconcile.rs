@@ -12,6 +12,7 @@ use openraft::{BasicNode, ChangeMembers};
 
 use super::membership::CATCH_UP;
 use super::placement::{at_rest, rebalance_move};
+use super::shards::{first_home, grow_step, shrink_step, ShardRecord, ShardState, RETIRE_GRACE_SECS, SPACE};
 use super::{Cluster, ClusterError};
 use crate::raft::groups::GroupHandle;
 use crate::raft::{GroupId, NodeId, Request};
@@ -41,13 +42,20 @@ impl Cluster {
             let leads_control = self.control().is_some_and(|c| c.leader() == Some(self.node_id));
             if leads_control {
                 self.ping_members().await;
+                if let Err(e) = self.place_added().await {
+                    tracing::warn!(error = %e, "placing added shards");
+                }
                 match self.place().await {
                     Err(e) => tracing::warn!(error = %e, "placement"),
                     Ok(true) => {}
                     Ok(false) => {
-                        // Placement is complete: spread replicas, then leaders,
-                        // from every member's view of its shards.
+                        // Placement is complete: retire what is empty, spread
+                        // replicas, then leaders, from every member's view of
+                        // its shards.
                         let (rows, unreachable) = self.all_shards().await;
+                        if let Err(e) = self.retire_empty(&rows).await {
+                            tracing::warn!(error = %e, "retiring shards");
+                        }
                         match self.rebalance(&rows, &unreachable).await {
                             Err(e) => tracing::warn!(error = %e, "rebalancing"),
                             Ok(true) => {}
@@ -56,6 +64,8 @@ impl Cluster {
                     }
                 }
             }
+            self.open_added().await;
+            self.close_retired().await;
             self.reconcile();
         }
     }
@@ -72,7 +82,12 @@ impl Cluster {
         }
         let mut changed = false;
         let placement = self.placement();
-        let want = self.replicas.min(members.len());
+        let records = self.shard_records();
+        let want = self.want_replicas().min(members.len());
+        // Once the operator set the count (`cluster set replicas`), shards
+        // grow one replica at a time, at rest (see `rebalance`); before,
+        // every short shard grows at once (bootstrap, joins) as it always did.
+        let grow_all = super::records::cluster_replicas(&self.groups).is_none();
         // Replicas per live node, to pick the least loaded.
         let mut load: BTreeMap<NodeId, usize> = members.iter().filter(|n| !dead.contains(n)).map(|n| (*n, 0)).collect();
         for replicas in placement.values() {
@@ -90,6 +105,10 @@ impl Cluster {
         };
         let control = self.control().ok_or(ClusterError::NoControlGroup)?;
         for (shard, current) in &placement {
+            // A shard being added stays on the node creating it until it leads.
+            if records.get(shard).is_some_and(|r| r.state == ShardState::Adding) {
+                continue;
+            }
             // Nodes that left are dropped.
             let mut next: Vec<NodeId> = current.iter().copied().filter(|n| members.contains(n)).collect();
             // A long-dead replica moves to a live node, when there is one to take it.
@@ -101,7 +120,7 @@ impl Cluster {
                     }
                 }
             }
-            while next.len() < want {
+            while grow_all && next.len() < want {
                 let Some(n) = pick(&load, &next) else { break };
                 next.push(n);
                 *load.entry(n).or_default() += 1;
@@ -145,6 +164,26 @@ impl Cluster {
             return Ok(false);
         }
         let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
+        // A shard being added stays where it is created until it is active.
+        let records = self.shard_records();
+        let placement: BTreeMap<GroupId, Vec<NodeId>> = placement
+            .into_iter()
+            .filter(|(shard, _)| records.get(shard).is_none_or(|r| r.state != ShardState::Adding))
+            .collect();
+        // Fewer or more replicas wanted (`cluster set replicas`): one replica
+        // of one shard at a time, the cluster at rest in between.
+        let want = self.want_replicas().min(members.len());
+        let step = shrink_step(&placement, &leaders, want).or_else(|| grow_step(&placement, &members, want));
+        if let Some((shard, next)) = step {
+            tracing::info!(shard, to = ?next, want, "changing a shard's replica count");
+            self.control()
+                .ok_or(ClusterError::NoControlGroup)?
+                .raft
+                .client_write(Request::SetShardReplicas { shard, replicas: next })
+                .await
+                .map_err(ClusterError::raft)?;
+            return Ok(true);
+        }
         let Some((shard, from, to)) = rebalance_move(&placement, &members, &leaders) else {
             return Ok(false);
         };
@@ -168,6 +207,186 @@ impl Cluster {
             .await
             .map_err(ClusterError::raft)?;
         Ok(true)
+    }
+
+    /// `ternctl shard add`, on the control leader: records the next `count`
+    /// shard ids as being added; the controller's `place_added` places
+    /// them. The new ids.
+    pub async fn add_shards(&self, count: u32) -> Result<Vec<GroupId>, ClusterError> {
+        let _one_at_a_time = self.adding.lock().await;
+        let control = self.control().ok_or(ClusterError::NoControlGroup)?;
+        let records = self.shard_records();
+        let ids = super::shards::next_shard_ids(super::records::placed_ids(&self.groups), &records, count)
+            .map_err(ClusterError::Refused)?;
+        let record = ShardRecord {
+            state: ShardState::Adding,
+            since: chrono::Utc::now().timestamp(),
+        };
+        let value = bincode::serialize(&record).map_err(|e| ClusterError::Refused(e.to_string()))?;
+        let entries = ids
+            .iter()
+            .map(|id| (super::shards::state_key(*id), value.clone()))
+            .collect();
+        control
+            .raft
+            .client_write(Request::PutShared {
+                space: SPACE.into(),
+                entries,
+            })
+            .await
+            .map_err(ClusterError::raft)?;
+        // Placed by the controller's next tick (only that task places, so
+        // a shard never gets two first homes).
+        tracing::info!(shards = ?ids, "shards added");
+        Ok(ids)
+    }
+
+    /// Control leader: a shard being added and not placed yet starts on
+    /// the least loaded live member (one replica; topped up once it leads).
+    async fn place_added(&self) -> Result<(), ClusterError> {
+        let records = self.shard_records();
+        let mut placement = self.placement();
+        let members: BTreeSet<NodeId> = self.nodes().keys().copied().collect();
+        let dead = self.dead_nodes();
+        for (shard, record) in &records {
+            if record.state != ShardState::Adding || placement.contains_key(shard) {
+                continue;
+            }
+            let Some(home) = first_home(&placement, &members, &dead) else {
+                return Err(ClusterError::NoPlacement);
+            };
+            tracing::info!(shard, node = home, "placing a new shard");
+            self.control()
+                .ok_or(ClusterError::NoControlGroup)?
+                .raft
+                .client_write(Request::SetShardReplicas {
+                    shard: *shard,
+                    replicas: vec![home],
+                })
+                .await
+                .map_err(ClusterError::raft)?;
+            placement.insert(*shard, vec![home]);
+        }
+        Ok(())
+    }
+
+    /// Every node: a shard being added and placed on this node alone is
+    /// created and initialised here (this node its only voter); once this
+    /// node leads it, its record goes (it is active: new mail goes to it).
+    /// Only while the record says `Adding`, so that a group that exists
+    /// elsewhere is never initialised afresh.
+    async fn open_added(&self) {
+        let records = self.shard_records();
+        let placement = self.placement();
+        let Some(host) = self.host.get() else { return };
+        for (shard, record) in records {
+            if record.state != ShardState::Adding {
+                continue;
+            }
+            let placed_here_alone = placement.get(&shard) == Some(&vec![self.node_id]);
+            let group = match self.groups.get(shard) {
+                Some(g) => g,
+                None if !placed_here_alone => continue,
+                None => match host.ensure(shard).await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(shard, error = %e, "cannot create an added shard");
+                        continue;
+                    }
+                },
+            };
+            if group.leader() == Some(self.node_id) {
+                let done = self
+                    .control_writer()
+                    .write(tern_model::peer::Operation::DeleteShared {
+                        space: SPACE.into(),
+                        keys: vec![super::shards::state_key(shard)],
+                        prefixes: Vec::new(),
+                    })
+                    .await;
+                match done {
+                    Ok(()) => tracing::info!(shard, "added shard is active"),
+                    Err(e) => tracing::debug!(shard, error = %e, "marking an added shard active"),
+                }
+                continue;
+            }
+            if !placed_here_alone {
+                continue;
+            }
+            let Some(addr) = self.nodes().get(&self.node_id).cloned() else {
+                continue;
+            };
+            let me = BTreeMap::from([(self.node_id, BasicNode::new(addr))]);
+            // Already initialised (an earlier tick): openraft refuses, harmlessly.
+            if let Err(e) = group.raft.initialize(me).await {
+                tracing::debug!(shard, error = %e, "initialize");
+            }
+        }
+    }
+
+    /// Control leader: a shard retiring for [`RETIRE_GRACE_SECS`] whose
+    /// leader reports no queued message and an empty outbox is retired: its
+    /// placement emptied, so that its replicas close it.
+    async fn retire_empty(&self, rows: &BTreeMap<GroupId, tern_proto::admin::ShardStatus>) -> Result<(), ClusterError> {
+        let now = chrono::Utc::now().timestamp();
+        for (shard, record) in self.shard_records() {
+            if record.state != ShardState::Retiring || now - record.since < RETIRE_GRACE_SECS {
+                continue;
+            }
+            let Some(row) = rows.get(&shard) else { continue };
+            if row.leader == 0 || row.queued_messages > 0 || !row.outbox_empty {
+                continue;
+            }
+            let retired = ShardRecord {
+                state: ShardState::Retired,
+                since: now,
+            };
+            let value = bincode::serialize(&retired).map_err(|e| ClusterError::Refused(e.to_string()))?;
+            let control = self.control().ok_or(ClusterError::NoControlGroup)?;
+            control
+                .raft
+                .client_write(Request::PutShared {
+                    space: SPACE.into(),
+                    entries: vec![(super::shards::state_key(shard), value)],
+                })
+                .await
+                .map_err(ClusterError::raft)?;
+            control
+                .raft
+                .client_write(Request::SetShardReplicas {
+                    shard,
+                    replicas: Vec::new(),
+                })
+                .await
+                .map_err(ClusterError::raft)?;
+            tracing::info!(shard, "shard retired: its replicas close it");
+        }
+        Ok(())
+    }
+
+    /// Every node: closes its replica of a retired shard, once that replica
+    /// holds no message and no outbox event (a message that got in late is
+    /// delivered first: the replicas holding it keep the group open).
+    async fn close_retired(&self) {
+        let records = self.shard_records();
+        let Some(host) = self.host.get() else { return };
+        for g in self.groups.shards() {
+            if records.get(&g.id).map(|r| r.state) != Some(ShardState::Retired) {
+                continue;
+            }
+            let outbox_empty = g.sm.tree().scan_prefix(crate::outbox::OUTBOX_PREFIX).next().is_none();
+            if g.sm.message_count() > 0 || !outbox_empty {
+                tracing::warn!(
+                    shard = g.id,
+                    messages = g.sm.message_count(),
+                    "a retired shard still holds mail: kept open"
+                );
+                continue;
+            }
+            if let Err(e) = host.close(g.id).await {
+                tracing::warn!(shard = g.id, error = %e, "cannot close a retired shard");
+            }
+        }
     }
 
     /// On each shard this node leads: move the group's membership towards

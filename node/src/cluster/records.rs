@@ -1,11 +1,13 @@
 //! What the cluster reads from this node's replica of the control group:
 //! members (node id -> gRPC address), removed and drained nodes, and shard
-//! placement (shard -> desired replicas). Read-only; the control group's
+//! placement (shard -> desired replicas), shard states and the replica
+//! count. Read-only; the control group's
 //! apply rules write these keys.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::control::{DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
+use super::control::{ControlState, DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
+use super::shards::{self, ShardRecord};
 use crate::raft::groups::Groups;
 use crate::raft::{GroupId, NodeId, CONTROL_GROUP};
 
@@ -45,7 +47,7 @@ fn node_set(groups: &Groups, prefix: &[u8]) -> BTreeSet<NodeId> {
     out
 }
 
-/// Shard -> desired replicas.
+/// Shard -> desired replicas (a retired shard's empty placement left out).
 pub fn placement(groups: &Groups) -> BTreeMap<GroupId, Vec<NodeId>> {
     let mut out = BTreeMap::new();
     if let Some(control) = groups.get(CONTROL_GROUP) {
@@ -54,11 +56,67 @@ pub fn placement(groups: &Groups) -> BTreeMap<GroupId, Vec<NodeId>> {
                 <[u8; 8]>::try_from(&k[PLACEMENT_PREFIX.len()..]),
                 bincode::deserialize::<Vec<NodeId>>(&v),
             ) {
-                out.insert(u64::from_be_bytes(id), replicas);
+                if !replicas.is_empty() {
+                    out.insert(u64::from_be_bytes(id), replicas);
+                }
             }
         }
     }
     out
+}
+
+/// The placed shards new mail may go to (not being added, retiring or
+/// retired), in id order.
+pub fn routable_placement(groups: &Groups) -> Vec<(GroupId, Vec<NodeId>)> {
+    let records = shard_records(groups);
+    placement(groups)
+        .into_iter()
+        .filter(|(shard, _)| shards::routable(&records, *shard))
+        .collect()
+}
+
+/// Every shard id ever placed (retired ones too): new ids go after them.
+pub fn placed_ids(groups: &Groups) -> Vec<GroupId> {
+    let mut out = Vec::new();
+    if let Some(control) = groups.get(CONTROL_GROUP) {
+        for (k, _) in control.sm.tree().scan_prefix(PLACEMENT_PREFIX).flatten() {
+            if let Ok(id) = <[u8; 8]>::try_from(&k[PLACEMENT_PREFIX.len()..]) {
+                out.push(u64::from_be_bytes(id));
+            }
+        }
+    }
+    out
+}
+
+/// Shards added, retiring or retired (see [`super::shards`]); a shard not
+/// listed is active.
+pub fn shard_records(groups: &Groups) -> BTreeMap<GroupId, ShardRecord> {
+    let Some(control) = groups.get(CONTROL_GROUP) else {
+        return BTreeMap::new();
+    };
+    let state = ControlState::new(control.sm.tree());
+    state
+        .shared_scan(shards::SPACE, shards::STATE_PREFIX, shards::MAX_SHARD as usize * 2)
+        .into_iter()
+        .filter_map(|(k, v)| Some((shards::parse_state_key(&k)?, bincode::deserialize(&v).ok()?)))
+        .collect()
+}
+
+/// The cluster's replica count (`ternctl cluster set replicas`), if set.
+pub fn cluster_replicas(groups: &Groups) -> Option<u32> {
+    let control = groups.get(CONTROL_GROUP)?;
+    let v = ControlState::new(control.sm.tree()).shared(shards::SPACE, shards::REPLICAS_KEY)?;
+    bincode::deserialize(&v).ok()
+}
+
+/// Whether new mail may go to `shard` (not being added, retiring or retired).
+pub fn routable(groups: &Groups, shard: GroupId) -> bool {
+    let Some(control) = groups.get(CONTROL_GROUP) else {
+        return true;
+    };
+    ControlState::new(control.sm.tree())
+        .shared(shards::SPACE, &shards::state_key(shard))
+        .is_none()
 }
 
 /// The queue shards `node` leads, of all queue shards (placement from the

@@ -91,7 +91,8 @@ pub async fn recover(config: &Config, keep: &BTreeSet<NodeId>, dry_run: bool) ->
                 .flatten()
                 .filter_map(|(k, v)| Some((id_after(&k, PLACEMENT_PREFIX)?, bincode::deserialize(&v).ok()?)))
                 .collect();
-            for (shard, replicas) in placement {
+            // A retired shard's placement is empty: nothing of it to lose.
+            for (shard, replicas) in placement.into_iter().filter(|(_, r)| !r.is_empty()) {
                 let kept: Vec<NodeId> = replicas.iter().copied().filter(|n| keep.contains(n)).collect();
                 if kept.is_empty() {
                     report.lost_shards.push(shard);

@@ -74,12 +74,15 @@ impl Cluster {
     /// The shards this node hosts, as it sees them.
     pub fn local_shards(&self) -> Vec<tern_proto::admin::ShardStatus> {
         let placement = self.placement();
+        let records = self.shard_records();
         self.groups
             .shards()
             .iter()
             .map(|g| {
                 let m = g.raft.metrics().borrow().clone();
                 tern_proto::admin::ShardStatus {
+                    state: shard_state(&records, g.id).into(),
+                    outbox_empty: g.sm.tree().scan_prefix(crate::outbox::OUTBOX_PREFIX).next().is_none(),
                     shard: g.id,
                     leader: m.current_leader.unwrap_or(0),
                     replicas: placement.get(&g.id).cloned().unwrap_or_default(),
@@ -125,11 +128,18 @@ impl Cluster {
         // Placement is the control group's: the freshest copy is this node's
         // own when it is the control leader, and at worst a little behind.
         let placement = self.placement();
+        let records = self.shard_records();
         for (shard, row) in merged.iter_mut() {
             if let Some(p) = placement.get(shard) {
                 row.replicas = p.clone();
             }
+            row.state = shard_state(&records, *shard).into();
         }
         (merged, unreachable)
     }
+}
+
+/// A shard's state as `ternctl shard list` names it.
+pub fn shard_state(records: &BTreeMap<GroupId, super::shards::ShardRecord>, shard: GroupId) -> &'static str {
+    records.get(&shard).map_or("active", |r| r.state.as_str())
 }

@@ -100,6 +100,14 @@ impl PeerService for PeerServer {
             ));
         }
         let group = self.group(req.group_id)?;
+        // A retired shard is being closed: a sender that has not seen it yet
+        // tries again (elsewhere) rather than leave mail in it.
+        let retired = crate::cluster::records::shard_records(&self.admin.cluster.groups)
+            .get(&group.id)
+            .is_some_and(|r| r.state == crate::cluster::shards::ShardState::Retired);
+        if retired {
+            return Err(Status::unavailable(format!("Enqueue: shard {} is retired", group.id)));
+        }
         let message: NewMessage = decode_strict(&req.message)
             .map_err(|e| Status::invalid_argument(format!("Enqueue: the payload is not one new message: {e}")))?;
         check_message(&message).map_err(|e| Status::invalid_argument(format!("Enqueue: {e}")))?;
@@ -175,6 +183,13 @@ impl PeerService for PeerServer {
             Operation::MemberRemove { id, force } => {
                 self.admin.remove_member_here(id, force).await?;
                 return Ok(Response::new(OperationReply::default()));
+            }
+            Operation::ShardAdd { count } => {
+                let ids = self.admin.add_shards_here(count).await?;
+                return Ok(Response::new(OperationReply {
+                    affected: ids.len() as u64,
+                    detail: ids.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                }));
             }
             _ => {}
         }

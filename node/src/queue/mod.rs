@@ -148,7 +148,7 @@ impl QueueFront {
                 }
             }
         }
-        let shards = self.groups.shards();
+        let shards = self.routable_shards();
         let led: Vec<_> = shards.iter().filter(|g| g.leader() == Some(self.node)).collect();
         let received_at = chrono::Utc::now().timestamp();
         let received = Received::of(&envelope, &body);
@@ -200,7 +200,7 @@ impl QueueFront {
         turn: usize,
         message: NewMessage,
     ) -> Result<(), EnqueueError> {
-        let shards = self.groups.shards();
+        let shards = self.routable_shards();
         // No shard led here: forward to the leader of one we replicate.
         let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).collect();
         if with_leader.is_empty() {
@@ -233,6 +233,15 @@ impl QueueFront {
 }
 
 impl QueueFront {
+    /// The shards hosted here that new mail may go to: not being added,
+    /// retiring or retired (`ternctl shard add|retire`).
+    fn routable_shards(&self) -> Vec<GroupHandle> {
+        let records = crate::cluster::records::shard_records(&self.groups);
+        let mut shards = self.groups.shards();
+        shards.retain(|g| crate::cluster::shards::routable(&records, g.id));
+        shards
+    }
+
     /// The led shard for the next message. Replicated shards: one that
     /// already has writes waiting or in flight (fewer than [`FILL`]) so that
     /// they share a batch and its AppendEntries, else an idle one in turn,
@@ -290,7 +299,7 @@ impl QueueFront {
         if self.space.is_full() {
             return Err(BatchWriteError::DiskFull);
         }
-        let shards = self.groups.shards();
+        let shards = self.routable_shards();
         let led: Vec<_> = shards
             .iter()
             .filter(|g| g.leader() == Some(self.node))
@@ -301,7 +310,10 @@ impl QueueFront {
         } else {
             let with_leader: Vec<_> = shards.iter().filter(|g| g.leader().is_some()).map(|g| g.id).collect();
             if with_leader.is_empty() {
-                crate::cluster::records::placement(&self.groups).into_keys().collect()
+                crate::cluster::records::routable_placement(&self.groups)
+                    .into_iter()
+                    .map(|(shard, _)| shard)
+                    .collect()
             } else {
                 with_leader
             }
@@ -358,8 +370,10 @@ impl QueueFront {
             })
             .buffer_unordered(BATCH_CHUNKS_IN_FLIGHT)
             .try_collect::<()>();
-        let placement: Vec<crate::raft::GroupId> =
-            crate::cluster::records::placement(&self.groups).into_keys().collect();
+        let placement: Vec<crate::raft::GroupId> = crate::cluster::records::routable_placement(&self.groups)
+            .into_iter()
+            .map(|(shard, _)| shard)
+            .collect();
         let remote = futures::stream::iter(forwards)
             .map(|(shard, handle, message)| {
                 let placement = &placement;

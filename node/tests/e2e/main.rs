@@ -39,6 +39,7 @@ mod reload_inbound;
 mod reports;
 mod requiretls;
 mod shaping;
+mod shards;
 mod smtp;
 mod spf_suite;
 mod submission;
