@@ -5,6 +5,7 @@
 //! apply rules write these keys.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::control::{ControlState, DRAIN_PREFIX, NODE_PREFIX, PLACEMENT_PREFIX, REMOVED_PREFIX};
 use super::shards::{self, ShardRecord};
@@ -100,6 +101,33 @@ pub fn shard_records(groups: &Groups) -> BTreeMap<GroupId, ShardRecord> {
         .into_iter()
         .filter_map(|(k, v)| Some((shards::parse_state_key(&k)?, bincode::deserialize(&v).ok()?)))
         .collect()
+}
+
+/// [`shard_records`] read again only when the control replica has applied
+/// a new entry: new mail asks for them per message, and they change only
+/// with `ternctl shard add|retire`.
+#[derive(Default)]
+pub struct ShardRecordsCache {
+    cached: std::sync::Mutex<Option<(Option<crate::raft::LogId>, Arc<BTreeMap<GroupId, ShardRecord>>)>>,
+}
+
+impl ShardRecordsCache {
+    pub fn get(&self, groups: &Groups) -> Arc<BTreeMap<GroupId, ShardRecord>> {
+        let Some(control) = groups.get(CONTROL_GROUP) else {
+            return Arc::default();
+        };
+        // Read before the records: what is read is at least this new.
+        let applied = control.raft.metrics().borrow().last_applied;
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, records)) = cached.as_ref() {
+            if *at == applied {
+                return Arc::clone(records);
+            }
+        }
+        let records = Arc::new(shard_records(groups));
+        *cached = Some((applied, Arc::clone(&records)));
+        records
+    }
 }
 
 /// The cluster's replica count (`ternctl cluster set replicas`), if set.

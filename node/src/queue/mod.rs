@@ -79,6 +79,8 @@ pub struct QueueFront {
     /// `[fbl]`: feedback reports are taken here, before queueing (swapped
     /// by a config reload).
     fbl: arc_swap::ArcSwapOption<crate::fbl::Fbl>,
+    /// The control group's shard records (added, retiring, retired).
+    shard_records: crate::cluster::records::ShardRecordsCache,
 }
 
 impl QueueFront {
@@ -101,6 +103,7 @@ impl QueueFront {
             batchers,
             space,
             fbl: arc_swap::ArcSwapOption::empty(),
+            shard_records: Default::default(),
         }
     }
 
@@ -236,7 +239,7 @@ impl QueueFront {
     /// The shards hosted here that new mail may go to: not being added,
     /// retiring or retired (`ternctl shard add|retire`).
     fn routable_shards(&self) -> Vec<GroupHandle> {
-        let records = crate::cluster::records::shard_records(&self.groups);
+        let records = self.shard_records.get(&self.groups);
         let mut shards = self.groups.shards();
         shards.retain(|g| crate::cluster::shards::routable(&records, g.id));
         shards
