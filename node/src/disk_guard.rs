@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
-use crate::raft::groups::{matched_index, GroupHandle, Groups};
+use crate::raft::groups::{matched_index, GroupHandle, Groups, Hold};
 use crate::raft::{GroupId, NodeId};
 use crate::storage::space::DiskSpace;
 
@@ -86,7 +86,7 @@ impl DiskGuard {
                     return Err(StorageFailed::StateDb(e));
                 }
                 for g in self.groups.all() {
-                    g.raft.runtime_config().elect(true);
+                    g.hold_elections(Hold::DiskFull, false);
                 }
                 tried.clear();
                 tracing::info!("disk space is back: campaigning again");
@@ -99,7 +99,7 @@ impl DiskGuard {
     fn step_down(&self, tried: &mut HashMap<GroupId, Instant>) {
         for g in self.groups.all() {
             // Every tick: an operator's step-aside re-enables it after a while.
-            g.raft.runtime_config().elect(false);
+            g.hold_elections(Hold::DiskFull, true);
             if g.leader() != Some(self.node_id) {
                 continue;
             }

@@ -17,9 +17,41 @@ pub struct GroupHandle {
     /// Deliveries in flight while this node leads, for a planned hand-over
     /// that must wait for their outcomes (queue shards; unused in group 0).
     pub handover: std::sync::Arc<crate::handover::HandOver>,
+    /// Why this replica must not campaign now (see [`Hold`]).
+    pub holds: Arc<std::sync::Mutex<u8>>,
+}
+
+/// A reason for a replica not to start elections. Several can hold at once
+/// (a full disk while a quiet group waits for its leader's liveness);
+/// elections resume only when none does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The disk is full: this node must not lead (disk_guard).
+    DiskFull = 1,
+    /// A planned hand-over: leadership must not come straight back.
+    StepAside = 2,
+    /// The group is quiet: its leader's node vouches for it ([`crate::quiet`]).
+    Quiet = 4,
 }
 
 impl GroupHandle {
+    /// Sets or clears one reason not to campaign; openraft's election timer
+    /// runs only while no reason holds.
+    pub fn hold_elections(&self, why: Hold, on: bool) {
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            *holds |= why as u8;
+        } else {
+            *holds &= !(why as u8);
+        }
+        self.raft.runtime_config().elect(*holds == 0);
+    }
+
+    /// Whether `why` holds elections now.
+    pub fn elections_held(&self, why: Hold) -> bool {
+        *self.holds.lock().unwrap_or_else(|p| p.into_inner()) & why as u8 != 0
+    }
+
     /// The leader this node currently knows of; none once the group has
     /// stopped on an error (its last metrics still name a leader, and mail
     /// routed to it would wait for ever).

@@ -150,7 +150,13 @@ impl GroupHost {
         .with_context(|| format!("starting raft group {id}"))?;
         watch_leader_changes(&raft, self.hooks.leader_changes(id));
         let handover = self.hooks.handover(id);
-        let handle = GroupHandle { id, raft, sm, handover };
+        let handle = GroupHandle {
+            id,
+            raft,
+            sm,
+            handover,
+            holds: Arc::default(),
+        };
         self.hooks.opened(
             &handle,
             GroupEvents {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::placement::{at_rest, drain_target};
 use super::{Cluster, ClusterError};
-use crate::raft::groups::GroupHandle;
+use crate::raft::groups::{GroupHandle, Hold};
 use crate::raft::{GroupId, NodeId, CONTROL_GROUP};
 
 /// How long a leader handing over does not campaign (two election timeouts
@@ -26,17 +26,17 @@ pub const STEP_ASIDE: Duration = Duration::from_secs(5);
 pub async fn step_aside_for(group: &GroupHandle) -> bool {
     let g = group.clone();
     let task = tokio::spawn(async move {
-        g.raft.runtime_config().elect(false);
+        g.hold_elections(Hold::StepAside, true);
         let leading = g.raft.metrics().borrow().state == openraft::ServerState::Leader;
         let quiet = if leading && g.id != CONTROL_GROUP {
             g.handover.quiesce(g.id, STEP_ASIDE).await
         } else {
             true
         };
-        let raft = g.raft.clone();
+        let resume = g.clone();
         tokio::spawn(async move {
             tokio::time::sleep(STEP_ASIDE).await;
-            raft.runtime_config().elect(true);
+            resume.hold_elections(Hold::StepAside, false);
         });
         quiet
     });
