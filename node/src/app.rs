@@ -387,6 +387,14 @@ pub async fn run_from(
     announce(&format!("listening http={}", http_listener.local_addr()?));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let quiet = Arc::new(crate::raft::quiet::Quiet::new(
+        config.node_id,
+        config.quiesce_idle_groups,
+        Arc::clone(&groups),
+        Arc::clone(&host.peers),
+        metrics.quiet.clone(),
+    ));
+    let _quiet_rounds = quiet.spawn(stop_rx.clone());
     let mut guard = tokio::spawn(
         crate::disk_guard::DiskGuard {
             node_id: config.node_id,
@@ -424,6 +432,7 @@ pub async fn run_from(
             host: Arc::clone(&host),
             gate: Arc::clone(&gate),
             refused: metrics.peer_refused.clone(),
+            quiet: Arc::clone(&quiet),
         })
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);

@@ -997,6 +997,8 @@ pub struct Metrics {
     /// did not load (the previous certificate stays).
     pub tls_reload_errors: Counter,
     pub peer_refused: PeerRefusals,
+    /// `tern_raft_quiet_leading_groups`, `tern_raft_quiet_following_groups`.
+    pub quiet: tern_raft::quiet::QuietGauges,
     /// `tern_api_requests_total`, `tern_api_messages_total` (the sending API).
     pub api: ApiMetrics,
     raft: RaftGauges,
@@ -1057,6 +1059,7 @@ impl Metrics {
         let reload = ReloadMetrics::default();
         reload.register(&mut registry);
         let peer_refused = PeerRefusals::default();
+        let quiet = tern_raft::quiet::QuietGauges::default();
         let api = ApiMetrics::default();
         api.register(&mut registry);
         let r = &mut registry;
@@ -1069,6 +1072,16 @@ impl Metrics {
             "tern_peer_refused",
             "Peer RPCs (Raft, forwarding, elections, gathering) refused, by reason",
             peer_refused.0.clone(),
+        );
+        r.register(
+            "tern_raft_quiet_leading_groups",
+            "Shards led here that are idle and send no heartbeats (this node's liveness vouches for them)",
+            quiet.leading.clone(),
+        );
+        r.register(
+            "tern_raft_quiet_following_groups",
+            "Shard replicas here that hold their elections on their leader node's liveness",
+            quiet.following.clone(),
         );
         r.register("tern_raft_term", "Current Raft term, per group", raft.term.clone());
         r.register(
@@ -1135,6 +1148,7 @@ impl Metrics {
             screen,
             restarts,
             peer_refused,
+            quiet,
             disk,
             tls_reload_errors,
             smtp,

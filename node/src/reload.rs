@@ -96,6 +96,7 @@ pub fn compare(old: &Config, new: &Config) -> (Config, Diff) {
             peer_addresses => "cluster.peer_addresses",
             dead_node_after => "cluster.dead_node_after_secs",
             handover_timeout => "cluster.handover_timeout_secs",
+            quiesce_idle_groups => "cluster.quiesce_idle_groups",
             bootstrap => "cluster.bootstrap",
             shards => "cluster.shards",
             replicas => "cluster.replicas",

@@ -599,6 +599,7 @@ struct RawCluster {
     peer_addresses: Option<std::collections::BTreeMap<String, String>>,
     dead_node_after_secs: Option<u64>,
     handover_timeout_secs: Option<u64>,
+    quiesce_idle_groups: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -671,6 +672,9 @@ pub struct Config {
     /// `[cluster] handover_timeout_secs`: longest wait of a planned hand-over
     /// for the shard's in-flight delivery outcomes.
     pub handover_timeout: Duration,
+    /// `[cluster] quiesce_idle_groups`: an idle shard's leader stops its
+    /// heartbeats while its node vouches for it once per peer.
+    pub quiesce_idle_groups: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Initialise a new cluster on first start if this node has no state.
@@ -1148,6 +1152,7 @@ impl Config {
                 }
                 t => t,
             },
+            quiesce_idle_groups: raw.cluster.quiesce_idle_groups.unwrap_or(true),
             dns_nameservers,
             dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
             routes,

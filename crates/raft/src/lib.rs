@@ -24,6 +24,8 @@
 //! - [`network`] / [`service`]: the Raft gRPC client and server.
 //! - [`groups`] / [`host`]: the group router and the host that opens groups.
 //! - [`recover`]: unsafe recovery of a group whose majority is lost for good.
+//! - [`quiet`]: idle shards stop their heartbeats; one liveness per peer
+//!   vouches for them.
 //! - [`handover`]: claims of in-flight work for a planned leader hand-over.
 //! - [`gate`]: who may make peer RPCs ([`gate::PeerRefusals`] counts refusals).
 //! - [`tls`]: cluster mTLS material, reloadable.
@@ -39,6 +41,7 @@ pub mod handover;
 pub mod host;
 pub mod log_store;
 pub mod network;
+pub mod quiet;
 pub mod recover;
 pub mod service;
 pub mod snapshot;

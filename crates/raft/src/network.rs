@@ -95,6 +95,15 @@ impl Peers {
         }
     }
 
+    /// The Raft service of `target` (at `advertised` unless overridden).
+    pub fn client(&self, target: NodeId, advertised: &str) -> Result<RaftServiceClient<Channel>, String> {
+        self.channel(target, advertised).map(|ch| {
+            RaftServiceClient::new(ch)
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE)
+        })
+    }
+
     fn channel(&self, target: NodeId, advertised: &str) -> Result<Channel, String> {
         let addr = self.overrides.get(&target).map(String::as_str).unwrap_or(advertised);
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,11 +133,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             group: self.group,
             target,
-            client: self.peers.channel(target, &node.addr).map(|ch| {
-                RaftServiceClient::new(ch)
-                    .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                    .max_encoding_message_size(MAX_GRPC_MESSAGE)
-            }),
+            client: self.peers.client(target, &node.addr),
             acked: None,
         }
     }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use tern_proto::raft::raft_service_server::RaftService;
-use tern_proto::raft::{RaftReply, RaftRequest};
+use tern_proto::raft::{LivenessReply, LivenessRequest, RaftReply, RaftRequest};
 use tonic::{Request, Response, Status};
 
 use super::gate::PeerGate;
@@ -21,6 +21,8 @@ pub struct RaftServer {
     pub host: Arc<GroupHost>,
     pub gate: Arc<PeerGate>,
     pub refused: PeerRefusals,
+    /// Answers peers' liveness for their quiet groups.
+    pub quiet: Arc<super::quiet::Quiet>,
 }
 
 impl RaftServer {
@@ -116,5 +118,13 @@ impl RaftService for RaftServer {
         self.gate.check_claim("InstallSnapshot", node, chunk.leader())?;
         let raft = self.raft(request.get_ref().group_id).await?;
         encode(&raft.install_snapshot(chunk.into()).await)
+    }
+
+    async fn liveness(&self, request: Request<LivenessRequest>) -> Result<Response<LivenessReply>, Status> {
+        let node = self.gate.admit(&request, "Liveness", None)?;
+        let request = request.into_inner();
+        self.gate.check_claim("Liveness", node, request.from)?;
+        let quiet = self.quiet.vouched(request.from, &request.groups);
+        Ok(Response::new(LivenessReply { quiet }))
     }
 }

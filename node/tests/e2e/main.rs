@@ -34,6 +34,7 @@ mod ops;
 mod outbound_tls;
 mod peers;
 mod pools;
+mod quiet;
 mod reload;
 mod reload_inbound;
 mod reports;
