@@ -49,10 +49,10 @@ pub fn paced(prefix: &str, messages: usize, secs: f64) -> LoadConfig {
 }
 
 /// Load that runs until [`Load::stop`] (or `max`): `rate` messages per
-/// second (times [`scale`]) from `sessions` sessions spread over the nodes,
-/// for scenarios whose length is set by their steps, not by a count.
+/// second from `sessions` sessions spread over the nodes, for scenarios
+/// whose length is set by their steps, not by a count (so [`scale`], which
+/// keeps the rate, does not change it).
 pub fn continuous(prefix: &str, sessions: usize, rate: f64, max: Duration) -> LoadConfig {
-    let rate = rate * scale() as f64;
     LoadConfig {
         messages: (rate * max.as_secs_f64()) as usize,
         sessions,
