@@ -3,8 +3,9 @@
 //! nodes runs from the first step to the last: placement, a drain during
 //! which the control-group leader is SIGKILLed, the removal of the drained
 //! node and the join of a new one, the SIGKILL of the leader of a shard
-//! holding queued mail, and a rolling SIGTERM restart of all seven. At the end nothing acknowledged is lost, duplicates stay within
-//! 1% and the rolling restart (planned hand-overs) repeated nothing.
+//! holding queued mail, and a rolling SIGTERM restart of all seven. At the
+//! end nothing acknowledged is lost, duplicates stay within 1% and the
+//! rolling restart (planned hand-overs) repeated nothing.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
