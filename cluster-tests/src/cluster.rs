@@ -443,6 +443,49 @@ impl Cluster {
             .collect())
     }
 
+    /// `ternctl status -o json` asked of a healthy node: members with their
+    /// control-group role, every shard with its placement and queued count.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        self.any_healthy()?.ternctl_json(&["status"], TERNCTL_TIMEOUT)
+    }
+
+    /// Each member's role in the control group (`voter` or `learner`).
+    pub fn control_roles(&self) -> anyhow::Result<BTreeMap<u64, String>> {
+        let v = self.status()?;
+        let members = v["members"].as_array().context("status has no members")?;
+        Ok(members
+            .iter()
+            .filter_map(|m| Some((m["id"].as_u64()?, m["role"].as_str()?.to_owned())))
+            .collect())
+    }
+
+    /// Replicas each member holds by placement (members holding none
+    /// count 0), from the merged shard list.
+    pub fn replicas_per_node(&self) -> anyhow::Result<BTreeMap<u64, usize>> {
+        let mut out: BTreeMap<u64, usize> = self.members.iter().map(|m| (*m, 0)).collect();
+        for s in self.shards()? {
+            for r in &s.replicas {
+                *out.entry(*r).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queue ids of the messages queued now, per shard
+    /// (`ternctl queue list --limit 0 -o json` on a healthy node).
+    pub fn queued_by_shard(&self) -> anyhow::Result<BTreeMap<u64, Vec<String>>> {
+        let v = self
+            .any_healthy()?
+            .ternctl_json(&["queue", "list", "--limit", "0"], TERNCTL_TIMEOUT)?;
+        let mut out: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for m in v["messages"].as_array().context("queue list has no messages")? {
+            if let (Some(shard), Some(id)) = (m["shard"].as_u64(), m["id"].as_str()) {
+                out.entry(shard).or_default().push(id.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
     /// Why the cluster is not converged (`None` when it is): every shard
     /// present, led by a healthy member that every healthy replica agrees
     /// on, with `min(members, 3)` replicas, all of them voters.

@@ -3,7 +3,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cluster_tests::check::{self, Verdict};
+use cluster_tests::check::{self, probe_resume, Verdict};
 use cluster_tests::cluster::{Cluster, Options};
 use cluster_tests::load::{Load, LoadConfig, LoadReport};
 
@@ -43,6 +43,21 @@ pub fn paced(prefix: &str, messages: usize, secs: f64) -> LoadConfig {
         sessions: 4,
         rate: Some(messages as f64 / secs),
         deadline: Duration::from_secs_f64(secs + 30.0),
+        prefix: prefix.into(),
+        ..LoadConfig::default()
+    }
+}
+
+/// Load that runs until [`Load::stop`] (or `max`): `rate` messages per
+/// second from `sessions` sessions spread over the nodes, for scenarios
+/// whose length is set by their steps, not by a count (so [`scale`], which
+/// keeps the rate, does not change it).
+pub fn continuous(prefix: &str, sessions: usize, rate: f64, max: Duration) -> LoadConfig {
+    LoadConfig {
+        messages: (rate * max.as_secs_f64()) as usize,
+        sessions,
+        rate: Some(rate),
+        deadline: max,
         prefix: prefix.into(),
         ..LoadConfig::default()
     }
@@ -129,16 +144,17 @@ pub fn assert_converged(name: &str, c: &Cluster, deadline: Duration) {
 pub fn wait_balanced(c: &Cluster) {
     let nodes = c.members().len().max(1);
     let share = (c.options.shards as usize).div_ceil(nodes);
+    let mut last = std::collections::BTreeMap::<u64, usize>::new();
     tern_testkit::wait_until(Duration::from_secs(60), "shard leaders spread", || {
         c.leaders().is_ok_and(|l| {
-            let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+            last.clear();
             for x in l.values() {
-                *counts.entry(*x).or_default() += 1;
+                *last.entry(*x).or_default() += 1;
             }
-            !counts.contains_key(&0) && counts.values().all(|n| *n <= share)
+            !last.contains_key(&0) && last.values().all(|n| *n <= share)
         })
     })
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}: shards led per node {last:?}, share {share}"));
 }
 
 /// The node leading the most shards.
@@ -222,4 +238,30 @@ pub fn ternctl_ok(c: &Cluster, via: u64, args: &[&str]) {
         "ternctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every member in turn stopped with SIGTERM (as systemd or a rolling
+/// upgrade does: it hands its shards over first, and must exit by itself
+/// within 60 s) and started again; after each, a probe is acknowledged and
+/// delivered and the cluster converges before the next. Returns how many
+/// shard leaderships the stopped nodes held (the hand-overs).
+pub fn rolling_sigterm_restart(name: &str, c: &mut Cluster) -> usize {
+    let mut led_total = 0;
+    for id in c.members().to_vec() {
+        let led = c.shards_led_by(id).unwrap();
+        led_total += led.len();
+        let t = Instant::now();
+        let clean = c.terminate(id, Duration::from_secs(60)).unwrap();
+        assert!(clean, "{name}: node {id} did not stop within 60 s of SIGTERM");
+        let stopped = t.elapsed();
+        c.restart(id).unwrap();
+        let resume = probe_resume(&*c, t, &format!("{name}-{id}"), Duration::from_secs(60)).unwrap();
+        let conv = c
+            .wait_converged(Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{name}: after restarting node {id}: {e:#}"));
+        eprintln!(
+            "{name}: node {id} (led {led:?}) stopped in {stopped:.1?}, back; resume {resume:?}, converged {conv:.1?} later"
+        );
+    }
+    led_total
 }

@@ -17,3 +17,4 @@ mod power_cut;
 mod recover;
 mod restart;
 mod scheduled;
+mod seven;

@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use cluster_tests::check::probe_resume;
 use cluster_tests::cluster::{Cluster, Options};
 
 use crate::common::*;
@@ -89,19 +88,7 @@ fn rolling_sigterm_restart_delivers_exactly_once() {
     let mut c = cluster(3, slow_sink());
     let load = start_load(&c, paced("sigterm", 400, 30.0));
     wait_acked(&load, 40);
-    let mut led_total = 0;
-    for id in 1..=3 {
-        let led = c.shards_led_by(id).unwrap();
-        led_total += led.len();
-        let t = Instant::now();
-        let clean = c.terminate(id, Duration::from_secs(60)).unwrap();
-        assert!(clean, "node {id} did not stop within 60 s of SIGTERM");
-        eprintln!("sigterm: node {id} (led {led:?}) stopped in {:.1?}", t.elapsed());
-        c.restart(id).unwrap();
-        let resume = probe_resume(&c, t, &format!("sigterm-{id}"), Duration::from_secs(60)).unwrap();
-        c.wait_converged(Duration::from_secs(60)).unwrap();
-        eprintln!("sigterm: node {id} back, resume {resume:?}");
-    }
+    let led_total = rolling_sigterm_restart("sigterm", &mut c);
     let report = load.finish();
     let v = assert_no_loss("rolling_sigterm_restart", &c, &report);
     assert_exactly_once("rolling_sigterm_restart", &v, led_total);

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::placement::{at_rest, drain_target};
+use super::placement::{at_rest, drain_target, leader_move};
 use super::{Cluster, ClusterError};
 use crate::raft::groups::{GroupHandle, Hold};
 use crate::raft::{GroupId, NodeId, CONTROL_GROUP};
@@ -110,32 +110,12 @@ impl Cluster {
             }
         }
         let share = leaders.len().div_ceil(eligible.len());
-        let Some((&busiest, &most)) = count.iter().max_by_key(|(n, c)| (**c, **n)) else {
+        let Some((shard, from, to)) = leader_move(&leaders, &placement, &count, share) else {
             return;
         };
-        if most <= share {
-            return;
-        }
-        for (shard, leader) in &leaders {
-            if *leader != busiest {
-                continue;
-            }
-            let Some(replicas) = placement.get(shard) else { continue };
-            let Some(&target) = replicas
-                .iter()
-                .filter(|n| **n != busiest && !drained.contains(n) && !unreachable.contains(n))
-                .min_by_key(|n| (count.get(n).copied().unwrap_or(0), **n))
-            else {
-                continue;
-            };
-            if count.get(&target).copied().unwrap_or(0) + 1 >= most {
-                continue;
-            }
-            tracing::info!(shard, from = busiest, to = target, "moving shard leader");
-            if let Err(e) = self.hand_over(*shard, busiest, target).await {
-                tracing::debug!(shard, target, error = %e, "leader move");
-            }
-            return;
+        tracing::info!(shard, from, to, "moving shard leader");
+        if let Err(e) = self.hand_over(shard, from, to).await {
+            tracing::debug!(shard, target = to, error = %e, "leader move");
         }
     }
 

@@ -67,6 +67,75 @@ pub fn rebalance_move(
     None
 }
 
+/// The leader balancer's next move, as (shard, from, to), when some node
+/// leads more than `share`. `count`: leaderships of the nodes that may lead
+/// (the others are never a source or a target). A direct move goes from an
+/// overloaded node (busiest first) to the replica of one of its shards
+/// leading the fewest, when that one then leads fewer than the giver did.
+/// When no overloaded node has one (every other replica of its shards leads
+/// just one less, as happens once nodes outnumber replicas), the move goes
+/// to such a replica that will itself have a direct move (A 3 -> B 2, then
+/// B 3 -> C 1); without it A would stay above its share for good. That move
+/// leaves the sum of squared counts as it was, and the direct move it
+/// enables lowers it, so the balancer settles.
+pub fn leader_move(
+    leaders: &BTreeMap<GroupId, NodeId>,
+    placement: &BTreeMap<GroupId, Vec<NodeId>>,
+    count: &BTreeMap<NodeId, usize>,
+    share: usize,
+) -> Option<(GroupId, NodeId, NodeId)> {
+    let mut overloaded: Vec<(NodeId, usize)> = count
+        .iter()
+        .filter(|(_, c)| **c > share)
+        .map(|(n, c)| (*n, *c))
+        .collect();
+    overloaded.sort_by_key(|(n, c)| std::cmp::Reverse((*c, *n)));
+    // The replica of `shard` other than `from` leading the fewest under `count`.
+    let fewest = |count: &BTreeMap<NodeId, usize>, shard: GroupId, from: NodeId| {
+        placement
+            .get(&shard)?
+            .iter()
+            .filter(|n| **n != from)
+            .filter_map(|n| Some((*n, *count.get(n)?)))
+            .min_by_key(|(n, c)| (*c, *n))
+    };
+    let direct = |count: &BTreeMap<NodeId, usize>, from: NodeId, most: usize| {
+        leaders.iter().filter(|(_, l)| **l == from).find_map(|(shard, _)| {
+            fewest(count, *shard, from)
+                .filter(|(_, c)| c + 1 < most)
+                .map(|(to, _)| (*shard, to))
+        })
+    };
+    for (from, most) in &overloaded {
+        if let Some((shard, to)) = direct(count, *from, *most) {
+            return Some((shard, *from, to));
+        }
+    }
+    for (from, most) in &overloaded {
+        for (shard, _) in leaders.iter().filter(|(_, l)| **l == *from) {
+            let Some(replicas) = placement.get(shard) else { continue };
+            for to in replicas.iter().filter(|n| **n != *from) {
+                if count.get(to).is_none_or(|c| c + 1 != *most) {
+                    continue;
+                }
+                let mut after = count.clone();
+                after.insert(*from, most - 1);
+                after.insert(*to, *most);
+                let mut moved = leaders.clone();
+                moved.insert(*shard, *to);
+                let onward = moved
+                    .iter()
+                    .filter(|(_, l)| **l == *to)
+                    .any(|(s, _)| fewest(&after, *s, *to).is_some_and(|(_, c)| c + 1 < *most));
+                if onward {
+                    return Some((*shard, *from, *to));
+                }
+            }
+        }
+    }
+    None
+}
+
 /// The replica to hand a drained node's leadership of a shard to: among
 /// `replicas` that may lead, the one leading fewest (`count`), but not
 /// `tried`, the target of a recent hand-over that did not stick, while
@@ -205,6 +274,60 @@ mod tests {
         // Balanced within one: nothing to do.
         let placement: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::from([(1, vec![1, 2]), (2, vec![3, 4])]);
         assert_eq!(rebalance_move(&placement, &set(&[1, 2, 3, 4]), &leaders), None);
+    }
+
+    /// Applies `leader_move` until it stops; the final counts.
+    fn balance(
+        leaders: &mut BTreeMap<GroupId, NodeId>,
+        placement: &BTreeMap<GroupId, Vec<NodeId>>,
+        nodes: &[NodeId],
+    ) -> BTreeMap<NodeId, usize> {
+        let share = leaders.len().div_ceil(nodes.len());
+        for _ in 0..100 {
+            let mut count: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+            for l in leaders.values() {
+                *count.get_mut(l).unwrap() += 1;
+            }
+            let Some((shard, from, to)) = leader_move(leaders, placement, &count, share) else {
+                return count;
+            };
+            assert_eq!(leaders[&shard], from);
+            assert!(placement[&shard].contains(&to));
+            leaders.insert(shard, to);
+        }
+        panic!("the balancer does not settle: {leaders:?}");
+    }
+
+    #[test]
+    fn leaders_spread_through_a_middle_node_when_no_direct_move_helps() {
+        // 3 replicas on 4 nodes, 4 shards: node 1 leads 2, node 4 none, and
+        // node 4 holds no replica of node 1's shards; node 2 holds both.
+        let placement: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::from([
+            (1, vec![1, 2, 3]),
+            (2, vec![1, 2, 3]),
+            (3, vec![2, 3, 4]),
+            (4, vec![2, 3, 4]),
+        ]);
+        let mut leaders = BTreeMap::from([(1, 1), (2, 1), (3, 2), (4, 3)]);
+        let count: BTreeMap<NodeId, usize> = BTreeMap::from([(1, 2), (2, 1), (3, 1), (4, 0)]);
+        // No replica of shards 1 and 2 leads fewer than 1: through node 2 or 3.
+        assert_eq!(leader_move(&leaders, &placement, &count, 1), Some((1, 1, 2)));
+        let count = balance(&mut leaders, &placement, &[1, 2, 3, 4]);
+        assert!(count.values().all(|c| *c == 1), "{count:?} {leaders:?}");
+    }
+
+    #[test]
+    fn leaders_spread_over_seven_nodes() {
+        // 14 shards of 3 replicas over 7 nodes, every leadership on one
+        // replica of a few nodes: the balancer ends with 2 each.
+        let placement: BTreeMap<GroupId, Vec<NodeId>> = (1..=14u64)
+            .map(|s| (s, vec![(s - 1) % 7 + 1, s % 7 + 1, (s + 2) % 7 + 1]))
+            .collect();
+        let mut leaders: BTreeMap<GroupId, NodeId> = placement.iter().map(|(s, r)| (*s, r[0].min(r[1]))).collect();
+        let count = balance(&mut leaders, &placement, &[1, 2, 3, 4, 5, 6, 7]);
+        assert!(count.values().all(|c| *c == 2), "{count:?} {leaders:?}");
+        // Balanced: nothing to do.
+        assert_eq!(leader_move(&leaders, &placement, &count, 2), None);
     }
 
     #[test]
