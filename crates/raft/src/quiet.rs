@@ -407,6 +407,8 @@ impl Quiet {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, StoredMembership, Vote};
     use std::collections::BTreeSet;

@@ -108,8 +108,10 @@ pub fn shard_records(groups: &Groups) -> BTreeMap<GroupId, ShardRecord> {
 /// with `ternctl shard add|retire`.
 #[derive(Default)]
 pub struct ShardRecordsCache {
-    cached: std::sync::Mutex<Option<(Option<crate::raft::LogId>, Arc<BTreeMap<GroupId, ShardRecord>>)>>,
+    cached: std::sync::Mutex<Option<(Option<crate::raft::LogId>, SharedRecords)>>,
 }
+
+type SharedRecords = Arc<BTreeMap<GroupId, ShardRecord>>;
 
 impl ShardRecordsCache {
     pub fn get(&self, groups: &Groups) -> Arc<BTreeMap<GroupId, ShardRecord>> {
