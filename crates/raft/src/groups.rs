@@ -22,16 +22,14 @@ pub struct GroupHandle {
 }
 
 /// A reason for a replica not to start elections. Several can hold at once
-/// (a full disk while a quiet group waits for its leader's liveness);
-/// elections resume only when none does.
+/// (a full disk during a planned hand-over); elections resume only when
+/// none does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hold {
     /// The disk is full: this node must not lead (disk_guard).
     DiskFull = 1,
     /// A planned hand-over: leadership must not come straight back.
     StepAside = 2,
-    /// The group is quiet: its leader's node vouches for it ([`crate::quiet`]).
-    Quiet = 4,
 }
 
 impl GroupHandle {
@@ -45,11 +43,6 @@ impl GroupHandle {
             *holds &= !(why as u8);
         }
         self.raft.runtime_config().elect(*holds == 0);
-    }
-
-    /// Whether `why` holds elections now.
-    pub fn elections_held(&self, why: Hold) -> bool {
-        *self.holds.lock().unwrap_or_else(|p| p.into_inner()) & why as u8 != 0
     }
 
     /// The leader this node currently knows of; none once the group has

@@ -10,37 +10,47 @@
 //!   shards it leads that are idle: the same last log entry for
 //!   [`IDLE_AFTER`], held by every voter and applied on the leader.
 //! - The peer checks that its replica follows that leader in that term and
-//!   holds and has applied that same last entry. If so it holds its
-//!   elections for the group until [`HOLD`] (plus a per-group jitter) after
-//!   this liveness, and answers which groups it holds.
+//!   holds and has applied that same last entry. If so it hands its replica
+//!   the heartbeat that leader would have sent (an empty AppendEntries with
+//!   the leader's vote, the shared last entry and its commit), at most every
+//!   [`TOUCH_EVERY`], and answers which groups it took it for.
 //! - The leader stops a group's heartbeats once every other voter has
 //!   answered so in this round. It resumes them at the first round in which
 //!   the group is not idle or a voter did not answer (an older node answers
 //!   `UNIMPLEMENTED`: its groups keep their heartbeats).
 //!
-//! A dead, paused or cut-off leader's node stops vouching. Its followers'
-//! holds run out and they campaign at once (their election timers ran out
-//! long ago), so a quiet shard fails over in about [`HOLD`] plus jitter and
-//! one election, no later than a busy one (openraft waits its leader lease
-//! plus an election timeout, 3 to 4 s, after the last heartbeat).
+//! A quiet follower is thus, to openraft, a follower that hears from its
+//! leader: its election timer and its leader lease (which refuses a
+//! disruptive candidate's vote) run exactly as in a busy group. A dead,
+//! paused or cut-off leader's node stops vouching, and its followers
+//! campaign one election timeout (openraft's lease plus 1 to 2 s) after the
+//! last liveness, as they would after the last heartbeat.
+//!
+//! (A first version held the followers' elections instead and let them
+//! campaign when the hold ran out. Their timers had run out long before, so
+//! a liveness late by a second under load started an election at once, and
+//! their expired leases granted any candidate's vote: one shard fell into
+//! an election storm after a node restart.)
 //!
 //! Raft's safety never rests on timers. The shard lease
 //! (node: queue/lease.rs) is confirmed by its own quorum round, whose
 //! AppendEntries restart the followers' election timers as a heartbeat does,
 //! so a quiet group's lease is as sound as a busy one's. A member can vouch
 //! only for groups that its peer's replica already follows it in: the
-//! sender is the certified node (peer gate) and must be the replica's leader.
+//! sender is the certified node (peer gate) and must be the replica's leader,
+//! and the heartbeat handed over carries nothing the replica does not hold.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::{RaftMetrics, ServerState};
 use prometheus_client::metrics::gauge::Gauge;
 use tern_proto::raft::{LivenessRequest, QuietGroup};
 use tokio::time::Instant;
 
-use super::groups::{matched_index, Groups, Hold};
+use super::groups::{matched_index, Groups};
 use super::network::Peers;
 use super::{GroupId, NodeId, CONTROL_GROUP};
 
@@ -48,12 +58,15 @@ use super::{GroupId, NodeId, CONTROL_GROUP};
 pub const ROUND: Duration = Duration::from_millis(200);
 /// How long a group's last log entry must stay the same before it goes quiet.
 pub const IDLE_AFTER: Duration = Duration::from_secs(2);
-/// How long a follower holds its elections after the last liveness that
-/// named the group (well over a round, so one late round is harmless).
-pub const HOLD: Duration = Duration::from_millis(2500);
-/// Followers of the same group stop holding up to this much apart, so that
-/// one campaigns first instead of all splitting the vote.
-const JITTER_MS: u64 = 1000;
+/// A follower hands its replica a heartbeat on a liveness at most this
+/// often (openraft's lease is 2 s and its election timer 3 to 4 s, so this
+/// leaves room for several late rounds).
+pub const TOUCH_EVERY: Duration = Duration::from_millis(500);
+/// A replica counts as following a quiet leader (gauge) this long after the
+/// last heartbeat a liveness handed it.
+const FOLLOWING_FOR: Duration = Duration::from_millis(2500);
+/// Longest wait for a replica's Raft core to take a handed-over heartbeat.
+const TOUCH_TIMEOUT: Duration = Duration::from_millis(200);
 /// Longest wait for a group's Raft core to answer the round's probe.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Longest wait for a peer's answer (then its groups resume heartbeats).
@@ -139,23 +152,6 @@ pub fn follows(from: NodeId, idle: &Idle, m: &RaftMetrics<NodeId, openraft::Basi
         && m.last_applied.map(|l| l.index) == Some(idle.index)
 }
 
-/// Spread of the followers' holds: fixed per group and node, so that the
-/// replicas of one group differ.
-fn jitter(group: GroupId, me: NodeId) -> Duration {
-    let x = group
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(me.wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
-    Duration::from_millis((x >> 33) % JITTER_MS)
-}
-
-/// A follower's hold: whom it waits for, and until when.
-#[derive(Clone, Copy, Debug)]
-struct Held {
-    leader: NodeId,
-    term: u64,
-    until: Instant,
-}
-
 /// Leader side: since when each led group has had its current last entry.
 #[derive(Default)]
 struct Leading {
@@ -170,21 +166,22 @@ pub struct Quiet {
     enabled: bool,
     groups: Arc<Groups>,
     peers: Arc<Peers>,
-    held: Mutex<HashMap<GroupId, Held>>,
+    /// Follower side: when each replica here was last handed a heartbeat.
+    touched: Mutex<HashMap<GroupId, Instant>>,
     leading: Mutex<Leading>,
     pub gauges: QuietGauges,
 }
 
 impl Quiet {
     /// `enabled`: `[cluster] quiesce_idle_groups`. Off, this node stops no
-    /// heartbeats and holds no elections (it answers that nothing is held).
+    /// heartbeats and takes no liveness for one (it answers that it took none).
     pub fn new(me: NodeId, enabled: bool, groups: Arc<Groups>, peers: Arc<Peers>, gauges: QuietGauges) -> Quiet {
         Quiet {
             me,
             enabled,
             groups,
             peers,
-            held: Mutex::new(HashMap::new()),
+            touched: Mutex::new(HashMap::new()),
             leading: Mutex::new(Leading::default()),
             gauges,
         }
@@ -340,68 +337,79 @@ impl Quiet {
         self.gauges.leading.set(quiet.len() as i64);
     }
 
-    /// A peer's liveness: holds elections for each listed group this
-    /// replica follows `from` in with the same last entry, and returns them.
-    pub fn vouched(&self, from: NodeId, groups: &[QuietGroup]) -> Vec<GroupId> {
+    /// A peer's liveness: hands each listed group's replica here that
+    /// follows `from` with the same last entry the heartbeat `from` would
+    /// have sent (see the module docs), and returns those groups.
+    pub async fn vouched(&self, from: NodeId, groups: &[QuietGroup]) -> Vec<GroupId> {
         if !self.enabled {
             return Vec::new();
         }
         let now = Instant::now();
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(groups.len());
-        for q in groups {
-            let idle = Idle {
-                group: q.group_id,
-                term: q.term,
-                index: q.index,
-            };
-            let Some(g) = self.groups.get(idle.group) else { continue };
-            let ok = {
-                let m = g.raft.metrics();
-                let m = m.borrow();
-                follows(from, &idle, &m)
-            };
-            if !ok {
-                continue;
+        let mut touches = Vec::new();
+        {
+            let touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            for q in groups {
+                let idle = Idle {
+                    group: q.group_id,
+                    term: q.term,
+                    index: q.index,
+                };
+                let Some(g) = self.groups.get(idle.group) else { continue };
+                let heartbeat = {
+                    let m = g.raft.metrics();
+                    let m = m.borrow();
+                    follows(from, &idle, &m).then(|| heartbeat(&m))
+                };
+                let Some(heartbeat) = heartbeat else { continue };
+                if touched
+                    .get(&idle.group)
+                    .is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY)
+                {
+                    out.push(idle.group);
+                } else {
+                    touches.push((g, heartbeat));
+                }
             }
-            held.insert(
-                idle.group,
-                Held {
-                    leader: from,
-                    term: idle.term,
-                    until: now + HOLD + jitter(idle.group, self.me),
-                },
-            );
-            if !g.elections_held(Hold::Quiet) {
-                g.hold_elections(Hold::Quiet, true);
-            }
-            out.push(idle.group);
         }
-        self.gauges.following.set(held.len() as i64);
+        // Each replica's core takes its heartbeat on its own task; bounded.
+        let mut calls = tokio::task::JoinSet::new();
+        for (g, rpc) in touches {
+            calls.spawn(async move {
+                let reply = tokio::time::timeout(TOUCH_TIMEOUT, g.raft.append_entries(rpc)).await;
+                matches!(reply, Ok(Ok(AppendEntriesResponse::Success))).then_some(g.id)
+            });
+        }
+        let mut taken = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(Some(id)) = joined {
+                taken.push(id);
+            }
+        }
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        for id in taken {
+            touched.insert(id, now);
+            out.push(id);
+        }
         out
     }
 
-    /// Lets each replica campaign again whose hold ran out, or whose leader
-    /// or term changed meanwhile.
+    /// Forgets the replicas no liveness has reached for a while (the gauge).
     fn release(&self, now: Instant) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.retain(|id, h| {
-            let Some(g) = self.groups.get(*id) else { return false };
-            let same = {
-                let m = g.raft.metrics();
-                let m = m.borrow();
-                m.state == ServerState::Follower
-                    && m.vote.leader_id().node_id == h.leader
-                    && m.vote.leader_id().term == h.term
-            };
-            let keep = same && now < h.until;
-            if !keep {
-                g.hold_elections(Hold::Quiet, false);
-                tracing::debug!(group = id, leader = h.leader, "quiet hold released");
-            }
-            keep
-        });
-        self.gauges.following.set(held.len() as i64);
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched.retain(|id, t| self.groups.get(*id).is_some() && now.duration_since(*t) < FOLLOWING_FOR);
+        self.gauges.following.set(touched.len() as i64);
+    }
+}
+
+/// The heartbeat a follower described by `m` would get from the leader it
+/// follows while both hold the same last entry (checked by [`follows`]).
+fn heartbeat(m: &RaftMetrics<NodeId, openraft::BasicNode>) -> AppendEntriesRequest<crate::TypeConfig> {
+    AppendEntriesRequest {
+        vote: m.vote,
+        prev_log_id: m.last_applied,
+        entries: Vec::new(),
+        leader_commit: m.last_applied,
     }
 }
 
@@ -483,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn a_follower_holds_only_for_its_own_leader_term_and_last_entry() {
+    fn a_follower_takes_liveness_only_from_its_own_leader_term_and_last_entry() {
         let idle = Idle {
             group: 5,
             term: 4,
@@ -502,9 +510,12 @@ mod tests {
     }
 
     #[test]
-    fn the_replicas_of_a_group_stop_holding_at_different_times() {
-        let spread: BTreeSet<Duration> = (1..=5).map(|node| jitter(7, node)).collect();
-        assert!(spread.len() > 1);
-        assert!(spread.iter().all(|j| *j < Duration::from_millis(JITTER_MS)));
+    fn the_handed_over_heartbeat_is_the_leaders_own() {
+        let m = metrics(2, 9);
+        let hb = heartbeat(&m);
+        assert_eq!(hb.vote, Vote::new_committed(4, 1));
+        assert_eq!(hb.prev_log_id, Some(log_id(4, 9)));
+        assert_eq!(hb.leader_commit, Some(log_id(4, 9)));
+        assert!(hb.entries.is_empty());
     }
 }

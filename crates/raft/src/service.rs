@@ -124,7 +124,7 @@ impl RaftService for RaftServer {
         let node = self.gate.admit(&request, "Liveness", None)?;
         let request = request.into_inner();
         self.gate.check_claim("Liveness", node, request.from)?;
-        let quiet = self.quiet.vouched(request.from, &request.groups);
+        let quiet = self.quiet.vouched(request.from, &request.groups).await;
         Ok(Response::new(LivenessReply { quiet }))
     }
 }
