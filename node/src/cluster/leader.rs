@@ -3,10 +3,10 @@
 //! hand-over of everything at shutdown, and the controller's leader
 //! balancing (drained nodes first, then an even share per node).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use super::placement::{at_rest, drain_target, leader_move};
+use super::placement::{next_leader_move, LeaderMove};
 use super::{Cluster, ClusterError};
 use crate::raft::groups::{GroupHandle, Hold};
 use crate::raft::{GroupId, NodeId, CONTROL_GROUP};
@@ -59,61 +59,30 @@ impl Cluster {
         unreachable: &[NodeId],
     ) {
         let placement = self.placement();
-        let nodes: Vec<NodeId> = self.nodes().keys().copied().collect();
-        // Only balance a cluster at rest; members that do not answer lead
-        // nothing new (and do not count towards the share).
-        if nodes.len() < 2 || !at_rest(&placement, rows) {
-            return;
-        }
-        let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
+        let nodes: BTreeSet<NodeId> = self.nodes().keys().copied().collect();
         let drained = self.drained();
-        let eligible: Vec<NodeId> = nodes
-            .iter()
-            .copied()
-            .filter(|n| !drained.contains(n) && !unreachable.contains(n))
-            .collect();
-        if eligible.is_empty() {
-            return;
-        }
-        let mut count: BTreeMap<NodeId, usize> = eligible.iter().map(|n| (*n, 0)).collect();
-        for l in leaders.values() {
-            if count.contains_key(l) {
-                *count.entry(*l).or_default() += 1;
-            }
-        }
-        // A drained node hands over its leaderships first.
-        for (shard, leader) in &leaders {
-            if !drained.contains(leader) {
-                continue;
-            }
-            let target = {
-                let mut tries = self.drain_tries.lock().unwrap_or_else(|p| p.into_inner());
-                let tried = tries
-                    .get(shard)
+        let next = {
+            let mut tries = self.drain_tries.lock().unwrap_or_else(|p| p.into_inner());
+            let tried = |shard| {
+                tries
+                    .get(&shard)
                     .filter(|(_, at)| at.elapsed() < DRAIN_RETRY)
-                    .map(|(n, _)| *n);
-                let may_lead = |n: NodeId| !drained.contains(&n) && !unreachable.contains(&n);
-                let target = placement
-                    .get(shard)
-                    .and_then(|r| drain_target(r, may_lead, &count, tried));
-                if let Some(t) = target {
-                    tries.insert(*shard, (t, Instant::now()));
-                }
-                target
+                    .map(|(n, _)| *n)
             };
-            if let Some(target) = target {
-                tracing::info!(shard, from = leader, to = target, "draining shard leader");
-                if let Err(e) = self.hand_over(*shard, *leader, target).await {
-                    tracing::debug!(shard, target, error = %e, "leader move");
-                }
-                return;
+            let next = next_leader_move(&placement, rows, &nodes, &drained, unreachable, tried);
+            if let Some(m) = next.filter(|m| m.drain) {
+                tries.insert(m.shard, (m.to, Instant::now()));
             }
-        }
-        let share = leaders.len().div_ceil(eligible.len());
-        let Some((shard, from, to)) = leader_move(&leaders, &placement, &count, share) else {
+            next
+        };
+        let Some(LeaderMove { shard, from, to, drain }) = next else {
             return;
         };
-        tracing::info!(shard, from, to, "moving shard leader");
+        if drain {
+            tracing::info!(shard, from, to, "draining shard leader");
+        } else {
+            tracing::info!(shard, from, to, "moving shard leader");
+        }
         if let Err(e) = self.hand_over(shard, from, to).await {
             tracing::debug!(shard, target = to, error = %e, "leader move");
         }

@@ -18,6 +18,7 @@
 //!   (the only part the SMTP write path uses).
 //! - [`status`]: member liveness (pings) and shard status gathered from every member.
 //! - [`shards`]: shards added and retired online, the replica count: records and pure rules, tested.
+//! - `sim` (tests only): a deterministic simulation of the control plane driven by [`placement`]'s decisions.
 //! - [`recover`]: `ternd recover`, unsafe recovery after a majority is lost for good.
 //! - [`writer`]: control-group writes from delivery and the queue, and this node's delivery share.
 //!
@@ -33,6 +34,8 @@ pub mod reconcile;
 pub mod records;
 pub mod recover;
 pub mod shards;
+#[cfg(test)]
+mod sim;
 pub mod status;
 pub mod writer;
 

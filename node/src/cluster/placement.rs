@@ -1,10 +1,15 @@
 //! Placement rules: pure functions the controller applies to the control
 //! group's records (which nodes vote in group 0, which replica moves next,
-//! who takes a drained node's leaderships, when a cluster is at rest).
-//! No I/O here: everything is decided from the maps passed in.
+//! who takes a drained node's leaderships, when a cluster is at rest), and
+//! the controller's decisions built from them: what the placement controller
+//! repairs, the rebalancer's and the leader balancer's next step, and a
+//! shard leader's next membership step. No I/O here: everything is decided
+//! from the maps passed in, so the controller loop (`reconcile.rs`,
+//! `leader.rs`) and the simulation (`sim.rs`) run the same decisions.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::shards::{grow_step, shrink_step};
 use crate::raft::{GroupId, NodeId};
 
 /// Control-group voters at most; further nodes stay learners of group 0.
@@ -38,6 +43,18 @@ pub fn rebalance_move(
     members: &BTreeSet<NodeId>,
     leaders: &BTreeMap<GroupId, NodeId>,
 ) -> Option<(GroupId, NodeId, NodeId)> {
+    rebalance_move_among(placement, members, leaders, |_| true)
+}
+
+/// [`rebalance_move`] choosing only among the shards `movable` accepts
+/// (every shard still counts towards the load): the simulation's model of
+/// several moves at once, each on a shard at rest.
+pub fn rebalance_move_among(
+    placement: &BTreeMap<GroupId, Vec<NodeId>>,
+    members: &BTreeSet<NodeId>,
+    leaders: &BTreeMap<GroupId, NodeId>,
+    movable: impl Fn(GroupId) -> bool,
+) -> Option<(GroupId, NodeId, NodeId)> {
     let mut load: BTreeMap<NodeId, usize> = members.iter().map(|n| (*n, 0)).collect();
     for replicas in placement.values() {
         for n in replicas {
@@ -56,7 +73,7 @@ pub fn rebalance_move(
         }
         let mut candidates: Vec<GroupId> = placement
             .iter()
-            .filter(|(_, r)| r.contains(&from) && !r.contains(&to))
+            .filter(|(shard, r)| r.contains(&from) && !r.contains(&to) && movable(**shard))
             .map(|(shard, _)| *shard)
             .collect();
         candidates.sort_by_key(|shard| leaders.get(shard) == Some(&from));
@@ -151,6 +168,251 @@ pub fn drain_target(
     let key = |n: &NodeId| (count.get(n).copied().unwrap_or(0), *n);
     let fresh = candidates.iter().copied().filter(|n| Some(*n) != tried).min_by_key(key);
     fresh.or_else(|| candidates.iter().copied().min_by_key(key))
+}
+
+/// Entries a learner may lag behind the leader's log and count as caught up.
+pub const LEARNER_SLACK: u64 = 1000;
+
+/// The placement controller's repairs, as (shard, new replicas) in shard
+/// order: replicas on nodes that left are dropped, a replica on a long-dead
+/// node moves to the least loaded live member the shard lacks (when there
+/// is one), and with `grow_all` a short shard grows to `want` (capped by
+/// the members) the same way. Shards `skip` names (being added) stay put.
+pub fn placement_repairs(
+    placement: &BTreeMap<GroupId, Vec<NodeId>>,
+    members: &BTreeSet<NodeId>,
+    dead: &BTreeSet<NodeId>,
+    want: usize,
+    grow_all: bool,
+    skip: impl Fn(GroupId) -> bool,
+) -> Vec<(GroupId, Vec<NodeId>)> {
+    let mut changes = Vec::new();
+    if members.is_empty() {
+        return changes;
+    }
+    let want = want.min(members.len());
+    // Replicas per live node, to pick the least loaded.
+    let mut load: BTreeMap<NodeId, usize> = members.iter().filter(|n| !dead.contains(n)).map(|n| (*n, 0)).collect();
+    for replicas in placement.values() {
+        for n in replicas {
+            if let Some(l) = load.get_mut(n) {
+                *l += 1;
+            }
+        }
+    }
+    let pick = |load: &BTreeMap<NodeId, usize>, next: &[NodeId]| {
+        load.iter()
+            .filter(|(n, _)| !next.contains(n))
+            .min_by_key(|(n, l)| (**l, **n))
+            .map(|(n, _)| *n)
+    };
+    for (shard, current) in placement {
+        if skip(*shard) {
+            continue;
+        }
+        let mut next: Vec<NodeId> = current.iter().copied().filter(|n| members.contains(n)).collect();
+        for i in 0..next.len() {
+            if dead.contains(&next[i]) {
+                if let Some(spare) = pick(&load, &next) {
+                    next[i] = spare;
+                    *load.entry(spare).or_default() += 1;
+                }
+            }
+        }
+        while grow_all && next.len() < want {
+            let Some(n) = pick(&load, &next) else { break };
+            next.push(n);
+            *load.entry(n).or_default() += 1;
+        }
+        if &next != current {
+            changes.push((*shard, next));
+        }
+    }
+    changes
+}
+
+/// The rebalancer's next step (see [`rebalance_step`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceStep {
+    /// `cluster set replicas`: one shard gains or loses one replica.
+    Resize { shard: GroupId, replicas: Vec<NodeId> },
+    /// The replica to move leads the shard: it hands over to `to` first
+    /// (None: the shard has no other replica, and the step waits).
+    HandOver {
+        shard: GroupId,
+        from: NodeId,
+        to: Option<NodeId>,
+    },
+    /// One replica moves from `from` to `to`; `replicas` is the new set.
+    Move {
+        shard: GroupId,
+        from: NodeId,
+        to: NodeId,
+        replicas: Vec<NodeId>,
+    },
+}
+
+/// What the rebalancer does next, or None when the replica count is as
+/// wanted and replicas per member differ by at most one. Only with every
+/// member reachable and every shard at rest (`rows`), so one change is in
+/// flight in the whole cluster and a shard never loses its majority.
+/// Shards `skip` names (being added) stay where they were created.
+pub fn rebalance_step(
+    placement: &BTreeMap<GroupId, Vec<NodeId>>,
+    rows: &BTreeMap<GroupId, tern_proto::admin::ShardStatus>,
+    members: &BTreeSet<NodeId>,
+    all_reachable: bool,
+    want: usize,
+    skip: impl Fn(GroupId) -> bool,
+) -> Option<RebalanceStep> {
+    if !all_reachable || !at_rest(placement, rows) {
+        return None;
+    }
+    let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
+    let placement: BTreeMap<GroupId, Vec<NodeId>> = placement
+        .iter()
+        .filter(|(shard, _)| !skip(**shard))
+        .map(|(shard, r)| (*shard, r.clone()))
+        .collect();
+    let want = want.min(members.len());
+    let resize = shrink_step(&placement, &leaders, want).or_else(|| grow_step(&placement, members, want));
+    if let Some((shard, replicas)) = resize {
+        return Some(RebalanceStep::Resize { shard, replicas });
+    }
+    let (shard, from, to) = rebalance_move(&placement, members, &leaders)?;
+    let current = placement.get(&shard).cloned().unwrap_or_default();
+    if leaders.get(&shard) == Some(&from) {
+        let to = current.iter().find(|n| **n != from).copied();
+        return Some(RebalanceStep::HandOver { shard, from, to });
+    }
+    let replicas = current.iter().map(|n| if *n == from { to } else { *n }).collect();
+    Some(RebalanceStep::Move {
+        shard,
+        from,
+        to,
+        replicas,
+    })
+}
+
+/// A leadership to move: `drain` when it leaves a drained node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaderMove {
+    pub shard: GroupId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub drain: bool,
+}
+
+/// The leader balancer's next move, with the cluster at rest: a drained
+/// node's leadership first (to [`drain_target`]; `tried`: the replica a
+/// recent hand-over of that shard went to), then [`leader_move`] over the
+/// nodes that may lead (not drained, not `unreachable`), each up to an even
+/// share.
+pub fn next_leader_move(
+    placement: &BTreeMap<GroupId, Vec<NodeId>>,
+    rows: &BTreeMap<GroupId, tern_proto::admin::ShardStatus>,
+    nodes: &BTreeSet<NodeId>,
+    drained: &BTreeSet<NodeId>,
+    unreachable: &[NodeId],
+    tried: impl Fn(GroupId) -> Option<NodeId>,
+) -> Option<LeaderMove> {
+    if nodes.len() < 2 || !at_rest(placement, rows) {
+        return None;
+    }
+    let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
+    let may_lead = |n: NodeId| !drained.contains(&n) && !unreachable.contains(&n);
+    let eligible: Vec<NodeId> = nodes.iter().copied().filter(|n| may_lead(*n)).collect();
+    if eligible.is_empty() {
+        return None;
+    }
+    let mut count: BTreeMap<NodeId, usize> = eligible.iter().map(|n| (*n, 0)).collect();
+    for l in leaders.values() {
+        if let Some(c) = count.get_mut(l) {
+            *c += 1;
+        }
+    }
+    for (shard, leader) in &leaders {
+        if !drained.contains(leader) {
+            continue;
+        }
+        let target = placement
+            .get(shard)
+            .and_then(|r| drain_target(r, may_lead, &count, tried(*shard)));
+        if let Some(to) = target {
+            return Some(LeaderMove {
+                shard: *shard,
+                from: *leader,
+                to,
+                drain: true,
+            });
+        }
+    }
+    let share = leaders.len().div_ceil(eligible.len());
+    let (shard, from, to) = leader_move(&leaders, placement, &count, share)?;
+    Some(LeaderMove {
+        shard,
+        from,
+        to,
+        drain: false,
+    })
+}
+
+/// The replica a shard leader that is leaving the shard asks to take over
+/// first: a voter that stays, the most caught up (`matched`), lowest id on
+/// ties.
+pub fn leaving_leader_target(
+    desired: &BTreeSet<NodeId>,
+    voters: &BTreeSet<NodeId>,
+    matched: impl Fn(NodeId) -> u64,
+) -> Option<NodeId> {
+    desired
+        .iter()
+        .filter(|n| voters.contains(n))
+        .max_by_key(|n| (matched(**n), std::cmp::Reverse(**n)))
+        .copied()
+}
+
+/// A shard leader's next step towards its placement (see [`membership_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipStep {
+    /// This new replica is a learner that has caught up: nothing more for it.
+    CaughtUp(NodeId),
+    /// This new replica is added as a learner (the call returns once it
+    /// has caught up).
+    AddLearner(NodeId),
+    /// This new replica, a learner, is still catching up: try again later.
+    Behind(NodeId),
+    /// Every new replica is a caught-up learner: the voters become the
+    /// placement in one joint-consensus change.
+    Promote,
+}
+
+/// A shard leader's next step from `voters` towards `desired`: new
+/// replicas, in id order, are added as learners and waited for; then the
+/// voters are replaced at once. `done`: new replicas already dealt with in
+/// this try; `learner(n)`: n's matched log index when it is a learner;
+/// `last`: the leader's last log index.
+pub fn membership_step(
+    desired: &BTreeSet<NodeId>,
+    voters: &BTreeSet<NodeId>,
+    done: &BTreeSet<NodeId>,
+    learner: impl Fn(NodeId) -> Option<u64>,
+    last: u64,
+) -> MembershipStep {
+    for n in desired.difference(voters) {
+        if done.contains(n) {
+            continue;
+        }
+        // A learner added by an earlier try may still be catching up (a
+        // large queue's snapshot takes minutes): adding it again would
+        // restart its replication, snapshot and all.
+        return match learner(*n) {
+            Some(matched) if matched + LEARNER_SLACK < last => MembershipStep::Behind(*n),
+            Some(_) => MembershipStep::CaughtUp(*n),
+            None => MembershipStep::AddLearner(*n),
+        };
+    }
+    MembershipStep::Promote
 }
 
 /// Every placed shard is settled: a leader, no joint config, and its voters
@@ -328,6 +590,167 @@ mod tests {
         assert!(count.values().all(|c| *c == 2), "{count:?} {leaders:?}");
         // Balanced: nothing to do.
         assert_eq!(leader_move(&leaders, &placement, &count, 2), None);
+    }
+
+    /// A shard at rest as `all_shards` reports it.
+    fn rest_row(shard: GroupId, leader: NodeId, voters: &[NodeId]) -> ShardStatus {
+        ShardStatus {
+            shard,
+            leader,
+            voters: voters.to_vec(),
+            ..ShardStatus::default()
+        }
+    }
+
+    #[test]
+    fn repairs_drop_left_nodes_replace_dead_ones_and_grow_short_shards() {
+        let placement: BTreeMap<GroupId, Vec<NodeId>> =
+            BTreeMap::from([(1, vec![1, 2, 3]), (2, vec![1, 2, 4]), (3, vec![2, 3, 4]), (4, vec![1])]);
+        // Node 4 is dead, node 3 left, node 5 is new and empty.
+        let members = set(&[1, 2, 4, 5]);
+        let dead = set(&[4]);
+        let changes = placement_repairs(&placement, &members, &dead, 3, true, |_| false);
+        assert_eq!(
+            changes,
+            vec![
+                (1, vec![1, 2, 5]),
+                (2, vec![1, 2, 5]),
+                (3, vec![2, 5, 1]),
+                (4, vec![1, 2, 5]),
+            ]
+        );
+        // Without growth a short shard stays short; a skipped shard stays put.
+        let changes = placement_repairs(&placement, &members, &dead, 3, false, |s| s == 2);
+        assert_eq!(changes, vec![(1, vec![1, 2]), (3, vec![2, 5])]);
+        // A dead node with no live spare keeps its place.
+        let small = BTreeMap::from([(1, vec![1, 2, 3])]);
+        assert!(placement_repairs(&small, &set(&[1, 2, 3]), &set(&[3]), 3, true, |_| false).is_empty());
+        assert!(placement_repairs(&small, &BTreeSet::new(), &BTreeSet::new(), 3, true, |_| false).is_empty());
+    }
+
+    #[test]
+    fn the_rebalancer_waits_for_rest_and_hands_over_before_moving_a_leader() {
+        let placement: BTreeMap<GroupId, Vec<NodeId>> = (1..=4).map(|s| (s, vec![1, 2, 3])).collect();
+        let members = set(&[1, 2, 3, 4]);
+        let mut rows: BTreeMap<GroupId, ShardStatus> = (1..=4).map(|s| (s, rest_row(s, 1, &[1, 2, 3]))).collect();
+        // Node 4 is empty; of the equally loaded sources the highest id
+        // goes first: node 3, which leads no shard.
+        assert_eq!(
+            rebalance_step(&placement, &rows, &members, true, 3, |_| false),
+            Some(RebalanceStep::Move {
+                shard: 1,
+                from: 3,
+                to: 4,
+                replicas: vec![1, 2, 4]
+            })
+        );
+        // Not while a member does not answer, nor while a shard is not at rest.
+        assert_eq!(rebalance_step(&placement, &rows, &members, false, 3, |_| false), None);
+        rows.get_mut(&2).unwrap().joint = true;
+        assert_eq!(rebalance_step(&placement, &rows, &members, true, 3, |_| false), None);
+        rows.get_mut(&2).unwrap().joint = false;
+        // Node 3 leads every shard: it hands over first, to another replica.
+        for r in rows.values_mut() {
+            r.leader = 3;
+        }
+        assert_eq!(
+            rebalance_step(&placement, &rows, &members, true, 3, |_| false),
+            Some(RebalanceStep::HandOver {
+                shard: 1,
+                from: 3,
+                to: Some(1)
+            })
+        );
+        // Fewer replicas wanted: a resize comes first, never dropping the leader.
+        assert_eq!(
+            rebalance_step(&placement, &rows, &members, true, 2, |_| false),
+            Some(RebalanceStep::Resize {
+                shard: 1,
+                replicas: vec![1, 3]
+            })
+        );
+    }
+
+    #[test]
+    fn a_drained_leader_moves_before_the_balancer_evens_out() {
+        let placement: BTreeMap<GroupId, Vec<NodeId>> = (1..=4).map(|s| (s, vec![1, 2, 3])).collect();
+        let nodes = set(&[1, 2, 3]);
+        let mut rows: BTreeMap<GroupId, ShardStatus> = (1..=4).map(|s| (s, rest_row(s, 1, &[1, 2, 3]))).collect();
+        rows.get_mut(&4).unwrap().leader = 2;
+        let drained = set(&[2]);
+        let mv = next_leader_move(&placement, &rows, &nodes, &drained, &[], |_| None);
+        assert_eq!(
+            mv,
+            Some(LeaderMove {
+                shard: 4,
+                from: 2,
+                to: 3,
+                drain: true
+            })
+        );
+        // The last target did not win: the next replica.
+        let mv = next_leader_move(&placement, &rows, &nodes, &drained, &[], |_| Some(3));
+        assert_eq!(mv.map(|m| m.to), Some(1));
+        // Nothing drained: node 1 leads 3 of 4, more than its share of 2.
+        let mv = next_leader_move(&placement, &rows, &nodes, &BTreeSet::new(), &[], |_| None);
+        assert_eq!(
+            mv,
+            Some(LeaderMove {
+                shard: 1,
+                from: 1,
+                to: 3,
+                drain: false
+            })
+        );
+        // Unreachable nodes take nothing; a cluster not at rest is left alone.
+        let mv = next_leader_move(&placement, &rows, &nodes, &BTreeSet::new(), &[3], |_| None);
+        assert_eq!(mv.map(|m| m.to), Some(2));
+        rows.get_mut(&1).unwrap().leader = 0;
+        assert_eq!(
+            next_leader_move(&placement, &rows, &nodes, &drained, &[], |_| None),
+            None
+        );
+    }
+
+    #[test]
+    fn a_shard_leader_adds_learners_one_by_one_then_swaps_the_voters() {
+        let desired = set(&[1, 4, 5]);
+        let voters = set(&[1, 2, 3]);
+        let last = 5_000;
+        let mut done = BTreeSet::new();
+        // Neither is a learner yet: node 4 is added first.
+        assert_eq!(
+            membership_step(&desired, &voters, &done, |_| None, last),
+            MembershipStep::AddLearner(4)
+        );
+        done.insert(4);
+        // Node 5, added by an earlier try, is still catching up.
+        let lagging = |n| (n == 5).then_some(last - LEARNER_SLACK - 1);
+        assert_eq!(
+            membership_step(&desired, &voters, &done, lagging, last),
+            MembershipStep::Behind(5)
+        );
+        let close = |n| (n == 5).then_some(last - LEARNER_SLACK);
+        assert_eq!(
+            membership_step(&desired, &voters, &done, close, last),
+            MembershipStep::CaughtUp(5)
+        );
+        done.insert(5);
+        assert_eq!(
+            membership_step(&desired, &voters, &done, close, last),
+            MembershipStep::Promote
+        );
+        // A leader leaving hands over to the most caught-up voter that stays.
+        let matched = |n| [0, 10, 30, 30, 50][n as usize];
+        assert_eq!(
+            leaving_leader_target(&set(&[2, 3, 4]), &set(&[1, 2, 3]), matched),
+            Some(2)
+        );
+        assert_eq!(
+            leaving_leader_target(&set(&[1, 2, 3]), &set(&[1, 2, 3]), matched),
+            Some(2)
+        );
+        assert_eq!(leaving_leader_target(&set(&[4]), &set(&[1, 2, 3]), matched), None);
     }
 
     #[test]

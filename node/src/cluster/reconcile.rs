@@ -11,14 +11,13 @@ use std::time::Duration;
 use openraft::{BasicNode, ChangeMembers};
 
 use super::membership::CATCH_UP;
-use super::placement::{at_rest, rebalance_move};
-use super::shards::{first_home, grow_step, shrink_step, ShardRecord, ShardState, RETIRE_GRACE_SECS, SPACE};
+use super::placement::{
+    leaving_leader_target, membership_step, placement_repairs, rebalance_step, MembershipStep, RebalanceStep,
+};
+use super::shards::{first_home, ShardRecord, ShardState, RETIRE_GRACE_SECS, SPACE};
 use super::{Cluster, ClusterError};
 use crate::raft::groups::GroupHandle;
 use crate::raft::{GroupId, NodeId, Request};
-
-/// Entries a learner may lag behind the leader's log and count as caught up.
-const LEARNER_SLACK: u64 = 1000;
 
 /// Membership changes this node, as a shard leader, has under way.
 #[derive(Default)]
@@ -76,67 +75,28 @@ impl Cluster {
     /// True when it changed a placement.
     async fn place(&self) -> Result<bool, ClusterError> {
         let dead = self.dead_nodes();
-        let members: Vec<NodeId> = self.nodes().keys().copied().collect();
+        let members: BTreeSet<NodeId> = self.nodes().keys().copied().collect();
         if members.is_empty() {
             return Ok(false);
         }
-        let mut changed = false;
         let placement = self.placement();
         let records = self.shard_records();
-        let want = self.want_replicas().min(members.len());
         // Once the operator set the count (`cluster set replicas`), shards
         // grow one replica at a time, at rest (see `rebalance`); before,
         // every short shard grows at once (bootstrap, joins) as it always did.
         let grow_all = super::records::cluster_replicas(&self.groups).is_none();
-        // Replicas per live node, to pick the least loaded.
-        let mut load: BTreeMap<NodeId, usize> = members.iter().filter(|n| !dead.contains(n)).map(|n| (*n, 0)).collect();
-        for replicas in placement.values() {
-            for n in replicas {
-                if let Some(l) = load.get_mut(n) {
-                    *l += 1;
-                }
-            }
-        }
-        let pick = |load: &BTreeMap<NodeId, usize>, next: &[NodeId]| {
-            load.iter()
-                .filter(|(n, _)| !next.contains(n))
-                .min_by_key(|(n, l)| (**l, **n))
-                .map(|(n, _)| *n)
-        };
+        // A shard being added stays on the node creating it until it leads.
+        let adding = |shard| records.get(&shard).is_some_and(|r| r.state == ShardState::Adding);
+        let changes = placement_repairs(&placement, &members, &dead, self.want_replicas(), grow_all, adding);
         let control = self.control().ok_or(ClusterError::NoControlGroup)?;
-        for (shard, current) in &placement {
-            // A shard being added stays on the node creating it until it leads.
-            if records.get(shard).is_some_and(|r| r.state == ShardState::Adding) {
-                continue;
-            }
-            // Nodes that left are dropped.
-            let mut next: Vec<NodeId> = current.iter().copied().filter(|n| members.contains(n)).collect();
-            // A long-dead replica moves to a live node, when there is one to take it.
-            for i in 0..next.len() {
-                if dead.contains(&next[i]) {
-                    if let Some(spare) = pick(&load, &next) {
-                        next[i] = spare;
-                        *load.entry(spare).or_default() += 1;
-                    }
-                }
-            }
-            while grow_all && next.len() < want {
-                let Some(n) = pick(&load, &next) else { break };
-                next.push(n);
-                *load.entry(n).or_default() += 1;
-            }
-            if &next != current {
-                tracing::info!(shard, from = ?current, to = ?next, dead = ?dead, "placement change");
-                control
-                    .raft
-                    .client_write(Request::SetShardReplicas {
-                        shard: *shard,
-                        replicas: next,
-                    })
-                    .await
-                    .map_err(ClusterError::raft)?;
-                changed = true;
-            }
+        let changed = !changes.is_empty();
+        for (shard, next) in changes {
+            tracing::info!(shard, from = ?placement.get(&shard), to = ?next, dead = ?dead, "placement change");
+            control
+                .raft
+                .client_write(Request::SetShardReplicas { shard, replicas: next })
+                .await
+                .map_err(ClusterError::raft)?;
         }
         Ok(changed)
     }
@@ -155,51 +115,42 @@ impl Cluster {
         unreachable: &[NodeId],
     ) -> Result<bool, ClusterError> {
         let members: BTreeSet<NodeId> = self.nodes().keys().copied().collect();
-        let reachable = self.reachable();
-        if !unreachable.is_empty() || !members.is_subset(&reachable) {
-            return Ok(false);
-        }
+        let all_reachable = unreachable.is_empty() && members.is_subset(&self.reachable());
         let placement = self.placement();
-        if !at_rest(&placement, rows) {
-            return Ok(false);
-        }
-        let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
         // A shard being added stays where it is created until it is active.
         let records = self.shard_records();
-        let placement: BTreeMap<GroupId, Vec<NodeId>> = placement
-            .into_iter()
-            .filter(|(shard, _)| records.get(shard).is_none_or(|r| r.state != ShardState::Adding))
-            .collect();
-        // Fewer or more replicas wanted (`cluster set replicas`): one replica
-        // of one shard at a time, the cluster at rest in between.
-        let want = self.want_replicas().min(members.len());
-        let step = shrink_step(&placement, &leaders, want).or_else(|| grow_step(&placement, &members, want));
-        if let Some((shard, next)) = step {
-            tracing::info!(shard, to = ?next, want, "changing a shard's replica count");
-            self.control()
-                .ok_or(ClusterError::NoControlGroup)?
-                .raft
-                .client_write(Request::SetShardReplicas { shard, replicas: next })
-                .await
-                .map_err(ClusterError::raft)?;
-            return Ok(true);
-        }
-        let Some((shard, from, to)) = rebalance_move(&placement, &members, &leaders) else {
+        let adding = |shard| records.get(&shard).is_some_and(|r| r.state == ShardState::Adding);
+        let want = self.want_replicas();
+        let Some(step) = rebalance_step(&placement, rows, &members, all_reachable, want, adding) else {
             return Ok(false);
         };
-        let current = placement.get(&shard).cloned().unwrap_or_default();
-        if leaders.get(&shard) == Some(&from) {
-            // The leader hands over first rather than remove itself.
-            if let Some(&target) = current.iter().find(|n| **n != from) {
-                tracing::info!(shard, from, to = target, "moving shard leader before a replica move");
-                if let Err(e) = self.hand_over(shard, from, target).await {
-                    tracing::debug!(shard, target, error = %e, "leader move");
-                }
+        let (shard, next) = match step {
+            // Fewer or more replicas wanted (`cluster set replicas`): one
+            // replica of one shard at a time, the cluster at rest in between.
+            RebalanceStep::Resize { shard, replicas } => {
+                tracing::info!(shard, to = ?replicas, want = want.min(members.len()), "changing a shard's replica count");
+                (shard, replicas)
             }
-            return Ok(true);
-        }
-        let next: Vec<NodeId> = current.iter().map(|n| if *n == from { to } else { *n }).collect();
-        tracing::info!(shard, from, to, "rebalancing a replica");
+            RebalanceStep::HandOver { shard, from, to } => {
+                // The leader hands over first rather than remove itself.
+                if let Some(target) = to {
+                    tracing::info!(shard, from, to = target, "moving shard leader before a replica move");
+                    if let Err(e) = self.hand_over(shard, from, target).await {
+                        tracing::debug!(shard, target, error = %e, "leader move");
+                    }
+                }
+                return Ok(true);
+            }
+            RebalanceStep::Move {
+                shard,
+                from,
+                to,
+                replicas,
+            } => {
+                tracing::info!(shard, from, to, "rebalancing a replica");
+                (shard, replicas)
+            }
+        };
         self.control()
             .ok_or(ClusterError::NoControlGroup)?
             .raft
@@ -457,12 +408,7 @@ impl Cluster {
             // is still leader next time (the election went back to it), it
             // makes the change itself and steps down once it is committed.
             let m = group.raft.metrics().borrow().clone();
-            let matched = |n: &NodeId| crate::raft::groups::matched_index(&m, *n);
-            let target = desired
-                .iter()
-                .filter(|n| voters.contains(n))
-                .max_by_key(|n| (matched(n), std::cmp::Reverse(**n)))
-                .copied();
+            let target = leaving_leader_target(desired, voters, |n| crate::raft::groups::matched_index(&m, n));
             if let Some(target) = target {
                 tracing::info!(
                     shard = group.id,
@@ -478,30 +424,43 @@ impl Cluster {
             .unwrap_or_else(|p| p.into_inner())
             .handed_over
             .remove(&group.id);
-        for n in desired.difference(voters) {
-            let addr = nodes.get(n).ok_or(ClusterError::NoAddress(*n))?;
-            // A learner added by an earlier try may still be catching up
-            // (a large queue's snapshot takes minutes): adding it again
-            // restarted its replication, snapshot and all, every try.
-            let (learner, matched, last) = {
+        // New replicas one by one, each from fresh metrics.
+        let mut done = BTreeSet::new();
+        loop {
+            let (step, matched, last) = {
                 let m = group.raft.metrics().borrow().clone();
-                let learner = m.membership_config.membership().learner_ids().any(|l| l == *n);
-                let matched = crate::raft::groups::matched_index(&m, *n);
-                (learner, matched, m.last_log_index.unwrap_or(0))
+                let learners: BTreeSet<NodeId> = m.membership_config.membership().learner_ids().collect();
+                let matched = |n: NodeId| crate::raft::groups::matched_index(&m, n);
+                let last = m.last_log_index.unwrap_or(0);
+                let learner = |n: NodeId| learners.contains(&n).then(|| matched(n));
+                let step = membership_step(desired, voters, &done, learner, last);
+                let node = match step {
+                    MembershipStep::CaughtUp(n) | MembershipStep::AddLearner(n) | MembershipStep::Behind(n) => n,
+                    MembershipStep::Promote => 0,
+                };
+                (step, matched(node), last)
             };
-            if learner {
-                if matched + LEARNER_SLACK < last {
+            let node = match step {
+                MembershipStep::Promote => break,
+                MembershipStep::CaughtUp(n) | MembershipStep::AddLearner(n) | MembershipStep::Behind(n) => n,
+            };
+            let addr = nodes.get(&node).ok_or(ClusterError::NoAddress(node))?;
+            match step {
+                MembershipStep::Behind(n) => {
                     return Err(ClusterError::NotYet(format!(
                         "node {n} is still catching up (at {matched} of {last})"
                     )));
                 }
-                continue;
+                MembershipStep::AddLearner(n) => {
+                    let add = group.raft.add_learner(n, BasicNode::new(addr), true);
+                    match tokio::time::timeout(CATCH_UP, add).await {
+                        Err(_) => return Err(ClusterError::NotYet(format!("node {n} did not catch up"))),
+                        Ok(r) => r.map_err(ClusterError::raft)?,
+                    };
+                }
+                MembershipStep::CaughtUp(_) | MembershipStep::Promote => {}
             }
-            let add = group.raft.add_learner(*n, BasicNode::new(addr), true);
-            match tokio::time::timeout(CATCH_UP, add).await {
-                Err(_) => return Err(ClusterError::NotYet(format!("node {n} did not catch up"))),
-                Ok(r) => r.map_err(ClusterError::raft)?,
-            };
+            done.insert(node);
         }
         group
             .raft
