@@ -1,4 +1,4 @@
-"""Helpers shared by bench/run, bench/deferred and bench/snapshot-catchup.
+"""Helpers shared by the scripts in bench/ (run, deferred, snapshot-catchup, recovery, ...).
 
 Standard library only. What lives here: logging with the script's name,
 cleanup of everything started (also on SIGINT/SIGTERM), starting and
