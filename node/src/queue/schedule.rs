@@ -93,7 +93,9 @@ impl Schedule {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         while out.len() < max {
-            let Some(mut first) = self.by_due.first_entry() else { break };
+            let Some(mut first) = self.by_due.first_entry() else {
+                break;
+            };
             if *first.key() > now {
                 break;
             }
@@ -203,7 +205,11 @@ mod tests {
         assert_eq!(s.len(), 1);
         s.insert("late", 40); // moved earlier: its entry at 100 stays, stale
         assert_eq!(s.pop_due(50, 10), vec!["late"]);
-        assert_eq!(s.pop_due(100, 10), vec!["late"], "the stale entry, for the dispatcher to drop");
+        assert_eq!(
+            s.pop_due(100, 10),
+            vec!["late"],
+            "the stale entry, for the dispatcher to drop"
+        );
         assert!(s.is_empty());
     }
 
