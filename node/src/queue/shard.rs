@@ -214,7 +214,9 @@ impl QueueShard {
                 handover.release(&id);
                 continue;
             };
-            if record.held {
+            // A held message, or a stale entry of one that moved later (its
+            // new time has its own entry): see schedule.rs.
+            if record.held || record.next_attempt > now {
                 handover.release(&id);
                 continue;
             }
@@ -650,7 +652,9 @@ impl Handler<Applied> for QueueShard {
         }
         match event {
             SmEvent::Scheduled { id, due } => self.schedule.insert(&id, due),
-            SmEvent::Removed { id } => self.schedule.remove(&id),
+            // Its entry stays until due; dispatch then finds no record (or a
+            // held one) and drops it. No id-to-entry map to find it sooner.
+            SmEvent::Removed { .. } => {}
         }
     }
 }
