@@ -30,22 +30,43 @@ fn listed(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// POST /api/v1/messages with `body` (HTTP/1.1, one call per connection).
-fn api_post(node: &Node, key: &str, body: &serde_json::Value) -> (u16, String) {
+/// POST /api/v1/messages with `body` (HTTP/1.1, one call per connection),
+/// as a client following docs/api.md would: under `idem`, and a `503` (a
+/// shard changing leader under this load) retried with the same key after
+/// its Retry-After, a bounded number of times.
+fn api_post(node: &Node, key: &str, idem: &str, body: &serde_json::Value) -> (u16, String) {
     let payload = body.to_string();
-    let mut s = std::net::TcpStream::connect(node.http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "POST /api/v1/messages HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-        node.http,
-        payload.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let status = answer.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, answer)
+    let mut last = (0, String::new());
+    for _ in 0..10 {
+        let mut s = std::net::TcpStream::connect(node.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write!(
+            s,
+            "POST /api/v1/messages HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\nIdempotency-Key: {idem}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+            node.http,
+            payload.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let status = answer.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        if status != 503 {
+            return (status, answer);
+        }
+        let wait = answer
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("retry-after:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2u64)
+            .min(5);
+        std::thread::sleep(Duration::from_secs(wait));
+        last = (status, answer);
+    }
+    last
 }
 
 /// How many messages the big-selection step injects.
@@ -263,6 +284,7 @@ fn four_nodes_three_replicas_queue_ops_are_cluster_wide() {
         let (status, answer) = api_post(
             &nodes[queued / 10_000 % 4],
             &key,
+            &format!("bulk-{queued}"),
             &json!({"from": "bulk@one.test", "subject": "bulk", "text": "x", "variables": {},
                     "recipients": recipients, "send_at": send_at}),
         );
