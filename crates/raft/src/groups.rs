@@ -19,6 +19,9 @@ pub struct GroupHandle {
     pub handover: std::sync::Arc<crate::handover::HandOver>,
     /// Why this replica must not campaign now (see [`Hold`]).
     pub holds: Arc<std::sync::Mutex<u8>>,
+    /// The group's log (shared with its Raft), to purge it once the group
+    /// is closed for good.
+    pub(crate) log: super::log_store::LogStore,
 }
 
 /// A reason for a replica not to start elections. Several can hold at once

@@ -73,8 +73,10 @@ pub struct GroupHost {
     hooks: Arc<dyn GroupHooks>,
     /// What every group's requests mean.
     rules: Arc<dyn Apply>,
-    /// Serialises group creation.
+    /// Serialises group creation (and deletion).
     creating: tokio::sync::Mutex<()>,
+    /// Groups whose data this process deleted or looked for ([`GroupHost::forget`]).
+    forgotten: std::sync::Mutex<std::collections::HashSet<GroupId>>,
 }
 
 impl GroupHost {
@@ -98,6 +100,7 @@ impl GroupHost {
             hooks,
             rules,
             creating: tokio::sync::Mutex::new(()),
+            forgotten: Default::default(),
         }
     }
 
@@ -139,6 +142,7 @@ impl GroupHost {
             group: id,
             peers: Arc::clone(&self.peers),
         };
+        let log_handle = log.clone();
         let raft = Raft::new(
             self.settings.node_id,
             Arc::clone(&self.raft_config),
@@ -156,6 +160,7 @@ impl GroupHost {
             sm,
             handover,
             holds: Arc::default(),
+            log: log_handle,
         };
         self.hooks.opened(
             &handle,
@@ -169,9 +174,62 @@ impl GroupHost {
         Ok(handle)
     }
 
-    /// Closes the local replica of `id` for good (a retired shard): no longer
-    /// recorded as hosted, so it is not opened at the next start, and its
-    /// Raft stopped. Its log and state stay on disk, unread.
+    /// Closes the local replica of `id` for good and deletes its data (a
+    /// retired shard: its id is never reused and its placement is empty, so
+    /// no peer can make it here again). In this order, each step safe to
+    /// redo after a crash ([`GroupHost::forget`]): no longer recorded as
+    /// hosted (durable), Raft stopped, state written back, then its log
+    /// purged (its segments reclaimed by the next checkpoint), its state
+    /// cleared and its snapshot files removed.
+    pub async fn destroy(&self, id: GroupId) -> anyhow::Result<()> {
+        let handle = self.groups.get(id);
+        self.close(id).await?;
+        let _guard = self.creating.lock().await;
+        if let Some(g) = handle {
+            g.sm.write_back().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            g.log.forget_all().await?;
+            // Cleared, not dropped: the shard's actor may still hold the
+            // tree, and sled's handles of a dropped tree are not usable.
+            g.sm.tree().clear()?;
+        }
+        super::snapshot::remove_leftovers(self.durability.data_dir(), id)?;
+        let _ = std::fs::remove_file(super::snapshot::install_path(self.durability.data_dir(), id));
+        self.forgotten.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        tracing::info!(group = id, "raft group's data deleted");
+        Ok(())
+    }
+
+    /// Deletes what is left on disk of a group closed for good before a
+    /// crash or a restart (see [`GroupHost::destroy`]): its log purged and
+    /// its state dropped. Never for a group open or recorded as hosted here.
+    /// Once per group and process; whether it found anything to delete.
+    pub async fn forget(&self, id: GroupId) -> anyhow::Result<bool> {
+        let _guard = self.creating.lock().await;
+        if self.groups.get(id).is_some() || self.recorded()?.contains(&id) {
+            return Ok(false);
+        }
+        if !self.forgotten.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
+            return Ok(false);
+        }
+        let name = format!("g{id}/sm");
+        let db = self.durability.db();
+        let had_state = db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes());
+        let log = LogStore::open(Arc::clone(&self.durability), id)?;
+        let had_log = log.last_index().is_some();
+        log.forget_all().await?;
+        if had_state {
+            // No handle of this tree exists: the group was not opened since the start.
+            db.drop_tree(name.as_bytes())?;
+        }
+        super::snapshot::remove_leftovers(self.durability.data_dir(), id)?;
+        if had_state || had_log {
+            tracing::info!(group = id, "leftover data of a closed raft group deleted");
+        }
+        Ok(had_state || had_log)
+    }
+
+    /// Closes the local replica of `id` for good: no longer recorded as
+    /// hosted, so it is not opened at the next start, and its Raft stopped.
     pub async fn close(&self, id: GroupId) -> anyhow::Result<()> {
         let _guard = self.creating.lock().await;
         let mut ids = self.recorded()?;

@@ -144,6 +144,31 @@ impl LogStore {
         Ok(store)
     }
 
+    /// Purges every entry this log holds, for a group this node has closed
+    /// for good (a retired shard): its log segments can then be reclaimed.
+    /// Only once its Raft has stopped; nothing reads the log afterwards.
+    pub async fn forget_all(&self) -> anyhow::Result<()> {
+        let (last, purged) = {
+            let state = self.lock();
+            (state.last, state.purged)
+        };
+        let Some(last) = last else { return Ok(()) };
+        if purged >= Some(last) {
+            return Ok(());
+        }
+        self.write_mark(Kind::Purge, &last.index.to_le_bytes(), &last)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        {
+            let mut state = self.lock();
+            state.index.purge_to(last.index);
+            state.forget_to(last.index);
+            state.purged = Some(last);
+        }
+        self.wal.log_purged(self.group, last.index);
+        Ok(())
+    }
+
     /// Limits purges to the state machine's durable checkpoint.
     pub fn set_purge_floor(&mut self, floor: PurgeFloor) {
         self.floor = Some(floor);
@@ -158,7 +183,7 @@ impl LogStore {
     }
 
     /// Index of the last entry held, if any.
-    fn last_index(&self) -> Option<u64> {
+    pub(crate) fn last_index(&self) -> Option<u64> {
         let state = self.lock();
         (!state.index.is_empty()).then(|| state.index.next() - 1)
     }

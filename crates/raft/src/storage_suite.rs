@@ -166,3 +166,48 @@ async fn recent_entries_read_back_as_written() {
     };
     assert_eq!(reopened.reader().try_get_log_entries(1..10).await.unwrap(), read);
 }
+
+/// A group closed for good (a retired shard) purges its whole log: the
+/// segments that held only its entries are reclaimed, and the log stays
+/// empty when the node opens again.
+#[tokio::test]
+async fn a_forgotten_log_frees_its_segments_and_stays_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = vec![b'y'; 2048];
+    {
+        let durability = Durability::open_with(
+            dir.path(),
+            tern_store::StorageMetrics::default(),
+            8192,
+            tern_store::DEFAULT_CACHE_BYTES,
+            tern_store::OnSyncError::Fail,
+        )
+        .unwrap();
+        let (mut log, _sm) = open_with(Arc::clone(&durability)).await;
+        // One append each: a segment fills up between writes, not within one.
+        for i in 1..=40 {
+            log.blocking_append([enqueue_entry(i, &format!("m{i}"), &body)])
+                .await
+                .unwrap();
+        }
+        durability.flush_all().await.unwrap();
+        let before = durability.wal().segment_files();
+        assert!(before >= 8, "the entries span several segments: {before}");
+        assert!(durability.take_reclaimable().is_empty(), "nothing is purged yet");
+
+        log.forget_all().await.unwrap();
+        durability.flush_all().await.unwrap();
+        let doomed = durability.take_reclaimable();
+        // (The purge record may have opened a new segment: then all go.)
+        assert!(doomed.len() >= before - 1, "every closed segment goes: {doomed:?} of {before}");
+        durability.retire(doomed);
+        assert_eq!(durability.wal().segment_files(), 1, "the segment being written stays");
+        // Redone (after a crash, say): nothing more to write.
+        log.forget_all().await.unwrap();
+    }
+    let (mut log, _sm) = reopen(dir.path()).await;
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(40));
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(40));
+    assert!(log.try_get_log_entries(1..41).await.unwrap().is_empty());
+}
