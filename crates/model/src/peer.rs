@@ -71,6 +71,9 @@ pub enum Operation {
     /// picks the next ids. (Appended: a node of an earlier release refuses
     /// it as unreadable, which the operator sees.)
     ShardAdd { count: u32 },
+    /// `ternctl shard add` with a request id: a repeat of the same id
+    /// returns the first call's shards. (Appended, as `ShardAdd`.)
+    ShardAddOnce { count: u32, request_id: String },
 }
 
 /// gRPC metadata key a peer sets on a write it gave up waiting for: the
@@ -166,7 +169,8 @@ impl Operation {
             | Operation::Template { .. }
             | Operation::MemberAdd { .. }
             | Operation::MemberRemove { .. }
-            | Operation::ShardAdd { .. } => (group == CONTROL_GROUP, "the control group (0)"),
+            | Operation::ShardAdd { .. }
+            | Operation::ShardAddOnce { .. } => (group == CONTROL_GROUP, "the control group (0)"),
         };
         if ok {
             Ok(())
@@ -196,7 +200,8 @@ impl Operation {
             Operation::Bounce { .. }
             | Operation::MemberAdd { .. }
             | Operation::MemberRemove { .. }
-            | Operation::ShardAdd { .. } => None,
+            | Operation::ShardAdd { .. }
+            | Operation::ShardAddOnce { .. } => None,
         }
     }
 }

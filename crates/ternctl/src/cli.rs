@@ -456,6 +456,12 @@ pub enum ShardCommand {
     Add {
         #[arg(value_name = "N")]
         count: u32,
+        /// Makes the call safe to repeat: the cluster adds shards once per
+        /// id and answers a repeat with the shards it added then. Default:
+        /// a random id per run, so that the `--endpoints` failover of one
+        /// run never adds twice; give one to make a script's retries safe.
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
     },
     /// Stop placing new mail on SHARD; it keeps delivering its queue and its
     /// group is removed once it holds nothing (`shard list` shows progress).

@@ -239,8 +239,12 @@ pub async fn run(args: &Args, endpoint: &str, token: Option<String>) -> Result<(
                 println!("asked node {node} to take over shard {shard}");
             }
         }
-        Command::Shard(ShardCommand::Add { count }) => {
-            let reply = client.shard_add(ShardAddRequest { count }).await?.into_inner();
+        Command::Shard(ShardCommand::Add { count, request_id }) => {
+            let request_id = request_id.clone().unwrap_or_else(|| run_id().to_owned());
+            let reply = client
+                .shard_add(ShardAddRequest { count, request_id })
+                .await?
+                .into_inner();
             if json {
                 print_json(&json!({"added": reply.shards}));
             } else {
@@ -699,4 +703,10 @@ fn print_stats(r: &StatsReply, by: StatsBy, since: u64, json: bool) -> Result<()
         print_table(&["OUTCOME", "CODE", "COUNT", "LAST REPLY"], &table);
     }
     Ok(())
+}
+
+/// An id for this run of ternctl, the same on every endpoint it tries.
+fn run_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("ternctl-{:032x}", rand::random::<u128>()))
 }

@@ -353,8 +353,8 @@ impl Admin {
     }
 
     /// `shard add` on the control leader (this node): the new shard ids.
-    pub(crate) async fn add_shards_here(&self, count: u32) -> Result<Vec<u64>, Status> {
-        self.cluster.add_shards(count).await.map_err(|e| match e {
+    pub(crate) async fn add_shards_here(&self, count: u32, request_id: Option<&str>) -> Result<Vec<u64>, Status> {
+        self.cluster.add_shards(count, request_id).await.map_err(|e| match e {
             cluster::ClusterError::Refused(m) => Status::invalid_argument(m),
             other => Status::unavailable(other.to_string()),
         })
@@ -732,22 +732,37 @@ impl AdminService for Admin {
     }
 
     async fn shard_add(&self, request: Request<ShardAddRequest>) -> Result<Response<ShardAddReply>, Status> {
-        let selection = format!("count={}", request.get_ref().count);
+        let selection = match request.get_ref().request_id.as_str() {
+            "" => format!("count={}", request.get_ref().count),
+            id => format!("count={} request_id={id}", request.get_ref().count),
+        };
         let audit = self
             .authz
             .check_change(&request, Role::Admin, "shard add", selection)
             .await?;
-        let count = request.into_inner().count;
+        let ShardAddRequest { count, request_id } = request.into_inner();
+        let request_id = (!request_id.is_empty()).then_some(request_id);
         let result = async {
-            // Checked here too, so that a bad N never travels.
+            // Checked here too, so that a bad N or id never travels.
             cluster::shards::next_shard_ids([], &Default::default(), count).map_err(Status::invalid_argument)?;
+            if let Some(id) = &request_id {
+                cluster::shards::check_request_id(id).map_err(Status::invalid_argument)?;
+            }
             if let Some(control) = self.control_elsewhere()? {
-                let op = tern_model::peer::Operation::ShardAdd { count };
+                let op = match &request_id {
+                    // The earlier operation, so that a control leader of
+                    // the previous release still reads a call without an id.
+                    None => tern_model::peer::Operation::ShardAdd { count },
+                    Some(id) => tern_model::peer::Operation::ShardAddOnce {
+                        count,
+                        request_id: id.clone(),
+                    },
+                };
                 let reply = self.cluster.peers.operate_status(&control, &op).await?;
                 let shards = reply.detail.split(',').filter_map(|s| s.parse().ok()).collect();
                 return Ok(Response::new(ShardAddReply { shards }));
             }
-            let shards = self.add_shards_here(count).await?;
+            let shards = self.add_shards_here(count, request_id.as_deref()).await?;
             Ok(Response::new(ShardAddReply { shards }))
         }
         .await;

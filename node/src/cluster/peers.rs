@@ -53,7 +53,7 @@ fn op_name(op: &Operation) -> &'static str {
         Operation::PutShared { .. } => "shared records",
         Operation::DeleteShared { .. } => "shared records removal",
         Operation::Outcomes { .. } => "delivery outcomes",
-        Operation::ShardAdd { .. } => "shard add",
+        Operation::ShardAdd { .. } | Operation::ShardAddOnce { .. } => "shard add",
     }
 }
 

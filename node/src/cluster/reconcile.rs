@@ -162,22 +162,41 @@ impl Cluster {
 
     /// `ternctl shard add`, on the control leader: records the next `count`
     /// shard ids as being added; the controller's `place_added` places
-    /// them. The new ids.
-    pub async fn add_shards(&self, count: u32) -> Result<Vec<GroupId>, ClusterError> {
+    /// them. The new ids. With a request id, a call the cluster has seen
+    /// returns that call's ids and adds nothing.
+    pub async fn add_shards(&self, count: u32, request_id: Option<&str>) -> Result<Vec<GroupId>, ClusterError> {
+        use super::shards;
+        if let Some(id) = request_id {
+            shards::check_request_id(id).map_err(ClusterError::Refused)?;
+        }
         let _one_at_a_time = self.adding.lock().await;
         let control = self.control().ok_or(ClusterError::NoControlGroup)?;
+        // Everything committed before, applied here: a leader elected just
+        // now must see the ids (and the request) its predecessor recorded.
+        control.raft.ensure_linearizable().await.map_err(ClusterError::raft)?;
+        if let Some(id) = request_id {
+            let earlier = super::control::ControlState::new(control.sm.tree())
+                .shared(shards::SPACE, &shards::request_key(id))
+                .and_then(|v| bincode::deserialize::<Vec<GroupId>>(&v).ok());
+            if let Some(ids) = shards::repeated_add(earlier, count).map_err(ClusterError::Refused)? {
+                tracing::info!(shards = ?ids, request = id, "shard add repeated: nothing added");
+                return Ok(ids);
+            }
+        }
         let records = self.shard_records();
-        let ids = super::shards::next_shard_ids(super::records::placed_ids(&self.groups), &records, count)
+        let ids = shards::next_shard_ids(super::records::placed_ids(&self.groups), &records, count)
             .map_err(ClusterError::Refused)?;
         let record = ShardRecord {
             state: ShardState::Adding,
             since: chrono::Utc::now().timestamp(),
         };
         let value = bincode::serialize(&record).map_err(|e| ClusterError::Refused(e.to_string()))?;
-        let entries = ids
-            .iter()
-            .map(|id| (super::shards::state_key(*id), value.clone()))
-            .collect();
+        let mut entries: Vec<(String, Vec<u8>)> =
+            ids.iter().map(|id| (shards::state_key(*id), value.clone())).collect();
+        if let Some(id) = request_id {
+            let added = bincode::serialize(&ids).map_err(|e| ClusterError::Refused(e.to_string()))?;
+            entries.push((shards::request_key(id), added));
+        }
         control
             .raft
             .client_write(Request::PutShared {
@@ -315,12 +334,22 @@ impl Cluster {
         Ok(())
     }
 
-    /// Every node: closes its replica of a retired shard, once that replica
-    /// holds no message and no outbox event (a message that got in late is
-    /// delivered first: the replicas holding it keep the group open).
+    /// Every node: closes its replica of a retired shard and deletes its
+    /// data, once that replica holds no message and no outbox event (a
+    /// message that got in late is delivered first: the replicas holding it
+    /// keep the group open). Also deletes what a crash or an earlier
+    /// release left on disk of a retired shard closed here before.
     async fn close_retired(&self) {
         let records = self.shard_records();
         let Some(host) = self.host.get() else { return };
+        for (shard, record) in &records {
+            if record.state != ShardState::Retired || self.groups.get(*shard).is_some() {
+                continue;
+            }
+            if let Err(e) = host.forget(*shard).await {
+                tracing::warn!(shard, error = %e, "cannot delete a retired shard's leftover data");
+            }
+        }
         for g in self.groups.shards() {
             if records.get(&g.id).map(|r| r.state) != Some(ShardState::Retired) {
                 continue;
@@ -334,7 +363,7 @@ impl Cluster {
                 );
                 continue;
             }
-            if let Err(e) = host.close(g.id).await {
+            if let Err(e) = host.destroy(g.id).await {
                 tracing::warn!(shard = g.id, error = %e, "cannot close a retired shard");
             }
         }

@@ -10,6 +10,9 @@
 //!   active (every shard made at bootstrap; an added one once it has led).
 //! - `replicas`: the replica count (`u32`, bincode); without it, each node's
 //!   `[cluster] replicas`.
+//! - `request/<id>`: the shards a `shard add` with that request id added
+//!   (`Vec<u64>`, bincode), written with their state records, so that a
+//!   repeat of the call returns them instead of adding more.
 //!
 //! A shard's life: `Adding` (recorded; the controller places it on one
 //! node, which creates the group and leads it) -> active (record deleted;
@@ -30,6 +33,10 @@ pub const SPACE: &str = "shards";
 pub const REPLICAS_KEY: &str = "replicas";
 /// Prefix of the shard state records.
 pub const STATE_PREFIX: &str = "state/";
+/// Prefix of the `shard add` request records.
+pub const REQUEST_PREFIX: &str = "request/";
+/// Longest `shard add` request id.
+pub const MAX_REQUEST_ID: usize = 64;
 /// Shards one `shard add` may create.
 pub const MAX_ADD: u32 = 256;
 /// Highest shard id (a peer creates no group above it; see tern-raft's host).
@@ -73,6 +80,43 @@ pub fn state_key(shard: GroupId) -> String {
 /// The shard a state key names.
 pub fn parse_state_key(key: &str) -> Option<GroupId> {
     key.strip_prefix(STATE_PREFIX)?.parse().ok()
+}
+
+/// The shared-record key of a `shard add` request id.
+pub fn request_key(request_id: &str) -> String {
+    format!("{REQUEST_PREFIX}{request_id}")
+}
+
+/// Checks a `shard add` request id: 1 to [`MAX_REQUEST_ID`] characters of
+/// A-Z, a-z, 0-9, `-` and `_` (it becomes part of a record key).
+pub fn check_request_id(request_id: &str) -> Result<(), String> {
+    let ok = !request_id.is_empty()
+        && request_id.len() <= MAX_REQUEST_ID
+        && request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "shard add: a request id is 1 to {MAX_REQUEST_ID} of A-Z a-z 0-9 - _, not {request_id:?}"
+        ))
+    }
+}
+
+/// What a `shard add` of `count` does given the shards an earlier call
+/// with the same request id added (`earlier`): nothing new and those ids
+/// again, or a refusal when that call asked for another count (a request
+/// id reused by mistake must not pass for a repeat).
+pub fn repeated_add(earlier: Option<Vec<GroupId>>, count: u32) -> Result<Option<Vec<GroupId>>, String> {
+    match earlier {
+        None => Ok(None),
+        Some(ids) if ids.len() == count as usize => Ok(Some(ids)),
+        Some(ids) => Err(format!(
+            "shard add: this request id already added {} shards ({ids:?}), not {count}",
+            ids.len()
+        )),
+    }
 }
 
 /// The ids `count` new shards get: after the highest shard ever placed or
@@ -331,5 +375,19 @@ mod tests {
         assert_eq!(first_home(&placement, &members, &BTreeSet::new()), Some(4));
         assert_eq!(first_home(&placement, &members, &[4].into()), Some(2));
         assert_eq!(first_home(&placement, &BTreeSet::new(), &BTreeSet::new()), None);
+    }
+
+    #[test]
+    fn a_repeated_shard_add_returns_the_first_calls_shards() {
+        assert!(check_request_id("ternctl-0f3a_9").is_ok());
+        for bad in ["", "a/b", "a b", "é", &"x".repeat(MAX_REQUEST_ID + 1)] {
+            assert!(check_request_id(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(repeated_add(None, 2), Ok(None));
+        assert_eq!(repeated_add(Some(vec![9, 10]), 2), Ok(Some(vec![9, 10])));
+        let e = repeated_add(Some(vec![9, 10]), 3).unwrap_err();
+        assert!(e.contains("already added 2 shards"), "{e}");
+        assert_eq!(request_key("abc"), "request/abc");
+        assert_eq!(parse_state_key(&request_key("abc")), None, "not a shard state record");
     }
 }

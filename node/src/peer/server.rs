@@ -46,6 +46,15 @@ impl PeerServer {
     /// Writes `request` to `group` here, bounded: a leader cut off from its
     /// majority never commits, and the SMTP client must hear 451 rather
     /// than wait for ever.
+    /// `shard add` forwarded to this node as the control leader.
+    async fn shard_add(&self, count: u32, request_id: Option<&str>) -> Result<Response<OperationReply>, Status> {
+        let ids = self.admin.add_shards_here(count, request_id).await?;
+        Ok(Response::new(OperationReply {
+            affected: ids.len() as u64,
+            detail: ids.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+        }))
+    }
+
     async fn client_write(&self, group: &GroupHandle, request: crate::raft::Request) -> Result<(), Status> {
         match tokio::time::timeout(crate::queue::WRITE_TIMEOUT, group.raft.client_write(request)).await {
             Ok(Ok(_)) => Ok(()),
@@ -184,13 +193,8 @@ impl PeerService for PeerServer {
                 self.admin.remove_member_here(id, force).await?;
                 return Ok(Response::new(OperationReply::default()));
             }
-            Operation::ShardAdd { count } => {
-                let ids = self.admin.add_shards_here(count).await?;
-                return Ok(Response::new(OperationReply {
-                    affected: ids.len() as u64,
-                    detail: ids.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
-                }));
-            }
+            Operation::ShardAdd { count } => return self.shard_add(count, None).await,
+            Operation::ShardAddOnce { count, request_id } => return self.shard_add(count, Some(&request_id)).await,
             _ => {}
         }
         self.writable()?;

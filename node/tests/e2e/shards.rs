@@ -207,9 +207,58 @@ fn shards_added_and_retired_under_load_lose_and_duplicate_nothing() {
         "nothing but what was accepted reached the sink"
     );
 
-    // A retired shard's id is not reused.
-    let more = nodes[0].ternctl_json(&["shard", "add", "1"]);
+    // A retired shard's data is deleted, not only closed: its state is
+    // empty on disk, and the node starts again without it (the restart
+    // drops what is left of it).
+    let mut nodes = nodes;
+    nodes[2].signal_and_wait("TERM", Duration::from_secs(60));
+    {
+        let db = sled::Config::new()
+            .path(nodes[2].dir().join("data/sled"))
+            .open()
+            .expect("open the stopped node's state");
+        let rows = |name: &str| {
+            db.tree_names()
+                .iter()
+                .any(|n| n.as_ref() == name.as_bytes())
+                .then(|| db.open_tree(name).unwrap().len())
+        };
+        assert_eq!(rows("g1/sm").unwrap_or(0), 0, "the retired shard's state is deleted");
+        assert!(rows("g2/sm").unwrap_or(0) > 0, "an active shard's state is kept");
+    }
+    nodes[2].spawn();
+    wait_for(Duration::from_secs(90), "node 3 back with shards 2-6 and not 1", || {
+        let local = nodes[2].ternctl_json(&["shard", "list", "--local"]);
+        let ids: BTreeSet<u64> = local
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|sh| sh["shard"].as_u64().unwrap())
+            .collect();
+        ids == BTreeSet::from([2, 3, 4, 5, 6])
+    });
+
+    // A retired shard's id is not reused; a repeated `shard add` with the
+    // same request id (a script's retry) adds nothing more.
+    let more = nodes[0].ternctl_json(&["shard", "add", "1", "--request-id", "grow-7"]);
     assert_eq!(more["added"], serde_json::json!([7]), "{more}");
+    let again = nodes[1].ternctl_json(&["shard", "add", "1", "--request-id", "grow-7"]);
+    assert_eq!(
+        again["added"],
+        serde_json::json!([7]),
+        "the repeat returns the first call's shard"
+    );
+    let other = nodes[2].ternctl(&["shard", "add", "2", "--request-id", "grow-7"]);
+    assert!(
+        !other.status.success(),
+        "a request id reused for another count is refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("already added 1 shards"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert_eq!(by_id(&nodes[0]).keys().max(), Some(&7), "one shard added, not two");
 }
 
 #[test]
