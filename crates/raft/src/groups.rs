@@ -22,7 +22,12 @@ pub struct GroupHandle {
     /// The group's log (shared with its Raft), to purge it once the group
     /// is closed for good.
     pub(crate) log: super::log_store::LogStore,
+    /// Since when this node has led the group (None: it does not).
+    pub(crate) leading_since: LeadingSince,
 }
+
+/// When this node last became a group's leader, if it leads it.
+pub type LeadingSince = Arc<std::sync::Mutex<Option<tokio::time::Instant>>>;
 
 /// A reason for a replica not to start elections. Several can hold at once
 /// (a full disk during a planned hand-over); elections resume only when
@@ -46,6 +51,12 @@ impl GroupHandle {
             *holds &= !(why as u8);
         }
         self.raft.runtime_config().elect(*holds == 0);
+    }
+
+    /// How long this node has led the group; None when it does not lead it.
+    pub fn leading_for(&self) -> Option<std::time::Duration> {
+        let since = *self.leading_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.map(|t| t.elapsed())
     }
 
     /// The leader this node currently knows of; none once the group has

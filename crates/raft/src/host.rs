@@ -152,7 +152,14 @@ impl GroupHost {
         )
         .await
         .with_context(|| format!("starting raft group {id}"))?;
-        watch_leader_changes(&raft, self.hooks.leader_changes(id));
+        let leading_since = super::groups::LeadingSince::default();
+        watch_leader_changes(
+            id,
+            self.settings.node_id,
+            &raft,
+            self.hooks.leader_changes(id),
+            Arc::clone(&leading_since),
+        );
         let handover = self.hooks.handover(id);
         let handle = GroupHandle {
             id,
@@ -161,6 +168,7 @@ impl GroupHost {
             handover,
             holds: Arc::default(),
             log: log_handle,
+            leading_since,
         };
         self.hooks.opened(
             &handle,
@@ -385,12 +393,34 @@ impl GroupHost {
 /// node knows of becomes a node other than the last one it knew of. Watches
 /// openraft's server metrics, which change only with vote, state, leader or
 /// membership (not with every append). Ends when the group shuts down.
-fn watch_leader_changes(raft: &Raft, changes: prometheus_client::metrics::counter::Counter) {
+/// Counts the group's leader changes, and keeps when this node became its
+/// leader (`since`).
+fn watch_leader_changes(
+    group: GroupId,
+    me: NodeId,
+    raft: &Raft,
+    changes: prometheus_client::metrics::counter::Counter,
+    since: super::groups::LeadingSince,
+) {
     let mut server = raft.server_metrics();
     tokio::spawn(async move {
         let mut last = None;
         loop {
-            let leader = server.borrow_and_update().current_leader;
+            let (leader, state, vote) = {
+                let m = server.borrow_and_update();
+                (m.current_leader, m.state, m.vote)
+            };
+            // Every role change of every group, for tracing elections (debug).
+            tracing::debug!(group, ?state, %vote, ?leader, "raft group state");
+            {
+                let leading = state == openraft::ServerState::Leader && leader == Some(me);
+                let mut since = since.lock().unwrap_or_else(|p| p.into_inner());
+                match (leading, *since) {
+                    (true, None) => *since = Some(tokio::time::Instant::now()),
+                    (false, Some(_)) => *since = None,
+                    _ => {}
+                }
+            }
             if leader.is_some() && leader != last {
                 changes.inc();
                 last = leader;

@@ -88,13 +88,18 @@ pub type StorageError = openraft::StorageError<NodeId>;
 /// Bytes of snapshot per InstallSnapshot RPC.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 3 * 1024 * 1024;
 
+/// openraft's election timeout ceiling, which is also its leader lease: a
+/// voter that heard from its leader this recently refuses another
+/// candidate's vote, and so does a leader elected this recently.
+pub const LEADER_LEASE: std::time::Duration = std::time::Duration::from_millis(2000);
+
 /// Raft timing suited to many groups per node (ARCHITECTURE.md).
 pub fn raft_config() -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
     let config = openraft::Config {
         cluster_name: "tern".into(),
         heartbeat_interval: 200,
         election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        election_timeout_max: LEADER_LEASE.as_millis() as u64,
         max_payload_entries: 256,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 1_000,

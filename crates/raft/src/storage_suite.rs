@@ -199,7 +199,10 @@ async fn a_forgotten_log_frees_its_segments_and_stays_forgotten() {
         durability.flush_all().await.unwrap();
         let doomed = durability.take_reclaimable();
         // (The purge record may have opened a new segment: then all go.)
-        assert!(doomed.len() >= before - 1, "every closed segment goes: {doomed:?} of {before}");
+        assert!(
+            doomed.len() >= before - 1,
+            "every closed segment goes: {doomed:?} of {before}"
+        );
         durability.retire(doomed);
         assert_eq!(durability.wal().segment_files(), 1, "the segment being written stays");
         // Redone (after a crash, say): nothing more to write.

@@ -23,7 +23,39 @@ pub const STEP_ASIDE: Duration = Duration::from_secs(5);
 /// leadership does not come straight back. False when the wait timed out.
 /// Runs as its own task: a caller that gives up (an RPC deadline) does not
 /// leave the group unable to campaign.
-pub async fn step_aside_for(group: &GroupHandle) -> bool {
+///
+/// Refused (Err, nothing held) while this node has led the group for less
+/// than [`YOUNG_LEADER`]: openraft's leader lease would then refuse the
+/// target's vote, as would the other voters', so the hand-over would only
+/// leave the shard without a leader until this node campaigns again. A
+/// leader balancer that asks again at once can fall into step with those
+/// elections for minutes (seen with quiet groups after a restart).
+///
+/// With `caught_up`, also refused while that replica (the one to campaign)
+/// does not hold this leader's last log entry: it could not win (a restarted
+/// node, say, in its first second back).
+pub async fn step_aside_for(group: &GroupHandle, caught_up: Option<NodeId>) -> Result<bool, String> {
+    if let Some(target) = caught_up.filter(|_| group.leading_for().is_some()) {
+        let (matched, last) = {
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            (crate::raft::groups::matched_index(&m, target), m.last_log_index.unwrap_or(0))
+        };
+        if matched < last {
+            return Err(format!(
+                "node {target} has not caught up with shard {}'s leader (it holds entry {matched} of {last})",
+                group.id
+            ));
+        }
+    }
+    if let Some(led) = group.leading_for().filter(|led| *led < YOUNG_LEADER) {
+        return Err(format!(
+            "shard {} got this leader {} ms ago; a hand-over waits until it has led for {} ms",
+            group.id,
+            led.as_millis(),
+            YOUNG_LEADER.as_millis()
+        ));
+    }
     let g = group.clone();
     let task = tokio::spawn(async move {
         g.hold_elections(Hold::StepAside, true);
@@ -40,8 +72,21 @@ pub async fn step_aside_for(group: &GroupHandle) -> bool {
         });
         quiet
     });
-    task.await.unwrap_or(false)
+    Ok(task.await.unwrap_or(false))
 }
+
+/// Why a leadership moves (see [`Cluster::hand_over`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Move {
+    /// Evening out leaders or replicas: may wait for a better moment.
+    Balance,
+    /// A drain, a shutdown, an operator's move, a leader leaving its shard.
+    Needed,
+}
+
+/// A leader this new refuses to step aside (see [`step_aside_for`]): its
+/// lease, and a margin for the followers' heartbeats of its first term.
+pub const YOUNG_LEADER: Duration = Duration::from_millis(crate::raft::LEADER_LEASE.as_millis() as u64 + 1000);
 
 /// A drained shard still led by the drained node this long after its
 /// leadership was handed to a replica is handed to another one next.
@@ -83,8 +128,17 @@ impl Cluster {
         } else {
             tracing::info!(shard, from, to, "moving shard leader");
         }
-        if let Err(e) = self.hand_over(shard, from, to).await {
-            tracing::debug!(shard, target = to, error = %e, "leader move");
+        match self.hand_over(shard, from, to, if drain { Move::Needed } else { Move::Balance }).await {
+            Ok(()) => {}
+            Err(ClusterError::Refused(reason)) => {
+                // Not tried: the leader is too new to hand over yet.
+                self.drain_tries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&shard);
+                tracing::debug!(shard, target = to, reason, "leader move put off");
+            }
+            Err(e) => tracing::debug!(shard, target = to, error = %e, "leader move"),
         }
     }
 
@@ -109,7 +163,7 @@ impl Cluster {
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if let Err(e) = self.hand_over(CONTROL_GROUP, self.node_id, target).await {
+            if let Err(e) = self.hand_over(CONTROL_GROUP, self.node_id, target, Move::Needed).await {
                 tracing::debug!(target, error = %e, "control leader move");
             }
             let attempt = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -151,7 +205,15 @@ impl Cluster {
             if leader == Some(node) {
                 return Ok(());
             }
-            self.hand_over(group, leader.unwrap_or(0), node).await?;
+            match self.hand_over(group, leader.unwrap_or(0), node, Move::Needed).await {
+                // The leader is too new to hand over yet: ask again shortly.
+                Err(ClusterError::Refused(reason)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(group, node, reason, "leader move waits");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                other => other?,
+            }
             let attempt = tokio::time::Instant::now() + Duration::from_secs(3);
             while tokio::time::Instant::now() < attempt {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -170,17 +232,28 @@ impl Cluster {
     /// Moves `group`'s leadership from `from` (0: unknown) to `to`. openraft
     /// 0.9 has no leader transfer: `from` stops dispatching, waits for the
     /// outcomes of its deliveries in flight to commit and stops campaigning
-    /// for a few seconds (see [`step_aside_for`]), then `to` campaigns. Its
-    /// first vote is refused inside the leader lease but makes `from` step
-    /// down; `to` (or another replica, never `from`) wins the election that
-    /// follows.
-    pub async fn hand_over(&self, group: GroupId, from: NodeId, to: NodeId) -> Result<(), ClusterError> {
+    /// for a few seconds (see [`step_aside_for`]), then `to` campaigns. The
+    /// other voters refuse its vote inside their lease, but `from`, whose
+    /// own lease ran out (it refuses to step aside sooner), grants it.
+    /// Refused (`ClusterError::Refused`) while `from` is too new a leader.
+    ///
+    /// `Move::Balance` (a move that can wait) is also refused while `to`
+    /// lacks the leader's last entry; `Move::Needed` (a drain, a shutdown, a
+    /// leader leaving the shard) is not, as before.
+    pub async fn hand_over(&self, group: GroupId, from: NodeId, to: NodeId, kind: Move) -> Result<(), ClusterError> {
         if from != 0 && from != to {
-            if let Err(e) = self.elect_on(from, group, true).await {
-                tracing::debug!(group, from, error = %e, "step aside");
+            let caught_up = (kind == Move::Balance).then_some(to);
+            match self.step_aside_on(from, group, caught_up).await {
+                Ok(()) => {}
+                // The leader refused (too new to hand over): `to` would lose.
+                Err(ClusterError::Refused(reason)) => {
+                    tracing::debug!(group, from, to, reason, "hand-over put off");
+                    return Err(ClusterError::Refused(reason));
+                }
+                Err(e) => tracing::debug!(group, from, error = %e, "step aside"),
             }
         }
-        self.elect_on(to, group, false).await
+        self.elect_on(to, group).await
     }
 
     /// Before this node stops (SIGTERM): hands every group it leads over to
@@ -207,7 +280,13 @@ impl Cluster {
             async move {
                 // The next voter when one cannot be reached.
                 for target in targets {
-                    match self.hand_over(g.id, self.node_id, target).await {
+                    let mut result = self.hand_over(g.id, self.node_id, target, Move::Needed).await;
+                    if let Err(ClusterError::Refused(_)) = result {
+                        // Led for too short a time: once more when it is not.
+                        tokio::time::sleep(YOUNG_LEADER).await;
+                        result = self.hand_over(g.id, self.node_id, target, Move::Needed).await;
+                    }
+                    match result {
                         Ok(()) => return,
                         Err(e) => tracing::warn!(group = g.id, target, error = %e, "shutdown: hand-over failed"),
                     }
@@ -233,17 +312,27 @@ impl Cluster {
         }
     }
 
-    /// Asks `node` to campaign for `group`, or with `step_aside` to stop
-    /// campaigning for it for [`STEP_ASIDE`].
-    async fn elect_on(&self, node: NodeId, group: GroupId, step_aside: bool) -> Result<(), ClusterError> {
+    /// Asks `node`, leading `group`, to stop campaigning for it for
+    /// [`STEP_ASIDE`] ([`step_aside_for`]).
+    async fn step_aside_on(&self, node: NodeId, group: GroupId, caught_up: Option<NodeId>) -> Result<(), ClusterError> {
         if node == self.node_id {
             let g = self.groups.get(group).ok_or(ClusterError::GroupNotHosted)?;
-            if step_aside {
-                step_aside_for(&g).await;
-                return Ok(());
-            }
+            step_aside_for(&g, caught_up).await.map_err(ClusterError::Refused)?;
+            return Ok(());
+        }
+        self.elect_rpc(node, group, true, caught_up.unwrap_or(0)).await
+    }
+
+    /// Asks `node` to campaign for `group`.
+    async fn elect_on(&self, node: NodeId, group: GroupId) -> Result<(), ClusterError> {
+        if node == self.node_id {
+            let g = self.groups.get(group).ok_or(ClusterError::GroupNotHosted)?;
             return g.raft.trigger().elect().await.map_err(ClusterError::raft);
         }
+        self.elect_rpc(node, group, false, 0).await
+    }
+
+    async fn elect_rpc(&self, node: NodeId, group: GroupId, step_aside: bool, caught_up: NodeId) -> Result<(), ClusterError> {
         let addr = self.nodes().get(&node).cloned().ok_or(ClusterError::UnknownNode)?;
         let addr = self.peers.dial(node, addr);
         let mut client = self.peers.peer(node, &addr).map_err(ClusterError::peer)?;
@@ -251,9 +340,14 @@ impl Cluster {
             .elect(tern_proto::peer::ElectRequest {
                 group_id: group,
                 step_aside,
+                caught_up,
             })
             .await
             .map(|_| ())
-            .map_err(ClusterError::peer)
+            .map_err(|status| match status.code() {
+                // A step aside refused by a leader too new to hand over.
+                tonic::Code::FailedPrecondition if step_aside => ClusterError::Refused(status.message().to_owned()),
+                _ => ClusterError::peer(status),
+            })
     }
 }

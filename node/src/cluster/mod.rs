@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use error::ClusterError;
-pub use leader::{step_aside_for, STEP_ASIDE};
+pub use leader::{step_aside_for, Move, STEP_ASIDE};
 pub use membership::removed_id_error;
 pub use peers::Peers;
 pub use placement::{control_voters, drain_target, merge_shard_rows, rebalance_move, MAX_CONTROL_VOTERS};

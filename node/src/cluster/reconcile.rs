@@ -135,7 +135,7 @@ impl Cluster {
                 // The leader hands over first rather than remove itself.
                 if let Some(target) = to {
                     tracing::info!(shard, from, to = target, "moving shard leader before a replica move");
-                    if let Err(e) = self.hand_over(shard, from, target).await {
+                    if let Err(e) = self.hand_over(shard, from, target, super::leader::Move::Balance).await {
                         tracing::debug!(shard, target, error = %e, "leader move");
                     }
                 }
@@ -444,7 +444,7 @@ impl Cluster {
                     to = target,
                     "leaving the shard: moving its leadership first"
                 );
-                self.hand_over(group.id, self.node_id, target).await?;
+                self.hand_over(group.id, self.node_id, target, super::leader::Move::Needed).await?;
                 return Ok(());
             }
         }

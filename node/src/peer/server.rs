@@ -214,10 +214,16 @@ impl PeerService for PeerServer {
 
     async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
         self.gate.admit(&request, "Elect", None)?;
-        let ElectRequest { group_id, step_aside } = request.into_inner();
+        let ElectRequest {
+            group_id,
+            step_aside,
+            caught_up,
+        } = request.into_inner();
         let g = self.group(group_id)?;
         if step_aside {
-            crate::cluster::step_aside_for(&g).await;
+            crate::cluster::step_aside_for(&g, (caught_up != 0).then_some(caught_up))
+                .await
+                .map_err(Status::failed_precondition)?;
             return Ok(Response::new(ElectReply {}));
         }
         if self.admin.space.is_full() {
@@ -226,6 +232,11 @@ impl PeerService for PeerServer {
                 self.admin.node_id,
                 self.admin.space.reason()
             )));
+        }
+        {
+            let m = g.raft.metrics();
+            let m = m.borrow();
+            tracing::debug!(group = group_id, vote = %m.vote, last_log = ?m.last_log_index, state = ?m.state, "campaigning on a hand-over");
         }
         g.raft
             .trigger()
