@@ -118,7 +118,10 @@ impl DiskGuard {
             let cluster = Arc::clone(&self.cluster);
             let (group, from) = (g.id, self.node_id);
             tokio::spawn(async move {
-                if let Err(e) = cluster.hand_over(group, from, target, crate::cluster::Move::Needed).await {
+                if let Err(e) = cluster
+                    .hand_over(group, from, target, crate::cluster::Move::Needed)
+                    .await
+                {
                     tracing::warn!(group, to = target, error = %e, "disk full: leadership hand-over failed; retrying");
                 }
             });

@@ -475,9 +475,10 @@ pub enum ShardCommand {
 pub enum ClusterCommand {
     /// Set a cluster-wide setting. `replicas R`: copies of every shard
     /// (1 to the number of members); the controller moves shards there one
-    /// at a time.
+    /// at a time. `rebalance_moves N`: shards the rebalancer moves at once
+    /// (1 to 64; default 1).
     Set {
-        #[arg(value_name = "KEY", value_parser = ["replicas"])]
+        #[arg(value_name = "KEY", value_parser = ["replicas", "rebalance_moves"])]
         key: String,
         #[arg(value_name = "VALUE")]
         value: String,

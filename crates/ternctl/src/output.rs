@@ -33,6 +33,7 @@ pub fn status_json(s: &StatusReply) -> serde_json::Value {
             "state": if sh.state.is_empty() { "active" } else { sh.state.as_str() },
         })).collect::<Vec<_>>(),
         "replicas": s.replicas,
+        "rebalance_moves": s.rebalance_moves,
     })
 }
 
@@ -79,7 +80,10 @@ pub fn print_status(s: &StatusReply) {
     println!("node {} ({}), tern {}", s.node_id, s.hostname, s.version);
     println!("control-group leader: {}", opt_node(s.control_leader));
     println!("queued messages: {}", s.queued_messages);
-    println!("replicas per shard: {}\n", s.replicas);
+    println!(
+        "replicas per shard: {}; rebalancer moves at once: {}\n",
+        s.replicas, s.rebalance_moves
+    );
     let members: Vec<Vec<String>> = s
         .members
         .iter()

@@ -530,6 +530,7 @@ impl Admin {
             version: env!("CARGO_PKG_VERSION").into(),
             unreachable: Vec::new(),
             replicas: self.cluster.want_replicas() as u32,
+            rebalance_moves: self.cluster.rebalance_moves() as u32,
         })
     }
 
@@ -579,6 +580,7 @@ impl AdminService for Admin {
         let total = shards.iter().map(|s| s.queued_messages).sum();
         Ok(Response::new(StatusReply {
             replicas: self.cluster.want_replicas() as u32,
+            rebalance_moves: self.cluster.rebalance_moves() as u32,
             unreachable,
             node_id: self.node_id,
             hostname: self.hostname.clone(),
@@ -810,19 +812,31 @@ impl AdminService for Admin {
             .await?;
         let req = request.into_inner();
         let result = async {
-            if req.key != "replicas" {
-                return Err(Status::invalid_argument(format!(
-                    "cluster set: unknown setting {:?} (settings: replicas)",
-                    req.key
-                )));
-            }
-            let replicas: u32 = req
-                .value
-                .trim()
-                .parse()
-                .map_err(|_| Status::invalid_argument(format!("replicas: {:?} is not a number", req.value)))?;
-            cluster::shards::check_replicas(replicas, self.cluster.nodes().len()).map_err(Status::invalid_argument)?;
-            let value = bincode::serialize(&replicas).map_err(|e| Status::internal(e.to_string()))?;
+            let number = |what: &str| -> Result<u32, Status> {
+                req.value
+                    .trim()
+                    .parse()
+                    .map_err(|_| Status::invalid_argument(format!("{what}: {:?} is not a number", req.value)))
+            };
+            let (key, value) = match req.key.as_str() {
+                "replicas" => {
+                    let replicas = number("replicas")?;
+                    cluster::shards::check_replicas(replicas, self.cluster.nodes().len())
+                        .map_err(Status::invalid_argument)?;
+                    (cluster::shards::REPLICAS_KEY, replicas)
+                }
+                "rebalance_moves" => {
+                    let moves = number("rebalance_moves")?;
+                    cluster::shards::check_rebalance_moves(moves).map_err(Status::invalid_argument)?;
+                    (cluster::shards::REBALANCE_MOVES_KEY, moves)
+                }
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "cluster set: unknown setting {other:?} (settings: replicas, rebalance_moves)"
+                    )))
+                }
+            };
+            let value = bincode::serialize(&value).map_err(|e| Status::internal(e.to_string()))?;
             let control = self
                 .cluster
                 .control()
@@ -831,7 +845,7 @@ impl AdminService for Admin {
                 &control,
                 tern_model::peer::Operation::PutShared {
                     space: cluster::shards::SPACE.into(),
-                    entries: vec![(cluster::shards::REPLICAS_KEY.into(), value)],
+                    entries: vec![(key.into(), value)],
                 },
             )
             .await?;

@@ -39,7 +39,10 @@ pub async fn step_aside_for(group: &GroupHandle, caught_up: Option<NodeId>) -> R
         let (matched, last) = {
             let m = group.raft.metrics();
             let m = m.borrow();
-            (crate::raft::groups::matched_index(&m, target), m.last_log_index.unwrap_or(0))
+            (
+                crate::raft::groups::matched_index(&m, target),
+                m.last_log_index.unwrap_or(0),
+            )
         };
         if matched < last {
             return Err(format!(
@@ -128,7 +131,10 @@ impl Cluster {
         } else {
             tracing::info!(shard, from, to, "moving shard leader");
         }
-        match self.hand_over(shard, from, to, if drain { Move::Needed } else { Move::Balance }).await {
+        match self
+            .hand_over(shard, from, to, if drain { Move::Needed } else { Move::Balance })
+            .await
+        {
             Ok(()) => {}
             Err(ClusterError::Refused(reason)) => {
                 // Not tried: the leader is too new to hand over yet.
@@ -332,7 +338,13 @@ impl Cluster {
         self.elect_rpc(node, group, false, 0).await
     }
 
-    async fn elect_rpc(&self, node: NodeId, group: GroupId, step_aside: bool, caught_up: NodeId) -> Result<(), ClusterError> {
+    async fn elect_rpc(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        step_aside: bool,
+        caught_up: NodeId,
+    ) -> Result<(), ClusterError> {
         let addr = self.nodes().get(&node).cloned().ok_or(ClusterError::UnknownNode)?;
         let addr = self.peers.dial(node, addr);
         let mut client = self.peers.peer(node, &addr).map_err(ClusterError::peer)?;

@@ -115,6 +115,11 @@ impl Cluster {
         records::cluster_replicas(&self.groups).map_or(self.replicas, |r| r as usize)
     }
 
+    /// Shards the rebalancer moves at once (`ternctl cluster set rebalance_moves`).
+    pub fn rebalance_moves(&self) -> usize {
+        records::cluster_rebalance_moves(&self.groups).unwrap_or(shards::DEFAULT_REBALANCE_MOVES) as usize
+    }
+
     /// Shards added, retiring or retired (a shard not listed is active).
     pub fn shard_records(&self) -> BTreeMap<GroupId, shards::ShardRecord> {
         records::shard_records(&self.groups)

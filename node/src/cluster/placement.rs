@@ -294,6 +294,89 @@ pub fn rebalance_step(
     })
 }
 
+/// Whether `shard` is at rest in `rows`: led, not joint, its voters its placement.
+fn shard_at_rest(shard: GroupId, placed: &[NodeId], rows: &BTreeMap<GroupId, tern_proto::admin::ShardStatus>) -> bool {
+    rows.get(&shard).is_some_and(|r| {
+        r.leader != 0
+            && !r.joint
+            && r.voters.iter().copied().collect::<BTreeSet<_>>() == placed.iter().copied().collect::<BTreeSet<_>>()
+    })
+}
+
+/// What the rebalancer starts now with up to `moves` shards changing at once
+/// (`ternctl cluster set rebalance_moves`). With 1, [`rebalance_step`]: one
+/// step, the whole cluster at rest. With more, a replica move (or the
+/// hand-over before it) starts on a shard at rest while fewer than `moves`
+/// shards are under way. Each shard still has at most one change in flight
+/// (one replica swapped through a learner), so each keeps its majority as
+/// with one move; what grows is the catch-up traffic at once. Replica count
+/// changes (`Resize`) still go one at a time with the cluster at rest.
+pub fn rebalance_steps(
+    placement: &BTreeMap<GroupId, Vec<NodeId>>,
+    rows: &BTreeMap<GroupId, tern_proto::admin::ShardStatus>,
+    members: &BTreeSet<NodeId>,
+    all_reachable: bool,
+    want: usize,
+    skip: impl Fn(GroupId) -> bool,
+    moves: usize,
+) -> Vec<RebalanceStep> {
+    if moves <= 1 || !all_reachable {
+        return rebalance_step(placement, rows, members, all_reachable, want, skip)
+            .into_iter()
+            .collect();
+    }
+    if at_rest(placement, rows) {
+        if let Some(step @ RebalanceStep::Resize { .. }) =
+            rebalance_step(placement, rows, members, all_reachable, want, &skip)
+        {
+            return vec![step];
+        }
+    }
+    let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
+    let mut placement: BTreeMap<GroupId, Vec<NodeId>> = placement
+        .iter()
+        .filter(|(shard, _)| !skip(**shard))
+        .map(|(shard, r)| (*shard, r.clone()))
+        .collect();
+    let want = want.min(members.len());
+    if shrink_step(&placement, &leaders, want)
+        .or_else(|| grow_step(&placement, members, want))
+        .is_some()
+    {
+        // A replica count change waits for the cluster at rest.
+        return Vec::new();
+    }
+    let busy: BTreeSet<GroupId> = placement
+        .iter()
+        .filter(|(shard, placed)| !shard_at_rest(**shard, placed, rows))
+        .map(|(shard, _)| *shard)
+        .collect();
+    let mut steps = Vec::new();
+    let mut touched = BTreeSet::new();
+    while busy.len() + steps.len() < moves {
+        let movable = |shard| !busy.contains(&shard) && !touched.contains(&shard);
+        let Some((shard, from, to)) = rebalance_move_among(&placement, members, &leaders, movable) else {
+            break;
+        };
+        touched.insert(shard);
+        let current = placement.get(&shard).cloned().unwrap_or_default();
+        if leaders.get(&shard) == Some(&from) {
+            let to = current.iter().find(|n| **n != from).copied();
+            steps.push(RebalanceStep::HandOver { shard, from, to });
+            continue;
+        }
+        let replicas: Vec<NodeId> = current.iter().map(|n| if *n == from { to } else { *n }).collect();
+        placement.insert(shard, replicas.clone());
+        steps.push(RebalanceStep::Move {
+            shard,
+            from,
+            to,
+            replicas,
+        });
+    }
+    steps
+}
+
 /// A leadership to move: `drain` when it leaves a drained node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaderMove {
@@ -669,6 +752,78 @@ mod tests {
                 replicas: vec![1, 3]
             })
         );
+    }
+
+    #[test]
+    fn several_moves_start_on_shards_at_rest_up_to_the_setting() {
+        // 8 shards on nodes 1-3, node 4 empty: it should get 6 replicas.
+        let placement: BTreeMap<GroupId, Vec<NodeId>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
+        let members = set(&[1, 2, 3, 4]);
+        let mut rows: BTreeMap<GroupId, ShardStatus> = (1..=8).map(|s| (s, rest_row(s, 1, &[1, 2, 3]))).collect();
+        // One at a time: exactly the single step.
+        assert_eq!(
+            rebalance_steps(&placement, &rows, &members, true, 3, |_| false, 1),
+            rebalance_step(&placement, &rows, &members, true, 3, |_| false)
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        let moved = |steps: &[RebalanceStep]| -> Vec<GroupId> {
+            steps
+                .iter()
+                .map(|s| match s {
+                    RebalanceStep::Move {
+                        shard, to, replicas, ..
+                    } => {
+                        assert_eq!(*to, 4);
+                        assert!(replicas.contains(&4) && replicas.len() == 3, "{replicas:?}");
+                        *shard
+                    }
+                    // A source that leads the shard hands it over first.
+                    RebalanceStep::HandOver { shard, from, to } => {
+                        assert!(to.is_some_and(|t| t != *from));
+                        *shard
+                    }
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect()
+        };
+        let steps = rebalance_steps(&placement, &rows, &members, true, 3, |_| false, 4);
+        let shards = moved(&steps);
+        assert_eq!(shards.len(), 4, "{steps:?}");
+        assert_eq!(shards.iter().collect::<BTreeSet<_>>().len(), 4, "one move per shard");
+        // Two shards under way count against the four.
+        let mut placement2 = placement.clone();
+        for shard in [1, 2] {
+            placement2.insert(shard, vec![1, 2, 4]);
+            rows.get_mut(&shard).unwrap().voters = vec![1, 2, 3, 4];
+        }
+        let steps = rebalance_steps(&placement2, &rows, &members, true, 3, |_| false, 4);
+        let shards = moved(&steps);
+        assert_eq!(shards.len(), 2, "{steps:?}");
+        assert!(shards.iter().all(|s| *s > 2), "never a shard under way: {shards:?}");
+        // Balanced once node 4 holds its share: nothing more.
+        let sets = [vec![1, 2, 3], vec![1, 2, 4], vec![1, 3, 4], vec![2, 3, 4]];
+        let balanced: BTreeMap<GroupId, Vec<NodeId>> = (1..=8).map(|s| (s, sets[(s as usize) % 4].clone())).collect();
+        let rest: BTreeMap<GroupId, ShardStatus> = balanced.iter().map(|(s, r)| (*s, rest_row(*s, r[0], r))).collect();
+        assert_eq!(
+            rebalance_steps(&balanced, &rest, &members, true, 3, |_| false, 4),
+            vec![]
+        );
+        // Not while a member does not answer; a replica count change waits
+        // for the whole cluster at rest and goes alone.
+        assert_eq!(
+            rebalance_steps(&placement2, &rows, &members, false, 3, |_| false, 4),
+            vec![]
+        );
+        assert_eq!(
+            rebalance_steps(&placement2, &rows, &members, true, 4, |_| false, 4),
+            vec![]
+        );
+        let at_rest: BTreeMap<GroupId, ShardStatus> = (1..=8).map(|s| (s, rest_row(s, 1, &[1, 2, 3]))).collect();
+        assert!(matches!(
+            rebalance_steps(&placement, &at_rest, &members, true, 4, |_| false, 4).as_slice(),
+            [RebalanceStep::Resize { .. }]
+        ));
     }
 
     #[test]

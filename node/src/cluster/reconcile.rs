@@ -12,7 +12,7 @@ use openraft::{BasicNode, ChangeMembers};
 
 use super::membership::CATCH_UP;
 use super::placement::{
-    leaving_leader_target, membership_step, placement_repairs, rebalance_step, MembershipStep, RebalanceStep,
+    leaving_leader_target, membership_step, placement_repairs, rebalance_steps, MembershipStep, RebalanceStep,
 };
 use super::shards::{first_home, ShardRecord, ShardState, RETIRE_GRACE_SECS, SPACE};
 use super::{Cluster, ClusterError};
@@ -101,14 +101,15 @@ impl Cluster {
         Ok(changed)
     }
 
-    /// Moves one replica from the most to the least loaded member when their
+    /// Moves replicas from the most to the least loaded member when their
     /// replica counts differ by more than one (e.g. after a node joins a
     /// cluster whose shards are all at full strength). Only with every
-    /// member reachable and every shard at rest (voters = placement, no
-    /// joint config, a leader), so one move is in flight at a time and a
-    /// shard never loses its majority: the shard leader adds the new replica
-    /// as a learner, waits for it to catch up, then swaps it in. True when
-    /// it did something.
+    /// member reachable; by default one move in the whole cluster at a time,
+    /// every shard at rest in between (voters = placement, no joint config,
+    /// a leader); up to `rebalance_moves` shards at once when the operator
+    /// set it (`placement::rebalance_steps`). A shard never loses its
+    /// majority: its leader adds the new replica as a learner, waits for it
+    /// to catch up, then swaps it in. True when it started something.
     async fn rebalance(
         &self,
         rows: &BTreeMap<GroupId, tern_proto::admin::ShardStatus>,
@@ -121,43 +122,45 @@ impl Cluster {
         let records = self.shard_records();
         let adding = |shard| records.get(&shard).is_some_and(|r| r.state == ShardState::Adding);
         let want = self.want_replicas();
-        let Some(step) = rebalance_step(&placement, rows, &members, all_reachable, want, adding) else {
-            return Ok(false);
-        };
-        let (shard, next) = match step {
-            // Fewer or more replicas wanted (`cluster set replicas`): one
-            // replica of one shard at a time, the cluster at rest in between.
-            RebalanceStep::Resize { shard, replicas } => {
-                tracing::info!(shard, to = ?replicas, want = want.min(members.len()), "changing a shard's replica count");
-                (shard, replicas)
-            }
-            RebalanceStep::HandOver { shard, from, to } => {
-                // The leader hands over first rather than remove itself.
-                if let Some(target) = to {
-                    tracing::info!(shard, from, to = target, "moving shard leader before a replica move");
-                    if let Err(e) = self.hand_over(shard, from, target, super::leader::Move::Balance).await {
-                        tracing::debug!(shard, target, error = %e, "leader move");
-                    }
+        let moves = self.rebalance_moves();
+        let steps = rebalance_steps(&placement, rows, &members, all_reachable, want, adding, moves);
+        let started = !steps.is_empty();
+        for step in steps {
+            let (shard, next) = match step {
+                // Fewer or more replicas wanted (`cluster set replicas`): one
+                // replica of one shard at a time, the cluster at rest in between.
+                RebalanceStep::Resize { shard, replicas } => {
+                    tracing::info!(shard, to = ?replicas, want = want.min(members.len()), "changing a shard's replica count");
+                    (shard, replicas)
                 }
-                return Ok(true);
-            }
-            RebalanceStep::Move {
-                shard,
-                from,
-                to,
-                replicas,
-            } => {
-                tracing::info!(shard, from, to, "rebalancing a replica");
-                (shard, replicas)
-            }
-        };
-        self.control()
-            .ok_or(ClusterError::NoControlGroup)?
-            .raft
-            .client_write(Request::SetShardReplicas { shard, replicas: next })
-            .await
-            .map_err(ClusterError::raft)?;
-        Ok(true)
+                RebalanceStep::HandOver { shard, from, to } => {
+                    // The leader hands over first rather than remove itself.
+                    if let Some(target) = to {
+                        tracing::info!(shard, from, to = target, "moving shard leader before a replica move");
+                        if let Err(e) = self.hand_over(shard, from, target, super::leader::Move::Balance).await {
+                            tracing::debug!(shard, target, error = %e, "leader move");
+                        }
+                    }
+                    continue;
+                }
+                RebalanceStep::Move {
+                    shard,
+                    from,
+                    to,
+                    replicas,
+                } => {
+                    tracing::info!(shard, from, to, moves, "rebalancing a replica");
+                    (shard, replicas)
+                }
+            };
+            self.control()
+                .ok_or(ClusterError::NoControlGroup)?
+                .raft
+                .client_write(Request::SetShardReplicas { shard, replicas: next })
+                .await
+                .map_err(ClusterError::raft)?;
+        }
+        Ok(started)
     }
 
     /// `ternctl shard add`, on the control leader: records the next `count`
@@ -444,7 +447,8 @@ impl Cluster {
                     to = target,
                     "leaving the shard: moving its leadership first"
                 );
-                self.hand_over(group.id, self.node_id, target, super::leader::Move::Needed).await?;
+                self.hand_over(group.id, self.node_id, target, super::leader::Move::Needed)
+                    .await?;
                 return Ok(());
             }
         }

@@ -132,11 +132,21 @@ impl ShardRecordsCache {
     }
 }
 
+/// A cluster setting of `ternctl cluster set` (a `u32` under `key`), if set.
+fn cluster_setting(groups: &Groups, key: &str) -> Option<u32> {
+    let control = groups.get(CONTROL_GROUP)?;
+    let v = ControlState::new(control.sm.tree()).shared(shards::SPACE, key)?;
+    bincode::deserialize(&v).ok()
+}
+
 /// The cluster's replica count (`ternctl cluster set replicas`), if set.
 pub fn cluster_replicas(groups: &Groups) -> Option<u32> {
-    let control = groups.get(CONTROL_GROUP)?;
-    let v = ControlState::new(control.sm.tree()).shared(shards::SPACE, shards::REPLICAS_KEY)?;
-    bincode::deserialize(&v).ok()
+    cluster_setting(groups, shards::REPLICAS_KEY)
+}
+
+/// Shards the rebalancer moves at once (`ternctl cluster set rebalance_moves`), if set.
+pub fn cluster_rebalance_moves(groups: &Groups) -> Option<u32> {
+    cluster_setting(groups, shards::REBALANCE_MOVES_KEY)
 }
 
 /// Whether new mail may go to `shard` (not being added, retiring or retired).

@@ -10,6 +10,8 @@
 //!   active (every shard made at bootstrap; an added one once it has led).
 //! - `replicas`: the replica count (`u32`, bincode); without it, each node's
 //!   `[cluster] replicas`.
+//! - `rebalance_moves`: shards the rebalancer moves at once (`u32`,
+//!   bincode); without it, [`DEFAULT_REBALANCE_MOVES`].
 //! - `request/<id>`: the shards a `shard add` with that request id added
 //!   (`Vec<u64>`, bincode), written with their state records, so that a
 //!   repeat of the call returns them instead of adding more.
@@ -33,6 +35,14 @@ pub const SPACE: &str = "shards";
 pub const REPLICAS_KEY: &str = "replicas";
 /// Prefix of the shard state records.
 pub const STATE_PREFIX: &str = "state/";
+/// Key of the rebalancer's moves at once (`u32`, bincode); without it,
+/// [`DEFAULT_REBALANCE_MOVES`].
+pub const REBALANCE_MOVES_KEY: &str = "rebalance_moves";
+/// Shards the rebalancer moves at once unless `cluster set rebalance_moves`
+/// says otherwise: one, the cluster at rest in between.
+pub const DEFAULT_REBALANCE_MOVES: u32 = 1;
+/// Most shards `cluster set rebalance_moves` lets move at once.
+pub const MAX_REBALANCE_MOVES: u32 = 64;
 /// Prefix of the `shard add` request records.
 pub const REQUEST_PREFIX: &str = "request/";
 /// Longest `shard add` request id.
@@ -174,6 +184,16 @@ pub fn check_replicas(replicas: u32, members: usize) -> Result<(), String> {
     if replicas == 0 || replicas as usize > members {
         return Err(format!(
             "replicas must be between 1 and the number of members ({members}), not {replicas}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `cluster set rebalance_moves N`: 1 <= N <= [`MAX_REBALANCE_MOVES`].
+pub fn check_rebalance_moves(moves: u32) -> Result<(), String> {
+    if moves == 0 || moves > MAX_REBALANCE_MOVES {
+        return Err(format!(
+            "rebalance_moves must be between 1 and {MAX_REBALANCE_MOVES}, not {moves}"
         ));
     }
     Ok(())

@@ -26,9 +26,10 @@
 //! configuration of every shard (both halves of a joint one) a majority of
 //! voters is live and caught up. Same seed, same trace.
 //!
-//! `concurrency` > 1 is a what-if the real controller does not do: up to
-//! that many shards move (or leaderships move) at once, each move on a
-//! shard at rest, chosen by the same `rebalance_move` and `leader_move`.
+//! `concurrency` > 1 is the real controller with `ternctl cluster set
+//! rebalance_moves N`: up to that many shards move at once, each move on a
+//! shard at rest (`rebalance_steps`); the leader balancer, which the real
+//! one runs one move per tick, here moves up to N leaderships at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,7 +37,7 @@ use tern_proto::admin::ShardStatus;
 
 use super::placement::{
     control_voters, leaving_leader_target, membership_step, next_leader_move, placement_repairs, rebalance_move_among,
-    rebalance_step, MembershipStep, RebalanceStep,
+    rebalance_step, rebalance_steps, MembershipStep, RebalanceStep,
 };
 use crate::raft::{GroupId, NodeId};
 
@@ -628,14 +629,7 @@ impl Sim {
             self.control_concurrent(&rows, &unreachable, all_reachable);
             return;
         }
-        match rebalance_step(
-            &self.placement,
-            &rows,
-            &self.members,
-            all_reachable,
-            self.cfg.replicas,
-            |_| false,
-        ) {
+        match self.next_rebalance(&rows, all_reachable) {
             Some(RebalanceStep::Resize { shard, replicas }) | Some(RebalanceStep::Move { shard, replicas, .. }) => {
                 self.set_placement(shard, replicas);
                 return;
@@ -671,7 +665,19 @@ impl Sim {
         }
     }
 
-    /// The what-if: up to `concurrency` replica moves under way at once,
+    /// The rebalancer's next step, one at a time (`rebalance_step`).
+    fn next_rebalance(&self, rows: &BTreeMap<GroupId, ShardStatus>, all_reachable: bool) -> Option<RebalanceStep> {
+        rebalance_step(
+            &self.placement,
+            rows,
+            &self.members,
+            all_reachable,
+            self.cfg.replicas,
+            |_| false,
+        )
+    }
+
+    /// `rebalance_moves` > 1: up to `concurrency` replica moves under way at once,
     /// each started on a shard at rest; leaderships likewise, once replicas
     /// are balanced and every shard is at rest.
     fn control_concurrent(
@@ -681,34 +687,32 @@ impl Sim {
         all_reachable: bool,
     ) {
         let k = self.cfg.concurrency;
-        let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
-        let busy: BTreeSet<GroupId> = self
-            .shards
-            .keys()
-            .copied()
-            .filter(|id| !self.shard_at_rest(*id))
-            .collect();
-        let mut started = 0;
-        let mut touched = BTreeSet::new();
-        while all_reachable && busy.len() + started < k {
-            let movable = |shard| !busy.contains(&shard) && !touched.contains(&shard);
-            let Some((shard, from, to)) = rebalance_move_among(&self.placement, &self.members, &leaders, movable)
-            else {
-                break;
-            };
-            touched.insert(shard);
-            started += 1;
-            let current = self.placement.get(&shard).cloned().unwrap_or_default();
-            if leaders.get(&shard) == Some(&from) {
-                if let Some(&target) = current.iter().find(|n| **n != from) {
-                    self.hand_over(shard, from, target);
+        // Replica moves: the real controller's choice (`rebalance_steps`).
+        let steps = rebalance_steps(
+            &self.placement,
+            rows,
+            &self.members,
+            all_reachable,
+            self.cfg.replicas,
+            |_| false,
+            k,
+        );
+        let started = !steps.is_empty();
+        for step in steps {
+            match step {
+                RebalanceStep::Resize { shard, replicas } | RebalanceStep::Move { shard, replicas, .. } => {
+                    self.set_placement(shard, replicas);
                 }
-                continue;
+                RebalanceStep::HandOver { shard, from, to } => {
+                    if let Some(to) = to {
+                        self.hand_over(shard, from, to);
+                    }
+                }
             }
-            let replicas = current.iter().map(|n| if *n == from { to } else { *n }).collect();
-            self.set_placement(shard, replicas);
         }
-        if started > 0 || !busy.is_empty() {
+        let leaders: BTreeMap<GroupId, NodeId> = rows.iter().map(|(s, r)| (*s, r.leader)).collect();
+        let busy = self.shards.keys().any(|id| !self.shard_at_rest(*id));
+        if started || busy {
             return;
         }
         if all_reachable && rebalance_move_among(&self.placement, &self.members, &leaders, |_| true).is_some() {
@@ -827,16 +831,7 @@ impl Sim {
         let rows = self.rows();
         let unreachable: Vec<NodeId> = self.members.iter().copied().filter(|n| !self.live(*n)).collect();
         let all_reachable = unreachable.is_empty();
-        if rebalance_step(
-            &self.placement,
-            &rows,
-            &self.members,
-            all_reachable,
-            self.cfg.replicas,
-            |_| false,
-        )
-        .is_some()
-        {
+        if self.next_rebalance(&rows, all_reachable).is_some() {
             return false;
         }
         let drained = &self.drained;

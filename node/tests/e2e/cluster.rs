@@ -766,7 +766,7 @@ fn control_leader(n: &Node) -> u64 {
 
 /// Three nodes with `replicas = 3`: every shard is already at full
 /// strength when a fourth node joins, and rebalancing still gives it its
-/// share of replicas. Any node lists every shard and counts every queued
+/// share of replicas (three moves at once: `cluster set rebalance_moves 3`). Any node lists every shard and counts every queued
 /// message (cluster-wide queries). A SIGKILLed member turns unreachable in
 /// `member list`; `member remove` refuses to break a shard's quorum; the
 /// dead member is removed and its id can never be added again.
@@ -784,6 +784,16 @@ fn fourth_node_gets_replicas_and_every_node_sees_every_shard() {
     for (i, n) in [&n1, &n2, &n3].iter().cycle().take(8).enumerate() {
         send_to(n, "r@stuck.test", &format!("stuck-{i}"));
     }
+    // Node 4's three replicas move at once (the default is one at a time).
+    for bad in ["0", "65", "x"] {
+        let out = n2.ternctl(&["cluster", "set", "rebalance_moves", bad]);
+        assert!(!out.status.success(), "rebalance_moves {bad} is refused");
+    }
+    let set = n2.ternctl_json(&["cluster", "set", "rebalance_moves", "3"]);
+    assert_eq!(set["value"], "3", "{set}");
+    wait_for(Duration::from_secs(10), "another node reads the setting", || {
+        n3.ternctl_json(&["status"])["rebalance_moves"] == 3
+    });
     let n4 = Node::cluster_node(4, false, &extra);
     join(&n1, &n4, 4);
     let mut nodes = [n1, n2, n3, n4];

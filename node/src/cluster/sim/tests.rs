@@ -283,7 +283,12 @@ fn figures_at_100_nodes() {
          | drain (leaders) | most leaders (share) | min margin | violations | wall |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for concurrency in [1, 8, 32] {
+    // TERN_SIM_CONCURRENCY=8 (say) runs that row alone.
+    let rows: Vec<usize> = std::env::var("TERN_SIM_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32]);
+    for concurrency in rows {
         let wall = std::time::Instant::now();
         let f = figures(nodes, shards, concurrency, 42);
         println!(
