@@ -1152,7 +1152,7 @@ impl Config {
                 }
                 t => t,
             },
-            quiesce_idle_groups: raw.cluster.quiesce_idle_groups.unwrap_or(true),
+            quiesce_idle_groups: raw.cluster.quiesce_idle_groups.unwrap_or(false),
             dns_nameservers,
             dns_timeout: secs(raw.dns.timeout_secs, 5, "dns.timeout_secs")?,
             routes,
