@@ -37,7 +37,7 @@ use tern_proto::admin::ShardStatus;
 
 use super::placement::{
     control_voters, leaving_leader_target, membership_step, next_leader_move, placement_repairs, rebalance_move_among,
-    rebalance_step, rebalance_steps, MembershipStep, RebalanceStep,
+    rebalance_steps, MembershipStep, RebalanceStep,
 };
 use crate::raft::{GroupId, NodeId};
 
@@ -667,13 +667,24 @@ impl Sim {
 
     /// The rebalancer's next step, one at a time (`rebalance_step`).
     fn next_rebalance(&self, rows: &BTreeMap<GroupId, ShardStatus>, all_reachable: bool) -> Option<RebalanceStep> {
-        rebalance_step(
+        self.rebalance(rows, all_reachable, 1).into_iter().next()
+    }
+
+    /// The rebalancer's steps with up to `moves` shards under way (`rebalance_steps`).
+    fn rebalance(
+        &self,
+        rows: &BTreeMap<GroupId, ShardStatus>,
+        all_reachable: bool,
+        moves: usize,
+    ) -> Vec<RebalanceStep> {
+        rebalance_steps(
             &self.placement,
             rows,
             &self.members,
             all_reachable,
             self.cfg.replicas,
             |_| false,
+            moves,
         )
     }
 
@@ -688,15 +699,7 @@ impl Sim {
     ) {
         let k = self.cfg.concurrency;
         // Replica moves: the real controller's choice (`rebalance_steps`).
-        let steps = rebalance_steps(
-            &self.placement,
-            rows,
-            &self.members,
-            all_reachable,
-            self.cfg.replicas,
-            |_| false,
-            k,
-        );
+        let steps = self.rebalance(rows, all_reachable, k);
         let started = !steps.is_empty();
         for step in steps {
             match step {
